@@ -1,0 +1,21 @@
+//! pgtenant: a Postgres wire-protocol proxy that verifies a JWT passed as the password and runs every
+//! client transaction on a pooled, restricted-role backend connection with the tenant's settings
+//! applied by `set_config(name, value, true)`.
+//!
+//! The module tree follows the data path:
+//! client side (`client`: TLS, startup, auth) → `jwt` → `tenant` context → `session` (transaction
+//! state machine, injection) → `pool` / `backend`.
+
+pub mod backend;
+pub mod cancel;
+pub mod client;
+pub mod cluster;
+pub mod config;
+pub mod error;
+pub mod jwt;
+pub mod net;
+pub mod pool;
+pub mod protocol;
+pub mod server;
+pub mod session;
+pub mod tenant;

@@ -1,0 +1,84 @@
+//! One stream type for every socket pgtenant speaks Postgres over: client or backend side, TCP,
+//! Unix socket, or TLS on top of TCP. The session code is written once against this type.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpStream, UnixStream};
+
+pub enum Stream {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+    /// TLS we terminate (client side of the proxy).
+    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// TLS we originate (towards the backend).
+    TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::TlsServer(_) | Stream::TlsClient(_))
+    }
+
+    /// Non-blocking liveness probe for an idle pooled connection: an idle Postgres backend sends
+    /// nothing, so readable data or EOF means the server closed it (restart, pg_terminate_backend).
+    pub fn looks_closed(&self) -> bool {
+        let tcp = match self {
+            Stream::Tcp(s) => s,
+            Stream::TlsClient(s) => s.get_ref().0,
+            Stream::TlsServer(s) => s.get_ref().0,
+            Stream::Unix(s) => {
+                let mut b = [0u8; 1];
+                return !matches!(s.try_read(&mut b), Err(ref e) if e.kind() == io::ErrorKind::WouldBlock);
+            }
+        };
+        let mut b = [0u8; 1];
+        !matches!(tcp.try_read(&mut b), Err(ref e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Stream::Tcp($s) => $e,
+            Stream::Unix($s) => $e,
+            Stream::TlsServer($s) => $e,
+            Stream::TlsClient($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        dispatch!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        dispatch!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        dispatch!(self, s => Pin::new(s).poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        dispatch!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        dispatch!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
+            Stream::TlsServer(s) => s.is_write_vectored(),
+            Stream::TlsClient(s) => s.is_write_vectored(),
+        }
+    }
+}
