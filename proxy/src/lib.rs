@@ -18,4 +18,5 @@ pub mod pool;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod sql;
 pub mod tenant;

@@ -1,1 +1,203 @@
-//! (stub)
+//! The pool of backend connections, all logged in as the one restricted role.
+//!
+//! A session leases a connection when a transaction starts and gives it back when the transaction
+//! is over (`ReadyForQuery 'I'` with nothing in flight). The pool is bounded by a semaphore, so
+//! waiting clients queue fairly (FIFO) and give up after `acquire_timeout_ms` with a clear error.
+//! Idle connections are checked before reuse (a server restart or `pg_terminate_backend` leaves a
+//! closed socket behind), and retired after `idle_timeout_s` idle or `max_lifetime_s` of age.
+//! A lease dropped without `release` closes its connection: a connection whose state is not known
+//! to be clean never goes back to the pool.
+
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, ReadBuf, ReadHalf, WriteHalf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::backend::{self, BackendConn, BackendTarget, ConnectError};
+use crate::config::BackendConfig;
+use crate::error::{sqlstate, PgError};
+use crate::net::Stream;
+
+/// One backend connection, split for full-duplex relaying.
+pub struct Backend {
+    pub rd: ReadHalf<Stream>,
+    pub wr: WriteHalf<Stream>,
+    pub pid: i32,
+    pub secret_key: i32,
+    created: Instant,
+    /// pgtenant's context statement is prepared on this connection (and has not been discarded).
+    pub ctx_prepared: bool,
+}
+
+impl Backend {
+    fn from_conn(c: BackendConn) -> Backend {
+        let (rd, wr) = tokio::io::split(c.stream);
+        Backend { rd, wr, pid: c.pid, secret_key: c.secret_key, created: c.created, ctx_prepared: false }
+    }
+
+    /// An idle backend sends nothing; readable data or EOF means the server closed it.
+    fn looks_closed(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut byte = [0u8; 64];
+        let mut buf = ReadBuf::new(&mut byte);
+        !matches!(std::pin::Pin::new(&mut self.rd).poll_read(&mut cx, &mut buf), Poll::Pending)
+    }
+}
+
+struct Idle {
+    backend: Backend,
+    since: Instant,
+}
+
+pub struct Pool {
+    target: BackendTarget,
+    size: usize,
+    permits: Arc<Semaphore>,
+    idle: Mutex<Vec<Idle>>,
+    acquire_timeout: Duration,
+    idle_timeout: Duration,
+    max_lifetime: Duration,
+    /// ParameterStatus values of the server, learned from the first connection.
+    server_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
+}
+
+/// A leased backend. Give it back with [`Pool::release`]; dropping it closes the connection.
+pub struct Lease {
+    pub backend: Backend,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Turns a connection failure into the error a client sees.
+pub fn connect_error(e: &ConnectError) -> PgError {
+    PgError::error(sqlstate::CONNECTION_FAILURE, format!("pgtenant: cannot connect to the database: {e}"))
+        .with_hint("check backend.url in the pgtenant config and that the database server is up")
+}
+
+impl Pool {
+    pub fn new(cfg: &BackendConfig, target: BackendTarget) -> Arc<Pool> {
+        Arc::new(Pool {
+            target,
+            size: cfg.pool_size,
+            permits: Arc::new(Semaphore::new(cfg.pool_size)),
+            idle: Mutex::new(Vec::new()),
+            acquire_timeout: Duration::from_millis(cfg.acquire_timeout_ms),
+            idle_timeout: Duration::from_secs(cfg.idle_timeout_s),
+            max_lifetime: Duration::from_secs(cfg.max_lifetime_s),
+            server_params: Mutex::new(None),
+        })
+    }
+
+    pub fn target(&self) -> &BackendTarget {
+        &self.target
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// Connections idle in the pool right now.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// Leases currently handed out.
+    pub fn busy_count(&self) -> usize {
+        self.size - self.permits.available_permits()
+    }
+
+    /// Waits (bounded) for a free slot, then reuses a healthy idle connection or opens a new one.
+    pub async fn acquire(&self) -> Result<Lease, PgError> {
+        let permit = match tokio::time::timeout(self.acquire_timeout, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                return Err(PgError::error(
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                    format!(
+                        "pgtenant: no database connection became free within {} ms (all {} pooled connections are busy)",
+                        self.acquire_timeout.as_millis(),
+                        self.size
+                    ),
+                )
+                .with_hint("raise backend.pool_size or backend.acquire_timeout_ms, or shorten long transactions"));
+            }
+        };
+        while let Some(mut idle) = self.pop_idle() {
+            if idle.since.elapsed() >= self.idle_timeout
+                || idle.backend.created.elapsed() >= self.max_lifetime
+                || idle.backend.looks_closed()
+            {
+                tracing::debug!(pid = idle.backend.pid, "dropping stale backend connection");
+                continue;
+            }
+            return Ok(Lease { backend: idle.backend, _permit: permit });
+        }
+        let conn = self.connect().await.map_err(|e| connect_error(&e))?;
+        Ok(Lease { backend: Backend::from_conn(conn), _permit: permit })
+    }
+
+    fn pop_idle(&self) -> Option<Idle> {
+        self.idle.lock().ok()?.pop()
+    }
+
+    async fn connect(&self) -> Result<BackendConn, ConnectError> {
+        let conn = backend::connect(&self.target).await.inspect_err(|e| {
+            tracing::warn!(backend = %self.target.describe(), error = %e, "backend connect failed");
+        })?;
+        tracing::debug!(pid = conn.pid, "backend connected");
+        let mut params = self.server_params.lock().unwrap_or_else(|p| p.into_inner());
+        if params.is_none() {
+            *params = Some(Arc::new(conn.params.clone()));
+        }
+        Ok(conn)
+    }
+
+    /// Returns a clean connection (transaction status idle, nothing in flight) to the pool.
+    pub fn release(&self, lease: Lease) {
+        let Lease { backend, _permit } = lease;
+        if backend.created.elapsed() >= self.max_lifetime {
+            return;
+        }
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.push(Idle { backend, since: Instant::now() });
+        }
+        // the permit drops here, after the connection is back in the idle list
+    }
+
+    /// The server's ParameterStatus values; connects once if no connection was made yet, which also
+    /// tells a logging-in client early that the backend is unreachable.
+    pub async fn server_params(&self) -> Result<Arc<Vec<(String, String)>>, PgError> {
+        if let Some(p) = self.server_params.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            return Ok(p);
+        }
+        let lease = self.acquire().await?;
+        self.release(lease);
+        self.server_params
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| PgError::error(sqlstate::CONNECTION_FAILURE, "pgtenant: no backend parameters"))
+    }
+
+    /// Closes idle connections past their idle timeout or lifetime; run periodically.
+    pub fn reap(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.retain(|i| i.since.elapsed() < self.idle_timeout && i.backend.created.elapsed() < self.max_lifetime);
+        }
+    }
+
+    pub fn spawn_reaper(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(pool) => pool.reap(),
+                    None => return,
+                }
+            }
+        });
+    }
+}

@@ -1,1 +1,141 @@
-//! (stub)
+//! The listener: accepts clients, runs the startup and login phase under `server.auth_timeout_ms`,
+//! answers cancel requests, and hands each logged-in client to its `Session`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::backend::BackendTarget;
+use crate::cancel::CancelRegistry;
+use crate::client::{auth, startup, tls};
+use crate::config::Config;
+use crate::error::PgError;
+use crate::jwt::JwtVerifier;
+use crate::pool::Pool;
+use crate::session::{End, Session, Shared};
+use crate::tenant::TenantMapping;
+
+/// Everything a connection needs, built once from the config.
+pub struct Proxy {
+    pub config: Config,
+    pub shared: Arc<Shared>,
+    pub cancels: Arc<CancelRegistry>,
+    pub verifier: JwtVerifier,
+    pub mapping: TenantMapping,
+    pub tls: Option<TlsAcceptor>,
+}
+
+impl Proxy {
+    pub fn new(config: Config) -> Result<Arc<Proxy>, String> {
+        let target = BackendTarget::from_config(&config.backend).map_err(|e| format!("backend.url: {e}"))?;
+        let verifier = JwtVerifier::from_config(&config.jwt).map_err(|e| e.to_string())?;
+        let mapping = TenantMapping::from_config(&config.tenant).map_err(|e| e.to_string())?;
+        let tls = match (&config.server.tls_cert, &config.server.tls_key) {
+            (Some(cert), Some(key)) => Some(tls::load_acceptor(cert, key)?),
+            _ => None,
+        };
+        let pool = Pool::new(&config.backend, target);
+        let shared = Arc::new(Shared { pool, max_message_bytes: config.server.max_message_bytes });
+        Ok(Arc::new(Proxy { shared, cancels: Arc::new(CancelRegistry::default()), verifier, mapping, tls, config }))
+    }
+
+    /// Accepts connections until `shutdown` flips to true.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+        self.shared.pool.spawn_reaper();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, peer)) => {
+                        let proxy = self.clone();
+                        tokio::spawn(async move { proxy.handle(tcp, peer).await });
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        let timeout = Duration::from_millis(self.config.server.auth_timeout_ms);
+        let logged_in = tokio::time::timeout(timeout, async {
+            let hello = startup::negotiate(tcp, self.tls.as_ref(), self.config.server.require_tls).await;
+            match hello {
+                Ok(startup::Hello::Login { stream, params }) => match auth::login(&self, stream, &params).await {
+                    Ok(l) => Some(l),
+                    Err((stream, err)) => {
+                        send_fatal(stream, &err).await;
+                        None
+                    }
+                },
+                Ok(startup::Hello::Cancel { pid, secret }) => {
+                    self.cancels.cancel(self.shared.pool.target(), pid, secret).await;
+                    None
+                }
+                Ok(startup::Hello::Gone) => None,
+                Err(startup::StartupError { stream, error }) => {
+                    tracing::info!(%peer, error = %error, "startup refused");
+                    if let Some(s) = stream {
+                        send_fatal(s, &error).await;
+                    }
+                    None
+                }
+            }
+        })
+        .await;
+        let Ok(Some(l)) = logged_in else {
+            if logged_in.is_err() {
+                tracing::info!(%peer, "client did not finish authentication in time");
+            }
+            return;
+        };
+        let session = Session::new(self.shared.clone(), l.stream, l.leftover, l.injection, l.cancel);
+        match session.run().await {
+            End::ClientGone => tracing::debug!(user = %l.user, tenant = %l.context.tenant, "client disconnected"),
+            End::Fatal(e) => tracing::info!(user = %l.user, error = %e, "session ended"),
+            End::BackendLost(why) => tracing::warn!(user = %l.user, reason = %why, "session ended: backend lost"),
+        }
+    }
+}
+
+async fn send_fatal(mut stream: crate::net::Stream, err: &PgError) {
+    let mut out = BytesMut::new();
+    err.encode(&mut out);
+    let _ = stream.write_all(&out).await;
+    let _ = stream.shutdown().await;
+}
+
+/// A proxy running in the background (used by `pgtenant run`, tests and the demo).
+pub struct Running {
+    pub addr: SocketAddr,
+    pub proxy: Arc<Proxy>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Builds the proxy from `config`, binds `server.listen`, and serves in the background.
+pub async fn start(config: Config) -> Result<Running, String> {
+    let listen = config.server.listen.clone();
+    let proxy = Proxy::new(config)?;
+    let listener = TcpListener::bind(&listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (stop, rx) = watch::channel(false);
+    let task = tokio::spawn(proxy.clone().serve(listener, rx));
+    Ok(Running { addr, proxy, stop, task })
+}

@@ -1,1 +1,7 @@
-//! (stub)
+//! The client side of the proxy: what happens between accepting a socket and handing a
+//! authenticated client to its session — TLS negotiation and the startup packet (`startup`),
+//! then the JWT-as-password exchange and the login greeting (`auth`).
+
+pub mod auth;
+pub mod startup;
+pub mod tls;

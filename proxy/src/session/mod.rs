@@ -1,1 +1,558 @@
-//! (stub)
+//! One authenticated client, relayed to pooled backends one transaction at a time.
+//!
+//! The loop reads raw frames from both sides and forwards them untouched; it decodes only what the
+//! transaction state machine needs (names, query text, transaction status). A backend is leased
+//! when a transaction starts and given back when the backend reports `ReadyForQuery 'I'` with
+//! nothing in flight. In front of the first message of every transaction pgtenant writes its
+//! context statement (see `inject`), whose replies `replies` swallows, so the client sees exactly
+//! what a direct connection would show.
+//!
+//! Pipelining: when a client sends a new batch before the previous one has answered, the
+//! backend's transaction status at that point is not known yet. The context is then sent
+//! speculatively in front of a Parse/Bind/Execute of an ordinary statement (harmless inside a
+//! transaction; in an aborted one it fails exactly as the client's own message would). Anything
+//! else (a simple Query, a ROLLBACK, a Close) waits until the earlier replies are in.
+
+pub mod inject;
+pub mod replies;
+pub mod statements;
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+
+use crate::cancel::Registration;
+use crate::error::{sqlstate, PgError};
+use crate::net::Stream;
+use crate::pool::{Lease, Pool};
+use crate::protocol::frame::{try_split, Frame, FrameError};
+use crate::protocol::{build, peek};
+use crate::sql::{self, TxEffect};
+use inject::Injection;
+use replies::{Action, Replies, Want};
+use statements::Statements;
+
+/// Stop reading one side while this much is waiting to be written to the other.
+const HIGH_WATER: usize = 256 * 1024;
+/// Largest backend message relayed (the server's own limit is 1 GiB).
+const MAX_BACKEND_MESSAGE: usize = 1 << 30;
+
+/// State shared by all sessions of one proxy.
+pub struct Shared {
+    pub pool: Arc<Pool>,
+    pub max_message_bytes: usize,
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+pub enum End {
+    /// Terminate, or the client closed the socket.
+    ClientGone,
+    /// The session must end with this error sent to the client.
+    Fatal(PgError),
+    /// The backend connection failed or misbehaved.
+    BackendLost(String),
+}
+
+enum Flow {
+    Continue,
+    /// Process this frame again once every reply owed by the backend has arrived.
+    Hold(Frame),
+    Terminate,
+}
+
+enum Event {
+    ClientRead(std::io::Result<usize>),
+    BackendRead(std::io::Result<usize>),
+    ClientWrote(std::io::Result<usize>),
+    BackendWrote(std::io::Result<usize>),
+}
+
+pub struct Session {
+    shared: Arc<Shared>,
+    client_rd: ReadHalf<Stream>,
+    client_wr: WriteHalf<Stream>,
+    client_in: BytesMut,
+    client_out: BytesMut,
+    lease: Option<Lease>,
+    backend_in: BytesMut,
+    backend_out: BytesMut,
+    replies: Replies,
+    statements: Statements,
+    injection: Injection,
+    cancel: Registration,
+    /// Client messages were forwarded since the last Sync: the batch is open.
+    in_batch: bool,
+    /// A statement inside the open batch ended the transaction: the next one needs the context.
+    reinject: bool,
+    /// A locally refused extended-protocol message: drop client messages up to Sync.
+    skip_to_sync: bool,
+    /// The context went out in front of a simple Query: wait for its reply before sending more.
+    hold_until_settled: bool,
+    held: Option<Frame>,
+}
+
+impl Session {
+    pub fn new(
+        shared: Arc<Shared>,
+        client: Stream,
+        client_in: BytesMut,
+        injection: Injection,
+        cancel: Registration,
+    ) -> Session {
+        let (client_rd, client_wr) = tokio::io::split(client);
+        Session {
+            shared,
+            client_rd,
+            client_wr,
+            client_in,
+            client_out: BytesMut::with_capacity(8192),
+            lease: None,
+            backend_in: BytesMut::with_capacity(8192),
+            backend_out: BytesMut::with_capacity(8192),
+            replies: Replies::default(),
+            statements: Statements::default(),
+            injection,
+            cancel,
+            in_batch: false,
+            reinject: false,
+            skip_to_sync: false,
+            hold_until_settled: false,
+            held: None,
+        }
+    }
+
+    /// Runs until the client leaves or the session fails; never leaves a dirty backend in the pool.
+    pub async fn run(mut self) -> End {
+        let end = match self.relay().await {
+            Ok(()) => End::ClientGone,
+            Err(e) => e,
+        };
+        match &end {
+            End::Fatal(err) => {
+                err.encode(&mut self.client_out);
+                let _ = self.client_wr.write_all(&self.client_out).await;
+            }
+            End::BackendLost(why) => {
+                tracing::warn!(reason = %why, "backend connection lost mid-session");
+                PgError::fatal(
+                    sqlstate::CONNECTION_FAILURE,
+                    "pgtenant: lost the connection to the database server; the current transaction was rolled back",
+                )
+                .encode(&mut self.client_out);
+                let _ = self.client_wr.write_all(&self.client_out).await;
+            }
+            End::ClientGone => {
+                let _ = self.client_wr.write_all(&self.client_out).await;
+            }
+        }
+        let _ = self.client_wr.shutdown().await;
+        self.cancel.slot.set(None).await;
+        if self.lease.is_some() {
+            if self.backend_clean() && !matches!(end, End::BackendLost(_)) {
+                self.release().await;
+            } else {
+                // in a transaction or mid-reply: closing makes the server roll back
+                tracing::debug!("closing a backend that was not idle when its client left");
+                self.lease = None;
+            }
+        }
+        end
+    }
+
+    async fn relay(&mut self) -> Result<(), End> {
+        loop {
+            if let Flow::Terminate = self.process_client_frames().await? {
+                return Ok(());
+            }
+            if self.lease.is_some() && self.backend_clean() && self.held.is_none() {
+                self.release().await;
+            }
+            match self.next_event().await {
+                Event::ClientRead(Ok(0)) | Event::ClientRead(Err(_)) | Event::ClientWrote(Err(_)) => {
+                    return Err(End::ClientGone)
+                }
+                Event::ClientRead(Ok(_)) => {}
+                Event::ClientWrote(Ok(n)) => self.client_out.advance(n),
+                Event::BackendRead(Ok(0)) => return Err(End::BackendLost("server closed the connection".into())),
+                Event::BackendRead(Err(e)) | Event::BackendWrote(Err(e)) => {
+                    return Err(End::BackendLost(e.to_string()))
+                }
+                Event::BackendRead(Ok(_)) => self.process_backend_frames()?,
+                Event::BackendWrote(Ok(n)) => self.backend_out.advance(n),
+            }
+        }
+    }
+
+    async fn next_event(&mut self) -> Event {
+        let read_client = self.held.is_none()
+            && !self.hold_until_settled
+            && self.backend_out.len() < HIGH_WATER
+            && self.client_out.len() < HIGH_WATER;
+        let read_backend = self.client_out.len() < HIGH_WATER;
+        self.client_in.reserve(8192);
+        self.backend_in.reserve(8192);
+        let (brd, bwr) = match &mut self.lease {
+            Some(l) => (Some(&mut l.backend.rd), Some(&mut l.backend.wr)),
+            None => (None, None),
+        };
+        let has_backend = brd.is_some();
+        tokio::select! {
+            biased;
+            r = self.client_wr.write(&self.client_out), if !self.client_out.is_empty() => Event::ClientWrote(r),
+            r = write_opt(bwr, &self.backend_out), if has_backend && !self.backend_out.is_empty() => Event::BackendWrote(r),
+            r = read_opt(brd, &mut self.backend_in), if has_backend && read_backend => Event::BackendRead(r),
+            r = self.client_rd.read_buf(&mut self.client_in), if read_client => Event::ClientRead(r),
+        }
+    }
+
+    /// The backend can go back to the pool: idle, nothing in flight, nothing half-read.
+    fn backend_clean(&self) -> bool {
+        self.replies.is_settled()
+            && self.replies.status == b'I'
+            && !self.in_batch
+            && self.backend_out.is_empty()
+            && self.backend_in.is_empty()
+    }
+
+    async fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            self.cancel.slot.set(None).await;
+            self.shared.pool.release(lease);
+        }
+    }
+
+    async fn attach(&mut self) -> Result<(), PgError> {
+        let lease = self.shared.pool.acquire().await?;
+        self.cancel.slot.set(Some((lease.backend.pid, lease.backend.secret_key))).await;
+        self.lease = Some(lease);
+        self.replies.reset();
+        Ok(())
+    }
+
+    // ---- client → backend -------------------------------------------------------------------
+
+    async fn process_client_frames(&mut self) -> Result<Flow, End> {
+        loop {
+            if self.backend_out.len() >= HIGH_WATER {
+                return Ok(Flow::Continue);
+            }
+            if self.hold_until_settled || self.held.is_some() {
+                if !self.replies.is_settled() {
+                    return Ok(Flow::Continue);
+                }
+                self.hold_until_settled = false;
+            }
+            let frame = match self.held.take() {
+                Some(f) => f,
+                None => match try_split(&mut self.client_in, self.shared.max_message_bytes) {
+                    Ok(Some(f)) => f,
+                    Ok(None) => return Ok(Flow::Continue),
+                    Err(e) => return Err(End::Fatal(frame_error(e))),
+                },
+            };
+            match self.on_client_frame(frame).await? {
+                Flow::Continue => {}
+                Flow::Hold(f) => {
+                    self.held = Some(f);
+                    return Ok(Flow::Continue);
+                }
+                Flow::Terminate => return Ok(Flow::Terminate),
+            }
+        }
+    }
+
+    async fn on_client_frame(&mut self, f: Frame) -> Result<Flow, End> {
+        if self.skip_to_sync {
+            if f.tag == b'S' {
+                self.skip_to_sync = false;
+                let status = self.status_for_client();
+                build::ready_for_query(&mut self.client_out, status);
+            }
+            return Ok(Flow::Continue);
+        }
+        match f.tag {
+            b'X' => Ok(Flow::Terminate),
+            b'S' => {
+                if self.lease.is_none() {
+                    // nothing in flight without a backend: answer directly
+                    build::ready_for_query(&mut self.client_out, b'I');
+                } else {
+                    self.forward(&f, false);
+                    self.in_batch = false;
+                    self.reinject = false;
+                    self.replies.batch_failed = false;
+                }
+                Ok(Flow::Continue)
+            }
+            // Flush and COPY data mean nothing without a backend (the server ignores stray copy data)
+            b'H' | b'd' | b'c' | b'f' => {
+                if self.lease.is_some() {
+                    self.forward(&f, false);
+                }
+                Ok(Flow::Continue)
+            }
+            b'Q' | b'F' | b'P' | b'B' | b'D' | b'E' | b'C' => self.on_work(f).await,
+            b'p' => Err(End::Fatal(PgError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "pgtenant: unexpected password message after authentication",
+            ))),
+            t => Err(End::Fatal(PgError::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                format!("pgtenant: invalid frontend message type {}", t as char),
+            ))),
+        }
+    }
+
+    /// A message that runs or prepares SQL: make sure a backend is attached and the transaction
+    /// has the tenant context, then forward it.
+    async fn on_work(&mut self, f: Frame) -> Result<Flow, End> {
+        let simple = matches!(f.tag, b'Q' | b'F');
+        let malformed = || End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "pgtenant: malformed message"));
+        // What the message would run first; None when unknown (conservative).
+        let mut touches_ctx = false;
+        let effect: Option<TxEffect> = match f.tag {
+            b'Q' => {
+                let q = peek::query_msg(f.body()).ok_or_else(malformed)?;
+                let s = sql::summarize(q);
+                if s.ends_tx_midway {
+                    if self.lease.is_some() && !self.replies.is_settled() {
+                        return Ok(Flow::Hold(f));
+                    }
+                    return Ok(self.refuse(
+                        PgError::error(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            "pgtenant: a query string cannot go on after COMMIT or ROLLBACK",
+                        )
+                        .with_hint("send the statements that follow the end of the transaction as a separate query"),
+                        true,
+                    ));
+                }
+                touches_ctx = may_touch_prepared(q);
+                Some(s.first)
+            }
+            b'P' => {
+                let (name, q) = peek::parse_msg(f.body()).ok_or_else(malformed)?;
+                if reserved_name(name) {
+                    return Ok(self.refuse(reserved_name_error(), false));
+                }
+                touches_ctx = may_touch_prepared(q);
+                Some(self.statements.parse(name, q))
+            }
+            b'B' => {
+                let (portal, stmt) = peek::bind_msg(f.body()).ok_or_else(malformed)?;
+                if reserved_name(portal) || reserved_name(stmt) {
+                    return Ok(self.refuse(reserved_name_error(), false));
+                }
+                self.statements.bind(portal, stmt)
+            }
+            b'E' => {
+                let portal = peek::execute_msg(f.body()).ok_or_else(malformed)?;
+                self.statements.portal(portal)
+            }
+            b'C' | b'D' => {
+                let (kind, name) = peek::target_msg(f.body()).ok_or_else(malformed)?;
+                if reserved_name(name) {
+                    return Ok(self.refuse(reserved_name_error(), false));
+                }
+                if f.tag == b'C' {
+                    self.statements.close(kind, name);
+                }
+                None // neither fails in an aborted transaction the way the context would
+            }
+            _ => Some(TxEffect::None), // FunctionCall
+        };
+
+        let mut injected = false;
+        if (!self.in_batch || self.reinject) && !self.replies.batch_failed {
+            if self.lease.is_none() {
+                if let Err(e) = self.attach().await {
+                    return Ok(self.refuse(e, simple));
+                }
+            }
+            let inject = if self.in_batch {
+                true // re-inject after a COMMIT/ROLLBACK inside the batch
+            } else if self.replies.is_settled() {
+                self.replies.status == b'I'
+            } else if !simple
+                && matches!(f.tag, b'P' | b'B' | b'E')
+                && matches!(effect, Some(TxEffect::None) | Some(TxEffect::Begin))
+            {
+                true // pipelined: speculative, see the module docs
+            } else {
+                return Ok(Flow::Hold(f));
+            };
+            if inject {
+                let lease = self.lease.as_mut().expect("attached above");
+                self.injection.write(&mut self.backend_out, lease.backend.ctx_prepared, &mut self.replies);
+                lease.backend.ctx_prepared = true;
+                injected = true;
+            }
+            self.reinject = false;
+        }
+        if touches_ctx {
+            if let Some(l) = self.lease.as_mut() {
+                l.backend.ctx_prepared = false; // re-prepare ours before the next use
+            }
+        }
+        self.forward(&f, simple);
+        if simple {
+            self.in_batch = false;
+            self.hold_until_settled = injected;
+        } else {
+            self.in_batch = true;
+            if f.tag == b'E' && effect == Some(TxEffect::End) {
+                self.reinject = true;
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    fn forward(&mut self, f: &Frame, simple: bool) {
+        self.backend_out.extend_from_slice(&f.bytes);
+        if let Some(want) = Want::for_frontend(f.tag) {
+            // while the server skips to Sync, only the Sync itself is answered
+            if !self.replies.batch_failed || f.tag == b'S' {
+                self.replies.expect(want, false, simple);
+            }
+        }
+    }
+
+    /// Answers a refused message the way the server answers a failed one.
+    fn refuse(&mut self, err: PgError, simple: bool) -> Flow {
+        tracing::info!(code = err.code, message = %err.message, "refused client message");
+        err.encode(&mut self.client_out);
+        if simple {
+            let status = self.status_for_client();
+                build::ready_for_query(&mut self.client_out, status);
+        } else {
+            self.skip_to_sync = true;
+        }
+        Flow::Continue
+    }
+
+    fn status_for_client(&self) -> u8 {
+        if self.lease.is_some() { self.replies.status } else { b'I' }
+    }
+
+    // ---- backend → client -------------------------------------------------------------------
+
+    fn process_backend_frames(&mut self) -> Result<(), End> {
+        loop {
+            let f = match try_split(&mut self.backend_in, MAX_BACKEND_MESSAGE) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(End::BackendLost(format!("bad message from server: {e}"))),
+            };
+            match self.replies.on_reply(f.tag, f.body()) {
+                Action::Forward => self.to_client(&f),
+                Action::Swallow => {}
+                Action::ForwardThenSync => {
+                    self.to_client(&f);
+                    build::sync(&mut self.backend_out);
+                }
+                Action::Desync => {
+                    tracing::error!(tag = %(f.tag as char), "unexpected message from the server; closing the backend");
+                    return Err(End::BackendLost(format!("unexpected '{}' message from server", f.tag as char)));
+                }
+            }
+            if f.tag == b'E' && self.lease.as_ref().is_some() && self.replies.is_settled() {
+                // an error outside any request (e.g. the server is shutting down)
+            }
+            if f.tag == b'Z' && self.replies.is_settled() && self.replies.status == b'I' {
+                self.statements.transaction_ended();
+            }
+        }
+    }
+
+    fn to_client(&mut self, f: &Frame) {
+        if f.tag == b'E' && peek::error_code(f.body()) == Some(sqlstate::ACTIVE_SQL_TRANSACTION.as_bytes()) {
+            if let Some(annotated) = annotate_in_transaction_error(f) {
+                self.client_out.extend_from_slice(&annotated);
+                return;
+            }
+        }
+        self.client_out.extend_from_slice(&f.bytes);
+    }
+}
+
+async fn read_opt<R: AsyncRead + Unpin>(r: Option<&mut R>, buf: &mut BytesMut) -> std::io::Result<usize> {
+    match r {
+        Some(r) => r.read_buf(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn write_opt<W: AsyncWrite + Unpin>(w: Option<&mut W>, buf: &[u8]) -> std::io::Result<usize> {
+    match w {
+        Some(w) => w.write(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn frame_error(e: FrameError) -> PgError {
+    match e {
+        FrameError::TooLarge { .. } => PgError::fatal(sqlstate::PROGRAM_LIMIT_EXCEEDED, format!("pgtenant: {e}"))
+            .with_hint("raise server.max_message_bytes if this is legitimate"),
+        FrameError::BadLength(_) => PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgtenant: {e}")),
+    }
+}
+
+/// Statement and portal names starting with `pgtenant` belong to pgtenant.
+fn reserved_name(name: &[u8]) -> bool {
+    name.len() >= 8 && name[..8].eq_ignore_ascii_case(b"pgtenant")
+}
+
+fn reserved_name_error() -> PgError {
+    PgError::error(
+        sqlstate::INSUFFICIENT_PRIVILEGE,
+        "pgtenant: prepared statement and portal names starting with \"pgtenant\" are reserved",
+    )
+}
+
+/// SQL that could drop or replace prepared statements (DEALLOCATE, DISCARD, PREPARE): pgtenant then
+/// prepares its context statement afresh before using it again.
+fn may_touch_prepared(q: &[u8]) -> bool {
+    const WORDS: [&[u8]; 3] = [b"deallocate", b"discard", b"prepare"];
+    q.windows(7).any(|w| {
+        WORDS.iter().any(|word| w.eq_ignore_ascii_case(&word[..7]))
+    })
+}
+
+/// Adds a hint to "cannot run inside a transaction block" errors: pgtenant runs every statement
+/// inside a transaction so that it carries the tenant context.
+fn annotate_in_transaction_error(f: &Frame) -> Option<BytesMut> {
+    use pgwire::messages::response::ErrorResponse;
+    use pgwire::messages::{DecodeContext, Message};
+    let mut raw = BytesMut::from(&f.bytes[..]);
+    let mut err = ErrorResponse::decode(&mut raw, &DecodeContext::default()).ok()??;
+    if err.fields.iter().any(|(k, _)| *k == b'H') {
+        return None;
+    }
+    err.fields.push((
+        b'H',
+        "pgtenant runs every statement inside a transaction that carries the tenant context; \
+         run this statement directly against the database as its owner"
+            .to_string(),
+    ));
+    let mut out = BytesMut::new();
+    err.encode(&mut out).ok()?;
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_names_and_prepare_words() {
+        assert!(reserved_name(b"pgtenant_ctx"));
+        assert!(reserved_name(b"PGTENANTx"));
+        assert!(!reserved_name(b"s1"));
+        assert!(may_touch_prepared(b"DEALLOCATE ALL"));
+        assert!(may_touch_prepared(b"discard all"));
+        assert!(may_touch_prepared(b"PREPARE x AS select 1"));
+        assert!(!may_touch_prepared(b"select 1"));
+    }
+}

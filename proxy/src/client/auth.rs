@@ -1,0 +1,145 @@
+//! Login: the client's password is a JWT. pgtenant asks for it in cleartext (protect the socket
+//! with TLS), verifies it, maps its claims to the tenant context, and greets the client the way
+//! Postgres does (AuthenticationOk, ParameterStatus, BackendKeyData with pgtenant's own cancel
+//! keys, ReadyForQuery). Neither the token nor any part of it is ever logged or echoed.
+
+use std::collections::HashMap;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+
+use crate::cancel::Registration;
+use crate::error::{sqlstate, PgError};
+use crate::jwt::JwtError;
+use crate::net::Stream;
+use crate::protocol::frame::read_frame;
+use crate::protocol::{build, peek};
+use crate::server::Proxy;
+use crate::session::inject::Injection;
+use crate::tenant::{ContextError, TenantContext};
+
+/// A logged-in client, ready for its session.
+pub struct LoggedIn {
+    pub stream: Stream,
+    /// Bytes the client sent after its password (pipelined first queries).
+    pub leftover: BytesMut,
+    pub context: TenantContext,
+    pub injection: Injection,
+    pub cancel: Registration,
+    pub user: String,
+}
+
+/// Largest password message accepted (a JWT is well below this).
+const MAX_PASSWORD_MESSAGE: usize = 32 * 1024;
+
+pub async fn login(
+    proxy: &Proxy,
+    mut stream: Stream,
+    params: &HashMap<String, String>,
+) -> Result<LoggedIn, (Stream, PgError)> {
+    let user = match params.get("user").filter(|u| !u.is_empty()) {
+        Some(u) => u.clone(),
+        None => {
+            return Err((
+                stream,
+                PgError::fatal(
+                    sqlstate::INVALID_AUTHORIZATION,
+                    "no PostgreSQL user name specified in startup packet",
+                ),
+            ))
+        }
+    };
+    let database = params.get("database").filter(|d| !d.is_empty()).unwrap_or(&user);
+    let served = &proxy.shared.pool.target().database;
+    if database != served {
+        return Err((
+            stream,
+            PgError::fatal(sqlstate::INVALID_CATALOG_NAME, format!("database \"{database}\" does not exist"))
+                .with_hint(format!("pgtenant serves database \"{served}\"; connect with dbname={served}")),
+        ));
+    }
+
+    let mut out = BytesMut::new();
+    build::auth_cleartext(&mut out);
+    if let Err(e) = stream.write_all(&out).await {
+        return Err((stream, PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string())));
+    }
+    let mut buf = BytesMut::new();
+    let token = match read_frame(&mut stream, &mut buf, MAX_PASSWORD_MESSAGE).await {
+        Ok(Some(f)) if f.tag == b'p' => match peek::cstr(f.body()) {
+            Some((pw, _)) => String::from_utf8_lossy(pw).into_owned(),
+            None => return Err((stream, PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "malformed password message"))),
+        },
+        Ok(Some(_)) => {
+            return Err((
+                stream,
+                PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "expected a password message"),
+            ))
+        }
+        Ok(None) => {
+            return Err((
+                stream,
+                PgError::fatal(sqlstate::CONNECTION_FAILURE, "client closed the connection during authentication"),
+            ))
+        }
+        Err(e) => return Err((stream, PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgtenant: {e}")))),
+    };
+
+    let context = match verify(proxy, &token) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(user = %user, result = "rejected", reason = %e.message, "login");
+            return Err((stream, e));
+        }
+    };
+    drop(token);
+
+    let server_params = match proxy.shared.pool.server_params().await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(user = %user, result = "backend unavailable", "login");
+            return Err((stream, PgError { severity: crate::error::Severity::Fatal, ..e }));
+        }
+    };
+    let cancel = proxy.cancels.register();
+    let mut out = BytesMut::new();
+    build::auth_ok(&mut out);
+    let app_name = params.get("application_name").map(String::as_str).unwrap_or("");
+    for (k, v) in server_params.iter() {
+        let v = if k == "application_name" { app_name } else { v.as_str() };
+        build::parameter_status(&mut out, k, v);
+    }
+    build::backend_key_data(&mut out, cancel.pid, cancel.secret);
+    build::ready_for_query(&mut out, b'I');
+    if let Err(e) = stream.write_all(&out).await {
+        return Err((stream, PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string())));
+    }
+    tracing::info!(user = %user, tenant = %context.tenant, sub = context.subject.as_deref().unwrap_or(""), result = "ok", "login");
+    let injection = Injection::new(proxy.mapping.setting_names(), &context.values);
+    Ok(LoggedIn { stream, leftover: buf, context, injection, cancel, user })
+}
+
+fn verify(proxy: &Proxy, token: &str) -> Result<TenantContext, PgError> {
+    if token.is_empty() {
+        return Err(PgError::fatal(sqlstate::INVALID_PASSWORD, "pgtenant: no token given as the password")
+            .with_hint("pass a JWT as the password, e.g. PGPASSWORD=<jwt>"));
+    }
+    let claims = proxy.verifier.verify(token).map_err(|e| {
+        let err = PgError::fatal(sqlstate::INVALID_PASSWORD, format!("pgtenant: JWT rejected: {e}"));
+        match e {
+            JwtError::Malformed => err.with_hint("the password must be a signed JWT (header.payload.signature)"),
+            JwtError::Expired => err.with_hint("get a fresh token"),
+            JwtError::WrongAudience | JwtError::WrongIssuer => {
+                err.with_hint("check jwt.audience / jwt.issuer in the pgtenant config against the token")
+            }
+            _ => err,
+        }
+    })?;
+    proxy.mapping.context(&claims).map_err(|e| {
+        let err = PgError::fatal(sqlstate::INVALID_AUTHORIZATION, format!("pgtenant: {e}"));
+        match e {
+            ContextError::MissingClaim(_) => err.with_hint("the token must carry every claim named in tenant.settings"),
+            _ => err,
+        }
+    })
+}

@@ -1,0 +1,229 @@
+//! The transaction state machine on the reply side: which replies the backend still owes, in
+//! order, and which of them belong to pgtenant's injected context statement (swallowed) rather
+//! than to the client (forwarded).
+//!
+//! Every forwarded message pushes the reply that completes it (ParseComplete, BindComplete, ...,
+//! ReadyForQuery); the injected statement pushes the same, marked `injected`. The rules mirror the
+//! server: after an error in the extended protocol it skips everything up to the next Sync, so the
+//! entries in between are dropped; a simple Query ends with ReadyForQuery whatever happens inside.
+//! When nothing is owed, `status` is the backend's real transaction status.
+
+use std::collections::VecDeque;
+
+/// The reply that completes a forwarded message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    ParseComplete,
+    BindComplete,
+    CloseComplete,
+    /// Describe: RowDescription or NoData (after ParameterDescription for statements).
+    Description,
+    /// Execute: CommandComplete, EmptyQueryResponse or PortalSuspended.
+    CommandDone,
+    /// Sync, Query or FunctionCall: ReadyForQuery.
+    Ready,
+}
+
+impl Want {
+    /// The `Want` for a forwarded frontend message, if it gets a reply of its own.
+    pub fn for_frontend(tag: u8) -> Option<Want> {
+        Some(match tag {
+            b'P' => Want::ParseComplete,
+            b'B' => Want::BindComplete,
+            b'C' => Want::CloseComplete,
+            b'D' => Want::Description,
+            b'E' => Want::CommandDone,
+            b'S' | b'Q' | b'F' => Want::Ready,
+            _ => return None,
+        })
+    }
+
+    fn completed_by(self, tag: u8) -> bool {
+        match self {
+            Want::ParseComplete => tag == b'1',
+            Want::BindComplete => tag == b'2',
+            Want::CloseComplete => tag == b'3',
+            Want::Description => tag == b'T' || tag == b'n',
+            Want::CommandDone => matches!(tag, b'C' | b'I' | b's'),
+            Want::Ready => tag == b'Z',
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Owed {
+    want: Want,
+    injected: bool,
+    /// For `Ready`: the message was a simple Query / FunctionCall (not a Sync). The server skips
+    /// those while it is skipping to Sync after an extended-protocol error.
+    simple: bool,
+}
+
+/// What the session does with one backend message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Forward,
+    Swallow,
+    /// The injected context statement failed in front of a simple Query, which the server will
+    /// now skip: forward the error and send a Sync so the Query gets its ReadyForQuery.
+    ForwardThenSync,
+    /// A reply that fits nothing we sent: the connection can no longer be trusted.
+    Desync,
+}
+
+#[derive(Debug)]
+pub struct Replies {
+    owed: VecDeque<Owed>,
+    /// Transaction status from the last ReadyForQuery ('I', 'T' or 'E').
+    pub status: u8,
+    /// The open batch (no Sync forwarded yet) already failed: the server skips the rest of it.
+    pub batch_failed: bool,
+}
+
+impl Default for Replies {
+    fn default() -> Self {
+        Replies { owed: VecDeque::with_capacity(16), status: b'I', batch_failed: false }
+    }
+}
+
+impl Replies {
+    /// Records a forwarded message that owes a reply.
+    pub fn expect(&mut self, want: Want, injected: bool, simple: bool) {
+        self.owed.push_back(Owed { want, injected, simple });
+    }
+
+    /// Nothing is owed: `status` is exact.
+    pub fn is_settled(&self) -> bool {
+        self.owed.is_empty()
+    }
+
+    pub fn reset(&mut self) {
+        self.owed.clear();
+        self.status = b'I';
+        self.batch_failed = false;
+    }
+
+    pub fn on_reply(&mut self, tag: u8, body: &[u8]) -> Action {
+        match tag {
+            // asynchronous messages can arrive at any time
+            b'N' | b'S' | b'A' => Action::Forward,
+            b'E' => self.on_error(),
+            _ => {
+                let Some(front) = self.owed.front().copied() else {
+                    return Action::Desync;
+                };
+                let done = front.want.completed_by(tag);
+                if done {
+                    self.owed.pop_front();
+                    if tag == b'Z' {
+                        self.status = body.first().copied().unwrap_or(b'I');
+                    }
+                }
+                match (front.injected, done) {
+                    (false, _) => Action::Forward,
+                    (true, true) => Action::Swallow,
+                    // the context statement returns one row
+                    (true, false) if tag == b'D' => Action::Swallow,
+                    (true, false) => Action::Desync,
+                }
+            }
+        }
+    }
+
+    fn on_error(&mut self) -> Action {
+        let Some(front) = self.owed.front().copied() else {
+            return Action::Forward; // e.g. FATAL on termination
+        };
+        if front.want == Want::Ready {
+            return Action::Forward; // a ReadyForQuery follows
+        }
+        // Extended protocol: the server now skips to the next Sync.
+        while self.owed.front().is_some_and(|o| o.injected) {
+            self.owed.pop_front();
+        }
+        if front.injected && self.owed.front().is_some_and(|o| o.want == Want::Ready && o.simple) {
+            return Action::ForwardThenSync;
+        }
+        while let Some(o) = self.owed.front() {
+            if o.want == Want::Ready && !o.simple {
+                break;
+            }
+            self.owed.pop_front();
+        }
+        if self.owed.is_empty() {
+            self.batch_failed = true;
+        }
+        Action::Forward
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inject(r: &mut Replies) {
+        r.expect(Want::BindComplete, true, false);
+        r.expect(Want::CommandDone, true, false);
+        r.expect(Want::CloseComplete, true, false);
+    }
+
+    #[test]
+    fn swallows_injected_replies_and_forwards_the_rest() {
+        let mut r = Replies::default();
+        inject(&mut r);
+        r.expect(Want::Ready, false, true);
+        let seq: Vec<Action> = [b'2', b'D', b'C', b'3', b'T', b'D', b'C', b'Z']
+            .iter()
+            .map(|&t| r.on_reply(t, b"I"))
+            .collect();
+        use Action::*;
+        assert_eq!(seq, [Swallow, Swallow, Swallow, Swallow, Forward, Forward, Forward, Forward]);
+        assert!(r.is_settled());
+    }
+
+    #[test]
+    fn injected_failure_before_simple_query_asks_for_sync() {
+        let mut r = Replies::default();
+        inject(&mut r);
+        r.expect(Want::Ready, false, true);
+        assert_eq!(r.on_reply(b'E', b""), Action::ForwardThenSync);
+        assert_eq!(r.on_reply(b'Z', b"E"), Action::Forward);
+        assert!(r.is_settled());
+        assert_eq!(r.status, b'E');
+    }
+
+    #[test]
+    fn extended_error_skips_to_sync() {
+        let mut r = Replies::default();
+        inject(&mut r);
+        for t in [b'P', b'B', b'E'] {
+            r.expect(Want::for_frontend(t).unwrap(), false, false);
+        }
+        inject(&mut r); // re-injected after a COMMIT inside the batch
+        r.expect(Want::Ready, false, false);
+        assert_eq!(r.on_reply(b'2', b""), Action::Swallow);
+        assert_eq!(r.on_reply(b'D', b""), Action::Swallow);
+        assert_eq!(r.on_reply(b'C', b""), Action::Swallow);
+        assert_eq!(r.on_reply(b'3', b""), Action::Swallow);
+        assert_eq!(r.on_reply(b'E', b""), Action::Forward); // Parse failed
+        assert!(!r.batch_failed);
+        assert_eq!(r.on_reply(b'Z', b"I"), Action::Forward);
+        assert!(r.is_settled());
+    }
+
+    #[test]
+    fn error_in_open_batch_marks_it_failed() {
+        let mut r = Replies::default();
+        r.expect(Want::ParseComplete, false, false);
+        assert_eq!(r.on_reply(b'E', b""), Action::Forward);
+        assert!(r.batch_failed);
+    }
+
+    #[test]
+    fn unexpected_reply_is_desync() {
+        let mut r = Replies::default();
+        assert_eq!(r.on_reply(b'Z', b"I"), Action::Desync);
+        inject(&mut r);
+        assert_eq!(r.on_reply(b'T', b""), Action::Desync);
+    }
+}

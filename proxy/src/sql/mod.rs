@@ -1,0 +1,125 @@
+//! What pgtenant needs to know about client SQL before forwarding it: where statements begin and
+//! end, and which of them start or end a transaction (after a transaction ends, the tenant context
+//! set with `set_config(..., true)` is gone, so nothing may run after it without a new context).
+
+pub mod lexer;
+
+use lexer::{Kind, Lexer, Token};
+
+/// How a statement affects the transaction block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxEffect {
+    None,
+    /// BEGIN / START TRANSACTION.
+    Begin,
+    /// COMMIT, END, ROLLBACK, ABORT (not ROLLBACK TO), PREPARE TRANSACTION, COMMIT/ROLLBACK PREPARED.
+    End,
+    /// ROLLBACK TO SAVEPOINT: keeps the transaction, but runs even in an aborted one.
+    RollbackTo,
+}
+
+/// Classifies a statement by its first two tokens.
+pub fn tx_effect(first: Option<Token<'_>>, second: Option<Token<'_>>) -> TxEffect {
+    let Some(first) = first else { return TxEffect::None };
+    let second_is = |kw: &str| second.is_some_and(|t| t.is_word(kw));
+    if first.is_word("begin") || (first.is_word("start") && second_is("transaction")) {
+        TxEffect::Begin
+    } else if first.is_word("commit") || first.is_word("end") || first.is_word("abort") {
+        TxEffect::End
+    } else if first.is_word("rollback") && second_is("to") {
+        TxEffect::RollbackTo
+    } else if first.is_word("rollback") {
+        TxEffect::End
+    } else if first.is_word("prepare") && second_is("transaction") {
+        TxEffect::End
+    } else {
+        TxEffect::None
+    }
+}
+
+/// What a query string does to transactions, from one pass of the lexer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    /// Non-empty statements.
+    pub statements: u32,
+    /// The first statement's effect.
+    pub first: TxEffect,
+    /// A transaction-ending statement is followed by another statement.
+    pub ends_tx_midway: bool,
+    /// The text has an unterminated literal or comment (the server will reject it).
+    pub unterminated: bool,
+}
+
+pub fn summarize(sql: &[u8]) -> Summary {
+    let mut s = Summary { statements: 0, first: TxEffect::None, ends_tx_midway: false, unterminated: false };
+    let mut lexer = Lexer::new(sql);
+    let mut pending_end = false;
+    loop {
+        // first two tokens of the next statement, skipping empty statements
+        let mut first = None;
+        for t in lexer.by_ref() {
+            if t.kind != Kind::Semicolon {
+                first = Some(t);
+                break;
+            }
+        }
+        let Some(first) = first else { break };
+        let mut second = None;
+        let mut ended_by_semicolon = false;
+        if first.kind == Kind::Unterminated {
+            s.unterminated = true;
+        }
+        let mut atomic_depth = 0u32;
+        let mut prev_begin = first.is_word("begin");
+        for t in lexer.by_ref() {
+            if second.is_none() {
+                second = Some(t);
+            }
+            match t.kind {
+                Kind::Unterminated => s.unterminated = true,
+                // SQL-standard function bodies: BEGIN ATOMIC ... END; hold their semicolons.
+                Kind::Word if prev_begin && t.is_word("atomic") => atomic_depth += 1,
+                Kind::Word if atomic_depth > 0 && t.is_word("end") => atomic_depth -= 1,
+                Kind::Semicolon if atomic_depth == 0 => {
+                    ended_by_semicolon = true;
+                    break;
+                }
+                _ => {}
+            }
+            prev_begin = t.is_word("begin");
+        }
+        let effect = tx_effect(Some(first), second.filter(|t| t.kind != Kind::Semicolon));
+        if pending_end {
+            s.ends_tx_midway = true;
+        }
+        if s.statements == 0 {
+            s.first = effect;
+        }
+        s.statements += 1;
+        pending_end = effect == TxEffect::End;
+        if !ended_by_semicolon {
+            break;
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_transaction_boundaries() {
+        let s = summarize(b"BEGIN; select 1; COMMIT");
+        assert_eq!((s.statements, s.first, s.ends_tx_midway), (3, TxEffect::Begin, false));
+        assert!(summarize(b"commit; select * from orders").ends_tx_midway);
+        assert!(summarize(b"ROLLBACK ; ; select 1").ends_tx_midway);
+        assert!(!summarize(b"rollback to savepoint a; select 1").ends_tx_midway);
+        assert!(!summarize(b"select 'commit; select 1'").ends_tx_midway);
+        assert!(!summarize(b"COMMIT; -- done\n ;").ends_tx_midway);
+        assert_eq!(summarize(b"end").first, TxEffect::End);
+        assert_eq!(summarize(b"  ").statements, 0);
+        assert!(summarize(b"prepare transaction 'x'; select 1").ends_tx_midway);
+        assert!(!summarize(b"create function f() returns int begin atomic select 1; end; select 2").ends_tx_midway);
+    }
+}

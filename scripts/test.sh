@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests and the integration suite against a throwaway Postgres cluster.
+# Installs the Postgres 15 server binaries with apt-get when they are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkg=()
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1; then
+  need_pkg+=(postgresql)
+fi
+command -v psql >/dev/null 2>&1 || need_pkg+=(postgresql-client)
+command -v pgbench >/dev/null 2>&1 || need_pkg+=(postgresql-contrib)
+command -v openssl >/dev/null 2>&1 || need_pkg+=(openssl)
+if [ ${#need_pkg[@]} -gt 0 ]; then
+  echo "installing: ${need_pkg[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkg[@]}" >/dev/null
+fi
+
+cargo test --workspace --locked

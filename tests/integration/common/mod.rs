@@ -1,0 +1,122 @@
+//! Shared test plumbing: one throwaway Postgres cluster (pgtenant's own `cluster` module) with the
+//! RLS fixture, proxies started in-process on random ports, token minting, and a tiny runner that
+//! prints `N passed, N failed` so one cluster serves every scenario.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Instant;
+
+use pgtenant::cluster::Cluster;
+use pgtenant::config::Config;
+use pgtenant::server::Running;
+use serde_json::json;
+
+pub const SECRET: &str = "test-secret-0123456789";
+
+pub type TestResult = Result<(), String>;
+pub type TestFn = for<'a> fn(&'a Env) -> Pin<Box<dyn Future<Output = TestResult> + 'a>>;
+
+pub struct Env {
+    pub cluster: Cluster,
+}
+
+/// Config text for a proxy in front of the test cluster; `extra` is appended verbatim (use it to
+/// add keys to the last section, `[tenant]`, or to add whole sections).
+pub fn config_text(env: &Env, backend_extra: &str, extra: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:0"
+[backend]
+url = "{url}"
+pool_size = 4
+{backend_extra}
+[jwt]
+secret = "{SECRET}"
+[tenant]
+settings = {{ "app.tenant_id" = "tenant_id", "app.user_id" = "sub" }}
+claims_setting = "request.jwt.claims"
+{extra}
+"#,
+        url = env.cluster.url("app_user", "app-secret", "app"),
+    )
+}
+
+pub async fn start_proxy(env: &Env, backend_extra: &str, extra: &str) -> Running {
+    let text = config_text(env, backend_extra, extra);
+    let cfg = Config::from_toml(&text, &|_| None).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    pgtenant::server::start(cfg).await.expect("proxy starts")
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+pub fn token_with(claims: serde_json::Value) -> String {
+    pgtenant::jwt::mint_hs(&claims, SECRET.as_bytes(), jsonwebtoken::Algorithm::HS256)
+}
+
+pub fn token(tenant: i64, sub: &str) -> String {
+    token_with(json!({ "tenant_id": tenant, "sub": sub, "exp": now() + 3600 }))
+}
+
+pub async fn connect(proxy: &Running, token: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1").port(proxy.addr.port()).user("alice").dbname("app").password(token);
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+pub fn ensure(cond: bool, what: impl Into<String>) -> TestResult {
+    if cond { Ok(()) } else { Err(what.into()) }
+}
+
+pub fn db_err(e: &tokio_postgres::Error) -> (String, String) {
+    match e.as_db_error() {
+        Some(d) => (d.code().code().to_string(), d.message().to_string()),
+        None => ("".into(), e.to_string()),
+    }
+}
+
+/// Runs every scenario against one cluster and prints a summary line; exits non-zero on failure.
+pub fn run_all(tests: &[(&str, TestFn)]) {
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let cluster = Cluster::start().expect("start test cluster");
+    cluster.load_rls_fixture().expect("load fixture");
+    let env = Env { cluster };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in tests {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let start = Instant::now();
+        let result = rt.block_on(async {
+            match tokio::time::timeout(std::time::Duration::from_secs(120), test(&env)).await {
+                Ok(r) => r,
+                Err(_) => Err("timed out after 120 s".into()),
+            }
+        });
+        match result {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok ({} ms)", start.elapsed().as_millis());
+            }
+            Err(e) => {
+                failed += 1;
+                println!("test {name} ... FAILED: {e}");
+            }
+        }
+    }
+    drop(rt);
+    drop(env);
+    println!("\n{passed} passed, {failed} failed");
+    if failed > 0 {
+        std::process::exit(1);
+    }
+}

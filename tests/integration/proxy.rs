@@ -1,0 +1,626 @@
+//! End-to-end tests of the core proxy against a real Postgres with the RLS fixture: tenant
+//! isolation through the simple and extended protocols, pipelining, transactions and errors,
+//! COPY, JWT failures, pool limits, cancel, and backend/client failures.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::future::join_all;
+use serde_json::json;
+
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => {
+        &[$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
+    };
+}
+
+fn main() {
+    run_all(tests![
+        two_tenants_simple_protocol,
+        two_tenants_extended_protocol,
+        psql_two_tenants,
+        pipelined_extended_batches,
+        explicit_transaction_error_and_rollback,
+        insert_foreign_tenant_blocked_by_with_check,
+        inserts_land_in_own_tenant,
+        claim_values_round_trip_exactly,
+        jwt_failures_have_reasons,
+        missing_claim_rejects_login,
+        wrong_database_is_3d000,
+        pool_exhaustion_gives_clear_error,
+        cancel_reaches_running_query,
+        cancel_with_wrong_key_does_nothing,
+        context_never_leaks_between_tenants_on_one_backend,
+        copy_out_and_in,
+        notices_and_notifications_are_relayed,
+        query_continuing_after_commit_is_refused,
+        vacuum_reports_transaction_block_with_hint,
+        backend_killed_mid_transaction,
+        client_gone_mid_transaction_rolls_back,
+        reserved_statement_names_refused,
+        context_statement_is_reprepared_after_deallocate,
+        pgbench_simple_and_extended,
+    ]);
+}
+
+async fn tenant_view(c: &tokio_postgres::Client) -> Result<(i64, i32, i32), String> {
+    let rows = c
+        .simple_query("select count(*), coalesce(min(tenant_id),0), coalesce(max(tenant_id),0) from orders")
+        .await
+        .map_err(|e| e.to_string())?;
+    let row = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .ok_or("no row")?;
+    let get = |i: usize| row.get(i).unwrap().parse::<i64>().unwrap();
+    Ok((get(0), get(1) as i32, get(2) as i32))
+}
+
+async fn two_tenants_simple_protocol(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    for t in [1, 2] {
+        let c = connect(&p, &token(t, "u")).await.map_err(|e| e.to_string())?;
+        let (n, lo, hi) = tenant_view(&c).await?;
+        ensure(n == 100 && lo == t as i32 && hi == t as i32, format!("tenant {t} saw {n} rows of tenants {lo}..{hi}"))?;
+    }
+    p.stop().await;
+    Ok(())
+}
+
+async fn two_tenants_extended_protocol(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let a = connect(&p, &token(1, "a")).await.map_err(|e| e.to_string())?;
+    let b = connect(&p, &token(2, "b")).await.map_err(|e| e.to_string())?;
+    for _ in 0..20 {
+        for (c, t) in [(&a, 1), (&b, 2)] {
+            let rows = c
+                .query("select tenant_id, current_setting('app.tenant_id') from orders where tenant_id > $1", &[&0i32])
+                .await
+                .map_err(|e| e.to_string())?;
+            ensure(rows.len() == 100, format!("tenant {t}: {} rows", rows.len()))?;
+            for r in rows {
+                let tid: i32 = r.get(0);
+                let setting: String = r.get(1);
+                ensure(tid == t && setting == t.to_string(), format!("tenant {t} saw tenant {tid} / {setting}"))?;
+            }
+        }
+    }
+    p.stop().await;
+    Ok(())
+}
+
+fn psql(port: u16, token: &str, sql: &str) -> std::process::Output {
+    Command::new("psql")
+        .args(["-X", "-At", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .arg(format!("host=127.0.0.1 port={port} dbname=app user=alice"))
+        .env("PGPASSWORD", token)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .expect("psql runs")
+}
+
+async fn psql_two_tenants(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let port = p.addr.port();
+    for t in [1, 3] {
+        let tok = token(t, "psql-user");
+        let out = tokio::task::spawn_blocking(move || {
+            psql(port, &tok, "select count(*), min(tenant_id), max(tenant_id), current_setting('app.user_id') from orders")
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure(out.status.success(), format!("psql failed: {}", String::from_utf8_lossy(&out.stderr)))?;
+        ensure(stdout.trim() == format!("100|{t}|{t}|psql-user"), format!("psql tenant {t}: {stdout}"))?;
+    }
+    p.stop().await;
+    Ok(())
+}
+
+async fn pipelined_extended_batches(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let c = connect(&p, &token(2, "pipe")).await.map_err(|e| e.to_string())?;
+    let stmt = c
+        .prepare("select count(*)::int, current_setting('app.tenant_id') from orders where tenant_id = $1")
+        .await
+        .map_err(|e| e.to_string())?;
+    // tokio-postgres pipelines concurrent queries on one connection: many Sync-delimited batches in flight.
+    for round in 0..5 {
+        let futs = (0..50).map(|i| {
+            let c = &c;
+            let stmt = &stmt;
+            async move {
+                let asked: i32 = if i % 2 == 0 { 2 } else { 1 };
+                let row = c.query_one(stmt, &[&asked]).await.map_err(|e| e.to_string())?;
+                let n: i32 = row.get(0);
+                let s: String = row.get(1);
+                let want = if asked == 2 { 100 } else { 0 };
+                ensure(n == want && s == "2", format!("round {round} query {i}: asked {asked} got {n} setting {s}"))
+            }
+        });
+        for r in join_all(futs).await {
+            r?;
+        }
+    }
+    // pipelined simple queries too (these wait for each other inside the proxy, but must all work)
+    let futs = (0..20).map(|_| c.simple_query("select current_setting('app.tenant_id')"));
+    for r in join_all(futs).await {
+        let msgs = r.map_err(|e| e.to_string())?;
+        let ok = msgs.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("2")));
+        ensure(ok, "pipelined simple query lost the context")?;
+    }
+    p.stop().await;
+    Ok(())
+}
+
+async fn explicit_transaction_error_and_rollback(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let c = connect(&p, &token(1, "tx")).await.map_err(|e| e.to_string())?;
+    c.batch_execute("BEGIN").await.map_err(|e| e.to_string())?;
+    c.execute("insert into orders (tenant_id, amount) values (1, 4242.42)", &[]).await.map_err(|e| e.to_string())?;
+    let in_tx: String = c.query_one("select current_setting('app.tenant_id')", &[]).await.map_err(|e| e.to_string())?.get(0);
+    ensure(in_tx == "1", "context lost inside explicit transaction")?;
+    let e = c.simple_query("select 1/0").await.err().ok_or("division by zero succeeded")?;
+    ensure(db_err(&e).0 == "22012", format!("expected 22012, got {:?}", db_err(&e)))?;
+    let e = c.query("select 1", &[]).await.err().ok_or("query in aborted transaction succeeded")?;
+    ensure(db_err(&e).0 == "25P02", format!("expected 25P02, got {:?}", db_err(&e)))?;
+    c.batch_execute("ROLLBACK").await.map_err(|e| e.to_string())?;
+    let n: i64 = c.query_one("select count(*) from orders where amount = 4242.42", &[]).await.map_err(|e| e.to_string())?.get(0);
+    ensure(n == 0, "rolled back insert is visible")?;
+    // savepoints inside a block keep the context
+    c.batch_execute("BEGIN; SAVEPOINT s; SELECT 1/0").await.err().ok_or("expected error")?;
+    c.batch_execute("ROLLBACK TO SAVEPOINT s").await.map_err(|e| e.to_string())?;
+    let (n, lo, hi) = tenant_view(&c).await?;
+    ensure(n == 100 && lo == 1 && hi == 1, format!("after rollback to savepoint saw {n} rows {lo}..{hi}"))?;
+    c.batch_execute("COMMIT").await.map_err(|e| e.to_string())?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn insert_foreign_tenant_blocked_by_with_check(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let c = connect(&p, &token(1, "evil")).await.map_err(|e| e.to_string())?;
+    let e = c
+        .execute("insert into orders (tenant_id, amount) values (2, 1)", &[])
+        .await
+        .err()
+        .ok_or("insert into another tenant succeeded")?;
+    let (code, msg) = db_err(&e);
+    ensure(code == "42501" && msg.contains("row-level security"), format!("got {code} {msg}"))?;
+    let n = c.execute("update orders set amount = amount where tenant_id = 2", &[]).await.map_err(|e| e.to_string())?;
+    ensure(n == 0, "updated another tenant's rows")?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn inserts_land_in_own_tenant(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let c = connect(&p, &token(3, "inserter")).await.map_err(|e| e.to_string())?;
+    let row = c
+        .query_one("insert into orders (tenant_id, amount) values (3, 77.5) returning user_sub", &[])
+        .await
+        .map_err(|e| e.to_string())?;
+    let sub: String = row.get(0);
+    ensure(sub == "inserter", format!("default user_sub from app.user_id was {sub}"))?;
+    let owner = env.cluster.psql("app", "select count(*) from orders where amount = 77.5 and tenant_id = 3").map_err(|e| e.to_string())?;
+    ensure(owner.trim() == "1", format!("row not stored: {owner}"))?;
+    env.cluster.psql("app", "delete from orders where amount = 77.5").map_err(|e| e.to_string())?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn claim_values_round_trip_exactly(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let nasty = "it's \"q\" \\ $$ $x$ '); select 1; --\nline2 ünïcødé 🚀";
+    let tok = token_with(json!({ "tenant_id": 1, "sub": nasty, "exp": now() + 600, "org": { "id": [1, 2] } }));
+    let c = connect(&p, &tok).await.map_err(|e| e.to_string())?;
+    for simple in [true, false] {
+        let got: String = if simple {
+            let msgs = c.simple_query("select current_setting('app.user_id')").await.map_err(|e| e.to_string())?;
+            msgs.iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                    _ => None,
+                })
+                .ok_or("no row")?
+        } else {
+            c.query_one("select current_setting('app.user_id')", &[]).await.map_err(|e| e.to_string())?.get(0)
+        };
+        ensure(got == nasty, format!("claim mangled: {got:?}"))?;
+    }
+    let claims: String = c
+        .query_one("select current_setting('request.jwt.claims')", &[])
+        .await
+        .map_err(|e| e.to_string())?
+        .get(0);
+    let v: serde_json::Value = serde_json::from_str(&claims).map_err(|e| e.to_string())?;
+    ensure(v["sub"] == nasty && v["org"]["id"] == json!([1, 2]), format!("claims json wrong: {claims}"))?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn login_error(p: &pgtenant::server::Running, tok: &str) -> (String, String) {
+    match connect(p, tok).await {
+        Ok(_) => ("".into(), "login succeeded".into()),
+        Err(e) => db_err(&e),
+    }
+}
+
+async fn jwt_failures_have_reasons(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let exp = now() + 600;
+    let other = pgtenant::jwt::mint_hs(&json!({"tenant_id": 1, "sub": "x", "exp": exp}), b"another-secret", jsonwebtoken::Algorithm::HS256);
+    let none_tok = {
+        use base64::Engine as _;
+        let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!("{}.{}.", e.encode(br#"{"alg":"none","typ":"JWT"}"#), e.encode(json!({"tenant_id": 1, "exp": exp}).to_string()))
+    };
+    let cases = [
+        (token_with(json!({"tenant_id": 1, "sub": "x", "exp": now() - 3600})), "28P01", "expired"),
+        (other, "28P01", "signature"),
+        ("not-a-jwt".to_string(), "28P01", "malformed"),
+        (none_tok, "28P01", ""),
+        (token_with(json!({"tenant_id": 1, "sub": "x", "exp": exp, "nbf": now() + 3600})), "28P01", "not yet valid"),
+        (token_with(json!({"tenant_id": 1, "sub": "x"})), "28P01", "exp"),
+    ];
+    for (tok, code, reason) in cases {
+        let (got_code, msg) = login_error(&p, &tok).await;
+        ensure(got_code == code && msg.contains(reason), format!("token case {reason:?}: got {got_code} {msg}"))?;
+        ensure(!msg.contains(&tok) && !tok.split('.').any(|part| part.len() > 8 && msg.contains(part)), "token echoed in error")?;
+    }
+    p.stop().await;
+    // issuer and audience, when configured
+    let text = config_text(env, "", "").replace("[jwt]\n", "[jwt]\nissuer = \"https://issuer.test\"\naudience = \"pgtenant\"\n");
+    let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
+    let p = pgtenant::server::start(cfg).await?;
+    let good = token_with(json!({"tenant_id": 1, "sub": "x", "exp": exp, "iss": "https://issuer.test", "aud": "pgtenant"}));
+    connect(&p, &good).await.map_err(|e| format!("good iss/aud refused: {e}"))?;
+    let (c, m) = login_error(&p, &token_with(json!({"tenant_id": 1, "sub": "x", "exp": exp, "iss": "https://issuer.test", "aud": "other"}))).await;
+    ensure(c == "28P01" && m.contains("audience"), format!("wrong aud: {c} {m}"))?;
+    let (c, m) = login_error(&p, &token_with(json!({"tenant_id": 1, "sub": "x", "exp": exp, "iss": "https://evil.test", "aud": "pgtenant"}))).await;
+    ensure(c == "28P01" && m.contains("issuer"), format!("wrong iss: {c} {m}"))?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn missing_claim_rejects_login(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let (code, msg) = login_error(&p, &token_with(json!({"sub": "x", "exp": now() + 600}))).await;
+    ensure(code == "28000" && msg.contains("tenant_id"), format!("got {code} {msg}"))?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn wrong_database_is_3d000(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1").port(p.addr.port()).user("alice").dbname("other").password(token(1, "x"));
+    let e = cfg.connect(tokio_postgres::NoTls).await.err().ok_or("wrong database accepted")?;
+    let (code, msg) = db_err(&e);
+    ensure(code == "3D000" && msg.contains("other"), format!("got {code} {msg}"))?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn pool_exhaustion_gives_clear_error(env: &Env) -> TestResult {
+    let p = start_proxy(env, "pool_size = 1\nacquire_timeout_ms = 300", "").await;
+    let a = connect(&p, &token(1, "a")).await.map_err(|e| e.to_string())?;
+    let b = connect(&p, &token(2, "b")).await.map_err(|e| e.to_string())?;
+    a.batch_execute("BEGIN; SELECT 1").await.map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let e = b.simple_query("select 1").await.err().ok_or("second client got a backend")?;
+    let (code, msg) = db_err(&e);
+    ensure(code == "53300" && msg.contains("300 ms"), format!("got {code} {msg}"))?;
+    ensure(started.elapsed() < Duration::from_secs(3), "acquire timeout not honoured")?;
+    // extended protocol gets the same error and the session stays usable
+    let e = b.query("select 1", &[]).await.err().ok_or("second client got a backend")?;
+    ensure(db_err(&e).0 == "53300", format!("extended: {:?}", db_err(&e)))?;
+    a.batch_execute("COMMIT").await.map_err(|e| e.to_string())?;
+    let (n, lo, _) = tenant_view(&b).await?;
+    ensure(n == 100 && lo == 2, "client b not served after the pool freed up")?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn cancel_reaches_running_query(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let c = connect(&p, &token(1, "slow")).await.map_err(|e| e.to_string())?;
+    let cancel = c.cancel_token();
+    let started = Instant::now();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cancel.cancel_query(tokio_postgres::NoTls).await
+    });
+    let e = c.simple_query("select pg_sleep(20)").await.err().ok_or("sleep was not cancelled")?;
+    canceller.await.unwrap().map_err(|e| e.to_string())?;
+    let (code, _) = db_err(&e);
+    ensure(code == "57014", format!("expected 57014, got {:?}", db_err(&e)))?;
+    ensure(started.elapsed() < Duration::from_secs(10), "cancel took too long")?;
+    let (n, _, _) = tenant_view(&c).await?;
+    ensure(n == 100, "session unusable after cancel")?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn cancel_with_wrong_key_does_nothing(env: &Env) -> TestResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = start_proxy(env, "", "").await;
+    let c = connect(&p, &token(1, "victim")).await.map_err(|e| e.to_string())?;
+    let sleeper = tokio::spawn(async move { c.simple_query("select pg_sleep(1.5)").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // guessed keys for every registered session: wrong secret
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.map_err(|e| e.to_string())?;
+    let mut msg = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
+    msg.extend_from_slice(&1234i32.to_be_bytes());
+    msg.extend_from_slice(&5678i32.to_be_bytes());
+    s.write_all(&msg).await.map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 16];
+    let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
+    sleeper.await.unwrap().map_err(|e| format!("query was cancelled by a bogus cancel request: {e}"))?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn context_never_leaks_between_tenants_on_one_backend(env: &Env) -> TestResult {
+    let p = start_proxy(env, "pool_size = 1", "").await;
+    let clients = [
+        (connect(&p, &token(1, "one")).await.map_err(|e| e.to_string())?, 1),
+        (connect(&p, &token(2, "two")).await.map_err(|e| e.to_string())?, 2),
+        (connect(&p, &token(3, "three")).await.map_err(|e| e.to_string())?, 3),
+    ];
+    let mut pids = std::collections::HashSet::new();
+    for i in 0..60 {
+        let (c, t) = &clients[i % 3];
+        let row = c
+            .query_one("select current_setting('app.tenant_id'), current_setting('app.user_id'), pg_backend_pid(), (select count(*) from orders)", &[])
+            .await
+            .map_err(|e| e.to_string())?;
+        let (tid, _sub, pid, n): (String, String, i32, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        ensure(tid == t.to_string() && n == 100, format!("tenant {t} saw context {tid} and {n} rows"))?;
+        pids.insert(pid);
+    }
+    ensure(pids.len() == 1, format!("expected one shared backend, saw {}", pids.len()))?;
+    // after the transaction the backend carries no context: a direct look at the session shows ''
+    p.stop().await;
+    Ok(())
+}
+
+async fn copy_out_and_in(env: &Env) -> TestResult {
+    use futures::{SinkExt, StreamExt};
+    let p = start_proxy(env, "", "").await;
+    let c = connect(&p, &token(2, "copier")).await.map_err(|e| e.to_string())?;
+    let stream = c.copy_out("COPY (select tenant_id from orders) TO STDOUT").await.map_err(|e| e.to_string())?;
+    let chunks: Vec<_> = stream.collect().await;
+    let mut text = Vec::new();
+    for ch in chunks {
+        text.extend_from_slice(&ch.map_err(|e| e.to_string())?);
+    }
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().collect();
+    ensure(lines.len() == 100 && lines.iter().all(|l| *l == "2"), format!("copy out gave {} lines", lines.len()))?;
+    let sink = c.copy_in("COPY orders (tenant_id, amount) FROM STDIN").await.map_err(|e| e.to_string())?;
+    futures::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"2\t9001\n2\t9002\n")).await.map_err(|e| e.to_string())?;
+    let n = sink.finish().await.map_err(|e| e.to_string())?;
+    ensure(n == 2, format!("copy in reported {n}"))?;
+    // copy of a foreign tenant's row is refused by WITH CHECK
+    let sink = c.copy_in("COPY orders (tenant_id, amount) FROM STDIN").await.map_err(|e| e.to_string())?;
+    futures::pin_mut!(sink);
+    let _ = sink.send(bytes::Bytes::from_static(b"1\t9003\n")).await;
+    let e = sink.finish().await.err().ok_or("copy of foreign row succeeded")?;
+    ensure(db_err(&e).0 == "42501", format!("foreign copy: {:?}", db_err(&e)))?;
+    let owner = env.cluster.psql("app", "select count(*) from orders where amount in (9001, 9002, 9003)").map_err(|e| e.to_string())?;
+    ensure(owner.trim() == "2", format!("copied rows stored: {owner}"))?;
+    env.cluster.psql("app", "delete from orders where amount in (9001, 9002)").map_err(|e| e.to_string())?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn notices_and_notifications_are_relayed(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let port = p.addr.port();
+    let tok = token(1, "n");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("psql")
+            .args(["-X", "-c", "COMMIT", "-c", "LISTEN chan; NOTIFY chan, 'hello-tenant'"])
+            .arg(format!("host=127.0.0.1 port={port} dbname=app user=alice"))
+            .env("PGPASSWORD", tok)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    ensure(all.contains("there is no transaction in progress"), format!("notice missing: {all}"))?;
+    ensure(all.contains("hello-tenant"), format!("notification missing: {all}"))?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn query_continuing_after_commit_is_refused(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let c = connect(&p, &token(1, "multi")).await.map_err(|e| e.to_string())?;
+    for q in ["COMMIT; select * from orders", "begin; select 1; rollback; select count(*) from orders", "end; select 1"] {
+        let e = c.simple_query(q).await.err().ok_or(format!("{q} was accepted"))?;
+        ensure(db_err(&e).0 == "0A000", format!("{q}: {:?}", db_err(&e)))?;
+    }
+    // the whole-transaction form still works
+    c.simple_query("begin; select count(*) from orders; commit").await.map_err(|e| e.to_string())?;
+    // extended protocol: statements after COMMIT in the same batch get the context again
+    c.batch_execute("BEGIN").await.map_err(|e| e.to_string())?;
+    let commit = c.prepare("COMMIT").await.map_err(|e| e.to_string())?;
+    let select = c.prepare("select current_setting('app.tenant_id', true)").await.map_err(|e| e.to_string())?;
+    let (r1, r2) = futures::join!(c.execute(&commit, &[]), c.query_one(&select, &[]));
+    r1.map_err(|e| e.to_string())?;
+    let s: String = r2.map_err(|e| e.to_string())?.get(0);
+    ensure(s == "1", format!("statement after COMMIT ran with context {s:?}"))?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn vacuum_reports_transaction_block_with_hint(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let c = connect(&p, &token(1, "v")).await.map_err(|e| e.to_string())?;
+    let e = c.simple_query("VACUUM orders").await.err().ok_or("vacuum succeeded")?;
+    let d = e.as_db_error().ok_or("not a db error")?;
+    ensure(d.code().code() == "25001", format!("got {:?}", d.code()))?;
+    ensure(d.hint().is_some_and(|h| h.contains("pgtenant")), "no pgtenant hint on 25001")?;
+    let (n, _, _) = tenant_view(&c).await?;
+    ensure(n == 100, "session broken after 25001")?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn backend_killed_mid_transaction(env: &Env) -> TestResult {
+    let p = start_proxy(env, "pool_size = 2", "").await;
+    let c = connect(&p, &token(1, "victim")).await.map_err(|e| e.to_string())?;
+    c.batch_execute("BEGIN").await.map_err(|e| e.to_string())?;
+    let pid: i32 = c.query_one("select pg_backend_pid()", &[]).await.map_err(|e| e.to_string())?.get(0);
+    env.cluster.psql("app", &format!("select pg_terminate_backend({pid})")).map_err(|e| e.to_string())?;
+    let e = c.simple_query("select 1").await.err().ok_or("query on a killed backend succeeded")?;
+    let _ = e; // the client sees an error (57P01 from the server, then the connection closes)
+    // new clients are served by fresh connections; the pool recovered
+    for t in [1, 2] {
+        let c2 = connect(&p, &token(t, "next")).await.map_err(|e| e.to_string())?;
+        let (n, lo, _) = tenant_view(&c2).await?;
+        ensure(n == 100 && lo == t as i32, "pool did not recover")?;
+    }
+    // idle pooled connections killed behind our back are noticed and replaced
+    env.cluster
+        .psql("app", "select pg_terminate_backend(pid) from pg_stat_activity where usename = 'app_user'")
+        .map_err(|e| e.to_string())?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c3 = connect(&p, &token(3, "after")).await.map_err(|e| e.to_string())?;
+    let (n, lo, _) = tenant_view(&c3).await?;
+    ensure(n == 100 && lo == 3, "stale idle connection reused")?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn client_gone_mid_transaction_rolls_back(env: &Env) -> TestResult {
+    let p = start_proxy(env, "pool_size = 1", "").await;
+    {
+        let c = connect(&p, &token(1, "leaver")).await.map_err(|e| e.to_string())?;
+        c.batch_execute("BEGIN; insert into orders (tenant_id, amount) values (1, 31337)").await.map_err(|e| e.to_string())?;
+        drop(c);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let c = connect(&p, &token(1, "next")).await.map_err(|e| e.to_string())?;
+    let n: i64 = c.query_one("select count(*) from orders where amount = 31337", &[]).await.map_err(|e| e.to_string())?.get(0);
+    ensure(n == 0, "uncommitted insert of a departed client was committed")?;
+    let status: String = c
+        .query_one("select count(*)::text from pg_stat_activity where usename = 'app_user' and state like 'idle in transaction%'", &[])
+        .await
+        .map_err(|e| e.to_string())?
+        .get(0);
+    ensure(status == "0", "a backend was left idle in transaction")?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn reserved_statement_names_refused(env: &Env) -> TestResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = start_proxy(env, "", "").await;
+    // raw protocol: login, then Parse into pgtenant's statement name
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.map_err(|e| e.to_string())?;
+    let tok = token(1, "raw");
+    let mut startup = Vec::new();
+    startup.extend_from_slice(&196608i32.to_be_bytes());
+    for kv in ["user", "alice", "database", "app"] {
+        startup.extend_from_slice(kv.as_bytes());
+        startup.push(0);
+    }
+    startup.push(0);
+    let mut msg = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
+    msg.extend_from_slice(&startup);
+    s.write_all(&msg).await.map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 9];
+    s.read_exact(&mut buf).await.map_err(|e| e.to_string())?; // AuthenticationCleartextPassword
+    let mut pw = vec![b'p'];
+    pw.extend_from_slice(&((tok.len() + 5) as i32).to_be_bytes());
+    pw.extend_from_slice(tok.as_bytes());
+    pw.push(0);
+    s.write_all(&pw).await.map_err(|e| e.to_string())?;
+    let mut parse = vec![b'P'];
+    let body = b"pgtenant_ctx\0select 1\0\0\0";
+    parse.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    parse.extend_from_slice(body);
+    parse.extend_from_slice(b"S\0\0\0\x04");
+    s.write_all(&parse).await.map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(Duration::from_millis(500), s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
+            Ok(Err(_)) => break,
+        }
+        if got.ends_with(b"Z\0\0\0\x05I") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    ensure(text.contains("42501") && text.contains("reserved"), format!("reply: {text}"))?;
+    ensure(got.ends_with(b"Z\0\0\0\x05I"), "no ReadyForQuery after refusal")?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn context_statement_is_reprepared_after_deallocate(env: &Env) -> TestResult {
+    let p = start_proxy(env, "pool_size = 1", "").await;
+    let c = connect(&p, &token(2, "d")).await.map_err(|e| e.to_string())?;
+    for q in ["DEALLOCATE ALL", "DISCARD ALL"] {
+        c.simple_query(q).await.map_err(|e| format!("{q}: {e}"))?;
+        let (n, lo, _) = tenant_view(&c).await?;
+        ensure(n == 100 && lo == 2, format!("after {q}: {n} rows"))?;
+        let s: String = c.query_one("select current_setting('app.tenant_id')", &[]).await.map_err(|e| e.to_string())?.get(0);
+        ensure(s == "2", format!("after {q} context {s}"))?;
+    }
+    p.stop().await;
+    Ok(())
+}
+
+async fn pgbench_simple_and_extended(env: &Env) -> TestResult {
+    let p = start_proxy(env, "pool_size = 4", "").await;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let script = dir.path().join("rls.sql");
+    // a foreign row would make the CASE divide by zero and fail the transaction
+    std::fs::write(
+        &script,
+        "\\set id random(1, 300)\n\
+         SELECT 1 / (CASE WHEN tenant_id = current_setting('app.tenant_id')::int THEN 1 ELSE 0 END) FROM orders WHERE id = :id;\n\
+         SELECT count(*) FROM orders WHERE tenant_id <> 2 HAVING count(*) > 0 AND 1/0 = 1;\n",
+    )
+    .map_err(|e| e.to_string())?;
+    let port = p.addr.port();
+    for mode in ["simple", "extended"] {
+        let tok = token(2, "bench");
+        let script = script.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            Command::new("pgbench")
+                .args(["-n", "-c", "8", "-j", "2", "-t", "200", "-M", mode, "-f"])
+                .arg(&script)
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "alice", "app"])
+                .env("PGPASSWORD", tok)
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure(
+            out.status.success() && stdout.contains("number of transactions actually processed: 1600/1600"),
+            format!("pgbench -M {mode}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)),
+        )?;
+        ensure(!stdout.contains("number of failed transactions: ") || stdout.contains("number of failed transactions: 0 "), format!("failures: {stdout}"))?;
+    }
+    p.stop().await;
+    Ok(())
+}
