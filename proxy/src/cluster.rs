@@ -1,1 +1,372 @@
-//! (stub)
+//! A throwaway Postgres cluster: initdb into a temp dir, start on a free port (TCP on 127.0.0.1 and
+//! a Unix socket in the temp dir, SCRAM everywhere), and remove everything on drop.
+//!
+//! One implementation serves the integration tests, the benchmarks and `pgtenant demo`. Postgres
+//! refuses to run as root, so when we are root the server runs as the `postgres` OS user.
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The reference multi-tenant schema with RLS (owner role, restricted `app_user`, FORCE RLS).
+pub const RLS_FIXTURE_SQL: &str = include_str!("../../tests/fixtures/rls.sql");
+
+#[derive(Debug)]
+pub struct ClusterError(pub String);
+
+impl std::fmt::Display for ClusterError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ClusterError {}
+
+fn err(m: impl Into<String>) -> ClusterError {
+    ClusterError(m.into())
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// TCP port; None picks a free one.
+    pub port: Option<u16>,
+    pub database: String,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions { port: None, database: "app".into() }
+    }
+}
+
+pub struct Cluster {
+    dir: Option<tempfile::TempDir>,
+    root: PathBuf,
+    bindir: PathBuf,
+    port: u16,
+    password: String,
+    database: String,
+    /// (uid, gid) of the `postgres` user when we run as root.
+    run_as: Option<(u32, u32)>,
+    running: bool,
+}
+
+fn postgres_user() -> Option<(u32, u32)> {
+    // SAFETY: getpwnam returns a pointer to static storage or null; we copy the ids out at once.
+    unsafe {
+        let pw = libc::getpwnam(c"postgres".as_ptr());
+        if pw.is_null() {
+            None
+        } else {
+            Some(((*pw).pw_uid, (*pw).pw_gid))
+        }
+    }
+}
+
+fn free_port() -> Result<u16, ClusterError> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| err(format!("cannot find a free port: {e}")))?;
+    Ok(l.local_addr().map_err(|e| err(e.to_string()))?.port())
+}
+
+fn chown_recursive(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_recursive(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+impl Cluster {
+    /// Finds the server binaries: `pg_config --bindir`, the newest /usr/lib/postgresql/*/bin, PATH.
+    pub fn find_bindir() -> Result<PathBuf, ClusterError> {
+        let has_initdb = |d: &Path| d.join("initdb").is_file() && d.join("postgres").is_file();
+        if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+            let d = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if out.status.success() && has_initdb(&d) {
+                return Ok(d);
+            }
+        }
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+                let bin = e.path().join("bin");
+                has_initdb(&bin).then_some((v, bin))
+            })
+            .collect();
+        versions.sort();
+        if let Some((_, bin)) = versions.pop() {
+            return Ok(bin);
+        }
+        if let Some(path) = std::env::var_os("PATH") {
+            for d in std::env::split_paths(&path) {
+                if has_initdb(&d) {
+                    return Ok(d);
+                }
+            }
+        }
+        Err(err(
+            "Postgres server binaries not found (looked in pg_config --bindir, /usr/lib/postgresql/*/bin, PATH); \
+             install them with: apt-get install postgresql",
+        ))
+    }
+
+    pub fn start() -> Result<Cluster, ClusterError> {
+        Self::start_with(ClusterOptions::default())
+    }
+
+    pub fn start_with(opts: ClusterOptions) -> Result<Cluster, ClusterError> {
+        let bindir = Self::find_bindir()?;
+        let run_as = if unsafe { libc::geteuid() } == 0 {
+            Some(postgres_user().ok_or_else(|| err("running as root but there is no `postgres` user to run the server as"))?)
+        } else {
+            None
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("pgtenant-pg-")
+            .tempdir()
+            .map_err(|e| err(format!("cannot create a temp dir: {e}")))?;
+        let root = dir.path().to_path_buf();
+        let password: String = {
+            use rand::Rng;
+            rand::rng().sample_iter(rand::distr::Alphanumeric).take(24).map(char::from).collect()
+        };
+        let mut cluster = Cluster {
+            dir: Some(dir),
+            root,
+            bindir,
+            port: 0,
+            password,
+            database: opts.database.clone(),
+            run_as,
+            running: false,
+        };
+        cluster.init()?;
+        let mut last = None;
+        for _ in 0..5 {
+            cluster.port = match opts.port {
+                Some(p) => p,
+                None => free_port()?,
+            };
+            match cluster.start_server() {
+                Ok(()) => {
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+            if opts.port.is_some() {
+                break;
+            }
+        }
+        if let Some(e) = last {
+            return Err(e);
+        }
+        if cluster.database != "postgres" {
+            cluster.psql("postgres", &format!("CREATE DATABASE \"{}\"", cluster.database))?;
+        }
+        Ok(cluster)
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut c = Command::new(self.bindir.join(program));
+        if let Some((uid, gid)) = self.run_as {
+            c.uid(uid).gid(gid).env("HOME", &self.root);
+        }
+        c.env_remove("PGDATA").env("LC_ALL", "C.UTF-8");
+        c
+    }
+
+    fn run(mut cmd: Command, what: &str) -> Result<Output, ClusterError> {
+        let out = cmd.output().map_err(|e| err(format!("{what}: cannot run: {e}")))?;
+        if !out.status.success() {
+            return Err(err(format!("{what} failed: {}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout))));
+        }
+        Ok(out)
+    }
+
+    fn init(&mut self) -> Result<(), ClusterError> {
+        let pwfile = self.root.join("pwfile");
+        std::fs::write(&pwfile, &self.password).map_err(|e| err(e.to_string()))?;
+        if let Some((uid, gid)) = self.run_as {
+            chown_recursive(&self.root, uid, gid).map_err(|e| err(format!("chown temp dir: {e}")))?;
+        }
+        let mut initdb = self.command("initdb");
+        initdb
+            .arg("-D")
+            .arg(self.data_dir())
+            .args(["-U", "postgres", "--auth=scram-sha-256", "-E", "UTF8", "--no-locale", "-N", "--pwfile"])
+            .arg(&pwfile);
+        Self::run(initdb, "initdb")?;
+        let _ = std::fs::remove_file(&pwfile);
+        Ok(())
+    }
+
+    fn start_server(&mut self) -> Result<(), ClusterError> {
+        let conf = format!(
+            "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = 300\n\
+             shared_buffers = 32MB\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n",
+            self.port,
+            self.root.display()
+        );
+        let auto = self.data_dir().join("postgresql.auto.conf");
+        std::fs::write(&auto, conf).map_err(|e| err(e.to_string()))?;
+        if let Some((uid, gid)) = self.run_as {
+            let _ = std::os::unix::fs::chown(&auto, Some(uid), Some(gid));
+        }
+        let mut pg_ctl = self.command("pg_ctl");
+        pg_ctl.arg("-D").arg(self.data_dir()).arg("-l").arg(self.log_file()).args(["-w", "-t", "60", "start"]);
+        match Self::run(pg_ctl, "pg_ctl start") {
+            Ok(_) => {
+                self.running = true;
+                Ok(())
+            }
+            Err(e) => Err(err(format!("{e}\nserver log:\n{}", self.log_tail(20)))),
+        }
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.root.join("server.log")
+    }
+
+    /// The last `n` lines of the server log.
+    pub fn log_tail(&self, n: usize) -> String {
+        let text = std::fs::read_to_string(self.log_file()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+    pub fn host(&self) -> &str {
+        "127.0.0.1"
+    }
+    pub fn socket_dir(&self) -> &Path {
+        &self.root
+    }
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.join("data")
+    }
+    pub fn bindir(&self) -> &Path {
+        &self.bindir
+    }
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    pub fn url(&self, user: &str, password: &str, db: &str) -> String {
+        use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+        format!(
+            "postgres://{}:{}@127.0.0.1:{}/{}",
+            utf8_percent_encode(user, NON_ALPHANUMERIC),
+            utf8_percent_encode(password, NON_ALPHANUMERIC),
+            self.port,
+            db
+        )
+    }
+
+    pub fn superuser_url(&self, db: &str) -> String {
+        self.url("postgres", &self.password, db)
+    }
+
+    fn psql_cmd(&self, db: &str) -> Command {
+        let mut c = Command::new("psql");
+        c.args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-d")
+            .arg(db)
+            .env("PGPASSWORD", &self.password)
+            .env_remove("PGSERVICE");
+        c
+    }
+
+    /// Runs SQL as the superuser and returns psql's output.
+    pub fn psql(&self, db: &str, sql: &str) -> Result<String, ClusterError> {
+        let mut c = self.psql_cmd(db);
+        c.arg("-c").arg(sql);
+        let out = Self::run(c, "psql")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs a SQL file as the superuser.
+    pub fn psql_file(&self, db: &str, path: &Path) -> Result<String, ClusterError> {
+        let mut c = self.psql_cmd(db);
+        c.arg("-f").arg(path);
+        let out = Self::run(c, "psql")?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Loads the RLS fixture into the cluster's database.
+    pub fn load_rls_fixture(&self) -> Result<(), ClusterError> {
+        let path = self.root.join("rls.sql");
+        std::fs::write(&path, RLS_FIXTURE_SQL).map_err(|e| err(e.to_string()))?;
+        self.psql_file(&self.database, &path).map(|_| ())
+    }
+
+    /// Stops the server (fast shutdown); idempotent.
+    pub fn stop(&mut self) -> Result<(), ClusterError> {
+        self.pg_ctl_stop("fast")
+    }
+
+    fn pg_ctl_stop(&mut self, mode: &str) -> Result<(), ClusterError> {
+        if !self.running {
+            return Ok(());
+        }
+        let mut c = self.command("pg_ctl");
+        c.arg("-D").arg(self.data_dir()).args(["-w", "-t", "60", "-m", mode, "stop"]);
+        Self::run(c, "pg_ctl stop")?;
+        self.running = false;
+        Ok(())
+    }
+
+    /// Restarts on the same port (`immediate` simulates a crash).
+    pub fn restart(&mut self, immediate: bool) -> Result<(), ClusterError> {
+        self.pg_ctl_stop(if immediate { "immediate" } else { "fast" })?;
+        self.start_server()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.pg_ctl_stop("immediate");
+        if let Some(dir) = self.dir.take() {
+            let _ = dir.close();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn starts_loads_fixture_and_cleans_up() {
+        let cluster = Cluster::start().expect("cluster starts");
+        cluster.load_rls_fixture().unwrap();
+        let data = cluster.data_dir();
+        let as_app = |sql: &str| {
+            let out = Command::new("psql")
+                .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-U", "app_user", "-d", "app", "-p"])
+                .arg(cluster.port().to_string())
+                .args(["-c", sql])
+                .env("PGPASSWORD", "app-secret")
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        assert_eq!(as_app("select count(*) from orders"), "0");
+        assert_eq!(as_app("set app.tenant_id = '1'; select count(*) from orders"), "100");
+        drop(cluster);
+        assert!(!data.exists(), "data dir left behind");
+        let ps = Command::new("pgrep").arg("-f").arg(data.to_string_lossy().as_ref()).output().unwrap();
+        assert!(ps.stdout.is_empty(), "postgres still running");
+    }
+}

@@ -4,9 +4,186 @@
 //! stable. Unknown keys are rejected so a typo never silently falls back to a default.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+
+/// A configuration problem, as one line naming the key, file or variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: cannot read {path}: {err}")]
+    Read { path: String, err: std::io::Error },
+    #[error("config: {0}")]
+    Parse(String),
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// Scalar keys that `PGTENANT_<SECTION>_<KEY>` overrides, with their TOML type.
+pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
+    ("server", "listen", EnvType::Str),
+    ("server", "tls_cert", EnvType::Str),
+    ("server", "tls_key", EnvType::Str),
+    ("server", "require_tls", EnvType::Bool),
+    ("server", "max_message_bytes", EnvType::Int),
+    ("server", "auth_timeout_ms", EnvType::Int),
+    ("backend", "url", EnvType::Str),
+    ("backend", "pool_size", EnvType::Int),
+    ("backend", "tls", EnvType::Str),
+    ("backend", "tls_ca_file", EnvType::Str),
+    ("backend", "connect_timeout_ms", EnvType::Int),
+    ("backend", "acquire_timeout_ms", EnvType::Int),
+    ("backend", "idle_timeout_s", EnvType::Int),
+    ("backend", "max_lifetime_s", EnvType::Int),
+    ("jwt", "secret", EnvType::Str),
+    ("jwt", "public_key_file", EnvType::Str),
+    ("jwt", "jwks_file", EnvType::Str),
+    ("jwt", "issuer", EnvType::Str),
+    ("jwt", "audience", EnvType::Str),
+    ("jwt", "leeway_secs", EnvType::Int),
+    ("tenant", "settings", EnvType::JsonTable),
+    ("tenant", "claims_setting", EnvType::Str),
+    ("tenant", "role_claim", EnvType::Str),
+    ("tenant", "allowed_roles", EnvType::List),
+    ("log", "level", EnvType::Str),
+    ("log", "format", EnvType::Str),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnvType {
+    Str,
+    Int,
+    Bool,
+    /// A JSON object of strings.
+    JsonTable,
+    /// Comma-separated strings.
+    List,
+}
+
+/// The environment variable that overrides `section.key`.
+pub fn env_name(section: &str, key: &str) -> String {
+    format!("PGTENANT_{}_{}", section.to_uppercase(), key.to_uppercase())
+}
+
+fn env_value(var: &str, raw: &str, ty: EnvType) -> Result<toml::Value, ConfigError> {
+    let bad = |what: &str| ConfigError::Invalid(format!("{var}: expected {what}"));
+    Ok(match ty {
+        EnvType::Str => toml::Value::String(raw.to_string()),
+        EnvType::Int => toml::Value::Integer(raw.trim().parse().map_err(|_| bad("a whole number"))?),
+        EnvType::Bool => match raw.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => toml::Value::Boolean(true),
+            "false" | "0" | "no" | "off" => toml::Value::Boolean(false),
+            _ => return Err(bad("true or false")),
+        },
+        EnvType::JsonTable => {
+            let map: BTreeMap<String, String> =
+                serde_json::from_str(raw).map_err(|_| bad("a JSON object of strings"))?;
+            toml::Value::Table(map.into_iter().map(|(k, v)| (k, toml::Value::String(v))).collect())
+        }
+        EnvType::List => toml::Value::Array(
+            raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
+        ),
+    })
+}
+
+impl Config {
+    /// Reads `path`, applies `PGTENANT_*` overrides from the process environment, validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| ConfigError::Read { path: path.display().to_string(), err })?;
+        Self::from_toml(&text, &|k| std::env::var(k).ok())
+            .map_err(|e| match e {
+                ConfigError::Parse(m) => ConfigError::Parse(format!("{}: {m}", path.display())),
+                other => other,
+            })
+    }
+
+    /// Parses TOML text, applies overrides looked up with `env`, validates.
+    pub fn from_toml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse(e.message().to_string()))?;
+        for (section, key, ty) in ENV_KEYS {
+            let var = env_name(section, key);
+            if let Some(raw) = env(&var) {
+                let value = env_value(&var, &raw, *ty)?;
+                let sec = table
+                    .entry(section.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                match sec.as_table_mut() {
+                    Some(t) => {
+                        t.insert(key.to_string(), value);
+                    }
+                    None => return Err(ConfigError::Parse(format!("`{section}` must be a table"))),
+                }
+            }
+        }
+        let cfg: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.message().to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let url = url::Url::parse(&self.backend.url)
+            .map_err(|e| ConfigError::Invalid(format!("backend.url is not a URL ({e})")))?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return invalid("backend.url must start with postgres:// or postgresql://".into());
+        }
+        if url.username().is_empty() {
+            return invalid("backend.url has no user name (postgres://user:password@host/db)".into());
+        }
+        if url.path().trim_start_matches('/').is_empty() {
+            return invalid("backend.url has no database name (postgres://user:password@host/db)".into());
+        }
+        if !(1..=10_000).contains(&self.backend.pool_size) {
+            return invalid("backend.pool_size must be between 1 and 10000".into());
+        }
+        if self.jwt.secret.is_none() && self.jwt.public_key_file.is_none() && self.jwt.jwks_file.is_none() {
+            return invalid("jwt: no key configured (set jwt.secret, jwt.public_key_file or jwt.jwks_file)".into());
+        }
+        if self.jwt.secret.as_deref() == Some("") {
+            return invalid("jwt.secret is empty".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let claims = (!self.tenant.claims_setting.is_empty()).then_some(&self.tenant.claims_setting);
+        for name in self.tenant.settings.keys().chain(claims) {
+            if !valid_setting_name(name) {
+                return invalid(format!(
+                    "tenant.settings: invalid setting name `{name}` (custom settings need a dot, e.g. app.tenant_id)"
+                ));
+            }
+            if !seen.insert(name) {
+                return invalid(format!("tenant: setting `{name}` is configured twice"));
+            }
+        }
+        for (name, path) in &self.tenant.settings {
+            if path.is_empty() || path.split('.').any(str::is_empty) {
+                return invalid(format!("tenant.settings.{name}: invalid claim path `{path}`"));
+            }
+        }
+        if self.tenant.role_claim.is_some() && self.tenant.allowed_roles.is_empty() {
+            return invalid("tenant.role_claim needs tenant.allowed_roles".into());
+        }
+        if !matches!(self.log.format.as_str(), "human" | "json") {
+            return invalid(format!("log.format must be \"human\" or \"json\", not \"{}\"", self.log.format));
+        }
+        if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
+            return invalid("server.tls_cert and server.tls_key go together".into());
+        }
+        if self.server.require_tls && self.server.tls_cert.is_none() {
+            return invalid("server.require_tls needs server.tls_cert and server.tls_key".into());
+        }
+        Ok(())
+    }
+}
+
+/// Custom setting names: `prefix.name`, letters, digits and underscores.
+fn valid_setting_name(name: &str) -> bool {
+    let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+    let parts_ok = name.split('.').all(|p| !p.is_empty() && !p.as_bytes()[0].is_ascii_digit());
+    ok_chars && name.contains('.') && parts_ok
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -149,5 +326,73 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig { level: "info".into(), format: "human".into() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = "[backend]\nurl = \"postgres://u:p@h/db\"\n[jwt]\nsecret = \"s\"\n";
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn minimal_config_has_defaults() {
+        let c = Config::from_toml(MIN, &no_env).unwrap();
+        assert_eq!(c.server.listen, "127.0.0.1:6432");
+        assert_eq!(c.backend.pool_size, 20);
+        assert_eq!(c.tenant.claims_setting, "request.jwt.claims");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::from_toml(&format!("{MIN}[server]\nlisen = \"x\"\n"), &no_env).unwrap_err();
+        assert!(e.to_string().contains("lisen"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let env = |k: &str| match k {
+            "PGTENANT_BACKEND_URL" => Some("postgres://a:b@c:5433/other".to_string()),
+            "PGTENANT_BACKEND_POOL_SIZE" => Some("7".to_string()),
+            "PGTENANT_SERVER_REQUIRE_TLS" => Some("false".to_string()),
+            "PGTENANT_TENANT_SETTINGS" => Some(r#"{"app.t": "tid"}"#.to_string()),
+            "PGTENANT_TENANT_ALLOWED_ROLES" => Some("a, b".to_string()),
+            _ => None,
+        };
+        let c = Config::from_toml("[jwt]\nsecret = \"s\"\n", &env).unwrap();
+        assert_eq!(c.backend.url, "postgres://a:b@c:5433/other");
+        assert_eq!(c.backend.pool_size, 7);
+        assert_eq!(c.tenant.settings["app.t"], "tid");
+        assert_eq!(c.tenant.allowed_roles, ["a", "b"]);
+        let bad = |k: &str| (k == "PGTENANT_BACKEND_POOL_SIZE").then(|| "lots".to_string());
+        assert!(Config::from_toml(MIN, &bad).unwrap_err().to_string().contains("PGTENANT_BACKEND_POOL_SIZE"));
+    }
+
+    #[test]
+    fn validation_messages() {
+        let cases = [
+            ("[backend]\nurl = \"mysql://u@h/db\"\n[jwt]\nsecret = \"s\"", "postgres://"),
+            ("[backend]\nurl = \"postgres://u@h/\"\n[jwt]\nsecret = \"s\"", "database"),
+            ("[backend]\nurl = \"postgres://u@h/db\"", "no key"),
+            (&format!("{MIN}[tenant]\nsettings = {{ tenant_id = \"t\" }}"), "need a dot"),
+            (&format!("{MIN}[tenant]\nsettings = {{ \"app.t\" = \"a..b\" }}"), "claim path"),
+            (&format!("{MIN}[tenant]\nrole_claim = \"role\""), "allowed_roles"),
+            (&format!("{MIN}[log]\nformat = \"xml\""), "log.format"),
+            (&format!("{MIN}[server]\nrequire_tls = true"), "require_tls"),
+        ];
+        for (text, needle) in cases {
+            let e = Config::from_toml(text, &no_env).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn shipped_example_is_valid() {
+        let text = include_str!("../../config/pgtenant.toml");
+        Config::from_toml(text, &no_env).unwrap();
     }
 }

@@ -19,6 +19,11 @@ use crate::backend::{self, BackendConn, BackendTarget, ConnectError};
 use crate::config::BackendConfig;
 use crate::error::{sqlstate, PgError};
 use crate::net::Stream;
+use crate::session::prepared::BackendStatements;
+
+/// Server-side prepared statements kept per backend connection before the least recently used is
+/// closed.
+pub const PREPARED_CACHE: usize = 500;
 
 /// One backend connection, split for full-duplex relaying.
 pub struct Backend {
@@ -29,12 +34,22 @@ pub struct Backend {
     created: Instant,
     /// pgtenant's context statement is prepared on this connection (and has not been discarded).
     pub ctx_prepared: bool,
+    /// Client statements prepared on this connection, by content.
+    pub statements: BackendStatements,
 }
 
 impl Backend {
     fn from_conn(c: BackendConn) -> Backend {
         let (rd, wr) = tokio::io::split(c.stream);
-        Backend { rd, wr, pid: c.pid, secret_key: c.secret_key, created: c.created, ctx_prepared: false }
+        Backend {
+            rd,
+            wr,
+            pid: c.pid,
+            secret_key: c.secret_key,
+            created: c.created,
+            ctx_prepared: false,
+            statements: BackendStatements::new(PREPARED_CACHE),
+        }
     }
 
     /// An idle backend sends nothing; readable data or EOF means the server closed it.

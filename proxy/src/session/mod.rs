@@ -14,6 +14,7 @@
 //! else (a simple Query, a ROLLBACK, a Close) waits until the earlier replies are in.
 
 pub mod inject;
+pub mod prepared;
 pub mod replies;
 pub mod statements;
 
@@ -278,6 +279,8 @@ impl Session {
                 if self.lease.is_none() {
                     // nothing in flight without a backend: answer directly
                     build::ready_for_query(&mut self.client_out, b'I');
+                } else if self.replies.copy_in {
+                    self.backend_out.extend_from_slice(&f.bytes); // ignored by the server in COPY
                 } else {
                     self.forward(&f, false);
                     self.in_batch = false;
@@ -290,6 +293,9 @@ impl Session {
             b'H' | b'd' | b'c' | b'f' => {
                 if self.lease.is_some() {
                     self.forward(&f, false);
+                    if f.tag != b'd' && f.tag != b'H' {
+                        self.replies.copy_ended();
+                    }
                 }
                 Ok(Flow::Continue)
             }
@@ -306,12 +312,12 @@ impl Session {
     }
 
     /// A message that runs or prepares SQL: make sure a backend is attached and the transaction
-    /// has the tenant context, then forward it.
+    /// has the tenant context, then forward it (with statement names rewritten).
     async fn on_work(&mut self, f: Frame) -> Result<Flow, End> {
         let simple = matches!(f.tag, b'Q' | b'F');
         let malformed = || End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "pgtenant: malformed message"));
         // What the message would run first; None when unknown (conservative).
-        let mut touches_ctx = false;
+        let mut touches_prepared = false;
         let effect: Option<TxEffect> = match f.tag {
             b'Q' => {
                 let q = peek::query_msg(f.body()).ok_or_else(malformed)?;
@@ -329,7 +335,7 @@ impl Session {
                         true,
                     ));
                 }
-                touches_ctx = may_touch_prepared(q);
+                touches_prepared = may_touch_prepared(q);
                 Some(s.first)
             }
             b'P' => {
@@ -337,8 +343,19 @@ impl Session {
                 if reserved_name(name) {
                     return Ok(self.refuse(reserved_name_error(), false));
                 }
-                touches_ctx = may_touch_prepared(q);
-                Some(self.statements.parse(name, q))
+                touches_prepared = may_touch_prepared(q);
+                let key = f.bytes.slice(5 + name.len() + 1..);
+                match self.statements.parse(name, q, key) {
+                    Some(def) => Some(def.effect),
+                    None => {
+                        let e = PgError::error(
+                            sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                            format!("pgtenant: too many prepared statements (limit {})", statements::MAX_STATEMENTS),
+                        )
+                        .with_hint("close statements you no longer use");
+                        return Ok(self.refuse(e, false));
+                    }
+                }
             }
             b'B' => {
                 let (portal, stmt) = peek::bind_msg(f.body()).ok_or_else(malformed)?;
@@ -358,6 +375,11 @@ impl Session {
                 }
                 if f.tag == b'C' {
                     self.statements.close(kind, name);
+                    if kind == b'S' && !name.is_empty() {
+                        // client statements live in pgtenant; the server copy stays cached
+                        self.synthetic(b'3');
+                        return Ok(Flow::Continue);
+                    }
                 }
                 None // neither fails in an aborted transaction the way the context would
             }
@@ -391,12 +413,14 @@ impl Session {
             }
             self.reinject = false;
         }
-        if touches_ctx {
+        self.forward_rewritten(&f, simple);
+        if touches_prepared {
             if let Some(l) = self.lease.as_mut() {
-                l.backend.ctx_prepared = false; // re-prepare ours before the next use
+                // DEALLOCATE / DISCARD may drop server statements: prepare ours afresh next time
+                l.backend.ctx_prepared = false;
+                l.backend.statements.clear();
             }
         }
-        self.forward(&f, simple);
         if simple {
             self.in_batch = false;
             self.hold_until_settled = injected;
@@ -407,6 +431,73 @@ impl Session {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// Forwards a message, mapping client statement names to server statements on this backend
+    /// (preparing them there first when needed).
+    fn forward_rewritten(&mut self, f: &Frame, simple: bool) {
+        let body = f.body();
+        let named = match f.tag {
+            b'P' => peek::parse_msg(body).map(|(n, _)| n).filter(|n| !n.is_empty()),
+            b'B' => peek::bind_msg(body).map(|(_, s)| s).filter(|s| !s.is_empty()),
+            b'D' => peek::target_msg(body).filter(|(k, n)| *k == b'S' && !n.is_empty()).map(|(_, n)| n),
+            _ => None,
+        };
+        let (Some(name), Some(lease)) = (named, self.lease.as_mut()) else {
+            return self.forward(f, simple);
+        };
+        let Some(def) = self.statements.get(name).cloned() else {
+            return self.forward(f, simple); // unknown statement: the server answers 26000
+        };
+        if self.replies.batch_failed {
+            return; // the server skips everything up to Sync
+        }
+        let p = lease.backend.statements.prepare(&def.key);
+        if let Some(evict) = &p.evict {
+            prepared::target_frame(&mut self.backend_out, b'C', evict);
+            self.replies.expect(Want::CloseComplete, true, false);
+        }
+        let out = &mut self.backend_out;
+        match f.tag {
+            b'P' => {
+                if p.needs_parse {
+                    prepared::parse_frame(out, &p.name, &def.key);
+                    self.replies.expect_parse(false, p.id);
+                } else {
+                    self.synthetic(b'1');
+                }
+                return;
+            }
+            _ if p.needs_parse => {
+                prepared::parse_frame(out, &p.name, &def.key);
+                self.replies.expect_parse(true, p.id);
+            }
+            _ => {}
+        }
+        if f.tag == b'B' {
+            let (portal, stmt) = peek::bind_msg(body).expect("checked above");
+            prepared::rewrite_bind(&mut self.backend_out, body, portal.len(), stmt.len(), &p.name);
+            self.replies.expect(Want::BindComplete, false, false);
+        } else {
+            prepared::target_frame(&mut self.backend_out, b'D', &p.name);
+            self.replies.expect(Want::Description, false, false);
+        }
+    }
+
+    /// A reply pgtenant gives itself, in order with the backend's replies.
+    fn synthetic(&mut self, tag: u8) {
+        if self.lease.is_none() {
+            push_empty_message(&mut self.client_out, tag); // nothing in flight: answer now
+        } else if !self.replies.batch_failed {
+            self.replies.expect_synthetic(tag);
+            self.drain_synthetic();
+        }
+    }
+
+    fn drain_synthetic(&mut self) {
+        while let Some(tag) = self.replies.take_synthetic() {
+            push_empty_message(&mut self.client_out, tag);
+        }
     }
 
     fn forward(&mut self, f: &Frame, simple: bool) {
@@ -457,8 +548,13 @@ impl Session {
                     return Err(End::BackendLost(format!("unexpected '{}' message from server", f.tag as char)));
                 }
             }
-            if f.tag == b'E' && self.lease.as_ref().is_some() && self.replies.is_settled() {
-                // an error outside any request (e.g. the server is shutting down)
+            self.drain_synthetic();
+            if !self.replies.failed_prepares.is_empty() {
+                if let Some(l) = self.lease.as_mut() {
+                    for id in self.replies.failed_prepares.drain(..) {
+                        l.backend.statements.forget(id);
+                    }
+                }
             }
             if f.tag == b'Z' && self.replies.is_settled() && self.replies.status == b'I' {
                 self.statements.transaction_ended();
@@ -497,6 +593,11 @@ fn frame_error(e: FrameError) -> PgError {
             .with_hint("raise server.max_message_bytes if this is legitimate"),
         FrameError::BadLength(_) => PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgtenant: {e}")),
     }
+}
+
+/// A message with an empty body (ParseComplete, CloseComplete, ...).
+fn push_empty_message(out: &mut BytesMut, tag: u8) {
+    out.extend_from_slice(&[tag, 0, 0, 0, 4]);
 }
 
 /// Statement and portal names starting with `pgtenant` belong to pgtenant.

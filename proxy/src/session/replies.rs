@@ -22,6 +22,11 @@ pub enum Want {
     CommandDone,
     /// Sync, Query or FunctionCall: ReadyForQuery.
     Ready,
+    /// A reply pgtenant produces itself (e.g. ParseComplete for a statement the backend already
+    /// has prepared), sent to the client when its turn comes.
+    Synthetic(u8),
+    /// No reply: marks where the client ended a COPY (CopyDone / CopyFail).
+    CopyEnd,
 }
 
 impl Want {
@@ -46,6 +51,7 @@ impl Want {
             Want::Description => tag == b'T' || tag == b'n',
             Want::CommandDone => matches!(tag, b'C' | b'I' | b's'),
             Want::Ready => tag == b'Z',
+            Want::Synthetic(_) | Want::CopyEnd => false,
         }
     }
 }
@@ -57,6 +63,8 @@ struct Owed {
     /// For `Ready`: the message was a simple Query / FunctionCall (not a Sync). The server skips
     /// those while it is skipping to Sync after an extended-protocol error.
     simple: bool,
+    /// Server statement this reply confirms (a Parse pgtenant sent under a server-side name).
+    prepares: Option<u64>,
 }
 
 /// What the session does with one backend message.
@@ -78,18 +86,79 @@ pub struct Replies {
     pub status: u8,
     /// The open batch (no Sync forwarded yet) already failed: the server skips the rest of it.
     pub batch_failed: bool,
+    /// Server statements whose Parse failed or was skipped: not prepared after all.
+    pub failed_prepares: Vec<u64>,
+    /// The server is in COPY FROM STDIN mode: it ignores Sync and Flush until CopyDone/CopyFail.
+    pub copy_in: bool,
 }
 
 impl Default for Replies {
     fn default() -> Self {
-        Replies { owed: VecDeque::with_capacity(16), status: b'I', batch_failed: false }
+        Replies { owed: VecDeque::with_capacity(16), status: b'I', batch_failed: false, failed_prepares: Vec::new(), copy_in: false }
     }
 }
 
 impl Replies {
     /// Records a forwarded message that owes a reply.
     pub fn expect(&mut self, want: Want, injected: bool, simple: bool) {
-        self.owed.push_back(Owed { want, injected, simple });
+        self.owed.push_back(Owed { want, injected, simple, prepares: None });
+    }
+
+    /// Records a Parse of server statement `id`; if it fails, `id` lands in `failed_prepares`.
+    pub fn expect_parse(&mut self, injected: bool, id: u64) {
+        self.owed.push_back(Owed { want: Want::ParseComplete, injected, simple: false, prepares: Some(id) });
+    }
+
+    /// Records a reply pgtenant will produce itself, in order.
+    pub fn expect_synthetic(&mut self, tag: u8) {
+        self.owed.push_back(Owed { want: Want::Synthetic(tag), injected: false, simple: false, prepares: None });
+    }
+
+    /// The client ended a COPY: Sync and Flush count again after this point.
+    pub fn copy_ended(&mut self) {
+        self.copy_in = false;
+        self.owed.push_back(Owed { want: Want::CopyEnd, injected: false, simple: false, prepares: None });
+    }
+
+    /// Pops the reply pgtenant owes the client itself, if it is next in line (markers are skipped).
+    pub fn take_synthetic(&mut self) -> Option<u8> {
+        loop {
+            match self.owed.front() {
+                Some(Owed { want: Want::Synthetic(tag), .. }) => {
+                    let tag = *tag;
+                    self.owed.pop_front();
+                    return Some(tag);
+                }
+                Some(Owed { want: Want::CopyEnd, .. }) => {
+                    self.owed.pop_front();
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// CopyInResponse: Syncs the client sent before ending the COPY are ignored by the server.
+    fn enter_copy_in(&mut self) {
+        self.copy_in = true;
+        let mut i = 1;
+        while i < self.owed.len() {
+            match self.owed[i] {
+                Owed { want: Want::CopyEnd, .. } => {
+                    self.copy_in = false; // the client already ended it
+                    break;
+                }
+                Owed { want: Want::Ready, simple: false, .. } => {
+                    self.owed.remove(i);
+                }
+                _ => i += 1,
+            }
+        }
+    }
+
+    fn drop_front(&mut self) {
+        if let Some(Owed { prepares: Some(id), .. }) = self.owed.pop_front() {
+            self.failed_prepares.push(id);
+        }
     }
 
     /// Nothing is owed: `status` is exact.
@@ -101,6 +170,8 @@ impl Replies {
         self.owed.clear();
         self.status = b'I';
         self.batch_failed = false;
+        self.failed_prepares.clear();
+        self.copy_in = false;
     }
 
     pub fn on_reply(&mut self, tag: u8, body: &[u8]) -> Action {
@@ -108,6 +179,10 @@ impl Replies {
             // asynchronous messages can arrive at any time
             b'N' | b'S' | b'A' => Action::Forward,
             b'E' => self.on_error(),
+            b'G' | b'W' if self.owed.front().is_some_and(|o| !o.injected) => {
+                self.enter_copy_in();
+                Action::Forward
+            }
             _ => {
                 let Some(front) = self.owed.front().copied() else {
                     return Action::Desync;
@@ -139,7 +214,7 @@ impl Replies {
         }
         // Extended protocol: the server now skips to the next Sync.
         while self.owed.front().is_some_and(|o| o.injected) {
-            self.owed.pop_front();
+            self.drop_front();
         }
         if front.injected && self.owed.front().is_some_and(|o| o.want == Want::Ready && o.simple) {
             return Action::ForwardThenSync;
@@ -148,7 +223,7 @@ impl Replies {
             if o.want == Want::Ready && !o.simple {
                 break;
             }
-            self.owed.pop_front();
+            self.drop_front();
         }
         if self.owed.is_empty() {
             self.batch_failed = true;
@@ -217,6 +292,38 @@ mod tests {
         r.expect(Want::ParseComplete, false, false);
         assert_eq!(r.on_reply(b'E', b""), Action::Forward);
         assert!(r.batch_failed);
+    }
+
+    #[test]
+    fn synthetic_replies_wait_their_turn_and_failed_parses_are_reported() {
+        let mut r = Replies::default();
+        r.expect(Want::BindComplete, false, false);
+        r.owed.push_back(Owed { want: Want::Synthetic(b'1'), injected: false, simple: false, prepares: None });
+        r.expect_parse(true, 7);
+        r.expect(Want::Ready, false, false);
+        assert_eq!(r.take_synthetic(), None);
+        assert_eq!(r.on_reply(b'2', b""), Action::Forward);
+        assert_eq!(r.take_synthetic(), Some(b'1'));
+        assert_eq!(r.on_reply(b'E', b""), Action::Forward);
+        assert_eq!(r.failed_prepares, [7]);
+        assert_eq!(r.on_reply(b'Z', b"I"), Action::Forward);
+    }
+
+    #[test]
+    fn syncs_sent_during_copy_in_get_no_reply() {
+        let mut r = Replies::default();
+        r.expect(Want::BindComplete, false, false);
+        r.expect(Want::CommandDone, false, false);
+        r.expect(Want::Ready, false, false); // Sync sent with the Execute, before CopyDone
+        assert_eq!(r.on_reply(b'2', b""), Action::Forward);
+        assert_eq!(r.on_reply(b'G', b""), Action::Forward);
+        assert!(r.copy_in);
+        r.copy_ended();
+        r.expect(Want::Ready, false, false); // Sync after CopyDone
+        assert_eq!(r.on_reply(b'C', b""), Action::Forward);
+        assert_eq!(r.take_synthetic(), None);
+        assert_eq!(r.on_reply(b'Z', b"I"), Action::Forward);
+        assert!(r.is_settled());
     }
 
     #[test]

@@ -1,55 +1,70 @@
-//! Per-client bookkeeping of prepared statements and portals, by name, with the transaction effect
-//! of the SQL behind each (see `crate::sql`). The session uses it to know when an Execute ends the
-//! transaction (the next statement in the batch needs the context again) and whether a pipelined
-//! batch may be sent before the previous one has answered.
+//! Per-client bookkeeping of prepared statements and portals, by the client's names.
+//!
+//! Each named statement keeps its content (the Parse body after the name: query text and parameter
+//! types), so it can be prepared again on whichever backend runs the client's next transaction (see
+//! `prepared`), and its transaction effect (see `crate::sql`), so the session knows when an Execute
+//! ends the transaction and whether a pipelined batch may go out before the previous one answered.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+
+use bytes::Bytes;
 
 use crate::sql::{self, TxEffect};
 
-/// Cap on remembered names; beyond it we forget, and unknown names are treated conservatively.
-const MAX_NAMES: usize = 10_000;
+/// Most named statements one client may hold at once.
+pub const MAX_STATEMENTS: usize = 10_000;
+
+#[derive(Debug)]
+pub struct StatementDef {
+    /// The Parse body after the name.
+    pub key: Bytes,
+    pub effect: TxEffect,
+}
 
 #[derive(Debug, Default)]
 pub struct Statements {
     unnamed_stmt: Option<TxEffect>,
-    named_stmts: HashMap<Vec<u8>, TxEffect>,
+    named_stmts: HashMap<Bytes, Arc<StatementDef>>,
     unnamed_portal: Option<TxEffect>,
-    named_portals: HashMap<Vec<u8>, TxEffect>,
-}
-
-fn remember(map: &mut HashMap<Vec<u8>, TxEffect>, name: &[u8], e: TxEffect) {
-    if map.len() >= MAX_NAMES && !map.contains_key(name) {
-        map.clear();
-    }
-    map.insert(name.to_vec(), e);
+    named_portals: HashMap<Bytes, TxEffect>,
 }
 
 impl Statements {
-    pub fn parse(&mut self, name: &[u8], query: &[u8]) -> TxEffect {
-        let e = sql::summarize(query).first;
+    /// Records a Parse; `None` when the client already holds `MAX_STATEMENTS` other statements.
+    pub fn parse(&mut self, name: &[u8], query: &[u8], key: Bytes) -> Option<Arc<StatementDef>> {
+        let def = Arc::new(StatementDef { key, effect: sql::summarize(query).first });
         if name.is_empty() {
-            self.unnamed_stmt = Some(e);
+            self.unnamed_stmt = Some(def.effect);
         } else {
-            remember(&mut self.named_stmts, name, e);
+            if self.named_stmts.len() >= MAX_STATEMENTS && !self.named_stmts.contains_key(name) {
+                return None;
+            }
+            self.named_stmts.insert(Bytes::copy_from_slice(name), def.clone());
         }
-        e
+        Some(def)
     }
 
-    pub fn statement(&self, name: &[u8]) -> Option<TxEffect> {
+    pub fn get(&self, name: &[u8]) -> Option<&Arc<StatementDef>> {
+        self.named_stmts.get(name)
+    }
+
+    pub fn statement_effect(&self, name: &[u8]) -> Option<TxEffect> {
         if name.is_empty() {
             self.unnamed_stmt
         } else {
-            self.named_stmts.get(name).copied()
+            self.named_stmts.get(name).map(|d| d.effect)
         }
     }
 
     pub fn bind(&mut self, portal: &[u8], stmt: &[u8]) -> Option<TxEffect> {
-        let e = self.statement(stmt);
+        let e = self.statement_effect(stmt);
         if portal.is_empty() {
             self.unnamed_portal = e;
         } else if let Some(e) = e {
-            remember(&mut self.named_portals, portal, e);
+            if self.named_portals.len() < MAX_STATEMENTS {
+                self.named_portals.insert(Bytes::copy_from_slice(portal), e);
+            }
         }
         e
     }
@@ -73,6 +88,12 @@ impl Statements {
                 self.named_portals.remove(name);
             }
         }
+    }
+
+    /// DISCARD ALL / DEALLOCATE ALL: the client's statements are gone.
+    pub fn clear_statements(&mut self) {
+        self.unnamed_stmt = None;
+        self.named_stmts.clear();
     }
 
     /// Portals do not outlive their transaction.

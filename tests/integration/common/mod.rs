@@ -31,7 +31,6 @@ pub fn config_text(env: &Env, backend_extra: &str, extra: &str) -> String {
 listen = "127.0.0.1:0"
 [backend]
 url = "{url}"
-pool_size = 4
 {backend_extra}
 [jwt]
 secret = "{SECRET}"
@@ -41,6 +40,11 @@ claims_setting = "request.jwt.claims"
 {extra}
 "#,
         url = env.cluster.url("app_user", "app-secret", "app"),
+        backend_extra = if backend_extra.contains("pool_size") {
+            backend_extra.to_string()
+        } else {
+            format!("pool_size = 4\n{backend_extra}")
+        },
     )
 }
 
@@ -96,11 +100,16 @@ pub fn run_all(tests: &[(&str, TestFn)]) {
             continue;
         }
         let start = Instant::now();
-        let result = rt.block_on(async {
-            match tokio::time::timeout(std::time::Duration::from_secs(120), test(&env)).await {
-                Ok(r) => r,
-                Err(_) => Err("timed out after 120 s".into()),
-            }
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rt.block_on(async {
+                match tokio::time::timeout(std::time::Duration::from_secs(120), test(&env)).await {
+                    Ok(r) => r,
+                    Err(_) => Err("timed out after 120 s".into()),
+                }
+            })
+        }))
+        .unwrap_or_else(|p| {
+            Err(p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panicked".into()))
         });
         match result {
             Ok(()) => {

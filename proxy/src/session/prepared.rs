@@ -1,0 +1,156 @@
+//! Protocol-level prepared statements across pooled backends.
+//!
+//! A client's `Parse("s1")` may be followed by `Bind("s1")` in a later transaction that runs on a
+//! different backend. pgtenant therefore never sends client statement names to the server: each
+//! client statement is remembered by name (see `statements`), and each backend keeps its own cache
+//! of statements it has prepared, keyed by the full statement content (query text and parameter
+//! types — never a short hash), under server-side names `pgtenant_s<n>` unique on that connection.
+//! A statement is prepared lazily on the backend that needs it, and the least recently used one is
+//! closed when the cache is full.
+
+use std::collections::HashMap;
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// Statements one backend connection has prepared.
+#[derive(Debug)]
+pub struct BackendStatements {
+    by_key: HashMap<Bytes, Entry>,
+    next_id: u64,
+    clock: u64,
+    capacity: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    id: u64,
+    last_used: u64,
+}
+
+/// What the session must do to use a statement on this backend.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Prepared {
+    pub id: u64,
+    /// The server-side name.
+    pub name: String,
+    /// The statement is new on this backend: send a Parse for it first.
+    pub needs_parse: bool,
+    /// Close this server statement first to make room.
+    pub evict: Option<String>,
+}
+
+pub fn server_name(id: u64) -> String {
+    format!("pgtenant_s{id}")
+}
+
+impl BackendStatements {
+    pub fn new(capacity: usize) -> Self {
+        BackendStatements { by_key: HashMap::new(), next_id: 0, clock: 0, capacity: capacity.max(1) }
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// Looks up (or allocates) the server statement for `key`.
+    pub fn prepare(&mut self, key: &Bytes) -> Prepared {
+        self.clock += 1;
+        if let Some(e) = self.by_key.get_mut(key) {
+            e.last_used = self.clock;
+            return Prepared { id: e.id, name: server_name(e.id), needs_parse: false, evict: None };
+        }
+        let mut evict = None;
+        if self.by_key.len() >= self.capacity {
+            if let Some((k, e)) = self.by_key.iter().min_by_key(|(_, e)| e.last_used).map(|(k, e)| (k.clone(), *e)) {
+                self.by_key.remove(&k);
+                evict = Some(server_name(e.id));
+            }
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        self.by_key.insert(key.clone(), Entry { id, last_used: self.clock });
+        Prepared { id, name: server_name(id), needs_parse: true, evict }
+    }
+
+    /// Forgets a statement whose Parse failed (or was skipped after an error).
+    pub fn forget(&mut self, id: u64) {
+        self.by_key.retain(|_, e| e.id != id);
+    }
+
+    /// Forgets everything (the client may have run DEALLOCATE / DISCARD). Names are never reused,
+    /// so a statement that survived cannot collide with a new one.
+    pub fn clear(&mut self) {
+        self.by_key.clear();
+    }
+}
+
+/// `Parse` under `name` for a statement whose body after the name is `key`.
+pub fn parse_frame(out: &mut BytesMut, name: &str, key: &[u8]) {
+    out.put_u8(b'P');
+    out.put_i32((4 + name.len() + 1 + key.len()) as i32);
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+    out.put_slice(key);
+}
+
+/// Rewrites a Bind (`portal\0stmt\0rest`) to use the server statement name.
+pub fn rewrite_bind(out: &mut BytesMut, body: &[u8], portal_len: usize, stmt_len: usize, name: &str) {
+    let rest = &body[portal_len + 1 + stmt_len + 1..];
+    out.put_u8(b'B');
+    out.put_i32((4 + portal_len + 1 + name.len() + 1 + rest.len()) as i32);
+    out.put_slice(&body[..=portal_len]);
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+    out.put_slice(rest);
+}
+
+/// Describe('S', name) or Close('S', name) for a server statement.
+pub fn target_frame(out: &mut BytesMut, tag: u8, name: &str) {
+    out.put_u8(tag);
+    out.put_i32((4 + 1 + name.len() + 1) as i32);
+    out.put_u8(b'S');
+    out.put_slice(name.as_bytes());
+    out.put_u8(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{frame::try_split, peek};
+
+    #[test]
+    fn caches_by_content_and_evicts_lru() {
+        let mut b = BackendStatements::new(2);
+        let (k1, k2, k3) = (Bytes::from_static(b"select 1\0\0\0"), Bytes::from_static(b"select 2\0\0\0"), Bytes::from_static(b"select 3\0\0\0"));
+        let p1 = b.prepare(&k1);
+        assert!(p1.needs_parse);
+        assert_eq!(b.prepare(&k1), Prepared { id: p1.id, name: p1.name.clone(), needs_parse: false, evict: None });
+        b.prepare(&k2);
+        b.prepare(&k1); // k2 is now least recently used
+        let p3 = b.prepare(&k3);
+        assert_eq!(p3.evict.as_deref(), Some("pgtenant_s1"));
+        assert_eq!(b.len(), 2);
+        b.clear();
+        assert_ne!(b.prepare(&k1).name, p1.name, "names are never reused");
+    }
+
+    #[test]
+    fn rewritten_messages_are_well_formed() {
+        let mut out = BytesMut::new();
+        parse_frame(&mut out, "pgtenant_s0", b"select $1\0\0\x01\0\0\0\x19");
+        rewrite_bind(&mut out, b"p\0client_stmt\0\0\0\0\0\0\0", 1, 11, "pgtenant_s0");
+        target_frame(&mut out, b'D', "pgtenant_s0");
+        let f = try_split(&mut out, 1 << 20).unwrap().unwrap();
+        assert_eq!(peek::parse_msg(f.body()), Some((&b"pgtenant_s0"[..], &b"select $1"[..])));
+        let f = try_split(&mut out, 1 << 20).unwrap().unwrap();
+        assert_eq!(peek::bind_msg(f.body()), Some((&b"p"[..], &b"pgtenant_s0"[..])));
+        assert_eq!(f.body().len(), 2 + 12 + 6);
+        let f = try_split(&mut out, 1 << 20).unwrap().unwrap();
+        assert_eq!(peek::target_msg(f.body()), Some((b'S', &b"pgtenant_s0"[..])));
+        assert!(out.is_empty());
+    }
+}
