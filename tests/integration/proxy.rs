@@ -43,6 +43,8 @@ fn main() {
         reserved_statement_names_refused,
         context_statement_is_reprepared_after_deallocate,
         pgbench_simple_and_extended,
+        client_tls_and_require_tls,
+        backend_tls_modes,
     ]);
 }
 
@@ -626,6 +628,59 @@ async fn pgbench_simple_and_extended(env: &Env) -> TestResult {
         )?;
         ensure(!stdout.contains("number of failed transactions: ") || stdout.contains("number of failed transactions: 0 "), format!("failures: {stdout}"))?;
     }
+    p.stop().await;
+    Ok(())
+}
+
+async fn client_tls_and_require_tls(env: &Env) -> TestResult {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
+    let ok = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .map_err(|e| e.to_string())?;
+    ensure(ok.status.success(), format!("openssl: {}", String::from_utf8_lossy(&ok.stderr)))?;
+    let server = format!("tls_cert = \"{}\"\ntls_key = \"{}\"\nrequire_tls = true\n", cert.display(), key.display());
+    let text = config_text(env, "", "").replace("listen = \"127.0.0.1:0\"\n", &format!("listen = \"127.0.0.1:0\"\n{server}"));
+    let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
+    let p = pgtenant::server::start(cfg).await?;
+    let port = p.addr.port();
+    let tok = token(2, "tls");
+    let out = tokio::task::spawn_blocking(move || {
+        let run = |mode: &str| {
+            Command::new("psql")
+                .args(["-X", "-At", "-c", "\\conninfo", "-c", "select count(*), min(tenant_id) from orders"])
+                .arg(format!("host=127.0.0.1 port={port} dbname=app user=alice sslmode={mode}"))
+                .env("PGPASSWORD", &tok)
+                .output()
+                .unwrap()
+        };
+        (run("require"), run("disable"))
+    })
+    .await
+    .unwrap();
+    let (tls, plain) = out;
+    let text = String::from_utf8_lossy(&tls.stdout);
+    ensure(tls.status.success() && text.contains("SSL connection") && text.contains("100|2"), format!("psql over TLS: {text} {}", String::from_utf8_lossy(&tls.stderr)))?;
+    let err = String::from_utf8_lossy(&plain.stderr);
+    ensure(!plain.status.success() && err.contains("requires TLS"), format!("plaintext with require_tls: {err}"))?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn backend_tls_modes(env: &Env) -> TestResult {
+    // the test cluster has ssl = off: "prefer" falls back to plaintext, "require" refuses clearly
+    let p = start_proxy(env, "tls = \"prefer\"", "").await;
+    let c = connect(&p, &token(1, "prefer")).await.map_err(|e| format!("{e:?}"))?;
+    let (n, _, _) = tenant_view(&c).await?;
+    ensure(n == 100, "prefer did not fall back to plaintext")?;
+    p.stop().await;
+    let p = start_proxy(env, "tls = \"require\"", "").await;
+    let (code, msg) = login_error(&p, &token(1, "require")).await;
+    ensure(code == "08006" && msg.contains("TLS"), format!("require against a non-TLS server: {code} {msg}"))?;
     p.stop().await;
     Ok(())
 }
