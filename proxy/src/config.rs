@@ -45,6 +45,8 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("tenant", "claims_setting", EnvType::Str),
     ("tenant", "role_claim", EnvType::Str),
     ("tenant", "allowed_roles", EnvType::List),
+    ("tenant", "protected_settings", EnvType::List),
+    ("tenant", "allow_do", EnvType::Bool),
     ("log", "level", EnvType::Str),
     ("log", "format", EnvType::Str),
 ];
@@ -301,6 +303,12 @@ pub struct TenantConfig {
     /// Claim whose value becomes `SET LOCAL ROLE` (only for roles in `allowed_roles`).
     pub role_claim: Option<String>,
     pub allowed_roles: Vec<String>,
+    /// More settings clients may not change (the `settings` names, `claims_setting`, `role` and
+    /// `session_authorization` are always protected).
+    pub protected_settings: Vec<String>,
+    /// Allow `DO` blocks (their bodies are still checked). Off by default: dynamic SQL inside
+    /// them could change the tenant context.
+    pub allow_do: bool,
 }
 
 impl Default for TenantConfig {
@@ -310,6 +318,8 @@ impl Default for TenantConfig {
             claims_setting: "request.jwt.claims".into(),
             role_claim: None,
             allowed_roles: Vec::new(),
+            protected_settings: Vec::new(),
+            allow_do: false,
         }
     }
 }

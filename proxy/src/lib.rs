@@ -12,6 +12,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod guard;
 pub mod jwt;
 pub mod net;
 pub mod pool;

@@ -41,7 +41,8 @@ impl Proxy {
             _ => None,
         };
         let pool = Pool::new(&config.backend, target);
-        let shared = Arc::new(Shared { pool, max_message_bytes: config.server.max_message_bytes });
+        let guard = crate::guard::Guard::from_config(&config.tenant);
+        let shared = Arc::new(Shared { pool, guard, max_message_bytes: config.server.max_message_bytes });
         Ok(Arc::new(Proxy { shared, cancels: Arc::new(CancelRegistry::default()), verifier, mapping, tls, config }))
     }
 

@@ -131,6 +131,7 @@ mod tests {
             claims_setting: "request.jwt.claims".into(),
             role_claim: role.map(str::to_string),
             allowed_roles: allowed.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
         };
         TenantMapping::from_config(&cfg).unwrap()
     }

@@ -45,6 +45,9 @@ fn main() {
         pgbench_simple_and_extended,
         client_tls_and_require_tls,
         backend_tls_modes,
+        guard_refuses_context_changes,
+        guard_refusal_inside_transaction_aborts_it,
+        guard_refuses_startup_options,
     ]);
 }
 
@@ -681,6 +684,87 @@ async fn backend_tls_modes(env: &Env) -> TestResult {
     let p = start_proxy(env, "tls = \"require\"", "").await;
     let (code, msg) = login_error(&p, &token(1, "require")).await;
     ensure(code == "08006" && msg.contains("TLS"), format!("require against a non-TLS server: {code} {msg}"))?;
+    p.stop().await;
+    Ok(())
+}
+
+/// Rows visible to the client's context, plus the context itself.
+async fn assert_still_tenant(c: &tokio_postgres::Client, t: i32) -> TestResult {
+    let row = c
+        .query_one("select current_setting('app.tenant_id'), count(*), count(*) filter (where tenant_id <> $1) from orders", &[&t])
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let (s, n, foreign): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    ensure(s == t.to_string() && n == 100 && foreign == 0, format!("context {s}, {n} rows, {foreign} foreign"))
+}
+
+async fn guard_refuses_context_changes(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let c = connect(&p, &token(1, "attacker")).await.map_err(|e| format!("{e:?}"))?;
+    let attempts = [
+        "SET app.tenant_id = '2'; select count(*) from orders",
+        "select set_config('app.tenant_id', '2', true), count(*) from orders",
+        "select set_config(E'app\\x2etenant_id', '2', false)",
+        "select \"set_config\"(U&'app\\002etenant_id', '2', true)",
+        "SET ROLE app_owner",
+        "RESET app.tenant_id",
+        "UPDATE pg_settings SET setting = '2' WHERE name = 'app.tenant_id'",
+        "DO $$ BEGIN PERFORM set_config('app.tenant_id', '2', true); END $$",
+        "RESET ALL; select count(*) from orders",
+    ];
+    for sql in attempts {
+        let e = c.simple_query(sql).await.err().ok_or(format!("accepted: {sql}"))?;
+        let (code, msg) = db_err(&e);
+        ensure(code == "42501" && msg.starts_with("pgtenant:"), format!("{sql}: {code} {msg}"))?;
+        assert_still_tenant(&c, 1).await?;
+    }
+    // extended protocol: the Parse is refused; a bind parameter as the name is refused too
+    for sql in ["select set_config('app.tenant_id', $1, true)", "select set_config($1, $2, true)"] {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&"2", &"x"];
+        let e = c.query(sql, &params[..sql.matches('$').count()]).await.err().ok_or(format!("accepted: {sql}"))?;
+        ensure(db_err(&e).0 == "42501", format!("{sql}: {:?}", db_err(&e)))?;
+        assert_still_tenant(&c, 1).await?;
+    }
+    // a pipelined refusal between two good queries: both good ones keep the right context
+    let (a, b, d) = futures::join!(
+        c.query_one("select current_setting('app.tenant_id')", &[]),
+        c.query("select set_config('app.tenant_id', '3', true)", &[]),
+        c.query_one("select current_setting('app.tenant_id')", &[]),
+    );
+    ensure(b.is_err(), "pipelined set_config accepted")?;
+    let (a, d): (String, String) = (a.map_err(|e| format!("{e:?}"))?.get(0), d.map_err(|e| format!("{e:?}"))?.get(0));
+    ensure(a == "1" && d == "1", format!("pipelined contexts {a} {d}"))?;
+    // reading settings stays allowed, and unprotected settings can be changed
+    c.simple_query("select current_setting('app.tenant_id'); SET application_name = 'x'").await.map_err(|e| format!("{e:?}"))?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn guard_refusal_inside_transaction_aborts_it(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let c = connect(&p, &token(1, "tx-attacker")).await.map_err(|e| format!("{e:?}"))?;
+    c.batch_execute("BEGIN; insert into orders (tenant_id, amount) values (1, 5151)").await.map_err(|e| format!("{e:?}"))?;
+    let e = c.simple_query("SET LOCAL app.tenant_id = '2'").await.err().ok_or("accepted")?;
+    ensure(db_err(&e).0 == "42501", format!("{:?}", db_err(&e)))?;
+    // like any error inside a transaction block: aborted until ROLLBACK
+    let e = c.simple_query("select 1").await.err().ok_or("transaction not aborted")?;
+    ensure(db_err(&e).0 == "25P02", format!("after refusal: {:?}", db_err(&e)))?;
+    c.batch_execute("ROLLBACK").await.map_err(|e| format!("{e:?}"))?;
+    let n: i64 = c.query_one("select count(*) from orders where amount = 5151", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
+    ensure(n == 0, "insert before the refusal was committed")?;
+    assert_still_tenant(&c, 1).await?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn guard_refuses_startup_options(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    for opt in ["-c app.tenant_id=2", "-c role=app_owner"] {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1").port(p.addr.port()).user("alice").dbname("app").password(token(1, "x")).options(opt);
+        let e = cfg.connect(tokio_postgres::NoTls).await.err().ok_or(format!("options {opt} accepted"))?;
+        ensure(db_err(&e).0 == "42501", format!("{opt}: {:?}", db_err(&e)))?;
+    }
     p.stop().await;
     Ok(())
 }

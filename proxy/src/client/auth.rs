@@ -49,6 +49,12 @@ pub async fn login(
             ))
         }
     };
+    if let Some(options) = params.get("options") {
+        if let Err(e) = proxy.shared.guard.check_startup_options(options) {
+            tracing::info!(user = %user, result = "refused", reason = %e.message, "login");
+            return Err((stream, PgError { severity: crate::error::Severity::Fatal, ..e }));
+        }
+    }
     let database = params.get("database").filter(|d| !d.is_empty()).unwrap_or(&user);
     let served = &proxy.shared.pool.target().database;
     if database != served {

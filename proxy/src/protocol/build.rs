@@ -52,6 +52,10 @@ pub fn negotiate_protocol_version(buf: &mut BytesMut, unsupported: &[String]) {
     buf.put_slice(&body);
 }
 
+pub fn query(buf: &mut BytesMut, sql: &str) {
+    let _ = pgwire::messages::simplequery::Query::new(sql.to_string()).encode(buf);
+}
+
 pub fn sync(buf: &mut BytesMut) {
     let _ = Sync::new().encode(buf);
 }

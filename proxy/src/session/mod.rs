@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 
 use crate::cancel::Registration;
 use crate::error::{sqlstate, PgError};
+use crate::guard::{Guard, Position};
 use crate::net::Stream;
 use crate::pool::{Lease, Pool};
 use crate::protocol::frame::{try_split, Frame, FrameError};
@@ -42,6 +43,7 @@ const MAX_BACKEND_MESSAGE: usize = 1 << 30;
 /// State shared by all sessions of one proxy.
 pub struct Shared {
     pub pool: Arc<Pool>,
+    pub guard: Guard,
     pub max_message_bytes: usize,
 }
 
@@ -92,6 +94,8 @@ pub struct Session {
     /// The context went out in front of a simple Query: wait for its reply before sending more.
     hold_until_settled: bool,
     held: Option<Frame>,
+    /// Refusal errors waiting for their stand-in's error from the server, in order.
+    refusals: std::collections::VecDeque<PgError>,
 }
 
 impl Session {
@@ -121,6 +125,7 @@ impl Session {
             skip_to_sync: false,
             hold_until_settled: false,
             held: None,
+            refusals: Default::default(),
         }
     }
 
@@ -335,6 +340,9 @@ impl Session {
                         true,
                     ));
                 }
+                if let Err(e) = self.shared.guard.check(q, self.position()) {
+                    return Ok(self.refuse(e, true));
+                }
                 touches_prepared = may_touch_prepared(q);
                 Some(s.first)
             }
@@ -342,6 +350,9 @@ impl Session {
                 let (name, q) = peek::parse_msg(f.body()).ok_or_else(malformed)?;
                 if reserved_name(name) {
                     return Ok(self.refuse(reserved_name_error(), false));
+                }
+                if let Err(e) = self.shared.guard.check(q, self.position()) {
+                    return Ok(self.refuse(e, false));
                 }
                 touches_prepared = may_touch_prepared(q);
                 let key = f.bytes.slice(5 + name.len() + 1..);
@@ -510,17 +521,39 @@ impl Session {
         }
     }
 
-    /// Answers a refused message the way the server answers a failed one.
+    /// Answers a refused message the way the server answers a failed one. With no backend attached
+    /// pgtenant answers itself; otherwise it sends a stand-in that fails on the server (so an open
+    /// transaction aborts and the rest of the batch is skipped exactly as for a real error) and
+    /// replaces the server's error with the refusal.
     fn refuse(&mut self, err: PgError, simple: bool) -> Flow {
         tracing::info!(code = err.code, message = %err.message, "refused client message");
-        err.encode(&mut self.client_out);
-        if simple {
-            let status = self.status_for_client();
-                build::ready_for_query(&mut self.client_out, status);
-        } else {
-            self.skip_to_sync = true;
+        if self.lease.is_none() {
+            err.encode(&mut self.client_out);
+            if simple {
+                build::ready_for_query(&mut self.client_out, b'I');
+            } else {
+                self.skip_to_sync = true;
+            }
+            return Flow::Continue;
         }
+        if self.replies.batch_failed && !simple {
+            return Flow::Continue; // the server skips this batch anyway
+        }
+        if simple {
+            build::query(&mut self.backend_out, REFUSAL_STAND_IN);
+        } else {
+            build::parse(&mut self.backend_out, "pgtenant_refused", REFUSAL_STAND_IN, vec![]);
+            self.in_batch = true;
+        }
+        self.replies.expect_refusal(simple);
+        self.refusals.push_back(err);
         Flow::Continue
+    }
+
+    /// What the guard needs to know about where a statement runs.
+    fn position(&self) -> Position {
+        let idle = self.lease.is_none() || (self.replies.is_settled() && self.replies.status == b'I' && !self.in_batch);
+        Position { in_block: !idle }
     }
 
     fn status_for_client(&self) -> u8 {
@@ -539,6 +572,10 @@ impl Session {
             match self.replies.on_reply(f.tag, f.body()) {
                 Action::Forward => self.to_client(&f),
                 Action::Swallow => {}
+                Action::ReplaceError => match self.refusals.pop_front() {
+                    Some(err) => err.encode(&mut self.client_out),
+                    None => self.to_client(&f),
+                },
                 Action::ForwardThenSync => {
                     self.to_client(&f);
                     build::sync(&mut self.backend_out);
@@ -594,6 +631,9 @@ fn frame_error(e: FrameError) -> PgError {
         FrameError::BadLength(_) => PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgtenant: {e}")),
     }
 }
+
+/// Fails on the server with a syntax error, which pgtenant replaces with its refusal.
+const REFUSAL_STAND_IN: &str = "pgtenant refused this statement";
 
 /// A message with an empty body (ParseComplete, CloseComplete, ...).
 fn push_empty_message(out: &mut BytesMut, tag: u8) {

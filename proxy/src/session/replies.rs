@@ -65,6 +65,9 @@ struct Owed {
     simple: bool,
     /// Server statement this reply confirms (a Parse pgtenant sent under a server-side name).
     prepares: Option<u64>,
+    /// A deliberately failing message standing in for a refused one: its error is replaced by
+    /// pgtenant's refusal.
+    refusal: bool,
 }
 
 /// What the session does with one backend message.
@@ -77,6 +80,8 @@ pub enum Action {
     ForwardThenSync,
     /// A reply that fits nothing we sent: the connection can no longer be trusted.
     Desync,
+    /// The error of a refusal stand-in: send pgtenant's refusal instead.
+    ReplaceError,
 }
 
 #[derive(Debug)]
@@ -101,23 +106,30 @@ impl Default for Replies {
 impl Replies {
     /// Records a forwarded message that owes a reply.
     pub fn expect(&mut self, want: Want, injected: bool, simple: bool) {
-        self.owed.push_back(Owed { want, injected, simple, prepares: None });
+        self.owed.push_back(Owed { want, injected, simple, prepares: None, refusal: false });
+    }
+
+    /// Records a stand-in for a refused message (a simple Query or a Parse that fails on the
+    /// server), so the server aborts the transaction exactly as for a real error.
+    pub fn expect_refusal(&mut self, simple: bool) {
+        let want = if simple { Want::Ready } else { Want::ParseComplete };
+        self.owed.push_back(Owed { want, injected: false, simple, prepares: None, refusal: true });
     }
 
     /// Records a Parse of server statement `id`; if it fails, `id` lands in `failed_prepares`.
     pub fn expect_parse(&mut self, injected: bool, id: u64) {
-        self.owed.push_back(Owed { want: Want::ParseComplete, injected, simple: false, prepares: Some(id) });
+        self.owed.push_back(Owed { want: Want::ParseComplete, injected, simple: false, prepares: Some(id), refusal: false });
     }
 
     /// Records a reply pgtenant will produce itself, in order.
     pub fn expect_synthetic(&mut self, tag: u8) {
-        self.owed.push_back(Owed { want: Want::Synthetic(tag), injected: false, simple: false, prepares: None });
+        self.owed.push_back(Owed { want: Want::Synthetic(tag), injected: false, simple: false, prepares: None, refusal: false });
     }
 
     /// The client ended a COPY: Sync and Flush count again after this point.
     pub fn copy_ended(&mut self) {
         self.copy_in = false;
-        self.owed.push_back(Owed { want: Want::CopyEnd, injected: false, simple: false, prepares: None });
+        self.owed.push_back(Owed { want: Want::CopyEnd, injected: false, simple: false, prepares: None, refusal: false });
     }
 
     /// Pops the reply pgtenant owes the client itself, if it is next in line (markers are skipped).
@@ -209,8 +221,9 @@ impl Replies {
         let Some(front) = self.owed.front().copied() else {
             return Action::Forward; // e.g. FATAL on termination
         };
+        let forward = if front.refusal { Action::ReplaceError } else { Action::Forward };
         if front.want == Want::Ready {
-            return Action::Forward; // a ReadyForQuery follows
+            return forward; // a ReadyForQuery follows
         }
         // Extended protocol: the server now skips to the next Sync.
         while self.owed.front().is_some_and(|o| o.injected) {
@@ -228,7 +241,7 @@ impl Replies {
         if self.owed.is_empty() {
             self.batch_failed = true;
         }
-        Action::Forward
+        forward
     }
 }
 
@@ -298,7 +311,7 @@ mod tests {
     fn synthetic_replies_wait_their_turn_and_failed_parses_are_reported() {
         let mut r = Replies::default();
         r.expect(Want::BindComplete, false, false);
-        r.owed.push_back(Owed { want: Want::Synthetic(b'1'), injected: false, simple: false, prepares: None });
+        r.owed.push_back(Owed { want: Want::Synthetic(b'1'), injected: false, simple: false, prepares: None, refusal: false });
         r.expect_parse(true, 7);
         r.expect(Want::Ready, false, false);
         assert_eq!(r.take_synthetic(), None);

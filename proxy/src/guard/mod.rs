@@ -1,0 +1,358 @@
+//! The statement guard: the client shares a Postgres session with pgtenant, so before a statement
+//! is forwarded, pgtenant refuses anything that could change the tenant context it set.
+//!
+//! Every simple Query and every Parse is lexed with the real PostgreSQL token rules (see
+//! `crate::sql::lexer`), statement by statement. Refused (ERROR 42501, naming what was refused):
+//! - `SET [SESSION|LOCAL]` / `RESET` of a protected setting (the `[tenant]` settings, `role`,
+//!   `session_authorization`, and `tenant.protected_settings`), including `SET ROLE` and
+//!   `SET SESSION AUTHORIZATION`, however the name is quoted or cased;
+//! - `set_config(...)` whose name is a protected setting in any literal spelling (`E''`, `U&''`,
+//!   dollar quotes), and any `set_config` whose name is not a plain string literal (a bind
+//!   parameter, an expression, a cast, named-argument notation);
+//! - `UPDATE pg_settings`;
+//! - `SET`/`RESET` clauses of protected settings in `ALTER …` and `CREATE …` (e.g. a function with
+//!   `SET app.tenant_id = …`), and function bodies that would do any of the above;
+//! - `DO` blocks (dynamic SQL could build any of the above), unless `tenant.allow_do = true`;
+//! - `RESET ALL` when anything runs after it in the same transaction.
+//! Reading settings (`current_setting`, `SHOW`) stays allowed.
+
+pub mod literal;
+
+use std::collections::HashSet;
+
+use crate::config::TenantConfig;
+use crate::error::{sqlstate, PgError};
+use crate::sql::lexer::{Kind, Lexer, Token};
+use literal::{ident_value, string_value};
+
+/// How deep function bodies inside statements are checked.
+const MAX_DEPTH: u32 = 3;
+
+#[derive(Debug, Clone)]
+pub struct Guard {
+    protected: HashSet<String>,
+    allow_do: bool,
+}
+
+/// Where the statement runs, as far as the session knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    /// Inside (or possibly inside) an explicit transaction block.
+    pub in_block: bool,
+}
+
+fn refused(message: String) -> PgError {
+    PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pgtenant: {message}"))
+}
+
+fn protected_error(name: &str) -> PgError {
+    refused(format!("changing setting \"{name}\" is not allowed: pgtenant sets it from your token"))
+}
+
+fn is_op(t: Option<&Token<'_>>, op: &[u8]) -> bool {
+    t.is_some_and(|t| t.kind == Kind::Op && t.text == op)
+}
+
+impl Guard {
+    pub fn from_config(cfg: &TenantConfig) -> Guard {
+        let mut protected: HashSet<String> = cfg.settings.keys().map(|s| s.to_lowercase()).collect();
+        if !cfg.claims_setting.is_empty() {
+            protected.insert(cfg.claims_setting.to_lowercase());
+        }
+        protected.extend(["role".to_string(), "session_authorization".to_string()]);
+        protected.extend(cfg.protected_settings.iter().map(|s| s.to_lowercase()));
+        Guard { protected, allow_do: cfg.allow_do }
+    }
+
+    fn is_protected(&self, name: &str) -> bool {
+        self.protected.contains(&name.to_lowercase())
+    }
+
+    /// Checks the startup packet's `options` (`-c name=value`, `--name=value`): protected settings
+    /// may not be set there either.
+    pub fn check_startup_options(&self, options: &str) -> Result<(), PgError> {
+        let mut words = options.split_whitespace();
+        while let Some(w) = words.next() {
+            let assignment = if w == "-c" {
+                words.next().unwrap_or("")
+            } else if let Some(rest) = w.strip_prefix("-c").or_else(|| w.strip_prefix("--")) {
+                rest
+            } else {
+                continue;
+            };
+            let name = assignment.split('=').next().unwrap_or("").replace('-', "_");
+            if self.is_protected(&name) {
+                return Err(protected_error(&name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a query string (one or more statements).
+    pub fn check(&self, sql: &[u8], pos: Position) -> Result<(), PgError> {
+        self.check_text(sql, pos, 0)
+    }
+
+    fn check_text(&self, sql: &[u8], pos: Position, depth: u32) -> Result<(), PgError> {
+        let statements = split(sql);
+        let last = statements.len().saturating_sub(1);
+        for (i, toks) in statements.iter().enumerate() {
+            if toks.iter().any(|t| t.kind == Kind::Unterminated) {
+                continue; // the server rejects it with a syntax error; nothing runs
+            }
+            self.check_statement(toks, depth)?;
+            let is_reset_all = toks.first().is_some_and(|t| t.is_word("reset")) && toks.get(1).is_some_and(|t| t.is_word("all"));
+            if is_reset_all && (i != last || pos.in_block) {
+                return Err(refused(
+                    "RESET ALL would clear the tenant context for the statements that follow it".into(),
+                ))
+                .map_err(|e| e.with_hint("run RESET ALL on its own, outside an explicit transaction"));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_statement(&self, toks: &[Token<'_>], depth: u32) -> Result<(), PgError> {
+        let Some(first) = toks.first() else { return Ok(()) };
+        let word = |i: usize| toks.get(i).filter(|t| t.kind == Kind::Word).map(|t| String::from_utf8_lossy(t.text).to_lowercase());
+        match word(0).as_deref() {
+            Some("set") | Some("reset") => {
+                let mut i = 1;
+                if matches!(word(1).as_deref(), Some("session") | Some("local"))
+                    && word(2).as_deref() != Some("authorization")
+                    && word(2).as_deref() != Some("characteristics")
+                {
+                    i = 2;
+                }
+                if let Some(name) = self.setting_name(toks, i) {
+                    if self.is_protected(&name) {
+                        return Err(protected_error(&name));
+                    }
+                }
+            }
+            Some("do") if !self.allow_do => {
+                return Err(refused("DO blocks are not allowed: they could change the tenant context".into())
+                    .with_hint("set tenant.allow_do = true in the pgtenant config if you really need them"));
+            }
+            Some("update") if toks.iter().any(|t| ident_value(t).as_deref() == Some("pg_settings")) => {
+                return Err(refused("UPDATE pg_settings is not allowed".into()));
+            }
+            Some("alter") | Some("create") => {
+                for (i, t) in toks.iter().enumerate() {
+                    if t.is_word("set") || t.is_word("reset") {
+                        if let Some(name) = self.setting_name(toks, i + 1) {
+                            if self.is_protected(&name) {
+                                return Err(protected_error(&name));
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        let _ = first;
+        self.check_set_config(toks)?;
+        // bodies of functions, procedures and (allowed) DO blocks are SQL or PL/pgSQL: check them too
+        if depth < MAX_DEPTH && matches!(word(0).as_deref(), Some("create") | Some("do")) {
+            for t in toks.iter().filter(|t| t.kind == Kind::String) {
+                if let Some(body) = string_value(t) {
+                    self.check_body(body.as_bytes(), depth + 1)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// PL/pgSQL bodies: every statement inside is checked like client SQL.
+    fn check_body(&self, body: &[u8], depth: u32) -> Result<(), PgError> {
+        for toks in split(body) {
+            // PL/pgSQL wraps statements in BEGIN ... END; look at every SET/RESET/PERFORM too
+            for (i, t) in toks.iter().enumerate() {
+                if t.is_word("set") || t.is_word("reset") {
+                    let start = if toks.get(i + 1).is_some_and(|n| n.is_word("local") || n.is_word("session")) { i + 2 } else { i + 1 };
+                    if let Some(name) = self.setting_name(&toks, start) {
+                        if self.is_protected(&name) {
+                            return Err(protected_error(&name));
+                        }
+                    }
+                }
+            }
+            self.check_statement(&toks, depth)?;
+        }
+        Ok(())
+    }
+
+    /// The setting named at `toks[i..]`: `role`, `session authorization`, or a dotted identifier.
+    fn setting_name(&self, toks: &[Token<'_>], i: usize) -> Option<String> {
+        let t = toks.get(i)?;
+        if t.is_word("session") && toks.get(i + 1).is_some_and(|n| n.is_word("authorization")) {
+            return Some("session_authorization".into());
+        }
+        if t.is_word("time") && toks.get(i + 1).is_some_and(|n| n.is_word("zone")) {
+            return Some("timezone".into());
+        }
+        let mut name = ident_value(t)?;
+        let mut j = i + 1;
+        while is_op(toks.get(j), b".") {
+            name.push('.');
+            name.push_str(&ident_value(toks.get(j + 1)?)?);
+            j += 2;
+        }
+        Some(name)
+    }
+
+    fn check_set_config(&self, toks: &[Token<'_>]) -> Result<(), PgError> {
+        for (i, t) in toks.iter().enumerate() {
+            if ident_value(t).as_deref() != Some("set_config") || !is_op(toks.get(i + 1), b"(") {
+                continue;
+            }
+            let arg = toks.get(i + 2);
+            let literal = arg.and_then(string_value).filter(|_| is_op(toks.get(i + 3), b","));
+            match literal {
+                Some(name) if self.is_protected(&name) => return Err(protected_error(&name)),
+                Some(_) => {}
+                None => {
+                    return Err(refused(
+                        "set_config with a setting name that is not a string literal is not allowed".into(),
+                    )
+                    .with_hint("write the setting name as a literal, e.g. set_config('app.theme', $1, true)"))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Splits into statements (token lists), keeping `BEGIN ATOMIC … END` bodies whole.
+fn split(sql: &[u8]) -> Vec<Vec<Token<'_>>> {
+    let mut out = Vec::new();
+    let mut cur: Vec<Token<'_>> = Vec::new();
+    let mut atomic = 0u32;
+    for t in Lexer::new(sql) {
+        if t.kind == Kind::Semicolon && atomic == 0 {
+            if !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+            }
+            continue;
+        }
+        if t.is_word("atomic") && cur.last().is_some_and(|p| p.is_word("begin")) {
+            atomic += 1;
+        } else if t.is_word("end") && atomic > 0 {
+            atomic -= 1;
+        }
+        cur.push(t);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard() -> Guard {
+        let mut cfg = TenantConfig::default();
+        cfg.settings.insert("app.tenant_id".into(), "tenant_id".into());
+        cfg.settings.insert("app.user_id".into(), "sub".into());
+        cfg.protected_settings = vec!["app.extra".into()];
+        Guard::from_config(&cfg)
+    }
+
+    const IDLE: Position = Position { in_block: false };
+
+    #[test]
+    fn refuses_every_spelling() {
+        let g = guard();
+        for sql in [
+            "SET app.tenant_id = 2",
+            "set local app.tenant_id to '2'",
+            "SET SESSION \"app\".\"tenant_id\" = 2",
+            "SET APP.TENANT_ID = 2",
+            "select 1; set app.tenant_id = 2",
+            "/* x */ SET /* y */ app . tenant_id = 2",
+            "RESET app.tenant_id",
+            "reset role",
+            "SET ROLE postgres",
+            "SET SESSION AUTHORIZATION postgres",
+            "RESET SESSION AUTHORIZATION",
+            "SET request.jwt.claims = '{}'",
+            "SET app.extra = 1",
+            "select set_config('app.tenant_id', '2', true)",
+            "select pg_catalog.set_config('app.tenant_id', '2', false)",
+            "select SET_CONFIG(E'app\\x2etenant_id', '2', true)",
+            "select \"set_config\"(U&'app\\002etenant_id', '2', true)",
+            "select U&\"\\0073et_config\"($$app.tenant_id$$, '2', true)",
+            "select set_config($1, $2, true)",
+            "select set_config('app.' || 'tenant_id', '2', true)",
+            "select set_config('app.tenant_id'::text, '2', true)",
+            "select set_config(setting_name => 'app.tenant_id', new_value => '2', is_local => true)",
+            "select * from (select set_config(x, '2', true) from t) s",
+            "select set_config('ROLE', 'postgres', true)",
+            "UPDATE pg_settings SET setting = '2' WHERE name = 'app.tenant_id'",
+            "update pg_catalog.pg_settings set setting = 'x'",
+            "DO $$ BEGIN PERFORM 1; END $$",
+            "ALTER ROLE app_user SET app.tenant_id = '2'",
+            "ALTER DATABASE app SET app.tenant_id = '2'",
+            "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET app.tenant_id = '2' AS 'select 1'",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $f$ BEGIN PERFORM set_config('app.tenant_id', '2', true); END $f$",
+            "CREATE PROCEDURE p() LANGUAGE plpgsql AS $p$ BEGIN SET LOCAL app.tenant_id = '2'; END $p$",
+            "RESET ALL; select * from orders",
+            "prepare x as select set_config('app.tenant_id', '2', true)",
+        ] {
+            let r = g.check(sql.as_bytes(), IDLE);
+            assert!(r.is_err(), "not refused: {sql}");
+            assert_eq!(r.unwrap_err().code, "42501");
+        }
+        assert!(g.check(b"RESET ALL", Position { in_block: true }).is_err());
+    }
+
+    #[test]
+    fn allows_ordinary_sql() {
+        let g = guard();
+        for sql in [
+            "select current_setting('app.tenant_id')",
+            "show app.tenant_id",
+            "SET statement_timeout = 1000",
+            "SET TIME ZONE 'UTC'",
+            "SET app.theme = 'dark'",
+            "select set_config('app.theme', 'dark', true)",
+            "select set_config('app.theme', $1, true)",
+            "select 'set_config(''app.tenant_id'', ''2'', true)'",
+            "-- SET app.tenant_id = 2\nselect 1",
+            "/* SET app.tenant_id = 2 */ select 1",
+            "select $$ SET app.tenant_id = 2 $$",
+            "UPDATE users SET role = 'admin' WHERE id = 1",
+            "UPDATE users SET name = 'pg_settings'",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+            "RESET ALL",
+            "select 1; RESET ALL",
+            "CREATE TEMP TABLE t (x int)",
+        ] {
+            assert!(g.check(sql.as_bytes(), IDLE).is_ok(), "refused: {sql}");
+        }
+    }
+
+    #[test]
+    fn startup_options() {
+        let g = guard();
+        assert!(g.check_startup_options("-c app.tenant_id=2").is_err());
+        assert!(g.check_startup_options("-capp.tenant_id=2").is_err());
+        assert!(g.check_startup_options("--role=postgres").is_err());
+        assert!(g.check_startup_options("-c search_path=app -c role=x").is_err());
+        assert!(g.check_startup_options("-c search_path=app").is_ok());
+    }
+
+    #[test]
+    fn do_can_be_allowed_but_bodies_are_still_checked() {
+        let mut cfg = TenantConfig::default();
+        cfg.settings.insert("app.tenant_id".into(), "tenant_id".into());
+        cfg.allow_do = true;
+        let g = Guard::from_config(&cfg);
+        assert!(g.check(b"DO $$ BEGIN RAISE NOTICE 'hi'; END $$", IDLE).is_ok());
+        assert!(g.check(b"DO $$ BEGIN PERFORM set_config('app.tenant_id', '9', true); END $$", IDLE).is_err());
+        assert!(g.check(b"DO $$ BEGIN SET LOCAL app.tenant_id = 9; END $$", IDLE).is_err());
+    }
+}
