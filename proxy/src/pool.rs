@@ -36,6 +36,11 @@ pub struct Backend {
     pub ctx_prepared: bool,
     /// Client statements prepared on this connection, by content.
     pub statements: BackendStatements,
+    /// The session that used this connection last.
+    pub owner: u64,
+    /// That session may have left session state behind (temp tables, held cursors, LISTEN,
+    /// advisory locks, sequence state): reset before another session uses the connection.
+    pub dirty: bool,
 }
 
 impl Backend {
@@ -49,6 +54,8 @@ impl Backend {
             created: c.created,
             ctx_prepared: false,
             statements: BackendStatements::new(PREPARED_CACHE),
+            owner: 0,
+            dirty: false,
         }
     }
 

@@ -48,6 +48,7 @@ fn main() {
         guard_refuses_context_changes,
         guard_refusal_inside_transaction_aborts_it,
         guard_refuses_startup_options,
+        session_state_is_reset_between_clients,
     ]);
 }
 
@@ -765,6 +766,36 @@ async fn guard_refuses_startup_options(env: &Env) -> TestResult {
         let e = cfg.connect(tokio_postgres::NoTls).await.err().ok_or(format!("options {opt} accepted"))?;
         ensure(db_err(&e).0 == "42501", format!("{opt}: {:?}", db_err(&e)))?;
     }
+    p.stop().await;
+    Ok(())
+}
+
+async fn session_state_is_reset_between_clients(env: &Env) -> TestResult {
+    let p = start_proxy(env, "pool_size = 1", "").await;
+    let a = connect(&p, &token(1, "a")).await.map_err(|e| format!("{e:?}"))?;
+    let b = connect(&p, &token(2, "b")).await.map_err(|e| format!("{e:?}"))?;
+    a.batch_execute(
+        "BEGIN; CREATE TEMP TABLE leak AS SELECT * FROM orders; DECLARE held CURSOR WITH HOLD FOR SELECT id, tenant_id FROM orders; \
+         SELECT pg_advisory_lock(4242); LISTEN tenant_one; INSERT INTO orders (tenant_id, amount) VALUES (1, 6161); COMMIT",
+    )
+    .await
+    .map_err(|e| format!("{e:?}"))?;
+    let pid_a: i32 = a.query_one("select pg_backend_pid()", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
+    let pid_b: i32 = b.query_one("select pg_backend_pid()", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
+    ensure(pid_a == pid_b, "expected the same backend")?;
+    for (sql, code) in [
+        ("select count(*) from pg_temp.leak", "42P01"),
+        ("FETCH ALL FROM held", "34000"),
+        ("select currval('orders_id_seq')", "55000"),
+    ] {
+        let e = b.simple_query(sql).await.err().ok_or(format!("{sql}: tenant 2 saw tenant 1's session state"))?;
+        ensure(db_err(&e).0 == code, format!("{sql}: {:?}", db_err(&e)))?;
+    }
+    let got: bool = b.query_one("select pg_try_advisory_lock(4242)", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
+    ensure(got, "advisory lock of tenant 1 still held")?;
+    let listening: i64 = b.query_one("select count(*) from pg_listening_channels()", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
+    ensure(listening == 0, "LISTEN of tenant 1 still active")?;
+    env.cluster.psql("app", "delete from orders where amount = 6161").map_err(|e| e.to_string())?;
     p.stop().await;
     Ok(())
 }

@@ -35,6 +35,12 @@ use inject::Injection;
 use replies::{Action, Replies, Want};
 use statements::Statements;
 
+/// Clears the session state one client can leave on a backend for the next: held cursors,
+/// listeners, session advisory locks, temporary tables, sequence state (`currval`/`lastval`).
+pub const RESET_QUERY: &str = "CLOSE ALL; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
+
+static NEXT_SESSION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
 /// Stop reading one side while this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
 /// Largest backend message relayed (the server's own limit is 1 GiB).
@@ -73,6 +79,7 @@ enum Event {
 }
 
 pub struct Session {
+    id: u64,
     shared: Arc<Shared>,
     client_rd: ReadHalf<Stream>,
     client_wr: WriteHalf<Stream>,
@@ -108,6 +115,7 @@ impl Session {
     ) -> Session {
         let (client_rd, client_wr) = tokio::io::split(client);
         Session {
+            id: NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             shared,
             client_rd,
             client_wr,
@@ -230,10 +238,18 @@ impl Session {
     }
 
     async fn attach(&mut self) -> Result<(), PgError> {
-        let lease = self.shared.pool.acquire().await?;
+        let mut lease = self.shared.pool.acquire().await?;
         self.cancel.slot.set(Some((lease.backend.pid, lease.backend.secret_key))).await;
-        self.lease = Some(lease);
         self.replies.reset();
+        let b = &mut lease.backend;
+        if b.dirty && b.owner != self.id {
+            // pipelined in front of this session's first message: no extra round trip
+            build::query(&mut self.backend_out, RESET_QUERY);
+            self.replies.expect(Want::Ready, true, true);
+            b.dirty = false;
+        }
+        b.owner = self.id;
+        self.lease = Some(lease);
         Ok(())
     }
 
@@ -323,6 +339,7 @@ impl Session {
         let malformed = || End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "pgtenant: malformed message"));
         // What the message would run first; None when unknown (conservative).
         let mut touches_prepared = false;
+        let mut leaves_state = false;
         let effect: Option<TxEffect> = match f.tag {
             b'Q' => {
                 let q = peek::query_msg(f.body()).ok_or_else(malformed)?;
@@ -344,6 +361,7 @@ impl Session {
                     return Ok(self.refuse(e, true));
                 }
                 touches_prepared = may_touch_prepared(q);
+                leaves_state = may_leave_state(q);
                 Some(s.first)
             }
             b'P' => {
@@ -355,6 +373,7 @@ impl Session {
                     return Ok(self.refuse(e, false));
                 }
                 touches_prepared = may_touch_prepared(q);
+                leaves_state = may_leave_state(q);
                 let key = f.bytes.slice(5 + name.len() + 1..);
                 match self.statements.parse(name, q, key) {
                     Some(def) => Some(def.effect),
@@ -425,6 +444,11 @@ impl Session {
             self.reinject = false;
         }
         self.forward_rewritten(&f, simple);
+        if leaves_state {
+            if let Some(l) = self.lease.as_mut() {
+                l.backend.dirty = true;
+            }
+        }
         if touches_prepared {
             if let Some(l) = self.lease.as_mut() {
                 // DEALLOCATE / DISCARD may drop server statements: prepare ours afresh next time
@@ -659,6 +683,12 @@ fn may_touch_prepared(q: &[u8]) -> bool {
     q.windows(7).any(|w| {
         WORDS.iter().any(|word| w.eq_ignore_ascii_case(&word[..7]))
     })
+}
+
+/// SQL that may leave session state on the backend (see `RESET_QUERY`); conservative substring test.
+fn may_leave_state(q: &[u8]) -> bool {
+    const WORDS: [&[u8]; 8] = [b"temp", b"declare", b"listen", b"advisory", b"nextval", b"setval", b"insert", b"copy"];
+    WORDS.iter().any(|w| q.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
 }
 
 /// Adds a hint to "cannot run inside a transaction block" errors: pgtenant runs every statement

@@ -209,6 +209,8 @@ impl Replies {
                 match (front.injected, done) {
                     (false, _) => Action::Forward,
                     (true, true) => Action::Swallow,
+                    // pgtenant's own simple query (the reset): everything up to ReadyForQuery
+                    (true, false) if front.want == Want::Ready => Action::Swallow,
                     // the context statement returns one row
                     (true, false) if tag == b'D' => Action::Swallow,
                     (true, false) => Action::Desync,
@@ -221,6 +223,9 @@ impl Replies {
         let Some(front) = self.owed.front().copied() else {
             return Action::Forward; // e.g. FATAL on termination
         };
+        if front.injected && front.want == Want::Ready {
+            return Action::Desync; // pgtenant's reset failed: never reuse this connection
+        }
         let forward = if front.refusal { Action::ReplaceError } else { Action::Forward };
         if front.want == Want::Ready {
             return forward; // a ReadyForQuery follows
