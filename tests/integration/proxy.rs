@@ -49,6 +49,7 @@ fn main() {
         guard_refusal_inside_transaction_aborts_it,
         guard_refuses_startup_options,
         session_state_is_reset_between_clients,
+        role_claim_sets_local_role,
     ]);
 }
 
@@ -796,6 +797,28 @@ async fn session_state_is_reset_between_clients(env: &Env) -> TestResult {
     let listening: i64 = b.query_one("select count(*) from pg_listening_channels()", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
     ensure(listening == 0, "LISTEN of tenant 1 still active")?;
     env.cluster.psql("app", "delete from orders where amount = 6161").map_err(|e| e.to_string())?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn role_claim_sets_local_role(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "role_claim = \"role\"\nallowed_roles = [\"tenant_reader\"]").await;
+    let exp = now() + 600;
+    let c = connect(&p, &token_with(json!({"tenant_id": 2, "sub": "r", "exp": exp, "role": "tenant_reader"})))
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let row = c.query_one("select current_user::text, count(*) from orders", &[]).await.map_err(|e| format!("{e:?}"))?;
+    let (user, n): (String, i64) = (row.get(0), row.get(1));
+    ensure(user == "tenant_reader" && n == 100, format!("ran as {user} and saw {n} rows"))?;
+    let e = c.execute("insert into orders (tenant_id, amount) values (2, 1)", &[]).await.err().ok_or("read-only role inserted")?;
+    ensure(db_err(&e).0 == "42501", format!("{:?}", db_err(&e)))?;
+    for (claims, what) in [
+        (json!({"tenant_id": 2, "sub": "r", "exp": exp, "role": "app_owner"}), "app_owner"),
+        (json!({"tenant_id": 2, "sub": "r", "exp": exp}), "<missing>"),
+    ] {
+        let (code, msg) = login_error(&p, &token_with(claims)).await;
+        ensure(code == "28000" && msg.contains(what), format!("role {what}: {code} {msg}"))?;
+    }
     p.stop().await;
     Ok(())
 }
