@@ -15,6 +15,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Check that the database isolates tenants for the restricted role (exit 1 on any finding).
+    Doctor {
+        #[arg(long, short, env = "PGTENANT_CONFIG", default_value = "config/pgtenant.toml")]
+        config: PathBuf,
+        /// Connect as this (owner or superuser) URL to see every object; privileges are still
+        /// evaluated for the restricted role.
+        #[arg(long)]
+        admin_url: Option<String>,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the proxy.
     Run {
         /// Path to pgtenant.toml.
@@ -63,16 +75,29 @@ fn run(config: PathBuf) -> Result<(), String> {
     })
 }
 
+fn doctor(config: PathBuf, admin_url: Option<String>, json: bool) -> Result<ExitCode, String> {
+    let cfg = Config::load(&config).map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let findings = rt.block_on(pgtenant::doctor::run(&cfg, admin_url.as_deref()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&findings).map_err(|e| e.to_string())?);
+    } else {
+        print!("{}", pgtenant::doctor::render(&findings));
+    }
+    Ok(if findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { config } => run(config),
+        Command::Run { config } => run(config).map(|()| ExitCode::SUCCESS),
+        Command::Doctor { config, admin_url, json } => doctor(config, admin_url, json),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("pgtenant: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(2)
         }
     }
 }

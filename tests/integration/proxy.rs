@@ -50,6 +50,7 @@ fn main() {
         guard_refuses_startup_options,
         session_state_is_reset_between_clients,
         role_claim_sets_local_role,
+        doctor_reports_and_clears_findings,
     ]);
 }
 
@@ -820,5 +821,55 @@ async fn role_claim_sets_local_role(env: &Env) -> TestResult {
         ensure(code == "28000" && msg.contains(what), format!("role {what}: {code} {msg}"))?;
     }
     p.stop().await;
+    Ok(())
+}
+
+fn checks(findings: &[pgtenant::doctor::Finding]) -> std::collections::BTreeSet<String> {
+    findings.iter().map(|f| format!("{}:{}", f.check, f.object)).collect()
+}
+
+async fn doctor_reports_and_clears_findings(env: &Env) -> TestResult {
+    let cfg = |text: &str| pgtenant::config::Config::from_toml(text, &|_| None).map_err(|e| e.to_string());
+    let base = config_text(env, "", "");
+    let found = checks(&pgtenant::doctor::run(&cfg(&base)?, None).await?);
+    let expected = ["database_temp:current database", "query_text_visible:pg_catalog.pg_stat_activity", "setting_unused:app.user_id"];
+    for e in expected {
+        ensure(found.contains(e), format!("missing finding {e}: {found:?}"))?;
+    }
+    ensure(found.len() == expected.len(), format!("unexpected findings on the fixture: {found:?}"))?;
+
+    // the owner role is flagged, and so is a readable table without RLS and a SECURITY DEFINER function
+    let owner = base.replace(&env.cluster.url("app_user", "app-secret", "app"), &env.cluster.url("app_owner", "owner-secret", "app"));
+    let found = checks(&pgtenant::doctor::run(&cfg(&owner)?, None).await?);
+    ensure(found.contains("role_owns_table:public.orders"), format!("owner not flagged: {found:?}"))?;
+    env.cluster
+        .psql("app", "SET ROLE app_owner; CREATE TABLE notes (x int); GRANT SELECT ON notes TO app_user; \
+              CREATE FUNCTION peek() RETURNS bigint LANGUAGE sql SECURITY DEFINER AS 'select count(*) from orders'; \
+              CREATE POLICY open_all ON users USING (true)")
+        .map_err(|e| e.to_string())?;
+    let found = checks(&pgtenant::doctor::run(&cfg(&base)?, Some(&env.cluster.superuser_url("app"))).await?);
+    env.cluster.psql("app", "DROP TABLE notes; DROP FUNCTION peek(); DROP POLICY open_all ON users").map_err(|e| e.to_string())?;
+    for e in ["table_without_rls:public.notes", "security_definer_function:peek()", "policy_without_tenant_setting:public.users policy open_all"] {
+        ensure(found.contains(e), format!("missing finding {e}: {found:?}"))?;
+    }
+
+    // fixed database + config: no findings, exit 0; the binary exits 1 while findings remain
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let file = dir.path().join("pgtenant.toml");
+    std::fs::write(&file, &base).map_err(|e| e.to_string())?;
+    let bin = env!("CARGO_BIN_EXE_pgtenant");
+    let out = Command::new(bin).args(["doctor", "--json", "--config"]).arg(&file).output().map_err(|e| e.to_string())?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("doctor --json: {e}"))?;
+    ensure(out.status.code() == Some(1) && json.as_array().is_some_and(|a| a.len() == 3), format!("doctor exit {:?}: {json}", out.status.code()))?;
+    env.cluster
+        .psql("app", "REVOKE TEMP ON DATABASE app FROM PUBLIC; REVOKE SELECT ON pg_catalog.pg_stat_activity FROM PUBLIC")
+        .map_err(|e| e.to_string())?;
+    std::fs::write(&file, base.replace(", \"app.user_id\" = \"sub\"", "")).map_err(|e| e.to_string())?;
+    let out = Command::new(bin).args(["doctor", "--config"]).arg(&file).output().map_err(|e| e.to_string())?;
+    env.cluster
+        .psql("app", "GRANT TEMP ON DATABASE app TO PUBLIC; GRANT SELECT ON pg_catalog.pg_stat_activity TO PUBLIC")
+        .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure(out.status.success() && stdout.contains("no findings"), format!("after fixes: {:?} {stdout}", out.status.code()))?;
     Ok(())
 }

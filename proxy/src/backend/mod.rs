@@ -3,6 +3,7 @@
 //! towards it (`tls`).
 
 pub mod connect;
+pub mod query;
 pub mod target;
 pub mod tls;
 

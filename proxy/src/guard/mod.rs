@@ -130,6 +130,12 @@ impl Guard {
                     }
                 }
             }
+            Some("prepare") | Some("execute") | Some("deallocate") => {
+                let i = if word(1).as_deref() == Some("prepare") { 2 } else { 1 };
+                if toks.get(i).and_then(ident_value).is_some_and(|n| n.starts_with("pgtenant")) {
+                    return Err(refused("prepared statement names starting with \"pgtenant\" are reserved".into()));
+                }
+            }
             Some("do") if !self.allow_do => {
                 return Err(refused("DO blocks are not allowed: they could change the tenant context".into())
                     .with_hint("set tenant.allow_do = true in the pgtenant config if you really need them"));
@@ -300,6 +306,10 @@ mod tests {
             "CREATE PROCEDURE p() LANGUAGE plpgsql AS $p$ BEGIN SET LOCAL app.tenant_id = '2'; END $p$",
             "RESET ALL; select * from orders",
             "prepare x as select set_config('app.tenant_id', '2', true)",
+            "DEALLOCATE pgtenant_ctx",
+            "deallocate prepare PGTENANT_S1",
+            "PREPARE pgtenant_ctx (text) AS select 1",
+            "EXECUTE pgtenant_s0",
         ] {
             let r = g.check(sql.as_bytes(), IDLE);
             assert!(r.is_err(), "not refused: {sql}");
@@ -330,6 +340,8 @@ mod tests {
             "RESET ALL",
             "select 1; RESET ALL",
             "CREATE TEMP TABLE t (x int)",
+            "PREPARE mine AS select 1",
+            "DEALLOCATE ALL",
         ] {
             assert!(g.check(sql.as_bytes(), IDLE).is_ok(), "refused: {sql}");
         }
