@@ -113,7 +113,9 @@ impl Guard {
     }
 
     fn check_statement(&self, toks: &[Token<'_>], depth: u32) -> Result<(), PgError> {
-        let Some(first) = toks.first() else { return Ok(()) };
+        if toks.is_empty() {
+            return Ok(());
+        }
         let word = |i: usize| toks.get(i).filter(|t| t.kind == Kind::Word).map(|t| String::from_utf8_lossy(t.text).to_lowercase());
         match word(0).as_deref() {
             Some("set") | Some("reset") => {
@@ -143,20 +145,9 @@ impl Guard {
             Some("update") if toks.iter().any(|t| ident_value(t).as_deref() == Some("pg_settings")) => {
                 return Err(refused("UPDATE pg_settings is not allowed".into()));
             }
-            Some("alter") | Some("create") => {
-                for (i, t) in toks.iter().enumerate() {
-                    if t.is_word("set") || t.is_word("reset") {
-                        if let Some(name) = self.setting_name(toks, i + 1) {
-                            if self.is_protected(&name) {
-                                return Err(protected_error(&name));
-                            }
-                        }
-                    }
-                }
-            }
+            Some("alter") | Some("create") => self.check_set_clauses(toks)?,
             _ => {}
         }
-        let _ = first;
         self.check_set_config(toks)?;
         // bodies of functions, procedures and (allowed) DO blocks are SQL or PL/pgSQL: check them too
         if depth < MAX_DEPTH && matches!(word(0).as_deref(), Some("create") | Some("do")) {
@@ -172,18 +163,27 @@ impl Guard {
     /// PL/pgSQL bodies: every statement inside is checked like client SQL.
     fn check_body(&self, body: &[u8], depth: u32) -> Result<(), PgError> {
         for toks in split(body) {
-            // PL/pgSQL wraps statements in BEGIN ... END; look at every SET/RESET/PERFORM too
-            for (i, t) in toks.iter().enumerate() {
-                if t.is_word("set") || t.is_word("reset") {
-                    let start = if toks.get(i + 1).is_some_and(|n| n.is_word("local") || n.is_word("session")) { i + 2 } else { i + 1 };
-                    if let Some(name) = self.setting_name(&toks, start) {
-                        if self.is_protected(&name) {
-                            return Err(protected_error(&name));
-                        }
+            // PL/pgSQL wraps statements in BEGIN ... END, so SET may stand anywhere
+            self.check_set_clauses(&toks)?;
+            self.check_statement(&toks, depth)?;
+        }
+        Ok(())
+    }
+
+    /// `SET`/`RESET` of a protected setting anywhere in the statement (ALTER … SET, CREATE FUNCTION
+    /// … SET, SET inside PL/pgSQL bodies).
+    fn check_set_clauses(&self, toks: &[Token<'_>]) -> Result<(), PgError> {
+        for (i, t) in toks.iter().enumerate() {
+            if t.is_word("set") || t.is_word("reset") {
+                let session_auth = toks.get(i + 2).is_some_and(|n| n.is_word("authorization"));
+                let skip = toks.get(i + 1).is_some_and(|n| n.is_word("local") || (n.is_word("session") && !session_auth));
+                let start = if skip { i + 2 } else { i + 1 };
+                if let Some(name) = self.setting_name(toks, start) {
+                    if self.is_protected(&name) {
+                        return Err(protected_error(&name));
                     }
                 }
             }
-            self.check_statement(&toks, depth)?;
         }
         Ok(())
     }
@@ -304,6 +304,7 @@ mod tests {
             "CREATE FUNCTION f() RETURNS int LANGUAGE sql SET app.tenant_id = '2' AS 'select 1'",
             "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $f$ BEGIN PERFORM set_config('app.tenant_id', '2', true); END $f$",
             "CREATE PROCEDURE p() LANGUAGE plpgsql AS $p$ BEGIN SET LOCAL app.tenant_id = '2'; END $p$",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE plpgsql AS $f$ BEGIN SET SESSION AUTHORIZATION postgres; END $f$",
             "RESET ALL; select * from orders",
             "prepare x as select set_config('app.tenant_id', '2', true)",
             "DEALLOCATE pgtenant_ctx",
