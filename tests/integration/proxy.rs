@@ -51,6 +51,7 @@ fn main() {
         session_state_is_reset_between_clients,
         role_claim_sets_local_role,
         doctor_reports_and_clears_findings,
+        backend_md5_trust_and_real_tls,
     ]);
 }
 
@@ -872,4 +873,63 @@ async fn doctor_reports_and_clears_findings(env: &Env) -> TestResult {
     let stdout = String::from_utf8_lossy(&out.stdout);
     ensure(out.status.success() && stdout.contains("no findings"), format!("after fixes: {:?} {stdout}", out.status.code()))?;
     Ok(())
+}
+
+/// Backend authentication by md5 and trust, and a real TLS handshake to the backend. Runs last: it
+/// switches the cluster to ssl = on and back.
+async fn backend_md5_trust_and_real_tls(env: &Env) -> TestResult {
+    let data = env.cluster.data_dir();
+    let hba = data.join("pg_hba.conf");
+    let original = std::fs::read_to_string(&hba).map_err(|e| e.to_string())?;
+    std::fs::write(&hba, format!("host app md5_user 127.0.0.1/32 md5\nhost app trust_user 127.0.0.1/32 trust\n{original}")).map_err(|e| e.to_string())?;
+    let (cert, key) = (data.join("server.crt"), data.join("server.key"));
+    let out = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .map_err(|e| e.to_string())?;
+    ensure(out.status.success(), "openssl failed")?;
+    // the server runs as the postgres user and insists on a private key file
+    let _ = Command::new("chown").arg("postgres").arg(&cert).arg(&key).status();
+    let _ = Command::new("chmod").arg("600").arg(&key).status();
+    env.cluster
+        .psql(
+            "app",
+            "SET password_encryption = 'md5'; CREATE ROLE md5_user LOGIN PASSWORD 'md5-pass'; CREATE ROLE trust_user LOGIN; \
+             GRANT USAGE ON SCHEMA public TO md5_user, trust_user; GRANT SELECT ON orders TO md5_user, trust_user",
+        )
+        .map_err(|e| e.to_string())?;
+    env.cluster.psql("app", "ALTER SYSTEM SET ssl = on").map_err(|e| e.to_string())?;
+    env.cluster.psql("app", "SELECT pg_reload_conf()").map_err(|e| e.to_string())?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let result = async {
+        let app_url = env.cluster.url("app_user", "app-secret", "app");
+        for (url, tls, label) in [
+            (env.cluster.url("md5_user", "md5-pass", "app"), "disable", "md5"),
+            (format!("postgres://trust_user@127.0.0.1:{}/app", env.cluster.port()), "disable", "trust"),
+            (app_url.clone(), "require", "scram over TLS"),
+            (app_url, "prefer", "scram, TLS preferred"),
+        ] {
+            let text = config_text(env, &format!("tls = \"{tls}\""), "").replace(&env.cluster.url("app_user", "app-secret", "app"), &url);
+            let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
+            let p = pgtenant::server::start(cfg).await?;
+            let c = connect(&p, &token(3, label)).await.map_err(|e| format!("{label}: {e:?}"))?;
+            let row = c
+                .query_one("select coalesce((select ssl from pg_stat_ssl where pid = pg_backend_pid()), false), count(*), min(tenant_id) from orders", &[])
+                .await
+                .map_err(|e| format!("{label}: {e:?}"))?;
+            let (ssl, n, t): (bool, i64, i32) = (row.get(0), row.get(1), row.get(2));
+            ensure(n == 100 && t == 3, format!("{label}: {n} rows of tenant {t}"))?;
+            ensure(ssl == (tls != "disable"), format!("{label}: backend ssl = {ssl}"))?;
+            p.stop().await;
+        }
+        Ok::<(), String>(())
+    }
+    .await;
+    std::fs::write(&hba, original).map_err(|e| e.to_string())?;
+    env.cluster.psql("app", "ALTER SYSTEM RESET ssl").map_err(|e| e.to_string())?;
+    env.cluster.psql("app", "SELECT pg_reload_conf()").map_err(|e| e.to_string())?;
+    result
 }
