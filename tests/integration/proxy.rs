@@ -51,6 +51,8 @@ fn main() {
         session_state_is_reset_between_clients,
         role_claim_sets_local_role,
         doctor_reports_and_clears_findings,
+        session_settings_do_not_leak_and_discard_all,
+        pgbench_prepared_mode,
         backend_md5_trust_and_real_tls,
     ]);
 }
@@ -932,4 +934,50 @@ async fn backend_md5_trust_and_real_tls(env: &Env) -> TestResult {
     env.cluster.psql("app", "ALTER SYSTEM RESET ssl").map_err(|e| e.to_string())?;
     env.cluster.psql("app", "SELECT pg_reload_conf()").map_err(|e| e.to_string())?;
     result
+}
+
+async fn session_settings_do_not_leak_and_discard_all(env: &Env) -> TestResult {
+    let p = start_proxy(env, "pool_size = 1", "").await;
+    let a = connect(&p, &token(1, "a")).await.map_err(|e| format!("{e:?}"))?;
+    let b = connect(&p, &token(2, "b")).await.map_err(|e| format!("{e:?}"))?;
+    a.batch_execute("SET statement_timeout = 1234; SET search_path = pg_catalog").await.map_err(|e| format!("{e:?}"))?;
+    let row = b.query_one("select current_setting('statement_timeout'), current_setting('search_path')", &[]).await.map_err(|e| format!("{e:?}"))?;
+    let (timeout, path): (String, String) = (row.get(0), row.get(1));
+    ensure(timeout == "0" && path.contains("public"), format!("client a's SET reached client b: {timeout} / {path}"))?;
+    // DISCARD ALL works through the proxy (it cannot run inside the injected transaction on the server)
+    let stmt = a.prepare("select 1").await.map_err(|e| format!("{e:?}"))?;
+    a.batch_execute("DISCARD ALL").await.map_err(|e| format!("DISCARD ALL: {e:?}"))?;
+    let e = a.query(&stmt, &[]).await.err().ok_or("statement survived DISCARD ALL")?;
+    ensure(db_err(&e).0 == "26000", format!("after DISCARD ALL: {:?}", db_err(&e)))?;
+    let (n, lo, _) = tenant_view(&a).await?;
+    ensure(n == 100 && lo == 1, "context lost after DISCARD ALL")?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn pgbench_prepared_mode(env: &Env) -> TestResult {
+    let p = start_proxy(env, "pool_size = 4", "").await;
+    let port = p.addr.port();
+    let tok = token(1, "bench");
+    let out = tokio::task::spawn_blocking(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("p.sql");
+        std::fs::write(&script, "\\set id random(1, 300)\nSELECT 1 / (CASE WHEN tenant_id = 1 THEN 1 ELSE 0 END) FROM orders WHERE id = :id;\n").unwrap();
+        Command::new("pgbench")
+            .args(["-n", "-c", "32", "-j", "2", "-t", "50", "-M", "prepared", "-f"])
+            .arg(&script)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "alice", "app"])
+            .env("PGPASSWORD", tok)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure(
+        out.status.success() && stdout.contains("processed: 1600/1600"),
+        format!("pgbench -M prepared: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)),
+    )?;
+    p.stop().await;
+    Ok(())
 }

@@ -37,7 +37,9 @@ use statements::Statements;
 
 /// Clears the session state one client can leave on a backend for the next: held cursors,
 /// listeners, session advisory locks, temporary tables, sequence state (`currval`/`lastval`).
-pub const RESET_QUERY: &str = "CLOSE ALL; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES";
+/// Also session-level settings the client changed with `SET` (RESET ALL).
+pub const RESET_QUERY: &str =
+    "CLOSE ALL; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; RESET ALL";
 
 static NEXT_SESSION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -360,6 +362,10 @@ impl Session {
                 if let Err(e) = self.shared.guard.check(q, self.position()) {
                     return Ok(self.refuse(e, true));
                 }
+                if sql::is_discard_all(q) && !self.position().in_block {
+                    self.discard_all();
+                    return Ok(Flow::Continue);
+                }
                 touches_prepared = may_touch_prepared(q);
                 leaves_state = may_leave_state(q);
                 Some(s.first)
@@ -574,6 +580,26 @@ impl Session {
         Flow::Continue
     }
 
+    /// `DISCARD ALL` outside a transaction: pgtenant's pools and drivers send it to reset a
+    /// session. The client becomes a fresh virtual session: its statements are forgotten and any
+    /// backend it left state on is reset before anyone (itself included) uses it again.
+    fn discard_all(&mut self) {
+        self.statements.clear_statements();
+        self.statements.transaction_ended();
+        self.id = NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(l) = self.lease.as_mut() {
+            l.backend.dirty = true;
+        }
+        let mut cc = BytesMut::new();
+        let _ = pgwire::messages::Message::encode(
+            &pgwire::messages::response::CommandComplete::new("DISCARD ALL".to_string()),
+            &mut cc,
+        );
+        // only called outside a transaction with nothing in flight, so the answer goes out now
+        self.client_out.extend_from_slice(&cc);
+        build::ready_for_query(&mut self.client_out, b'I');
+    }
+
     /// What the guard needs to know about where a statement runs.
     fn position(&self) -> Position {
         let idle = self.lease.is_none() || (self.replies.is_settled() && self.replies.status == b'I' && !self.in_batch);
@@ -685,10 +711,11 @@ fn may_touch_prepared(q: &[u8]) -> bool {
     })
 }
 
-/// SQL that may leave session state on the backend (see `RESET_QUERY`); conservative substring test.
+/// SQL that may leave session state on the backend (see `RESET_QUERY`): a conservative substring
+/// test, plus session-level SET statements.
 fn may_leave_state(q: &[u8]) -> bool {
     const WORDS: [&[u8]; 8] = [b"temp", b"declare", b"listen", b"advisory", b"nextval", b"setval", b"insert", b"copy"];
-    WORDS.iter().any(|w| q.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
+    WORDS.iter().any(|w| q.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w))) || sql::has_session_set(q)
 }
 
 /// Adds a hint to "cannot run inside a transaction block" errors: pgtenant runs every statement

@@ -37,6 +37,33 @@ pub fn tx_effect(first: Option<Token<'_>>, second: Option<Token<'_>>) -> TxEffec
     }
 }
 
+/// The query string is exactly `DISCARD ALL` (one statement).
+pub fn is_discard_all(sql: &[u8]) -> bool {
+    let toks: Vec<_> = Lexer::new(sql).filter(|t| t.kind != Kind::Semicolon).take(3).collect();
+    toks.len() == 2 && toks[0].is_word("discard") && toks[1].is_word("all")
+}
+
+/// Some statement is a session-level `SET` or `RESET` (not `SET LOCAL`), which would outlive the
+/// transaction on a pooled backend.
+pub fn has_session_set(sql: &[u8]) -> bool {
+    let mut at_start = true;
+    let mut lexer = Lexer::new(sql).peekable();
+    while let Some(t) = lexer.next() {
+        if t.kind == Kind::Semicolon {
+            at_start = true;
+            continue;
+        }
+        if at_start && (t.is_word("set") || t.is_word("reset")) {
+            let local = lexer.peek().is_some_and(|n| n.is_word("local") || n.is_word("transaction") || n.is_word("constraints"));
+            if !local {
+                return true;
+            }
+        }
+        at_start = false;
+    }
+    false
+}
+
 /// What a query string does to transactions, from one pass of the lexer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Summary {
@@ -107,6 +134,19 @@ pub fn summarize(sql: &[u8]) -> Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn discard_all_and_session_set() {
+        assert!(is_discard_all(b"DISCARD ALL"));
+        assert!(is_discard_all(b" discard all ; "));
+        assert!(!is_discard_all(b"DISCARD ALL; select 1"));
+        assert!(!is_discard_all(b"DISCARD PLANS"));
+        assert!(has_session_set(b"SET search_path = x"));
+        assert!(has_session_set(b"select 1; reset statement_timeout"));
+        assert!(!has_session_set(b"SET LOCAL statement_timeout = 1"));
+        assert!(!has_session_set(b"SET TRANSACTION READ ONLY"));
+        assert!(!has_session_set(b"select 'set x = 1' offset 3"));
+    }
 
     #[test]
     fn finds_transaction_boundaries() {
