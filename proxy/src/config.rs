@@ -47,6 +47,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("tenant", "allowed_roles", EnvType::List),
     ("tenant", "protected_settings", EnvType::List),
     ("tenant", "allow_do", EnvType::Bool),
+    ("pool", "prepared_statements_cache", EnvType::Int),
     ("log", "level", EnvType::Str),
     ("log", "format", EnvType::Str),
 ];
@@ -167,6 +168,9 @@ impl Config {
         if self.tenant.role_claim.is_some() && self.tenant.allowed_roles.is_empty() {
             return invalid("tenant.role_claim needs tenant.allowed_roles".into());
         }
+        if self.pool.prepared_statements_cache == 0 {
+            return invalid("pool.prepared_statements_cache must be at least 1".into());
+        }
         if !matches!(self.log.format.as_str(), "human" | "json") {
             return invalid(format!("log.format must be \"human\" or \"json\", not \"{}\"", self.log.format));
         }
@@ -198,7 +202,22 @@ pub struct Config {
     #[serde(default)]
     pub tenant: TenantConfig,
     #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Client statements kept prepared per backend connection (least recently used closed first).
+    pub prepared_statements_cache: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig { prepared_statements_cache: 500 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -21,9 +21,6 @@ use crate::error::{sqlstate, PgError};
 use crate::net::Stream;
 use crate::session::prepared::BackendStatements;
 
-/// Server-side prepared statements kept per backend connection before the least recently used is
-/// closed.
-pub const PREPARED_CACHE: usize = 500;
 
 /// One backend connection, split for full-duplex relaying.
 pub struct Backend {
@@ -44,7 +41,7 @@ pub struct Backend {
 }
 
 impl Backend {
-    fn from_conn(c: BackendConn) -> Backend {
+    fn from_conn(c: BackendConn, prepared_cache: usize) -> Backend {
         let (rd, wr) = tokio::io::split(c.stream);
         Backend {
             rd,
@@ -53,7 +50,7 @@ impl Backend {
             secret_key: c.secret_key,
             created: c.created,
             ctx_prepared: false,
-            statements: BackendStatements::new(PREPARED_CACHE),
+            statements: BackendStatements::new(prepared_cache),
             owner: 0,
             dirty: false,
         }
@@ -81,6 +78,7 @@ pub struct Pool {
     acquire_timeout: Duration,
     idle_timeout: Duration,
     max_lifetime: Duration,
+    prepared_cache: usize,
     /// ParameterStatus values of the server, learned from the first connection.
     server_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
 }
@@ -98,7 +96,7 @@ pub fn connect_error(e: &ConnectError) -> PgError {
 }
 
 impl Pool {
-    pub fn new(cfg: &BackendConfig, target: BackendTarget) -> Arc<Pool> {
+    pub fn new(cfg: &BackendConfig, prepared_cache: usize, target: BackendTarget) -> Arc<Pool> {
         Arc::new(Pool {
             target,
             size: cfg.pool_size,
@@ -107,6 +105,7 @@ impl Pool {
             acquire_timeout: Duration::from_millis(cfg.acquire_timeout_ms),
             idle_timeout: Duration::from_secs(cfg.idle_timeout_s),
             max_lifetime: Duration::from_secs(cfg.max_lifetime_s),
+            prepared_cache,
             server_params: Mutex::new(None),
         })
     }
@@ -156,7 +155,7 @@ impl Pool {
             return Ok(Lease { backend: idle.backend, _permit: permit });
         }
         let conn = self.connect().await.map_err(|e| connect_error(&e))?;
-        Ok(Lease { backend: Backend::from_conn(conn), _permit: permit })
+        Ok(Lease { backend: Backend::from_conn(conn, self.prepared_cache), _permit: permit })
     }
 
     fn pop_idle(&self) -> Option<Idle> {

@@ -40,7 +40,7 @@ impl Proxy {
             (Some(cert), Some(key)) => Some(tls::load_acceptor(cert, key)?),
             _ => None,
         };
-        let pool = Pool::new(&config.backend, target);
+        let pool = Pool::new(&config.backend, config.pool.prepared_statements_cache, target);
         let guard = crate::guard::Guard::from_config(&config.tenant);
         let shared = Arc::new(Shared { pool, guard, max_message_bytes: config.server.max_message_bytes });
         Ok(Arc::new(Proxy { shared, cancels: Arc::new(CancelRegistry::default()), verifier, mapping, tls, config }))

@@ -53,6 +53,8 @@ fn main() {
         doctor_reports_and_clears_findings,
         session_settings_do_not_leak_and_discard_all,
         pgbench_prepared_mode,
+        flush_gets_replies_without_sync,
+        prepared_cache_eviction,
         backend_md5_trust_and_real_tls,
     ]);
 }
@@ -539,12 +541,10 @@ async fn client_gone_mid_transaction_rolls_back(env: &Env) -> TestResult {
     Ok(())
 }
 
-async fn reserved_statement_names_refused(env: &Env) -> TestResult {
+/// Logs in over a raw socket and reads up to the first ReadyForQuery.
+async fn raw_login(p: &pgtenant::server::Running, tok: &str) -> Result<tokio::net::TcpStream, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let p = start_proxy(env, "", "").await;
-    // raw protocol: login, then Parse into pgtenant's statement name
-    let mut s = tokio::net::TcpStream::connect(p.addr).await.map_err(|e| format!("{e:?}"))?;
-    let tok = token(1, "raw");
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.map_err(|e| e.to_string())?;
     let mut startup = Vec::new();
     startup.extend_from_slice(&196608i32.to_be_bytes());
     for kv in ["user", "alice", "database", "app"] {
@@ -554,14 +554,124 @@ async fn reserved_statement_names_refused(env: &Env) -> TestResult {
     startup.push(0);
     let mut msg = ((startup.len() + 4) as i32).to_be_bytes().to_vec();
     msg.extend_from_slice(&startup);
-    s.write_all(&msg).await.map_err(|e| format!("{e:?}"))?;
+    s.write_all(&msg).await.map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; 9];
-    s.read_exact(&mut buf).await.map_err(|e| format!("{e:?}"))?; // AuthenticationCleartextPassword
+    s.read_exact(&mut buf).await.map_err(|e| e.to_string())?; // AuthenticationCleartextPassword
     let mut pw = vec![b'p'];
     pw.extend_from_slice(&((tok.len() + 5) as i32).to_be_bytes());
     pw.extend_from_slice(tok.as_bytes());
     pw.push(0);
-    s.write_all(&pw).await.map_err(|e| format!("{e:?}"))?;
+    s.write_all(&pw).await.map_err(|e| e.to_string())?;
+    let got = read_until(&mut s, b"Z\0\0\0\x05I", Duration::from_secs(5)).await;
+    ensure(got.ends_with(b"Z\0\0\0\x05I"), "login did not finish")?;
+    Ok(s)
+}
+
+/// Reads until the bytes end with `suffix` or `limit` passes.
+async fn read_until(s: &mut tokio::net::TcpStream, suffix: &[u8], limit: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline && !got.ends_with(suffix) {
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(deadline - Instant::now(), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    got
+}
+
+fn frontend(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
+/// Reads backend messages until one with tag `until` arrives (or `limit` passes).
+async fn read_messages(s: &mut tokio::net::TcpStream, until: u8, limit: Duration) -> Vec<(u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let deadline = Instant::now() + limit;
+    let mut buf = Vec::new();
+    let mut msgs = Vec::new();
+    loop {
+        while buf.len() >= 5 {
+            let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() < len + 1 {
+                break;
+            }
+            let m: Vec<u8> = buf.drain(..len + 1).collect();
+            msgs.push((m[0], m[5..].to_vec()));
+            if m[0] == until {
+                return msgs;
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), s.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return msgs,
+        }
+    }
+}
+
+async fn flush_gets_replies_without_sync(env: &Env) -> TestResult {
+    use tokio::io::AsyncWriteExt;
+    let p = start_proxy(env, "", "").await;
+    let mut s = raw_login(&p, &token(2, "flusher")).await?;
+    // Parse + Describe + Flush, no Sync (lib/pq and pgjdbc do this inside BEGIN)
+    let mut batch = frontend(b'P', b"\0select current_setting('app.tenant_id')\0\0\0");
+    batch.extend(frontend(b'D', b"S\0"));
+    batch.extend(frontend(b'H', b""));
+    let started = Instant::now();
+    s.write_all(&batch).await.map_err(|e| e.to_string())?;
+    let msgs = read_messages(&mut s, b'T', Duration::from_secs(3)).await;
+    let tags: Vec<u8> = msgs.iter().map(|m| m.0).collect();
+    ensure(tags == b"1tT", format!("replies to Parse/Describe/Flush: {:?}", String::from_utf8_lossy(&tags)))?;
+    ensure(started.elapsed() < Duration::from_secs(1), format!("Flush replies took {:?}", started.elapsed()))?;
+    // Bind/Execute/Sync complete the exchange, with the context applied
+    let mut rest = frontend(b'B', b"\0\0\0\0\0\0\0\0");
+    rest.extend(frontend(b'E', b"\0\0\0\0\0"));
+    rest.extend(frontend(b'S', b""));
+    s.write_all(&rest).await.map_err(|e| e.to_string())?;
+    let msgs = read_messages(&mut s, b'Z', Duration::from_secs(3)).await;
+    let tags: Vec<u8> = msgs.iter().map(|m| m.0).collect();
+    ensure(tags == b"2DCZ", format!("replies to Bind/Execute/Sync: {:?}", String::from_utf8_lossy(&tags)))?;
+    ensure(msgs[1].1.ends_with(b"\0\0\0\x012"), format!("DataRow {:?}", msgs[1].1))?;
+    ensure(msgs[3].1 == b"I", "not idle after Sync")?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn prepared_cache_eviction(env: &Env) -> TestResult {
+    let p = start_proxy(env, "pool_size = 1", "[pool]\nprepared_statements_cache = 2").await;
+    let c = connect(&p, &token(3, "evict")).await.map_err(|e| format!("{e:?}"))?;
+    let mut stmts = Vec::new();
+    for i in 0..5 {
+        stmts.push(c.prepare(&format!("select {i}::int, count(*) from orders")).await.map_err(|e| format!("{e:?}"))?);
+    }
+    for round in 0..4 {
+        for (i, st) in stmts.iter().enumerate() {
+            let row = c.query_one(st, &[]).await.map_err(|e| format!("round {round} stmt {i}: {e:?}"))?;
+            let (k, n): (i32, i64) = (row.get(0), row.get(1));
+            ensure(k == i as i32 && n == 100, format!("stmt {i}: {k} {n}"))?;
+        }
+    }
+    let server_side: i64 = c
+        .query_one("select count(*) from pg_prepared_statements where name like 'pgtenant_s%'", &[])
+        .await
+        .map_err(|e| format!("{e:?}"))?
+        .get(0);
+    ensure(server_side <= 3, format!("{server_side} server statements with a cache of 2"))?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn reserved_statement_names_refused(env: &Env) -> TestResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = start_proxy(env, "", "").await;
+    // raw protocol: login, then Parse into pgtenant's statement name
+    let mut s = raw_login(&p, &token(1, "raw")).await?;
     let mut parse = vec![b'P'];
     let body = b"pgtenant_ctx\0select 1\0\0\0";
     parse.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
