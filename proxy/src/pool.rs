@@ -29,8 +29,8 @@ pub struct Backend {
     pub pid: i32,
     pub secret_key: i32,
     created: Instant,
-    /// pgtenant's context statement is prepared on this connection (and has not been discarded).
-    pub ctx_prepared: bool,
+    /// Which context statements (by number of settings, bit n) are prepared on this connection.
+    pub ctx_prepared: u128,
     /// Client statements prepared on this connection, by content.
     pub statements: BackendStatements,
     /// The session that used this connection last.
@@ -49,7 +49,7 @@ impl Backend {
             pid: c.pid,
             secret_key: c.secret_key,
             created: c.created,
-            ctx_prepared: false,
+            ctx_prepared: 0,
             statements: BackendStatements::new(prepared_cache),
             owner: 0,
             dirty: false,
@@ -70,6 +70,15 @@ struct Idle {
     since: Instant,
 }
 
+/// Facts about the server, learned once.
+#[derive(Debug, Default)]
+pub struct ServerInfo {
+    /// ParameterStatus values reported at startup.
+    pub params: Vec<(String, String)>,
+    /// Names of all settings (`pg_settings`), lower case: which startup parameters are real.
+    pub settings: std::collections::HashSet<String>,
+}
+
 pub struct Pool {
     target: BackendTarget,
     size: usize,
@@ -79,8 +88,8 @@ pub struct Pool {
     idle_timeout: Duration,
     max_lifetime: Duration,
     prepared_cache: usize,
-    /// ParameterStatus values of the server, learned from the first connection.
-    server_params: Mutex<Option<Arc<Vec<(String, String)>>>>,
+    /// What the server told the first connection: ParameterStatus values and setting names.
+    server_info: Mutex<Option<Arc<ServerInfo>>>,
 }
 
 /// A leased backend. Give it back with [`Pool::release`]; dropping it closes the connection.
@@ -106,7 +115,7 @@ impl Pool {
             idle_timeout: Duration::from_secs(cfg.idle_timeout_s),
             max_lifetime: Duration::from_secs(cfg.max_lifetime_s),
             prepared_cache,
-            server_params: Mutex::new(None),
+            server_info: Mutex::new(None),
         })
     }
 
@@ -163,13 +172,15 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<BackendConn, ConnectError> {
-        let conn = backend::connect(&self.target).await.inspect_err(|e| {
+        let mut conn = backend::connect(&self.target).await.inspect_err(|e| {
             tracing::warn!(backend = %self.target.describe(), error = %e, "backend connect failed");
         })?;
         tracing::debug!(pid = conn.pid, "backend connected");
-        let mut params = self.server_params.lock().unwrap_or_else(|p| p.into_inner());
-        if params.is_none() {
-            *params = Some(Arc::new(conn.params.clone()));
+        if self.server_info.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+            let rows = backend::query::simple_query(&mut conn, "SELECT lower(name) FROM pg_catalog.pg_settings").await?;
+            let settings = rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect();
+            let info = Arc::new(ServerInfo { params: conn.params.clone(), settings });
+            *self.server_info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
         }
         Ok(conn)
     }
@@ -186,15 +197,15 @@ impl Pool {
         // the permit drops here, after the connection is back in the idle list
     }
 
-    /// The server's ParameterStatus values; connects once if no connection was made yet, which also
-    /// tells a logging-in client early that the backend is unreachable.
-    pub async fn server_params(&self) -> Result<Arc<Vec<(String, String)>>, PgError> {
-        if let Some(p) = self.server_params.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+    /// What the server reports (ParameterStatus, setting names); connects once if no connection was
+    /// made yet, which also tells a logging-in client early that the backend is unreachable.
+    pub async fn server_info(&self) -> Result<Arc<ServerInfo>, PgError> {
+        if let Some(p) = self.server_info.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Ok(p);
         }
         let lease = self.acquire().await?;
         self.release(lease);
-        self.server_params
+        self.server_info
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()

@@ -55,6 +55,7 @@ fn main() {
         pgbench_prepared_mode,
         flush_gets_replies_without_sync,
         prepared_cache_eviction,
+        startup_parameters_apply_per_transaction,
         backend_md5_trust_and_real_tls,
     ]);
 }
@@ -543,11 +544,16 @@ async fn client_gone_mid_transaction_rolls_back(env: &Env) -> TestResult {
 
 /// Logs in over a raw socket and reads up to the first ReadyForQuery.
 async fn raw_login(p: &pgtenant::server::Running, tok: &str) -> Result<tokio::net::TcpStream, String> {
+    raw_login_with(p, tok, &[]).await.map(|(s, _)| s)
+}
+
+/// Like `raw_login`, with extra startup parameters; also returns the login's messages.
+async fn raw_login_with(p: &pgtenant::server::Running, tok: &str, extra: &[&str]) -> Result<(tokio::net::TcpStream, Vec<u8>), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(p.addr).await.map_err(|e| e.to_string())?;
     let mut startup = Vec::new();
     startup.extend_from_slice(&196608i32.to_be_bytes());
-    for kv in ["user", "alice", "database", "app"] {
+    for kv in ["user", "alice", "database", "app"].iter().chain(extra) {
         startup.extend_from_slice(kv.as_bytes());
         startup.push(0);
     }
@@ -564,7 +570,7 @@ async fn raw_login(p: &pgtenant::server::Running, tok: &str) -> Result<tokio::ne
     s.write_all(&pw).await.map_err(|e| e.to_string())?;
     let got = read_until(&mut s, b"Z\0\0\0\x05I", Duration::from_secs(5)).await;
     ensure(got.ends_with(b"Z\0\0\0\x05I"), "login did not finish")?;
-    Ok(s)
+    Ok((s, got))
 }
 
 /// Reads until the bytes end with `suffix` or `limit` passes.
@@ -1088,6 +1094,56 @@ async fn pgbench_prepared_mode(env: &Env) -> TestResult {
         out.status.success() && stdout.contains("processed: 1600/1600"),
         format!("pgbench -M prepared: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)),
     )?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn startup_parameters_apply_per_transaction(env: &Env) -> TestResult {
+    use tokio::io::AsyncWriteExt;
+    let p = start_proxy(env, "pool_size = 1", "").await;
+    let port = p.addr.port();
+    let (tok, tok2) = (token(1, "tz"), token(2, "plain"));
+    let (with, without, bad) = tokio::task::spawn_blocking(move || {
+        let run = |tok: &str, envs: &[(&str, &str)]| {
+            let mut c = Command::new("psql");
+            c.args(["-X", "-At", "-c", "select current_setting('TimeZone'), current_setting('application_name'), current_setting('statement_timeout')",
+                    "-c", "begin", "-c", "select current_setting('TimeZone')", "-c", "commit"])
+                .arg(format!("host=127.0.0.1 port={port} dbname=app user=alice"))
+                .env("PGPASSWORD", tok);
+            for (k, v) in envs {
+                c.env(k, v);
+            }
+            c.output().unwrap()
+        };
+        (
+            run(&tok, &[("PGTZ", "Asia/Tokyo"), ("PGAPPNAME", "shop"), ("PGOPTIONS", "-c statement_timeout=1234")]),
+            run(&tok2, &[]),
+            run(&tok2, &[("PGOPTIONS", "-c nonsense_setting=1")]),
+        )
+    })
+    .await
+    .unwrap();
+    let out = String::from_utf8_lossy(&with.stdout);
+    ensure(with.status.success() && out.contains("Asia/Tokyo|shop|1234ms") && out.lines().filter(|l| *l == "Asia/Tokyo").count() == 1,
+        format!("client parameters not applied: {out} {}", String::from_utf8_lossy(&with.stderr)))?;
+    let out2 = String::from_utf8_lossy(&without.stdout);
+    ensure(without.status.success() && !out2.contains("Asia/Tokyo") && !out2.contains("1234ms") && !out2.contains("shop"),
+        format!("one client's parameters reached another: {out2}"))?;
+    let err = String::from_utf8_lossy(&bad.stderr);
+    ensure(!bad.status.success() && err.contains("nonsense_setting"), format!("unknown parameter: {err}"))?;
+    // ParameterStatus never contradicts the client's own TimeZone, even across BEGIN ... COMMIT
+    let (mut s, login) = raw_login_with(&p, &token(1, "raw"), &["TimeZone", "Asia/Tokyo"]).await?;
+    ensure(String::from_utf8_lossy(&login).contains("TimeZone\0Asia/Tokyo"), "login did not report the client's TimeZone")?;
+    for q in ["BEGIN", "select now()", "COMMIT", "select 1"] {
+        let mut body = q.as_bytes().to_vec();
+        body.push(0);
+        s.write_all(&frontend(b'Q', &body)).await.map_err(|e| e.to_string())?;
+        for (tag, body) in read_messages(&mut s, b'Z', Duration::from_secs(3)).await {
+            if tag == b'S' && body.starts_with(b"TimeZone\0") {
+                ensure(body.starts_with(b"TimeZone\0Asia/Tokyo"), format!("after {q}: ParameterStatus {:?}", String::from_utf8_lossy(&body)))?;
+            }
+        }
+    }
     p.stop().await;
     Ok(())
 }

@@ -16,6 +16,9 @@ use crate::protocol::frame::read_frame;
 use crate::protocol::{build, peek};
 use crate::server::Proxy;
 use crate::session::inject::Injection;
+use crate::session::ClientView;
+
+use super::params;
 use crate::tenant::{ContextError, TenantContext};
 
 /// A logged-in client, ready for its session.
@@ -27,6 +30,7 @@ pub struct LoggedIn {
     pub injection: Injection,
     pub cancel: Registration,
     pub user: String,
+    pub view: ClientView,
 }
 
 /// Largest password message accepted (a JWT is well below this).
@@ -100,20 +104,30 @@ pub async fn login(
     };
     drop(token);
 
-    let server_params = match proxy.shared.pool.server_params().await {
+    let info = match proxy.shared.pool.server_info().await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(user = %user, result = "backend unavailable", "login");
             return Err((stream, PgError { severity: crate::error::Severity::Fatal, ..e }));
         }
     };
+    let client_params = match params::from_startup(params, &info.settings, &info.params, &proxy.shared.guard) {
+        Ok(p) => p,
+        Err(e) => return Err((stream, e)),
+    };
     let cancel = proxy.cancels.register();
     let mut out = BytesMut::new();
     build::auth_ok(&mut out);
-    let app_name = params.get("application_name").map(String::as_str).unwrap_or("");
-    for (k, v) in server_params.iter() {
-        let v = if k == "application_name" { app_name } else { v.as_str() };
+    let mut reported = HashMap::new();
+    for (k, v) in info.params.iter() {
+        let client = client_params.names.iter().position(|n| n.eq_ignore_ascii_case(k)).map(|i| client_params.values[i].as_str());
+        let v = match (client, k.as_str()) {
+            (Some(c), _) => c,
+            (None, "application_name") => "",
+            (None, _) => v.as_str(),
+        };
         build::parameter_status(&mut out, k, v);
+        reported.insert(k.to_lowercase(), v.to_string());
     }
     build::backend_key_data(&mut out, cancel.pid, cancel.secret);
     build::ready_for_query(&mut out, b'I');
@@ -121,8 +135,11 @@ pub async fn login(
         return Err((stream, PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string())));
     }
     tracing::info!(user = %user, tenant = %context.tenant, sub = context.subject.as_deref().unwrap_or(""), result = "ok", "login");
-    let injection = Injection::new(proxy.mapping.setting_names(), &context.values);
-    Ok(LoggedIn { stream, leftover: buf, context, injection, cancel, user })
+    let names: Vec<String> = proxy.mapping.setting_names().iter().chain(&client_params.names).cloned().collect();
+    let values: Vec<String> = context.values.iter().chain(&client_params.values).cloned().collect();
+    let injection = Injection::new(&names, &values);
+    let view = ClientView { applied: client_params.names.iter().map(|n| n.to_lowercase()).collect(), reported };
+    Ok(LoggedIn { stream, leftover: buf, context, injection, cancel, user, view })
 }
 
 fn verify(proxy: &Proxy, token: &str) -> Result<TenantContext, PgError> {

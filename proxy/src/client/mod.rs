@@ -3,5 +3,6 @@
 //! then the JWT-as-password exchange and the login greeting (`auth`).
 
 pub mod auth;
+pub mod params;
 pub mod startup;
 pub mod tls;

@@ -55,6 +55,31 @@ pub struct Shared {
     pub max_message_bytes: usize,
 }
 
+/// The parameters as the client sees them, so backend ParameterStatus messages never contradict
+/// what a direct connection would show it.
+#[derive(Debug, Default, Clone)]
+pub struct ClientView {
+    /// Parameters pgtenant applies in every transaction (lower case): the backend's value for them
+    /// is not the client's business.
+    pub applied: std::collections::HashSet<String>,
+    /// Last value reported to the client, by lower-case name.
+    pub reported: std::collections::HashMap<String, String>,
+}
+
+impl ClientView {
+    /// Whether a backend ParameterStatus should reach the client (and records it if so).
+    fn admit(&mut self, body: &[u8]) -> bool {
+        let mut parts = body.split(|&b| b == 0);
+        let name = String::from_utf8_lossy(parts.next().unwrap_or_default()).to_lowercase();
+        let value = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+        if self.applied.contains(&name) || self.reported.get(&name) == Some(&value) {
+            return false;
+        }
+        self.reported.insert(name, value);
+        true
+    }
+}
+
 /// Why a session ended.
 #[derive(Debug)]
 pub enum End {
@@ -105,6 +130,7 @@ pub struct Session {
     held: Option<Frame>,
     /// Refusal errors waiting for their stand-in's error from the server, in order.
     refusals: std::collections::VecDeque<PgError>,
+    view: ClientView,
 }
 
 impl Session {
@@ -114,6 +140,7 @@ impl Session {
         client_in: BytesMut,
         injection: Injection,
         cancel: Registration,
+        view: ClientView,
     ) -> Session {
         let (client_rd, client_wr) = tokio::io::split(client);
         Session {
@@ -136,6 +163,7 @@ impl Session {
             hold_until_settled: false,
             held: None,
             refusals: Default::default(),
+            view,
         }
     }
 
@@ -443,8 +471,7 @@ impl Session {
             };
             if inject {
                 let lease = self.lease.as_mut().expect("attached above");
-                self.injection.write(&mut self.backend_out, lease.backend.ctx_prepared, &mut self.replies);
-                lease.backend.ctx_prepared = true;
+                self.injection.write(&mut self.backend_out, &mut lease.backend.ctx_prepared, &mut self.replies);
                 injected = true;
             }
             self.reinject = false;
@@ -458,7 +485,7 @@ impl Session {
         if touches_prepared {
             if let Some(l) = self.lease.as_mut() {
                 // DEALLOCATE / DISCARD may drop server statements: prepare ours afresh next time
-                l.backend.ctx_prepared = false;
+                l.backend.ctx_prepared = 0;
                 l.backend.statements.clear();
             }
         }
@@ -619,6 +646,9 @@ impl Session {
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(End::BackendLost(format!("bad message from server: {e}"))),
             };
+            if f.tag == b'S' && !self.view.admit(f.body()) {
+                continue; // a backend-side value the client does not have
+            }
             match self.replies.on_reply(f.tag, f.body()) {
                 Action::Forward => self.to_client(&f),
                 Action::Swallow => {}

@@ -1,0 +1,112 @@
+//! The startup parameters a client asks for (`application_name`, `TimeZone`, `DateStyle`,
+//! `options=-c name=value`, …). Backends are shared, so these are never set on a backend
+//! connection: they are applied inside each of the client's transactions by the same
+//! `set_config(name, value, true)` statement that carries the tenant context.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::error::{sqlstate, PgError};
+use crate::guard::Guard;
+
+/// Startup keys that are not settings.
+const NOT_SETTINGS: [&str; 4] = ["user", "database", "options", "replication"];
+
+#[derive(Debug, Default, Clone)]
+pub struct ClientParams {
+    pub names: Vec<String>,
+    pub values: Vec<String>,
+}
+
+/// `-c name=value` and `--name=value` pairs of the `options` startup parameter.
+fn option_pairs(options: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut words = options.split_whitespace();
+    while let Some(w) = words.next() {
+        let kv = if w == "-c" {
+            words.next().unwrap_or("")
+        } else if let Some(rest) = w.strip_prefix("-c").or_else(|| w.strip_prefix("--")) {
+            rest
+        } else {
+            continue;
+        };
+        if let Some((k, v)) = kv.split_once('=') {
+            out.push((k.replace('-', "_"), v.to_string()));
+        }
+    }
+    out
+}
+
+/// Collects the parameters to apply. Unknown setting names are refused as Postgres refuses them at
+/// startup (FATAL 42704); protected ones by the guard (FATAL 42501). Values equal to what the
+/// server already uses are skipped (nothing to apply).
+pub fn from_startup(
+    startup: &HashMap<String, String>,
+    known: &HashSet<String>,
+    server: &[(String, String)],
+    guard: &Guard,
+) -> Result<ClientParams, PgError> {
+    let mut pairs: Vec<(String, String)> = startup
+        .iter()
+        .filter(|(k, _)| !NOT_SETTINGS.contains(&k.as_str()) && !k.starts_with("_pq_."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    pairs.sort();
+    if let Some(options) = startup.get("options") {
+        pairs.extend(option_pairs(options));
+    }
+    let mut out = ClientParams::default();
+    for (name, value) in pairs {
+        let lower = name.to_lowercase();
+        guard.check_startup_options(&format!("-c {lower}=x")).map_err(|e| PgError { severity: crate::error::Severity::Fatal, ..e })?;
+        if !known.contains(&lower) && !lower.contains('.') {
+            return Err(PgError::fatal("42704", format!("unrecognized configuration parameter \"{name}\"")));
+        }
+        if server.iter().any(|(k, v)| k.eq_ignore_ascii_case(&name) && v.eq_ignore_ascii_case(&value)) {
+            continue;
+        }
+        if value.contains('\0') {
+            return Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "startup parameter value contains a NUL byte"));
+        }
+        // a later occurrence (options after the packet's own key) wins, as in Postgres
+        if let Some(i) = out.names.iter().position(|n| n.eq_ignore_ascii_case(&name)) {
+            out.values[i] = value;
+        } else {
+            out.names.push(name);
+            out.values.push(value);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TenantConfig;
+
+    #[test]
+    fn collects_known_parameters_and_options() {
+        let mut cfg = TenantConfig::default();
+        cfg.settings.insert("app.tenant_id".into(), "tenant_id".into());
+        let guard = Guard::from_config(&cfg);
+        let known: HashSet<String> = ["application_name", "timezone", "client_encoding", "statement_timeout"].iter().map(|s| s.to_string()).collect();
+        let server = vec![("client_encoding".to_string(), "UTF8".to_string())];
+        let startup: HashMap<String, String> = [
+            ("user", "alice"),
+            ("database", "app"),
+            ("application_name", "shop"),
+            ("TimeZone", "Asia/Tokyo"),
+            ("client_encoding", "UTF8"),
+            ("options", "-c statement_timeout=1234 --app.theme=dark"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let p = from_startup(&startup, &known, &server, &guard).unwrap();
+        assert_eq!(p.names, ["TimeZone", "application_name", "statement_timeout", "app.theme"]);
+        assert_eq!(p.values, ["Asia/Tokyo", "shop", "1234", "dark"]);
+        let bad: HashMap<String, String> = [("nonsense", "1")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(from_startup(&bad, &known, &server, &guard).unwrap_err().code, "42704");
+        let prot: HashMap<String, String> = [("app.tenant_id", "2")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(from_startup(&prot, &known, &server, &guard).unwrap_err().code, "42501");
+    }
+}
