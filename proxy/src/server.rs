@@ -99,7 +99,7 @@ impl Proxy {
             }
             return;
         };
-        let session = Session::new(self.shared.clone(), l.stream, l.leftover, l.injection, l.cancel, l.view);
+        let session = Session::new(self.shared.clone(), l.stream, l.leftover, l.settings, l.cancel, l.view);
         match session.run().await {
             End::ClientGone => tracing::debug!(user = %l.user, tenant = %l.context.tenant, "client disconnected"),
             End::Fatal(e) => tracing::info!(user = %l.user, error = %e, "session ended"),

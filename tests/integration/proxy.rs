@@ -56,6 +56,7 @@ fn main() {
         flush_gets_replies_without_sync,
         prepared_cache_eviction,
         startup_parameters_apply_per_transaction,
+        session_set_follows_the_client,
         backend_md5_trust_and_real_tls,
     ]);
 }
@@ -1144,6 +1145,47 @@ async fn startup_parameters_apply_per_transaction(env: &Env) -> TestResult {
             }
         }
     }
+    p.stop().await;
+    Ok(())
+}
+
+async fn session_set_follows_the_client(env: &Env) -> TestResult {
+    let p = start_proxy(env, "pool_size = 2", "").await;
+    let a = connect(&p, &token(1, "a")).await.map_err(|e| format!("{e:?}"))?;
+    let b = connect(&p, &token(2, "b")).await.map_err(|e| format!("{e:?}"))?;
+    async fn settings(c: &tokio_postgres::Client) -> Result<(String, String, i64), String> {
+        let row = c
+            .query_one("select current_setting('statement_timeout'), current_setting('TimeZone'), count(*) from orders", &[])
+            .await
+            .map_err(|e| format!("{e:?}"))?;
+        Ok((row.get(0), row.get(1), row.get(2)))
+    }
+    let (_, default_tz, _) = settings(&b).await?;
+    a.batch_execute("SET statement_timeout = 4321").await.map_err(|e| format!("{e:?}"))?;
+    a.batch_execute("SET TIME ZONE 'Asia/Tokyo'").await.map_err(|e| format!("{e:?}"))?;
+    // hold one backend in a transaction so the clients alternate over backends
+    for i in 0..6 {
+        let (t, tz, n) = settings(&a).await?;
+        ensure(t == "4321ms" && tz == "Asia/Tokyo" && n == 100, format!("round {i}: client a has {t} {tz} {n}"))?;
+        let (t, tz, n) = settings(&b).await?;
+        ensure(t == "0" && tz == default_tz && n == 100, format!("round {i}: client b has {t} {tz} {n}"))?;
+        if i == 2 {
+            b.batch_execute("BEGIN").await.map_err(|e| format!("{e:?}"))?;
+        }
+    }
+    b.batch_execute("COMMIT").await.map_err(|e| format!("{e:?}"))?;
+    // a failed SET and a rolled back SET are not kept
+    let e = a.batch_execute("SET statement_timeout = 'soon'").await.err().ok_or("bad value accepted")?;
+    ensure(db_err(&e).0 == "22023", format!("{:?}", db_err(&e)))?;
+    a.batch_execute("BEGIN; SET statement_timeout = 99; ROLLBACK").await.map_err(|e| format!("{e:?}"))?;
+    let (t, _, _) = settings(&a).await?;
+    ensure(t == "4321ms", format!("after failed and rolled back SETs: {t}"))?;
+    a.batch_execute("RESET statement_timeout").await.map_err(|e| format!("{e:?}"))?;
+    let (t, tz, _) = settings(&a).await?;
+    ensure(t == "0" && tz == "Asia/Tokyo", format!("after RESET: {t} {tz}"))?;
+    a.batch_execute("RESET ALL").await.map_err(|e| format!("{e:?}"))?;
+    let (_, tz, _) = settings(&a).await?;
+    ensure(tz == default_tz, format!("after RESET ALL: {tz}"))?;
     p.stop().await;
     Ok(())
 }

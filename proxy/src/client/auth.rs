@@ -15,7 +15,7 @@ use crate::net::Stream;
 use crate::protocol::frame::read_frame;
 use crate::protocol::{build, peek};
 use crate::server::Proxy;
-use crate::session::inject::Injection;
+use crate::session::settings::ClientSettings;
 use crate::session::ClientView;
 
 use super::params;
@@ -27,7 +27,7 @@ pub struct LoggedIn {
     /// Bytes the client sent after its password (pipelined first queries).
     pub leftover: BytesMut,
     pub context: TenantContext,
-    pub injection: Injection,
+    pub settings: ClientSettings,
     pub cancel: Registration,
     pub user: String,
     pub view: ClientView,
@@ -135,11 +135,9 @@ pub async fn login(
         return Err((stream, PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string())));
     }
     tracing::info!(user = %user, tenant = %context.tenant, sub = context.subject.as_deref().unwrap_or(""), result = "ok", "login");
-    let names: Vec<String> = proxy.mapping.setting_names().iter().chain(&client_params.names).cloned().collect();
-    let values: Vec<String> = context.values.iter().chain(&client_params.values).cloned().collect();
-    let injection = Injection::new(&names, &values);
-    let view = ClientView { applied: client_params.names.iter().map(|n| n.to_lowercase()).collect(), reported };
-    Ok(LoggedIn { stream, leftover: buf, context, injection, cancel, user, view })
+    let settings = ClientSettings::new(proxy.mapping.setting_names().to_vec(), context.values.clone(), client_params);
+    let view = ClientView { reported, ..Default::default() };
+    Ok(LoggedIn { stream, leftover: buf, context, settings, cancel, user, view })
 }
 
 fn verify(proxy: &Proxy, token: &str) -> Result<TenantContext, PgError> {

@@ -22,7 +22,8 @@ use std::collections::HashSet;
 
 use crate::config::TenantConfig;
 use crate::error::{sqlstate, PgError};
-use crate::sql::lexer::{Kind, Lexer, Token};
+use crate::sql::lexer::{Kind, Token};
+use crate::sql::split;
 use literal::{ident_value, string_value};
 
 /// How deep function bodies inside statements are checked.
@@ -227,31 +228,6 @@ impl Guard {
         }
         Ok(())
     }
-}
-
-/// Splits into statements (token lists), keeping `BEGIN ATOMIC … END` bodies whole.
-fn split(sql: &[u8]) -> Vec<Vec<Token<'_>>> {
-    let mut out = Vec::new();
-    let mut cur: Vec<Token<'_>> = Vec::new();
-    let mut atomic = 0u32;
-    for t in Lexer::new(sql) {
-        if t.kind == Kind::Semicolon && atomic == 0 {
-            if !cur.is_empty() {
-                out.push(std::mem::take(&mut cur));
-            }
-            continue;
-        }
-        if t.is_word("atomic") && cur.last().is_some_and(|p| p.is_word("begin")) {
-            atomic += 1;
-        } else if t.is_word("end") && atomic > 0 {
-            atomic -= 1;
-        }
-        cur.push(t);
-    }
-    if !cur.is_empty() {
-        out.push(cur);
-    }
-    out
 }
 
 #[cfg(test)]

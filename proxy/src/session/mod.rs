@@ -16,6 +16,7 @@
 pub mod inject;
 pub mod prepared;
 pub mod replies;
+pub mod settings;
 pub mod statements;
 
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use crate::protocol::frame::{try_split, Frame, FrameError};
 use crate::protocol::{build, peek};
 use crate::sql::{self, TxEffect};
 use inject::Injection;
+use settings::ClientSettings;
 use replies::{Action, Replies, Want};
 use statements::Statements;
 
@@ -64,6 +66,8 @@ pub struct ClientView {
     pub applied: std::collections::HashSet<String>,
     /// Last value reported to the client, by lower-case name.
     pub reported: std::collections::HashMap<String, String>,
+    /// Parameters the client is changing with SET right now: the server's report goes through.
+    pub changing: std::collections::HashSet<String>,
 }
 
 impl ClientView {
@@ -72,7 +76,8 @@ impl ClientView {
         let mut parts = body.split(|&b| b == 0);
         let name = String::from_utf8_lossy(parts.next().unwrap_or_default()).to_lowercase();
         let value = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
-        if self.applied.contains(&name) || self.reported.get(&name) == Some(&value) {
+        let applied = self.applied.contains(&name) && !self.changing.contains(&name);
+        if applied || self.reported.get(&name) == Some(&value) {
             return false;
         }
         self.reported.insert(name, value);
@@ -131,6 +136,10 @@ pub struct Session {
     /// Refusal errors waiting for their stand-in's error from the server, in order.
     refusals: std::collections::VecDeque<PgError>,
     view: ClientView,
+    settings: ClientSettings,
+    /// Session-level SETs in flight, kept if their query completes cleanly.
+    pending_sets: Option<Vec<sql::set::Change>>,
+    pending_sets_failed: bool,
 }
 
 impl Session {
@@ -138,10 +147,12 @@ impl Session {
         shared: Arc<Shared>,
         client: Stream,
         client_in: BytesMut,
-        injection: Injection,
+        settings: ClientSettings,
         cancel: Registration,
-        view: ClientView,
+        mut view: ClientView,
     ) -> Session {
+        view.applied = settings.applied();
+        let injection = settings.injection();
         let (client_rd, client_wr) = tokio::io::split(client);
         Session {
             id: NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -164,6 +175,9 @@ impl Session {
             held: None,
             refusals: Default::default(),
             view,
+            settings,
+            pending_sets: None,
+            pending_sets_failed: false,
         }
     }
 
@@ -396,6 +410,20 @@ impl Session {
                 }
                 touches_prepared = may_touch_prepared(q);
                 leaves_state = may_leave_state(q);
+                if sql::has_session_set(q) && !self.position().in_block && !rolls_back(q) {
+                    let changes = sql::set::session_changes(q);
+                    if !changes.is_empty() {
+                        self.view.changing = changes
+                            .iter()
+                            .filter_map(|c| match c {
+                                sql::set::Change::Set(n, _) | sql::set::Change::Reset(n) => Some(n.to_lowercase()),
+                                sql::set::Change::ResetAll => None,
+                            })
+                            .collect();
+                        self.pending_sets = Some(changes);
+                        self.pending_sets_failed = false;
+                    }
+                }
                 Some(s.first)
             }
             b'P' => {
@@ -491,7 +519,7 @@ impl Session {
         }
         if simple {
             self.in_batch = false;
-            self.hold_until_settled = injected;
+            self.hold_until_settled = injected || self.pending_sets.is_some();
         } else {
             self.in_batch = true;
             if f.tag == b'E' && effect == Some(TxEffect::End) {
@@ -613,6 +641,9 @@ impl Session {
     fn discard_all(&mut self) {
         self.statements.clear_statements();
         self.statements.transaction_ended();
+        self.settings.apply(&[sql::set::Change::ResetAll]);
+        self.injection = self.settings.injection();
+        self.view.applied = self.settings.applied();
         self.id = NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(l) = self.lease.as_mut() {
             l.backend.dirty = true;
@@ -673,8 +704,26 @@ impl Session {
                     }
                 }
             }
-            if f.tag == b'Z' && self.replies.is_settled() && self.replies.status == b'I' {
-                self.statements.transaction_ended();
+            if f.tag == b'E' && self.pending_sets.is_some() {
+                self.pending_sets_failed = true;
+            }
+            if f.tag == b'Z' && self.replies.is_settled() {
+                self.settle_pending_sets();
+                if self.replies.status == b'I' {
+                    self.statements.transaction_ended();
+                }
+            }
+        }
+    }
+
+    /// Keeps the client's session-level SETs once their query ended cleanly outside a transaction.
+    fn settle_pending_sets(&mut self) {
+        self.view.changing.clear();
+        if let Some(changes) = self.pending_sets.take() {
+            if !self.pending_sets_failed && self.replies.status == b'I' {
+                self.settings.apply(&changes);
+                self.injection = self.settings.injection();
+                self.view.applied = self.settings.applied();
             }
         }
     }
@@ -739,6 +788,11 @@ fn may_touch_prepared(q: &[u8]) -> bool {
     q.windows(7).any(|w| {
         WORDS.iter().any(|word| w.eq_ignore_ascii_case(&word[..7]))
     })
+}
+
+/// The text has a ROLLBACK / ABORT: session SETs in it may be undone.
+fn rolls_back(q: &[u8]) -> bool {
+    [&b"rollback"[..], b"abort"].iter().any(|w| q.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
 }
 
 /// SQL that may leave session state on the backend (see `RESET_QUERY`): a conservative substring

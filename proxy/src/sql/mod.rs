@@ -3,8 +3,34 @@
 //! set with `set_config(..., true)` is gone, so nothing may run after it without a new context).
 
 pub mod lexer;
+pub mod set;
 
 use lexer::{Kind, Lexer, Token};
+
+/// Splits into statements (token lists), keeping `BEGIN ATOMIC … END` bodies whole.
+pub fn split(sql: &[u8]) -> Vec<Vec<Token<'_>>> {
+    let mut out = Vec::new();
+    let mut cur: Vec<Token<'_>> = Vec::new();
+    let mut atomic = 0u32;
+    for t in Lexer::new(sql) {
+        if t.kind == Kind::Semicolon && atomic == 0 {
+            if !cur.is_empty() {
+                out.push(std::mem::take(&mut cur));
+            }
+            continue;
+        }
+        if t.is_word("atomic") && cur.last().is_some_and(|p| p.is_word("begin")) {
+            atomic += 1;
+        } else if t.is_word("end") && atomic > 0 {
+            atomic -= 1;
+        }
+        cur.push(t);
+    }
+    if !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
 
 /// How a statement affects the transaction block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

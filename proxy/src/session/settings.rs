@@ -1,0 +1,83 @@
+//! The client's own settings, virtualised across backends: the tenant context, its startup
+//! parameters, and the session-level `SET`s it ran. All of them go into the context statement, so
+//! they hold in each of the client's transactions on whatever backend runs it, and never anywhere
+//! else.
+
+use std::collections::HashSet;
+
+use super::inject::Injection;
+use crate::client::params::ClientParams;
+use crate::sql::set::Change;
+
+#[derive(Debug)]
+pub struct ClientSettings {
+    /// Tenant settings (names and values from the token): fixed for the session.
+    base_names: Vec<String>,
+    base_values: Vec<String>,
+    /// Startup parameters: the session defaults `RESET` returns to.
+    startup: Vec<(String, String)>,
+    /// Session-level SETs since, by name.
+    overrides: Vec<(String, String)>,
+}
+
+impl ClientSettings {
+    pub fn new(base_names: Vec<String>, base_values: Vec<String>, startup: ClientParams) -> Self {
+        let startup = startup.names.into_iter().zip(startup.values).collect();
+        ClientSettings { base_names, base_values, startup, overrides: Vec::new() }
+    }
+
+    /// Client parameters in effect: startup values overlaid with session SETs.
+    fn effective(&self) -> Vec<(String, String)> {
+        let mut eff = self.startup.clone();
+        for (n, v) in &self.overrides {
+            match eff.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(n)) {
+                Some(e) => e.1 = v.clone(),
+                None => eff.push((n.clone(), v.clone())),
+            }
+        }
+        eff
+    }
+
+    /// Lower-case names of the client parameters pgtenant applies per transaction.
+    pub fn applied(&self) -> HashSet<String> {
+        self.effective().into_iter().map(|(n, _)| n.to_lowercase()).collect()
+    }
+
+    pub fn injection(&self) -> Injection {
+        let eff = self.effective();
+        let names: Vec<String> = self.base_names.iter().cloned().chain(eff.iter().map(|(n, _)| n.clone())).collect();
+        let values: Vec<String> = self.base_values.iter().cloned().chain(eff.into_iter().map(|(_, v)| v)).collect();
+        Injection::new(&names, &values)
+    }
+
+    pub fn apply(&mut self, changes: &[Change]) {
+        for c in changes {
+            match c {
+                Change::Set(n, v) => match self.overrides.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(n)) {
+                    Some(e) => e.1 = v.clone(),
+                    None => self.overrides.push((n.clone(), v.clone())),
+                },
+                Change::Reset(n) => self.overrides.retain(|(k, _)| !k.eq_ignore_ascii_case(n)),
+                Change::ResetAll => self.overrides.clear(),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sets_overlay_startup_and_reset_returns_to_it() {
+        let startup = ClientParams { names: vec!["TimeZone".into()], values: vec!["Asia/Tokyo".into()] };
+        let mut s = ClientSettings::new(vec!["app.tenant_id".into()], vec!["1".into()], startup);
+        s.apply(&[Change::Set("timezone".into(), "UTC".into()), Change::Set("work_mem".into(), "8MB".into())]);
+        assert_eq!(s.effective(), [("TimeZone".to_string(), "UTC".to_string()), ("work_mem".into(), "8MB".into())]);
+        s.apply(&[Change::Reset("TIMEZONE".into())]);
+        assert_eq!(s.effective()[0].1, "Asia/Tokyo");
+        s.apply(&[Change::ResetAll]);
+        assert_eq!(s.effective().len(), 1);
+        assert!(s.applied().contains("timezone"));
+    }
+}

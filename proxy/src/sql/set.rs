@@ -1,0 +1,119 @@
+//! Session-level `SET` / `RESET` statements, read as changes to the client's own settings, so
+//! pgtenant can keep them for the client's later transactions on other backends.
+
+use super::lexer::{Kind, Token};
+use super::split;
+use crate::guard::literal::{ident_value, string_value};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Set(String, String),
+    /// Back to the session default (the startup value, if any).
+    Reset(String),
+    ResetAll,
+}
+
+/// The session-level changes a query string makes, in order (`SET LOCAL`, `SET TRANSACTION`,
+/// `SET CONSTRAINTS`, `SET ROLE`/`SESSION AUTHORIZATION` and `SET SESSION CHARACTERISTICS` are
+/// not session settings pgtenant keeps).
+pub fn session_changes(sql: &[u8]) -> Vec<Change> {
+    split(sql).iter().filter_map(|toks| change(toks)).collect()
+}
+
+fn change(toks: &[Token<'_>]) -> Option<Change> {
+    let first = toks.first()?;
+    let mut i = 1;
+    if toks.get(1).is_some_and(|t| t.is_word("session")) && !toks.get(2).is_some_and(|t| t.is_word("authorization") || t.is_word("characteristics")) {
+        i = 2;
+    }
+    let t = toks.get(i)?;
+    if ["local", "transaction", "constraints", "role", "session"].iter().any(|w| t.is_word(w)) {
+        return None;
+    }
+    if first.is_word("reset") {
+        if t.is_word("all") {
+            return Some(Change::ResetAll);
+        }
+        return name_at(toks, i).map(|(n, _)| Change::Reset(n));
+    }
+    if !first.is_word("set") {
+        return None;
+    }
+    let (name, next) = if t.is_word("time") && toks.get(i + 1).is_some_and(|z| z.is_word("zone")) {
+        ("timezone".to_string(), i + 2)
+    } else if t.is_word("schema") {
+        ("search_path".to_string(), i + 1)
+    } else if t.is_word("names") {
+        ("client_encoding".to_string(), i + 1)
+    } else {
+        let (n, j) = name_at(toks, i)?;
+        let j = if toks.get(j).is_some_and(|x| x.is_word("to") || (x.kind == Kind::Op && x.text == b"=")) { j + 1 } else { return None };
+        (n, j)
+    };
+    let rest = &toks[next..];
+    if rest.len() == 1 && (rest[0].is_word("default") || rest[0].is_word("local")) {
+        return Some(Change::Reset(name));
+    }
+    value(rest).map(|v| Change::Set(name, v))
+}
+
+/// A (possibly dotted) setting name at `toks[i..]` and the index after it.
+fn name_at(toks: &[Token<'_>], i: usize) -> Option<(String, usize)> {
+    let mut name = ident_value(toks.get(i)?)?;
+    let mut j = i + 1;
+    while toks.get(j).is_some_and(|t| t.kind == Kind::Op && t.text == b".") {
+        name.push('.');
+        name.push_str(&ident_value(toks.get(j + 1)?)?);
+        j += 2;
+    }
+    Some((name, j))
+}
+
+/// The text form `set_config` takes: literals decoded, list items joined with ", ".
+fn value(toks: &[Token<'_>]) -> Option<String> {
+    if toks.is_empty() {
+        return None;
+    }
+    let mut out = String::new();
+    let mut sign = false;
+    for t in toks {
+        match t.kind {
+            Kind::Op if t.text == b"," => out.push_str(", "),
+            Kind::Op if t.text == b"-" || t.text == b"+" => {
+                out.push_str(std::str::from_utf8(t.text).ok()?);
+                sign = true;
+                continue;
+            }
+            Kind::String => out.push_str(&string_value(t)?),
+            Kind::Word | Kind::Number | Kind::QuotedIdent => {
+                if !out.is_empty() && !out.ends_with(", ") && !sign {
+                    out.push(' ');
+                }
+                out.push_str(std::str::from_utf8(t.text).ok()?);
+            }
+            _ => return None, // anything else: not a value we can carry over
+        }
+        sign = false;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(n: &str, v: &str) -> Change {
+        Change::Set(n.into(), v.into())
+    }
+
+    #[test]
+    fn reads_session_changes() {
+        assert_eq!(session_changes(b"SET statement_timeout = 1000"), [set("statement_timeout", "1000")]);
+        assert_eq!(session_changes(b"set session search_path to app, \"Other\", public"), [set("search_path", "app, \"Other\", public")]);
+        assert_eq!(session_changes(b"SET TIME ZONE 'Asia/Tokyo'"), [set("timezone", "Asia/Tokyo")]);
+        assert_eq!(session_changes(b"SET application_name = E'a\\'b'"), [set("application_name", "a'b")]);
+        assert_eq!(session_changes(b"SET extra_float_digits = -2"), [set("extra_float_digits", "-2")]);
+        assert_eq!(session_changes(b"SET work_mem TO DEFAULT; RESET lock_timeout; RESET ALL"), [Change::Reset("work_mem".into()), Change::Reset("lock_timeout".into()), Change::ResetAll]);
+        assert_eq!(session_changes(b"SET LOCAL work_mem = '1MB'; SET TRANSACTION READ ONLY; SET ROLE x; select 1"), []);
+    }
+}
