@@ -18,4 +18,17 @@ if [ ${#need_pkg[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkg[@]}" >/dev/null
 fi
 
+# Real-client suite: Python drivers in a project-local virtualenv.
+venv=tests/clients/.venv
+if [ ! -x "$venv/bin/python" ] || ! cmp -s tests/clients/requirements.txt "$venv/requirements.installed"; then
+  echo "installing the Python client suite into $venv"
+  if ! python3 -m venv "$venv" 2>/dev/null; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$venv"
+  fi
+  "$venv/bin/pip" install -q --disable-pip-version-check -r tests/clients/requirements.txt
+  cp tests/clients/requirements.txt "$venv/requirements.installed"
+fi
+
 cargo test --workspace --locked

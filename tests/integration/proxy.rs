@@ -57,6 +57,7 @@ fn main() {
         prepared_cache_eviction,
         startup_parameters_apply_per_transaction,
         session_set_follows_the_client,
+        python_clients,
         backend_md5_trust_and_real_tls,
     ]);
 }
@@ -1186,6 +1187,28 @@ async fn session_set_follows_the_client(env: &Env) -> TestResult {
     a.batch_execute("RESET ALL").await.map_err(|e| format!("{e:?}"))?;
     let (_, tz, _) = settings(&a).await?;
     ensure(tz == default_tz, format!("after RESET ALL: {tz}"))?;
+    p.stop().await;
+    Ok(())
+}
+
+/// The Python drivers of the real-client suite (installed into tests/clients/.venv by
+/// scripts/test.sh): psycopg 3, psycopg_pool, asyncpg, SQLAlchemy 2.
+async fn python_clients(env: &Env) -> TestResult {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = std::env::var("PGTENANT_CLIENTS_PYTHON").map(std::path::PathBuf::from).unwrap_or(root.join("tests/clients/.venv/bin/python"));
+    ensure(python.exists(), format!("{} missing: run ./scripts/test.sh, which installs the client suite", python.display()))?;
+    let p = start_proxy(env, "pool_size = 4", "").await;
+    let (t1, t2, port) = (token(1, "py1"), token(2, "py2"), p.addr.port().to_string());
+    let script = root.join("tests/clients/python_clients.py");
+    let out = tokio::task::spawn_blocking(move || Command::new(python).arg(script).args([&port, &t1, &t2]).output())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in stdout.lines() {
+        println!("    {line}");
+    }
+    ensure(out.status.success(), format!("python clients failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))?;
     p.stop().await;
     Ok(())
 }
