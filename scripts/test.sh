@@ -31,4 +31,15 @@ if [ ! -x "$venv/bin/python" ] || ! cmp -s tests/clients/requirements.txt "$venv
   cp tests/clients/requirements.txt "$venv/requirements.installed"
 fi
 
+# Real-client suite: Node drivers from the lockfile.
+if ! command -v npm >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
+fi
+if ! cmp -s tests/clients/package-lock.json tests/clients/node_modules/.package-lock.installed; then
+  echo "installing the Node client suite into tests/clients/node_modules"
+  (cd tests/clients && npm ci --no-audit --no-fund --loglevel=error)
+  cp tests/clients/package-lock.json tests/clients/node_modules/.package-lock.installed
+fi
+
 cargo test --workspace --locked

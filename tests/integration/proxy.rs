@@ -58,6 +58,7 @@ fn main() {
         startup_parameters_apply_per_transaction,
         session_set_follows_the_client,
         python_clients,
+        node_clients,
         backend_md5_trust_and_real_tls,
     ]);
 }
@@ -1209,6 +1210,26 @@ async fn python_clients(env: &Env) -> TestResult {
         println!("    {line}");
     }
     ensure(out.status.success(), format!("python clients failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))?;
+    p.stop().await;
+    Ok(())
+}
+
+/// The Node drivers of the real-client suite (installed into tests/clients/node_modules by
+/// scripts/test.sh): node-postgres and postgres.js.
+async fn node_clients(env: &Env) -> TestResult {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/clients");
+    ensure(dir.join("node_modules/pg").exists(), "tests/clients/node_modules missing: run ./scripts/test.sh, which installs the client suite")?;
+    let p = start_proxy(env, "pool_size = 4", "").await;
+    let (t1, t2, port) = (token(1, "js1"), token(2, "js2"), p.addr.port().to_string());
+    let out = tokio::task::spawn_blocking(move || Command::new("node").current_dir(&dir).args(["node_clients.mjs", &port, &t1, &t2]).output())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in stdout.lines() {
+        println!("    {line}");
+    }
+    ensure(out.status.success(), format!("node clients failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))?;
     p.stop().await;
     Ok(())
 }
