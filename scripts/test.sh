@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every test: unit tests and the integration suite against a throwaway Postgres cluster.
-# Installs the Postgres 15 server binaries with apt-get when they are missing.
+# Runs every test: unit tests, the integration suite and the real-client suite against a throwaway
+# Postgres cluster, and the isolation suite. Installs what is missing: Postgres server binaries,
+# pgbench, openssl, Java + pgjdbc (apt-get), the Python drivers (venv) and the Node drivers (npm ci).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ fi
 command -v psql >/dev/null 2>&1 || need_pkg+=(postgresql-client)
 command -v pgbench >/dev/null 2>&1 || need_pkg+=(postgresql-contrib)
 command -v openssl >/dev/null 2>&1 || need_pkg+=(openssl)
+command -v java >/dev/null 2>&1 || need_pkg+=(default-jre-headless)
+[ -f /usr/share/java/postgresql.jar ] || need_pkg+=(libpostgresql-jdbc-java)
 if [ ${#need_pkg[@]} -gt 0 ]; then
   echo "installing: ${need_pkg[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

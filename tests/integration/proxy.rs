@@ -59,6 +59,7 @@ fn main() {
         session_set_follows_the_client,
         python_clients,
         node_clients,
+        pgjdbc_client,
         backend_md5_trust_and_real_tls,
     ]);
 }
@@ -1230,6 +1231,28 @@ async fn node_clients(env: &Env) -> TestResult {
         println!("    {line}");
     }
     ensure(out.status.success(), format!("node clients failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))?;
+    p.stop().await;
+    Ok(())
+}
+
+/// pgjdbc from Debian's libpostgresql-jdbc-java (installed by scripts/test.sh), prepareThreshold=1.
+async fn pgjdbc_client(env: &Env) -> TestResult {
+    let jar = std::path::Path::new("/usr/share/java/postgresql.jar");
+    ensure(jar.exists(), "pgjdbc missing: run ./scripts/test.sh, which installs libpostgresql-jdbc-java")?;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/clients");
+    let p = start_proxy(env, "pool_size = 4", "").await;
+    let (t1, t2, port) = (token(1, "java1"), token(2, "java2"), p.addr.port().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("java").current_dir(&dir).arg("-cp").arg(jar).args(["PgjdbcClient.java", &port, &t1, &t2]).output()
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for line in stdout.lines() {
+        println!("    {line}");
+    }
+    ensure(out.status.success(), format!("pgjdbc failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))?;
     p.stop().await;
     Ok(())
 }
