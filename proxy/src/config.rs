@@ -48,6 +48,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("tenant", "protected_settings", EnvType::List),
     ("tenant", "allow_do", EnvType::Bool),
     ("pool", "prepared_statements_cache", EnvType::Int),
+    ("pool", "mode", EnvType::Str),
     ("log", "level", EnvType::Str),
     ("log", "format", EnvType::Str),
 ];
@@ -212,11 +213,21 @@ pub struct Config {
 pub struct PoolConfig {
     /// Client statements kept prepared per backend connection (least recently used closed first).
     pub prepared_statements_cache: usize,
+    /// "transaction" (default): a backend per transaction. "session": a backend per client session.
+    pub mode: PoolMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    #[default]
+    Transaction,
+    Session,
 }
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { prepared_statements_cache: 500 }
+        PoolConfig { prepared_statements_cache: 500, mode: PoolMode::Transaction }
     }
 }
 

@@ -38,6 +38,8 @@ pub struct Backend {
     /// That session may have left session state behind (temp tables, held cursors, LISTEN,
     /// advisory locks, sequence state): reset before another session uses the connection.
     pub dirty: bool,
+    /// It may also have left SQL-level prepared statements: the reset deallocates everything.
+    pub full_reset: bool,
 }
 
 impl Backend {
@@ -53,6 +55,7 @@ impl Backend {
             statements: BackendStatements::new(prepared_cache),
             owner: 0,
             dirty: false,
+            full_reset: false,
         }
     }
 

@@ -42,7 +42,12 @@ impl Proxy {
         };
         let pool = Pool::new(&config.backend, config.pool.prepared_statements_cache, target);
         let guard = crate::guard::Guard::from_config(&config.tenant);
-        let shared = Arc::new(Shared { pool, guard, max_message_bytes: config.server.max_message_bytes });
+        let shared = Arc::new(Shared {
+            pool,
+            guard,
+            max_message_bytes: config.server.max_message_bytes,
+            session_mode: config.pool.mode == crate::config::PoolMode::Session,
+        });
         Ok(Arc::new(Proxy { shared, cancels: Arc::new(CancelRegistry::default()), verifier, mapping, tls, config }))
     }
 

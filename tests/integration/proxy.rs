@@ -57,6 +57,7 @@ fn main() {
         prepared_cache_eviction,
         startup_parameters_apply_per_transaction,
         session_set_follows_the_client,
+        pooling_refusals_and_session_mode,
         python_clients,
         node_clients,
         pgjdbc_client,
@@ -445,7 +446,7 @@ async fn copy_out_and_in(env: &Env) -> TestResult {
 }
 
 async fn notices_and_notifications_are_relayed(env: &Env) -> TestResult {
-    let p = start_proxy(env, "", "").await;
+    let p = start_proxy(env, "", "[pool]\nmode = \"session\"").await;
     let port = p.addr.port();
     let tok = token(1, "n");
     let out = tokio::task::spawn_blocking(move || {
@@ -896,22 +897,32 @@ async fn guard_refuses_startup_options(env: &Env) -> TestResult {
 }
 
 async fn session_state_is_reset_between_clients(env: &Env) -> TestResult {
-    let p = start_proxy(env, "pool_size = 1", "").await;
-    let a = connect(&p, &token(1, "a")).await.map_err(|e| format!("{e:?}"))?;
+    // session pooling: client a keeps its backend, leaves state behind, and disconnects
+    let p = start_proxy(env, "pool_size = 1", "[pool]\nmode = \"session\"").await;
+    let pid_a: i32 = {
+        let a = connect(&p, &token(1, "a")).await.map_err(|e| format!("{e:?}"))?;
+        for sql in [
+            "CREATE TEMP TABLE leak AS SELECT * FROM orders",
+            "BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT id, tenant_id FROM orders; COMMIT",
+            "SELECT pg_advisory_lock(4242); LISTEN tenant_one; INSERT INTO orders (tenant_id, amount) VALUES (1, 6161)",
+            "PREPARE secret_stmt AS SELECT 'tenant one secret'",
+        ] {
+            a.batch_execute(sql).await.map_err(|e| format!("{sql}: {e:?}"))?;
+        }
+        // the state is there for a itself across its transactions
+        let n: i64 = a.query_one("select count(*) from pg_temp.leak", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
+        ensure(n == 100, "session mode lost the client's temp table")?;
+        a.query_one("select pg_backend_pid()", &[]).await.map_err(|e| format!("{e:?}"))?.get(0)
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let b = connect(&p, &token(2, "b")).await.map_err(|e| format!("{e:?}"))?;
-    a.batch_execute(
-        "BEGIN; CREATE TEMP TABLE leak AS SELECT * FROM orders; DECLARE held CURSOR WITH HOLD FOR SELECT id, tenant_id FROM orders; \
-         SELECT pg_advisory_lock(4242); LISTEN tenant_one; INSERT INTO orders (tenant_id, amount) VALUES (1, 6161); COMMIT",
-    )
-    .await
-    .map_err(|e| format!("{e:?}"))?;
-    let pid_a: i32 = a.query_one("select pg_backend_pid()", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
     let pid_b: i32 = b.query_one("select pg_backend_pid()", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
     ensure(pid_a == pid_b, "expected the same backend")?;
     for (sql, code) in [
         ("select count(*) from pg_temp.leak", "42P01"),
         ("FETCH ALL FROM held", "34000"),
         ("select currval('orders_id_seq')", "55000"),
+        ("EXECUTE secret_stmt", "26000"),
     ] {
         let e = b.simple_query(sql).await.err().ok_or(format!("{sql}: tenant 2 saw tenant 1's session state"))?;
         ensure(db_err(&e).0 == code, format!("{sql}: {:?}", db_err(&e)))?;
@@ -1253,6 +1264,34 @@ async fn pgjdbc_client(env: &Env) -> TestResult {
         println!("    {line}");
     }
     ensure(out.status.success(), format!("pgjdbc failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn pooling_refusals_and_session_mode(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let c = connect(&p, &token(1, "tx")).await.map_err(|e| format!("{e:?}"))?;
+    for sql in ["LISTEN jobs", "DECLARE c CURSOR WITH HOLD FOR SELECT 1", "select pg_advisory_lock(7)", "CREATE TEMP TABLE t (x int)", "PREPARE q AS select 1"] {
+        let e = c.simple_query(sql).await.err().ok_or(format!("accepted in transaction pooling: {sql}"))?;
+        let d = e.as_db_error().ok_or("not a db error")?;
+        ensure(d.code().code() == "0A000" && d.hint().is_some_and(|h| h.contains("pool.mode")), format!("{sql}: {d:?}"))?;
+    }
+    c.batch_execute("BEGIN; CREATE TEMP TABLE ok (x int) ON COMMIT DROP; select pg_advisory_xact_lock(7); PREPARE q2 AS select 1; EXECUTE q2; COMMIT")
+        .await
+        .map_err(|e| format!("transaction-scoped forms refused: {e:?}"))?;
+    p.stop().await;
+    // session pooling: LISTEN works across transactions; tenant settings stay per transaction
+    use tokio::io::AsyncWriteExt;
+    let p = start_proxy(env, "pool_size = 2", "[pool]\nmode = \"session\"").await;
+    let mut a = raw_login(&p, &token(1, "listener")).await?;
+    a.write_all(&frontend(b'Q', b"LISTEN jobs\0")).await.map_err(|e| e.to_string())?;
+    read_messages(&mut a, b'Z', Duration::from_secs(3)).await;
+    let b = connect(&p, &token(2, "notifier")).await.map_err(|e| format!("{e:?}"))?;
+    b.batch_execute("NOTIFY jobs, 'job-42'").await.map_err(|e| format!("{e:?}"))?;
+    a.write_all(&frontend(b'Q', b"select current_setting('app.tenant_id')\0")).await.map_err(|e| e.to_string())?;
+    let msgs = read_messages(&mut a, b'Z', Duration::from_secs(3)).await;
+    ensure(msgs.iter().any(|(t, body)| *t == b'A' && body.windows(6).any(|w| w == b"job-42")), "notification not delivered in session mode")?;
+    ensure(msgs.iter().any(|(t, body)| *t == b'D' && body.ends_with(b"\x011")), "tenant context missing in session mode")?;
     p.stop().await;
     Ok(())
 }

@@ -55,6 +55,8 @@ pub struct Shared {
     pub pool: Arc<Pool>,
     pub guard: Guard,
     pub max_message_bytes: usize,
+    /// `pool.mode = "session"`: a client keeps its backend until it disconnects.
+    pub session_mode: bool,
 }
 
 /// The parameters as the client sees them, so backend ParameterStatus messages never contradict
@@ -209,6 +211,12 @@ impl Session {
         self.cancel.slot.set(None).await;
         if self.lease.is_some() {
             if self.backend_clean() && !matches!(end, End::BackendLost(_)) {
+                if self.shared.session_mode {
+                    // a whole session ran here: reset everything before anyone else uses it
+                    let b = &mut self.lease.as_mut().expect("checked").backend;
+                    b.dirty = true;
+                    b.full_reset = true;
+                }
                 self.release().await;
             } else {
                 // in a transaction or mid-reply: closing makes the server roll back
@@ -224,7 +232,7 @@ impl Session {
             if let Flow::Terminate = self.process_client_frames().await? {
                 return Ok(());
             }
-            if self.lease.is_some() && self.backend_clean() && self.held.is_none() {
+            if self.lease.is_some() && self.backend_clean() && self.held.is_none() && !self.shared.session_mode {
                 self.release().await;
             }
             match self.next_event().await {
@@ -288,7 +296,14 @@ impl Session {
         let b = &mut lease.backend;
         if b.dirty && b.owner != self.id {
             // pipelined in front of this session's first message: no extra round trip
-            build::query(&mut self.backend_out, RESET_QUERY);
+            if b.full_reset {
+                build::query(&mut self.backend_out, &format!("{RESET_QUERY}; DEALLOCATE ALL"));
+                b.statements.clear();
+                b.ctx_prepared = 0;
+                b.full_reset = false;
+            } else {
+                build::query(&mut self.backend_out, RESET_QUERY);
+            }
             self.replies.expect(Want::Ready, true, true);
             b.dirty = false;
         }
@@ -404,6 +419,11 @@ impl Session {
                 if let Err(e) = self.shared.guard.check(q, self.position()) {
                     return Ok(self.refuse(e, true));
                 }
+                if !self.shared.session_mode {
+                    if let Err(e) = sql::pooling::check(q, self.position().in_block) {
+                        return Ok(self.refuse(e, true));
+                    }
+                }
                 if sql::is_discard_all(q) && !self.position().in_block {
                     self.discard_all();
                     return Ok(Flow::Continue);
@@ -433,6 +453,11 @@ impl Session {
                 }
                 if let Err(e) = self.shared.guard.check(q, self.position()) {
                     return Ok(self.refuse(e, false));
+                }
+                if !self.shared.session_mode {
+                    if let Err(e) = sql::pooling::check(q, true) {
+                        return Ok(self.refuse(e, false));
+                    }
                 }
                 touches_prepared = may_touch_prepared(q);
                 leaves_state = may_leave_state(q);
@@ -512,6 +537,9 @@ impl Session {
         }
         if touches_prepared {
             if let Some(l) = self.lease.as_mut() {
+                // SQL-level PREPAREs stay on the backend: deallocate before another session
+                l.backend.dirty = true;
+                l.backend.full_reset = true;
                 // DEALLOCATE / DISCARD may drop server statements: prepare ours afresh next time
                 l.backend.ctx_prepared = 0;
                 l.backend.statements.clear();
@@ -646,7 +674,12 @@ impl Session {
         self.view.applied = self.settings.applied();
         self.id = NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(l) = self.lease.as_mut() {
-            l.backend.dirty = true;
+            // still attached (session mode, or not yet released): reset it now, pipelined
+            build::query(&mut self.backend_out, &format!("{RESET_QUERY}; DEALLOCATE ALL"));
+            self.replies.expect(Want::Ready, true, true);
+            l.backend.statements.clear();
+            l.backend.ctx_prepared = 0;
+            l.backend.owner = self.id;
         }
         let mut cc = BytesMut::new();
         let _ = pgwire::messages::Message::encode(

@@ -3,6 +3,7 @@
 //! set with `set_config(..., true)` is gone, so nothing may run after it without a new context).
 
 pub mod lexer;
+pub mod pooling;
 pub mod set;
 
 use lexer::{Kind, Lexer, Token};
