@@ -60,6 +60,14 @@ def psycopg3():
     for tenant in (1, 2):
         with psycopg.connect(DSN, password=TOKENS[tenant], prepare_threshold=0) as conn:
             scenario_sync(conn, tenant, 8100 + tenant)
+            # a small statement cache makes psycopg evict with DEALLOCATE, as busy apps do
+            conn.prepared_max = 3
+            for round_ in range(3):
+                for k in range(8):
+                    cur = conn.execute(f"select {k} + %s, count(*) from orders", (round_,))
+                    v, n = cur.fetchone()
+                    check(v == k + round_ and n > 0, f"query {k} round {round_}: {v} {n}")
+            conn.commit()
 
 
 def psycopg_pool():

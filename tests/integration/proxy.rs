@@ -58,6 +58,7 @@ fn main() {
         startup_parameters_apply_per_transaction,
         session_set_follows_the_client,
         pooling_refusals_and_session_mode,
+        deallocate_of_client_statements,
         python_clients,
         node_clients,
         pgjdbc_client,
@@ -742,7 +743,7 @@ async fn pgbench_simple_and_extended(env: &Env) -> TestResult {
         let script = script.clone();
         let out = tokio::task::spawn_blocking(move || {
             Command::new("pgbench")
-                .args(["-n", "-c", "8", "-j", "2", "-t", "200", "-M", mode, "-f"])
+                .args(["-n", "-c", "32", "-j", "2", "-t", "50", "-M", mode, "-f"])
                 .arg(&script)
                 .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "alice", "app"])
                 .env("PGPASSWORD", tok)
@@ -1292,6 +1293,46 @@ async fn pooling_refusals_and_session_mode(env: &Env) -> TestResult {
     let msgs = read_messages(&mut a, b'Z', Duration::from_secs(3)).await;
     ensure(msgs.iter().any(|(t, body)| *t == b'A' && body.windows(6).any(|w| w == b"job-42")), "notification not delivered in session mode")?;
     ensure(msgs.iter().any(|(t, body)| *t == b'D' && body.ends_with(b"\x011")), "tenant context missing in session mode")?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn deallocate_of_client_statements(env: &Env) -> TestResult {
+    use tokio::io::AsyncWriteExt;
+    let p = start_proxy(env, "pool_size = 2", "").await;
+    let mut s = raw_login(&p, &token(1, "dealloc")).await?;
+    let run = |name: &str| {
+        let mut m = frontend(b'B', format!("\0{name}\0\0\0\0\0\0\0").as_bytes());
+        m.extend(frontend(b'E', b"\0\0\0\0\0"));
+        m.extend(frontend(b'S', b""));
+        m
+    };
+    // named statements, as psycopg prepares them; used, then DEALLOCATEd by name (simple, extended)
+    let mut m = frontend(b'P', b"_pg3_0\0select 41 + 1\0\0\0");
+    m.extend(frontend(b'P', b"_pg3_1\0select 2\0\0\0"));
+    m.extend(frontend(b'S', b""));
+    m.extend(run("_pg3_0"));
+    s.write_all(&m).await.map_err(|e| e.to_string())?;
+    let tags: Vec<u8> = read_messages(&mut s, b'Z', Duration::from_secs(3)).await.iter().map(|m| m.0).collect();
+    ensure(tags == b"11Z", format!("prepare: {:?}", String::from_utf8_lossy(&tags)))?;
+    let msgs = read_messages(&mut s, b'Z', Duration::from_secs(3)).await;
+    ensure(msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"42")), "statement did not run")?;
+    s.write_all(&frontend(b'Q', b"DEALLOCATE _pg3_0\0")).await.map_err(|e| e.to_string())?;
+    let msgs = read_messages(&mut s, b'Z', Duration::from_secs(3)).await;
+    ensure(msgs.iter().any(|(t, b)| *t == b'C' && b.starts_with(b"DEALLOCATE")), format!("simple DEALLOCATE: {msgs:?}"))?;
+    let mut m = frontend(b'P', b"\0DEALLOCATE PREPARE _pg3_1\0\0\0");
+    m.extend(run(""));
+    s.write_all(&m).await.map_err(|e| e.to_string())?;
+    let msgs = read_messages(&mut s, b'Z', Duration::from_secs(3)).await;
+    ensure(msgs.iter().any(|(t, b)| *t == b'C' && b.starts_with(b"DEALLOCATE")), format!("extended DEALLOCATE: {msgs:?}"))?;
+    for name in ["_pg3_0", "_pg3_1"] {
+        s.write_all(&run(name)).await.map_err(|e| e.to_string())?;
+        let msgs = read_messages(&mut s, b'Z', Duration::from_secs(3)).await;
+        ensure(msgs.iter().any(|(t, b)| *t == b'E' && b.windows(5).any(|w| w == b"26000")), format!("{name} usable after DEALLOCATE: {msgs:?}"))?;
+    }
+    s.write_all(&frontend(b'Q', b"select current_setting('app.tenant_id')\0")).await.map_err(|e| e.to_string())?;
+    let msgs = read_messages(&mut s, b'Z', Duration::from_secs(3)).await;
+    ensure(msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"\x011")), "context lost")?;
     p.stop().await;
     Ok(())
 }

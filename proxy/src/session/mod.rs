@@ -399,6 +399,8 @@ impl Session {
         // What the message would run first; None when unknown (conservative).
         let mut touches_prepared = false;
         let mut leaves_state = false;
+        // `DEALLOCATE name` of one of the client's statements (psycopg evicts its cache this way)
+        let mut dealloc: Option<Arc<statements::StatementDef>> = None;
         let effect: Option<TxEffect> = match f.tag {
             b'Q' => {
                 let q = peek::query_msg(f.body()).ok_or_else(malformed)?;
@@ -428,7 +430,8 @@ impl Session {
                     self.discard_all();
                     return Ok(Flow::Continue);
                 }
-                touches_prepared = may_touch_prepared(q);
+                dealloc = sql::deallocate_name(q).and_then(|n| self.statements.get(n.as_bytes()).cloned());
+                touches_prepared = dealloc.is_none() && may_touch_prepared(q);
                 leaves_state = may_leave_state(q);
                 if sql::has_session_set(q) && !self.position().in_block && !rolls_back(q) {
                     let changes = sql::set::session_changes(q);
@@ -459,7 +462,8 @@ impl Session {
                         return Ok(self.refuse(e, false));
                     }
                 }
-                touches_prepared = may_touch_prepared(q);
+                dealloc = sql::deallocate_name(q).and_then(|n| self.statements.get(n.as_bytes()).cloned());
+                touches_prepared = dealloc.is_none() && may_touch_prepared(q);
                 leaves_state = may_leave_state(q);
                 let key = f.bytes.slice(5 + name.len() + 1..);
                 match self.statements.parse(name, q, key) {
@@ -529,7 +533,10 @@ impl Session {
             }
             self.reinject = false;
         }
-        self.forward_rewritten(&f, simple);
+        match dealloc {
+            Some(def) => self.forward_deallocate(&f, &def, simple),
+            None => self.forward_rewritten(&f, simple),
+        }
         if leaves_state {
             if let Some(l) = self.lease.as_mut() {
                 l.backend.dirty = true;
@@ -606,6 +613,37 @@ impl Session {
             prepared::target_frame(&mut self.backend_out, b'D', &p.name);
             self.replies.expect(Want::Description, false, false);
         }
+    }
+
+    /// Sends a client's `DEALLOCATE name` as `DEALLOCATE <server statement>` (preparing it on this
+    /// backend first if needed), so the client gets the server's own reply; the statement leaves the
+    /// client's list and this backend's cache.
+    fn forward_deallocate(&mut self, f: &Frame, def: &statements::StatementDef, simple: bool) {
+        let Some(lease) = self.lease.as_mut() else { return self.forward(f, simple) };
+        if self.replies.batch_failed {
+            return;
+        }
+        if let Some(name) = sql::deallocate_name(peek_sql(f)) {
+            self.statements.close(b'S', name.as_bytes());
+        }
+        let p = lease.backend.statements.prepare(&def.key);
+        if let Some(evict) = &p.evict {
+            prepared::target_frame(&mut self.backend_out, b'C', evict);
+            self.replies.expect(Want::CloseComplete, true, false);
+        }
+        if p.needs_parse {
+            prepared::parse_frame(&mut self.backend_out, &p.name, &def.key);
+            self.replies.expect_parse(true, p.id);
+        }
+        lease.backend.statements.forget(p.id);
+        let sql = format!("DEALLOCATE {}", p.name);
+        if simple {
+            build::query(&mut self.backend_out, &sql);
+        } else {
+            let name = peek::parse_msg(f.body()).map(|(n, _)| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
+            build::parse(&mut self.backend_out, &name, &sql, vec![]);
+        }
+        self.replies.expect(Want::for_frontend(f.tag).expect("Q or P"), false, simple);
     }
 
     /// A reply pgtenant gives itself, in order with the backend's replies.
@@ -796,6 +834,14 @@ fn frame_error(e: FrameError) -> PgError {
 
 /// Fails on the server with a syntax error, which pgtenant replaces with its refusal.
 const REFUSAL_STAND_IN: &str = "pgtenant refused this statement";
+
+/// The SQL text of a Query or Parse frame.
+fn peek_sql(f: &Frame) -> &[u8] {
+    match f.tag {
+        b'Q' => peek::query_msg(f.body()).unwrap_or_default(),
+        _ => peek::parse_msg(f.body()).map(|(_, q)| q).unwrap_or_default(),
+    }
+}
 
 /// A message with an empty body (ParseComplete, CloseComplete, ...).
 fn push_empty_message(out: &mut BytesMut, tag: u8) {

@@ -64,6 +64,20 @@ pub fn tx_effect(first: Option<Token<'_>>, second: Option<Token<'_>>) -> TxEffec
     }
 }
 
+/// The statement name of a query string that is exactly `DEALLOCATE [PREPARE] name`.
+pub fn deallocate_name(sql: &[u8]) -> Option<String> {
+    let toks: Vec<_> = Lexer::new(sql).filter(|t| t.kind != Kind::Semicolon).take(4).collect();
+    let name = match toks.as_slice() {
+        [d, n] if d.is_word("deallocate") => n,
+        [d, p, n] if d.is_word("deallocate") && p.is_word("prepare") => n,
+        _ => return None,
+    };
+    if name.is_word("all") {
+        return None;
+    }
+    crate::guard::literal::ident_value(name)
+}
+
 /// The query string is exactly `DISCARD ALL` (one statement).
 pub fn is_discard_all(sql: &[u8]) -> bool {
     let toks: Vec<_> = Lexer::new(sql).filter(|t| t.kind != Kind::Semicolon).take(3).collect();
@@ -161,6 +175,14 @@ pub fn summarize(sql: &[u8]) -> Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deallocate_names() {
+        assert_eq!(deallocate_name(b"DEALLOCATE _pg3_0").as_deref(), Some("_pg3_0"));
+        assert_eq!(deallocate_name(b"deallocate prepare \"S_1\"").as_deref(), Some("S_1"));
+        assert_eq!(deallocate_name(b"DEALLOCATE ALL"), None);
+        assert_eq!(deallocate_name(b"DEALLOCATE a; select 1"), None);
+    }
 
     #[test]
     fn discard_all_and_session_set() {
