@@ -1201,6 +1201,16 @@ async fn session_set_follows_the_client(env: &Env) -> TestResult {
     a.batch_execute("RESET ALL").await.map_err(|e| format!("{e:?}"))?;
     let (_, tz, _) = settings(&a).await?;
     ensure(tz == default_tz, format!("after RESET ALL: {tz}"))?;
+    // SET through the extended protocol (pgjdbc sends everything that way) is kept as well
+    a.execute("SET statement_timeout = 2222", &[]).await.map_err(|e| format!("{e:?}"))?;
+    b.batch_execute("BEGIN").await.map_err(|e| format!("{e:?}"))?;
+    for i in 0..4 {
+        let (t, _, _) = settings(&a).await?;
+        ensure(t == "2222ms", format!("extended SET, round {i}: {t}"))?;
+    }
+    let (t, _, _) = settings(&b).await?;
+    ensure(t == "0", format!("client b got client a's extended SET: {t}"))?;
+    b.batch_execute("COMMIT").await.map_err(|e| format!("{e:?}"))?;
     p.stop().await;
     Ok(())
 }
@@ -1311,12 +1321,13 @@ async fn deallocate_of_client_statements(env: &Env) -> TestResult {
     let mut m = frontend(b'P', b"_pg3_0\0select 41 + 1\0\0\0");
     m.extend(frontend(b'P', b"_pg3_1\0select 2\0\0\0"));
     m.extend(frontend(b'S', b""));
-    m.extend(run("_pg3_0"));
     s.write_all(&m).await.map_err(|e| e.to_string())?;
     let tags: Vec<u8> = read_messages(&mut s, b'Z', Duration::from_secs(3)).await.iter().map(|m| m.0).collect();
     ensure(tags == b"11Z", format!("prepare: {:?}", String::from_utf8_lossy(&tags)))?;
+    // (one batch at a time: read_messages does not keep bytes past the ReadyForQuery it waits for)
+    s.write_all(&run("_pg3_0")).await.map_err(|e| e.to_string())?;
     let msgs = read_messages(&mut s, b'Z', Duration::from_secs(3)).await;
-    ensure(msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"42")), "statement did not run")?;
+    ensure(msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"42")), format!("statement did not run: {msgs:?}"))?;
     s.write_all(&frontend(b'Q', b"DEALLOCATE _pg3_0\0")).await.map_err(|e| e.to_string())?;
     let msgs = read_messages(&mut s, b'Z', Duration::from_secs(3)).await;
     ensure(msgs.iter().any(|(t, b)| *t == b'C' && b.starts_with(b"DEALLOCATE")), format!("simple DEALLOCATE: {msgs:?}"))?;

@@ -130,6 +130,8 @@ pub struct Session {
     in_batch: bool,
     /// A statement inside the open batch ended the transaction: the next one needs the context.
     reinject: bool,
+    /// The open batch began outside any transaction block.
+    batch_started_idle: bool,
     /// A locally refused extended-protocol message: drop client messages up to Sync.
     skip_to_sync: bool,
     /// The context went out in front of a simple Query: wait for its reply before sending more.
@@ -172,6 +174,7 @@ impl Session {
             cancel,
             in_batch: false,
             reinject: false,
+            batch_started_idle: false,
             skip_to_sync: false,
             hold_until_settled: false,
             held: None,
@@ -366,6 +369,8 @@ impl Session {
                     self.in_batch = false;
                     self.reinject = false;
                     self.replies.batch_failed = false;
+                    // SETs executed in this batch are kept once its ReadyForQuery shows a clean end
+                    self.hold_until_settled |= self.pending_sets.is_some();
                 }
                 Ok(Flow::Continue)
             }
@@ -436,15 +441,7 @@ impl Session {
                 if sql::has_session_set(q) && !self.position().in_block && !rolls_back(q) {
                     let changes = sql::set::session_changes(q);
                     if !changes.is_empty() {
-                        self.view.changing = changes
-                            .iter()
-                            .filter_map(|c| match c {
-                                sql::set::Change::Set(n, _) | sql::set::Change::Reset(n) => Some(n.to_lowercase()),
-                                sql::set::Change::ResetAll => None,
-                            })
-                            .collect();
-                        self.pending_sets = Some(changes);
-                        self.pending_sets_failed = false;
+                        self.note_changes(&changes);
                     }
                 }
                 Some(s.first)
@@ -487,7 +484,14 @@ impl Session {
             }
             b'E' => {
                 let portal = peek::execute_msg(f.body()).ok_or_else(malformed)?;
-                self.statements.portal(portal)
+                let def = self.statements.portal(portal).cloned();
+                if let Some(sets) = def.as_ref().and_then(|d| d.sets.clone()) {
+                    let batch_idle = if self.in_batch { self.batch_started_idle } else { !self.position().in_block };
+                    if batch_idle {
+                        self.note_changes(&sets);
+                    }
+                }
+                def.map(|d| d.effect)
             }
             b'C' | b'D' => {
                 let (kind, name) = peek::target_msg(f.body()).ok_or_else(malformed)?;
@@ -507,6 +511,9 @@ impl Session {
             _ => Some(TxEffect::None), // FunctionCall
         };
 
+        if !self.in_batch && !simple {
+            self.batch_started_idle = !self.position().in_block;
+        }
         let mut injected = false;
         if (!self.in_batch || self.reinject) && !self.replies.batch_failed {
             if self.lease.is_none() {
@@ -785,6 +792,19 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Records session-level SETs on their way to the server (kept if they complete cleanly).
+    fn note_changes(&mut self, changes: &[sql::set::Change]) {
+        if self.pending_sets.is_none() {
+            self.pending_sets_failed = false;
+        }
+        for c in changes {
+            if let sql::set::Change::Set(n, _) | sql::set::Change::Reset(n) = c {
+                self.view.changing.insert(n.to_lowercase());
+            }
+        }
+        self.pending_sets.get_or_insert_with(Vec::new).extend(changes.iter().cloned());
     }
 
     /// Keeps the client's session-level SETs once their query ended cleanly outside a transaction.

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::sql::set::Change;
 use crate::sql::{self, TxEffect};
 
 /// Most named statements one client may hold at once.
@@ -20,22 +21,25 @@ pub struct StatementDef {
     /// The Parse body after the name.
     pub key: Bytes,
     pub effect: TxEffect,
+    /// Session-level SETs the statement makes (kept for the client when it ran cleanly).
+    pub sets: Option<Arc<Vec<Change>>>,
 }
 
 #[derive(Debug, Default)]
 pub struct Statements {
-    unnamed_stmt: Option<TxEffect>,
+    unnamed_stmt: Option<Arc<StatementDef>>,
     named_stmts: HashMap<Bytes, Arc<StatementDef>>,
-    unnamed_portal: Option<TxEffect>,
-    named_portals: HashMap<Bytes, TxEffect>,
+    unnamed_portal: Option<Arc<StatementDef>>,
+    named_portals: HashMap<Bytes, Arc<StatementDef>>,
 }
 
 impl Statements {
     /// Records a Parse; `None` when the client already holds `MAX_STATEMENTS` other statements.
     pub fn parse(&mut self, name: &[u8], query: &[u8], key: Bytes) -> Option<Arc<StatementDef>> {
-        let def = Arc::new(StatementDef { key, effect: sql::summarize(query).first });
+        let sets = sql::has_session_set(query).then(|| Arc::new(sql::set::session_changes(query))).filter(|c| !c.is_empty());
+        let def = Arc::new(StatementDef { key, effect: sql::summarize(query).first, sets });
         if name.is_empty() {
-            self.unnamed_stmt = Some(def.effect);
+            self.unnamed_stmt = Some(def.clone());
         } else {
             if self.named_stmts.len() >= MAX_STATEMENTS && !self.named_stmts.contains_key(name) {
                 return None;
@@ -49,31 +53,33 @@ impl Statements {
         self.named_stmts.get(name)
     }
 
-    pub fn statement_effect(&self, name: &[u8]) -> Option<TxEffect> {
+    fn statement(&self, name: &[u8]) -> Option<&Arc<StatementDef>> {
         if name.is_empty() {
-            self.unnamed_stmt
+            self.unnamed_stmt.as_ref()
         } else {
-            self.named_stmts.get(name).map(|d| d.effect)
+            self.named_stmts.get(name)
         }
     }
 
     pub fn bind(&mut self, portal: &[u8], stmt: &[u8]) -> Option<TxEffect> {
-        let e = self.statement_effect(stmt);
+        let def = self.statement(stmt).cloned();
+        let e = def.as_ref().map(|d| d.effect);
         if portal.is_empty() {
-            self.unnamed_portal = e;
-        } else if let Some(e) = e {
+            self.unnamed_portal = def;
+        } else if let Some(def) = def {
             if self.named_portals.len() < MAX_STATEMENTS {
-                self.named_portals.insert(Bytes::copy_from_slice(portal), e);
+                self.named_portals.insert(Bytes::copy_from_slice(portal), def);
             }
         }
         e
     }
 
-    pub fn portal(&self, name: &[u8]) -> Option<TxEffect> {
+    /// The statement behind a portal.
+    pub fn portal(&self, name: &[u8]) -> Option<&Arc<StatementDef>> {
         if name.is_empty() {
-            self.unnamed_portal
+            self.unnamed_portal.as_ref()
         } else {
-            self.named_portals.get(name).copied()
+            self.named_portals.get(name)
         }
     }
 
