@@ -714,6 +714,10 @@ async fn context_statement_is_reprepared_after_deallocate(env: &Env) -> TestResu
     let p = start_proxy(env, "pool_size = 1", "").await;
     let c = connect(&p, &token(2, "d")).await.map_err(|e| format!("{e:?}"))?;
     c.prepare("select 1").await.map_err(|e| format!("{e:?}"))?;
+    let st = c.prepare("select 7").await.map_err(|e| format!("{e:?}"))?;
+    c.simple_query("DEALLOCATE ALL").await.map_err(|e| format!("{e:?}"))?;
+    let e = c.query(&st, &[]).await.err().ok_or("statement survived DEALLOCATE ALL")?;
+    ensure(db_err(&e).0 == "26000", format!("after DEALLOCATE ALL: {:?}", db_err(&e)))?;
     for q in ["DEALLOCATE ALL", "DEALLOCATE ALL; select 1", "DISCARD PLANS"] {
         c.simple_query(q).await.map_err(|e| format!("{q}: {e:?}"))?;
         let (n, lo, _) = tenant_view(&c).await?;

@@ -437,6 +437,9 @@ impl Session {
                 }
                 dealloc = sql::deallocate_name(q).and_then(|n| self.statements.get(n.as_bytes()).cloned());
                 touches_prepared = dealloc.is_none() && may_touch_prepared(q);
+                if touches_prepared && sql::deallocates_all(q) {
+                    self.statements.clear_statements();
+                }
                 leaves_state = may_leave_state(q);
                 if sql::has_session_set(q) && !self.position().in_block && !rolls_back(q) {
                     let changes = sql::set::session_changes(q);

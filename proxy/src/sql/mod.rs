@@ -78,6 +78,15 @@ pub fn deallocate_name(sql: &[u8]) -> Option<String> {
     crate::guard::literal::ident_value(name)
 }
 
+/// Some statement of the query string is `DEALLOCATE [PREPARE] ALL`.
+pub fn deallocates_all(sql: &[u8]) -> bool {
+    split(sql).iter().any(|t| {
+        t.first().is_some_and(|d| d.is_word("deallocate"))
+            && (t.get(1).is_some_and(|a| a.is_word("all"))
+                || (t.get(1).is_some_and(|p| p.is_word("prepare")) && t.get(2).is_some_and(|a| a.is_word("all"))))
+    })
+}
+
 /// The query string is exactly `DISCARD ALL` (one statement).
 pub fn is_discard_all(sql: &[u8]) -> bool {
     let toks: Vec<_> = Lexer::new(sql).filter(|t| t.kind != Kind::Semicolon).take(3).collect();
@@ -182,6 +191,8 @@ mod tests {
         assert_eq!(deallocate_name(b"deallocate prepare \"S_1\"").as_deref(), Some("S_1"));
         assert_eq!(deallocate_name(b"DEALLOCATE ALL"), None);
         assert_eq!(deallocate_name(b"DEALLOCATE a; select 1"), None);
+        assert!(deallocates_all(b"select 1; DEALLOCATE PREPARE ALL"));
+        assert!(!deallocates_all(b"DEALLOCATE x"));
     }
 
     #[test]
