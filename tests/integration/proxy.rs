@@ -1219,68 +1219,51 @@ async fn session_set_follows_the_client(env: &Env) -> TestResult {
     Ok(())
 }
 
-/// The Python drivers of the real-client suite (installed into tests/clients/.venv by
-/// scripts/test.sh): psycopg 3, psycopg_pool, asyncpg, SQLAlchemy 2.
-async fn python_clients(env: &Env) -> TestResult {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let python = std::env::var("PGTENANT_CLIENTS_PYTHON").map(std::path::PathBuf::from).unwrap_or(root.join("tests/clients/.venv/bin/python"));
-    ensure(python.exists(), format!("{} missing: run ./scripts/test.sh, which installs the client suite", python.display()))?;
+/// Runs one program of the real-client suite against a fresh proxy with tokens for tenants 1 and 2
+/// (appended as `PORT TOKEN_1 TOKEN_2`), prints its per-client lines, and fails if it failed.
+async fn client_suite(env: &Env, what: &str, mut cmd: Command) -> TestResult {
     let p = start_proxy(env, "pool_size = 4", "").await;
-    let (t1, t2, port) = (token(1, "py1"), token(2, "py2"), p.addr.port().to_string());
-    let script = root.join("tests/clients/python_clients.py");
-    let out = tokio::task::spawn_blocking(move || Command::new(python).arg(script).args([&port, &t1, &t2]).output())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    cmd.args([p.addr.port().to_string(), token(1, what), token(2, what)]);
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     for line in stdout.lines() {
         println!("    {line}");
     }
-    ensure(out.status.success(), format!("python clients failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))?;
+    ensure(out.status.success(), format!("{what} failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))?;
     p.stop().await;
     Ok(())
 }
 
-/// The Node drivers of the real-client suite (installed into tests/clients/node_modules by
-/// scripts/test.sh): node-postgres and postgres.js.
+fn clients_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/clients")
+}
+
+/// Python drivers (installed into tests/clients/.venv by scripts/test.sh): psycopg 3,
+/// psycopg_pool, asyncpg, SQLAlchemy 2.
+async fn python_clients(env: &Env) -> TestResult {
+    let python = std::env::var("PGTENANT_CLIENTS_PYTHON").map(std::path::PathBuf::from).unwrap_or(clients_dir().join(".venv/bin/python"));
+    ensure(python.exists(), format!("{} missing: run ./scripts/test.sh, which installs the client suite", python.display()))?;
+    let mut cmd = Command::new(python);
+    cmd.arg(clients_dir().join("python_clients.py"));
+    client_suite(env, "python clients", cmd).await
+}
+
+/// Node drivers (installed into tests/clients/node_modules by scripts/test.sh): node-postgres and
+/// postgres.js.
 async fn node_clients(env: &Env) -> TestResult {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/clients");
-    ensure(dir.join("node_modules/pg").exists(), "tests/clients/node_modules missing: run ./scripts/test.sh, which installs the client suite")?;
-    let p = start_proxy(env, "pool_size = 4", "").await;
-    let (t1, t2, port) = (token(1, "js1"), token(2, "js2"), p.addr.port().to_string());
-    let out = tokio::task::spawn_blocking(move || Command::new("node").current_dir(&dir).args(["node_clients.mjs", &port, &t1, &t2]).output())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    for line in stdout.lines() {
-        println!("    {line}");
-    }
-    ensure(out.status.success(), format!("node clients failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))?;
-    p.stop().await;
-    Ok(())
+    ensure(clients_dir().join("node_modules/pg").exists(), "tests/clients/node_modules missing: run ./scripts/test.sh, which installs the client suite")?;
+    let mut cmd = Command::new("node");
+    cmd.current_dir(clients_dir()).arg("node_clients.mjs");
+    client_suite(env, "node clients", cmd).await
 }
 
 /// pgjdbc from Debian's libpostgresql-jdbc-java (installed by scripts/test.sh), prepareThreshold=1.
 async fn pgjdbc_client(env: &Env) -> TestResult {
-    let jar = std::path::Path::new("/usr/share/java/postgresql.jar");
-    ensure(jar.exists(), "pgjdbc missing: run ./scripts/test.sh, which installs libpostgresql-jdbc-java")?;
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/clients");
-    let p = start_proxy(env, "pool_size = 4", "").await;
-    let (t1, t2, port) = (token(1, "java1"), token(2, "java2"), p.addr.port().to_string());
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("java").current_dir(&dir).arg("-cp").arg(jar).args(["PgjdbcClient.java", &port, &t1, &t2]).output()
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    for line in stdout.lines() {
-        println!("    {line}");
-    }
-    ensure(out.status.success(), format!("pgjdbc failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))?;
-    p.stop().await;
-    Ok(())
+    let jar = "/usr/share/java/postgresql.jar";
+    ensure(std::path::Path::new(jar).exists(), "pgjdbc missing: run ./scripts/test.sh, which installs libpostgresql-jdbc-java")?;
+    let mut cmd = Command::new("java");
+    cmd.current_dir(clients_dir()).args(["-cp", jar, "PgjdbcClient.java"]);
+    client_suite(env, "pgjdbc", cmd).await
 }
 
 async fn pooling_refusals_and_session_mode(env: &Env) -> TestResult {

@@ -17,8 +17,9 @@ pub struct ClientParams {
     pub values: Vec<String>,
 }
 
-/// `-c name=value` and `--name=value` pairs of the `options` startup parameter.
-fn option_pairs(options: &str) -> Vec<(String, String)> {
+/// `-c name=value` and `--name=value` pairs of the `options` startup parameter (dashes in names
+/// read as underscores, as Postgres does).
+pub fn option_pairs(options: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut words = options.split_whitespace();
     while let Some(w) = words.next() {
@@ -57,7 +58,7 @@ pub fn from_startup(
     let mut out = ClientParams::default();
     for (name, value) in pairs {
         let lower = name.to_lowercase();
-        guard.check_startup_options(&format!("-c {lower}=x")).map_err(|e| PgError { severity: crate::error::Severity::Fatal, ..e })?;
+        guard.check_startup_options(&format!("-c {lower}=")).map_err(|e| PgError { severity: crate::error::Severity::Fatal, ..e })?;
         if !known.contains(&lower) && !lower.contains('.') {
             return Err(PgError::fatal("42704", format!("unrecognized configuration parameter \"{name}\"")));
         }

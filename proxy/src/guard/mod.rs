@@ -72,16 +72,7 @@ impl Guard {
     /// Checks the startup packet's `options` (`-c name=value`, `--name=value`): protected settings
     /// may not be set there either.
     pub fn check_startup_options(&self, options: &str) -> Result<(), PgError> {
-        let mut words = options.split_whitespace();
-        while let Some(w) = words.next() {
-            let assignment = if w == "-c" {
-                words.next().unwrap_or("")
-            } else if let Some(rest) = w.strip_prefix("-c").or_else(|| w.strip_prefix("--")) {
-                rest
-            } else {
-                continue;
-            };
-            let name = assignment.split('=').next().unwrap_or("").replace('-', "_");
+        for (name, _) in crate::client::params::option_pairs(options) {
             if self.is_protected(&name) {
                 return Err(protected_error(&name));
             }
