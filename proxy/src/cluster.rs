@@ -326,6 +326,17 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops the server but keeps the data directory on disk (for `pgtenant demo --keep`); returns
+    /// its path.
+    pub fn keep(mut self) -> PathBuf {
+        let _ = self.pg_ctl_stop("fast");
+        let root = match self.dir.take() {
+            Some(d) => d.keep(),
+            None => self.root.clone(),
+        };
+        root.join("data")
+    }
+
     /// Restarts on the same port (`immediate` simulates a crash).
     pub fn restart(&mut self, immediate: bool) -> Result<(), ClusterError> {
         self.pg_ctl_stop(if immediate { "immediate" } else { "fast" })?;

@@ -11,6 +11,7 @@ pub mod cancel;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod demo;
 pub mod doctor;
 pub mod error;
 pub mod guard;

@@ -15,6 +15,42 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a throwaway Postgres with an example multi-tenant schema, the proxy in front of it,
+    /// and print psql commands with tokens for two tenants. Ctrl-C removes everything.
+    Demo {
+        /// Proxy port (0 picks a free one).
+        #[arg(long, default_value_t = 6432)]
+        port: u16,
+        /// Keep the Postgres data directory when stopping.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Print a signed JWT (HS256/384/512) for testing.
+    Token {
+        /// HMAC secret (or take jwt.secret from --config).
+        #[arg(long, env = "PGTENANT_JWT_SECRET")]
+        secret: Option<String>,
+        /// Take the secret, issuer, audience and required claims from this config.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A claim as name=value; the value is parsed as JSON when it can be (numbers, booleans,
+        /// objects), else taken as a string. Repeatable.
+        #[arg(long = "claim", value_name = "NAME=VALUE")]
+        claims: Vec<String>,
+        /// The `sub` claim.
+        #[arg(long)]
+        sub: Option<String>,
+        /// Lifetime, e.g. 3600, 90s, 30m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+        #[arg(long, default_value = "HS256")]
+        alg: String,
+    },
+    /// Validate a config and print the statement each client transaction starts with (exit 1 on error).
+    Check {
+        #[arg(long, short, env = "PGTENANT_CONFIG", default_value = "config/pgtenant.toml")]
+        config: PathBuf,
+    },
     /// Check that the database isolates tenants for the restricted role (exit 1 on any finding).
     Doctor {
         #[arg(long, short, env = "PGTENANT_CONFIG", default_value = "config/pgtenant.toml")]
@@ -87,9 +123,99 @@ fn doctor(config: PathBuf, admin_url: Option<String>, json: bool) -> Result<Exit
     Ok(if findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
+fn parse_ttl(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("--ttl {s}: expected e.g. 3600, 90s, 30m, 1h or 7d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("--ttl {s}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    Ok(n * mult)
+}
+
+fn token(secret: Option<String>, config: Option<PathBuf>, claims: Vec<String>, sub: Option<String>, ttl: String, alg: String) -> Result<ExitCode, String> {
+    let cfg = config.map(|p| Config::load(&p).map_err(|e| e.to_string())).transpose()?;
+    let secret = secret
+        .or_else(|| cfg.as_ref().and_then(|c| c.jwt.secret.clone()))
+        .ok_or("no secret: pass --secret, set PGTENANT_JWT_SECRET, or --config with jwt.secret")?;
+    let alg = match alg.to_ascii_uppercase().as_str() {
+        "HS256" => jsonwebtoken::Algorithm::HS256,
+        "HS384" => jsonwebtoken::Algorithm::HS384,
+        "HS512" => jsonwebtoken::Algorithm::HS512,
+        other => return Err(format!("--alg {other}: only HS256, HS384 and HS512 can be signed with a secret")),
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?.as_secs();
+    let mut map = serde_json::Map::new();
+    for c in claims {
+        let (k, v) = c.split_once('=').ok_or_else(|| format!("--claim {c}: expected NAME=VALUE"))?;
+        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+        map.insert(k.to_string(), value);
+    }
+    if let Some(sub) = sub {
+        map.insert("sub".into(), sub.into());
+    }
+    map.insert("iat".into(), now.into());
+    map.insert("exp".into(), (now + parse_ttl(&ttl)?).into());
+    if let Some(cfg) = &cfg {
+        if let Some(iss) = &cfg.jwt.issuer {
+            map.entry("iss").or_insert(iss.clone().into());
+        }
+        if let Some(aud) = &cfg.jwt.audience {
+            map.entry("aud").or_insert(aud.clone().into());
+        }
+        let mapping = pgtenant::tenant::TenantMapping::from_config(&cfg.tenant).map_err(|e| e.to_string())?;
+        mapping.context(&map).map_err(|e| format!("{e} (required by [tenant] in the config; add --claim)"))?;
+    }
+    println!("{}", pgtenant::jwt::mint_hs(&serde_json::Value::Object(map), secret.as_bytes(), alg));
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check(config: PathBuf) -> Result<ExitCode, String> {
+    let cfg = Config::load(&config).map_err(|e| e.to_string())?;
+    let proxy = pgtenant::server::Proxy::new(cfg.clone())?;
+    let names = proxy.mapping.setting_names();
+    println!("{}: ok", config.display());
+    println!("listen {} -> backend {} (pool of {}, {} pooling)", cfg.server.listen, proxy.shared.pool.target().describe(), cfg.backend.pool_size,
+        if proxy.shared.session_mode { "session" } else { "transaction" });
+    println!("\nEvery client transaction starts with:\n  {}", pgtenant::session::inject::context_sql(names.len()));
+    println!("with parameters:");
+    let claim = |name: &str| -> String {
+        if let Some(path) = cfg.tenant.settings.get(name) {
+            format!("claim `{path}`")
+        } else if name == "role" {
+            format!("claim `{}` (one of {:?})", cfg.tenant.role_claim.as_deref().unwrap_or(""), cfg.tenant.allowed_roles)
+        } else {
+            "the whole claims object as JSON".into()
+        }
+    };
+    for (i, name) in names.iter().enumerate() {
+        println!("  ${} = '{name}', ${} = {}", 2 * i + 1, 2 * i + 2, claim(name));
+    }
+    println!("(plus the client's own startup parameters and session SETs, if any)");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn demo(port: u16, keep: bool) -> Result<ExitCode, String> {
+    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new("warn")).with_writer(std::io::stderr).init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(pgtenant::demo::run(pgtenant::demo::DemoOptions { port, keep }, shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo { port, keep } => demo(port, keep),
+        Command::Token { secret, config, claims, sub, ttl, alg } => token(secret, config, claims, sub, ttl, alg),
+        // check's contract: exit 1 with a pointed message on any error
+        Command::Check { config } => check(config).or_else(|e| {
+            eprintln!("pgtenant: {e}");
+            Ok(ExitCode::from(1))
+        }),
         Command::Run { config } => run(config).map(|()| ExitCode::SUCCESS),
         Command::Doctor { config, admin_url, json } => doctor(config, admin_url, json),
     };

@@ -59,6 +59,7 @@ fn main() {
         session_set_follows_the_client,
         pooling_refusals_and_session_mode,
         deallocate_of_client_statements,
+        demo_end_to_end,
         python_clients,
         node_clients,
         pgjdbc_client,
@@ -1332,5 +1333,63 @@ async fn deallocate_of_client_statements(env: &Env) -> TestResult {
     let msgs = read_messages(&mut s, b'Z', Duration::from_secs(3)).await;
     ensure(msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"\x011")), "context lost")?;
     p.stop().await;
+    Ok(())
+}
+
+/// `pgtenant demo` as a user runs it: both printed tenants see only their rows; SIGINT removes the
+/// cluster and its processes.
+async fn demo_end_to_end(_env: &Env) -> TestResult {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
+        .args(["demo", "--port", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (lines, data_dir) = tokio::task::spawn_blocking(move || {
+        let mut lines = Vec::new();
+        let mut data = String::new();
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(i) = line.find("data in ") {
+                data = line[i + 8..].trim().to_string();
+            }
+            let done = line.starts_with("Same query");
+            lines.push(line);
+            if done {
+                break;
+            }
+        }
+        (lines, data)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let result = async {
+        let commands: Vec<&String> = lines.iter().filter(|l| l.trim_start().starts_with("PGPASSWORD=") && l.contains(" -c ")).collect();
+        ensure(commands.len() == 2 && !data_dir.is_empty(), format!("demo output: {lines:?}"))?;
+        for (i, cmd) in commands.iter().enumerate() {
+            let tenant = i as i32 + 1;
+            let tok = cmd.trim_start().trim_start_matches("PGPASSWORD=").split_whitespace().next().unwrap_or_default().to_string();
+            let port: u16 = cmd.split("port=").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|p| p.parse().ok()).ok_or("no port")?;
+            let mut cfg = tokio_postgres::Config::new();
+            cfg.host("127.0.0.1").port(port).user("alice").dbname("app").password(tok);
+            let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| format!("tenant {tenant}: {e:?}"))?;
+            tokio::spawn(conn);
+            let row = c.query_one("select count(*), min(tenant_id), max(tenant_id) from orders", &[]).await.map_err(|e| format!("{e:?}"))?;
+            let (n, lo, hi): (i64, i32, i32) = (row.get(0), row.get(1), row.get(2));
+            ensure(n == 100 && lo == tenant && hi == tenant, format!("demo tenant {tenant}: {n} rows of {lo}..{hi}"))?;
+        }
+        Ok::<(), String>(())
+    }
+    .await;
+    // SAFETY: sending SIGINT to our own child process
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+    result?;
+    ensure(status.success(), format!("demo exited with {status}"))?;
+    let root = std::path::Path::new(&data_dir).parent().ok_or("no data dir parent")?.to_path_buf();
+    ensure(!root.exists(), format!("demo left {} behind", root.display()))?;
+    let ps = Command::new("pgrep").arg("-f").arg(root.to_string_lossy().as_ref()).output().map_err(|e| e.to_string())?;
+    ensure(ps.stdout.is_empty(), "demo left a postgres process behind")?;
     Ok(())
 }
