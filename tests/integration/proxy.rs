@@ -60,6 +60,7 @@ fn main() {
         pooling_refusals_and_session_mode,
         deallocate_of_client_statements,
         demo_end_to_end,
+        superuser_backend_is_refused,
         python_clients,
         node_clients,
         pgjdbc_client,
@@ -1391,5 +1392,15 @@ async fn demo_end_to_end(_env: &Env) -> TestResult {
     ensure(!root.exists(), format!("demo left {} behind", root.display()))?;
     let ps = Command::new("pgrep").arg("-f").arg(root.to_string_lossy().as_ref()).output().map_err(|e| e.to_string())?;
     ensure(ps.stdout.is_empty(), "demo left a postgres process behind")?;
+    Ok(())
+}
+
+async fn superuser_backend_is_refused(env: &Env) -> TestResult {
+    let text = config_text(env, "", "").replace(&env.cluster.url("app_user", "app-secret", "app"), &env.cluster.superuser_url("app"));
+    let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
+    let p = pgtenant::server::start(cfg).await?;
+    let (code, msg) = login_error(&p, &token(1, "x")).await;
+    ensure(code == "28000" && msg.contains("superuser"), format!("superuser backend: {code} {msg}"))?;
+    p.stop().await;
     Ok(())
 }

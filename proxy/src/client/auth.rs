@@ -111,6 +111,17 @@ pub async fn login(
             return Err((stream, PgError { severity: crate::error::Severity::Fatal, ..e }));
         }
     };
+    if info.params.iter().any(|(k, v)| k == "is_superuser" && v == "on") {
+        tracing::error!(backend = %proxy.shared.pool.target().describe(), "backend role is a superuser: refusing clients");
+        return Err((
+            stream,
+            PgError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                "pgtenant: the backend role is a superuser, so row-level security would not isolate tenants",
+            )
+            .with_hint("set backend.url to a restricted role (no superuser, no BYPASSRLS); pgtenant doctor explains"),
+        ));
+    }
     let client_params = match params::from_startup(params, &info.settings, &info.params, &proxy.shared.guard) {
         Ok(p) => p,
         Err(e) => return Err((stream, e)),
