@@ -14,6 +14,7 @@
 //!   `SET app.tenant_id = …`), and function bodies that would do any of the above;
 //! - `DO` blocks (dynamic SQL could build any of the above), unless `tenant.allow_do = true`;
 //! - `RESET ALL` when anything runs after it in the same transaction.
+//!
 //! Reading settings (`current_setting`, `SHOW`) stays allowed.
 
 pub mod literal;

@@ -762,14 +762,14 @@ impl Session {
                 continue; // a backend-side value the client does not have
             }
             match self.replies.on_reply(f.tag, f.body()) {
-                Action::Forward => self.to_client(&f),
+                Action::Forward => self.relay_to_client(&f),
                 Action::Swallow => {}
                 Action::ReplaceError => match self.refusals.pop_front() {
                     Some(err) => err.encode(&mut self.client_out),
-                    None => self.to_client(&f),
+                    None => self.relay_to_client(&f),
                 },
                 Action::ForwardThenSync => {
-                    self.to_client(&f);
+                    self.relay_to_client(&f);
                     build::sync(&mut self.backend_out);
                 }
                 Action::Desync => {
@@ -822,7 +822,7 @@ impl Session {
         }
     }
 
-    fn to_client(&mut self, f: &Frame) {
+    fn relay_to_client(&mut self, f: &Frame) {
         if f.tag == b'E' && peek::error_code(f.body()) == Some(sqlstate::ACTIVE_SQL_TRANSACTION.as_bytes()) {
             if let Some(annotated) = annotate_in_transaction_error(f) {
                 self.client_out.extend_from_slice(&annotated);

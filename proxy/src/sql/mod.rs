@@ -51,13 +51,14 @@ pub fn tx_effect(first: Option<Token<'_>>, second: Option<Token<'_>>) -> TxEffec
     let second_is = |kw: &str| second.is_some_and(|t| t.is_word(kw));
     if first.is_word("begin") || (first.is_word("start") && second_is("transaction")) {
         TxEffect::Begin
-    } else if first.is_word("commit") || first.is_word("end") || first.is_word("abort") {
-        TxEffect::End
     } else if first.is_word("rollback") && second_is("to") {
         TxEffect::RollbackTo
-    } else if first.is_word("rollback") {
-        TxEffect::End
-    } else if first.is_word("prepare") && second_is("transaction") {
+    } else if first.is_word("commit")
+        || first.is_word("end")
+        || first.is_word("abort")
+        || first.is_word("rollback")
+        || (first.is_word("prepare") && second_is("transaction"))
+    {
         TxEffect::End
     } else {
         TxEffect::None
