@@ -27,6 +27,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("server", "require_tls", EnvType::Bool),
     ("server", "max_message_bytes", EnvType::Int),
     ("server", "auth_timeout_ms", EnvType::Int),
+    ("server", "max_clients", EnvType::Int),
     ("backend", "url", EnvType::Str),
     ("backend", "pool_size", EnvType::Int),
     ("backend", "tls", EnvType::Str),
@@ -245,6 +246,8 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// Time a client has from connect to finishing authentication.
     pub auth_timeout_ms: u64,
+    /// Most client connections at once (logged in or logging in); more get FATAL 53300.
+    pub max_clients: usize,
 }
 
 impl Default for ServerConfig {
@@ -256,6 +259,7 @@ impl Default for ServerConfig {
             require_tls: false,
             max_message_bytes: 64 * 1024 * 1024,
             auth_timeout_ms: 10_000,
+            max_clients: 10_000,
         }
     }
 }

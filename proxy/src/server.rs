@@ -24,6 +24,8 @@ use crate::tenant::TenantMapping;
 /// Everything a connection needs, built once from the config.
 pub struct Proxy {
     pub config: Config,
+    /// Client connections open right now (bounded by `server.max_clients`).
+    pub clients: std::sync::atomic::AtomicUsize,
     pub shared: Arc<Shared>,
     pub cancels: Arc<CancelRegistry>,
     pub verifier: JwtVerifier,
@@ -48,7 +50,7 @@ impl Proxy {
             max_message_bytes: config.server.max_message_bytes,
             session_mode: config.pool.mode == crate::config::PoolMode::Session,
         });
-        Ok(Arc::new(Proxy { shared, cancels: Arc::new(CancelRegistry::default()), verifier, mapping, tls, config }))
+        Ok(Arc::new(Proxy { clients: Default::default(), shared, cancels: Arc::new(CancelRegistry::default()), verifier, mapping, tls, config }))
     }
 
     /// Accepts connections until `shutdown` flips to true.
@@ -72,6 +74,17 @@ impl Proxy {
     }
 
     async fn handle(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr) {
+        use std::sync::atomic::Ordering;
+        let _slot = ClientSlot(&self.clients);
+        if self.clients.fetch_add(1, Ordering::AcqRel) >= self.config.server.max_clients {
+            tracing::warn!(%peer, max = self.config.server.max_clients, "client refused: too many clients");
+            let err = PgError::fatal(
+                crate::error::sqlstate::TOO_MANY_CONNECTIONS,
+                format!("pgtenant: sorry, too many clients already (server.max_clients = {})", self.config.server.max_clients),
+            );
+            send_fatal(crate::net::Stream::Tcp(tcp), &err).await;
+            return;
+        }
         let timeout = Duration::from_millis(self.config.server.auth_timeout_ms);
         let logged_in = tokio::time::timeout(timeout, async {
             let hello = startup::negotiate(tcp, self.tls.as_ref(), self.config.server.require_tls).await;
@@ -110,6 +123,15 @@ impl Proxy {
             End::Fatal(e) => tracing::info!(user = %l.user, error = %e, "session ended"),
             End::BackendLost(why) => tracing::warn!(user = %l.user, reason = %why, "session ended: backend lost"),
         }
+    }
+}
+
+/// Gives a client slot back when the connection ends, however it ends.
+struct ClientSlot<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

@@ -60,6 +60,7 @@ fn main() {
         deallocate_of_client_statements,
         demo_end_to_end,
         superuser_backend_is_refused,
+        max_clients_and_auth_timeout,
         python_clients,
         node_clients,
         pgjdbc_client,
@@ -1374,6 +1375,31 @@ async fn superuser_backend_is_refused(env: &Env) -> TestResult {
     let p = pgtenant::server::start(cfg).await?;
     let (code, msg) = login_error(&p, &token(1, "x")).await;
     ensure(code == "28000" && msg.contains("superuser"), format!("superuser backend: {code} {msg}"))?;
+    p.stop().await;
+    Ok(())
+}
+
+async fn max_clients_and_auth_timeout(env: &Env) -> TestResult {
+    let text = config_text(env, "", "").replace("listen = \"127.0.0.1:0\"\n", "listen = \"127.0.0.1:0\"\nmax_clients = 2\nauth_timeout_ms = 500\n");
+    let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
+    let p = pgtenant::server::start(cfg).await?;
+    let a = connect(&p, &token(1, "a")).await.map_err(|e| format!("{e:?}"))?;
+    let b = connect(&p, &token(2, "b")).await.map_err(|e| format!("{e:?}"))?;
+    let (code, msg) = login_error(&p, &token(3, "c")).await;
+    ensure(code == "53300" && msg.contains("max_clients"), format!("third client: {code} {msg}"))?;
+    drop(b);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = connect(&p, &token(3, "c")).await.map_err(|e| format!("slot not freed: {e:?}"))?;
+    let (n, lo, _) = tenant_view(&c).await?;
+    ensure(n == 100 && lo == 3, "third client after a slot freed")?;
+    drop((a, c));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // a silent client is dropped after auth_timeout_ms and frees its slot
+    let silent = tokio::net::TcpStream::connect(p.addr).await.map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut s = silent;
+    let got = read_until(&mut s, b"never", Duration::from_secs(3)).await;
+    ensure(got.is_empty() && started.elapsed() < Duration::from_secs(2), format!("silent client kept {:?}", started.elapsed()))?;
     p.stop().await;
     Ok(())
 }
