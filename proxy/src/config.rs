@@ -28,6 +28,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("server", "max_message_bytes", EnvType::Int),
     ("server", "auth_timeout_ms", EnvType::Int),
     ("server", "max_clients", EnvType::Int),
+    ("server", "shutdown_timeout_s", EnvType::Int),
     ("backend", "url", EnvType::Str),
     ("backend", "pool_size", EnvType::Int),
     ("backend", "tls", EnvType::Str),
@@ -248,6 +249,8 @@ pub struct ServerConfig {
     pub auth_timeout_ms: u64,
     /// Most client connections at once (logged in or logging in); more get FATAL 53300.
     pub max_clients: usize,
+    /// On SIGTERM/SIGINT: how long transactions in flight may take to finish.
+    pub shutdown_timeout_s: u64,
 }
 
 impl Default for ServerConfig {
@@ -260,6 +263,7 @@ impl Default for ServerConfig {
             max_message_bytes: 64 * 1024 * 1024,
             auth_timeout_ms: 10_000,
             max_clients: 10_000,
+            shutdown_timeout_s: 30,
         }
     }
 }

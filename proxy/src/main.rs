@@ -105,8 +105,12 @@ fn run(config: PathBuf) -> Result<(), String> {
         let running = pgtenant::server::start(cfg).await?;
         tracing::info!(listen = %running.addr, backend = %running.proxy.shared.pool.target().describe(), "pgtenant ready");
         shutdown_signal().await;
-        tracing::info!("shutting down");
-        running.stop().await;
+        let timeout = std::time::Duration::from_secs(running.proxy.config.server.shutdown_timeout_s);
+        tracing::info!(timeout_s = timeout.as_secs(), "shutting down: draining clients");
+        let left = running.shutdown(timeout).await;
+        if left > 0 {
+            tracing::warn!(clients = left, "shutdown timeout: closing clients still in a transaction");
+        }
         Ok(())
     })
 }

@@ -31,6 +31,7 @@ pub struct Proxy {
     pub verifier: JwtVerifier,
     pub mapping: TenantMapping,
     pub tls: Option<TlsAcceptor>,
+    drain: watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -44,13 +45,15 @@ impl Proxy {
         };
         let pool = Pool::new(&config.backend, config.pool.prepared_statements_cache, target);
         let guard = crate::guard::Guard::from_config(&config.tenant);
+        let (drain, draining) = watch::channel(false);
         let shared = Arc::new(Shared {
             pool,
             guard,
             max_message_bytes: config.server.max_message_bytes,
             session_mode: config.pool.mode == crate::config::PoolMode::Session,
+            draining,
         });
-        Ok(Arc::new(Proxy { clients: Default::default(), shared, cancels: Arc::new(CancelRegistry::default()), verifier, mapping, tls, config }))
+        Ok(Arc::new(Proxy { drain, clients: Default::default(), shared, cancels: Arc::new(CancelRegistry::default()), verifier, mapping, tls, config }))
     }
 
     /// Accepts connections until `shutdown` flips to true.
@@ -151,9 +154,27 @@ pub struct Running {
 }
 
 impl Running {
+    /// Stops accepting connections (sessions already running go on).
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+
+    /// Graceful shutdown: stop accepting; clients between transactions get FATAL 57P01 and are
+    /// closed; transactions in flight may finish within `timeout`. Returns the clients still
+    /// connected when the time ran out (their connections close when the process exits).
+    pub async fn shutdown(self, timeout: std::time::Duration) -> usize {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        let _ = self.proxy.drain.send(true);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = self.proxy.clients.load(std::sync::atomic::Ordering::Acquire);
+            if left == 0 || tokio::time::Instant::now() >= deadline {
+                return left;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }
 

@@ -61,6 +61,7 @@ fn main() {
         demo_end_to_end,
         superuser_backend_is_refused,
         max_clients_and_auth_timeout,
+        graceful_shutdown_drains,
         python_clients,
         node_clients,
         pgjdbc_client,
@@ -1401,5 +1402,27 @@ async fn max_clients_and_auth_timeout(env: &Env) -> TestResult {
     let got = read_until(&mut s, b"never", Duration::from_secs(3)).await;
     ensure(got.is_empty() && started.elapsed() < Duration::from_secs(2), format!("silent client kept {:?}", started.elapsed()))?;
     p.stop().await;
+    Ok(())
+}
+
+async fn graceful_shutdown_drains(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let addr = p.addr;
+    let idle = connect(&p, &token(1, "idle")).await.map_err(|e| format!("{e:?}"))?;
+    let busy = connect(&p, &token(2, "busy")).await.map_err(|e| format!("{e:?}"))?;
+    busy.batch_execute("BEGIN; insert into orders (tenant_id, amount) values (2, 7272)").await.map_err(|e| format!("{e:?}"))?;
+    let shutdown = tokio::spawn(p.shutdown(Duration::from_secs(10)));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // new connections are refused, the idle client was told and closed
+    ensure(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown began")?;
+    ensure(idle.simple_query("select 1").await.is_err(), "idle client still served while draining")?;
+    // the transaction in flight may finish and commit
+    busy.batch_execute("insert into orders (tenant_id, amount) values (2, 7273); COMMIT").await.map_err(|e| format!("in-flight transaction cut: {e:?}"))?;
+    let left = tokio::time::timeout(Duration::from_secs(5), shutdown).await.map_err(|_| "shutdown did not finish")?.map_err(|e| e.to_string())?;
+    ensure(left == 0, format!("{left} clients left after draining"))?;
+    ensure(busy.simple_query("select 1").await.is_err(), "client still served after its transaction while draining")?;
+    let n = env.cluster.psql("app", "select count(*) from orders where amount in (7272, 7273)").map_err(|e| e.to_string())?;
+    ensure(n.trim() == "2", format!("drained transaction not committed: {n}"))?;
+    env.cluster.psql("app", "delete from orders where amount in (7272, 7273)").map_err(|e| e.to_string())?;
     Ok(())
 }

@@ -57,6 +57,8 @@ pub struct Shared {
     pub max_message_bytes: usize,
     /// `pool.mode = "session"`: a client keeps its backend until it disconnects.
     pub session_mode: bool,
+    /// Becomes true when the proxy shuts down: sessions end once they are between transactions.
+    pub draining: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The parameters as the client sees them, so backend ParameterStatus messages never contradict
@@ -110,6 +112,7 @@ enum Event {
     BackendRead(std::io::Result<usize>),
     ClientWrote(std::io::Result<usize>),
     BackendWrote(std::io::Result<usize>),
+    Draining,
 }
 
 pub struct Session {
@@ -141,6 +144,7 @@ pub struct Session {
     refusals: std::collections::VecDeque<PgError>,
     view: ClientView,
     settings: ClientSettings,
+    draining: tokio::sync::watch::Receiver<bool>,
     /// Session-level SETs in flight, kept if their query completes cleanly.
     pending_sets: Option<Vec<sql::set::Change>>,
     pending_sets_failed: bool,
@@ -160,6 +164,7 @@ impl Session {
         let (client_rd, client_wr) = tokio::io::split(client);
         Session {
             id: NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            draining: shared.draining.clone(),
             shared,
             client_rd,
             client_wr,
@@ -238,6 +243,13 @@ impl Session {
             if self.lease.is_some() && self.backend_clean() && self.held.is_none() && !self.shared.session_mode {
                 self.release().await;
             }
+            let between_transactions = self.lease.is_none() || (self.backend_clean() && self.held.is_none());
+            if *self.draining.borrow() && between_transactions && !self.in_batch {
+                return Err(End::Fatal(PgError::fatal(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    "pgtenant: terminating connection because the proxy is shutting down",
+                )));
+            }
             match self.next_event().await {
                 Event::ClientRead(Ok(0)) | Event::ClientRead(Err(_)) | Event::ClientWrote(Err(_)) => {
                     return Err(End::ClientGone)
@@ -250,6 +262,7 @@ impl Session {
                 }
                 Event::BackendRead(Ok(_)) => self.process_backend_frames()?,
                 Event::BackendWrote(Ok(n)) => self.backend_out.advance(n),
+                Event::Draining => {}
             }
         }
     }
@@ -267,8 +280,10 @@ impl Session {
             None => (None, None),
         };
         let has_backend = brd.is_some();
+        let draining = *self.draining.borrow();
         tokio::select! {
             biased;
+            _ = self.draining.changed(), if !draining => Event::Draining,
             r = self.client_wr.write(&self.client_out), if !self.client_out.is_empty() => Event::ClientWrote(r),
             r = write_opt(bwr, &self.backend_out), if has_backend && !self.backend_out.is_empty() => Event::BackendWrote(r),
             r = read_opt(brd, &mut self.backend_in), if has_backend && read_backend => Event::BackendRead(r),
