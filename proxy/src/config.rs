@@ -51,6 +51,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("tenant", "allow_do", EnvType::Bool),
     ("pool", "prepared_statements_cache", EnvType::Int),
     ("pool", "mode", EnvType::Str),
+    ("admin", "listen", EnvType::Str),
     ("log", "level", EnvType::Str),
     ("log", "format", EnvType::Str),
 ];
@@ -207,7 +208,16 @@ pub struct Config {
     #[serde(default)]
     pub pool: PoolConfig,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, /pools); off when unset.
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

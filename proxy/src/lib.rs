@@ -6,6 +6,7 @@
 //! client side (`client`: TLS, startup, auth) → `jwt` → `tenant` context → `session` (transaction
 //! state machine, injection) → `pool` / `backend`.
 
+pub mod admin;
 pub mod backend;
 pub mod cancel;
 pub mod client;

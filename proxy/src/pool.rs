@@ -91,6 +91,10 @@ pub struct Pool {
     idle_timeout: Duration,
     max_lifetime: Duration,
     prepared_cache: usize,
+    /// The last attempt to open a backend connection succeeded.
+    healthy: std::sync::atomic::AtomicBool,
+    /// Sessions waiting for a free connection right now.
+    waiting: std::sync::atomic::AtomicUsize,
     /// What the server told the first connection: ParameterStatus values and setting names.
     server_info: Mutex<Option<Arc<ServerInfo>>>,
 }
@@ -118,6 +122,8 @@ impl Pool {
             idle_timeout: Duration::from_secs(cfg.idle_timeout_s),
             max_lifetime: Duration::from_secs(cfg.max_lifetime_s),
             prepared_cache,
+            healthy: std::sync::atomic::AtomicBool::new(true),
+            waiting: Default::default(),
             server_info: Mutex::new(None),
         })
     }
@@ -140,9 +146,23 @@ impl Pool {
         self.size - self.permits.available_permits()
     }
 
+    pub fn backend_healthy(&self) -> bool {
+        self.healthy.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Waits (bounded) for a free slot, then reuses a healthy idle connection or opens a new one.
     pub async fn acquire(&self) -> Result<Lease, PgError> {
-        let permit = match tokio::time::timeout(self.acquire_timeout, self.permits.clone().acquire_owned()).await {
+        use std::sync::atomic::Ordering;
+        let started = Instant::now();
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let waited = tokio::time::timeout(self.acquire_timeout, self.permits.clone().acquire_owned()).await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        metrics::histogram!(crate::admin::names::POOL_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
+        let permit = match waited {
             Ok(Ok(p)) => p,
             _ => {
                 return Err(PgError::error(
@@ -175,7 +195,11 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<BackendConn, ConnectError> {
-        let mut conn = backend::connect(&self.target).await.inspect_err(|e| {
+        let result = backend::connect(&self.target).await;
+        let ok = result.is_ok();
+        self.healthy.store(ok, std::sync::atomic::Ordering::Relaxed);
+        metrics::counter!(crate::admin::names::BACKEND_CONNECTS, "result" => if ok { "ok" } else { "error" }).increment(1);
+        let mut conn = result.inspect_err(|e| {
             tracing::warn!(backend = %self.target.describe(), error = %e, "backend connect failed");
         })?;
         tracing::debug!(pid = conn.pid, "backend connected");

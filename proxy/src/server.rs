@@ -148,6 +148,9 @@ async fn send_fatal(mut stream: crate::net::Stream, err: &PgError) {
 /// A proxy running in the background (used by `pgtenant run`, tests and the demo).
 pub struct Running {
     pub addr: SocketAddr,
+    /// The admin endpoint's address, when `[admin] listen` is set.
+    pub admin_addr: Option<SocketAddr>,
+    admin_task: Option<tokio::task::JoinHandle<()>>,
     pub proxy: Arc<Proxy>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -155,7 +158,10 @@ pub struct Running {
 
 impl Running {
     /// Stops accepting connections (sessions already running go on).
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
+        if let Some(t) = self.admin_task.take() {
+            t.abort();
+        }
         let _ = self.stop.send(true);
         let _ = self.task.await;
     }
@@ -163,7 +169,10 @@ impl Running {
     /// Graceful shutdown: stop accepting; clients between transactions get FATAL 57P01 and are
     /// closed; transactions in flight may finish within `timeout`. Returns the clients still
     /// connected when the time ran out (their connections close when the process exits).
-    pub async fn shutdown(self, timeout: std::time::Duration) -> usize {
+    pub async fn shutdown(mut self, timeout: std::time::Duration) -> usize {
+        if let Some(t) = self.admin_task.take() {
+            t.abort();
+        }
         let _ = self.stop.send(true);
         let _ = self.task.await;
         let _ = self.proxy.drain.send(true);
@@ -184,7 +193,17 @@ pub async fn start(config: Config) -> Result<Running, String> {
     let proxy = Proxy::new(config)?;
     let listener = TcpListener::bind(&listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    crate::admin::metrics_handle();
+    let admin = match &proxy.config.admin.listen {
+        Some(a) => {
+            let l = TcpListener::bind(a).await.map_err(|e| format!("cannot listen on {a} (admin.listen): {e}"))?;
+            let local = l.local_addr().map_err(|e| e.to_string())?;
+            Some((local, tokio::spawn(crate::admin::serve(l, proxy.clone()))))
+        }
+        None => None,
+    };
+    let (admin_addr, admin_task) = admin.map_or((None, None), |(a, t)| (Some(a), Some(t)));
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(proxy.clone().serve(listener, rx));
-    Ok(Running { addr, proxy, stop, task })
+    Ok(Running { addr, admin_addr, admin_task, proxy, stop, task })
 }

@@ -62,6 +62,7 @@ fn main() {
         superuser_backend_is_refused,
         max_clients_and_auth_timeout,
         graceful_shutdown_drains,
+        admin_endpoints_and_metrics,
         python_clients,
         node_clients,
         pgjdbc_client,
@@ -1424,5 +1425,55 @@ async fn graceful_shutdown_drains(env: &Env) -> TestResult {
     let n = env.cluster.psql("app", "select count(*) from orders where amount in (7272, 7273)").map_err(|e| e.to_string())?;
     ensure(n.trim() == "2", format!("drained transaction not committed: {n}"))?;
     env.cluster.psql("app", "delete from orders where amount in (7272, 7273)").map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await.map_err(|_| "admin timed out")?.map_err(|e| e.to_string())?;
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Ok((code, body))
+}
+
+async fn admin_endpoints_and_metrics(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "[admin]\nlisten = \"127.0.0.1:0\"").await;
+    let admin = p.admin_addr.ok_or("admin endpoint not started")?;
+    let c = connect(&p, &token(1, "m")).await.map_err(|e| format!("{e:?}"))?;
+    for _ in 0..3 {
+        tenant_view(&c).await?;
+    }
+    let _ = c.simple_query("SET app.tenant_id = '2'").await;
+    let _ = login_error(&p, &token_with(json!({"tenant_id": 1, "sub": "x", "exp": now() - 3600}))).await;
+    let (code, body) = http_get(admin, "/metrics").await?;
+    ensure(code == 200, format!("/metrics {code}"))?;
+    for name in [
+        "pgtenant_clients", "pgtenant_logins_total", "pgtenant_transactions_total", "pgtenant_transaction_duration_seconds",
+        "pgtenant_pool_wait_seconds", "pgtenant_backend_connects_total", "pgtenant_context_injections_total",
+        "pgtenant_refusals_total", "pgtenant_client_bytes_total",
+    ] {
+        ensure(body.contains(name), format!("/metrics lacks {name}"))?;
+    }
+    ensure(body.contains("result=\"rejected\"") && body.contains("sqlstate=\"42501\""), "login/refusal labels missing")?;
+    let (code, body) = http_get(admin, "/healthz").await?;
+    ensure(code == 200 && body.trim() == "ok", "/healthz")?;
+    let (code, _) = http_get(admin, "/readyz").await?;
+    ensure(code == 200, format!("/readyz {code}"))?;
+    let (code, body) = http_get(admin, "/pools").await?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("/pools: {e}: {body}"))?;
+    ensure(code == 200 && v["pools"][0]["size"] == 4 && v["clients"].as_u64() >= Some(1), format!("/pools: {v}"))?;
+    ensure(http_get(admin, "/nope").await?.0 == 404, "unknown path")?;
+    p.stop().await;
+    // a backend that cannot be reached is not ready
+    let text = config_text(env, "connect_timeout_ms = 500", "[admin]\nlisten = \"127.0.0.1:0\"")
+        .replace(&format!(":{}/app", env.cluster.port()), ":1/app");
+    let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
+    let dead = pgtenant::server::start(cfg).await?;
+    let (code, body) = http_get(dead.admin_addr.ok_or("no admin")?, "/readyz").await?;
+    ensure(code == 503 && body.contains("not ready"), format!("/readyz with the backend down: {code} {body}"))?;
+    dead.stop().await;
     Ok(())
 }

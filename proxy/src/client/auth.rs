@@ -99,6 +99,7 @@ pub async fn login(
         Ok(c) => c,
         Err(e) => {
             tracing::info!(user = %user, result = "rejected", reason = %e.message, "login");
+            metrics::counter!(crate::admin::names::LOGINS, "result" => "rejected", "sqlstate" => e.code).increment(1);
             return Err((stream, e));
         }
     };
@@ -146,6 +147,7 @@ pub async fn login(
         return Err((stream, PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string())));
     }
     tracing::info!(user = %user, tenant = %context.tenant, sub = context.subject.as_deref().unwrap_or(""), result = "ok", "login");
+    metrics::counter!(crate::admin::names::LOGINS, "result" => "ok", "sqlstate" => "00000").increment(1);
     let settings = ClientSettings::new(proxy.mapping.setting_names().to_vec(), context.values.clone(), client_params);
     let view = ClientView { reported, ..Default::default() };
     Ok(LoggedIn { stream, leftover: buf, context, settings, cancel, user, view })

@@ -145,6 +145,8 @@ pub struct Session {
     view: ClientView,
     settings: ClientSettings,
     draining: tokio::sync::watch::Receiver<bool>,
+    /// When the current backend was attached (transaction duration metric).
+    attached_at: std::time::Instant,
     /// Session-level SETs in flight, kept if their query completes cleanly.
     pending_sets: Option<Vec<sql::set::Change>>,
     pending_sets_failed: bool,
@@ -186,6 +188,7 @@ impl Session {
             refusals: Default::default(),
             view,
             settings,
+            attached_at: std::time::Instant::now(),
             pending_sets: None,
             pending_sets_failed: false,
         }
@@ -254,8 +257,11 @@ impl Session {
                 Event::ClientRead(Ok(0)) | Event::ClientRead(Err(_)) | Event::ClientWrote(Err(_)) => {
                     return Err(End::ClientGone)
                 }
-                Event::ClientRead(Ok(_)) => {}
-                Event::ClientWrote(Ok(n)) => self.client_out.advance(n),
+                Event::ClientRead(Ok(n)) => metrics::counter!(crate::admin::names::CLIENT_BYTES, "direction" => "in").increment(n as u64),
+                Event::ClientWrote(Ok(n)) => {
+                    metrics::counter!(crate::admin::names::CLIENT_BYTES, "direction" => "out").increment(n as u64);
+                    self.client_out.advance(n)
+                }
                 Event::BackendRead(Ok(0)) => return Err(End::BackendLost("server closed the connection".into())),
                 Event::BackendRead(Err(e)) | Event::BackendWrote(Err(e)) => {
                     return Err(End::BackendLost(e.to_string()))
@@ -302,6 +308,8 @@ impl Session {
 
     async fn release(&mut self) {
         if let Some(lease) = self.lease.take() {
+            metrics::counter!(crate::admin::names::TRANSACTIONS).increment(1);
+            metrics::histogram!(crate::admin::names::TRANSACTION_SECONDS).record(self.attached_at.elapsed().as_secs_f64());
             self.cancel.slot.set(None).await;
             self.shared.pool.release(lease);
         }
@@ -309,6 +317,7 @@ impl Session {
 
     async fn attach(&mut self) -> Result<(), PgError> {
         let mut lease = self.shared.pool.acquire().await?;
+        self.attached_at = std::time::Instant::now();
         self.cancel.slot.set(Some((lease.backend.pid, lease.backend.secret_key))).await;
         self.replies.reset();
         let b = &mut lease.backend;
@@ -554,6 +563,7 @@ impl Session {
             if inject {
                 let lease = self.lease.as_mut().expect("attached above");
                 self.injection.write(&mut self.backend_out, &mut lease.backend.ctx_prepared, &mut self.replies);
+                metrics::counter!(crate::admin::names::CONTEXT_INJECTIONS).increment(1);
                 injected = true;
             }
             self.reinject = false;
@@ -703,6 +713,7 @@ impl Session {
     /// replaces the server's error with the refusal.
     fn refuse(&mut self, err: PgError, simple: bool) -> Flow {
         tracing::info!(code = err.code, message = %err.message, "refused client message");
+        metrics::counter!(crate::admin::names::REFUSALS, "sqlstate" => err.code).increment(1);
         if self.lease.is_none() {
             err.encode(&mut self.client_out);
             if simple {

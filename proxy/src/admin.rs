@@ -1,0 +1,123 @@
+//! The admin HTTP endpoint (`[admin] listen`): `/metrics` (Prometheus text), `/healthz` (the
+//! process is up), `/readyz` (backend reachable and JWT keys loaded; 503 otherwise) and `/pools`
+//! (JSON). A deliberately tiny HTTP/1.1 responder: GET only, one request per connection.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::server::Proxy;
+
+/// Metric names (a stable interface, documented in docs/operations.md).
+pub mod names {
+    pub const CLIENTS: &str = "pgtenant_clients";
+    pub const LOGINS: &str = "pgtenant_logins_total";
+    pub const TRANSACTIONS: &str = "pgtenant_transactions_total";
+    pub const TRANSACTION_SECONDS: &str = "pgtenant_transaction_duration_seconds";
+    pub const POOL_WAIT_SECONDS: &str = "pgtenant_pool_wait_seconds";
+    pub const BACKEND_CONNECTS: &str = "pgtenant_backend_connects_total";
+    pub const CONTEXT_INJECTIONS: &str = "pgtenant_context_injections_total";
+    pub const REFUSALS: &str = "pgtenant_refusals_total";
+    pub const CLIENT_BYTES: &str = "pgtenant_client_bytes_total";
+}
+
+/// The process-wide Prometheus recorder (installed once, even with several proxies in a process).
+pub fn metrics_handle() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+            .expect("static buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        // another recorder may already be installed (e.g. by an embedding program): then ours only renders zeros
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+}
+
+fn response(status: &str, content_type: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+async fn ready(proxy: &Proxy) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(3), proxy.shared.pool.server_info()).await {
+        Ok(Ok(_)) if proxy.shared.pool.backend_healthy() => Ok(()),
+        Ok(Ok(_)) => Err("the last backend connection attempt failed".into()),
+        Ok(Err(e)) => Err(e.message),
+        Err(_) => Err("backend check timed out".into()),
+    }
+}
+
+fn pools_json(proxy: &Proxy) -> String {
+    let pool = &proxy.shared.pool;
+    serde_json::json!({
+        "clients": proxy.clients.load(std::sync::atomic::Ordering::Relaxed),
+        "pools": [{
+            "backend": pool.target().describe(),
+            "size": pool.size(),
+            "busy": pool.busy_count(),
+            "idle": pool.idle_count(),
+            "waiting": pool.waiting(),
+        }]
+    })
+    .to_string()
+}
+
+async fn answer(proxy: &Proxy, request_line: &str) -> String {
+    let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+    if !request_line.starts_with("GET ") {
+        return response("405 Method Not Allowed", "text/plain", "GET only\n");
+    }
+    match path {
+        "/metrics" => {
+            metrics::gauge!(names::CLIENTS).set(proxy.clients.load(std::sync::atomic::Ordering::Relaxed) as f64);
+            response("200 OK", "text/plain; version=0.0.4", &metrics_handle().render())
+        }
+        "/healthz" => response("200 OK", "text/plain", "ok\n"),
+        "/readyz" => match ready(proxy).await {
+            Ok(()) => response("200 OK", "text/plain", "ready\n"),
+            Err(e) => response("503 Service Unavailable", "text/plain", &format!("not ready: {e}\n")),
+        },
+        "/pools" => response("200 OK", "application/json", &pools_json(proxy)),
+        _ => response("404 Not Found", "text/plain", "not found\n"),
+    }
+}
+
+/// Serves the admin endpoints until the task is dropped.
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let mut n = 0;
+            // read the request head (bounded), with a timeout against slow clients
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while n < buf.len() {
+                    match sock.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let reply = answer(&proxy, head.lines().next().unwrap_or("")).await;
+            let _ = sock.write_all(reply.as_bytes()).await;
+            let _ = sock.shutdown().await;
+        });
+    }
+}
