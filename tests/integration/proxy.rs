@@ -63,6 +63,7 @@ fn main() {
         max_clients_and_auth_timeout,
         graceful_shutdown_drains,
         admin_endpoints_and_metrics,
+        deploy_manifests_are_valid,
         python_clients,
         node_clients,
         pgjdbc_client,
@@ -1476,4 +1477,20 @@ async fn admin_endpoints_and_metrics(env: &Env) -> TestResult {
     ensure(code == 503 && body.contains("not ready"), format!("/readyz with the backend down: {code} {body}"))?;
     dead.stop().await;
     Ok(())
+}
+
+/// deploy/ cannot be run here (no container engine): tests/deploy/validate.py checks the manifests
+/// against the documented interface and runs `pgtenant check` on every embedded config.
+async fn deploy_manifests_are_valid(_env: &Env) -> TestResult {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join("tests/clients/.venv/bin/python");
+    ensure(python.exists(), "tests/clients/.venv missing: run ./scripts/test.sh")?;
+    let out = Command::new(python)
+        .arg(root.join("tests/deploy/validate.py"))
+        .arg(&root)
+        .arg(env!("CARGO_BIN_EXE_pgtenant"))
+        .output()
+        .map_err(|e| e.to_string())?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure(out.status.success(), format!("deploy/ invalid:\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))
 }

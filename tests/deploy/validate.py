@@ -1,0 +1,114 @@
+"""Validates deploy/ without a container engine: every PGTENANT_* variable is documented, probes hit
+/readyz and /healthz on a declared port, containers run as non-root, secret and config map references
+resolve, each embedded pgtenant.toml passes `pgtenant check` with the manifest's own environment, the
+compose file's paths exist, and the Dockerfile is multi-stage and non-root.
+
+Usage: validate.py REPO_ROOT PGTENANT_BINARY
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+ROOT, BIN = sys.argv[1], sys.argv[2]
+DEPLOY = os.path.join(ROOT, "deploy")
+documented = set(re.findall(r"PGTENANT_[A-Z_]+", open(os.path.join(ROOT, "docs", "configuration.md")).read()))
+documented |= {"PGTENANT_CONFIG", "PGTENANT_LOG"}
+failures = []
+
+
+def check(cond, what):
+    if not cond:
+        failures.append(what)
+
+
+def pgtenant_check(toml_text, env, label):
+    """Runs `pgtenant check` on a config, with generated TLS files standing in for mounted ones."""
+    with tempfile.TemporaryDirectory() as d:
+        for key in ("tls_cert", "tls_key", "tls_ca_file"):
+            toml_text = re.sub(rf'{key}\s*=\s*"[^"]*"', f'{key} = "{d}/{key}.pem"', toml_text)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-days", "1", "-subj", "/CN=x", "-keyout", f"{d}/tls_key.pem", "-out", f"{d}/tls_cert.pem"],
+                       check=True, capture_output=True)
+        os.link(f"{d}/tls_cert.pem", f"{d}/tls_ca_file.pem")
+        path = os.path.join(d, "pgtenant.toml")
+        open(path, "w").write(toml_text)
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("PGTENANT_")}
+        full_env.update(env)
+        r = subprocess.run([BIN, "check", "--config", path], env=full_env, capture_output=True, text=True)
+        check(r.returncode == 0, f"{label}: pgtenant check failed: {r.stderr.strip()}")
+
+
+def kubernetes(path):
+    docs = [d for d in yaml.safe_load_all(open(path)) if d]
+    secrets = {d["metadata"]["name"]: d.get("stringData", {}) for d in docs if d["kind"] == "Secret"}
+    configs = {d["metadata"]["name"]: d.get("data", {}) for d in docs if d["kind"] == "ConfigMap"}
+    deployments = [d for d in docs if d["kind"] == "Deployment"]
+    check(deployments, f"{path}: no Deployment")
+    for dep in deployments:
+        spec = dep["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for c in spec["containers"]:
+            if "pgtenant" not in c["image"]:
+                continue
+            label = f"{os.path.basename(path)}:{dep['metadata']['name']}/{c['name']}"
+            env = {}
+            for e in c.get("env", []):
+                check(e["name"] in documented or not e["name"].startswith("PGTENANT_"), f"{label}: {e['name']} is not a documented variable")
+                if "value" in e:
+                    env[e["name"]] = str(e["value"])
+                ref = e.get("valueFrom", {}).get("secretKeyRef")
+                if ref:
+                    check(ref["name"] in secrets and ref["key"] in secrets[ref["name"]], f"{label}: secret {ref} not defined")
+                    env[e["name"]] = secrets.get(ref["name"], {}).get(ref["key"], "")
+            ports = {p["name"] for p in c.get("ports", [])}
+            for probe, want in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+                get = c.get(probe, {}).get("httpGet", {})
+                check(get.get("path") == want and get.get("port") in ports, f"{label}: {probe} must GET {want} on a declared port")
+            sc = c.get("securityContext", {})
+            check(sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) != 0, f"{label}: must run as non-root")
+            for m in c.get("volumeMounts", []):
+                cm = volumes.get(m["name"], {}).get("configMap", {}).get("name")
+                check(cm in configs, f"{label}: config map {cm} not defined")
+                if cm in configs and "pgtenant.toml" in configs[cm]:
+                    pgtenant_check(configs[cm]["pgtenant.toml"], env, label)
+
+
+def compose(path):
+    doc = yaml.safe_load(open(path))
+    services = doc.get("services", {})
+    check({"postgres", "pgtenant"} <= set(services), f"{path}: needs postgres and pgtenant services")
+    env = services.get("pgtenant", {}).get("environment", {})
+    for k in env:
+        check(k in documented, f"compose.yaml: {k} is not a documented variable")
+    for v in services.get("postgres", {}).get("volumes", []):
+        src = v.split(":")[0]
+        check(os.path.exists(os.path.join(DEPLOY, src)), f"compose.yaml: {src} does not exist")
+    build = services.get("pgtenant", {}).get("build", {})
+    check(os.path.exists(os.path.join(DEPLOY, build.get("context", "."), build.get("dockerfile", "Dockerfile"))), "compose.yaml: Dockerfile not found")
+    pgtenant_check(open(os.path.join(ROOT, "config", "pgtenant.toml")).read(), {k: str(v) for k, v in env.items()}, "compose.yaml")
+
+
+def dockerfile(path):
+    lines = [l.strip() for l in open(path) if l.strip() and not l.startswith("#")]
+    check(sum(l.startswith("FROM ") for l in lines) >= 2, "Dockerfile: not multi-stage")
+    users = [l.split()[1] for l in lines if l.startswith("USER ")]
+    check(users and users[-1] not in ("0", "root"), "Dockerfile: must end as a non-root USER")
+    for l in lines:
+        if l.startswith("COPY ") and "--from" not in l:
+            for src in l.split()[1:-1]:
+                check(os.path.exists(os.path.join(ROOT, src)), f"Dockerfile: COPY source {src} missing")
+
+
+for name in sorted(os.listdir(os.path.join(DEPLOY, "kubernetes"))):
+    kubernetes(os.path.join(DEPLOY, "kubernetes", name))
+compose(os.path.join(DEPLOY, "compose.yaml"))
+dockerfile(os.path.join(DEPLOY, "Dockerfile"))
+for f in failures:
+    print("FAIL", f)
+print(f"deploy: {len(failures)} problems")
+sys.exit(1 if failures else 0)
