@@ -1,6 +1,7 @@
 //! The admin HTTP endpoint (`[admin] listen`): `/metrics` (Prometheus text), `/healthz` (the
 //! process is up), `/readyz` (backend reachable and JWT keys loaded; 503 otherwise) and `/pools`
-//! (JSON). A deliberately tiny HTTP/1.1 responder: GET only, one request per connection.
+//! (JSON), and `POST /reload` (re-read the config file, like SIGHUP). A deliberately tiny HTTP/1.1
+//! responder, one request per connection.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -18,6 +19,9 @@ pub mod names {
     pub const TRANSACTIONS: &str = "pgtenant_transactions_total";
     pub const TRANSACTION_SECONDS: &str = "pgtenant_transaction_duration_seconds";
     pub const POOL_WAIT_SECONDS: &str = "pgtenant_pool_wait_seconds";
+    pub const POOL_WAIT_TIMEOUTS: &str = "pgtenant_pool_wait_timeouts_total";
+    pub const CONFIG_RELOADS: &str = "pgtenant_config_reloads_total";
+    pub const JWKS_FETCHES: &str = "pgtenant_jwks_fetches_total";
     pub const BACKEND_CONNECTS: &str = "pgtenant_backend_connects_total";
     pub const CONTEXT_INJECTIONS: &str = "pgtenant_context_injections_total";
     pub const REFUSALS: &str = "pgtenant_refusals_total";
@@ -72,6 +76,12 @@ fn pools_json(proxy: &Proxy) -> String {
 
 async fn answer(proxy: &Proxy, request_line: &str) -> String {
     let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+    if request_line.starts_with("POST ") && path == "/reload" {
+        return match proxy.reload_from_file() {
+            Ok(()) => response("200 OK", "text/plain", "reloaded\n"),
+            Err(e) => response("400 Bad Request", "text/plain", &format!("new config rejected, the old one stays: {e}\n")),
+        };
+    }
     if !request_line.starts_with("GET ") {
         return response("405 Method Not Allowed", "text/plain", "GET only\n");
     }

@@ -51,6 +51,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("tenant", "allow_do", EnvType::Bool),
     ("pool", "prepared_statements_cache", EnvType::Int),
     ("pool", "mode", EnvType::Str),
+    ("pool", "query_wait_timeout_ms", EnvType::Int),
     ("admin", "listen", EnvType::Str),
     ("log", "level", EnvType::Str),
     ("log", "format", EnvType::Str),
@@ -94,6 +95,12 @@ fn env_value(var: &str, raw: &str, ty: EnvType) -> Result<toml::Value, ConfigErr
 }
 
 impl Config {
+    /// Milliseconds a transaction waits for a pooled connection (`pool.query_wait_timeout_ms`, or
+    /// the older `backend.acquire_timeout_ms`).
+    pub fn query_wait_timeout_ms(&self) -> u64 {
+        self.pool.query_wait_timeout_ms.unwrap_or(self.backend.acquire_timeout_ms)
+    }
+
     /// Reads `path`, applies `PGTENANT_*` overrides from the process environment, validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -175,6 +182,9 @@ impl Config {
         if self.pool.prepared_statements_cache == 0 {
             return invalid("pool.prepared_statements_cache must be at least 1".into());
         }
+        if let Err(e) = crate::logging::validate_level(&self.log.level) {
+            return invalid(e);
+        }
         if !matches!(self.log.format.as_str(), "human" | "json") {
             return invalid(format!("log.format must be \"human\" or \"json\", not \"{}\"", self.log.format));
         }
@@ -227,6 +237,9 @@ pub struct PoolConfig {
     pub prepared_statements_cache: usize,
     /// "transaction" (default): a backend per transaction. "session": a backend per client session.
     pub mode: PoolMode,
+    /// How long a transaction waits for a free backend connection before `ERROR 53300`; when
+    /// unset, `backend.acquire_timeout_ms` (the older name) applies.
+    pub query_wait_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -239,11 +252,11 @@ pub enum PoolMode {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { prepared_statements_cache: 500, mode: PoolMode::Transaction }
+        PoolConfig { prepared_statements_cache: 500, mode: PoolMode::Transaction, query_wait_timeout_ms: None }
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address the proxy listens on.

@@ -17,6 +17,7 @@ pub mod doctor;
 pub mod error;
 pub mod guard;
 pub mod jwt;
+pub mod logging;
 pub mod net;
 pub mod pool;
 pub mod protocol;

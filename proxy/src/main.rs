@@ -71,17 +71,6 @@ enum Command {
     },
 }
 
-fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PGTENANT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cfg.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    if cfg.log.format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
@@ -99,12 +88,23 @@ async fn shutdown_signal() {
 
 fn run(config: PathBuf) -> Result<(), String> {
     let cfg = Config::load(&config).map_err(|e| e.to_string())?;
-    init_logging(&cfg);
+    pgtenant::logging::init(&cfg);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
-        let running = pgtenant::server::start(cfg).await?;
+        let running = pgtenant::server::start_from(cfg, Some(config.clone())).await?;
         tracing::info!(listen = %running.addr, backend = %running.proxy.shared.pool.target().describe(), "pgtenant ready");
+        let proxy = running.proxy.clone();
+        let reloader = tokio::spawn(async move {
+            let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+            while hup.recv().await.is_some() {
+                match proxy.reload_from_file() {
+                    Ok(()) => tracing::info!("SIGHUP: config reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: new config rejected; keeping the old one"),
+                }
+            }
+        });
         shutdown_signal().await;
+        reloader.abort();
         let timeout = std::time::Duration::from_secs(running.proxy.config.server.shutdown_timeout_s);
         tracing::info!(timeout_s = timeout.as_secs(), "shutting down: draining clients");
         let left = running.shutdown(timeout).await;
@@ -181,7 +181,8 @@ fn token(secret: Option<String>, config: Option<PathBuf>, claims: Vec<String>, s
 fn check(config: PathBuf) -> Result<ExitCode, String> {
     let cfg = Config::load(&config).map_err(|e| e.to_string())?;
     let proxy = pgtenant::server::Proxy::new(cfg.clone())?;
-    let names = proxy.mapping.setting_names();
+    let auth = proxy.auth();
+    let names = auth.mapping.setting_names();
     println!("{}: ok", config.display());
     println!("listen {} -> backend {} (pool of {}, {} pooling)", cfg.server.listen, proxy.shared.pool.target().describe(), cfg.backend.pool_size,
         if proxy.shared.session_mode { "session" } else { "transaction" });
@@ -204,7 +205,11 @@ fn check(config: PathBuf) -> Result<ExitCode, String> {
 }
 
 fn demo(port: u16, keep: bool) -> Result<ExitCode, String> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new("warn")).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(pgtenant::demo::run(pgtenant::demo::DemoOptions { port, keep }, shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)

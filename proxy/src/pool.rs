@@ -2,12 +2,15 @@
 //!
 //! A session leases a connection when a transaction starts and gives it back when the transaction
 //! is over (`ReadyForQuery 'I'` with nothing in flight). The pool is bounded by a semaphore, so
-//! waiting clients queue fairly (FIFO) and give up after `acquire_timeout_ms` with a clear error.
+//! waiting clients queue fairly (FIFO) and give up after `pool.query_wait_timeout_ms` with a clear error.
+//! Size and wait timeout can change at run time (config reload): growing adds permits at once,
+//! shrinking retires permits as leases come back.
 //! Idle connections are checked before reuse (a server restart or `pg_terminate_backend` leaves a
 //! closed socket behind), and retired after `idle_timeout_s` idle or `max_lifetime_s` of age.
 //! A lease dropped without `release` closes its connection: a connection whose state is not known
 //! to be clean never goes back to the pool.
 
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -16,7 +19,7 @@ use tokio::io::{AsyncRead, ReadBuf, ReadHalf, WriteHalf};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::backend::{self, BackendConn, BackendTarget, ConnectError};
-use crate::config::BackendConfig;
+use crate::config::Config;
 use crate::error::{sqlstate, PgError};
 use crate::net::Stream;
 use crate::session::prepared::BackendStatements;
@@ -84,10 +87,11 @@ pub struct ServerInfo {
 
 pub struct Pool {
     target: BackendTarget,
-    size: usize,
+    size: AtomicUsize,
     permits: Arc<Semaphore>,
     idle: Mutex<Vec<Idle>>,
-    acquire_timeout: Duration,
+    /// Milliseconds a transaction waits for a free connection.
+    wait_timeout_ms: AtomicU64,
     idle_timeout: Duration,
     max_lifetime: Duration,
     prepared_cache: usize,
@@ -112,16 +116,17 @@ pub fn connect_error(e: &ConnectError) -> PgError {
 }
 
 impl Pool {
-    pub fn new(cfg: &BackendConfig, prepared_cache: usize, target: BackendTarget) -> Arc<Pool> {
+    pub fn new(config: &Config, target: BackendTarget) -> Arc<Pool> {
+        let cfg = &config.backend;
         Arc::new(Pool {
             target,
-            size: cfg.pool_size,
+            size: AtomicUsize::new(cfg.pool_size),
             permits: Arc::new(Semaphore::new(cfg.pool_size)),
             idle: Mutex::new(Vec::new()),
-            acquire_timeout: Duration::from_millis(cfg.acquire_timeout_ms),
+            wait_timeout_ms: AtomicU64::new(config.query_wait_timeout_ms()),
             idle_timeout: Duration::from_secs(cfg.idle_timeout_s),
             max_lifetime: Duration::from_secs(cfg.max_lifetime_s),
-            prepared_cache,
+            prepared_cache: config.pool.prepared_statements_cache,
             healthy: std::sync::atomic::AtomicBool::new(true),
             waiting: Default::default(),
             server_info: Mutex::new(None),
@@ -133,7 +138,35 @@ impl Pool {
     }
 
     pub fn size(&self) -> usize {
-        self.size
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Applies a reloaded pool size and wait timeout. Growing takes effect at once; shrinking
+    /// retires free slots now and busy ones as their transactions end (connected clients are never
+    /// cut off).
+    pub fn resize(self: &Arc<Self>, size: usize, wait_timeout_ms: u64) {
+        self.wait_timeout_ms.store(wait_timeout_ms, Ordering::Relaxed);
+        let old = self.size.swap(size, Ordering::Relaxed);
+        if size > old {
+            self.permits.add_permits(size - old);
+        } else if size < old {
+            let mut owed = old - size;
+            owed -= self.permits.forget_permits(owed);
+            if owed > 0 {
+                let permits = self.permits.clone();
+                tokio::spawn(async move {
+                    if let Ok(p) = permits.acquire_many_owned(owed as u32).await {
+                        p.forget();
+                    }
+                });
+            }
+            // fewer slots: drop idle connections beyond the new size
+            if let Ok(mut idle) = self.idle.lock() {
+                while idle.len() > size {
+                    idle.remove(0);
+                }
+            }
+        }
     }
 
     /// Connections idle in the pool right now.
@@ -143,37 +176,38 @@ impl Pool {
 
     /// Leases currently handed out.
     pub fn busy_count(&self) -> usize {
-        self.size - self.permits.available_permits()
+        self.size().saturating_sub(self.permits.available_permits())
     }
 
     pub fn backend_healthy(&self) -> bool {
-        self.healthy.load(std::sync::atomic::Ordering::Relaxed)
+        self.healthy.load(Ordering::Relaxed)
     }
 
     pub fn waiting(&self) -> usize {
-        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+        self.waiting.load(Ordering::Relaxed)
     }
 
     /// Waits (bounded) for a free slot, then reuses a healthy idle connection or opens a new one.
     pub async fn acquire(&self) -> Result<Lease, PgError> {
-        use std::sync::atomic::Ordering;
         let started = Instant::now();
+        let wait_ms = self.wait_timeout_ms.load(Ordering::Relaxed);
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        let waited = tokio::time::timeout(self.acquire_timeout, self.permits.clone().acquire_owned()).await;
+        let waited = tokio::time::timeout(Duration::from_millis(wait_ms), self.permits.clone().acquire_owned()).await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         metrics::histogram!(crate::admin::names::POOL_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
         let permit = match waited {
             Ok(Ok(p)) => p,
             _ => {
+                metrics::counter!(crate::admin::names::POOL_WAIT_TIMEOUTS).increment(1);
                 return Err(PgError::error(
                     sqlstate::TOO_MANY_CONNECTIONS,
                     format!(
                         "pgtenant: no database connection became free within {} ms (all {} pooled connections are busy)",
-                        self.acquire_timeout.as_millis(),
-                        self.size
+                        wait_ms,
+                        self.size()
                     ),
                 )
-                .with_hint("raise backend.pool_size or backend.acquire_timeout_ms, or shorten long transactions"));
+                .with_hint("raise backend.pool_size or pool.query_wait_timeout_ms, or shorten long transactions"));
             }
         };
         while let Some(mut idle) = self.pop_idle() {
@@ -197,7 +231,7 @@ impl Pool {
     async fn connect(&self) -> Result<BackendConn, ConnectError> {
         let result = backend::connect(&self.target).await;
         let ok = result.is_ok();
-        self.healthy.store(ok, std::sync::atomic::Ordering::Relaxed);
+        self.healthy.store(ok, Ordering::Relaxed);
         metrics::counter!(crate::admin::names::BACKEND_CONNECTS, "result" => if ok { "ok" } else { "error" }).increment(1);
         let mut conn = result.inspect_err(|e| {
             tracing::warn!(backend = %self.target.describe(), error = %e, "backend connect failed");

@@ -21,15 +21,34 @@ use crate::pool::Pool;
 use crate::session::{End, Session, Shared};
 use crate::tenant::TenantMapping;
 
+/// What a login is checked against; replaced as a whole on reload, while sessions keep the one
+/// they logged in with.
+pub struct Auth {
+    pub verifier: JwtVerifier,
+    pub mapping: TenantMapping,
+    pub guard: Arc<crate::guard::Guard>,
+}
+
+impl Auth {
+    pub fn from_config(config: &Config) -> Result<Auth, String> {
+        Ok(Auth {
+            verifier: JwtVerifier::from_config(&config.jwt).map_err(|e| e.to_string())?,
+            mapping: TenantMapping::from_config(&config.tenant).map_err(|e| e.to_string())?,
+            guard: Arc::new(crate::guard::Guard::from_config(&config.tenant)),
+        })
+    }
+}
+
 /// Everything a connection needs, built once from the config.
 pub struct Proxy {
     pub config: Config,
+    /// Where the config came from (for reload), if from a file.
+    pub config_path: Option<std::path::PathBuf>,
+    auth: std::sync::RwLock<Arc<Auth>>,
     /// Client connections open right now (bounded by `server.max_clients`).
     pub clients: std::sync::atomic::AtomicUsize,
     pub shared: Arc<Shared>,
     pub cancels: Arc<CancelRegistry>,
-    pub verifier: JwtVerifier,
-    pub mapping: TenantMapping,
     pub tls: Option<TlsAcceptor>,
     drain: watch::Sender<bool>,
 }
@@ -37,23 +56,70 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(config: Config) -> Result<Arc<Proxy>, String> {
         let target = BackendTarget::from_config(&config.backend).map_err(|e| format!("backend.url: {e}"))?;
-        let verifier = JwtVerifier::from_config(&config.jwt).map_err(|e| e.to_string())?;
-        let mapping = TenantMapping::from_config(&config.tenant).map_err(|e| e.to_string())?;
+        let auth = Auth::from_config(&config)?;
         let tls = match (&config.server.tls_cert, &config.server.tls_key) {
             (Some(cert), Some(key)) => Some(tls::load_acceptor(cert, key)?),
             _ => None,
         };
-        let pool = Pool::new(&config.backend, config.pool.prepared_statements_cache, target);
-        let guard = crate::guard::Guard::from_config(&config.tenant);
+        let pool = Pool::new(&config, target);
         let (drain, draining) = watch::channel(false);
         let shared = Arc::new(Shared {
             pool,
-            guard,
             max_message_bytes: config.server.max_message_bytes,
             session_mode: config.pool.mode == crate::config::PoolMode::Session,
             draining,
         });
-        Ok(Arc::new(Proxy { drain, clients: Default::default(), shared, cancels: Arc::new(CancelRegistry::default()), verifier, mapping, tls, config }))
+        Ok(Arc::new(Proxy {
+            drain,
+            clients: Default::default(),
+            shared,
+            cancels: Arc::new(CancelRegistry::default()),
+            auth: std::sync::RwLock::new(Arc::new(auth)),
+            config_path: None,
+            tls,
+            config,
+        }))
+    }
+
+    /// The login rules in force now.
+    pub fn auth(&self) -> Arc<Auth> {
+        self.auth.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Applies a new config: JWT keys, tenant mapping and guard for new logins (connected clients
+    /// keep what they logged in with), pool size and wait timeout, log level. An invalid config
+    /// changes nothing. Settings that need a restart (`[server]`, backend URL, pool mode) are
+    /// reported if they differ.
+    pub fn reload(&self, new: &Config) -> Result<(), String> {
+        let result = self.apply(new);
+        let label = if result.is_ok() { "ok" } else { "rejected" };
+        metrics::counter!(crate::admin::names::CONFIG_RELOADS, "result" => label).increment(1);
+        result
+    }
+
+    fn apply(&self, new: &Config) -> Result<(), String> {
+        let auth = Auth::from_config(new)?;
+        crate::logging::validate_level(&new.log.level)?;
+        *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
+        self.shared.pool.resize(new.backend.pool_size, new.query_wait_timeout_ms());
+        crate::logging::set_level(&new.log.level)?;
+        let old = &self.config;
+        if old.server != new.server || old.backend.url != new.backend.url || old.pool.mode != new.pool.mode {
+            tracing::warn!("reload: [server], backend.url and pool.mode take effect on restart");
+        }
+        tracing::info!(
+            pool_size = new.backend.pool_size,
+            log_level = %new.log.level,
+            "reload: JWT keys, tenant mapping, statement guard, pool size and log level applied"
+        );
+        Ok(())
+    }
+
+    /// Re-reads the config file this proxy was started from and reloads it.
+    pub fn reload_from_file(&self) -> Result<(), String> {
+        let path = self.config_path.as_ref().ok_or("this proxy was not started from a config file")?;
+        let cfg = Config::load(path).map_err(|e| e.to_string())?;
+        self.reload(&cfg)
     }
 
     /// Accepts connections until `shutdown` flips to true.
@@ -120,7 +186,7 @@ impl Proxy {
             }
             return;
         };
-        let session = Session::new(self.shared.clone(), l.stream, l.leftover, l.settings, l.cancel, l.view);
+        let session = Session::new(self.shared.clone(), l.stream, l.leftover, l.settings, l.cancel, l.view, l.guard);
         match session.run().await {
             End::ClientGone => tracing::debug!(user = %l.user, tenant = %l.context.tenant, "client disconnected"),
             End::Fatal(e) => tracing::info!(user = %l.user, error = %e, "session ended"),
@@ -189,8 +255,16 @@ impl Running {
 
 /// Builds the proxy from `config`, binds `server.listen`, and serves in the background.
 pub async fn start(config: Config) -> Result<Running, String> {
+    start_from(config, None).await
+}
+
+/// Like `start`, remembering the config file for reloads.
+pub async fn start_from(config: Config, path: Option<std::path::PathBuf>) -> Result<Running, String> {
     let listen = config.server.listen.clone();
-    let proxy = Proxy::new(config)?;
+    let mut proxy = Proxy::new(config)?;
+    if let Some(proxy) = Arc::get_mut(&mut proxy) {
+        proxy.config_path = path;
+    }
     let listener = TcpListener::bind(&listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     crate::admin::metrics_handle();

@@ -64,6 +64,7 @@ fn main() {
         graceful_shutdown_drains,
         admin_endpoints_and_metrics,
         deploy_manifests_are_valid,
+        reload_rotates_keys_without_dropping_clients,
         python_clients,
         node_clients,
         pgjdbc_client,
@@ -334,7 +335,8 @@ async fn wrong_database_is_3d000(env: &Env) -> TestResult {
 }
 
 async fn pool_exhaustion_gives_clear_error(env: &Env) -> TestResult {
-    let p = start_proxy(env, "pool_size = 1\nacquire_timeout_ms = 300", "").await;
+    // pool.query_wait_timeout_ms wins over the older backend.acquire_timeout_ms
+    let p = start_proxy(env, "pool_size = 1\nacquire_timeout_ms = 5000", "[pool]\nquery_wait_timeout_ms = 300").await;
     let a = connect(&p, &token(1, "a")).await.map_err(|e| format!("{e:?}"))?;
     let b = connect(&p, &token(2, "b")).await.map_err(|e| format!("{e:?}"))?;
     a.batch_execute("BEGIN; SELECT 1").await.map_err(|e| format!("{e:?}"))?;
@@ -1459,6 +1461,13 @@ async fn admin_endpoints_and_metrics(env: &Env) -> TestResult {
         ensure(body.contains(name), format!("/metrics lacks {name}"))?;
     }
     ensure(body.contains("result=\"rejected\"") && body.contains("sqlstate=\"42501\""), "login/refusal labels missing")?;
+    // every metric the proxy exports is documented
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md")).map_err(|e| e.to_string())?;
+    for line in body.lines().filter(|l| l.starts_with("pgtenant_")) {
+        let name = line.split(['{', ' ']).next().unwrap_or("");
+        let base = name.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count");
+        ensure(doc.contains(base), format!("metric {base} is not documented in docs/operations.md"))?;
+    }
     let (code, body) = http_get(admin, "/healthz").await?;
     ensure(code == 200 && body.trim() == "ok", "/healthz")?;
     let (code, _) = http_get(admin, "/readyz").await?;
@@ -1493,4 +1502,96 @@ async fn deploy_manifests_are_valid(_env: &Env) -> TestResult {
         .map_err(|e| e.to_string())?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     ensure(out.status.success(), format!("deploy/ invalid:\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let file = dir.path().join("pgtenant.toml");
+    let old_text = config_text(env, "", "[admin]\nlisten = \"127.0.0.1:0\"");
+    let new_secret = "rotated-secret-9876543210";
+    let new_text = old_text.replace(SECRET, new_secret);
+    let new_token = |t: i64| pgtenant::jwt::mint_hs(&json!({"tenant_id": t, "sub": "r", "exp": now() + 600}), new_secret.as_bytes(), jsonwebtoken::Algorithm::HS256);
+    std::fs::write(&file, &old_text).map_err(|e| e.to_string())?;
+    let cfg = pgtenant::config::Config::load(&file).map_err(|e| e.to_string())?;
+    let p = pgtenant::server::start_from(cfg, Some(file.clone())).await?;
+    let connected = connect(&p, &token(1, "before")).await.map_err(|e| format!("{e:?}"))?;
+    // rotate through POST /reload
+    std::fs::write(&file, &new_text).map_err(|e| e.to_string())?;
+    let admin = p.admin_addr.ok_or("no admin")?;
+    let reply = {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(admin).await.map_err(|e| e.to_string())?;
+        s.write_all(b"POST /reload HTTP/1.1\r\nHost: x\r\n\r\n").await.map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.map_err(|e| e.to_string())?;
+        out
+    };
+    ensure(reply.starts_with("HTTP/1.1 200"), format!("POST /reload: {reply}"))?;
+    let (code, msg) = login_error(&p, &token(1, "old")).await;
+    ensure(code == "28P01" && msg.contains("signature"), format!("old key after rotation: {code} {msg}"))?;
+    connect(&p, &new_token(2)).await.map_err(|e| format!("new key refused: {e:?}"))?;
+    let (n, lo, _) = tenant_view(&connected).await?;
+    ensure(n == 100 && lo == 1, "client connected before the reload was disturbed")?;
+    // an invalid config is rejected and the running one stays
+    std::fs::write(&file, new_text.replace("[jwt]", "[jwt]\nbogus = 1")).map_err(|e| e.to_string())?;
+    ensure(p.proxy.reload_from_file().is_err(), "invalid config accepted")?;
+    connect(&p, &new_token(2)).await.map_err(|e| format!("reload failure broke the running config: {e:?}"))?;
+    // pool size and wait timeout follow a reload: shrink to one connection while it is in use
+    let pool_text = new_text.replace("pool_size = 4", "pool_size = 1").replace("[admin]", "[pool]\nquery_wait_timeout_ms = 200\n[admin]");
+    std::fs::write(&file, &pool_text).map_err(|e| e.to_string())?;
+    connected.batch_execute("BEGIN; SELECT 1").await.map_err(|e| format!("{e:?}"))?;
+    p.proxy.reload_from_file()?;
+    ensure(p.proxy.shared.pool.size() == 1, format!("pool size after reload: {}", p.proxy.shared.pool.size()))?;
+    let other = connect(&p, &new_token(2)).await.map_err(|e| format!("{e:?}"))?;
+    let e = other.simple_query("select 1").await.err().ok_or("pool did not shrink to one connection")?;
+    let (code, msg) = db_err(&e);
+    ensure(code == "53300" && msg.contains("200 ms"), format!("after shrinking: {code} {msg}"))?;
+    connected.batch_execute("COMMIT").await.map_err(|e| format!("{e:?}"))?;
+    let (n, lo, _) = tenant_view(&other).await?;
+    ensure(n == 100 && lo == 2, "client not served once the single connection was free")?;
+    p.stop().await;
+
+    // SIGHUP to the real binary
+    std::fs::write(&file, &old_text).map_err(|e| e.to_string())?;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
+        .args(["run", "--config"])
+        .arg(&file)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let port = loop {
+        let line = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| "binary did not start")?;
+        if let Some(i) = line.find("listen=127.0.0.1:") {
+            break line[i + 17..].split_whitespace().next().unwrap_or("").parse::<u16>().map_err(|e| e.to_string())?;
+        }
+    };
+    let login = |tok: String| async move {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1").port(port).user("alice").dbname("app").password(tok);
+        cfg.connect(tokio_postgres::NoTls).await.map(|_| ())
+    };
+    let result = async {
+        login(token(1, "x")).await.map_err(|e| format!("binary, old key: {e:?}"))?;
+        std::fs::write(&file, &new_text).map_err(|e| e.to_string())?;
+        // SAFETY: signalling our own child
+        unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while login(token(1, "x")).await.is_ok() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        ensure(login(token(1, "x")).await.is_err(), "old key still accepted after SIGHUP")?;
+        login(new_token(3)).await.map_err(|e| format!("new key refused after SIGHUP: {e:?}"))
+    }
+    .await;
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    result
 }

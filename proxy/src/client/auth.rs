@@ -31,6 +31,7 @@ pub struct LoggedIn {
     pub cancel: Registration,
     pub user: String,
     pub view: ClientView,
+    pub guard: std::sync::Arc<crate::guard::Guard>,
 }
 
 /// Largest password message accepted (a JWT is well below this).
@@ -54,7 +55,7 @@ pub async fn login(
         }
     };
     if let Some(options) = params.get("options") {
-        if let Err(e) = proxy.shared.guard.check_startup_options(options) {
+        if let Err(e) = proxy.auth().guard.check_startup_options(options) {
             tracing::info!(user = %user, result = "refused", reason = %e.message, "login");
             return Err((stream, PgError { severity: crate::error::Severity::Fatal, ..e }));
         }
@@ -95,7 +96,8 @@ pub async fn login(
         Err(e) => return Err((stream, PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgtenant: {e}")))),
     };
 
-    let context = match verify(proxy, &token) {
+    let auth = proxy.auth();
+    let context = match verify(&auth, &token) {
         Ok(c) => c,
         Err(e) => {
             tracing::info!(user = %user, result = "rejected", reason = %e.message, "login");
@@ -123,7 +125,7 @@ pub async fn login(
             .with_hint("set backend.url to a restricted role (no superuser, no BYPASSRLS); pgtenant doctor explains"),
         ));
     }
-    let client_params = match params::from_startup(params, &info.settings, &info.params, &proxy.shared.guard) {
+    let client_params = match params::from_startup(params, &info.settings, &info.params, &auth.guard) {
         Ok(p) => p,
         Err(e) => return Err((stream, e)),
     };
@@ -148,17 +150,17 @@ pub async fn login(
     }
     tracing::info!(user = %user, tenant = %context.tenant, sub = context.subject.as_deref().unwrap_or(""), result = "ok", "login");
     metrics::counter!(crate::admin::names::LOGINS, "result" => "ok", "sqlstate" => "00000").increment(1);
-    let settings = ClientSettings::new(proxy.mapping.setting_names().to_vec(), context.values.clone(), client_params);
+    let settings = ClientSettings::new(auth.mapping.setting_names().to_vec(), context.values.clone(), client_params);
     let view = ClientView { reported, ..Default::default() };
-    Ok(LoggedIn { stream, leftover: buf, context, settings, cancel, user, view })
+    Ok(LoggedIn { stream, leftover: buf, context, settings, cancel, user, view, guard: auth.guard.clone() })
 }
 
-fn verify(proxy: &Proxy, token: &str) -> Result<TenantContext, PgError> {
+fn verify(auth: &crate::server::Auth, token: &str) -> Result<TenantContext, PgError> {
     if token.is_empty() {
         return Err(PgError::fatal(sqlstate::INVALID_PASSWORD, "pgtenant: no token given as the password")
             .with_hint("pass a JWT as the password, e.g. PGPASSWORD=<jwt>"));
     }
-    let claims = proxy.verifier.verify(token).map_err(|e| {
+    let claims = auth.verifier.verify(token).map_err(|e| {
         let err = PgError::fatal(sqlstate::INVALID_PASSWORD, format!("pgtenant: JWT rejected: {e}"));
         match e {
             JwtError::Malformed => err.with_hint("the password must be a signed JWT (header.payload.signature)"),
@@ -169,7 +171,7 @@ fn verify(proxy: &Proxy, token: &str) -> Result<TenantContext, PgError> {
             _ => err,
         }
     })?;
-    proxy.mapping.context(&claims).map_err(|e| {
+    auth.mapping.context(&claims).map_err(|e| {
         let err = PgError::fatal(sqlstate::INVALID_AUTHORIZATION, format!("pgtenant: {e}"));
         match e {
             ContextError::MissingClaim(_) => err.with_hint("the token must carry every claim named in tenant.settings"),

@@ -53,7 +53,6 @@ const MAX_BACKEND_MESSAGE: usize = 1 << 30;
 /// State shared by all sessions of one proxy.
 pub struct Shared {
     pub pool: Arc<Pool>,
-    pub guard: Guard,
     pub max_message_bytes: usize,
     /// `pool.mode = "session"`: a client keeps its backend until it disconnects.
     pub session_mode: bool,
@@ -117,6 +116,8 @@ enum Event {
 
 pub struct Session {
     id: u64,
+    /// The statement guard of the rules this client logged in with.
+    guard: Arc<Guard>,
     shared: Arc<Shared>,
     client_rd: ReadHalf<Stream>,
     client_wr: WriteHalf<Stream>,
@@ -160,12 +161,14 @@ impl Session {
         settings: ClientSettings,
         cancel: Registration,
         mut view: ClientView,
+        guard: Arc<Guard>,
     ) -> Session {
         view.applied = settings.applied();
         let injection = settings.injection();
         let (client_rd, client_wr) = tokio::io::split(client);
         Session {
             id: NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            guard,
             draining: shared.draining.clone(),
             shared,
             client_rd,
@@ -447,7 +450,7 @@ impl Session {
                         true,
                     ));
                 }
-                if let Err(e) = self.shared.guard.check(q, self.position()) {
+                if let Err(e) = self.guard.check(q, self.position()) {
                     return Ok(self.refuse(e, true));
                 }
                 if !self.shared.session_mode {
@@ -478,7 +481,7 @@ impl Session {
                 if reserved_name(name) {
                     return Ok(self.refuse(reserved_name_error(), false));
                 }
-                if let Err(e) = self.shared.guard.check(q, self.position()) {
+                if let Err(e) = self.guard.check(q, self.position()) {
                     return Ok(self.refuse(e, false));
                 }
                 if !self.shared.session_mode {
