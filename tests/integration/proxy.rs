@@ -5,6 +5,7 @@
 mod common;
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -1516,6 +1517,25 @@ async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
     let cfg = pgtenant::config::Config::load(&file).map_err(|e| e.to_string())?;
     let p = pgtenant::server::start_from(cfg, Some(file.clone())).await?;
     let connected = connect(&p, &token(1, "before")).await.map_err(|e| format!("{e:?}"))?;
+    // load: clients of several tenants query in a loop across the reloads below
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for i in 0..6 {
+        let t = 1 + i % 3;
+        let c = connect(&p, &token(t, "load")).await.map_err(|e| format!("{e:?}"))?;
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let mut done = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (n, lo, hi) = tenant_view(&c).await?;
+                if n != 100 || lo != t as i32 || hi != t as i32 {
+                    return Err(format!("tenant {t} saw {n} rows of tenants {lo}..{hi} during a reload"));
+                }
+                done += 1;
+            }
+            Ok::<u32, String>(done)
+        }));
+    }
     // rotate through POST /reload
     std::fs::write(&file, &new_text).map_err(|e| e.to_string())?;
     let admin = p.admin_addr.ok_or("no admin")?;
@@ -1537,6 +1557,11 @@ async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
     std::fs::write(&file, new_text.replace("[jwt]", "[jwt]\nbogus = 1")).map_err(|e| e.to_string())?;
     ensure(p.proxy.reload_from_file().is_err(), "invalid config accepted")?;
     connect(&p, &new_token(2)).await.map_err(|e| format!("reload failure broke the running config: {e:?}"))?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in load {
+        let done = task.await.map_err(|e| e.to_string())??;
+        ensure(done > 0, "a loaded client made no progress")?;
+    }
     // pool size and wait timeout follow a reload: shrink to one connection while it is in use
     let pool_text = new_text.replace("pool_size = 4", "pool_size = 1").replace("[admin]", "[pool]\nquery_wait_timeout_ms = 200\n[admin]");
     std::fs::write(&file, &pool_text).map_err(|e| e.to_string())?;
