@@ -51,6 +51,9 @@ fn response(status: &str, content_type: &str, body: &str) -> String {
 }
 
 async fn ready(proxy: &Proxy) -> Result<(), String> {
+    if !proxy.auth().verifier.keys_loaded() {
+        return Err("JWT keys not loaded (jwt.jwks_url has not answered yet)".into());
+    }
     match tokio::time::timeout(Duration::from_secs(3), proxy.shared.pool.server_info()).await {
         Ok(Ok(_)) if proxy.shared.pool.backend_healthy() => Ok(()),
         Ok(Ok(_)) => Err("the last backend connection attempt failed".into()),
@@ -77,7 +80,7 @@ fn pools_json(proxy: &Proxy) -> String {
 async fn answer(proxy: &Proxy, request_line: &str) -> String {
     let path = request_line.split_whitespace().nth(1).unwrap_or("/");
     if request_line.starts_with("POST ") && path == "/reload" {
-        return match proxy.reload_from_file() {
+        return match proxy.reload_from_file().await {
             Ok(()) => response("200 OK", "text/plain", "reloaded\n"),
             Err(e) => response("400 Bad Request", "text/plain", &format!("new config rejected, the old one stays: {e}\n")),
         };

@@ -40,6 +40,10 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("jwt", "secret", EnvType::Str),
     ("jwt", "public_key_file", EnvType::Str),
     ("jwt", "jwks_file", EnvType::Str),
+    ("jwt", "jwks_url", EnvType::Str),
+    ("jwt", "jwks_ca_file", EnvType::Str),
+    ("jwt", "jwks_refresh_s", EnvType::Int),
+    ("jwt", "jwks_min_refresh_s", EnvType::Int),
     ("jwt", "issuer", EnvType::Str),
     ("jwt", "audience", EnvType::Str),
     ("jwt", "leeway_secs", EnvType::Int),
@@ -153,8 +157,20 @@ impl Config {
         if !(1..=10_000).contains(&self.backend.pool_size) {
             return invalid("backend.pool_size must be between 1 and 10000".into());
         }
-        if self.jwt.secret.is_none() && self.jwt.public_key_file.is_none() && self.jwt.jwks_file.is_none() {
-            return invalid("jwt: no key configured (set jwt.secret, jwt.public_key_file or jwt.jwks_file)".into());
+        if self.jwt.secret.is_none()
+            && self.jwt.public_key_file.is_none()
+            && self.jwt.jwks_file.is_none()
+            && self.jwt.jwks_url.is_none()
+        {
+            return invalid("jwt: no key configured (set jwt.secret, jwt.public_key_file, jwt.jwks_file or jwt.jwks_url)".into());
+        }
+        if let Some(url) = &self.jwt.jwks_url {
+            if let Err(e) = crate::jwt::https::Target::parse(url) {
+                return invalid(format!("jwt.jwks_url: {e}"));
+            }
+        }
+        if self.jwt.jwks_refresh_s == Some(0) || self.jwt.jwks_min_refresh_s == Some(0) {
+            return invalid("jwt.jwks_refresh_s and jwt.jwks_min_refresh_s must be at least 1".into());
         }
         if self.jwt.secret.as_deref() == Some("") {
             return invalid("jwt.secret is empty".into());
@@ -349,6 +365,14 @@ pub struct JwtConfig {
     pub public_key_file: Option<PathBuf>,
     /// JWKS document on disk; keys selected by `kid`.
     pub jwks_file: Option<PathBuf>,
+    /// JWKS document fetched over HTTPS (plain HTTP only from loopback), refreshed periodically.
+    pub jwks_url: Option<String>,
+    /// Extra CA certificates (PEM) trusted for `jwks_url`, besides the Mozilla roots.
+    pub jwks_ca_file: Option<PathBuf>,
+    /// Seconds between scheduled refreshes of `jwks_url` (default 300).
+    pub jwks_refresh_s: Option<u64>,
+    /// Least seconds between two fetches triggered by tokens with an unknown `kid` (default 10).
+    pub jwks_min_refresh_s: Option<u64>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway_secs: Option<u64>,

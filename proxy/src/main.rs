@@ -97,7 +97,7 @@ fn run(config: PathBuf) -> Result<(), String> {
         let reloader = tokio::spawn(async move {
             let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
             while hup.recv().await.is_some() {
-                match proxy.reload_from_file() {
+                match proxy.reload_from_file().await {
                     Ok(()) => tracing::info!("SIGHUP: config reloaded"),
                     Err(e) => tracing::error!(error = %e, "SIGHUP: new config rejected; keeping the old one"),
                 }
@@ -201,6 +201,16 @@ fn check(config: PathBuf) -> Result<ExitCode, String> {
         println!("  ${} = '{name}', ${} = {}", 2 * i + 1, 2 * i + 2, claim(name));
     }
     println!("(plus the client's own startup parameters and session SETs, if any)");
+    if let Some(remote) = auth.verifier.remote() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        match rt.block_on(remote.refresh()) {
+            Ok(n) => println!("\njwt.jwks_url {}: {n} usable keys", remote.url()),
+            Err(e) => println!(
+                "\nwarning: jwt.jwks_url {} cannot be fetched from here: {e}\n(the proxy starts anyway and retries; /readyz answers 503 until it loads keys)",
+                remote.url()
+            ),
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

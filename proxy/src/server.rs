@@ -30,9 +30,11 @@ pub struct Auth {
 }
 
 impl Auth {
-    pub fn from_config(config: &Config) -> Result<Auth, String> {
+    /// Builds the login rules; `previous` lends its fetched JWKS cache when the URL is unchanged.
+    pub fn from_config(config: &Config, previous: Option<&Auth>) -> Result<Auth, String> {
         Ok(Auth {
-            verifier: JwtVerifier::from_config(&config.jwt).map_err(|e| e.to_string())?,
+            verifier: JwtVerifier::from_config_reusing(&config.jwt, previous.map(|a| &a.verifier))
+                .map_err(|e| e.to_string())?,
             mapping: TenantMapping::from_config(&config.tenant).map_err(|e| e.to_string())?,
             guard: Arc::new(crate::guard::Guard::from_config(&config.tenant)),
         })
@@ -56,7 +58,7 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(config: Config) -> Result<Arc<Proxy>, String> {
         let target = BackendTarget::from_config(&config.backend).map_err(|e| format!("backend.url: {e}"))?;
-        let auth = Auth::from_config(&config)?;
+        let auth = Auth::from_config(&config, None)?;
         let tls = match (&config.server.tls_cert, &config.server.tls_key) {
             (Some(cert), Some(key)) => Some(tls::load_acceptor(cert, key)?),
             _ => None,
@@ -90,16 +92,21 @@ impl Proxy {
     /// keep what they logged in with), pool size and wait timeout, log level. An invalid config
     /// changes nothing. Settings that need a restart (`[server]`, backend URL, pool mode) are
     /// reported if they differ.
-    pub fn reload(&self, new: &Config) -> Result<(), String> {
-        let result = self.apply(new);
+    pub async fn reload(&self, new: &Config) -> Result<(), String> {
+        let result = self.apply(new).await;
         let label = if result.is_ok() { "ok" } else { "rejected" };
         metrics::counter!(crate::admin::names::CONFIG_RELOADS, "result" => label).increment(1);
         result
     }
 
-    fn apply(&self, new: &Config) -> Result<(), String> {
-        let auth = Auth::from_config(new)?;
+    async fn apply(&self, new: &Config) -> Result<(), String> {
+        let auth = Auth::from_config(new, Some(&self.auth()))?;
         crate::logging::validate_level(&new.log.level)?;
+        if let Some(remote) = auth.verifier.remote().filter(|r| !r.loaded()) {
+            // a new key URL must answer before it replaces keys that work
+            remote.refresh().await.map_err(|e| format!("jwt.jwks_url {}: {e}", remote.url()))?;
+        }
+        auth.verifier.start_background();
         *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
         self.shared.pool.resize(new.backend.pool_size, new.query_wait_timeout_ms());
         crate::logging::set_level(&new.log.level)?;
@@ -116,10 +123,10 @@ impl Proxy {
     }
 
     /// Re-reads the config file this proxy was started from and reloads it.
-    pub fn reload_from_file(&self) -> Result<(), String> {
+    pub async fn reload_from_file(&self) -> Result<(), String> {
         let path = self.config_path.as_ref().ok_or("this proxy was not started from a config file")?;
         let cfg = Config::load(path).map_err(|e| e.to_string())?;
-        self.reload(&cfg)
+        self.reload(&cfg).await
     }
 
     /// Accepts connections until `shutdown` flips to true.
@@ -268,6 +275,8 @@ pub async fn start_from(config: Config, path: Option<std::path::PathBuf>) -> Res
     let listener = TcpListener::bind(&listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     crate::admin::metrics_handle();
+    // jwt.jwks_url: fetched in the background; /readyz reports 503 until the first answer
+    proxy.auth().verifier.start_background();
     let admin = match &proxy.config.admin.listen {
         Some(a) => {
             let l = TcpListener::bind(a).await.map_err(|e| format!("cannot listen on {a} (admin.listen): {e}"))?;

@@ -3,12 +3,14 @@
 //! COPY, JWT failures, pool limits, cancel, and backend/client failures.
 
 mod common;
+mod jwks;
 
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use jwks::jwks_url_fetch_rotation_and_outage;
 use futures::future::join_all;
 use serde_json::json;
 
@@ -66,6 +68,7 @@ fn main() {
         admin_endpoints_and_metrics,
         deploy_manifests_are_valid,
         reload_rotates_keys_without_dropping_clients,
+        jwks_url_fetch_rotation_and_outage,
         python_clients,
         node_clients,
         pgjdbc_client,
@@ -1555,7 +1558,7 @@ async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
     ensure(n == 100 && lo == 1, "client connected before the reload was disturbed")?;
     // an invalid config is rejected and the running one stays
     std::fs::write(&file, new_text.replace("[jwt]", "[jwt]\nbogus = 1")).map_err(|e| e.to_string())?;
-    ensure(p.proxy.reload_from_file().is_err(), "invalid config accepted")?;
+    ensure(p.proxy.reload_from_file().await.is_err(), "invalid config accepted")?;
     connect(&p, &new_token(2)).await.map_err(|e| format!("reload failure broke the running config: {e:?}"))?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for task in load {
@@ -1566,7 +1569,7 @@ async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
     let pool_text = new_text.replace("pool_size = 4", "pool_size = 1").replace("[admin]", "[pool]\nquery_wait_timeout_ms = 200\n[admin]");
     std::fs::write(&file, &pool_text).map_err(|e| e.to_string())?;
     connected.batch_execute("BEGIN; SELECT 1").await.map_err(|e| format!("{e:?}"))?;
-    p.proxy.reload_from_file()?;
+    p.proxy.reload_from_file().await?;
     ensure(p.proxy.shared.pool.size() == 1, format!("pool size after reload: {}", p.proxy.shared.pool.size()))?;
     let other = connect(&p, &new_token(2)).await.map_err(|e| format!("{e:?}"))?;
     let e = other.simple_query("select 1").await.err().ok_or("pool did not shrink to one connection")?;

@@ -97,7 +97,7 @@ pub async fn login(
     };
 
     let auth = proxy.auth();
-    let context = match verify(&auth, &token) {
+    let context = match verify(&auth, &token).await {
         Ok(c) => c,
         Err(e) => {
             tracing::info!(user = %user, result = "rejected", reason = %e.message, "login");
@@ -155,14 +155,16 @@ pub async fn login(
     Ok(LoggedIn { stream, leftover: buf, context, settings, cancel, user, view, guard: auth.guard.clone() })
 }
 
-fn verify(auth: &crate::server::Auth, token: &str) -> Result<TenantContext, PgError> {
+async fn verify(auth: &crate::server::Auth, token: &str) -> Result<TenantContext, PgError> {
     if token.is_empty() {
         return Err(PgError::fatal(sqlstate::INVALID_PASSWORD, "pgtenant: no token given as the password")
             .with_hint("pass a JWT as the password, e.g. PGPASSWORD=<jwt>"));
     }
-    let claims = auth.verifier.verify(token).map_err(|e| {
+    let claims = auth.verifier.verify_fresh(token).await.map_err(|e| {
         let err = PgError::fatal(sqlstate::INVALID_PASSWORD, format!("pgtenant: JWT rejected: {e}"));
         match e {
+            JwtError::KeysNotLoaded => PgError::fatal(sqlstate::CANNOT_CONNECT_NOW, format!("pgtenant: {e}"))
+                .with_hint("pgtenant could not fetch jwt.jwks_url yet; try again shortly (see /readyz)"),
             JwtError::Malformed => err.with_hint("the password must be a signed JWT (header.payload.signature)"),
             JwtError::Expired => err.with_hint("get a fresh token"),
             JwtError::WrongAudience | JwtError::WrongIssuer => {

@@ -7,11 +7,16 @@
 //! `exp` is required; `nbf`, `iss` and `aud` are checked as configured, with leeway. Error texts are
 //! short reasons for the client and the log, and never contain the token.
 
-use jsonwebtoken::jwk::JwkSet;
+pub mod https;
+pub mod jwks;
+
+use std::sync::Arc;
+
 use jsonwebtoken::{decode, decode_header, errors::ErrorKind, Algorithm, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
 use crate::config::{ConfigError, JwtConfig};
+use jwks::{KeyList, RemoteKeys};
 
 /// Longest token accepted.
 const MAX_TOKEN_LEN: usize = 16 * 1024;
@@ -39,22 +44,50 @@ pub enum JwtError {
     MissingExp,
     #[error("token claims are not a JSON object")]
     NotAnObject,
+    #[error("signing keys not loaded yet (jwt.jwks_url has not answered)")]
+    KeysNotLoaded,
 }
 
-/// A verification key with the validation rules for its algorithm family.
-struct Key {
-    kid: Option<String>,
-    key: DecodingKey,
-    validation: Validation,
+/// The claim rules every key is checked with.
+#[derive(Debug, Clone)]
+struct Rules {
+    leeway: u64,
+    issuer: Option<String>,
+    audience: Option<String>,
+}
+
+impl Rules {
+    fn validation(&self, key: &DecodingKey) -> Validation {
+        let mut v = Validation::new_for_family(key.family());
+        v.leeway = self.leeway;
+        v.validate_exp = true;
+        v.validate_nbf = true;
+        let mut required = vec!["exp"];
+        required.extend(self.audience.as_ref().map(|_| "aud"));
+        required.extend(self.issuer.as_ref().map(|_| "iss"));
+        v.set_required_spec_claims(&required);
+        match &self.audience {
+            Some(aud) => v.set_audience(&[aud]),
+            None => v.validate_aud = false,
+        }
+        if let Some(iss) = &self.issuer {
+            v.set_issuer(&[iss]);
+        }
+        v
+    }
 }
 
 pub struct JwtVerifier {
-    keys: Vec<Key>,
+    rules: Rules,
+    /// Keys from the config (secret, PEM file, JWKS file), fixed until a reload.
+    keys: KeyList,
+    /// Keys from `jwt.jwks_url`, refreshed in the background.
+    remote: Option<Arc<RemoteKeys>>,
 }
 
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "JwtVerifier({} keys)", self.keys.len())
+        write!(f, "JwtVerifier({} keys, {:?})", self.keys.len(), self.remote)
     }
 }
 
@@ -64,9 +97,15 @@ fn invalid(m: String) -> ConfigError {
 
 impl JwtVerifier {
     pub fn from_config(cfg: &JwtConfig) -> Result<JwtVerifier, ConfigError> {
-        let mut raw: Vec<(Option<String>, DecodingKey)> = Vec::new();
+        JwtVerifier::from_config_reusing(cfg, None)
+    }
+
+    /// Like [`from_config`](Self::from_config), but keeps `previous`'s fetched JWKS cache when the
+    /// URL and fetch settings are unchanged (a reload then does not start with no remote keys).
+    pub fn from_config_reusing(cfg: &JwtConfig, previous: Option<&JwtVerifier>) -> Result<JwtVerifier, ConfigError> {
+        let mut keys: KeyList = Vec::new();
         if let Some(secret) = &cfg.secret {
-            raw.push((None, DecodingKey::from_secret(secret.as_bytes())));
+            keys.push((None, DecodingKey::from_secret(secret.as_bytes())));
         }
         if let Some(path) = &cfg.public_key_file {
             let pem = std::fs::read(path)
@@ -77,73 +116,92 @@ impl JwtVerifier {
                 .map_err(|_| {
                     invalid(format!("jwt.public_key_file: {} is not an RSA, EC or Ed25519 public key in PEM", path.display()))
                 })?;
-            raw.push((None, key));
+            keys.push((None, key));
         }
         if let Some(path) = &cfg.jwks_file {
-            let text = std::fs::read_to_string(path)
+            let text = std::fs::read(path)
                 .map_err(|e| invalid(format!("jwt.jwks_file: cannot read {}: {e}", path.display())))?;
-            let set: JwkSet = serde_json::from_str(&text)
-                .map_err(|e| invalid(format!("jwt.jwks_file: {} is not a JWKS document: {e}", path.display())))?;
-            for jwk in &set.keys {
-                let key = DecodingKey::from_jwk(jwk)
-                    .map_err(|e| invalid(format!("jwt.jwks_file: unusable key in {}: {e}", path.display())))?;
-                raw.push((jwk.common.key_id.clone(), key));
-            }
+            keys.extend(jwks::parse_set(&text, &format!("jwt.jwks_file {}", path.display())).map_err(invalid)?);
         }
-        if raw.is_empty() {
-            return Err(invalid("jwt: no key configured (set jwt.secret, jwt.public_key_file or jwt.jwks_file)".into()));
+        let remote = match &cfg.jwks_url {
+            None => None,
+            Some(url) => match previous.and_then(|p| p.remote.as_ref()).filter(|r| r.same_source(cfg, url)) {
+                Some(r) => Some(r.clone()),
+                None => Some(Arc::new(RemoteKeys::from_config(cfg, url)?)),
+            },
+        };
+        if keys.is_empty() && remote.is_none() {
+            return Err(invalid("jwt: no key configured (set jwt.secret, jwt.public_key_file, jwt.jwks_file or jwt.jwks_url)".into()));
         }
-        let keys = raw
-            .into_iter()
-            .map(|(kid, key)| {
-                let mut v = Validation::new_for_family(key.family());
-                v.leeway = cfg.leeway_secs.unwrap_or(DEFAULT_LEEWAY);
-                v.validate_exp = true;
-                v.validate_nbf = true;
-                let mut required = vec!["exp"];
-                required.extend(cfg.audience.as_ref().map(|_| "aud"));
-                required.extend(cfg.issuer.as_ref().map(|_| "iss"));
-                v.set_required_spec_claims(&required);
-                match &cfg.audience {
-                    Some(aud) => v.set_audience(&[aud]),
-                    None => v.validate_aud = false,
-                }
-                if let Some(iss) = &cfg.issuer {
-                    v.set_issuer(&[iss]);
-                }
-                Key { kid, key, validation: v }
-            })
-            .collect();
-        Ok(JwtVerifier { keys })
+        let rules = Rules {
+            leeway: cfg.leeway_secs.unwrap_or(DEFAULT_LEEWAY),
+            issuer: cfg.issuer.clone(),
+            audience: cfg.audience.clone(),
+        };
+        Ok(JwtVerifier { rules, keys, remote })
     }
 
-    /// Verifies `token` and returns its claims.
+    /// The `jwt.jwks_url` cache, if one is configured.
+    pub fn remote(&self) -> Option<&Arc<RemoteKeys>> {
+        self.remote.as_ref()
+    }
+
+    /// Starts refreshing `jwt.jwks_url` in the background (needs a Tokio runtime; idempotent).
+    pub fn start_background(&self) {
+        if let Some(r) = &self.remote {
+            r.start();
+        }
+    }
+
+    /// Every configured key source has keys (a `jwks_url` has answered at least once).
+    pub fn keys_loaded(&self) -> bool {
+        self.remote.as_ref().is_none_or(|r| r.loaded())
+    }
+
+    /// Verifies `token`; a `kid` missing from the `jwks_url` cache triggers a (rate-limited)
+    /// refetch and one more try, so keys the provider just published work at once.
+    pub async fn verify_fresh(&self, token: &str) -> Result<Map<String, Value>, JwtError> {
+        match self.verify(token) {
+            Err(JwtError::UnknownKeyId | JwtError::KeysNotLoaded) => match &self.remote {
+                Some(remote) if remote.refresh_for_unknown_kid().await => self.verify(token),
+                _ => self.verify(token),
+            },
+            other => other,
+        }
+    }
+
+    /// Verifies `token` against the keys held now and returns its claims.
     pub fn verify(&self, token: &str) -> Result<Map<String, Value>, JwtError> {
         if token.len() > MAX_TOKEN_LEN || token.split('.').count() != 3 {
             return Err(JwtError::Malformed);
         }
         let header = decode_header(token).map_err(|_| JwtError::Malformed)?;
         let alg = header.alg;
-        let candidates: Vec<&Key> = self
-            .keys
-            .iter()
-            .filter(|k| k.validation.algorithms.contains(&alg))
-            .filter(|k| match (&header.kid, &k.kid) {
+        let remote = self.remote.as_ref().map(|r| r.snapshot());
+        let all = self.keys.iter().chain(remote.iter().flat_map(|r| r.iter()));
+        let family = |k: &DecodingKey| Validation::new_for_family(k.family()).algorithms.contains(&alg);
+        let candidates: Vec<&(Option<String>, DecodingKey)> = all
+            .clone()
+            .filter(|(_, k)| family(k))
+            .filter(|(kid, _)| match (&header.kid, kid) {
                 (Some(want), Some(have)) => want == have,
                 _ => true,
             })
             .collect();
         if candidates.is_empty() {
-            let family_known = self.keys.iter().any(|k| k.validation.algorithms.contains(&alg));
-            return Err(if family_known && header.kid.is_some() {
+            if self.remote.as_ref().is_some_and(|r| !r.loaded()) {
+                return Err(JwtError::KeysNotLoaded);
+            }
+            let family_known = all.clone().any(|(_, k)| family(k));
+            return Err(if (family_known || self.remote.is_some()) && header.kid.is_some() {
                 JwtError::UnknownKeyId
             } else {
                 JwtError::AlgorithmNotAllowed(format!("{alg:?}"))
             });
         }
         let mut last = JwtError::BadSignature;
-        for key in candidates {
-            match decode::<Value>(token, &key.key, &key.validation) {
+        for (_, key) in candidates {
+            match decode::<Value>(token, key, &self.rules.validation(key)) {
                 Ok(data) => {
                     return match data.claims {
                         Value::Object(m) => Ok(m),
