@@ -43,6 +43,10 @@ pub struct Backend {
     pub dirty: bool,
     /// It may also have left SQL-level prepared statements: the reset deallocates everything.
     pub full_reset: bool,
+    /// Relay buffers for this connection's traffic; a session borrows them while it holds the
+    /// lease, so idle clients hold no backend-sized buffers.
+    pub buf_in: bytes::BytesMut,
+    pub buf_out: bytes::BytesMut,
 }
 
 impl Backend {
@@ -59,6 +63,8 @@ impl Backend {
             owner: 0,
             dirty: false,
             full_reset: false,
+            buf_in: bytes::BytesMut::new(),
+            buf_out: bytes::BytesMut::new(),
         }
     }
 

@@ -47,6 +47,9 @@ static NEXT_SESSION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::Atomic
 
 /// Stop reading one side while this much is waiting to be written to the other.
 const HIGH_WATER: usize = 256 * 1024;
+const READ_CHUNK: usize = 8192;
+/// Read buffer of a client with no transaction open.
+const IDLE_READ_CHUNK: usize = 1024;
 /// Largest backend message relayed (the server's own limit is 1 GiB).
 const MAX_BACKEND_MESSAGE: usize = 1 << 30;
 
@@ -174,10 +177,10 @@ impl Session {
             client_rd,
             client_wr,
             client_in,
-            client_out: BytesMut::with_capacity(8192),
+            client_out: BytesMut::new(),
             lease: None,
-            backend_in: BytesMut::with_capacity(8192),
-            backend_out: BytesMut::with_capacity(8192),
+            backend_in: BytesMut::new(),
+            backend_out: BytesMut::new(),
             replies: Replies::default(),
             statements: Statements::default(),
             injection,
@@ -282,8 +285,11 @@ impl Session {
             && self.backend_out.len() < HIGH_WATER
             && self.client_out.len() < HIGH_WATER;
         let read_backend = self.client_out.len() < HIGH_WATER;
-        self.client_in.reserve(8192);
-        self.backend_in.reserve(8192);
+        // an idle client (no backend, nothing buffered) waits with a small read buffer
+        self.client_in.reserve(if self.lease.is_some() || !self.client_in.is_empty() { READ_CHUNK } else { IDLE_READ_CHUNK });
+        if self.lease.is_some() {
+            self.backend_in.reserve(READ_CHUNK);
+        }
         let (brd, bwr) = match &mut self.lease {
             Some(l) => (Some(&mut l.backend.rd), Some(&mut l.backend.wr)),
             None => (None, None),
@@ -310,7 +316,17 @@ impl Session {
     }
 
     async fn release(&mut self) {
-        if let Some(lease) = self.lease.take() {
+        if let Some(mut lease) = self.lease.take() {
+            // the relay buffers go back with the connection (both are empty: backend_clean)
+            std::mem::swap(&mut self.backend_in, &mut lease.backend.buf_in);
+            std::mem::swap(&mut self.backend_out, &mut lease.backend.buf_out);
+            // an idle client keeps no large buffers: 10,000 idle clients must stay small
+            if self.client_out.is_empty() && self.client_out.capacity() > IDLE_READ_CHUNK {
+                self.client_out = BytesMut::new();
+            }
+            if self.client_in.is_empty() && self.client_in.capacity() > IDLE_READ_CHUNK {
+                self.client_in = BytesMut::new();
+            }
             metrics::counter!(crate::admin::names::TRANSACTIONS).increment(1);
             metrics::histogram!(crate::admin::names::TRANSACTION_SECONDS).record(self.attached_at.elapsed().as_secs_f64());
             self.cancel.slot.set(None).await;
@@ -324,6 +340,10 @@ impl Session {
         self.cancel.slot.set(Some((lease.backend.pid, lease.backend.secret_key))).await;
         self.replies.reset();
         let b = &mut lease.backend;
+        // borrow the connection's relay buffers (ours are empty whenever no lease is held)
+        debug_assert!(self.backend_in.is_empty() && self.backend_out.is_empty());
+        std::mem::swap(&mut self.backend_in, &mut b.buf_in);
+        std::mem::swap(&mut self.backend_out, &mut b.buf_out);
         if b.dirty && b.owner != self.id {
             // pipelined in front of this session's first message: no extra round trip
             if b.full_reset {

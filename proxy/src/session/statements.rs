@@ -37,6 +37,9 @@ impl Statements {
     /// Records a Parse; `None` when the client already holds `MAX_STATEMENTS` other statements.
     pub fn parse(&mut self, name: &[u8], query: &[u8], key: Bytes) -> Option<Arc<StatementDef>> {
         let sets = sql::has_session_set(query).then(|| Arc::new(sql::set::session_changes(query))).filter(|c| !c.is_empty());
+        // a named statement outlives the read buffer it arrived in: copy it, so it does not pin a
+        // whole buffer chunk for the life of the session
+        let key = if name.is_empty() { key } else { Bytes::copy_from_slice(&key) };
         let def = Arc::new(StatementDef { key, effect: sql::summarize(query).first, sets });
         if name.is_empty() {
             self.unnamed_stmt = Some(def.clone());
