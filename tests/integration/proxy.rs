@@ -3,6 +3,7 @@
 //! COPY, JWT failures, pool limits, cancel, and backend/client failures.
 
 mod common;
+mod hostile;
 mod jwks;
 
 use std::process::Command;
@@ -10,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use hostile::*;
 use jwks::jwks_url_fetch_rotation_and_outage;
 use futures::future::join_all;
 use serde_json::json;
@@ -69,6 +71,10 @@ fn main() {
         deploy_manifests_are_valid,
         reload_rotates_keys_without_dropping_clients,
         jwks_url_fetch_rotation_and_outage,
+        hostile_framing_gets_fatal_or_close,
+        ten_thousand_pipelined_messages,
+        client_that_never_reads_is_bounded,
+        slowloris_logins_do_not_block_others,
         python_clients,
         node_clients,
         pgjdbc_client,
