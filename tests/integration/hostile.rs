@@ -33,14 +33,14 @@ fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
-fn query(sql: &str) -> Vec<u8> {
+pub(crate) fn query(sql: &str) -> Vec<u8> {
     let mut b = sql.as_bytes().to_vec();
     b.push(0);
     message(b'Q', &b)
 }
 
 /// Reads one backend message (tag, body), or None on EOF/timeout.
-async fn read_msg(s: &mut TcpStream, timeout: Duration) -> Option<(u8, Vec<u8>)> {
+pub(crate) async fn read_msg(s: &mut TcpStream, timeout: Duration) -> Option<(u8, Vec<u8>)> {
     tokio::time::timeout(timeout, async {
         let mut head = [0u8; 5];
         s.read_exact(&mut head).await.ok()?;
@@ -78,7 +78,7 @@ async fn expect_fatal_or_close(s: &mut TcpStream, what: &str) -> Result<Option<S
     }
 }
 
-async fn raw_login(p: &pgtenant::server::Running, tok: &str) -> Result<TcpStream, String> {
+pub(crate) async fn raw_login(p: &pgtenant::server::Running, tok: &str) -> Result<TcpStream, String> {
     let mut s = TcpStream::connect(p.addr).await.map_err(|e| e.to_string())?;
     s.write_all(&startup_packet("alice", "app")).await.map_err(|e| e.to_string())?;
     let (tag, body) = read_msg(&mut s, Duration::from_secs(5)).await.ok_or("no auth request")?;
@@ -273,6 +273,46 @@ pub async fn slowloris_logins_do_not_block_others(env: &Env) -> TestResult {
         let closed = t.await.map_err(|e| e.to_string())?.ok_or("a slowloris client was never dropped")?;
         ensure(closed < Duration::from_secs(4), format!("slowloris client dropped only after {closed:?}"))?;
     }
+    p.stop().await;
+    Ok(())
+}
+
+/// COPY FROM STDIN in the query that opens a transaction (the proxy holds the client's next
+/// messages until that first query settles, except the COPY data it needs), then a client that
+/// pipelines a query right behind CopyDone.
+pub async fn copy_from_stdin_opening_a_transaction(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let mut s = raw_login(&p, &token(1, "copy")).await?;
+    s.write_all(&query("BEGIN; CREATE TEMP TABLE t (a int) ON COMMIT DROP; COPY t FROM STDIN")).await.map_err(|e| e.to_string())?;
+    loop {
+        let (tag, body) = read_msg(&mut s, Duration::from_secs(5)).await.ok_or("no CopyInResponse (COPY data stuck?)")?;
+        ensure(tag != b'E', format!("error: {}", sqlstate(&body)))?;
+        if tag == b'G' {
+            break;
+        }
+    }
+    let mut data = message(b'd', b"1\n2\n");
+    data.extend(message(b'd', b"3\n"));
+    data.extend(message(b'c', b""));
+    data.extend(query("SELECT count(*) FROM t; COMMIT"));
+    s.write_all(&data).await.map_err(|e| e.to_string())?;
+    let mut seen = Vec::new();
+    let mut ready = 0;
+    while ready < 2 {
+        let (tag, body) = read_msg(&mut s, Duration::from_secs(5)).await.ok_or(format!("stalled after {seen:?}"))?;
+        match tag {
+            b'E' => return Err(format!("error: {}", sqlstate(&body))),
+            b'C' => seen.push(String::from_utf8_lossy(&body[..body.len() - 1]).into_owned()),
+            b'D' => seen.push(format!("row {}", String::from_utf8_lossy(&body[6..]))),
+            b'Z' => {
+                ready += 1;
+                seen.push(format!("ready {}", body[0] as char));
+            }
+            _ => {}
+        }
+    }
+    let want = ["COPY 3", "ready T", "row 3", "SELECT 1", "COMMIT", "ready I"];
+    ensure(seen == want, format!("got {seen:?}"))?;
     p.stop().await;
     Ok(())
 }

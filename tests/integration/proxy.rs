@@ -3,6 +3,7 @@
 //! COPY, JWT failures, pool limits, cancel, and backend/client failures.
 
 mod common;
+mod faults;
 mod hostile;
 mod jwks;
 
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
+use faults::faults_under_load_lose_nothing;
 use hostile::*;
 use jwks::jwks_url_fetch_rotation_and_outage;
 use futures::future::join_all;
@@ -75,6 +77,8 @@ fn main() {
         ten_thousand_pipelined_messages,
         client_that_never_reads_is_bounded,
         slowloris_logins_do_not_block_others,
+        copy_from_stdin_opening_a_transaction,
+        faults_under_load_lose_nothing,
         python_clients,
         node_clients,
         pgjdbc_client,

@@ -281,7 +281,7 @@ impl Session {
 
     async fn next_event(&mut self) -> Event {
         let read_client = self.held.is_none()
-            && !self.hold_until_settled
+            && (!self.hold_until_settled || self.copy_in_open())
             && self.backend_out.len() < HIGH_WATER
             && self.client_out.len() < HIGH_WATER;
         let read_backend = self.client_out.len() < HIGH_WATER;
@@ -304,6 +304,11 @@ impl Session {
             r = read_opt(brd, &mut self.backend_in), if has_backend && read_backend => Event::BackendRead(r),
             r = self.client_rd.read_buf(&mut self.client_in), if read_client => Event::ClientRead(r),
         }
+    }
+
+    /// The server is in COPY FROM STDIN and waits for the client's data (nothing held back).
+    fn copy_in_open(&self) -> bool {
+        self.replies.copy_in && self.held.is_none() && self.lease.is_some()
     }
 
     /// The backend can go back to the pool: idle, nothing in flight, nothing half-read.
@@ -371,6 +376,18 @@ impl Session {
             }
             if self.hold_until_settled || self.held.is_some() {
                 if !self.replies.is_settled() {
+                    if self.copy_in_open() {
+                        // a held-back query started COPY FROM STDIN: its data must flow meanwhile
+                        match try_split(&mut self.client_in, self.shared.max_message_bytes) {
+                            Ok(Some(f)) if matches!(f.tag, b'd' | b'c' | b'f' | b'H' | b'S') => {
+                                self.on_client_frame(f).await?;
+                                continue;
+                            }
+                            Ok(Some(f)) => self.held = Some(f), // anything else waits for the COPY to end
+                            Ok(None) => {}
+                            Err(e) => return Err(End::Fatal(frame_error(e))),
+                        }
+                    }
                     return Ok(Flow::Continue);
                 }
                 self.hold_until_settled = false;
