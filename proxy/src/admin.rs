@@ -37,6 +37,13 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
             .expect("static buckets")
             .build_recorder();
         let handle = recorder.handle();
+        // histograms buffer raw samples until rendered: drain them periodically, or a proxy that
+        // nobody scrapes grows by every transaction it times
+        let upkeep = handle.clone();
+        let _ = std::thread::Builder::new().name("pgtenant-metrics-upkeep".into()).spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(5));
+            upkeep.run_upkeep();
+        });
         // another recorder may already be installed (e.g. by an embedding program): then ours only renders zeros
         let _ = metrics::set_global_recorder(recorder);
         handle
