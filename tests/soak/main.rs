@@ -30,8 +30,13 @@ struct Totals {
     unexpected: AtomicU64,
 }
 
+fn soak_secs() -> u64 {
+    std::env::var("PGTENANT_SOAK_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30)
+}
+
 fn main() {
-    run_all(&[("soak_memory_fds_errors_flat", |env| Box::pin(soak(env)))]);
+    let limit = Duration::from_secs(soak_secs() + 120);
+    run_all_within(&[("soak_memory_fds_errors_flat", |env| Box::pin(soak(env)))], limit);
 }
 
 fn rss_kib() -> u64 {
@@ -46,7 +51,7 @@ fn open_fds() -> usize {
 }
 
 async fn soak(env: &Env) -> TestResult {
-    let secs: u64 = std::env::var("PGTENANT_SOAK_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30);
+    let secs = soak_secs();
     let p = Arc::new(start_proxy(env, "pool_size = 6", "").await);
     let stop = Arc::new(AtomicBool::new(false));
     let t = Arc::new(Totals::default());

@@ -89,6 +89,11 @@ pub fn db_err(e: &tokio_postgres::Error) -> (String, String) {
 
 /// Runs every scenario against one cluster and prints a summary line; exits non-zero on failure.
 pub fn run_all(tests: &[(&str, TestFn)]) {
+    run_all_within(tests, std::time::Duration::from_secs(120))
+}
+
+/// Like [`run_all`], with a different time limit per scenario.
+pub fn run_all_within(tests: &[(&str, TestFn)], limit: std::time::Duration) {
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let cluster = Cluster::start().expect("start test cluster");
     cluster.load_rls_fixture().expect("load fixture");
@@ -102,9 +107,9 @@ pub fn run_all(tests: &[(&str, TestFn)]) {
         let start = Instant::now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             rt.block_on(async {
-                match tokio::time::timeout(std::time::Duration::from_secs(120), test(&env)).await {
+                match tokio::time::timeout(limit, test(&env)).await {
                     Ok(r) => r,
-                    Err(_) => Err("timed out after 120 s".into()),
+                    Err(_) => Err(format!("timed out after {} s", limit.as_secs())),
                 }
             })
         }))
