@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, the integration suite and the real-client suite against a throwaway
-# Postgres cluster, and the isolation suite. Installs what is missing: Postgres server binaries,
+# Postgres cluster, the isolation suite, a 30 s soak, and a short fuzzing run of every target. Installs what is missing: Postgres server binaries,
 # pgbench, openssl, Java + pgjdbc (apt-get), the Python drivers (venv) and the Node drivers (npm ci).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,3 +46,6 @@ if ! cmp -s tests/clients/package-lock.json tests/clients/node_modules/.package-
 fi
 
 cargo test --workspace --locked
+
+# Short fuzzing run of every target (the long runs are documented in docs/reliability.md).
+scripts/fuzz.sh "${PGTENANT_FUZZ_SECS:-20}"
