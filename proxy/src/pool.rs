@@ -4,7 +4,7 @@
 //! is over (`ReadyForQuery 'I'` with nothing in flight). The pool is bounded by a semaphore, so
 //! waiting clients queue fairly (FIFO) and give up after `pool.query_wait_timeout_ms` with a clear error.
 //! Size and wait timeout can change at run time (config reload): growing adds permits at once,
-//! shrinking retires permits as leases come back.
+//! shrinking retires free permits at once and busy ones as their leases come back.
 //! Idle connections are checked before reuse (a server restart or `pg_terminate_backend` leaves a
 //! closed socket behind), and retired after `idle_timeout_s` idle or `max_lifetime_s` of age.
 //! A lease dropped without `release` closes its connection: a connection whose state is not known
@@ -98,6 +98,9 @@ pub struct Pool {
     idle: Mutex<Vec<Idle>>,
     /// Milliseconds a transaction waits for a free connection.
     wait_timeout_ms: AtomicU64,
+    /// Slots a shrink still has to retire: taken from leases as they come back.
+    owed: AtomicUsize,
+    resizing: Mutex<()>,
     idle_timeout: Duration,
     max_lifetime: Duration,
     prepared_cache: usize,
@@ -130,6 +133,8 @@ impl Pool {
             permits: Arc::new(Semaphore::new(cfg.pool_size)),
             idle: Mutex::new(Vec::new()),
             wait_timeout_ms: AtomicU64::new(config.query_wait_timeout_ms()),
+            owed: AtomicUsize::new(0),
+            resizing: Mutex::new(()),
             idle_timeout: Duration::from_secs(cfg.idle_timeout_s),
             max_lifetime: Duration::from_secs(cfg.max_lifetime_s),
             prepared_cache: config.pool.prepared_statements_cache,
@@ -150,29 +155,34 @@ impl Pool {
     /// Applies a reloaded pool size and wait timeout. Growing takes effect at once; shrinking
     /// retires free slots now and busy ones as their transactions end (connected clients are never
     /// cut off).
-    pub fn resize(self: &Arc<Self>, size: usize, wait_timeout_ms: u64) {
+    pub fn resize(&self, size: usize, wait_timeout_ms: u64) {
         self.wait_timeout_ms.store(wait_timeout_ms, Ordering::Relaxed);
+        let _one_at_a_time = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.size.swap(size, Ordering::Relaxed);
         if size > old {
-            self.permits.add_permits(size - old);
+            // growing first cancels slots still owed by an earlier shrink
+            let mut add = size - old;
+            let owed = self.owed.load(Ordering::Relaxed);
+            let cancel = owed.min(add);
+            self.owed.fetch_sub(cancel, Ordering::Relaxed);
+            add -= cancel;
+            self.permits.add_permits(add);
         } else if size < old {
-            let mut owed = old - size;
-            owed -= self.permits.forget_permits(owed);
-            if owed > 0 {
-                let permits = self.permits.clone();
-                tokio::spawn(async move {
-                    if let Ok(p) = permits.acquire_many_owned(owed as u32).await {
-                        p.forget();
-                    }
-                });
-            }
-            // fewer slots: drop idle connections beyond the new size
+            let want = old - size;
+            let forgotten = self.permits.forget_permits(want);
+            // the rest is retired as busy connections come back (see `release`)
+            self.owed.fetch_add(want - forgotten, Ordering::Relaxed);
             if let Ok(mut idle) = self.idle.lock() {
                 while idle.len() > size {
                     idle.remove(0);
                 }
             }
         }
+    }
+
+    /// Takes one slot owed by a shrink, if any.
+    fn pay_owed(&self) -> bool {
+        self.owed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
     }
 
     /// Connections idle in the pool right now.
@@ -182,7 +192,7 @@ impl Pool {
 
     /// Leases currently handed out.
     pub fn busy_count(&self) -> usize {
-        self.size().saturating_sub(self.permits.available_permits())
+        (self.size() + self.owed.load(Ordering::Relaxed)).saturating_sub(self.permits.available_permits())
     }
 
     pub fn backend_healthy(&self) -> bool {
@@ -255,6 +265,11 @@ impl Pool {
     /// Returns a clean connection (transaction status idle, nothing in flight) to the pool.
     pub fn release(&self, lease: Lease) {
         let Lease { backend, _permit } = lease;
+        if self.pay_owed() {
+            // the pool shrank while this connection was busy: retire its slot and the connection
+            _permit.forget();
+            return;
+        }
         if backend.created.elapsed() >= self.max_lifetime {
             return;
         }
@@ -298,5 +313,36 @@ impl Pool {
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(size: usize) -> Arc<Pool> {
+        let text = format!(
+            "[backend]\nurl = \"postgres://u:p@127.0.0.1:1/db\"\npool_size = {size}\n[jwt]\nsecret = \"0123456789abcdef0123\"\n[tenant]\nsettings = {{ \"app.tenant_id\" = \"tenant_id\" }}\n"
+        );
+        let config = Config::from_toml(&text, &|_| None).unwrap();
+        Pool::new(&config, BackendTarget::from_config(&config.backend).unwrap())
+    }
+
+    #[test]
+    fn shrink_retires_busy_slots_later_and_grow_cancels_what_is_owed() {
+        let p = pool(4);
+        let busy: Vec<_> = (0..3).map(|_| p.permits.clone().try_acquire_owned().unwrap()).collect();
+        p.resize(1, 100);
+        // the one free slot is gone now, two busy ones are owed
+        assert_eq!((p.permits.available_permits(), p.owed.load(Ordering::Relaxed), p.busy_count()), (0, 2, 3));
+        // growing back cancels the debt instead of adding permits that a shrink would then eat
+        p.resize(4, 100);
+        assert_eq!((p.permits.available_permits(), p.owed.load(Ordering::Relaxed), p.busy_count()), (1, 0, 3));
+        drop(busy);
+        assert_eq!((p.permits.available_permits(), p.busy_count()), (4, 0));
+        // shrinking while idle takes effect at once
+        p.resize(2, 100);
+        assert_eq!((p.permits.available_permits(), p.owed.load(Ordering::Relaxed)), (2, 0));
+        assert!(!p.pay_owed());
     }
 }
