@@ -316,3 +316,53 @@ pub async fn copy_from_stdin_opening_a_transaction(env: &Env) -> TestResult {
     p.stop().await;
     Ok(())
 }
+
+/// Settings that would make the server read SQL differently from the guard's lexer are refused:
+/// `standard_conforming_strings = off` (then `'a\' '` hides a statement inside what looks like a
+/// literal) and client encodings whose characters may contain a backslash byte (SJIS and friends).
+pub async fn lexer_changing_settings_are_refused(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let c = connect(&p, &token(1, "lexer")).await.map_err(|e| format!("{e:?}"))?;
+    for sql in [
+        "BEGIN; SET LOCAL standard_conforming_strings = off",
+        "SET standard_conforming_strings TO off",
+        "select set_config('standard_conforming_strings', 'off', false)",
+        "SET NAMES 'SJIS'",
+        "SET client_encoding TO 'GBK'",
+    ] {
+        let e = c.simple_query(sql).await.err().ok_or(format!("accepted: {sql}"))?;
+        let (code, msg) = db_err(&e);
+        ensure(code == "42501" && msg.contains("how SQL is read"), format!("{sql}: {code} {msg}"))?;
+        let _ = c.simple_query("ROLLBACK").await;
+    }
+    // the follow-up of the exploit, on its own, is only a string literal plus a refused set_config
+    let e = c.simple_query("select 'a\\' ' ; select set_config('app.tenant_id','2',true); -- '").await.err();
+    ensure(e.is_some(), "the literal trick ran")?;
+    let (n, lo, hi) = crate::tenant_view(&c).await?;
+    ensure(n == 100 && lo == 1 && hi == 1, "tenant 1 client saw other rows")?;
+    // harmless values still work
+    c.simple_query("SET standard_conforming_strings = on").await.map_err(|e| format!("{e:?}"))?;
+    c.simple_query("SET client_encoding = 'UTF8'").await.map_err(|e| format!("{e:?}"))?;
+    // a startup packet asking for SJIS is refused at login
+    let mut s = TcpStream::connect(p.addr).await.map_err(|e| e.to_string())?;
+    let mut body = 196608u32.to_be_bytes().to_vec();
+    for (k, v) in [("user", "alice"), ("database", "app"), ("client_encoding", "SJIS")] {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    s.write_all(&packet).await.map_err(|e| e.to_string())?;
+    let (tag, _) = read_msg(&mut s, Duration::from_secs(5)).await.ok_or("no auth request")?;
+    ensure(tag == b'R', "expected an auth request")?;
+    let mut pw = token(1, "sjis").into_bytes();
+    pw.push(0);
+    s.write_all(&message(b'p', &pw)).await.map_err(|e| e.to_string())?;
+    let code = expect_fatal_or_close(&mut s, "SJIS startup").await?;
+    ensure(code.as_deref() == Some("42501"), format!("SJIS startup: {code:?}"))?;
+    p.stop().await;
+    Ok(())
+}

@@ -78,6 +78,7 @@ fn main() {
         client_that_never_reads_is_bounded,
         slowloris_logins_do_not_block_others,
         copy_from_stdin_opening_a_transaction,
+        lexer_changing_settings_are_refused,
         faults_under_load_lose_nothing,
         python_clients,
         node_clients,

@@ -58,7 +58,7 @@ pub fn from_startup(
     let mut out = ClientParams::default();
     for (name, value) in pairs {
         let lower = name.to_lowercase();
-        guard.check_startup_options(&format!("-c {lower}=")).map_err(|e| PgError { severity: crate::error::Severity::Fatal, ..e })?;
+        guard.check_startup_setting(&lower, &value).map_err(|e| PgError { severity: crate::error::Severity::Fatal, ..e })?;
         if !known.contains(&lower) && !lower.contains('.') {
             return Err(PgError::fatal("42704", format!("unrecognized configuration parameter \"{name}\"")));
         }

@@ -27,6 +27,8 @@ use crate::sql::lexer::{Kind, Token};
 use crate::sql::split;
 use literal::{ident_value, string_value};
 
+pub mod lexing;
+
 /// How deep function bodies inside statements are checked.
 const MAX_DEPTH: u32 = 3;
 
@@ -51,6 +53,14 @@ fn protected_error(name: &str) -> PgError {
     refused(format!("changing setting \"{name}\" is not allowed: pgtenant sets it from your token"))
 }
 
+/// A setting value written as a literal, identifier or number.
+fn plain_value(t: &Token<'_>) -> Option<String> {
+    match t.kind {
+        Kind::Number => Some(String::from_utf8_lossy(t.text).into_owned()),
+        _ => string_value(t).or_else(|| ident_value(t)),
+    }
+}
+
 fn is_op(t: Option<&Token<'_>>, op: &[u8]) -> bool {
     t.is_some_and(|t| t.kind == Kind::Op && t.text == op)
 }
@@ -73,12 +83,18 @@ impl Guard {
     /// Checks the startup packet's `options` (`-c name=value`, `--name=value`): protected settings
     /// may not be set there either.
     pub fn check_startup_options(&self, options: &str) -> Result<(), PgError> {
-        for (name, _) in crate::client::params::option_pairs(options) {
-            if self.is_protected(&name) {
-                return Err(protected_error(&name));
-            }
+        for (name, value) in crate::client::params::option_pairs(options) {
+            self.check_startup_setting(&name, &value)?;
         }
         Ok(())
+    }
+
+    /// Checks one startup parameter or `options` pair.
+    pub fn check_startup_setting(&self, name: &str, value: &str) -> Result<(), PgError> {
+        if self.is_protected(name) {
+            return Err(protected_error(name));
+        }
+        lexing::check(name, Some(value))
     }
 
     /// Checks a query string (one or more statements).
@@ -119,11 +135,7 @@ impl Guard {
                 {
                     i = 2;
                 }
-                if let Some(name) = self.setting_name(toks, i) {
-                    if self.is_protected(&name) {
-                        return Err(protected_error(&name));
-                    }
-                }
+                self.check_assignment(toks, i, word(0).as_deref() == Some("set"))?;
             }
             Some("prepare") | Some("execute") | Some("deallocate") => {
                 let i = if word(1).as_deref() == Some("prepare") { 2 } else { 1 };
@@ -171,24 +183,38 @@ impl Guard {
                 let session_auth = toks.get(i + 2).is_some_and(|n| n.is_word("authorization"));
                 let skip = toks.get(i + 1).is_some_and(|n| n.is_word("local") || (n.is_word("session") && !session_auth));
                 let start = if skip { i + 2 } else { i + 1 };
-                if let Some(name) = self.setting_name(toks, start) {
-                    if self.is_protected(&name) {
-                        return Err(protected_error(&name));
-                    }
-                }
+                self.check_assignment(toks, start, t.is_word("set"))?;
             }
         }
         Ok(())
     }
 
-    /// The setting named at `toks[i..]`: `role`, `session authorization`, or a dotted identifier.
-    fn setting_name(&self, toks: &[Token<'_>], i: usize) -> Option<String> {
+    /// `SET name …` / `RESET name` at `toks[i..]`: a protected setting is refused, and so is a
+    /// value that would change how the server reads SQL (see [`lexing`]).
+    fn check_assignment(&self, toks: &[Token<'_>], i: usize, is_set: bool) -> Result<(), PgError> {
+        let Some((name, end)) = self.setting_name(toks, i) else { return Ok(()) };
+        if self.is_protected(&name) {
+            return Err(protected_error(&name));
+        }
+        if is_set && lexing::is_lexer_setting(&name) {
+            let mut j = end;
+            if toks.get(j).is_some_and(|t| t.is_word("to")) || is_op(toks.get(j), b"=") {
+                j += 1;
+            }
+            lexing::check(&name, toks.get(j).and_then(plain_value).as_deref())?;
+        }
+        Ok(())
+    }
+
+    /// The setting named at `toks[i..]`: `role`, `session authorization`, or a dotted identifier;
+    /// with the index of the token after the name.
+    fn setting_name(&self, toks: &[Token<'_>], i: usize) -> Option<(String, usize)> {
         let t = toks.get(i)?;
         if t.is_word("session") && toks.get(i + 1).is_some_and(|n| n.is_word("authorization")) {
-            return Some("session_authorization".into());
+            return Some(("session_authorization".into(), i + 2));
         }
         if t.is_word("time") && toks.get(i + 1).is_some_and(|n| n.is_word("zone")) {
-            return Some("timezone".into());
+            return Some(("timezone".into(), i + 2));
         }
         let mut name = ident_value(t)?;
         let mut j = i + 1;
@@ -197,7 +223,7 @@ impl Guard {
             name.push_str(&ident_value(toks.get(j + 1)?)?);
             j += 2;
         }
-        Some(name)
+        Some((name, j))
     }
 
     fn check_set_config(&self, toks: &[Token<'_>]) -> Result<(), PgError> {
@@ -209,6 +235,10 @@ impl Guard {
             let literal = arg.and_then(string_value).filter(|_| is_op(toks.get(i + 3), b","));
             match literal {
                 Some(name) if self.is_protected(&name) => return Err(protected_error(&name)),
+                Some(name) if lexing::is_lexer_setting(&name) => {
+                    let value = toks.get(i + 4).filter(|_| is_op(toks.get(i + 5), b",")).and_then(string_value);
+                    lexing::check(&name, value.as_deref())?;
+                }
                 Some(_) => {}
                 None => {
                     return Err(refused(
