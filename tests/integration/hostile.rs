@@ -12,9 +12,13 @@ use tokio::net::TcpStream;
 use crate::common::*;
 
 fn startup_packet(user: &str, db: &str) -> Vec<u8> {
+    startup_packet_with(&[("user", user), ("database", db)])
+}
+
+fn startup_packet_with(params: &[(&str, &str)]) -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&196608u32.to_be_bytes());
-    for (k, v) in [("user", user), ("database", db)] {
+    for (k, v) in params {
         body.extend_from_slice(k.as_bytes());
         body.push(0);
         body.extend_from_slice(v.as_bytes());
@@ -345,16 +349,7 @@ pub async fn lexer_changing_settings_are_refused(env: &Env) -> TestResult {
     c.simple_query("SET client_encoding = 'UTF8'").await.map_err(|e| format!("{e:?}"))?;
     // a startup packet asking for SJIS is refused at login
     let mut s = TcpStream::connect(p.addr).await.map_err(|e| e.to_string())?;
-    let mut body = 196608u32.to_be_bytes().to_vec();
-    for (k, v) in [("user", "alice"), ("database", "app"), ("client_encoding", "SJIS")] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
+    let packet = startup_packet_with(&[("user", "alice"), ("database", "app"), ("client_encoding", "SJIS")]);
     s.write_all(&packet).await.map_err(|e| e.to_string())?;
     let (tag, _) = read_msg(&mut s, Duration::from_secs(5)).await.ok_or("no auth request")?;
     ensure(tag == b'R', "expected an auth request")?;
