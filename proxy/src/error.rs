@@ -22,6 +22,7 @@ pub mod sqlstate {
     pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
     pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
     pub const INTERNAL_ERROR: &str = "XX000";
+    pub const IO_ERROR: &str = "58030";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,6 +7,7 @@
 //! state machine, injection) → `pool` / `backend`.
 
 pub mod admin;
+pub mod audit;
 pub mod backend;
 pub mod cancel;
 pub mod client;

@@ -27,6 +27,8 @@ pub struct Auth {
     pub verifier: JwtVerifier,
     pub mapping: TenantMapping,
     pub guard: Arc<crate::guard::Guard>,
+    /// `[bypass]`, when enabled: which tokens may use the bypass pool.
+    pub bypass: Option<crate::client::bypass::BypassAuth>,
 }
 
 impl Auth {
@@ -37,13 +39,22 @@ impl Auth {
                 .map_err(|e| e.to_string())?,
             mapping: TenantMapping::from_config(&config.tenant).map_err(|e| e.to_string())?,
             guard: Arc::new(crate::guard::Guard::from_config(&config.tenant)),
+            bypass: crate::client::bypass::BypassAuth::from_config(
+                &config.bypass,
+                &config.tenant,
+                previous.and_then(|a| a.bypass.as_ref()),
+            )
+            .map_err(|e| e.to_string())?,
         })
     }
 }
 
 /// Everything a connection needs, built once from the config.
 pub struct Proxy {
+    /// The config the proxy started with (what needs a restart comes from here).
     pub config: Config,
+    /// The config in force now (replaced by each successful reload).
+    live: std::sync::RwLock<Arc<Config>>,
     /// Where the config came from (for reload), if from a file.
     pub config_path: Option<std::path::PathBuf>,
     auth: std::sync::RwLock<Arc<Auth>>,
@@ -64,9 +75,20 @@ impl Proxy {
             _ => None,
         };
         let pool = Pool::new(&config, target);
+        let bypass = if config.bypass.enabled {
+            let mut b = config.backend.clone();
+            b.url = config.bypass.url.clone();
+            let target = BackendTarget::from_config(&b).map_err(|e| format!("bypass.url: {e}"))?;
+            Some(Pool::sized(&config, target, config.bypass.pool_size, Arc::new(Default::default())))
+        } else {
+            None
+        };
+        let audit = Arc::new(crate::audit::AuditLog::open(&config.audit)?);
         let (drain, draining) = watch::channel(false);
         let shared = Arc::new(Shared {
             pool,
+            bypass,
+            audit,
             max_message_bytes: config.server.max_message_bytes,
             session_mode: config.pool.mode == crate::config::PoolMode::Session,
             draining,
@@ -77,10 +99,16 @@ impl Proxy {
             shared,
             cancels: Arc::new(CancelRegistry::default()),
             auth: std::sync::RwLock::new(Arc::new(auth)),
+            live: std::sync::RwLock::new(Arc::new(config.clone())),
             config_path: None,
             tls,
             config,
         }))
+    }
+
+    /// The config in force now.
+    pub fn live_config(&self) -> Arc<Config> {
+        self.live.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The login rules in force now.
@@ -89,9 +117,10 @@ impl Proxy {
     }
 
     /// Applies a new config: JWT keys, tenant mapping and guard for new logins (connected clients
-    /// keep what they logged in with), pool size and wait timeout, log level. An invalid config
-    /// changes nothing. Settings that need a restart (`[server]`, backend URL, pool mode) are
-    /// reported if they differ.
+    /// keep what they logged in with), pool size, wait timeout and `[limits]`, log level, the
+    /// tenant metrics selection, and the audit log (reopened, so logrotate works). An invalid
+    /// config changes nothing. Settings that need a restart (`[server]`, backend URL, pool mode,
+    /// bypass URL, size and on/off) are reported if they differ.
     pub async fn reload(&self, new: &Config) -> Result<(), String> {
         let result = self.apply(new).await;
         let label = if result.is_ok() { "ok" } else { "rejected" };
@@ -102,22 +131,37 @@ impl Proxy {
     async fn apply(&self, new: &Config) -> Result<(), String> {
         let auth = Auth::from_config(new, Some(&self.auth()))?;
         crate::logging::validate_level(&new.log.level)?;
+        if new.bypass.enabled != self.config.bypass.enabled {
+            return Err("bypass.enabled changes need a restart".into());
+        }
         if let Some(remote) = auth.verifier.remote().filter(|r| !r.loaded()) {
             // a new key URL must answer before it replaces keys that work
             remote.refresh().await.map_err(|e| format!("jwt.jwks_url {}: {e}", remote.url()))?;
         }
+        if let Some(remote) = auth.bypass.as_ref().and_then(|b| b.verifier.remote()).filter(|r| !r.loaded()) {
+            remote.refresh().await.map_err(|e| format!("bypass.jwt.jwks_url {}: {e}", remote.url()))?;
+        }
+        self.shared.audit.reopen(&new.audit)?;
         auth.verifier.start_background();
+        if let Some(b) = &auth.bypass {
+            b.verifier.start_background();
+        }
         *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
         self.shared.pool.resize(new.backend.pool_size, new.query_wait_timeout_ms());
+        self.shared.pool.set_limits(Arc::new(new.limits.clone()));
         crate::logging::set_level(&new.log.level)?;
+        *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new.clone());
         let old = &self.config;
         if old.server != new.server || old.backend.url != new.backend.url || old.pool.mode != new.pool.mode {
             tracing::warn!("reload: [server], backend.url and pool.mode take effect on restart");
         }
+        if old.bypass.url != new.bypass.url || old.bypass.pool_size != new.bypass.pool_size {
+            tracing::warn!("reload: bypass.url and bypass.pool_size take effect on restart");
+        }
         tracing::info!(
             pool_size = new.backend.pool_size,
             log_level = %new.log.level,
-            "reload: JWT keys, tenant mapping, statement guard, pool size and log level applied"
+            "reload: JWT keys, tenant mapping, statement guard, pool size, limits, audit log and log level applied"
         );
         Ok(())
     }
@@ -165,9 +209,19 @@ impl Proxy {
         let logged_in = tokio::time::timeout(timeout, async {
             let hello = startup::negotiate(tcp, self.tls.as_ref(), self.config.server.require_tls).await;
             match hello {
-                Ok(startup::Hello::Login { stream, params }) => match auth::login(&self, stream, &params).await {
+                Ok(startup::Hello::Login { stream, params }) => match auth::login(&self, stream, &params, peer).await {
                     Ok(l) => Some(l),
                     Err((stream, err)) => {
+                        let _ = self.shared.audit.record(
+                            "login",
+                            serde_json::json!({
+                                "result": "refused",
+                                "sqlstate": err.code,
+                                "reason": err.message.trim_start_matches("pgtenant: "),
+                                "user": params.get("user"),
+                                "client": peer.to_string(),
+                            }),
+                        );
                         send_fatal(stream, &err).await;
                         None
                     }
@@ -193,7 +247,14 @@ impl Proxy {
             }
             return;
         };
-        let session = Session::new(self.shared.clone(), l.stream, l.leftover, l.settings, l.cancel, l.view, l.guard);
+        let who = Arc::new(crate::session::Who {
+            tenant: Arc::from(l.context.tenant.as_str()),
+            subject: l.context.subject.clone(),
+            client: peer,
+            bypass: l.bypass,
+            login: l.cancel.pid,
+        });
+        let session = Session::new(self.shared.clone(), l.stream, l.leftover, l.settings, l.cancel, l.view, l.guard, who);
         match session.run().await {
             End::ClientGone => tracing::debug!(user = %l.user, tenant = %l.context.tenant, "client disconnected"),
             End::Fatal(e) => tracing::info!(user = %l.user, error = %e, "session ended"),

@@ -38,11 +38,11 @@ pub enum ContextError {
     InvalidValue(String),
 }
 
-fn split_path(p: &str) -> Vec<String> {
+pub(crate) fn split_path(p: &str) -> Vec<String> {
     p.split('.').map(str::to_string).collect()
 }
 
-fn lookup<'a>(claims: &'a Map<String, Value>, path: &[String]) -> Option<&'a Value> {
+pub(crate) fn lookup<'a>(claims: &'a Map<String, Value>, path: &[String]) -> Option<&'a Value> {
     let (first, rest) = path.split_first()?;
     let mut v = claims.get(first)?;
     for seg in rest {
@@ -52,7 +52,7 @@ fn lookup<'a>(claims: &'a Map<String, Value>, path: &[String]) -> Option<&'a Val
 }
 
 /// Renders a claim as setting text: strings as they are, everything else as compact JSON.
-fn render(v: &Value) -> String {
+pub(crate) fn render(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
         other => other.to_string(),

@@ -84,7 +84,7 @@ fn superuser(cluster: &pgtenant::cluster::Cluster, sql: &str) -> TestResult {
 }
 
 pub async fn faults_under_load_lose_nothing(_env: &Env) -> TestResult {
-    let mut cluster = pgtenant::cluster::Cluster::start().map_err(|e| e.to_string())?;
+    let cluster = pgtenant::cluster::Cluster::start().map_err(|e| e.to_string())?;
     cluster.load_rls_fixture().map_err(|e| e.to_string())?;
     let env = Env { cluster };
     let p = Arc::new(start_proxy(&env, "pool_size = 4\nconnect_timeout_ms = 2000", "[pool]\nquery_wait_timeout_ms = 1000").await);

@@ -32,6 +32,8 @@ pub struct LoggedIn {
     pub user: String,
     pub view: ClientView,
     pub guard: std::sync::Arc<crate::guard::Guard>,
+    /// A trusted worker for the bypass pool.
+    pub bypass: bool,
 }
 
 /// Largest password message accepted (a JWT is well below this).
@@ -41,6 +43,7 @@ pub async fn login(
     proxy: &Proxy,
     mut stream: Stream,
     params: &HashMap<String, String>,
+    peer: std::net::SocketAddr,
 ) -> Result<LoggedIn, (Stream, PgError)> {
     let user = match params.get("user").filter(|u| !u.is_empty()) {
         Some(u) => u.clone(),
@@ -97,7 +100,7 @@ pub async fn login(
     };
 
     let auth = proxy.auth();
-    let context = match verify(&auth, &token).await {
+    let (names, context, bypass) = match identify(&auth, &token).await {
         Ok(c) => c,
         Err(e) => {
             tracing::info!(user = %user, result = "rejected", reason = %e.message, "login");
@@ -106,8 +109,12 @@ pub async fn login(
         }
     };
     drop(token);
+    let pool = match (&proxy.shared.bypass, bypass) {
+        (Some(b), true) => b,
+        _ => &proxy.shared.pool,
+    };
 
-    let info = match proxy.shared.pool.server_info().await {
+    let info = match pool.server_info().await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(user = %user, result = "backend unavailable", "login");
@@ -115,7 +122,7 @@ pub async fn login(
         }
     };
     if info.params.iter().any(|(k, v)| k == "is_superuser" && v == "on") {
-        tracing::error!(backend = %proxy.shared.pool.target().describe(), "backend role is a superuser: refusing clients");
+        tracing::error!(backend = %pool.target().describe(), "backend role is a superuser: refusing clients");
         return Err((
             stream,
             PgError::fatal(
@@ -130,6 +137,30 @@ pub async fn login(
         Err(e) => return Err((stream, e)),
     };
     let cancel = proxy.cancels.register();
+    // a trusted worker's login is on record before it gets in, or it does not get in
+    let recorded = proxy.shared.audit.record(
+        "login",
+        serde_json::json!({
+            "result": "ok",
+            "pool": if bypass { "bypass" } else { "tenant" },
+            "tenant": (!bypass).then_some(&context.tenant),
+            "subject": context.subject,
+            "user": user,
+            "client": peer.to_string(),
+            "session": cancel.pid,
+        }),
+    );
+    if bypass && recorded.is_err() {
+        return Err((
+            stream,
+            PgError::fatal(sqlstate::IO_ERROR, "pgtenant: the audit log cannot be written, so bypass logins are refused")
+                .with_hint("check audit.path (disk full? permissions?) and the pgtenant log"),
+        ));
+    }
+    if bypass {
+        metrics::counter!(crate::admin::names::BYPASS_LOGINS).increment(1);
+        tracing::warn!(user = %user, sub = context.subject.as_deref().unwrap_or(""), %peer, "bypass login (row-level security not applied)");
+    }
     let mut out = BytesMut::new();
     build::auth_ok(&mut out);
     let mut reported = HashMap::new();
@@ -148,18 +179,31 @@ pub async fn login(
     if let Err(e) = stream.write_all(&out).await {
         return Err((stream, PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string())));
     }
-    tracing::info!(user = %user, tenant = %context.tenant, sub = context.subject.as_deref().unwrap_or(""), result = "ok", "login");
+    tracing::info!(user = %user, tenant = %context.tenant.replace('\0', ""), sub = context.subject.as_deref().unwrap_or(""), result = "ok", "login");
     metrics::counter!(crate::admin::names::LOGINS, "result" => "ok", "sqlstate" => "00000").increment(1);
-    let settings = ClientSettings::new(auth.mapping.setting_names().to_vec(), context.values.clone(), client_params);
+    let settings = ClientSettings::new(names, context.values.clone(), client_params);
     let view = ClientView { reported, ..Default::default() };
-    Ok(LoggedIn { stream, leftover: buf, context, settings, cancel, user, view, guard: auth.guard.clone() })
+    Ok(LoggedIn { stream, leftover: buf, context, settings, cancel, user, view, guard: auth.guard.clone(), bypass })
 }
 
-async fn verify(auth: &crate::server::Auth, token: &str) -> Result<TenantContext, PgError> {
+/// Who the token speaks for: the setting names and context of the session, and whether it is a
+/// trusted worker for the bypass pool (see `bypass`).
+async fn identify(auth: &crate::server::Auth, token: &str) -> Result<(Vec<String>, TenantContext, bool), PgError> {
     if token.is_empty() {
         return Err(PgError::fatal(sqlstate::INVALID_PASSWORD, "pgtenant: no token given as the password")
             .with_hint("pass a JWT as the password, e.g. PGPASSWORD=<jwt>"));
     }
+    if let Some(bp) = &auth.bypass {
+        if let Some(claims) = bp.verify(token).await {
+            let (names, context) = bp.context(&claims);
+            return Ok((names, context, true));
+        }
+    }
+    let context = verify(auth, token).await?;
+    Ok((auth.mapping.setting_names().to_vec(), context, false))
+}
+
+async fn verify(auth: &crate::server::Auth, token: &str) -> Result<TenantContext, PgError> {
     let claims = auth.verifier.verify_fresh(token).await.map_err(|e| {
         let err = PgError::fatal(sqlstate::INVALID_PASSWORD, format!("pgtenant: JWT rejected: {e}"));
         match e {
@@ -173,6 +217,13 @@ async fn verify(auth: &crate::server::Auth, token: &str) -> Result<TenantContext
             _ => err,
         }
     })?;
+    if auth.bypass.as_ref().is_some_and(|bp| bp.claims_bypass(&claims)) {
+        return Err(PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            "pgtenant: this token claims the bypass role but is not signed by the bypass key",
+        )
+        .with_hint("bypass tokens must be signed with the [bypass.jwt] key; tenant tokens must not carry the bypass claim"));
+    }
     auth.mapping.context(&claims).map_err(|e| {
         let err = PgError::fatal(sqlstate::INVALID_AUTHORIZATION, format!("pgtenant: {e}"));
         match e {

@@ -3,6 +3,7 @@
 //! then the JWT-as-password exchange and the login greeting (`auth`).
 
 pub mod auth;
+pub mod bypass;
 pub mod params;
 pub mod startup;
 pub mod tls;

@@ -56,6 +56,9 @@ const MAX_BACKEND_MESSAGE: usize = 1 << 30;
 /// State shared by all sessions of one proxy.
 pub struct Shared {
     pub pool: Arc<Pool>,
+    /// The trusted bypass pool (`[bypass]`), when enabled.
+    pub bypass: Option<Arc<Pool>>,
+    pub audit: Arc<crate::audit::AuditLog>,
     pub max_message_bytes: usize,
     /// `pool.mode = "session"`: a client keeps its backend until it disconnects.
     pub session_mode: bool,
@@ -91,6 +94,19 @@ impl ClientView {
     }
 }
 
+/// Who a session runs for: the tenant key its transactions queue under, and what the audit log
+/// records about it.
+#[derive(Debug)]
+pub struct Who {
+    pub tenant: crate::pool::TenantKey,
+    pub subject: Option<String>,
+    pub client: std::net::SocketAddr,
+    /// A trusted worker on the bypass pool: every statement is audited.
+    pub bypass: bool,
+    /// The process id the client was given (BackendKeyData), as the audit log's session id.
+    pub login: i32,
+}
+
 /// Why a session ended.
 #[derive(Debug)]
 pub enum End {
@@ -122,6 +138,9 @@ pub struct Session {
     /// The statement guard of the rules this client logged in with.
     guard: Arc<Guard>,
     shared: Arc<Shared>,
+    who: Arc<Who>,
+    /// The tenant pool, or the bypass pool for a trusted worker.
+    pool: Arc<Pool>,
     client_rd: ReadHalf<Stream>,
     client_wr: WriteHalf<Stream>,
     client_in: BytesMut,
@@ -157,6 +176,7 @@ pub struct Session {
 }
 
 impl Session {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         shared: Arc<Shared>,
         client: Stream,
@@ -165,13 +185,20 @@ impl Session {
         cancel: Registration,
         mut view: ClientView,
         guard: Arc<Guard>,
+        who: Arc<Who>,
     ) -> Session {
+        let pool = match (&shared.bypass, who.bypass) {
+            (Some(b), true) => b.clone(),
+            _ => shared.pool.clone(),
+        };
         view.applied = settings.applied();
         let injection = settings.injection();
         let (client_rd, client_wr) = tokio::io::split(client);
         Session {
             id: NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             guard,
+            who,
+            pool,
             draining: shared.draining.clone(),
             shared,
             client_rd,
@@ -335,12 +362,12 @@ impl Session {
             metrics::counter!(crate::admin::names::TRANSACTIONS).increment(1);
             metrics::histogram!(crate::admin::names::TRANSACTION_SECONDS).record(self.attached_at.elapsed().as_secs_f64());
             self.cancel.slot.set(None).await;
-            self.shared.pool.release(lease);
+            self.pool.release(lease);
         }
     }
 
     async fn attach(&mut self) -> Result<(), PgError> {
-        let mut lease = self.shared.pool.acquire().await?;
+        let mut lease = self.pool.acquire(&self.who.tenant).await?;
         self.attached_at = std::time::Instant::now();
         self.cancel.slot.set(Some((lease.backend.pid, lease.backend.secret_key))).await;
         self.replies.reset();
@@ -465,6 +492,11 @@ impl Session {
     async fn on_work(&mut self, f: Frame) -> Result<Flow, End> {
         let simple = matches!(f.tag, b'Q' | b'F');
         let malformed = || End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "pgtenant: malformed message"));
+        if self.who.bypass {
+            if let Err(e) = self.audit_bypass(&f) {
+                return Ok(self.refuse(e, simple));
+            }
+        }
         // What the message would run first; None when unknown (conservative).
         let mut touches_prepared = false;
         let mut leaves_state = false;
@@ -488,11 +520,11 @@ impl Session {
                     ));
                 }
                 if let Err(e) = self.guard.check(q, self.position()) {
-                    return Ok(self.refuse(e, true));
+                    return Ok(self.refuse_statement(e, q, "guard", true));
                 }
                 if !self.shared.session_mode {
                     if let Err(e) = sql::pooling::check(q, self.position().in_block) {
-                        return Ok(self.refuse(e, true));
+                        return Ok(self.refuse_statement(e, q, "pooling", true));
                     }
                 }
                 if sql::is_discard_all(q) && !self.position().in_block {
@@ -516,14 +548,14 @@ impl Session {
             b'P' => {
                 let (name, q) = peek::parse_msg(f.body()).ok_or_else(malformed)?;
                 if reserved_name(name) {
-                    return Ok(self.refuse(reserved_name_error(), false));
+                    return Ok(self.refuse_statement(reserved_name_error(), q, "reserved_name", false));
                 }
                 if let Err(e) = self.guard.check(q, self.position()) {
-                    return Ok(self.refuse(e, false));
+                    return Ok(self.refuse_statement(e, q, "guard", false));
                 }
                 if !self.shared.session_mode {
                     if let Err(e) = sql::pooling::check(q, true) {
-                        return Ok(self.refuse(e, false));
+                        return Ok(self.refuse_statement(e, q, "pooling", false));
                     }
                 }
                 dealloc = sql::deallocate_name(q).and_then(|n| self.statements.get(n.as_bytes()).cloned());
@@ -775,6 +807,68 @@ impl Session {
         self.replies.expect_refusal(simple);
         self.refusals.push_back(err);
         Flow::Continue
+    }
+
+    /// Refuses a client statement and writes it to the audit log as a fingerprint (its shape
+    /// without literal values).
+    fn refuse_statement(&mut self, err: PgError, sql_text: &[u8], guard: &str, simple: bool) -> Flow {
+        let fp = sql::fingerprint::fingerprint(sql_text);
+        let _ = self.shared.audit.record(
+            "statement_refused",
+            serde_json::json!({
+                "pool": if self.who.bypass { "bypass" } else { "tenant" },
+                "tenant": (!self.who.bypass).then_some(&*self.who.tenant),
+                "subject": self.who.subject,
+                "client": self.who.client.to_string(),
+                "session": self.who.login,
+                "guard": guard,
+                "sqlstate": err.code,
+                "fingerprint": fp.hash,
+                "statement": fp.text,
+            }),
+        );
+        self.refuse(err, simple)
+    }
+
+    /// A trusted worker's statement (simple Query, Execute, FunctionCall) goes to the audit log
+    /// before it runs; if the log cannot be written, the statement does not run.
+    fn audit_bypass(&mut self, f: &Frame) -> Result<(), PgError> {
+        let (protocol, text): (&str, &[u8]) = match f.tag {
+            b'Q' => ("simple", peek::query_msg(f.body()).unwrap_or_default()),
+            b'E' => {
+                let def = peek::execute_msg(f.body()).and_then(|p| self.statements.portal(p)).cloned();
+                let key = def.map(|d| d.key.clone()).unwrap_or_default();
+                let end = key.iter().position(|&b| b == 0).unwrap_or(key.len());
+                let fp = sql::fingerprint::fingerprint(&key[..end]);
+                return self.write_bypass_record("extended", fp);
+            }
+            b'F' => ("function_call", b"".as_slice()),
+            _ => return Ok(()),
+        };
+        let fp = sql::fingerprint::fingerprint(text);
+        self.write_bypass_record(protocol, fp)
+    }
+
+    fn write_bypass_record(&self, protocol: &str, fp: sql::fingerprint::Fingerprint) -> Result<(), PgError> {
+        metrics::counter!(crate::admin::names::BYPASS_STATEMENTS).increment(1);
+        self.shared
+            .audit
+            .record(
+                "bypass_statement",
+                serde_json::json!({
+                    "pool": "bypass",
+                    "subject": self.who.subject,
+                    "client": self.who.client.to_string(),
+                    "session": self.who.login,
+                    "protocol": protocol,
+                    "fingerprint": fp.hash,
+                    "statement": fp.text,
+                }),
+            )
+            .map_err(|_| {
+                PgError::error(sqlstate::IO_ERROR, "pgtenant: the audit log cannot be written, so this bypass statement is refused")
+                    .with_hint("check audit.path (disk full? permissions?) and the pgtenant log")
+            })
     }
 
     /// `DISCARD ALL` outside a transaction: pgtenant's pools and drivers send it to reset a

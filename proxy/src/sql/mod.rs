@@ -2,6 +2,7 @@
 //! end, and which of them start or end a transaction (after a transaction ends, the tenant context
 //! set with `set_config(..., true)` is gone, so nothing may run after it without a new context).
 
+pub mod fingerprint;
 pub mod lexer;
 pub mod pooling;
 pub mod set;

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod tenancy;
+pub use tenancy::{AuditConfig, BypassConfig, LimitsConfig, TenantLimits};
+
 /// A configuration problem, as one line naming the key, file or variable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -57,6 +60,23 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("pool", "mode", EnvType::Str),
     ("pool", "query_wait_timeout_ms", EnvType::Int),
     ("admin", "listen", EnvType::Str),
+    ("admin", "metrics_tenants", EnvType::List),
+    ("admin", "metrics_top_tenants", EnvType::Int),
+    ("limits", "max_active_per_tenant", EnvType::Int),
+    ("limits", "max_waiting_per_tenant", EnvType::Int),
+    ("bypass", "enabled", EnvType::Bool),
+    ("bypass", "url", EnvType::Str),
+    ("bypass", "pool_size", EnvType::Int),
+    ("bypass", "claim", EnvType::Str),
+    ("bypass", "value", EnvType::Str),
+    ("bypass.jwt", "secret", EnvType::Str),
+    ("bypass.jwt", "public_key_file", EnvType::Str),
+    ("bypass.jwt", "jwks_file", EnvType::Str),
+    ("bypass.jwt", "jwks_url", EnvType::Str),
+    ("bypass.jwt", "jwks_ca_file", EnvType::Str),
+    ("bypass.jwt", "issuer", EnvType::Str),
+    ("bypass.jwt", "audience", EnvType::Str),
+    ("audit", "path", EnvType::Str),
     ("log", "level", EnvType::Str),
     ("log", "format", EnvType::Str),
 ];
@@ -74,7 +94,7 @@ pub enum EnvType {
 
 /// The environment variable that overrides `section.key`.
 pub fn env_name(section: &str, key: &str) -> String {
-    format!("PGTENANT_{}_{}", section.to_uppercase(), key.to_uppercase())
+    format!("PGTENANT_{}_{}", section.replace('.', "_").to_uppercase(), key.to_uppercase())
 }
 
 fn env_value(var: &str, raw: &str, ty: EnvType) -> Result<toml::Value, ConfigError> {
@@ -123,15 +143,13 @@ impl Config {
             let var = env_name(section, key);
             if let Some(raw) = env(&var) {
                 let value = env_value(&var, &raw, *ty)?;
-                let sec = table
-                    .entry(section.to_string())
-                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                match sec.as_table_mut() {
-                    Some(t) => {
-                        t.insert(key.to_string(), value);
-                    }
-                    None => return Err(ConfigError::Parse(format!("`{section}` must be a table"))),
+                // nested sections (`bypass.jwt`) are reached one table at a time
+                let mut t = &mut table;
+                for part in section.split('.') {
+                    let sec = t.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    t = sec.as_table_mut().ok_or_else(|| ConfigError::Parse(format!("`{section}` must be a table")))?;
                 }
+                t.insert(key.to_string(), value);
             }
         }
         let cfg: Config = toml::Value::Table(table)
@@ -210,6 +228,12 @@ impl Config {
         if self.server.require_tls && self.server.tls_cert.is_none() {
             return invalid("server.require_tls needs server.tls_cert and server.tls_key".into());
         }
+        self.bypass.validate(&self.audit).map_err(ConfigError::Invalid)?;
+        if let Some(url) = self.bypass.jwt.jwks_url.as_ref().filter(|_| self.bypass.enabled) {
+            if let Err(e) = crate::jwt::https::Target::parse(url) {
+                return invalid(format!("bypass.jwt.jwks_url: {e}"));
+            }
+        }
         Ok(())
     }
 }
@@ -237,6 +261,12 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub bypass: BypassConfig,
+    #[serde(default)]
+    pub audit: AuditConfig,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -244,6 +274,10 @@ pub struct Config {
 pub struct AdminConfig {
     /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, /pools); off when unset.
     pub listen: Option<String>,
+    /// Tenant ids that get per-tenant Prometheus series (opt-in, so labels stay bounded).
+    pub metrics_tenants: Vec<String>,
+    /// Also export series for the N busiest tenants (0 = none).
+    pub metrics_top_tenants: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -356,7 +390,7 @@ fn default_max_lifetime_s() -> u64 {
     3600
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct JwtConfig {
     /// HMAC secret (HS256/384/512).
@@ -486,8 +520,32 @@ mod tests {
     }
 
     #[test]
+    fn tenancy_sections() {
+        let env = |k: &str| match k {
+            "PGTENANT_BYPASS_JWT_SECRET" => Some("bypass-secret".to_string()),
+            "PGTENANT_LIMITS_MAX_ACTIVE_PER_TENANT" => Some("3".to_string()),
+            _ => None,
+        };
+        let text = format!(
+            "{MIN}[limits.tenants.\"7\"]\nmax_active = 1\n[bypass]\nenabled = true\nurl = \"postgres://o:p@h/db\"\n[audit]\npath = \"-\"\n"
+        );
+        let c = Config::from_toml(&text, &env).unwrap();
+        assert_eq!(c.bypass.jwt.secret.as_deref(), Some("bypass-secret"));
+        assert_eq!(c.limits.for_tenant("7"), (Some(1), None));
+        assert_eq!(c.limits.for_tenant("8"), (Some(3), None));
+        assert_eq!(c.limits.key_for("7", false), "limits.tenants.\"7\".max_active");
+        assert_eq!(c.limits.key_for("8", false), "limits.max_active_per_tenant");
+        // bypass without audit, or without its own key, is refused
+        let no_audit = text.replace("[audit]\npath = \"-\"\n", "");
+        assert!(Config::from_toml(&no_audit, &env).unwrap_err().to_string().contains("audit.path"));
+        assert!(Config::from_toml(&text, &no_env).unwrap_err().to_string().contains("bypass.jwt"));
+        // disabled by default: the section alone changes nothing
+        assert!(!Config::from_toml(MIN, &no_env).unwrap().bypass.enabled);
+    }
+
+    #[test]
     fn shipped_example_is_valid() {
-        let text = include_str!("../../config/pgtenant.toml");
+        let text = include_str!("../../../config/pgtenant.toml");
         Config::from_toml(text, &no_env).unwrap();
     }
 }

@@ -1,7 +1,9 @@
 //! The admin HTTP endpoint (`[admin] listen`): `/metrics` (Prometheus text), `/healthz` (the
 //! process is up), `/readyz` (backend reachable and JWT keys loaded; 503 otherwise) and `/pools`
-//! (JSON), and `POST /reload` (re-read the config file, like SIGHUP). A deliberately tiny HTTP/1.1
-//! responder, one request per connection.
+//! (JSON), `/tenants` (JSON, see `tenants`), and `POST /reload` (re-read the config file, like
+//! SIGHUP). A deliberately tiny HTTP/1.1 responder, one request per connection.
+
+pub mod tenants;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -26,6 +28,16 @@ pub mod names {
     pub const CONTEXT_INJECTIONS: &str = "pgtenant_context_injections_total";
     pub const REFUSALS: &str = "pgtenant_refusals_total";
     pub const CLIENT_BYTES: &str = "pgtenant_client_bytes_total";
+    pub const LIMIT_REFUSALS: &str = "pgtenant_limit_refusals_total";
+    pub const BYPASS_LOGINS: &str = "pgtenant_bypass_logins_total";
+    pub const BYPASS_STATEMENTS: &str = "pgtenant_bypass_statements_total";
+    pub const AUDIT_RECORDS: &str = "pgtenant_audit_records_total";
+    // per-tenant series, rendered at scrape time for the tenants [admin] selects (see `tenants`)
+    pub const TENANT_ACTIVE: &str = "pgtenant_tenant_active";
+    pub const TENANT_WAITING: &str = "pgtenant_tenant_waiting";
+    pub const TENANT_TRANSACTIONS: &str = "pgtenant_tenant_transactions_total";
+    pub const TENANT_WAIT_SECONDS: &str = "pgtenant_tenant_wait_seconds_total";
+    pub const TENANT_LIMIT_REFUSALS: &str = "pgtenant_tenant_limit_refusals_total";
 }
 
 /// The process-wide Prometheus recorder (installed once, even with several proxies in a process).
@@ -85,7 +97,8 @@ fn pools_json(proxy: &Proxy) -> String {
 }
 
 async fn answer(proxy: &Proxy, request_line: &str) -> String {
-    let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+    let target = request_line.split_whitespace().nth(1).unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if request_line.starts_with("POST ") && path == "/reload" {
         return match proxy.reload_from_file().await {
             Ok(()) => response("200 OK", "text/plain", "reloaded\n"),
@@ -98,7 +111,9 @@ async fn answer(proxy: &Proxy, request_line: &str) -> String {
     match path {
         "/metrics" => {
             metrics::gauge!(names::CLIENTS).set(proxy.clients.load(std::sync::atomic::Ordering::Relaxed) as f64);
-            response("200 OK", "text/plain; version=0.0.4", &metrics_handle().render())
+            let mut text = metrics_handle().render();
+            text.push_str(&tenants::metrics_text(proxy));
+            response("200 OK", "text/plain; version=0.0.4", &text)
         }
         "/healthz" => response("200 OK", "text/plain", "ok\n"),
         "/readyz" => match ready(proxy).await {
@@ -106,6 +121,10 @@ async fn answer(proxy: &Proxy, request_line: &str) -> String {
             Err(e) => response("503 Service Unavailable", "text/plain", &format!("not ready: {e}\n")),
         },
         "/pools" => response("200 OK", "application/json", &pools_json(proxy)),
+        "/tenants" => match tenants::json(proxy, query) {
+            Ok(body) => response("200 OK", "application/json", &body),
+            Err(e) => response("400 Bad Request", "text/plain", &format!("{e}\n")),
+        },
         _ => response("404 Not Found", "text/plain", "not found\n"),
     }
 }

@@ -1,10 +1,11 @@
 //! The pool of backend connections, all logged in as the one restricted role.
 //!
 //! A session leases a connection when a transaction starts and gives it back when the transaction
-//! is over (`ReadyForQuery 'I'` with nothing in flight). The pool is bounded by a semaphore, so
-//! waiting clients queue fairly (FIFO) and give up after `pool.query_wait_timeout_ms` with a clear error.
-//! Size and wait timeout can change at run time (config reload): growing adds permits at once,
-//! shrinking retires free permits at once and busy ones as their leases come back.
+//! is over (`ReadyForQuery 'I'` with nothing in flight). The pool is bounded by its slots (`fair`):
+//! waiting transactions queue per tenant, freed slots go round-robin between tenants within their
+//! `[limits]`, and a transaction gives up after `pool.query_wait_timeout_ms` with a clear error.
+//! Size, wait timeout and limits can change at run time (config reload): growing adds slots at once,
+//! shrinking retires free slots at once and busy ones as their leases come back.
 //! Idle connections are checked before reuse (a server restart or `pg_terminate_backend` leaves a
 //! closed socket behind), and retired after `idle_timeout_s` idle or `max_lifetime_s` of age.
 //! A lease dropped without `release` closes its connection: a connection whose state is not known
@@ -16,7 +17,11 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, ReadBuf, ReadHalf, WriteHalf};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub mod fair;
+
+pub use fair::TenantKey;
+use fair::{Refusal, Slot, Slots};
 
 use crate::backend::{self, BackendConn, BackendTarget, ConnectError};
 use crate::config::Config;
@@ -94,12 +99,10 @@ pub struct ServerInfo {
 pub struct Pool {
     target: BackendTarget,
     size: AtomicUsize,
-    permits: Arc<Semaphore>,
+    slots: Arc<Slots>,
     idle: Mutex<Vec<Idle>>,
     /// Milliseconds a transaction waits for a free connection.
     wait_timeout_ms: AtomicU64,
-    /// Slots a shrink still has to retire: taken from leases as they come back.
-    owed: AtomicUsize,
     resizing: Mutex<()>,
     idle_timeout: Duration,
     max_lifetime: Duration,
@@ -115,7 +118,7 @@ pub struct Pool {
 /// A leased backend. Give it back with [`Pool::release`]; dropping it closes the connection.
 pub struct Lease {
     pub backend: Backend,
-    _permit: OwnedSemaphorePermit,
+    slot: Slot,
 }
 
 /// Turns a connection failure into the error a client sees.
@@ -125,15 +128,20 @@ pub fn connect_error(e: &ConnectError) -> PgError {
 }
 
 impl Pool {
+    /// The tenant pool: `backend.pool_size` connections shared under `[limits]`.
     pub fn new(config: &Config, target: BackendTarget) -> Arc<Pool> {
+        Self::sized(config, target, config.backend.pool_size, Arc::new(config.limits.clone()))
+    }
+
+    /// A pool of `size` connections to `target` (the bypass pool has its own size, no limits).
+    pub fn sized(config: &Config, target: BackendTarget, size: usize, limits: Arc<crate::config::LimitsConfig>) -> Arc<Pool> {
         let cfg = &config.backend;
         Arc::new(Pool {
             target,
-            size: AtomicUsize::new(cfg.pool_size),
-            permits: Arc::new(Semaphore::new(cfg.pool_size)),
+            size: AtomicUsize::new(size),
+            slots: Slots::new(size, limits),
             idle: Mutex::new(Vec::new()),
             wait_timeout_ms: AtomicU64::new(config.query_wait_timeout_ms()),
-            owed: AtomicUsize::new(0),
             resizing: Mutex::new(()),
             idle_timeout: Duration::from_secs(cfg.idle_timeout_s),
             max_lifetime: Duration::from_secs(cfg.max_lifetime_s),
@@ -159,19 +167,8 @@ impl Pool {
         self.wait_timeout_ms.store(wait_timeout_ms, Ordering::Relaxed);
         let _one_at_a_time = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.size.swap(size, Ordering::Relaxed);
-        if size > old {
-            // growing first cancels slots still owed by an earlier shrink
-            let mut add = size - old;
-            let owed = self.owed.load(Ordering::Relaxed);
-            let cancel = owed.min(add);
-            self.owed.fetch_sub(cancel, Ordering::Relaxed);
-            add -= cancel;
-            self.permits.add_permits(add);
-        } else if size < old {
-            let want = old - size;
-            let forgotten = self.permits.forget_permits(want);
-            // the rest is retired as busy connections come back (see `release`)
-            self.owed.fetch_add(want - forgotten, Ordering::Relaxed);
+        self.slots.resize(old, size);
+        if size < old {
             if let Ok(mut idle) = self.idle.lock() {
                 while idle.len() > size {
                     idle.remove(0);
@@ -180,9 +177,14 @@ impl Pool {
         }
     }
 
-    /// Takes one slot owed by a shrink, if any.
-    fn pay_owed(&self) -> bool {
-        self.owed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
+    /// New per-tenant limits (config reload).
+    pub fn set_limits(&self, limits: Arc<crate::config::LimitsConfig>) {
+        self.slots.set_limits(limits);
+    }
+
+    /// Per-tenant figures for `/tenants` and the tenant metrics.
+    pub fn tenant_stats(&self) -> Vec<fair::TenantStats> {
+        self.slots.stats()
     }
 
     /// Connections idle in the pool right now.
@@ -192,7 +194,7 @@ impl Pool {
 
     /// Leases currently handed out.
     pub fn busy_count(&self) -> usize {
-        (self.size() + self.owed.load(Ordering::Relaxed)).saturating_sub(self.permits.available_permits())
+        self.slots.counts().1
     }
 
     pub fn backend_healthy(&self) -> bool {
@@ -203,29 +205,16 @@ impl Pool {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// Waits (bounded) for a free slot, then reuses a healthy idle connection or opens a new one.
-    pub async fn acquire(&self) -> Result<Lease, PgError> {
+    /// Waits (bounded, in `tenant`'s turn) for a free slot, then reuses a healthy idle connection
+    /// or opens a new one.
+    pub async fn acquire(&self, tenant: &TenantKey) -> Result<Lease, PgError> {
         let started = Instant::now();
         let wait_ms = self.wait_timeout_ms.load(Ordering::Relaxed);
         self.waiting.fetch_add(1, Ordering::Relaxed);
-        let waited = tokio::time::timeout(Duration::from_millis(wait_ms), self.permits.clone().acquire_owned()).await;
+        let waited = self.slots.acquire(tenant, Duration::from_millis(wait_ms)).await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         metrics::histogram!(crate::admin::names::POOL_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
-        let permit = match waited {
-            Ok(Ok(p)) => p,
-            _ => {
-                metrics::counter!(crate::admin::names::POOL_WAIT_TIMEOUTS).increment(1);
-                return Err(PgError::error(
-                    sqlstate::TOO_MANY_CONNECTIONS,
-                    format!(
-                        "pgtenant: no database connection became free within {} ms (all {} pooled connections are busy)",
-                        wait_ms,
-                        self.size()
-                    ),
-                )
-                .with_hint("raise backend.pool_size or pool.query_wait_timeout_ms, or shorten long transactions"));
-            }
-        };
+        let permit = waited.map_err(|r| self.refusal_error(tenant, r, wait_ms))?;
         while let Some(mut idle) = self.pop_idle() {
             if idle.since.elapsed() >= self.idle_timeout
                 || idle.backend.created.elapsed() >= self.max_lifetime
@@ -234,10 +223,42 @@ impl Pool {
                 tracing::debug!(pid = idle.backend.pid, "dropping stale backend connection");
                 continue;
             }
-            return Ok(Lease { backend: idle.backend, _permit: permit });
+            return Ok(Lease { backend: idle.backend, slot: permit });
         }
         let conn = self.connect().await.map_err(|e| connect_error(&e))?;
-        Ok(Lease { backend: Backend::from_conn(conn, self.prepared_cache), _permit: permit })
+        Ok(Lease { backend: Backend::from_conn(conn, self.prepared_cache), slot: permit })
+    }
+
+    /// The error a transaction gets when it found no slot, naming the limit that held it back.
+    fn refusal_error(&self, tenant: &TenantKey, r: Refusal, wait_ms: u64) -> PgError {
+        let (limit, message, hint) = match r {
+            Refusal::Waiting { limit, key } => (
+                "max_waiting",
+                format!("pgtenant: tenant \"{tenant}\" already has {limit} transactions waiting for a connection ({key} = {limit})"),
+                "retry later, or raise the limit in the pgtenant config [limits]",
+            ),
+            Refusal::Timeout { at_limit: Some((limit, key)) } => (
+                "max_active",
+                format!(
+                    "pgtenant: no database connection became free within {wait_ms} ms: tenant \"{tenant}\" is at its limit of {limit} concurrent transactions ({key} = {limit})"
+                ),
+                "shorten this tenant's transactions, or raise the limit in the pgtenant config [limits]",
+            ),
+            Refusal::Timeout { at_limit: None } => {
+                metrics::counter!(crate::admin::names::POOL_WAIT_TIMEOUTS).increment(1);
+                return PgError::error(
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                    format!(
+                        "pgtenant: no database connection became free within {} ms (all {} pooled connections are busy)",
+                        wait_ms,
+                        self.size()
+                    ),
+                )
+                .with_hint("raise backend.pool_size or pool.query_wait_timeout_ms, or shorten long transactions");
+            }
+        };
+        metrics::counter!(crate::admin::names::LIMIT_REFUSALS, "limit" => limit).increment(1);
+        PgError::error(sqlstate::TOO_MANY_CONNECTIONS, message).with_hint(hint)
     }
 
     fn pop_idle(&self) -> Option<Idle> {
@@ -264,10 +285,10 @@ impl Pool {
 
     /// Returns a clean connection (transaction status idle, nothing in flight) to the pool.
     pub fn release(&self, lease: Lease) {
-        let Lease { backend, _permit } = lease;
-        if self.pay_owed() {
+        let Lease { backend, slot } = lease;
+        if self.slots.take_owed() {
             // the pool shrank while this connection was busy: retire its slot and the connection
-            _permit.forget();
+            slot.retire();
             return;
         }
         if backend.created.elapsed() >= self.max_lifetime {
@@ -276,7 +297,7 @@ impl Pool {
         if let Ok(mut idle) = self.idle.lock() {
             idle.push(Idle { backend, since: Instant::now() });
         }
-        // the permit drops here, after the connection is back in the idle list
+        // the slot drops here, after the connection is back in the idle list
     }
 
     /// What the server reports (ParameterStatus, setting names); connects once if no connection was
@@ -285,7 +306,7 @@ impl Pool {
         if let Some(p) = self.server_info.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Ok(p);
         }
-        let lease = self.acquire().await?;
+        let lease = self.acquire(&internal_key()).await?;
         self.release(lease);
         self.server_info
             .lock()
@@ -316,6 +337,11 @@ impl Pool {
     }
 }
 
+/// The key pgtenant's own use of the pool queues under (a NUL: no claim can produce it).
+fn internal_key() -> TenantKey {
+    Arc::from("\0pgtenant")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,21 +354,25 @@ mod tests {
         Pool::new(&config, BackendTarget::from_config(&config.backend).unwrap())
     }
 
-    #[test]
-    fn shrink_retires_busy_slots_later_and_grow_cancels_what_is_owed() {
+    #[tokio::test]
+    async fn shrink_retires_busy_slots_later_and_grow_cancels_what_is_owed() {
         let p = pool(4);
-        let busy: Vec<_> = (0..3).map(|_| p.permits.clone().try_acquire_owned().unwrap()).collect();
+        let t: TenantKey = Arc::from("t");
+        let mut busy = Vec::new();
+        for _ in 0..3 {
+            busy.push(p.slots.acquire(&t, Duration::from_millis(10)).await.unwrap());
+        }
         p.resize(1, 100);
         // the one free slot is gone now, two busy ones are owed
-        assert_eq!((p.permits.available_permits(), p.owed.load(Ordering::Relaxed), p.busy_count()), (0, 2, 3));
-        // growing back cancels the debt instead of adding permits that a shrink would then eat
+        assert_eq!((p.slots.counts().0, p.slots.owed(), p.busy_count()), (0, 2, 3));
+        // growing back cancels the debt instead of adding slots that a shrink would then eat
         p.resize(4, 100);
-        assert_eq!((p.permits.available_permits(), p.owed.load(Ordering::Relaxed), p.busy_count()), (1, 0, 3));
+        assert_eq!((p.slots.counts().0, p.slots.owed(), p.busy_count()), (1, 0, 3));
         drop(busy);
-        assert_eq!((p.permits.available_permits(), p.busy_count()), (4, 0));
+        assert_eq!((p.slots.counts().0, p.busy_count()), (4, 0));
         // shrinking while idle takes effect at once
         p.resize(2, 100);
-        assert_eq!((p.permits.available_permits(), p.owed.load(Ordering::Relaxed)), (2, 0));
-        assert!(!p.pay_owed());
+        assert_eq!((p.slots.counts().0, p.slots.owed()), (2, 0));
+        assert!(!p.slots.take_owed());
     }
 }

@@ -1,0 +1,450 @@
+#!/usr/bin/env python3
+"""pgtenant fairness benchmark (issue 9): one noisy tenant must not starve a quiet one.
+
+Scenario, on a pool of --pool (10) backend connections:
+
+  tenant A ("noisy", tenant_id 1): --noisy-clients (200) pgbench clients, each running
+      `select pg_sleep(--slow-ms / 1000)` (50 ms) in a closed loop, so A alone keeps the pool full
+      and about 190 of its transactions queued at any moment;
+  tenant B ("quiet", tenant_id 2): ONE pgbench client running `select count(*) from orders` in a loop.
+
+The question is how long B's fast query waits. With one FIFO queue B waits behind A's whole backlog
+(about noisy_clients x slow_ms / pool = 1 s); with per-tenant fair queuing it waits at most for the
+next connection to free up (about slow_ms / pool on average, at most slow_ms).
+
+Targets, each on a fresh proxy process in front of the same throwaway Postgres cluster:
+
+  pgtenant               fair queuing, no [limits]
+  pgtenant max_active=8  [limits] max_active_per_tenant = 8 (skipped when the binary rejects [limits])
+  pgbouncer              transaction pooling, same pool size: the FIFO reference. PgBouncer has no tenant
+                         context: both pgbench processes log in as run.py's PgBouncer client user, so
+                         the quiet query sees no rows under RLS (the latency is what counts here).
+
+Both tenants use pgbench -n -M simple with a custom script and per-transaction logging; A starts a
+little earlier (--lead) and stops a little later than B, and the figures cover the window in which B
+ran (transactions that completed inside it). Reported per target and tenant: TPS, latency p50/p95/p99/
+max from the pgbench logs, and errors (failed transactions + clients pgbench aborted).
+
+Setup (cluster, fixture, PgBouncer, tokens, process handling) is bench/run.py's, imported from it.
+Results are printed and written to bench/results/fairness-<UTC timestamp>.json.
+Python 3.11 standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402  (bench/run.py: the shared harness)
+from run import BenchError, log, fmt, percentile  # noqa: E402
+
+TENANT_NOISY, TENANT_QUIET = 1, 2       # both exist in the fixture, 100 orders rows each
+ROWS = 10_000                           # run.py's bench table, small: only PgBouncer's sanity check reads it
+T_FAIR, T_LIMIT, T_BOUNCER = "pgtenant", "pgtenant max_active=8", "pgbouncer"
+TARGETS = [T_FAIR, T_LIMIT, T_BOUNCER]
+ROLE_LABEL = {"noisy": "A (noisy)", "quiet": "B (quiet)"}
+
+
+class FairBench(run.Bench):
+    """run.Bench with extra TOML appended to every pgtenant config it writes."""
+
+    extra_config = ""
+
+    def write_pgtenant_config(self, name, port, admin, pool, jwt):
+        path = super().write_pgtenant_config(name, port, admin, pool, jwt)
+        if self.extra_config:
+            with open(path, "a") as f:
+                f.write("\n# added by bench/fairness.py\n" + self.extra_config)
+        return path
+
+
+# --------------------------------------------------------------------------------------------------
+# pgbench
+
+
+def start_pgbench(b: FairBench, tag: str, port: int, user: str, password: str, script: Path,
+                  clients: int, threads: int, secs: int, logdir: Path) -> dict:
+    prefix = logdir / tag
+    out, err = logdir / f"{tag}.stdout", logdir / f"{tag}.stderr"
+    cmd = [b.tools["pgbench"], "-n", "-M", "simple", "-h", "127.0.0.1", "-p", str(port), "-U", user,
+           "-c", str(clients), "-j", str(threads), "-T", str(secs), "-f", str(script),
+           "--log", "--log-prefix", str(prefix), "app"]
+    env = run.clean_env(PGPASSWORD=password, PGSSLMODE="disable", PGCONNECT_TIMEOUT="10")
+    with open(out, "wb") as fo, open(err, "wb") as fe:
+        popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe, env=env, cwd=logdir,
+                                 start_new_session=True)
+    return {"tag": tag, "popen": popen, "prefix": prefix, "stdout": out, "stderr": err, "clients": clients,
+            "start": time.time(), "end": None}
+
+
+def wait_pgbench(p: dict, timeout: float) -> None:
+    try:
+        p["popen"].wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p["popen"].pid, signal.SIGKILL)   # its own session, started by us
+        p["popen"].wait(10)
+        p["timed_out"] = True
+    p["end"] = time.time()
+
+
+def read_log(prefix: Path) -> list[tuple[float, int | None]]:
+    """(completion time as epoch seconds, latency in us or None for a failed transaction) per line.
+
+    pgbench log line: client_id transaction_no time script_no time_epoch time_us [...]; time is the
+    latency in microseconds (or "failed"/"serialization"/"deadlock" for a failed transaction)."""
+    out = []
+    for f in glob.glob(f"{prefix}.*"):
+        if f.endswith((".stdout", ".stderr")):
+            continue
+        with open(f) as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) < 6 or not parts[4].isdigit() or not parts[5].isdigit():
+                    continue
+                done = int(parts[4]) + int(parts[5]) / 1e6
+                out.append((done, int(parts[2]) if parts[2].isdigit() else None))
+    return out
+
+
+def summarize(p: dict, window: tuple[float, float], tenant: str) -> dict:
+    t0, t1 = window
+    entries = read_log(p["prefix"])
+    inside = [lat for done, lat in entries if t0 <= done <= t1]
+    lats = sorted(lat for lat in inside if lat is not None)
+    failed = sum(1 for lat in inside if lat is None)
+    stdout = p["stdout"].read_text(errors="replace")
+    stderr = p["stderr"].read_text(errors="replace")
+    aborted = len(set(re.findall(r"client (\d+) (?:script \d+ )?aborted", stderr)))
+    m = re.search(r"number of failed transactions: (\d+)", stdout)
+    failed_total = int(m.group(1)) if m else 0
+    rc = p["popen"].returncode
+    err_lines = [l.strip() for l in stderr.splitlines()
+                 if re.search(r"error|abort|fatal", l, re.I)]
+    kinds: dict[str, int] = {}
+    for l in err_lines:
+        k = re.sub(r"client \d+", "client N", re.sub(r"^(pgbench: (error|fatal|warning): )+", "", l))[:200]
+        kinds[k] = kinds.get(k, 0) + 1
+    secs = t1 - t0
+
+    def ms(v):
+        return round(v / 1000.0, 3) if v is not None else None
+    return {
+        "tenant": tenant, "clients": p["clients"], "window_s": round(secs, 2),
+        "transactions": len(lats), "transactions_whole_run": sum(1 for _, lat in entries if lat is not None),
+        "tps": round(len(lats) / secs, 2) if secs > 0 else None,
+        "p50_ms": ms(percentile(lats, 50)), "p95_ms": ms(percentile(lats, 95)),
+        "p99_ms": ms(percentile(lats, 99)), "max_ms": ms(lats[-1] if lats else None),
+        "failed_in_window": failed, "failed_total": failed_total, "aborted_clients": aborted,
+        "errors": failed_total + aborted + (1 if p.get("timed_out") else 0),
+        "pgbench_exit": rc, "timed_out": bool(p.get("timed_out")),
+        "error_kinds": dict(sorted(kinds.items(), key=lambda kv: -kv[1])[:5]),
+    }
+
+
+def scenario(b: FairBench, a: argparse.Namespace, name: str, port: int, creds: dict, admin: int | None) -> dict:
+    """Runs noisy + quiet against one target; creds = {"noisy": (user, pw), "quiet": (user, pw)}."""
+    logdir = b.tmp / ("logs-" + re.sub(r"[^a-z0-9]+", "_", name.lower()))
+    logdir.mkdir()
+    noisy_sql, quiet_sql = logdir / "noisy.sql", logdir / "quiet.sql"
+    noisy_sql.write_text(f"select pg_sleep({a.slow_ms / 1000.0:g});\n")
+    quiet_sql.write_text("select count(*) from orders;\n")
+    noisy_secs = a.lead + a.secs + a.tail
+    log(f"{name}: noisy {a.noisy_clients} clients x pg_sleep({a.slow_ms} ms) for {noisy_secs} s; "
+        f"quiet 1 client after {a.lead} s for {a.secs} s")
+    noisy = start_pgbench(b, "noisy", port, *creds["noisy"], noisy_sql, a.noisy_clients, a.threads,
+                          noisy_secs, logdir)
+    quiet = None
+    samples: dict = {}
+    try:
+        time.sleep(a.lead)
+        if noisy["popen"].poll() is not None:
+            err = noisy["stderr"].read_text(errors="replace").strip().splitlines()[-3:]
+            raise BenchError(f"{name}: the noisy pgbench exited early (exit {noisy['popen'].returncode}): "
+                             + " | ".join(err))
+        quiet = start_pgbench(b, "quiet", port, *creds["quiet"], quiet_sql, 1, 1, a.secs, logdir)
+        sampler = None
+        if admin:
+            def sample():
+                time.sleep(a.secs / 2)
+                for path in ("/pools", "/tenants?top=5"):
+                    try:
+                        status, body = run.http_get(f"http://127.0.0.1:{admin}{path}", timeout=3)
+                        if status == 200:
+                            samples[path.split("?")[0].lstrip("/")] = json.loads(body)
+                    except (OSError, ValueError):
+                        pass
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+        wait_pgbench(quiet, a.secs + 120)
+        if sampler:
+            sampler.join(10)
+    except BaseException:   # Ctrl-C or a failure: do not leave our pgbench processes behind
+        for p in (quiet, noisy):
+            if p and p["popen"].poll() is None:
+                os.killpg(p["popen"].pid, signal.SIGKILL)
+                p["popen"].wait(10)
+        raise
+    wait_pgbench(noisy, a.secs + a.lead + a.tail + 120)
+    window = (quiet["start"], quiet["end"])
+    res = {"name": name, "status": "ok", "port": port,
+           "tenants": {"noisy": summarize(noisy, window, ROLE_LABEL["noisy"]),
+                       "quiet": summarize(quiet, window, ROLE_LABEL["quiet"])},
+           "mid_run": samples}
+    for role in ("noisy", "quiet"):
+        s = res["tenants"][role]
+        if s["transactions_whole_run"] == 0:
+            kinds = "; ".join(s["error_kinds"]) or f"pgbench exit {s['pgbench_exit']}"
+            raise BenchError(f"{name}: the {role} pgbench completed no transaction: {kinds}")
+        log(f"  {role:5} {s['tps']:8.1f} tps  p50 {fmt(s['p50_ms'])}  p99 {fmt(s['p99_ms'])}  "
+            f"max {fmt(s['max_ms'])} ms  errors {s['errors']}")
+    return res
+
+
+# --------------------------------------------------------------------------------------------------
+# targets
+
+
+def startup_error(msg: str) -> str:
+    """The most telling line of a pgtenant startup failure."""
+    lines = [l.strip() for l in msg.splitlines() if l.strip()]
+    for l in lines:
+        if re.search(r"limits|unknown (field|key)", l, re.I):
+            return l[:300]
+    return (lines[-1] if lines else msg)[:300]
+
+
+def run_pgtenant_target(b: FairBench, a: argparse.Namespace, name: str, limits: str | None) -> dict:
+    b.extra_config = f"[pool]\nquery_wait_timeout_ms = {a.wait_timeout_ms}\n"
+    if limits:
+        b.extra_config += f"\n[limits]\n{limits}\n"
+    tag = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    try:
+        proc, port, admin = b.start_pgtenant(tag, a.pool)
+    except BenchError as e:
+        if limits:
+            err = startup_error(str(e).replace(str(b.tmp) + "/", ""))
+            log(f"{name}: skipped: {err}")
+            return {"name": name, "status": "skipped", "error": err}
+        raise
+    try:
+        tokens = {role: run.mint_hs256(b.secret, t) for role, t in (("noisy", TENANT_NOISY), ("quiet", TENANT_QUIET))}
+        for role, t in (("noisy", TENANT_NOISY), ("quiet", TENANT_QUIET)):
+            got = b.psql_tcp(port, run.CLIENT_USER, tokens[role],
+                             "SELECT current_setting('app.tenant_id') || '|' || count(*) FROM orders").strip()
+            if got != f"{t}|100":
+                raise BenchError(f"{name} sanity check: tenant {t} expected '{t}|100', got {got!r}")
+        res = scenario(b, a, name, port, {r: (run.CLIENT_USER, tok) for r, tok in tokens.items()}, admin)
+        res["config_extra"] = b.extra_config
+        res["proxy_rss_mib"] = round(run.proc_status_kib(proc.pid, "VmRSS") / 1024, 1) if proc.alive() else None
+        try:
+            status, text = run.http_get(f"http://127.0.0.1:{admin}/metrics")
+            if status == 200:
+                res["pool_wait_ms"] = {f"p{int(q * 100)}": (round(v * 1000, 3) if (v := run.histogram_quantile(
+                    text, "pgtenant_pool_wait_seconds", q)) is not None else None) for q in (0.5, 0.99)}
+        except OSError:
+            pass
+        if not proc.alive():
+            raise BenchError(f"{name} exited during the run:\n{proc.log_tail()}")
+        return res
+    finally:
+        b.stop_proc(proc)
+        b.extra_config = ""
+
+
+def run_bouncer_target(b: FairBench, a: argparse.Namespace) -> dict:
+    b.ensure_bouncer()
+    try:
+        creds = (run.BOUNCER_USER, run.BOUNCER_PASSWORD)
+        res = scenario(b, a, T_BOUNCER, b.bouncer_port, {"noisy": creds, "quiet": creds}, None)
+        res["note"] = ("no tenant context: both pgbench processes log in as the same PgBouncer user "
+                       f"({run.BOUNCER_USER} -> {run.APP_USER}); the quiet query counts 0 rows under RLS")
+        return res
+    finally:
+        b.stop_proc(b.bouncer)
+        b.bouncer = None
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+
+
+def report(results: dict) -> str:
+    c = results["config"]
+    m = results["meta"]
+    lines = [f"pgtenant fairness benchmark  {m['started_utc']}  {m['host']['cpus']} CPUs ({m['host']['cpu_model']})",
+             f"postgres {m.get('postgres', '?')}, pgbouncer {m.get('pgbouncer', 'not used')}, "
+             f"{m.get('pgtenant', {}).get('version', 'pgtenant ?')} ({m['git']})",
+             f"pool {c['pool']}; tenant A (tenant_id {c['noisy_tenant']}): {c['noisy_clients']} clients x "
+             f"pg_sleep({c['slow_ms']} ms); tenant B (tenant_id {c['quiet_tenant']}): 1 client x "
+             f"select count(*) from orders; figures over a {c['secs']} s window (while B ran)",
+             ""]
+    if not results["targets"]:
+        return "\n".join(lines + [f"ERROR: {results.get('error', 'nothing ran')}"])
+    rows = []
+    for t in results["targets"]:
+        if t["status"] != "ok":
+            rows.append([t["name"], t["status"] + " (below)", "", "", "", "", "", "", ""])
+            continue
+        for role in ("noisy", "quiet"):
+            s = t["tenants"][role]
+            rows.append([t["name"], ROLE_LABEL[role], str(s["clients"]), fmt(s["tps"], ".1f"), fmt(s["p50_ms"], ".1f"),
+                         fmt(s["p95_ms"], ".1f"), fmt(s["p99_ms"], ".1f"), fmt(s["max_ms"], ".1f"),
+                         str(s["errors"])])
+    lines.append(run.table(["target", "tenant", "clients", "TPS", "p50 ms", "p95 ms", "p99 ms", "max ms", "errors"],
+                           rows, right={2, 3, 4, 5, 6, 7, 8}))
+    cap = c["pool"] * 1000.0 / c["slow_ms"]
+    lines += ["",
+              f"reading: the pool can run at most {cap:.0f} of A's transactions/s. Behind one FIFO queue B waits "
+              f"for A's backlog, about {c['noisy_clients'] * c['slow_ms'] / c['pool']:.0f} ms; with fair queuing B "
+              f"waits at most for the next free connection (<= {c['slow_ms']} ms, ~{c['slow_ms'] / c['pool']:.0f} ms "
+              f"on average)."]
+    for t in results["targets"]:
+        if t["status"] != "ok":
+            lines.append(f"{t['name']}: {t['status']}: {t.get('error', '')}")
+            continue
+        for role in ("noisy", "quiet"):
+            s = t["tenants"][role]
+            for k, n in list(s["error_kinds"].items())[:2]:
+                lines.append(f"{t['name']} {role}: x{n} {k}")
+        if t.get("pool_wait_ms"):
+            lines.append(f"{t['name']}: /metrics pool wait p50 {fmt(t['pool_wait_ms']['p50'])} ms, "
+                         f"p99 {fmt(t['pool_wait_ms']['p99'])} ms (all tenants)")
+        if t.get("note"):
+            lines.append(f"{t['name']}: {t['note']}")
+    if results.get("error"):
+        lines += ["", f"ERROR: {results['error']}"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="pgtenant fairness benchmark: a noisy tenant (many slow transactions) "
+                                            "next to a quiet one (one fast query), pgtenant vs PgBouncer.")
+    p.add_argument("--quick", action="store_true", help="8 s window instead of 20 s")
+    p.add_argument("--secs", type=int, help="seconds the quiet tenant runs (the measured window; default 20, "
+                                            "--quick 8)")
+    p.add_argument("--pool", type=int, default=10, help="backend pool size of every target (default 10)")
+    p.add_argument("--noisy-clients", type=int, default=200, help="clients of the noisy tenant (default 200)")
+    p.add_argument("--slow-ms", type=int, default=50, help="pg_sleep of each noisy transaction, ms (default 50)")
+    p.add_argument("--threads", type=int, default=2, help="pgbench threads of the noisy tenant (default 2)")
+    p.add_argument("--lead", type=int, default=2, help="seconds the noisy tenant runs before the quiet one "
+                                                       "starts (default 2)")
+    p.add_argument("--tail", type=int, default=1, help="seconds the noisy tenant runs after the quiet one "
+                                                       "(default 1)")
+    p.add_argument("--wait-timeout-ms", type=int, default=60000,
+                   help="pgtenant pool.query_wait_timeout_ms (default 60000: nobody times out)")
+    p.add_argument("--only", metavar="LIST", help=f"comma-separated subset of: {', '.join(TARGETS)}")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--build", action="store_true", help="run cargo build --release -p pgtenant first "
+                                                        "(default: only when the binary is missing)")
+    g.add_argument("--no-build", action="store_true", help="never build (the default when the binary exists)")
+    p.add_argument("--pgtenant", metavar="PATH", help="pgtenant binary (default target/release/pgtenant)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
+    a = p.parse_args(argv)
+    a.secs = a.secs or (8 if a.quick else 20)
+    if a.secs < 2 or a.pool < 1 or a.noisy_clients < 1 or a.slow_ms < 1 or a.lead < 0 or a.tail < 0:
+        p.error("--secs >= 2, --pool/--noisy-clients/--slow-ms >= 1, --lead/--tail >= 0")
+    a.targets = TARGETS
+    if a.only:
+        a.targets = [t.strip() for t in a.only.split(",") if t.strip()]
+        for t in a.targets:
+            if t not in TARGETS:
+                p.error(f"--only: unknown target {t!r} (choose from {', '.join(TARGETS)})")
+    binary = Path(a.pgtenant) if a.pgtenant else run.REPO / "target" / "release" / "pgtenant"
+    if a.pgtenant:
+        a.no_build = True          # an explicit binary is never built here
+    elif not a.build and not a.no_build:
+        a.no_build = os.access(binary, os.X_OK)
+    if a.build and a.pgtenant:
+        p.error("--build builds target/release/pgtenant; do not combine it with --pgtenant")
+    # what run.Bench reads from its args
+    a.parts, a.rows, a.tenant = ["pgbench"], ROWS, 7
+    return a
+
+
+def main(argv: list[str]) -> int:
+    a = parse_args(argv)
+    run.raise_fd_limit()
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+
+    b = FairBench(a)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    results: dict = {
+        "meta": {"started_utc": started.isoformat(timespec="seconds"),
+                 "host": {"cpus": os.cpu_count(), "cpu_model": run.cpu_model()},
+                 "git": run.git_describe(), "args": {k: v for k, v in vars(a).items()}},
+        "config": {"pool": a.pool, "noisy_clients": a.noisy_clients, "quiet_clients": 1, "slow_ms": a.slow_ms,
+                   "secs": a.secs, "lead_s": a.lead, "tail_s": a.tail, "wait_timeout_ms": a.wait_timeout_ms,
+                   "noisy_tenant": TENANT_NOISY, "quiet_tenant": TENANT_QUIET,
+                   "noisy_sql": f"select pg_sleep({a.slow_ms / 1000.0:g});",
+                   "quiet_sql": "select count(*) from orders;"},
+        "targets": [],
+    }
+    b.results = results   # run.Bench records versions in results["meta"]
+    error = None
+    t_start = time.monotonic()
+    try:
+        b.build()
+        b.ensure_tools()
+        b.make_tmp()
+        b.prepare_binary()
+        b.start_postgres()
+        b.load_data()
+        for name in a.targets:
+            if name == T_FAIR:
+                results["targets"].append(run_pgtenant_target(b, a, T_FAIR, None))
+            elif name == T_LIMIT:
+                results["targets"].append(run_pgtenant_target(b, a, T_LIMIT, "max_active_per_tenant = 8"))
+            else:
+                results["targets"].append(run_bouncer_target(b, a))
+    except BenchError as e:
+        error = str(e)
+    except KeyboardInterrupt:
+        error = "interrupted"
+    except Exception as e:   # a bug or an unexpected failure: still tear down and report
+        import traceback
+        traceback.print_exc()
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        try:
+            b.teardown()
+        except KeyboardInterrupt:
+            b.teardown()
+    results["meta"]["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    results["meta"]["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    if error:
+        results["error"] = error
+    text = report(results)
+    results["report"] = text.splitlines()
+    print()
+    print(text)
+    if results["targets"]:
+        run.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        path = run.RESULTS_DIR / f"fairness-{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+        path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"\nresults: {path.relative_to(run.REPO)}  ({results['meta']['elapsed_s']} s)")
+    if error:
+        print(f"\nfairness benchmark FAILED: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

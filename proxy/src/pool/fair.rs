@@ -1,0 +1,425 @@
+//! Fair sharing of the pool between tenants.
+//!
+//! One FIFO queue lets a busy tenant starve everyone else: 200 queued transactions of tenant A put
+//! tenant B's one transaction at the back. Here every tenant has its own queue, and a freed slot goes
+//! to the next tenant in round-robin order that has a transaction waiting and is below its
+//! `max_active` limit. A tenant at its limit waits for one of its own transactions to end even when
+//! slots are free; a tenant with `max_waiting` transactions queued is refused at once. Per-tenant
+//! counters (transactions, wait time, refusals) feed `/tenants` and the bounded tenant metrics.
+//!
+//! A slot is a right to hold one backend connection; the pool (`super`) pairs it with a connection.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+use crate::config::LimitsConfig;
+
+/// Counters of idle tenants are dropped once more than this many tenants are tracked.
+const TRACKED_TENANTS: usize = 10_000;
+
+pub type TenantKey = Arc<str>;
+
+struct Waiter {
+    id: u64,
+    enqueued: Instant,
+    tx: oneshot::Sender<()>,
+}
+
+#[derive(Default)]
+struct TenantState {
+    active: usize,
+    queue: VecDeque<Waiter>,
+    in_ring: bool,
+    transactions: u64,
+    wait: Duration,
+    refusals: u64,
+}
+
+struct State {
+    free: usize,
+    busy: usize,
+    tenants: HashMap<TenantKey, TenantState>,
+    /// Tenants with someone queued, in turn order.
+    ring: VecDeque<TenantKey>,
+    next_id: u64,
+    limits: Arc<LimitsConfig>,
+    prune_at: usize,
+}
+
+pub struct Slots {
+    state: Mutex<State>,
+    /// Slots a shrink still has to retire: taken from slots as they come back.
+    owed: AtomicUsize,
+}
+
+/// One tenant's right to hold a pooled connection; dropping it hands the slot on.
+pub struct Slot {
+    slots: Arc<Slots>,
+    tenant: TenantKey,
+    retired: bool,
+}
+
+/// Why a tenant did not get a slot.
+#[derive(Debug)]
+pub enum Refusal {
+    /// The tenant already had `limit` transactions queued (`key` names the config key).
+    Waiting { limit: usize, key: String },
+    /// Nothing came free in time; `at_limit` when the tenant held its own limit of slots.
+    Timeout { at_limit: Option<(usize, String)> },
+}
+
+/// One tenant's figures, as `/tenants` shows them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TenantStats {
+    pub tenant: String,
+    pub active: usize,
+    pub waiting: usize,
+    pub transactions: u64,
+    pub wait_seconds_total: f64,
+    pub limit_refusals: u64,
+    pub max_active: Option<usize>,
+    pub max_waiting: Option<usize>,
+}
+
+impl Slots {
+    pub fn new(size: usize, limits: Arc<LimitsConfig>) -> Arc<Slots> {
+        Arc::new(Slots {
+            state: Mutex::new(State {
+                free: size,
+                busy: 0,
+                tenants: HashMap::new(),
+                ring: VecDeque::new(),
+                next_id: 0,
+                limits,
+                prune_at: TRACKED_TENANTS,
+            }),
+            owed: AtomicUsize::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a slot for `tenant`, waiting in the tenant's queue for at most `wait`.
+    pub async fn acquire(self: &Arc<Self>, tenant: &TenantKey, wait: Duration) -> Result<Slot, Refusal> {
+        let (id, rx) = {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let (max_active, max_waiting) = st.limits.for_tenant(tenant);
+            let t = st.tenants.entry(tenant.clone()).or_default();
+            if st.free > 0 && t.queue.is_empty() && max_active.is_none_or(|m| t.active < m) {
+                t.active += 1;
+                t.transactions += 1;
+                st.free -= 1;
+                st.busy += 1;
+                return Ok(self.slot(tenant));
+            }
+            if let Some(limit) = max_waiting.filter(|&m| t.queue.len() >= m) {
+                t.refusals += 1;
+                return Err(Refusal::Waiting { limit, key: st.limits.key_for(tenant, true) });
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = st.next_id;
+            st.next_id += 1;
+            t.queue.push_back(Waiter { id, enqueued: Instant::now(), tx });
+            if !t.in_ring {
+                t.in_ring = true;
+                st.ring.push_back(tenant.clone());
+            }
+            (id, rx)
+        };
+        let mut pending = Pending { slots: self.clone(), tenant: tenant.clone(), id, rx: Some(rx) };
+        let granted = match tokio::time::timeout(wait, pending.rx.as_mut().expect("set above")).await {
+            Ok(Ok(())) => {
+                pending.rx = None;
+                true
+            }
+            _ => pending.resolve(),
+        };
+        if granted {
+            return Ok(self.slot(tenant));
+        }
+        let mut st = self.lock();
+        let (max_active, _) = st.limits.for_tenant(tenant);
+        let key = st.limits.key_for(tenant, false);
+        let t = st.tenants.entry(tenant.clone()).or_default();
+        t.refusals += 1;
+        let at_limit = max_active.filter(|&m| t.active >= m).map(|m| (m, key));
+        Err(Refusal::Timeout { at_limit })
+    }
+
+    fn slot(self: &Arc<Self>, tenant: &TenantKey) -> Slot {
+        Slot { slots: self.clone(), tenant: tenant.clone(), retired: false }
+    }
+
+    /// Hands a slot back (or retires it for a shrink) and gives it to the next tenant in turn.
+    fn give_back(&self, tenant: &TenantKey, retire: bool) {
+        let mut st = self.lock();
+        if let Some(t) = st.tenants.get_mut(tenant) {
+            t.active = t.active.saturating_sub(1);
+        }
+        st.busy = st.busy.saturating_sub(1);
+        if !retire {
+            st.free += 1;
+        }
+        st.dispatch();
+        if st.tenants.len() > st.prune_at {
+            st.tenants.retain(|_, t| t.active > 0 || !t.queue.is_empty());
+            st.prune_at = TRACKED_TENANTS.max(st.tenants.len() * 2);
+        }
+    }
+
+    /// Takes one slot owed by a shrink, if any.
+    pub fn take_owed(&self) -> bool {
+        self.owed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
+    }
+
+    pub fn owed(&self) -> usize {
+        self.owed.load(Ordering::Relaxed)
+    }
+
+    /// Grows or shrinks the number of slots from `old` to `new`. Growing first cancels what an
+    /// earlier shrink still owes; shrinking retires free slots now and busy ones as they come back.
+    pub fn resize(&self, old: usize, new: usize) {
+        let mut st = self.lock();
+        if new > old {
+            let mut add = new - old;
+            let cancel = self.owed().min(add);
+            self.owed.fetch_sub(cancel, Ordering::Relaxed);
+            add -= cancel;
+            st.free += add;
+            st.dispatch();
+        } else {
+            let want = old - new;
+            let now = want.min(st.free);
+            st.free -= now;
+            self.owed.fetch_add(want - now, Ordering::Relaxed);
+        }
+    }
+
+    /// New limits (config reload); raised limits let waiting tenants in at once.
+    pub fn set_limits(&self, limits: Arc<LimitsConfig>) {
+        let mut st = self.lock();
+        st.limits = limits;
+        st.dispatch();
+    }
+
+    /// (free, busy, waiting) slots right now.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let st = self.lock();
+        let waiting = st.ring.iter().filter_map(|k| st.tenants.get(k)).map(|t| t.queue.len()).sum();
+        (st.free, st.busy, waiting)
+    }
+
+    /// Figures of every tracked tenant (internal keys, which hold a NUL, left out).
+    pub fn stats(&self) -> Vec<TenantStats> {
+        let st = self.lock();
+        st.tenants
+            .iter()
+            .filter(|(k, _)| !k.contains('\0'))
+            .map(|(k, t)| {
+                let (max_active, max_waiting) = st.limits.for_tenant(k);
+                TenantStats {
+                    tenant: k.to_string(),
+                    active: t.active,
+                    waiting: t.queue.len(),
+                    transactions: t.transactions,
+                    wait_seconds_total: t.wait.as_secs_f64(),
+                    limit_refusals: t.refusals,
+                    max_active,
+                    max_waiting,
+                }
+            })
+            .collect()
+    }
+}
+
+impl State {
+    /// Gives free slots to waiting tenants, one at a time in round-robin order, skipping tenants
+    /// at their active limit (they stay in the ring for their next turn).
+    fn dispatch(&mut self) {
+        let mut skipped = 0;
+        while self.free > 0 && skipped < self.ring.len() {
+            let Some(name) = self.ring.pop_front() else { break };
+            let (max_active, _) = self.limits.for_tenant(&name);
+            let Some(t) = self.tenants.get_mut(&name) else { continue };
+            while t.queue.front().is_some_and(|w| w.tx.is_closed()) {
+                t.queue.pop_front(); // its client went away
+            }
+            if t.queue.is_empty() {
+                t.in_ring = false;
+                continue;
+            }
+            if max_active.is_some_and(|m| t.active >= m) {
+                self.ring.push_back(name);
+                skipped += 1;
+                continue;
+            }
+            let w = t.queue.pop_front().expect("checked non-empty");
+            t.wait += w.enqueued.elapsed();
+            if w.tx.send(()).is_ok() {
+                t.active += 1;
+                t.transactions += 1;
+                self.free -= 1;
+                self.busy += 1;
+                skipped = 0;
+            }
+            if t.queue.is_empty() {
+                t.in_ring = false;
+            } else {
+                self.ring.push_back(name);
+            }
+        }
+    }
+}
+
+impl Slot {
+    /// Gives the slot up for good (the pool shrank); the connection goes with it.
+    pub fn retire(mut self) {
+        self.retired = true;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.slots.give_back(&self.tenant, self.retired);
+    }
+}
+
+/// A queued request; if its task goes away after a slot was granted, the slot is handed on.
+struct Pending {
+    slots: Arc<Slots>,
+    tenant: TenantKey,
+    id: u64,
+    rx: Option<oneshot::Receiver<()>>,
+}
+
+impl Pending {
+    /// Stops waiting: true when a slot was granted meanwhile (it is then the caller's).
+    fn resolve(&mut self) -> bool {
+        let Some(mut rx) = self.rx.take() else { return false };
+        let mut st = self.slots.lock();
+        let st = &mut *st;
+        if let Some(t) = st.tenants.get_mut(&self.tenant) {
+            if let Some(pos) = t.queue.iter().position(|w| w.id == self.id) {
+                let w = t.queue.remove(pos).expect("position is valid");
+                t.wait += w.enqueued.elapsed();
+                return false;
+            }
+        }
+        rx.try_recv().is_ok()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.rx.is_some() && self.resolve() {
+            self.slots.give_back(&self.tenant, false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> TenantKey {
+        Arc::from(s)
+    }
+
+    fn limits(text: &str) -> Arc<LimitsConfig> {
+        Arc::new(toml::from_str(text).unwrap())
+    }
+
+    #[tokio::test]
+    async fn freed_slots_go_round_robin_between_tenants() {
+        let s = Slots::new(1, limits(""));
+        let (a, b) = (key("a"), key("b"));
+        let first = s.acquire(&a, Duration::from_secs(1)).await.unwrap();
+        // three of A queue first, then one of B
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (i, t) in [(0, &a), (1, &a), (2, &a), (3, &b)] {
+            let (s, t, order) = (s.clone(), t.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let slot = s.acquire(&t, Duration::from_secs(5)).await.unwrap();
+                order.lock().unwrap().push(i);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                drop(slot);
+            }));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(first);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // B's one transaction goes second, not behind all of A's
+        assert_eq!(*order.lock().unwrap(), vec![0, 3, 1, 2]);
+        assert_eq!(s.counts(), (1, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn limits_make_a_tenant_wait_or_refuse() {
+        let s = Slots::new(4, limits("max_active_per_tenant = 1\nmax_waiting_per_tenant = 1\n[tenants.\"b\"]\nmax_active = 2"));
+        let (a, b) = (key("a"), key("b"));
+        let held = s.acquire(&a, Duration::from_millis(10)).await.unwrap();
+        // at its limit A waits although slots are free, and times out naming the limit
+        match s.acquire(&a, Duration::from_millis(20)).await {
+            Err(Refusal::Timeout { at_limit: Some((1, k)) }) => assert_eq!(k, "limits.max_active_per_tenant"),
+            other => panic!("{:?}", other.err()),
+        }
+        // one queued is allowed, a second is refused at once
+        let s2 = s.clone();
+        let a2 = a.clone();
+        let queued = tokio::spawn(async move { s2.acquire(&a2, Duration::from_secs(5)).await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        match s.acquire(&a, Duration::from_secs(5)).await {
+            Err(Refusal::Waiting { limit: 1, key }) => assert_eq!(key, "limits.max_waiting_per_tenant"),
+            other => panic!("{:?}", other.err()),
+        }
+        // B's override allows two at once
+        let _b1 = s.acquire(&b, Duration::from_millis(10)).await.unwrap();
+        let _b2 = s.acquire(&b, Duration::from_millis(10)).await.unwrap();
+        drop(held);
+        queued.await.unwrap().unwrap();
+        let stats = s.stats();
+        let sa = stats.iter().find(|t| t.tenant == "a").unwrap();
+        assert_eq!((sa.transactions, sa.limit_refusals, sa.active), (2, 2, 0));
+    }
+
+    #[tokio::test]
+    async fn abandoned_waits_hand_their_slot_on() {
+        let s = Slots::new(1, limits(""));
+        let a = key("a");
+        let held = s.acquire(&a, Duration::from_millis(10)).await.unwrap();
+        let s2 = s.clone();
+        let a2 = a.clone();
+        let waiter = tokio::spawn(async move { s2.acquire(&a2, Duration::from_secs(30)).await.map(|_| ()) });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waiter.abort();
+        let _ = waiter.await;
+        drop(held);
+        // the slot is free again: nobody leaked it
+        assert_eq!(s.counts(), (1, 0, 0));
+        let _again = s.acquire(&a, Duration::from_millis(10)).await.unwrap();
+    }
+
+    #[test]
+    fn shrink_is_owed_and_grow_cancels_it() {
+        let s = Slots::new(3, limits(""));
+        s.resize(3, 1);
+        assert_eq!((s.counts().0, s.owed()), (1, 0));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let held = rt.block_on(s.acquire(&key("a"), Duration::from_millis(10))).unwrap();
+        s.resize(1, 0);
+        assert_eq!((s.counts().0, s.owed()), (0, 1));
+        assert!(s.take_owed());
+        held.retire();
+        assert_eq!(s.counts(), (0, 0, 0));
+    }
+}
