@@ -178,6 +178,37 @@ fn token(secret: Option<String>, config: Option<PathBuf>, claims: Vec<String>, s
     Ok(ExitCode::SUCCESS)
 }
 
+/// What `check` says about `[bypass]`: it is a hole in tenant isolation by design, so say so.
+fn bypass_warnings(cfg: &Config) -> Vec<String> {
+    let b = &cfg.bypass;
+    if !b.enabled {
+        return Vec::new();
+    }
+    let mut w = vec![format!(
+        "[bypass] is enabled: tokens signed by the bypass.jwt key with {} = \"{}\" run WITHOUT row-level security on {} \
+         (every such login and statement goes to the audit log {})",
+        b.claim,
+        b.value,
+        pgtenant::backend::BackendTarget::from_config(&pgtenant::config::BackendConfig { url: b.url.clone(), ..cfg.backend.clone() })
+            .map(|t| t.describe())
+            .unwrap_or_else(|_| "the bypass database".into()),
+        cfg.audit.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+    )];
+    let same = |a: &Option<String>, b: &Option<String>| a.is_some() && a == b;
+    let (j, bj) = (&cfg.jwt, &b.jwt);
+    if same(&j.secret, &bj.secret)
+        || (j.public_key_file.is_some() && j.public_key_file == bj.public_key_file)
+        || (j.jwks_file.is_some() && j.jwks_file == bj.jwks_file)
+        || same(&j.jwks_url, &bj.jwks_url)
+    {
+        w.push("bypass.jwt uses the same key as [jwt]: whoever issues tenant tokens can issue bypass tokens; give bypass its own key".into());
+    }
+    if bj.secret.is_some() {
+        w.push("bypass.jwt.secret is a shared secret: every holder can mint bypass tokens; prefer public_key_file (only the issuer holds the private key)".into());
+    }
+    w
+}
+
 fn check(config: PathBuf) -> Result<ExitCode, String> {
     let cfg = Config::load(&config).map_err(|e| e.to_string())?;
     let proxy = pgtenant::server::Proxy::new(cfg.clone())?;
@@ -201,6 +232,19 @@ fn check(config: PathBuf) -> Result<ExitCode, String> {
         println!("  ${} = '{name}', ${} = {}", 2 * i + 1, 2 * i + 2, claim(name));
     }
     println!("(plus the client's own startup parameters and session SETs, if any)");
+    let l = &cfg.limits;
+    if l.max_active_per_tenant > 0 || l.max_waiting_per_tenant > 0 || !l.tenants.is_empty() {
+        let show = |v: usize| if v == 0 { "no limit".to_string() } else { v.to_string() };
+        println!(
+            "\nper-tenant limits: {} active, {} waiting ({} tenant overrides)",
+            show(l.max_active_per_tenant),
+            show(l.max_waiting_per_tenant),
+            l.tenants.len()
+        );
+    }
+    for warning in bypass_warnings(&cfg) {
+        println!("\nwarning: {warning}");
+    }
     if let Some(remote) = auth.verifier.remote() {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
         match rt.block_on(remote.refresh()) {

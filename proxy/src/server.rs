@@ -123,6 +123,12 @@ impl Proxy {
     /// bypass URL, size and on/off) are reported if they differ.
     pub async fn reload(&self, new: &Config) -> Result<(), String> {
         let result = self.apply(new).await;
+        if result.is_err() {
+            // a rejected config must not stop logrotate from working: reopen the current log
+            if let Err(e) = self.shared.audit.reopen(&self.live_config().audit) {
+                tracing::error!(error = %e, "cannot reopen the audit log");
+            }
+        }
         let label = if result.is_ok() { "ok" } else { "rejected" };
         metrics::counter!(crate::admin::names::CONFIG_RELOADS, "result" => label).increment(1);
         result

@@ -6,6 +6,7 @@ mod common;
 mod faults;
 mod hostile;
 mod jwks;
+mod tenancy;
 
 use std::process::Command;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use common::*;
 use faults::faults_under_load_lose_nothing;
 use hostile::*;
 use jwks::jwks_url_fetch_rotation_and_outage;
+use tenancy::*;
 use futures::future::join_all;
 use serde_json::json;
 
@@ -80,6 +82,9 @@ fn main() {
         copy_from_stdin_opening_a_transaction,
         lexer_changing_settings_are_refused,
         faults_under_load_lose_nothing,
+        fair_queuing_protects_a_quiet_tenant,
+        tenant_limits_wait_or_refuse,
+        bypass_pool_and_audit_log,
         python_clients,
         node_clients,
         pgjdbc_client,

@@ -82,16 +82,21 @@ async fn ready(proxy: &Proxy) -> Result<(), String> {
 }
 
 fn pools_json(proxy: &Proxy) -> String {
-    let pool = &proxy.shared.pool;
-    serde_json::json!({
-        "clients": proxy.clients.load(std::sync::atomic::Ordering::Relaxed),
-        "pools": [{
+    let describe = |name: &str, pool: &crate::pool::Pool| {
+        serde_json::json!({
+            "name": name,
             "backend": pool.target().describe(),
             "size": pool.size(),
             "busy": pool.busy_count(),
             "idle": pool.idle_count(),
             "waiting": pool.waiting(),
-        }]
+        })
+    };
+    let mut pools = vec![describe("tenant", &proxy.shared.pool)];
+    pools.extend(proxy.shared.bypass.as_deref().map(|b| describe("bypass", b)));
+    serde_json::json!({
+        "clients": proxy.clients.load(std::sync::atomic::Ordering::Relaxed),
+        "pools": pools,
     })
     .to_string()
 }

@@ -76,6 +76,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("bypass.jwt", "jwks_ca_file", EnvType::Str),
     ("bypass.jwt", "issuer", EnvType::Str),
     ("bypass.jwt", "audience", EnvType::Str),
+    ("bypass.jwt", "leeway_secs", EnvType::Int),
     ("audit", "path", EnvType::Str),
     ("log", "level", EnvType::Str),
     ("log", "format", EnvType::Str),
