@@ -202,7 +202,7 @@ pub async fn bypass_pool_and_audit_log(env: &Env) -> TestResult {
         )
     };
     let text = config_text(env, "", &sections(&audit.display().to_string()));
-    let p = start_proxy(env, "", &sections(&audit.display().to_string())).await;
+    let p = start_proxy(env, "", &format!("{}\n[admin]\nlisten = \"127.0.0.1:0\"", sections(&audit.display().to_string()))).await;
 
     // a worker's token: signed by the bypass key with role = service; it sees every tenant
     let worker = connect(&p, &bypass_token(json!({ "role": "service", "sub": "worker-1", "exp": now() + 600 })))
@@ -219,6 +219,12 @@ pub async fn bypass_pool_and_audit_log(env: &Env) -> TestResult {
     ensure(distinct.as_deref().and_then(|d| d.parse::<i64>().ok()) >= Some(2), format!("worker saw tenants: {distinct:?}"))?;
     let n: i64 = worker.query_one("select count(*) from orders where tenant_id = $1", &[&2i32]).await.map_err(|e| format!("{e:?}"))?.get(0);
     ensure(n == 100, format!("worker saw {n} rows of tenant 2 over the extended protocol"))?;
+
+    // the admin endpoint shows the bypass pool apart from the tenants
+    let t = admin_json(&p, "/tenants").await?;
+    ensure(t["bypass"]["transactions"].as_u64() >= Some(2) && t["tenants"].as_array().is_some_and(|a| a.is_empty()), format!("/tenants: {t}"))?;
+    let pools = admin_json(&p, "/pools").await?;
+    ensure(pools["pools"][1]["name"] == "bypass" && pools["pools"][1]["backend"].as_str().is_some_and(|b| b.contains("worker")), format!("/pools: {pools}"))?;
 
     // ordinary tokens never reach it: the bypass claim signed by the tenant key is refused…
     let forged = token_with(json!({ "tenant_id": 1, "sub": "mallory", "role": "service", "exp": now() + 600 }));

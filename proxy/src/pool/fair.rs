@@ -216,12 +216,12 @@ impl Slots {
         (st.free, st.busy, waiting)
     }
 
-    /// Figures of every tracked tenant (internal keys, which hold a NUL, left out).
+    /// Figures of every tracked tenant (pgtenant's own use of the pool left out).
     pub fn stats(&self) -> Vec<TenantStats> {
         let st = self.lock();
         st.tenants
             .iter()
-            .filter(|(k, _)| !k.contains('\0'))
+            .filter(|(k, _)| &***k != super::INTERNAL_KEY)
             .map(|(k, t)| {
                 let (max_active, max_waiting) = st.limits.for_tenant(k);
                 TenantStats {

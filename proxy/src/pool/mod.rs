@@ -338,8 +338,10 @@ impl Pool {
 }
 
 /// The key pgtenant's own use of the pool queues under (a NUL: no claim can produce it).
+const INTERNAL_KEY: &str = "\0pgtenant";
+
 fn internal_key() -> TenantKey {
-    Arc::from("\0pgtenant")
+    Arc::from(INTERNAL_KEY)
 }
 
 #[cfg(test)]
