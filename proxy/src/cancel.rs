@@ -18,6 +18,8 @@ use crate::backend::{self, BackendTarget};
 pub struct CancelSlot {
     secret: i32,
     current: Mutex<Option<(i32, i32)>>,
+    /// The server of the session's pool when it is not the default one (the bypass pool).
+    target: Option<BackendTarget>,
 }
 
 impl CancelSlot {
@@ -46,13 +48,14 @@ impl Drop for Registration {
 }
 
 impl CancelRegistry {
-    /// Issues fresh, unique cancel keys for a new session.
-    pub fn register(self: &Arc<Self>) -> Registration {
+    /// Issues fresh, unique cancel keys for a new session; `target` is the server its backends are
+    /// on when that is not the default one.
+    pub fn register(self: &Arc<Self>, target: Option<BackendTarget>) -> Registration {
         let mut rng = rand::rng();
         loop {
             let pid = rng.random_range(1..i32::MAX);
             let secret = rng.random::<i32>();
-            let slot = Arc::new(CancelSlot { secret, current: Mutex::new(None) });
+            let slot = Arc::new(CancelSlot { secret, current: Mutex::new(None), target: target.clone() });
             if let dashmap::Entry::Vacant(v) = self.sessions.entry(pid) {
                 v.insert(slot.clone());
                 return Registration { pid, secret, slot, registry: self.clone() };
@@ -68,7 +71,8 @@ impl CancelRegistry {
         self.sessions.is_empty()
     }
 
-    /// Handles a CancelRequest. Returns whether a cancel was forwarded to a backend.
+    /// Handles a CancelRequest (to the session's own server, else `target`). Returns whether a
+    /// cancel was forwarded to a backend.
     pub async fn cancel(&self, target: &BackendTarget, pid: i32, secret: i32) -> bool {
         let Some(slot) = self.sessions.get(&pid).map(|s| s.clone()) else {
             tracing::info!("cancel request for an unknown session ignored");
@@ -80,7 +84,7 @@ impl CancelRegistry {
         }
         let current = slot.current.lock().await;
         match *current {
-            Some((bpid, bsecret)) => match backend::send_cancel(target, bpid, bsecret).await {
+            Some((bpid, bsecret)) => match backend::send_cancel(slot.target.as_ref().unwrap_or(target), bpid, bsecret).await {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::warn!(error = %e, "forwarding cancel request failed");

@@ -123,15 +123,19 @@ impl Proxy {
     /// bypass URL, size and on/off) are reported if they differ.
     pub async fn reload(&self, new: &Config) -> Result<(), String> {
         let result = self.apply(new).await;
-        if result.is_err() {
-            // a rejected config must not stop logrotate from working: reopen the current log
-            if let Err(e) = self.shared.audit.reopen(&self.live_config().audit) {
-                tracing::error!(error = %e, "cannot reopen the audit log");
-            }
+        match result {
+            Ok(()) => metrics::counter!(crate::admin::names::CONFIG_RELOADS, "result" => "ok").increment(1),
+            Err(_) => self.reload_rejected(),
         }
-        let label = if result.is_ok() { "ok" } else { "rejected" };
-        metrics::counter!(crate::admin::names::CONFIG_RELOADS, "result" => label).increment(1);
         result
+    }
+
+    /// A rejected config must not stop logrotate from working: the current audit log is reopened.
+    fn reload_rejected(&self) {
+        metrics::counter!(crate::admin::names::CONFIG_RELOADS, "result" => "rejected").increment(1);
+        if let Err(e) = self.shared.audit.reopen(&self.live_config().audit) {
+            tracing::error!(error = %e, "cannot reopen the audit log");
+        }
     }
 
     async fn apply(&self, new: &Config) -> Result<(), String> {
@@ -175,8 +179,13 @@ impl Proxy {
     /// Re-reads the config file this proxy was started from and reloads it.
     pub async fn reload_from_file(&self) -> Result<(), String> {
         let path = self.config_path.as_ref().ok_or("this proxy was not started from a config file")?;
-        let cfg = Config::load(path).map_err(|e| e.to_string())?;
-        self.reload(&cfg).await
+        match Config::load(path) {
+            Ok(cfg) => self.reload(&cfg).await,
+            Err(e) => {
+                self.reload_rejected();
+                Err(e.to_string())
+            }
+        }
     }
 
     /// Accepts connections until `shutdown` flips to true.

@@ -136,7 +136,7 @@ pub async fn login(
         Ok(p) => p,
         Err(e) => return Err((stream, e)),
     };
-    let cancel = proxy.cancels.register();
+    let cancel = proxy.cancels.register(bypass.then(|| pool.target().clone()));
     // a trusted worker's login is on record before it gets in, or it does not get in
     let recorded = proxy.shared.audit.record(
         "login",
