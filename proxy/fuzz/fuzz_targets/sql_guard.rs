@@ -5,6 +5,7 @@
 //! usual tenant settings, with and without `tenant.allow_do`, inside and outside a transaction block.
 //!
 //! Properties checked besides "no panic":
+//! - audit fingerprints (`sql::fingerprint`) are bounded and keep no quote of a string literal;
 //! - lexer: tokens are in order, non-overlapping, inside the input, non-empty (an unterminated
 //!   comment at the very end may be empty), and only the last token can be `Unterminated`;
 //! - `summarize` agrees with `split` (statement count, first statement's effect, "a
@@ -111,6 +112,14 @@ fuzz_target!(|data: &[u8]| {
         unterminated |= t.kind == Kind::Unterminated;
         atomic_word |= t.text.eq_ignore_ascii_case(b"atomic");
     }
+
+    // audit fingerprints are bounded and keep no string literal: a quote can only come from a
+    // quoted identifier
+    let fp = sql::fingerprint::fingerprint(data);
+    assert!(fp.text.chars().count() <= 1001 && fp.hash.len() == 16, "fingerprint bounds");
+    let ident_quotes: usize =
+        Lexer::new(data).filter(|t| t.kind == Kind::QuotedIdent).map(|t| t.text.iter().filter(|&&b| b == b'\'').count()).sum();
+    assert!(fp.text.matches('\'').count() <= ident_quotes, "a literal survived in a fingerprint: {}", fp.text);
 
     // summarize (one pass, used for transaction boundaries) agrees with split (used by the guard)
     let statements = sql::split(data);
