@@ -32,6 +32,7 @@ struct Totals {
 fn main() {
     run_all(&[
         ("adversarial_escape_attempts", |env| Box::pin(adversarial(env))),
+        ("bypass_pool_unreachable_with_tenant_tokens", |env| Box::pin(bypass_unreachable(env))),
         ("randomized_concurrent_isolation", |env| Box::pin(randomized(env))),
     ]);
 }
@@ -154,6 +155,76 @@ async fn adversarial(env: &Env) -> TestResult {
     ensure(before == after, format!("tenant 2's rows changed: {before} -> {after}"))?;
     println!("adversarial: {} attempts, {refused} refused, tenant 2 untouched ({after})", ATTACKS.len() + 5);
     ensure(refused >= 30, format!("only {refused} attempts failed"))?;
+    p.stop().await;
+    Ok(())
+}
+
+/// With the trusted bypass pool enabled, no token a tenant can make gets a session without row-level
+/// security: forged claims, look-alike claim values, `alg: none`, expired worker tokens. Each either
+/// fails to log in or is an ordinary tenant-1 session as app_user that sees no foreign row.
+async fn bypass_unreachable(env: &Env) -> TestResult {
+    use base64::Engine;
+    let _ = env.cluster.psql("app", "CREATE ROLE worker LOGIN PASSWORD 'worker-secret' BYPASSRLS");
+    env.cluster.psql("app", "GRANT USAGE ON SCHEMA public TO worker; GRANT SELECT ON orders TO worker").map_err(|e| e.to_string())?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let bypass_secret = "bypass-secret-of-the-workers-0123";
+    let extra = format!(
+        "[bypass]\nenabled = true\nurl = \"{}\"\n[bypass.jwt]\nsecret = \"{bypass_secret}\"\n[audit]\npath = \"{}\"",
+        env.cluster.url("worker", "worker-secret", "app"),
+        dir.path().join("audit.jsonl").display()
+    );
+    let p = start_proxy(env, "pool_size = 2", &extra).await;
+    let exp = now() + 600;
+    let b64 = |v: &serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let worker_key = |claims: serde_json::Value| pgtenant::jwt::mint_hs(&claims, bypass_secret.as_bytes(), jsonwebtoken::Algorithm::HS256);
+    let attempts: Vec<(&str, String)> = vec![
+        ("tenant key + bypass claim", token_with(serde_json::json!({ "tenant_id": 1, "sub": "m", "role": "service", "exp": exp }))),
+        ("claim value in another case", token_with(serde_json::json!({ "tenant_id": 1, "sub": "m", "role": "Service", "exp": exp }))),
+        ("claim value as an array", token_with(serde_json::json!({ "tenant_id": 1, "sub": "m", "role": ["service"], "exp": exp }))),
+        ("claim value with a NUL", token_with(serde_json::json!({ "tenant_id": 1, "sub": "m", "role": "service\u{0}", "exp": exp }))),
+        (
+            "alg none",
+            format!("{}.{}.", b64(&serde_json::json!({ "alg": "none", "typ": "JWT" })), b64(&serde_json::json!({ "tenant_id": 1, "role": "service", "exp": exp }))),
+        ),
+        ("expired worker token", worker_key(serde_json::json!({ "role": "service", "sub": "w", "exp": now() - 3600 }))),
+        ("worker key, other claim value", worker_key(serde_json::json!({ "tenant_id": 1, "role": "admin", "sub": "w", "exp": exp }))),
+        ("tenant token with the worker's user name", token(1, "worker")),
+    ];
+    let mut refused = 0;
+    for (label, tok) in &attempts {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1").port(p.addr.port()).user("worker").dbname("app").password(tok);
+        // the first attempt, alg none and the two worker-key tokens cannot log in at all
+        let must_fail = matches!(*label, "tenant key + bypass claim" | "alg none" | "expired worker token" | "worker key, other claim value");
+        match cfg.connect(tokio_postgres::NoTls).await {
+            Err(e) => {
+                ensure(must_fail && e.as_db_error().is_some(), format!("{label}: refused: {e:?}"))?;
+                refused += 1
+            }
+            Ok(_) if must_fail => return Err(format!("{label}: logged in")),
+            Ok((c, conn)) => {
+                tokio::spawn(conn);
+                let row = c
+                    .query_one("select current_user::text, count(*) filter (where tenant_id <> 1), count(*) from orders", &[])
+                    .await
+                    .map_err(|e| format!("{label}: {e:?}"))?;
+                let (user, foreign, all): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+                ensure(user == "app_user" && foreign == 0 && all > 0, format!("{label}: {user} sees {foreign} foreign of {all} rows"))?;
+                let e = c.simple_query("SET ROLE worker").await.err().ok_or(format!("{label}: SET ROLE worker accepted"))?;
+                ensure(e.as_db_error().is_some(), format!("{label}: {e:?}"))?;
+            }
+        }
+    }
+    println!("bypass: {} attempts, {refused} refused at login, the rest ordinary tenant-1 sessions", attempts.len());
+    ensure(refused == 4, format!("{refused} forged logins refused, 4 expected"))?;
+    // and the real worker does get across tenants (the pool is really there)
+    let mut cfg = tokio_postgres::Config::new();
+    let tok = worker_key(serde_json::json!({ "role": "service", "sub": "w", "exp": exp }));
+    cfg.host("127.0.0.1").port(p.addr.port()).user("worker").dbname("app").password(&tok);
+    let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| format!("worker: {e:?}"))?;
+    tokio::spawn(conn);
+    let n: i64 = c.query_one("select count(distinct tenant_id) from orders", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
+    ensure(n >= 2, format!("worker sees {n} tenants"))?;
     p.stop().await;
     Ok(())
 }
