@@ -107,13 +107,6 @@ async fn bystander_ok(p: &pgtenant::server::Running) -> TestResult {
     ensure(n == 100 && lo == 3 && hi == 3, "bystander saw wrong rows")
 }
 
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
-        .unwrap_or(0)
-}
-
 pub async fn hostile_framing_gets_fatal_or_close(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
     let rss_before = rss_kib();

@@ -76,6 +76,14 @@ pub async fn connect(proxy: &Running, token: &str) -> Result<tokio_postgres::Cli
     Ok(client)
 }
 
+/// This process's resident memory (the proxy under test runs in it), in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
 pub fn ensure(cond: bool, what: impl Into<String>) -> TestResult {
     if cond { Ok(()) } else { Err(what.into()) }
 }
