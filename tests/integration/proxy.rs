@@ -1596,7 +1596,10 @@ async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
     ensure(n == 100 && lo == 2, "client not served once the single connection was free")?;
     p.stop().await;
 
-    // SIGHUP to the real binary
+    // SIGHUP to the real binary; it also hands the audit log over to logrotate
+    let audit = file.with_file_name("audit.jsonl");
+    let with_audit = |t: &str| format!("{t}\n[audit]\npath = \"{}\"\n", audit.display());
+    let (old_text, new_text) = (with_audit(&old_text), with_audit(&new_text));
     std::fs::write(&file, &old_text).map_err(|e| e.to_string())?;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
         .args(["run", "--config"])
@@ -1624,6 +1627,7 @@ async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
     };
     let result = async {
         login(token(1, "x")).await.map_err(|e| format!("binary, old key: {e:?}"))?;
+        std::fs::rename(&audit, audit.with_extension("jsonl.1")).map_err(|e| format!("audit log not written: {e}"))?;
         std::fs::write(&file, &new_text).map_err(|e| e.to_string())?;
         // SAFETY: signalling our own child
         unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
@@ -1632,7 +1636,12 @@ async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         ensure(login(token(1, "x")).await.is_err(), "old key still accepted after SIGHUP")?;
-        login(new_token(3)).await.map_err(|e| format!("new key refused after SIGHUP: {e:?}"))
+        login(new_token(3)).await.map_err(|e| format!("new key refused after SIGHUP: {e:?}"))?;
+        // the rotated file kept the first login; the reopened one has what came after the signal
+        let rotated = std::fs::read_to_string(audit.with_extension("jsonl.1")).map_err(|e| e.to_string())?;
+        let fresh = std::fs::read_to_string(&audit).map_err(|e| format!("audit log not reopened after SIGHUP: {e}"))?;
+        ensure(rotated.lines().count() >= 1 && rotated.lines().all(|l| l.contains("\"result\":\"ok\"")), format!("rotated: {rotated}"))?;
+        ensure(fresh.contains("\"tenant\":\"3\"") && fresh.contains("\"result\":\"refused\""), format!("after SIGHUP: {fresh}"))
     }
     .await;
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
