@@ -245,12 +245,13 @@ fn check(config: PathBuf) -> Result<ExitCode, String> {
     for warning in bypass_warnings(&cfg) {
         println!("\nwarning: {warning}");
     }
-    if let Some(remote) = auth.verifier.remote() {
+    let remotes = [("jwt.jwks_url", auth.verifier.remote()), ("bypass.jwt.jwks_url", auth.bypass.as_ref().and_then(|b| b.verifier.remote()))];
+    for (key, remote) in remotes.into_iter().filter_map(|(k, r)| Some((k, r?))) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
         match rt.block_on(remote.refresh()) {
-            Ok(n) => println!("\njwt.jwks_url {}: {n} usable keys", remote.url()),
+            Ok(n) => println!("\n{key} {}: {n} usable keys", remote.url()),
             Err(e) => println!(
-                "\nwarning: jwt.jwks_url {} cannot be fetched from here: {e}\n(the proxy starts anyway and retries; /readyz answers 503 until it loads keys)",
+                "\nwarning: {key} {} cannot be fetched from here: {e}\n(the proxy starts anyway and retries until it loads keys)",
                 remote.url()
             ),
         }

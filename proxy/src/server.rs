@@ -191,6 +191,9 @@ impl Proxy {
     /// Accepts connections until `shutdown` flips to true.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
         self.shared.pool.spawn_reaper();
+        if let Some(b) = &self.shared.bypass {
+            b.spawn_reaper();
+        }
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -352,7 +355,11 @@ pub async fn start_from(config: Config, path: Option<std::path::PathBuf>) -> Res
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     crate::admin::metrics_handle();
     // jwt.jwks_url: fetched in the background; /readyz reports 503 until the first answer
-    proxy.auth().verifier.start_background();
+    let auth = proxy.auth();
+    auth.verifier.start_background();
+    if let Some(b) = &auth.bypass {
+        b.verifier.start_background();
+    }
     let admin = match &proxy.config.admin.listen {
         Some(a) => {
             let l = TcpListener::bind(a).await.map_err(|e| format!("cannot listen on {a} (admin.listen): {e}"))?;
