@@ -45,7 +45,11 @@ fn open_fds() -> usize {
 
 async fn soak(env: &Env) -> TestResult {
     let secs = soak_secs();
-    let p = Arc::new(start_proxy(env, "pool_size = 6", "").await);
+    // the per-tenant limits and the audit log are on: they must stay flat too
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let audit = dir.path().join("audit.jsonl");
+    let extra = format!("[limits]\nmax_active_per_tenant = 3\n[audit]\npath = \"{}\"", audit.display());
+    let p = Arc::new(start_proxy(env, "pool_size = 6", &extra).await);
     let stop = Arc::new(AtomicBool::new(false));
     let t = Arc::new(Totals::default());
     let workers: Vec<_> = (0..CLIENTS)
@@ -85,6 +89,14 @@ async fn soak(env: &Env) -> TestResult {
     // unscraped metrics histogram once grew ~100 KiB/s here)
     ensure(rss_max <= rss0 + 1024 + rss0 / 50, format!("RSS grew from {rss0} to {rss_max} KiB after warm-up"))?;
     ensure(fds_max <= fds0 + 8, format!("file descriptors grew from {fds0} to {fds_max}"))?;
+    // every login and every refusal went to the audit log
+    let records = std::fs::read_to_string(&audit).map_err(|e| e.to_string())?;
+    let logins = records.lines().filter(|l| l.contains("\"event\":\"login\"")).count() as u64;
+    let refusals = records.lines().filter(|l| l.contains("\"event\":\"statement_refused\"")).count() as u64;
+    ensure(
+        logins == t.logins.load(Relaxed) && refusals >= t.refused.load(Relaxed),
+        format!("audit log: {logins} logins, {refusals} refusals; clients saw {} and {}", t.logins.load(Relaxed), t.refused.load(Relaxed)),
+    )?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while p.proxy.shared.pool.busy_count() > 0 {
         ensure(Instant::now() < deadline, "backends still leased after the soak")?;
