@@ -169,7 +169,7 @@ impl Slots {
         }
         st.dispatch();
         if st.tenants.len() > st.prune_at {
-            st.tenants.retain(|_, t| t.active > 0 || !t.queue.is_empty());
+            st.tenants.retain(|_, t| t.active > 0 || t.in_ring);
             st.prune_at = TRACKED_TENANTS.max(st.tenants.len() * 2);
         }
     }
@@ -407,6 +407,21 @@ mod tests {
         // the slot is free again: nobody leaked it
         assert_eq!(s.counts(), (1, 0, 0));
         let _again = s.acquire(&a, Duration::from_millis(10)).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn idle_tenants_are_forgotten_beyond_the_cap() {
+        let s = Slots::new(2, limits(""));
+        let busy = s.acquire(&key("busy"), Duration::from_millis(10)).await.unwrap();
+        for i in 0..TRACKED_TENANTS + 10 {
+            drop(s.acquire(&key(&format!("t{i}")), Duration::from_millis(10)).await.unwrap());
+        }
+        // the pass that ran once the cap was crossed kept only the tenant holding a slot
+        let tracked = s.stats().len();
+        assert!(tracked < 100, "{tracked} tenants still tracked");
+        assert!(s.stats().iter().any(|t| t.tenant == "busy" && t.active == 1));
+        drop(busy);
+        assert_eq!(s.counts(), (2, 0, 0));
     }
 
     #[test]
