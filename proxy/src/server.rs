@@ -274,7 +274,7 @@ impl Proxy {
         });
         let session = Session::new(self.shared.clone(), l.stream, l.leftover, l.settings, l.cancel, l.view, l.guard, who);
         match session.run().await {
-            End::ClientGone => tracing::debug!(user = %l.user, tenant = %l.context.tenant, "client disconnected"),
+            End::ClientGone => tracing::debug!(user = %l.user, tenant = %l.context.tenant.replace('\0', ""), "client disconnected"),
             End::Fatal(e) => tracing::info!(user = %l.user, error = %e, "session ended"),
             End::BackendLost(why) => tracing::warn!(user = %l.user, reason = %why, "session ended: backend lost"),
         }
