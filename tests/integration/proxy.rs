@@ -83,6 +83,7 @@ fn main() {
         lexer_changing_settings_are_refused,
         faults_under_load_lose_nothing,
         fair_queuing_protects_a_quiet_tenant,
+        long_transactions_do_not_crowd_out_short_ones,
         tenant_limits_wait_or_refuse,
         bypass_pool_and_audit_log,
         python_clients,

@@ -107,6 +107,56 @@ pub async fn fair_queuing_protects_a_quiet_tenant(env: &Env) -> TestResult {
     Ok(())
 }
 
+/// A tenant with long transactions must not collect every connection while another tenant's short
+/// transactions wait: each freed connection goes to the waiting tenant holding the fewest. With
+/// turns alone, tenant 1 would end up holding all 4 connections and tenant 2 would get one only on
+/// every other release of a 300 ms transaction (hundreds of ms per query).
+pub async fn long_transactions_do_not_crowd_out_short_ones(env: &Env) -> TestResult {
+    let p = start_proxy(env, "pool_size = 4", "[pool]\nquery_wait_timeout_ms = 60000").await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut long = Vec::new();
+    for i in 0..8 {
+        let c = connect(&p, &token(1, &format!("long{i}"))).await.map_err(|e| format!("{e:?}"))?;
+        let stop = stop.clone();
+        long.push(tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.simple_query("select pg_sleep(0.3)").await.map_err(|e| format!("long: {e:?}"))?;
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut short = Vec::new();
+    for i in 0..4 {
+        let c = connect(&p, &token(2, &format!("short{i}"))).await.map_err(|e| format!("{e:?}"))?;
+        short.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            for q in 0..30 {
+                let t0 = Instant::now();
+                c.simple_query("select count(*) from orders").await.map_err(|e| format!("short: {e:?}"))?;
+                if q > 0 {
+                    lat.push(t0.elapsed()); // the first one waits for a long transaction to end
+                }
+            }
+            Ok::<Vec<Duration>, String>(lat)
+        }));
+    }
+    let mut lat = Vec::new();
+    for s in short {
+        lat.extend(s.await.map_err(|e| e.to_string())??);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in long {
+        l.await.map_err(|e| e.to_string())??;
+    }
+    lat.sort();
+    let (p50, p90) = (percentile(&lat, 0.5), percentile(&lat, 0.9));
+    println!("    short transactions beside 8 clients of 300 ms ones on a pool of 4: p50 {p50:?}, p90 {p90:?}");
+    ensure(p90 < Duration::from_millis(150), format!("short transactions crowded out: p50 {p50:?}, p90 {p90:?}"))?;
+    p.stop().await;
+    Ok(())
+}
+
 pub async fn tenant_limits_wait_or_refuse(env: &Env) -> TestResult {
     let p = start_proxy(
         env,

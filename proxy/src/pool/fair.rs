@@ -2,10 +2,12 @@
 //!
 //! One FIFO queue lets a busy tenant starve everyone else: 200 queued transactions of tenant A put
 //! tenant B's one transaction at the back. Here every tenant has its own queue, and a freed slot goes
-//! to the next tenant in round-robin order that has a transaction waiting and is below its
-//! `max_active` limit. A tenant at its limit waits for one of its own transactions to end even when
-//! slots are free; a tenant with `max_waiting` transactions queued is refused at once. Per-tenant
-//! counters (transactions, wait time, refusals) feed `/tenants` and the bounded tenant metrics.
+//! to the waiting tenant that holds the fewest slots, taking turns among equals (round-robin), and
+//! never to a tenant at its `max_active` limit. So a flood waits behind its own queue, and a tenant
+//! with long transactions cannot slowly collect every slot while one with short transactions waits.
+//! A tenant at its limit waits for one of its own transactions to end even when slots are free; a
+//! tenant with `max_waiting` transactions queued is refused at once. Per-tenant counters
+//! (transactions, wait time, refusals) feed `/tenants` and the bounded tenant metrics.
 //!
 //! A slot is a right to hold one backend connection; the pool (`super`) pairs it with a connection.
 
@@ -20,6 +22,8 @@ use crate::config::LimitsConfig;
 
 /// Counters of idle tenants are dropped once more than this many tenants are tracked.
 const TRACKED_TENANTS: usize = 10_000;
+/// Waiting tenants compared when a slot frees up (in turn order).
+const SCAN_WINDOW: usize = 256;
 
 pub type TenantKey = Arc<str>;
 
@@ -240,34 +244,22 @@ impl Slots {
 }
 
 impl State {
-    /// Gives free slots to waiting tenants, one at a time in round-robin order, skipping tenants
-    /// at their active limit (they stay in the ring for their next turn).
+    /// Gives free slots to waiting tenants, one at a time: the waiting tenant that holds the fewest
+    /// slots goes first (so tenants with long transactions cannot crowd out those with short ones:
+    /// a max-min fair share), and among equals the one whose turn came longest ago (round-robin).
+    /// Tenants at their `max_active` limit are passed over and keep their place.
     fn dispatch(&mut self) {
-        let mut skipped = 0;
-        while self.free > 0 && skipped < self.ring.len() {
-            let Some(name) = self.ring.pop_front() else { break };
-            let (max_active, _) = self.limits.for_tenant(&name);
-            let Some(t) = self.tenants.get_mut(&name) else { continue };
-            while t.queue.front().is_some_and(|w| w.tx.is_closed()) {
-                t.queue.pop_front(); // its client went away
-            }
-            if t.queue.is_empty() {
-                t.in_ring = false;
-                continue;
-            }
-            if max_active.is_some_and(|m| t.active >= m) {
-                self.ring.push_back(name);
-                skipped += 1;
-                continue;
-            }
-            let w = t.queue.pop_front().expect("checked non-empty");
+        while self.free > 0 {
+            let Some(i) = self.next_in_turn() else { break };
+            let name = self.ring.remove(i).expect("index from next_in_turn");
+            let t = self.tenants.get_mut(&name).expect("checked by next_in_turn");
+            let w = t.queue.pop_front().expect("checked by next_in_turn");
             t.wait += w.enqueued.elapsed();
             if w.tx.send(()).is_ok() {
                 t.active += 1;
                 t.transactions += 1;
                 self.free -= 1;
                 self.busy += 1;
-                skipped = 0;
             }
             if t.queue.is_empty() {
                 t.in_ring = false;
@@ -275,6 +267,36 @@ impl State {
                 self.ring.push_back(name);
             }
         }
+    }
+
+    /// The ring position of the tenant to serve next, dropping tenants whose queue emptied (their
+    /// clients went away) on the way. Looks at the first `SCAN_WINDOW` waiting tenants only, so a
+    /// release costs a bounded amount of work however many tenants wait.
+    fn next_in_turn(&mut self) -> Option<usize> {
+        let mut best: Option<(usize, usize)> = None; // (position, active)
+        let mut i = 0;
+        while i < self.ring.len().min(SCAN_WINDOW) {
+            let name = self.ring[i].clone();
+            let (max_active, _) = self.limits.for_tenant(&name);
+            let Some(t) = self.tenants.get_mut(&name) else {
+                self.ring.remove(i);
+                continue;
+            };
+            while t.queue.front().is_some_and(|w| w.tx.is_closed()) {
+                t.queue.pop_front(); // its client went away
+            }
+            if t.queue.is_empty() {
+                t.in_ring = false;
+                self.ring.remove(i);
+                continue;
+            }
+            let eligible = max_active.is_none_or(|m| t.active < m);
+            if eligible && best.is_none_or(|(_, a)| t.active < a) {
+                best = Some((i, t.active));
+            }
+            i += 1;
+        }
+        best.map(|(i, _)| i)
     }
 }
 
@@ -361,6 +383,37 @@ mod tests {
         // B's one transaction goes second, not behind all of A's
         assert_eq!(*order.lock().unwrap(), vec![0, 3, 1, 2]);
         assert_eq!(s.counts(), (1, 0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_goes_to_the_tenant_holding_fewest() {
+        let s = Slots::new(3, limits(""));
+        let (a, b) = (key("a"), key("b"));
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(s.acquire(&a, Duration::from_millis(10)).await.unwrap());
+        }
+        // A queues first, B after; A holds every slot
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (i, t) in [(0, &a), (1, &b)] {
+            let (s, t, order) = (s.clone(), t.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let slot = s.acquire(&t, Duration::from_secs(5)).await.unwrap();
+                order.lock().unwrap().push(i);
+                slot
+            }));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // one of A's slots frees up: B (holding none) gets it although A queued first
+        drop(held.pop());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(*order.lock().unwrap(), vec![1]);
+        drop(held);
+        for t in tasks {
+            drop(t.await.unwrap());
+        }
+        assert_eq!(s.counts(), (3, 0, 0));
     }
 
     #[tokio::test]

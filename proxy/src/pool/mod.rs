@@ -2,8 +2,9 @@
 //!
 //! A session leases a connection when a transaction starts and gives it back when the transaction
 //! is over (`ReadyForQuery 'I'` with nothing in flight). The pool is bounded by its slots (`fair`):
-//! waiting transactions queue per tenant, freed slots go round-robin between tenants within their
-//! `[limits]`, and a transaction gives up after `pool.query_wait_timeout_ms` with a clear error.
+//! waiting transactions queue per tenant, a freed slot goes to the waiting tenant holding the fewest
+//! (within `[limits]`), and a transaction gives up after `pool.query_wait_timeout_ms` with a clear
+//! error.
 //! Size, wait timeout and limits can change at run time (config reload): growing adds slots at once,
 //! shrinking retires free slots at once and busy ones as their leases come back.
 //! Idle connections are checked before reuse (a server restart or `pg_terminate_backend` leaves a
