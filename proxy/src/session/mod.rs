@@ -13,6 +13,7 @@
 //! transaction; in an aborted one it fails exactly as the client's own message would). Anything
 //! else (a simple Query, a ROLLBACK, a Close) waits until the earlier replies are in.
 
+mod audit;
 pub mod inject;
 pub mod prepared;
 pub mod replies;
@@ -807,68 +808,6 @@ impl Session {
         self.replies.expect_refusal(simple);
         self.refusals.push_back(err);
         Flow::Continue
-    }
-
-    /// Refuses a client statement and writes it to the audit log as a fingerprint (its shape
-    /// without literal values).
-    fn refuse_statement(&mut self, err: PgError, sql_text: &[u8], guard: &str, simple: bool) -> Flow {
-        let fp = sql::fingerprint::fingerprint(sql_text);
-        let _ = self.shared.audit.record(
-            "statement_refused",
-            serde_json::json!({
-                "pool": if self.who.bypass { "bypass" } else { "tenant" },
-                "tenant": (!self.who.bypass).then_some(&*self.who.tenant),
-                "subject": self.who.subject,
-                "client": self.who.client.to_string(),
-                "session": self.who.login,
-                "guard": guard,
-                "sqlstate": err.code,
-                "fingerprint": fp.hash,
-                "statement": fp.text,
-            }),
-        );
-        self.refuse(err, simple)
-    }
-
-    /// A trusted worker's statement (simple Query, Execute, FunctionCall) goes to the audit log
-    /// before it runs; if the log cannot be written, the statement does not run.
-    fn audit_bypass(&mut self, f: &Frame) -> Result<(), PgError> {
-        let (protocol, text): (&str, &[u8]) = match f.tag {
-            b'Q' => ("simple", peek::query_msg(f.body()).unwrap_or_default()),
-            b'E' => {
-                let def = peek::execute_msg(f.body()).and_then(|p| self.statements.portal(p)).cloned();
-                let key = def.map(|d| d.key.clone()).unwrap_or_default();
-                let end = key.iter().position(|&b| b == 0).unwrap_or(key.len());
-                let fp = sql::fingerprint::fingerprint(&key[..end]);
-                return self.write_bypass_record("extended", fp);
-            }
-            b'F' => ("function_call", b"".as_slice()),
-            _ => return Ok(()),
-        };
-        let fp = sql::fingerprint::fingerprint(text);
-        self.write_bypass_record(protocol, fp)
-    }
-
-    fn write_bypass_record(&self, protocol: &str, fp: sql::fingerprint::Fingerprint) -> Result<(), PgError> {
-        metrics::counter!(crate::admin::names::BYPASS_STATEMENTS).increment(1);
-        self.shared
-            .audit
-            .record(
-                "bypass_statement",
-                serde_json::json!({
-                    "pool": "bypass",
-                    "subject": self.who.subject,
-                    "client": self.who.client.to_string(),
-                    "session": self.who.login,
-                    "protocol": protocol,
-                    "fingerprint": fp.hash,
-                    "statement": fp.text,
-                }),
-            )
-            .map_err(|_| {
-                PgError::error(sqlstate::IO_ERROR, "pgtenant: the audit log cannot be written, so this bypass statement is refused")
-                    .with_hint("check audit.path (disk full? permissions?) and the pgtenant log")
-            })
     }
 
     /// `DISCARD ALL` outside a transaction: pgtenant's pools and drivers send it to reset a

@@ -1,0 +1,69 @@
+//! What a session writes to the audit log (`crate::audit`): statements it refuses, as fingerprints,
+//! and every statement of a trusted bypass session, recorded before it runs. A bypass statement
+//! whose record cannot be written does not run.
+
+use super::*;
+
+impl Session {
+    /// Refuses a client statement and writes it to the audit log as a fingerprint (its shape
+    /// without literal values).
+    pub(super) fn refuse_statement(&mut self, err: PgError, sql_text: &[u8], guard: &str, simple: bool) -> Flow {
+        let fp = sql::fingerprint::fingerprint(sql_text);
+        let _ = self.shared.audit.record(
+            "statement_refused",
+            serde_json::json!({
+                "pool": if self.who.bypass { "bypass" } else { "tenant" },
+                "tenant": (!self.who.bypass).then_some(&*self.who.tenant),
+                "subject": self.who.subject,
+                "client": self.who.client.to_string(),
+                "session": self.who.login,
+                "guard": guard,
+                "sqlstate": err.code,
+                "fingerprint": fp.hash,
+                "statement": fp.text,
+            }),
+        );
+        self.refuse(err, simple)
+    }
+
+    /// A trusted worker's statement (simple Query, Execute, FunctionCall) goes to the audit log
+    /// before it runs; if the log cannot be written, the statement does not run.
+    pub(super) fn audit_bypass(&mut self, f: &Frame) -> Result<(), PgError> {
+        let (protocol, text): (&str, &[u8]) = match f.tag {
+            b'Q' => ("simple", peek::query_msg(f.body()).unwrap_or_default()),
+            b'E' => {
+                let def = peek::execute_msg(f.body()).and_then(|p| self.statements.portal(p)).cloned();
+                let key = def.map(|d| d.key.clone()).unwrap_or_default();
+                let end = key.iter().position(|&b| b == 0).unwrap_or(key.len());
+                let fp = sql::fingerprint::fingerprint(&key[..end]);
+                return self.write_bypass_record("extended", fp);
+            }
+            b'F' => ("function_call", b"".as_slice()),
+            _ => return Ok(()),
+        };
+        let fp = sql::fingerprint::fingerprint(text);
+        self.write_bypass_record(protocol, fp)
+    }
+
+    fn write_bypass_record(&self, protocol: &str, fp: sql::fingerprint::Fingerprint) -> Result<(), PgError> {
+        metrics::counter!(crate::admin::names::BYPASS_STATEMENTS).increment(1);
+        self.shared
+            .audit
+            .record(
+                "bypass_statement",
+                serde_json::json!({
+                    "pool": "bypass",
+                    "subject": self.who.subject,
+                    "client": self.who.client.to_string(),
+                    "session": self.who.login,
+                    "protocol": protocol,
+                    "fingerprint": fp.hash,
+                    "statement": fp.text,
+                }),
+            )
+            .map_err(|_| {
+                PgError::error(sqlstate::IO_ERROR, "pgtenant: the audit log cannot be written, so this bypass statement is refused")
+                    .with_hint("check audit.path (disk full? permissions?) and the pgtenant log")
+            })
+    }
+}
