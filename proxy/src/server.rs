@@ -141,8 +141,9 @@ impl Proxy {
     async fn apply(&self, new: &Config) -> Result<(), String> {
         let auth = Auth::from_config(new, Some(&self.auth()))?;
         crate::logging::validate_level(&new.log.level)?;
-        if new.bypass.enabled != self.config.bypass.enabled {
-            return Err("bypass.enabled changes need a restart".into());
+        if new.bypass.enabled && self.shared.bypass.is_none() {
+            // turning it off is a reload (new bypass logins stop at once); on needs its pool
+            return Err("turning bypass.enabled on needs a restart".into());
         }
         if let Some(remote) = auth.verifier.remote().filter(|r| !r.loaded()) {
             // a new key URL must answer before it replaces keys that work

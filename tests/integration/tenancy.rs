@@ -351,6 +351,22 @@ pub async fn bypass_pool_and_audit_log(env: &Env) -> TestResult {
     p.proxy.reload(&cfg).await?;
     worker.simple_query("select 1").await.map_err(|e| format!("worker after the log came back: {e:?}"))?;
 
+    // turning bypass off on reload stops new bypass logins at once; open sessions go on
+    let off_text = config_text(env, "", &format!("[audit]\npath = \"{}\"", audit.display()));
+    let off = pgtenant::config::Config::from_toml(&off_text, &|_| None).map_err(|e| e.to_string())?;
+    p.proxy.reload(&off).await?;
+    let worker_token = bypass_token(json!({ "role": "service", "sub": "worker-3", "exp": now() + 600 }));
+    let e = connect(&p, &worker_token).await.err().ok_or("bypass login after bypass was turned off")?;
+    ensure(db_err(&e).0 == "28P01", format!("{:?}", db_err(&e)))?;
+    worker.simple_query("select 1").await.map_err(|e| format!("open worker session after turning off: {e:?}"))?;
+    p.proxy.reload(&cfg).await?;
+    connect(&p, &worker_token).await.map_err(|e| format!("bypass back on: {e:?}"))?;
+    // a proxy started without it cannot turn it on by reload (it has no bypass pool)
+    let plain = start_proxy(env, "", "").await;
+    let refused = plain.proxy.reload(&cfg).await.err().ok_or("reload turned bypass on")?;
+    ensure(refused.contains("needs a restart"), refused)?;
+    plain.stop().await;
+
     // pgtenant check warns about the bypass pool
     let file = dir.path().join("pgtenant.toml");
     std::fs::write(&file, &text).map_err(|e| e.to_string())?;

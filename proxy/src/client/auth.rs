@@ -111,7 +111,10 @@ pub async fn login(
     drop(token);
     let pool = match (&proxy.shared.bypass, bypass) {
         (Some(b), true) => b,
-        _ => &proxy.shared.pool,
+        (None, true) => {
+            return Err((stream, PgError::fatal(sqlstate::CANNOT_CONNECT_NOW, "pgtenant: the bypass pool is not running")))
+        }
+        (_, false) => &proxy.shared.pool,
     };
 
     let info = match pool.server_info().await {
