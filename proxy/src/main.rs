@@ -189,7 +189,7 @@ fn bypass_warnings(cfg: &Config) -> Vec<String> {
          (every such login and statement goes to the audit log {})",
         b.claim,
         b.value,
-        pgtenant::backend::BackendTarget::from_config(&pgtenant::config::BackendConfig { url: b.url.clone(), ..cfg.backend.clone() })
+        pgtenant::backend::BackendTarget::from_config(&b.backend(&cfg.backend))
             .map(|t| t.describe())
             .unwrap_or_else(|_| "the bypass database".into()),
         cfg.audit.path.as_ref().map(|p| p.display().to_string()).unwrap_or_default()

@@ -76,9 +76,8 @@ impl Proxy {
         };
         let pool = Pool::new(&config, target);
         let bypass = if config.bypass.enabled {
-            let mut b = config.backend.clone();
-            b.url = config.bypass.url.clone();
-            let target = BackendTarget::from_config(&b).map_err(|e| format!("bypass.url: {e}"))?;
+            let target = BackendTarget::from_config(&config.bypass.backend(&config.backend))
+                .map_err(|e| format!("bypass.url: {e}"))?;
             Some(Pool::sized(&config, target, config.bypass.pool_size, Arc::new(Default::default())))
         } else {
             None

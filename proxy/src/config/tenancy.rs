@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use super::JwtConfig;
+use super::{BackendConfig, JwtConfig};
 
 /// `[limits]`: how much of the shared pool one tenant may hold and queue for.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -70,6 +70,11 @@ pub struct AuditConfig {
 }
 
 impl BypassConfig {
+    /// The bypass pool's backend: `[backend]` (TLS, timeouts, lifetimes) with `bypass.url`.
+    pub fn backend(&self, base: &BackendConfig) -> BackendConfig {
+        BackendConfig { url: self.url.clone(), pool_size: self.pool_size, ..base.clone() }
+    }
+
     /// Checks the section when it is enabled; `audit` must be on then.
     pub fn validate(&self, audit: &AuditConfig) -> Result<(), String> {
         if !self.enabled {

@@ -110,8 +110,6 @@ pub struct Pool {
     prepared_cache: usize,
     /// The last attempt to open a backend connection succeeded.
     healthy: std::sync::atomic::AtomicBool,
-    /// Sessions waiting for a free connection right now.
-    waiting: std::sync::atomic::AtomicUsize,
     /// What the server told the first connection: ParameterStatus values and setting names.
     server_info: Mutex<Option<Arc<ServerInfo>>>,
 }
@@ -148,7 +146,6 @@ impl Pool {
             max_lifetime: Duration::from_secs(cfg.max_lifetime_s),
             prepared_cache: config.pool.prepared_statements_cache,
             healthy: std::sync::atomic::AtomicBool::new(true),
-            waiting: Default::default(),
             server_info: Mutex::new(None),
         })
     }
@@ -202,8 +199,9 @@ impl Pool {
         self.healthy.load(Ordering::Relaxed)
     }
 
+    /// Transactions waiting for a free connection right now.
     pub fn waiting(&self) -> usize {
-        self.waiting.load(Ordering::Relaxed)
+        self.slots.counts().2
     }
 
     /// Waits (bounded, in `tenant`'s turn) for a free slot, then reuses a healthy idle connection
@@ -211,9 +209,7 @@ impl Pool {
     pub async fn acquire(&self, tenant: &TenantKey) -> Result<Lease, PgError> {
         let started = Instant::now();
         let wait_ms = self.wait_timeout_ms.load(Ordering::Relaxed);
-        self.waiting.fetch_add(1, Ordering::Relaxed);
         let waited = self.slots.acquire(tenant, Duration::from_millis(wait_ms)).await;
-        self.waiting.fetch_sub(1, Ordering::Relaxed);
         metrics::histogram!(crate::admin::names::POOL_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
         let permit = waited.map_err(|r| self.refusal_error(tenant, r, wait_ms))?;
         while let Some(mut idle) = self.pop_idle() {
