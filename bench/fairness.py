@@ -489,9 +489,9 @@ def main(argv: list[str]) -> int:
         "scenarios": {},
     }
     b.results = results   # run.Bench records versions in results["meta"]
-    error = None
     t_start = time.monotonic()
-    try:
+
+    def body() -> None:
         b.build()
         b.ensure_tools()
         b.make_tmp()
@@ -508,19 +508,8 @@ def main(argv: list[str]) -> int:
                     done.append(run_pgtenant_target(b, a, sc, T_LIMIT, "max_active_per_tenant = 8"))
                 else:
                     done.append(run_bouncer_target(b, a, sc))
-    except BenchError as e:
-        error = str(e)
-    except KeyboardInterrupt:
-        error = "interrupted"
-    except Exception as e:   # a bug or an unexpected failure: still tear down and report
-        import traceback
-        traceback.print_exc()
-        error = f"{type(e).__name__}: {e}"
-    finally:
-        try:
-            b.teardown()
-        except KeyboardInterrupt:
-            b.teardown()
+
+    error = run.run_guarded(body, b.teardown)
     results["meta"]["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     results["meta"]["elapsed_s"] = round(time.monotonic() - t_start, 1)
     if error:

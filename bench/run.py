@@ -1064,8 +1064,7 @@ ignore_startup_parameters = extra_float_digits
             "args": {k: v for k, v in vars(a).items()},
             "git": git_describe(),
         }
-        error = None
-        try:
+        def body() -> None:
             self.build()
             self.ensure_tools()
             self.make_tmp()
@@ -1075,19 +1074,8 @@ ignore_startup_parameters = extra_float_digits
             for part in PARTS:
                 if part in a.parts:
                     getattr(self, f"part_{part}")()
-        except BenchError as e:
-            error = str(e)
-        except KeyboardInterrupt:
-            error = "interrupted"
-        except Exception as e:  # a bug or an unexpected failure: still tear down and report
-            import traceback
-            traceback.print_exc()
-            error = f"{type(e).__name__}: {e}"
-        finally:
-            try:
-                self.teardown()
-            except KeyboardInterrupt:
-                self.teardown()
+
+        error = run_guarded(body, self.teardown)
         self.results["meta"]["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")
         if error:
@@ -1453,6 +1441,27 @@ async def active_clients(port: int, admin: int, tokens: dict[int, str], n: int, 
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def run_guarded(body, teardown) -> str | None:
+    """Runs body(), then teardown() whatever happened; returns what went wrong, or None."""
+    error = None
+    try:
+        body()
+    except BenchError as e:
+        error = str(e)
+    except KeyboardInterrupt:
+        error = "interrupted"
+    except Exception as e:  # a bug or an unexpected failure: still tear down and report
+        import traceback
+        traceback.print_exc()
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        try:
+            teardown()
+        except KeyboardInterrupt:
+            teardown()
+    return error
 
 
 def cpu_model() -> str:
