@@ -24,6 +24,31 @@ async fn admin_json(p: &pgtenant::server::Running, path: &str) -> Result<Value, 
     serde_json::from_str(&body).map_err(|e| format!("{path}: {e}: {body}"))
 }
 
+/// `n` clients of `tenant`, each running `sql` in a loop until `stop`; each task returns how many
+/// times it ran.
+async fn loop_clients(
+    p: &pgtenant::server::Running,
+    tenant: i64,
+    n: usize,
+    sql: &'static str,
+    stop: &Arc<std::sync::atomic::AtomicBool>,
+) -> Result<Vec<tokio::task::JoinHandle<Result<u32, String>>>, String> {
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let c = connect(p, &token(tenant, &format!("loop{i}"))).await.map_err(|e| format!("tenant {tenant} login {i}: {e:?}"))?;
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.simple_query(sql).await.map_err(|e| format!("tenant {tenant} {sql}: {e:?}"))?;
+                done += 1;
+            }
+            Ok(done)
+        }));
+    }
+    Ok(tasks)
+}
+
 fn tenant_entry<'a>(v: &'a Value, tenant: &str) -> Option<&'a Value> {
     v["tenants"].as_array()?.iter().find(|t| t["tenant"] == tenant)
 }
@@ -37,19 +62,7 @@ pub async fn fair_queuing_protects_a_quiet_tenant(env: &Env) -> TestResult {
     .await;
     // tenant 1 floods: 200 clients of 100 ms transactions in a loop
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut flood = Vec::new();
-    for i in 0..200 {
-        let c = connect(&p, &token(1, &format!("noisy{i}"))).await.map_err(|e| format!("noisy login {i}: {e:?}"))?;
-        let stop = stop.clone();
-        flood.push(tokio::spawn(async move {
-            let mut done = 0u32;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                c.simple_query("select pg_sleep(0.1)").await.map_err(|e| format!("noisy: {e:?}"))?;
-                done += 1;
-            }
-            Ok::<u32, String>(done)
-        }));
-    }
+    let flood = loop_clients(&p, 1, 200, "select pg_sleep(0.1)", &stop).await?;
     // wait until the flood has queued up behind the pool
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -114,17 +127,7 @@ pub async fn fair_queuing_protects_a_quiet_tenant(env: &Env) -> TestResult {
 pub async fn long_transactions_do_not_crowd_out_short_ones(env: &Env) -> TestResult {
     let p = start_proxy(env, "pool_size = 4", "[pool]\nquery_wait_timeout_ms = 60000").await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut long = Vec::new();
-    for i in 0..8 {
-        let c = connect(&p, &token(1, &format!("long{i}"))).await.map_err(|e| format!("{e:?}"))?;
-        let stop = stop.clone();
-        long.push(tokio::spawn(async move {
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                c.simple_query("select pg_sleep(0.3)").await.map_err(|e| format!("long: {e:?}"))?;
-            }
-            Ok::<(), String>(())
-        }));
-    }
+    let long = loop_clients(&p, 1, 8, "select pg_sleep(0.3)", &stop).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut short = Vec::new();
     for i in 0..4 {
