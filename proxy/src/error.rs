@@ -23,6 +23,8 @@ pub mod sqlstate {
     pub const ACTIVE_SQL_TRANSACTION: &str = "25001";
     pub const INTERNAL_ERROR: &str = "XX000";
     pub const IO_ERROR: &str = "58030";
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
+    pub const TRANSACTION_TIMEOUT: &str = "25P04";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -89,6 +89,8 @@ impl Proxy {
             bypass,
             audit,
             max_message_bytes: config.server.max_message_bytes,
+            max_state_bytes: config.server.max_session_state_bytes,
+            pool_cfg: config.pool.clone(),
             session_mode: config.pool.mode == crate::config::PoolMode::Session,
             draining,
         });

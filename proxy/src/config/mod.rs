@@ -32,6 +32,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("server", "auth_timeout_ms", EnvType::Int),
     ("server", "max_clients", EnvType::Int),
     ("server", "shutdown_timeout_s", EnvType::Int),
+    ("server", "max_session_state_bytes", EnvType::Int),
     ("backend", "url", EnvType::Str),
     ("backend", "pool_size", EnvType::Int),
     ("backend", "tls", EnvType::Str),
@@ -56,9 +57,12 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("tenant", "allowed_roles", EnvType::List),
     ("tenant", "protected_settings", EnvType::List),
     ("tenant", "allow_do", EnvType::Bool),
+    ("tenant", "allowed_function_calls", EnvType::List),
     ("pool", "prepared_statements_cache", EnvType::Int),
     ("pool", "mode", EnvType::Str),
     ("pool", "query_wait_timeout_ms", EnvType::Int),
+    ("pool", "transaction_timeout_ms", EnvType::Int),
+    ("pool", "idle_in_transaction_timeout_ms", EnvType::Int),
     ("admin", "listen", EnvType::Str),
     ("admin", "metrics_tenants", EnvType::List),
     ("admin", "metrics_top_tenants", EnvType::Int),
@@ -291,6 +295,12 @@ pub struct PoolConfig {
     /// How long a transaction waits for a free backend connection before `ERROR 53300`; when
     /// unset, `backend.acquire_timeout_ms` (the older name) applies.
     pub query_wait_timeout_ms: Option<u64>,
+    /// Longest a client may hold a backend for one transaction (0 = no limit); past it the client
+    /// gets `FATAL 25P04` and the backend is closed (the server rolls the transaction back).
+    pub transaction_timeout_ms: u64,
+    /// Longest a client may sit idle inside an open transaction (0 = no limit); past it the client
+    /// gets `FATAL 25P03` and the backend is closed.
+    pub idle_in_transaction_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -303,7 +313,13 @@ pub enum PoolMode {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { prepared_statements_cache: 500, mode: PoolMode::Transaction, query_wait_timeout_ms: None }
+        PoolConfig {
+            prepared_statements_cache: 500,
+            mode: PoolMode::Transaction,
+            query_wait_timeout_ms: None,
+            transaction_timeout_ms: 0,
+            idle_in_transaction_timeout_ms: 0,
+        }
     }
 }
 
@@ -325,6 +341,9 @@ pub struct ServerConfig {
     pub max_clients: usize,
     /// On SIGTERM/SIGINT: how long transactions in flight may take to finish.
     pub shutdown_timeout_s: u64,
+    /// Most bytes of prepared statements and session settings pgtenant keeps for one client;
+    /// a Parse or SET past it gets `ERROR 54000`.
+    pub max_session_state_bytes: usize,
 }
 
 impl Default for ServerConfig {
@@ -338,6 +357,7 @@ impl Default for ServerConfig {
             auth_timeout_ms: 10_000,
             max_clients: 10_000,
             shutdown_timeout_s: 30,
+            max_session_state_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -429,6 +449,10 @@ pub struct TenantConfig {
     /// Allow `DO` blocks (their bodies are still checked). Off by default: dynamic SQL inside
     /// them could change the tenant context.
     pub allow_do: bool,
+    /// Functions clients may call with the protocol's FunctionCall message (e.g. the large-object
+    /// functions pgjdbc uses): names in `pg_catalog` or `schema.name`. Every other FunctionCall is
+    /// refused (42501); `set_config` never resolves. Takes effect on restart.
+    pub allowed_function_calls: Vec<String>,
 }
 
 impl Default for TenantConfig {
@@ -440,6 +464,7 @@ impl Default for TenantConfig {
             allowed_roles: Vec::new(),
             protected_settings: Vec::new(),
             allow_do: false,
+            allowed_function_calls: Vec::new(),
         }
     }
 }

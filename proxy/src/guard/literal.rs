@@ -1,16 +1,22 @@
 //! Decoding SQL literals and identifiers the way the server does, so the guard compares the name a
 //! statement really refers to: `'app.tenant_id'`, `E'app\.tenant_id'`, `U&'app\002etenant_id'`,
-//! `$$app.tenant_id$$`, `"App.Tenant_Id"` and `U&"\0061pp"` all become plain text.
+//! `U&'app!002etenant_id' UESCAPE '!'`, `$$app.tenant_id$$`, `"App.Tenant_Id"` and `U&"\0061pp"`
+//! all become plain text.
+//!
+//! Decoding is strict: where the server would reject a literal (an invalid Unicode or escape
+//! sequence, a bad `UESCAPE` character), the decoders return `None`, and the guard treats a name it
+//! cannot decode as one it must refuse. `sql::split` merges a `U&…` token with its `UESCAPE '…'`
+//! clause into one token, so the clause always travels with the text it changes.
 
-use crate::sql::lexer::{Kind, Token};
+use crate::sql::lexer::{Kind, Lexer, Token};
 
-/// The text of a string-literal token; None for kinds we cannot decode (bit strings...).
+/// The text of a string-literal token; None for kinds we cannot decode (bit strings...) and for
+/// text the server would reject.
 pub fn string_value(t: &Token<'_>) -> Option<String> {
     if t.kind != Kind::String {
         return None;
     }
     let s = t.text;
-    let first = s[0].to_ascii_lowercase();
     if s[0] == b'\'' {
         return Some(unquote(&s[1..s.len() - 1], b'\''));
     }
@@ -18,10 +24,10 @@ pub fn string_value(t: &Token<'_>) -> Option<String> {
         let tag_end = s[1..].iter().position(|&c| c == b'$')? + 2;
         return Some(String::from_utf8_lossy(&s[tag_end..s.len() - tag_end]).into_owned());
     }
-    match first {
-        b'e' => Some(unescape_c(&s[2..s.len() - 1])),
+    match s[0].to_ascii_lowercase() {
+        b'e' => unescape_c(&s[2..s.len() - 1]),
         b'n' => Some(unquote(&s[2..s.len() - 1], b'\'')),
-        b'u' => Some(unescape_unicode(&unquote(&s[3..s.len() - 1], b'\''))),
+        b'u' => unicode_literal(s, b'\''),
         _ => None,
     }
 }
@@ -31,7 +37,57 @@ pub fn ident_value(t: &Token<'_>) -> Option<String> {
     match t.kind {
         Kind::Word => Some(String::from_utf8_lossy(t.text).to_lowercase()),
         Kind::QuotedIdent if t.text[0] == b'"' => Some(unquote(&t.text[1..t.text.len() - 1], b'"')),
-        Kind::QuotedIdent => Some(unescape_unicode(&unquote(&t.text[3..t.text.len() - 1], b'"'))),
+        Kind::QuotedIdent => unicode_literal(t.text, b'"'),
+        _ => None,
+    }
+}
+
+/// Whether a token is a `U&'…'` / `U&"…"` form (whose meaning depends on a `UESCAPE` clause).
+pub fn is_unicode_form(t: &Token<'_>) -> bool {
+    matches!(t.kind, Kind::String | Kind::QuotedIdent) && t.text.len() > 2 && t.text[0].eq_ignore_ascii_case(&b'u') && t.text[1] == b'&'
+}
+
+/// `U&'…'` or `U&"…"`, possibly followed (in the same token, see `sql::split`) by
+/// `UESCAPE 'c'`. Returns the decoded text.
+fn unicode_literal(text: &[u8], quote: u8) -> Option<String> {
+    let end = closing_quote(text, 3, quote)?;
+    let body = unquote(&text[3..end], quote);
+    let escape = match uescape_clause(&text[end + 1..])? {
+        Some(c) => c,
+        None => b'\\',
+    };
+    unescape_unicode(&body, escape)
+}
+
+/// Index of the quote that closes a quoted run starting at `start` (doubled quotes skipped).
+fn closing_quote(text: &[u8], start: usize, quote: u8) -> Option<usize> {
+    let mut i = start;
+    while i < text.len() {
+        if text[i] == quote {
+            if text.get(i + 1) == Some(&quote) {
+                i += 2;
+                continue;
+            }
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+/// The text after a `U&` literal inside a merged token: nothing (`Some(None)`), or
+/// `UESCAPE 'c'` with a valid escape character (`Some(Some(c))`); anything else is `None`.
+fn uescape_clause(rest: &[u8]) -> Option<Option<u8>> {
+    let mut toks = Lexer::new(rest);
+    let Some(kw) = toks.next() else { return Some(None) };
+    let lit = toks.next()?;
+    if !kw.is_word("uescape") || lit.kind != Kind::String || lit.text[0] != b'\'' || toks.next().is_some() {
+        return None;
+    }
+    let c = unquote(&lit.text[1..lit.text.len() - 1], b'\'');
+    // the server: one character, not a hex digit, '+', a quote or white space
+    match c.as_bytes() {
+        [c] if !c.is_ascii_hexdigit() && !matches!(c, b'+' | b'\'' | b'"' | b' ' | b'\t' | b'\n' | b'\r' | b'\x0c') => Some(Some(*c)),
         _ => None,
     }
 }
@@ -49,25 +105,63 @@ fn unquote(body: &[u8], q: u8) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+fn hex(s: &[u8]) -> Option<u32> {
+    if s.is_empty() || !s.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    u32::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok()
+}
+
+/// Combines UTF-16 surrogate pairs the way the server does; a lone surrogate is invalid.
+struct Utf16 {
+    pending_high: Option<u32>,
+}
+
+impl Utf16 {
+    fn push(&mut self, out: &mut Vec<u8>, cp: u32) -> Option<()> {
+        let ch = match (self.pending_high.take(), cp) {
+            (None, 0xD800..=0xDBFF) => {
+                self.pending_high = Some(cp);
+                return Some(());
+            }
+            (Some(hi), 0xDC00..=0xDFFF) => char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (cp - 0xDC00))?,
+            (Some(_), _) | (None, 0xDC00..=0xDFFF) | (None, 0) => return None,
+            (None, cp) => char::from_u32(cp)?,
+        };
+        let mut buf = [0u8; 4];
+        out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+        Some(())
+    }
+
+    fn plain(&self) -> Option<()> {
+        if self.pending_high.is_some() { None } else { Some(()) }
+    }
+}
+
 /// `E''` escapes: `\n`, `\t`, octal `\ooo`, hex `\xhh`, `\uXXXX`, `\UXXXXXXXX`, `\\`, `\'`, `''`.
-fn unescape_c(body: &[u8]) -> String {
+fn unescape_c(body: &[u8]) -> Option<String> {
     let mut out: Vec<u8> = Vec::with_capacity(body.len());
+    let mut utf16 = Utf16 { pending_high: None };
     let mut i = 0;
-    let hex = |s: &[u8]| u32::from_str_radix(std::str::from_utf8(s).ok()?, 16).ok();
     while i < body.len() {
         let c = body[i];
         if c == b'\'' && body.get(i + 1) == Some(&b'\'') {
+            utf16.plain()?;
             out.push(b'\'');
             i += 2;
             continue;
         }
         if c != b'\\' || i + 1 >= body.len() {
+            utf16.plain()?;
             out.push(c);
             i += 1;
             continue;
         }
         let n = body[i + 1];
         i += 2;
+        if !matches!(n, b'u' | b'U') {
+            utf16.plain()?;
+        }
         match n {
             b'b' => out.push(8),
             b'f' => out.push(12),
@@ -89,62 +183,65 @@ fn unescape_c(body: &[u8]) -> String {
                 while end < body.len() && end < i + 2 && body[end].is_ascii_hexdigit() {
                     end += 1;
                 }
-                if let Some(v) = hex(&body[i..end]) {
-                    out.push(v as u8);
+                match hex(&body[i..end]) {
+                    Some(v) => out.push(v as u8),
+                    None => out.push(b'x'), // `\x` without digits is a plain x
                 }
                 i = end;
             }
             b'u' | b'U' => {
                 let len = if n == b'u' { 4 } else { 8 };
-                let end = (i + len).min(body.len());
-                if let Some(ch) = hex(&body[i..end]).and_then(char::from_u32) {
-                    out.extend_from_slice(ch.to_string().as_bytes());
-                }
-                i = end;
+                let cp = hex(body.get(i..i + len)?)?;
+                utf16.push(&mut out, cp)?;
+                i += len;
             }
             other => out.push(other),
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    utf16.plain()?;
+    String::from_utf8(out).ok()
 }
 
-/// `U&` escapes with the default escape character: `\XXXX`, `\+XXXXXX`, `\\`.
-fn unescape_unicode(s: &str) -> String {
+/// `U&` escapes with escape character `e`: `eXXXX`, `e+XXXXXX`, `ee`; anything else after `e` is
+/// an error on the server, and so `None` here.
+fn unescape_unicode(s: &str, e: u8) -> Option<String> {
     let b = s.as_bytes();
-    let mut out = String::with_capacity(s.len());
+    let mut out = Vec::with_capacity(b.len());
+    let mut utf16 = Utf16 { pending_high: None };
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 1 < b.len() {
-            if b[i + 1] == b'\\' {
-                out.push('\\');
-                i += 2;
-                continue;
-            }
-            let (start, len) = if b[i + 1] == b'+' { (i + 2, 6) } else { (i + 1, 4) };
-            if let Some(ch) = s
-                .get(start..start + len)
-                .and_then(|h| u32::from_str_radix(h, 16).ok())
-                .and_then(char::from_u32)
-            {
-                out.push(ch);
-                i = start + len;
-                continue;
-            }
+        if b[i] != e {
+            utf16.plain()?;
+            out.push(b[i]);
+            i += 1;
+            continue;
         }
-        let ch = s[i..].chars().next().unwrap_or('\u{fffd}');
-        out.push(ch);
-        i += ch.len_utf8();
+        if b.get(i + 1) == Some(&e) {
+            utf16.plain()?;
+            out.push(e);
+            i += 2;
+            continue;
+        }
+        let (start, len) = if b.get(i + 1) == Some(&b'+') { (i + 2, 6) } else { (i + 1, 4) };
+        let cp = hex(b.get(start..start + len)?)?;
+        utf16.push(&mut out, cp)?;
+        i = start + len;
     }
-    out
+    utf16.plain()?;
+    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sql::lexer::Lexer;
+    use crate::sql::split;
 
     fn lit(s: &str) -> String {
-        string_value(&Lexer::new(s.as_bytes()).next().unwrap()).unwrap()
+        string_value(&split(s.as_bytes())[0][0]).unwrap_or_else(|| panic!("{s}"))
+    }
+
+    fn id(s: &str) -> Option<String> {
+        ident_value(&split(s.as_bytes())[0][0])
     }
 
     #[test]
@@ -157,6 +254,9 @@ mod tests {
             "E'\\u0061pp.tenant_id'",
             "U&'app\\002etenant_id'",
             "u&'\\+000061pp.tenant_id'",
+            "U&'app!002etenant_id' UESCAPE '!'",
+            "U&'app!002etenant_id' /* c */ uescape\n'!'",
+            "U&'app#+00002etenant_id' UESCAPE '#'",
             "$$app.tenant_id$$",
             "$x$app.tenant_id$x$",
             "N'app.tenant_id'",
@@ -164,9 +264,35 @@ mod tests {
             assert_eq!(lit(s), "app.tenant_id", "{s}");
         }
         assert_eq!(lit("'it''s'"), "it's");
-        let id = |s: &str| ident_value(&Lexer::new(s.as_bytes()).next().unwrap()).unwrap();
-        assert_eq!(id("SET_CONFIG"), "set_config");
-        assert_eq!(id("\"set_config\""), "set_config");
-        assert_eq!(id("U&\"\\0073et_config\""), "set_config");
+        assert_eq!(lit("U&'a!!b' UESCAPE '!'"), "a!b");
+        assert_eq!(lit("U&'a\\b' UESCAPE '!'"), "a\\b");
+        assert_eq!(lit("U&'\\D83D\\DE00'"), "\u{1F600}");
+        assert_eq!(lit("E'\\uD83D\\uDE00'"), "\u{1F600}");
+        assert_eq!(id("SET_CONFIG").as_deref(), Some("set_config"));
+        assert_eq!(id("\"set_config\"").as_deref(), Some("set_config"));
+        assert_eq!(id("U&\"\\0073et_config\"").as_deref(), Some("set_config"));
+        assert_eq!(id("U&\"set!005fconfig\" UESCAPE '!'").as_deref(), Some("set_config"));
+        assert_eq!(id("u&\"set%005Fconfig\"UESCAPE'%'").as_deref(), Some("set_config"));
+    }
+
+    #[test]
+    fn what_the_server_rejects_is_not_decoded() {
+        for s in [
+            "U&'a\\zzzz'",
+            "U&'a\\12'",
+            "U&'\\D83D'",
+            "U&'\\DE00x'",
+            "U&'a' UESCAPE 'ab'",
+            "U&'a' UESCAPE 'a'",
+            "U&'a' UESCAPE '+'",
+            "U&'a' UESCAPE ' '",
+            "E'\\u12'",
+            "E'\\uD83Dx'",
+            "U&'\\0000'",
+        ] {
+            let t = &split(s.as_bytes())[0][0];
+            assert_eq!(string_value(t), None, "{s}");
+        }
+        assert_eq!(id("U&\"a!zz\" UESCAPE '!'"), None);
     }
 }

@@ -17,6 +17,7 @@
 //!
 //! Reading settings (`current_setting`, `SHOW`) stays allowed.
 
+pub mod interference;
 pub mod literal;
 
 use std::collections::HashSet;
@@ -150,7 +151,18 @@ impl Guard {
             Some("update") if toks.iter().any(|t| ident_value(t).as_deref() == Some("pg_settings")) => {
                 return Err(refused("UPDATE pg_settings is not allowed".into()));
             }
-            Some("alter") | Some("create") => self.check_set_clauses(toks)?,
+            Some("alter") if matches!(word(1).as_deref(), Some("role") | Some("user") | Some("group")) => {
+                if toks.iter().any(|t| t.is_word("set") || t.is_word("reset")) {
+                    return Err(refused("changing a role's settings is not allowed: they would apply to every tenant's connections".into())
+                        .with_hint("change role settings directly against the database as an administrator"));
+                }
+            }
+            Some("alter") | Some("create") => {
+                self.check_set_clauses(toks)?;
+                if word(0).as_deref() == Some("create") {
+                    check_routine_language(toks)?;
+                }
+            }
             _ => {}
         }
         self.check_set_config(toks)?;
@@ -228,8 +240,14 @@ impl Guard {
 
     fn check_set_config(&self, toks: &[Token<'_>]) -> Result<(), PgError> {
         for (i, t) in toks.iter().enumerate() {
-            if ident_value(t).as_deref() != Some("set_config") || !is_op(toks.get(i + 1), b"(") {
+            if !matches!(t.kind, Kind::Word | Kind::QuotedIdent) || ident_value(t).as_deref() != Some("set_config") {
                 continue;
+            }
+            if !is_op(toks.get(i + 1), b"(") {
+                // e.g. CREATE AGGREGATE … (SFUNC = set_config, INITCOND = 'app.tenant_id'): a call
+                // the guard would never see
+                return Err(refused("a reference to set_config other than a direct call is not allowed".into())
+                    .with_hint("call set_config('name', value, is_local) directly with the name as a literal"));
             }
             let arg = toks.get(i + 2);
             let literal = arg.and_then(string_value).filter(|_| is_op(toks.get(i + 3), b","));
@@ -249,6 +267,39 @@ impl Guard {
             }
         }
         Ok(())
+    }
+}
+
+/// `CREATE [OR REPLACE] FUNCTION|PROCEDURE`: only languages whose bodies the guard can read fully.
+/// SQL bodies are static; PL/pgSQL is too, except for `EXECUTE` (dynamic SQL, which could build
+/// any statement the guard refuses). Every other language (trusted PL/Perl, PL/Tcl, PL/v8…) can
+/// run SQL built at run time.
+fn check_routine_language(toks: &[Token<'_>]) -> Result<(), PgError> {
+    let routine = toks.iter().take(4).any(|t| t.is_word("function") || t.is_word("procedure"));
+    if !routine {
+        return Ok(());
+    }
+    let language = toks
+        .windows(2)
+        .find(|w| w[0].is_word("language"))
+        .and_then(|w| ident_value(&w[1]).or_else(|| string_value(&w[1])))
+        .map(|l| l.to_lowercase());
+    match language.as_deref() {
+        None | Some("sql") => Ok(()),
+        Some("plpgsql") => {
+            let dynamic = toks
+                .iter()
+                .filter(|t| t.kind == Kind::String)
+                .filter_map(string_value)
+                .any(|body| crate::sql::lexer::Lexer::new(body.as_bytes()).any(|t| t.is_word("execute")));
+            if dynamic {
+                return Err(refused("PL/pgSQL functions with EXECUTE (dynamic SQL) are not allowed: the statement guard cannot check SQL built at run time".into())
+                    .with_hint("create such functions as the table owner, directly against the database"));
+            }
+            Ok(())
+        }
+        Some(other) => Err(refused(format!("functions in language {other} are not allowed: their bodies can run SQL the statement guard cannot check"))
+            .with_hint("create such functions as the table owner, directly against the database")),
     }
 }
 
@@ -309,6 +360,18 @@ mod tests {
             "deallocate prepare PGTENANT_S1",
             "PREPARE pgtenant_ctx (text) AS select 1",
             "EXECUTE pgtenant_s0",
+            "select U&\"set!005fconfig\" UESCAPE '!'('app.tenant_id', '2', true)",
+            "SET LOCAL U&\"app!002etenant_id\" UESCAPE '!' = '2'",
+            "select set_config(U&'app!002etenant_id' UESCAPE '!', '2', true)",
+            "select set_config(U&'app!002etenant_id' /* x */ uescape /* y */ '!', '2', true)",
+            "select set_config(U&'app\\zzzz', '2', true)",
+            "CREATE AGGREGATE pg_temp.a(text, bool) (SFUNC = set_config, STYPE = text, INITCOND = 'app.tenant_id')",
+            "CREATE AGGREGATE pg_temp.a(text, bool) (SFUNC = pg_catalog.\"set_config\", STYPE = text)",
+            "CREATE FUNCTION pg_temp.f() RETURNS void LANGUAGE plpgsql AS $f$ BEGIN EXECUTE 'select set_con' || 'fig(''app.tenant_id'', ''2'', true)'; END $f$",
+            "CREATE OR REPLACE PROCEDURE pg_temp.p() LANGUAGE 'plpgsql' AS $p$ BEGIN execute format('SET app.tenant_id = %s', 2); END $p$",
+            "CREATE FUNCTION pg_temp.f() RETURNS void LANGUAGE plperl AS $f$ spi_exec_query('select 1'); $f$",
+            "ALTER ROLE CURRENT_USER SET search_path = evil",
+            "alter user app_user reset all",
         ] {
             let r = g.check(sql.as_bytes(), IDLE);
             assert!(r.is_err(), "not refused: {sql}");
@@ -341,6 +404,9 @@ mod tests {
             "CREATE TEMP TABLE t (x int)",
             "PREPARE mine AS select 1",
             "DEALLOCATE ALL",
+            "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE plpgsql AS $f$ BEGIN RETURN 1; END $f$",
+            "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql RETURN 1",
+            "select U&'a!0062' UESCAPE '!'",
         ] {
             assert!(g.check(sql.as_bytes(), IDLE).is_ok(), "refused: {sql}");
         }

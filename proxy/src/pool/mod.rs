@@ -53,10 +53,12 @@ pub struct Backend {
     /// lease, so idle clients hold no backend-sized buffers.
     pub buf_in: bytes::BytesMut,
     pub buf_out: bytes::BytesMut,
+    /// OIDs of the functions `tenant.allowed_function_calls` names, as resolved on this connection.
+    pub allowed_calls: std::collections::HashSet<u32>,
 }
 
 impl Backend {
-    fn from_conn(c: BackendConn, prepared_cache: usize) -> Backend {
+    fn from_conn(c: BackendConn, prepared_cache: usize, allowed_calls: std::collections::HashSet<u32>) -> Backend {
         let (rd, wr) = tokio::io::split(c.stream);
         Backend {
             rd,
@@ -71,6 +73,7 @@ impl Backend {
             full_reset: false,
             buf_in: bytes::BytesMut::new(),
             buf_out: bytes::BytesMut::new(),
+            allowed_calls,
         }
     }
 
@@ -112,6 +115,8 @@ pub struct Pool {
     healthy: std::sync::atomic::AtomicBool,
     /// What the server told the first connection: ParameterStatus values and setting names.
     server_info: Mutex<Option<Arc<ServerInfo>>>,
+    /// `tenant.allowed_function_calls`, resolved to OIDs on each new connection.
+    function_calls: Vec<String>,
 }
 
 /// A leased backend. Give it back with [`Pool::release`]; dropping it closes the connection.
@@ -147,7 +152,14 @@ impl Pool {
             prepared_cache: config.pool.prepared_statements_cache,
             healthy: std::sync::atomic::AtomicBool::new(true),
             server_info: Mutex::new(None),
+            function_calls: config.tenant.allowed_function_calls.clone(),
         })
+    }
+
+    /// Whether `tenant.allowed_function_calls` names any function (else every FunctionCall is
+    /// refused without looking at a backend).
+    pub fn allows_function_calls(&self) -> bool {
+        !self.function_calls.is_empty()
     }
 
     pub fn target(&self) -> &BackendTarget {
@@ -222,8 +234,9 @@ impl Pool {
             }
             return Ok(Lease { backend: idle.backend, slot: permit });
         }
-        let conn = self.connect().await.map_err(|e| connect_error(&e))?;
-        Ok(Lease { backend: Backend::from_conn(conn, self.prepared_cache), slot: permit })
+        let mut conn = self.connect().await.map_err(|e| connect_error(&e))?;
+        let calls = self.resolve_function_calls(&mut conn).await.map_err(|e| connect_error(&e))?;
+        Ok(Lease { backend: Backend::from_conn(conn, self.prepared_cache, calls), slot: permit })
     }
 
     /// The error a transaction gets when it found no slot, naming the limit that held it back.
@@ -278,6 +291,23 @@ impl Pool {
             *self.server_info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
         }
         Ok(conn)
+    }
+
+    /// The OIDs, on this connection's database, of the functions clients may call with FunctionCall
+    /// (`tenant.allowed_function_calls`); `set_config` is never among them.
+    async fn resolve_function_calls(&self, conn: &mut BackendConn) -> Result<std::collections::HashSet<u32>, ConnectError> {
+        if self.function_calls.is_empty() {
+            return Ok(Default::default());
+        }
+        let names: Vec<String> = self.function_calls.iter().map(|n| format!("'{}'", n.replace('\'', "''"))).collect();
+        let sql = format!(
+            "SELECT p.oid FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
+             WHERE p.proname <> 'set_config' AND ((n.nspname = 'pg_catalog' AND p.proname = ANY(ARRAY[{list}]::text[])) \
+             OR n.nspname || '.' || p.proname = ANY(ARRAY[{list}]::text[]))",
+            list = names.join(",")
+        );
+        let rows = backend::query::simple_query(conn, &sql).await?;
+        Ok(rows.into_iter().filter_map(|r| r.into_iter().next().flatten()?.parse().ok()).collect())
     }
 
     /// Returns a clean connection (transaction status idle, nothing in flight) to the pool.

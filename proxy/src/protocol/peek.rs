@@ -33,6 +33,11 @@ pub fn execute_msg(body: &[u8]) -> Option<&[u8]> {
     cstr(body).map(|(p, _)| p)
 }
 
+/// FunctionCall ('F'): the OID of the function to call.
+pub fn function_call_oid(body: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(body.get(..4)?.try_into().ok()?))
+}
+
 pub fn target_msg(body: &[u8]) -> Option<(u8, &[u8])> {
     let (&kind, rest) = body.split_first()?;
     let (name, _) = cstr(rest)?;

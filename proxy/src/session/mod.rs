@@ -61,6 +61,10 @@ pub struct Shared {
     pub bypass: Option<Arc<Pool>>,
     pub audit: Arc<crate::audit::AuditLog>,
     pub max_message_bytes: usize,
+    /// `server.max_session_state_bytes`.
+    pub max_state_bytes: usize,
+    /// `[pool]` timeouts (fixed at start).
+    pub pool_cfg: crate::config::PoolConfig,
     /// `pool.mode = "session"`: a client keeps its backend until it disconnects.
     pub session_mode: bool,
     /// Becomes true when the proxy shuts down: sessions end once they are between transactions.
@@ -127,6 +131,7 @@ enum Flow {
 }
 
 enum Event {
+    Timeout(PgError),
     ClientRead(std::io::Result<usize>),
     BackendRead(std::io::Result<usize>),
     ClientWrote(std::io::Result<usize>),
@@ -174,6 +179,15 @@ pub struct Session {
     /// Session-level SETs in flight, kept if their query completes cleanly.
     pending_sets: Option<Vec<sql::set::Change>>,
     pending_sets_failed: bool,
+    /// A `COMMIT/ROLLBACK AND CHAIN` went out: the chained transaction needs the context too.
+    chained: bool,
+    /// When the current transaction got its context (`pool.transaction_timeout_ms`).
+    tx_since: Option<std::time::Instant>,
+    /// Since when the client has sat idle inside an open transaction
+    /// (`pool.idle_in_transaction_timeout_ms`).
+    idle_since: Option<std::time::Instant>,
+    /// The client's own Parses in flight, by server statement: a failed one is forgotten.
+    client_parses: Vec<(u64, bytes::Bytes)>,
 }
 
 impl Session {
@@ -225,6 +239,10 @@ impl Session {
             attached_at: std::time::Instant::now(),
             pending_sets: None,
             pending_sets_failed: false,
+            chained: false,
+            tx_since: None,
+            idle_since: None,
+            client_parses: Vec::new(),
         }
     }
 
@@ -303,15 +321,24 @@ impl Session {
                 Event::BackendRead(Ok(_)) => self.process_backend_frames()?,
                 Event::BackendWrote(Ok(n)) => self.backend_out.advance(n),
                 Event::Draining => {}
+                Event::Timeout(err) => {
+                    tracing::info!(code = err.code, message = %err.message, "ending session");
+                    return Err(End::Fatal(err));
+                }
             }
         }
     }
 
     async fn next_event(&mut self) -> Event {
-        let read_client = self.held.is_none()
-            && (!self.hold_until_settled || self.copy_in_open())
-            && self.backend_out.len() < HIGH_WATER
-            && self.client_out.len() < HIGH_WATER;
+        let holding = self.held.is_some() || (self.hold_until_settled && !self.copy_in_open());
+        // while client input waits for the backend, keep reading (bounded) so that a client that
+        // leaves is noticed at once: its backend must not stay pinned
+        let read_client = if holding {
+            self.client_in.len() < HIGH_WATER
+        } else {
+            self.backend_out.len() < HIGH_WATER && self.client_out.len() < HIGH_WATER
+        };
+        let timeout = self.next_timeout();
         let read_backend = self.client_out.len() < HIGH_WATER;
         // an idle client (no backend, nothing buffered) waits with a small read buffer
         self.client_in.reserve(if self.lease.is_some() || !self.client_in.is_empty() { READ_CHUNK } else { IDLE_READ_CHUNK });
@@ -324,14 +351,45 @@ impl Session {
         };
         let has_backend = brd.is_some();
         let draining = *self.draining.borrow();
+        let (deadline, timeout_err) = match timeout {
+            Some((at, err)) => (Some(at), Some(err)),
+            None => (None, None),
+        };
         tokio::select! {
             biased;
             _ = self.draining.changed(), if !draining => Event::Draining,
+            _ = sleep_until_opt(deadline), if deadline.is_some() => Event::Timeout(timeout_err.expect("set with the deadline")),
             r = self.client_wr.write(&self.client_out), if !self.client_out.is_empty() => Event::ClientWrote(r),
             r = write_opt(bwr, &self.backend_out), if has_backend && !self.backend_out.is_empty() => Event::BackendWrote(r),
             r = read_opt(brd, &mut self.backend_in), if has_backend && read_backend => Event::BackendRead(r),
             r = self.client_rd.read_buf(&mut self.client_in), if read_client => Event::ClientRead(r),
         }
+    }
+
+    /// The nearest proxy-side timeout of the transaction on this session's backend, if any.
+    fn next_timeout(&self) -> Option<(tokio::time::Instant, PgError)> {
+        let pool = &self.shared.pool_cfg;
+        let mut best: Option<(std::time::Instant, PgError)> = None;
+        let mut consider = |since: Option<std::time::Instant>, ms: u64, err: fn(u64) -> PgError| {
+            if let (Some(since), true) = (since, ms > 0) {
+                let at = since + std::time::Duration::from_millis(ms);
+                if best.as_ref().is_none_or(|(b, _)| at < *b) {
+                    best = Some((at, err(ms)));
+                }
+            }
+        };
+        consider(self.tx_since.filter(|_| self.lease.is_some()), pool.transaction_timeout_ms, |ms| {
+            PgError::fatal(sqlstate::TRANSACTION_TIMEOUT, format!("pgtenant: terminating connection due to transaction timeout ({ms} ms)"))
+                .with_hint("the transaction was rolled back; raise pool.transaction_timeout_ms in the pgtenant config if it must run longer")
+        });
+        consider(self.idle_since.filter(|_| self.lease.is_some()), pool.idle_in_transaction_timeout_ms, |ms| {
+            PgError::fatal(
+                sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+                format!("pgtenant: terminating connection due to idle-in-transaction timeout ({ms} ms)"),
+            )
+            .with_hint("the transaction was rolled back; end transactions promptly, or raise pool.idle_in_transaction_timeout_ms")
+        });
+        best.map(|(at, e)| (tokio::time::Instant::from_std(at), e))
     }
 
     /// The server is in COPY FROM STDIN and waits for the client's data (nothing held back).
@@ -501,6 +559,10 @@ impl Session {
         // What the message would run first; None when unknown (conservative).
         let mut touches_prepared = false;
         let mut leaves_state = false;
+        // the statement ends the transaction AND CHAIN
+        let mut chain = false;
+        // a FunctionCall of a function the operator allowed
+        let mut function_call = false;
         // `DEALLOCATE name` of one of the client's statements (psycopg evicts its cache this way)
         let mut dealloc: Option<Arc<statements::StatementDef>> = None;
         let effect: Option<TxEffect> = match f.tag {
@@ -537,10 +599,14 @@ impl Session {
                 if touches_prepared && sql::deallocates_all(q) {
                     self.statements.clear_statements();
                 }
-                leaves_state = may_leave_state(q);
+                leaves_state = !sql::stateless::is_stateless(q);
+                chain = sql::chains(q);
                 if sql::has_session_set(q) && !self.position().in_block && !rolls_back(q) {
                     let changes = sql::set::session_changes(q);
                     if !changes.is_empty() {
+                        if let Err(e) = self.check_settings_budget(&changes) {
+                            return Ok(self.refuse(e, true));
+                        }
                         self.note_changes(&changes);
                     }
                 }
@@ -561,18 +627,13 @@ impl Session {
                 }
                 dealloc = sql::deallocate_name(q).and_then(|n| self.statements.get(n.as_bytes()).cloned());
                 touches_prepared = dealloc.is_none() && may_touch_prepared(q);
-                leaves_state = may_leave_state(q);
                 let key = f.bytes.slice(5 + name.len() + 1..);
-                match self.statements.parse(name, q, key) {
-                    Some(def) => Some(def.effect),
-                    None => {
-                        let e = PgError::error(
-                            sqlstate::PROGRAM_LIMIT_EXCEEDED,
-                            format!("pgtenant: too many prepared statements (limit {})", statements::MAX_STATEMENTS),
-                        )
-                        .with_hint("close statements you no longer use");
-                        return Ok(self.refuse(e, false));
+                match self.statements.parse(name, q, key, self.shared.max_state_bytes) {
+                    Ok(def) => {
+                        leaves_state = !def.stateless;
+                        Some(def.effect)
                     }
+                    Err(full) => return Ok(self.refuse(self.state_limit_error(full), false)),
                 }
             }
             b'B' => {
@@ -580,7 +641,10 @@ impl Session {
                 if reserved_name(portal) || reserved_name(stmt) {
                     return Ok(self.refuse(reserved_name_error(), false));
                 }
-                self.statements.bind(portal, stmt)
+                let effect = self.statements.bind(portal, stmt);
+                // a statement parsed in an earlier transaction may run here on another backend
+                leaves_state = self.statements.portal(portal).is_none_or(|d| !d.stateless);
+                effect
             }
             b'E' => {
                 let portal = peek::execute_msg(f.body()).ok_or_else(malformed)?;
@@ -591,6 +655,8 @@ impl Session {
                         self.note_changes(&sets);
                     }
                 }
+                leaves_state = def.as_ref().is_none_or(|d| !d.stateless);
+                chain = def.as_ref().is_some_and(|d| d.chain);
                 def.map(|d| d.effect)
             }
             b'C' | b'D' => {
@@ -608,7 +674,24 @@ impl Session {
                 }
                 None // neither fails in an aborted transaction the way the context would
             }
-            _ => Some(TxEffect::None), // FunctionCall
+            _ => {
+                // FunctionCall: a function chosen by OID, with no SQL for the guard to read
+                let oid = peek::function_call_oid(f.body()).ok_or_else(malformed)?;
+                if !self.pool.allows_function_calls() {
+                    return Ok(self.refuse(function_call_refused(oid), true));
+                }
+                if self.lease.is_none() && !self.replies.batch_failed {
+                    if let Err(e) = self.attach().await {
+                        return Ok(self.refuse(e, true));
+                    }
+                }
+                if !self.lease.as_ref().is_some_and(|l| l.backend.allowed_calls.contains(&oid)) {
+                    return Ok(self.refuse(function_call_refused(oid), true));
+                }
+                function_call = true;
+                leaves_state = true;
+                Some(TxEffect::None)
+            }
         };
 
         if !self.in_batch && !simple {
@@ -624,7 +707,8 @@ impl Session {
             let inject = if self.in_batch {
                 true // re-inject after a COMMIT/ROLLBACK inside the batch
             } else if self.replies.is_settled() {
-                self.replies.status == b'I'
+                // after AND CHAIN the server is already in the next transaction ('T')
+                self.replies.status == b'I' || (self.chained && self.replies.status == b'T')
             } else if !simple
                 && matches!(f.tag, b'P' | b'B' | b'E')
                 && matches!(effect, Some(TxEffect::None) | Some(TxEffect::Begin))
@@ -638,9 +722,14 @@ impl Session {
                 self.injection.write(&mut self.backend_out, &mut lease.backend.ctx_prepared, &mut self.replies);
                 metrics::counter!(crate::admin::names::CONTEXT_INJECTIONS).increment(1);
                 injected = true;
+                self.chained = false;
+                if self.tx_since.is_none() || !self.position().in_block {
+                    self.tx_since = Some(std::time::Instant::now());
+                }
             }
             self.reinject = false;
         }
+        self.idle_since = None;
         match dealloc {
             Some(def) => self.forward_deallocate(&f, &def, simple),
             None => self.forward_rewritten(&f, simple),
@@ -648,6 +737,11 @@ impl Session {
         if leaves_state {
             if let Some(l) = self.lease.as_mut() {
                 l.backend.dirty = true;
+            }
+        }
+        if function_call {
+            if let Some(l) = self.lease.as_mut() {
+                l.backend.full_reset = true;
             }
         }
         if touches_prepared {
@@ -660,8 +754,18 @@ impl Session {
                 l.backend.statements.clear();
             }
         }
+        if chain {
+            self.chained = true;
+        }
         if simple {
-            self.in_batch = false;
+            // A Query or FunctionCall inside an unsynced extended batch does not end it for sure:
+            // if the batch failed, the server skips it and goes on skipping up to the client's own
+            // Sync. The backend stays with this client until that Sync has completed. If it did
+            // not fail, the Query committed the batch's transaction: what follows needs the
+            // context again.
+            if self.in_batch {
+                self.reinject = true;
+            }
             self.hold_until_settled = injected || self.pending_sets.is_some();
         } else {
             self.in_batch = true;
@@ -692,7 +796,7 @@ impl Session {
             return; // the server skips everything up to Sync
         }
         let p = lease.backend.statements.prepare(&def.key);
-        if let Some(evict) = &p.evict {
+        for evict in &p.evict {
             prepared::target_frame(&mut self.backend_out, b'C', evict);
             self.replies.expect(Want::CloseComplete, true, false);
         }
@@ -702,6 +806,7 @@ impl Session {
                 if p.needs_parse {
                     prepared::parse_frame(out, &p.name, &def.key);
                     self.replies.expect_parse(false, p.id);
+                    self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name)));
                 } else {
                     self.synthetic(b'1');
                 }
@@ -735,7 +840,7 @@ impl Session {
             self.statements.close(b'S', name.as_bytes());
         }
         let p = lease.backend.statements.prepare(&def.key);
-        if let Some(evict) = &p.evict {
+        for evict in &p.evict {
             prepared::target_frame(&mut self.backend_out, b'C', evict);
             self.replies.expect(Want::CloseComplete, true, false);
         }
@@ -752,6 +857,44 @@ impl Session {
             build::parse(&mut self.backend_out, &name, &sql, vec![]);
         }
         self.replies.expect(Want::for_frontend(f.tag).expect("Q or P"), false, simple);
+    }
+
+    /// The error for a Parse that would take the client past its statement limits.
+    fn state_limit_error(&self, full: statements::Full) -> PgError {
+        match full {
+            statements::Full::Count => PgError::error(
+                sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                format!("pgtenant: too many prepared statements (limit {})", statements::MAX_STATEMENTS),
+            )
+            .with_hint("close statements you no longer use"),
+            statements::Full::Bytes => self.budget_error("prepared statements"),
+        }
+    }
+
+    fn budget_error(&self, what: &str) -> PgError {
+        PgError::error(
+            sqlstate::PROGRAM_LIMIT_EXCEEDED,
+            format!(
+                "pgtenant: this session's {what} would take more than {} bytes (server.max_session_state_bytes)",
+                self.shared.max_state_bytes
+            ),
+        )
+        .with_hint("close prepared statements you no longer use, or raise server.max_session_state_bytes in the pgtenant config")
+    }
+
+    /// Session-level SETs are kept per client: they count against the same budget.
+    fn check_settings_budget(&self, changes: &[sql::set::Change]) -> Result<(), PgError> {
+        let adding: usize = changes
+            .iter()
+            .map(|c| match c {
+                sql::set::Change::Set(n, v) => n.len() + v.len(),
+                _ => 0,
+            })
+            .sum();
+        if self.settings.bytes() + self.statements.bytes() + adding > self.shared.max_state_bytes {
+            return Err(self.budget_error("settings and prepared statements"));
+        }
+        Ok(())
     }
 
     /// A reply pgtenant gives itself, in order with the backend's replies.
@@ -879,10 +1022,18 @@ impl Session {
             self.drain_synthetic();
             if !self.replies.failed_prepares.is_empty() {
                 if let Some(l) = self.lease.as_mut() {
-                    for id in self.replies.failed_prepares.drain(..) {
-                        l.backend.statements.forget(id);
+                    for (id, by_client) in self.replies.failed_prepares.drain(..) {
+                        let key = l.backend.statements.forget(id);
+                        // the client's own Parse failed: like the server, keep no statement
+                        let name = self.client_parses.iter().find(|(i, _)| *i == id).map(|(_, n)| n);
+                        if let (true, Some(key), Some(name)) = (by_client, key, name) {
+                            self.statements.parse_failed(name, &key);
+                        }
                     }
                 }
+            }
+            if self.replies.is_settled() {
+                self.client_parses.clear();
             }
             if f.tag == b'E' && self.pending_sets.is_some() {
                 self.pending_sets_failed = true;
@@ -891,6 +1042,10 @@ impl Session {
                 self.settle_pending_sets();
                 if self.replies.status == b'I' {
                     self.statements.transaction_ended();
+                    self.tx_since = None;
+                    self.idle_since = None;
+                } else if !self.in_batch && self.held.is_none() {
+                    self.idle_since = Some(std::time::Instant::now());
                 }
             }
         }
@@ -932,6 +1087,13 @@ impl Session {
     }
 }
 
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn read_opt<R: AsyncRead + Unpin>(r: Option<&mut R>, buf: &mut BytesMut) -> std::io::Result<usize> {
     match r {
         Some(r) => r.read_buf(buf).await,
@@ -944,6 +1106,15 @@ async fn write_opt<W: AsyncWrite + Unpin>(w: Option<&mut W>, buf: &[u8]) -> std:
         Some(w) => w.write(buf).await,
         None => std::future::pending().await,
     }
+}
+
+/// A FunctionCall of a function `tenant.allowed_function_calls` does not list.
+fn function_call_refused(oid: u32) -> PgError {
+    PgError::error(
+        sqlstate::INSUFFICIENT_PRIVILEGE,
+        format!("pgtenant: FunctionCall messages are not allowed for function OID {oid}: it is not listed in tenant.allowed_function_calls"),
+    )
+    .with_hint("call the function from SQL (SELECT fn(...)), or ask the operator to list it in tenant.allowed_function_calls")
 }
 
 fn frame_error(e: FrameError) -> PgError {
@@ -994,13 +1165,6 @@ fn may_touch_prepared(q: &[u8]) -> bool {
 /// The text has a ROLLBACK / ABORT: session SETs in it may be undone.
 fn rolls_back(q: &[u8]) -> bool {
     [&b"rollback"[..], b"abort"].iter().any(|w| q.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
-}
-
-/// SQL that may leave session state on the backend (see `RESET_QUERY`): a conservative substring
-/// test, plus session-level SET statements.
-fn may_leave_state(q: &[u8]) -> bool {
-    const WORDS: [&[u8]; 8] = [b"temp", b"declare", b"listen", b"advisory", b"nextval", b"setval", b"insert", b"copy"];
-    WORDS.iter().any(|w| q.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w))) || sql::has_session_set(q)
 }
 
 /// Adds a hint to "cannot run inside a transaction block" errors: pgtenant runs every statement

@@ -5,12 +5,17 @@
 //! client statement is remembered by name (see `statements`), and each backend keeps its own cache
 //! of statements it has prepared, keyed by the full statement content (query text and parameter
 //! types — never a short hash), under server-side names `pgtenant_s<n>` unique on that connection.
-//! A statement is prepared lazily on the backend that needs it, and the least recently used one is
-//! closed when the cache is full.
+//! A statement is prepared lazily on the backend that needs it, and the least recently used ones are
+//! closed when the cache is full — by count (`pool.prepared_statements_cache`) or by bytes
+//! ([`MAX_CACHE_BYTES`]: the cache holds statement texts after their client has left, so a few
+//! huge statements must not stay pinned in the pool).
 
 use std::collections::HashMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
+
+/// Most bytes of statement text one backend connection keeps cached.
+pub const MAX_CACHE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Statements one backend connection has prepared.
 #[derive(Debug)]
@@ -19,6 +24,7 @@ pub struct BackendStatements {
     next_id: u64,
     clock: u64,
     capacity: usize,
+    bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -35,8 +41,8 @@ pub struct Prepared {
     pub name: String,
     /// The statement is new on this backend: send a Parse for it first.
     pub needs_parse: bool,
-    /// Close this server statement first to make room.
-    pub evict: Option<String>,
+    /// Close these server statements first to make room.
+    pub evict: Vec<String>,
 }
 
 pub fn server_name(id: u64) -> String {
@@ -45,7 +51,7 @@ pub fn server_name(id: u64) -> String {
 
 impl BackendStatements {
     pub fn new(capacity: usize) -> Self {
-        BackendStatements { by_key: HashMap::new(), next_id: 0, clock: 0, capacity: capacity.max(1) }
+        BackendStatements { by_key: HashMap::new(), next_id: 0, clock: 0, capacity: capacity.max(1), bytes: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -61,30 +67,36 @@ impl BackendStatements {
         self.clock += 1;
         if let Some(e) = self.by_key.get_mut(key) {
             e.last_used = self.clock;
-            return Prepared { id: e.id, name: server_name(e.id), needs_parse: false, evict: None };
+            return Prepared { id: e.id, name: server_name(e.id), needs_parse: false, evict: Vec::new() };
         }
-        let mut evict = None;
-        if self.by_key.len() >= self.capacity {
-            if let Some((k, e)) = self.by_key.iter().min_by_key(|(_, e)| e.last_used).map(|(k, e)| (k.clone(), *e)) {
-                self.by_key.remove(&k);
-                evict = Some(server_name(e.id));
-            }
+        let mut evict = Vec::new();
+        while !self.by_key.is_empty() && (self.by_key.len() >= self.capacity || self.bytes + key.len() > MAX_CACHE_BYTES) {
+            let Some((k, e)) = self.by_key.iter().min_by_key(|(_, e)| e.last_used).map(|(k, e)| (k.clone(), *e)) else { break };
+            self.by_key.remove(&k);
+            self.bytes -= k.len();
+            evict.push(server_name(e.id));
         }
         let id = self.next_id;
         self.next_id += 1;
+        self.bytes += key.len();
         self.by_key.insert(key.clone(), Entry { id, last_used: self.clock });
         Prepared { id, name: server_name(id), needs_parse: true, evict }
     }
 
     /// Forgets a statement whose Parse failed (or was skipped after an error).
-    pub fn forget(&mut self, id: u64) {
-        self.by_key.retain(|_, e| e.id != id);
+    /// Returns the statement's content.
+    pub fn forget(&mut self, id: u64) -> Option<Bytes> {
+        let key = self.by_key.iter().find(|(_, e)| e.id == id).map(|(k, _)| k.clone())?;
+        self.by_key.remove(&key);
+        self.bytes -= key.len();
+        Some(key)
     }
 
     /// Forgets everything (the client may have run DEALLOCATE / DISCARD). Names are never reused,
     /// so a statement that survived cannot collide with a new one.
     pub fn clear(&mut self) {
         self.by_key.clear();
+        self.bytes = 0;
     }
 }
 
@@ -128,14 +140,29 @@ mod tests {
         let (k1, k2, k3) = (Bytes::from_static(b"select 1\0\0\0"), Bytes::from_static(b"select 2\0\0\0"), Bytes::from_static(b"select 3\0\0\0"));
         let p1 = b.prepare(&k1);
         assert!(p1.needs_parse);
-        assert_eq!(b.prepare(&k1), Prepared { id: p1.id, name: p1.name.clone(), needs_parse: false, evict: None });
+        assert_eq!(b.prepare(&k1), Prepared { id: p1.id, name: p1.name.clone(), needs_parse: false, evict: vec![] });
         b.prepare(&k2);
         b.prepare(&k1); // k2 is now least recently used
         let p3 = b.prepare(&k3);
-        assert_eq!(p3.evict.as_deref(), Some("pgtenant_s1"));
+        assert_eq!(p3.evict, ["pgtenant_s1"]);
         assert_eq!(b.len(), 2);
         b.clear();
         assert_ne!(b.prepare(&k1).name, p1.name, "names are never reused");
+    }
+
+    #[test]
+    fn large_statements_are_evicted_by_bytes() {
+        let mut b = BackendStatements::new(100);
+        let big = |c: u8, n: usize| Bytes::from(vec![c; n]);
+        b.prepare(&big(1, MAX_CACHE_BYTES / 3));
+        b.prepare(&big(2, MAX_CACHE_BYTES / 3));
+        let p = b.prepare(&big(3, MAX_CACHE_BYTES - 10));
+        assert_eq!(p.evict.len(), 2);
+        assert_eq!(b.len(), 1);
+        assert_eq!(b.forget(p.id).map(|k| k.len()), Some(MAX_CACHE_BYTES - 10));
+        assert!(b.is_empty());
+        b.prepare(&big(4, MAX_CACHE_BYTES / 2));
+        assert_eq!(b.prepare(&Bytes::from_static(b"x")).evict.len(), 0);
     }
 
     #[test]

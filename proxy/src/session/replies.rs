@@ -91,8 +91,9 @@ pub struct Replies {
     pub status: u8,
     /// The open batch (no Sync forwarded yet) already failed: the server skips the rest of it.
     pub batch_failed: bool,
-    /// Server statements whose Parse failed or was skipped: not prepared after all.
-    pub failed_prepares: Vec<u64>,
+    /// Server statements whose Parse failed or was skipped: not prepared after all. The flag says
+    /// whether the Parse was the client's own (not one pgtenant sent to re-prepare a statement).
+    pub failed_prepares: Vec<(u64, bool)>,
     /// The server is in COPY FROM STDIN mode: it ignores Sync and Flush until CopyDone/CopyFail.
     pub copy_in: bool,
 }
@@ -168,8 +169,8 @@ impl Replies {
     }
 
     fn drop_front(&mut self) {
-        if let Some(Owed { prepares: Some(id), .. }) = self.owed.pop_front() {
-            self.failed_prepares.push(id);
+        if let Some(Owed { prepares: Some(id), injected, .. }) = self.owed.pop_front() {
+            self.failed_prepares.push((id, !injected));
         }
     }
 
@@ -323,7 +324,7 @@ mod tests {
         assert_eq!(r.on_reply(b'2', b""), Action::Forward);
         assert_eq!(r.take_synthetic(), Some(b'1'));
         assert_eq!(r.on_reply(b'E', b""), Action::Forward);
-        assert_eq!(r.failed_prepares, [7]);
+        assert_eq!(r.failed_prepares, [(7, false)]);
         assert_eq!(r.on_reply(b'Z', b"I"), Action::Forward);
     }
 

@@ -50,6 +50,11 @@ impl ClientSettings {
         Injection::new(&names, &values)
     }
 
+    /// Bytes the client's session-level SETs take.
+    pub fn bytes(&self) -> usize {
+        self.overrides.iter().map(|(n, v)| n.len() + v.len()).sum()
+    }
+
     pub fn apply(&mut self, changes: &[Change]) {
         for c in changes {
             match c {

@@ -16,11 +16,24 @@ use crate::sql::{self, TxEffect};
 /// Most named statements one client may hold at once.
 pub const MAX_STATEMENTS: usize = 10_000;
 
+/// Why a Parse could not be kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Full {
+    /// `MAX_STATEMENTS` named statements already.
+    Count,
+    /// The statements would take more than the session's byte budget.
+    Bytes,
+}
+
 #[derive(Debug)]
 pub struct StatementDef {
     /// The Parse body after the name.
     pub key: Bytes,
     pub effect: TxEffect,
+    /// The statement provably leaves no session state (see `crate::sql::stateless`).
+    pub stateless: bool,
+    /// It ends the transaction `AND CHAIN`: the chained transaction needs the context again.
+    pub chain: bool,
     /// Session-level SETs the statement makes (kept for the client when it ran cleanly).
     pub sets: Option<Arc<Vec<Change>>>,
 }
@@ -31,25 +44,58 @@ pub struct Statements {
     named_stmts: HashMap<Bytes, Arc<StatementDef>>,
     unnamed_portal: Option<Arc<StatementDef>>,
     named_portals: HashMap<Bytes, Arc<StatementDef>>,
+    /// Bytes held by named statements (names and contents).
+    bytes: usize,
 }
 
 impl Statements {
-    /// Records a Parse; `None` when the client already holds `MAX_STATEMENTS` other statements.
-    pub fn parse(&mut self, name: &[u8], query: &[u8], key: Bytes) -> Option<Arc<StatementDef>> {
+    /// Records a Parse, unless the client already holds `MAX_STATEMENTS` other statements or the
+    /// statements would exceed `budget` bytes (`server.max_session_state_bytes`).
+    pub fn parse(&mut self, name: &[u8], query: &[u8], key: Bytes, budget: usize) -> Result<Arc<StatementDef>, Full> {
+        let replaced = if name.is_empty() { 0 } else { self.named_stmts.get(name).map_or(0, |d| name.len() + d.key.len()) };
+        if !name.is_empty() {
+            if replaced == 0 && self.named_stmts.len() >= MAX_STATEMENTS {
+                return Err(Full::Count);
+            }
+            if self.bytes - replaced + name.len() + key.len() > budget {
+                return Err(Full::Bytes);
+            }
+        }
         let sets = sql::has_session_set(query).then(|| Arc::new(sql::set::session_changes(query))).filter(|c| !c.is_empty());
         // a named statement outlives the read buffer it arrived in: copy it, so it does not pin a
         // whole buffer chunk for the life of the session
         let key = if name.is_empty() { key } else { Bytes::copy_from_slice(&key) };
-        let def = Arc::new(StatementDef { key, effect: sql::summarize(query).first, sets });
+        let def = Arc::new(StatementDef {
+            effect: sql::summarize(query).first,
+            stateless: sql::stateless::is_stateless(query),
+            chain: sql::chains(query),
+            key,
+            sets,
+        });
         if name.is_empty() {
             self.unnamed_stmt = Some(def.clone());
         } else {
-            if self.named_stmts.len() >= MAX_STATEMENTS && !self.named_stmts.contains_key(name) {
-                return None;
-            }
+            self.bytes = self.bytes - replaced + name.len() + def.key.len();
             self.named_stmts.insert(Bytes::copy_from_slice(name), def.clone());
         }
-        Some(def)
+        Ok(def)
+    }
+
+    /// Bytes the client's named statements hold.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// The server rejected (or skipped) the client's Parse of statement `name` with content `key`:
+    /// like the server, forget the statement (unless a later Parse replaced it already).
+    pub fn parse_failed(&mut self, name: &[u8], key: &[u8]) {
+        if name.is_empty() {
+            if self.unnamed_stmt.as_ref().is_some_and(|d| d.key == key) {
+                self.unnamed_stmt = None;
+            }
+        } else if self.named_stmts.get(name).is_some_and(|d| d.key == key) {
+            self.close(b'S', name);
+        }
     }
 
     pub fn get(&self, name: &[u8]) -> Option<&Arc<StatementDef>> {
@@ -90,7 +136,9 @@ impl Statements {
         match (kind, name.is_empty()) {
             (b'S', true) => self.unnamed_stmt = None,
             (b'S', false) => {
-                self.named_stmts.remove(name);
+                if let Some(d) = self.named_stmts.remove(name) {
+                    self.bytes -= name.len() + d.key.len();
+                }
             }
             (_, true) => self.unnamed_portal = None,
             (_, false) => {
@@ -103,6 +151,8 @@ impl Statements {
     pub fn clear_statements(&mut self) {
         self.unnamed_stmt = None;
         self.named_stmts.clear();
+        self.named_stmts.shrink_to_fit();
+        self.bytes = 0;
     }
 
     /// Portals do not outlive their transaction.

@@ -6,15 +6,20 @@ pub mod fingerprint;
 pub mod lexer;
 pub mod pooling;
 pub mod set;
+pub mod stateless;
 
 use lexer::{Kind, Lexer, Token};
 
 /// Splits into statements (token lists), keeping `BEGIN ATOMIC … END` bodies whole.
+///
+/// A `U&'…'` or `U&"…"` token followed by `UESCAPE '…'` becomes one token spanning the whole
+/// clause (the server's grammar reads them together: the escape character changes what the
+/// literal means), so every reader of a token list decodes it with its escape character.
 pub fn split(sql: &[u8]) -> Vec<Vec<Token<'_>>> {
     let mut out = Vec::new();
     let mut cur: Vec<Token<'_>> = Vec::new();
     let mut atomic = 0u32;
-    for t in Lexer::new(sql) {
+    for t in with_uescape(sql, Lexer::new(sql)) {
         if t.kind == Kind::Semicolon && atomic == 0 {
             if !cur.is_empty() {
                 out.push(std::mem::take(&mut cur));
@@ -32,6 +37,34 @@ pub fn split(sql: &[u8]) -> Vec<Vec<Token<'_>>> {
         out.push(cur);
     }
     out
+}
+
+/// Merges `U&… UESCAPE '…'` into one token (see [`split`]).
+fn with_uescape<'a>(sql: &'a [u8], lexer: Lexer<'a>) -> impl Iterator<Item = Token<'a>> {
+    let mut lexer = lexer.peekable();
+    let mut pending: std::collections::VecDeque<Token<'a>> = Default::default();
+    std::iter::from_fn(move || {
+        if let Some(t) = pending.pop_front() {
+            return Some(t);
+        }
+        let t = lexer.next()?;
+        if !crate::guard::literal::is_unicode_form(&t) || !lexer.peek().is_some_and(|n| n.is_word("uescape")) {
+            return Some(t);
+        }
+        let kw = lexer.next().expect("peeked");
+        match lexer.peek() {
+            Some(lit) if lit.kind == Kind::String => {
+                let lit = lexer.next().expect("peeked");
+                let start = t.text.as_ptr() as usize - sql.as_ptr() as usize;
+                let end = lit.text.as_ptr() as usize - sql.as_ptr() as usize + lit.text.len();
+                Some(Token { kind: t.kind, text: &sql[start..end] })
+            }
+            _ => {
+                pending.push_back(kw);
+                Some(t)
+            }
+        }
+    })
 }
 
 /// How a statement affects the transaction block.
@@ -64,6 +97,21 @@ pub fn tx_effect(first: Option<Token<'_>>, second: Option<Token<'_>>) -> TxEffec
     } else {
         TxEffect::None
     }
+}
+
+/// The last statement ends the transaction `AND CHAIN`: the server starts a new transaction at
+/// once, which has none of the previous one's transaction-local settings (the tenant context).
+pub fn chains(sql: &[u8]) -> bool {
+    if !sql.windows(5).any(|w| w.eq_ignore_ascii_case(b"chain")) {
+        return false;
+    }
+    split(sql).last().is_some_and(|toks| {
+        let n = toks.len();
+        tx_effect(toks.first().copied(), toks.get(1).copied()) == TxEffect::End
+            && n >= 3
+            && toks[n - 1].is_word("chain")
+            && toks[n - 2].is_word("and")
+    })
 }
 
 /// The statement name of a query string that is exactly `DEALLOCATE [PREPARE] name`.
@@ -223,5 +271,16 @@ mod tests {
         assert_eq!(summarize(b"  ").statements, 0);
         assert!(summarize(b"prepare transaction 'x'; select 1").ends_tx_midway);
         assert!(!summarize(b"create function f() returns int begin atomic select 1; end; select 2").ends_tx_midway);
+        assert!(summarize(b"commit and chain; select 1").ends_tx_midway);
+    }
+
+    #[test]
+    fn chained_ends() {
+        for sql in ["COMMIT AND CHAIN", "commit work and chain", "ROLLBACK AND CHAIN;", "end transaction and chain", "abort and chain", "select 1; commit and chain", "COMMIT /* x */ AND --\n CHAIN"] {
+            assert!(chains(sql.as_bytes()), "{sql}");
+        }
+        for sql in ["COMMIT", "COMMIT AND NO CHAIN", "select 'and chain'", "commit and chain; select 1 as chain", "select chain"] {
+            assert!(!chains(sql.as_bytes()), "{sql}");
+        }
     }
 }

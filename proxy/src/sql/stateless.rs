@@ -1,0 +1,147 @@
+//! Which statements provably leave no session state on a backend.
+//!
+//! The invariant pgtenant keeps in transaction pooling is: **a backend handed to a different client
+//! is in the pristine session state** (no session-level settings, temp objects, cursors, SQL-level
+//! prepared statements, listeners, advisory locks or sequence state of the previous client). A full
+//! reset costs several statements on the server, so it runs only when the previous owner did
+//! something that *may* have left state. Guessing what leaves state (looking for `temp`, `listen`…)
+//! can never be complete: any function call may run `set_config(…, false)`, `LISTEN`, a temp table.
+//! So this module answers the opposite question, conservatively: a statement counts as stateless
+//! only when it is a plain read or transaction-control statement whose every function call is a
+//! known-pure built-in. Everything else — DML (triggers, sequence defaults), DDL, utility
+//! statements, calls to any other function — marks the backend for a reset.
+//!
+//! Trusted code the database runs implicitly for a plain SELECT (views, RLS policy expressions,
+//! operators, casts) is assumed not to leave session state; docs/security.md says so.
+
+use super::lexer::{Kind, Token};
+use super::split;
+use crate::guard::literal::ident_value;
+
+/// First words of statements that can be stateless (if their function calls are pure).
+const STATEMENTS: &[&str] = &[
+    "select", "values", "table", "show", "begin", "start", "commit", "end", "rollback", "abort", "savepoint", "release",
+];
+
+/// Words that put a statement outside the class even inside a SELECT: `SELECT … INTO` creates a
+/// table; data-modifying CTEs run DML.
+const STATEFUL_WORDS: &[&str] = &["into", "insert", "update", "delete", "merge", "copy", "prepare", "listen", "declare", "set"];
+
+/// Keywords that may stand right before `(` without being a function call.
+const PAREN_KEYWORDS: &[&str] = &[
+    "in", "any", "some", "all", "exists", "values", "over", "filter", "within", "as", "from", "join", "using", "on",
+    "where", "and", "or", "not", "select", "by", "then", "else", "when", "case", "is", "between", "like", "ilike",
+    "row", "array", "lateral", "with", "union", "intersect", "except", "having", "limit", "offset", "group", "order",
+    "partition", "distinct", "returning", "fetch", "only", "of", "nowait", "locked", "for", "table", "isolation", "level",
+    // type names with modifiers: numeric(12,2), varchar(10), timestamp(3)
+    "numeric", "decimal", "varchar", "char", "character", "varying", "bit", "timestamp", "time", "interval", "float",
+];
+
+/// Built-in functions with no side effect on the session.
+const PURE_FUNCTIONS: &[&str] = &[
+    "count", "sum", "avg", "min", "max", "bool_and", "bool_or", "every", "coalesce", "nullif", "greatest", "least", "now",
+    "current_setting", "current_timestamp", "current_date", "statement_timestamp", "transaction_timestamp", "clock_timestamp",
+    "lower", "upper", "length", "char_length", "octet_length", "abs", "round", "floor", "ceil", "ceiling", "trunc", "mod",
+    "power", "sqrt", "date_trunc", "date_part", "extract", "to_char", "to_date", "to_timestamp", "to_number", "age",
+    "make_date", "make_interval", "json_build_object", "jsonb_build_object", "json_build_array", "jsonb_build_array",
+    "json_agg", "jsonb_agg", "json_object_agg", "jsonb_object_agg", "to_json", "to_jsonb", "row_to_json",
+    "jsonb_set", "jsonb_array_length", "json_array_length", "jsonb_typeof", "jsonb_extract_path_text", "array_agg",
+    "string_agg", "array_length", "array_position", "cardinality", "unnest", "row_number", "rank", "dense_rank", "lag",
+    "lead", "first_value", "last_value", "ntile", "percent_rank", "cume_dist", "substring", "substr", "trim", "btrim",
+    "ltrim", "rtrim", "replace", "concat", "concat_ws", "position", "strpos", "left", "right", "split_part", "format",
+    "md5", "encode", "decode", "cast", "generate_series", "pg_backend_pid", "current_user", "session_user", "version",
+    "gen_random_uuid", "num_nonnulls", "num_nulls",
+];
+
+fn is_word_in(t: &Token<'_>, list: &[&str]) -> bool {
+    t.kind == Kind::Word && list.iter().any(|w| t.is_word(w))
+}
+
+/// Whether every statement of `sql` provably leaves no session state behind (see the module docs).
+pub fn is_stateless(sql: &[u8]) -> bool {
+    split(sql).iter().all(|toks| statement_is_stateless(toks))
+}
+
+fn statement_is_stateless(toks: &[Token<'_>]) -> bool {
+    let Some(first) = toks.first() else { return true };
+    if !is_word_in(first, STATEMENTS) {
+        return false;
+    }
+    for (i, t) in toks.iter().enumerate() {
+        match t.kind {
+            Kind::Unterminated => return false,
+            Kind::Word if is_word_in(t, STATEFUL_WORDS) => return false,
+            Kind::Word | Kind::QuotedIdent => {
+                let call = toks.get(i + 1).is_some_and(|n| n.kind == Kind::Op && n.text == b"(");
+                if !call || is_word_in(t, PAREN_KEYWORDS) {
+                    continue;
+                }
+                // a schema-qualified name is only pure in pg_catalog
+                let qualified = i >= 2 && toks[i - 1].kind == Kind::Op && toks[i - 1].text == b".";
+                if qualified && ident_value(&toks[i - 2]).as_deref() != Some("pg_catalog") {
+                    return false;
+                }
+                if t.kind == Kind::QuotedIdent || !PURE_FUNCTIONS.iter().any(|f| t.is_word(f)) {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_reads_and_transaction_control_are_stateless() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "select tenant_id from orders where amount > $1::float8::numeric(12,2) limit 20",
+            "select count(*) filter (where tenant_id <> 1), coalesce(sum(amount), 0) from orders",
+            "select current_setting('app.tenant_id'), pg_catalog.now()",
+            "BEGIN; select 1; COMMIT",
+            "begin isolation level serializable",
+            "select * from orders where id in (select id from orders) and exists (select 1)",
+            "SAVEPOINT a; ROLLBACK TO SAVEPOINT a; RELEASE a",
+            "show search_path",
+            "",
+        ] {
+            assert!(is_stateless(sql.as_bytes()), "{sql}");
+        }
+    }
+
+    #[test]
+    fn anything_else_may_leave_state() {
+        for sql in [
+            "select set_config('search_path', 'x', false)",
+            "select my_function()",
+            "select public.count(*) from t",
+            "select \"count\"(*) from t",
+            "select nextval('s')",
+            "select pg_advisory_lock(1)",
+            "select * into temp t from orders",
+            "with x as (insert into t values (1) returning *) select * from x",
+            "insert into orders (amount) values (1)",
+            "update orders set amount = 1",
+            "delete from orders",
+            "SET search_path = x",
+            "SET LOCAL work_mem = '1MB'",
+            "CREATE TEMP TABLE t (x int)",
+            "DECLARE c CURSOR WITH HOLD FOR select 1",
+            "LISTEN x",
+            "PREPARE p AS select 1",
+            "EXECUTE p",
+            "CALL p()",
+            "DO $$ BEGIN END $$",
+            "select 1; select f()",
+            "select 'abc",
+            "copy orders to stdout",
+            "explain analyze select 1",
+        ] {
+            assert!(!is_stateless(sql.as_bytes()), "{sql}");
+        }
+    }
+}
