@@ -168,9 +168,10 @@ impl Guard {
         self.check_set_config(toks)?;
         // bodies of functions, procedures and (allowed) DO blocks are SQL or PL/pgSQL: check them too
         if depth < MAX_DEPTH && matches!(word(0).as_deref(), Some("create") | Some("do")) {
+            let routine = word(0).as_deref() == Some("do") || is_routine(toks);
             for t in toks.iter().filter(|t| t.kind == Kind::String) {
                 if let Some(body) = string_value(t) {
-                    self.check_body(body.as_bytes(), depth + 1)?;
+                    self.check_body(body.as_bytes(), depth + 1, routine)?;
                 }
             }
         }
@@ -178,10 +179,21 @@ impl Guard {
     }
 
     /// PL/pgSQL bodies: every statement inside is checked like client SQL.
-    fn check_body(&self, body: &[u8], depth: u32) -> Result<(), PgError> {
+    fn check_body(&self, body: &[u8], depth: u32, routine: bool) -> Result<(), PgError> {
         for toks in split(body) {
             // PL/pgSQL wraps statements in BEGIN ... END, so SET may stand anywhere
             self.check_set_clauses(&toks)?;
+            // Transaction control in a procedure (or DO block) ends the transaction that carries
+            // the context, and the rest of the body would run without it; RESET ALL clears it.
+            let ends = toks.iter().any(|t| t.is_word("commit") || t.is_word("rollback"));
+            let reset_all = toks.windows(2).any(|w| w[0].is_word("reset") && w[1].is_word("all"));
+            if routine && (ends || reset_all) {
+                return Err(refused(format!(
+                    "{} inside a function, procedure or DO body is not allowed: what follows would run without the tenant context",
+                    if ends { "COMMIT or ROLLBACK" } else { "RESET ALL" }
+                ))
+                .with_hint("end transactions from the client instead"));
+            }
             self.check_statement(&toks, depth)?;
         }
         Ok(())
@@ -274,9 +286,13 @@ impl Guard {
 /// SQL bodies are static; PL/pgSQL is too, except for `EXECUTE` (dynamic SQL, which could build
 /// any statement the guard refuses). Every other language (trusted PL/Perl, PL/Tcl, PL/v8…) can
 /// run SQL built at run time.
+/// `CREATE [OR REPLACE] FUNCTION|PROCEDURE …`.
+fn is_routine(toks: &[Token<'_>]) -> bool {
+    toks.iter().take(4).any(|t| t.is_word("function") || t.is_word("procedure"))
+}
+
 fn check_routine_language(toks: &[Token<'_>]) -> Result<(), PgError> {
-    let routine = toks.iter().take(4).any(|t| t.is_word("function") || t.is_word("procedure"));
-    if !routine {
+    if !is_routine(toks) {
         return Ok(());
     }
     let language = toks
@@ -372,6 +388,9 @@ mod tests {
             "CREATE FUNCTION pg_temp.f() RETURNS void LANGUAGE plperl AS $f$ spi_exec_query('select 1'); $f$",
             "ALTER ROLE CURRENT_USER SET search_path = evil",
             "alter user app_user reset all",
+            "CREATE PROCEDURE pg_temp.p() LANGUAGE plpgsql AS $p$ BEGIN COMMIT; PERFORM count(*) FROM orders; END $p$",
+            "CREATE PROCEDURE pg_temp.p() LANGUAGE plpgsql AS $p$ BEGIN ROLLBACK; END $p$",
+            "CREATE FUNCTION pg_temp.f() RETURNS void LANGUAGE plpgsql AS $f$ BEGIN RESET ALL; END $f$",
         ] {
             let r = g.check(sql.as_bytes(), IDLE);
             assert!(r.is_err(), "not refused: {sql}");
@@ -407,6 +426,7 @@ mod tests {
             "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE plpgsql AS $f$ BEGIN RETURN 1; END $f$",
             "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql RETURN 1",
             "select U&'a!0062' UESCAPE '!'",
+            "CREATE TEMP VIEW v AS SELECT 'commit' AS word, 'reset all' AS other",
         ] {
             assert!(g.check(sql.as_bytes(), IDLE).is_ok(), "refused: {sql}");
         }
