@@ -166,6 +166,7 @@ impl Guard {
             _ => {}
         }
         self.check_set_config(toks)?;
+        interference::check(toks)?;
         // bodies of functions, procedures and (allowed) DO blocks are SQL or PL/pgSQL: check them too
         if depth < MAX_DEPTH && matches!(word(0).as_deref(), Some("create") | Some("do")) {
             let routine = word(0).as_deref() == Some("do") || is_routine(toks);
