@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use crate::backend::query::{simple_query, Row};
-use crate::backend::{connect, BackendTarget, ConnectError};
+use crate::backend::{connect, BackendConn, BackendTarget, ConnectError};
 use crate::config::{BackendConfig, Config};
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -17,10 +17,56 @@ pub struct Finding {
     /// The object concerned (table, function, schema, setting...).
     pub object: String,
     pub detail: String,
+    /// SQL that fixes the finding, to run as a superuser (or the object's owner), when there is
+    /// one exact fix: one statement per line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
 }
 
 fn finding(check: &'static str, object: impl Into<String>, detail: impl Into<String>) -> Finding {
-    Finding { check, object: object.into(), detail: detail.into() }
+    Finding { check, object: object.into(), detail: detail.into(), fix: None }
+}
+
+impl Finding {
+    fn with_fix(mut self, fix: impl Into<String>) -> Finding {
+        self.fix = Some(fix.into());
+        self
+    }
+}
+
+/// SQL expression: the grantees (`PUBLIC` and/or quoted role names) through which `role` holds
+/// `privilege` in the ACL `acl` (an `aclitem[]` column, NULL meaning the default for object kind
+/// `kind` owned by `owner`), comma-separated, for a `REVOKE … FROM` that really takes it away.
+fn grantees(acl: &str, kind: char, owner: &str, privilege: &str, role: &str) -> String {
+    format!(
+        "coalesce((SELECT string_agg(DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(g.rolname) END, ', ') \
+         FROM aclexplode(coalesce({acl}, acldefault('{kind}', {owner}))) a LEFT JOIN pg_roles g ON g.oid = a.grantee \
+         WHERE a.privilege_type = '{privilege}' AND (a.grantee = 0 OR pg_has_role({role}, a.grantee, 'USAGE'))), 'PUBLIC')"
+    )
+}
+
+/// SQL expression: `schema.name(argtypes)` of the function `p` (joined with its namespace `n`),
+/// as `REVOKE … ON FUNCTION` accepts it.
+const FUNCTION_NAME: &str = "format('%I.%I(%s)', n.nspname, p.proname, pg_catalog.oidvectortypes(p.proargtypes))";
+
+/// `(object, grantees)` of the functions selected by `filter` (over `pg_proc p` joined with
+/// `pg_namespace n`) that the role may execute.
+async fn executable_functions(conn: &mut BackendConn, role: &str, filter: &str) -> Result<Vec<(String, String)>, ConnectError> {
+    let rows = simple_query(conn, &format!(
+        "SELECT {FUNCTION_NAME}, {} FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE ({filter}) AND has_function_privilege({role}, p.oid, 'EXECUTE') ORDER BY 1",
+        grantees("p.proacl", 'f', "p.proowner", "EXECUTE", role)
+    ))
+    .await?;
+    Ok(rows.iter().map(|row| (cell(row, 0), cell(row, 1))).collect())
+}
+
+fn cell(row: &Row, i: usize) -> String {
+    row.get(i).cloned().flatten().unwrap_or_default()
+}
+
+fn revoke_execute(function: &str, grantees: &str) -> String {
+    format!("REVOKE EXECUTE ON FUNCTION {function} FROM {grantees};")
 }
 
 /// SQL literal for a name we put into catalog queries.
@@ -43,18 +89,25 @@ pub async fn run(cfg: &Config, admin_url: Option<&str>) -> Result<Vec<Finding>, 
     let mut conn = connect(&target).await.map_err(|e| format!("cannot connect as {}: {e}", target.describe()))?;
     let r = lit(&role);
     let mut out = Vec::new();
-    let text = |row: &Row, i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    let text = cell;
     let err = |e: ConnectError| e.to_string();
 
     let rows = simple_query(&mut conn, &format!("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = {r}")).await.map_err(err)?;
     let Some(row) = rows.first() else {
         return Err(format!("role {role} does not exist"));
     };
+    let role_ident = quote_ident(&role);
     if text(row, 0) == "t" {
-        out.push(finding("role_superuser", &role, "the role is a superuser: RLS does not apply to it"));
+        out.push(
+            finding("role_superuser", &role, "the role is a superuser: RLS does not apply to it")
+                .with_fix(format!("ALTER ROLE {role_ident} NOSUPERUSER;")),
+        );
     }
     if text(row, 1) == "t" {
-        out.push(finding("role_bypassrls", &role, "the role has BYPASSRLS: RLS does not apply to it"));
+        out.push(
+            finding("role_bypassrls", &role, "the role has BYPASSRLS: RLS does not apply to it")
+                .with_fix(format!("ALTER ROLE {role_ident} NOBYPASSRLS;")),
+        );
     }
     for row in simple_query(&mut conn, &format!(
         "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -74,7 +127,9 @@ pub async fn run(cfg: &Config, admin_url: Option<&str>) -> Result<Vec<Finding>, 
     .map_err(err)?
     {
         let detail = if text(&row, 1) != "t" { "readable without row-level security enabled" } else { "row-level security is not FORCEd" };
-        out.push(finding("table_without_rls", text(&row, 0), detail));
+        let t = text(&row, 0);
+        let fix = format!("ALTER TABLE {t} ENABLE ROW LEVEL SECURITY;\nALTER TABLE {t} FORCE ROW LEVEL SECURITY;");
+        out.push(finding("table_without_rls", t, detail).with_fix(fix));
     }
     for row in simple_query(&mut conn, &format!(
         "SELECT format('%I.%I', n.nspname, c.relname), c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
@@ -130,31 +185,101 @@ pub async fn run(cfg: &Config, admin_url: Option<&str>) -> Result<Vec<Finding>, 
         out.push(finding("security_definer_function", text(&row, 0), "SECURITY DEFINER function the role can run: it runs with its owner's rights"));
     }
     for row in simple_query(&mut conn, &format!(
-        "SELECT n.nspname FROM pg_namespace n WHERE {USER_SCHEMAS} AND has_schema_privilege({r}, n.oid, 'CREATE') ORDER BY 1"
+        "SELECT n.nspname, format('%I', n.nspname), {} FROM pg_namespace n WHERE {USER_SCHEMAS} AND has_schema_privilege({r}, n.oid, 'CREATE') ORDER BY 1",
+        grantees("n.nspacl", 'n', "n.nspowner", "CREATE", &r)
     ))
     .await
     .map_err(err)?
     {
-        out.push(finding("schema_create", text(&row, 0), "the role may create objects here (functions, views) that could bypass policies"));
+        out.push(
+            finding("schema_create", text(&row, 0), "the role may create objects here (functions, views) that could bypass policies")
+                .with_fix(format!("REVOKE CREATE ON SCHEMA {} FROM {};", text(&row, 1), text(&row, 2))),
+        );
     }
-    let temp = simple_query(&mut conn, &format!("SELECT has_database_privilege({r}, current_database(), 'TEMP')")).await.map_err(err)?;
-    if temp.first().map(|row| text(row, 0)) == Some("t".into()) {
-        out.push(finding("database_temp", "current database", "the role may create temporary tables and functions"));
-    }
-    for row in simple_query(&mut conn, &format!(
-        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-         WHERE c.relname IN ('pg_stat_activity', 'pg_stat_statements') AND has_table_privilege({r}, c.oid, 'SELECT') ORDER BY 1"
+    let temp = simple_query(&mut conn, &format!(
+        "SELECT has_database_privilege({r}, d.oid, 'TEMP'), format('%I', d.datname), {} FROM pg_database d WHERE d.datname = current_database()",
+        grantees("d.datacl", 'd', "d.datdba", "TEMPORARY", &r)
     ))
     .await
-    .map_err(err)?
+    .map_err(err)?;
+    if let Some(row) = temp.first().filter(|row| text(row, 0) == "t") {
+        out.push(
+            finding("database_temp", "current database", "the role may create temporary tables and functions")
+                .with_fix(format!("REVOKE TEMP ON DATABASE {} FROM {};", text(row, 1), text(row, 2))),
+        );
+    }
+    out.extend(interference_checks(&mut conn, &r).await.map_err(err)?);
+    Ok(out)
+}
+
+/// The shared role lets one tenant disturb or watch the others' sessions (docs/security.md,
+/// "Shared-role interference"): query text of other sessions, signals to other backends, advisory
+/// locks (one key space for all tenants), and TRUNCATE (ignores RLS, locks out every tenant).
+async fn interference_checks(conn: &mut BackendConn, r: &str) -> Result<Vec<Finding>, ConnectError> {
+    let mut out = Vec::new();
+    let text_detail = "every client shares the role, so one tenant can read other tenants' query text here";
+    for row in simple_query(conn, &format!(
+        "SELECT format('%I.%I', n.nspname, c.relname), {} FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relname IN ('pg_stat_activity', 'pg_stat_statements') AND has_table_privilege({r}, c.oid, 'SELECT') ORDER BY 1",
+        grantees("c.relacl", 'r', "c.relowner", "SELECT", r)
+    ))
+    .await?
     {
-        out.push(finding(
-            "query_text_visible",
-            text(&row, 0),
-            "every client shares the role, so one tenant can read other tenants' query text here",
-        ));
+        let fix = format!("REVOKE SELECT ON {} FROM {};", cell(&row, 0), cell(&row, 1));
+        out.push(finding("query_text_visible", cell(&row, 0), text_detail).with_fix(fix));
+    }
+    // pg_stat_activity is a view over pg_stat_get_activity(): revoking the view alone leaves the
+    // function (and pg_stat_get_backend_activity) readable
+    let filter = "(n.nspname = 'pg_catalog' AND p.proname IN ('pg_stat_get_activity', 'pg_stat_get_backend_activity')) OR p.proname = 'pg_stat_statements'";
+    for (function, who) in executable_functions(conn, r, filter).await? {
+        out.push(finding("query_text_visible", &function, text_detail).with_fix(revoke_execute(&function, &who)));
+    }
+    let filter = "n.nspname = 'pg_catalog' AND p.proname IN ('pg_cancel_backend', 'pg_terminate_backend')";
+    for (function, who) in executable_functions(conn, r, filter).await? {
+        out.push(
+            finding("signal_functions", &function, "every client shares the role, so one tenant can cancel or terminate other tenants' queries")
+                .with_fix(revoke_execute(&function, &who)),
+        );
+    }
+    let filter = "n.nspname = 'pg_catalog' AND p.proname ~ '^pg_(try_)?advisory_(xact_)?lock(_shared)?$'";
+    let locks = executable_functions(conn, r, filter).await?;
+    if !locks.is_empty() {
+        let names: BTreeSet<&str> = locks.iter().filter_map(|(f, _)| f.strip_prefix("pg_catalog.")?.split('(').next()).collect();
+        let fix: Vec<String> = locks.iter().map(|(f, who)| revoke_execute(f, who)).collect();
+        out.push(
+            finding(
+                "advisory_locks",
+                "advisory lock functions",
+                format!(
+                    "the role can take advisory locks ({}): their keys are shared by every tenant, so one tenant can hold a key another tenant waits for",
+                    names.into_iter().collect::<Vec<_>>().join(", ")
+                ),
+            )
+            .with_fix(fix.join("\n")),
+        );
+    }
+    for row in simple_query(conn, &format!(
+        "SELECT format('%I.%I', n.nspname, c.relname), {} FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind IN ('r','p') AND {USER_SCHEMAS} AND has_table_privilege({r}, c.oid, 'TRUNCATE') ORDER BY 1",
+        grantees("c.relacl", 'r', "c.relowner", "TRUNCATE", r)
+    ))
+    .await?
+    {
+        out.push(
+            finding(
+                "table_truncate",
+                cell(&row, 0),
+                "the role may TRUNCATE: row-level security does not apply to it, so one tenant can empty the table for all (and lock them out meanwhile)",
+            )
+            .with_fix(format!("REVOKE TRUNCATE ON {} FROM {};", cell(&row, 0), cell(&row, 1))),
+        );
     }
     Ok(out)
+}
+
+/// A role name as SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Human-readable report.
@@ -167,7 +292,30 @@ pub fn render(findings: &[Finding]) -> String {
     let mut s = format!("{:w1$}  {:w2$}  {}\n", "CHECK", "OBJECT", "DETAIL");
     for f in findings {
         s.push_str(&format!("{:w1$}  {:w2$}  {}\n", f.check, f.object, f.detail));
+        for line in f.fix.iter().flat_map(|fix| fix.lines()) {
+            s.push_str(&format!("{:w1$}  fix: {line}\n", ""));
+        }
     }
-    s.push_str(&format!("\n{} finding(s); see docs/doctor.md for how to fix each\n", findings.len()));
+    s.push_str(&format!("\n{} finding(s); run each fix as a superuser, and see docs/doctor.md for the others\n", findings.len()));
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fixes_are_printed_and_serialized_only_when_present() {
+        let with = finding("signal_functions", "pg_catalog.pg_cancel_backend(integer)", "d")
+            .with_fix("REVOKE EXECUTE ON FUNCTION pg_catalog.pg_cancel_backend(integer) FROM PUBLIC;\nSELECT 1;");
+        let without = finding("setting_unused", "app.user_id", "d");
+        let text = render(&[with.clone(), without.clone()]);
+        assert!(text.contains("  fix: REVOKE EXECUTE ON FUNCTION pg_catalog.pg_cancel_backend(integer) FROM PUBLIC;\n"), "{text}");
+        assert!(text.contains("  fix: SELECT 1;\n"), "{text}");
+        assert_eq!(text.matches("fix:").count(), 2);
+        let json = serde_json::to_value([with, without]).unwrap();
+        assert!(json[0]["fix"].is_string());
+        assert!(json[1].get("fix").is_none());
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
 }

@@ -24,8 +24,7 @@ use crate::sql::lexer::{Kind, Token};
 const SIGNAL: [&str; 2] = ["pg_cancel_backend", "pg_terminate_backend"];
 
 /// Functions and views that show other sessions' query text.
-const ACTIVITY: [&str; 5] =
-    ["pg_stat_get_activity", "pg_stat_get_backend_activity", "pg_stat_activity", "pg_stat_statements", "pg_stat_statements_info"];
+const ACTIVITY: [&str; 4] = ["pg_stat_get_activity", "pg_stat_get_backend_activity", "pg_stat_activity", "pg_stat_statements"];
 
 /// Words after which a PL/pgSQL statement begins inside a statement the splitter produced
 /// (`BEGIN LOCK t`, `IF x THEN LOCK t`, `ELSE …`, `LOOP …`).

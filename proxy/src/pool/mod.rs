@@ -125,6 +125,11 @@ pub struct Lease {
     slot: Slot,
 }
 
+/// Functions a FunctionCall may never reach, whatever `tenant.allowed_function_calls` says: they
+/// change the tenant context or act on other tenants' sessions through the shared role.
+const NEVER_CALLABLE: [&str; 6] =
+    ["set_config", "pg_cancel_backend", "pg_terminate_backend", "pg_stat_get_activity", "pg_stat_get_backend_activity", "pg_stat_statements"];
+
 /// Turns a connection failure into the error a client sees.
 pub fn connect_error(e: &ConnectError) -> PgError {
     PgError::error(sqlstate::CONNECTION_FAILURE, format!("pgtenant: cannot connect to the database: {e}"))
@@ -302,9 +307,10 @@ impl Pool {
         let names: Vec<String> = self.function_calls.iter().map(|n| format!("'{}'", n.replace('\'', "''"))).collect();
         let sql = format!(
             "SELECT p.oid FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
-             WHERE p.proname <> 'set_config' AND ((n.nspname = 'pg_catalog' AND p.proname = ANY(ARRAY[{list}]::text[])) \
+             WHERE p.proname NOT IN ({NEVER_CALLABLE}) AND ((n.nspname = 'pg_catalog' AND p.proname = ANY(ARRAY[{list}]::text[])) \
              OR n.nspname || '.' || p.proname = ANY(ARRAY[{list}]::text[]))",
-            list = names.join(",")
+            list = names.join(","),
+            NEVER_CALLABLE = NEVER_CALLABLE.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(",")
         );
         let rows = backend::query::simple_query(conn, &sql).await?;
         Ok(rows.into_iter().filter_map(|r| r.into_iter().next().flatten()?.parse().ok()).collect())

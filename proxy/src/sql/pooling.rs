@@ -1,14 +1,15 @@
 //! Statements that only work when a client keeps its backend connection for its whole session.
 //! In transaction pooling the next transaction may run on another connection, so pgtenant refuses
 //! them with a clear error (0A000) instead of letting them silently misbehave:
-//! `LISTEN`, `DECLARE … WITH HOLD`, session advisory locks (`pg_advisory_lock` & co.),
-//! `CREATE TEMP TABLE` without `ON COMMIT DROP`, and a `PREPARE` that nothing in the same
-//! transaction uses.
+//! `LISTEN`, `DECLARE … WITH HOLD`, session advisory locks (`pg_advisory_lock` & co., in any
+//! spelling: quoted, schema-qualified, attribute notation `(1::bigint).pg_advisory_lock`, or inside
+//! a `DO` block), `CREATE TEMP TABLE` without `ON COMMIT DROP`, and a `PREPARE` that nothing in the
+//! same transaction uses.
 
 use super::lexer::{Kind, Token};
 use super::split;
 use crate::error::{sqlstate, PgError};
-use crate::guard::literal::ident_value;
+use crate::guard::literal::{ident_value, string_value};
 
 const SESSION_LOCKS: [&str; 4] = ["pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"];
 
@@ -33,9 +34,7 @@ pub fn check(sql: &[u8], in_block: bool) -> Result<(), PgError> {
         if first.is_some_and(|t| t.is_word("declare")) && toks.windows(2).any(|w| w[0].is_word("with") && w[1].is_word("hold")) {
             return Err(refuse("a WITH HOLD cursor"));
         }
-        if toks.windows(2).any(|w| {
-            ident_value(&w[0]).is_some_and(|n| SESSION_LOCKS.contains(&n.as_str())) && w[1].kind == Kind::Op && w[1].text == b"("
-        }) {
+        if takes_session_lock(toks, 0) {
             return Err(refuse("a session-level advisory lock (use pg_advisory_xact_lock)"));
         }
         let temp = first.is_some_and(|t| t.is_word("create"))
@@ -52,6 +51,25 @@ pub fn check(sql: &[u8], in_block: bool) -> Result<(), PgError> {
     Ok(())
 }
 
+/// Whether a statement names a session advisory lock function. Any identifier counts, not only
+/// `name(`: Postgres also calls a one-argument function in attribute notation,
+/// `(1::bigint).pg_advisory_lock`. The bodies of `DO` blocks run at once, so they are searched too
+/// (a nested `DO` inside a PL/pgSQL body follows `BEGIN` & co.). Strings run by `EXECUTE` are not
+/// seen: `pgtenant doctor`'s `advisory_locks` privilege check covers those.
+fn takes_session_lock(toks: &[Token<'_>], depth: u32) -> bool {
+    if toks.iter().any(|t| ident_value(t).is_some_and(|n| SESSION_LOCKS.contains(&n.as_str()))) {
+        return true;
+    }
+    let runs_body = if depth == 0 { toks.first().is_some_and(|t| t.is_word("do")) } else { toks.iter().any(|t| t.is_word("do")) };
+    runs_body
+        && depth < 3
+        && toks
+            .iter()
+            .filter(|t| t.kind == Kind::String)
+            .filter_map(string_value)
+            .any(|body| split(body.as_bytes()).iter().any(|s| takes_session_lock(s, depth + 1)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,6 +81,12 @@ mod tests {
             "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
             "select pg_advisory_lock(1)",
             "select pg_catalog.pg_try_advisory_lock(1, 2)",
+            "select (42::bigint).pg_advisory_lock",
+            "select \"pg_advisory_lock_shared\"(1)",
+            "select U&\"pg_\\0061dvisory_lock\"(1)",
+            "DO $$ BEGIN PERFORM pg_advisory_lock(1); END $$",
+            "do $x$ begin perform pg_catalog.pg_try_advisory_lock(1); end $x$",
+            "DO $a$ BEGIN DO $b$ BEGIN PERFORM pg_advisory_lock(1); END $b$; END $a$",
             "CREATE TEMP TABLE t (x int)",
             "create temporary table t as select 1",
             "PREPARE q AS select 1",
@@ -78,6 +102,10 @@ mod tests {
             "PREPARE q AS select 1; EXECUTE q",
             "PREPARE TRANSACTION 'x'",
             "select 'LISTEN x'",
+            "select 'pg_advisory_lock(1)'",
+            "insert into t values ('pg_advisory_lock(1)') on conflict do nothing",
+            "DO $$ BEGIN PERFORM pg_advisory_xact_lock(1); END $$",
+            "CREATE FUNCTION f() RETURNS void LANGUAGE sql AS 'select pg_advisory_lock(1)'",
         ] {
             assert!(check(sql.as_bytes(), false).is_ok(), "{sql}");
         }
