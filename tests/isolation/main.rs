@@ -8,6 +8,10 @@
 
 #[path = "../integration/common/mod.rs"]
 mod common;
+mod adversarial;
+mod interference;
+mod pristine;
+mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -33,6 +37,18 @@ fn main() {
     run_all(&[
         ("adversarial_escape_attempts", |env| Box::pin(adversarial(env))),
         ("bypass_pool_unreachable_with_tenant_tokens", |env| Box::pin(bypass_unreachable(env))),
+        ("raw_function_call_refused", |env| Box::pin(adversarial::function_calls(env))),
+        ("raw_function_call_allowlist", |env| Box::pin(adversarial::function_call_allowlist(env))),
+        ("raw_cr_comment_attacks", |env| Box::pin(adversarial::cr_comments(env))),
+        ("raw_uescape_attacks", |env| Box::pin(adversarial::uescape(env))),
+        ("raw_commit_and_chain_context", |env| Box::pin(adversarial::commit_and_chain(env))),
+        ("raw_poisoned_backend_client_gone", |env| Box::pin(adversarial::poisoned_and_gone(env))),
+        ("raw_poisoned_backend_client_idle", |env| Box::pin(adversarial::poisoned_and_idle(env))),
+        ("raw_pool_timeouts_free_the_slot", |env| Box::pin(adversarial::pool_timeouts(env))),
+        ("raw_session_state_memory_budget", |env| Box::pin(adversarial::session_state_memory(env))),
+        ("pristine_handover_transaction_mode", |env| Box::pin(pristine::transaction_mode(env))),
+        ("pristine_handover_session_mode", |env| Box::pin(pristine::session_mode(env))),
+        ("shared_role_interference", |env| Box::pin(interference::shared_role_interference(env))),
         ("randomized_concurrent_isolation", |env| Box::pin(randomized(env))),
     ]);
 }
@@ -321,6 +337,29 @@ async fn client_loop(c: tokio_postgres::Client, tenant: i32, n: u64, seed: u64, 
                     let e = c.execute("insert into orders (tenant_id, amount) values ($1, -2)", &[&other]).await.expect_err("foreign insert");
                     assert_eq!(e.code().map(|c| c.code()), Some("42501"));
                     t.expected_errors.fetch_add(1, Relaxed);
+                }
+                // raw escape attempts (a `--` comment ended by \r, a UESCAPE identifier): refused
+                // 42501; if one ever runs, the rows it returns are checked like any others
+                99 => {
+                    let sql = if rng.random_bool(0.5) {
+                        format!("select 1; --\rselect set_config('app.tenant_id', '{other}', true); select tenant_id from orders")
+                    } else {
+                        format!("select U&\"set!005fconfig\" UESCAPE '!'('app.tenant_id', '{other}', true); select tenant_id from orders")
+                    };
+                    match c.simple_query(&sql).await {
+                        Err(e) if e.code().map(|c| c.code()) == Some("42501") => {
+                            t.expected_errors.fetch_add(1, Relaxed);
+                        }
+                        Err(e) => return Err(e),
+                        Ok(msgs) => {
+                            eprintln!("tenant {tenant}: escape attempt not refused: {sql:?}");
+                            t.unexpected.fetch_add(1, Relaxed);
+                            check(msgs.iter().filter_map(|m| match m {
+                                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|v| v.parse().ok()),
+                                _ => None,
+                            }).collect());
+                        }
+                    }
                 }
                 // the context itself
                 _ => {

@@ -11,23 +11,34 @@
 use crate::sql::lexer::{Kind, Lexer, Token};
 
 /// The text of a string-literal token; None for kinds we cannot decode (bit strings...) and for
-/// text the server would reject.
+/// text the server would reject. A constant continued across newlines (`'app.'` newline
+/// `'tenant_id'`) is one token: its parts are decoded and joined as the server does.
 pub fn string_value(t: &Token<'_>) -> Option<String> {
     if t.kind != Kind::String {
         return None;
     }
     let s = t.text;
-    if s[0] == b'\'' {
-        return Some(unquote(&s[1..s.len() - 1], b'\''));
-    }
+    let parts: Vec<&[u8]> = t.string_parts().collect();
+    let last = parts.last()?;
     if s[0] == b'$' {
-        let tag_end = s[1..].iter().position(|&c| c == b'$')? + 2;
-        return Some(String::from_utf8_lossy(&s[tag_end..s.len() - tag_end]).into_owned());
+        return Some(String::from_utf8_lossy(last).into_owned());
     }
+    // what follows the closing quote of the last part: nothing, or (U&) a UESCAPE clause
+    let end = last.as_ptr() as usize - s.as_ptr() as usize + last.len() + 1;
+    let rest = s.get(end..)?;
+    let joined = |decode: &dyn Fn(&[u8]) -> Option<String>| -> Option<String> {
+        parts.iter().map(|p| decode(p)).collect::<Option<Vec<String>>>().map(|v| v.concat())
+    };
     match s[0].to_ascii_lowercase() {
-        b'e' => unescape_c(&s[2..s.len() - 1]),
-        b'n' => Some(unquote(&s[2..s.len() - 1], b'\'')),
-        b'u' => unicode_literal(s, b'\''),
+        b'\'' | b'n' if rest.is_empty() => joined(&|p| Some(unquote(p, b'\''))),
+        // escapes never span two parts (`E'\1'` newline `'23'` is \1 then 23)
+        b'e' if rest.is_empty() => joined(&unescape_c),
+        // U& escapes apply to the joined text, with the UESCAPE character if one follows
+        b'u' => {
+            let body = joined(&|p| Some(unquote(p, b'\'')))?;
+            let escape = uescape_clause(rest)?.unwrap_or(b'\\');
+            unescape_unicode(&body, escape)
+        }
         _ => None,
     }
 }
@@ -260,10 +271,16 @@ mod tests {
             "$$app.tenant_id$$",
             "$x$app.tenant_id$x$",
             "N'app.tenant_id'",
+            "'app.'\n'tenant_id'",
+            "'app'\r\t '.' -- c\n'tenant_id'",
+            "E'app\\x2e'\n'tenant_id'",
+            "U&'app!002e' \n 'tenant_id' UESCAPE '!'",
+            "U&'app\\002'\n'etenant_id'",
         ] {
             assert_eq!(lit(s), "app.tenant_id", "{s}");
         }
         assert_eq!(lit("'it''s'"), "it's");
+        assert_eq!(lit("E'\\1'\n'23'"), "\u{1}23");
         assert_eq!(lit("U&'a!!b' UESCAPE '!'"), "a!b");
         assert_eq!(lit("U&'a\\b' UESCAPE '!'"), "a\\b");
         assert_eq!(lit("U&'\\D83D\\DE00'"), "\u{1F600}");

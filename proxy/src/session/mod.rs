@@ -498,6 +498,7 @@ impl Session {
     }
 
     async fn on_client_frame(&mut self, f: Frame) -> Result<Flow, End> {
+        self.idle_since = None;
         if self.skip_to_sync {
             if f.tag == b'S' {
                 self.skip_to_sync = false;
@@ -944,6 +945,11 @@ impl Session {
         }
         if simple {
             build::query(&mut self.backend_out, REFUSAL_STAND_IN);
+            if self.in_batch {
+                // like the refused Query or FunctionCall, the stand-in ends the batch's
+                // transaction if the batch has not failed: what follows needs the context again
+                self.reinject = true;
+            }
         } else {
             build::parse(&mut self.backend_out, "pgtenant_refused", REFUSAL_STAND_IN, vec![]);
             self.in_batch = true;
@@ -1039,14 +1045,23 @@ impl Session {
                 self.pending_sets_failed = true;
             }
             if f.tag == b'Z' && self.replies.is_settled() {
+                // Everything sent has been answered and the last answer is a ReadyForQuery: the
+                // server is not skipping to a Sync (a Query or FunctionCall inside an unsynced
+                // batch was answered, so that batch did not fail).
+                self.in_batch = false;
+                self.reinject = false;
+                self.replies.batch_failed = false;
                 self.settle_pending_sets();
                 if self.replies.status == b'I' {
                     self.statements.transaction_ended();
                     self.tx_since = None;
                     self.idle_since = None;
-                } else if !self.in_batch && self.held.is_none() {
-                    self.idle_since = Some(std::time::Instant::now());
                 }
+            }
+            // the client has its answers but the backend is not free (an open transaction, or an
+            // unsynced batch): it is idle in a transaction from now on
+            if self.replies.is_settled() && self.held.is_none() && self.idle_since.is_none() && self.lease.is_some() && !self.backend_clean() {
+                self.idle_since = Some(std::time::Instant::now());
             }
         }
     }

@@ -27,15 +27,38 @@ const STATEMENTS: &[&str] = &[
 /// table; data-modifying CTEs run DML.
 const STATEFUL_WORDS: &[&str] = &["into", "insert", "update", "delete", "merge", "copy", "prepare", "listen", "declare", "set"];
 
-/// Keywords that may stand right before `(` without being a function call.
-const PAREN_KEYWORDS: &[&str] = &[
-    "in", "any", "some", "all", "exists", "values", "over", "filter", "within", "as", "from", "join", "using", "on",
-    "where", "and", "or", "not", "select", "by", "then", "else", "when", "case", "is", "between", "like", "ilike",
-    "row", "array", "lateral", "with", "union", "intersect", "except", "having", "limit", "offset", "group", "order",
-    "partition", "distinct", "returning", "fetch", "only", "of", "nowait", "locked", "for", "table", "isolation", "level",
-    // type names with modifiers: numeric(12,2), varchar(10), timestamp(3)
-    "numeric", "decimal", "varchar", "char", "character", "varying", "bit", "timestamp", "time", "interval", "float",
+/// Keywords that may stand right before `(` and can never name a function (PostgreSQL's reserved
+/// and "column name" keywords): syntax such as `IN (…)`, `EXISTS (…)`, `CAST (…)`, `numeric(12,2)`.
+const NEVER_FUNCTIONS: &[&str] = &[
+    "all", "and", "any", "array", "as", "case", "cast", "check", "distinct", "else", "end", "except", "exists", "extract",
+    "fetch", "for", "from", "group", "having", "in", "intersect", "lateral", "limit", "not", "offset", "on", "only", "or",
+    "order", "returning", "select", "some", "table", "then", "union", "using", "when", "where", "window", "with",
+    "between", "row", "values", "coalesce", "nullif", "greatest", "least", "position", "substring", "trim", "overlay",
+    "treat", "normalize", "numeric", "decimal", "dec", "varchar", "char", "character", "nchar", "national", "bit",
+    "timestamp", "time", "interval", "float", "int", "integer", "smallint", "bigint", "real", "boolean", "precision",
 ];
+
+/// Keywords that can also name a function: not a call only where the grammar makes them syntax.
+fn keyword_not_call(t: &Token<'_>, prev: Option<&Token<'_>>) -> bool {
+    let prev_is = |f: &dyn Fn(&Token<'_>) -> bool| prev.is_some_and(f);
+    let after_operand = prev_is(&|p| {
+        (p.kind == Kind::Word && !is_word_in(p, NEVER_FUNCTIONS))
+            || matches!(p.kind, Kind::QuotedIdent | Kind::String | Kind::Number | Kind::Param)
+            || p.text == b")"
+            || p.text == b"]"
+    });
+    if is_word_in(t, &["filter", "over", "within"]) {
+        prev_is(&|p| p.text == b")") // count(*) FILTER (…), rank() OVER (…)
+    } else if is_word_in(t, &["like", "ilike", "similar", "join", "overlaps"]) {
+        after_operand // x LIKE (…), a JOIN (b …)
+    } else if t.is_word("varying") {
+        prev_is(&|p| p.is_word("character"))
+    } else if t.is_word("by") {
+        prev_is(&|p| p.is_word("group") || p.is_word("order") || p.is_word("partition"))
+    } else {
+        false
+    }
+}
 
 /// Built-in functions with no side effect on the session.
 const PURE_FUNCTIONS: &[&str] = &[
@@ -73,13 +96,17 @@ fn statement_is_stateless(toks: &[Token<'_>]) -> bool {
             Kind::Word if is_word_in(t, STATEFUL_WORDS) => return false,
             Kind::Word | Kind::QuotedIdent => {
                 let call = toks.get(i + 1).is_some_and(|n| n.kind == Kind::Op && n.text == b"(");
-                if !call || is_word_in(t, PAREN_KEYWORDS) {
+                if !call {
                     continue;
                 }
-                // a schema-qualified name is only pure in pg_catalog
+                // a schema-qualified name is always a function, and only pure in pg_catalog
                 let qualified = i >= 2 && toks[i - 1].kind == Kind::Op && toks[i - 1].text == b".";
                 if qualified && ident_value(&toks[i - 2]).as_deref() != Some("pg_catalog") {
                     return false;
+                }
+                let prev = if i > 0 { toks.get(i - 1) } else { None };
+                if !qualified && t.kind == Kind::Word && (is_word_in(t, NEVER_FUNCTIONS) || keyword_not_call(t, prev)) {
+                    continue;
                 }
                 if t.kind == Kind::QuotedIdent || !PURE_FUNCTIONS.iter().any(|f| t.is_word(f)) {
                     return false;
@@ -107,6 +134,9 @@ mod tests {
             "select * from orders where id in (select id from orders) and exists (select 1)",
             "SAVEPOINT a; ROLLBACK TO SAVEPOINT a; RELEASE a",
             "show search_path",
+            "select x from t where name like ('a%') and x::character varying(10) = 'b'",
+            "select rank() over (partition by a order by (b)) from t group by (a)",
+            "select * from a join (b join c on true) on true",
             "",
         ] {
             assert!(is_stateless(sql.as_bytes()), "{sql}");
@@ -137,6 +167,11 @@ mod tests {
             "CALL p()",
             "DO $$ BEGIN END $$",
             "select 1; select f()",
+            "select public.filter()",
+            "select level()",
+            "select filter()",
+            "select like('a')",
+            "select x from t where a = 1 and by(2)",
             "select 'abc",
             "copy orders to stdout",
             "explain analyze select 1",
