@@ -4,7 +4,8 @@
 #   scripts/fuzz.sh [SECONDS]          every target for SECONDS each (default 30; CI's short run)
 #   FUZZ_TARGETS="sql_guard claims" scripts/fuzz.sh 600     only some targets
 #
-# Steps: installs cargo-fuzz if missing, builds all targets once, replays every saved input under
+# Steps: installs cargo-fuzz if missing (and, for lexer_diff's pg_query build, protoc and libclang
+# via apt-get), builds all targets once, replays every saved input under
 # proxy/fuzz/regressions/<target>/, then fuzzes each target in turn (one process, one core) with
 # its seeds in proxy/fuzz/corpus/<target>/ (new inputs are added there; git ignores them).
 # Exits non-zero if any target crashed, panicked, hung (-timeout), ran out of memory
@@ -12,7 +13,7 @@
 # Logs: proxy/fuzz/logs/<target>.log (and <target>.regressions.log).
 #
 # Environment:
-#   FUZZ_TARGETS     targets to run (default: all four)
+#   FUZZ_TARGETS     targets to run (default: all five)
 #   FUZZ_SANITIZER   cargo fuzz -s value (default "none"; "address" needs a nightly-only flag and is
 #                    then built with RUSTC_BOOTSTRAP=1 on a stable toolchain)
 #   FUZZ_JOBS        cargo build jobs (default: cargo's own default)
@@ -27,7 +28,7 @@ esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 FUZZ_DIR="$ROOT/proxy/fuzz"
-TARGETS="${FUZZ_TARGETS:-frontend_frames startup_packet sql_guard claims}"
+TARGETS="${FUZZ_TARGETS:-frontend_frames startup_packet sql_guard claims lexer_diff}"
 SANITIZER="${FUZZ_SANITIZER:-none}"
 RSS_MB="${FUZZ_RSS_MB:-2048}"
 TIMEOUT="${FUZZ_TIMEOUT:-10}"
@@ -39,9 +40,23 @@ max_len() {
         startup_packet) echo 12288 ;;   # just above the 10,000-byte startup packet limit
         sql_guard) echo 16384 ;;
         claims) echo 16384 ;;           # the verifier refuses tokens over 16 KiB
+        lexer_diff) echo 4096 ;;        # each input is scanned several times by libpg_query
         *) echo 4096 ;;
     esac
 }
+
+# The lexer_diff target links the pg_query crate (libpg_query, PostgreSQL's own scanner), whose
+# build script needs protoc (prost-build) and libclang (bindgen) besides make and a C compiler.
+need_pkg=()
+command -v protoc >/dev/null 2>&1 || need_pkg+=(protobuf-compiler)
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need_pkg+=(libclang-dev)
+command -v make >/dev/null 2>&1 || need_pkg+=(make)
+if [ ${#need_pkg[@]} -gt 0 ]; then
+    echo "== installing: ${need_pkg[*]}"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkg[@]}" >/dev/null
+fi
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
     echo "== installing cargo-fuzz"

@@ -14,6 +14,8 @@ command -v pgbench >/dev/null 2>&1 || need_pkg+=(postgresql-contrib)
 command -v openssl >/dev/null 2>&1 || need_pkg+=(openssl)
 command -v java >/dev/null 2>&1 || need_pkg+=(default-jre-headless)
 [ -f /usr/share/java/postgresql.jar ] || need_pkg+=(libpostgresql-jdbc-java)
+# libclang for bindgen, which builds the pg_query crate of the lexer_diff fuzz target
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || need_pkg+=(libclang-dev)
 if [ ${#need_pkg[@]} -gt 0 ]; then
   echo "installing: ${need_pkg[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -68,7 +68,7 @@ impl State {
     fn prepare_on_backend(&mut self, key: &Bytes) -> prepared::Prepared {
         let p = self.backend.prepare(key);
         assert!(p.name.starts_with("pgtenant_s"));
-        if let Some(evict) = &p.evict {
+        for evict in &p.evict {
             prepared::target_frame(&mut self.out, b'C', evict);
             let f = one_frame(&mut self.out);
             assert_eq!(f.tag, b'C');
@@ -138,7 +138,7 @@ impl State {
                 // as in Session::on_work: the statement's key is the Parse body after the name
                 let key = f.bytes.slice(5 + name.len() + 1..);
                 assert_eq!(peek::cstr(&key).map(|(k, _)| k), Some(q));
-                let Some(def) = self.statements.parse(name, q, key) else { return true };
+                let Ok(def) = self.statements.parse(name, q, key, 16 << 20) else { return true };
                 if !name.is_empty() {
                     let def2 = self.statements.get(name).expect("a parsed statement is found by name").clone();
                     assert_eq!(def2.key, def.key);

@@ -758,4 +758,30 @@ mod tests {
         // a NUL is a one-byte token (the server never reads past one)
         assert_eq!(lex(b"a\0b"), [(Word, "a".into()), (Op, "\0".into()), (Word, "b".into())]);
     }
+
+    /// Inputs kept in proxy/fuzz/regressions/lexer_diff/ (the `orig-*` ones are covered by the
+    /// tests above; these are the rest).
+    #[test]
+    fn fuzz_regressions() {
+        // orig-continuation-e: the server runs the second statement
+        assert_eq!(
+            texts("select E'a'\n'\\'' ; select set_config('app.tenant_id','2',true) --'")[1..4],
+            ["E'a'\n'\\''", ";", "select"]
+        );
+        // harness-e-continuation-across-comment-then-error
+        assert_eq!(
+            texts("select /* a /* b */ c */ select E'a' --x\n'\\'' ; select set_c1; /*o/"),
+            ["select", "select", "E'a' --x\n'\\''", ";", "select", "set_c1", ";", "|/*o/"]
+        );
+        // harness-quote-inside-comment-after-string: a quote inside a `--` comment after a
+        // string does not continue it
+        let toks = texts("select 'a'\n-- c '*/'b', B'I', 'a'\n-- c4'\n?'0',\"U&'a'\n'b'");
+        assert_eq!(toks, ["select", "'a'", "?", "'0'", ",", "|\"U&'a'\n'b'"]);
+        // harness-escaped-high-byte-invalid-utf8: a backslash before a byte >= 0x80 in an E''
+        // string escapes that byte
+        let toks = lex(b"E'\\u0061\\''\n'\\\xd9\xd8\xdf set_con', e'x'");
+        assert_eq!(toks.len(), 3, "{toks:?}");
+        assert_eq!(toks[0].0, Kind::String);
+        assert_eq!(toks[2], (Kind::String, "e'x'".into()));
+    }
 }
