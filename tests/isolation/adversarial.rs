@@ -760,7 +760,7 @@ pub async fn session_state_memory(env: &Env) -> TestResult {
             _ => other.push(format!("#{i}: {}", r.summary())),
         }
         // two refusals in a row show the budget holds; stop there (and before the time limit)
-        if first_refusal.is_some_and(|f| i >= f + 1) || started.elapsed() > Duration::from_secs(70) {
+        if first_refusal.is_some_and(|f| i > f) || started.elapsed() > Duration::from_secs(70) {
             break;
         }
     }

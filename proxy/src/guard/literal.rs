@@ -63,10 +63,7 @@ pub fn is_unicode_form(t: &Token<'_>) -> bool {
 fn unicode_literal(text: &[u8], quote: u8) -> Option<String> {
     let end = closing_quote(text, 3, quote)?;
     let body = unquote(&text[3..end], quote);
-    let escape = match uescape_clause(&text[end + 1..])? {
-        Some(c) => c,
-        None => b'\\',
-    };
+    let escape = uescape_clause(&text[end + 1..])?.unwrap_or(b'\\');
     unescape_unicode(&body, escape)
 }
 

@@ -151,11 +151,12 @@ impl Guard {
             Some("update") if toks.iter().any(|t| ident_value(t).as_deref() == Some("pg_settings")) => {
                 return Err(refused("UPDATE pg_settings is not allowed".into()));
             }
-            Some("alter") if matches!(word(1).as_deref(), Some("role") | Some("user") | Some("group")) => {
-                if toks.iter().any(|t| t.is_word("set") || t.is_word("reset")) {
-                    return Err(refused("changing a role's settings is not allowed: they would apply to every tenant's connections".into())
-                        .with_hint("change role settings directly against the database as an administrator"));
-                }
+            Some("alter")
+                if matches!(word(1).as_deref(), Some("role") | Some("user") | Some("group"))
+                    && toks.iter().any(|t| t.is_word("set") || t.is_word("reset")) =>
+            {
+                return Err(refused("changing a role's settings is not allowed: they would apply to every tenant's connections".into())
+                    .with_hint("change role settings directly against the database as an administrator"));
             }
             Some("alter") | Some("create") => {
                 self.check_set_clauses(toks)?;

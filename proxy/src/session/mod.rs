@@ -629,7 +629,9 @@ impl Session {
                 dealloc = sql::deallocate_name(q).and_then(|n| self.statements.get(n.as_bytes()).cloned());
                 touches_prepared = dealloc.is_none() && may_touch_prepared(q);
                 let key = f.bytes.slice(5 + name.len() + 1..);
-                match self.statements.parse(name, q, key, self.shared.max_state_bytes) {
+                // the client's session-level SETs share the budget with its statements
+                let budget = self.shared.max_state_bytes.saturating_sub(self.settings.bytes());
+                match self.statements.parse(name, q, key, budget) {
                     Ok(def) => {
                         leaves_state = !def.stateless;
                         Some(def.effect)
@@ -681,7 +683,7 @@ impl Session {
                 if !self.pool.allows_function_calls() {
                     return Ok(self.refuse(function_call_refused(oid), true));
                 }
-                if self.lease.is_none() && !self.replies.batch_failed {
+                if self.lease.is_none() {
                     if let Err(e) = self.attach().await {
                         return Ok(self.refuse(e, true));
                     }
