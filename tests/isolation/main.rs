@@ -101,6 +101,13 @@ const ATTACKS: &[&str] = &[
     "CREATE FUNCTION evil() RETURNS int LANGUAGE sql SET app.tenant_id = '2' AS 'select 1'",
     "PREPARE pgtenant_ctx (text, text, text, text, text, text) AS select 1",
     "DEALLOCATE pgtenant_ctx",
+    // went around the guard before issue 14 (checked on PostgreSQL 15 as a plain role with TEMP):
+    // the aggregate and the dynamic-SQL function switch the context, the procedure drops it, and
+    // ALTER ROLE … SET reaches every later backend of the pool
+    "CREATE AGGREGATE pg_temp.a(text, bool) (SFUNC = set_config, STYPE = text, INITCOND = 'app.tenant_id')",
+    "CREATE FUNCTION pg_temp.f() RETURNS void LANGUAGE plpgsql AS $f$ BEGIN EXECUTE 'select set_con' || 'fig(''app.tenant_id'', ''2'', true)'; END $f$",
+    "CREATE PROCEDURE pg_temp.p() LANGUAGE plpgsql AS $p$ BEGIN COMMIT; END $p$",
+    "ALTER ROLE CURRENT_USER SET search_path = evil",
     "COMMIT; select count(*) from orders",
     "ROLLBACK; insert into orders (tenant_id, amount) values (2, -777)",
     "insert into orders (tenant_id, amount) values (2, -777)",
