@@ -303,10 +303,7 @@ impl Wire {
                     r.closed = true;
                     break;
                 }
-                Ok(Some((tag, body))) => {
-                    r.trace.push(tag as char);
-                    record(&mut r, tag, &body);
-                }
+                Ok(Some((tag, body))) => record(&mut r, tag, &body),
             }
         }
         r
@@ -324,10 +321,7 @@ impl Wire {
                     r.closed = true;
                     break;
                 }
-                Ok(Some((tag, body))) => {
-                    r.trace.push(tag as char);
-                    record(&mut r, tag, &body);
-                }
+                Ok(Some((tag, body))) => record(&mut r, tag, &body),
             }
         }
         r
@@ -364,6 +358,7 @@ impl Wire {
 }
 
 fn record(r: &mut Reply, tag: u8, body: &[u8]) {
+    r.trace.push(tag as char);
     match tag {
         b'E' => r.errors.push(parse_error(body)),
         b'C' => r.tags.push(String::from_utf8_lossy(body.split(|&b| b == 0).next().unwrap_or_default()).into_owned()),

@@ -351,14 +351,14 @@ impl Session {
         };
         let has_backend = brd.is_some();
         let draining = *self.draining.borrow();
-        let (deadline, timeout_err) = match timeout {
-            Some((at, err)) => (Some(at), Some(err)),
+        let (deadline, timeout_kind) = match timeout {
+            Some((at, kind)) => (Some(at), Some(kind)),
             None => (None, None),
         };
         tokio::select! {
             biased;
             _ = self.draining.changed(), if !draining => Event::Draining,
-            _ = sleep_until_opt(deadline), if deadline.is_some() => Event::Timeout(timeout_err.expect("set with the deadline")),
+            _ = sleep_until_opt(deadline), if deadline.is_some() => Event::Timeout(timeout_kind.expect("set with the deadline").error(&self.shared.pool_cfg)),
             r = self.client_wr.write(&self.client_out), if !self.client_out.is_empty() => Event::ClientWrote(r),
             r = write_opt(bwr, &self.backend_out), if has_backend && !self.backend_out.is_empty() => Event::BackendWrote(r),
             r = read_opt(brd, &mut self.backend_in), if has_backend && read_backend => Event::BackendRead(r),
@@ -366,30 +366,19 @@ impl Session {
         }
     }
 
-    /// The nearest proxy-side timeout of the transaction on this session's backend, if any.
-    fn next_timeout(&self) -> Option<(tokio::time::Instant, PgError)> {
+    /// The nearest proxy-side timeout of the transaction on this session's backend, if any. Runs on
+    /// every turn of the event loop: the error is only built when the timeout fires.
+    fn next_timeout(&self) -> Option<(tokio::time::Instant, Timeout)> {
+        self.lease.as_ref()?;
         let pool = &self.shared.pool_cfg;
-        let mut best: Option<(std::time::Instant, PgError)> = None;
-        let mut consider = |since: Option<std::time::Instant>, ms: u64, err: fn(u64) -> PgError| {
-            if let (Some(since), true) = (since, ms > 0) {
-                let at = since + std::time::Duration::from_millis(ms);
-                if best.as_ref().is_none_or(|(b, _)| at < *b) {
-                    best = Some((at, err(ms)));
-                }
-            }
-        };
-        consider(self.tx_since.filter(|_| self.lease.is_some()), pool.transaction_timeout_ms, |ms| {
-            PgError::fatal(sqlstate::TRANSACTION_TIMEOUT, format!("pgtenant: terminating connection due to transaction timeout ({ms} ms)"))
-                .with_hint("the transaction was rolled back; raise pool.transaction_timeout_ms in the pgtenant config if it must run longer")
-        });
-        consider(self.idle_since.filter(|_| self.lease.is_some()), pool.idle_in_transaction_timeout_ms, |ms| {
-            PgError::fatal(
-                sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
-                format!("pgtenant: terminating connection due to idle-in-transaction timeout ({ms} ms)"),
-            )
-            .with_hint("the transaction was rolled back; end transactions promptly, or raise pool.idle_in_transaction_timeout_ms")
-        });
-        best.map(|(at, e)| (tokio::time::Instant::from_std(at), e))
+        [
+            (self.tx_since, pool.transaction_timeout_ms, Timeout::Transaction),
+            (self.idle_since, pool.idle_in_transaction_timeout_ms, Timeout::IdleInTransaction),
+        ]
+        .into_iter()
+        .filter_map(|(since, ms, kind)| Some((since? + std::time::Duration::from_millis(ms), kind)).filter(|_| ms > 0))
+        .min_by_key(|(at, _)| *at)
+        .map(|(at, kind)| (tokio::time::Instant::from_std(at), kind))
     }
 
     /// The server is in COPY FROM STDIN and waits for the client's data (nothing held back).
@@ -1101,6 +1090,30 @@ impl Session {
             }
         }
         self.client_out.extend_from_slice(&f.bytes);
+    }
+}
+
+/// The proxy-side limits on how long a client may hold a backend (`[pool]`).
+#[derive(Debug, Clone, Copy)]
+enum Timeout {
+    Transaction,
+    IdleInTransaction,
+}
+
+impl Timeout {
+    fn error(self, pool: &crate::config::PoolConfig) -> PgError {
+        match self {
+            Timeout::Transaction => PgError::fatal(
+                sqlstate::TRANSACTION_TIMEOUT,
+                format!("pgtenant: terminating connection due to transaction timeout ({} ms)", pool.transaction_timeout_ms),
+            )
+            .with_hint("the transaction was rolled back; raise pool.transaction_timeout_ms in the pgtenant config if it must run longer"),
+            Timeout::IdleInTransaction => PgError::fatal(
+                sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
+                format!("pgtenant: terminating connection due to idle-in-transaction timeout ({} ms)", pool.idle_in_transaction_timeout_ms),
+            )
+            .with_hint("the transaction was rolled back; end transactions promptly, or raise pool.idle_in_transaction_timeout_ms"),
+        }
     }
 }
 
