@@ -209,7 +209,7 @@ impl Cluster {
 
     fn start_server(&mut self) -> Result<(), ClusterError> {
         let conf = format!(
-            "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = 300\n\
+            "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = 300\nmax_prepared_transactions = 8\n\
              shared_buffers = 32MB\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n",
             self.port,
             self.root.display()

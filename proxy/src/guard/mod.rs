@@ -50,6 +50,17 @@ fn refused(message: String) -> PgError {
     PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pgtenant: {message}"))
 }
 
+/// Two-phase commit: a prepared transaction belongs to the shared backend role, not to a tenant,
+/// and outlives the session; pgtenant refuses it rather than let one tenant see or finish
+/// another's (see docs/protocol.md).
+fn two_phase_error() -> PgError {
+    PgError::error(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        "pgtenant: two-phase commit (PREPARE TRANSACTION, COMMIT PREPARED, ROLLBACK PREPARED) is not supported",
+    )
+    .with_hint("prepared transactions belong to the shared database role, not to a tenant; use ordinary transactions")
+}
+
 fn protected_error(name: &str) -> PgError {
     refused(format!("changing setting \"{name}\" is not allowed: pgtenant sets it from your token"))
 }
@@ -138,6 +149,8 @@ impl Guard {
                 }
                 self.check_assignment(toks, i, word(0).as_deref() == Some("set"))?;
             }
+            Some("prepare") if word(1).as_deref() == Some("transaction") => return Err(two_phase_error()),
+            Some("commit") | Some("rollback") if word(1).as_deref() == Some("prepared") => return Err(two_phase_error()),
             Some("prepare") | Some("execute") | Some("deallocate") => {
                 let i = if word(1).as_deref() == Some("prepare") { 2 } else { 1 };
                 if toks.get(i).and_then(ident_value).is_some_and(|n| n.starts_with("pgtenant")) {
@@ -399,6 +412,16 @@ mod tests {
             assert_eq!(r.unwrap_err().code, "42501");
         }
         assert!(g.check(b"RESET ALL", Position { in_block: true }).is_err());
+    }
+
+    #[test]
+    fn refuses_two_phase_commit() {
+        for sql in ["PREPARE TRANSACTION 'x'", "commit prepared 'x'", "begin; select 1; ROLLBACK PREPARED 'x'"] {
+            assert_eq!(guard().check(sql.as_bytes(), IDLE).unwrap_err().code, "0A000", "{sql}");
+        }
+        for sql in ["PREPARE q AS select 1", "commit", "rollback to savepoint prepared"] {
+            assert!(guard().check(sql.as_bytes(), IDLE).is_ok(), "{sql}");
+        }
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub struct Backend {
     pub buf_out: bytes::BytesMut,
     /// OIDs of the functions `tenant.allowed_function_calls` names, as resolved on this connection.
     pub allowed_calls: std::collections::HashSet<u32>,
+    /// The `default_transaction_*` statement a session last ran here (see
+    /// `crate::sql::txmode::defaults_sql`); empty while the role's own defaults hold.
+    pub tx_defaults: String,
 }
 
 impl Backend {
@@ -67,6 +70,7 @@ impl Backend {
             secret_key: c.secret_key,
             created: c.created,
             ctx_prepared: 0,
+            tx_defaults: String::new(),
             statements: BackendStatements::new(prepared_cache),
             owner: 0,
             dirty: false,

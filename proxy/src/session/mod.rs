@@ -5,7 +5,9 @@
 //! when a transaction starts and given back when the backend reports `ReadyForQuery 'I'` with
 //! nothing in flight. In front of the first message of every transaction pgtenant writes its
 //! context statement (see `inject`), whose replies `replies` swallows, so the client sees exactly
-//! what a direct connection would show.
+//! what a direct connection would show. Transaction setup (`BEGIN ISOLATION LEVEL …`, `SET
+//! TRANSACTION …`, see `crate::sql::txmode`) goes ahead of the context, which then waits for the
+//! first message that needs it (`ctx_pending`).
 //!
 //! Pipelining: when a client sends a new batch before the previous one has answered, the
 //! backend's transaction status at that point is not known yet. The context is then sent
@@ -179,8 +181,16 @@ pub struct Session {
     /// Session-level SETs in flight, kept if their query completes cleanly.
     pending_sets: Option<Vec<sql::set::Change>>,
     pending_sets_failed: bool,
-    /// A `COMMIT/ROLLBACK AND CHAIN` went out: the chained transaction needs the context too.
-    chained: bool,
+    /// The transaction the backend is in (or will be in once what was sent runs) has not had the
+    /// context yet: a `COMMIT/ROLLBACK AND CHAIN` went out, or transaction setup (`BEGIN
+    /// ISOLATION LEVEL …`, see `crate::sql::txmode`) went ahead of it. The next message that is
+    /// not setup gets it. Only an injection clears it (a stale flag costs one redundant context).
+    ctx_pending: bool,
+    /// The client's `default_transaction_*` session defaults as SQL for a backend (empty: the
+    /// role's own), applied before each transaction that needs them.
+    tx_defaults: String,
+    /// A client Execute went out in the open batch (DISCARD ALL only runs first in a batch).
+    batch_executed: bool,
     /// When the current transaction got its context (`pool.transaction_timeout_ms`).
     tx_since: Option<std::time::Instant>,
     /// Since when the client has sat idle inside an open transaction
@@ -208,6 +218,7 @@ impl Session {
         };
         view.applied = settings.applied();
         let injection = settings.injection();
+        let tx_defaults = settings.tx_defaults();
         let (client_rd, client_wr) = tokio::io::split(client);
         Session {
             id: NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -239,7 +250,9 @@ impl Session {
             attached_at: std::time::Instant::now(),
             pending_sets: None,
             pending_sets_failed: false,
-            chained: false,
+            ctx_pending: false,
+            tx_defaults,
+            batch_executed: false,
             tx_since: None,
             idle_since: None,
             client_parses: Vec::new(),
@@ -436,6 +449,7 @@ impl Session {
             }
             self.replies.expect(Want::Ready, true, true);
             b.dirty = false;
+            b.tx_defaults.clear(); // RESET ALL
         }
         b.owner = self.id;
         self.lease = Some(lease);
@@ -507,6 +521,7 @@ impl Session {
                 } else {
                     self.forward(&f, false);
                     self.in_batch = false;
+                    self.batch_executed = false;
                     self.reinject = false;
                     self.replies.batch_failed = false;
                     // SETs executed in this batch are kept once its ReadyForQuery shows a clean end
@@ -555,6 +570,10 @@ impl Session {
         let mut function_call = false;
         // `DEALLOCATE name` of one of the client's statements (psycopg evicts its cache this way)
         let mut dealloc: Option<Arc<statements::StatementDef>> = None;
+        // transaction setup only: the context waits for the next message (see `sql::txmode`)
+        let mut setup = false;
+        // setup that chooses modes, then other statements, in one query string
+        let mut modes_then_work = false;
         let effect: Option<TxEffect> = match f.tag {
             b'Q' => {
                 let q = peek::query_msg(f.body()).ok_or_else(malformed)?;
@@ -581,7 +600,7 @@ impl Session {
                     }
                 }
                 if sql::is_discard_all(q) && !self.position().in_block {
-                    self.discard_all();
+                    self.discard_all(true);
                     return Ok(Flow::Continue);
                 }
                 dealloc = sql::deallocate_name(q).and_then(|n| self.statements.get(n.as_bytes()).cloned());
@@ -591,6 +610,11 @@ impl Session {
                 }
                 leaves_state = !sql::stateless::is_stateless(q);
                 chain = sql::chains(q);
+                match sql::txmode::opening(q) {
+                    sql::txmode::Opening::SetupOnly => setup = true,
+                    sql::txmode::Opening::ModesThenWork => modes_then_work = true,
+                    sql::txmode::Opening::Work => {}
+                }
                 if sql::has_session_set(q) && !self.position().in_block && !rolls_back(q) {
                     let changes = sql::set::session_changes(q);
                     if !changes.is_empty() {
@@ -623,6 +647,7 @@ impl Session {
                 match self.statements.parse(name, q, key, budget) {
                     Ok(def) => {
                         leaves_state = !def.stateless;
+                        setup = def.setup;
                         Some(def.effect)
                     }
                     Err(full) => return Ok(self.refuse(self.state_limit_error(full), false)),
@@ -635,7 +660,9 @@ impl Session {
                 }
                 let effect = self.statements.bind(portal, stmt);
                 // a statement parsed in an earlier transaction may run here on another backend
-                leaves_state = self.statements.portal(portal).is_none_or(|d| !d.stateless);
+                let def = self.statements.portal(portal);
+                leaves_state = def.is_none_or(|d| !d.stateless);
+                setup = def.is_some_and(|d| d.setup);
                 effect
             }
             b'E' => {
@@ -649,6 +676,11 @@ impl Session {
                 }
                 leaves_state = def.as_ref().is_none_or(|d| !d.stateless);
                 chain = def.as_ref().is_some_and(|d| d.chain);
+                setup = def.as_ref().is_some_and(|d| d.setup);
+                if def.as_ref().is_some_and(|d| d.discard_all) && self.batch_started_idle && !self.batch_executed && self.lease.is_some() {
+                    self.discard_all(false);
+                    return Ok(Flow::Continue);
+                }
                 def.map(|d| d.effect)
             }
             b'C' | b'D' => {
@@ -656,6 +688,9 @@ impl Session {
                 if reserved_name(name) {
                     return Ok(self.refuse(reserved_name_error(), false));
                 }
+                // a Close takes no snapshot, nor does a Describe of transaction setup: the
+                // context can wait for the statement that needs it
+                setup = f.tag == b'C' || self.statements.target(kind, name).is_some_and(|d| d.setup);
                 if f.tag == b'C' {
                     self.statements.close(kind, name);
                     if kind == b'S' && !name.is_empty() {
@@ -690,33 +725,46 @@ impl Session {
             self.batch_started_idle = !self.position().in_block;
         }
         let mut injected = false;
-        if (!self.in_batch || self.reinject) && !self.replies.batch_failed {
-            if self.lease.is_none() {
+        if (!self.in_batch || self.reinject || self.ctx_pending) && !self.replies.batch_failed {
+            // a backend attached just now is idle once its reset (if any) has run
+            let fresh = self.lease.is_none();
+            if fresh {
                 if let Err(e) = self.attach().await {
                     return Ok(self.refuse(e, simple));
                 }
             }
-            let inject = if self.in_batch {
-                true // re-inject after a COMMIT/ROLLBACK inside the batch
+            let known_idle = !self.in_batch && (fresh || (self.replies.is_settled() && self.replies.status == b'I'));
+            let inject = if self.in_batch || known_idle {
+                true // in a batch: after a COMMIT/ROLLBACK or transaction setup inside it
             } else if self.replies.is_settled() {
-                // after AND CHAIN the server is already in the next transaction ('T')
-                self.replies.status == b'I' || (self.chained && self.replies.status == b'T')
+                self.ctx_pending && self.replies.status == b'T'
             } else if !simple
                 && matches!(f.tag, b'P' | b'B' | b'E')
                 && matches!(effect, Some(TxEffect::None) | Some(TxEffect::Begin))
+                && self.lease.as_ref().is_some_and(|l| l.backend.tx_defaults == self.tx_defaults)
             {
                 true // pipelined: speculative, see the module docs
             } else {
                 return Ok(Flow::Hold(f));
             };
             if inject {
-                let lease = self.lease.as_mut().expect("attached above");
-                self.injection.write(&mut self.backend_out, &mut lease.backend.ctx_prepared, &mut self.replies);
-                metrics::counter!(crate::admin::names::CONTEXT_INJECTIONS).increment(1);
-                injected = true;
-                self.chained = false;
+                if modes_then_work {
+                    return Ok(self.refuse(modes_then_work_error(), simple));
+                }
+                if known_idle {
+                    self.apply_tx_defaults();
+                }
                 if self.tx_since.is_none() || !self.position().in_block {
                     self.tx_since = Some(std::time::Instant::now());
+                }
+                if setup {
+                    self.ctx_pending = true; // the context goes in front of the next message
+                } else {
+                    let lease = self.lease.as_mut().expect("attached above");
+                    self.injection.write(&mut self.backend_out, &mut lease.backend.ctx_prepared, &mut self.replies);
+                    metrics::counter!(crate::admin::names::CONTEXT_INJECTIONS).increment(1);
+                    injected = true;
+                    self.ctx_pending = false;
                 }
             }
             self.reinject = false;
@@ -747,7 +795,10 @@ impl Session {
             }
         }
         if chain {
-            self.chained = true;
+            self.ctx_pending = true;
+        }
+        if f.tag == b'E' {
+            self.batch_executed = true;
         }
         if simple {
             // A Query or FunctionCall inside an unsynced extended batch does not end it for sure:
@@ -892,6 +943,7 @@ impl Session {
     /// A reply pgtenant gives itself, in order with the backend's replies.
     fn synthetic(&mut self, tag: u8) {
         if self.lease.is_none() {
+            debug_assert_ne!(tag, SYNTHETIC_DISCARD_ALL);
             push_empty_message(&mut self.client_out, tag); // nothing in flight: answer now
         } else if !self.replies.batch_failed {
             self.replies.expect_synthetic(tag);
@@ -901,7 +953,11 @@ impl Session {
 
     fn drain_synthetic(&mut self) {
         while let Some(tag) = self.replies.take_synthetic() {
-            push_empty_message(&mut self.client_out, tag);
+            if tag == SYNTHETIC_DISCARD_ALL {
+                push_discard_all(&mut self.client_out);
+            } else {
+                push_empty_message(&mut self.client_out, tag);
+            }
         }
     }
 
@@ -951,13 +1007,18 @@ impl Session {
     }
 
     /// `DISCARD ALL` outside a transaction: pgtenant's pools and drivers send it to reset a
-    /// session. The client becomes a fresh virtual session: its statements are forgotten and any
-    /// backend it left state on is reset before anyone (itself included) uses it again.
-    fn discard_all(&mut self) {
+    /// session. The client becomes a fresh virtual session: its statements and settings are
+    /// forgotten and any backend it left state on is reset before anyone (itself included) uses it
+    /// again. The server cannot run it itself (pgtenant's context makes every transaction a
+    /// pipeline), so pgtenant answers: at once for a simple Query (nothing is in flight), in order
+    /// with the batch's other replies for an Execute (the first of a batch that began outside a
+    /// transaction, as the server requires).
+    fn discard_all(&mut self, simple: bool) {
         self.statements.clear_statements();
         self.statements.transaction_ended();
         self.settings.apply(&[sql::set::Change::ResetAll]);
         self.injection = self.settings.injection();
+        self.tx_defaults = self.settings.tx_defaults();
         self.view.applied = self.settings.applied();
         self.id = NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(l) = self.lease.as_mut() {
@@ -967,15 +1028,33 @@ impl Session {
             l.backend.statements.clear();
             l.backend.ctx_prepared = 0;
             l.backend.owner = self.id;
+            l.backend.tx_defaults.clear();
         }
-        let mut cc = BytesMut::new();
-        let _ = pgwire::messages::Message::encode(
-            &pgwire::messages::response::CommandComplete::new("DISCARD ALL".to_string()),
-            &mut cc,
-        );
+        if !simple {
+            // the Query above ended the batch's transaction: what follows needs the context again
+            self.reinject = true;
+            self.synthetic(SYNTHETIC_DISCARD_ALL);
+            return;
+        }
+        push_discard_all(&mut self.client_out);
         // only called outside a transaction with nothing in flight, so the answer goes out now
-        self.client_out.extend_from_slice(&cc);
         build::ready_for_query(&mut self.client_out, b'I');
+    }
+
+    /// Gives the backend the client's `default_transaction_*` defaults before a transaction starts
+    /// (pipelined, its own statement: a setting made inside the transaction would come too late).
+    /// `backend.tx_defaults` is what pgtenant last gave the connection; a client that changes them
+    /// some other way (`set_config(…, false)`, a function) changes its own backend's session state,
+    /// as on a direct connection, and the reset before another client clears it.
+    fn apply_tx_defaults(&mut self) {
+        let Some(l) = self.lease.as_mut() else { return };
+        if l.backend.tx_defaults == self.tx_defaults {
+            return;
+        }
+        let sql = if self.tx_defaults.is_empty() { sql::txmode::RESET_DEFAULTS } else { &self.tx_defaults };
+        build::query(&mut self.backend_out, sql);
+        self.replies.expect(Want::Ready, true, true);
+        l.backend.tx_defaults = self.tx_defaults.clone();
     }
 
     /// What the guard needs to know about where a statement runs.
@@ -1040,6 +1119,7 @@ impl Session {
                 // server is not skipping to a Sync (a Query or FunctionCall inside an unsynced
                 // batch was answered, so that batch did not fail).
                 self.in_batch = false;
+                self.batch_executed = false;
                 self.reinject = false;
                 self.replies.batch_failed = false;
                 self.settle_pending_sets();
@@ -1077,6 +1157,7 @@ impl Session {
             if !self.pending_sets_failed && self.replies.status == b'I' {
                 self.settings.apply(&changes);
                 self.injection = self.settings.injection();
+                self.tx_defaults = self.settings.tx_defaults();
                 self.view.applied = self.settings.applied();
             }
         }
@@ -1164,6 +1245,25 @@ fn peek_sql(f: &Frame) -> &[u8] {
         b'Q' => peek::query_msg(f.body()).unwrap_or_default(),
         _ => peek::parse_msg(f.body()).map(|(_, q)| q).unwrap_or_default(),
     }
+}
+
+/// The synthetic reply that stands for `CommandComplete "DISCARD ALL"` (see `discard_all`).
+const SYNTHETIC_DISCARD_ALL: u8 = b'C';
+
+fn push_discard_all(out: &mut BytesMut) {
+    let _ = pgwire::messages::Message::encode(
+        &pgwire::messages::response::CommandComplete::new("DISCARD ALL".to_string()),
+        out,
+    );
+}
+
+/// BEGIN / SET TRANSACTION choosing modes, followed by other statements in one query string.
+fn modes_then_work_error() -> PgError {
+    PgError::error(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        "pgtenant: a transaction's isolation level, read-only or deferrable mode must be set in a query of its own, not followed by other statements in the same query string",
+    )
+    .with_hint("send BEGIN ISOLATION LEVEL … (or SET TRANSACTION …) as one query and the rest of the transaction after it: pgtenant puts the tenant context between them")
 }
 
 /// A message with an empty body (ParseComplete, CloseComplete, ...).

@@ -50,6 +50,12 @@ impl ClientSettings {
         Injection::new(&names, &values)
     }
 
+    /// The client's `default_transaction_*` defaults as SQL for a backend (see
+    /// `crate::sql::txmode::defaults_sql`).
+    pub fn tx_defaults(&self) -> String {
+        crate::sql::txmode::defaults_sql(&self.effective())
+    }
+
     /// Bytes the client's session-level SETs take.
     pub fn bytes(&self) -> usize {
         self.overrides.iter().map(|(n, v)| n.len() + v.len()).sum()

@@ -36,6 +36,11 @@ pub struct StatementDef {
     pub chain: bool,
     /// Session-level SETs the statement makes (kept for the client when it ran cleanly).
     pub sets: Option<Arc<Vec<Change>>>,
+    /// Transaction setup only (`BEGIN ISOLATION LEVEL …`, `SET TRANSACTION …`): the context waits
+    /// for the next statement (see `crate::sql::txmode`).
+    pub setup: bool,
+    /// Exactly `DISCARD ALL`: pgtenant runs it itself (see `Session::discard_all`).
+    pub discard_all: bool,
 }
 
 #[derive(Debug, Default)]
@@ -69,6 +74,8 @@ impl Statements {
             effect: sql::summarize(query).first,
             stateless: sql::stateless::is_stateless(query),
             chain: sql::chains(query),
+            setup: sql::txmode::opening(query) == sql::txmode::Opening::SetupOnly,
+            discard_all: sql::is_discard_all(query),
             key,
             sets,
         });
@@ -100,6 +107,11 @@ impl Statements {
 
     pub fn get(&self, name: &[u8]) -> Option<&Arc<StatementDef>> {
         self.named_stmts.get(name)
+    }
+
+    /// The statement (`kind` b'S') or portal a Describe or Close names.
+    pub fn target(&self, kind: u8, name: &[u8]) -> Option<&Arc<StatementDef>> {
+        if kind == b'S' { self.statement(name) } else { self.portal(name) }
     }
 
     fn statement(&self, name: &[u8]) -> Option<&Arc<StatementDef>> {

@@ -7,6 +7,7 @@ pub mod lexer;
 pub mod pooling;
 pub mod set;
 pub mod stateless;
+pub mod txmode;
 
 use lexer::{Kind, Lexer, Token};
 

@@ -14,10 +14,13 @@ pub enum Change {
 }
 
 /// The session-level changes a query string makes, in order (`SET LOCAL`, `SET TRANSACTION`,
-/// `SET CONSTRAINTS`, `SET ROLE`/`SESSION AUTHORIZATION` and `SET SESSION CHARACTERISTICS` are
-/// not session settings pgtenant keeps).
+/// `SET CONSTRAINTS` and `SET ROLE`/`SESSION AUTHORIZATION` are not session settings pgtenant
+/// keeps; `SET SESSION CHARACTERISTICS AS TRANSACTION …` sets the `default_transaction_*` ones).
 pub fn session_changes(sql: &[u8]) -> Vec<Change> {
-    split(sql).iter().filter_map(|toks| change(toks)).collect()
+    split(sql)
+        .iter()
+        .flat_map(|toks| super::txmode::characteristics_changes(toks).unwrap_or_else(|| change(toks).into_iter().collect()))
+        .collect()
 }
 
 fn change(toks: &[Token<'_>]) -> Option<Change> {
