@@ -3,8 +3,8 @@
 //! applied by `set_config(name, value, true)`.
 //!
 //! The module tree follows the data path:
-//! client side (`client`: TLS, startup, auth) → `jwt` → `tenant` context → `session` (transaction
-//! state machine, injection) → `pool` / `backend`.
+//! client side (`client`: TLS, startup, auth) → `jwt` → `tenant` context (`signing`: the copy the
+//! database can verify) → `session` (transaction state machine, injection) → `pool` / `backend`.
 
 pub mod admin;
 pub mod audit;
@@ -24,5 +24,6 @@ pub mod pool;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod signing;
 pub mod sql;
 pub mod tenant;

@@ -58,6 +58,9 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("tenant", "protected_settings", EnvType::List),
     ("tenant", "allow_do", EnvType::Bool),
     ("tenant", "allowed_function_calls", EnvType::List),
+    ("tenant", "signing_key", EnvType::Str),
+    ("tenant", "signing_key_file", EnvType::Str),
+    ("tenant", "signing_kid", EnvType::Str),
     ("pool", "prepared_statements_cache", EnvType::Int),
     ("pool", "mode", EnvType::Str),
     ("pool", "query_wait_timeout_ms", EnvType::Int),
@@ -215,6 +218,7 @@ impl Config {
                 return invalid(format!("tenant.settings.{name}: invalid claim path `{path}`"));
             }
         }
+        self.tenant.signing_key_bytes()?;
         if self.tenant.role_claim.is_some() && self.tenant.allowed_roles.is_empty() {
             return invalid("tenant.role_claim needs tenant.allowed_roles".into());
         }
@@ -453,6 +457,45 @@ pub struct TenantConfig {
     /// functions pgjdbc uses): names in `pg_catalog` or `schema.name`. Every other FunctionCall is
     /// refused (42501); `set_config` never resolves. Takes effect on restart.
     pub allowed_function_calls: Vec<String>,
+    /// Key that signs the tenant context for the database to verify (see `crate::signing`): at
+    /// least 32 bytes. Off when neither this nor `signing_key_file` is set.
+    pub signing_key: Option<String>,
+    /// File holding the signing key (its content, trailing newline removed).
+    pub signing_key_file: Option<PathBuf>,
+    /// Name of the signing key, as installed in the database (`pgtenant install-sql`).
+    pub signing_kid: String,
+}
+
+impl TenantConfig {
+    /// The signing key's bytes, when signing is configured.
+    pub fn signing_key_bytes(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let key = match (&self.signing_key, &self.signing_key_file) {
+            (Some(_), Some(_)) => return Err(ConfigError::Invalid("tenant.signing_key and tenant.signing_key_file are exclusive".into())),
+            (Some(k), None) => k.as_bytes().to_vec(),
+            (None, Some(f)) => {
+                let mut k = std::fs::read(f)
+                    .map_err(|e| ConfigError::Invalid(format!("tenant.signing_key_file {}: {e}", f.display())))?;
+                while k.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    k.pop();
+                }
+                k
+            }
+            (None, None) => return Ok(None),
+        };
+        if key.len() < 32 {
+            return Err(ConfigError::Invalid(format!(
+                "tenant.signing_key must be at least 32 bytes (got {}); generate one with `openssl rand -hex 32`",
+                key.len()
+            )));
+        }
+        let kid_ok = !self.signing_kid.is_empty()
+            && self.signing_kid.len() <= 63
+            && self.signing_kid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+        if !kid_ok {
+            return Err(ConfigError::Invalid("tenant.signing_kid: 1-63 letters, digits, '_', '-' or '.'".into()));
+        }
+        Ok(Some(key))
+    }
 }
 
 impl Default for TenantConfig {
@@ -465,6 +508,9 @@ impl Default for TenantConfig {
             protected_settings: Vec::new(),
             allow_do: false,
             allowed_function_calls: Vec::new(),
+            signing_key: None,
+            signing_key_file: None,
+            signing_kid: "k1".into(),
         }
     }
 }
