@@ -16,6 +16,7 @@
 //! else (a simple Query, a ROLLBACK, a Close) waits until the earlier replies are in.
 
 mod audit;
+mod bind;
 pub mod inject;
 pub mod prepared;
 pub mod replies;
@@ -625,9 +626,11 @@ impl Session {
                 if reserved_name(name) {
                     return Ok(self.refuse_statement(reserved_name_error(), q, "reserved_name", false));
                 }
-                if let Err(e) = self.guard.check(q, self.position()) {
-                    return Ok(self.refuse_statement(e, q, "guard", false));
-                }
+                let types = peek::parse_param_types(f.body()).unwrap_or_default();
+                let bind_checks = match self.guard.check_parse(q, &types, self.position()) {
+                    Ok(calls) => calls,
+                    Err(e) => return Ok(self.refuse_statement(e, q, "guard", false)),
+                };
                 if !self.shared.session_mode {
                     if let Err(e) = sql::pooling::check(q, true) {
                         return Ok(self.refuse_statement(e, q, "pooling", false));
@@ -638,7 +641,7 @@ impl Session {
                 let key = f.bytes.slice(5 + name.len() + 1..);
                 // the client's session-level SETs share the budget with its statements
                 let budget = self.shared.max_state_bytes.saturating_sub(self.settings.bytes());
-                match self.statements.parse(name, q, key, budget) {
+                match self.statements.parse_with_checks(name, q, key, budget, bind_checks) {
                     Ok(def) => {
                         leaves_state = !def.stateless;
                         setup = def.setup;
@@ -652,7 +655,10 @@ impl Session {
                 if reserved_name(portal) || reserved_name(stmt) {
                     return Ok(self.refuse(reserved_name_error(), false));
                 }
-                let effect = self.statements.bind(portal, stmt);
+                let effect = match self.bind_portal(f.body(), portal, stmt) {
+                    Ok(effect) => effect,
+                    Err(refused) => return Ok(refused),
+                };
                 // a statement parsed in an earlier transaction may run here on another backend
                 let def = self.statements.portal(portal);
                 leaves_state = def.is_none_or(|d| !d.stateless);
@@ -825,15 +831,17 @@ impl Session {
     fn forward_rewritten(&mut self, f: &Frame, simple: bool) {
         let body = f.body();
         let named = match f.tag {
-            b'P' => peek::parse_msg(body).map(|(n, _)| n).filter(|n| !n.is_empty()),
-            b'B' => peek::bind_msg(body).map(|(_, s)| s).filter(|s| !s.is_empty()),
-            b'D' => peek::target_msg(body).filter(|(k, n)| *k == b'S' && !n.is_empty()).map(|(_, n)| n),
+            b'P' => peek::parse_msg(body).map(|(n, _)| n),
+            b'B' => peek::bind_msg(body).map(|(_, s)| s),
+            b'D' => peek::target_msg(body).filter(|(k, _)| *k == b'S').map(|(_, n)| n),
             _ => None,
-        };
+        }
+        // the unnamed statement goes as it is, unless it has set_config parameters (see `bind`)
+        .filter(|n| !n.is_empty() || self.statements.unnamed_has_bind_checks());
         let (Some(name), Some(lease)) = (named, self.lease.as_mut()) else {
             return self.forward(f, simple);
         };
-        let Some(def) = self.statements.get(name).cloned() else {
+        let Some(def) = self.statements.statement(name).cloned() else {
             return self.forward(f, simple); // unknown statement: the server answers 26000
         };
         if self.replies.batch_failed {

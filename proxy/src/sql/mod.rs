@@ -145,11 +145,15 @@ pub fn is_discard_all(sql: &[u8]) -> bool {
 }
 
 /// Some statement is a session-level `SET` or `RESET` (not `SET LOCAL`), which would outlive the
-/// transaction on a pooled backend.
+/// transaction on a pooled backend, or the text calls `set_config` (by its plain name, the one
+/// spelling `set::session_changes` keeps).
 pub fn has_session_set(sql: &[u8]) -> bool {
     let mut at_start = true;
     let mut lexer = Lexer::new(sql).peekable();
     while let Some(t) = lexer.next() {
+        if t.is_word("set_config") {
+            return true;
+        }
         if t.kind == Kind::Semicolon {
             at_start = true;
             continue;
@@ -257,6 +261,7 @@ mod tests {
         assert!(!has_session_set(b"SET LOCAL statement_timeout = 1"));
         assert!(!has_session_set(b"SET TRANSACTION READ ONLY"));
         assert!(!has_session_set(b"select 'set x = 1' offset 3"));
+        assert!(has_session_set(b"select set_config('work_mem', '1MB', false)"));
     }
 
     #[test]
