@@ -15,6 +15,8 @@ pub enum Stream {
     TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// TLS we originate (towards the backend).
     TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// An in-memory pipe: the session's unit tests run a client and a scripted backend over these.
+    Pipe(tokio::io::DuplexStream),
 }
 
 impl Stream {
@@ -33,6 +35,7 @@ impl Stream {
                 let mut b = [0u8; 1];
                 return !matches!(s.try_read(&mut b), Err(ref e) if e.kind() == io::ErrorKind::WouldBlock);
             }
+            Stream::Pipe(_) => return false,
         };
         let mut b = [0u8; 1];
         !matches!(tcp.try_read(&mut b), Err(ref e) if e.kind() == io::ErrorKind::WouldBlock)
@@ -46,6 +49,7 @@ macro_rules! dispatch {
             Stream::Unix($s) => $e,
             Stream::TlsServer($s) => $e,
             Stream::TlsClient($s) => $e,
+            Stream::Pipe($s) => $e,
         }
     };
 }
@@ -79,6 +83,7 @@ impl AsyncWrite for Stream {
             Stream::Unix(s) => s.is_write_vectored(),
             Stream::TlsServer(s) => s.is_write_vectored(),
             Stream::TlsClient(s) => s.is_write_vectored(),
+            Stream::Pipe(s) => s.is_write_vectored(),
         }
     }
 }

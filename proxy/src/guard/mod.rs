@@ -183,8 +183,23 @@ impl Guard {
         Ok(changes)
     }
 
-    fn check_text(&self, sql: &[u8], pos: Position, depth: u32, mut deferred: Option<&mut Deferred<'_>>) -> Result<(), PgError> {
-        let statements = split(sql);
+    /// [`Guard::check`] of a query string already split into statements (`crate::sql::analyze`).
+    pub fn check_statements(&self, statements: &[Vec<Token<'_>>], pos: Position) -> Result<(), PgError> {
+        self.check_split(statements, pos, 0, None)
+    }
+
+    /// [`Guard::check_parse`] of a statement already split (`crate::sql::analyze`).
+    pub fn check_parse_statements(&self, statements: &[Vec<Token<'_>>], types: &[u32], pos: Position) -> Result<Vec<SetConfigCall>, PgError> {
+        let mut deferred = Deferred { types, calls: Vec::new() };
+        self.check_split(statements, pos, 0, Some(&mut deferred))?;
+        Ok(deferred.calls)
+    }
+
+    fn check_text(&self, sql: &[u8], pos: Position, depth: u32, deferred: Option<&mut Deferred<'_>>) -> Result<(), PgError> {
+        self.check_split(&split(sql), pos, depth, deferred)
+    }
+
+    fn check_split(&self, statements: &[Vec<Token<'_>>], pos: Position, depth: u32, mut deferred: Option<&mut Deferred<'_>>) -> Result<(), PgError> {
         let last = statements.len().saturating_sub(1);
         for (i, toks) in statements.iter().enumerate() {
             if toks.iter().any(|t| t.kind == Kind::Unterminated) {

@@ -5,3 +5,4 @@
 pub mod build;
 pub mod frame;
 pub mod peek;
+pub mod tags;

@@ -12,6 +12,7 @@ use bytes::Bytes;
 
 use crate::guard::bind::SetConfigCall;
 use crate::sql::set::Change;
+use crate::sql::analyze::Analysis;
 use crate::sql::{self, TxEffect};
 
 /// Most named statements one client may hold at once.
@@ -61,14 +62,15 @@ impl Statements {
     /// Records a Parse, unless the client already holds `MAX_STATEMENTS` other statements or the
     /// statements would exceed `budget` bytes (`server.max_session_state_bytes`).
     pub fn parse(&mut self, name: &[u8], query: &[u8], key: Bytes, budget: usize) -> Result<Arc<StatementDef>, Full> {
-        self.parse_with_checks(name, query, key, budget, Vec::new())
+        self.parse_analyzed(name, &sql::analyze::analyze(query), key, budget, Vec::new())
     }
 
-    /// [`Statements::parse`] of a statement with `set_config` calls to decide at each Bind.
-    pub fn parse_with_checks(
+    /// [`Statements::parse`] of a statement already analyzed, with the `set_config` calls to decide
+    /// at each Bind.
+    pub fn parse_analyzed(
         &mut self,
         name: &[u8],
-        query: &[u8],
+        a: &Analysis<'_>,
         key: Bytes,
         budget: usize,
         bind_checks: Vec<SetConfigCall>,
@@ -82,16 +84,16 @@ impl Statements {
                 return Err(Full::Bytes);
             }
         }
-        let sets = sql::has_session_set(query).then(|| Arc::new(sql::set::session_changes(query))).filter(|c| !c.is_empty());
+        let sets = (!a.changes.is_empty()).then(|| Arc::new(a.changes.clone()));
         // a named statement outlives the read buffer it arrived in: copy it, so it does not pin a
         // whole buffer chunk for the life of the session
         let key = if name.is_empty() { key } else { Bytes::copy_from_slice(&key) };
         let def = Arc::new(StatementDef {
-            effect: sql::summarize(query).first,
-            stateless: sql::stateless::is_stateless(query),
-            chain: sql::chains(query),
-            setup: sql::txmode::opening(query) == sql::txmode::Opening::SetupOnly,
-            discard_all: sql::is_discard_all(query),
+            effect: a.first,
+            stateless: a.stateless,
+            chain: a.chain,
+            setup: a.opening == sql::txmode::Opening::SetupOnly,
+            discard_all: a.discard_all,
             key,
             sets,
             bind_checks: (!bind_checks.is_empty()).then(|| bind_checks.into()),
@@ -231,7 +233,7 @@ mod tests {
     fn bound_changes_ride_on_the_portal() {
         let mut s = Statements::default();
         let q = b"select set_config($1, $2, false)";
-        s.parse_with_checks(b"", q, Bytes::from_static(b"k1"), 1 << 20, vec![call()]).unwrap();
+        s.parse_analyzed(b"", &sql::analyze::analyze(q), Bytes::from_static(b"k1"), 1 << 20, vec![call()]).unwrap();
         assert!(s.unnamed_has_bind_checks());
         let set = Change::Set("work_mem".into(), "1MB".into());
         s.bind_with(b"p", b"", vec![set.clone()]);

@@ -2,6 +2,7 @@
 //! end, and which of them start or end a transaction (after a transaction ends, the tenant context
 //! set with `set_config(..., true)` is gone, so nothing may run after it without a new context).
 
+pub mod analyze;
 pub mod fingerprint;
 pub mod lexer;
 pub mod pooling;
@@ -38,6 +39,11 @@ pub fn split(sql: &[u8]) -> Vec<Vec<Token<'_>>> {
         out.push(cur);
     }
     out
+}
+
+/// An identifier token's value (see `crate::guard::literal::ident_value`).
+pub(crate) fn literal_ident(t: &Token<'_>) -> Option<String> {
+    crate::guard::literal::ident_value(t)
 }
 
 /// Merges `U&… UESCAPE '…'` into one token (see [`split`]).

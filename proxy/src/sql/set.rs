@@ -20,7 +20,12 @@ pub enum Change {
 /// `SET CONSTRAINTS` and `SET ROLE`/`SESSION AUTHORIZATION` are not session settings pgtenant
 /// keeps; `SET SESSION CHARACTERISTICS AS TRANSACTION …` sets the `default_transaction_*` ones).
 pub fn session_changes(sql: &[u8]) -> Vec<Change> {
-    split(sql)
+    changes_of(&split(sql))
+}
+
+/// [`session_changes`] of statements already split.
+pub fn changes_of(statements: &[Vec<Token<'_>>]) -> Vec<Change> {
+    statements
         .iter()
         .flat_map(|toks| super::txmode::characteristics_changes(toks).unwrap_or_else(|| change(toks).into_iter().collect()))
         .collect()

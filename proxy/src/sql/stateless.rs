@@ -85,7 +85,7 @@ pub fn is_stateless(sql: &[u8]) -> bool {
     split(sql).iter().all(|toks| statement_is_stateless(toks))
 }
 
-fn statement_is_stateless(toks: &[Token<'_>]) -> bool {
+pub(crate) fn statement_is_stateless(toks: &[Token<'_>]) -> bool {
     let Some(first) = toks.first() else { return true };
     if !is_word_in(first, STATEMENTS) {
         return false;

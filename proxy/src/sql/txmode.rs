@@ -38,10 +38,15 @@ pub fn opening(sql: &[u8]) -> Opening {
     if !first.is_some_and(|t| t.is_word("begin") || t.is_word("start") || t.is_word("set") || t.is_word("reset")) {
         return Opening::Work;
     }
+    opening_of(&split(sql))
+}
+
+/// [`opening`] of statements already split.
+pub fn opening_of(statements: &[Vec<Token<'_>>]) -> Opening {
     let mut modes = false;
     let mut any = false;
-    for toks in split(sql) {
-        match setup(&toks) {
+    for toks in statements {
+        match setup(toks) {
             Some(m) => {
                 modes |= m;
                 any = true;
