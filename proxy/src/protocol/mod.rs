@@ -4,4 +4,5 @@
 
 pub mod build;
 pub mod frame;
+pub mod options;
 pub mod peek;
