@@ -24,6 +24,8 @@ pub mod interference;
 /// Moved to `crate::sql::set_config` (reading a call is SQL, not policy); this path stays until
 /// every caller uses that one.
 pub use crate::sql::set_config as bind;
+/// Moved to `crate::sql::literal`; this path stays until every caller uses that one.
+pub use crate::sql::literal;
 
 use std::collections::HashSet;
 
@@ -31,10 +33,10 @@ use crate::config::TenantConfig;
 use crate::error::{sqlstate, PgError};
 use crate::protocol::peek::BindParams;
 use crate::sql::lexer::{Kind, Token};
-use crate::sql::set::Change;
-use crate::sql::split;
 use crate::sql::literal::{ident_value, string_value};
+use crate::sql::set::Change;
 use crate::sql::set_config::{self, Arg, SetConfigCall};
+use crate::sql::split;
 
 pub mod lexing;
 
