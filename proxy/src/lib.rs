@@ -19,6 +19,7 @@ pub mod error;
 pub mod guard;
 pub mod jwt;
 pub mod logging;
+pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod protocol;

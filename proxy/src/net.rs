@@ -1,12 +1,24 @@
 //! One stream type for every socket pgtenant speaks Postgres over: client or backend side, TCP,
 //! Unix socket, or TLS on top of TCP. The session code is written once against this type.
+//!
+//! Also the one place that picks the TLS crypto provider ([`tls_provider`]): every rustls config
+//! in pgtenant (towards clients, the backend, and a `jwt.jwks_url`) is built with it.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+
+/// rustls with aws-lc-rs (the same library `jsonwebtoken` verifies signatures with), built once
+/// and shared by every TLS config. Configs name it explicitly instead of relying on a
+/// process-wide default, so a program embedding pgtenant keeps its own default.
+pub fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
+    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider())).clone()
+}
 
 pub enum Stream {
     Tcp(TcpStream),

@@ -84,7 +84,7 @@ fuzz_target!(|data: &[u8]| {
             Ok(Hello::Login { params: p, .. }) => {
                 assert!(p.keys().all(|k| !k.starts_with("_pq_.")));
                 if let Some(options) = p.get("options") {
-                    let _ = params::option_pairs(options);
+                    let _ = pgtenant::protocol::options::option_pairs(options);
                     let _ = e.guard.check_startup_options(options);
                 }
                 match params::from_startup(&p, &e.known, &e.guard) {

@@ -9,8 +9,8 @@
 //!   `SET SESSION AUTHORIZATION`, however the name is quoted or cased;
 //! - `set_config(...)` whose name is a protected setting in any literal spelling (`E''`, `U&''`,
 //!   dollar quotes), and any `set_config` whose name is not a plain string literal (an expression,
-//!   a cast, named-argument notation, a bind parameter except in the forms [`bind`] decides at
-//!   Bind: `select set_config($1, $2, false)` sent in a Parse);
+//!   a cast, named-argument notation, a bind parameter except in the forms decided at Bind (read
+//!   by `crate::sql::set_config`): `select set_config($1, $2, false)` sent in a Parse);
 //! - `UPDATE pg_settings`;
 //! - `SET`/`RESET` clauses of protected settings in `ALTER …` and `CREATE …` (e.g. a function with
 //!   `SET app.tenant_id = …`), and function bodies that would do any of the above;
@@ -19,9 +19,13 @@
 //!
 //! Reading settings (`current_setting`, `SHOW`) stays allowed.
 
-pub mod bind;
 pub mod interference;
-pub mod literal;
+
+/// Moved to `crate::sql::set_config` (reading a call is SQL, not policy); this path stays until
+/// every caller uses that one.
+pub use crate::sql::set_config as bind;
+/// Moved to `crate::sql::literal`; this path stays until every caller uses that one.
+pub use crate::sql::literal;
 
 use std::collections::HashSet;
 
@@ -29,10 +33,10 @@ use crate::config::TenantConfig;
 use crate::error::{sqlstate, PgError};
 use crate::protocol::peek::BindParams;
 use crate::sql::lexer::{Kind, Token};
+use crate::sql::literal::{ident_value, string_value};
 use crate::sql::set::Change;
+use crate::sql::set_config::{self, Arg, SetConfigCall};
 use crate::sql::split;
-use bind::{Arg, SetConfigCall};
-use literal::{ident_value, string_value};
 
 pub mod lexing;
 
@@ -103,7 +107,7 @@ impl Guard {
     /// Checks the startup packet's `options` (`-c name=value`, `--name=value`): protected settings
     /// may not be set there either.
     pub fn check_startup_options(&self, options: &str) -> Result<(), PgError> {
-        for (name, value) in crate::client::params::option_pairs(options) {
+        for (name, value) in crate::protocol::options::option_pairs(options) {
             self.check_startup_setting(&name, &value)?;
         }
         Ok(())
@@ -132,7 +136,7 @@ impl Guard {
 
     /// Checks the statement of a Parse, whose parameter types are `types`. Like [`Guard::check`],
     /// except that a `set_config` whose name or value is a bind parameter in one of the forms
-    /// [`bind`] reads is not refused: it is returned, to be decided at each Bind with
+    /// `set_config` reads is not refused: it is returned, to be decided at each Bind with
     /// [`Guard::check_bound`]. So are calls whose `is_local` is a parameter (pgtenant keeps
     /// session-level settings for the client).
     pub fn check_parse(&self, sql: &[u8], types: &[u32], pos: Position) -> Result<Vec<SetConfigCall>, PgError> {
@@ -168,12 +172,12 @@ impl Guard {
             self.check_setting(&name, Some(value.as_deref().unwrap_or("DEFAULT")))?;
             let is_local = match &call.is_local {
                 Arg::Bool(b) => Some(*b),
-                Arg::Text(s) => bind::parse_bool(s),
+                Arg::Text(s) => set_config::parse_bool(s),
                 Arg::Null => Some(false), // set_config reads a NULL is_local as false
                 Arg::Param(n, _) => bound_bool(params, *n)?,
                 Arg::Other => None,
             };
-            if call.whole && is_local == Some(false) && !bind::is_transaction_scoped(&name) {
+            if call.whole && is_local == Some(false) && !set_config::is_transaction_scoped(&name) {
                 changes.push(match value {
                     Some(v) => Change::Set(name, v),
                     None => Change::Reset(name),
@@ -263,7 +267,7 @@ impl Guard {
             }
             _ => {}
         }
-        // bind parameters of a Parse: only in a SELECT of its own (see `bind`)
+        // bind parameters of a Parse: only in a SELECT of its own (see `sql::set_config`)
         let deferred = deferred.filter(|_| depth == 0 && word(0).as_deref() == Some("select"));
         self.check_set_config(toks, deferred)?;
         interference::check(toks)?;
@@ -362,10 +366,10 @@ impl Guard {
                 return Err(refused("a reference to set_config other than a direct call is not allowed".into())
                     .with_hint("call set_config('name', value, is_local) directly with the name as a literal"));
             }
-            let mut call = bind::read_call(toks, i);
+            let mut call = set_config::read_call(toks, i);
             match deferred.as_deref() {
-                Some(d) => bind::settle_params(&mut call, toks, d.types),
-                None => bind::no_params(&mut call),
+                Some(d) => set_config::settle_params(&mut call, toks, d.types),
+                None => set_config::no_params(&mut call),
             }
             match (&call.name, &call.value) {
                 (Arg::Text(name), _) if self.is_protected(name) => return Err(protected_error(name)),
@@ -421,7 +425,7 @@ fn bound_text(params: &BindParams<'_>, n: u32) -> Result<Option<String>, PgError
 fn bound_bool(params: &BindParams<'_>, n: u32) -> Result<Option<bool>, PgError> {
     match params.get(n as usize) {
         Some((_, None)) => Ok(Some(false)),
-        Some((0, Some(bytes))) => Ok(std::str::from_utf8(bytes).ok().and_then(bind::parse_bool)),
+        Some((0, Some(bytes))) => Ok(std::str::from_utf8(bytes).ok().and_then(set_config::parse_bool)),
         Some((1, Some([b]))) => Ok(Some(*b != 0)),
         Some(_) => Ok(None),
         None => Err(malformed_bind()),

@@ -5,8 +5,10 @@
 pub mod analyze;
 pub mod fingerprint;
 pub mod lexer;
+pub mod literal;
 pub mod pooling;
 pub mod set;
+pub mod set_config;
 pub mod stateless;
 pub mod txmode;
 
@@ -55,7 +57,7 @@ fn with_uescape<'a>(sql: &'a [u8], lexer: Lexer<'a>) -> impl Iterator<Item = Tok
             return Some(t);
         }
         let t = lexer.next()?;
-        if !crate::guard::literal::is_unicode_form(&t) || !lexer.peek().is_some_and(|n| n.is_word("uescape")) {
+        if !literal::is_unicode_form(&t) || !lexer.peek().is_some_and(|n| n.is_word("uescape")) {
             return Some(t);
         }
         let kw = lexer.next().expect("peeked");
@@ -132,7 +134,7 @@ pub fn deallocate_name(sql: &[u8]) -> Option<String> {
     if name.is_word("all") {
         return None;
     }
-    crate::guard::literal::ident_value(name)
+    literal::ident_value(name)
 }
 
 /// Some statement of the query string is `DEALLOCATE [PREPARE] ALL`.

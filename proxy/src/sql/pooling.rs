@@ -9,7 +9,7 @@
 use super::lexer::{Kind, Token};
 use super::split;
 use crate::error::{sqlstate, PgError};
-use crate::guard::literal::{ident_value, string_value};
+use crate::sql::literal::{ident_value, string_value};
 
 const SESSION_LOCKS: [&str; 4] = ["pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"];
 

@@ -1,12 +1,12 @@
 //! Session-level `SET` / `RESET` statements, read as changes to the client's own settings, so
 //! pgtenant can keep them for the client's later transactions on other backends. So is a statement
 //! that is exactly `SELECT set_config('name', 'value', false)` with literals (with bind parameters,
-//! see `crate::guard::bind`: the values come with the Bind).
+//! see `super::set_config`: the values come with the Bind).
 
 use super::lexer::{Kind, Token};
 use super::split;
-use crate::guard::bind::{self, Arg};
-use crate::guard::literal::{ident_value, string_value};
+use super::set_config::{self, Arg};
+use crate::sql::literal::{ident_value, string_value};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -48,7 +48,7 @@ fn change(toks: &[Token<'_>]) -> Option<Change> {
         if t.is_word("all") {
             return Some(Change::ResetAll);
         }
-        return name_at(toks, i).map(|(n, _)| n).filter(|n| !bind::is_transaction_scoped(n)).map(Change::Reset);
+        return name_at(toks, i).map(|(n, _)| n).filter(|n| !set_config::is_transaction_scoped(n)).map(Change::Reset);
     }
     if !first.is_word("set") {
         return None;
@@ -64,7 +64,7 @@ fn change(toks: &[Token<'_>]) -> Option<Change> {
         let j = if toks.get(j).is_some_and(|x| x.is_word("to") || (x.kind == Kind::Op && x.text == b"=")) { j + 1 } else { return None };
         (n, j)
     };
-    if bind::is_transaction_scoped(&name) {
+    if set_config::is_transaction_scoped(&name) {
         return None; // lasts one transaction whatever the statement says
     }
     let rest = &toks[next..];
@@ -82,15 +82,15 @@ fn set_config_change(toks: &[Token<'_>]) -> Option<Change> {
     if !toks.get(i)?.is_word("set_config") || !toks.get(i + 1).is_some_and(|t| t.kind == Kind::Op && t.text == b"(") {
         return None;
     }
-    let call = bind::read_call(toks, i);
+    let call = set_config::read_call(toks, i);
     let is_local = match &call.is_local {
         Arg::Bool(b) => Some(*b),
-        Arg::Text(s) => bind::parse_bool(s),
+        Arg::Text(s) => set_config::parse_bool(s),
         Arg::Null => Some(false),
         _ => None,
     };
     let Arg::Text(name) = call.name else { return None };
-    if !call.whole || is_local != Some(false) || bind::is_transaction_scoped(&name) {
+    if !call.whole || is_local != Some(false) || set_config::is_transaction_scoped(&name) {
         return None;
     }
     match call.value {

@@ -16,7 +16,7 @@
 
 use super::lexer::{Kind, Token};
 use super::split;
-use crate::guard::literal::ident_value;
+use crate::sql::literal::ident_value;
 
 /// First words of statements that can be stateless (if their function calls are pure).
 const STATEMENTS: &[&str] = &[

@@ -1,10 +1,13 @@
-//! `set_config` calls whose setting name or value is a bind parameter, decided at Bind.
+//! Reading `set_config(name, value, is_local)` calls from their tokens, including calls whose
+//! setting name or value is a bind parameter, decided at Bind. Part of the SQL layer (the guard and
+//! `sql::set` both read calls with it), so `sql` does not depend on the guard.
 //!
 //! Drivers change settings with `select set_config($1, $2, false)` (psycopg's `%s` placeholders,
 //! client_encoding and transaction-parameter resets). At Parse pgtenant cannot know the name, but
 //! the Bind that runs the statement carries it: the guard reads the call's arguments at Parse
 //! ([`read_call`]), keeps the calls that need the Bind's values ([`SetConfigCall`]), and decides
-//! them at each Bind with the same rules as a literal `set_config` ([`super::Guard::check_bound`]).
+//! them at each Bind with the same rules as a literal `set_config`
+//! (`crate::guard::Guard::check_bound`).
 //!
 //! Deliberately narrow, so that the value pgtenant reads from the Bind is the value the server
 //! passes to `set_config`:
@@ -23,8 +26,8 @@
 //! Anything else that is not a literal — an expression, a concatenation, a subquery, another cast,
 //! named-argument notation, a function call — is refused at Parse as before.
 
-use crate::guard::literal::{ident_value, string_value};
-use crate::sql::lexer::{Kind, Token};
+use super::lexer::{Kind, Token};
+use super::literal::{ident_value, string_value};
 
 /// Declared parameter types (OIDs) a setting name or value may have.
 const UNSPECIFIED: u32 = 0;
