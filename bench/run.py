@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
-"""pgtenant benchmark harness (issue 7).
+"""pgtenant benchmark harness (issues 7 and 17).
 
 One command, `python3 bench/run.py`, builds pgtenant (unless --no-build), installs what is missing
-(PgBouncer, pgbench, strace, openssl) with apt-get, starts a throwaway Postgres cluster with the RLS
-fixture and a 1,000,000-row table, and measures pgtenant against PgBouncer and a direct connection:
+(PgBouncer, pgbench, strace, openssl, valgrind) with apt-get, starts a throwaway Postgres cluster with
+the RLS fixture, a 1,000,000-row table and a write table, and measures pgtenant against PgBouncer's
+best same-work configuration and a direct connection:
 
-  pgbench     TPS, mean and p99 latency, proxy CPU per 1,000 transactions (simple/extended/prepared)
-  roundtrips  backend round trips and proxy I/O syscalls per transaction (strace)
-  login       new connections per second with JWT verification (HS256, RS256) vs PgBouncer
-  idle        10,000 logged-in idle clients: proxy RSS
-  active      2,000 clients running queries on a pool of 20: errors, latency
+  pgbench       read mix: TPS, latency, proxy CPU (user/system) per transaction, per pgbench mode
+  writes        write mix (INSERT ... RETURNING with a nextval default + UPDATE ... RETURNING in one
+                transaction): the same figures
+  roundtrips    backend round trips and proxy I/O syscalls per transaction (strace)
+  instructions  proxy instructions per transaction (perf stat when the CPU exposes counters, else
+                callgrind on a fixed number of rate-limited transactions)
+  login         new connections per second with JWT verification (HS256, RS256) vs PgBouncer
+  idle          10,000 logged-in idle clients: proxy RSS
+  active        2,000 clients running queries on a pool of 20: errors, latency
 
 Everything runs in a temporary directory that is removed at exit (also on Ctrl-C). Results are printed
 and written to bench/results/<UTC timestamp>.json and bench/results/latest.json.
@@ -51,9 +56,14 @@ BENCH_DIR = REPO / "bench"
 RESULTS_DIR = BENCH_DIR / "results"
 FIXTURE = REPO / "tests" / "fixtures" / "rls.sql"
 
-SCRIPT_CTX = BENCH_DIR / "select_ctx.sql"     # BEGIN; set_config(...); SELECT ...; END;
+SCRIPT_CTX = BENCH_DIR / "select_ctx.sql"     # BEGIN; set_config(...); SELECT ...; END;  (4 round trips)
+SCRIPT_SAME = BENCH_DIR / "select_same.sql"   # SELECT set_config(...) \; SELECT ...        (one Query)
 SCRIPT_SELECT = BENCH_DIR / "select.sql"      # SELECT ... WHERE id = :id;
 SCRIPT_LOGIN = BENCH_DIR / "login.sql"        # SELECT 1;
+SCRIPT_W_SAME = BENCH_DIR / "write_same.sql"  # BEGIN \; set_config \; INSERT \; UPDATE \; COMMIT  (one Query)
+SCRIPT_W_1Q = BENCH_DIR / "write_1q.sql"      # BEGIN \; INSERT \; UPDATE \; COMMIT               (one Query)
+SCRIPT_W_TX = BENCH_DIR / "write.sql"         # BEGIN; INSERT ...; UPDATE ...; END;           (4 round trips)
+SCRIPT_W_PIPE = BENCH_DIR / "write_pipeline.sql"  # the same 4 statements as one pipeline       (1 round trip)
 
 TENANTS = 100
 APP_USER, APP_PASSWORD = "app_user", "app-secret"          # from tests/fixtures/rls.sql
@@ -61,20 +71,28 @@ BOUNCER_USER, BOUNCER_PASSWORD = "bench", "bench-secret"   # PgBouncer's client-
 CLIENT_USER = "bench"                                      # user name clients give pgtenant
 LOOKUP_SQL = "SELECT id, tenant_id, val, note FROM bench WHERE id = {id}"
 
-# pgbench rows, in the order they are interleaved within a round.
-ROW_DIRECT = "direct"
-ROW_BOUNCER_CTX = "pgbouncer+set_config"
-ROW_BOUNCER_PLAIN = "pgbouncer plain"
+# Rows of the pgbench and writes parts.
+ROW_DIRECT8 = "direct (8 connections)"      # the ceiling for a pool of 8
+ROW_BOUNCER_SAME = "pgbouncer same-query"   # context in the same simple Query (simple protocol)
+ROW_BOUNCER_CQ = "pgbouncer connect_query"  # a per-tenant database whose connections ran connect_query
 ROW_PGTENANT = "pgtenant"
-ROWS = [ROW_DIRECT, ROW_BOUNCER_CTX, ROW_BOUNCER_PLAIN, ROW_PGTENANT]
+ROW_BOUNCER_CTX = "pgbouncer+set_config"    # BEGIN; set_config; SELECT; END; (4 round trips)
+ROW_DIRECT = "direct (64 connections)"      # one backend per client, select_ctx.sql (4 round trips)
+ROW_BOUNCER_PLAIN = "pgbouncer plain"       # no context at all (RLS returns no row), --extra-rows only
 MODES = ["simple", "extended", "prepared"]
+MIXES = ["read", "write"]
 
-TARGET_VS_BOUNCER = 1.10   # pgtenant TPS / pgbouncer+set_config TPS
-TARGET_VS_DIRECT = 0.80    # pgtenant TPS / direct TPS
+# Targets (issue 17): against PgBouncer's best same-work configuration.
+TARGET_TPS = {"simple": 1.05, "extended": 1.05, "prepared": 1.25}
+TARGET_CPU = 0.90          # pgtenant CPU per transaction / PgBouncer's, simple and extended
+TARGET_WRITE_DRIFT = 0.05  # |write-mix ratio / read-mix ratio - 1|
+# Earlier targets (issue 7), against the weaker 4-round-trip baseline: still reported.
+TARGET_VS_BOUNCER_CTX = 1.10   # pgtenant TPS / pgbouncer+set_config TPS
+TARGET_VS_DIRECT = 0.80        # pgtenant TPS / direct (64 connections) TPS
 TARGET_IDLE_MIB = 150.0    # proxy RSS with 10,000 idle clients
 IDLE_TARGET_CLIENTS = 10_000
 
-PARTS = ["pgbench", "roundtrips", "login", "idle", "active"]
+PARTS = ["pgbench", "writes", "roundtrips", "instructions", "login", "idle", "active"]
 
 
 class BenchError(Exception):
@@ -128,12 +146,74 @@ def mint_rs256(openssl: str, key_pem: Path, tenant: int) -> str:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of the whole process (all threads), in seconds."""
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of the whole process (all threads, exited ones included), in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         data = f.read()
     fields = data[data.rindex(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (all threads), in seconds."""
+    return sum(proc_cpu_split(pid))
+
+
+def proc_ctx_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches, summed over the process's current threads."""
+    total = 0
+    for status in glob.glob(f"/proc/{pid}/task/*/status"):
+        try:
+            with open(status) as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                        total += int(line.split()[1])
+        except OSError:
+            pass   # a thread that just exited
+    return total
+
+
+def cpu_snapshot() -> tuple[int, int, int]:
+    """(busy ticks of the whole machine, ticks used by this process tree, monotonic ns).
+
+    This process tree = this script, every live descendant (with the children it has reaped: Postgres
+    backends that exited) and the children this script has reaped (pgbench runs). The difference of
+    two snapshots tells how much CPU other work on the machine took meanwhile."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    busy = sum(v[:8]) - v[3] - v[4]          # all but idle and iowait (guest time is inside user)
+    me = os.getpid()
+    parent, times = {}, {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(")") + 2:].split()
+        parent[int(d)] = int(fields[1])
+        times[int(d)] = sum(int(x) for x in fields[11:15])      # utime stime cutime cstime
+    ours = 0
+    for pid in times:
+        q, depth = pid, 0
+        while q > 1 and q != me and depth < 64:
+            q, depth = parent.get(q, 0), depth + 1
+        if q == me:
+            ours += times[pid]
+    ru_self, ru_children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    ours += round((ru_self.ru_utime + ru_self.ru_stime + ru_children.ru_utime + ru_children.ru_stime) * CLK_TCK)
+    return busy, ours, time.monotonic_ns()
+
+
+def other_cpu_pct(before: tuple[int, int, int], after: tuple[int, int, int]) -> float | None:
+    """CPU that work outside this benchmark used between two snapshots, in % of all the machine's CPUs."""
+    wall = (after[2] - before[2]) / 1e9
+    if wall <= 0:
+        return None
+    other = (after[0] - before[0]) - (after[1] - before[1])
+    return round(max(other, 0) / CLK_TCK / (wall * (os.cpu_count() or 1)) * 100, 1)
 
 
 def proc_status_kib(pid: int, key: str) -> int:
@@ -283,6 +363,11 @@ class Bench:
         self.bouncer: Proc | None = None
         self.bouncer_port = 0
         self.token = ""
+        self.perf_ok = False
+        self.perf_reason: str | None = None
+        # preloaded rows of bench_write (ids 1 .. write_rows), when the writes part runs
+        self.write_rows = getattr(args, "write_rows", 0) or 0
+        self.wmaxk = max(self.write_rows // TENANTS - 1, 0)
 
     # ---------------------------------------------------------------- setup
 
@@ -338,12 +423,18 @@ class Bench:
         parts = set(self.args.parts)
         want = {"initdb": "postgresql", "postgres": "postgresql", "pg_isready": "postgresql",
                 "psql": "postgresql-client", "pgbench": "postgresql-contrib"}
-        if parts & {"pgbench", "roundtrips", "login"}:
+        if parts & {"pgbench", "writes", "roundtrips", "instructions", "login"}:
             want["pgbouncer"] = "pgbouncer"
         if "roundtrips" in parts:
             want["strace"] = "strace"
         if "login" in parts:
             want["openssl"] = "openssl"
+        if parts & {"pgbench", "writes", "instructions"}:
+            self.probe_perf()
+        if "instructions" in parts and self.args.instr_method != "perf" and \
+                (self.args.instr_method == "callgrind" or not self.perf_ok):
+            want["valgrind"] = "valgrind"
+            want["callgrind_control"] = "valgrind"
         for attempt in (1, 2):
             bindir = self.pg_bindir()
             missing = []
@@ -365,6 +456,42 @@ class Bench:
                 raise BenchError("running as root needs a 'postgres' OS user for initdb/postgres/pgbouncer "
                                  "(the postgresql package creates it)")
             self.pg_uid, self.pg_gid = pw.pw_uid, pw.pw_gid
+
+    def probe_perf(self) -> None:
+        """Can `perf stat -e instructions` count here? (Not in most VMs: no PMU exposed to the guest.)"""
+        if self.perf_reason is not None or self.perf_ok:
+            return
+        perf = shutil.which("perf") or ("/usr/bin/perf" if os.access("/usr/bin/perf", os.X_OK) else None)
+        if not perf:
+            self.perf_reason = "perf not installed"
+            return
+        try:
+            res = subprocess.run([perf, "stat", "-x,", "-e", "instructions", "--", "true"], capture_output=True,
+                                 text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            self.perf_reason = f"perf stat failed: {e}"
+            return
+        line = next((l for l in res.stderr.splitlines() if ",instructions" in l), "")
+        value = line.split(",", 1)[0]
+        if value.isdigit():
+            self.perf_ok, self.tools["perf"] = True, perf
+            return
+        try:
+            paranoid = Path("/proc/sys/kernel/perf_event_paranoid").read_text().strip()
+        except OSError:
+            paranoid = "?"
+        if value == "<not supported>":
+            dmesg = ""
+            try:
+                out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
+                dmesg = next((l.split("]", 1)[-1].strip() for l in out.splitlines() if "PMU" in l), "")
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+            self.perf_reason = ("the instructions counter is not supported on this machine"
+                                + (f" (kernel: {dmesg})" if dmesg else "") + f"; perf_event_paranoid={paranoid}")
+        else:
+            self.perf_reason = (f"perf stat -e instructions did not count ({(line or res.stderr.strip())[:120]!r}); "
+                                f"perf_event_paranoid={paranoid}")
 
     def build(self) -> None:
         if self.args.no_build:
@@ -482,10 +609,11 @@ class Bench:
                              "-h", str(self.sockdir), "-p", str(self.pgport), "-U", "postgres", "-d", db,
                              "-f", "-"], input=sql, timeout=timeout, what=f"psql ({sql.strip()[:60]!r})")
 
-    def psql_tcp(self, port: int, user: str, password: str, sql: str, timeout: float = 60) -> str:
+    def psql_tcp(self, port: int, user: str, password: str, sql: str, timeout: float = 60,
+                 db: str = "app") -> str:
         """Runs SQL as a client over TCP (to pgtenant, PgBouncer or Postgres)."""
         return self.run_cmd([self.tools["psql"], "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-                             "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", "app", "-c", sql],
+                             "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", db, "-c", sql],
                             timeout=timeout, env=clean_env(PGPASSWORD=password, PGSSLMODE="disable",
                                                            PGCONNECT_TIMEOUT="10"),
                             what=f"psql to port {port} as {user} ({sql[:60]!r})")
@@ -517,6 +645,32 @@ class Bench:
               FROM generate_series(1, {n}) g;
             ALTER TABLE bench ADD PRIMARY KEY (id);
         """)
+        if self.write_rows:
+            w = self.write_rows
+            log(f"creating table bench_write with {w:,} rows (write mix)")
+            # The write mix inserts (id from a nextval default, tenant_id from the context) and updates
+            # one of the tenant's preloaded rows; WITH CHECK: only rows of the client's own tenant.
+            self.psql(f"""
+                SET ROLE app_owner;
+                CREATE TABLE bench_write (
+                  id        bigserial PRIMARY KEY,
+                  tenant_id integer NOT NULL DEFAULT NULLIF(current_setting('app.tenant_id', true), '')::integer,
+                  val       integer NOT NULL,
+                  note      text    NOT NULL
+                );
+                ALTER TABLE bench_write ENABLE ROW LEVEL SECURITY;
+                ALTER TABLE bench_write FORCE ROW LEVEL SECURITY;
+                CREATE POLICY tenant_isolation ON bench_write
+                  USING (tenant_id = NULLIF(current_setting('app.tenant_id', true), '')::integer)
+                  WITH CHECK (tenant_id = NULLIF(current_setting('app.tenant_id', true), '')::integer);
+                GRANT SELECT, INSERT, UPDATE ON bench_write TO app_user;
+                GRANT USAGE ON SEQUENCE bench_write_id_seq TO app_user;
+                RESET ROLE;
+                INSERT INTO bench_write (id, tenant_id, val, note)
+                  SELECT g, 1 + (g - 1) % {TENANTS}, (g::bigint * 7919 % 100000)::integer, md5(g::text)
+                  FROM generate_series(1, {w}) g;
+                SELECT setval('bench_write_id_seq', {w});
+            """)
         self.psql("VACUUM ANALYZE")
         # The lookup must be a primary-key index scan under the policy, as the restricted role.
         probe = self.tenant + 100 * min(1, self.maxk)
@@ -561,11 +715,12 @@ level = "warn"
 """)
         return path
 
-    def start_pgtenant(self, name: str, pool: int, jwt: str | None = None) -> tuple[Proc, int, int]:
+    def start_pgtenant(self, name: str, pool: int, jwt: str | None = None, wrap: list[str] | None = None,
+                       ready_s: float = 30) -> tuple[Proc, int, int]:
         port, admin = free_port(), free_port()
         cfg = self.write_pgtenant_config(name, port, admin, pool, jwt or f'secret = "{self.secret}"')
-        proc = self.spawn(name, [str(self.pgtenant_bin), "run", "--config", str(cfg)])
-        deadline = time.monotonic() + 30
+        proc = self.spawn(name, (wrap or []) + [str(self.pgtenant_bin), "run", "--config", str(cfg)])
+        deadline = time.monotonic() + ready_s
         while True:
             if not proc.alive():
                 raise BenchError(f"{name} exited at startup:\n{proc.log_tail()}")
@@ -576,7 +731,7 @@ level = "warn"
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise BenchError(f"{name} not ready after 30 s (/readyz):\n{proc.log_tail()}")
+                raise BenchError(f"{name} not ready after {ready_s:.0f} s (/readyz):\n{proc.log_tail()}")
             time.sleep(0.1)
         log(f"{name} (pid {proc.pid}) on 127.0.0.1:{port}, pool {pool}")
         return proc, port, admin
@@ -603,27 +758,48 @@ level = "warn"
         expect = f"{self.tenant}|{self.args.rows // TENANTS}|{self.tenant}|0"
         if out != expect:
             raise BenchError(f"pgtenant sanity check: expected {expect!r}, got {out!r}")
+        if self.write_rows:
+            # The write transaction (one Query, as the simple-mode script sends it) through pgtenant: the
+            # new row belongs to the client's tenant, the updated row too.
+            out = self.psql_tcp(self.pgtenant_main_port, CLIENT_USER, self.token,
+                                f"BEGIN; INSERT INTO bench_write (val, note) VALUES (1, 'sanity') RETURNING tenant_id; "
+                                f"UPDATE bench_write SET val = val + 1 WHERE id = {self.tenant} RETURNING tenant_id; "
+                                f"COMMIT").split()
+            if out != [str(self.tenant), str(self.tenant)]:
+                raise BenchError(f"pgtenant write sanity check: expected tenant {self.tenant} twice, got {out!r}")
 
     # ---------------------------------------------------------------- pgbouncer
 
-    def ensure_bouncer(self) -> None:
-        if self.bouncer is not None:
-            return
-        d = self.pg_owned_dir("pgbouncer")
-        self.bouncer_port = free_port()
+    @property
+    def tenant_db(self) -> str:
+        """PgBouncer database whose server connections carry tenant self.tenant's context."""
+        return f"app_t{self.tenant}"
+
+    def connect_query(self) -> str:
+        """Session-level context of the per-tenant PgBouncer database (pgbouncer.ini quoting: '' is ')."""
+        return (f"SELECT set_config(''app.tenant_id'', ''{self.tenant}'', false), "
+                f"set_config(''app.user_id'', ''bench'', false)")
+
+    def start_bouncer(self, name: str, wrap: list[str] | None = None, ready_s: float = 30) -> tuple[Proc, int]:
+        """A PgBouncer in transaction pooling with two databases: `app` (no context) and the per-tenant
+        database (connect_query sets tenant self.tenant's context on each server connection)."""
+        d = self.pg_owned_dir(name)
+        port = free_port()
         userlist = d / "userlist.txt"
         userlist.write_text(f'"{BOUNCER_USER}" "{BOUNCER_PASSWORD}"\n')
         extra = ""
         if self.bouncer_version() >= (1, 21):
             extra = "max_prepared_statements = 200\n"
+        server = f"host=127.0.0.1 port={self.pgport} dbname=app user={APP_USER} password={APP_PASSWORD}"
         ini = d / "pgbouncer.ini"
         ini.write_text(f"""; written by bench/run.py
 [databases]
-app = host=127.0.0.1 port={self.pgport} dbname=app user={APP_USER} password={APP_PASSWORD}
+app = {server}
+{self.tenant_db} = {server} connect_query='{self.connect_query()}'
 
 [pgbouncer]
 listen_addr = 127.0.0.1
-listen_port = {self.bouncer_port}
+listen_port = {port}
 unix_socket_dir =
 auth_type = plain
 auth_file = {userlist}
@@ -642,77 +818,183 @@ ignore_startup_parameters = extra_float_digits
             for p in (userlist, ini):
                 os.chown(p, self.pg_uid, self.pg_gid)
                 os.chmod(p, 0o600)
-        proc = self.spawn("pgbouncer", [self.tools["pgbouncer"], str(ini)], as_pg=True)
-        deadline = time.monotonic() + 30
+        proc = self.spawn(name, (wrap or []) + [self.tools["pgbouncer"], str(ini)], as_pg=True)
+        deadline = time.monotonic() + ready_s
         while True:
             if not proc.alive():
-                raise BenchError(f"pgbouncer exited at startup:\n{proc.log_tail()}")
+                raise BenchError(f"{name} exited at startup:\n{proc.log_tail()}")
             try:
-                socket.create_connection(("127.0.0.1", self.bouncer_port), timeout=1).close()
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 break
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise BenchError(f"pgbouncer not listening after 30 s:\n{proc.log_tail()}")
+                raise BenchError(f"{name} not listening after {ready_s:.0f} s:\n{proc.log_tail()}")
             time.sleep(0.1)
-        self.bouncer = proc
-        log(f"pgbouncer (pid {proc.pid}) on 127.0.0.1:{self.bouncer_port}, pool {self.args.pool}")
-        out = self.psql_tcp(self.bouncer_port, BOUNCER_USER, BOUNCER_PASSWORD,
+        log(f"{name} (pid {proc.pid}) on 127.0.0.1:{port}, pool {self.args.pool}")
+        return proc, port
+
+    def bouncer_sanity(self, port: int) -> None:
+        out = self.psql_tcp(port, BOUNCER_USER, BOUNCER_PASSWORD,
                             f"BEGIN; SELECT set_config('app.tenant_id', '{self.tenant}', true); "
                             f"SELECT count(*) FROM bench WHERE id = {self.tenant}; COMMIT;").split()
         if out[-1] != "1":
             raise BenchError(f"pgbouncer sanity check: expected 1 row for tenant {self.tenant}, got {out}")
+        out = self.psql_tcp(port, BOUNCER_USER, BOUNCER_PASSWORD,
+                            f"SELECT current_setting('app.tenant_id'), current_setting('app.user_id'), "
+                            f"(SELECT count(*) FROM bench), (SELECT tenant_id FROM bench WHERE id = {self.tenant})",
+                            db=self.tenant_db).strip()
+        expect = f"{self.tenant}|bench|{self.args.rows // TENANTS}|{self.tenant}"
+        if out != expect:
+            raise BenchError(f"pgbouncer {self.tenant_db} (connect_query) sanity check: expected {expect!r}, "
+                             f"got {out!r}")
+        if self.write_rows:
+            for db, ctx in (("app", f"SELECT set_config('app.tenant_id', '{self.tenant}', true); "),
+                            (self.tenant_db, "")):
+                out = self.psql_tcp(port, BOUNCER_USER, BOUNCER_PASSWORD,
+                                    f"BEGIN; {ctx}INSERT INTO bench_write (val, note) VALUES (1, 'sanity') "
+                                    f"RETURNING tenant_id; UPDATE bench_write SET val = val + 1 WHERE id = "
+                                    f"{self.tenant} RETURNING tenant_id; COMMIT", db=db).split()
+                if out[-2:] != [str(self.tenant), str(self.tenant)]:
+                    raise BenchError(f"pgbouncer write sanity check ({db}): expected tenant {self.tenant} twice, "
+                                     f"got {out!r}")
+
+    def ensure_bouncer(self) -> None:
+        if self.bouncer is not None:
+            return
+        self.bouncer, self.bouncer_port = self.start_bouncer("pgbouncer")
+        self.bouncer_sanity(self.bouncer_port)
 
     def bouncer_version(self) -> tuple[int, int]:
+        if getattr(self, "_bouncer_version", None):
+            return self._bouncer_version
         out = subprocess.run([self.tools["pgbouncer"], "--version"], capture_output=True, text=True,
                              timeout=10).stdout
         m = re.search(r"PgBouncer (\d+)\.(\d+)", out)
         ver = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
         self.results["meta"]["pgbouncer"] = f"{ver[0]}.{ver[1]}" if m else "unknown"
+        self._bouncer_version = ver
         return ver
 
     def bouncer_supports_prepared(self) -> bool:
         return self.bouncer_version() >= (1, 21)
 
-    # ---------------------------------------------------------------- pgbench
+    # ---------------------------------------------------------------- pgbench rows
 
-    def target(self, row: str) -> dict:
-        if row == ROW_DIRECT:
-            return {"port": self.pgport, "user": APP_USER, "password": APP_PASSWORD, "pid": None,
-                    "script": SCRIPT_CTX}
-        if row in (ROW_BOUNCER_CTX, ROW_BOUNCER_PLAIN):
-            return {"port": self.bouncer_port, "user": BOUNCER_USER, "password": BOUNCER_PASSWORD,
-                    "pid": self.bouncer.pid,
-                    "script": SCRIPT_CTX if row == ROW_BOUNCER_CTX else SCRIPT_SELECT}
+    def rows_for(self, mix: str, mode: str) -> list[str]:
+        """The rows of a mix in a pgbench mode, in the order they run within a round."""
+        extra = self.args.extra_rows
+        bouncer_prep = self.bouncer_supports_prepared()
+        if mix == "read":
+            if mode == "simple":
+                rows = [ROW_DIRECT8, ROW_BOUNCER_SAME, ROW_PGTENANT, ROW_BOUNCER_CTX, ROW_DIRECT]
+                rows += [ROW_BOUNCER_CQ, ROW_BOUNCER_PLAIN] if extra else []
+            elif mode == "extended":
+                rows = [ROW_DIRECT8, ROW_BOUNCER_CQ, ROW_PGTENANT, ROW_BOUNCER_CTX, ROW_DIRECT]
+                rows += [ROW_BOUNCER_PLAIN] if extra else []
+            else:
+                rows = [ROW_DIRECT8] + ([ROW_BOUNCER_CQ] if bouncer_prep else []) + [ROW_PGTENANT] + \
+                       ([ROW_BOUNCER_CTX] if bouncer_prep else []) + [ROW_DIRECT]
+                rows += [ROW_BOUNCER_PLAIN] if extra and bouncer_prep else []
+        else:
+            if mode == "simple":
+                rows = [ROW_DIRECT8, ROW_BOUNCER_SAME, ROW_PGTENANT] + ([ROW_BOUNCER_CQ] if extra else [])
+            elif mode == "extended":
+                rows = [ROW_DIRECT8, ROW_BOUNCER_CQ, ROW_PGTENANT]
+            else:
+                rows = [ROW_DIRECT8] + ([ROW_BOUNCER_CQ] if bouncer_prep else []) + [ROW_PGTENANT]
+        return rows
+
+    def baseline(self, mode: str) -> tuple[str, str]:
+        """(mode, row) of PgBouncer's best same-work configuration that pgtenant in `mode` is compared with."""
+        if mode == "simple":
+            return "simple", ROW_BOUNCER_SAME
+        if mode == "extended" or self.bouncer_supports_prepared():
+            return mode, ROW_BOUNCER_CQ
+        return "simple", ROW_BOUNCER_SAME   # PgBouncer < 1.21: no prepared statements in transaction pooling
+
+    def row_spec(self, mix: str, mode: str, row: str) -> dict:
+        """Where a row's pgbench connects, as whom, with which script and how many clients."""
+        a = self.args
+        simple = mode == "simple"
+        ctx_options = f"-c app.tenant_id={self.tenant} -c app.user_id=bench"
+        direct = {"port": self.pgport, "user": APP_USER, "password": APP_PASSWORD, "pid": None, "db": "app"}
+        bouncer = {"port": self.bouncer_port, "user": BOUNCER_USER, "password": BOUNCER_PASSWORD,
+                   "pid": self.bouncer.pid if self.bouncer else None, "db": "app"}
+        pgt = {"port": self.pgtenant_main_port, "user": CLIENT_USER, "password": self.token,
+               "pid": self.pgtenant_main.pid if self.pgtenant_main else None, "db": "app"}
+        read = mix == "read"
+        # write mix: one Query in simple mode, four messages with a Sync each in extended mode, one pipeline
+        # (one Sync) in prepared mode
+        w_script = {"simple": SCRIPT_W_1Q, "extended": SCRIPT_W_TX, "prepared": SCRIPT_W_PIPE}[mode]
+        if row == ROW_DIRECT8:
+            # the same work as PgBouncer's best row of the mode, straight to Postgres on `pool` connections
+            return dict(direct, clients=a.pool, script=(SCRIPT_SAME if read else SCRIPT_W_SAME) if simple
+                        else (SCRIPT_SELECT if read else w_script), options=None if simple else ctx_options)
+        if row == ROW_BOUNCER_SAME:
+            return dict(bouncer, clients=a.clients, script=SCRIPT_SAME if read else SCRIPT_W_SAME, options=None)
+        if row == ROW_BOUNCER_CQ:
+            return dict(bouncer, db=self.tenant_db, clients=a.clients, options=None,
+                        script=SCRIPT_SELECT if read else w_script)
         if row == ROW_PGTENANT:
-            return {"port": self.pgtenant_main_port, "user": CLIENT_USER, "password": self.token,
-                    "pid": self.pgtenant_main.pid, "script": SCRIPT_SELECT}
+            return dict(pgt, clients=a.clients, options=None, script=SCRIPT_SELECT if read else w_script)
+        if row == ROW_BOUNCER_CTX:
+            return dict(bouncer, clients=a.clients, script=SCRIPT_CTX, options=None)
+        if row == ROW_DIRECT:
+            return dict(direct, clients=a.clients, script=SCRIPT_CTX, options=None)
+        if row == ROW_BOUNCER_PLAIN:
+            return dict(bouncer, clients=a.clients, script=SCRIPT_SELECT, options=None)
         raise ValueError(row)
 
     def pgbench(self, port: int, user: str, password: str, script: Path, mode: str, clients: int,
                 threads: int, duration: float | None = None, transactions: int | None = None,
-                connect_each: bool = False, log_prefix: Path | None = None, cpu_pid: int | None = None) -> dict:
+                connect_each: bool = False, log_prefix: Path | None = None, cpu_pid: int | None = None,
+                db: str = "app", options: str | None = None, rate: int | None = None,
+                perf: bool = False) -> dict:
         cmd = [self.tools["pgbench"], "-n", "-h", "127.0.0.1", "-p", str(port), "-U", user,
-               "-c", str(clients), "-j", str(threads), "-M", mode, "-f", str(script),
-               "-D", f"tenant={self.tenant}", "-D", f"maxk={self.maxk}"]
+               "-c", str(clients), "-j", str(min(threads, clients)), "-M", mode, "-f", str(script),
+               "-D", f"tenant={self.tenant}", "-D", f"maxk={self.maxk}", "-D", f"wmaxk={self.wmaxk}"]
         cmd += ["-T", str(int(duration))] if duration else ["-t", str(transactions)]
+        if rate:
+            cmd += ["-R", str(rate)]
         if connect_each:
             cmd.append("-C")
         if log_prefix:
             cmd += ["-l", "--log-prefix", str(log_prefix)]
-        cmd.append("app")
+        cmd.append(db)
         env = clean_env(PGPASSWORD=password, PGSSLMODE="disable", PGCONNECT_TIMEOUT="10")
-        timeout = (duration or 0) + 180
-        cpu0 = proc_cpu_seconds(cpu_pid) if cpu_pid else None
+        if options:
+            env["PGOPTIONS"] = options
+        timeout = (duration or 0) + 180 + (transactions or 0) * clients / max(rate or 1000, 1)
+        perf_proc = perf_out = None
+        if perf and cpu_pid and self.perf_ok:
+            perf_out = self.tmp / f"perf-stat-{cpu_pid}-{time.monotonic_ns()}.csv"
+            perf_proc = subprocess.Popen([self.tools["perf"], "stat", "-x,", "-e", "instructions", "-p", str(cpu_pid),
+                                          "-o", str(perf_out)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL, start_new_session=True)
+            time.sleep(0.3)   # let perf attach to every thread
+        cpu0 = proc_cpu_split(cpu_pid) if cpu_pid else None
+        cs0 = proc_ctx_switches(cpu_pid) if cpu_pid else None
+        snap0 = cpu_snapshot()
         t0 = time.monotonic()
         try:
             res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=self.tmp)
         except subprocess.TimeoutExpired:
             return {"error": f"pgbench timed out after {timeout:.0f} s"}
+        finally:
+            if perf_proc is not None:
+                perf_proc.send_signal(signal.SIGINT)
+                try:
+                    perf_proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    perf_proc.kill()
+                    perf_proc.wait(5)
         wall = time.monotonic() - t0
-        cpu1 = proc_cpu_seconds(cpu_pid) if cpu_pid else None
+        snap1 = cpu_snapshot()
+        cpu1 = proc_cpu_split(cpu_pid) if cpu_pid else None
+        cs1 = proc_ctx_switches(cpu_pid) if cpu_pid else None
         out = res.stdout
-        r: dict = {"wall_s": round(wall, 2)}
+        r: dict = {"wall_s": round(wall, 2), "other_cpu_pct": other_cpu_pct(snap0, snap1)}
 
         def grab(pattern, conv=float):
             m = re.search(pattern, out)
@@ -721,9 +1003,24 @@ ignore_startup_parameters = extra_float_digits
         r["failed"] = grab(r"number of failed transactions: (\d+)", int) or 0
         r["tps"] = grab(r"tps = ([\d.]+)")
         r["lat_avg_ms"] = grab(r"latency average = ([\d.]+) ms")
+        n = r["txns"]
         if cpu_pid is not None:
-            r["proxy_cpu_s"] = round(cpu1 - cpu0, 3)
-            r["proxy_cpu_s_per_1k"] = (round((cpu1 - cpu0) / r["txns"] * 1000, 4) if r["txns"] else None)
+            user_s, sys_s = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+            r["proxy_cpu_s"] = round(user_s + sys_s, 3)
+            r["proxy_cpu_s_per_1k"] = round((user_s + sys_s) / n * 1000, 4) if n else None
+            r["cpu_us_per_tx"] = round((user_s + sys_s) / n * 1e6, 2) if n else None
+            r["user_us_per_tx"] = round(user_s / n * 1e6, 2) if n else None
+            r["sys_us_per_tx"] = round(sys_s / n * 1e6, 2) if n else None
+            r["ctx_switches_per_tx"] = round((cs1 - cs0) / n, 3) if n else None
+        if perf_out is not None:
+            try:
+                for line in perf_out.read_text().splitlines():
+                    fields = line.split(",")
+                    if len(fields) > 2 and fields[2].startswith("instructions") and fields[0].isdigit():
+                        r["instructions"] = int(fields[0])
+                        r["instructions_per_tx"] = round(int(fields[0]) / n) if n else None
+            except OSError:
+                pass
         errs = [l for l in res.stderr.splitlines() if "error" in l.lower() or "abort" in l.lower()
                 or "fatal" in l.lower()]
         if res.returncode != 0 or r["tps"] is None or r["failed"]:
@@ -745,74 +1042,93 @@ ignore_startup_parameters = extra_float_digits
             r["logged_txns"] = len(lats)
         return r
 
+    def run_row(self, mix: str, mode: str, row: str, **kw) -> dict:
+        t = self.row_spec(mix, mode, row)
+        return self.pgbench(t["port"], t["user"], t["password"], t["script"], mode, t["clients"], self.args.threads,
+                            cpu_pid=t["pid"], db=t["db"], options=t["options"], **kw)
+
     def part_pgbench(self) -> None:
+        self.run_mix("read", "pgbench")
+
+    def part_writes(self) -> None:
+        self.run_mix("write", "writes")
+
+    def run_mix(self, mix: str, key: str) -> None:
         a = self.args
         self.ensure_main_pgtenant()
         self.ensure_bouncer()
-        prepared_ok = self.bouncer_supports_prepared()
         logs = self.tmp / "pgbench-logs"
         logs.mkdir(exist_ok=True)
-        skipped = {}
-        if not prepared_ok:
-            note = (f"PgBouncer {self.results['meta']['pgbouncer']} has no protocol-level prepared statements "
-                    "in transaction pooling (added in 1.21): pgbench -M prepared cannot run through it")
-            skipped = {("prepared", ROW_BOUNCER_CTX): note, ("prepared", ROW_BOUNCER_PLAIN): note}
         modes = [m for m in MODES if m in a.modes]
-        log(f"pgbench: {a.clients} clients (-j {a.threads}), pool {a.pool}, modes {', '.join(modes)}, "
-            f"{a.rounds} rounds x {a.duration} s per row, interleaved")
+        plan = [(mode, row) for mode in modes for row in self.rows_for(mix, mode)]
+        for mode in modes:   # the baseline of -M prepared may be a simple-mode row
+            if self.baseline(mode) not in plan:
+                plan.append(self.baseline(mode))
+        skipped = {}
+        if "prepared" in modes and not self.bouncer_supports_prepared():
+            skipped["prepared"] = (f"PgBouncer {self.results['meta']['pgbouncer']} has no protocol-level prepared "
+                                   "statements in transaction pooling (added in 1.21): pgbench -M prepared cannot run "
+                                   "through it; pgtenant -M prepared is compared with PgBouncer's simple-protocol "
+                                   "same-query row")
+        what = "read mix (primary-key lookup)" if mix == "read" else \
+            "write mix (INSERT ... RETURNING + UPDATE ... RETURNING in one transaction)"
+        log(f"{key}: {what}, {a.clients} clients (-j {a.threads}; direct (8 connections): {a.pool}), pool {a.pool}, "
+            f"{len(plan)} rows x {a.rounds} rounds x {a.duration} s, interleaved")
         # Warm-up: fills the pools, the buffer cache and pgtenant's statement caches.
-        for row in ROWS:
-            t = self.target(row)
-            w = self.pgbench(t["port"], t["user"], t["password"], t["script"], "simple", a.clients, a.threads,
-                             duration=1)
+        for mode, row in plan:
+            w = self.run_row(mix, mode, row, transactions=20)
             if w.get("error"):
-                raise BenchError(f"warm-up of row {row!r} failed: {w['error']}")
+                raise BenchError(f"warm-up of {mix} row {row!r} ({mode}) failed: {w['error']}")
         runs = []
-        for mode in modes:
-            for rnd in range(1, a.rounds + 1):
-                for row in ROWS:
-                    if (mode, row) in skipped:
-                        continue
-                    t = self.target(row)
-                    prefix = logs / f"{row.replace(' ', '_').replace('+', '_')}-{mode}-{rnd}"
-                    r = self.pgbench(t["port"], t["user"], t["password"], t["script"], mode, a.clients,
-                                     a.threads, duration=a.duration, log_prefix=prefix, cpu_pid=t["pid"])
-                    r.update(row=row, mode=mode, round=rnd)
-                    runs.append(r)
-                    if r.get("error"):
-                        log(f"  {mode:8} round {rnd} {row:22} ERROR {r['error']}")
-                    else:
-                        log(f"  {mode:8} round {rnd} {row:22} {r['tps']:10.1f} tps  avg {r['lat_avg_ms']:.3f} ms"
-                            f"  p99 {fmt(r.get('p99_ms'), '.3f')} ms  proxy CPU/1k "
-                            f"{fmt(r.get('proxy_cpu_s_per_1k'), '.4f')} s")
+        for rnd in range(1, a.rounds + 1):
+            k = (rnd - 1) * len(plan) // a.rounds      # rotate the order from round to round
+            for mode, row in plan[k:] + plan[:k]:
+                slug = re.sub(r"[^a-z0-9]+", "_", row.lower()).strip("_")
+                r = self.run_row(mix, mode, row, duration=a.duration, log_prefix=logs / f"{mix}-{slug}-{mode}-{rnd}",
+                                 perf=True)
+                r.update(row=row, mode=mode, round=rnd)
+                runs.append(r)
+                if r.get("error"):
+                    log(f"  {mode:8} round {rnd} {row:24} ERROR {r['error']}")
+                else:
+                    log(f"  {mode:8} round {rnd} {row:24} {r['tps']:9.1f} tps  avg {r['lat_avg_ms']:.3f} ms"
+                        f"  p99 {fmt(r.get('p99_ms'), '.3f')} ms  proxy CPU {fmt(r.get('cpu_us_per_tx'), '.1f')} us/tx"
+                        + (f"  {r['instructions_per_tx']} instr/tx" if r.get("instructions_per_tx") else "")
+                        + f"  (other load {fmt(r.get('other_cpu_pct'), '.0f')} %)")
         summary: dict = {}
-        for mode in modes:
-            summary[mode] = {}
-            for row in ROWS:
-                if (mode, row) in skipped:
-                    summary[mode][row] = {"skipped": skipped[(mode, row)]}
-                    continue
-                ok = [r for r in runs if r["mode"] == mode and r["row"] == row and not r.get("error")]
-                bad = [r for r in runs if r["mode"] == mode and r["row"] == row and r.get("error")]
-                summary[mode][row] = {
-                    "runs_ok": len(ok), "runs_failed": len(bad),
-                    "tps": median_or_none([r["tps"] for r in ok]),
-                    "lat_avg_ms": median_or_none([r["lat_avg_ms"] for r in ok]),
-                    "p99_ms": median_or_none([r.get("p99_ms") for r in ok]),
-                    "proxy_cpu_s_per_1k": median_or_none([r.get("proxy_cpu_s_per_1k") for r in ok]),
-                    "errors": [r["error"] for r in bad][:3],
-                }
+        for mode, row in plan:
+            ok = [r for r in runs if r["mode"] == mode and r["row"] == row and not r.get("error")]
+            bad = [r for r in runs if r["mode"] == mode and r["row"] == row and r.get("error")]
+            spec = self.row_spec(mix, mode, row)
+            summary.setdefault(mode, {})[row] = {
+                "runs_ok": len(ok), "runs_failed": len(bad), "clients": spec["clients"],
+                "script": spec["script"].name, "db": spec["db"], "options": spec["options"],
+                "errors": [r["error"] for r in bad][:3],
+                **{f: median_or_none([r.get(f) for r in ok])
+                   for f in ("tps", "lat_avg_ms", "p99_ms", "cpu_us_per_tx", "user_us_per_tx", "sys_us_per_tx",
+                             "ctx_switches_per_tx", "instructions_per_tx", "other_cpu_pct")},
+            }
         ratios = []
+
+        def fig(mode, row, field):
+            return (summary.get(mode, {}).get(row) or {}).get(field)
+
+        def ratio(num, den):
+            return num / den if (num and den) else None
         for mode in modes:
-            s = summary[mode]
-            pt = s[ROW_PGTENANT].get("tps")
-            for other, target in ((ROW_BOUNCER_CTX, TARGET_VS_BOUNCER), (ROW_DIRECT, TARGET_VS_DIRECT)):
-                ot = s[other].get("tps")
-                ratio = (pt / ot) if (pt and ot) else None
-                ratios.append({"mode": mode, "name": f"pgtenant / {other}", "ratio": ratio, "target": target,
-                               "pass": (ratio >= target) if ratio is not None else None,
-                               "note": ("not supported by this PgBouncer" if s[other].get("skipped")
-                                        else None if ratio else "missing figure")})
+            pt_tps, pt_cpu = fig(mode, ROW_PGTENANT, "tps"), fig(mode, ROW_PGTENANT, "cpu_us_per_tx")
+            bmode, brow = self.baseline(mode)
+            entry = {"mode": mode, "baseline": f"{brow}" + (f" (-M {bmode})" if bmode != mode else ""),
+                     "tps_ratio": ratio(pt_tps, fig(bmode, brow, "tps")),
+                     "cpu_ratio": ratio(pt_cpu, fig(bmode, brow, "cpu_us_per_tx")),
+                     "instructions_ratio": ratio(fig(mode, ROW_PGTENANT, "instructions_per_tx"),
+                                                 fig(bmode, brow, "instructions_per_tx")),
+                     "pgtenant_vs_direct8": ratio(pt_tps, fig(mode, ROW_DIRECT8, "tps")),
+                     "baseline_vs_direct8": ratio(fig(bmode, brow, "tps"), fig(bmode, ROW_DIRECT8, "tps"))}
+            if mix == "read":
+                entry["vs_bouncer_ctx"] = ratio(pt_tps, fig(mode, ROW_BOUNCER_CTX, "tps"))
+                entry["vs_direct64"] = ratio(pt_tps, fig(mode, ROW_DIRECT, "tps"))
+            ratios.append(entry)
         metrics = {}
         try:
             _, text = http_get(f"http://127.0.0.1:{self.pgtenant_main_admin}/metrics")
@@ -820,12 +1136,12 @@ ignore_startup_parameters = extra_float_digits
                        "context_injections_total": metric_sum(text, "pgtenant_context_injections_total")}
         except OSError:
             pass
-        self.results["pgbench"] = {
+        self.results[key] = {
+            "mix": mix,
             "config": {"clients": a.clients, "threads": a.threads, "pool": a.pool, "rounds": a.rounds,
-                       "duration_s": a.duration, "rows": a.rows, "tenant": self.tenant,
-                       "scripts": {ROW_DIRECT: SCRIPT_CTX.name, ROW_BOUNCER_CTX: SCRIPT_CTX.name,
-                                   ROW_BOUNCER_PLAIN: SCRIPT_SELECT.name, ROW_PGTENANT: SCRIPT_SELECT.name}},
-            "runs": runs, "summary": summary, "ratios": ratios, "pgtenant_metrics": metrics,
+                       "duration_s": a.duration, "rows": a.rows, "write_rows": self.write_rows, "tenant": self.tenant,
+                       "instructions": "perf stat -e instructions" if self.perf_ok else f"n/a: {self.perf_reason}"},
+            "runs": runs, "summary": summary, "ratios": ratios, "skipped": skipped, "pgtenant_metrics": metrics,
         }
 
     # ---------------------------------------------------------------- round trips (strace)
@@ -870,16 +1186,18 @@ ignore_startup_parameters = extra_float_digits
                 counts[parts[-1]] = {"calls": calls, "errors": errors}
         return counts
 
-    def strace_run(self, row: str, mode: str) -> dict:
-        t = self.target(row)
+    def strace_run(self, mix: str, row: str, mode: str) -> dict:
+        t = self.row_spec(mix, mode, row)
         txns_per_client, clients = self.args.rt_transactions, 8
         # warm-up so every pooled backend connection exists before the pids are taken
-        self.pgbench(t["port"], t["user"], t["password"], t["script"], mode, self.args.clients, 2, duration=1)
+        self.pgbench(t["port"], t["user"], t["password"], t["script"], mode, self.args.clients, 2, duration=1,
+                     db=t["db"])
         pids = self.backend_pids(t["pid"])
         if not pids:
             return {"error": "no pooled backend connections found"}
         io = "trace=read,write,readv,writev,recvfrom,sendto,recvmsg,sendmsg"
-        be_out, px_out = self.tmp / f"strace-be-{mode}.txt", self.tmp / f"strace-px-{mode}.txt"
+        tag = f"{mix}-{mode}-{re.sub(r'[^a-z0-9]+', '_', row.lower())}"
+        be_out, px_out = self.tmp / f"strace-be-{tag}.txt", self.tmp / f"strace-px-{tag}.txt"
         be_cmd = [self.tools["strace"], "-c", "-o", str(be_out), "-e", io]
         for p in pids:
             be_cmd += ["-p", str(p)]
@@ -892,7 +1210,7 @@ ignore_startup_parameters = extra_float_digits
                 if tr.poll() is not None:
                     return {"error": "strace exited early (ptrace not permitted?)"}
             r = self.pgbench(t["port"], t["user"], t["password"], t["script"], mode, clients, 2,
-                             transactions=txns_per_client)
+                             transactions=txns_per_client, db=t["db"])
         finally:
             for tr in tracers:
                 if tr.poll() is None:
@@ -909,7 +1227,7 @@ ignore_startup_parameters = extra_float_digits
         be, px = self.parse_strace(be_out), self.parse_strace(px_out)
         ok = lambda d, k: d.get(k, {}).get("calls", 0) - d.get(k, {}).get("errors", 0)
         return {
-            "txns": n, "backend_pids": len(pids),
+            "txns": n, "backend_pids": len(pids), "script": t["script"].name, "db": t["db"],
             "backend_sends_per_txn": round(ok(be, "sendto") / n, 2),
             "backend_recvs_per_txn": round(ok(be, "recvfrom") / n, 2),
             "proxy_io_syscalls_per_txn": round(sum(ok(px, k) for k in px) / n, 2),
@@ -920,18 +1238,146 @@ ignore_startup_parameters = extra_float_digits
         self.ensure_main_pgtenant()
         self.ensure_bouncer()
         log(f"round trips: strace around pgbench -t {self.args.rt_transactions} -c 8")
+        plan = [("read", "simple", [ROW_BOUNCER_SAME, ROW_BOUNCER_CTX, ROW_PGTENANT]),
+                ("read", "extended", [ROW_BOUNCER_CQ, ROW_BOUNCER_CTX, ROW_PGTENANT])]
+        if self.args.extra_rows:
+            plan[0][2].append(ROW_BOUNCER_PLAIN)
+            plan[1][2].append(ROW_BOUNCER_PLAIN)
+        if self.write_rows:
+            plan += [("write", "simple", [ROW_BOUNCER_SAME, ROW_PGTENANT]),
+                     ("write", "extended", [ROW_BOUNCER_CQ, ROW_PGTENANT])]
         out = {}
-        for mode in ("simple", "extended"):
-            out[mode] = {}
-            for row in (ROW_BOUNCER_CTX, ROW_BOUNCER_PLAIN, ROW_PGTENANT):
-                r = self.strace_run(row, mode)
-                out[mode][row] = r
+        for mix, mode, rows in plan:
+            for row in rows:
+                r = self.strace_run(mix, row, mode)
+                out.setdefault(mix, {}).setdefault(mode, {})[row] = r
                 if r.get("error"):
-                    log(f"  {mode:8} {row:22} ERROR {r['error']}")
+                    log(f"  {mix:5} {mode:8} {row:24} ERROR {r['error']}")
                 else:
-                    log(f"  {mode:8} {row:22} backend sends/txn {r['backend_sends_per_txn']}  "
+                    log(f"  {mix:5} {mode:8} {row:24} backend sends/txn {r['backend_sends_per_txn']}  "
                         f"proxy I/O syscalls/txn {r['proxy_io_syscalls_per_txn']}")
         self.results["roundtrips"] = out
+
+    # ---------------------------------------------------------------- instructions per transaction
+
+    def part_instructions(self) -> None:
+        """Proxy instructions per transaction on a fixed number of rate-limited transactions: repeatable on
+        a noisy machine (it does not depend on how much CPU the other processes leave). With perf (a CPU
+        that exposes its counters) on the main instances; else under callgrind (user-space instructions
+        only, on instances of their own)."""
+        a = self.args
+        method = a.instr_method
+        if method == "auto":
+            method = "perf" if self.perf_ok else "callgrind"
+        if method == "perf" and not self.perf_ok:
+            self.results["instructions"] = {"error": f"perf cannot count instructions: {self.perf_reason}"}
+            log(f"instructions: skipped, perf cannot count instructions: {self.perf_reason}")
+            return
+        self.ensure_main_pgtenant()     # the token, and the sanity checks
+        self.ensure_bouncer()
+        n_tx, clients, rate = a.instr_transactions, a.instr_clients, a.instr_rate
+        per_client = max(1, n_tx // clients)
+        mixes = ["read"] + (["write"] if self.write_rows else [])
+        modes = [m for m in MODES if m in a.modes]
+        procs = []
+        if method == "callgrind":
+            cgdir = self.pg_owned_dir("callgrind")       # PgBouncer runs as postgres and writes here too
+            vg = lambda name: [self.tools["valgrind"], "--tool=callgrind", "--dump-instr=no", "--dump-line=no",
+                               f"--callgrind-out-file={cgdir}/{name}.%p"]
+            pt_proc, pt_port, _ = self.start_pgtenant("pgtenant-callgrind", a.pool, wrap=vg("pgtenant"), ready_s=180)
+            procs.append(pt_proc)
+            pb_proc, pb_port = self.start_bouncer("pgbouncer-callgrind", wrap=vg("pgbouncer"), ready_s=120)
+            procs.append(pb_proc)
+            targets = {"pgtenant": (pt_proc, pt_port), "pgbouncer": (pb_proc, pb_port)}
+        else:
+            targets = {"pgtenant": (self.pgtenant_main, self.pgtenant_main_port),
+                       "pgbouncer": (self.bouncer, self.bouncer_port)}
+
+        def callgrind(pid: int, cmd: str, as_pg: bool) -> None:
+            # as the user the process runs as (PgBouncer: postgres): vgdb finds its pipes by user name
+            self.run_cmd([self.tools["callgrind_control"], cmd, str(pid)], timeout=120, as_pg=as_pg,
+                         what=f"callgrind_control {cmd} {pid}")
+
+        def callgrind_total(pid: int, since: float) -> int | None:
+            files = [f for f in glob.glob(f"{cgdir}/*.{pid}*") if os.path.getmtime(f) >= since]
+            for f in sorted(files, key=os.path.getmtime, reverse=True):
+                with open(f, errors="replace") as fh:
+                    for line in fh:
+                        if line.startswith(("summary:", "totals:")):
+                            return int(line.split()[1])
+            return None
+
+        log(f"instructions ({method}): {clients} clients, {per_client * clients:,} transactions per measurement "
+            f"at -R {rate} tx/s, {', '.join(mixes)} mix, modes {', '.join(modes)}")
+        out = {"method": method, "clients": clients, "transactions": per_client * clients, "rate": rate,
+               "perf_reason": None if self.perf_ok else self.perf_reason, "runs": [], "idle_per_s": {}}
+        try:
+            if method == "callgrind":
+                # what each process executes with no traffic at all (timers, metrics upkeep), per second
+                for proxy, (proc, _) in targets.items():
+                    since = time.time() - 1
+                    callgrind(proc.pid, "-z", proxy == "pgbouncer")
+                    time.sleep(a.instr_idle_s)
+                    callgrind(proc.pid, "-d", proxy == "pgbouncer")
+                    time.sleep(0.5)
+                    total = callgrind_total(proc.pid, since)
+                    out["idle_per_s"][proxy] = round(total / a.instr_idle_s) if total is not None else None
+                    log(f"  idle     {proxy:9} {fmt(out['idle_per_s'][proxy], ',')} instructions/s with no traffic")
+            for rnd in range(1, a.instr_rounds + 1):
+                for mix in mixes:
+                    for mode in modes:
+                        bmode, brow = self.baseline(mode)
+                        cases = [("pgtenant", ROW_PGTENANT, mode)]
+                        if bmode == mode:   # otherwise the baseline is measured in its own mode
+                            cases.append(("pgbouncer", brow, mode))
+                        for proxy, row, m in cases:
+                            proc, port = targets[proxy]
+                            spec = self.row_spec(mix, m, row)
+                            common = dict(port=port, user=spec["user"], password=spec["password"],
+                                          script=spec["script"], mode=m, clients=clients, threads=2, db=spec["db"])
+                            w = self.pgbench(**common, transactions=max(2, 200 // clients))   # warm-up
+                            if w.get("error"):
+                                raise BenchError(f"instructions warm-up {proxy} {mix} {m}: {w['error']}")
+                            if method == "callgrind":
+                                since = time.time() - 1
+                                callgrind(proc.pid, "-z", proxy == "pgbouncer")
+                                r = self.pgbench(**common, transactions=per_client, rate=rate, cpu_pid=proc.pid)
+                                callgrind(proc.pid, "-d", proxy == "pgbouncer")
+                                time.sleep(0.5)
+                                total = callgrind_total(proc.pid, since)
+                                r["instructions"] = total
+                                r["instructions_per_tx"] = round(total / r["txns"]) if total and r.get("txns") else None
+                            else:
+                                r = self.pgbench(**common, transactions=per_client, rate=rate, cpu_pid=proc.pid,
+                                                 perf=True)
+                            r.update(proxy=proxy, row=row, mix=mix, mode=m, round=rnd)
+                            out["runs"].append(r)
+                            if r.get("error"):
+                                log(f"  {mix:5} {m:8} {proxy:9} ERROR {r['error']}")
+                            else:
+                                log(f"  {mix:5} {m:8} {proxy:9} {fmt(r.get('instructions_per_tx'), ',')} instructions/tx"
+                                    f"  ({r['txns']:,} tx, {fmt(r.get('cpu_us_per_tx'), '.0f')} us CPU/tx under "
+                                    f"{method})")
+        finally:
+            for proc in procs:
+                self.stop_proc(proc)
+        summary = {}
+        for r in out["runs"]:
+            if r.get("error"):
+                continue
+            summary.setdefault(r["mix"], {}).setdefault(r["mode"], {}).setdefault(r["proxy"], []).append(
+                r.get("instructions_per_tx"))
+        out["summary"] = {mix: {mode: {proxy: median_or_none(v) for proxy, v in per.items()}
+                                for mode, per in by_mode.items()} for mix, by_mode in summary.items()}
+        out["ratios"] = []
+        for mix in mixes:
+            for mode in modes:
+                bmode, _ = self.baseline(mode)
+                pt = (out["summary"].get(mix, {}).get(mode) or {}).get("pgtenant")
+                pb = (out["summary"].get(mix, {}).get(bmode) or {}).get("pgbouncer")
+                out["ratios"].append({"mix": mix, "mode": mode, "baseline_mode": bmode, "pgtenant": pt,
+                                      "pgbouncer": pb, "ratio": pt / pb if pt and pb else None})
+        self.results["instructions"] = out
 
     # ---------------------------------------------------------------- login rate
 
@@ -1063,7 +1509,10 @@ ignore_startup_parameters = extra_float_digits
             "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "cpu_model": cpu_model()},
             "args": {k: v for k, v in vars(a).items()},
             "git": git_describe(),
+            "loadavg_start": loadavg(),
         }
+        t_start = time.monotonic()
+
         def body() -> None:
             self.build()
             self.ensure_tools()
@@ -1078,6 +1527,8 @@ ignore_startup_parameters = extra_float_digits
         error = run_guarded(body, self.teardown)
         self.results["meta"]["finished_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")
+        self.results["meta"]["elapsed_s"] = round(time.monotonic() - t_start, 1)
+        self.results["meta"]["loadavg_end"] = loadavg()
         if error:
             self.results["error"] = error
         self.results["targets"] = self.targets()
@@ -1105,11 +1556,46 @@ ignore_startup_parameters = extra_float_digits
 
     def targets(self) -> list[dict]:
         out = []
-        pb = self.results.get("pgbench")
+        pb, wr = self.results.get("pgbench"), self.results.get("writes")
         if pb:
             for r in pb["ratios"]:
-                out.append({"name": f"TPS {r['name']} ({r['mode']})", "value": r["ratio"],
-                            "target": f">= {r['target']:.2f}", "pass": r["pass"], "note": r.get("note")})
+                mode, base = r["mode"], r["baseline"]
+                out.append({"name": f"TPS pgtenant / {base} ({mode}, read mix)", "value": r["tps_ratio"],
+                            "target": f">= {TARGET_TPS[mode]:.2f}",
+                            "pass": (r["tps_ratio"] >= TARGET_TPS[mode]) if r["tps_ratio"] is not None else None,
+                            "note": None if r["tps_ratio"] is not None else "missing figure"})
+            for r in pb["ratios"]:
+                if r["mode"] in ("simple", "extended"):
+                    out.append({"name": f"proxy CPU/tx pgtenant / {r['baseline']} ({r['mode']}, read mix)",
+                                "value": r["cpu_ratio"], "target": f"<= {TARGET_CPU:.2f}",
+                                "pass": (r["cpu_ratio"] <= TARGET_CPU) if r["cpu_ratio"] is not None else None,
+                                "note": None if r["cpu_ratio"] is not None else "missing figure"})
+        if wr:
+            for r in wr["ratios"]:
+                out.append({"name": f"TPS pgtenant / {r['baseline']} ({r['mode']}, write mix)", "value": r["tps_ratio"],
+                            "target": f">= {TARGET_TPS[r['mode']]:.2f}",
+                            "pass": (r["tps_ratio"] >= TARGET_TPS[r["mode"]]) if r["tps_ratio"] is not None else None,
+                            "note": None if r["tps_ratio"] is not None else "missing figure"})
+        if pb and wr:
+            read = {r["mode"]: r["tps_ratio"] for r in pb["ratios"]}
+            for r in wr["ratios"]:
+                rr, w = read.get(r["mode"]), r["tps_ratio"]
+                drift = (w / rr - 1) if (rr and w) else None
+                out.append({"name": f"write-mix ratio vs read-mix ratio ({r['mode']}): "
+                                    f"{fmt(w, '.2f')} vs {fmt(rr, '.2f')}",
+                            "value": drift, "target": f"within ±{TARGET_WRITE_DRIFT:.0%}",
+                            "pass": abs(drift) <= TARGET_WRITE_DRIFT if drift is not None else None,
+                            "note": "relative difference" if drift is not None else "missing figure"})
+        if pb:
+            for r in pb["ratios"]:
+                for key, name, target in (("vs_bouncer_ctx", ROW_BOUNCER_CTX + " (4 round trips)", TARGET_VS_BOUNCER_CTX),
+                                          ("vs_direct64", ROW_DIRECT + ", 4 round trips", TARGET_VS_DIRECT)):
+                    v = r.get(key)
+                    out.append({"name": f"[issue 7] TPS pgtenant / {name} ({r['mode']})", "value": v,
+                                "target": f">= {target:.2f}", "pass": (v >= target) if v is not None else None,
+                                "note": "earlier, weaker baseline" if v is not None else
+                                ("not supported by this PgBouncer" if r["mode"] == "prepared" and key == "vs_bouncer_ctx"
+                                 else "missing figure")})
         idle = self.results.get("idle")
         if idle and idle.get("connected"):
             if idle["connected"] >= IDLE_TARGET_CLIENTS:
@@ -1128,56 +1614,102 @@ ignore_startup_parameters = extra_float_digits
                         "note": "errors + failed logins + wrong-tenant rows"})
         return out
 
+    def mix_report(self, key: str) -> list[str]:
+        pb = self.results[key]
+        c = pb["config"]
+        title = ("read mix (pgbench): one primary-key lookup per transaction" if pb["mix"] == "read" else
+                 "write mix (writes): INSERT ... RETURNING (nextval default) + UPDATE ... RETURNING per transaction")
+        lines = ["", f"{title}", f"  {c['clients']} clients (-j {c['threads']}; direct (8 connections): {c['pool']}), "
+                 f"pool {c['pool']}, median of {c['rounds']} interleaved runs x {c['duration_s']} s; "
+                 f"instructions/tx: {c['instructions']}"]
+        rows = []
+        for mode, per_row in pb["summary"].items():
+            for row, s in per_row.items():
+                note = f"{s['runs_failed']} run(s) failed: {s['errors'][0][:60]}" if s["runs_failed"] else ""
+                rows.append([mode, row, s["script"] + ("" if s["db"] == "app" else f" @{s['db']}")
+                             + (" +options" if s["options"] else ""),
+                             fmt(s["tps"], ".0f"), fmt(s["lat_avg_ms"], ".3f"), fmt(s["p99_ms"], ".3f"),
+                             fmt(s["cpu_us_per_tx"], ".1f"), fmt(s["user_us_per_tx"], ".1f"),
+                             fmt(s["sys_us_per_tx"], ".1f"), fmt(s["ctx_switches_per_tx"], ".2f"),
+                             fmt(s["instructions_per_tx"], ",.0f"), fmt(s["other_cpu_pct"], ".0f"), note])
+        lines.append(table(["mode", "row", "script", "TPS", "avg ms", "p99 ms", "CPU us/tx", "user", "sys",
+                            "ctxsw/tx", "instr/tx", "other %", "note"], rows, right={3, 4, 5, 6, 7, 8, 9, 10, 11}))
+        others = [r.get("other_cpu_pct") for r in pb["runs"] if r.get("other_cpu_pct") is not None]
+        if others:
+            lines.append(f"  other %: CPU used by work outside the benchmark during a run, in % of all CPUs; over all "
+                         f"runs median {statistics.median(others):.0f} %, max {max(others):.0f} %")
+        lines.append("")
+        rrows = []
+        for r in pb["ratios"]:
+            rrows.append([r["mode"], r["baseline"], fmt(r["tps_ratio"], ".2f", "n/a"), f">= {TARGET_TPS[r['mode']]:.2f}",
+                          fmt(r["cpu_ratio"], ".2f", "n/a"),
+                          f"<= {TARGET_CPU:.2f}" if r["mode"] != "prepared" else "-",
+                          fmt(r["pgtenant_vs_direct8"], ".2f", "n/a"), fmt(r["baseline_vs_direct8"], ".2f", "n/a"),
+                          fmt(r.get("vs_bouncer_ctx"), ".2f", "n/a") if "vs_bouncer_ctx" in r else "",
+                          fmt(r.get("vs_direct64"), ".2f", "n/a") if "vs_direct64" in r else ""])
+        lines.append(table(["mode", "pgtenant vs (PgBouncer same work)", "TPS ratio", "wanted", "CPU/tx ratio",
+                            "wanted", "pgtenant/direct8", "pgbouncer/direct8", "vs 4-RT pgbouncer", "vs direct64"],
+                           rrows, right={2, 3, 4, 5, 6, 7, 8, 9}))
+        pm = pb.get("pgtenant_metrics") or {}
+        if pm.get("transactions_total"):
+            lines.append(f"pgtenant counted {pm['transactions_total']:.0f} transactions and "
+                         f"{pm['context_injections_total']:.0f} context injections (so far)")
+        for n in pb.get("skipped", {}).values():
+            lines.append(f"note: {n}")
+        return lines
+
     def report(self) -> str:
         m = self.results["meta"]
         a = self.args
         lines = [f"pgtenant benchmark  {m['started_utc']}  {m['host']['cpus']} CPUs ({m['host']['cpu_model']})",
                  f"postgres {m.get('postgres', '?')}, pgbouncer {m.get('pgbouncer', 'not used')}, "
                  f"{m.get('pgtenant', {}).get('version', 'pgtenant ?')} ({m['git']})"]
+        if m.get("loadavg_start"):
+            lines.append(f"load average (1/5/15 min) at start {m['loadavg_start']}, at end {m.get('loadavg_end', '?')}; "
+                         f"elapsed {fmt(m.get('elapsed_s'), '.0f')} s")
         if "table" in m:
             t = m["table"]
             lines.append(f"table bench: {t['rows']:,} rows, {t['tenants']} tenants, {t['size']}; lookup: {t['plan']}")
-        pb = self.results.get("pgbench")
-        if pb:
-            c = pb["config"]
-            lines += ["", f"pgbench: {c['clients']} clients (-j {c['threads']}), pool {c['pool']}, "
-                          f"median of {c['rounds']} interleaved runs x {c['duration_s']} s"]
-            rows = []
-            for mode, per_row in pb["summary"].items():
-                for row in ROWS:
-                    s = per_row[row]
-                    if "skipped" in s:
-                        rows.append([mode, row, "n/a", "", "", "", "not supported (see notes)"])
-                        continue
-                    note = f"{s['runs_failed']} run(s) failed: {s['errors'][0][:60]}" if s["runs_failed"] else ""
-                    rows.append([mode, row, fmt(s["tps"], ".0f"), fmt(s["lat_avg_ms"], ".3f"),
-                                 fmt(s["p99_ms"], ".3f"), fmt(s["proxy_cpu_s_per_1k"], ".4f"), note])
-            lines.append(table(["mode", "row", "TPS", "avg ms", "p99 ms", "proxy CPU s/1k tx", "note"], rows,
-                               right={2, 3, 4, 5}))
-            lines.append("")
-            rrows = [[r["mode"], r["name"], fmt(r["ratio"], ".2f", "n/a"), f">= {r['target']:.2f}",
-                      {True: "PASS", False: "MISS", None: "-"}[r["pass"]]] for r in pb["ratios"]]
-            lines.append(table(["mode", "TPS ratio", "value", "target", ""], rrows, right={2, 3}))
-            pm = pb.get("pgtenant_metrics") or {}
-            if pm.get("transactions_total"):
-                lines.append(f"pgtenant counted {pm['transactions_total']:.0f} transactions and "
-                             f"{pm['context_injections_total']:.0f} context injections")
-            notes = {s["skipped"] for per in pb["summary"].values() for s in per.values() if "skipped" in s}
-            for n in notes:
-                lines.append(f"note: {n}")
+        for key in ("pgbench", "writes"):
+            if self.results.get(key):
+                lines += self.mix_report(key)
+        ins = self.results.get("instructions")
+        if ins:
+            lines += ["", "instructions per transaction (proxy process, all threads)"]
+            if ins.get("error"):
+                lines.append(f"  error: {ins['error']}")
+            else:
+                how = ("perf stat -e instructions (user + kernel)" if ins["method"] == "perf" else
+                       "callgrind (user-space instructions only; the kernel's share is not counted)")
+                lines.append(f"  {how}; {ins['clients']} clients, {ins['transactions']:,} transactions per measurement "
+                             f"at -R {ins['rate']} tx/s" + (f"; perf: {ins['perf_reason']}" if ins.get("perf_reason")
+                                                           else ""))
+                rows = [[r["mix"], r["mode"], fmt(r["pgtenant"], ",.0f"),
+                         fmt(r["pgbouncer"], ",.0f") + ("" if r["baseline_mode"] == r["mode"]
+                                                        else f" (-M {r['baseline_mode']})"),
+                         fmt(r["ratio"], ".2f", "n/a")] for r in ins["ratios"]]
+                lines.append(table(["mix", "mode", "pgtenant", "pgbouncer (same work)", "ratio"], rows,
+                                   right={2, 3, 4}))
+                idle = ins.get("idle_per_s") or {}
+                if idle:
+                    lines.append("  with no traffic: " + ", ".join(f"{k} {fmt(v, ',')} instructions/s"
+                                                               for k, v in idle.items())
+                                 + f" (included above: at {ins['rate']} tx/s that is idle/s / {ins['rate']} per transaction)")
         rt = self.results.get("roundtrips")
         if rt:
             lines += ["", f"round trips (strace, pgbench -t {a.rt_transactions} -c 8): per transaction"]
             rows = []
-            for mode, per_row in rt.items():
-                for row, r in per_row.items():
-                    if r.get("error"):
-                        rows.append([mode, row, "error", "", r["error"][:60]])
-                    else:
-                        rows.append([mode, row, fmt(r["backend_sends_per_txn"]), fmt(r["backend_recvs_per_txn"]),
-                                     fmt(r["proxy_io_syscalls_per_txn"])])
-            lines.append(table(["mode", "row", "backend sends", "backend recvs", "proxy I/O syscalls"], rows,
-                               right={2, 3, 4}))
+            for mix, by_mode in rt.items():
+                for mode, per_row in by_mode.items():
+                    for row, r in per_row.items():
+                        if r.get("error"):
+                            rows.append([mix, mode, row, "", "error", "", r["error"][:60]])
+                        else:
+                            rows.append([mix, mode, row, r["script"] + ("" if r["db"] == "app" else f" @{r['db']}"),
+                                         fmt(r["backend_sends_per_txn"]), fmt(r["backend_recvs_per_txn"]),
+                                         fmt(r["proxy_io_syscalls_per_txn"])])
+            lines.append(table(["mix", "mode", "row", "script", "backend sends", "backend recvs",
+                                "proxy I/O syscalls"], rows, right={4, 5, 6}))
         lg = self.results.get("login")
         if lg:
             c = lg["config"]
@@ -1464,6 +1996,13 @@ def run_guarded(body, teardown) -> str | None:
     return error
 
 
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -1498,45 +2037,67 @@ def raise_fd_limit() -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="pgtenant benchmark: pgbench vs PgBouncer and direct, login rate, "
-                                            "idle/active connection scale. See bench/README.md.")
+    p = argparse.ArgumentParser(description="pgtenant benchmark: pgbench read and write mixes vs PgBouncer's best "
+                                            "same-work configuration and direct, instructions per transaction, "
+                                            "login rate, idle/active connection scale. See bench/README.md.")
     p.add_argument("--quick", action="store_true",
-                   help="short runs (3 s), 2,000 idle clients: a smoke run, numbers are rough")
+                   help="short runs (2 s), fewer instruction-count transactions, 2,000 idle clients: a smoke run")
     p.add_argument("--no-build", action="store_true", help="do not run cargo build; use the existing binary")
     p.add_argument("--pgtenant", metavar="PATH", help="pgtenant binary (default target/release/pgtenant)")
-    p.add_argument("--only", action="append", metavar="PART",
+    p.add_argument("--only", "--parts", action="append", metavar="PARTS", dest="only",
                    help=f"run only these parts (repeatable or comma-separated): {', '.join(PARTS)}")
-    p.add_argument("--duration", type=float, metavar="SECS", help="seconds per run (default 10, --quick 3)")
+    p.add_argument("--duration", type=float, metavar="SECS",
+                   help="seconds per timed run: pgbench, writes, login, active (default 4, --quick 2)")
     p.add_argument("--rounds", type=int, help="interleaved rounds per row, the median is reported (default 3)")
     p.add_argument("--modes", default=",".join(MODES), help="pgbench -M modes (default simple,extended,prepared)")
+    p.add_argument("--extra-rows", action="store_true",
+                   help="also run 'pgbouncer plain' (no context) and 'pgbouncer connect_query' in simple mode")
     p.add_argument("--clients", type=int, default=64, help="pgbench clients (default 64)")
     p.add_argument("--threads", type=int, default=2, help="pgbench threads (default 2)")
-    p.add_argument("--pool", type=int, default=8, help="backend pool size of pgtenant and PgBouncer (default 8)")
+    p.add_argument("--pool", type=int, default=8,
+                   help="backend pool size of pgtenant and PgBouncer, and the clients of 'direct (8 connections)' "
+                        "(default 8)")
     p.add_argument("--rows", type=int, default=1_000_000, help="rows in the bench table (default 1,000,000)")
+    p.add_argument("--write-rows", type=int, default=None,
+                   help="preloaded rows in bench_write, the write mix's table (default --rows / 10)")
     p.add_argument("--tenant", type=int, default=7, help="tenant of the pgbench client token (default 7)")
+    p.add_argument("--instr-method", choices=["auto", "perf", "callgrind"], default="auto",
+                   help="instructions part: perf stat (needs CPU counters) or callgrind (default: perf when it "
+                        "can count instructions, else callgrind)")
+    p.add_argument("--instr-transactions", type=int,
+                   help="transactions per instruction-count measurement (default 1,000, --quick 400)")
+    p.add_argument("--instr-clients", type=int, default=8, help="pgbench clients in the instructions part (default 8)")
+    p.add_argument("--instr-rate", type=int, default=250,
+                   help="pgbench -R (transactions/s) in the instructions part, below what the proxy sustains under "
+                        "callgrind (default 250)")
+    p.add_argument("--instr-rounds", type=int, default=1, help="measurements per case, the median is reported (default 1)")
+    p.add_argument("--instr-idle-s", type=float, default=3.0,
+                   help="seconds of no traffic over which callgrind measures each proxy's idle instructions (default 3)")
     p.add_argument("--idle-clients", type=int, help="idle clients (default 10,000, --quick 2,000)")
     p.add_argument("--active-clients", type=int, default=2000, help="active clients (default 2,000)")
     p.add_argument("--active-pool", type=int, default=20, help="pool size for the active test (default 20)")
     p.add_argument("--login-clients", type=int, default=8, help="pgbench -C clients (default 8)")
     p.add_argument("--login-concurrency", type=int, default=200,
                    help="logins in flight while opening idle/active clients (default 200)")
-    p.add_argument("--rt-transactions", type=int, default=500,
-                   help="transactions per client (8 clients) in the strace round-trip runs (default 500)")
+    p.add_argument("--rt-transactions", type=int, default=200,
+                   help="transactions per client (8 clients) in the strace round-trip runs (default 200)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, configs)")
     a = p.parse_args(argv)
-    a.duration = a.duration or (3.0 if a.quick else 10.0)
+    a.duration = a.duration or (2.0 if a.quick else 4.0)
     if a.duration < 1:
         p.error("--duration must be at least 1 s")
     a.duration = int(a.duration)
     a.rounds = a.rounds or 3
     a.idle_clients = a.idle_clients or (2000 if a.quick else 10_000)
+    a.instr_transactions = a.instr_transactions or (400 if a.quick else 1000)
     parts = []
     for item in a.only or PARTS:
         for part in item.split(","):
             part = part.strip()
             if part not in PARTS:
                 p.error(f"--only: unknown part {part!r} (choose from {', '.join(PARTS)})")
-            parts.append(part)
+            if part not in parts:
+                parts.append(part)
     a.parts = parts
     a.modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     for m in a.modes:
@@ -1544,6 +2105,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--modes: unknown mode {m!r}")
     if a.rows < TENANTS or a.rows % TENANTS:
         p.error(f"--rows must be a positive multiple of {TENANTS}")
+    if a.write_rows is None:
+        a.write_rows = max(TENANTS, a.rows // 10 // TENANTS * TENANTS)
+    if a.write_rows < TENANTS or a.write_rows % TENANTS:
+        p.error(f"--write-rows must be a positive multiple of {TENANTS}")
+    if not set(parts) & {"writes", "roundtrips", "instructions"}:
+        a.write_rows = 0     # no write table needed
     if not 1 <= a.tenant <= TENANTS:
         p.error(f"--tenant must be 1..{TENANTS}")
     return a
