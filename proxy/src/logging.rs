@@ -6,7 +6,6 @@ use std::sync::OnceLock;
 
 use tracing_subscriber::EnvFilter;
 
-use crate::config::Config;
 
 type SetLevel = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
 
@@ -18,15 +17,15 @@ fn filter_for(level: &str) -> Result<EnvFilter, String> {
 
 /// Installs the process-wide subscriber. `PGTENANT_LOG`, when set, wins over `log.level` (and then
 /// reloads leave the level alone).
-pub fn init(cfg: &Config) {
+pub fn init(level: &str, format: &str) {
     let from_env = EnvFilter::try_from_env("PGTENANT_LOG").ok();
     let pinned = from_env.is_some();
-    let filter = from_env.unwrap_or_else(|| filter_for(&cfg.log.level).unwrap_or_else(|_| EnvFilter::new("info")));
+    let filter = from_env.unwrap_or_else(|| filter_for(level).unwrap_or_else(|_| EnvFilter::new("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    if cfg.log.format == "json" {
+    if format == "json" {
         let b = builder.json().with_filter_reloading();
         let handle = b.reload_handle();
         let _ = b.try_init();

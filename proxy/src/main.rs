@@ -88,7 +88,7 @@ async fn shutdown_signal() {
 
 fn run(config: PathBuf) -> Result<(), String> {
     let cfg = Config::load(&config).map_err(|e| e.to_string())?;
-    pgtenant::logging::init(&cfg);
+    pgtenant::logging::init(&cfg.log.level, &cfg.log.format);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
     rt.block_on(async {
         let running = pgtenant::server::start_from(cfg, Some(config.clone())).await?;

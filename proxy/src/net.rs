@@ -4,6 +4,8 @@
 //! Also the one place that picks the TLS crypto provider ([`tls_provider`]): every rustls config
 //! in pgtenant (towards clients, the backend, and a `jwt.jwks_url`) is built with it.
 
+pub mod http_target;
+
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};

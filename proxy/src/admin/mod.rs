@@ -18,9 +18,6 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::pool::Pool;
 
-/// The metric names moved to `crate::metrics`; this path stays until every caller uses that one.
-pub use crate::metrics as names;
-
 /// What the endpoints read, and what `POST /reload` asks for. `server::Proxy` implements it, so
 /// admin renders the proxy without depending on the server module that starts it.
 pub trait Source: Send + Sync + 'static {

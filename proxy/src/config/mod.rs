@@ -191,7 +191,7 @@ impl Config {
             return invalid("jwt: no key configured (set jwt.secret, jwt.public_key_file, jwt.jwks_file or jwt.jwks_url)".into());
         }
         if let Some(url) = &self.jwt.jwks_url {
-            if let Err(e) = crate::jwt::https::Target::parse(url) {
+            if let Err(e) = crate::net::http_target::Target::parse(url) {
                 return invalid(format!("jwt.jwks_url: {e}"));
             }
         }
@@ -239,7 +239,7 @@ impl Config {
         }
         self.bypass.validate(&self.audit).map_err(ConfigError::Invalid)?;
         if let Some(url) = self.bypass.jwt.jwks_url.as_ref().filter(|_| self.bypass.enabled) {
-            if let Err(e) = crate::jwt::https::Target::parse(url) {
+            if let Err(e) = crate::net::http_target::Target::parse(url) {
                 return invalid(format!("bypass.jwt.jwks_url: {e}"));
             }
         }

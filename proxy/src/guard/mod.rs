@@ -21,12 +21,6 @@
 
 pub mod interference;
 
-/// Moved to `crate::sql::set_config` (reading a call is SQL, not policy); this path stays until
-/// every caller uses that one.
-pub use crate::sql::set_config as bind;
-/// Moved to `crate::sql::literal`; this path stays until every caller uses that one.
-pub use crate::sql::literal;
-
 use std::collections::HashSet;
 
 use crate::config::TenantConfig;

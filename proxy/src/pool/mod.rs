@@ -210,7 +210,7 @@ impl Pool {
         let started = Instant::now();
         let wait_ms = self.wait_timeout_ms.load(Ordering::Relaxed);
         let waited = self.slots.acquire(tenant, Duration::from_millis(wait_ms)).await;
-        metrics::histogram!(crate::admin::names::POOL_WAIT_SECONDS).record(started.elapsed().as_secs_f64());
+        crate::metrics::hot().pool_wait_seconds.record(started.elapsed().as_secs_f64());
         let permit = waited.map_err(|r| self.refusal_error(tenant, r, wait_ms))?;
         while let Some(mut idle) = self.pop_idle() {
             if idle.since.elapsed() >= self.idle_timeout
@@ -250,7 +250,7 @@ impl Pool {
                 "shorten this tenant's transactions, or raise the limit in the pgtenant config [limits]",
             ),
             Refusal::Timeout { at_limit: None } => {
-                metrics::counter!(crate::admin::names::POOL_WAIT_TIMEOUTS).increment(1);
+                ::metrics::counter!(crate::metrics::POOL_WAIT_TIMEOUTS).increment(1);
                 return PgError::error(
                     sqlstate::TOO_MANY_CONNECTIONS,
                     format!(
@@ -262,7 +262,7 @@ impl Pool {
                 .with_hint("raise backend.pool_size or pool.query_wait_timeout_ms, or shorten long transactions");
             }
         };
-        metrics::counter!(crate::admin::names::LIMIT_REFUSALS, "limit" => limit).increment(1);
+        ::metrics::counter!(crate::metrics::LIMIT_REFUSALS, "limit" => limit).increment(1);
         PgError::error(sqlstate::TOO_MANY_CONNECTIONS, message).with_hint(hint)
     }
 
@@ -274,7 +274,7 @@ impl Pool {
         let result = self.connector.connect(&self.target).await;
         let ok = result.is_ok();
         self.healthy.store(ok, Ordering::Relaxed);
-        metrics::counter!(crate::admin::names::BACKEND_CONNECTS, "result" => if ok { "ok" } else { "error" }).increment(1);
+        ::metrics::counter!(crate::metrics::BACKEND_CONNECTS, "result" => if ok { "ok" } else { "error" }).increment(1);
         let mut conn = result.inspect_err(|e| {
             tracing::warn!(backend = %self.target.describe(), error = %e, "backend connect failed");
         })?;

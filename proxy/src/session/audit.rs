@@ -46,7 +46,7 @@ impl Session {
     }
 
     fn write_bypass_record(&self, protocol: &str, fp: sql::fingerprint::Fingerprint) -> Result<(), PgError> {
-        metrics::counter!(crate::admin::names::BYPASS_STATEMENTS).increment(1);
+        crate::metrics::hot().bypass_statements.increment(1);
         self.shared
             .audit
             .record(

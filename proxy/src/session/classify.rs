@@ -208,7 +208,7 @@ impl Classifier<'_> {
         }
     }
 
-    /// A Bind; a statement with `set_config` calls to decide at Bind (see `crate::guard::bind`) is
+    /// A Bind; a statement with `set_config` calls to decide at Bind (see `crate::sql::set_config`) is
     /// checked with the Bind's values first. A refused Bind leaves no portal; an accepted one carries
     /// the session-level settings it makes to the Execute.
     fn bind(&mut self, body: &[u8], portal: &[u8], stmt: &[u8]) -> Step {

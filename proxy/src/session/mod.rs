@@ -18,6 +18,8 @@
 mod audit;
 mod classify;
 mod context;
+mod forward;
+mod from_backend;
 pub mod inject;
 pub mod replies;
 pub mod settings;
@@ -37,16 +39,16 @@ use crate::cancel::Registration;
 use crate::error::{sqlstate, PgError};
 use crate::guard::{Guard, Position};
 use crate::net::Stream;
-use crate::pool::{prepared, Lease, Pool};
+use crate::pool::{Lease, Pool};
 use crate::protocol::frame::{try_split, Frame, FrameError};
 use crate::protocol::tags::{self, frontend as msg};
 use crate::protocol::{build, peek};
 use crate::sql::{self, TxEffect};
-use classify::{Budget, Classifier, Refusal, Step};
+use classify::{Budget, Classifier, Step};
 use context::{Batch, Decision};
 use inject::Injection;
 use settings::ClientSettings;
-use replies::{Action, Replies, Want};
+use replies::{Replies, Want};
 use statements::Statements;
 
 static NEXT_SESSION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -302,9 +304,9 @@ impl Session {
                 Event::ClientRead(Ok(0)) | Event::ClientRead(Err(_)) | Event::ClientWrote(Err(_)) => {
                     return Err(End::ClientGone)
                 }
-                Event::ClientRead(Ok(n)) => metrics::counter!(crate::admin::names::CLIENT_BYTES, "direction" => "in").increment(n as u64),
+                Event::ClientRead(Ok(n)) => crate::metrics::hot().client_bytes_in.increment(n as u64),
                 Event::ClientWrote(Ok(n)) => {
-                    metrics::counter!(crate::admin::names::CLIENT_BYTES, "direction" => "out").increment(n as u64);
+                    crate::metrics::hot().client_bytes_out.increment(n as u64);
                     self.client_out.advance(n)
                 }
                 Event::BackendRead(Ok(0)) => return Err(End::BackendLost("server closed the connection".into())),
@@ -402,8 +404,9 @@ impl Session {
             if self.client_in.is_empty() && self.client_in.capacity() > IDLE_READ_CHUNK {
                 self.client_in = BytesMut::new();
             }
-            metrics::counter!(crate::admin::names::TRANSACTIONS).increment(1);
-            metrics::histogram!(crate::admin::names::TRANSACTION_SECONDS).record(self.attached_at.elapsed().as_secs_f64());
+            let hot = crate::metrics::hot();
+            hot.transactions.increment(1);
+            hot.transaction_seconds.record(self.attached_at.elapsed().as_secs_f64());
             self.cancel.slot.set(None).await;
             self.pool.release(lease);
         }
@@ -445,7 +448,7 @@ impl Session {
                     if self.copy_in_open() {
                         // a held-back query started COPY FROM STDIN: its data must flow meanwhile
                         match try_split(&mut self.client_in, self.shared.max_message_bytes) {
-                            Ok(Some(f)) if matches!(f.tag, b'd' | b'c' | b'f' | b'H' | b'S') => {
+                            Ok(Some(f)) if matches!(f.tag, msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL | msg::FLUSH | msg::SYNC) => {
                                 self.on_client_frame(f).await?;
                                 continue;
                             }
@@ -488,8 +491,8 @@ impl Session {
             return Ok(Flow::Continue);
         }
         match f.tag {
-            b'X' => Ok(Flow::Terminate),
-            b'S' => {
+            msg::TERMINATE => Ok(Flow::Terminate),
+            msg::SYNC => {
                 if self.lease.is_none() {
                     // nothing in flight without a backend: answer directly
                     build::ready_for_query(&mut self.client_out, b'I');
@@ -505,17 +508,17 @@ impl Session {
                 Ok(Flow::Continue)
             }
             // Flush and COPY data mean nothing without a backend (the server ignores stray copy data)
-            b'H' | b'd' | b'c' | b'f' => {
+            msg::FLUSH | msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL => {
                 if self.lease.is_some() {
                     self.forward(&f, false);
-                    if f.tag != b'd' && f.tag != b'H' {
+                    if matches!(f.tag, msg::COPY_DONE | msg::COPY_FAIL) {
                         self.replies.copy_ended();
                     }
                 }
                 Ok(Flow::Continue)
             }
-            b'Q' | b'F' | b'P' | b'B' | b'D' | b'E' | b'C' => self.on_work(f).await,
-            b'p' => Err(End::Fatal(PgError::fatal(
+            msg::QUERY | msg::FUNCTION_CALL | msg::PARSE | msg::BIND | msg::DESCRIBE | msg::EXECUTE | msg::CLOSE => self.on_work(f).await,
+            msg::PASSWORD => Err(End::Fatal(PgError::fatal(
                 sqlstate::PROTOCOL_VIOLATION,
                 "pgtenant: unexpected password message after authentication",
             ))),
@@ -595,7 +598,7 @@ impl Session {
             Decision::Hold => return Ok(Flow::Hold(f)),
             Decision::Inject { start } | Decision::Defer { start } => {
                 if plan.modes_then_work {
-                    return Ok(self.refuse(modes_then_work_error(), simple));
+                    return Ok(self.refuse(forward::modes_then_work_error(), simple));
                 }
                 if start {
                     self.apply_tx_defaults();
@@ -645,236 +648,6 @@ impl Session {
         Ok(Flow::Continue)
     }
 
-    /// Writes the context statement in front of what follows (signed with the key in force).
-    fn inject(&mut self) {
-        if let Some(signer) = self.shared.signer.changed(&mut self.signer_gen) {
-            self.settings.set_signer(signer); // reloaded: sign with the new key
-            self.injection = self.settings.injection();
-        }
-        let lease = self.lease.as_mut().expect("attached before the context");
-        self.injection.write(&mut self.backend_out, &mut lease.backend, &mut self.replies);
-        metrics::counter!(crate::admin::names::CONTEXT_INJECTIONS).increment(1);
-        self.needs_context = false;
-    }
-
-    /// Forwards a message, mapping client statement names to server statements on this backend
-    /// (preparing them there first when needed).
-    fn forward_rewritten(&mut self, f: &Frame, simple: bool) {
-        let body = f.body();
-        let named = match f.tag {
-            b'P' => peek::parse_msg(body).map(|(n, _)| n),
-            b'B' => peek::bind_msg(body).map(|(_, s)| s),
-            b'D' => peek::target_msg(body).filter(|(k, _)| *k == b'S').map(|(_, n)| n),
-            _ => None,
-        }
-        // the unnamed statement goes as it is, unless it has set_config parameters (see `bind`)
-        .filter(|n| !n.is_empty() || self.statements.unnamed_has_bind_checks());
-        let (Some(name), Some(lease)) = (named, self.lease.as_mut()) else {
-            return self.forward(f, simple);
-        };
-        let Some(def) = self.statements.statement(name).cloned() else {
-            return self.forward(f, simple); // unknown statement: the server answers 26000
-        };
-        if self.replies.batch_failed {
-            return; // the server skips everything up to Sync
-        }
-        let p = lease.backend.statements().prepare(&def.key);
-        for evict in &p.evict {
-            prepared::target_frame(&mut self.backend_out, b'C', evict);
-            self.replies.expect(Want::CloseComplete, true, false);
-        }
-        let out = &mut self.backend_out;
-        match f.tag {
-            b'P' => {
-                if p.needs_parse {
-                    prepared::parse_frame(out, &p.name, &def.key);
-                    self.replies.expect_parse(false, p.id);
-                    self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name)));
-                } else {
-                    self.synthetic(b'1');
-                }
-                return;
-            }
-            _ if p.needs_parse => {
-                prepared::parse_frame(out, &p.name, &def.key);
-                self.replies.expect_parse(true, p.id);
-            }
-            _ => {}
-        }
-        if f.tag == b'B' {
-            let (portal, stmt) = peek::bind_msg(body).expect("checked above");
-            prepared::rewrite_bind(&mut self.backend_out, body, portal.len(), stmt.len(), &p.name);
-            self.replies.expect(Want::BindComplete, false, false);
-        } else {
-            prepared::target_frame(&mut self.backend_out, b'D', &p.name);
-            self.replies.expect(Want::Description, false, false);
-        }
-    }
-
-    /// Sends a client's `DEALLOCATE name` as `DEALLOCATE <server statement>` (preparing it on this
-    /// backend first if needed), so the client gets the server's own reply; the statement leaves the
-    /// client's list and this backend's cache.
-    fn forward_deallocate(&mut self, f: &Frame, def: &statements::StatementDef, simple: bool) {
-        let Some(lease) = self.lease.as_mut() else { return self.forward(f, simple) };
-        if self.replies.batch_failed {
-            return;
-        }
-        if let Some(name) = sql::deallocate_name(peek_sql(f)) {
-            self.statements.close(b'S', name.as_bytes());
-        }
-        let p = lease.backend.statements().prepare(&def.key);
-        for evict in &p.evict {
-            prepared::target_frame(&mut self.backend_out, b'C', evict);
-            self.replies.expect(Want::CloseComplete, true, false);
-        }
-        if p.needs_parse {
-            prepared::parse_frame(&mut self.backend_out, &p.name, &def.key);
-            self.replies.expect_parse(true, p.id);
-        }
-        lease.backend.statements().forget(p.id);
-        let sql = format!("DEALLOCATE {}", p.name);
-        if simple {
-            build::query(&mut self.backend_out, &sql);
-        } else {
-            let name = peek::parse_msg(f.body()).map(|(n, _)| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
-            build::parse(&mut self.backend_out, &name, &sql, vec![]);
-        }
-        self.replies.expect(Want::for_frontend(f.tag).expect("Q or P"), false, simple);
-    }
-
-    /// A reply pgtenant gives itself, in order with the backend's replies.
-    fn synthetic(&mut self, tag: u8) {
-        if self.lease.is_none() {
-            debug_assert_ne!(tag, SYNTHETIC_DISCARD_ALL);
-            push_empty_message(&mut self.client_out, tag); // nothing in flight: answer now
-        } else if !self.replies.batch_failed {
-            self.replies.expect_synthetic(tag);
-            self.drain_synthetic();
-        }
-    }
-
-    fn drain_synthetic(&mut self) {
-        while let Some(tag) = self.replies.take_synthetic() {
-            if tag == SYNTHETIC_DISCARD_ALL {
-                push_discard_all(&mut self.client_out);
-                for (name, value) in std::mem::take(&mut self.discard_reports) {
-                    build::parameter_status(&mut self.client_out, &name, &value);
-                }
-            } else {
-                push_empty_message(&mut self.client_out, tag);
-            }
-        }
-    }
-
-    fn forward(&mut self, f: &Frame, simple: bool) {
-        self.backend_out.extend_from_slice(&f.bytes);
-        if let Some(want) = Want::for_frontend(f.tag) {
-            // while the server skips to Sync, only the Sync itself is answered
-            if !self.replies.batch_failed || f.tag == b'S' {
-                self.replies.expect(want, false, simple);
-            }
-        }
-    }
-
-    /// A refusal `classify` decided, recorded in the audit log when it names a rule.
-    fn refuse_with(&mut self, r: Refusal, simple: bool) -> Flow {
-        match r.audit {
-            Some((rule, sql)) => self.refuse_statement(r.err, &sql, rule, simple),
-            None => self.refuse(r.err, simple),
-        }
-    }
-
-    /// Answers a refused message the way the server answers a failed one. With no backend attached
-    /// pgtenant answers itself; otherwise it sends a stand-in that fails on the server (so an open
-    /// transaction aborts and the rest of the batch is skipped exactly as for a real error) and
-    /// replaces the server's error with the refusal.
-    fn refuse(&mut self, err: PgError, simple: bool) -> Flow {
-        tracing::info!(code = err.code, message = %err.message, "refused client message");
-        metrics::counter!(crate::admin::names::REFUSALS, "sqlstate" => err.code).increment(1);
-        if self.lease.is_none() {
-            err.encode(&mut self.client_out);
-            if simple {
-                build::ready_for_query(&mut self.client_out, b'I');
-            } else {
-                self.batch = Batch::Skipping;
-            }
-            return Flow::Continue;
-        }
-        if self.replies.batch_failed && !simple {
-            return Flow::Continue; // the server skips this batch anyway
-        }
-        if simple {
-            build::query(&mut self.backend_out, REFUSAL_STAND_IN);
-            if self.batch.is_open() {
-                // like the refused Query or FunctionCall, the stand-in ends the batch's
-                // transaction if the batch has not failed: what follows needs the context again
-                self.needs_context = true;
-            }
-        } else {
-            build::parse(&mut self.backend_out, "pgtenant_refused", REFUSAL_STAND_IN, vec![]);
-            if !self.batch.is_open() {
-                self.batch = Batch::Open { began_idle: !self.position().in_block, executed: false };
-            }
-        }
-        self.replies.expect_refusal(simple);
-        self.refusals.push_back(err);
-        Flow::Continue
-    }
-
-    /// `DISCARD ALL` outside a transaction: pgtenant's pools and drivers send it to reset a
-    /// session. The client becomes a fresh virtual session: its statements and settings are
-    /// forgotten and any backend it left state on is reset before anyone (itself included) uses it
-    /// again. The server cannot run it itself (pgtenant's context makes every transaction a
-    /// pipeline), so pgtenant answers: at once for a simple Query (nothing is in flight), in order
-    /// with the batch's other replies for an Execute (the first of a batch that began outside a
-    /// transaction, as the server requires).
-    fn discard_all(&mut self, simple: bool) {
-        self.statements.clear_statements();
-        self.statements.transaction_ended();
-        self.settings.apply(&[sql::set::Change::ResetAll]);
-        self.injection = self.settings.injection();
-        self.tx_defaults = self.settings.tx_defaults();
-        self.view.applied = self.settings.applied();
-        let owed = self.view.after_changes(&[sql::set::Change::ResetAll], None);
-        self.id = NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if let Some(l) = self.lease.as_mut() {
-            // still attached (session mode, or not yet released): reset it now, pipelined
-            if let Some(reset) = l.backend.reset_all_for(self.id) {
-                build::query(&mut self.backend_out, &reset);
-                self.replies.expect(Want::Ready, true, true);
-            }
-        }
-        if !simple {
-            // the Query above ended the batch's transaction: what follows needs the context again
-            self.needs_context = true;
-            self.discard_reports = owed; // sent with its CommandComplete
-            self.synthetic(SYNTHETIC_DISCARD_ALL);
-            return;
-        }
-        push_discard_all(&mut self.client_out);
-        // only called outside a transaction with nothing in flight, so the answer goes out now
-        for (name, value) in owed {
-            build::parameter_status(&mut self.client_out, &name, &value);
-        }
-        build::ready_for_query(&mut self.client_out, b'I');
-    }
-
-    /// Gives the backend the client's `default_transaction_*` defaults before a transaction starts
-    /// (pipelined, its own statement: a setting made inside the transaction would come too late).
-    /// `backend.tx_defaults` is what pgtenant last gave the connection; a client that changes them
-    /// some other way (`set_config(…, false)`, a function) changes its own backend's session state,
-    /// as on a direct connection, and the reset before another client clears it.
-    fn apply_tx_defaults(&mut self) {
-        let Some(l) = self.lease.as_mut() else { return };
-        if l.backend.has_tx_defaults(&self.tx_defaults) {
-            return;
-        }
-        let sql = if self.tx_defaults.is_empty() { sql::txmode::RESET_DEFAULTS } else { &self.tx_defaults };
-        build::query(&mut self.backend_out, sql);
-        self.replies.expect(Want::Ready, true, true);
-        l.backend.set_tx_defaults(&self.tx_defaults);
-    }
-
     /// What the guard needs to know about where a statement runs.
     fn position(&self) -> Position {
         Position { in_block: self.lease.is_some() && !self.backend_idle() }
@@ -884,132 +657,6 @@ impl Session {
         if self.lease.is_some() { self.replies.status } else { b'I' }
     }
 
-    // ---- backend → client -------------------------------------------------------------------
-
-    fn process_backend_frames(&mut self) -> Result<(), End> {
-        loop {
-            let f = match try_split(&mut self.backend_in, MAX_BACKEND_MESSAGE) {
-                Ok(Some(f)) => f,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(End::BackendLost(format!("bad message from server: {e}"))),
-            };
-            if f.tag == b'S' {
-                if let Some(l) = self.lease.as_mut() {
-                    l.backend.note_report(f.body());
-                }
-                if !self.view.admit(f.body()) {
-                    continue; // a backend-side value the client does not have
-                }
-            }
-            // where this message's output starts: reports owed for its ReadyForQuery go first
-            let mark = self.client_out.len();
-            match self.replies.on_reply(f.tag, f.body()) {
-                Action::Forward => self.relay_to_client(&f),
-                Action::Swallow => {}
-                Action::ReplaceError => match self.refusals.pop_front() {
-                    Some(err) => err.encode(&mut self.client_out),
-                    None => self.relay_to_client(&f),
-                },
-                Action::ForwardThenSync => {
-                    self.relay_to_client(&f);
-                    build::sync(&mut self.backend_out);
-                }
-                Action::Desync => {
-                    tracing::error!(tag = %(f.tag as char), "unexpected message from the server; closing the backend");
-                    return Err(End::BackendLost(format!("unexpected '{}' message from server", f.tag as char)));
-                }
-            }
-            self.drain_synthetic();
-            if !self.replies.failed_prepares.is_empty() {
-                if let Some(l) = self.lease.as_mut() {
-                    for (id, by_client) in self.replies.failed_prepares.drain(..) {
-                        if let Some(arity) = inject::context_arity(id) {
-                            // skipped in a batch that had already failed: prepare it again next time
-                            l.backend.forget_context(arity);
-                            continue;
-                        }
-                        let key = l.backend.statements().forget(id);
-                        // the client's own Parse failed: like the server, keep no statement
-                        let name = self.client_parses.iter().find(|(i, _)| *i == id).map(|(_, n)| n);
-                        if let (true, Some(key), Some(name)) = (by_client, key, name) {
-                            self.statements.parse_failed(name, &key);
-                        }
-                    }
-                }
-            }
-            if self.replies.is_settled() {
-                self.client_parses.clear();
-            }
-            if f.tag == b'E' && self.pending_sets.is_some() {
-                self.pending_sets_failed = true;
-            }
-            if f.tag == b'Z' && self.replies.is_settled() {
-                // Everything sent has been answered and the last answer is a ReadyForQuery: the
-                // server is not skipping to a Sync (a Query or FunctionCall inside an unsynced
-                // batch was answered, so that batch did not fail).
-                self.batch = Batch::Closed;
-                self.replies.batch_failed = false;
-                self.settle_pending_sets(mark);
-                if self.replies.status == b'I' {
-                    self.statements.transaction_ended();
-                    self.tx_since = None;
-                    self.idle_since = None;
-                }
-            }
-            // the client has its answers but the backend is not free (an open transaction, or an
-            // unsynced batch): it is idle in a transaction from now on
-            if self.replies.is_settled() && self.held.is_none() && self.idle_since.is_none() && self.lease.is_some() && !self.backend_clean() {
-                self.idle_since = Some(std::time::Instant::now());
-            }
-        }
-    }
-
-    /// Records session-level SETs on their way to the server (kept if they complete cleanly).
-    fn note_changes(&mut self, changes: &[sql::set::Change]) {
-        if self.pending_sets.is_none() {
-            self.pending_sets_failed = false;
-        }
-        for c in changes {
-            if let sql::set::Change::Set(n, _) | sql::set::Change::Reset(n) = c {
-                self.view.changing.insert(n.to_lowercase());
-            }
-        }
-        self.pending_sets.get_or_insert_with(Vec::new).extend(changes.iter().cloned());
-    }
-
-    /// Keeps the client's session-level SETs once their query ended cleanly outside a transaction,
-    /// and tells the client the parameters' new values in front of the output from `at` on (the
-    /// ReadyForQuery), where the server puts its own reports.
-    fn settle_pending_sets(&mut self, at: usize) {
-        self.view.changing.clear();
-        if let Some(changes) = self.pending_sets.take() {
-            if !self.pending_sets_failed && self.replies.status == b'I' {
-                let changes = view::as_reported(changes, self.lease.as_ref().map(|l| &l.backend));
-                self.settings.apply(&changes);
-                self.injection = self.settings.injection();
-                self.tx_defaults = self.settings.tx_defaults();
-                self.view.applied = self.settings.applied();
-                let owed = self.view.after_changes(&changes, self.lease.as_ref().map(|l| &l.backend));
-                if !owed.is_empty() {
-                    let tail = self.client_out.split_off(at);
-                    for (name, value) in owed {
-                        build::parameter_status(&mut self.client_out, &name, &value);
-                    }
-                    self.client_out.extend_from_slice(&tail);
-                }
-            }
-        }
-    }
-
-    fn relay_to_client(&mut self, f: &Frame) {
-        if f.tag == b'E' && peek::error_code(f.body()) == Some(sqlstate::ACTIVE_SQL_TRANSACTION.as_bytes()) {
-            if let Some(annotated) = annotate_in_transaction_error(f) {
-                self.client_out.extend_from_slice(&annotated);
-                return;
-            }
-        }
-        self.client_out.extend_from_slice(&f.bytes);
-    }
 }
 
 /// The proxy-side limits on how long a client may hold a backend (`[pool]`).
@@ -1065,58 +712,3 @@ fn frame_error(e: FrameError) -> PgError {
     }
 }
 
-/// Fails on the server with a syntax error, which pgtenant replaces with its refusal.
-const REFUSAL_STAND_IN: &str = "pgtenant refused this statement";
-
-/// The SQL text of a Query or Parse frame.
-fn peek_sql(f: &Frame) -> &[u8] {
-    match f.tag {
-        b'Q' => peek::query_msg(f.body()).unwrap_or_default(),
-        _ => peek::parse_msg(f.body()).map(|(_, q)| q).unwrap_or_default(),
-    }
-}
-
-/// The synthetic reply that stands for `CommandComplete "DISCARD ALL"` (see `discard_all`).
-const SYNTHETIC_DISCARD_ALL: u8 = b'C';
-
-fn push_discard_all(out: &mut BytesMut) {
-    let _ = pgwire::messages::Message::encode(
-        &pgwire::messages::response::CommandComplete::new("DISCARD ALL".to_string()),
-        out,
-    );
-}
-
-/// BEGIN / SET TRANSACTION choosing modes, followed by other statements in one query string.
-fn modes_then_work_error() -> PgError {
-    PgError::error(
-        sqlstate::FEATURE_NOT_SUPPORTED,
-        "pgtenant: a transaction's isolation level, read-only or deferrable mode must be set in a query of its own, not followed by other statements in the same query string",
-    )
-    .with_hint("send BEGIN ISOLATION LEVEL … (or SET TRANSACTION …) as one query and the rest of the transaction after it: pgtenant puts the tenant context between them")
-}
-
-/// A message with an empty body (ParseComplete, CloseComplete, ...).
-fn push_empty_message(out: &mut BytesMut, tag: u8) {
-    out.extend_from_slice(&[tag, 0, 0, 0, 4]);
-}
-
-/// Adds a hint to "cannot run inside a transaction block" errors: pgtenant runs every statement
-/// inside a transaction so that it carries the tenant context.
-fn annotate_in_transaction_error(f: &Frame) -> Option<BytesMut> {
-    use pgwire::messages::response::ErrorResponse;
-    use pgwire::messages::{DecodeContext, Message};
-    let mut raw = BytesMut::from(&f.bytes[..]);
-    let mut err = ErrorResponse::decode(&mut raw, &DecodeContext::default()).ok()??;
-    if err.fields.iter().any(|(k, _)| *k == b'H') {
-        return None;
-    }
-    err.fields.push((
-        b'H',
-        "pgtenant runs every statement inside a transaction that carries the tenant context; \
-         run this statement directly against the database as its owner"
-            .to_string(),
-    ));
-    let mut out = BytesMut::new();
-    err.encode(&mut out).ok()?;
-    Some(out)
-}

@@ -32,25 +32,27 @@ pub enum Want {
 impl Want {
     /// The `Want` for a forwarded frontend message, if it gets a reply of its own.
     pub fn for_frontend(tag: u8) -> Option<Want> {
+        use crate::protocol::tags::frontend as m;
         Some(match tag {
-            b'P' => Want::ParseComplete,
-            b'B' => Want::BindComplete,
-            b'C' => Want::CloseComplete,
-            b'D' => Want::Description,
-            b'E' => Want::CommandDone,
-            b'S' | b'Q' | b'F' => Want::Ready,
+            m::PARSE => Want::ParseComplete,
+            m::BIND => Want::BindComplete,
+            m::CLOSE => Want::CloseComplete,
+            m::DESCRIBE => Want::Description,
+            m::EXECUTE => Want::CommandDone,
+            m::SYNC | m::QUERY | m::FUNCTION_CALL => Want::Ready,
             _ => return None,
         })
     }
 
     fn completed_by(self, tag: u8) -> bool {
+        use crate::protocol::tags::backend as r;
         match self {
-            Want::ParseComplete => tag == b'1',
-            Want::BindComplete => tag == b'2',
-            Want::CloseComplete => tag == b'3',
-            Want::Description => tag == b'T' || tag == b'n',
-            Want::CommandDone => matches!(tag, b'C' | b'I' | b's'),
-            Want::Ready => tag == b'Z',
+            Want::ParseComplete => tag == r::PARSE_COMPLETE,
+            Want::BindComplete => tag == r::BIND_COMPLETE,
+            Want::CloseComplete => tag == r::CLOSE_COMPLETE,
+            Want::Description => tag == r::ROW_DESCRIPTION || tag == r::NO_DATA,
+            Want::CommandDone => matches!(tag, r::COMMAND_COMPLETE | r::EMPTY_QUERY | r::PORTAL_SUSPENDED),
+            Want::Ready => tag == r::READY_FOR_QUERY,
             Want::Synthetic(_) | Want::CopyEnd => false,
         }
     }
@@ -188,11 +190,12 @@ impl Replies {
     }
 
     pub fn on_reply(&mut self, tag: u8, body: &[u8]) -> Action {
+        use crate::protocol::tags::backend as r;
         match tag {
             // asynchronous messages can arrive at any time
-            b'N' | b'S' | b'A' => Action::Forward,
-            b'E' => self.on_error(),
-            b'G' | b'W' if self.owed.front().is_some_and(|o| !o.injected) => {
+            r::NOTICE | r::PARAMETER_STATUS | r::NOTIFICATION => Action::Forward,
+            r::ERROR => self.on_error(),
+            r::COPY_IN | r::COPY_BOTH if self.owed.front().is_some_and(|o| !o.injected) => {
                 self.enter_copy_in();
                 Action::Forward
             }
@@ -203,7 +206,7 @@ impl Replies {
                 let done = front.want.completed_by(tag);
                 if done {
                     self.owed.pop_front();
-                    if tag == b'Z' {
+                    if tag == r::READY_FOR_QUERY {
                         self.status = body.first().copied().unwrap_or(b'I');
                     }
                 }
@@ -213,7 +216,7 @@ impl Replies {
                     // pgtenant's own simple query (the reset): everything up to ReadyForQuery
                     (true, false) if front.want == Want::Ready => Action::Swallow,
                     // the context statement returns one row
-                    (true, false) if tag == b'D' => Action::Swallow,
+                    (true, false) if tag == r::DATA_ROW => Action::Swallow,
                     (true, false) => Action::Desync,
                 }
             }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::guard::bind::SetConfigCall;
+use crate::sql::set_config::SetConfigCall;
 use crate::sql::set::Change;
 use crate::sql::analyze::Analysis;
 use crate::sql::{self, TxEffect};
@@ -44,7 +44,7 @@ pub struct StatementDef {
     pub setup: bool,
     /// Exactly `DISCARD ALL`: pgtenant runs it itself (see `Session::discard_all`).
     pub discard_all: bool,
-    /// `set_config` calls the guard decides at each Bind (see `crate::guard::bind`).
+    /// `set_config` calls the guard decides at each Bind (see `crate::sql::set_config`).
     pub bind_checks: Option<Arc<[SetConfigCall]>>,
 }
 
@@ -167,7 +167,7 @@ impl Statements {
     }
 
     /// [`Statements::bind`], with session-level changes the Bind decided (see
-    /// `crate::guard::bind`): the portal carries them with the statement's own.
+    /// `crate::sql::set_config`): the portal carries them with the statement's own.
     pub fn bind_with(&mut self, portal: &[u8], stmt: &[u8], changes: Vec<Change>) -> Option<TxEffect> {
         let effect = self.bind(portal, stmt);
         if changes.is_empty() {
@@ -223,7 +223,7 @@ impl Statements {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::guard::bind::{Arg, SetConfigCall};
+    use crate::sql::set_config::{Arg, SetConfigCall};
 
     fn call() -> SetConfigCall {
         SetConfigCall { name: Arg::Param(1, None), value: Arg::Param(2, None), is_local: Arg::Bool(false), whole: true }

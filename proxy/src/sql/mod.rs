@@ -43,9 +43,9 @@ pub fn split(sql: &[u8]) -> Vec<Vec<Token<'_>>> {
     out
 }
 
-/// An identifier token's value (see `crate::guard::literal::ident_value`).
+/// An identifier token's value (see `literal::ident_value`).
 pub(crate) fn literal_ident(t: &Token<'_>) -> Option<String> {
-    crate::guard::literal::ident_value(t)
+    literal::ident_value(t)
 }
 
 /// Merges `U&… UESCAPE '…'` into one token (see [`split`]).

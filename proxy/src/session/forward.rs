@@ -1,0 +1,284 @@
+//! The last step for a client message: writing it (and pgtenant's own messages around it) to the
+//! backend. The context statement, client statement names mapped to server statements, refusals
+//! answered the way the server answers a failed message, replies pgtenant gives itself, and the
+//! session resets (`DISCARD ALL`, the client's transaction defaults).
+
+use bytes::BytesMut;
+
+use super::classify::Refusal;
+use super::context::Batch;
+use super::replies::Want;
+use super::{statements, Flow, Session, NEXT_SESSION_ID};
+use crate::error::{sqlstate, PgError};
+use crate::pool::prepared;
+use crate::protocol::frame::Frame;
+use crate::protocol::{build, peek};
+use crate::sql;
+
+impl Session {
+    /// Writes the context statement in front of what follows (signed with the key in force).
+    pub(super) fn inject(&mut self) {
+        if let Some(signer) = self.shared.signer.changed(&mut self.signer_gen) {
+            self.settings.set_signer(signer); // reloaded: sign with the new key
+            self.injection = self.settings.injection();
+        }
+        let lease = self.lease.as_mut().expect("attached before the context");
+        self.injection.write(&mut self.backend_out, &mut lease.backend, &mut self.replies);
+        crate::metrics::hot().context_injections.increment(1);
+        self.needs_context = false;
+    }
+
+    /// Forwards a message, mapping client statement names to server statements on this backend
+    /// (preparing them there first when needed).
+    pub(super) fn forward_rewritten(&mut self, f: &Frame, simple: bool) {
+        let body = f.body();
+        let named = match f.tag {
+            b'P' => peek::parse_msg(body).map(|(n, _)| n),
+            b'B' => peek::bind_msg(body).map(|(_, s)| s),
+            b'D' => peek::target_msg(body).filter(|(k, _)| *k == b'S').map(|(_, n)| n),
+            _ => None,
+        }
+        // the unnamed statement goes as it is, unless it has set_config parameters (see `bind`)
+        .filter(|n| !n.is_empty() || self.statements.unnamed_has_bind_checks());
+        let (Some(name), Some(lease)) = (named, self.lease.as_mut()) else {
+            return self.forward(f, simple);
+        };
+        let Some(def) = self.statements.statement(name).cloned() else {
+            return self.forward(f, simple); // unknown statement: the server answers 26000
+        };
+        if self.replies.batch_failed {
+            return; // the server skips everything up to Sync
+        }
+        let p = lease.backend.statements().prepare(&def.key);
+        for evict in &p.evict {
+            prepared::target_frame(&mut self.backend_out, b'C', evict);
+            self.replies.expect(Want::CloseComplete, true, false);
+        }
+        let out = &mut self.backend_out;
+        match f.tag {
+            b'P' => {
+                if p.needs_parse {
+                    prepared::parse_frame(out, &p.name, &def.key);
+                    self.replies.expect_parse(false, p.id);
+                    self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name)));
+                } else {
+                    self.synthetic(b'1');
+                }
+                return;
+            }
+            _ if p.needs_parse => {
+                prepared::parse_frame(out, &p.name, &def.key);
+                self.replies.expect_parse(true, p.id);
+            }
+            _ => {}
+        }
+        if f.tag == b'B' {
+            let (portal, stmt) = peek::bind_msg(body).expect("checked above");
+            prepared::rewrite_bind(&mut self.backend_out, body, portal.len(), stmt.len(), &p.name);
+            self.replies.expect(Want::BindComplete, false, false);
+        } else {
+            prepared::target_frame(&mut self.backend_out, b'D', &p.name);
+            self.replies.expect(Want::Description, false, false);
+        }
+    }
+
+    /// Sends a client's `DEALLOCATE name` as `DEALLOCATE <server statement>` (preparing it on this
+    /// backend first if needed), so the client gets the server's own reply; the statement leaves the
+    /// client's list and this backend's cache.
+    pub(super) fn forward_deallocate(&mut self, f: &Frame, def: &statements::StatementDef, simple: bool) {
+        let Some(lease) = self.lease.as_mut() else { return self.forward(f, simple) };
+        if self.replies.batch_failed {
+            return;
+        }
+        if let Some(name) = sql::deallocate_name(peek_sql(f)) {
+            self.statements.close(b'S', name.as_bytes());
+        }
+        let p = lease.backend.statements().prepare(&def.key);
+        for evict in &p.evict {
+            prepared::target_frame(&mut self.backend_out, b'C', evict);
+            self.replies.expect(Want::CloseComplete, true, false);
+        }
+        if p.needs_parse {
+            prepared::parse_frame(&mut self.backend_out, &p.name, &def.key);
+            self.replies.expect_parse(true, p.id);
+        }
+        lease.backend.statements().forget(p.id);
+        let sql = format!("DEALLOCATE {}", p.name);
+        if simple {
+            build::query(&mut self.backend_out, &sql);
+        } else {
+            let name = peek::parse_msg(f.body()).map(|(n, _)| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
+            build::parse(&mut self.backend_out, &name, &sql, vec![]);
+        }
+        self.replies.expect(Want::for_frontend(f.tag).expect("Q or P"), false, simple);
+    }
+
+    /// A reply pgtenant gives itself, in order with the backend's replies.
+    pub(super) fn synthetic(&mut self, tag: u8) {
+        if self.lease.is_none() {
+            debug_assert_ne!(tag, SYNTHETIC_DISCARD_ALL);
+            push_empty_message(&mut self.client_out, tag); // nothing in flight: answer now
+        } else if !self.replies.batch_failed {
+            self.replies.expect_synthetic(tag);
+            self.drain_synthetic();
+        }
+    }
+
+    pub(super) fn drain_synthetic(&mut self) {
+        while let Some(tag) = self.replies.take_synthetic() {
+            if tag == SYNTHETIC_DISCARD_ALL {
+                push_discard_all(&mut self.client_out);
+                for (name, value) in std::mem::take(&mut self.discard_reports) {
+                    build::parameter_status(&mut self.client_out, &name, &value);
+                }
+            } else {
+                push_empty_message(&mut self.client_out, tag);
+            }
+        }
+    }
+
+    pub(super) fn forward(&mut self, f: &Frame, simple: bool) {
+        self.backend_out.extend_from_slice(&f.bytes);
+        if let Some(want) = Want::for_frontend(f.tag) {
+            // while the server skips to Sync, only the Sync itself is answered
+            if !self.replies.batch_failed || f.tag == b'S' {
+                self.replies.expect(want, false, simple);
+            }
+        }
+    }
+
+    /// A refusal `classify` decided, recorded in the audit log when it names a rule.
+    pub(super) fn refuse_with(&mut self, r: Refusal, simple: bool) -> Flow {
+        match r.audit {
+            Some((rule, sql)) => self.refuse_statement(r.err, &sql, rule, simple),
+            None => self.refuse(r.err, simple),
+        }
+    }
+
+    /// Answers a refused message the way the server answers a failed one. With no backend attached
+    /// pgtenant answers itself; otherwise it sends a stand-in that fails on the server (so an open
+    /// transaction aborts and the rest of the batch is skipped exactly as for a real error) and
+    /// replaces the server's error with the refusal.
+    pub(super) fn refuse(&mut self, err: PgError, simple: bool) -> Flow {
+        tracing::info!(code = err.code, message = %err.message, "refused client message");
+        ::metrics::counter!(crate::metrics::REFUSALS, "sqlstate" => err.code).increment(1);
+        if self.lease.is_none() {
+            err.encode(&mut self.client_out);
+            if simple {
+                build::ready_for_query(&mut self.client_out, b'I');
+            } else {
+                self.batch = Batch::Skipping;
+            }
+            return Flow::Continue;
+        }
+        if self.replies.batch_failed && !simple {
+            return Flow::Continue; // the server skips this batch anyway
+        }
+        if simple {
+            build::query(&mut self.backend_out, REFUSAL_STAND_IN);
+            if self.batch.is_open() {
+                // like the refused Query or FunctionCall, the stand-in ends the batch's
+                // transaction if the batch has not failed: what follows needs the context again
+                self.needs_context = true;
+            }
+        } else {
+            build::parse(&mut self.backend_out, "pgtenant_refused", REFUSAL_STAND_IN, vec![]);
+            if !self.batch.is_open() {
+                self.batch = Batch::Open { began_idle: !self.position().in_block, executed: false };
+            }
+        }
+        self.replies.expect_refusal(simple);
+        self.refusals.push_back(err);
+        Flow::Continue
+    }
+
+    /// `DISCARD ALL` outside a transaction: pgtenant's pools and drivers send it to reset a
+    /// session. The client becomes a fresh virtual session: its statements and settings are
+    /// forgotten and any backend it left state on is reset before anyone (itself included) uses it
+    /// again. The server cannot run it itself (pgtenant's context makes every transaction a
+    /// pipeline), so pgtenant answers: at once for a simple Query (nothing is in flight), in order
+    /// with the batch's other replies for an Execute (the first of a batch that began outside a
+    /// transaction, as the server requires).
+    pub(super) fn discard_all(&mut self, simple: bool) {
+        self.statements.clear_statements();
+        self.statements.transaction_ended();
+        self.settings.apply(&[sql::set::Change::ResetAll]);
+        self.injection = self.settings.injection();
+        self.tx_defaults = self.settings.tx_defaults();
+        self.view.applied = self.settings.applied();
+        let owed = self.view.after_changes(&[sql::set::Change::ResetAll], None);
+        self.id = NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(l) = self.lease.as_mut() {
+            // still attached (session mode, or not yet released): reset it now, pipelined
+            if let Some(reset) = l.backend.reset_all_for(self.id) {
+                build::query(&mut self.backend_out, &reset);
+                self.replies.expect(Want::Ready, true, true);
+            }
+        }
+        if !simple {
+            // the Query above ended the batch's transaction: what follows needs the context again
+            self.needs_context = true;
+            self.discard_reports = owed; // sent with its CommandComplete
+            self.synthetic(SYNTHETIC_DISCARD_ALL);
+            return;
+        }
+        push_discard_all(&mut self.client_out);
+        // only called outside a transaction with nothing in flight, so the answer goes out now
+        for (name, value) in owed {
+            build::parameter_status(&mut self.client_out, &name, &value);
+        }
+        build::ready_for_query(&mut self.client_out, b'I');
+    }
+
+    /// Gives the backend the client's `default_transaction_*` defaults before a transaction starts
+    /// (pipelined, its own statement: a setting made inside the transaction would come too late).
+    /// `backend.tx_defaults` is what pgtenant last gave the connection; a client that changes them
+    /// some other way (`set_config(…, false)`, a function) changes its own backend's session state,
+    /// as on a direct connection, and the reset before another client clears it.
+    pub(super) fn apply_tx_defaults(&mut self) {
+        let Some(l) = self.lease.as_mut() else { return };
+        if l.backend.has_tx_defaults(&self.tx_defaults) {
+            return;
+        }
+        let sql = if self.tx_defaults.is_empty() { sql::txmode::RESET_DEFAULTS } else { &self.tx_defaults };
+        build::query(&mut self.backend_out, sql);
+        self.replies.expect(Want::Ready, true, true);
+        l.backend.set_tx_defaults(&self.tx_defaults);
+    }
+}
+
+/// Fails on the server with a syntax error, which pgtenant replaces with its refusal.
+const REFUSAL_STAND_IN: &str = "pgtenant refused this statement";
+
+/// The SQL text of a Query or Parse frame.
+fn peek_sql(f: &Frame) -> &[u8] {
+    match f.tag {
+        b'Q' => peek::query_msg(f.body()).unwrap_or_default(),
+        _ => peek::parse_msg(f.body()).map(|(_, q)| q).unwrap_or_default(),
+    }
+}
+
+/// The synthetic reply that stands for `CommandComplete "DISCARD ALL"` (see `discard_all`).
+const SYNTHETIC_DISCARD_ALL: u8 = b'C';
+
+fn push_discard_all(out: &mut BytesMut) {
+    let _ = pgwire::messages::Message::encode(
+        &pgwire::messages::response::CommandComplete::new("DISCARD ALL".to_string()),
+        out,
+    );
+}
+
+/// BEGIN / SET TRANSACTION choosing modes, followed by other statements in one query string.
+pub(super) fn modes_then_work_error() -> PgError {
+    PgError::error(
+        sqlstate::FEATURE_NOT_SUPPORTED,
+        "pgtenant: a transaction's isolation level, read-only or deferrable mode must be set in a query of its own, not followed by other statements in the same query string",
+    )
+    .with_hint("send BEGIN ISOLATION LEVEL … (or SET TRANSACTION …) as one query and the rest of the transaction after it: pgtenant puts the tenant context between them")
+}
+
+/// A message with an empty body (ParseComplete, CloseComplete, ...).
+fn push_empty_message(out: &mut BytesMut, tag: u8) {
+    out.extend_from_slice(&[tag, 0, 0, 0, 4]);
+}
+

@@ -1,0 +1,163 @@
+//! The backend → client direction: each backend message is matched against the replies owed
+//! (`replies`), swallowed when it answers pgtenant's own statements, replaced when it is a refusal's
+//! stand-in, and otherwise relayed untouched. Session-level settings are settled here once their
+//! batch has ended cleanly.
+
+use bytes::BytesMut;
+
+use super::context::Batch;
+use super::replies::Action;
+use super::{inject, view, End, Session, MAX_BACKEND_MESSAGE};
+use crate::error::sqlstate;
+use crate::protocol::frame::{try_split, Frame};
+use crate::protocol::tags::backend as reply;
+use crate::protocol::{build, peek};
+use crate::sql;
+
+impl Session {
+    pub(super) fn process_backend_frames(&mut self) -> Result<(), End> {
+        loop {
+            let f = match try_split(&mut self.backend_in, MAX_BACKEND_MESSAGE) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(End::BackendLost(format!("bad message from server: {e}"))),
+            };
+            if f.tag == reply::PARAMETER_STATUS {
+                if let Some(l) = self.lease.as_mut() {
+                    l.backend.note_report(f.body());
+                }
+                if !self.view.admit(f.body()) {
+                    continue; // a backend-side value the client does not have
+                }
+            }
+            // where this message's output starts: reports owed for its ReadyForQuery go first
+            let mark = self.client_out.len();
+            match self.replies.on_reply(f.tag, f.body()) {
+                Action::Forward => self.relay_to_client(&f),
+                Action::Swallow => {}
+                Action::ReplaceError => match self.refusals.pop_front() {
+                    Some(err) => err.encode(&mut self.client_out),
+                    None => self.relay_to_client(&f),
+                },
+                Action::ForwardThenSync => {
+                    self.relay_to_client(&f);
+                    build::sync(&mut self.backend_out);
+                }
+                Action::Desync => {
+                    tracing::error!(tag = %(f.tag as char), "unexpected message from the server; closing the backend");
+                    return Err(End::BackendLost(format!("unexpected '{}' message from server", f.tag as char)));
+                }
+            }
+            self.drain_synthetic();
+            if !self.replies.failed_prepares.is_empty() {
+                if let Some(l) = self.lease.as_mut() {
+                    for (id, by_client) in self.replies.failed_prepares.drain(..) {
+                        if let Some(arity) = inject::context_arity(id) {
+                            // skipped in a batch that had already failed: prepare it again next time
+                            l.backend.forget_context(arity);
+                            continue;
+                        }
+                        let key = l.backend.statements().forget(id);
+                        // the client's own Parse failed: like the server, keep no statement
+                        let name = self.client_parses.iter().find(|(i, _)| *i == id).map(|(_, n)| n);
+                        if let (true, Some(key), Some(name)) = (by_client, key, name) {
+                            self.statements.parse_failed(name, &key);
+                        }
+                    }
+                }
+            }
+            if self.replies.is_settled() {
+                self.client_parses.clear();
+            }
+            if f.tag == reply::ERROR && self.pending_sets.is_some() {
+                self.pending_sets_failed = true;
+            }
+            if f.tag == reply::READY_FOR_QUERY && self.replies.is_settled() {
+                // Everything sent has been answered and the last answer is a ReadyForQuery: the
+                // server is not skipping to a Sync (a Query or FunctionCall inside an unsynced
+                // batch was answered, so that batch did not fail).
+                self.batch = Batch::Closed;
+                self.replies.batch_failed = false;
+                self.settle_pending_sets(mark);
+                if self.replies.status == b'I' {
+                    self.statements.transaction_ended();
+                    self.tx_since = None;
+                    self.idle_since = None;
+                }
+            }
+            // the client has its answers but the backend is not free (an open transaction, or an
+            // unsynced batch): it is idle in a transaction from now on
+            if self.replies.is_settled() && self.held.is_none() && self.idle_since.is_none() && self.lease.is_some() && !self.backend_clean() {
+                self.idle_since = Some(std::time::Instant::now());
+            }
+        }
+    }
+
+    /// Records session-level SETs on their way to the server (kept if they complete cleanly).
+    pub(super) fn note_changes(&mut self, changes: &[sql::set::Change]) {
+        if self.pending_sets.is_none() {
+            self.pending_sets_failed = false;
+        }
+        for c in changes {
+            if let sql::set::Change::Set(n, _) | sql::set::Change::Reset(n) = c {
+                self.view.changing.insert(n.to_lowercase());
+            }
+        }
+        self.pending_sets.get_or_insert_with(Vec::new).extend(changes.iter().cloned());
+    }
+
+    /// Keeps the client's session-level SETs once their query ended cleanly outside a transaction,
+    /// and tells the client the parameters' new values in front of the output from `at` on (the
+    /// ReadyForQuery), where the server puts its own reports.
+    pub(super) fn settle_pending_sets(&mut self, at: usize) {
+        self.view.changing.clear();
+        if let Some(changes) = self.pending_sets.take() {
+            if !self.pending_sets_failed && self.replies.status == b'I' {
+                let changes = view::as_reported(changes, self.lease.as_ref().map(|l| &l.backend));
+                self.settings.apply(&changes);
+                self.injection = self.settings.injection();
+                self.tx_defaults = self.settings.tx_defaults();
+                self.view.applied = self.settings.applied();
+                let owed = self.view.after_changes(&changes, self.lease.as_ref().map(|l| &l.backend));
+                if !owed.is_empty() {
+                    let tail = self.client_out.split_off(at);
+                    for (name, value) in owed {
+                        build::parameter_status(&mut self.client_out, &name, &value);
+                    }
+                    self.client_out.extend_from_slice(&tail);
+                }
+            }
+        }
+    }
+
+    pub(super) fn relay_to_client(&mut self, f: &Frame) {
+        if f.tag == reply::ERROR && peek::error_code(f.body()) == Some(sqlstate::ACTIVE_SQL_TRANSACTION.as_bytes()) {
+            if let Some(annotated) = annotate_in_transaction_error(f) {
+                self.client_out.extend_from_slice(&annotated);
+                return;
+            }
+        }
+        self.client_out.extend_from_slice(&f.bytes);
+    }
+}
+
+/// Adds a hint to "cannot run inside a transaction block" errors: pgtenant runs every statement
+/// inside a transaction so that it carries the tenant context.
+fn annotate_in_transaction_error(f: &Frame) -> Option<BytesMut> {
+    use pgwire::messages::response::ErrorResponse;
+    use pgwire::messages::{DecodeContext, Message};
+    let mut raw = BytesMut::from(&f.bytes[..]);
+    let mut err = ErrorResponse::decode(&mut raw, &DecodeContext::default()).ok()??;
+    if err.fields.iter().any(|(k, _)| *k == b'H') {
+        return None;
+    }
+    err.fields.push((
+        b'H',
+        "pgtenant runs every statement inside a transaction that carries the tenant context; \
+         run this statement directly against the database as its owner"
+            .to_string(),
+    ));
+    let mut out = BytesMut::new();
+    err.encode(&mut out).ok()?;
+    Some(out)
+}
