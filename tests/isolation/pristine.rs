@@ -274,7 +274,7 @@ async fn scenario(
         return None;
     }
     if mode == Mode::Transaction && TRUSTED_IMPLICIT.contains(&name) {
-        // documented assumption (docs/security.md): database code that a plain SELECT runs
+        // documented assumption (docs/security.md): database code that a plain SELECT or write runs
         // implicitly is trusted not to leave session state; session pooling still covers it
         return None;
     }
@@ -385,9 +385,10 @@ async fn matrix(env: &Env, mode: Mode) -> TestResult {
     }
 }
 
-/// Database code a plain `SELECT` runs implicitly (views, operators, domain checks) that leaves
-/// session state: transaction pooling trusts the schema owner's code not to (docs/security.md,
-/// "Tenant-safe reuse of backend connections"), so these run in session mode only.
+/// Database code a plain `SELECT` or a plain write runs implicitly (views, operators, domain
+/// checks, triggers) that leaves session state: transaction pooling trusts the schema owner's code
+/// not to (docs/security.md, "Tenant-safe reuse of backend connections"), so these run in session
+/// mode only. Sequence state left by a write (`insert_serial_default`) is still reset.
 const TRUSTED_IMPLICIT: &[&str] = &[
     "view_calls_set_config",
     "view_takes_lock",
@@ -395,6 +396,7 @@ const TRUSTED_IMPLICIT: &[&str] = &[
     "table_command_view",
     "operator_calls_set_config",
     "domain_check_calls_set_config",
+    "trigger_sets_config",
 ];
 
 /// Operations that leave no session state behind on their own.

@@ -15,6 +15,7 @@ use tokio::io::{AsyncRead, ReadBuf, ReadHalf, WriteHalf};
 use super::prepared::BackendStatements;
 use crate::backend::BackendConn;
 use crate::net::Stream;
+use crate::sql::stateless::Leaves;
 
 /// Clears the session state one client can leave on a backend for the next: held cursors,
 /// listeners, session advisory locks, temporary tables, sequence state (`currval`/`lastval`).
@@ -22,11 +23,15 @@ use crate::net::Stream;
 pub const RESET_QUERY: &str =
     "CLOSE ALL; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; RESET ALL";
 
+/// Clears only sequence state, after transactions that did nothing but plain writes.
+pub const RESET_SEQUENCES: &str = "DISCARD SEQUENCES";
+
 /// What one client message may do to the connection's session state.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Effects {
-    /// It is not provably stateless (see `crate::sql::stateless`): reset before another client.
-    pub leaves_state: bool,
+    /// What it may leave on the session (see `crate::sql::stateless`): reset that before another
+    /// client.
+    pub leaves: Leaves,
     /// It may create, drop or replace SQL-level prepared statements (`PREPARE`, `DEALLOCATE`,
     /// `DISCARD`): deallocate everything before another client, and prepare pgtenant's own
     /// statements afresh.
@@ -48,9 +53,10 @@ pub struct PooledConn {
     statements: BackendStatements,
     /// The session that used this connection last.
     owner: u64,
-    /// That session may have left session state behind (temp tables, held cursors, LISTEN,
-    /// advisory locks, sequence state): reset before another session uses the connection.
-    dirty: bool,
+    /// What the sessions since the last reset may have left behind (temp tables, held cursors,
+    /// LISTEN, advisory locks, settings — or only sequence state): reset before another session
+    /// uses the connection.
+    dirt: Leaves,
     /// It may also have left SQL-level prepared statements: the reset deallocates everything.
     full_reset: bool,
     /// Relay buffers for this connection's traffic; a session borrows them while it holds the
@@ -74,15 +80,13 @@ impl PooledConn {
 
     /// Records what a client message may have done here.
     pub fn note(&mut self, e: Effects) {
-        if e.leaves_state {
-            self.dirty = true;
-        }
+        self.dirt = self.dirt.max(e.leaves);
         if e.function_call {
-            self.dirty = true;
+            self.dirt = Leaves::Session;
             self.full_reset = true;
         }
         if e.touches_prepared {
-            self.dirty = true;
+            self.dirt = Leaves::Session;
             self.full_reset = true;
             // DEALLOCATE / DISCARD may have dropped server statements
             self.ctx_prepared = 0;
@@ -101,7 +105,7 @@ impl PooledConn {
     /// Everything must go before the next use, even by `owner` (a whole session ran here, or the
     /// client sent DISCARD ALL): the full reset, now.
     pub fn reset_all_for(&mut self, owner: u64) -> Option<String> {
-        self.dirty = true;
+        self.dirt = Leaves::Session;
         self.full_reset = true;
         self.owner = owner;
         self.take_reset()
@@ -110,7 +114,7 @@ impl PooledConn {
     /// The session that ran here ended after a whole session (session pooling): the next owner gets
     /// the full reset.
     pub fn end_session(&mut self) {
-        self.dirty = true;
+        self.dirt = Leaves::Session;
         self.full_reset = true;
     }
 
@@ -156,7 +160,7 @@ impl PooledConn {
             id,
             statements: BackendStatements::new(prepared_cache),
             owner: 0,
-            dirty: false,
+            dirt: Leaves::Nothing,
             full_reset: false,
             buf_in: bytes::BytesMut::new(),
             buf_out: bytes::BytesMut::new(),
@@ -184,10 +188,12 @@ impl PooledConn {
     /// The statement that clears what the previous session left on this connection, if it may have
     /// left anything; the caller sends it before anything else. What it clears is forgotten here.
     pub fn take_reset(&mut self) -> Option<String> {
-        if !self.dirty {
-            return None;
+        match std::mem::take(&mut self.dirt) {
+            Leaves::Nothing => return None,
+            // plain writes: only currval/lastval can tell the next client anything
+            Leaves::Sequences => return Some(RESET_SEQUENCES.to_string()),
+            Leaves::Session => {}
         }
-        self.dirty = false;
         self.tx_defaults.clear(); // RESET ALL
         if self.full_reset {
             self.full_reset = false;

@@ -19,6 +19,7 @@ use crate::protocol::peek;
 use crate::protocol::tags::frontend as msg;
 use crate::sql::analyze::analyze;
 use crate::sql::set::Change;
+use crate::sql::stateless::Leaves;
 use crate::sql::txmode::Opening;
 use crate::sql::{self, TxEffect};
 
@@ -126,7 +127,7 @@ impl Classifier<'_> {
                 if !self.function_calls {
                     return Ok(Refusal::plain(function_call_refused(oid)));
                 }
-                let conn = Effects { leaves_state: true, function_call: true, ..Default::default() };
+                let conn = Effects { leaves: Leaves::Session, function_call: true, ..Default::default() };
                 Ok(Step::Run(Plan { effect: Some(TxEffect::None), conn, function_oid: Some(oid), ..Default::default() }))
             }
         }
@@ -168,7 +169,7 @@ impl Classifier<'_> {
         }
         Step::Run(Plan {
             effect: Some(a.first),
-            conn: Effects { leaves_state: !a.stateless, touches_prepared, function_call: false },
+            conn: Effects { leaves: a.leaves, touches_prepared, function_call: false },
             chain: a.chain,
             setup: a.opening == Opening::SetupOnly,
             modes_then_work: a.opening == Opening::ModesThenWork,
@@ -199,7 +200,7 @@ impl Classifier<'_> {
         match self.statements.parse_analyzed(name, &a, key, budget, bind_checks) {
             Ok(def) => Step::Run(Plan {
                 effect: Some(def.effect),
-                conn: Effects { leaves_state: !def.stateless, touches_prepared, function_call: false },
+                conn: Effects { leaves: def.leaves, touches_prepared, function_call: false },
                 setup: def.setup,
                 dealloc,
                 ..Default::default()
@@ -241,7 +242,7 @@ impl Classifier<'_> {
         let def = self.statements.portal(portal);
         Step::Run(Plan {
             effect,
-            conn: Effects { leaves_state: def.is_none_or(|d| !d.stateless), ..Default::default() },
+            conn: Effects { leaves: def.map_or(Leaves::Session, |d| d.leaves), ..Default::default() },
             setup: def.is_some_and(|d| d.setup),
             ..Default::default()
         })
@@ -250,7 +251,7 @@ impl Classifier<'_> {
     fn execute(&mut self, portal: &[u8]) -> Step {
         let Some(def) = self.statements.portal(portal).cloned() else {
             // unknown portal: the server answers 34000
-            return Step::Run(Plan { conn: Effects { leaves_state: true, ..Default::default() }, ..Default::default() });
+            return Step::Run(Plan { conn: Effects { leaves: Leaves::Session, ..Default::default() }, ..Default::default() });
         };
         let (began_idle, executed) = match self.batch {
             Batch::Open { began_idle, executed } => (began_idle, executed),
@@ -261,7 +262,7 @@ impl Classifier<'_> {
         }
         Step::Run(Plan {
             effect: Some(def.effect),
-            conn: Effects { leaves_state: !def.stateless, ..Default::default() },
+            conn: Effects { leaves: def.leaves, ..Default::default() },
             chain: def.chain,
             setup: def.setup,
             changes: def.sets.as_ref().filter(|_| began_idle).map(|s| s.to_vec()),
@@ -390,9 +391,9 @@ mod tests {
         let mut s = Statements::default();
         let mut c = classifier(&g, &mut s, false);
         let Step::Run(p) = run(&mut c, b'Q', b"select * from orders\0") else { panic!() };
-        assert_eq!((p.effect, p.conn.leaves_state, p.setup), (Some(TxEffect::None), false, false));
+        assert_eq!((p.effect, p.conn.leaves, p.setup), (Some(TxEffect::None), Leaves::Nothing, false));
         let Step::Run(p) = run(&mut c, b'Q', b"insert into t values (1)\0") else { panic!() };
-        assert!(p.conn.leaves_state && !p.conn.touches_prepared);
+        assert!(p.conn.leaves == Leaves::Sequences && !p.conn.touches_prepared);
         let Step::Run(p) = run(&mut c, b'Q', b"select prepared_at from t\0") else { panic!() };
         assert!(!p.conn.touches_prepared, "a column name is not PREPARE");
         let Step::Run(p) = run(&mut c, b'Q', b"BEGIN ISOLATION LEVEL SERIALIZABLE\0") else { panic!() };

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use crate::sql::set_config::SetConfigCall;
 use crate::sql::set::Change;
 use crate::sql::analyze::Analysis;
+use crate::sql::stateless::Leaves;
 use crate::sql::{self, TxEffect};
 
 /// Most named statements one client may hold at once.
@@ -32,8 +33,8 @@ pub struct StatementDef {
     /// The Parse body after the name.
     pub key: Bytes,
     pub effect: TxEffect,
-    /// The statement provably leaves no session state (see `crate::sql::stateless`).
-    pub stateless: bool,
+    /// What the statement may leave on the session (see `crate::sql::stateless`).
+    pub leaves: Leaves,
     /// It ends the transaction `AND CHAIN`: the chained transaction needs the context again.
     pub chain: bool,
     /// Session-level SETs the statement makes (kept for the client when it ran cleanly). For a
@@ -90,7 +91,7 @@ impl Statements {
         let key = if name.is_empty() { key } else { Bytes::copy_from_slice(&key) };
         let def = Arc::new(StatementDef {
             effect: a.first,
-            stateless: a.stateless,
+            leaves: a.leaves,
             chain: a.chain,
             setup: a.opening == sql::txmode::Opening::SetupOnly,
             discard_all: a.discard_all,

@@ -8,6 +8,7 @@
 
 use super::lexer::{Kind, Token};
 use super::set::Change;
+use super::stateless::Leaves;
 use super::txmode::{self, Opening};
 use super::{split, tx_effect, TxEffect};
 
@@ -31,8 +32,8 @@ pub struct Analysis<'a> {
     /// Some statement could drop or replace SQL-level prepared statements (`PREPARE`,
     /// `DEALLOCATE`, `DISCARD`, as words).
     pub touches_prepared: bool,
-    /// Provably leaves no session state (see `super::stateless`).
-    pub stateless: bool,
+    /// What the statements may leave on the session, at most (see `super::stateless`).
+    pub leaves: Leaves,
     /// The last statement ends the transaction `AND CHAIN`.
     pub chain: bool,
     /// A `ROLLBACK`/`ABORT` (session SETs in the string may be undone).
@@ -56,7 +57,7 @@ pub fn analyze(sql: &[u8]) -> Analysis<'_> {
         discard_all: only(&|t| t.len() == 2 && t[0].is_word("discard") && t[1].is_word("all")),
         deallocates_all: statements.iter().any(|t| is_deallocate_all(t)),
         touches_prepared: words(&["prepare", "deallocate", "discard"]),
-        stateless: statements.iter().all(|t| super::stateless::statement_is_stateless(t)),
+        leaves: statements.iter().map(|t| super::stateless::statement_leaves(t)).max().unwrap_or_default(),
         chain: statements.last().is_some_and(|t| ends_and_chain(t)),
         rolls_back: words(&["rollback", "abort"]),
         changes: super::set::changes_of(&statements),
@@ -130,7 +131,7 @@ mod tests {
             assert_eq!(a.deallocate, super::super::deallocate_name(sql.as_bytes()), "{sql}");
             assert_eq!(a.deallocates_all, super::super::deallocates_all(sql.as_bytes()), "{sql}");
             assert_eq!(a.chain, super::super::chains(sql.as_bytes()), "{sql}");
-            assert_eq!(a.stateless, super::super::stateless::is_stateless(sql.as_bytes()), "{sql}");
+            assert_eq!(a.leaves == Leaves::Nothing, super::super::stateless::is_stateless(sql.as_bytes()), "{sql}");
             assert_eq!(a.opening, txmode::opening(sql.as_bytes()), "{sql}");
             assert_eq!(a.changes, super::super::set::session_changes(sql.as_bytes()), "{sql}");
         }

@@ -86,14 +86,52 @@ pub fn is_stateless(sql: &[u8]) -> bool {
 }
 
 pub(crate) fn statement_is_stateless(toks: &[Token<'_>]) -> bool {
-    let Some(first) = toks.first() else { return true };
-    if !is_word_in(first, STATEMENTS) {
-        return false;
+    statement_leaves(toks) == Leaves::Nothing
+}
+
+/// What a statement may leave on the session, at most (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum Leaves {
+    /// Provably nothing.
+    #[default]
+    Nothing,
+    /// Only sequence state (`currval`/`lastval`): a plain write (`INSERT`/`UPDATE`/`DELETE`/`MERGE`,
+    /// possibly in a CTE) or a read calling sequence functions, whose every explicit function call is
+    /// a known-pure built-in or a sequence function. Triggers and column defaults are the table
+    /// owner's code and trusted like views (a `nextval` default is the sequence state meant here).
+    Sequences,
+    /// Anything: reset everything before another client.
+    Session,
+}
+
+/// First words of the statements in the `Sequences` class besides the stateless ones.
+const WRITES: &[&str] = &["insert", "update", "delete", "merge", "with"];
+
+/// Built-in functions that only change sequence state.
+const SEQUENCE_FUNCTIONS: &[&str] = &["nextval", "currval", "setval", "lastval"];
+
+/// The class of one statement.
+pub fn statement_leaves(toks: &[Token<'_>]) -> Leaves {
+    let Some(first) = toks.first() else { return Leaves::Nothing };
+    let reads = is_word_in(first, STATEMENTS);
+    if !reads && !is_word_in(first, WRITES) {
+        return Leaves::Session;
     }
+    let mut leaves = Leaves::Nothing;
+    let mut seen_update = false;
     for (i, t) in toks.iter().enumerate() {
+        let prev = if i > 0 { toks.get(i - 1) } else { None };
         match t.kind {
-            Kind::Unterminated => return false,
-            Kind::Word if is_word_in(t, STATEFUL_WORDS) => return false,
+            Kind::Unterminated => return Leaves::Session,
+            Kind::Word if is_word_in(t, &["insert", "update", "delete", "merge"]) => {
+                seen_update |= t.is_word("update");
+                leaves = leaves.max(Leaves::Sequences); // a write (at the top or in a CTE)
+            }
+            // INSERT INTO / MERGE INTO are writes; SELECT … INTO creates a table
+            Kind::Word if t.is_word("into") && prev.is_some_and(|p| p.is_word("insert") || p.is_word("merge")) => {}
+            // UPDATE … SET, ON CONFLICT DO UPDATE SET, WHEN MATCHED THEN UPDATE SET
+            Kind::Word if t.is_word("set") && seen_update => {}
+            Kind::Word if is_word_in(t, STATEFUL_WORDS) => return Leaves::Session,
             Kind::Word | Kind::QuotedIdent => {
                 let call = toks.get(i + 1).is_some_and(|n| n.kind == Kind::Op && n.text == b"(");
                 if !call {
@@ -101,21 +139,33 @@ pub(crate) fn statement_is_stateless(toks: &[Token<'_>]) -> bool {
                 }
                 // a schema-qualified name is always a function, and only pure in pg_catalog
                 let qualified = i >= 2 && toks[i - 1].kind == Kind::Op && toks[i - 1].text == b".";
-                if qualified && ident_value(&toks[i - 2]).as_deref() != Some("pg_catalog") {
-                    return false;
+                // except the table of INSERT INTO t (columns), and ON CONFLICT (columns)
+                let table_at = if qualified { i.checked_sub(3) } else { i.checked_sub(1) };
+                if table_at.and_then(|j| toks.get(j)).is_some_and(|p| p.is_word("into")) || (!qualified && t.is_word("conflict")) {
+                    continue;
                 }
-                let prev = if i > 0 { toks.get(i - 1) } else { None };
+                if qualified && ident_value(&toks[i - 2]).as_deref() != Some("pg_catalog") {
+                    return Leaves::Session;
+                }
                 if !qualified && t.kind == Kind::Word && (is_word_in(t, NEVER_FUNCTIONS) || keyword_not_call(t, prev)) {
                     continue;
                 }
-                if t.kind == Kind::QuotedIdent || !PURE_FUNCTIONS.iter().any(|f| t.is_word(f)) {
-                    return false;
+                if t.kind == Kind::QuotedIdent {
+                    return Leaves::Session;
+                }
+                if is_word_in(t, SEQUENCE_FUNCTIONS) {
+                    leaves = leaves.max(Leaves::Sequences);
+                } else if !PURE_FUNCTIONS.iter().any(|f| t.is_word(f)) {
+                    return Leaves::Session;
                 }
             }
             _ => {}
         }
     }
-    true
+    if !reads && leaves == Leaves::Nothing {
+        return Leaves::Session; // WITH … that writes nothing we recognise: be conservative
+    }
+    leaves
 }
 
 #[cfg(test)]
@@ -144,19 +194,42 @@ mod tests {
     }
 
     #[test]
+    fn plain_writes_leave_only_sequence_state() {
+        for sql in [
+            "select nextval('s')",
+            "with x as (insert into t values (1) returning *) select * from x",
+            "insert into orders (amount) values (1) returning id, tenant_id",
+            "INSERT INTO t (a) VALUES ($1) ON CONFLICT (a) DO UPDATE SET b = excluded.b",
+            "update orders set amount = amount + 1 where id = $1 returning amount",
+            "delete from orders where id = $1",
+            "merge into t using s on t.id = s.id when matched then update set x = s.x",
+            "insert into t select * from u where pg_catalog.now() > $1",
+            "insert into public.\"Orders\" (a, b) values ($1, $2) on conflict (a) do nothing",
+        ] {
+            assert_eq!(split(sql.as_bytes()).iter().map(|t| statement_leaves(t)).max(), Some(Leaves::Sequences), "{sql}");
+        }
+        for sql in [
+            "insert into t values (my_function())",
+            "update t set x = 1 where f(x)",
+            "select * into t2 from t",
+            "insert into t values (1); listen x",
+            "with x as (select 1) select * into t from x",
+            "with x as (select my_fn()) insert into t select * from x",
+            "with recursive x as (select 1) select * from x where 1 = 1 and set_config('a', 'b', false) is null",
+        ] {
+            assert_eq!(split(sql.as_bytes()).iter().map(|t| statement_leaves(t)).max(), Some(Leaves::Session), "{sql}");
+        }
+    }
+
+    #[test]
     fn anything_else_may_leave_state() {
         for sql in [
             "select set_config('search_path', 'x', false)",
             "select my_function()",
             "select public.count(*) from t",
             "select \"count\"(*) from t",
-            "select nextval('s')",
             "select pg_advisory_lock(1)",
             "select * into temp t from orders",
-            "with x as (insert into t values (1) returning *) select * from x",
-            "insert into orders (amount) values (1)",
-            "update orders set amount = 1",
-            "delete from orders",
             "SET search_path = x",
             "SET LOCAL work_mem = '1MB'",
             "CREATE TEMP TABLE t (x int)",
