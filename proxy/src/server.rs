@@ -92,6 +92,7 @@ impl Proxy {
             max_state_bytes: config.server.max_session_state_bytes,
             pool_cfg: config.pool.clone(),
             session_mode: config.pool.mode == crate::config::PoolMode::Session,
+            signer: crate::signing::SignerSlot::new(crate::signing::Signer::from_config(&config.tenant)?),
             draining,
         });
         Ok(Arc::new(Proxy {
@@ -141,6 +142,7 @@ impl Proxy {
 
     async fn apply(&self, new: &Config) -> Result<(), String> {
         let auth = Auth::from_config(new, Some(&self.auth()))?;
+        let signer = crate::signing::Signer::from_config(&new.tenant)?;
         crate::logging::validate_level(&new.log.level)?;
         if new.bypass.enabled && self.shared.bypass.is_none() {
             // turning it off is a reload (new bypass logins stop at once); on needs its pool
@@ -159,6 +161,9 @@ impl Proxy {
             b.verifier.start_background();
         }
         *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
+        // every session signs its next transaction with the new key (the database accepts each
+        // installed kid, so rotation is: install the new kid, reload, remove the old one)
+        self.shared.signer.set(signer);
         self.shared.pool.resize(new.backend.pool_size, new.query_wait_timeout_ms());
         self.shared.pool.set_limits(Arc::new(new.limits.clone()));
         crate::logging::set_level(&new.log.level)?;
@@ -173,7 +178,7 @@ impl Proxy {
         tracing::info!(
             pool_size = new.backend.pool_size,
             log_level = %new.log.level,
-            "reload: JWT keys, tenant mapping, statement guard, pool size, limits, audit log and log level applied"
+            "reload: JWT keys, tenant mapping, statement guard, context signing key, pool size, limits, audit log and log level applied"
         );
         Ok(())
     }

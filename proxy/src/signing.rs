@@ -27,6 +27,44 @@ pub const CONTEXT_SETTING: &str = "pgtenant.context";
 /// The setting that carries the payload's signature.
 pub const SIGNATURE_SETTING: &str = "pgtenant.signature";
 
+/// How pgtenant learns a backend's start, once per connection: the verifying function computes
+/// the same text on its side.
+pub const BACKEND_START_SQL: &str =
+    "SELECT extract(epoch from backend_start)::text FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid())";
+
+/// The signer in force: replaced on reload (a new key and kid), read by sessions at the start of
+/// each transaction so every session moves to the new key together.
+#[derive(Debug, Default)]
+pub struct SignerSlot {
+    generation: std::sync::atomic::AtomicU64,
+    current: std::sync::RwLock<Option<std::sync::Arc<Signer>>>,
+}
+
+impl SignerSlot {
+    pub fn new(signer: Option<Signer>) -> SignerSlot {
+        SignerSlot { generation: 1.into(), current: std::sync::RwLock::new(signer.map(std::sync::Arc::new)) }
+    }
+
+    pub fn set(&self, signer: Option<Signer>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = signer.map(std::sync::Arc::new);
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn get(&self) -> Option<std::sync::Arc<Signer>> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The signer, if it changed since generation `seen` (which is updated).
+    pub fn changed(&self, seen: &mut u64) -> Option<Option<std::sync::Arc<Signer>>> {
+        let now = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        if now == *seen {
+            return None;
+        }
+        *seen = now;
+        Some(self.get())
+    }
+}
+
 /// Signs payloads with the configured key (`tenant.signing_key`, `tenant.signing_kid`).
 pub struct Signer {
     kid: String,
@@ -48,6 +86,11 @@ pub struct BackendId {
 }
 
 impl Signer {
+    /// The signer `[tenant]` configures, if any.
+    pub fn from_config(cfg: &crate::config::TenantConfig) -> Result<Option<Signer>, String> {
+        Ok(cfg.signing_key_bytes().map_err(|e| e.to_string())?.map(|key| Signer::new(&cfg.signing_kid, &key)))
+    }
+
     pub fn new(kid: &str, key: &[u8]) -> Signer {
         Signer { kid: kid.to_string(), key: hmac::Key::new(hmac::HMAC_SHA256, key) }
     }

@@ -30,6 +30,7 @@ fn main() {
         snapshot_import,
         two_phase_commit_is_refused,
         discard_all_extended_protocol,
+        signed_context_names_its_backend_and_follows_reload,
         python_drivers,
         node_drivers,
         pgjdbc_driver,
@@ -375,6 +376,58 @@ async fn discard_all_extended_protocol(env: &Env) -> TestResult {
         w.close().await;
         p.stop().await;
     }
+    Ok(())
+}
+
+/// With `tenant.signing_key`, every transaction carries `pgtenant.context` (naming the backend it
+/// runs on) and its HMAC; a reload moves running sessions to the new key; clients cannot set them.
+async fn signed_context_names_its_backend_and_follows_reload(env: &Env) -> TestResult {
+    use pgtenant::signing::{BackendId, Signer};
+    let k1 = "k1-secret-0123456789abcdef0123456789";
+    let k2 = "k2-secret-abcdef0123456789abcdef0123";
+    let text = |kid: &str, key: &str| config_text(env, "pool_size = 3", &format!("signing_key = \"{key}\"\nsigning_kid = \"{kid}\""));
+    let cfg = pgtenant::config::Config::from_toml(&text("k1", k1), &|_| None).map_err(|e| e.to_string())?;
+    let p = pgtenant::server::start(cfg).await?;
+    let c = connect(&p, &token(1, "signed")).await.map_err(e)?;
+    let sql = "select current_setting('pgtenant.context'), current_setting('pgtenant.signature'), pg_backend_pid()::text";
+    // the backend's start, as the database's verifying function reads it (pgtenant's guard keeps
+    // pg_stat_get_activity from tenants, so ask as the superuser)
+    let with_start = |mut r: Vec<String>| -> Result<Vec<String>, String> {
+        let started = env
+            .cluster
+            .psql("app", &format!("select extract(epoch from backend_start)::text from pg_stat_get_activity({})", r[2]))
+            .map_err(|err| err.to_string())?;
+        r.push(started.trim().to_string());
+        Ok(r)
+    };
+    let check = |row: Vec<String>, kid: &str, key: &str| -> TestResult {
+        let payload: serde_json::Value = serde_json::from_str(&row[0]).map_err(|err| format!("payload {}: {err}", row[0]))?;
+        ensure(payload["pid"].as_i64().map(|p| p.to_string()).as_deref() == Some(row[2].as_str()) && payload["bs"] == row[3].as_str(), format!("payload names another backend: {payload} vs pid {} start {}", row[2], row[3]))?;
+        ensure(payload["kid"] == kid && payload["settings"]["app.tenant_id"] == "1" && payload["settings"]["app.user_id"] == "signed", format!("payload {payload}"))?;
+        ensure(payload["settings"]["request.jwt.claims"].as_str().is_some_and(|c| c.contains("\"tenant_id\":1")), format!("claims in {payload}"))?;
+        let backend = BackendId { pid: row[2].parse().map_err(|_| "pid")?, started: row[3].clone() };
+        let settings: Vec<(String, String)> = payload["settings"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect();
+        let expect = Signer::new(kid, key.as_bytes()).signed(&settings, payload["iat"].as_i64().unwrap_or(0), &backend);
+        ensure(expect == (row[0].clone(), row[1].clone()), format!("signature does not verify with {kid}: {row:?}"))
+    };
+    let first = with_start(row(&c, sql).await?)?;
+    check(first.clone(), "k1", k1)?;
+    check(with_start(row(&c, sql).await?)?, "k1", k1)?;
+    // that backend goes away: the next transaction runs on another one, signed for it
+    env.cluster.psql("app", &format!("select pg_terminate_backend({})", first[2])).map_err(|err| err.to_string())?;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let second = with_start(row(&c, sql).await?)?;
+    ensure(second[2] != first[2], "still on the terminated backend")?;
+    check(second, "k1", k1)?;
+    // reload with k2: the same session signs with it from its next transaction
+    p.proxy.reload(&pgtenant::config::Config::from_toml(&text("k2", k2), &|_| None).map_err(|e| e.to_string())?).await?;
+    check(with_start(row(&c, sql).await?)?, "k2", k2)?;
+    // the client may not set them
+    for bad in ["select set_config('pgtenant.context', '{}', true)", "SET pgtenant.signature = 'x'"] {
+        let err = c.batch_execute(bad).await.err().ok_or(format!("{bad} ran"))?;
+        ensure(db_err(&err).0 == "42501", format!("{bad}: {:?}", db_err(&err)))?;
+    }
+    p.stop().await;
     Ok(())
 }
 

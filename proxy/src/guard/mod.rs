@@ -4,7 +4,8 @@
 //! Every simple Query and every Parse is lexed with the real PostgreSQL token rules (see
 //! `crate::sql::lexer`), statement by statement. Refused (ERROR 42501, naming what was refused):
 //! - `SET [SESSION|LOCAL]` / `RESET` of a protected setting (the `[tenant]` settings, `role`,
-//!   `session_authorization`, and `tenant.protected_settings`), including `SET ROLE` and
+//!   `session_authorization`, the signed context `pgtenant.context` / `pgtenant.signature`, and
+//!   `tenant.protected_settings`), including `SET ROLE` and
 //!   `SET SESSION AUTHORIZATION`, however the name is quoted or cased;
 //! - `set_config(...)` whose name is a protected setting in any literal spelling (`E''`, `U&''`,
 //!   dollar quotes), and any `set_config` whose name is not a plain string literal (a bind
@@ -84,6 +85,8 @@ impl Guard {
             protected.insert(cfg.claims_setting.to_lowercase());
         }
         protected.extend(["role".to_string(), "session_authorization".to_string()]);
+        // the signed context (whether or not signing is on: a client never sets them)
+        protected.extend([crate::signing::CONTEXT_SETTING.to_string(), crate::signing::SIGNATURE_SETTING.to_string()]);
         protected.extend(cfg.protected_settings.iter().map(|s| s.to_lowercase()));
         Guard { protected, allow_do: cfg.allow_do }
     }
@@ -376,6 +379,8 @@ mod tests {
             "select set_config(setting_name => 'app.tenant_id', new_value => '2', is_local => true)",
             "select * from (select set_config(x, '2', true) from t) s",
             "select set_config('ROLE', 'postgres', true)",
+            "select set_config('pgtenant.context', '{}', true)",
+            "SET LOCAL \"PGTENANT\".signature = 'x'",
             "UPDATE pg_settings SET setting = '2' WHERE name = 'app.tenant_id'",
             "update pg_catalog.pg_settings set setting = 'x'",
             "DO $$ BEGIN PERFORM 1; END $$",

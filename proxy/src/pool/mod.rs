@@ -58,10 +58,13 @@ pub struct Backend {
     /// The `default_transaction_*` statement a session last ran here (see
     /// `crate::sql::txmode::defaults_sql`); empty while the role's own defaults hold.
     pub tx_defaults: String,
+    /// Which server process this is, as a signed context names it (`crate::signing`).
+    pub id: crate::signing::BackendId,
 }
 
 impl Backend {
-    fn from_conn(c: BackendConn, prepared_cache: usize, allowed_calls: std::collections::HashSet<u32>) -> Backend {
+    fn from_conn(c: BackendConn, prepared_cache: usize, allowed_calls: std::collections::HashSet<u32>, started: String) -> Backend {
+        let id = crate::signing::BackendId { pid: c.pid, started };
         let (rd, wr) = tokio::io::split(c.stream);
         Backend {
             rd,
@@ -71,6 +74,7 @@ impl Backend {
             created: c.created,
             ctx_prepared: 0,
             tx_defaults: String::new(),
+            id,
             statements: BackendStatements::new(prepared_cache),
             owner: 0,
             dirty: false,
@@ -245,7 +249,14 @@ impl Pool {
         }
         let mut conn = self.connect().await.map_err(|e| connect_error(&e))?;
         let calls = self.resolve_function_calls(&mut conn).await.map_err(|e| connect_error(&e))?;
-        Ok(Lease { backend: Backend::from_conn(conn, self.prepared_cache, calls), slot: permit })
+        let started = backend::query::simple_query(&mut conn, crate::signing::BACKEND_START_SQL)
+            .await
+            .map_err(|e| connect_error(&e))?
+            .into_iter()
+            .next()
+            .and_then(|r| r.into_iter().next().flatten())
+            .unwrap_or_default();
+        Ok(Lease { backend: Backend::from_conn(conn, self.prepared_cache, calls, started), slot: permit })
     }
 
     /// The error a transaction gets when it found no slot, naming the limit that held it back.

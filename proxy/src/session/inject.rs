@@ -6,12 +6,17 @@
 //! backend connection under a fixed name and then costs one Bind/Execute per transaction. It is sent
 //! without a Sync right in front of the client's first message, so it runs inside the client's
 //! transaction at no extra round trip. The function is schema-qualified so no `search_path` can
-//! substitute another `set_config`.
+//! substitute another `set_config`. With `tenant.signing_key` it also sets the signed copy of the
+//! tenant settings the database can verify (see `crate::signing`).
+
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
 use super::replies::{Replies, Want};
+use crate::pool::Backend;
 use crate::protocol::build;
+use crate::signing::{BackendId, Signer, CONTEXT_SETTING, SIGNATURE_SETTING};
 
 /// Name of the portal the context statement runs in; statements are `pgtenant_ctx_<n>` for n
 /// settings (sessions differ in how many client parameters they carry).
@@ -35,41 +40,91 @@ pub struct Injection {
     arity: usize,
     /// Close + Parse of the context statement (sent when the backend does not have it prepared).
     prepare: Bytes,
-    /// Bind + Execute + Close(portal) with this session's values.
+    /// Bind + Execute + Close(portal) with this session's values (without signing).
     run: Bytes,
+    /// With `tenant.signing_key`: the signed context, per backend.
+    signed: Option<Signed>,
 }
 
+/// The parts of a signed context statement; the signature names the backend, so the bytes are
+/// made once per backend the session uses and cached.
+#[derive(Debug, Clone)]
+struct Signed {
+    signer: Arc<Signer>,
+    /// Setting names and values, interleaved, in statement order (without the signed pair).
+    params: Vec<String>,
+    /// The tenant settings the payload carries.
+    settings: Vec<(String, String)>,
+    iat: i64,
+    cache: Vec<(BackendId, Bytes)>,
+}
+
+/// Signed statements kept per session (a session in transaction pooling meets many backends).
+const MAX_SIGNED: usize = 64;
+
+/// How a session signs: the signer, the tenant settings, and when the session began.
+pub type Signing = (Arc<Signer>, Vec<(String, String)>, i64);
+
 impl Injection {
-    /// `settings` are (name, value) pairs in the order they are applied.
-    pub fn new(names: &[String], values: &[String]) -> Injection {
-        let stmt = statement_name(names.len());
+    /// `names`/`values` are the settings in the order they are applied; with `signing`, the
+    /// statement also sets `pgtenant.context` and `pgtenant.signature`.
+    pub fn new(names: &[String], values: &[String], signing: Option<Signing>) -> Injection {
+        let arity = names.len() + if signing.is_some() { 2 } else { 0 };
+        let stmt = statement_name(arity);
         let mut prepare = BytesMut::new();
         build::close_statement(&mut prepare, &stmt);
-        build::parse(&mut prepare, &stmt, &context_sql(names.len()), vec![25; names.len() * 2]);
+        build::parse(&mut prepare, &stmt, &context_sql(arity), vec![25; arity * 2]);
         let params: Vec<String> =
             names.iter().zip(values).flat_map(|(n, v)| [n.clone(), v.clone()]).collect();
-        let mut run = BytesMut::new();
-        build::bind_text(&mut run, CONTEXT_NAME, &stmt, &params);
-        build::execute(&mut run, CONTEXT_NAME);
-        build::close_portal(&mut run, CONTEXT_NAME);
-        Injection { arity: names.len(), prepare: prepare.freeze(), run: run.freeze() }
+        let signed = signing.map(|(signer, settings, iat)| Signed { signer, params: params.clone(), settings, iat, cache: Vec::new() });
+        Injection { arity, prepare: prepare.freeze(), run: run_bytes(&stmt, &params), signed }
     }
 
-    /// Writes the injection into `out` and records the replies it owes; `prepared` is the backend's
-    /// bitmask of prepared context statements, updated here.
-    pub fn write(&self, out: &mut BytesMut, prepared: &mut u128, replies: &mut Replies) {
+    /// Writes the injection for `backend` into `out` and records the replies it owes.
+    pub fn write(&mut self, out: &mut BytesMut, backend: &mut Backend, replies: &mut Replies) {
         let bit = 1u128.checked_shl(self.arity as u32).unwrap_or(0);
-        if *prepared & bit == 0 {
-            *prepared |= bit;
+        if backend.ctx_prepared & bit == 0 {
+            backend.ctx_prepared |= bit;
             out.extend_from_slice(&self.prepare);
             replies.expect(Want::CloseComplete, true, false);
             replies.expect(Want::ParseComplete, true, false);
         }
-        out.extend_from_slice(&self.run);
+        match &mut self.signed {
+            None => out.extend_from_slice(&self.run),
+            Some(s) => out.extend_from_slice(s.run_for(&backend.id, self.arity)),
+        }
         replies.expect(Want::BindComplete, true, false);
         replies.expect(Want::CommandDone, true, false);
         replies.expect(Want::CloseComplete, true, false);
     }
+}
+
+impl Signed {
+    fn run_for(&mut self, backend: &BackendId, arity: usize) -> &Bytes {
+        let i = match self.cache.iter().position(|(id, _)| id == backend) {
+            Some(i) => i,
+            None => {
+                let (payload, signature) = self.signer.signed(&self.settings, self.iat, backend);
+                let mut params = self.params.clone();
+                params.extend([CONTEXT_SETTING.to_string(), payload, SIGNATURE_SETTING.to_string(), signature]);
+                if self.cache.len() >= MAX_SIGNED {
+                    self.cache.remove(0);
+                }
+                self.cache.push((backend.clone(), run_bytes(&statement_name(arity), &params)));
+                self.cache.len() - 1
+            }
+        };
+        &self.cache[i].1
+    }
+}
+
+/// Bind + Execute + Close(portal) of the context statement with `params`.
+fn run_bytes(stmt: &str, params: &[String]) -> Bytes {
+    let mut run = BytesMut::new();
+    build::bind_text(&mut run, CONTEXT_NAME, stmt, params);
+    build::execute(&mut run, CONTEXT_NAME);
+    build::close_portal(&mut run, CONTEXT_NAME);
+    run.freeze()
 }
 
 #[cfg(test)]

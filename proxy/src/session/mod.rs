@@ -69,6 +69,8 @@ pub struct Shared {
     pub pool_cfg: crate::config::PoolConfig,
     /// `pool.mode = "session"`: a client keeps its backend until it disconnects.
     pub session_mode: bool,
+    /// `tenant.signing_key`: the signer of the context the database can verify (reloadable).
+    pub signer: crate::signing::SignerSlot,
     /// Becomes true when the proxy shuts down: sessions end once they are between transactions.
     pub draining: tokio::sync::watch::Receiver<bool>,
 }
@@ -191,6 +193,8 @@ pub struct Session {
     tx_defaults: String,
     /// A client Execute went out in the open batch (DISCARD ALL only runs first in a batch).
     batch_executed: bool,
+    /// Generation of `shared.signer` the injection was built with.
+    signer_gen: u64,
     /// When the current transaction got its context (`pool.transaction_timeout_ms`).
     tx_since: Option<std::time::Instant>,
     /// Since when the client has sat idle inside an open transaction
@@ -206,7 +210,7 @@ impl Session {
         shared: Arc<Shared>,
         client: Stream,
         client_in: BytesMut,
-        settings: ClientSettings,
+        mut settings: ClientSettings,
         cancel: Registration,
         mut view: ClientView,
         guard: Arc<Guard>,
@@ -217,6 +221,10 @@ impl Session {
             _ => shared.pool.clone(),
         };
         view.applied = settings.applied();
+        let mut signer_gen = 0;
+        if let Some(signer) = shared.signer.changed(&mut signer_gen) {
+            settings.set_signer(signer);
+        }
         let injection = settings.injection();
         let tx_defaults = settings.tx_defaults();
         let (client_rd, client_wr) = tokio::io::split(client);
@@ -253,6 +261,7 @@ impl Session {
             ctx_pending: false,
             tx_defaults,
             batch_executed: false,
+            signer_gen,
             tx_since: None,
             idle_since: None,
             client_parses: Vec::new(),
@@ -760,8 +769,12 @@ impl Session {
                 if setup {
                     self.ctx_pending = true; // the context goes in front of the next message
                 } else {
+                    if let Some(signer) = self.shared.signer.changed(&mut self.signer_gen) {
+                        self.settings.set_signer(signer); // reloaded: sign with the new key
+                        self.injection = self.settings.injection();
+                    }
                     let lease = self.lease.as_mut().expect("attached above");
-                    self.injection.write(&mut self.backend_out, &mut lease.backend.ctx_prepared, &mut self.replies);
+                    self.injection.write(&mut self.backend_out, &mut lease.backend, &mut self.replies);
                     metrics::counter!(crate::admin::names::CONTEXT_INJECTIONS).increment(1);
                     injected = true;
                     self.ctx_pending = false;

@@ -18,12 +18,16 @@ pub struct ClientSettings {
     startup: Vec<(String, String)>,
     /// Session-level SETs since, by name.
     overrides: Vec<(String, String)>,
+    /// The signer in force (`tenant.signing_key`), and when the session began (unix seconds).
+    signer: Option<std::sync::Arc<crate::signing::Signer>>,
+    began: i64,
 }
 
 impl ClientSettings {
     pub fn new(base_names: Vec<String>, base_values: Vec<String>, startup: ClientParams) -> Self {
         let startup = startup.names.into_iter().zip(startup.values).collect();
-        ClientSettings { base_names, base_values, startup, overrides: Vec::new() }
+        let began = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        ClientSettings { base_names, base_values, startup, overrides: Vec::new(), signer: None, began }
     }
 
     /// Client parameters in effect: startup values overlaid with session SETs.
@@ -47,7 +51,16 @@ impl ClientSettings {
         let eff = self.effective();
         let names: Vec<String> = self.base_names.iter().cloned().chain(eff.iter().map(|(n, _)| n.clone())).collect();
         let values: Vec<String> = self.base_values.iter().cloned().chain(eff.into_iter().map(|(_, v)| v)).collect();
-        Injection::new(&names, &values)
+        let signing = self.signer.as_ref().map(|s| {
+            let settings = self.base_names.iter().cloned().zip(self.base_values.iter().cloned()).filter(|(n, _)| n != "role").collect();
+            (s.clone(), settings, self.began)
+        });
+        Injection::new(&names, &values, signing)
+    }
+
+    /// Signs the context with `signer` from now on (None: stop signing).
+    pub fn set_signer(&mut self, signer: Option<std::sync::Arc<crate::signing::Signer>>) {
+        self.signer = signer;
     }
 
     /// The client's `default_transaction_*` defaults as SQL for a backend (see
