@@ -242,7 +242,9 @@ fn check(config: PathBuf) -> Result<ExitCode, String> {
     println!("{}: ok", config.display());
     println!("listen {} -> backend {} (pool of {}, {} pooling)", cfg.server.listen, proxy.shared.pool.target().describe(), cfg.backend.pool_size,
         if proxy.shared.session_mode { "session" } else { "transaction" });
-    println!("\nEvery client transaction starts with:\n  {}", pgtenant::session::inject::context_sql(names.len()));
+    let signing = cfg.tenant.signing_key_bytes().map_err(|e| e.to_string())?.is_some();
+    let arity = names.len() + if signing { 2 } else { 0 };
+    println!("\nEvery client transaction starts with:\n  {}", pgtenant::session::inject::context_sql(arity));
     println!("with parameters:");
     let claim = |name: &str| -> String {
         if let Some(path) = cfg.tenant.settings.get(name) {
@@ -256,16 +258,25 @@ fn check(config: PathBuf) -> Result<ExitCode, String> {
     for (i, name) in names.iter().enumerate() {
         println!("  ${} = '{name}', ${} = {}", 2 * i + 1, 2 * i + 2, claim(name));
     }
-    println!("(plus the client's own startup parameters and session SETs, if any)");
-    match cfg.tenant.signing_key_bytes().map_err(|e| e.to_string())? {
-        Some(_) => println!(
-            "\nsigned context: on, kid {:?}: each transaction also sets {} and {}; policies read \
-             pgtenant.setting(name) (install it with `pgtenant install-sql`)",
-            cfg.tenant.signing_kid,
+    if signing {
+        let n = 2 * names.len();
+        println!(
+            "  ${} = '{}', ${} = a JSON copy of these settings (without role) naming the backend it runs on",
+            n + 1,
             pgtenant::signing::CONTEXT_SETTING,
-            pgtenant::signing::SIGNATURE_SETTING
-        ),
-        None => println!("\nsigned context: off (tenant.signing_key is not set; see docs/security.md, \"Signed context\")"),
+            n + 2
+        );
+        println!("  ${} = '{}', ${} = its HMAC-SHA256 under key id {:?}", n + 3, pgtenant::signing::SIGNATURE_SETTING, n + 4, cfg.tenant.signing_kid);
+        println!("(plus the client's own startup parameters and session SETs, if any, before the signed pair)");
+        println!(
+            "\nsigned context: on, kid {:?}; policies read {}.setting(name), which only trusts a signed context \
+             (install it with `pgtenant install-sql`)",
+            cfg.tenant.signing_kid,
+            pgtenant::install_sql::DEFAULT_SCHEMA
+        );
+    } else {
+        println!("(plus the client's own startup parameters and session SETs, if any)");
+        println!("\nsigned context: off (set tenant.signing_key to sign it; see docs/security.md, \"Signed context\")");
     }
     let l = &cfg.limits;
     if l.max_active_per_tenant > 0 || l.max_waiting_per_tenant > 0 || !l.tenants.is_empty() {

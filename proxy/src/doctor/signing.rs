@@ -35,17 +35,17 @@ fn tenant_names(cfg: &Config) -> Vec<String> {
     names
 }
 
-/// Runs the checks for the restricted role `role`.
+/// Runs the checks for the restricted role `role`. Without a signing key, only the policies are
+/// checked (and installed functions vouched for).
 pub(super) async fn checks(conn: &mut BackendConn, cfg: &Config, role: &str, schema: &str) -> Result<Outcome, ConnectError> {
     let r = &lit(role);
     let key = cfg.tenant.signing_key_bytes().ok().flatten();
     let names = tenant_names(cfg);
     let mut out = Outcome { findings: policy_checks(conn, &names, schema, key.is_some()).await?, vouched: BTreeSet::new() };
-    let Some(key) = key else { return Ok(out) };
     let s = lit(schema);
     let installer = "run `pgtenant install-sql --config <this config> | psql` as the database owner or a superuser";
 
-    // the functions: present, executable by the role, and what this pgtenant installs
+    // the functions: present, what this pgtenant installs, and executable by the role
     let pgcrypto = simple_query(conn, "SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pgcrypto'")
         .await?
         .first()
@@ -62,7 +62,9 @@ pub(super) async fn checks(conn: &mut BackendConn, cfg: &Config, role: &str, sch
     for (name, args) in [("setting", "text"), ("claims", "")] {
         let object = format!("{schema}.{name}({args})");
         let Some(row) = functions.iter().find(|row| cell(row, 0) == name) else {
-            out.findings.push(finding("signing_not_installed", object, format!("the verifying function is missing: {installer}")));
+            if key.is_some() {
+                out.findings.push(finding("signing_not_installed", object, format!("the verifying function is missing: {installer}")));
+            }
             continue;
         };
         let expected = match name {
@@ -70,24 +72,29 @@ pub(super) async fn checks(conn: &mut BackendConn, cfg: &Config, role: &str, sch
             _ => Some(install_sql::claims_body(schema, &cfg.tenant.claims_setting)),
         };
         if expected.as_deref() != Some(cell(row, 2).as_str()) || cell(row, 3) != "t" {
-            out.findings.push(finding(
-                "signing_not_installed",
-                object,
-                format!("differs from the function this pgtenant installs (an older version, a different tenant.claims_setting, or edited by hand): {installer}"),
-            ));
+            if key.is_some() {
+                out.findings.push(finding(
+                    "signing_not_installed",
+                    object,
+                    format!("differs from the function this pgtenant installs (an older version, another tenant.claims_setting, or edited by hand): {installer}"),
+                ));
+            }
             continue;
         }
         out.vouched.insert(cell(row, 1));
         if cell(row, 4) != "t" {
-            let role = super::quote_ident(role);
-            out.findings.push(
-                finding("signing_not_installed", object, "the restricted role cannot run it: every signed policy fails for it")
-                    .with_fix(format!("GRANT USAGE ON SCHEMA {} TO {role};\nGRANT EXECUTE ON FUNCTION {}.{name}({args}) TO {role};", cell(row, 5), cell(row, 5))),
-            );
+            if key.is_some() {
+                let role = super::quote_ident(role);
+                out.findings.push(
+                    finding("signing_not_installed", object, "the restricted role cannot run it: every policy that reads it fails")
+                        .with_fix(format!("GRANT USAGE ON SCHEMA {} TO {role};\nGRANT EXECUTE ON FUNCTION {}.{name}({args}) TO {role};", cell(row, 5), cell(row, 5))),
+                );
+            }
         } else if name == "setting" {
             setting_ok = true;
         }
     }
+    let Some(key) = key else { return Ok(out) };
 
     // the keys: not readable nor writable by the role
     let keys = simple_query(conn, &format!(
