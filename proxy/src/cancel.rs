@@ -1,10 +1,18 @@
 //! Query cancellation across the pool.
 //!
-//! Clients get pgtenant's own cancel keys (a random pid and secret), never a backend's. A
-//! CancelRequest is matched to the client session in constant time and forwarded to the backend
-//! that session is using at that moment, and to no other. The session's slot is locked while the
-//! cancel is being delivered, and a session must take the same lock to give its backend back, so a
-//! cancel can never land on a backend that has meanwhile moved to another client.
+//! Every session gets a secret key of pgtenant's own, never a backend's. Its process id depends on
+//! the pool mode: in transaction mode the backend changes from one transaction to the next, so the
+//! client gets a random *virtual* pid that belongs to the session; in session mode the client keeps
+//! one backend, so it gets that backend's real pid (the one `pg_backend_pid()` and NOTIFY show).
+//!
+//! A pid alone does not identify a session: a real pid may equal a virtual one, two servers (the
+//! tenant and the bypass pool) have their own pids, and a session that just ended may still be
+//! registered while its backend's next client registers the same pid. So a CancelRequest is matched
+//! on pid *and* secret (compared in constant time), and a session's registration is removed by
+//! identity, never by pid. A matching request is forwarded to the backend that session is using at
+//! that moment, and to no other. The session's slot is locked while the cancel is being delivered,
+//! and a session must take the same lock to give its backend back, so a cancel can never land on a
+//! backend that has meanwhile moved to another client.
 
 use std::sync::Arc;
 
@@ -28,9 +36,10 @@ impl CancelSlot {
     }
 }
 
+/// Sessions by the pid they were given; usually one per pid, more after a collision.
 #[derive(Default)]
 pub struct CancelRegistry {
-    sessions: DashMap<i32, Arc<CancelSlot>>,
+    sessions: DashMap<i32, Vec<Arc<CancelSlot>>>,
 }
 
 /// Removes the session from the registry when the session ends.
@@ -43,45 +52,70 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.registry.sessions.remove(&self.pid);
+        self.registry.sessions.remove_if_mut(&self.pid, |_, slots| {
+            slots.retain(|s| !Arc::ptr_eq(s, &self.slot));
+            slots.is_empty()
+        });
     }
 }
 
 impl CancelRegistry {
-    /// Issues fresh, unique cancel keys for a new session; `target` is the server its backends are
-    /// on when that is not the default one.
-    pub fn register(self: &Arc<Self>, target: Option<BackendTarget>) -> Registration {
+    /// Issues cancel keys for a new session; `target` is the server its backends are on when that
+    /// is not the default one. With `backend` (session mode: the session keeps this backend's
+    /// (pid, secret)), the client is given the backend's real pid; without it, a random virtual pid
+    /// that no registered session uses.
+    pub fn register(self: &Arc<Self>, target: Option<BackendTarget>, backend: Option<(i32, i32)>) -> Registration {
         let mut rng = rand::rng();
         loop {
-            let pid = rng.random_range(1..i32::MAX);
             let secret = rng.random::<i32>();
-            let slot = Arc::new(CancelSlot { secret, current: Mutex::new(None), target: target.clone() });
-            if let dashmap::Entry::Vacant(v) = self.sessions.entry(pid) {
-                v.insert(slot.clone());
-                return Registration { pid, secret, slot, registry: self.clone() };
+            let slot = Arc::new(CancelSlot { secret, current: Mutex::new(backend), target: target.clone() });
+            let pid = match backend {
+                Some((pid, _)) => pid,
+                None => rng.random_range(1..i32::MAX),
+            };
+            match self.sessions.entry(pid) {
+                dashmap::Entry::Vacant(v) => {
+                    v.insert(vec![slot.clone()]);
+                }
+                // a real pid shares its entry; the secret must still tell the sessions apart
+                dashmap::Entry::Occupied(mut o) if backend.is_some() && o.get().iter().all(|s| s.secret != secret) => {
+                    o.get_mut().push(slot.clone());
+                }
+                dashmap::Entry::Occupied(_) => continue,
             }
+            return Registration { pid, secret, slot, registry: self.clone() };
         }
     }
 
+    /// Sessions registered.
     pub fn len(&self) -> usize {
-        self.sessions.len()
+        self.sessions.iter().map(|e| e.value().len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.sessions.is_empty()
     }
 
+    /// The session with these keys, if any. Every session under `pid` is compared, in constant
+    /// time, so the answer takes as long whichever of them matches.
+    fn find(&self, pid: i32, secret: i32) -> Option<Arc<CancelSlot>> {
+        let slots = self.sessions.get(&pid)?.clone();
+        let mut found = None;
+        for s in slots {
+            if constant_time_eq(s.secret, secret) {
+                found = Some(s);
+            }
+        }
+        found
+    }
+
     /// Handles a CancelRequest (to the session's own server, else `target`). Returns whether a
     /// cancel was forwarded to a backend.
     pub async fn cancel(&self, target: &BackendTarget, pid: i32, secret: i32) -> bool {
-        let Some(slot) = self.sessions.get(&pid).map(|s| s.clone()) else {
-            tracing::info!("cancel request for an unknown session ignored");
+        let Some(slot) = self.find(pid, secret) else {
+            tracing::info!("cancel request matching no session ignored");
             return false;
         };
-        if !constant_time_eq(slot.secret, secret) {
-            tracing::warn!("cancel request with a wrong secret key ignored");
-            return false;
-        }
         let current = slot.current.lock().await;
         match *current {
             Some((bpid, bsecret)) => match backend::send_cancel(slot.target.as_ref().unwrap_or(target), bpid, bsecret).await {
@@ -100,4 +134,35 @@ fn constant_time_eq(a: i32, b: i32) -> bool {
     let x = (a ^ b) as u32;
     // fold to avoid an early-exit comparison
     std::hint::black_box(x) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_shared_pid_routes_by_secret_and_unregisters_by_identity() {
+        let reg = Arc::new(CancelRegistry::default());
+        let virtual_session = reg.register(None, None);
+        let pid = virtual_session.pid;
+        // a real backend pid equal to the virtual one, and the next session on that backend
+        let real = reg.register(None, Some((pid, 77)));
+        let next = reg.register(None, Some((pid, 78)));
+        assert_eq!((real.pid, next.pid), (pid, pid));
+        assert_eq!(reg.len(), 3);
+        for r in [&virtual_session, &real, &next] {
+            assert!(Arc::ptr_eq(&reg.find(pid, r.secret).unwrap(), &r.slot));
+        }
+        let wrong = (0..).map(|i| virtual_session.secret.wrapping_add(i)).find(|s| ![virtual_session.secret, real.secret, next.secret].contains(s)).unwrap();
+        assert!(reg.find(pid, wrong).is_none());
+        assert_eq!(*real.slot.current.lock().await, Some((pid, 77)));
+        assert_eq!(*virtual_session.slot.current.lock().await, None);
+        let real_secret = real.secret;
+        drop(real);
+        assert!(reg.find(pid, real_secret).is_none());
+        assert!(reg.find(pid, next.secret).is_some() && reg.find(pid, virtual_session.secret).is_some());
+        drop(next);
+        drop(virtual_session);
+        assert!(reg.is_empty());
+    }
 }

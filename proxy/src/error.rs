@@ -71,6 +71,24 @@ impl PgError {
         self
     }
 
+    /// An ErrorResponse the server sent (its body), as an error of `severity` with the server's
+    /// SQLSTATE, message, detail and hint.
+    pub fn from_server(body: &[u8], severity: Severity) -> Self {
+        let mut err = PgError { severity, code: sqlstate::INTERNAL_ERROR, message: String::new(), detail: None, hint: None };
+        for field in body.split(|&b| b == 0) {
+            let Some((&kind, value)) = field.split_first() else { continue };
+            let value = String::from_utf8_lossy(value).into_owned();
+            match kind {
+                b'C' => err.code = server_code(&value),
+                b'M' => err.message = value,
+                b'D' => err.detail = Some(value),
+                b'H' => err.hint = Some(value),
+                _ => {}
+            }
+        }
+        err
+    }
+
     /// Appends the wire form (`E` message) to `buf`.
     pub fn encode(&self, buf: &mut BytesMut) {
         let sev = self.severity.as_str().to_string();
@@ -92,6 +110,25 @@ impl PgError {
     }
 }
 
+/// A SQLSTATE the server sent, as the `&'static str` a `PgError` carries. The server uses a few
+/// hundred codes at most; each is kept once (and past a bound, or if malformed, `XX000`).
+fn server_code(code: &str) -> &'static str {
+    static CODES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    if code.len() != 5 || !code.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()) {
+        return sqlstate::INTERNAL_ERROR;
+    }
+    let mut codes = CODES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = codes.iter().find(|c| **c == code) {
+        return c;
+    }
+    if codes.len() >= 1024 {
+        return sqlstate::INTERNAL_ERROR;
+    }
+    let c: &'static str = Box::leak(code.to_string().into_boxed_str());
+    codes.push(c);
+    c
+}
+
 impl std::fmt::Display for PgError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}: {}", self.severity.as_str(), self.code, self.message)?;
@@ -103,3 +140,19 @@ impl std::fmt::Display for PgError {
 }
 
 impl std::error::Error for PgError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_errors_keep_their_fields() {
+        let body = b"SERROR\0VERROR\0C22023\0Minvalid value for parameter \"DateStyle\": \"x\"\0DUnrecognized key word: \"x\".\0\0";
+        let e = PgError::from_server(body, Severity::Fatal);
+        assert_eq!((e.severity, e.code), (Severity::Fatal, "22023"));
+        assert_eq!(e.message, "invalid value for parameter \"DateStyle\": \"x\"");
+        assert_eq!(e.detail.as_deref(), Some("Unrecognized key word: \"x\"."));
+        assert!(std::ptr::eq(e.code, PgError::from_server(b"C22023\0\0", Severity::Error).code));
+        assert_eq!(PgError::from_server(b"Cnope\0\0", Severity::Error).code, "XX000");
+    }
+}

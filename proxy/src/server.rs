@@ -279,7 +279,7 @@ impl Proxy {
             bypass: l.bypass,
             login: l.cancel.pid,
         });
-        let session = Session::new(self.shared.clone(), l.stream, l.leftover, l.settings, l.cancel, l.view, l.guard, who);
+        let session = Session::new(self.shared.clone(), l.stream, l.leftover, l.settings, l.cancel, l.view, l.guard, who, l.lease);
         match session.run().await {
             End::ClientGone => tracing::debug!(user = %l.user, tenant = %l.context.tenant.replace('\0', ""), "client disconnected"),
             End::Fatal(e) => tracing::info!(user = %l.user, error = %e, "session ended"),

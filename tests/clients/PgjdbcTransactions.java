@@ -51,7 +51,19 @@ public class PgjdbcTransactions {
         } catch (Throwable t) {
             result = "FAIL " + t;
         }
-        System.out.println("client pgjdbc setTransactionIsolation/setReadOnly: " + result);
+        if (result.equals("pass") && args.length > 3) {
+            // session mode: the driver's backend pid is the server's
+            try (Connection c = DriverManager.getConnection("jdbc:postgresql://127.0.0.1:" + args[3] + "/app", p);
+                 Statement st = c.createStatement();
+                 ResultSet rs = st.executeQuery("select pg_backend_pid()")) {
+                rs.next();
+                int pid = c.unwrap(org.postgresql.PGConnection.class).getBackendPID();
+                check(pid == rs.getInt(1), "session mode: getBackendPID " + pid + " vs pg_backend_pid() " + rs.getInt(1));
+            } catch (Throwable t) {
+                result = "FAIL " + t;
+            }
+        }
+        System.out.println("client pgjdbc setTransactionIsolation/setReadOnly/getBackendPID: " + result);
         System.exit(result.equals("pass") ? 0 : 1);
     }
 }

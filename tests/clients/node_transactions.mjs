@@ -5,7 +5,7 @@
 import pg from "pg";
 import postgres from "postgres";
 
-const [port, t1] = process.argv.slice(2);
+const [port, t1, , sessionPort] = process.argv.slice(2);
 const results = [];
 const check = (cond, what) => { if (!cond) throw new Error(what); };
 const MODES = "select current_setting('transaction_isolation') iso, current_setting('transaction_read_only') ro, current_setting('transaction_deferrable') def, current_setting('app.tenant_id') t";
@@ -33,6 +33,15 @@ async function nodePostgres() {
   } finally { await c.end(); }
 }
 
+async function sessionPid() {
+  const c = new pg.Client({ host: "127.0.0.1", port: Number(sessionPort), user: "alice", database: "app", password: t1 });
+  await c.connect();
+  try {
+    const r = await c.query("select pg_backend_pid() pid");
+    check(c.processID === r.rows[0].pid, `session mode: processID ${c.processID}, pg_backend_pid() ${r.rows[0].pid}`);
+  } finally { await c.end(); }
+}
+
 async function postgresJs() {
   const sql = postgres({ host: "127.0.0.1", port: Number(port), user: "alice", database: "app", password: t1, max: 2, onnotice: () => {} });
   try {
@@ -47,7 +56,7 @@ async function postgresJs() {
   } finally { await sql.end(); }
 }
 
-for (const [name, fn] of [["node-postgres BEGIN ISOLATION LEVEL", nodePostgres], ["postgres.js sql.begin(options)", postgresJs]]) {
+for (const [name, fn] of [["node-postgres BEGIN ISOLATION LEVEL", nodePostgres], ["postgres.js sql.begin(options)", postgresJs], ["node-postgres session-mode processID", sessionPid]]) {
   try { await fn(); results.push([name, null]); } catch (e) { results.push([name, String(e && e.message || e)]); }
 }
 for (const [name, err] of results) console.log(`client ${name}: ${err ? "FAIL " + err : "pass"}`);

@@ -113,6 +113,21 @@ def psycopg_discard_all():
         check(got == ("0", "1"), f"after DISCARD ALL: {got}")
 
 
+def psycopg_reports_and_pid():
+    import psycopg
+
+    with psycopg.connect(DSN, password=TOKENS[1], client_encoding="utf-8", options="-c DateStyle=iso,dmy") as conn:
+        got = (conn.info.parameter_status("client_encoding"), conn.info.parameter_status("DateStyle"))
+        check(got == ("UTF8", "ISO, DMY"), f"parameter reports: {got}")
+        conn.execute("set client_encoding = 'latin1'")
+        got = conn.info.parameter_status("client_encoding")
+        check(got == "LATIN1", f"SET client_encoding report: {got}")
+    check(SESSION_PORT is not None, "no session-mode port given")
+    with psycopg.connect(f"host=127.0.0.1 port={SESSION_PORT} dbname=app user=alice", password=TOKENS[1]) as conn:
+        pid = conn.execute("select pg_backend_pid()").fetchone()[0]
+        check(conn.info.backend_pid == pid, f"session mode: BackendKeyData pid {conn.info.backend_pid}, pg_backend_pid() {pid}")
+
+
 def asyncpg_isolation():
     import asyncpg
 
@@ -123,6 +138,13 @@ def asyncpg_isolation():
                 async with conn.transaction(isolation=iso, readonly=True, deferrable=(iso == "serializable")):
                     got = tuple(await conn.fetchrow(MODES))
                     check(got == (want, "on", "on" if iso == "serializable" else "off", "1"), f"asyncpg {iso}: {got}")
+            if SESSION_PORT:
+                s = await asyncpg.connect(host="127.0.0.1", port=SESSION_PORT, user="alice", database="app", password=TOKENS[1])
+                try:
+                    pid = await s.fetchval("select pg_backend_pid()")
+                    check(s.get_server_pid() == pid, f"asyncpg session mode pid {s.get_server_pid()} vs {pid}")
+                finally:
+                    await s.close()
             try:
                 await conn.execute("PREPARE TRANSACTION 'asyncpg'")
                 raise AssertionError("PREPARE TRANSACTION ran")
@@ -153,6 +175,7 @@ checks = [("psycopg isolation_level/read_only/deferrable", psycopg_isolation),
           ("psycopg 40001 between two clients", psycopg_serialization_failure),
           ("psycopg tpc_prepare refused", psycopg_two_phase_refused),
           ("psycopg DISCARD ALL", psycopg_discard_all),
+          ("psycopg parameter reports, session-mode pid", psycopg_reports_and_pid),
           ("asyncpg transaction(isolation=...)", asyncpg_isolation),
           ("SQLAlchemy isolation_level", sqlalchemy_isolation)]
 for name, fn in checks:

@@ -43,6 +43,10 @@ pub struct Reply {
     pub readies: Vec<u8>,
     /// Every message tag received, in order (for messages in failure reports).
     pub trace: String,
+    /// ParameterStatus messages, in order.
+    pub params: Vec<(String, String)>,
+    /// NotificationResponses: (process id, channel, payload).
+    pub notifications: Vec<(i32, String, String)>,
     /// The connection was closed by the other side.
     pub closed: bool,
     /// The wait ended before the expected ReadyForQuery messages arrived.
@@ -197,6 +201,11 @@ pub fn call(oid: u32, args: &[&str]) -> Vec<u8> {
     function_call(oid, &args, 0, 0)
 }
 
+/// A CancelRequest (sent on a connection of its own, instead of a startup packet).
+pub fn cancel_request(pid: i32, secret: i32) -> Vec<u8> {
+    [&16i32.to_be_bytes()[..], &80877102i32.to_be_bytes(), &pid.to_be_bytes(), &secret.to_be_bytes()].concat()
+}
+
 /// One unnamed Parse/Bind/Describe/Execute of `sql`, without Sync.
 pub fn unnamed(sql: &str) -> Vec<u8> {
     [parse("", sql, &[]), bind("", "", &[]), describe(b'P', ""), execute("", 0)].concat()
@@ -212,8 +221,13 @@ pub fn extended(sql: &str) -> Vec<u8> {
 pub struct Wire {
     s: TcpStream,
     buf: Vec<u8>,
-    /// The process id pgtenant announced in BackendKeyData (its own, not the backend's).
+    /// The process id pgtenant announced in BackendKeyData (a virtual one in transaction mode,
+    /// the backend's in session mode).
     pub key_pid: i32,
+    /// The secret key announced in BackendKeyData (pgtenant's own).
+    pub key_secret: i32,
+    /// The ParameterStatus messages of the login, in order.
+    pub params: Vec<(String, String)>,
 }
 
 impl Wire {
@@ -228,7 +242,7 @@ impl Wire {
             .await
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| format!("connect: {e}"))?;
-        let mut w = Wire { s, buf: Vec::new(), key_pid: 0 };
+        let mut w = Wire { s, buf: Vec::new(), key_pid: 0, key_secret: 0, params: Vec::new() };
         let mut body = 196608i32.to_be_bytes().to_vec();
         for (k, v) in params {
             cstr(&mut body, k);
@@ -250,7 +264,11 @@ impl Wire {
                     }
                     n => return Err(format!("unsupported authentication request {n}")),
                 },
-                b'K' => w.key_pid = i32::from_be_bytes(body[..4].try_into().unwrap()),
+                b'K' => {
+                    w.key_pid = i32::from_be_bytes(body[..4].try_into().unwrap());
+                    w.key_secret = i32::from_be_bytes(body[4..8].try_into().unwrap());
+                }
+                b'S' => w.params.push(parameter_status(&body)),
                 b'E' => return Err(format!("login refused: {}", parse_error(&body))),
                 b'Z' => return Ok(w),
                 _ => {}
@@ -364,12 +382,24 @@ fn record(r: &mut Reply, tag: u8, body: &[u8]) {
         b'C' => r.tags.push(String::from_utf8_lossy(body.split(|&b| b == 0).next().unwrap_or_default()).into_owned()),
         b'D' => r.rows.push(parse_row(body)),
         b'Z' => r.readies.push(body.first().copied().unwrap_or(0)),
+        b'S' => r.params.push(parameter_status(body)),
+        b'A' => {
+            let mut parts = body[4..].split(|&b| b == 0).map(|p| String::from_utf8_lossy(p).into_owned());
+            let pid = i32::from_be_bytes(body[..4].try_into().unwrap());
+            r.notifications.push((pid, parts.next().unwrap_or_default(), parts.next().unwrap_or_default()));
+        }
         b'V' => {
             let len = i32::from_be_bytes(body[..4].try_into().unwrap());
             r.results.push((len >= 0).then(|| body[4..4 + len as usize].to_vec()));
         }
         _ => {}
     }
+}
+
+/// A ParameterStatus body: (name, value).
+pub fn parameter_status(body: &[u8]) -> (String, String) {
+    let mut parts = body.split(|&b| b == 0).map(|p| String::from_utf8_lossy(p).into_owned());
+    (parts.next().unwrap_or_default(), parts.next().unwrap_or_default())
 }
 
 pub fn parse_error(body: &[u8]) -> PgErr {

@@ -42,7 +42,7 @@ pub async fn simple_query(conn: &mut BackendConn, sql: &str) -> Result<Vec<Row>,
     }
 }
 
-fn data_row(body: &[u8]) -> Option<Row> {
+pub(crate) fn data_row(body: &[u8]) -> Option<Row> {
     let n = i16::from_be_bytes(body.get(..2)?.try_into().ok()?) as usize;
     let mut rest = &body[2..];
     let mut row = Vec::with_capacity(n);

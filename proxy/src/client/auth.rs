@@ -1,7 +1,8 @@
 //! Login: the client's password is a JWT. pgtenant asks for it in cleartext (protect the socket
 //! with TLS), verifies it, maps its claims to the tenant context, and greets the client the way
-//! Postgres does (AuthenticationOk, ParameterStatus, BackendKeyData with pgtenant's own cancel
-//! keys, ReadyForQuery). Neither the token nor any part of it is ever logged or echoed.
+//! Postgres does (AuthenticationOk, ParameterStatus as `greeting` works them out, BackendKeyData
+//! with pgtenant's own secret key, ReadyForQuery). Neither the token nor any part of it is ever
+//! logged or echoed.
 
 use std::collections::HashMap;
 
@@ -18,7 +19,7 @@ use crate::server::Proxy;
 use crate::session::settings::ClientSettings;
 use crate::session::ClientView;
 
-use super::params;
+use super::{greeting, params};
 use crate::tenant::{ContextError, TenantContext};
 
 /// A logged-in client, ready for its session.
@@ -34,6 +35,8 @@ pub struct LoggedIn {
     pub guard: std::sync::Arc<crate::guard::Guard>,
     /// A trusted worker for the bypass pool.
     pub bypass: bool,
+    /// Session mode: the backend the client keeps (its pid is the one in BackendKeyData).
+    pub lease: Option<crate::pool::Lease>,
 }
 
 /// Largest password message accepted (a JWT is well below this).
@@ -135,11 +138,17 @@ pub async fn login(
             .with_hint("set backend.url to a restricted role (no superuser, no BYPASSRLS); pgtenant doctor explains"),
         ));
     }
-    let client_params = match params::from_startup(params, &info.settings, &info.params, &auth.guard) {
+    let pairs = match params::from_startup(params, &info.settings, &auth.guard) {
         Ok(p) => p,
         Err(e) => return Err((stream, e)),
     };
-    let cancel = proxy.cancels.register(bypass.then(|| pool.target().clone()));
+    let tenant: crate::pool::TenantKey = std::sync::Arc::from(context.tenant.as_str());
+    let greeting = match greeting::greet(pool, &info, pairs, proxy.shared.session_mode, &tenant).await {
+        Ok(g) => g,
+        Err(e) => return Err((stream, e)),
+    };
+    let backend = greeting.lease.as_ref().map(|l| (l.backend.pid, l.backend.secret_key));
+    let cancel = proxy.cancels.register(bypass.then(|| pool.target().clone()), backend);
     // a trusted worker's login is on record before it gets in, or it does not get in
     let recorded = proxy.shared.audit.record(
         "login",
@@ -154,6 +163,9 @@ pub async fn login(
         }),
     );
     if bypass && recorded.is_err() {
+        if let Some(lease) = greeting.lease {
+            pool.release(lease); // idle and clean: the probe ended with ReadyForQuery
+        }
         return Err((
             stream,
             PgError::fatal(sqlstate::IO_ERROR, "pgtenant: the audit log cannot be written, so bypass logins are refused")
@@ -166,16 +178,8 @@ pub async fn login(
     }
     let mut out = BytesMut::new();
     build::auth_ok(&mut out);
-    let mut reported = HashMap::new();
-    for (k, v) in info.params.iter() {
-        let client = client_params.names.iter().position(|n| n.eq_ignore_ascii_case(k)).map(|i| client_params.values[i].as_str());
-        let v = match (client, k.as_str()) {
-            (Some(c), _) => c,
-            (None, "application_name") => "",
-            (None, _) => v.as_str(),
-        };
+    for (k, v) in &greeting.reported {
         build::parameter_status(&mut out, k, v);
-        reported.insert(k.to_lowercase(), v.to_string());
     }
     build::backend_key_data(&mut out, cancel.pid, cancel.secret);
     build::ready_for_query(&mut out, b'I');
@@ -184,9 +188,10 @@ pub async fn login(
     }
     tracing::info!(user = %user, tenant = %context.tenant.replace('\0', ""), sub = context.subject.as_deref().unwrap_or(""), result = "ok", "login");
     metrics::counter!(crate::admin::names::LOGINS, "result" => "ok", "sqlstate" => "00000").increment(1);
-    let settings = ClientSettings::new(names, context.values.clone(), client_params);
-    let view = ClientView { reported, ..Default::default() };
-    Ok(LoggedIn { stream, leftover: buf, context, settings, cancel, user, view, guard: auth.guard.clone(), bypass })
+    let view = ClientView::new(&greeting.reported);
+    let settings = ClientSettings::new(names, context.values.clone(), greeting.params);
+    let lease = greeting.lease;
+    Ok(LoggedIn { stream, leftover: buf, context, settings, cancel, user, view, guard: auth.guard.clone(), bypass, lease })
 }
 
 /// Who the token speaks for: the setting names and context of the session, and whether it is a

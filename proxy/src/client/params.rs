@@ -37,46 +37,68 @@ pub fn option_pairs(options: &str) -> Vec<(String, String)> {
     out
 }
 
-/// Collects the parameters to apply. Unknown setting names are refused as Postgres refuses them at
-/// startup (FATAL 42704); protected ones by the guard (FATAL 42501). Values equal to what the
-/// server already uses are skipped (nothing to apply).
+/// The parameters the client asks for, in the order Postgres applies them: the `options` switches
+/// first, then the packet's own keys (which therefore win). Unknown setting names are refused as
+/// Postgres refuses them at startup (FATAL 42704); protected ones by the guard (FATAL 42501).
+/// Values are checked and spelled by the server afterwards (`greeting`).
 pub fn from_startup(
     startup: &HashMap<String, String>,
     known: &HashSet<String>,
-    server: &[(String, String)],
     guard: &Guard,
-) -> Result<ClientParams, PgError> {
-    let mut pairs: Vec<(String, String)> = startup
+) -> Result<Vec<(String, String)>, PgError> {
+    let mut keys: Vec<(String, String)> = startup
         .iter()
         .filter(|(k, _)| !NOT_SETTINGS.contains(&k.as_str()) && !k.starts_with("_pq_."))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    pairs.sort();
-    if let Some(options) = startup.get("options") {
-        pairs.extend(option_pairs(options));
-    }
-    let mut out = ClientParams::default();
-    for (name, value) in pairs {
+    keys.sort();
+    let mut pairs = startup.get("options").map(|o| option_pairs(o)).unwrap_or_default();
+    pairs.extend(keys);
+    for (name, value) in &pairs {
         let lower = name.to_lowercase();
-        guard.check_startup_setting(&lower, &value).map_err(|e| PgError { severity: crate::error::Severity::Fatal, ..e })?;
+        guard.check_startup_setting(&lower, value).map_err(|e| PgError { severity: crate::error::Severity::Fatal, ..e })?;
         if !known.contains(&lower) && !lower.contains('.') {
             return Err(PgError::fatal("42704", format!("unrecognized configuration parameter \"{name}\"")));
-        }
-        if server.iter().any(|(k, v)| k.eq_ignore_ascii_case(&name) && v.eq_ignore_ascii_case(&value)) {
-            continue;
         }
         if value.contains('\0') {
             return Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "startup parameter value contains a NUL byte"));
         }
-        // a later occurrence (options after the packet's own key) wins, as in Postgres
-        if let Some(i) = out.names.iter().position(|n| n.eq_ignore_ascii_case(&name)) {
-            out.values[i] = value;
-        } else {
-            out.names.push(name);
-            out.values.push(value);
+    }
+    Ok(pairs)
+}
+
+impl ClientParams {
+    /// The last value given for each name (any case), in order of first appearance.
+    pub fn last_values(pairs: impl IntoIterator<Item = (String, String)>) -> ClientParams {
+        let mut out = ClientParams::default();
+        for (name, value) in pairs {
+            if let Some(i) = out.names.iter().position(|n| n.eq_ignore_ascii_case(&name)) {
+                out.values[i] = value;
+            } else {
+                out.names.push(name);
+                out.values.push(value);
+            }
+        }
+        out
+    }
+
+    /// The value for `name` (any case).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.names.iter().position(|n| n.eq_ignore_ascii_case(name)).map(|i| self.values[i].as_str())
+    }
+
+    /// Keeps only the parameters for which `keep` holds.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str, &str) -> bool) {
+        let mut i = 0;
+        while i < self.names.len() {
+            if keep(&self.names[i], &self.values[i]) {
+                i += 1;
+            } else {
+                self.names.remove(i);
+                self.values.remove(i);
+            }
         }
     }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -90,24 +112,29 @@ mod tests {
         cfg.settings.insert("app.tenant_id".into(), "tenant_id".into());
         let guard = Guard::from_config(&cfg);
         let known: HashSet<String> = ["application_name", "timezone", "client_encoding", "statement_timeout"].iter().map(|s| s.to_string()).collect();
-        let server = vec![("client_encoding".to_string(), "UTF8".to_string())];
         let startup: HashMap<String, String> = [
             ("user", "alice"),
             ("database", "app"),
             ("application_name", "shop"),
             ("TimeZone", "Asia/Tokyo"),
             ("client_encoding", "UTF8"),
-            ("options", "-c statement_timeout=1234 --app.theme=dark"),
+            ("options", "-c statement_timeout=1234 --app.theme=dark -c TimeZone=UTC"),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let p = from_startup(&startup, &known, &server, &guard).unwrap();
-        assert_eq!(p.names, ["TimeZone", "application_name", "statement_timeout", "app.theme"]);
-        assert_eq!(p.values, ["Asia/Tokyo", "shop", "1234", "dark"]);
+        let pairs = from_startup(&startup, &known, &guard).unwrap();
+        let names: Vec<&str> = pairs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["statement_timeout", "app.theme", "TimeZone", "TimeZone", "application_name", "client_encoding"]);
+        // the packet's own key is applied after `options`, so it wins
+        let mut p = ClientParams::last_values(pairs);
+        assert_eq!(p.names, ["statement_timeout", "app.theme", "TimeZone", "application_name", "client_encoding"]);
+        assert_eq!(p.get("timezone"), Some("Asia/Tokyo"));
+        p.retain(|n, v| !(n == "client_encoding" && v == "UTF8"));
+        assert_eq!(p.values, ["1234", "dark", "Asia/Tokyo", "shop"]);
         let bad: HashMap<String, String> = [("nonsense", "1")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        assert_eq!(from_startup(&bad, &known, &server, &guard).unwrap_err().code, "42704");
+        assert_eq!(from_startup(&bad, &known, &guard).unwrap_err().code, "42704");
         let prot: HashMap<String, String> = [("app.tenant_id", "2")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        assert_eq!(from_startup(&prot, &known, &server, &guard).unwrap_err().code, "42501");
+        assert_eq!(from_startup(&prot, &known, &guard).unwrap_err().code, "42501");
     }
 }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, ReadBuf, ReadHalf, WriteHalf};
 
 pub mod fair;
+pub mod probe;
 
 pub use fair::TenantKey;
 use fair::{Refusal, Slot, Slots};
@@ -60,6 +61,10 @@ pub struct Backend {
     pub tx_defaults: String,
     /// Which server process this is, as a signed context names it (`crate::signing`).
     pub id: crate::signing::BackendId,
+    /// The ParameterStatus values this connection reported last, names as the server spells them.
+    /// The server reports a parameter only when its value differs from its last report, so this is
+    /// also the value of any parameter it did not report after a change.
+    pub reported: Vec<(String, String)>,
 }
 
 impl Backend {
@@ -82,6 +87,41 @@ impl Backend {
             buf_in: bytes::BytesMut::new(),
             buf_out: bytes::BytesMut::new(),
             allowed_calls,
+            reported: c.params,
+        }
+    }
+
+    /// Records a ParameterStatus message (its body) this connection sent.
+    pub fn note_report(&mut self, body: &[u8]) {
+        let mut parts = body.split(|&b| b == 0);
+        let name = String::from_utf8_lossy(parts.next().unwrap_or_default());
+        let value = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+        match self.reported.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(&name)) {
+            Some(e) => e.1 = value,
+            None => self.reported.push((name.into_owned(), value)),
+        }
+    }
+
+    /// What this connection last reported for `name` (any case).
+    pub fn reported(&self, name: &str) -> Option<&str> {
+        self.reported.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// The statement that clears what the previous session left on this connection, if it may have
+    /// left anything; the caller sends it before anything else. What it clears is forgotten here.
+    pub fn take_reset(&mut self) -> Option<String> {
+        if !self.dirty {
+            return None;
+        }
+        self.dirty = false;
+        self.tx_defaults.clear(); // RESET ALL
+        if self.full_reset {
+            self.full_reset = false;
+            self.statements.clear();
+            self.ctx_prepared = 0;
+            Some(format!("{}; DEALLOCATE ALL", crate::session::RESET_QUERY))
+        } else {
+            Some(crate::session::RESET_QUERY.to_string())
         }
     }
 
@@ -125,6 +165,8 @@ pub struct Pool {
     server_info: Mutex<Option<Arc<ServerInfo>>>,
     /// `tenant.allowed_function_calls`, resolved to OIDs on each new connection.
     function_calls: Vec<String>,
+    /// How this server spells parameter values (see `probe`).
+    pub spellings: probe::Spellings,
 }
 
 /// A leased backend. Give it back with [`Pool::release`]; dropping it closes the connection.
@@ -166,6 +208,7 @@ impl Pool {
             healthy: std::sync::atomic::AtomicBool::new(true),
             server_info: Mutex::new(None),
             function_calls: config.tenant.allowed_function_calls.clone(),
+            spellings: Default::default(),
         })
     }
 

@@ -79,6 +79,13 @@ pub fn bind_text(buf: &mut BytesMut, portal: &str, statement: &str, params: &[St
         .encode(buf);
 }
 
+/// Bind with all parameters in text format and all results in binary format.
+pub fn bind_text_binary_results(buf: &mut BytesMut, portal: &str, statement: &str, params: &[String]) {
+    let params = params.iter().map(|p| Some(Bytes::copy_from_slice(p.as_bytes()))).collect();
+    let _ = Bind::new(Some(portal.to_string()), Some(statement.to_string()), vec![], params, vec![1])
+        .encode(buf);
+}
+
 pub fn execute(buf: &mut BytesMut, portal: &str) {
     let _ = Execute::new(Some(portal.to_string()), 0).encode(buf);
 }

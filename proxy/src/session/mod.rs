@@ -21,6 +21,9 @@ pub mod prepared;
 pub mod replies;
 pub mod settings;
 pub mod statements;
+mod view;
+
+pub use view::ClientView;
 
 use std::sync::Arc;
 
@@ -73,34 +76,6 @@ pub struct Shared {
     pub signer: crate::signing::SignerSlot,
     /// Becomes true when the proxy shuts down: sessions end once they are between transactions.
     pub draining: tokio::sync::watch::Receiver<bool>,
-}
-
-/// The parameters as the client sees them, so backend ParameterStatus messages never contradict
-/// what a direct connection would show it.
-#[derive(Debug, Default, Clone)]
-pub struct ClientView {
-    /// Parameters pgtenant applies in every transaction (lower case): the backend's value for them
-    /// is not the client's business.
-    pub applied: std::collections::HashSet<String>,
-    /// Last value reported to the client, by lower-case name.
-    pub reported: std::collections::HashMap<String, String>,
-    /// Parameters the client is changing with SET right now: the server's report goes through.
-    pub changing: std::collections::HashSet<String>,
-}
-
-impl ClientView {
-    /// Whether a backend ParameterStatus should reach the client (and records it if so).
-    fn admit(&mut self, body: &[u8]) -> bool {
-        let mut parts = body.split(|&b| b == 0);
-        let name = String::from_utf8_lossy(parts.next().unwrap_or_default()).to_lowercase();
-        let value = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
-        let applied = self.applied.contains(&name) && !self.changing.contains(&name);
-        if applied || self.reported.get(&name) == Some(&value) {
-            return false;
-        }
-        self.reported.insert(name, value);
-        true
-    }
 }
 
 /// Who a session runs for: the tenant key its transactions queue under, and what the audit log
@@ -195,6 +170,8 @@ pub struct Session {
     batch_executed: bool,
     /// Generation of `shared.signer` the injection was built with.
     signer_gen: u64,
+    /// ParameterStatus reports owed with an extended-protocol DISCARD ALL's CommandComplete.
+    discard_reports: Vec<(String, String)>,
     /// When the current transaction got its context (`pool.transaction_timeout_ms`).
     tx_since: Option<std::time::Instant>,
     /// Since when the client has sat idle inside an open transaction
@@ -215,6 +192,7 @@ impl Session {
         mut view: ClientView,
         guard: Arc<Guard>,
         who: Arc<Who>,
+        lease: Option<Lease>,
     ) -> Session {
         let pool = match (&shared.bypass, who.bypass) {
             (Some(b), true) => b.clone(),
@@ -228,7 +206,7 @@ impl Session {
         let injection = settings.injection();
         let tx_defaults = settings.tx_defaults();
         let (client_rd, client_wr) = tokio::io::split(client);
-        Session {
+        let mut session = Session {
             id: NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             guard,
             who,
@@ -262,10 +240,16 @@ impl Session {
             tx_defaults,
             batch_executed: false,
             signer_gen,
+            discard_reports: Vec::new(),
             tx_since: None,
             idle_since: None,
             client_parses: Vec::new(),
+        };
+        if let Some(lease) = lease {
+            // session mode: the backend leased at login (its cancel keys are registered already)
+            session.adopt(lease);
         }
+        session
     }
 
     /// Runs until the client leaves or the session fails; never leaves a dirty backend in the pool.
@@ -437,32 +421,30 @@ impl Session {
     }
 
     async fn attach(&mut self) -> Result<(), PgError> {
-        let mut lease = self.pool.acquire(&self.who.tenant).await?;
-        self.attached_at = std::time::Instant::now();
+        let lease = self.pool.acquire(&self.who.tenant).await?;
         self.cancel.slot.set(Some((lease.backend.pid, lease.backend.secret_key))).await;
+        self.adopt(lease);
+        Ok(())
+    }
+
+    /// Makes `lease` this session's backend.
+    fn adopt(&mut self, mut lease: Lease) {
+        self.attached_at = std::time::Instant::now();
         self.replies.reset();
         let b = &mut lease.backend;
         // borrow the connection's relay buffers (ours are empty whenever no lease is held)
         debug_assert!(self.backend_in.is_empty() && self.backend_out.is_empty());
         std::mem::swap(&mut self.backend_in, &mut b.buf_in);
         std::mem::swap(&mut self.backend_out, &mut b.buf_out);
-        if b.dirty && b.owner != self.id {
-            // pipelined in front of this session's first message: no extra round trip
-            if b.full_reset {
-                build::query(&mut self.backend_out, &format!("{RESET_QUERY}; DEALLOCATE ALL"));
-                b.statements.clear();
-                b.ctx_prepared = 0;
-                b.full_reset = false;
-            } else {
-                build::query(&mut self.backend_out, RESET_QUERY);
+        if b.owner != self.id {
+            if let Some(reset) = b.take_reset() {
+                // pipelined in front of this session's first message: no extra round trip
+                build::query(&mut self.backend_out, &reset);
+                self.replies.expect(Want::Ready, true, true);
             }
-            self.replies.expect(Want::Ready, true, true);
-            b.dirty = false;
-            b.tx_defaults.clear(); // RESET ALL
         }
         b.owner = self.id;
         self.lease = Some(lease);
-        Ok(())
     }
 
     // ---- client → backend -------------------------------------------------------------------
@@ -583,6 +565,9 @@ impl Session {
         let mut setup = false;
         // setup that chooses modes, then other statements, in one query string
         let mut modes_then_work = false;
+        // session-level SETs the message makes, noted once it is forwarded (not when held back:
+        // an earlier reply must not settle them before they ran)
+        let mut changes: Option<Vec<sql::set::Change>> = None;
         let effect: Option<TxEffect> = match f.tag {
             b'Q' => {
                 let q = peek::query_msg(f.body()).ok_or_else(malformed)?;
@@ -625,12 +610,12 @@ impl Session {
                     sql::txmode::Opening::Work => {}
                 }
                 if sql::has_session_set(q) && !self.position().in_block && !rolls_back(q) {
-                    let changes = sql::set::session_changes(q);
-                    if !changes.is_empty() {
-                        if let Err(e) = self.check_settings_budget(&changes) {
+                    let sets = sql::set::session_changes(q);
+                    if !sets.is_empty() {
+                        if let Err(e) = self.check_settings_budget(&sets) {
                             return Ok(self.refuse(e, true));
                         }
-                        self.note_changes(&changes);
+                        changes = Some(sets);
                     }
                 }
                 Some(s.first)
@@ -680,7 +665,7 @@ impl Session {
                 if let Some(sets) = def.as_ref().and_then(|d| d.sets.clone()) {
                     let batch_idle = if self.in_batch { self.batch_started_idle } else { !self.position().in_block };
                     if batch_idle {
-                        self.note_changes(&sets);
+                        changes = Some(sets.to_vec());
                     }
                 }
                 leaves_state = def.as_ref().is_none_or(|d| !d.stateless);
@@ -783,6 +768,9 @@ impl Session {
             self.reinject = false;
         }
         self.idle_since = None;
+        if let Some(changes) = changes {
+            self.note_changes(&changes);
+        }
         match dealloc {
             Some(def) => self.forward_deallocate(&f, &def, simple),
             None => self.forward_rewritten(&f, simple),
@@ -968,6 +956,9 @@ impl Session {
         while let Some(tag) = self.replies.take_synthetic() {
             if tag == SYNTHETIC_DISCARD_ALL {
                 push_discard_all(&mut self.client_out);
+                for (name, value) in std::mem::take(&mut self.discard_reports) {
+                    build::parameter_status(&mut self.client_out, &name, &value);
+                }
             } else {
                 push_empty_message(&mut self.client_out, tag);
             }
@@ -1033,24 +1024,31 @@ impl Session {
         self.injection = self.settings.injection();
         self.tx_defaults = self.settings.tx_defaults();
         self.view.applied = self.settings.applied();
+        let owed = self.view.after_changes(&[sql::set::Change::ResetAll], None);
         self.id = NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(l) = self.lease.as_mut() {
             // still attached (session mode, or not yet released): reset it now, pipelined
-            build::query(&mut self.backend_out, &format!("{RESET_QUERY}; DEALLOCATE ALL"));
-            self.replies.expect(Want::Ready, true, true);
-            l.backend.statements.clear();
-            l.backend.ctx_prepared = 0;
+            l.backend.dirty = true;
+            l.backend.full_reset = true;
+            if let Some(reset) = l.backend.take_reset() {
+                build::query(&mut self.backend_out, &reset);
+                self.replies.expect(Want::Ready, true, true);
+            }
             l.backend.owner = self.id;
             l.backend.tx_defaults.clear();
         }
         if !simple {
             // the Query above ended the batch's transaction: what follows needs the context again
             self.reinject = true;
+            self.discard_reports = owed; // sent with its CommandComplete
             self.synthetic(SYNTHETIC_DISCARD_ALL);
             return;
         }
         push_discard_all(&mut self.client_out);
         // only called outside a transaction with nothing in flight, so the answer goes out now
+        for (name, value) in owed {
+            build::parameter_status(&mut self.client_out, &name, &value);
+        }
         build::ready_for_query(&mut self.client_out, b'I');
     }
 
@@ -1089,9 +1087,16 @@ impl Session {
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(End::BackendLost(format!("bad message from server: {e}"))),
             };
-            if f.tag == b'S' && !self.view.admit(f.body()) {
-                continue; // a backend-side value the client does not have
+            if f.tag == b'S' {
+                if let Some(l) = self.lease.as_mut() {
+                    l.backend.note_report(f.body());
+                }
+                if !self.view.admit(f.body()) {
+                    continue; // a backend-side value the client does not have
+                }
             }
+            // where this message's output starts: reports owed for its ReadyForQuery go first
+            let mark = self.client_out.len();
             match self.replies.on_reply(f.tag, f.body()) {
                 Action::Forward => self.relay_to_client(&f),
                 Action::Swallow => {}
@@ -1135,7 +1140,7 @@ impl Session {
                 self.batch_executed = false;
                 self.reinject = false;
                 self.replies.batch_failed = false;
-                self.settle_pending_sets();
+                self.settle_pending_sets(mark);
                 if self.replies.status == b'I' {
                     self.statements.transaction_ended();
                     self.tx_since = None;
@@ -1163,15 +1168,26 @@ impl Session {
         self.pending_sets.get_or_insert_with(Vec::new).extend(changes.iter().cloned());
     }
 
-    /// Keeps the client's session-level SETs once their query ended cleanly outside a transaction.
-    fn settle_pending_sets(&mut self) {
+    /// Keeps the client's session-level SETs once their query ended cleanly outside a transaction,
+    /// and tells the client the parameters' new values in front of the output from `at` on (the
+    /// ReadyForQuery), where the server puts its own reports.
+    fn settle_pending_sets(&mut self, at: usize) {
         self.view.changing.clear();
         if let Some(changes) = self.pending_sets.take() {
             if !self.pending_sets_failed && self.replies.status == b'I' {
+                let changes = view::as_reported(changes, self.lease.as_ref().map(|l| &l.backend));
                 self.settings.apply(&changes);
                 self.injection = self.settings.injection();
                 self.tx_defaults = self.settings.tx_defaults();
                 self.view.applied = self.settings.applied();
+                let owed = self.view.after_changes(&changes, self.lease.as_ref().map(|l| &l.backend));
+                if !owed.is_empty() {
+                    let tail = self.client_out.split_off(at);
+                    for (name, value) in owed {
+                        build::parameter_status(&mut self.client_out, &name, &value);
+                    }
+                    self.client_out.extend_from_slice(&tail);
+                }
             }
         }
     }

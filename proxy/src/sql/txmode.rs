@@ -4,8 +4,8 @@
 //! The server accepts `SET TRANSACTION ISOLATION LEVEL …` (and the same modes on `BEGIN`) only
 //! before the transaction's first snapshot, and pgtenant's context statement is a `SELECT`, which
 //! takes one. So the context is placed after these statements: a message made only of them
-//! (`BEGIN ISOLATION LEVEL SERIALIZABLE`, `SET TRANSACTION READ ONLY`, any other `SET`/`RESET`, …)
-//! goes to the server without the context, which then goes in front of the client's next message.
+//! (`BEGIN ISOLATION LEVEL SERIALIZABLE`, `SET TRANSACTION READ ONLY`, `SET transaction_isolation`,
+//! …) goes to the server without the context, which then goes in front of the client's next message.
 //! None of them takes a snapshot or runs user code (the server's own list: transaction control and
 //! `SET` need no snapshot), so nothing reads or writes data without the tenant context.
 //!
@@ -76,12 +76,13 @@ fn setup(toks: &[Token<'_>]) -> Option<bool> {
     if is(1, "session") && is(2, "characteristics") {
         return Some(false); // session defaults: not this transaction's
     }
-    // any other SET/RESET: the server takes no snapshot for them and they run no SQL (the guard
-    // has refused the protected ones already)
+    // the transaction_* settings themselves; not other SETs: some build on the session's current
+    // value (`SET DateStyle = 'SQL'` keeps the client's day order), so they need the client's
+    // settings, which the context statement applies, in front of them
     let i = if is(1, "local") || is(1, "session") { 2 } else { 1 };
-    let name = toks.get(i).and_then(crate::guard::literal::ident_value);
+    let name = toks.get(i).and_then(crate::guard::literal::ident_value)?;
     let dotted = toks.get(i + 1).is_some_and(|t| t.kind == Kind::Op && t.text == b".");
-    Some(!dotted && name.is_some_and(|n| matches!(n.as_str(), "transaction_isolation" | "transaction_read_only" | "transaction_deferrable")))
+    (!dotted && matches!(name.as_str(), "transaction_isolation" | "transaction_read_only" | "transaction_deferrable")).then_some(true)
 }
 
 /// Transaction modes from `toks[i..]` to the end: `Some(any)` when they all are modes.
@@ -212,9 +213,6 @@ mod tests {
             "SET transaction_read_only TO on",
             "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
             "begin work;",
-            "SET statement_timeout = 5",
-            "BEGIN; SET LOCAL statement_timeout = 5; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-            "SET app.transaction_isolation = 'x'",
             "reset transaction_isolation",
         ] {
             assert_eq!(opening(sql.as_bytes()), Opening::SetupOnly, "{sql}");
@@ -233,6 +231,10 @@ mod tests {
             "select 1",
             "",
             "begin isolation level serializable read only select",
+            "SET statement_timeout = 5",
+            "SET DateStyle = 'SQL'",
+            "BEGIN; SET LOCAL statement_timeout = 5; SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SET app.transaction_isolation = 'x'",
             "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY; SELECT 1",
         ] {
             assert_eq!(opening(sql.as_bytes()), Opening::Work, "{sql}");

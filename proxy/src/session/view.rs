@@ -1,0 +1,136 @@
+//! The parameters as the client sees them (ParameterStatus), so that what it is told never
+//! contradicts what a direct connection would show it.
+//!
+//! A backend's own reports reach the client, except about parameters pgtenant applies in each of
+//! the client's transactions (the backend's value for them is not the client's) and parameters the
+//! client is changing with `SET`/`RESET` right now. Once such a change has completed, pgtenant tells
+//! the client the new values itself: a server reports a parameter only when it differs from the
+//! last value *that connection* reported, which need not be what this client was told (the
+//! connection may have reported to another client, and never reports the client's own values,
+//! which are applied per transaction and gone at its end).
+
+use std::collections::{HashMap, HashSet};
+
+use crate::pool::Backend;
+use crate::sql::set::Change;
+
+#[derive(Debug, Default, Clone)]
+pub struct ClientView {
+    /// Parameters pgtenant applies in every transaction (lower case): the backend's value for them
+    /// is not the client's business.
+    pub applied: HashSet<String>,
+    /// Last value reported to the client, by lower-case name.
+    pub reported: HashMap<String, String>,
+    /// Parameters the client is changing with SET right now (lower case).
+    pub changing: HashSet<String>,
+    /// What the client was told at login, as (name as the server spells it, value) by lower-case
+    /// name: the session defaults `RESET` returns to.
+    login: HashMap<String, (String, String)>,
+}
+
+impl ClientView {
+    /// The view of a client that was sent `reported` at login.
+    pub fn new(reported: &[(String, String)]) -> ClientView {
+        let login: HashMap<_, _> = reported.iter().map(|(k, v)| (k.to_lowercase(), (k.clone(), v.clone()))).collect();
+        let reported = login.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect();
+        ClientView { reported, login, ..Default::default() }
+    }
+
+    /// Whether a backend ParameterStatus (its body) should reach the client (and records it if so).
+    pub fn admit(&mut self, body: &[u8]) -> bool {
+        let mut parts = body.split(|&b| b == 0);
+        let name = String::from_utf8_lossy(parts.next().unwrap_or_default()).to_lowercase();
+        let value = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
+        if self.applied.contains(&name) || self.changing.contains(&name) || self.reported.get(&name) == Some(&value) {
+            return false;
+        }
+        self.reported.insert(name, value);
+        true
+    }
+
+    /// The ParameterStatus messages (name, value) the client is owed once session-level `changes`
+    /// have completed, recorded as reported. `backend` ran them: a `SET` parameter now has the
+    /// value that connection reported last (it would have reported a different one). A `RESET`
+    /// one is back to its login value; `backend` is `None` when pgtenant answered on its own
+    /// (`DISCARD ALL`), which only resets.
+    pub fn after_changes(&mut self, changes: &[Change], backend: Option<&Backend>) -> Vec<(String, String)> {
+        // per parameter, whether its final value is the backend's (SET) or the login value (RESET)
+        let mut last: Vec<(String, bool)> = Vec::new();
+        let mut mark = |name: String, set: bool| match last.iter_mut().find(|(n, _)| *n == name) {
+            Some(e) => e.1 = set,
+            None => last.push((name, set)),
+        };
+        for c in changes {
+            match c {
+                Change::Set(n, _) => mark(n.to_lowercase(), true),
+                Change::Reset(n) => mark(n.to_lowercase(), false),
+                Change::ResetAll => self.login.keys().for_each(|k| mark(k.clone(), false)),
+            }
+        }
+        let mut owed = Vec::new();
+        for (name, set) in last {
+            let Some((spelled, at_login)) = self.login.get(&name) else { continue }; // not reported
+            let value = match (set, backend) {
+                (false, _) => at_login.as_str(),
+                (true, Some(b)) => match b.reported(&name) {
+                    Some(v) => v,
+                    None => continue,
+                },
+                (true, None) => continue,
+            };
+            if self.reported.get(&name).map(String::as_str) != Some(value) {
+                self.reported.insert(name.clone(), value.to_string());
+                owed.push((spelled.clone(), value.to_string()));
+            }
+        }
+        owed
+    }
+}
+
+/// `changes` with each SET value replaced by what `backend` (which ran them) last reported for
+/// that parameter, when it reports it: the value the SET actually produced, spelled as the server
+/// does. pgtenant applies it again in the client's later transactions, where the raw text could
+/// mean something else (`SET DateStyle = 'dmy'` keeps the output style in force at the time).
+pub fn as_reported(changes: Vec<Change>, backend: Option<&Backend>) -> Vec<Change> {
+    changes
+        .into_iter()
+        .map(|c| match (c, backend) {
+            (Change::Set(n, v), Some(b)) => {
+                let v = b.reported(&n).map(str::to_string).unwrap_or(v);
+                Change::Set(n, v)
+            }
+            (c, _) => c,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(name: &str, value: &str) -> Vec<u8> {
+        [name.as_bytes(), b"\0", value.as_bytes(), b"\0"].concat()
+    }
+
+    #[test]
+    fn reset_returns_to_the_login_value_and_resets_report_only_changes() {
+        let login = [("TimeZone".to_string(), "Europe/Paris".to_string()), ("DateStyle".into(), "ISO, MDY".into())];
+        let mut v = ClientView::new(&login);
+        v.applied.insert("timezone".into());
+        // the backend's own value for an applied parameter, or one already reported: dropped
+        assert!(!v.admit(&status("TimeZone", "UTC")));
+        assert!(!v.admit(&status("DateStyle", "ISO, MDY")));
+        v.changing.insert("datestyle".into());
+        assert!(!v.admit(&status("DateStyle", "German, DMY")), "settled after the change, not before");
+        v.changing.clear();
+        assert!(v.admit(&status("DateStyle", "German, DMY")));
+        // RESET: the login value, not whatever the backend has
+        let owed = v.after_changes(&[Change::Reset("timezone".into())], None);
+        assert!(owed.is_empty(), "the client was never told another time zone: {owed:?}");
+        let owed = v.after_changes(&[Change::ResetAll], None);
+        assert_eq!(owed, [("DateStyle".to_string(), "ISO, MDY".to_string())]);
+        assert!(v.after_changes(&[Change::ResetAll], None).is_empty());
+        // unreported parameters are nobody's business
+        assert!(v.after_changes(&[Change::Reset("statement_timeout".into())], None).is_empty());
+    }
+}
