@@ -155,6 +155,10 @@ BEGIN
     RAISE EXCEPTION 'pgtenant install-sql: % cannot see the backend start of % sessions', current_user, {role_lit}
       USING HINT = format('run it as a superuser, or first: GRANT pg_read_all_stats TO %I;', current_user);
   END IF;
+  IF NOT pg_catalog.has_function_privilege(current_user, 'pg_catalog.pg_stat_get_activity(integer)', 'EXECUTE') THEN
+    RAISE EXCEPTION 'pgtenant install-sql: % may not execute pg_catalog.pg_stat_get_activity(integer)', current_user
+      USING HINT = format('run it as a superuser, or first: GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_get_activity(integer) TO %I;', current_user);
+  END IF;
 END
 $check$;
 

@@ -469,7 +469,7 @@ async fn rotate(env: &Env) -> TestResult {
     let mut errors = Vec::new();
     for task in load {
         match task.await.map_err(e)? {
-            Ok(n) if n == 0 => errors.push("a client made no progress".to_string()),
+            Ok(0) => errors.push("a client made no progress".to_string()),
             Ok(_) => {}
             Err(err) => errors.push(err),
         }
