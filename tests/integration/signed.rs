@@ -477,7 +477,9 @@ async fn rotate(env: &Env) -> TestResult {
     if let Ok(p) = Arc::try_unwrap(p) {
         p.stop().await;
     }
-    steps?;
+    if let Err(err) = steps {
+        errors.insert(0, err);
+    }
     ensure(errors.is_empty(), errors.join("; "))?;
     let keys = superuser(env, "SELECT string_agg(kid, ',' ORDER BY kid) FROM pgtenant.keys")?;
     ensure(keys.trim() == "k2", format!("keys after the rotation: {keys}"))
