@@ -207,8 +207,10 @@ COMMIT;
 
 -- Installed keys:  SELECT kid, added_at FROM {schema}.keys;
 -- Rotation: set a new tenant.signing_kid and signing_key, run install-sql again (the old kid stays
--- valid), reload pgtenant, and then remove the old kid, e.g.:
---   DELETE FROM {schema}.keys WHERE kid = 'k1';
+-- valid), reload every pgtenant, then remove the kids it no longer signs with, e.g. once {kid_lit}
+-- is the new one:
+--   DELETE FROM {schema}.keys WHERE kid <> {kid_lit};
+-- (Installing another key under an installed kid replaces that key at once.)
 "#,
         kid_lit = literal(kid),
         role_ident = ident(&role),
