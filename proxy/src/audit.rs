@@ -83,7 +83,7 @@ impl AuditLog {
             Sink::File(f) => f.write_all(line.as_bytes()),
         };
         let ok = written.is_ok();
-        metrics::counter!(crate::admin::names::AUDIT_RECORDS, "result" => if ok { "ok" } else { "error" }).increment(1);
+        metrics::counter!(crate::metrics::AUDIT_RECORDS, "result" => if ok { "ok" } else { "error" }).increment(1);
         written.map_err(|e| {
             tracing::error!(error = %e, event, "cannot write the audit log");
             NotRecorded

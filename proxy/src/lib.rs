@@ -21,6 +21,7 @@ pub mod guard;
 pub mod install_sql;
 pub mod jwt;
 pub mod logging;
+pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod protocol;

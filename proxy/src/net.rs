@@ -1,12 +1,24 @@
 //! One stream type for every socket pgtenant speaks Postgres over: client or backend side, TCP,
 //! Unix socket, or TLS on top of TCP. The session code is written once against this type.
+//!
+//! Also the one place that picks the TLS crypto provider ([`tls_provider`]): every rustls config
+//! in pgtenant (towards clients, the backend, and a `jwt.jwks_url`) is built with it.
 
 use std::io;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+
+/// rustls with aws-lc-rs (the same library `jsonwebtoken` verifies signatures with), built once
+/// and shared by every TLS config. Configs name it explicitly instead of relying on a
+/// process-wide default, so a program embedding pgtenant keeps its own default.
+pub fn tls_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<rustls::crypto::CryptoProvider>> = OnceLock::new();
+    PROVIDER.get_or_init(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider())).clone()
+}
 
 pub enum Stream {
     Tcp(TcpStream),
@@ -15,6 +27,8 @@ pub enum Stream {
     TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// TLS we originate (towards the backend).
     TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// An in-memory pipe: the session's unit tests run a client and a scripted backend over these.
+    Pipe(tokio::io::DuplexStream),
 }
 
 impl Stream {
@@ -33,6 +47,7 @@ impl Stream {
                 let mut b = [0u8; 1];
                 return !matches!(s.try_read(&mut b), Err(ref e) if e.kind() == io::ErrorKind::WouldBlock);
             }
+            Stream::Pipe(_) => return false,
         };
         let mut b = [0u8; 1];
         !matches!(tcp.try_read(&mut b), Err(ref e) if e.kind() == io::ErrorKind::WouldBlock)
@@ -46,6 +61,7 @@ macro_rules! dispatch {
             Stream::Unix($s) => $e,
             Stream::TlsServer($s) => $e,
             Stream::TlsClient($s) => $e,
+            Stream::Pipe($s) => $e,
         }
     };
 }
@@ -79,6 +95,7 @@ impl AsyncWrite for Stream {
             Stream::Unix(s) => s.is_write_vectored(),
             Stream::TlsServer(s) => s.is_write_vectored(),
             Stream::TlsClient(s) => s.is_write_vectored(),
+            Stream::Pipe(s) => s.is_write_vectored(),
         }
     }
 }

@@ -13,41 +13,16 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::backend::BackendTarget;
 use crate::cancel::CancelRegistry;
+use crate::client::rules::{Auth, AuthSlot};
 use crate::client::{auth, startup, tls};
 use crate::config::Config;
 use crate::error::PgError;
-use crate::jwt::JwtVerifier;
 use crate::pool::Pool;
-use crate::session::{End, Session, Shared};
-use crate::tenant::TenantMapping;
+use crate::session::settings::ClientSettings;
+use crate::session::{ClientView, End, Session, Shared};
 
-/// What a login is checked against; replaced as a whole on reload, while sessions keep the one
-/// they logged in with.
-pub struct Auth {
-    pub verifier: JwtVerifier,
-    pub mapping: TenantMapping,
-    pub guard: Arc<crate::guard::Guard>,
-    /// `[bypass]`, when enabled: which tokens may use the bypass pool.
-    pub bypass: Option<crate::client::bypass::BypassAuth>,
-}
-
-impl Auth {
-    /// Builds the login rules; `previous` lends its fetched JWKS cache when the URL is unchanged.
-    pub fn from_config(config: &Config, previous: Option<&Auth>) -> Result<Auth, String> {
-        Ok(Auth {
-            verifier: JwtVerifier::from_config_reusing(&config.jwt, previous.map(|a| &a.verifier))
-                .map_err(|e| e.to_string())?,
-            mapping: TenantMapping::from_config(&config.tenant).map_err(|e| e.to_string())?,
-            guard: Arc::new(crate::guard::Guard::from_config(&config.tenant)),
-            bypass: crate::client::bypass::BypassAuth::from_config(
-                &config.bypass,
-                &config.tenant,
-                previous.and_then(|a| a.bypass.as_ref()),
-            )
-            .map_err(|e| e.to_string())?,
-        })
-    }
-}
+mod errors;
+pub use errors::{ReloadError, StartError};
 
 /// Everything a connection needs, built once from the config.
 pub struct Proxy {
@@ -57,7 +32,7 @@ pub struct Proxy {
     live: std::sync::RwLock<Arc<Config>>,
     /// Where the config came from (for reload), if from a file.
     pub config_path: Option<std::path::PathBuf>,
-    auth: std::sync::RwLock<Arc<Auth>>,
+    auth: AuthSlot,
     /// Client connections open right now (bounded by `server.max_clients`).
     pub clients: std::sync::atomic::AtomicUsize,
     pub shared: Arc<Shared>,
@@ -67,22 +42,23 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: Config) -> Result<Arc<Proxy>, String> {
-        let target = BackendTarget::from_config(&config.backend).map_err(|e| format!("backend.url: {e}"))?;
+    pub fn new(config: Config) -> Result<Arc<Proxy>, StartError> {
+        let target = BackendTarget::from_config(&config.backend)
+            .map_err(|error| StartError::BackendUrl { key: "backend.url", error })?;
         let auth = Auth::from_config(&config, None)?;
         let tls = match (&config.server.tls_cert, &config.server.tls_key) {
-            (Some(cert), Some(key)) => Some(tls::load_acceptor(cert, key)?),
+            (Some(cert), Some(key)) => Some(tls::load_acceptor(cert, key).map_err(StartError::Tls)?),
             _ => None,
         };
         let pool = Pool::new(&config, target);
         let bypass = if config.bypass.enabled {
             let target = BackendTarget::from_config(&config.bypass.backend(&config.backend))
-                .map_err(|e| format!("bypass.url: {e}"))?;
+                .map_err(|error| StartError::BackendUrl { key: "bypass.url", error })?;
             Some(Pool::sized(&config, target, config.bypass.pool_size, Arc::new(Default::default())))
         } else {
             None
         };
-        let audit = Arc::new(crate::audit::AuditLog::open(&config.audit)?);
+        let audit = Arc::new(crate::audit::AuditLog::open(&config.audit).map_err(StartError::AuditLog)?);
         let (drain, draining) = watch::channel(false);
         let shared = Arc::new(Shared {
             pool,
@@ -100,7 +76,7 @@ impl Proxy {
             clients: Default::default(),
             shared,
             cancels: Arc::new(CancelRegistry::default()),
-            auth: std::sync::RwLock::new(Arc::new(auth)),
+            auth: AuthSlot::new(auth),
             live: std::sync::RwLock::new(Arc::new(config.clone())),
             config_path: None,
             tls,
@@ -115,7 +91,7 @@ impl Proxy {
 
     /// The login rules in force now.
     pub fn auth(&self) -> Arc<Auth> {
-        self.auth.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.auth.get()
     }
 
     /// Applies a new config: JWT keys, tenant mapping and guard for new logins (connected clients
@@ -123,10 +99,10 @@ impl Proxy {
     /// tenant metrics selection, and the audit log (reopened, so logrotate works). An invalid
     /// config changes nothing. Settings that need a restart (`[server]`, backend URL, pool mode,
     /// bypass URL, size and on/off) are reported if they differ.
-    pub async fn reload(&self, new: &Config) -> Result<(), String> {
+    pub async fn reload(&self, new: &Config) -> Result<(), ReloadError> {
         let result = self.apply(new).await;
         match result {
-            Ok(()) => metrics::counter!(crate::admin::names::CONFIG_RELOADS, "result" => "ok").increment(1),
+            Ok(()) => metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "ok").increment(1),
             Err(_) => self.reload_rejected(),
         }
         result
@@ -134,39 +110,40 @@ impl Proxy {
 
     /// A rejected config must not stop logrotate from working: the current audit log is reopened.
     fn reload_rejected(&self) {
-        metrics::counter!(crate::admin::names::CONFIG_RELOADS, "result" => "rejected").increment(1);
+        metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "rejected").increment(1);
         if let Err(e) = self.shared.audit.reopen(&self.live_config().audit) {
             tracing::error!(error = %e, "cannot reopen the audit log");
         }
     }
 
-    async fn apply(&self, new: &Config) -> Result<(), String> {
+    async fn apply(&self, new: &Config) -> Result<(), ReloadError> {
         let auth = Auth::from_config(new, Some(&self.auth()))?;
         let signer = crate::signing::Signer::from_config(&new.tenant)?;
-        crate::logging::validate_level(&new.log.level)?;
+        crate::logging::validate_level(&new.log.level).map_err(ReloadError::LogLevel)?;
         if new.bypass.enabled && self.shared.bypass.is_none() {
             // turning it off is a reload (new bypass logins stop at once); on needs its pool
-            return Err("turning bypass.enabled on needs a restart".into());
+            return Err(ReloadError::NeedsRestart("turning bypass.enabled on"));
         }
+        let unreachable = |key, url: &str, error| ReloadError::KeysUnreachable { key, url: url.to_string(), error };
         if let Some(remote) = auth.verifier.remote().filter(|r| !r.loaded()) {
             // a new key URL must answer before it replaces keys that work
-            remote.refresh().await.map_err(|e| format!("jwt.jwks_url {}: {e}", remote.url()))?;
+            remote.refresh().await.map_err(|e| unreachable("jwt.jwks_url", remote.url(), e))?;
         }
         if let Some(remote) = auth.bypass.as_ref().and_then(|b| b.verifier.remote()).filter(|r| !r.loaded()) {
-            remote.refresh().await.map_err(|e| format!("bypass.jwt.jwks_url {}: {e}", remote.url()))?;
+            remote.refresh().await.map_err(|e| unreachable("bypass.jwt.jwks_url", remote.url(), e))?;
         }
-        self.shared.audit.reopen(&new.audit)?;
+        self.shared.audit.reopen(&new.audit).map_err(ReloadError::AuditLog)?;
         auth.verifier.start_background();
         if let Some(b) = &auth.bypass {
             b.verifier.start_background();
         }
-        *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
+        self.auth.set(auth);
         // every session signs its next transaction with the new key (the database accepts each
         // installed kid, so rotation is: install the new kid, reload, remove the old one)
         self.shared.signer.set(signer);
         self.shared.pool.resize(new.backend.pool_size, new.query_wait_timeout_ms());
         self.shared.pool.set_limits(Arc::new(new.limits.clone()));
-        crate::logging::set_level(&new.log.level)?;
+        crate::logging::set_level(&new.log.level).map_err(ReloadError::LogLevel)?;
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new.clone());
         let old = &self.config;
         if old.server != new.server || old.backend.url != new.backend.url || old.pool.mode != new.pool.mode {
@@ -184,14 +161,26 @@ impl Proxy {
     }
 
     /// Re-reads the config file this proxy was started from and reloads it.
-    pub async fn reload_from_file(&self) -> Result<(), String> {
-        let path = self.config_path.as_ref().ok_or("this proxy was not started from a config file")?;
+    pub async fn reload_from_file(&self) -> Result<(), ReloadError> {
+        let path = self.config_path.as_ref().ok_or(ReloadError::NoConfigFile)?;
         match Config::load(path) {
             Ok(cfg) => self.reload(&cfg).await,
             Err(e) => {
                 self.reload_rejected();
-                Err(e.to_string())
+                Err(e.into())
             }
+        }
+    }
+
+    /// What a login needs from this proxy.
+    fn login_inputs(&self) -> auth::LoginInputs<'_> {
+        auth::LoginInputs {
+            rules: &self.auth,
+            pool: &self.shared.pool,
+            bypass: self.shared.bypass.as_deref(),
+            session_mode: self.shared.session_mode,
+            cancels: &self.cancels,
+            audit: &self.shared.audit,
         }
     }
 
@@ -234,7 +223,7 @@ impl Proxy {
         let logged_in = tokio::time::timeout(timeout, async {
             let hello = startup::negotiate(tcp, self.tls.as_ref(), self.config.server.require_tls).await;
             match hello {
-                Ok(startup::Hello::Login { stream, params }) => match auth::login(&self, stream, &params, peer).await {
+                Ok(startup::Hello::Login { stream, params }) => match auth::login(&self.login_inputs(), stream, &params, peer).await {
                     Ok(l) => Some(l),
                     Err((stream, err)) => {
                         let _ = self.shared.audit.record(
@@ -279,12 +268,36 @@ impl Proxy {
             bypass: l.bypass,
             login: l.cancel.pid,
         });
-        let session = Session::new(self.shared.clone(), l.stream, l.leftover, l.settings, l.cancel, l.view, l.guard, who, l.lease);
+        let view = ClientView::new(&l.reported);
+        let settings = ClientSettings::new(l.setting_names, l.context.values.clone(), l.params);
+        let session = Session::new(self.shared.clone(), l.stream, l.leftover, settings, l.cancel, view, l.guard, who, l.lease);
         match session.run().await {
             End::ClientGone => tracing::debug!(user = %l.user, tenant = %l.context.tenant.replace('\0', ""), "client disconnected"),
             End::Fatal(e) => tracing::info!(user = %l.user, error = %e, "session ended"),
             End::BackendLost(why) => tracing::warn!(user = %l.user, reason = %why, "session ended: backend lost"),
         }
+    }
+}
+
+/// What the admin endpoint shows of this proxy (admin renders; it does not know the server).
+impl crate::admin::Source for Proxy {
+    fn clients(&self) -> usize {
+        self.clients.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    fn pool(&self) -> &Pool {
+        &self.shared.pool
+    }
+    fn bypass_pool(&self) -> Option<&Pool> {
+        self.shared.bypass.as_deref()
+    }
+    fn keys_loaded(&self) -> bool {
+        self.auth().verifier.keys_loaded()
+    }
+    fn config(&self) -> Arc<Config> {
+        self.live_config()
+    }
+    async fn reload_file(&self) -> Result<(), String> {
+        self.reload_from_file().await.map_err(String::from)
     }
 }
 
@@ -347,20 +360,21 @@ impl Running {
 }
 
 /// Builds the proxy from `config`, binds `server.listen`, and serves in the background.
-pub async fn start(config: Config) -> Result<Running, String> {
+pub async fn start(config: Config) -> Result<Running, StartError> {
     start_from(config, None).await
 }
 
 /// Like `start`, remembering the config file for reloads.
-pub async fn start_from(config: Config, path: Option<std::path::PathBuf>) -> Result<Running, String> {
+pub async fn start_from(config: Config, path: Option<std::path::PathBuf>) -> Result<Running, StartError> {
     let listen = config.server.listen.clone();
     let mut proxy = Proxy::new(config)?;
     if let Some(proxy) = Arc::get_mut(&mut proxy) {
         proxy.config_path = path;
     }
-    let listener = TcpListener::bind(&listen).await.map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    crate::admin::metrics_handle();
+    let listener = TcpListener::bind(&listen).await.map_err(|source| StartError::Listen { addr: listen.clone(), source })?;
+    let addr = listener.local_addr()?;
+    // the recorder and the hot-path handles, before the first session records anything
+    crate::metrics::hot();
     // jwt.jwks_url: fetched in the background; /readyz reports 503 until the first answer
     let auth = proxy.auth();
     auth.verifier.start_background();
@@ -369,8 +383,8 @@ pub async fn start_from(config: Config, path: Option<std::path::PathBuf>) -> Res
     }
     let admin = match &proxy.config.admin.listen {
         Some(a) => {
-            let l = TcpListener::bind(a).await.map_err(|e| format!("cannot listen on {a} (admin.listen): {e}"))?;
-            let local = l.local_addr().map_err(|e| e.to_string())?;
+            let l = TcpListener::bind(a).await.map_err(|source| StartError::AdminListen { addr: a.clone(), source })?;
+            let local = l.local_addr()?;
             Some((local, tokio::spawn(crate::admin::serve(l, proxy.clone()))))
         }
         None => None,

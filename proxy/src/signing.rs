@@ -87,8 +87,8 @@ pub struct BackendId {
 
 impl Signer {
     /// The signer `[tenant]` configures, if any.
-    pub fn from_config(cfg: &crate::config::TenantConfig) -> Result<Option<Signer>, String> {
-        Ok(cfg.signing_key_bytes().map_err(|e| e.to_string())?.map(|key| Signer::new(&cfg.signing_kid, &key)))
+    pub fn from_config(cfg: &crate::config::TenantConfig) -> Result<Option<Signer>, crate::config::ConfigError> {
+        Ok(cfg.signing_key_bytes()?.map(|key| Signer::new(&cfg.signing_kid, &key)))
     }
 
     pub fn new(kid: &str, key: &[u8]) -> Signer {

@@ -68,6 +68,18 @@ def psycopg3():
                     v, n = cur.fetchone()
                     check(v == k + round_ and n > 0, f"query {k} round {round_}: {v} {n}")
             conn.commit()
+        # set_config with %s (bound server-side): decided at Bind; kept like SET outside a transaction
+        with psycopg.connect(DSN, password=TOKENS[tenant], autocommit=True) as conn:
+            conn.execute("select set_config(%s, %s, false)", ("application_name", f"py{tenant}"))
+            name = conn.execute("show application_name").fetchone()[0]
+            check(name == f"py{tenant}", f"set_config(%s, %s, false) not kept: {name}")
+            try:
+                conn.execute("select set_config(%s, %s, false)", ("app.tenant_id", str(3 - tenant)))
+                raise AssertionError("set_config of app.tenant_id with bind parameters succeeded")
+            except psycopg.Error as e:
+                check(e.sqlstate == "42501", f"bound app.tenant_id: {e!r}")
+            lo, hi = conn.execute("select min(tenant_id), max(tenant_id) from orders").fetchone()
+            check(lo == tenant and hi == tenant, f"after the refused set_config: tenants {lo}..{hi}")
 
 
 def psycopg_pool():

@@ -366,7 +366,7 @@ pub async fn bypass_pool_and_audit_log(env: &Env) -> TestResult {
     connect(&p, &worker_token).await.map_err(|e| format!("bypass back on: {e:?}"))?;
     // a proxy started without it cannot turn it on by reload (it has no bypass pool)
     let plain = start_proxy(env, "", "").await;
-    let refused = plain.proxy.reload(&cfg).await.err().ok_or("reload turned bypass on")?;
+    let refused = plain.proxy.reload(&cfg).await.err().ok_or("reload turned bypass on")?.to_string();
     ensure(refused.contains("needs a restart"), refused)?;
     plain.stop().await;
 

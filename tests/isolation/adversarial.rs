@@ -52,7 +52,7 @@ impl Checks {
 pub async fn try_start(env: &Env, backend_extra: &str, extra: &str, server_extra: &str) -> Result<pgtenant::server::Running, String> {
     let text = config_text(env, backend_extra, extra).replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:0\"\n{server_extra}"), 1);
     let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|e| format!("config refused: {e}"))?;
-    pgtenant::server::start(cfg).await
+    Ok(pgtenant::server::start(cfg).await?)
 }
 
 /// Tenant 2's rows as the superuser sees them (count, sum, highest id).

@@ -142,12 +142,20 @@ async fn adversarial(env: &Env) -> TestResult {
         }
         check_still_tenant_one(format!("after {sql:?}")).await?;
     }
-    // extended protocol: Parse of the same attacks is refused too, and bind parameters as names
-    for sql in ["select set_config('app.tenant_id', '2', true)", "select set_config($1, '2', true)", "SET app.tenant_id = '2'"] {
+    // extended protocol: Parse of the same attacks is refused too, and bind parameters in names
+    // the guard cannot read from the Bind
+    for sql in ["select set_config('app.tenant_id', '2', true)", "select set_config($1 || '', '2', true)", "SET app.tenant_id = '2'"] {
         let e = c.prepare(sql).await.err().ok_or(format!("Parse accepted: {sql}"))?;
         ensure(e.code().map(|c| c.code()) == Some("42501"), format!("{sql}: {e:?}"))?;
         refused += 1;
         check_still_tenant_one(format!("after Parse {sql:?}")).await?;
+    }
+    // a bind parameter as the name is decided at Bind (issue 15)
+    for (sql, name) in [("select set_config($1, '2', true)", "app.tenant_id"), ("select set_config($1, '2', false)", "App.Tenant_Id")] {
+        let e = c.query(sql, &[&name]).await.err().ok_or(format!("Bind accepted: {sql} with {name}"))?;
+        ensure(e.code().map(|c| c.code()) == Some("42501"), format!("{sql} with {name}: {e:?}"))?;
+        refused += 1;
+        check_still_tenant_one(format!("after Bind {sql:?} with {name}")).await?;
     }
     // prepared statements reused across tenants: tenant 2 runs the same statement text, sees its rows
     let c2 = connect(&p, &token(2, "bob")).await.map_err(|e| format!("{e:?}"))?;
@@ -176,7 +184,7 @@ async fn adversarial(env: &Env) -> TestResult {
     refused += 1;
     let after = victim_rows().map_err(|e| e.to_string())?;
     ensure(before == after, format!("tenant 2's rows changed: {before} -> {after}"))?;
-    println!("adversarial: {} attempts, {refused} refused, tenant 2 untouched ({after})", ATTACKS.len() + 5);
+    println!("adversarial: {} attempts, {refused} refused, tenant 2 untouched ({after})", ATTACKS.len() + 7);
     ensure(refused >= 30, format!("only {refused} attempts failed"))?;
     p.stop().await;
     Ok(())

@@ -24,7 +24,7 @@ use pgtenant::client::params::ClientParams;
 use pgtenant::config::{ServerConfig, TenantConfig};
 use pgtenant::guard::{Guard, Position};
 use pgtenant::protocol::{frame, peek};
-use pgtenant::session::prepared::{self, BackendStatements};
+use pgtenant::pool::prepared::{self, BackendStatements};
 use pgtenant::session::replies::{Replies, Want};
 use pgtenant::session::settings::ClientSettings;
 use pgtenant::session::statements::Statements;
@@ -243,11 +243,11 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     // the context statement with whatever session SETs the input made
-    let injection = st.settings.injection();
+    let mut injection = st.settings.injection();
     let mut out = BytesMut::new();
     let mut replies = Replies::default();
-    let mut prepared_mask = 0u128;
-    injection.write(&mut out, &mut prepared_mask, &mut replies);
+    let backend = pgtenant::signing::BackendId { pid: 1, started: "0".into() };
+    injection.write_for(&mut out, true, &backend, &mut replies);
     let mut tags = Vec::new();
     while !out.is_empty() {
         tags.push(one_frame(&mut out).tag);

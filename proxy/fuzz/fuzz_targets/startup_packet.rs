@@ -38,7 +38,6 @@ struct Env {
     addr: std::net::SocketAddr,
     guard: Guard,
     known: HashSet<String>,
-    server: Vec<(String, String)>,
 }
 
 fn env() -> &'static Env {
@@ -54,8 +53,7 @@ fn env() -> &'static Env {
             .iter()
             .map(|s| s.to_string())
             .collect();
-        let server = vec![("client_encoding".to_string(), "UTF8".to_string()), ("DateStyle".to_string(), "ISO, MDY".to_string())];
-        Env { rt, listener, addr, guard: Guard::from_config(&cfg), known, server }
+        Env { rt, listener, addr, guard: Guard::from_config(&cfg), known }
     })
 }
 
@@ -86,13 +84,12 @@ fuzz_target!(|data: &[u8]| {
             Ok(Hello::Login { params: p, .. }) => {
                 assert!(p.keys().all(|k| !k.starts_with("_pq_.")));
                 if let Some(options) = p.get("options") {
-                    let _ = params::option_pairs(options);
+                    let _ = pgtenant::protocol::options::option_pairs(options);
                     let _ = e.guard.check_startup_options(options);
                 }
-                match params::from_startup(&p, &e.known, &e.server, &e.guard) {
+                match params::from_startup(&p, &e.known, &e.guard) {
                     Ok(cp) => {
-                        assert_eq!(cp.names.len(), cp.values.len());
-                        for n in &cp.names {
+                        for (n, _) in &cp {
                             let lower = n.to_lowercase();
                             assert!(
                                 !["app.tenant_id", "app.user_id", "request.jwt.claims", "role", "session_authorization"].contains(&lower.as_str()),

@@ -7,10 +7,10 @@
 
 use std::fmt::Write;
 
+use crate::metrics as names;
 use crate::pool::fair::TenantStats;
-use crate::server::Proxy;
 
-use super::names;
+use super::Source;
 
 /// Orders tenants for "top" lists.
 #[derive(Clone, Copy)]
@@ -40,7 +40,7 @@ fn sort(stats: &mut [TenantStats], by: By) {
 type Series = (&'static str, &'static str, &'static str, fn(&TenantStats) -> f64);
 
 /// `GET /tenants?top=N&by=load|active|waiting|transactions|wait`.
-pub fn json(proxy: &Proxy, query: &str) -> Result<String, String> {
+pub fn json(proxy: &impl Source, query: &str) -> Result<String, String> {
     let (mut top, mut by) = (20usize, By::Load);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=').unwrap_or((pair, "")) {
@@ -54,12 +54,12 @@ pub fn json(proxy: &Proxy, query: &str) -> Result<String, String> {
             (other, _) => return Err(format!("unknown parameter \"{other}\" (top, by)")),
         }
     }
-    let pool = &proxy.shared.pool;
+    let pool = proxy.pool();
     let mut stats = pool.tenant_stats();
     let tracked = stats.len();
     sort(&mut stats, by);
     stats.truncate(top);
-    let bypass = proxy.shared.bypass.as_ref().map(|b| {
+    let bypass = proxy.bypass_pool().map(|b| {
         let s = b.tenant_stats();
         serde_json::json!({
             "pool_size": b.size(),
@@ -78,13 +78,13 @@ pub fn json(proxy: &Proxy, query: &str) -> Result<String, String> {
 }
 
 /// Prometheus text for the tenants the config selects (appended to `/metrics`).
-pub fn metrics_text(proxy: &Proxy) -> String {
-    let cfg = proxy.live_config();
+pub fn metrics_text(proxy: &impl Source) -> String {
+    let cfg = proxy.config();
     let (named, top) = (&cfg.admin.metrics_tenants, cfg.admin.metrics_top_tenants);
     if named.is_empty() && top == 0 {
         return String::new();
     }
-    let mut stats = proxy.shared.pool.tenant_stats();
+    let mut stats = proxy.pool().tenant_stats();
     sort(&mut stats, By::Load);
     let chosen: Vec<&TenantStats> = stats
         .iter()

@@ -1,4 +1,4 @@
-//! TLS towards the backend, with rustls and the aws-lc provider used everywhere in pgtenant.
+//! TLS towards the backend, with rustls and the provider `net::tls_provider` picks for pgtenant.
 //!
 //! `prefer` and `require` encrypt without checking the certificate (like libpq's
 //! `sslmode=require`); `verify-full` checks the chain against the Mozilla roots plus
@@ -13,10 +13,6 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use crate::config::BackendTls;
-
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
 
 /// Accepts any certificate but still checks that the server holds its key.
 #[derive(Debug)]
@@ -55,7 +51,7 @@ impl ServerCertVerifier for EncryptOnly {
 }
 
 pub fn client_config(mode: BackendTls, ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, String> {
-    let provider = provider();
+    let provider = crate::net::tls_provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;

@@ -5,34 +5,55 @@
 //! logged or echoed.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use crate::cancel::Registration;
+use crate::audit::AuditLog;
+use crate::cancel::{CancelRegistry, Registration};
 use crate::error::{sqlstate, PgError};
 use crate::jwt::JwtError;
 use crate::net::Stream;
+use crate::pool::Pool;
 use crate::protocol::frame::read_frame;
 use crate::protocol::{build, peek};
-use crate::server::Proxy;
-use crate::session::settings::ClientSettings;
-use crate::session::ClientView;
-
-use super::{greeting, params};
 use crate::tenant::{ContextError, TenantContext};
 
-/// A logged-in client, ready for its session.
+use super::params::ClientParams;
+use super::rules::{Auth, AuthSlot};
+use super::{greeting, params};
+
+/// What a login needs from the proxy, and nothing more.
+pub struct LoginInputs<'a> {
+    /// The login rules in force; read at each step that needs them, so a reload reaches logins
+    /// still waiting for their password.
+    pub rules: &'a AuthSlot,
+    /// The tenant pool (its backend database is the one clients must name).
+    pub pool: &'a Pool,
+    /// The bypass pool, when `[bypass]` runs one.
+    pub bypass: Option<&'a Pool>,
+    /// `pool.mode = "session"`: the login leases the backend the client keeps.
+    pub session_mode: bool,
+    pub cancels: &'a Arc<CancelRegistry>,
+    pub audit: &'a AuditLog,
+}
+
+/// A logged-in client, ready for its session (the server builds the session's own types from it).
 pub struct LoggedIn {
     pub stream: Stream,
     /// Bytes the client sent after its password (pipelined first queries).
     pub leftover: BytesMut,
     pub context: TenantContext,
-    pub settings: ClientSettings,
+    /// The names of the settings the context sets (`context.values` are their values).
+    pub setting_names: Vec<String>,
+    /// The client's startup parameters, to apply in each of its transactions.
+    pub params: ClientParams,
+    /// The ParameterStatus values the client was told (what it believes its settings are).
+    pub reported: Vec<(String, String)>,
     pub cancel: Registration,
     pub user: String,
-    pub view: ClientView,
-    pub guard: std::sync::Arc<crate::guard::Guard>,
+    pub guard: Arc<crate::guard::Guard>,
     /// A trusted worker for the bypass pool.
     pub bypass: bool,
     /// Session mode: the backend the client keeps (its pid is the one in BackendKeyData).
@@ -43,7 +64,7 @@ pub struct LoggedIn {
 const MAX_PASSWORD_MESSAGE: usize = 32 * 1024;
 
 pub async fn login(
-    proxy: &Proxy,
+    inputs: &LoginInputs<'_>,
     mut stream: Stream,
     params: &HashMap<String, String>,
     peer: std::net::SocketAddr,
@@ -61,13 +82,13 @@ pub async fn login(
         }
     };
     if let Some(options) = params.get("options") {
-        if let Err(e) = proxy.auth().guard.check_startup_options(options) {
+        if let Err(e) = inputs.rules.get().guard.check_startup_options(options) {
             tracing::info!(user = %user, result = "refused", reason = %e.message, "login");
             return Err((stream, PgError { severity: crate::error::Severity::Fatal, ..e }));
         }
     }
     let database = params.get("database").filter(|d| !d.is_empty()).unwrap_or(&user);
-    let served = &proxy.shared.pool.target().database;
+    let served = &inputs.pool.target().database;
     if database != served {
         return Err((
             stream,
@@ -102,22 +123,22 @@ pub async fn login(
         Err(e) => return Err((stream, PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgtenant: {e}")))),
     };
 
-    let auth = proxy.auth();
+    let auth = inputs.rules.get();
     let (names, context, bypass) = match identify(&auth, &token).await {
         Ok(c) => c,
         Err(e) => {
             tracing::info!(user = %user, result = "rejected", reason = %e.message, "login");
-            metrics::counter!(crate::admin::names::LOGINS, "result" => "rejected", "sqlstate" => e.code).increment(1);
+            metrics::counter!(crate::metrics::LOGINS, "result" => "rejected", "sqlstate" => e.code).increment(1);
             return Err((stream, e));
         }
     };
     drop(token);
-    let pool = match (&proxy.shared.bypass, bypass) {
+    let pool = match (inputs.bypass, bypass) {
         (Some(b), true) => b,
         (None, true) => {
             return Err((stream, PgError::fatal(sqlstate::CANNOT_CONNECT_NOW, "pgtenant: the bypass pool is not running")))
         }
-        (_, false) => &proxy.shared.pool,
+        (_, false) => inputs.pool,
     };
 
     let info = match pool.server_info().await {
@@ -142,15 +163,15 @@ pub async fn login(
         Ok(p) => p,
         Err(e) => return Err((stream, e)),
     };
-    let tenant: crate::pool::TenantKey = std::sync::Arc::from(context.tenant.as_str());
-    let greeting = match greeting::greet(pool, &info, pairs, proxy.shared.session_mode, &tenant).await {
+    let tenant: crate::pool::TenantKey = Arc::from(context.tenant.as_str());
+    let greeting = match greeting::greet(pool, &info, pairs, inputs.session_mode, &tenant).await {
         Ok(g) => g,
         Err(e) => return Err((stream, e)),
     };
     let backend = greeting.lease.as_ref().map(|l| (l.backend.pid, l.backend.secret_key));
-    let cancel = proxy.cancels.register(bypass.then(|| pool.target().clone()), backend);
+    let cancel = inputs.cancels.register(bypass.then(|| pool.target().clone()), backend);
     // a trusted worker's login is on record before it gets in, or it does not get in
-    let recorded = proxy.shared.audit.record(
+    let recorded = inputs.audit.record(
         "login",
         serde_json::json!({
             "result": "ok",
@@ -173,7 +194,7 @@ pub async fn login(
         ));
     }
     if bypass {
-        metrics::counter!(crate::admin::names::BYPASS_LOGINS).increment(1);
+        metrics::counter!(crate::metrics::BYPASS_LOGINS).increment(1);
         tracing::warn!(user = %user, sub = context.subject.as_deref().unwrap_or(""), %peer, "bypass login (row-level security not applied)");
     }
     let mut out = BytesMut::new();
@@ -187,16 +208,25 @@ pub async fn login(
         return Err((stream, PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string())));
     }
     tracing::info!(user = %user, tenant = %context.tenant.replace('\0', ""), sub = context.subject.as_deref().unwrap_or(""), result = "ok", "login");
-    metrics::counter!(crate::admin::names::LOGINS, "result" => "ok", "sqlstate" => "00000").increment(1);
-    let view = ClientView::new(&greeting.reported);
-    let settings = ClientSettings::new(names, context.values.clone(), greeting.params);
-    let lease = greeting.lease;
-    Ok(LoggedIn { stream, leftover: buf, context, settings, cancel, user, view, guard: auth.guard.clone(), bypass, lease })
+    metrics::counter!(crate::metrics::LOGINS, "result" => "ok", "sqlstate" => "00000").increment(1);
+    Ok(LoggedIn {
+        stream,
+        leftover: buf,
+        context,
+        setting_names: names,
+        params: greeting.params,
+        reported: greeting.reported,
+        cancel,
+        user,
+        guard: auth.guard.clone(),
+        bypass,
+        lease: greeting.lease,
+    })
 }
 
 /// Who the token speaks for: the setting names and context of the session, and whether it is a
 /// trusted worker for the bypass pool (see `bypass`).
-async fn identify(auth: &crate::server::Auth, token: &str) -> Result<(Vec<String>, TenantContext, bool), PgError> {
+async fn identify(auth: &Auth, token: &str) -> Result<(Vec<String>, TenantContext, bool), PgError> {
     if token.is_empty() {
         return Err(PgError::fatal(sqlstate::INVALID_PASSWORD, "pgtenant: no token given as the password")
             .with_hint("pass a JWT as the password, e.g. PGPASSWORD=<jwt>"));
@@ -211,7 +241,7 @@ async fn identify(auth: &crate::server::Auth, token: &str) -> Result<(Vec<String
     Ok((auth.mapping.setting_names().to_vec(), context, false))
 }
 
-async fn verify(auth: &crate::server::Auth, token: &str) -> Result<TenantContext, PgError> {
+async fn verify(auth: &Auth, token: &str) -> Result<TenantContext, PgError> {
     let claims = auth.verifier.verify_fresh(token).await.map_err(|e| {
         let err = PgError::fatal(sqlstate::INVALID_PASSWORD, format!("pgtenant: JWT rejected: {e}"));
         match e {

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 
 use crate::error::{sqlstate, PgError};
 use crate::guard::Guard;
+use crate::protocol::options::option_pairs;
 
 /// Startup keys that are not settings.
 const NOT_SETTINGS: [&str; 4] = ["user", "database", "options", "replication"];
@@ -15,26 +16,6 @@ const NOT_SETTINGS: [&str; 4] = ["user", "database", "options", "replication"];
 pub struct ClientParams {
     pub names: Vec<String>,
     pub values: Vec<String>,
-}
-
-/// `-c name=value` and `--name=value` pairs of the `options` startup parameter (dashes in names
-/// read as underscores, as Postgres does).
-pub fn option_pairs(options: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    let mut words = options.split_whitespace();
-    while let Some(w) = words.next() {
-        let kv = if w == "-c" {
-            words.next().unwrap_or("")
-        } else if let Some(rest) = w.strip_prefix("-c").or_else(|| w.strip_prefix("--")) {
-            rest
-        } else {
-            continue;
-        };
-        if let Some((k, v)) = kv.split_once('=') {
-            out.push((k.replace('-', "_"), v.to_string()));
-        }
-    }
-    out
 }
 
 /// The parameters the client asks for, in the order Postgres applies them: the `options` switches

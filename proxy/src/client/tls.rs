@@ -17,7 +17,7 @@ pub fn load_acceptor(cert: &Path, key: &Path) -> Result<tokio_rustls::TlsAccepto
     let private = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(|e| format!("server TLS: {}: {e}", key.display()))?
         .ok_or_else(|| format!("server TLS: {} holds no PEM private key", key.display()))?;
-    let config = rustls::ServerConfig::builder_with_provider(crate::backend::tls::provider())
+    let config = rustls::ServerConfig::builder_with_provider(crate::net::tls_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_no_client_auth()

@@ -17,7 +17,7 @@
 //! "Shared-role interference", for what is refused, what is left to privileges and what is inherent.
 
 use crate::error::{sqlstate, PgError};
-use crate::guard::literal::ident_value;
+use crate::sql::literal::ident_value;
 use crate::sql::lexer::{Kind, Token};
 
 /// Functions that signal another backend.

@@ -8,8 +8,9 @@
 //!   `tenant.protected_settings`), including `SET ROLE` and
 //!   `SET SESSION AUTHORIZATION`, however the name is quoted or cased;
 //! - `set_config(...)` whose name is a protected setting in any literal spelling (`E''`, `U&''`,
-//!   dollar quotes), and any `set_config` whose name is not a plain string literal (a bind
-//!   parameter, an expression, a cast, named-argument notation);
+//!   dollar quotes), and any `set_config` whose name is not a plain string literal (an expression,
+//!   a cast, named-argument notation, a bind parameter except in the forms decided at Bind (read
+//!   by `crate::sql::set_config`): `select set_config($1, $2, false)` sent in a Parse);
 //! - `UPDATE pg_settings`;
 //! - `SET`/`RESET` clauses of protected settings in `ALTER …` and `CREATE …` (e.g. a function with
 //!   `SET app.tenant_id = …`), and function bodies that would do any of the above;
@@ -19,15 +20,23 @@
 //! Reading settings (`current_setting`, `SHOW`) stays allowed.
 
 pub mod interference;
-pub mod literal;
+
+/// Moved to `crate::sql::set_config` (reading a call is SQL, not policy); this path stays until
+/// every caller uses that one.
+pub use crate::sql::set_config as bind;
+/// Moved to `crate::sql::literal`; this path stays until every caller uses that one.
+pub use crate::sql::literal;
 
 use std::collections::HashSet;
 
 use crate::config::TenantConfig;
 use crate::error::{sqlstate, PgError};
+use crate::protocol::peek::BindParams;
 use crate::sql::lexer::{Kind, Token};
+use crate::sql::literal::{ident_value, string_value};
+use crate::sql::set::Change;
+use crate::sql::set_config::{self, Arg, SetConfigCall};
 use crate::sql::split;
-use literal::{ident_value, string_value};
 
 pub mod lexing;
 
@@ -98,7 +107,7 @@ impl Guard {
     /// Checks the startup packet's `options` (`-c name=value`, `--name=value`): protected settings
     /// may not be set there either.
     pub fn check_startup_options(&self, options: &str) -> Result<(), PgError> {
-        for (name, value) in crate::client::params::option_pairs(options) {
+        for (name, value) in crate::protocol::options::option_pairs(options) {
             self.check_startup_setting(&name, &value)?;
         }
         Ok(())
@@ -106,25 +115,101 @@ impl Guard {
 
     /// Checks one startup parameter or `options` pair.
     pub fn check_startup_setting(&self, name: &str, value: &str) -> Result<(), PgError> {
+        self.check_setting(name, Some(value))
+    }
+
+    /// The one rule for changing a setting to a value, wherever both are known (startup packet,
+    /// literal `set_config`, `set_config` decided at Bind): a protected setting is refused, and so
+    /// is a value that would change how the server reads SQL (see [`lexing`]). `value` is None
+    /// when it cannot be read.
+    pub fn check_setting(&self, name: &str, value: Option<&str>) -> Result<(), PgError> {
         if self.is_protected(name) {
             return Err(protected_error(name));
         }
-        lexing::check(name, Some(value))
+        lexing::check(name, value)
     }
 
     /// Checks a query string (one or more statements).
     pub fn check(&self, sql: &[u8], pos: Position) -> Result<(), PgError> {
-        self.check_text(sql, pos, 0)
+        self.check_text(sql, pos, 0, None)
     }
 
-    fn check_text(&self, sql: &[u8], pos: Position, depth: u32) -> Result<(), PgError> {
-        let statements = split(sql);
+    /// Checks the statement of a Parse, whose parameter types are `types`. Like [`Guard::check`],
+    /// except that a `set_config` whose name or value is a bind parameter in one of the forms
+    /// `set_config` reads is not refused: it is returned, to be decided at each Bind with
+    /// [`Guard::check_bound`]. So are calls whose `is_local` is a parameter (pgtenant keeps
+    /// session-level settings for the client).
+    pub fn check_parse(&self, sql: &[u8], types: &[u32], pos: Position) -> Result<Vec<SetConfigCall>, PgError> {
+        let mut deferred = Deferred { types, calls: Vec::new() };
+        self.check_text(sql, pos, 0, Some(&mut deferred))?;
+        Ok(deferred.calls)
+    }
+
+    /// Decides the calls [`Guard::check_parse`] deferred, with the values of a Bind: the same
+    /// errors as for literals. Returns the session-level settings they make (calls that are the
+    /// whole statement, with `is_local` false), for pgtenant to keep if the statement runs cleanly.
+    pub fn check_bound(&self, calls: &[SetConfigCall], params: &BindParams<'_>) -> Result<Vec<Change>, PgError> {
+        let mut changes = Vec::new();
+        for call in calls {
+            let name = match &call.name {
+                Arg::Text(name) => name.clone(),
+                Arg::Param(n, _) => match bound_text(params, *n)? {
+                    Some(name) => name,
+                    None => continue, // the server raises 22004 and changes nothing
+                },
+                _ => return Err(not_literal_error()), // never deferred
+            };
+            // NULL resets the setting to its default, like SET … TO DEFAULT
+            let value = match &call.value {
+                Arg::Text(v) => Some(v.clone()),
+                Arg::Null => None,
+                Arg::Param(n, _) => bound_text(params, *n)?,
+                _ => {
+                    self.check_setting(&name, None)?;
+                    continue;
+                }
+            };
+            self.check_setting(&name, Some(value.as_deref().unwrap_or("DEFAULT")))?;
+            let is_local = match &call.is_local {
+                Arg::Bool(b) => Some(*b),
+                Arg::Text(s) => set_config::parse_bool(s),
+                Arg::Null => Some(false), // set_config reads a NULL is_local as false
+                Arg::Param(n, _) => bound_bool(params, *n)?,
+                Arg::Other => None,
+            };
+            if call.whole && is_local == Some(false) && !set_config::is_transaction_scoped(&name) {
+                changes.push(match value {
+                    Some(v) => Change::Set(name, v),
+                    None => Change::Reset(name),
+                });
+            }
+        }
+        Ok(changes)
+    }
+
+    /// [`Guard::check`] of a query string already split into statements (`crate::sql::analyze`).
+    pub fn check_statements(&self, statements: &[Vec<Token<'_>>], pos: Position) -> Result<(), PgError> {
+        self.check_split(statements, pos, 0, None)
+    }
+
+    /// [`Guard::check_parse`] of a statement already split (`crate::sql::analyze`).
+    pub fn check_parse_statements(&self, statements: &[Vec<Token<'_>>], types: &[u32], pos: Position) -> Result<Vec<SetConfigCall>, PgError> {
+        let mut deferred = Deferred { types, calls: Vec::new() };
+        self.check_split(statements, pos, 0, Some(&mut deferred))?;
+        Ok(deferred.calls)
+    }
+
+    fn check_text(&self, sql: &[u8], pos: Position, depth: u32, deferred: Option<&mut Deferred<'_>>) -> Result<(), PgError> {
+        self.check_split(&split(sql), pos, depth, deferred)
+    }
+
+    fn check_split(&self, statements: &[Vec<Token<'_>>], pos: Position, depth: u32, mut deferred: Option<&mut Deferred<'_>>) -> Result<(), PgError> {
         let last = statements.len().saturating_sub(1);
         for (i, toks) in statements.iter().enumerate() {
             if toks.iter().any(|t| t.kind == Kind::Unterminated) {
                 continue; // the server rejects it with a syntax error; nothing runs
             }
-            self.check_statement(toks, depth)?;
+            self.check_statement(toks, depth, deferred.as_deref_mut())?;
             let is_reset_all = toks.first().is_some_and(|t| t.is_word("reset")) && toks.get(1).is_some_and(|t| t.is_word("all"));
             if is_reset_all && (i != last || pos.in_block) {
                 return Err(refused(
@@ -136,7 +221,7 @@ impl Guard {
         Ok(())
     }
 
-    fn check_statement(&self, toks: &[Token<'_>], depth: u32) -> Result<(), PgError> {
+    fn check_statement(&self, toks: &[Token<'_>], depth: u32, deferred: Option<&mut Deferred<'_>>) -> Result<(), PgError> {
         if toks.is_empty() {
             return Ok(());
         }
@@ -182,7 +267,9 @@ impl Guard {
             }
             _ => {}
         }
-        self.check_set_config(toks)?;
+        // bind parameters of a Parse: only in a SELECT of its own (see `sql::set_config`)
+        let deferred = deferred.filter(|_| depth == 0 && word(0).as_deref() == Some("select"));
+        self.check_set_config(toks, deferred)?;
         interference::check(toks)?;
         // bodies of functions, procedures and (allowed) DO blocks are SQL or PL/pgSQL: check them too
         if depth < MAX_DEPTH && matches!(word(0).as_deref(), Some("create") | Some("do")) {
@@ -212,7 +299,7 @@ impl Guard {
                 ))
                 .with_hint("end transactions from the client instead"));
             }
-            self.check_statement(&toks, depth)?;
+            self.check_statement(&toks, depth, None)?;
         }
         Ok(())
     }
@@ -268,7 +355,7 @@ impl Guard {
         Some((name, j))
     }
 
-    fn check_set_config(&self, toks: &[Token<'_>]) -> Result<(), PgError> {
+    fn check_set_config(&self, toks: &[Token<'_>], mut deferred: Option<&mut Deferred<'_>>) -> Result<(), PgError> {
         for (i, t) in toks.iter().enumerate() {
             if !matches!(t.kind, Kind::Word | Kind::QuotedIdent) || ident_value(t).as_deref() != Some("set_config") {
                 continue;
@@ -279,24 +366,69 @@ impl Guard {
                 return Err(refused("a reference to set_config other than a direct call is not allowed".into())
                     .with_hint("call set_config('name', value, is_local) directly with the name as a literal"));
             }
-            let arg = toks.get(i + 2);
-            let literal = arg.and_then(string_value).filter(|_| is_op(toks.get(i + 3), b","));
-            match literal {
-                Some(name) if self.is_protected(&name) => return Err(protected_error(&name)),
-                Some(name) if lexing::is_lexer_setting(&name) => {
-                    let value = toks.get(i + 4).filter(|_| is_op(toks.get(i + 5), b",")).and_then(string_value);
-                    lexing::check(&name, value.as_deref())?;
-                }
-                Some(_) => {}
-                None => {
-                    return Err(refused(
-                        "set_config with a setting name that is not a string literal is not allowed".into(),
-                    )
-                    .with_hint("write the setting name as a literal, e.g. set_config('app.theme', $1, true)"))
+            let mut call = set_config::read_call(toks, i);
+            match deferred.as_deref() {
+                Some(d) => set_config::settle_params(&mut call, toks, d.types),
+                None => set_config::no_params(&mut call),
+            }
+            match (&call.name, &call.value) {
+                (Arg::Text(name), _) if self.is_protected(name) => return Err(protected_error(name)),
+                (Arg::Text(_), Arg::Param(..)) | (Arg::Param(..), _) => {} // decided at Bind
+                (Arg::Text(name), Arg::Text(value)) => self.check_setting(name, Some(value))?,
+                // NULL resets the setting to its default, like SET … TO DEFAULT
+                (Arg::Text(name), Arg::Null) => self.check_setting(name, Some("DEFAULT"))?,
+                (Arg::Text(name), _) => self.check_setting(name, None)?,
+                _ => return Err(not_literal_error()),
+            }
+            if call.has_params() {
+                if let Some(d) = deferred.as_deref_mut() {
+                    d.calls.push(call);
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// The calls of a Parse left for Bind, and the parameter types it declared.
+struct Deferred<'a> {
+    types: &'a [u32],
+    calls: Vec<SetConfigCall>,
+}
+
+fn not_literal_error() -> PgError {
+    refused("set_config with a setting name that is not a string literal is not allowed".into())
+        .with_hint("write the setting name as a literal, e.g. set_config('app.theme', $1, true), or pass it as a bind parameter: set_config($1, $2, false)")
+}
+
+/// A Bind whose parameters cannot be read (the server would reject it too).
+pub fn malformed_bind() -> PgError {
+    PgError::error(sqlstate::PROTOCOL_VIOLATION, "pgtenant: malformed Bind message: the set_config parameters cannot be read")
+}
+
+/// A text parameter as the server reads it: the bytes as sent, in text format and in binary
+/// (`text` and `varchar` travel as their bytes either way), up to a NUL (which the server rejects
+/// anyway). None for NULL.
+fn bound_text(params: &BindParams<'_>, n: u32) -> Result<Option<String>, PgError> {
+    match params.get(n as usize) {
+        Some((0 | 1, None)) => Ok(None),
+        Some((0 | 1, Some(bytes))) => {
+            let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+            Ok(Some(String::from_utf8_lossy(&bytes[..end]).into_owned()))
+        }
+        _ => Err(malformed_bind()),
+    }
+}
+
+/// A boolean parameter: text (`boolin`) or binary (one byte, nonzero is true); NULL is false for
+/// set_config; None when it cannot be read (the server then rejects the Bind).
+fn bound_bool(params: &BindParams<'_>, n: u32) -> Result<Option<bool>, PgError> {
+    match params.get(n as usize) {
+        Some((_, None)) => Ok(Some(false)),
+        Some((0, Some(bytes))) => Ok(std::str::from_utf8(bytes).ok().and_then(set_config::parse_bool)),
+        Some((1, Some([b]))) => Ok(Some(*b != 0)),
+        Some(_) => Ok(None),
+        None => Err(malformed_bind()),
     }
 }
 
@@ -374,6 +506,7 @@ mod tests {
             "select \"set_config\"(U&'app\\002etenant_id', '2', true)",
             "select U&\"\\0073et_config\"($$app.tenant_id$$, '2', true)",
             "select set_config($1, $2, true)",
+            "select set_config('client_encoding', $1, false)",
             "select set_config('app.' || 'tenant_id', '2', true)",
             "select set_config('app.tenant_id'::text, '2', true)",
             "select set_config(setting_name => 'app.tenant_id', new_value => '2', is_local => true)",
@@ -459,6 +592,141 @@ mod tests {
             "CREATE TEMP VIEW v AS SELECT 'commit' AS word, 'reset all' AS other",
         ] {
             assert!(g.check(sql.as_bytes(), IDLE).is_ok(), "refused: {sql}");
+        }
+    }
+
+    fn parse(sql: &str, types: &[u32]) -> Result<Vec<SetConfigCall>, PgError> {
+        guard().check_parse(sql.as_bytes(), types, IDLE)
+    }
+
+    #[test]
+    fn bind_parameters_of_a_parse_wait_for_bind() {
+        for sql in [
+            "select set_config($1, $2, false)",
+            "SELECT pg_catalog.set_config($1::varchar, $2::VARCHAR, $3::boolean)",
+            "select set_config($2, $1, true)",
+            "select set_config('client_encoding', $1, false)",
+            "select set_config('application_name', $1, false)",
+            "select set_config('work_mem', '1MB', $1)",
+            "select set_config($1, lower('X'), false)",
+            "select set_config($1, $2, false) from orders",
+            "select 1, set_config($1, 'v', true)",
+        ] {
+            let calls = parse(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+            assert_eq!(calls.len(), 1, "{sql}");
+        }
+        assert_eq!(parse("select set_config($1, $2, $3)", &[25, 1043, 16]).unwrap().len(), 1);
+        assert_eq!(parse("select set_config('app.theme', 'dark', false)", &[]).unwrap(), []);
+        // the simple protocol has no parameters: refused as before
+        assert!(guard().check(b"select set_config($1, $2, false)", IDLE).is_err());
+        for (sql, types) in [
+            ("select set_config($1 || '', '2', true)", &[][..]),
+            ("select set_config(lower($1), '2', true)", &[]),
+            ("select set_config(($1), '2', true)", &[]),
+            ("select set_config((select $1), '2', true)", &[]),
+            ("select set_config($1::name, '2', true)", &[]),
+            ("select set_config($1::text, '2', true)", &[]),
+            ("select set_config('client_encoding', $1::text, true)", &[]),
+            ("select set_config($1::varchar(13), '2', true)", &[]),
+            ("select set_config(CAST($1 AS text), '2', true)", &[]),
+            ("select set_config(setting_name => $1, new_value => '2', is_local => true)", &[]),
+            ("select set_config($1, $2, false)", &[1042]),
+            ("select set_config($1, $2, false)", &[19]),
+            ("select $1::bpchar, set_config($1, '2', false)", &[]),
+            ("select set_config($1, $1, false)", &[]),
+            ("select set_config('app.tenant_id', $1, false)", &[]),
+            ("select set_config('client_encoding', $1, false)", &[17]),
+            ("select set_config('client_encoding', $1 || '', false)", &[]),
+            ("explain select set_config($1, '2', true)", &[]),
+            ("with x as (select 1) select set_config($1, '2', true)", &[]),
+            ("PREPARE p(text) AS select set_config($1, '2', false)", &[]),
+            ("CREATE FUNCTION pg_temp.f(text) RETURNS text LANGUAGE sql RETURN set_config($1, '2', false)", &[]),
+            ("CREATE FUNCTION pg_temp.f(text) RETURNS text LANGUAGE sql BEGIN ATOMIC select set_config($1, '2', false); END", &[]),
+            ("CREATE FUNCTION pg_temp.f(text) RETURNS void LANGUAGE plpgsql AS $f$ BEGIN PERFORM set_config($1, '2', false); END $f$", &[]),
+            ("CREATE FUNCTION pg_temp.f(text) RETURNS text LANGUAGE sql AS 'select set_config($1, ''2'', false)'", &[]),
+        ] {
+            let r = parse(sql, types);
+            assert!(r.is_err(), "not refused at Parse: {sql} {types:?}");
+            assert_eq!(r.unwrap_err().code, "42501");
+        }
+    }
+
+    /// A Bind message body (portal "", statement "") with these format codes and values.
+    fn bind_body(formats: &[i16], values: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut b = vec![0, 0];
+        b.extend_from_slice(&(formats.len() as i16).to_be_bytes());
+        for f in formats {
+            b.extend_from_slice(&f.to_be_bytes());
+        }
+        b.extend_from_slice(&(values.len() as i16).to_be_bytes());
+        for v in values {
+            match v {
+                Some(v) => {
+                    b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    b.extend_from_slice(v);
+                }
+                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        b.extend_from_slice(&0i16.to_be_bytes());
+        b
+    }
+
+    fn bound(sql: &str, formats: &[i16], values: &[Option<&[u8]>]) -> Result<Vec<Change>, PgError> {
+        let calls = parse(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+        let body = bind_body(formats, values);
+        let params = crate::protocol::peek::bind_params(&body).expect("well-formed");
+        guard().check_bound(&calls, &params)
+    }
+
+    #[test]
+    fn bind_values_follow_the_literal_rules() {
+        let set = |n: &str, v: &str| Change::Set(n.into(), v.into());
+        let sc = "select set_config($1, $2, false)";
+        assert_eq!(bound(sc, &[], &[Some(b"application_name"), Some(b"x")]).unwrap(), [set("application_name", "x")]);
+        assert_eq!(bound(sc, &[1], &[Some(b"application_name"), Some(b"bin")]).unwrap(), [set("application_name", "bin")]);
+        assert_eq!(bound(sc, &[0, 1], &[Some(b"client_encoding"), Some(b"UTF8")]).unwrap(), [set("client_encoding", "UTF8")]);
+        assert_eq!(bound(sc, &[], &[Some(b"work_mem"), None]).unwrap(), [Change::Reset("work_mem".into())]);
+        assert_eq!(bound(sc, &[], &[Some(b"standard_conforming_strings"), None]).unwrap(), [Change::Reset("standard_conforming_strings".into())]);
+        // NULL name: the server raises 22004 and sets nothing
+        assert_eq!(bound(sc, &[], &[None, Some(b"2")]).unwrap(), []);
+        for (name, value) in [
+            (&b"app.tenant_id"[..], &b"2"[..]),
+            (b"APP.Tenant_Id", b"2"),
+            (b"request.jwt.claims", b"{}"),
+            (b"role", b"postgres"),
+            (b"app.tenant_id\0junk", b"2"),
+            (b"standard_conforming_strings", b"off"),
+            (b"client_encoding", b"SJIS"),
+            (b"Client_Encoding", b"shift-jis"),
+        ] {
+            for formats in [&[][..], &[1], &[1, 0]] {
+                let e = bound(sc, formats, &[Some(name), Some(value)]).unwrap_err();
+                assert_eq!(e.code, "42501", "{name:?} {value:?}");
+            }
+        }
+        let e = bound(sc, &[], &[Some(b"APP.TENANT_ID"), Some(b"2")]).unwrap_err();
+        assert!(e.message.contains("changing setting \"APP.TENANT_ID\" is not allowed"), "{}", e.message);
+        let e = bound(sc, &[], &[Some(b"standard_conforming_strings"), Some(b"off")]).unwrap_err();
+        assert!(e.message.starts_with("pgtenant: setting standard_conforming_strings to 'off' is not allowed"), "{}", e.message);
+        // a literal name with a bound value; a value that is not a parameter for a bound name
+        assert!(bound("select set_config('client_encoding', $1, false)", &[], &[Some(b"BIG5")]).is_err());
+        assert!(bound("select set_config($1, lower('OFF'), false)", &[], &[Some(b"standard_conforming_strings")]).is_err());
+        assert_eq!(bound("select set_config($1, lower('x'), false)", &[], &[Some(b"application_name")]).unwrap(), []);
+        // is_local as a parameter, text or binary; only session-level calls are kept
+        let sl = "select set_config($1, $2, $3)";
+        assert_eq!(bound(sl, &[], &[Some(b"work_mem"), Some(b"1MB"), Some(b"off")]).unwrap(), [set("work_mem", "1MB")]);
+        assert_eq!(bound(sl, &[], &[Some(b"work_mem"), Some(b"1MB"), Some(b" t")]).unwrap(), []);
+        assert_eq!(bound(sl, &[0, 0, 1], &[Some(b"work_mem"), Some(b"1MB"), Some(&[0])]).unwrap(), [set("work_mem", "1MB")]);
+        assert_eq!(bound(sl, &[0, 0, 1], &[Some(b"work_mem"), Some(b"1MB"), Some(&[1])]).unwrap(), []);
+        assert_eq!(bound(sl, &[], &[Some(b"work_mem"), Some(b"1MB"), None]).unwrap(), [set("work_mem", "1MB")]);
+        assert_eq!(bound(sl, &[], &[Some(b"work_mem"), Some(b"1MB"), Some(b"maybe")]).unwrap(), []);
+        // not the whole statement, or a setting that lasts one transaction anyway: not kept
+        assert_eq!(bound("select set_config($1, $2, false) from orders", &[], &[Some(b"work_mem"), Some(b"1MB")]).unwrap(), []);
+        assert_eq!(bound(sc, &[], &[Some(b"transaction_isolation"), Some(b"serializable")]).unwrap(), []);
+        // parameters missing, format codes that do not fit or are unknown: refused
+        for (formats, values) in [(&[][..], &[Some(&b"work_mem"[..])][..]), (&[0, 0, 0], &[Some(b"a"), Some(b"b")]), (&[2], &[Some(b"a"), Some(b"b")])] {
+            assert_eq!(bound(sc, formats, values).unwrap_err().code, "08P01");
         }
     }
 

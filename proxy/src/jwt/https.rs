@@ -69,7 +69,7 @@ pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, S
             return Err(format!("jwt.jwks_ca_file {}: no PEM certificate found", path.display()));
         }
     }
-    let config = rustls::ClientConfig::builder_with_provider(crate::backend::tls::provider())
+    let config = rustls::ClientConfig::builder_with_provider(crate::net::tls_provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_root_certificates(roots)

@@ -116,7 +116,7 @@ impl RemoteKeys {
             Err(e) => Err(e),
         };
         let label = if result.is_ok() { "ok" } else { "error" };
-        metrics::counter!(crate::admin::names::JWKS_FETCHES, "result" => label).increment(1);
+        metrics::counter!(crate::metrics::JWKS_FETCHES, "result" => label).increment(1);
         match result {
             Ok(keys) => {
                 let n = keys.len();

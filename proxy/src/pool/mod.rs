@@ -14,13 +14,15 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, ReadBuf, ReadHalf, WriteHalf};
 
+pub mod conn;
 pub mod fair;
+pub mod prepared;
 pub mod probe;
+
+pub use conn::{Effects, PooledConn, RESET_QUERY};
 
 pub use fair::TenantKey;
 use fair::{Refusal, Slot, Slots};
@@ -28,114 +30,10 @@ use fair::{Refusal, Slot, Slots};
 use crate::backend::{self, BackendConn, BackendTarget, ConnectError};
 use crate::config::Config;
 use crate::error::{sqlstate, PgError};
-use crate::net::Stream;
-use crate::session::prepared::BackendStatements;
 
-
-/// One backend connection, split for full-duplex relaying.
-pub struct Backend {
-    pub rd: ReadHalf<Stream>,
-    pub wr: WriteHalf<Stream>,
-    pub pid: i32,
-    pub secret_key: i32,
-    created: Instant,
-    /// Which context statements (by number of settings, bit n) are prepared on this connection.
-    pub ctx_prepared: u128,
-    /// Client statements prepared on this connection, by content.
-    pub statements: BackendStatements,
-    /// The session that used this connection last.
-    pub owner: u64,
-    /// That session may have left session state behind (temp tables, held cursors, LISTEN,
-    /// advisory locks, sequence state): reset before another session uses the connection.
-    pub dirty: bool,
-    /// It may also have left SQL-level prepared statements: the reset deallocates everything.
-    pub full_reset: bool,
-    /// Relay buffers for this connection's traffic; a session borrows them while it holds the
-    /// lease, so idle clients hold no backend-sized buffers.
-    pub buf_in: bytes::BytesMut,
-    pub buf_out: bytes::BytesMut,
-    /// OIDs of the functions `tenant.allowed_function_calls` names, as resolved on this connection.
-    pub allowed_calls: std::collections::HashSet<u32>,
-    /// The `default_transaction_*` statement a session last ran here (see
-    /// `crate::sql::txmode::defaults_sql`); empty while the role's own defaults hold.
-    pub tx_defaults: String,
-    /// Which server process this is, as a signed context names it (`crate::signing`).
-    pub id: crate::signing::BackendId,
-    /// The ParameterStatus values this connection reported last, names as the server spells them.
-    /// The server reports a parameter only when its value differs from its last report, so this is
-    /// also the value of any parameter it did not report after a change.
-    pub reported: Vec<(String, String)>,
-}
-
-impl Backend {
-    fn from_conn(c: BackendConn, prepared_cache: usize, allowed_calls: std::collections::HashSet<u32>, started: String) -> Backend {
-        let id = crate::signing::BackendId { pid: c.pid, started };
-        let (rd, wr) = tokio::io::split(c.stream);
-        Backend {
-            rd,
-            wr,
-            pid: c.pid,
-            secret_key: c.secret_key,
-            created: c.created,
-            ctx_prepared: 0,
-            tx_defaults: String::new(),
-            id,
-            statements: BackendStatements::new(prepared_cache),
-            owner: 0,
-            dirty: false,
-            full_reset: false,
-            buf_in: bytes::BytesMut::new(),
-            buf_out: bytes::BytesMut::new(),
-            allowed_calls,
-            reported: c.params,
-        }
-    }
-
-    /// Records a ParameterStatus message (its body) this connection sent.
-    pub fn note_report(&mut self, body: &[u8]) {
-        let mut parts = body.split(|&b| b == 0);
-        let name = String::from_utf8_lossy(parts.next().unwrap_or_default());
-        let value = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
-        match self.reported.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(&name)) {
-            Some(e) => e.1 = value,
-            None => self.reported.push((name.into_owned(), value)),
-        }
-    }
-
-    /// What this connection last reported for `name` (any case).
-    pub fn reported(&self, name: &str) -> Option<&str> {
-        self.reported.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
-    }
-
-    /// The statement that clears what the previous session left on this connection, if it may have
-    /// left anything; the caller sends it before anything else. What it clears is forgotten here.
-    pub fn take_reset(&mut self) -> Option<String> {
-        if !self.dirty {
-            return None;
-        }
-        self.dirty = false;
-        self.tx_defaults.clear(); // RESET ALL
-        if self.full_reset {
-            self.full_reset = false;
-            self.statements.clear();
-            self.ctx_prepared = 0;
-            Some(format!("{}; DEALLOCATE ALL", crate::session::RESET_QUERY))
-        } else {
-            Some(crate::session::RESET_QUERY.to_string())
-        }
-    }
-
-    /// An idle backend sends nothing; readable data or EOF means the server closed it.
-    fn looks_closed(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        let mut byte = [0u8; 64];
-        let mut buf = ReadBuf::new(&mut byte);
-        !matches!(std::pin::Pin::new(&mut self.rd).poll_read(&mut cx, &mut buf), Poll::Pending)
-    }
-}
 
 struct Idle {
-    backend: Backend,
+    backend: PooledConn,
     since: Instant,
 }
 
@@ -149,6 +47,7 @@ pub struct ServerInfo {
 }
 
 pub struct Pool {
+    connector: Arc<dyn Connector>,
     target: BackendTarget,
     size: AtomicUsize,
     slots: Arc<Slots>,
@@ -171,7 +70,7 @@ pub struct Pool {
 
 /// A leased backend. Give it back with [`Pool::release`]; dropping it closes the connection.
 pub struct Lease {
-    pub backend: Backend,
+    pub backend: PooledConn,
     slot: Slot,
 }
 
@@ -179,6 +78,27 @@ pub struct Lease {
 /// change the tenant context or act on other tenants' sessions through the shared role.
 const NEVER_CALLABLE: [&str; 6] =
     ["set_config", "pg_cancel_backend", "pg_terminate_backend", "pg_stat_get_activity", "pg_stat_get_backend_activity", "pg_stat_statements"];
+
+/// How the pool opens backend connections: over the network to `backend.url` in production; a
+/// unit test plugs in a scripted server (the session's test seam).
+pub trait Connector: Send + Sync {
+    fn connect<'a>(
+        &'a self,
+        target: &'a BackendTarget,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BackendConn, ConnectError>> + Send + 'a>>;
+}
+
+/// Connects to the configured server (TCP or Unix socket, TLS as configured).
+pub struct Network;
+
+impl Connector for Network {
+    fn connect<'a>(
+        &'a self,
+        target: &'a BackendTarget,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BackendConn, ConnectError>> + Send + 'a>> {
+        Box::pin(backend::connect(target))
+    }
+}
 
 /// Turns a connection failure into the error a client sees.
 pub fn connect_error(e: &ConnectError) -> PgError {
@@ -194,8 +114,20 @@ impl Pool {
 
     /// A pool of `size` connections to `target` (the bypass pool has its own size, no limits).
     pub fn sized(config: &Config, target: BackendTarget, size: usize, limits: Arc<crate::config::LimitsConfig>) -> Arc<Pool> {
+        Self::with_connector(config, target, size, limits, Arc::new(Network))
+    }
+
+    /// [`Pool::sized`] with its connections opened by `connector`.
+    pub fn with_connector(
+        config: &Config,
+        target: BackendTarget,
+        size: usize,
+        limits: Arc<crate::config::LimitsConfig>,
+        connector: Arc<dyn Connector>,
+    ) -> Arc<Pool> {
         let cfg = &config.backend;
         Arc::new(Pool {
+            connector,
             target,
             size: AtomicUsize::new(size),
             slots: Slots::new(size, limits),
@@ -299,7 +231,7 @@ impl Pool {
             .next()
             .and_then(|r| r.into_iter().next().flatten())
             .unwrap_or_default();
-        Ok(Lease { backend: Backend::from_conn(conn, self.prepared_cache, calls, started), slot: permit })
+        Ok(Lease { backend: PooledConn::from_conn(conn, self.prepared_cache, calls, started), slot: permit })
     }
 
     /// The error a transaction gets when it found no slot, naming the limit that held it back.
@@ -339,7 +271,7 @@ impl Pool {
     }
 
     async fn connect(&self) -> Result<BackendConn, ConnectError> {
-        let result = backend::connect(&self.target).await;
+        let result = self.connector.connect(&self.target).await;
         let ok = result.is_ok();
         self.healthy.store(ok, Ordering::Relaxed);
         metrics::counter!(crate::admin::names::BACKEND_CONNECTS, "result" => if ok { "ok" } else { "error" }).increment(1);

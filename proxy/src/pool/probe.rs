@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use super::Backend;
+use super::PooledConn as Backend;
 use crate::error::{PgError, Severity};
 use crate::protocol::build;
 use crate::protocol::frame::read_frame;

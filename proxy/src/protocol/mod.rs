@@ -4,4 +4,6 @@
 
 pub mod build;
 pub mod frame;
+pub mod options;
 pub mod peek;
+pub mod tags;

@@ -27,6 +27,65 @@ pub fn bind_msg(body: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((portal, stmt))
 }
 
+/// Parse ('P'): the parameter types (OIDs) the client declared; 0 means unspecified.
+pub fn parse_param_types(body: &[u8]) -> Option<Vec<u32>> {
+    let (_, rest) = cstr(body)?;
+    let (_, rest) = cstr(rest)?;
+    let n = usize::try_from(i16::from_be_bytes(rest.get(..2)?.try_into().ok()?)).ok()?;
+    let oids = rest.get(2..2 + 4 * n)?;
+    Some(oids.chunks_exact(4).map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes"))).collect())
+}
+
+/// The parameters of a Bind message: format codes and values (None for NULL), as sent.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BindParams<'a> {
+    formats: Vec<i16>,
+    values: Vec<Option<&'a [u8]>>,
+}
+
+impl<'a> BindParams<'a> {
+    /// Parameter `n` (1-based) with its format code, by the protocol's rule: no codes means all
+    /// text, one code applies to every parameter, otherwise one code per parameter. None when the
+    /// message has no such parameter or its codes do not fit (the server rejects such a Bind).
+    pub fn get(&self, n: usize) -> Option<(i16, Option<&'a [u8]>)> {
+        let value = *self.values.get(n.checked_sub(1)?)?;
+        let format = match self.formats.len() {
+            0 => 0,
+            1 => self.formats[0],
+            k if k == self.values.len() => self.formats[n - 1],
+            _ => return None,
+        };
+        Some((format, value))
+    }
+}
+
+/// Bind ('B'): the parameter format codes and values.
+pub fn bind_params(body: &[u8]) -> Option<BindParams<'_>> {
+    fn i16_at(b: &[u8], at: usize) -> Option<i16> {
+        Some(i16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
+    }
+    let (_, rest) = cstr(body)?;
+    let (_, rest) = cstr(rest)?;
+    let nf = usize::try_from(i16_at(rest, 0)?).ok()?;
+    let formats = (0..nf).map(|i| i16_at(rest, 2 + 2 * i)).collect::<Option<Vec<i16>>>()?;
+    let mut at = 2 + 2 * nf;
+    let np = usize::try_from(i16_at(rest, at)?).ok()?;
+    at += 2;
+    let mut values = Vec::with_capacity(np);
+    for _ in 0..np {
+        let len = i32::from_be_bytes(rest.get(at..at + 4)?.try_into().ok()?);
+        at += 4;
+        if len == -1 {
+            values.push(None);
+            continue;
+        }
+        let len = usize::try_from(len).ok()?;
+        values.push(Some(rest.get(at..at + len)?));
+        at += len;
+    }
+    Some(BindParams { formats, values })
+}
+
 /// Execute ('E'), Describe ('D') and Close ('C') name fields. Describe/Close start with a kind
 /// byte ('S' statement or 'P' portal).
 pub fn execute_msg(body: &[u8]) -> Option<&[u8]> {
@@ -76,5 +135,29 @@ mod tests {
         assert_eq!(target_msg(b"Sx\0"), Some((b'S', &b"x"[..])));
         assert_eq!(error_code(b"SERROR\0C42501\0Mno\0\0"), Some(&b"42501"[..]));
         assert_eq!(parse_msg(b"unterminated"), None);
+    }
+
+    #[test]
+    fn reads_parameters() {
+        assert_eq!(parse_param_types(b"s\0select $1\0\0\x02\0\0\0\x19\0\0\0\0"), Some(vec![25, 0]));
+        assert_eq!(parse_param_types(b"s\0select 1\0\0\0"), Some(vec![]));
+        assert_eq!(parse_param_types(b"s\0select $1\0\0\x01\0\0"), None);
+        // portal, statement, 2 format codes (text, binary), 3 values: 'ab', NULL, '' — codes do not fit
+        let b = b"p\0s\0\0\x02\0\0\0\x01\0\x03\0\0\0\x02ab\xff\xff\xff\xff\0\0\0\0\0\0";
+        let p = bind_params(b).unwrap();
+        assert_eq!(p.get(1), None);
+        // one code for all
+        let b = b"p\0s\0\0\x01\0\x01\0\x02\0\0\0\x02ab\xff\xff\xff\xff\0\0";
+        let p = bind_params(b).unwrap();
+        assert_eq!((p.get(1), p.get(2), p.get(3), p.get(0)), (Some((1, Some(&b"ab"[..]))), Some((1, None)), None, None));
+        // no codes: text
+        let p = bind_params(b"\0\0\0\0\0\x01\0\0\0\x01x\0\0").unwrap();
+        assert_eq!(p.get(1), Some((0, Some(&b"x"[..]))));
+        // per parameter
+        let p = bind_params(b"\0\0\0\x02\0\x01\0\0\0\x02\0\0\0\x01x\0\0\0\x01y\0\0").unwrap();
+        assert_eq!((p.get(1), p.get(2)), (Some((1, Some(&b"x"[..]))), Some((0, Some(&b"y"[..])))));
+        // a value running past the end, a negative length other than -1
+        assert_eq!(bind_params(b"\0\0\0\0\0\x01\0\0\0\x09x"), None);
+        assert_eq!(bind_params(b"\0\0\0\0\0\x01\xff\xff\xff\xfe"), None);
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 
 use super::replies::{Replies, Want};
-use crate::pool::Backend;
+use crate::pool::PooledConn;
 use crate::protocol::build;
 use crate::signing::{BackendId, Signer, CONTEXT_SETTING, SIGNATURE_SETTING};
 
@@ -33,10 +33,22 @@ pub fn context_sql(n: usize) -> String {
     format!("SELECT {}", calls.join(", "))
 }
 
+/// The id under which the replies tracker reports a failed or skipped Parse of context statement
+/// `arity` (client statements count up from 0; these count down from the top).
+fn context_parse_id(arity: usize) -> u64 {
+    u64::MAX - arity as u64
+}
+
+/// The context statement a failed Parse id stands for, if it is one.
+pub fn context_arity(id: u64) -> Option<usize> {
+    let arity = u64::MAX - id;
+    (arity <= 128).then_some(arity as usize)
+}
+
 /// Pre-encoded injection bytes for one client session.
 #[derive(Debug, Clone)]
 pub struct Injection {
-    /// Number of settings: bit `arity` of a backend's `ctx_prepared` says it has the statement.
+    /// Number of settings: the backend knows whether it has this one prepared.
     arity: usize,
     /// Close + Parse of the context statement (sent when the backend does not have it prepared).
     prepare: Bytes,
@@ -81,17 +93,22 @@ impl Injection {
     }
 
     /// Writes the injection for `backend` into `out` and records the replies it owes.
-    pub fn write(&mut self, out: &mut BytesMut, backend: &mut Backend, replies: &mut Replies) {
-        let bit = 1u128.checked_shl(self.arity as u32).unwrap_or(0);
-        if backend.ctx_prepared & bit == 0 {
-            backend.ctx_prepared |= bit;
+    pub fn write(&mut self, out: &mut BytesMut, backend: &mut PooledConn, replies: &mut Replies) {
+        let parse = backend.needs_context_parse(self.arity);
+        self.write_for(out, parse, &backend.id, replies);
+    }
+
+    /// [`Injection::write`] for the connection `id`, preparing the statement first when `parse`.
+    pub fn write_for(&mut self, out: &mut BytesMut, parse: bool, id: &BackendId, replies: &mut Replies) {
+        if parse {
             out.extend_from_slice(&self.prepare);
             replies.expect(Want::CloseComplete, true, false);
-            replies.expect(Want::ParseComplete, true, false);
+            // if the server skips it (the batch had failed already), the backend must not count it
+            replies.expect_parse(true, context_parse_id(self.arity));
         }
         match &mut self.signed {
             None => out.extend_from_slice(&self.run),
-            Some(s) => out.extend_from_slice(s.run_for(&backend.id, self.arity)),
+            Some(s) => out.extend_from_slice(s.run_for(id, self.arity)),
         }
         replies.expect(Want::BindComplete, true, false);
         replies.expect(Want::CommandDone, true, false);

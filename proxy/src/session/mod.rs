@@ -7,7 +7,7 @@
 //! context statement (see `inject`), whose replies `replies` swallows, so the client sees exactly
 //! what a direct connection would show. Transaction setup (`BEGIN ISOLATION LEVEL …`, `SET
 //! TRANSACTION …`, see `crate::sql::txmode`) goes ahead of the context, which then waits for the
-//! first message that needs it (`ctx_pending`).
+//! first message that needs it (`needs_context`).
 //!
 //! Pipelining: when a client sends a new batch before the previous one has answered, the
 //! backend's transaction status at that point is not known yet. The context is then sent
@@ -16,11 +16,14 @@
 //! else (a simple Query, a ROLLBACK, a Close) waits until the earlier replies are in.
 
 mod audit;
+mod classify;
+mod context;
 pub mod inject;
-pub mod prepared;
 pub mod replies;
 pub mod settings;
 pub mod statements;
+#[cfg(test)]
+mod tests;
 mod view;
 
 pub use view::ClientView;
@@ -34,20 +37,17 @@ use crate::cancel::Registration;
 use crate::error::{sqlstate, PgError};
 use crate::guard::{Guard, Position};
 use crate::net::Stream;
-use crate::pool::{Lease, Pool};
+use crate::pool::{prepared, Lease, Pool};
 use crate::protocol::frame::{try_split, Frame, FrameError};
+use crate::protocol::tags::{self, frontend as msg};
 use crate::protocol::{build, peek};
 use crate::sql::{self, TxEffect};
+use classify::{Budget, Classifier, Refusal, Step};
+use context::{Batch, Decision};
 use inject::Injection;
 use settings::ClientSettings;
 use replies::{Action, Replies, Want};
 use statements::Statements;
-
-/// Clears the session state one client can leave on a backend for the next: held cursors,
-/// listeners, session advisory locks, temporary tables, sequence state (`currval`/`lastval`).
-/// Also session-level settings the client changed with `SET` (RESET ALL).
-pub const RESET_QUERY: &str =
-    "CLOSE ALL; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES; RESET ALL";
 
 static NEXT_SESSION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -137,14 +137,8 @@ pub struct Session {
     statements: Statements,
     injection: Injection,
     cancel: Registration,
-    /// Client messages were forwarded since the last Sync: the batch is open.
-    in_batch: bool,
-    /// A statement inside the open batch ended the transaction: the next one needs the context.
-    reinject: bool,
-    /// The open batch began outside any transaction block.
-    batch_started_idle: bool,
-    /// A locally refused extended-protocol message: drop client messages up to Sync.
-    skip_to_sync: bool,
+    /// Where the client is in the batch cycle (see `context`).
+    batch: Batch,
     /// The context went out in front of a simple Query: wait for its reply before sending more.
     hold_until_settled: bool,
     held: Option<Frame>,
@@ -159,15 +153,14 @@ pub struct Session {
     pending_sets: Option<Vec<sql::set::Change>>,
     pending_sets_failed: bool,
     /// The transaction the backend is in (or will be in once what was sent runs) has not had the
-    /// context yet: a `COMMIT/ROLLBACK AND CHAIN` went out, or transaction setup (`BEGIN
-    /// ISOLATION LEVEL …`, see `crate::sql::txmode`) went ahead of it. The next message that is
-    /// not setup gets it. Only an injection clears it (a stale flag costs one redundant context).
-    ctx_pending: bool,
+    /// context yet: a `COMMIT`/`ROLLBACK` inside the batch or `… AND CHAIN` went out, or
+    /// transaction setup (`BEGIN ISOLATION LEVEL …`, see `crate::sql::txmode`) went ahead of it.
+    /// The next message that is not setup gets it. Only an injection clears it (a stale flag costs
+    /// one redundant context).
+    needs_context: bool,
     /// The client's `default_transaction_*` session defaults as SQL for a backend (empty: the
     /// role's own), applied before each transaction that needs them.
     tx_defaults: String,
-    /// A client Execute went out in the open batch (DISCARD ALL only runs first in a batch).
-    batch_executed: bool,
     /// Generation of `shared.signer` the injection was built with.
     signer_gen: u64,
     /// ParameterStatus reports owed with an extended-protocol DISCARD ALL's CommandComplete.
@@ -224,10 +217,7 @@ impl Session {
             statements: Statements::default(),
             injection,
             cancel,
-            in_batch: false,
-            reinject: false,
-            batch_started_idle: false,
-            skip_to_sync: false,
+            batch: Batch::Closed,
             hold_until_settled: false,
             held: None,
             refusals: Default::default(),
@@ -236,9 +226,8 @@ impl Session {
             attached_at: std::time::Instant::now(),
             pending_sets: None,
             pending_sets_failed: false,
-            ctx_pending: false,
+            needs_context: false,
             tx_defaults,
-            batch_executed: false,
             signer_gen,
             discard_reports: Vec::new(),
             tx_since: None,
@@ -282,9 +271,7 @@ impl Session {
             if self.backend_clean() && !matches!(end, End::BackendLost(_)) {
                 if self.shared.session_mode {
                     // a whole session ran here: reset everything before anyone else uses it
-                    let b = &mut self.lease.as_mut().expect("checked").backend;
-                    b.dirty = true;
-                    b.full_reset = true;
+                    self.lease.as_mut().expect("checked").backend.end_session();
                 }
                 self.release().await;
             } else {
@@ -305,7 +292,7 @@ impl Session {
                 self.release().await;
             }
             let between_transactions = self.lease.is_none() || (self.backend_clean() && self.held.is_none());
-            if *self.draining.borrow() && between_transactions && !self.in_batch {
+            if *self.draining.borrow() && between_transactions && !self.batch.is_open() {
                 return Err(End::Fatal(PgError::fatal(
                     sqlstate::ADMIN_SHUTDOWN,
                     "pgtenant: terminating connection because the proxy is shutting down",
@@ -394,11 +381,13 @@ impl Session {
 
     /// The backend can go back to the pool: idle, nothing in flight, nothing half-read.
     fn backend_clean(&self) -> bool {
-        self.replies.is_settled()
-            && self.replies.status == b'I'
-            && !self.in_batch
-            && self.backend_out.is_empty()
-            && self.backend_in.is_empty()
+        self.backend_idle() && self.backend_out.is_empty() && self.backend_in.is_empty()
+    }
+
+    /// Between transactions on the backend: every reply in, status idle, no batch open. The one
+    /// definition of "idle" (the guard's position and the pool hand-back both use it).
+    fn backend_idle(&self) -> bool {
+        self.replies.is_settled() && self.replies.status == b'I' && !self.batch.is_open()
     }
 
     async fn release(&mut self) {
@@ -436,14 +425,11 @@ impl Session {
         debug_assert!(self.backend_in.is_empty() && self.backend_out.is_empty());
         std::mem::swap(&mut self.backend_in, &mut b.buf_in);
         std::mem::swap(&mut self.backend_out, &mut b.buf_out);
-        if b.owner != self.id {
-            if let Some(reset) = b.take_reset() {
-                // pipelined in front of this session's first message: no extra round trip
-                build::query(&mut self.backend_out, &reset);
-                self.replies.expect(Want::Ready, true, true);
-            }
+        if let Some(reset) = b.reset_for(self.id) {
+            // pipelined in front of this session's first message: no extra round trip
+            build::query(&mut self.backend_out, &reset);
+            self.replies.expect(Want::Ready, true, true);
         }
-        b.owner = self.id;
         self.lease = Some(lease);
     }
 
@@ -493,9 +479,9 @@ impl Session {
 
     async fn on_client_frame(&mut self, f: Frame) -> Result<Flow, End> {
         self.idle_since = None;
-        if self.skip_to_sync {
-            if f.tag == b'S' {
-                self.skip_to_sync = false;
+        if self.batch == Batch::Skipping {
+            if f.tag == msg::SYNC {
+                self.batch = Batch::Closed;
                 let status = self.status_for_client();
                 build::ready_for_query(&mut self.client_out, status);
             }
@@ -511,9 +497,7 @@ impl Session {
                     self.backend_out.extend_from_slice(&f.bytes); // ignored by the server in COPY
                 } else {
                     self.forward(&f, false);
-                    self.in_batch = false;
-                    self.batch_executed = false;
-                    self.reinject = false;
+                    self.batch = Batch::Closed;
                     self.replies.batch_failed = false;
                     // SETs executed in this batch are kept once its ReadyForQuery shows a clean end
                     self.hold_until_settled |= self.pending_sets.is_some();
@@ -542,264 +526,104 @@ impl Session {
         }
     }
 
-    /// A message that runs or prepares SQL: make sure a backend is attached and the transaction
-    /// has the tenant context, then forward it (with statement names rewritten).
+    /// A message that runs or prepares SQL: classify it (`classify`), make sure a backend is
+    /// attached and the transaction has the tenant context (`context`), then forward it (with
+    /// statement names rewritten) and note what it may leave on the connection.
     async fn on_work(&mut self, f: Frame) -> Result<Flow, End> {
-        let simple = matches!(f.tag, b'Q' | b'F');
-        let malformed = || End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "pgtenant: malformed message"));
+        let simple = matches!(f.tag, msg::QUERY | msg::FUNCTION_CALL);
         if self.who.bypass {
             if let Err(e) = self.audit_bypass(&f) {
                 return Ok(self.refuse(e, simple));
             }
         }
-        // What the message would run first; None when unknown (conservative).
-        let mut touches_prepared = false;
-        let mut leaves_state = false;
-        // the statement ends the transaction AND CHAIN
-        let mut chain = false;
-        // a FunctionCall of a function the operator allowed
-        let mut function_call = false;
-        // `DEALLOCATE name` of one of the client's statements (psycopg evicts its cache this way)
-        let mut dealloc: Option<Arc<statements::StatementDef>> = None;
-        // transaction setup only: the context waits for the next message (see `sql::txmode`)
-        let mut setup = false;
-        // setup that chooses modes, then other statements, in one query string
-        let mut modes_then_work = false;
-        // session-level SETs the message makes, noted once it is forwarded (not when held back:
-        // an earlier reply must not settle them before they ran)
-        let mut changes: Option<Vec<sql::set::Change>> = None;
-        let effect: Option<TxEffect> = match f.tag {
-            b'Q' => {
-                let q = peek::query_msg(f.body()).ok_or_else(malformed)?;
-                let s = sql::summarize(q);
-                if s.ends_tx_midway {
-                    if self.lease.is_some() && !self.replies.is_settled() {
-                        return Ok(Flow::Hold(f));
-                    }
-                    return Ok(self.refuse(
-                        PgError::error(
-                            sqlstate::FEATURE_NOT_SUPPORTED,
-                            "pgtenant: a query string cannot go on after COMMIT or ROLLBACK",
-                        )
-                        .with_hint("send the statements that follow the end of the transaction as a separate query"),
-                        true,
-                    ));
-                }
-                if let Err(e) = self.guard.check(q, self.position()) {
-                    return Ok(self.refuse_statement(e, q, "guard", true));
-                }
-                if !self.shared.session_mode {
-                    if let Err(e) = sql::pooling::check(q, self.position().in_block) {
-                        return Ok(self.refuse_statement(e, q, "pooling", true));
-                    }
-                }
-                if sql::is_discard_all(q) && !self.position().in_block {
-                    self.discard_all(true);
-                    return Ok(Flow::Continue);
-                }
-                dealloc = sql::deallocate_name(q).and_then(|n| self.statements.get(n.as_bytes()).cloned());
-                touches_prepared = dealloc.is_none() && may_touch_prepared(q);
-                if touches_prepared && sql::deallocates_all(q) {
-                    self.statements.clear_statements();
-                }
-                leaves_state = !sql::stateless::is_stateless(q);
-                chain = sql::chains(q);
-                match sql::txmode::opening(q) {
-                    sql::txmode::Opening::SetupOnly => setup = true,
-                    sql::txmode::Opening::ModesThenWork => modes_then_work = true,
-                    sql::txmode::Opening::Work => {}
-                }
-                if sql::has_session_set(q) && !self.position().in_block && !rolls_back(q) {
-                    let sets = sql::set::session_changes(q);
-                    if !sets.is_empty() {
-                        if let Err(e) = self.check_settings_budget(&sets) {
-                            return Ok(self.refuse(e, true));
-                        }
-                        changes = Some(sets);
-                    }
-                }
-                Some(s.first)
+        let pos = self.position();
+        let step = Classifier {
+            guard: &self.guard,
+            statements: &mut self.statements,
+            pos,
+            pooling: !self.shared.session_mode,
+            batch: self.batch,
+            unsettled: self.lease.is_some() && !self.replies.is_settled(),
+            budget: Budget { max: self.shared.max_state_bytes, settings: self.settings.bytes() },
+            function_calls: self.pool.allows_function_calls(),
+        }
+        .classify(&f)?;
+        let plan = match step {
+            Step::Run(plan) => plan,
+            Step::Hold => return Ok(Flow::Hold(f)),
+            Step::Refuse(r) => return Ok(self.refuse_with(r, simple)),
+            Step::DiscardAll => {
+                self.discard_all(simple);
+                return Ok(Flow::Continue);
             }
-            b'P' => {
-                let (name, q) = peek::parse_msg(f.body()).ok_or_else(malformed)?;
-                if reserved_name(name) {
-                    return Ok(self.refuse_statement(reserved_name_error(), q, "reserved_name", false));
-                }
-                if let Err(e) = self.guard.check(q, self.position()) {
-                    return Ok(self.refuse_statement(e, q, "guard", false));
-                }
-                if !self.shared.session_mode {
-                    if let Err(e) = sql::pooling::check(q, true) {
-                        return Ok(self.refuse_statement(e, q, "pooling", false));
-                    }
-                }
-                dealloc = sql::deallocate_name(q).and_then(|n| self.statements.get(n.as_bytes()).cloned());
-                touches_prepared = dealloc.is_none() && may_touch_prepared(q);
-                let key = f.bytes.slice(5 + name.len() + 1..);
-                // the client's session-level SETs share the budget with its statements
-                let budget = self.shared.max_state_bytes.saturating_sub(self.settings.bytes());
-                match self.statements.parse(name, q, key, budget) {
-                    Ok(def) => {
-                        leaves_state = !def.stateless;
-                        setup = def.setup;
-                        Some(def.effect)
-                    }
-                    Err(full) => return Ok(self.refuse(self.state_limit_error(full), false)),
-                }
-            }
-            b'B' => {
-                let (portal, stmt) = peek::bind_msg(f.body()).ok_or_else(malformed)?;
-                if reserved_name(portal) || reserved_name(stmt) {
-                    return Ok(self.refuse(reserved_name_error(), false));
-                }
-                let effect = self.statements.bind(portal, stmt);
-                // a statement parsed in an earlier transaction may run here on another backend
-                let def = self.statements.portal(portal);
-                leaves_state = def.is_none_or(|d| !d.stateless);
-                setup = def.is_some_and(|d| d.setup);
-                effect
-            }
-            b'E' => {
-                let portal = peek::execute_msg(f.body()).ok_or_else(malformed)?;
-                let def = self.statements.portal(portal).cloned();
-                if let Some(sets) = def.as_ref().and_then(|d| d.sets.clone()) {
-                    let batch_idle = if self.in_batch { self.batch_started_idle } else { !self.position().in_block };
-                    if batch_idle {
-                        changes = Some(sets.to_vec());
-                    }
-                }
-                leaves_state = def.as_ref().is_none_or(|d| !d.stateless);
-                chain = def.as_ref().is_some_and(|d| d.chain);
-                setup = def.as_ref().is_some_and(|d| d.setup);
-                if def.as_ref().is_some_and(|d| d.discard_all) && self.batch_started_idle && !self.batch_executed && self.lease.is_some() {
-                    self.discard_all(false);
-                    return Ok(Flow::Continue);
-                }
-                def.map(|d| d.effect)
-            }
-            b'C' | b'D' => {
-                let (kind, name) = peek::target_msg(f.body()).ok_or_else(malformed)?;
-                if reserved_name(name) {
-                    return Ok(self.refuse(reserved_name_error(), false));
-                }
-                // a Close takes no snapshot, nor does a Describe of transaction setup: the
-                // context can wait for the statement that needs it
-                setup = f.tag == b'C' || self.statements.target(kind, name).is_some_and(|d| d.setup);
-                if f.tag == b'C' {
-                    self.statements.close(kind, name);
-                    if kind == b'S' && !name.is_empty() {
-                        // client statements live in pgtenant; the server copy stays cached
-                        self.synthetic(b'3');
-                        return Ok(Flow::Continue);
-                    }
-                }
-                None // neither fails in an aborted transaction the way the context would
-            }
-            _ => {
-                // FunctionCall: a function chosen by OID, with no SQL for the guard to read
-                let oid = peek::function_call_oid(f.body()).ok_or_else(malformed)?;
-                if !self.pool.allows_function_calls() {
-                    return Ok(self.refuse(function_call_refused(oid), true));
-                }
-                if self.lease.is_none() {
-                    if let Err(e) = self.attach().await {
-                        return Ok(self.refuse(e, true));
-                    }
-                }
-                if !self.lease.as_ref().is_some_and(|l| l.backend.allowed_calls.contains(&oid)) {
-                    return Ok(self.refuse(function_call_refused(oid), true));
-                }
-                function_call = true;
-                leaves_state = true;
-                Some(TxEffect::None)
+            Step::ClosedLocally => {
+                self.synthetic(tags::backend::CLOSE_COMPLETE);
+                return Ok(Flow::Continue);
             }
         };
-
-        if !self.in_batch && !simple {
-            self.batch_started_idle = !self.position().in_block;
-        }
-        let mut injected = false;
-        if (!self.in_batch || self.reinject || self.ctx_pending) && !self.replies.batch_failed {
-            // a backend attached just now is idle once its reset (if any) has run
-            let fresh = self.lease.is_none();
-            if fresh {
-                if let Err(e) = self.attach().await {
-                    return Ok(self.refuse(e, simple));
-                }
+        let fresh = self.lease.is_none();
+        if fresh {
+            if let Err(e) = self.attach().await {
+                return Ok(self.refuse(e, simple));
             }
-            let known_idle = !self.in_batch && (fresh || (self.replies.is_settled() && self.replies.status == b'I'));
-            let inject = if self.in_batch || known_idle {
-                true // in a batch: after a COMMIT/ROLLBACK or transaction setup inside it
-            } else if self.replies.is_settled() {
-                self.ctx_pending && self.replies.status == b'T'
-            } else if !simple
-                && matches!(f.tag, b'P' | b'B' | b'E')
-                && matches!(effect, Some(TxEffect::None) | Some(TxEffect::Begin))
-                && self.lease.as_ref().is_some_and(|l| l.backend.tx_defaults == self.tx_defaults)
-            {
-                true // pipelined: speculative, see the module docs
-            } else {
-                return Ok(Flow::Hold(f));
-            };
-            if inject {
-                if modes_then_work {
+        }
+        if let Some(oid) = plan.function_oid {
+            // only functions the operator allowed, as resolved on this backend's database
+            if !self.lease.as_ref().is_some_and(|l| l.backend.allowed_calls.contains(&oid)) {
+                return Ok(self.refuse(classify::function_call_refused(oid), true));
+            }
+        }
+        let began_idle = match self.batch {
+            Batch::Open { began_idle, .. } => began_idle,
+            _ => !self.position().in_block,
+        };
+        let decision = context::decide(context::Inputs {
+            batch: self.batch,
+            needs_context: self.needs_context,
+            batch_failed: self.replies.batch_failed,
+            fresh,
+            settled: self.replies.is_settled(),
+            status: self.replies.status,
+            simple,
+            ordinary: context::ordinary(f.tag, plan.effect),
+            defaults_in_place: self.lease.as_ref().is_some_and(|l| l.backend.has_tx_defaults(&self.tx_defaults)),
+            setup: plan.setup,
+        });
+        let mut injected = false;
+        match decision {
+            Decision::Nothing => {}
+            Decision::Hold => return Ok(Flow::Hold(f)),
+            Decision::Inject { start } | Decision::Defer { start } => {
+                if plan.modes_then_work {
                     return Ok(self.refuse(modes_then_work_error(), simple));
                 }
-                if known_idle {
+                if start {
                     self.apply_tx_defaults();
                 }
                 if self.tx_since.is_none() || !self.position().in_block {
                     self.tx_since = Some(std::time::Instant::now());
                 }
-                if setup {
-                    self.ctx_pending = true; // the context goes in front of the next message
+                if matches!(decision, Decision::Defer { .. }) {
+                    self.needs_context = true; // it goes in front of the next message
                 } else {
-                    if let Some(signer) = self.shared.signer.changed(&mut self.signer_gen) {
-                        self.settings.set_signer(signer); // reloaded: sign with the new key
-                        self.injection = self.settings.injection();
-                    }
-                    let lease = self.lease.as_mut().expect("attached above");
-                    self.injection.write(&mut self.backend_out, &mut lease.backend, &mut self.replies);
-                    metrics::counter!(crate::admin::names::CONTEXT_INJECTIONS).increment(1);
+                    self.inject();
                     injected = true;
-                    self.ctx_pending = false;
                 }
             }
-            self.reinject = false;
         }
         self.idle_since = None;
-        if let Some(changes) = changes {
+        if let Some(changes) = plan.changes {
             self.note_changes(&changes);
         }
-        match dealloc {
+        match plan.dealloc {
             Some(def) => self.forward_deallocate(&f, &def, simple),
             None => self.forward_rewritten(&f, simple),
         }
-        if leaves_state {
-            if let Some(l) = self.lease.as_mut() {
-                l.backend.dirty = true;
-            }
+        if let Some(l) = self.lease.as_mut() {
+            l.backend.note(plan.conn);
         }
-        if function_call {
-            if let Some(l) = self.lease.as_mut() {
-                l.backend.full_reset = true;
-            }
-        }
-        if touches_prepared {
-            if let Some(l) = self.lease.as_mut() {
-                // SQL-level PREPAREs stay on the backend: deallocate before another session
-                l.backend.dirty = true;
-                l.backend.full_reset = true;
-                // DEALLOCATE / DISCARD may drop server statements: prepare ours afresh next time
-                l.backend.ctx_prepared = 0;
-                l.backend.statements.clear();
-            }
-        }
-        if chain {
-            self.ctx_pending = true;
-        }
-        if f.tag == b'E' {
-            self.batch_executed = true;
+        if plan.chain {
+            self.needs_context = true;
         }
         if simple {
             // A Query or FunctionCall inside an unsynced extended batch does not end it for sure:
@@ -807,17 +631,30 @@ impl Session {
             // Sync. The backend stays with this client until that Sync has completed. If it did
             // not fail, the Query committed the batch's transaction: what follows needs the
             // context again.
-            if self.in_batch {
-                self.reinject = true;
+            if self.batch.is_open() {
+                self.needs_context = true;
             }
             self.hold_until_settled = injected || self.pending_sets.is_some();
         } else {
-            self.in_batch = true;
-            if f.tag == b'E' && effect == Some(TxEffect::End) {
-                self.reinject = true;
+            let executed = matches!(self.batch, Batch::Open { executed: true, .. }) || f.tag == msg::EXECUTE;
+            self.batch = Batch::Open { began_idle, executed };
+            if f.tag == msg::EXECUTE && plan.effect == Some(TxEffect::End) {
+                self.needs_context = true;
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// Writes the context statement in front of what follows (signed with the key in force).
+    fn inject(&mut self) {
+        if let Some(signer) = self.shared.signer.changed(&mut self.signer_gen) {
+            self.settings.set_signer(signer); // reloaded: sign with the new key
+            self.injection = self.settings.injection();
+        }
+        let lease = self.lease.as_mut().expect("attached before the context");
+        self.injection.write(&mut self.backend_out, &mut lease.backend, &mut self.replies);
+        metrics::counter!(crate::admin::names::CONTEXT_INJECTIONS).increment(1);
+        self.needs_context = false;
     }
 
     /// Forwards a message, mapping client statement names to server statements on this backend
@@ -825,21 +662,23 @@ impl Session {
     fn forward_rewritten(&mut self, f: &Frame, simple: bool) {
         let body = f.body();
         let named = match f.tag {
-            b'P' => peek::parse_msg(body).map(|(n, _)| n).filter(|n| !n.is_empty()),
-            b'B' => peek::bind_msg(body).map(|(_, s)| s).filter(|s| !s.is_empty()),
-            b'D' => peek::target_msg(body).filter(|(k, n)| *k == b'S' && !n.is_empty()).map(|(_, n)| n),
+            b'P' => peek::parse_msg(body).map(|(n, _)| n),
+            b'B' => peek::bind_msg(body).map(|(_, s)| s),
+            b'D' => peek::target_msg(body).filter(|(k, _)| *k == b'S').map(|(_, n)| n),
             _ => None,
-        };
+        }
+        // the unnamed statement goes as it is, unless it has set_config parameters (see `bind`)
+        .filter(|n| !n.is_empty() || self.statements.unnamed_has_bind_checks());
         let (Some(name), Some(lease)) = (named, self.lease.as_mut()) else {
             return self.forward(f, simple);
         };
-        let Some(def) = self.statements.get(name).cloned() else {
+        let Some(def) = self.statements.statement(name).cloned() else {
             return self.forward(f, simple); // unknown statement: the server answers 26000
         };
         if self.replies.batch_failed {
             return; // the server skips everything up to Sync
         }
-        let p = lease.backend.statements.prepare(&def.key);
+        let p = lease.backend.statements().prepare(&def.key);
         for evict in &p.evict {
             prepared::target_frame(&mut self.backend_out, b'C', evict);
             self.replies.expect(Want::CloseComplete, true, false);
@@ -883,7 +722,7 @@ impl Session {
         if let Some(name) = sql::deallocate_name(peek_sql(f)) {
             self.statements.close(b'S', name.as_bytes());
         }
-        let p = lease.backend.statements.prepare(&def.key);
+        let p = lease.backend.statements().prepare(&def.key);
         for evict in &p.evict {
             prepared::target_frame(&mut self.backend_out, b'C', evict);
             self.replies.expect(Want::CloseComplete, true, false);
@@ -892,7 +731,7 @@ impl Session {
             prepared::parse_frame(&mut self.backend_out, &p.name, &def.key);
             self.replies.expect_parse(true, p.id);
         }
-        lease.backend.statements.forget(p.id);
+        lease.backend.statements().forget(p.id);
         let sql = format!("DEALLOCATE {}", p.name);
         if simple {
             build::query(&mut self.backend_out, &sql);
@@ -901,44 +740,6 @@ impl Session {
             build::parse(&mut self.backend_out, &name, &sql, vec![]);
         }
         self.replies.expect(Want::for_frontend(f.tag).expect("Q or P"), false, simple);
-    }
-
-    /// The error for a Parse that would take the client past its statement limits.
-    fn state_limit_error(&self, full: statements::Full) -> PgError {
-        match full {
-            statements::Full::Count => PgError::error(
-                sqlstate::PROGRAM_LIMIT_EXCEEDED,
-                format!("pgtenant: too many prepared statements (limit {})", statements::MAX_STATEMENTS),
-            )
-            .with_hint("close statements you no longer use"),
-            statements::Full::Bytes => self.budget_error("prepared statements"),
-        }
-    }
-
-    fn budget_error(&self, what: &str) -> PgError {
-        PgError::error(
-            sqlstate::PROGRAM_LIMIT_EXCEEDED,
-            format!(
-                "pgtenant: this session's {what} would take more than {} bytes (server.max_session_state_bytes)",
-                self.shared.max_state_bytes
-            ),
-        )
-        .with_hint("close prepared statements you no longer use, or raise server.max_session_state_bytes in the pgtenant config")
-    }
-
-    /// Session-level SETs are kept per client: they count against the same budget.
-    fn check_settings_budget(&self, changes: &[sql::set::Change]) -> Result<(), PgError> {
-        let adding: usize = changes
-            .iter()
-            .map(|c| match c {
-                sql::set::Change::Set(n, v) => n.len() + v.len(),
-                _ => 0,
-            })
-            .sum();
-        if self.settings.bytes() + self.statements.bytes() + adding > self.shared.max_state_bytes {
-            return Err(self.budget_error("settings and prepared statements"));
-        }
-        Ok(())
     }
 
     /// A reply pgtenant gives itself, in order with the backend's replies.
@@ -975,6 +776,14 @@ impl Session {
         }
     }
 
+    /// A refusal `classify` decided, recorded in the audit log when it names a rule.
+    fn refuse_with(&mut self, r: Refusal, simple: bool) -> Flow {
+        match r.audit {
+            Some((rule, sql)) => self.refuse_statement(r.err, &sql, rule, simple),
+            None => self.refuse(r.err, simple),
+        }
+    }
+
     /// Answers a refused message the way the server answers a failed one. With no backend attached
     /// pgtenant answers itself; otherwise it sends a stand-in that fails on the server (so an open
     /// transaction aborts and the rest of the batch is skipped exactly as for a real error) and
@@ -987,7 +796,7 @@ impl Session {
             if simple {
                 build::ready_for_query(&mut self.client_out, b'I');
             } else {
-                self.skip_to_sync = true;
+                self.batch = Batch::Skipping;
             }
             return Flow::Continue;
         }
@@ -996,14 +805,16 @@ impl Session {
         }
         if simple {
             build::query(&mut self.backend_out, REFUSAL_STAND_IN);
-            if self.in_batch {
+            if self.batch.is_open() {
                 // like the refused Query or FunctionCall, the stand-in ends the batch's
                 // transaction if the batch has not failed: what follows needs the context again
-                self.reinject = true;
+                self.needs_context = true;
             }
         } else {
             build::parse(&mut self.backend_out, "pgtenant_refused", REFUSAL_STAND_IN, vec![]);
-            self.in_batch = true;
+            if !self.batch.is_open() {
+                self.batch = Batch::Open { began_idle: !self.position().in_block, executed: false };
+            }
         }
         self.replies.expect_refusal(simple);
         self.refusals.push_back(err);
@@ -1028,18 +839,14 @@ impl Session {
         self.id = NEXT_SESSION_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Some(l) = self.lease.as_mut() {
             // still attached (session mode, or not yet released): reset it now, pipelined
-            l.backend.dirty = true;
-            l.backend.full_reset = true;
-            if let Some(reset) = l.backend.take_reset() {
+            if let Some(reset) = l.backend.reset_all_for(self.id) {
                 build::query(&mut self.backend_out, &reset);
                 self.replies.expect(Want::Ready, true, true);
             }
-            l.backend.owner = self.id;
-            l.backend.tx_defaults.clear();
         }
         if !simple {
             // the Query above ended the batch's transaction: what follows needs the context again
-            self.reinject = true;
+            self.needs_context = true;
             self.discard_reports = owed; // sent with its CommandComplete
             self.synthetic(SYNTHETIC_DISCARD_ALL);
             return;
@@ -1059,19 +866,18 @@ impl Session {
     /// as on a direct connection, and the reset before another client clears it.
     fn apply_tx_defaults(&mut self) {
         let Some(l) = self.lease.as_mut() else { return };
-        if l.backend.tx_defaults == self.tx_defaults {
+        if l.backend.has_tx_defaults(&self.tx_defaults) {
             return;
         }
         let sql = if self.tx_defaults.is_empty() { sql::txmode::RESET_DEFAULTS } else { &self.tx_defaults };
         build::query(&mut self.backend_out, sql);
         self.replies.expect(Want::Ready, true, true);
-        l.backend.tx_defaults = self.tx_defaults.clone();
+        l.backend.set_tx_defaults(&self.tx_defaults);
     }
 
     /// What the guard needs to know about where a statement runs.
     fn position(&self) -> Position {
-        let idle = self.lease.is_none() || (self.replies.is_settled() && self.replies.status == b'I' && !self.in_batch);
-        Position { in_block: !idle }
+        Position { in_block: self.lease.is_some() && !self.backend_idle() }
     }
 
     fn status_for_client(&self) -> u8 {
@@ -1117,7 +923,12 @@ impl Session {
             if !self.replies.failed_prepares.is_empty() {
                 if let Some(l) = self.lease.as_mut() {
                     for (id, by_client) in self.replies.failed_prepares.drain(..) {
-                        let key = l.backend.statements.forget(id);
+                        if let Some(arity) = inject::context_arity(id) {
+                            // skipped in a batch that had already failed: prepare it again next time
+                            l.backend.forget_context(arity);
+                            continue;
+                        }
+                        let key = l.backend.statements().forget(id);
                         // the client's own Parse failed: like the server, keep no statement
                         let name = self.client_parses.iter().find(|(i, _)| *i == id).map(|(_, n)| n);
                         if let (true, Some(key), Some(name)) = (by_client, key, name) {
@@ -1136,9 +947,7 @@ impl Session {
                 // Everything sent has been answered and the last answer is a ReadyForQuery: the
                 // server is not skipping to a Sync (a Query or FunctionCall inside an unsynced
                 // batch was answered, so that batch did not fail).
-                self.in_batch = false;
-                self.batch_executed = false;
-                self.reinject = false;
+                self.batch = Batch::Closed;
                 self.replies.batch_failed = false;
                 self.settle_pending_sets(mark);
                 if self.replies.status == b'I' {
@@ -1248,15 +1057,6 @@ async fn write_opt<W: AsyncWrite + Unpin>(w: Option<&mut W>, buf: &[u8]) -> std:
     }
 }
 
-/// A FunctionCall of a function `tenant.allowed_function_calls` does not list.
-fn function_call_refused(oid: u32) -> PgError {
-    PgError::error(
-        sqlstate::INSUFFICIENT_PRIVILEGE,
-        format!("pgtenant: FunctionCall messages are not allowed for function OID {oid}: it is not listed in tenant.allowed_function_calls"),
-    )
-    .with_hint("call the function from SQL (SELECT fn(...)), or ask the operator to list it in tenant.allowed_function_calls")
-}
-
 fn frame_error(e: FrameError) -> PgError {
     match e {
         FrameError::TooLarge { .. } => PgError::fatal(sqlstate::PROGRAM_LIMIT_EXCEEDED, format!("pgtenant: {e}"))
@@ -1300,32 +1100,6 @@ fn push_empty_message(out: &mut BytesMut, tag: u8) {
     out.extend_from_slice(&[tag, 0, 0, 0, 4]);
 }
 
-/// Statement and portal names starting with `pgtenant` belong to pgtenant.
-fn reserved_name(name: &[u8]) -> bool {
-    name.len() >= 8 && name[..8].eq_ignore_ascii_case(b"pgtenant")
-}
-
-fn reserved_name_error() -> PgError {
-    PgError::error(
-        sqlstate::INSUFFICIENT_PRIVILEGE,
-        "pgtenant: prepared statement and portal names starting with \"pgtenant\" are reserved",
-    )
-}
-
-/// SQL that could drop or replace prepared statements (DEALLOCATE, DISCARD, PREPARE): pgtenant then
-/// prepares its context statement afresh before using it again.
-fn may_touch_prepared(q: &[u8]) -> bool {
-    const WORDS: [&[u8]; 3] = [b"deallocate", b"discard", b"prepare"];
-    q.windows(7).any(|w| {
-        WORDS.iter().any(|word| w.eq_ignore_ascii_case(&word[..7]))
-    })
-}
-
-/// The text has a ROLLBACK / ABORT: session SETs in it may be undone.
-fn rolls_back(q: &[u8]) -> bool {
-    [&b"rollback"[..], b"abort"].iter().any(|w| q.windows(w.len()).any(|x| x.eq_ignore_ascii_case(w)))
-}
-
 /// Adds a hint to "cannot run inside a transaction block" errors: pgtenant runs every statement
 /// inside a transaction so that it carries the tenant context.
 fn annotate_in_transaction_error(f: &Frame) -> Option<BytesMut> {
@@ -1345,20 +1119,4 @@ fn annotate_in_transaction_error(f: &Frame) -> Option<BytesMut> {
     let mut out = BytesMut::new();
     err.encode(&mut out).ok()?;
     Some(out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reserved_names_and_prepare_words() {
-        assert!(reserved_name(b"pgtenant_ctx"));
-        assert!(reserved_name(b"PGTENANTx"));
-        assert!(!reserved_name(b"s1"));
-        assert!(may_touch_prepared(b"DEALLOCATE ALL"));
-        assert!(may_touch_prepared(b"discard all"));
-        assert!(may_touch_prepared(b"PREPARE x AS select 1"));
-        assert!(!may_touch_prepared(b"select 1"));
-    }
 }

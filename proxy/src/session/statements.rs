@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use crate::guard::bind::SetConfigCall;
 use crate::sql::set::Change;
+use crate::sql::analyze::Analysis;
 use crate::sql::{self, TxEffect};
 
 /// Most named statements one client may hold at once.
@@ -25,7 +27,7 @@ pub enum Full {
     Bytes,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct StatementDef {
     /// The Parse body after the name.
     pub key: Bytes,
@@ -34,13 +36,16 @@ pub struct StatementDef {
     pub stateless: bool,
     /// It ends the transaction `AND CHAIN`: the chained transaction needs the context again.
     pub chain: bool,
-    /// Session-level SETs the statement makes (kept for the client when it ran cleanly).
+    /// Session-level SETs the statement makes (kept for the client when it ran cleanly). For a
+    /// portal, with the session-level `set_config` calls its Bind decided.
     pub sets: Option<Arc<Vec<Change>>>,
     /// Transaction setup only (`BEGIN ISOLATION LEVEL …`, `SET TRANSACTION …`): the context waits
     /// for the next statement (see `crate::sql::txmode`).
     pub setup: bool,
     /// Exactly `DISCARD ALL`: pgtenant runs it itself (see `Session::discard_all`).
     pub discard_all: bool,
+    /// `set_config` calls the guard decides at each Bind (see `crate::guard::bind`).
+    pub bind_checks: Option<Arc<[SetConfigCall]>>,
 }
 
 #[derive(Debug, Default)]
@@ -57,6 +62,19 @@ impl Statements {
     /// Records a Parse, unless the client already holds `MAX_STATEMENTS` other statements or the
     /// statements would exceed `budget` bytes (`server.max_session_state_bytes`).
     pub fn parse(&mut self, name: &[u8], query: &[u8], key: Bytes, budget: usize) -> Result<Arc<StatementDef>, Full> {
+        self.parse_analyzed(name, &sql::analyze::analyze(query), key, budget, Vec::new())
+    }
+
+    /// [`Statements::parse`] of a statement already analyzed, with the `set_config` calls to decide
+    /// at each Bind.
+    pub fn parse_analyzed(
+        &mut self,
+        name: &[u8],
+        a: &Analysis<'_>,
+        key: Bytes,
+        budget: usize,
+        bind_checks: Vec<SetConfigCall>,
+    ) -> Result<Arc<StatementDef>, Full> {
         let replaced = if name.is_empty() { 0 } else { self.named_stmts.get(name).map_or(0, |d| name.len() + d.key.len()) };
         if !name.is_empty() {
             if replaced == 0 && self.named_stmts.len() >= MAX_STATEMENTS {
@@ -66,18 +84,19 @@ impl Statements {
                 return Err(Full::Bytes);
             }
         }
-        let sets = sql::has_session_set(query).then(|| Arc::new(sql::set::session_changes(query))).filter(|c| !c.is_empty());
+        let sets = (!a.changes.is_empty()).then(|| Arc::new(a.changes.clone()));
         // a named statement outlives the read buffer it arrived in: copy it, so it does not pin a
         // whole buffer chunk for the life of the session
         let key = if name.is_empty() { key } else { Bytes::copy_from_slice(&key) };
         let def = Arc::new(StatementDef {
-            effect: sql::summarize(query).first,
-            stateless: sql::stateless::is_stateless(query),
-            chain: sql::chains(query),
-            setup: sql::txmode::opening(query) == sql::txmode::Opening::SetupOnly,
-            discard_all: sql::is_discard_all(query),
+            effect: a.first,
+            stateless: a.stateless,
+            chain: a.chain,
+            setup: a.opening == sql::txmode::Opening::SetupOnly,
+            discard_all: a.discard_all,
             key,
             sets,
+            bind_checks: (!bind_checks.is_empty()).then(|| bind_checks.into()),
         });
         if name.is_empty() {
             self.unnamed_stmt = Some(def.clone());
@@ -114,7 +133,19 @@ impl Statements {
         if kind == b'S' { self.statement(name) } else { self.portal(name) }
     }
 
-    fn statement(&self, name: &[u8]) -> Option<&Arc<StatementDef>> {
+    /// The unnamed statement has `set_config` calls decided at Bind. It then goes to the server
+    /// under a server-side name, like a named statement, and never as the server's unnamed
+    /// statement: that one stays on its backend until the next unnamed Parse there, which the
+    /// server may skip (after an error earlier in the batch) or run on another backend, so a later
+    /// Bind of the unnamed statement could reach it through pgtenant's record of another statement,
+    /// one without the checks. Every statement the server holds as unnamed is one whose parameters
+    /// need no check.
+    pub fn unnamed_has_bind_checks(&self) -> bool {
+        self.unnamed_stmt.as_ref().is_some_and(|d| d.bind_checks.is_some())
+    }
+
+    /// A statement by name (the unnamed one for an empty name).
+    pub fn statement(&self, name: &[u8]) -> Option<&Arc<StatementDef>> {
         if name.is_empty() {
             self.unnamed_stmt.as_ref()
         } else {
@@ -133,6 +164,21 @@ impl Statements {
             }
         }
         e
+    }
+
+    /// [`Statements::bind`], with session-level changes the Bind decided (see
+    /// `crate::guard::bind`): the portal carries them with the statement's own.
+    pub fn bind_with(&mut self, portal: &[u8], stmt: &[u8], changes: Vec<Change>) -> Option<TxEffect> {
+        let effect = self.bind(portal, stmt);
+        if changes.is_empty() {
+            return effect;
+        }
+        let slot = if portal.is_empty() { self.unnamed_portal.as_mut() } else { self.named_portals.get_mut(portal) };
+        if let Some(def) = slot {
+            let sets: Vec<Change> = def.sets.iter().flat_map(|s| s.iter().cloned()).chain(changes).collect();
+            *def = Arc::new(StatementDef { sets: Some(Arc::new(sets)), ..(**def).clone() });
+        }
+        effect
     }
 
     /// The statement behind a portal.
@@ -171,5 +217,33 @@ impl Statements {
     pub fn transaction_ended(&mut self) {
         self.unnamed_portal = None;
         self.named_portals.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guard::bind::{Arg, SetConfigCall};
+
+    fn call() -> SetConfigCall {
+        SetConfigCall { name: Arg::Param(1, None), value: Arg::Param(2, None), is_local: Arg::Bool(false), whole: true }
+    }
+
+    #[test]
+    fn bound_changes_ride_on_the_portal() {
+        let mut s = Statements::default();
+        let q = b"select set_config($1, $2, false)";
+        s.parse_analyzed(b"", &sql::analyze::analyze(q), Bytes::from_static(b"k1"), 1 << 20, vec![call()]).unwrap();
+        assert!(s.unnamed_has_bind_checks());
+        let set = Change::Set("work_mem".into(), "1MB".into());
+        s.bind_with(b"p", b"", vec![set.clone()]);
+        assert_eq!(s.portal(b"p").and_then(|d| d.sets.clone()).as_deref(), Some(&vec![set]));
+        // the statement itself keeps no changes; a Bind without changes leaves the portal plain
+        assert!(s.statement(b"").unwrap().sets.is_none());
+        s.bind_with(b"", b"", Vec::new());
+        assert!(s.portal(b"").unwrap().sets.is_none());
+        // an unnamed statement without checks replaces it
+        s.parse(b"", b"select $1", Bytes::from_static(b"k2"), 1 << 20).unwrap();
+        assert!(!s.unnamed_has_bind_checks());
     }
 }

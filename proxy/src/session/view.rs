@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use crate::pool::Backend;
+use crate::pool::PooledConn as Backend;
 use crate::sql::set::Change;
 
 #[derive(Debug, Default, Clone)]

@@ -2,10 +2,13 @@
 //! end, and which of them start or end a transaction (after a transaction ends, the tenant context
 //! set with `set_config(..., true)` is gone, so nothing may run after it without a new context).
 
+pub mod analyze;
 pub mod fingerprint;
 pub mod lexer;
+pub mod literal;
 pub mod pooling;
 pub mod set;
+pub mod set_config;
 pub mod stateless;
 pub mod txmode;
 
@@ -40,6 +43,11 @@ pub fn split(sql: &[u8]) -> Vec<Vec<Token<'_>>> {
     out
 }
 
+/// An identifier token's value (see `crate::guard::literal::ident_value`).
+pub(crate) fn literal_ident(t: &Token<'_>) -> Option<String> {
+    crate::guard::literal::ident_value(t)
+}
+
 /// Merges `U&… UESCAPE '…'` into one token (see [`split`]).
 fn with_uescape<'a>(sql: &'a [u8], lexer: Lexer<'a>) -> impl Iterator<Item = Token<'a>> {
     let mut lexer = lexer.peekable();
@@ -49,7 +57,7 @@ fn with_uescape<'a>(sql: &'a [u8], lexer: Lexer<'a>) -> impl Iterator<Item = Tok
             return Some(t);
         }
         let t = lexer.next()?;
-        if !crate::guard::literal::is_unicode_form(&t) || !lexer.peek().is_some_and(|n| n.is_word("uescape")) {
+        if !literal::is_unicode_form(&t) || !lexer.peek().is_some_and(|n| n.is_word("uescape")) {
             return Some(t);
         }
         let kw = lexer.next().expect("peeked");
@@ -126,7 +134,7 @@ pub fn deallocate_name(sql: &[u8]) -> Option<String> {
     if name.is_word("all") {
         return None;
     }
-    crate::guard::literal::ident_value(name)
+    literal::ident_value(name)
 }
 
 /// Some statement of the query string is `DEALLOCATE [PREPARE] ALL`.
@@ -145,11 +153,15 @@ pub fn is_discard_all(sql: &[u8]) -> bool {
 }
 
 /// Some statement is a session-level `SET` or `RESET` (not `SET LOCAL`), which would outlive the
-/// transaction on a pooled backend.
+/// transaction on a pooled backend, or the text calls `set_config` (by its plain name, the one
+/// spelling `set::session_changes` keeps).
 pub fn has_session_set(sql: &[u8]) -> bool {
     let mut at_start = true;
     let mut lexer = Lexer::new(sql).peekable();
     while let Some(t) = lexer.next() {
+        if t.is_word("set_config") {
+            return true;
+        }
         if t.kind == Kind::Semicolon {
             at_start = true;
             continue;
@@ -257,6 +269,7 @@ mod tests {
         assert!(!has_session_set(b"SET LOCAL statement_timeout = 1"));
         assert!(!has_session_set(b"SET TRANSACTION READ ONLY"));
         assert!(!has_session_set(b"select 'set x = 1' offset 3"));
+        assert!(has_session_set(b"select set_config('work_mem', '1MB', false)"));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use super::lexer::{Kind, Token};
 use super::split;
 use crate::error::{sqlstate, PgError};
-use crate::guard::literal::{ident_value, string_value};
+use crate::sql::literal::{ident_value, string_value};
 
 const SESSION_LOCKS: [&str; 4] = ["pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"];
 
@@ -23,7 +23,11 @@ fn refuse(what: &str) -> PgError {
 
 /// Checks a query string; `in_block` when it runs inside an explicit transaction block.
 pub fn check(sql: &[u8], in_block: bool) -> Result<(), PgError> {
-    let statements = split(sql);
+    check_statements(&split(sql), in_block)
+}
+
+/// [`check`] of a query string already split into statements (`super::analyze`).
+pub fn check_statements(statements: &[Vec<Token<'_>>], in_block: bool) -> Result<(), PgError> {
     let last = statements.len().saturating_sub(1);
     for (i, toks) in statements.iter().enumerate() {
         let word = |j: usize| toks.get(j).is_some_and(|t: &Token<'_>| t.kind == Kind::Word);

@@ -16,7 +16,7 @@
 
 use super::lexer::{Kind, Token};
 use super::split;
-use crate::guard::literal::ident_value;
+use crate::sql::literal::ident_value;
 
 /// First words of statements that can be stateless (if their function calls are pure).
 const STATEMENTS: &[&str] = &[
@@ -85,7 +85,7 @@ pub fn is_stateless(sql: &[u8]) -> bool {
     split(sql).iter().all(|toks| statement_is_stateless(toks))
 }
 
-fn statement_is_stateless(toks: &[Token<'_>]) -> bool {
+pub(crate) fn statement_is_stateless(toks: &[Token<'_>]) -> bool {
     let Some(first) = toks.first() else { return true };
     if !is_word_in(first, STATEMENTS) {
         return false;

@@ -38,10 +38,15 @@ pub fn opening(sql: &[u8]) -> Opening {
     if !first.is_some_and(|t| t.is_word("begin") || t.is_word("start") || t.is_word("set") || t.is_word("reset")) {
         return Opening::Work;
     }
+    opening_of(&split(sql))
+}
+
+/// [`opening`] of statements already split.
+pub fn opening_of(statements: &[Vec<Token<'_>>]) -> Opening {
     let mut modes = false;
     let mut any = false;
-    for toks in split(sql) {
-        match setup(&toks) {
+    for toks in statements {
+        match setup(toks) {
             Some(m) => {
                 modes |= m;
                 any = true;
@@ -80,7 +85,7 @@ fn setup(toks: &[Token<'_>]) -> Option<bool> {
     // value (`SET DateStyle = 'SQL'` keeps the client's day order), so they need the client's
     // settings, which the context statement applies, in front of them
     let i = if is(1, "local") || is(1, "session") { 2 } else { 1 };
-    let name = toks.get(i).and_then(crate::guard::literal::ident_value)?;
+    let name = toks.get(i).and_then(crate::sql::literal::ident_value)?;
     let dotted = toks.get(i + 1).is_some_and(|t| t.kind == Kind::Op && t.text == b".");
     (!dotted && matches!(name.as_str(), "transaction_isolation" | "transaction_read_only" | "transaction_deferrable")).then_some(true)
 }

@@ -1,5 +1,5 @@
-//! Decoding SQL literals and identifiers the way the server does, so the guard compares the name a
-//! statement really refers to: `'app.tenant_id'`, `E'app\.tenant_id'`, `U&'app\002etenant_id'`,
+//! Decoding SQL literals and identifiers the way the server does, so the guard (and every other
+//! reader of client SQL) compares the name a statement really refers to: `'app.tenant_id'`, `E'app\.tenant_id'`, `U&'app\002etenant_id'`,
 //! `U&'app!002etenant_id' UESCAPE '!'`, `$$app.tenant_id$$`, `"App.Tenant_Id"` and `U&"\0061pp"`
 //! all become plain text.
 //!
@@ -8,7 +8,7 @@
 //! cannot decode as one it must refuse. `sql::split` merges a `U&…` token with its `UESCAPE '…'`
 //! clause into one token, so the clause always travels with the text it changes.
 
-use crate::sql::lexer::{Kind, Lexer, Token};
+use super::lexer::{Kind, Lexer, Token};
 
 /// The text of a string-literal token; None for kinds we cannot decode (bit strings...) and for
 /// text the server would reject. A constant continued across newlines (`'app.'` newline

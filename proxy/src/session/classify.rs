@@ -1,0 +1,436 @@
+//! The first step for each client message that runs or prepares SQL: what it is and what it may
+//! do, decided before anything is sent. `classify` reads the message once (`crate::sql::analyze`
+//! for SQL text), applies the statement guard and the pooling rules, records the client's prepared
+//! statements and portals, and returns a [`Step`]; the session then places the context and forwards
+//! (see `super::context` and `Session::on_work`). Nothing here does I/O.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use super::context::Batch;
+use super::statements::{self, StatementDef, Statements};
+use super::End;
+use crate::error::{sqlstate, PgError};
+use crate::guard::{Guard, Position};
+use crate::pool::Effects;
+use crate::protocol::frame::Frame;
+use crate::protocol::peek;
+use crate::protocol::tags::frontend as msg;
+use crate::sql::analyze::analyze;
+use crate::sql::set::Change;
+use crate::sql::txmode::Opening;
+use crate::sql::{self, TxEffect};
+
+/// What to do with one client message.
+#[derive(Debug)]
+pub enum Step {
+    /// Forward it, with the context in front when the transaction needs it.
+    Run(Plan),
+    /// Wait until every reply owed by the backend has arrived, then classify it again.
+    Hold,
+    /// Answer it the way the server answers a failed message.
+    Refuse(Refusal),
+    /// `DISCARD ALL` outside a transaction: pgtenant runs it itself.
+    DiscardAll,
+    /// `Close` of one of the client's named statements: they live in pgtenant, which answers.
+    ClosedLocally,
+}
+
+/// A refused message, and what the audit log records about it (`statement_refused`).
+#[derive(Debug)]
+pub struct Refusal {
+    pub err: PgError,
+    /// Which rule refused it, and the SQL text.
+    pub audit: Option<(&'static str, Vec<u8>)>,
+}
+
+impl Refusal {
+    fn plain(err: PgError) -> Step {
+        Step::Refuse(Refusal { err, audit: None })
+    }
+
+    fn audited(err: PgError, rule: &'static str, sql: &[u8]) -> Step {
+        Step::Refuse(Refusal { err, audit: Some((rule, sql.to_vec())) })
+    }
+}
+
+/// What a message that goes ahead does.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Its effect on the transaction block; None when unknown (Describe, Close).
+    pub effect: Option<TxEffect>,
+    /// What it may leave on the backend connection.
+    pub conn: Effects,
+    /// It ends the transaction `AND CHAIN`: the chained transaction needs the context.
+    pub chain: bool,
+    /// Transaction setup only: the context waits for the next message (`crate::sql::txmode`).
+    pub setup: bool,
+    /// Setup that chooses modes, then other statements, in one query string.
+    pub modes_then_work: bool,
+    /// Session-level setting changes, kept for the client if the batch ends cleanly.
+    pub changes: Option<Vec<Change>>,
+    /// `DEALLOCATE name` of one of the client's statements.
+    pub dealloc: Option<Arc<StatementDef>>,
+    /// A FunctionCall of this function OID (allowed by the pool; the backend checks the OID).
+    pub function_oid: Option<u32>,
+}
+
+/// The session-state budget (`server.max_session_state_bytes`).
+#[derive(Debug, Clone, Copy)]
+pub struct Budget {
+    pub max: usize,
+    /// Bytes the client's kept session settings take.
+    pub settings: usize,
+}
+
+/// Everything `classify` reads, and the statement table it records into.
+pub struct Classifier<'a> {
+    pub guard: &'a Guard,
+    pub statements: &'a mut Statements,
+    /// Where the message runs (`Session::position`).
+    pub pos: Position,
+    /// Transaction pooling: statements that need the whole session are refused.
+    pub pooling: bool,
+    pub batch: Batch,
+    /// A backend is attached and replies are outstanding.
+    pub unsettled: bool,
+    pub budget: Budget,
+    /// The pool lets clients call functions by FunctionCall (`tenant.allowed_function_calls`).
+    pub function_calls: bool,
+}
+
+impl Classifier<'_> {
+    pub fn classify(&mut self, f: &Frame) -> Result<Step, End> {
+        let body = f.body();
+        let malformed = || End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "pgtenant: malformed message"));
+        match f.tag {
+            msg::QUERY => Ok(self.query(peek::query_msg(body).ok_or_else(malformed)?)),
+            msg::PARSE => {
+                let (name, q) = peek::parse_msg(body).ok_or_else(malformed)?;
+                let types = peek::parse_param_types(body).unwrap_or_default();
+                Ok(self.parse(name, q, &types, f.bytes.slice(5 + name.len() + 1..)))
+            }
+            msg::BIND => {
+                let (portal, stmt) = peek::bind_msg(body).ok_or_else(malformed)?;
+                Ok(self.bind(body, portal, stmt))
+            }
+            msg::EXECUTE => Ok(self.execute(peek::execute_msg(body).ok_or_else(malformed)?)),
+            msg::CLOSE | msg::DESCRIBE => {
+                let (kind, name) = peek::target_msg(body).ok_or_else(malformed)?;
+                Ok(self.target(f.tag, kind, name))
+            }
+            _ => {
+                // FunctionCall: a function chosen by OID, with no SQL for the guard to read
+                let oid = peek::function_call_oid(body).ok_or_else(malformed)?;
+                if !self.function_calls {
+                    return Ok(Refusal::plain(function_call_refused(oid)));
+                }
+                let conn = Effects { leaves_state: true, function_call: true, ..Default::default() };
+                Ok(Step::Run(Plan { effect: Some(TxEffect::None), conn, function_oid: Some(oid), ..Default::default() }))
+            }
+        }
+    }
+
+    fn query(&mut self, q: &[u8]) -> Step {
+        let a = analyze(q);
+        if a.ends_tx_midway {
+            if self.unsettled {
+                return Step::Hold; // the rule depends on where the backend is: wait for it
+            }
+            return Refusal::plain(
+                PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, "pgtenant: a query string cannot go on after COMMIT or ROLLBACK")
+                    .with_hint("send the statements that follow the end of the transaction as a separate query"),
+            );
+        }
+        if let Err(e) = self.guard.check_statements(&a.statements, self.pos) {
+            return Refusal::audited(e, "guard", q);
+        }
+        if self.pooling {
+            if let Err(e) = sql::pooling::check_statements(&a.statements, self.pos.in_block) {
+                return Refusal::audited(e, "pooling", q);
+            }
+        }
+        if a.discard_all && !self.pos.in_block {
+            return Step::DiscardAll;
+        }
+        let dealloc = a.deallocate.as_ref().and_then(|n| self.statements.get(n.as_bytes()).cloned());
+        let touches_prepared = dealloc.is_none() && a.touches_prepared;
+        if touches_prepared && a.deallocates_all {
+            self.statements.clear_statements();
+        }
+        let mut changes = None;
+        if !a.changes.is_empty() && !self.pos.in_block && !a.rolls_back {
+            if let Err(e) = self.check_settings_budget(&a.changes) {
+                return Refusal::plain(e);
+            }
+            changes = Some(a.changes.clone());
+        }
+        Step::Run(Plan {
+            effect: Some(a.first),
+            conn: Effects { leaves_state: !a.stateless, touches_prepared, function_call: false },
+            chain: a.chain,
+            setup: a.opening == Opening::SetupOnly,
+            modes_then_work: a.opening == Opening::ModesThenWork,
+            changes,
+            dealloc,
+            function_oid: None,
+        })
+    }
+
+    fn parse(&mut self, name: &[u8], q: &[u8], types: &[u32], key: Bytes) -> Step {
+        if reserved_name(name) {
+            return Refusal::audited(reserved_name_error(), "reserved_name", q);
+        }
+        let a = analyze(q);
+        let bind_checks = match self.guard.check_parse_statements(&a.statements, types, self.pos) {
+            Ok(calls) => calls,
+            Err(e) => return Refusal::audited(e, "guard", q),
+        };
+        if self.pooling {
+            if let Err(e) = sql::pooling::check_statements(&a.statements, true) {
+                return Refusal::audited(e, "pooling", q);
+            }
+        }
+        let dealloc = a.deallocate.as_ref().and_then(|n| self.statements.get(n.as_bytes()).cloned());
+        let touches_prepared = dealloc.is_none() && a.touches_prepared;
+        // the client's session-level settings share the budget with its statements
+        let budget = self.budget.max.saturating_sub(self.budget.settings);
+        match self.statements.parse_analyzed(name, &a, key, budget, bind_checks) {
+            Ok(def) => Step::Run(Plan {
+                effect: Some(def.effect),
+                conn: Effects { leaves_state: !def.stateless, touches_prepared, function_call: false },
+                setup: def.setup,
+                dealloc,
+                ..Default::default()
+            }),
+            Err(full) => Refusal::plain(state_limit_error(full, self.budget.max)),
+        }
+    }
+
+    /// A Bind; a statement with `set_config` calls to decide at Bind (see `crate::guard::bind`) is
+    /// checked with the Bind's values first. A refused Bind leaves no portal; an accepted one carries
+    /// the session-level settings it makes to the Execute.
+    fn bind(&mut self, body: &[u8], portal: &[u8], stmt: &[u8]) -> Step {
+        if reserved_name(portal) || reserved_name(stmt) {
+            return Refusal::plain(reserved_name_error());
+        }
+        let def = self.statements.statement(stmt).cloned();
+        let effect = match def.as_ref().and_then(|d| d.bind_checks.clone().map(|c| (d, c))) {
+            None => self.statements.bind(portal, stmt),
+            Some((def, calls)) => {
+                let decided = match peek::bind_params(body) {
+                    Some(params) => self.guard.check_bound(&calls, &params),
+                    None => Err(crate::guard::malformed_bind()),
+                };
+                match decided.map(|changes| (self.check_settings_budget(&changes), changes)) {
+                    Ok((Ok(()), changes)) => self.statements.bind_with(portal, stmt, changes),
+                    Ok((Err(e), _)) => {
+                        self.statements.close(b'P', portal);
+                        return Refusal::plain(e);
+                    }
+                    Err(e) => {
+                        self.statements.close(b'P', portal);
+                        let end = def.key.iter().position(|&b| b == 0).unwrap_or(def.key.len());
+                        return Refusal::audited(e, "guard", &def.key[..end]);
+                    }
+                }
+            }
+        };
+        // a statement parsed in an earlier transaction may run here on another backend
+        let def = self.statements.portal(portal);
+        Step::Run(Plan {
+            effect,
+            conn: Effects { leaves_state: def.is_none_or(|d| !d.stateless), ..Default::default() },
+            setup: def.is_some_and(|d| d.setup),
+            ..Default::default()
+        })
+    }
+
+    fn execute(&mut self, portal: &[u8]) -> Step {
+        let Some(def) = self.statements.portal(portal).cloned() else {
+            // unknown portal: the server answers 34000
+            return Step::Run(Plan { conn: Effects { leaves_state: true, ..Default::default() }, ..Default::default() });
+        };
+        let (began_idle, executed) = match self.batch {
+            Batch::Open { began_idle, executed } => (began_idle, executed),
+            _ => (!self.pos.in_block, false),
+        };
+        if def.discard_all && began_idle && !executed {
+            return Step::DiscardAll;
+        }
+        Step::Run(Plan {
+            effect: Some(def.effect),
+            conn: Effects { leaves_state: !def.stateless, ..Default::default() },
+            chain: def.chain,
+            setup: def.setup,
+            changes: def.sets.as_ref().filter(|_| began_idle).map(|s| s.to_vec()),
+            ..Default::default()
+        })
+    }
+
+    fn target(&mut self, tag: u8, kind: u8, name: &[u8]) -> Step {
+        if reserved_name(name) {
+            return Refusal::plain(reserved_name_error());
+        }
+        // a Close takes no snapshot, nor does a Describe of transaction setup: the context can wait
+        // for the statement that needs it
+        let setup = tag == msg::CLOSE || self.statements.target(kind, name).is_some_and(|d| d.setup);
+        if tag == msg::CLOSE {
+            self.statements.close(kind, name);
+            if kind == b'S' && !name.is_empty() {
+                return Step::ClosedLocally; // the server copy stays cached on its backends
+            }
+        }
+        // neither fails in an aborted transaction the way the context would: effect unknown
+        Step::Run(Plan { setup, ..Default::default() })
+    }
+
+    /// Session-level settings are kept per client: they count against the same budget as its
+    /// statements.
+    fn check_settings_budget(&self, changes: &[Change]) -> Result<(), PgError> {
+        check_settings_budget(changes, self.budget, self.statements.bytes())
+    }
+}
+
+/// Whether `changes` fit the session-state budget beside `statement_bytes` of statements.
+pub fn check_settings_budget(changes: &[Change], budget: Budget, statement_bytes: usize) -> Result<(), PgError> {
+    let adding: usize = changes
+        .iter()
+        .map(|c| match c {
+            Change::Set(n, v) => n.len() + v.len(),
+            _ => 0,
+        })
+        .sum();
+    if budget.settings + statement_bytes + adding > budget.max {
+        return Err(budget_error("settings and prepared statements", budget.max));
+    }
+    Ok(())
+}
+
+/// The error for a Parse that would take the client past its statement limits.
+fn state_limit_error(full: statements::Full, max: usize) -> PgError {
+    match full {
+        statements::Full::Count => PgError::error(
+            sqlstate::PROGRAM_LIMIT_EXCEEDED,
+            format!("pgtenant: too many prepared statements (limit {})", statements::MAX_STATEMENTS),
+        )
+        .with_hint("close statements you no longer use"),
+        statements::Full::Bytes => budget_error("prepared statements", max),
+    }
+}
+
+fn budget_error(what: &str, max: usize) -> PgError {
+    PgError::error(
+        sqlstate::PROGRAM_LIMIT_EXCEEDED,
+        format!("pgtenant: this session's {what} would take more than {max} bytes (server.max_session_state_bytes)"),
+    )
+    .with_hint("close prepared statements you no longer use, or raise server.max_session_state_bytes in the pgtenant config")
+}
+
+/// A FunctionCall of a function `tenant.allowed_function_calls` does not list.
+pub fn function_call_refused(oid: u32) -> PgError {
+    PgError::error(
+        sqlstate::INSUFFICIENT_PRIVILEGE,
+        format!("pgtenant: FunctionCall messages are not allowed for function OID {oid}: it is not listed in tenant.allowed_function_calls"),
+    )
+    .with_hint("call the function from SQL (SELECT fn(...)), or ask the operator to list it in tenant.allowed_function_calls")
+}
+
+/// Statement and portal names starting with `pgtenant` belong to pgtenant.
+pub fn reserved_name(name: &[u8]) -> bool {
+    name.len() >= 8 && name[..8].eq_ignore_ascii_case(b"pgtenant")
+}
+
+fn reserved_name_error() -> PgError {
+    PgError::error(
+        sqlstate::INSUFFICIENT_PRIVILEGE,
+        "pgtenant: prepared statement and portal names starting with \"pgtenant\" are reserved",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TenantConfig;
+
+    fn guard() -> Guard {
+        let mut cfg = TenantConfig::default();
+        cfg.settings.insert("app.tenant_id".into(), "tenant_id".into());
+        Guard::from_config(&cfg)
+    }
+
+    fn frame(tag: u8, body: &[u8]) -> Frame {
+        let mut b = vec![tag];
+        b.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
+        b.extend_from_slice(body);
+        Frame { tag, bytes: Bytes::from(b) }
+    }
+
+    fn run(c: &mut Classifier<'_>, tag: u8, body: &[u8]) -> Step {
+        c.classify(&frame(tag, body)).unwrap_or_else(|_| panic!("malformed"))
+    }
+
+    fn classifier<'a>(g: &'a Guard, s: &'a mut Statements, in_block: bool) -> Classifier<'a> {
+        Classifier {
+            guard: g,
+            statements: s,
+            pos: Position { in_block },
+            pooling: true,
+            batch: Batch::Closed,
+            unsettled: false,
+            budget: Budget { max: 1 << 20, settings: 0 },
+            function_calls: false,
+        }
+    }
+
+    #[test]
+    fn queries() {
+        let g = guard();
+        let mut s = Statements::default();
+        let mut c = classifier(&g, &mut s, false);
+        let Step::Run(p) = run(&mut c, b'Q', b"select * from orders\0") else { panic!() };
+        assert_eq!((p.effect, p.conn.leaves_state, p.setup), (Some(TxEffect::None), false, false));
+        let Step::Run(p) = run(&mut c, b'Q', b"insert into t values (1)\0") else { panic!() };
+        assert!(p.conn.leaves_state && !p.conn.touches_prepared);
+        let Step::Run(p) = run(&mut c, b'Q', b"select prepared_at from t\0") else { panic!() };
+        assert!(!p.conn.touches_prepared, "a column name is not PREPARE");
+        let Step::Run(p) = run(&mut c, b'Q', b"BEGIN ISOLATION LEVEL SERIALIZABLE\0") else { panic!() };
+        assert!(p.setup && p.effect == Some(TxEffect::Begin));
+        let Step::Run(p) = run(&mut c, b'Q', b"SET work_mem = '8MB'\0") else { panic!() };
+        assert_eq!(p.changes, Some(vec![Change::Set("work_mem".into(), "8MB".into())]));
+        let Step::Run(p) = run(&mut c, b'Q', b"COMMIT AND CHAIN\0") else { panic!() };
+        assert!(p.chain);
+        assert!(matches!(run(&mut c, b'Q', b"DISCARD ALL\0"), Step::DiscardAll));
+        assert!(matches!(run(&mut c, b'Q', b"select set_config('app.tenant_id', '2', true)\0"), Step::Refuse(Refusal { audit: Some(("guard", _)), .. })));
+        assert!(matches!(run(&mut c, b'Q', b"LISTEN x\0"), Step::Refuse(Refusal { audit: Some(("pooling", _)), .. })));
+        assert!(matches!(run(&mut c, b'Q', b"commit; select 1\0"), Step::Refuse(_)));
+        c.unsettled = true;
+        assert!(matches!(run(&mut c, b'Q', b"commit; select 1\0"), Step::Hold));
+    }
+
+    #[test]
+    fn statements_and_portals() {
+        let g = guard();
+        let mut s = Statements::default();
+        let mut c = classifier(&g, &mut s, false);
+        let Step::Run(p) = run(&mut c, b'P', b"s1\0BEGIN READ ONLY\0\0\0") else { panic!() };
+        assert!(p.setup);
+        let Step::Run(p) = run(&mut c, b'B', b"\0s1\0\0\0\0\0\0\0") else { panic!() };
+        assert!(p.setup && p.effect == Some(TxEffect::Begin));
+        let Step::Run(p) = run(&mut c, b'D', b"P\0") else { panic!() };
+        assert!(p.setup, "Describe of a setup portal");
+        let Step::Run(p) = run(&mut c, b'E', b"\0\0\0\0\0") else { panic!() };
+        assert!(p.setup);
+        assert!(matches!(run(&mut c, b'C', b"Ss1\0"), Step::ClosedLocally));
+        assert!(matches!(run(&mut c, b'P', b"pgtenant_x\0select 1\0\0\0"), Step::Refuse(_)));
+        // DISCARD ALL by Execute: only first in a batch that began outside a block
+        run(&mut c, b'P', b"\0DISCARD ALL\0\0\0");
+        run(&mut c, b'B', b"\0\0\0\0\0\0\0\0");
+        assert!(matches!(run(&mut c, b'E', b"\0\0\0\0\0"), Step::DiscardAll));
+        c.batch = Batch::Open { began_idle: true, executed: true };
+        assert!(matches!(run(&mut c, b'E', b"\0\0\0\0\0"), Step::Run(_)));
+        // FunctionCall only when the pool allows some
+        assert!(matches!(run(&mut c, b'F', &[0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), Step::Refuse(_)));
+    }
+}
