@@ -11,6 +11,9 @@ use std::process::{Command, Output};
 
 /// The reference multi-tenant schema with RLS (owner role, restricted `app_user`, FORCE RLS).
 pub const RLS_FIXTURE_SQL: &str = include_str!("../../tests/fixtures/rls.sql");
+/// Its policies in the signed-context style (`pgtenant.setting(…)`), applied on top of it after the
+/// `pgtenant install-sql` script.
+pub const RLS_SIGNED_FIXTURE_SQL: &str = include_str!("../../tests/fixtures/rls-signed.sql");
 
 #[derive(Debug)]
 pub struct ClusterError(pub String);
@@ -303,11 +306,33 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs SQL as the superuser, handed to psql on standard input: it is never on disk nor in the
+    /// process list (`pgtenant install-sql` output carries the signing key).
+    pub fn psql_stdin(&self, db: &str, sql: &str) -> Result<String, ClusterError> {
+        use std::io::Write;
+        let mut c = self.psql_cmd(db);
+        c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().map_err(|e| err(format!("psql: cannot run: {e}")))?;
+        let written = child.stdin.take().map(|mut stdin| stdin.write_all(sql.as_bytes()));
+        let out = child.wait_with_output().map_err(|e| err(format!("psql: {e}")))?;
+        if !out.status.success() || !matches!(written, Some(Ok(()))) {
+            return Err(err(format!("psql failed: {}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout))));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
     /// Loads the RLS fixture into the cluster's database.
     pub fn load_rls_fixture(&self) -> Result<(), ClusterError> {
         let path = self.root.join("rls.sql");
         std::fs::write(&path, RLS_FIXTURE_SQL).map_err(|e| err(e.to_string()))?;
         self.psql_file(&self.database, &path).map(|_| ())
+    }
+
+    /// Installs the signed context (`install_sql`: the output of `pgtenant install-sql`) and
+    /// switches the loaded RLS fixture to signed-context policies.
+    pub fn load_signed_rls_fixture(&self, install_sql: &str) -> Result<(), ClusterError> {
+        self.psql_stdin(&self.database, install_sql)?;
+        self.psql_stdin(&self.database, RLS_SIGNED_FIXTURE_SQL).map(|_| ())
     }
 
     /// Stops the server (fast shutdown); idempotent.

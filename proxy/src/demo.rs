@@ -1,7 +1,9 @@
 //! `pgtenant demo`: from a fresh clone to "two tenants, same query, different rows" in one command.
 //! Starts a throwaway Postgres (the same `cluster` code the tests use), loads the example RLS
-//! schema, starts the proxy in front of it with a generated secret, and prints ready-to-paste psql
-//! commands with tokens for two tenants. Ctrl-C / SIGTERM removes everything.
+//! schema in its signed-context style (`pgtenant install-sql` with a generated signing key, then
+//! tests/fixtures/rls-signed.sql), starts the proxy in front of it with a generated JWT secret and
+//! that key, and prints ready-to-paste psql commands with tokens for two tenants, plus a direct
+//! connection as the restricted role that sees nothing. Ctrl-C / SIGTERM removes everything.
 
 use serde_json::json;
 
@@ -37,23 +39,30 @@ pub async fn run(opts: DemoOptions, stop: impl std::future::Future<Output = ()>)
     })
     .await
     .map_err(|e| e.to_string())??;
-    let secret: String = {
+    let random = |n: usize| -> String {
         use rand::Rng;
-        rand::rng().sample_iter(rand::distr::Alphanumeric).take(40).map(char::from).collect()
+        rand::rng().sample_iter(rand::distr::Alphanumeric).take(n).map(char::from).collect()
     };
+    let (secret, signing_key) = (random(40), random(48));
     let text = format!(
         "[server]\nlisten = \"127.0.0.1:{}\"\n[backend]\nurl = \"{}\"\npool_size = 10\n[jwt]\nsecret = \"{secret}\"\n\
-         [tenant]\nsettings = {{ \"app.tenant_id\" = \"tenant_id\", \"app.user_id\" = \"sub\" }}\n",
+         [tenant]\nsettings = {{ \"app.tenant_id\" = \"tenant_id\", \"app.user_id\" = \"sub\" }}\nsigning_key = \"{signing_key}\"\n",
         opts.port,
         cluster.url("app_user", "app-secret", "app"),
     );
     let cfg = Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
+    // the database verifies what pgtenant signs: the policies read pgtenant.setting()
+    let install = crate::install_sql::script(&cfg, crate::install_sql::DEFAULT_SCHEMA)?;
+    let cluster = tokio::task::spawn_blocking(move || cluster.load_signed_rls_fixture(&install).map(|()| cluster))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     let running = crate::server::start(cfg).await?;
     let port = running.addr.port();
     let conn = format!("host=127.0.0.1 port={port} dbname=app user=alice");
-    let query = "select current_setting('app.tenant_id') as tenant, count(*) as orders, sum(amount) as total from orders";
+    let query = "select pgtenant.setting('app.tenant_id') as tenant, count(*) as orders, sum(amount) as total from orders";
     say!("pgtenant demo is running");
-    say!("  proxy     127.0.0.1:{port}  (restricted role app_user, RLS on tenants/users/orders)");
+    say!("  proxy     127.0.0.1:{port}  (restricted role app_user, RLS on tenants/users/orders, signed context)");
     say!("  postgres  127.0.0.1:{}  data in {}", cluster.port(), cluster.data_dir().display());
     say!();
     for (tenant, name) in [(1, "Acme"), (2, "Globex")] {
@@ -64,6 +73,12 @@ pub async fn run(opts: DemoOptions, stop: impl std::future::Future<Output = ()>)
         say!("  PGPASSWORD={tok} psql \"{conn}\" -c \"{query}\"");
         say!();
     }
+    say!("app_user's password alone is worth nothing: straight to Postgres, setting the tenant itself, it sees 0 rows:");
+    say!(
+        "  psql \"host=127.0.0.1 port={} dbname=app user=app_user password=app-secret\" -c \"set app.tenant_id = '1'; select count(*) from orders\"",
+        cluster.port()
+    );
+    say!();
     say!("Same query, different rows: each token sees only its tenant. Press Ctrl-C to stop (everything is removed).");
     let _ = std::io::Write::flush(&mut std::io::stdout());
     stop.await;

@@ -4,7 +4,8 @@
 //!
 //! The module tree follows the data path:
 //! client side (`client`: TLS, startup, auth) → `jwt` → `tenant` context (`signing`: the copy the
-//! database can verify) → `session` (transaction state machine, injection) → `pool` / `backend`.
+//! database can verify, with `install_sql`, the SQL that verifies it) → `session` (transaction state
+//! machine, injection) → `pool` / `backend`.
 
 pub mod admin;
 pub mod audit;
@@ -17,6 +18,7 @@ pub mod demo;
 pub mod doctor;
 pub mod error;
 pub mod guard;
+pub mod install_sql;
 pub mod jwt;
 pub mod logging;
 pub mod metrics;

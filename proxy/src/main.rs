@@ -62,6 +62,20 @@ enum Command {
         /// Print the findings as JSON.
         #[arg(long)]
         json: bool,
+        /// Schema of the signed-context functions (as given to install-sql).
+        #[arg(long, default_value = pgtenant::install_sql::DEFAULT_SCHEMA)]
+        schema: String,
+    },
+    /// Print the SQL that installs the signed tenant context in the database (the key table, the
+    /// configured key and the verifying functions), for the database owner or a superuser.
+    /// The output CONTAINS THE SIGNING KEY: pipe it straight into psql, e.g.
+    /// `pgtenant install-sql -c pgtenant.toml | psql -v ON_ERROR_STOP=1 "postgres://owner@host/app"`.
+    InstallSql {
+        #[arg(long, short, env = "PGTENANT_CONFIG", default_value = "config/pgtenant.toml")]
+        config: PathBuf,
+        /// Schema for the key table and the functions.
+        #[arg(long, default_value = pgtenant::install_sql::DEFAULT_SCHEMA)]
+        schema: String,
     },
     /// Run the proxy.
     Run {
@@ -115,16 +129,27 @@ fn run(config: PathBuf) -> Result<(), String> {
     })
 }
 
-fn doctor(config: PathBuf, admin_url: Option<String>, json: bool) -> Result<ExitCode, String> {
+fn doctor(config: PathBuf, admin_url: Option<String>, json: bool, schema: String) -> Result<ExitCode, String> {
     let cfg = Config::load(&config).map_err(|e| e.to_string())?;
+    pgtenant::install_sql::check_schema(&schema)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let findings = rt.block_on(pgtenant::doctor::run(&cfg, admin_url.as_deref()))?;
+    let findings = rt.block_on(pgtenant::doctor::run_in(&cfg, admin_url.as_deref(), &schema))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&findings).map_err(|e| e.to_string())?);
     } else {
         print!("{}", pgtenant::doctor::render(&findings));
     }
     Ok(if findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn install_sql(config: PathBuf, schema: String) -> Result<ExitCode, String> {
+    let cfg = Config::load(&config).map_err(|e| e.to_string())?;
+    let sql = pgtenant::install_sql::script(&cfg, &schema)?;
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        eprintln!("pgtenant: the SQL below contains the signing key; pipe it into psql instead of printing it");
+    }
+    print!("{sql}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn parse_ttl(s: &str) -> Result<u64, String> {
@@ -217,7 +242,9 @@ fn check(config: PathBuf) -> Result<ExitCode, String> {
     println!("{}: ok", config.display());
     println!("listen {} -> backend {} (pool of {}, {} pooling)", cfg.server.listen, proxy.shared.pool.target().describe(), cfg.backend.pool_size,
         if proxy.shared.session_mode { "session" } else { "transaction" });
-    println!("\nEvery client transaction starts with:\n  {}", pgtenant::session::inject::context_sql(names.len()));
+    let signing = cfg.tenant.signing_key_bytes().map_err(|e| e.to_string())?.is_some();
+    let arity = names.len() + if signing { 2 } else { 0 };
+    println!("\nEvery client transaction starts with:\n  {}", pgtenant::session::inject::context_sql(arity));
     println!("with parameters:");
     let claim = |name: &str| -> String {
         if let Some(path) = cfg.tenant.settings.get(name) {
@@ -231,7 +258,26 @@ fn check(config: PathBuf) -> Result<ExitCode, String> {
     for (i, name) in names.iter().enumerate() {
         println!("  ${} = '{name}', ${} = {}", 2 * i + 1, 2 * i + 2, claim(name));
     }
-    println!("(plus the client's own startup parameters and session SETs, if any)");
+    if signing {
+        let n = 2 * names.len();
+        println!(
+            "  ${} = '{}', ${} = a JSON copy of these settings (without role) naming the backend it runs on",
+            n + 1,
+            pgtenant::signing::CONTEXT_SETTING,
+            n + 2
+        );
+        println!("  ${} = '{}', ${} = its HMAC-SHA256 under key id {:?}", n + 3, pgtenant::signing::SIGNATURE_SETTING, n + 4, cfg.tenant.signing_kid);
+        println!("(plus the client's own startup parameters and session SETs, if any, before the signed pair)");
+        println!(
+            "\nsigned context: on, kid {:?}; policies read {}.setting(name), which only trusts a signed context \
+             (install it with `pgtenant install-sql`)",
+            cfg.tenant.signing_kid,
+            pgtenant::install_sql::DEFAULT_SCHEMA
+        );
+    } else {
+        println!("(plus the client's own startup parameters and session SETs, if any)");
+        println!("\nsigned context: off (set tenant.signing_key to sign it; see docs/security.md, \"Signed context\")");
+    }
     let l = &cfg.limits;
     if l.max_active_per_tenant > 0 || l.max_waiting_per_tenant > 0 || !l.tenants.is_empty() {
         let show = |v: usize| if v == 0 { "no limit".to_string() } else { v.to_string() };
@@ -281,7 +327,8 @@ fn main() -> ExitCode {
             Ok(ExitCode::from(1))
         }),
         Command::Run { config } => run(config).map(|()| ExitCode::SUCCESS),
-        Command::Doctor { config, admin_url, json } => doctor(config, admin_url, json),
+        Command::Doctor { config, admin_url, json, schema } => doctor(config, admin_url, json, schema),
+        Command::InstallSql { config, schema } => install_sql(config, schema),
     };
     match result {
         Ok(code) => code,

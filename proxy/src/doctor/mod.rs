@@ -6,6 +6,8 @@ use std::collections::BTreeSet;
 
 use serde::Serialize;
 
+mod signing;
+
 use crate::backend::query::{simple_query, Row};
 use crate::backend::{connect, BackendConn, BackendTarget, ConnectError};
 use crate::config::{BackendConfig, Config};
@@ -79,6 +81,11 @@ const USER_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema'
 /// Runs every check. Connects as `admin_url` when given (to see every object), else as the
 /// restricted role itself; privileges are always evaluated for the restricted role.
 pub async fn run(cfg: &Config, admin_url: Option<&str>) -> Result<Vec<Finding>, String> {
+    run_in(cfg, admin_url, crate::install_sql::DEFAULT_SCHEMA).await
+}
+
+/// [`run`], with the signed-context functions in `schema` (`pgtenant install-sql --schema`).
+pub async fn run_in(cfg: &Config, admin_url: Option<&str>, schema: &str) -> Result<Vec<Finding>, String> {
     let role_target = BackendTarget::from_config(&cfg.backend).map_err(|e| format!("backend.url: {e}"))?;
     let role = role_target.user.clone();
     let target = match admin_url {
@@ -151,6 +158,7 @@ pub async fn run(cfg: &Config, admin_url: Option<&str>) -> Result<Vec<Finding>, 
     if !cfg.tenant.claims_setting.is_empty() {
         all_names.push(cfg.tenant.claims_setting.clone());
     }
+    let signed = signing::checks(&mut conn, cfg, &role, schema).await.map_err(err)?;
     let policies = simple_query(&mut conn, "SELECT format('%I.%I', schemaname, tablename), policyname, coalesce(qual, '') || ' ' || coalesce(with_check, '') FROM pg_policies ORDER BY 1, 2")
         .await
         .map_err(err)?;
@@ -182,8 +190,11 @@ pub async fn run(cfg: &Config, admin_url: Option<&str>) -> Result<Vec<Finding>, 
     .await
     .map_err(err)?
     {
-        out.push(finding("security_definer_function", text(&row, 0), "SECURITY DEFINER function the role can run: it runs with its owner's rights"));
+        if !signed.vouched.contains(&text(&row, 0)) {
+            out.push(finding("security_definer_function", text(&row, 0), "SECURITY DEFINER function the role can run: it runs with its owner's rights"));
+        }
     }
+    out.extend(signed.findings);
     for row in simple_query(&mut conn, &format!(
         "SELECT n.nspname, format('%I', n.nspname), {} FROM pg_namespace n WHERE {USER_SCHEMAS} AND has_schema_privilege({r}, n.oid, 'CREATE') ORDER BY 1",
         grantees("n.nspacl", 'n', "n.nspowner", "CREATE", &r)
