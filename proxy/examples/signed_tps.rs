@@ -1,0 +1,97 @@
+//! Benchmark: the same workload through pgtenant with plain `current_setting` policies and with the
+//! signed-context policies (`pgtenant.setting()`), interleaved on one throwaway cluster, plus the
+//! verifying function's cost per call (bench/signed_context.sql). Issue 16's target: signed TPS
+//! ≥ 0.90× plain. Prints a table; docs/benchmarks.md ("Signed context") records a run.
+//!
+//!     cargo run --release -p pgtenant --example signed_tps [-- SECONDS ROUNDS CLIENTS]
+
+use std::process::Command;
+use std::time::Duration;
+
+use pgtenant::cluster::Cluster;
+use pgtenant::config::Config;
+
+const PLAIN: &str = "ALTER POLICY tenant_isolation ON orders
+  USING (tenant_id = NULLIF(current_setting('app.tenant_id', true), '')::integer)
+  WITH CHECK (tenant_id = NULLIF(current_setting('app.tenant_id', true), '')::integer)";
+const SIGNED: &str = "ALTER POLICY tenant_isolation ON orders
+  USING (tenant_id = (SELECT pgtenant.setting('app.tenant_id'))::integer)
+  WITH CHECK (tenant_id = (SELECT pgtenant.setting('app.tenant_id'))::integer)";
+const SCRIPT: &str = "\\set id random(1, 200000)\nSELECT id, tenant_id, amount FROM orders WHERE id = :id;\n";
+
+fn main() -> Result<(), String> {
+    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let (secs, rounds, clients) = (args.first().copied().unwrap_or(10), args.get(1).copied().unwrap_or(3), args.get(2).copied().unwrap_or(32));
+    let cluster = Cluster::start().map_err(|e| e.to_string())?;
+    cluster.load_rls_fixture().map_err(|e| e.to_string())?;
+    // 200,000 orders spread over the fixture's tenants; tenant 1's token reads its ~share of them
+    cluster
+        .psql(
+            "app",
+            "INSERT INTO orders (tenant_id, user_sub, amount) SELECT 1 + g % 3, 'bench', g FROM generate_series(1, 200000) g; VACUUM ANALYZE orders",
+        )
+        .map_err(|e| e.to_string())?;
+    let key = "signed-tps-benchmark-key-0123456789abcdef";
+    let secret = "signed-tps-benchmark-jwt-secret-0123456789";
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[backend]\nurl = \"{}\"\npool_size = 8\n[jwt]\nsecret = \"{secret}\"\n\
+         [tenant]\nsettings = {{ \"app.tenant_id\" = \"tenant_id\", \"app.user_id\" = \"sub\" }}\nsigning_key = \"{key}\"\n[log]\nlevel = \"warn\"\n",
+        cluster.url("app_user", "app-secret", "app")
+    );
+    let cfg = Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
+    cluster.psql_stdin("app", &pgtenant::install_sql::script(&cfg, "pgtenant")?).map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| e.to_string())?;
+    let proxy = rt.block_on(pgtenant::server::start(cfg)).map_err(|e| e.to_string())?;
+    let token = pgtenant::jwt::mint_hs(
+        &serde_json::json!({"tenant_id": 1, "sub": "bench", "exp": 4_000_000_000u64}),
+        secret.as_bytes(),
+        jsonwebtoken::Algorithm::HS256,
+    );
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let script = dir.path().join("select.sql");
+    std::fs::write(&script, SCRIPT).map_err(|e| e.to_string())?;
+    let pgbench = Cluster::find_bindir().map_err(|e| e.to_string())?.join("pgbench");
+    let run = |mode: &str| -> Result<f64, String> {
+        let out = Command::new(&pgbench)
+            .args(["-n", "-c", &clients.to_string(), "-j", "2", "-T", &secs.to_string(), "-M", mode, "-f"])
+            .arg(&script)
+            .args(["-h", "127.0.0.1", "-p", &proxy.addr.port().to_string(), "-U", "bench", "app"])
+            .env("PGPASSWORD", &token)
+            .output()
+            .map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .find_map(|l| l.strip_prefix("tps = ").and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()))
+            .ok_or_else(|| format!("pgbench: {text}{}", String::from_utf8_lossy(&out.stderr)))
+    };
+    println!("{} s runs, {rounds} interleaved rounds, {clients} clients, pool 8, primary-key read of orders", secs);
+    println!("| mode | plain TPS (median) | signed TPS (median) | signed / plain |\n|---|---:|---:|---:|");
+    for mode in ["simple", "extended", "prepared"] {
+        let (mut plain, mut signed) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            cluster.psql("app", PLAIN).map_err(|e| e.to_string())?;
+            std::thread::sleep(Duration::from_millis(200));
+            plain.push(run(mode)?);
+            cluster.psql("app", SIGNED).map_err(|e| e.to_string())?;
+            std::thread::sleep(Duration::from_millis(200));
+            signed.push(run(mode)?);
+        }
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            v[v.len() / 2]
+        };
+        let (p, s) = (median(&mut plain), median(&mut signed));
+        println!("| {mode} | {p:.0} | {s:.0} | {:.2} |", s / p);
+    }
+    // the per-call cost of the verifier, as the restricted role with the key
+    let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/signed_context.sql");
+    let out = Command::new("psql")
+        .args(["-X", "-q", "-v", &format!("key={key}"), "-f"])
+        .arg(&file)
+        .arg(cluster.url("app_user", "app-secret", "app"))
+        .output()
+        .map_err(|e| e.to_string())?;
+    println!("\nbench/signed_context.sql:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    rt.block_on(proxy.stop());
+    Ok(())
+}
