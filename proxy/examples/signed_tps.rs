@@ -28,9 +28,10 @@ fn main() -> Result<(), String> {
     cluster
         .psql(
             "app",
-            "INSERT INTO orders (tenant_id, user_sub, amount) SELECT 1 + g % 3, 'bench', g FROM generate_series(1, 200000) g; VACUUM ANALYZE orders",
+            "INSERT INTO orders (tenant_id, user_sub, amount) SELECT 1 + g % 3, 'bench', g FROM generate_series(1, 200000) g",
         )
         .map_err(|e| e.to_string())?;
+    cluster.psql("app", "VACUUM ANALYZE orders").map_err(|e| e.to_string())?;
     let key = "signed-tps-benchmark-key-0123456789abcdef";
     let secret = "signed-tps-benchmark-jwt-secret-0123456789";
     let text = format!(
