@@ -103,6 +103,29 @@ def main(argv: list[str]) -> int:
         out += ["**Round trips per transaction** (strace)", ""]
         out += md_table(["mix", "mode", "row", "script", "backend recvs (round trips)", "backend sends",
                          "proxy I/O syscalls"], rows, right_from=4) + [""]
+    lg = res.get("login")
+    if lg:
+        c = lg["config"]
+        out += [f"**Login rate** (`pgbench -C`, {c['clients']} clients, median of {c['rounds']} x {c['duration_s']} s)", ""]
+        out += md_table(["target", "logins/s", "proxy CPU s / 1k logins"],
+                        [[name, f(s["logins_per_s"]), f(s["proxy_cpu_s_per_1k"], ".3f")]
+                         for name, s in lg["summary"].items()]) + [""]
+    idle = res.get("idle")
+    if idle:
+        out += [f"**Idle clients**: {idle['connected']:,} of {idle['requested']:,} logged in ({idle['failed']} failed) "
+                f"in {idle['connect_s']:.1f} s; proxy RSS {idle['rss_before_kib'] / 1024:.1f} MiB before, "
+                f"{idle['rss_after_kib'] / 1024:.1f} MiB with all connected ({f(idle['rss_per_client_kib'], '.2f')} KiB "
+                f"per client), {idle['rss_after_close_kib'] / 1024:.1f} MiB 2 s after they closed; "
+                f"{idle['sample_ok']} of {idle['sample']} sampled connections answered as their own tenant.", ""]
+    act = res.get("active")
+    if act:
+        h = act.get("proxy_histograms_ms") or {}
+        out += [f"**Active clients**: {act['connected']:,} of {act['clients']:,} on a pool of {act['pool']} for "
+                f"{act['duration_s']} s: {act['transactions']:,} transactions, {act['errors']} errors, "
+                f"{act['wrong_rows']} wrong-tenant rows, {act['connect_failed']} failed logins; client-side p50 "
+                f"{f(act['p50_ms'], '.0f')} ms, p99 {f(act['p99_ms'], '.0f')} ms"
+                + (f"; pgtenant's pool wait p50 {f(h['pool_wait']['p50'], '.0f')} ms, backend held per transaction "
+                   f"p50 {f(h['transaction']['p50'], '.1f')} ms" if h else "") + ".", ""]
     tg = res.get("targets")
     if tg:
         rows = [[t["name"], f(t["value"], t.get("value_fmt", ".2f")) if not isinstance(t["value"], int)
