@@ -31,6 +31,7 @@ fn main() {
         two_phase_commit_is_refused,
         discard_all_extended_protocol,
         signed_context_names_its_backend_and_follows_reload,
+        connects_when_the_role_cannot_read_backend_activity,
         python_drivers,
         node_drivers,
         pgjdbc_driver,
@@ -428,6 +429,26 @@ async fn signed_context_names_its_backend_and_follows_reload(env: &Env) -> TestR
     }
     p.stop().await;
     Ok(())
+}
+
+/// The doctor's `query_text_visible` fix revokes pg_stat_get_activity from PUBLIC: pgtenant, which
+/// reads its backends' start time with it (for signed contexts), must still serve clients.
+async fn connects_when_the_role_cannot_read_backend_activity(env: &Env) -> TestResult {
+    env.cluster
+        .psql("app", "REVOKE EXECUTE ON FUNCTION pg_catalog.pg_stat_get_activity(integer) FROM PUBLIC")
+        .map_err(|err| err.to_string())?;
+    let p = start_proxy(env, "", "").await;
+    let result = async {
+        let c = connect(&p, &token(1, "revoked")).await.map_err(e)?;
+        let got = row(&c, "select current_setting('app.tenant_id'), count(*) from orders").await?;
+        ensure(got[0] == "1", format!("after the revoke: {got:?}"))
+    }
+    .await;
+    p.stop().await;
+    env.cluster
+        .psql("app", "GRANT EXECUTE ON FUNCTION pg_catalog.pg_stat_get_activity(integer) TO PUBLIC")
+        .map_err(|err| err.to_string())?;
+    result
 }
 
 // ---- real clients (installed by scripts/test.sh) ---------------------------------------------

@@ -224,13 +224,17 @@ impl Pool {
         }
         let mut conn = self.connect().await.map_err(|e| connect_error(&e))?;
         let calls = self.resolve_function_calls(&mut conn).await.map_err(|e| connect_error(&e))?;
-        let started = backend::query::simple_query(&mut conn, crate::signing::BACKEND_START_SQL)
-            .await
-            .map_err(|e| connect_error(&e))?
-            .into_iter()
-            .next()
-            .and_then(|r| r.into_iter().next().flatten())
-            .unwrap_or_default();
+        // the backend's start, which a signed context names; a role that may not read it (the
+        // doctor's `query_text_visible` fix revokes pg_stat_get_activity) still connects: its
+        // signed contexts then verify nowhere (no rows), which is what signing needs
+        let started = match backend::query::simple_query(&mut conn, crate::signing::BACKEND_START_SQL).await {
+            Ok(rows) => rows.into_iter().next().and_then(|r| r.into_iter().next().flatten()).unwrap_or_default(),
+            Err(e @ ConnectError::Server { .. }) => {
+                tracing::warn!(error = %e, "cannot read the backend's start time; signed contexts will not verify on this connection");
+                String::new()
+            }
+            Err(e) => return Err(connect_error(&e)),
+        };
         Ok(Lease { backend: PooledConn::from_conn(conn, self.prepared_cache, calls, started), slot: permit })
     }
 
