@@ -8,7 +8,10 @@
 -- - each in its own transaction (COMMIT after each): what one query of a pgtenant transaction pays;
 -- - all in one transaction: what later queries of a transaction pay;
 -- and the function called for 3,000 rows of one query (per call, no parsing). Prints microseconds;
--- the difference to current_setting() is what a signed policy adds. Comparable on one machine only.
+-- the difference to current_setting() is what a signed policy adds. pgtenant.setting() answers from
+-- what the backend remembers of contexts it verified; pgtenant.verify() is the full check it falls
+-- back on, which a context pays the first time it reaches a backend (plus, once per backend
+-- connection, a look at pg_stat_activity that is not timed here). Comparable on one machine only.
 
 SELECT set_config('pgtenant.context',
          format('{"bs":"%s","iat":1,"kid":"k1","pid":%s,"settings":{"app.tenant_id":"2","app.user_id":"u","request.jwt.claims":"{\"sub\":\"u\",\"tenant_id\":2}"}}',
@@ -34,6 +37,7 @@ BEGIN
     FOREACH q IN ARRAY ARRAY[
       'SELECT (SELECT current_setting(''app.tenant_id'', true))',
       'SELECT (SELECT pgtenant.setting(''app.tenant_id''))',
+      'SELECT (SELECT pgtenant.verify(''app.tenant_id''))',
       'SELECT (SELECT pgtenant.claims() ->> ''sub'')'] LOOP
       t0 := clock_timestamp();
       FOR i IN 1..n LOOP

@@ -22,7 +22,7 @@
 
 use crate::backend::BackendTarget;
 use crate::config::Config;
-use crate::signing::{CONTEXT_SETTING, SIGNATURE_SETTING};
+use crate::signing::{CACHE_SETTING, CONTEXT_SETTING, SIGNATURE_SETTING};
 
 /// The schema `install-sql` and `doctor` use unless told otherwise.
 pub const DEFAULT_SCHEMA: &str = "pgtenant";
@@ -31,18 +31,45 @@ pub const DEFAULT_SCHEMA: &str = "pgtenant";
 const SCHEMA: &str = "@schema@";
 const PGCRYPTO: &str = "@pgcrypto@";
 
-/// Body of `<schema>.setting(name text)`. Every failure is NULL, never an error: a client must not
-/// learn from an error which part of a forged context was wrong. The payload is parsed as JSON only
-/// once a key's HMAC matches, i.e. only when pgtenant wrote it.
+/// Body of `<schema>.setting(name text)`: the fast path. A context this backend verified before is
+/// remembered (see [`VERIFY_BODY`]) as a digest of its payload and signature in
+/// `session_preload_libraries`, a setting only a superuser (or a role granted `SET` on it) can
+/// change and only a superuser or `pg_read_all_settings` can read, so the restricted role can neither
+/// add a digest of its own nor see them; a remembered context costs one SHA-256 and a JSON parse.
+/// Anything else goes to `<schema>.verify`. It is `SECURITY DEFINER` (to read that setting) but has
+/// no `SET search_path` clause, which costs a save and restore of the settings on every call (about
+/// 2 µs, as much as the rest of this body): instead every name in it is schema-qualified, so a
+/// caller's `search_path` cannot substitute an operator, function or type of its own.
 const SETTING_BODY: &str = r#"
+DECLARE
+  ctx pg_catalog.text := pg_catalog.current_setting('@context@', true);
+BEGIN
+  IF pg_catalog.strpos(pg_catalog.current_setting('@cache@'),
+       pg_catalog.left(pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(
+         pg_catalog.concat(ctx, '.', pg_catalog.current_setting('@signature@', true)), 'UTF8')), 'hex'), 32))
+     OPERATOR(pg_catalog.>) 0 THEN
+    RETURN pg_catalog.json_extract_path_text(ctx::pg_catalog.json, 'settings', name);
+  END IF;
+  RETURN @schema@.verify(name);
+END
+"#;
+
+/// Body of `<schema>.verify(name text)`: the full check, `SECURITY DEFINER` (it reads the keys).
+/// Every failure is NULL, never an error: a client must not learn from an error which part of a
+/// forged context was wrong. The payload is parsed as JSON only once a key's HMAC matches, i.e. only
+/// when pgtenant wrote it. Its binding to this backend (pid, and start against pid reuse) is looked
+/// up once per connection and remembered with the verified contexts; the newest 128 are kept.
+const VERIFY_BODY: &str = r#"
 DECLARE
   ctx text := current_setting('@context@', true);
   sig text := current_setting('@signature@', true);
+  seen text := current_setting('@cache@');
   msg bytea;
   given bytea;
   mac bytea;
   k record;
   p jsonb;
+  bind text;
 BEGIN
   -- no context, or a signature that is not 64 lowercase hex digits: unsigned
   IF ctx IS NULL OR sig IS NULL OR length(sig) <> 64 OR sig !~ '^[0-9a-f]+$' THEN
@@ -51,21 +78,28 @@ BEGIN
   msg := convert_to(ctx, 'UTF8');
   given := decode(sig, 'hex');
   -- every installed key is tried (more than one only during a rotation)
-  FOR k IN
-    SELECT t.kid, t.key,
-           (SELECT extract(epoch FROM a.backend_start)::text
-              FROM pg_stat_get_activity(pg_backend_pid()) a) AS bs
-      FROM @schema@.keys t
-  LOOP
+  FOR k IN SELECT t.kid, t.key FROM @schema@.keys t LOOP
     mac := @pgcrypto@.hmac(msg, k.key, 'sha256'::text);
     -- compare HMACs of the two MACs: how long the comparison takes tells nothing about the MAC
     IF @pgcrypto@.hmac(mac, k.key, 'sha256'::text) = @pgcrypto@.hmac(given, k.key, 'sha256'::text) THEN
       p := ctx::jsonb;
       -- signed with this kid, for this backend: its pid, and its start against pid reuse
-      IF p->>'kid' = k.kid AND p->>'pid' = pg_backend_pid()::text AND p->>'bs' = k.bs THEN
-        RETURN p->'settings'->>name;
+      IF p->>'kid' IS DISTINCT FROM k.kid OR p->>'pid' IS DISTINCT FROM pg_backend_pid()::text THEN
+        RETURN NULL;
       END IF;
-      RETURN NULL;
+      bind := 'pgtenant:' || (p->>'pid') || ':' || (p->>'bs');
+      IF split_part(seen, '|', 1) IS DISTINCT FROM bind THEN
+        IF p->>'bs' IS DISTINCT FROM (SELECT extract(epoch FROM a.backend_start)::text
+                                         FROM pg_stat_get_activity(pg_backend_pid()) a) THEN
+          RETURN NULL;
+        END IF;
+        seen := bind;
+      END IF;
+      -- remember it: "pgtenant:<pid>:<start>|<digest>|<digest>…", newest first
+      PERFORM set_config('@cache@', bind || '|'
+        || left(encode(sha256(convert_to(concat(ctx, '.', sig), 'UTF8')), 'hex'), 32)
+        || left(substr(seen, length(bind) + 1), 127 * 33), false);
+      RETURN p->'settings'->>name;
     END IF;
   END LOOP;
   RETURN NULL;
@@ -86,14 +120,23 @@ pub fn check_schema(schema: &str) -> Result<(), String> {
     }
 }
 
-/// The body of `<schema>.setting(text)` as installed, with pgcrypto in schema `pgcrypto` (as
-/// `quote_ident` writes it).
-pub fn setting_body(schema: &str, pgcrypto: &str) -> String {
-    SETTING_BODY
-        .replace("@context@", CONTEXT_SETTING)
+fn fill(body: &str, schema: &str, pgcrypto: &str) -> String {
+    body.replace("@context@", CONTEXT_SETTING)
         .replace("@signature@", SIGNATURE_SETTING)
+        .replace("@cache@", CACHE_SETTING)
         .replace(SCHEMA, schema)
         .replace(PGCRYPTO, pgcrypto)
+}
+
+/// The body of `<schema>.setting(text)` as installed.
+pub fn setting_body(schema: &str) -> String {
+    fill(SETTING_BODY, schema, "")
+}
+
+/// The body of `<schema>.verify(text)` as installed, with pgcrypto in schema `pgcrypto` (as
+/// `quote_ident` writes it).
+pub fn verify_body(schema: &str, pgcrypto: &str) -> String {
+    fill(VERIFY_BODY, schema, pgcrypto)
 }
 
 /// The body of `<schema>.claims()` for `tenant.claims_setting` (`""`: no claims setting).
@@ -129,7 +172,8 @@ pub fn script(cfg: &Config, schema: &str) -> Result<String, String> {
     grantees.extend(cfg.tenant.allowed_roles.iter().map(|r| ident(r)));
     let grantees = grantees.join(", ");
     let role_lit = literal(&role);
-    let setting = setting_body(schema, PGCRYPTO);
+    let setting = setting_body(schema);
+    let verify = verify_body(schema, PGCRYPTO);
     let claims = claims_body(schema, &cfg.tenant.claims_setting);
     let key_hex = hex::encode(&key);
     Ok(format!(
@@ -137,7 +181,8 @@ pub fn script(cfg: &Config, schema: &str) -> Result<String, String> {
 -- Schema {schema}, key id {kid_lit}, restricted role {role_ident}.
 -- THIS SCRIPT CONTAINS THE SIGNING KEY: pipe it into psql, do not save it or paste it into a log:
 --   pgtenant install-sql --config pgtenant.toml | psql -v ON_ERROR_STOP=1 "postgres://OWNER@HOST/DB"
--- Run it as a superuser, or as the database owner if it is a member of pg_read_all_stats. It is
+-- Run it as a superuser, or as the database owner if it is a member of pg_read_all_stats and
+-- pg_read_all_settings and (from PostgreSQL 15) was granted SET ON PARAMETER {cache}. It is
 -- idempotent and runs in one transaction; a new kid is added next to the installed ones.
 
 BEGIN;
@@ -154,6 +199,20 @@ BEGIN
      AND NOT pg_catalog.pg_has_role(current_user, {role_lit}, 'USAGE') THEN
     RAISE EXCEPTION 'pgtenant install-sql: % cannot see the backend start of % sessions', current_user, {role_lit}
       USING HINT = format('run it as a superuser, or first: GRANT pg_read_all_stats TO %I;', current_user);
+  END IF;
+  -- verify() remembers verified contexts in {cache}, which only a superuser, or (PostgreSQL 15
+  -- and later) a role granted SET on it, may change: that is what makes the memory trustworthy
+  IF NOT (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+    IF NOT pg_catalog.pg_has_role(current_user, 'pg_read_all_settings', 'USAGE') THEN
+      RAISE EXCEPTION 'pgtenant install-sql: % cannot read {cache}', current_user
+        USING HINT = format('run it as a superuser, or first: GRANT pg_read_all_settings TO %I;', current_user);
+    END IF;
+    IF pg_catalog.current_setting('server_version_num')::int < 150000 THEN
+      RAISE EXCEPTION 'pgtenant install-sql: run this as a superuser (before PostgreSQL 15 only a superuser may set {cache})';
+    ELSIF NOT pg_catalog.has_parameter_privilege(current_user, '{cache}', 'SET') THEN
+      RAISE EXCEPTION 'pgtenant install-sql: % may not set {cache}', current_user
+        USING HINT = format('run it as a superuser, or first, as a superuser: GRANT SET ON PARAMETER {cache} TO %I;', current_user);
+    END IF;
   END IF;
   IF NOT pg_catalog.has_function_privilege(current_user, 'pg_catalog.pg_stat_get_activity(integer)', 'EXECUTE') THEN
     RAISE EXCEPTION 'pgtenant install-sql: % may not execute pg_catalog.pg_stat_get_activity(integer)', current_user
@@ -179,29 +238,37 @@ INSERT INTO {schema}.keys (kid, key) VALUES ({kid_lit}, decode('{key_hex}', 'hex
   ON CONFLICT (kid) DO UPDATE SET key = EXCLUDED.key, added_at = now()
   WHERE keys.key IS DISTINCT FROM EXCLUDED.key;
 
--- {schema}.setting(name): the value of a tenant setting when the transaction's context carries a
+-- {schema}.verify(name): the value of a tenant setting when the transaction's context carries a
 -- valid signature by an installed key and names this backend; NULL otherwise (a policy comparing
--- with it then matches no row). Created through EXECUTE to call pgcrypto in whatever schema it is.
+-- with it then matches no row). It remembers what it verified in {cache}, a setting the restricted
+-- role cannot change. Created through EXECUTE to call pgcrypto in whatever schema it is.
 DO $install$
 DECLARE
   pgcrypto text := (SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e
                       JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'pgcrypto');
 BEGIN
   EXECUTE pg_catalog.replace($fn$
-CREATE OR REPLACE FUNCTION {schema}.setting(name text) RETURNS text
+CREATE OR REPLACE FUNCTION {schema}.verify(name text) RETURNS text
   LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-  AS $body${setting}$body$
+  AS $body${verify}$body$
 $fn$, '{PGCRYPTO}', pgcrypto);
 END
 $install$;
+
+-- {schema}.setting(name): what policies call. A context this backend verified before costs one
+-- SHA-256 here; anything else goes to {schema}.verify. No SET clause (it would cost as much as the
+-- body): every name in the body is schema-qualified instead.
+CREATE OR REPLACE FUNCTION {schema}.setting(name pg_catalog.text) RETURNS pg_catalog.text
+  LANGUAGE plpgsql STABLE SECURITY DEFINER
+  AS $body${setting}$body$;
 
 -- {schema}.claims(): the verified claims as jsonb; NULL when not verified.
 CREATE OR REPLACE FUNCTION {schema}.claims() RETURNS jsonb
   LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
   AS $body${claims}$body$;
 
-REVOKE ALL ON FUNCTION {schema}.setting(text), {schema}.claims() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION {schema}.setting(text), {schema}.claims() TO {grantees};
+REVOKE ALL ON FUNCTION {schema}.setting(text), {schema}.verify(text), {schema}.claims() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION {schema}.setting(text), {schema}.verify(text), {schema}.claims() TO {grantees};
 
 COMMIT;
 
@@ -214,6 +281,7 @@ COMMIT;
 "#,
         kid_lit = literal(kid),
         role_ident = ident(&role),
+        cache = CACHE_SETTING,
     ))
 }
 
@@ -236,14 +304,16 @@ mod tests {
         let sql = script(&c, "pgtenant").unwrap();
         assert!(sql.contains(&format!("decode('{}', 'hex')", hex::encode(key))), "{sql}");
         assert!(sql.contains("VALUES ('k2', "));
-        assert!(sql.contains("GRANT EXECUTE ON FUNCTION pgtenant.setting(text), pgtenant.claims() TO \"app_user\", \"reader\";"));
+        assert!(sql.contains("GRANT EXECUTE ON FUNCTION pgtenant.setting(text), pgtenant.verify(text), pgtenant.claims() TO \"app_user\", \"reader\";"));
         assert!(sql.contains("REVOKE ALL ON TABLE pgtenant.keys FROM PUBLIC, \"app_user\", \"reader\";"));
         assert!(sql.contains("RETURN pgtenant.setting('request.jwt.claims')::jsonb;"));
         assert!(sql.contains("FROM pgtenant.keys t") && sql.contains("@pgcrypto@.hmac(msg"));
+        assert!(sql.contains("GRANT SET ON PARAMETER session_preload_libraries"));
         assert_eq!(sql.matches("BEGIN;").count(), 1);
-        // the body the doctor compares with is the one installed
-        assert!(setting_body("s", "public").contains("public.hmac(mac, k.key") && setting_body("s", "public").contains("FROM s.keys t"));
-        assert!(!setting_body("s", "public").contains('@'));
+        // the bodies the doctor compares with are the ones installed
+        assert!(verify_body("s", "public").contains("public.hmac(mac, k.key") && verify_body("s", "public").contains("FROM s.keys t"));
+        assert!(setting_body("s").contains("RETURN s.verify(name);"));
+        assert!(!setting_body("s").contains('@') && !verify_body("s", "public").contains('@'));
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //! context through pgtenant cannot replay it on a direct connection.
 //!
 //! Signing is per (session, backend): the session caches the signed bytes of each backend it uses.
+//! Verifying is per (backend, context): the database remembers what it verified on a connection
+//! ([`CACHE_SETTING`]), so the full check runs the first time a session's context reaches a backend.
 
 use std::collections::BTreeMap;
 
@@ -26,6 +28,15 @@ use aws_lc_rs::hmac;
 pub const CONTEXT_SETTING: &str = "pgtenant.context";
 /// The setting that carries the payload's signature.
 pub const SIGNATURE_SETTING: &str = "pgtenant.signature";
+
+/// Where the database remembers the contexts it verified on a backend connection (a digest of each
+/// payload and signature, and the backend they are bound to), so that a transaction whose context
+/// was verified before costs one SHA-256 instead of a key lookup, three HMACs and a look at
+/// `pg_stat_activity`. It has to be a setting the restricted role cannot change, and PostgreSQL has
+/// no such custom setting without a compiled extension: `session_preload_libraries` is
+/// superuser-only and is read only when a connection starts, so changing it later in a session has no
+/// other effect. `RESET ALL` (and `DISCARD ALL`) clear it: the next context is verified in full.
+pub const CACHE_SETTING: &str = "session_preload_libraries";
 
 /// How pgtenant learns a backend's start, once per connection: the verifying function computes
 /// the same text on its side.

@@ -36,6 +36,8 @@ fn main() {
     run_all(tests![
         install_sql_is_idempotent_and_keeps_the_keys_hidden,
         direct_connection_reads_and_writes_nothing,
+        types_and_functions_of_its_own_change_nothing,
+        verified_contexts_are_remembered_per_backend,
         tenants_see_their_rows_through_a_signing_proxy,
         python_clients_signed,
         node_clients_signed,
@@ -294,6 +296,111 @@ async fn direct_connection_reads_and_writes_nothing(env: &Env) -> TestResult {
     // and the real context still works on this connection afterwards
     ensure(attempt(&attacker, &with_context(&ap, &asig), true).await? == own, "signed context refused after the attempts")?;
     Ok(())
+}
+
+/// `pgtenant.setting()` has no `SET search_path` (it would cost as much as its body): a caller that
+/// puts types, domains and functions of its own first in its `search_path`, under the names the body
+/// uses, must still get nothing from a forged context, and the real one must still work.
+async fn types_and_functions_of_its_own_change_nothing(env: &Env) -> TestResult {
+    signed_schema(env)?;
+    let attacker = direct(env).await?;
+    let a = backend_of(&attacker).await?;
+    let (ap, asig) = signed("k1", KEY, 2, &a);
+    let own = attempt(&attacker, &with_context(&ap, &asig), true).await?;
+    ensure(own.verified.0.as_deref() == Some("2"), format!("the real context is refused: {own:?}"))?;
+    // pg_temp is the one schema the restricted role may create in; types there are found first
+    attacker
+        .batch_execute(
+            "CREATE DOMAIN pg_temp.text AS pg_catalog.text; CREATE DOMAIN pg_temp.json AS pg_catalog.text; \
+             CREATE DOMAIN pg_temp.jsonb AS pg_catalog.text; CREATE DOMAIN pg_temp.bytea AS pg_catalog.bytea; \
+             CREATE FUNCTION pg_temp.strpos(text, text) RETURNS int LANGUAGE sql AS 'SELECT 1'; \
+             CREATE FUNCTION pg_temp.verify(text) RETURNS text LANGUAGE sql AS 'SELECT ''1'''; \
+             CREATE FUNCTION pg_temp.json_extract_path_text(text, VARIADIC text[]) RETURNS text LANGUAGE sql AS 'SELECT ''1'''",
+        )
+        .await
+        .map_err(e)?;
+    let (forged, forged_sig) = signed("k1", "attacker-key-0123456789abcdef-0123456789", 1, &a);
+    for path in ["pg_temp, pgtenant, pg_catalog, public", "pgtenant, pg_temp, public"] {
+        let mut settings = with_context(&forged, &forged_sig);
+        settings.push(("search_path", path));
+        let seen = attempt(&attacker, &settings, true).await?;
+        ensure(seen == NOTHING, format!("search_path {path}: {seen:?}"))?;
+        let mut settings = with_context(&ap, &asig);
+        settings.push(("search_path", path));
+        let seen = attempt(&attacker, &settings, true).await?;
+        ensure(seen == own, format!("search_path {path}, the real context: {seen:?}"))?;
+    }
+    Ok(())
+}
+
+/// The database remembers a context it verified on a backend (`session_preload_libraries`), so the
+/// full check runs once per (context, backend): counted with `track_functions`. The role can neither
+/// read nor write that memory, and a different context on the same backend is checked in full.
+async fn verified_contexts_are_remembered_per_backend(env: &Env) -> TestResult {
+    signed_schema(env)?;
+    superuser(env, "ALTER ROLE app_user SET track_functions = 'pl'")?;
+    let result = async {
+        superuser(
+            env,
+            "SELECT pg_stat_reset_single_function_counters('pgtenant.verify(text)'::regprocedure), \
+             pg_stat_reset_single_function_counters('pgtenant.setting(text)'::regprocedure)",
+        )?;
+        let c = direct(env).await?;
+        let b = backend_of(&c).await?;
+        for sql in [
+            "SHOW session_preload_libraries",
+            "SET session_preload_libraries = 'pgtenant:1:2|00000000000000000000000000000000'",
+            "SELECT set_config('session_preload_libraries', 'x', false)",
+            "ALTER ROLE app_user SET session_preload_libraries = 'x'",
+        ] {
+            let err = c.batch_execute(sql).await.err().ok_or(format!("the restricted role ran: {sql}"))?;
+            ensure(db_err(&err).0 == "42501", format!("{sql}: {:?}", db_err(&err)))?;
+        }
+        let (p, sig) = signed("k1", KEY, 2, &b);
+        let (other, other_sig) = signed("k1", KEY, 3, &b);
+        let c = &c;
+        let read = |ctx: String, sig: String| async move {
+            c.batch_execute("BEGIN").await.map_err(e)?;
+            c.query("SELECT set_config('pgtenant.context', $1, true), set_config('pgtenant.signature', $2, true)", &[&ctx, &sig])
+                .await
+                .map_err(e)?;
+            let v: Option<String> = c.query_one("SELECT pgtenant.setting('app.tenant_id')", &[]).await.map_err(e)?.get(0);
+            c.batch_execute("COMMIT").await.map_err(e)?;
+            Ok::<_, String>(v)
+        };
+        for _ in 0..5 {
+            ensure(read(p.clone(), sig.clone()).await? == Some("2".into()), "tenant 2's context")?;
+        }
+        // tenant 3's context: checked in full once, then remembered too; tenant 2's payload with
+        // tenant 3's signature matches neither the memory nor a key
+        ensure(read(other.clone(), other_sig.clone()).await? == Some("3".into()), "tenant 3's context")?;
+        ensure(read(other, other_sig.clone()).await? == Some("3".into()), "tenant 3's context again")?;
+        ensure(read(p.clone(), other_sig).await?.is_none(), "tenant 2's payload with tenant 3's signature")?;
+        ensure(read(p, sig).await? == Some("2".into()), "tenant 2's context after the others")?;
+        Ok::<_, String>(())
+    }
+    .await;
+    // the backend reports its function counts when it exits
+    let mut counts = String::new();
+    if result.is_ok() {
+        for _ in 0..50 {
+            counts = superuser(
+                env,
+                "SELECT string_agg(funcname || '=' || calls, ' ' ORDER BY funcname) FROM pg_stat_user_functions \
+                 WHERE schemaname = 'pgtenant' AND funcname IN ('setting', 'verify')",
+            )?;
+            if counts.trim() == "setting=9 verify=3" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    superuser(env, "ALTER ROLE app_user RESET track_functions")?;
+    result?;
+    ensure(
+        counts.trim() == "setting=9 verify=3",
+        format!("expected setting=9 verify=3 (tenant 2 once, tenant 3 once, the forged pair), got {counts:?}"),
+    )
 }
 
 /// Rows of orders, and the lowest and highest tenant among them, through the simple protocol.

@@ -50,16 +50,18 @@ pub(super) async fn checks(conn: &mut BackendConn, cfg: &Config, role: &str, sch
         .await?
         .first()
         .map(|row| cell(row, 0));
+    // column 3: STABLE SECURITY DEFINER; column 6: with the fixed search_path
     let functions = simple_query(conn, &format!(
-        "SELECT p.proname, p.oid::regprocedure::text, p.prosrc, p.prosecdef AND p.provolatile = 's' \
-         AND coalesce(p.proconfig, '{{}}') = ARRAY['search_path=pg_catalog, pg_temp'], has_function_privilege({r}, p.oid, 'EXECUTE') \
-         AND has_schema_privilege({r}, n.oid, 'USAGE'), format('%I', n.nspname) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
-         WHERE n.nspname = {s} AND ((p.proname = 'setting' AND oidvectortypes(p.proargtypes) = 'text') \
+        "SELECT p.proname, p.oid::regprocedure::text, p.prosrc, p.provolatile = 's' AND p.prosecdef, \
+         has_function_privilege({r}, p.oid, 'EXECUTE') AND has_schema_privilege({r}, n.oid, 'USAGE'), format('%I', n.nspname), \
+         coalesce(p.proconfig, '{{}}') = ARRAY['search_path=pg_catalog, pg_temp'] FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
+         WHERE n.nspname = {s} AND (((p.proname = 'setting' OR p.proname = 'verify') AND oidvectortypes(p.proargtypes) = 'text') \
          OR (p.proname = 'claims' AND p.pronargs = 0)) ORDER BY 1"
     ))
     .await?;
-    let mut setting_ok = false;
-    for (name, args) in [("setting", "text"), ("claims", "")] {
+    let mut usable = 0;
+    // (name, arguments, with `SET search_path`): setting() has none, its names are all qualified
+    for (name, args, fixed_path) in [("setting", "text", false), ("verify", "text", true), ("claims", "", true)] {
         let object = format!("{schema}.{name}({args})");
         let Some(row) = functions.iter().find(|row| cell(row, 0) == name) else {
             if key.is_some() {
@@ -68,10 +70,12 @@ pub(super) async fn checks(conn: &mut BackendConn, cfg: &Config, role: &str, sch
             continue;
         };
         let expected = match name {
-            "setting" => pgcrypto.as_deref().map(|c| install_sql::setting_body(schema, c)),
+            "setting" => Some(install_sql::setting_body(schema)),
+            "verify" => pgcrypto.as_deref().map(|c| install_sql::verify_body(schema, c)),
             _ => Some(install_sql::claims_body(schema, &cfg.tenant.claims_setting)),
         };
-        if expected.as_deref() != Some(cell(row, 2).as_str()) || cell(row, 3) != "t" {
+        let attributes = cell(row, 3) == "t" && (cell(row, 6) == "t") == fixed_path;
+        if expected.as_deref() != Some(cell(row, 2).as_str()) || !attributes {
             if key.is_some() {
                 out.findings.push(finding(
                     "signing_not_installed",
@@ -90,10 +94,11 @@ pub(super) async fn checks(conn: &mut BackendConn, cfg: &Config, role: &str, sch
                         .with_fix(format!("GRANT USAGE ON SCHEMA {} TO {role};\nGRANT EXECUTE ON FUNCTION {}.{name}({args}) TO {role};", cell(row, 5), cell(row, 5))),
                 );
             }
-        } else if name == "setting" {
-            setting_ok = true;
+        } else if name != "claims" {
+            usable += 1;
         }
     }
+    let setting_ok = usable == 2;
     let Some(key) = key else { return Ok(out) };
 
     // the keys: not readable nor writable by the role
@@ -170,7 +175,8 @@ async fn probe(conn: &mut BackendConn, cfg: &Config, key: &[u8], schema: &str) -
         format!(
             "the database does not verify a context signed with kid {kid:?}: that kid is not installed or holds another key \
              (run `pgtenant install-sql` with this config), or the functions' owner cannot see backend start times \
-             (make it a superuser or a member of pg_read_all_stats)"
+             (make it a superuser or a member of pg_read_all_stats) or may not set session_preload_libraries \
+             (make it a superuser, or GRANT SET ON PARAMETER session_preload_libraries TO it)"
         ),
     )))
 }
