@@ -13,6 +13,9 @@
 //! that moment, and to no other. The session's slot is locked while the cancel is being delivered,
 //! and a session must take the same lock to give its backend back, so a cancel can never land on a
 //! backend that has meanwhile moved to another client.
+//!
+//! In a fleet (`server.peer_id`), the secret also names this instance, so that a request reaching
+//! another instance can be forwarded here (`fleet`); the rest of it stays random.
 
 use std::sync::Arc;
 
@@ -40,6 +43,8 @@ impl CancelSlot {
 #[derive(Default)]
 pub struct CancelRegistry {
     sessions: DashMap<i32, Vec<Arc<CancelSlot>>>,
+    /// This instance's id in a fleet, carried in every secret it issues.
+    peer_id: Option<u8>,
 }
 
 /// Removes the session from the registry when the session ends.
@@ -60,6 +65,11 @@ impl Drop for Registration {
 }
 
 impl CancelRegistry {
+    /// The registry of the instance `peer_id` of a fleet (`None`: a lone instance).
+    pub fn for_instance(peer_id: Option<u8>) -> CancelRegistry {
+        CancelRegistry { sessions: DashMap::new(), peer_id }
+    }
+
     /// Issues cancel keys for a new session; `target` is the server its backends are on when that
     /// is not the default one. With `backend` (session mode: the session keeps this backend's
     /// (pid, secret)), the client is given the backend's real pid; without it, a random virtual pid
@@ -67,7 +77,7 @@ impl CancelRegistry {
     pub fn register(self: &Arc<Self>, target: Option<BackendTarget>, backend: Option<(i32, i32)>) -> Registration {
         let mut rng = rand::rng();
         loop {
-            let secret = rng.random::<i32>();
+            let secret = crate::fleet::secret_for(self.peer_id, rng.random());
             let slot = Arc::new(CancelSlot { secret, current: Mutex::new(backend), target: target.clone() });
             let pid = match backend {
                 Some((pid, _)) => pid,
@@ -109,8 +119,8 @@ impl CancelRegistry {
         found
     }
 
-    /// Handles a CancelRequest (to the session's own server, else `target`). Returns whether a
-    /// cancel was forwarded to a backend.
+    /// Handles a CancelRequest meant for this instance (to the session's own server, else
+    /// `target`). Returns whether a cancel was forwarded to a backend.
     pub async fn cancel(&self, target: &BackendTarget, pid: i32, secret: i32) -> bool {
         let Some(slot) = self.find(pid, secret) else {
             tracing::info!("cancel request matching no session ignored");

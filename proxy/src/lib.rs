@@ -17,6 +17,7 @@ pub mod config;
 pub mod demo;
 pub mod doctor;
 pub mod error;
+pub mod fleet;
 pub mod guard;
 pub mod install_sql;
 pub mod jwt;

@@ -35,6 +35,8 @@ pub const LIMIT_REFUSALS: &str = "pgtenant_limit_refusals_total";
 pub const BYPASS_LOGINS: &str = "pgtenant_bypass_logins_total";
 pub const BYPASS_STATEMENTS: &str = "pgtenant_bypass_statements_total";
 pub const AUDIT_RECORDS: &str = "pgtenant_audit_records_total";
+pub const CANCEL_REQUESTS: &str = "pgtenant_cancel_requests_total";
+pub const INSTANCE_INFO: &str = "pgtenant_instance_info";
 // per-tenant series, rendered at scrape time for the tenants [admin] selects (see `admin::tenants`)
 pub const TENANT_ACTIVE: &str = "pgtenant_tenant_active";
 pub const TENANT_WAITING: &str = "pgtenant_tenant_waiting";
@@ -64,6 +66,14 @@ pub fn recorder() -> &'static PrometheusHandle {
         let _ = ::metrics::set_global_recorder(recorder);
         handle
     })
+}
+
+/// Sets `pgtenant_instance_info{peer_id, version} 1`: which instance of a fleet this is
+/// (`server.peer_id`, "none" outside a fleet), so dashboards can tell instances apart.
+pub fn instance_info(peer_id: Option<u8>) {
+    recorder();
+    let id = peer_id.map_or_else(|| "none".to_string(), |id| id.to_string());
+    ::metrics::gauge!(INSTANCE_INFO, "peer_id" => id, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 /// Handles for the series recorded per message or per transaction (no dynamic labels).

@@ -17,6 +17,7 @@ use crate::client::rules::{Auth, AuthSlot};
 use crate::client::{auth, startup, tls};
 use crate::config::Config;
 use crate::error::PgError;
+use crate::fleet::Fleet;
 use crate::pool::Pool;
 use crate::session::settings::ClientSettings;
 use crate::session::{ClientView, End, Session, Shared};
@@ -37,6 +38,8 @@ pub struct Proxy {
     pub clients: std::sync::atomic::AtomicUsize,
     pub shared: Arc<Shared>,
     pub cancels: Arc<CancelRegistry>,
+    /// This instance's id and its peers, where cancel requests for other instances go.
+    pub fleet: Fleet,
     pub tls: Option<TlsAcceptor>,
     drain: watch::Sender<bool>,
 }
@@ -50,6 +53,8 @@ impl Proxy {
             (Some(cert), Some(key)) => Some(tls::load_acceptor(cert, key).map_err(StartError::Tls)?),
             _ => None,
         };
+        let peers = config.peer_map()?;
+        let peer_id = config.server.peer_id.map(|id| id as u8);
         let pool = Pool::new(&config, target);
         let bypass = if config.bypass.enabled {
             let target = BackendTarget::from_config(&config.bypass.backend(&config.backend))
@@ -75,7 +80,8 @@ impl Proxy {
             drain,
             clients: Default::default(),
             shared,
-            cancels: Arc::new(CancelRegistry::default()),
+            cancels: Arc::new(CancelRegistry::for_instance(peer_id)),
+            fleet: Fleet::new(peer_id, peers),
             auth: AuthSlot::new(auth),
             live: std::sync::RwLock::new(Arc::new(config.clone())),
             config_path: None,
@@ -118,6 +124,7 @@ impl Proxy {
 
     async fn apply(&self, new: &Config) -> Result<(), ReloadError> {
         let auth = Auth::from_config(new, Some(&self.auth()))?;
+        let peers = new.peer_map()?;
         let signer = crate::signing::Signer::from_config(&new.tenant)?;
         crate::logging::validate_level(&new.log.level).map_err(ReloadError::LogLevel)?;
         if new.bypass.enabled && self.shared.bypass.is_none() {
@@ -143,6 +150,7 @@ impl Proxy {
         self.shared.signer.set(signer);
         self.shared.pool.resize(new.backend.pool_size, new.query_wait_timeout_ms());
         self.shared.pool.set_limits(Arc::new(new.limits.clone()));
+        self.fleet.set_peers(peers);
         crate::logging::set_level(&new.log.level).map_err(ReloadError::LogLevel)?;
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new.clone());
         let old = &self.config;
@@ -155,7 +163,7 @@ impl Proxy {
         tracing::info!(
             pool_size = new.backend.pool_size,
             log_level = %new.log.level,
-            "reload: JWT keys, tenant mapping, statement guard, context signing key, pool size, limits, audit log and log level applied"
+            "reload: JWT keys, tenant mapping, statement guard, context signing key, pool size, limits, [peers], audit log and log level applied"
         );
         Ok(())
     }
@@ -241,7 +249,7 @@ impl Proxy {
                     }
                 },
                 Ok(startup::Hello::Cancel { pid, secret }) => {
-                    self.cancels.cancel(self.shared.pool.target(), pid, secret).await;
+                    self.fleet.cancel(&self.cancels, self.shared.pool.target(), pid, secret).await;
                     None
                 }
                 Ok(startup::Hello::Gone) => None,
@@ -375,6 +383,7 @@ pub async fn start_from(config: Config, path: Option<std::path::PathBuf>) -> Res
     let addr = listener.local_addr()?;
     // the recorder and the hot-path handles, before the first session records anything
     crate::metrics::hot();
+    crate::metrics::instance_info(proxy.fleet.peer_id());
     // jwt.jwks_url: fetched in the background; /readyz reports 503 until the first answer
     let auth = proxy.auth();
     auth.verifier.start_background();

@@ -33,6 +33,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("server", "max_clients", EnvType::Int),
     ("server", "shutdown_timeout_s", EnvType::Int),
     ("server", "max_session_state_bytes", EnvType::Int),
+    ("server", "peer_id", EnvType::Int),
     ("backend", "url", EnvType::Str),
     ("backend", "pool_size", EnvType::Int),
     ("backend", "tls", EnvType::Str),
@@ -88,6 +89,9 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("log", "level", EnvType::Str),
     ("log", "format", EnvType::Str),
 ];
+
+/// Top-level tables that `PGTENANT_<TABLE>` replaces whole, given as a JSON object of strings.
+pub const ENV_TABLES: &[&str] = &["peers"];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EnvType {
@@ -158,6 +162,12 @@ impl Config {
                     t = sec.as_table_mut().ok_or_else(|| ConfigError::Parse(format!("`{section}` must be a table")))?;
                 }
                 t.insert(key.to_string(), value);
+            }
+        }
+        for name in ENV_TABLES {
+            let var = format!("PGTENANT_{}", name.to_uppercase());
+            if let Some(raw) = env(&var) {
+                table.insert(name.to_string(), env_value(&var, &raw, EnvType::JsonTable)?);
             }
         }
         let cfg: Config = toml::Value::Table(table)
@@ -238,6 +248,7 @@ impl Config {
             return invalid("server.require_tls needs server.tls_cert and server.tls_key".into());
         }
         self.bypass.validate(&self.audit).map_err(ConfigError::Invalid)?;
+        self.peer_map()?;
         if let Some(url) = self.bypass.jwt.jwks_url.as_ref().filter(|_| self.bypass.enabled) {
             if let Err(e) = crate::net::http_target::Target::parse(url) {
                 return invalid(format!("bypass.jwt.jwks_url: {e}"));
@@ -276,6 +287,41 @@ pub struct Config {
     pub bypass: BypassConfig,
     #[serde(default)]
     pub audit: AuditConfig,
+    /// The other pgtenant instances of a fleet: instance id (`server.peer_id`) → `host:port` of
+    /// its client listener, where cancel requests for its sessions are forwarded.
+    #[serde(default)]
+    pub peers: BTreeMap<String, String>,
+}
+
+impl Config {
+    /// `[peers]` by instance id, checked (ids in range, `host:port` addresses, `server.peer_id`
+    /// set when there are peers); this instance's own entry is left out.
+    pub fn peer_map(&self) -> Result<BTreeMap<u8, String>, ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let range = crate::fleet::PEER_IDS;
+        let me = match self.server.peer_id {
+            Some(id) if !range.contains(&id) => {
+                return invalid(format!("server.peer_id must be between {} and {}", range.start(), range.end()))
+            }
+            Some(id) => Some(id as u8),
+            None if !self.peers.is_empty() => return invalid("[peers] needs server.peer_id (this instance's id)".into()),
+            None => None,
+        };
+        let mut peers = BTreeMap::new();
+        for (id, addr) in &self.peers {
+            let Some(n) = id.parse::<u32>().ok().filter(|n| range.contains(n)) else {
+                return invalid(format!("peers: `{id}` is not an instance id ({} to {})", range.start(), range.end()));
+            };
+            let valid_addr = addr.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+            if !valid_addr {
+                return invalid(format!("peers.{id}: `{addr}` is not host:port"));
+            }
+            if Some(n as u8) != me {
+                peers.insert(n as u8, addr.clone());
+            }
+        }
+        Ok(peers)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -348,6 +394,9 @@ pub struct ServerConfig {
     /// Most bytes of prepared statements and session settings pgtenant keeps for one client;
     /// a Parse or SET past it gets `ERROR 54000`.
     pub max_session_state_bytes: usize,
+    /// This instance's id in a fleet (1 to 127, unique per instance): carried in the cancel keys
+    /// it issues, so any instance can forward a cancel request to this one (see `[peers]`).
+    pub peer_id: Option<u32>,
 }
 
 impl Default for ServerConfig {
@@ -362,6 +411,7 @@ impl Default for ServerConfig {
             max_clients: 10_000,
             shutdown_timeout_s: 30,
             max_session_state_bytes: 16 * 1024 * 1024,
+            peer_id: None,
         }
     }
 }
@@ -546,6 +596,30 @@ mod tests {
         assert_eq!(c.server.listen, "127.0.0.1:6432");
         assert_eq!(c.backend.pool_size, 20);
         assert_eq!(c.tenant.claims_setting, "request.jwt.claims");
+    }
+
+    #[test]
+    fn peers_are_checked_and_read_from_the_environment() {
+        let fleet = format!("{MIN}[server]\npeer_id = 2\n[peers]\n1 = \"pgtenant-0.pgtenant:6432\"\n2 = \"me:6432\"\n");
+        let c = Config::from_toml(&fleet, &no_env).unwrap();
+        // its own entry is left out, so every instance can share one [peers] table
+        assert_eq!(c.peer_map().unwrap(), BTreeMap::from([(1, "pgtenant-0.pgtenant:6432".to_string())]));
+        let env = |k: &str| match k {
+            "PGTENANT_SERVER_PEER_ID" => Some("3".to_string()),
+            "PGTENANT_PEERS" => Some(r#"{"1": "a:1", "2": "b:2"}"#.to_string()),
+            _ => None,
+        };
+        let c = Config::from_toml(MIN, &env).unwrap();
+        assert_eq!((c.server.peer_id, c.peer_map().unwrap().len()), (Some(3), 2));
+        for (bad, named) in [
+            ("[peers]\n1 = \"a:1\"\n", "needs server.peer_id"),
+            ("[server]\npeer_id = 128\n", "server.peer_id"),
+            ("[server]\npeer_id = 1\n[peers]\n0 = \"a:1\"\n", "`0` is not an instance id"),
+            ("[server]\npeer_id = 1\n[peers]\n2 = \"nohost\"\n", "peers.2"),
+        ] {
+            let e = Config::from_toml(&format!("{MIN}{bad}"), &no_env).unwrap_err();
+            assert!(e.to_string().contains(named), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -10,9 +10,12 @@
 //! (transactions, wait time, refusals) feed `/tenants` and the bounded tenant metrics.
 //!
 //! A slot is a right to hold one backend connection; the pool (`super`) pairs it with a connection.
+//! The pool's size lives here too, with the free and busy counts and what a shrink still owes, all
+//! under one lock: a shrink that finds too few free slots is owed the rest, and every slot that
+//! comes back (released or dropped) pays that debt before it is free again. So at every moment
+//! `busy + free == size + owed`, and nothing is owed while a slot is free.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -44,8 +47,12 @@ struct TenantState {
 }
 
 struct State {
+    /// Slots the pool should have (`backend.pool_size`, as last reloaded).
+    size: usize,
     free: usize,
     busy: usize,
+    /// Busy slots a shrink still has to retire: taken from slots as they come back.
+    owed: usize,
     tenants: HashMap<TenantKey, TenantState>,
     /// Tenants with someone queued, in turn order.
     ring: VecDeque<TenantKey>,
@@ -56,15 +63,14 @@ struct State {
 
 pub struct Slots {
     state: Mutex<State>,
-    /// Slots a shrink still has to retire: taken from slots as they come back.
-    owed: AtomicUsize,
 }
 
-/// One tenant's right to hold a pooled connection; dropping it hands the slot on.
+/// One tenant's right to hold a pooled connection; dropping it hands the slot on (or retires it,
+/// when a shrink is owed one).
 pub struct Slot {
     slots: Arc<Slots>,
     tenant: TenantKey,
-    retired: bool,
+    given_back: bool,
 }
 
 /// Why a tenant did not get a slot.
@@ -93,15 +99,16 @@ impl Slots {
     pub fn new(size: usize, limits: Arc<LimitsConfig>) -> Arc<Slots> {
         Arc::new(Slots {
             state: Mutex::new(State {
+                size,
                 free: size,
                 busy: 0,
+                owed: 0,
                 tenants: HashMap::new(),
                 ring: VecDeque::new(),
                 next_id: 0,
                 limits,
                 prune_at: TRACKED_TENANTS,
             }),
-            owed: AtomicUsize::new(0),
         })
     }
 
@@ -158,52 +165,69 @@ impl Slots {
     }
 
     fn slot(self: &Arc<Self>, tenant: &TenantKey) -> Slot {
-        Slot { slots: self.clone(), tenant: tenant.clone(), retired: false }
+        Slot { slots: self.clone(), tenant: tenant.clone(), given_back: false }
     }
 
-    /// Hands a slot back (or retires it for a shrink) and gives it to the next tenant in turn.
-    fn give_back(&self, tenant: &TenantKey, retire: bool) {
+    /// Hands a busy slot back: a shrink that is owed a slot retires it, else it goes to the next
+    /// tenant in turn. Returns whether it was retired.
+    fn give_back(&self, tenant: &TenantKey) -> bool {
         let mut st = self.lock();
         if let Some(t) = st.tenants.get_mut(tenant) {
             t.active = t.active.saturating_sub(1);
         }
         st.busy = st.busy.saturating_sub(1);
-        if !retire {
+        let retired = st.owed > 0;
+        if retired {
+            st.owed -= 1;
+        } else {
             st.free += 1;
+            st.dispatch();
         }
-        st.dispatch();
         if st.tenants.len() > st.prune_at {
             st.tenants.retain(|_, t| t.active > 0 || t.in_ring);
             st.prune_at = TRACKED_TENANTS.max(st.tenants.len() * 2);
         }
+        retired
     }
 
-    /// Takes one slot owed by a shrink, if any.
-    pub fn take_owed(&self) -> bool {
-        self.owed.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok()
+    /// The number of slots the pool should have.
+    pub fn size(&self) -> usize {
+        self.lock().size
     }
 
+    /// Busy slots a shrink still has to retire.
     pub fn owed(&self) -> usize {
-        self.owed.load(Ordering::Relaxed)
+        self.lock().owed
     }
 
-    /// Grows or shrinks the number of slots from `old` to `new`. Growing first cancels what an
-    /// earlier shrink still owes; shrinking retires free slots now and busy ones as they come back.
-    pub fn resize(&self, old: usize, new: usize) {
+    /// Grows or shrinks the pool to `new` slots. Growing first cancels what an earlier shrink
+    /// still owes; shrinking retires free slots now and busy ones as they come back.
+    pub fn resize(&self, new: usize) {
         let mut st = self.lock();
+        let old = std::mem::replace(&mut st.size, new);
         if new > old {
-            let mut add = new - old;
-            let cancel = self.owed().min(add);
-            self.owed.fetch_sub(cancel, Ordering::Relaxed);
-            add -= cancel;
-            st.free += add;
+            let add = new - old;
+            let cancel = st.owed.min(add);
+            st.owed -= cancel;
+            st.free += add - cancel;
             st.dispatch();
         } else {
             let want = old - new;
             let now = want.min(st.free);
             st.free -= now;
-            self.owed.fetch_add(want - now, Ordering::Relaxed);
+            st.owed += want - now;
         }
+    }
+
+    /// Panics unless the counts agree (tests): `busy + free == size + owed`, nothing owed while
+    /// a slot is free, and the tenants hold the busy slots.
+    #[cfg(test)]
+    fn assert_consistent(&self) {
+        let st = self.lock();
+        let (size, free, busy, owed) = (st.size, st.free, st.busy, st.owed);
+        assert_eq!(busy + free, size + owed, "busy {busy} + free {free} != size {size} + owed {owed}");
+        assert!(owed == 0 || free == 0, "{free} free while {owed} owed");
+        assert_eq!(st.tenants.values().map(|t| t.active).sum::<usize>(), busy);
     }
 
     /// New limits (config reload); raised limits let waiting tenants in at once.
@@ -301,15 +325,18 @@ impl State {
 }
 
 impl Slot {
-    /// Gives the slot up for good (the pool shrank); the connection goes with it.
-    pub fn retire(mut self) {
-        self.retired = true;
+    /// Hands the slot back now; true when a shrink retired it (its connection must go too).
+    pub fn give_back(mut self) -> bool {
+        self.given_back = true;
+        self.slots.give_back(&self.tenant)
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.slots.give_back(&self.tenant, self.retired);
+        if !self.given_back {
+            self.slots.give_back(&self.tenant);
+        }
     }
 }
 
@@ -341,7 +368,7 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         if self.rx.is_some() && self.resolve() {
-            self.slots.give_back(&self.tenant, false);
+            self.slots.give_back(&self.tenant);
         }
     }
 }
@@ -480,14 +507,71 @@ mod tests {
     #[test]
     fn shrink_is_owed_and_grow_cancels_it() {
         let s = Slots::new(3, limits(""));
-        s.resize(3, 1);
-        assert_eq!((s.counts().0, s.owed()), (1, 0));
+        s.resize(1);
+        assert_eq!((s.counts().0, s.owed(), s.size()), (1, 0, 1));
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
         let held = rt.block_on(s.acquire(&key("a"), Duration::from_millis(10))).unwrap();
-        s.resize(1, 0);
+        s.resize(0);
         assert_eq!((s.counts().0, s.owed()), (0, 1));
-        assert!(s.take_owed());
-        held.retire();
-        assert_eq!(s.counts(), (0, 0, 0));
+        assert!(held.give_back());
+        assert_eq!((s.counts(), s.owed()), ((0, 0, 0), 0));
+    }
+
+    #[test]
+    fn a_dropped_slot_pays_what_a_shrink_owes() {
+        let s = Slots::new(2, limits(""));
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let held = rt.block_on(s.acquire(&key("a"), Duration::from_millis(10))).unwrap();
+        let other = rt.block_on(s.acquire(&key("a"), Duration::from_millis(10))).unwrap();
+        s.resize(1);
+        drop(held); // not released: still retired, never free while a shrink is owed
+        assert_eq!((s.counts(), s.owed()), ((0, 1, 0), 0));
+        assert!(!other.give_back());
+        assert_eq!(s.counts(), (1, 0, 0));
+    }
+
+    /// Resizes race with acquires, releases and drops on several threads; the counts agree at
+    /// every step, and once everything is back the pool holds exactly its size.
+    #[test]
+    fn resizes_racing_with_acquire_release_and_drop_keep_the_counts() {
+        use rand::{Rng, SeedableRng};
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_time().build().unwrap();
+        let s = Slots::new(8, limits("max_active_per_tenant = 6"));
+        rt.block_on(async {
+            let mut tasks = Vec::new();
+            for seed in 0..8u64 {
+                let s = s.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+                    let tenant = key(&format!("t{}", seed % 3));
+                    let mut held: Vec<Slot> = Vec::new();
+                    for _ in 0..20_000 {
+                        match rng.random_range(0..10) {
+                            0..=3 => {
+                                if let Ok(slot) = s.acquire(&tenant, Duration::from_micros(50)).await {
+                                    held.push(slot);
+                                }
+                            }
+                            4 | 5 if !held.is_empty() => {
+                                // what `Pool::release` does
+                                held.swap_remove(rng.random_range(0..held.len())).give_back();
+                            }
+                            6 if !held.is_empty() => drop(held.swap_remove(0)),
+                            7 => s.resize(rng.random_range(0..=16)),
+                            _ => tokio::task::yield_now().await,
+                        }
+                        s.assert_consistent();
+                    }
+                    for slot in held {
+                        slot.give_back();
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        s.assert_consistent();
+        assert_eq!((s.counts(), s.owed()), ((s.size(), 0, 0), 0));
     }
 }

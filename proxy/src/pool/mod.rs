@@ -12,7 +12,7 @@
 //! A lease dropped without `release` closes its connection: a connection whose state is not known
 //! to be clean never goes back to the pool.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,12 +49,11 @@ pub struct ServerInfo {
 pub struct Pool {
     connector: Arc<dyn Connector>,
     target: BackendTarget,
-    size: AtomicUsize,
+    /// The pool's size and its slots, free, busy and owed to a shrink (one lock: see `fair`).
     slots: Arc<Slots>,
     idle: Mutex<Vec<Idle>>,
     /// Milliseconds a transaction waits for a free connection.
     wait_timeout_ms: AtomicU64,
-    resizing: Mutex<()>,
     idle_timeout: Duration,
     max_lifetime: Duration,
     prepared_cache: usize,
@@ -129,11 +128,9 @@ impl Pool {
         Arc::new(Pool {
             connector,
             target,
-            size: AtomicUsize::new(size),
             slots: Slots::new(size, limits),
             idle: Mutex::new(Vec::new()),
             wait_timeout_ms: AtomicU64::new(config.query_wait_timeout_ms()),
-            resizing: Mutex::new(()),
             idle_timeout: Duration::from_secs(cfg.idle_timeout_s),
             max_lifetime: Duration::from_secs(cfg.max_lifetime_s),
             prepared_cache: config.pool.prepared_statements_cache,
@@ -155,7 +152,7 @@ impl Pool {
     }
 
     pub fn size(&self) -> usize {
-        self.size.load(Ordering::Relaxed)
+        self.slots.size()
     }
 
     /// Applies a reloaded pool size and wait timeout. Growing takes effect at once; shrinking
@@ -163,14 +160,10 @@ impl Pool {
     /// cut off).
     pub fn resize(&self, size: usize, wait_timeout_ms: u64) {
         self.wait_timeout_ms.store(wait_timeout_ms, Ordering::Relaxed);
-        let _one_at_a_time = self.resizing.lock().unwrap_or_else(|p| p.into_inner());
-        let old = self.size.swap(size, Ordering::Relaxed);
-        self.slots.resize(old, size);
-        if size < old {
-            if let Ok(mut idle) = self.idle.lock() {
-                while idle.len() > size {
-                    idle.remove(0);
-                }
+        self.slots.resize(size);
+        if let Ok(mut idle) = self.idle.lock() {
+            while idle.len() > size {
+                idle.remove(0);
             }
         }
     }
@@ -313,18 +306,19 @@ impl Pool {
     /// Returns a clean connection (transaction status idle, nothing in flight) to the pool.
     pub fn release(&self, lease: Lease) {
         let Lease { backend, slot } = lease;
-        if self.slots.take_owed() {
-            // the pool shrank while this connection was busy: retire its slot and the connection
-            slot.retire();
-            return;
+        let keep = backend.created.elapsed() < self.max_lifetime;
+        if keep {
+            if let Ok(mut idle) = self.idle.lock() {
+                idle.push(Idle { backend, since: Instant::now() });
+            }
         }
-        if backend.created.elapsed() >= self.max_lifetime {
-            return;
+        // the slot goes back after the connection is in the idle list, where its next holder
+        // looks; when a shrink takes the slot instead, one idle connection goes with it
+        if slot.give_back() && keep {
+            if let Ok(mut idle) = self.idle.lock() {
+                idle.pop();
+            }
         }
-        if let Ok(mut idle) = self.idle.lock() {
-            idle.push(Idle { backend, since: Instant::now() });
-        }
-        // the slot drops here, after the connection is back in the idle list
     }
 
     /// What the server reports (ParameterStatus, setting names); connects once if no connection was
@@ -393,15 +387,14 @@ mod tests {
         }
         p.resize(1, 100);
         // the one free slot is gone now, two busy ones are owed
-        assert_eq!((p.slots.counts().0, p.slots.owed(), p.busy_count()), (0, 2, 3));
+        assert_eq!((p.slots.counts().0, p.slots.owed(), p.busy_count(), p.size()), (0, 2, 3, 1));
         // growing back cancels the debt instead of adding slots that a shrink would then eat
         p.resize(4, 100);
-        assert_eq!((p.slots.counts().0, p.slots.owed(), p.busy_count()), (1, 0, 3));
+        assert_eq!((p.slots.counts().0, p.slots.owed(), p.busy_count(), p.size()), (1, 0, 3, 4));
         drop(busy);
         assert_eq!((p.slots.counts().0, p.busy_count()), (4, 0));
         // shrinking while idle takes effect at once
         p.resize(2, 100);
-        assert_eq!((p.slots.counts().0, p.slots.owed()), (2, 0));
-        assert!(!p.slots.take_owed());
+        assert_eq!((p.slots.counts().0, p.slots.owed(), p.size()), (2, 0, 2));
     }
 }
