@@ -41,6 +41,8 @@ fn main() -> Result<(), String> {
     );
     let cfg = Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
     cluster.psql_stdin("app", &pgtenant::install_sql::script(&cfg, "pgtenant")?).map_err(|e| e.to_string())?;
+    // count the verifier's calls: how many queries paid the full check
+    cluster.psql("app", "ALTER ROLE app_user SET track_functions = 'pl'").map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| e.to_string())?;
     let proxy = rt.block_on(pgtenant::server::start(cfg)).map_err(|e| e.to_string())?;
     let token = pgtenant::jwt::mint_hs(
@@ -66,9 +68,10 @@ fn main() -> Result<(), String> {
             .ok_or_else(|| format!("pgbench: {text}{}", String::from_utf8_lossy(&out.stderr)))
     };
     println!("{} s runs, {rounds} interleaved rounds, {clients} clients, pool 8, primary-key read of orders", secs);
-    println!("| mode | plain TPS (median) | signed TPS (median) | signed / plain |\n|---|---:|---:|---:|");
+    println!("| mode | plain TPS (median) | signed TPS (median) | signed / plain | full checks per 1,000 signed queries |\n|---|---:|---:|---:|---:|");
     for mode in ["simple", "extended", "prepared"] {
         let (mut plain, mut signed) = (Vec::new(), Vec::new());
+        cluster.psql("app", "SELECT pg_stat_reset()").map_err(|e| e.to_string())?;
         for _ in 0..rounds {
             cluster.psql("app", PLAIN).map_err(|e| e.to_string())?;
             std::thread::sleep(Duration::from_millis(200));
@@ -82,7 +85,17 @@ fn main() -> Result<(), String> {
             v[v.len() / 2]
         };
         let (p, s) = (median(&mut plain), median(&mut signed));
-        println!("| {mode} | {p:.0} | {s:.0} | {:.2} |", s / p);
+        // backends report their counts when idle for a second
+        std::thread::sleep(Duration::from_millis(1500));
+        let counts = cluster
+            .psql("app", "SELECT coalesce(sum(calls) FILTER (WHERE funcname = 'verify'), 0) || ' ' || coalesce(sum(calls) FILTER (WHERE funcname = 'setting'), 0) FROM pg_stat_user_functions WHERE schemaname = 'pgtenant'")
+            .map_err(|e| e.to_string())?;
+        let n: Vec<f64> = counts.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+        let per_1000 = match n.as_slice() {
+            [verify, setting] if *setting > 0.0 => format!("{:.2}", verify * 1000.0 / setting),
+            _ => "?".into(),
+        };
+        println!("| {mode} | {p:.0} | {s:.0} | {:.2} | {per_1000} |", s / p);
     }
     // the per-call cost of the verifier, as the restricted role with the key
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/signed_context.sql");
