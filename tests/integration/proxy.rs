@@ -4,6 +4,7 @@
 
 mod common;
 mod faults;
+mod health;
 mod hostile;
 mod jwks;
 mod tenancy;
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use faults::faults_under_load_lose_nothing;
+use health::readyz_follows_the_backend;
 use hostile::*;
 use jwks::jwks_url_fetch_rotation_and_outage;
 use tenancy::*;
@@ -72,6 +74,7 @@ fn main() {
         max_clients_and_auth_timeout,
         graceful_shutdown_drains,
         admin_endpoints_and_metrics,
+        readyz_follows_the_backend,
         deploy_manifests_are_valid,
         reload_rotates_keys_without_dropping_clients,
         jwks_url_fetch_rotation_and_outage,

@@ -46,10 +46,9 @@ async fn ready(proxy: &impl Source) -> Result<(), String> {
     if !proxy.keys_loaded() {
         return Err("JWT keys not loaded (jwt.jwks_url has not answered yet)".into());
     }
-    match tokio::time::timeout(Duration::from_secs(3), proxy.pool().server_info()).await {
-        Ok(Ok(_)) if proxy.pool().backend_healthy() => Ok(()),
-        Ok(Ok(_)) => Err("the last backend connection attempt failed".into()),
-        Ok(Err(e)) => Err(e.message),
+    match tokio::time::timeout(Duration::from_secs(3), proxy.pool().usable_primary()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("backend: {e}")),
         Err(_) => Err("backend check timed out".into()),
     }
 }
