@@ -20,6 +20,8 @@ use ::metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const CLIENTS: &str = "pgtenant_clients";
+/// 1 while `/readyz` would answer 200, sampled at scrape (see `pool::health`).
+pub const READY: &str = "pgtenant_ready";
 pub const LOGINS: &str = "pgtenant_logins_total";
 pub const TRANSACTIONS: &str = "pgtenant_transactions_total";
 pub const TRANSACTION_SECONDS: &str = "pgtenant_transaction_duration_seconds";

@@ -2,6 +2,7 @@
 //! isolation through the simple and extended protocols, pipelining, transactions and errors,
 //! COPY, JWT failures, pool limits, cancel, and backend/client failures.
 
+mod admin;
 mod common;
 mod faults;
 mod health;
@@ -13,6 +14,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use admin::admin_speaks_http;
 use common::*;
 use faults::faults_under_load_lose_nothing;
 use health::readyz_follows_the_backend;
@@ -75,6 +77,7 @@ fn main() {
         graceful_shutdown_drains,
         admin_endpoints_and_metrics,
         readyz_follows_the_backend,
+        admin_speaks_http,
         deploy_manifests_are_valid,
         reload_rotates_keys_without_dropping_clients,
         jwks_url_fetch_rotation_and_outage,
