@@ -1,6 +1,7 @@
 """Validates deploy/ without a container engine: every PGTENANT_* variable is documented, probes hit
 /readyz and /healthz on a declared port, containers run as non-root, secret and config map references
-resolve, each embedded pgtenant.toml passes `pgtenant check` with the manifest's own environment, the
+resolve, each embedded pgtenant.toml passes `pgtenant check` with the manifest's own environment
+and draws no cleartext-token warning from it (a listener beyond loopback must require TLS), the
 compose file's paths exist, and the Dockerfile is multi-stage and non-root.
 
 Usage: validate.py REPO_ROOT PGTENANT_BINARY
@@ -39,8 +40,14 @@ def pgtenant_check(toml_text, env, label):
         open(path, "w").write(toml_text)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("PGTENANT_")}
         full_env.update(env)
+        for name in env:
+            for key in ("tls_cert", "tls_key", "tls_ca_file"):
+                if name.endswith(key.upper()):
+                    full_env[name] = f"{d}/{key}.pem"
         r = subprocess.run([BIN, "check", "--config", path], env=full_env, capture_output=True, text=True)
         check(r.returncode == 0, f"{label}: pgtenant check failed: {r.stderr.strip()}")
+        for line in r.stdout.splitlines():
+            check("bearer credentials" not in line, f"{label}: {line.strip()}")
 
 
 def kubernetes(path):
@@ -72,6 +79,10 @@ def kubernetes(path):
             sc = c.get("securityContext", {})
             check(sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) != 0, f"{label}: must run as non-root")
             for m in c.get("volumeMounts", []):
+                secret = volumes.get(m["name"], {}).get("secret", {}).get("secretName")
+                if secret:
+                    check(secret in secrets, f"{label}: secret {secret} not defined")
+                    continue
                 cm = volumes.get(m["name"], {}).get("configMap", {}).get("name")
                 check(cm in configs, f"{label}: config map {cm} not defined")
                 if cm in configs and "pgtenant.toml" in configs[cm]:
@@ -85,9 +96,13 @@ def compose(path):
     env = services.get("pgtenant", {}).get("environment", {})
     for k in env:
         check(k in documented, f"compose.yaml: {k} is not a documented variable")
-    for v in services.get("postgres", {}).get("volumes", []):
-        src = v.split(":")[0]
-        check(os.path.exists(os.path.join(DEPLOY, src)), f"compose.yaml: {src} does not exist")
+    named = set(doc.get("volumes") or {})
+    for service in services.values():
+        for v in service.get("volumes", []):
+            src = v.split(":")[0]
+            if src in named:
+                continue
+            check(os.path.exists(os.path.join(DEPLOY, src)), f"compose.yaml: {src} does not exist")
     build = services.get("pgtenant", {}).get("build", {})
     check(os.path.exists(os.path.join(DEPLOY, build.get("context", "."), build.get("dockerfile", "Dockerfile"))), "compose.yaml: Dockerfile not found")
     pgtenant_check(open(os.path.join(ROOT, "config", "pgtenant.toml")).read(), {k: str(v) for k, v in env.items()}, "compose.yaml")

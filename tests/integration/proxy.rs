@@ -3,6 +3,7 @@
 //! COPY, JWT failures, pool limits, cancel, and backend/client failures.
 
 mod admin;
+mod cleartext;
 mod common;
 mod faults;
 mod health;
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use admin::admin_speaks_http;
+use cleartext::cleartext_listeners_are_warned;
 use common::*;
 use faults::faults_under_load_lose_nothing;
 use health::readyz_follows_the_backend;
@@ -78,6 +80,7 @@ fn main() {
         admin_endpoints_and_metrics,
         readyz_follows_the_backend,
         admin_speaks_http,
+        cleartext_listeners_are_warned,
         deploy_manifests_are_valid,
         reload_rotates_keys_without_dropping_clients,
         jwks_url_fetch_rotation_and_outage,
