@@ -2,7 +2,11 @@
 /readyz and /healthz on a declared port, containers run as non-root, secret and config map references
 resolve, each embedded pgtenant.toml passes `pgtenant check` with the manifest's own environment
 and draws no cleartext-token warning from it (a listener beyond loopback must require TLS), the
-compose file's paths exist, and the Dockerfile is multi-stage and non-root.
+compose file's paths exist, and the Dockerfile is multi-stage and non-root. The Grafana dashboard
+and the Prometheus alert rules name only metrics pgtenant exports (the names in
+proxy/src/metrics.rs, each documented in docs/operations.md); the rules pass `promtool check rules`
+and the scenarios in tests/deploy/alerts_test.yaml (`promtool test rules`) when promtool is on PATH
+or at tests/deploy/.promtool (scripts/test.sh puts it there), and a structural check otherwise.
 
 Usage: validate.py REPO_ROOT PGTENANT_BINARY
 """
@@ -12,6 +16,9 @@ import re
 import subprocess
 import sys
 import tempfile
+
+import json
+import shutil
 
 import yaml
 
@@ -108,6 +115,68 @@ def compose(path):
     pgtenant_check(open(os.path.join(ROOT, "config", "pgtenant.toml")).read(), {k: str(v) for k, v in env.items()}, "compose.yaml")
 
 
+METRICS = set(re.findall(r'pub const [A-Z_]+: &str = "(pgtenant_[a-z0-9_]+)"', open(os.path.join(ROOT, "proxy", "src", "metrics.rs")).read()))
+OPERATIONS = open(os.path.join(ROOT, "docs", "operations.md")).read()
+
+
+def metric_expr(expr, label):
+    """An expression names at least one metric, and only metrics pgtenant exports and documents."""
+    names = set(re.findall(r"\bpgtenant_[a-z0-9_]+", expr))
+    check(names, f"{label}: names no pgtenant metric: {expr}")
+    for name in names:
+        base = re.sub(r"_(bucket|sum|count)$", "", name) if name not in METRICS else name
+        check(base in METRICS, f"{label}: {name} is not a metric pgtenant exports (proxy/src/metrics.rs)")
+        check(f"`{base}`" in OPERATIONS, f"{label}: {base} is not documented in docs/operations.md")
+
+
+def grafana(path):
+    doc = json.load(open(path))
+    exprs = []
+
+    def walk(panels):
+        for p in panels:
+            walk(p.get("panels", []))
+            exprs.extend((f"panel {p.get('title')!r}", t["expr"]) for t in p.get("targets", []))
+    walk(doc.get("panels", []))
+    for v in doc.get("templating", {}).get("list", []):
+        q = v.get("query")
+        if v.get("type") == "query":
+            exprs.append((f"variable {v['name']}", q["query"] if isinstance(q, dict) else q))
+    check(len(exprs) >= 10, f"{path}: only {len(exprs)} expressions")
+    for where, expr in exprs:
+        metric_expr(expr, f"grafana/{os.path.basename(path)} {where}")
+    titles = " ".join(str(p.get("title", "")).lower() for p in doc.get("panels", []))
+    for topic in ("transactions", "wait", "pool", "refusals", "logins", "top tenants", "ready"):
+        check(topic in titles, f"{path}: no panel about {topic}")
+
+
+def promtool():
+    local = os.path.join(ROOT, "tests", "deploy", ".promtool", "promtool")
+    return shutil.which("promtool") or (local if os.access(local, os.X_OK) else None)
+
+
+def alerts(path):
+    doc = yaml.safe_load(open(path))
+    rules = [r for g in doc.get("groups", []) for r in g.get("rules", [])]
+    names = {r.get("alert") for r in rules}
+    for want in ("PgtenantNotReady", "PgtenantPoolExhausted", "PgtenantPoolWaitP99High", "PgtenantLoginFailuresSpike", "PgtenantJwksFetchFailing"):
+        check(want in names, f"{path}: no alert {want}")
+    for r in rules:
+        label = f"prometheus/{os.path.basename(path)} {r.get('alert')}"
+        check(set(r) <= {"alert", "expr", "for", "labels", "annotations"} and r.get("alert") and r.get("expr"), f"{label}: malformed rule {sorted(r)}")
+        check(r.get("labels", {}).get("severity") in ("warning", "critical"), f"{label}: severity must be warning or critical")
+        check(r.get("annotations", {}).get("summary"), f"{label}: no summary")
+        check(re.fullmatch(r"\d+[smh]", str(r.get("for", "0m"))) is not None, f"{label}: bad for: {r.get('for')}")
+        metric_expr(r.get("expr", ""), label)
+    tool = promtool()
+    if tool:
+        for args in (["check", "rules", path], ["test", "rules", os.path.join(ROOT, "tests", "deploy", "alerts_test.yaml")]):
+            r = subprocess.run([tool, *args], capture_output=True, text=True)
+            check(r.returncode == 0, f"promtool {' '.join(args[:2])}: {r.stdout.strip()} {r.stderr.strip()}")
+    else:
+        print("promtool not found: alert rules checked for structure only")
+
+
 def dockerfile(path):
     lines = [l.strip() for l in open(path) if l.strip() and not l.startswith("#")]
     check(sum(l.startswith("FROM ") for l in lines) >= 2, "Dockerfile: not multi-stage")
@@ -123,6 +192,8 @@ for name in sorted(os.listdir(os.path.join(DEPLOY, "kubernetes"))):
     kubernetes(os.path.join(DEPLOY, "kubernetes", name))
 compose(os.path.join(DEPLOY, "compose.yaml"))
 dockerfile(os.path.join(DEPLOY, "Dockerfile"))
+grafana(os.path.join(DEPLOY, "grafana", "pgtenant.json"))
+alerts(os.path.join(DEPLOY, "prometheus", "alerts.yaml"))
 for f in failures:
     print("FAIL", f)
 print(f"deploy: {len(failures)} problems")

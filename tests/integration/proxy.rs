@@ -1502,7 +1502,8 @@ async fn admin_endpoints_and_metrics(env: &Env) -> TestResult {
     for name in [
         "pgtenant_clients", "pgtenant_logins_total", "pgtenant_transactions_total", "pgtenant_transaction_duration_seconds",
         "pgtenant_pool_wait_seconds", "pgtenant_backend_connects_total", "pgtenant_context_injections_total",
-        "pgtenant_refusals_total", "pgtenant_client_bytes_total",
+        "pgtenant_refusals_total", "pgtenant_client_bytes_total", "pgtenant_ready 1", "pgtenant_pool_size{pool=\"tenant\"} 4",
+        "pgtenant_pool_busy{pool=\"tenant\"}", "pgtenant_pool_idle{pool=\"tenant\"}", "pgtenant_pool_waiting{pool=\"tenant\"}",
     ] {
         ensure(body.contains(name), format!("/metrics lacks {name}"))?;
     }

@@ -94,6 +94,20 @@ fn pools_json(proxy: &impl Source) -> String {
     .to_string()
 }
 
+/// Sets the gauges that are sampled at scrape time rather than kept up to date.
+async fn sample_gauges(proxy: &impl Source) {
+    use crate::metrics as names;
+    metrics::gauge!(names::CLIENTS).set(proxy.clients() as f64);
+    metrics::gauge!(names::READY).set(if ready(proxy).await.is_ok() { 1.0 } else { 0.0 });
+    let pools = std::iter::once(("tenant", proxy.pool())).chain(proxy.bypass_pool().map(|b| ("bypass", b)));
+    for (name, pool) in pools {
+        metrics::gauge!(names::POOL_SIZE, "pool" => name).set(pool.size() as f64);
+        metrics::gauge!(names::POOL_BUSY, "pool" => name).set(pool.busy_count() as f64);
+        metrics::gauge!(names::POOL_IDLE, "pool" => name).set(pool.idle_count() as f64);
+        metrics::gauge!(names::POOL_WAITING, "pool" => name).set(pool.waiting() as f64);
+    }
+}
+
 async fn answer<B>(proxy: &impl Source, request: Request<B>) -> Reply {
     let (method, path, query) = (request.method(), request.uri().path(), request.uri().query().unwrap_or(""));
     if method == Method::POST && path == "/reload" {
@@ -109,8 +123,7 @@ async fn answer<B>(proxy: &impl Source, request: Request<B>) -> Reply {
     }
     match path {
         "/metrics" => {
-            metrics::gauge!(crate::metrics::CLIENTS).set(proxy.clients() as f64);
-            metrics::gauge!(crate::metrics::READY).set(if ready(proxy).await.is_ok() { 1.0 } else { 0.0 });
+            sample_gauges(proxy).await;
             let mut text = crate::metrics::recorder().render();
             text.push_str(&tenants::metrics_text(proxy));
             response(StatusCode::OK, "text/plain; version=0.0.4", text)
