@@ -186,7 +186,7 @@ mod tests {
         assert_eq!(body.unwrap(), b"{\"keys\":[]}");
         let head = heads[0].to_ascii_lowercase();
         assert!(head.starts_with("get /jwks.json http/1.1\r\n") && head.contains("connection: close"), "{head}");
-        assert!(head.contains(&format!("host: 127.0.0.1:")), "{head}");
+        assert!(head.contains("host: 127.0.0.1:"), "{head}");
         // chunked with extensions and a trailer, same server behaviour
         let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"k\r\n5;x=y\r\neys\":\r\n3\r\n[]}\r\n0\r\nX-T: 1\r\n\r\n";
         assert_eq!(fetch_answer(chunked, HOLD).await.0.unwrap(), b"{\"keys\":[]}");

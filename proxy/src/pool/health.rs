@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 
 use super::Pool;
+use crate::error::sqlstate;
 
 /// How long what the pool saw stays the answer; also the least time between two probes.
 pub const FRESH: Duration = Duration::from_secs(1);
@@ -98,6 +99,12 @@ impl Pool {
                 let _ = conn.stream.write_all(&[crate::protocol::tags::frontend::TERMINATE, 0, 0, 0, 4]).await;
                 Ok(())
             }
+            // the server is up and answering; only its connection slots are taken (by this pool,
+            // perhaps): the pool's own connections still work
+            Err(crate::backend::ConnectError::Server { code, .. }) if code == sqlstate::TOO_MANY_CONNECTIONS => {
+                self.health.answered();
+                Ok(())
+            }
             Err(e) => {
                 tracing::debug!(backend = %self.target.describe(), error = %e, "readiness probe failed");
                 self.health.failed(e.to_string());
@@ -109,6 +116,8 @@ impl Pool {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -123,5 +132,52 @@ mod tests {
         h.failed("down again".into());
         assert_eq!(h.latest(), Err("down again".into()));
         assert_eq!(h.latest_within(0), None);
+    }
+
+    /// Answers each connect with the next scripted error (the pool's test seam), counting calls.
+    struct Scripted(Mutex<Vec<crate::backend::ConnectError>>, std::sync::atomic::AtomicUsize);
+
+    impl super::super::Connector for Scripted {
+        fn connect<'a>(
+            &'a self,
+            _: &'a crate::backend::BackendTarget,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<crate::backend::BackendConn, crate::backend::ConnectError>> + Send + 'a>>
+        {
+            self.1.fetch_add(1, Ordering::SeqCst);
+            let next = self.0.lock().unwrap().remove(0);
+            Box::pin(async move { Err(next) })
+        }
+    }
+
+    #[tokio::test]
+    async fn probes_are_rate_limited_and_a_full_server_is_up() {
+        use crate::backend::ConnectError;
+        let text = "[backend]\nurl = \"postgres://u:p@127.0.0.1:1/db\"\n[jwt]\nsecret = \"0123456789abcdef0123456789\"\n[tenant]\nsettings = { \"app.tenant_id\" = \"tenant_id\" }\n";
+        let config = crate::config::Config::from_toml(text, &|_| None).unwrap();
+        let script = vec![
+            ConnectError::Timeout(10),
+            ConnectError::Server { code: sqlstate::TOO_MANY_CONNECTIONS.into(), message: "too many clients already".into() },
+            ConnectError::Server { code: sqlstate::CANNOT_CONNECT_NOW.into(), message: "the database system is shutting down".into() },
+        ];
+        let connector = Arc::new(Scripted(Mutex::new(script), Default::default()));
+        let target = crate::backend::BackendTarget::from_config(&config.backend).unwrap();
+        let pool = Pool::with_connector(&config, target, 2, Arc::new(config.limits.clone()), connector.clone());
+        let calls = || connector.1.load(Ordering::SeqCst);
+        // down: one probe, and asking again within FRESH does not probe again
+        assert!(pool.usable_primary().await.unwrap_err().contains("timed out"));
+        assert!(pool.usable_primary().await.is_err());
+        assert_eq!(calls(), 1);
+        // a server refusing for lack of connection slots is up
+        tokio::time::sleep(FRESH).await;
+        assert_eq!(pool.usable_primary().await, Ok(()));
+        assert_eq!(calls(), 2);
+        // one shutting down is not
+        tokio::time::sleep(FRESH).await;
+        assert!(pool.usable_primary().await.unwrap_err().contains("shutting down"));
+        // a transaction that ended cleanly is news enough: no probe
+        tokio::time::sleep(FRESH).await;
+        pool.health.answered();
+        assert_eq!(pool.usable_primary().await, Ok(()));
+        assert_eq!(calls(), 3);
     }
 }
