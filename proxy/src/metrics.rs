@@ -20,6 +20,13 @@ use ::metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const CLIENTS: &str = "pgtenant_clients";
+/// 1 while `/readyz` would answer 200, sampled at scrape (see `pool::health`).
+pub const READY: &str = "pgtenant_ready";
+// pool gauges, label `pool` (`tenant`, `bypass`), sampled at scrape
+pub const POOL_SIZE: &str = "pgtenant_pool_size";
+pub const POOL_BUSY: &str = "pgtenant_pool_busy";
+pub const POOL_IDLE: &str = "pgtenant_pool_idle";
+pub const POOL_WAITING: &str = "pgtenant_pool_waiting";
 pub const LOGINS: &str = "pgtenant_logins_total";
 pub const TRANSACTIONS: &str = "pgtenant_transactions_total";
 pub const TRANSACTION_SECONDS: &str = "pgtenant_transaction_duration_seconds";

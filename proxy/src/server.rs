@@ -381,6 +381,9 @@ pub async fn start_from(config: Config, path: Option<std::path::PathBuf>) -> Res
     }
     let listener = TcpListener::bind(&listen).await.map_err(|source| StartError::Listen { addr: listen.clone(), source })?;
     let addr = listener.local_addr()?;
+    if let Some(warning) = crate::config::cleartext::warning(&proxy.config.server, &[addr]) {
+        tracing::warn!("{warning}");
+    }
     // the recorder and the hot-path handles, before the first session records anything
     crate::metrics::hot();
     crate::metrics::instance_info(proxy.fleet.peer_id());

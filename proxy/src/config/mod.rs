@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod cleartext;
 pub mod tenancy;
 pub use tenancy::{AuditConfig, BypassConfig, LimitsConfig, TenantLimits};
 

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 pub mod conn;
 pub mod fair;
+pub mod health;
 pub mod prepared;
 pub mod probe;
 
@@ -57,8 +58,8 @@ pub struct Pool {
     idle_timeout: Duration,
     max_lifetime: Duration,
     prepared_cache: usize,
-    /// The last attempt to open a backend connection succeeded.
-    healthy: std::sync::atomic::AtomicBool,
+    /// What the pool last saw of its backend (readiness, see `health`).
+    health: health::Health,
     /// What the server told the first connection: ParameterStatus values and setting names.
     server_info: Mutex<Option<Arc<ServerInfo>>>,
     /// `tenant.allowed_function_calls`, resolved to OIDs on each new connection.
@@ -134,7 +135,7 @@ impl Pool {
             idle_timeout: Duration::from_secs(cfg.idle_timeout_s),
             max_lifetime: Duration::from_secs(cfg.max_lifetime_s),
             prepared_cache: config.pool.prepared_statements_cache,
-            healthy: std::sync::atomic::AtomicBool::new(true),
+            health: health::Health::new(),
             server_info: Mutex::new(None),
             function_calls: config.tenant.allowed_function_calls.clone(),
             spellings: Default::default(),
@@ -188,8 +189,9 @@ impl Pool {
         self.slots.counts().1
     }
 
+    /// The latest news of the backend (however old) was good; `usable_primary` asks for now.
     pub fn backend_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.health.latest().is_ok()
     }
 
     /// Transactions waiting for a free connection right now.
@@ -270,7 +272,10 @@ impl Pool {
     async fn connect(&self) -> Result<BackendConn, ConnectError> {
         let result = self.connector.connect(&self.target).await;
         let ok = result.is_ok();
-        self.healthy.store(ok, Ordering::Relaxed);
+        match &result {
+            Ok(_) => self.health.answered(),
+            Err(e) => self.health.failed(e.to_string()),
+        }
         ::metrics::counter!(crate::metrics::BACKEND_CONNECTS, "result" => if ok { "ok" } else { "error" }).increment(1);
         let mut conn = result.inspect_err(|e| {
             tracing::warn!(backend = %self.target.describe(), error = %e, "backend connect failed");
@@ -306,6 +311,7 @@ impl Pool {
     /// Returns a clean connection (transaction status idle, nothing in flight) to the pool.
     pub fn release(&self, lease: Lease) {
         let Lease { backend, slot } = lease;
+        self.health.answered();
         let keep = backend.created.elapsed() < self.max_lifetime;
         if keep {
             if let Ok(mut idle) = self.idle.lock() {
