@@ -35,6 +35,7 @@ pub const LIMIT_REFUSALS: &str = "pgtenant_limit_refusals_total";
 pub const BYPASS_LOGINS: &str = "pgtenant_bypass_logins_total";
 pub const BYPASS_STATEMENTS: &str = "pgtenant_bypass_statements_total";
 pub const AUDIT_RECORDS: &str = "pgtenant_audit_records_total";
+pub const CLIENT_WRITE_TIMEOUTS: &str = "pgtenant_client_write_timeouts_total";
 // per-tenant series, rendered at scrape time for the tenants [admin] selects (see `admin::tenants`)
 pub const TENANT_ACTIVE: &str = "pgtenant_tenant_active";
 pub const TENANT_WAITING: &str = "pgtenant_tenant_waiting";

@@ -2,6 +2,7 @@
 //! isolation through the simple and extended protocols, pipelining, transactions and errors,
 //! COPY, JWT failures, pool limits, cancel, and backend/client failures.
 
+mod bounds;
 mod common;
 mod faults;
 mod hostile;
@@ -12,6 +13,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bounds::*;
 use common::*;
 use faults::faults_under_load_lose_nothing;
 use hostile::*;
@@ -78,6 +80,7 @@ fn main() {
         hostile_framing_gets_fatal_or_close,
         ten_thousand_pipelined_messages,
         client_that_never_reads_is_bounded,
+        stuck_clients_do_not_pin_the_backend,
         slowloris_logins_do_not_block_others,
         copy_from_stdin_opening_a_transaction,
         lexer_changing_settings_are_refused,

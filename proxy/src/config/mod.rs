@@ -33,6 +33,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("server", "max_clients", EnvType::Int),
     ("server", "shutdown_timeout_s", EnvType::Int),
     ("server", "max_session_state_bytes", EnvType::Int),
+    ("server", "client_write_timeout_ms", EnvType::Int),
     ("backend", "url", EnvType::Str),
     ("backend", "pool_size", EnvType::Int),
     ("backend", "tls", EnvType::Str),
@@ -231,6 +232,9 @@ impl Config {
         if !matches!(self.log.format.as_str(), "human" | "json") {
             return invalid(format!("log.format must be \"human\" or \"json\", not \"{}\"", self.log.format));
         }
+        if self.server.client_write_timeout_ms == 0 {
+            return invalid("server.client_write_timeout_ms must be at least 1".into());
+        }
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return invalid("server.tls_cert and server.tls_key go together".into());
         }
@@ -348,6 +352,9 @@ pub struct ServerConfig {
     /// Most bytes of prepared statements and session settings pgtenant keeps for one client;
     /// a Parse or SET past it gets `ERROR 54000`.
     pub max_session_state_bytes: usize,
+    /// Longest a client may leave pgtenant's output to it unread (no write progress at all);
+    /// past it the session ends and its backend is closed or released.
+    pub client_write_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -362,6 +369,7 @@ impl Default for ServerConfig {
             max_clients: 10_000,
             shutdown_timeout_s: 30,
             max_session_state_bytes: 16 * 1024 * 1024,
+            client_write_timeout_ms: 30_000,
         }
     }
 }
