@@ -8,6 +8,11 @@ use tokio::io::AsyncWriteExt;
 
 use crate::common::*;
 use crate::hostile::{query, raw_login};
+use crate::tenancy::{audit_lines, bypass_token, BYPASS_SECRET};
+
+#[path = "../isolation/wire.rs"]
+mod wire;
+use wire::Wire;
 
 /// A proxy with one backend and a 1 s client write timeout.
 async fn one_backend_proxy(env: &Env) -> pgtenant::server::Running {
@@ -50,6 +55,103 @@ pub async fn stuck_clients_do_not_pin_the_backend(env: &Env) -> TestResult {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop((half, silent));
+    p.stop().await;
+    Ok(())
+}
+
+/// Session-level SETs stop at `MAX_CONTEXT_SETTINGS` settings in the context (54000, the session
+/// goes on, and transactions keep their context); an existing name can still change, and RESET
+/// makes room.
+pub async fn session_settings_are_capped(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+    let c = connect(&p, &token(1, "setter")).await.map_err(|e| format!("{e:?}"))?;
+    let mut accepted = 0;
+    let mut refusal = None;
+    for i in 0..200 {
+        match c.simple_query(&format!("SET my.s{i} = 'v{i}'")).await {
+            Ok(_) => accepted += 1,
+            Err(e) => {
+                refusal = Some(db_err(&e));
+                break;
+            }
+        }
+    }
+    let (code, msg) = refusal.ok_or(format!("all {accepted} session settings were accepted"))?;
+    ensure(code == "54000" && msg.contains("more than 126 settings"), format!("after {accepted}: {code} {msg}"))?;
+    ensure((100..126).contains(&accepted), format!("{accepted} settings accepted before the limit"))?;
+    // the session goes on: its settings and tenant context hold in the next transactions
+    let (n, lo, hi) = crate::tenant_view(&c).await?;
+    ensure(n == 100 && lo == 1 && hi == 1, "wrong rows after the refusal")?;
+    let last = format!("my.s{}", accepted - 1);
+    let v = c.query_one(&format!("select current_setting('{last}')"), &[]).await.map_err(|e| format!("{e:?}"))?;
+    ensure(v.get::<_, String>(0) == format!("v{}", accepted - 1), "a kept setting was lost")?;
+    c.simple_query("SET my.s0 = 'changed'").await.map_err(|e| format!("changing a kept setting: {e:?}"))?;
+    c.simple_query("RESET my.s1").await.map_err(|e| format!("{e:?}"))?;
+    c.simple_query("SET my.new = 'fits'").await.map_err(|e| format!("after RESET: {e:?}"))?;
+    let v = c.query_one("select current_setting('my.s0'), current_setting('my.new')", &[]).await.map_err(|e| format!("{e:?}"))?;
+    ensure((v.get::<_, String>(0), v.get::<_, String>(1)) == ("changed".into(), "fits".into()), "settings after RESET")?;
+    p.stop().await;
+    Ok(())
+}
+
+/// A Bind of one named portal more than `MAX_PORTALS` is refused with 54000 (it used to be run by
+/// the server but not recorded, so an Execute of it was classified and audited as nothing).
+pub async fn named_portals_are_capped(env: &Env) -> TestResult {
+    let p = start_proxy(env, "", "").await;
+
+    let mut w = Wire::connect(p.addr, &token(1, "portals")).await?;
+    let r = w.simple("BEGIN").await;
+    ensure(r.ok(), format!("BEGIN: {}", r.summary()))?;
+    let mut batch = vec![wire::parse("", "SELECT 1", &[])];
+    for i in 0..=10_000 {
+        batch.push(wire::bind(&format!("p{i}"), "", &[]));
+    }
+    batch.push(wire::sync());
+    let r = w.round(&batch.concat(), 1).await;
+    let codes: Vec<&str> = r.errors.iter().map(|e| e.code.as_str()).collect();
+    ensure(codes == ["54000"] && r.errors[0].message.contains("too many open portals"), format!("10,001 portals: {}", r.summary()))?;
+    ensure(r.status() == b'E', format!("the refused Bind did not fail the transaction: {}", r.summary()))?;
+    let r = w.simple("ROLLBACK").await;
+    ensure(r.ok() && r.status() == b'I', format!("ROLLBACK: {}", r.summary()))?;
+    // the portals died with the transaction: the next one may bind again
+    let r = w.round(&[wire::query("BEGIN"), wire::parse("", "SELECT 1", &[]), wire::bind("again", "", &[]), wire::execute("again", 0), wire::sync(), wire::query("COMMIT")].concat(), 3).await;
+    ensure(r.ok() && r.rows.len() == 1, format!("after the limit: {}", r.summary()))?;
+    w.close().await;
+    p.stop().await;
+    Ok(())
+}
+
+/// A bypass Execute of a portal pgtenant did not bind (a SQL cursor) is audited by the portal's
+/// name, never as an empty statement.
+pub async fn bypass_execute_of_unknown_portal_is_audited_by_name(env: &Env) -> TestResult {
+    let _ = env.cluster.psql("app", "CREATE ROLE worker LOGIN PASSWORD 'worker-secret' BYPASSRLS");
+    env.cluster
+        .psql("app", "GRANT USAGE ON SCHEMA public TO worker; GRANT SELECT, UPDATE ON orders TO worker")
+        .map_err(|e| e.to_string())?;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let audit = dir.path().join("audit.jsonl");
+    let extra = format!(
+        "[bypass]\nenabled = true\nurl = \"{}\"\n[bypass.jwt]\nsecret = \"{BYPASS_SECRET}\"\n[audit]\npath = \"{}\"",
+        env.cluster.url("worker", "worker-secret", "app"),
+        audit.display()
+    );
+    let p = start_proxy(env, "", &extra).await;
+
+    let worker = bypass_token(serde_json::json!({ "role": "service", "sub": "worker-portals", "exp": now() + 600 }));
+    let mut w = Wire::connect(p.addr, &worker).await?;
+    let r = w.simple("BEGIN; DECLARE pgt_cursor CURSOR FOR SELECT tenant_id FROM orders ORDER BY 1 LIMIT 2").await;
+    ensure(r.ok(), format!("DECLARE: {}", r.summary()))?;
+    let r = w.round(&[wire::execute("pgt_cursor", 0), wire::sync()].concat(), 1).await;
+    ensure(r.ok() && r.rows.len() == 2, format!("Execute of the cursor: {}", r.summary()))?;
+    let r = w.simple("COMMIT").await;
+    ensure(r.ok(), format!("COMMIT: {}", r.summary()))?;
+    w.close().await;
+    let lines = audit_lines(&audit);
+    let ext: Vec<_> = lines.iter().filter(|l| l["event"] == "bypass_statement" && l["protocol"] == "extended").collect();
+    ensure(
+        ext.len() == 1 && ext[0]["portal"] == "pgt_cursor" && ext[0]["statement"].is_null() && ext[0]["fingerprint"].is_null(),
+        format!("extended bypass records: {ext:?}"),
+    )?;
     p.stop().await;
     Ok(())
 }

@@ -202,6 +202,9 @@ impl Config {
         if self.jwt.secret.as_deref() == Some("") {
             return invalid("jwt.secret is empty".into());
         }
+        if self.tenant.settings.len() > MAX_TENANT_SETTINGS {
+            return invalid(format!("tenant.settings: at most {MAX_TENANT_SETTINGS} settings"));
+        }
         let mut seen = std::collections::BTreeSet::new();
         let claims = (!self.tenant.claims_setting.is_empty()).then_some(&self.tenant.claims_setting);
         for name in self.tenant.settings.keys().chain(claims) {
@@ -250,6 +253,10 @@ impl Config {
         Ok(())
     }
 }
+
+/// Most `tenant.settings` entries: with the claims setting, the role and the client's startup
+/// parameters they must leave room in the context statement (`session::settings::MAX_CONTEXT_SETTINGS`).
+pub const MAX_TENANT_SETTINGS: usize = 32;
 
 /// Custom setting names: `prefix.name`, letters, digits and underscores.
 fn valid_setting_name(name: &str) -> bool {
@@ -591,6 +598,8 @@ mod tests {
             (&format!("{MIN}[tenant]\nsettings = {{ \"app.t\" = \"a..b\" }}"), "claim path"),
             (&format!("{MIN}[tenant]\nrole_claim = \"role\""), "allowed_roles"),
             (&format!("{MIN}[log]\nformat = \"xml\""), "log.format"),
+            (&format!("{MIN}[server]\nclient_write_timeout_ms = 0"), "client_write_timeout_ms"),
+            (&format!("{MIN}[tenant]\nsettings = {{ {} }}", (0..33).map(|i| format!("\"app.s{i}\" = \"c{i}\"")).collect::<Vec<_>>().join(", ")), "at most 32"),
             (&format!("{MIN}[server]\nrequire_tls = true"), "require_tls"),
         ];
         for (text, needle) in cases {

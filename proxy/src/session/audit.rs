@@ -32,35 +32,43 @@ impl Session {
         let (protocol, text): (&str, &[u8]) = match f.tag {
             b'Q' => ("simple", peek::query_msg(f.body()).unwrap_or_default()),
             b'E' => {
-                let def = peek::execute_msg(f.body()).and_then(|p| self.statements.portal(p)).cloned();
-                let key = def.map(|d| d.key.clone()).unwrap_or_default();
-                let end = key.iter().position(|&b| b == 0).unwrap_or(key.len());
-                let fp = sql::fingerprint::fingerprint(&key[..end]);
-                return self.write_bypass_record("extended", fp);
+                let portal = peek::execute_msg(f.body()).unwrap_or_default();
+                let Some(def) = self.statements.portal(portal) else {
+                    // not bound through pgtenant (a SQL cursor, or a Bind the server refused):
+                    // recorded by its name, never as some other (or an empty) statement
+                    let name = String::from_utf8_lossy(&portal[..portal.len().min(64)]).into_owned();
+                    return self.write_bypass_record("extended", None, Some(name));
+                };
+                let end = def.key.iter().position(|&b| b == 0).unwrap_or(def.key.len());
+                let fp = sql::fingerprint::fingerprint(&def.key[..end]);
+                return self.write_bypass_record("extended", Some(fp), None);
             }
             b'F' => ("function_call", b"".as_slice()),
             _ => return Ok(()),
         };
         let fp = sql::fingerprint::fingerprint(text);
-        self.write_bypass_record(protocol, fp)
+        self.write_bypass_record(protocol, Some(fp), None)
     }
 
-    fn write_bypass_record(&self, protocol: &str, fp: sql::fingerprint::Fingerprint) -> Result<(), PgError> {
+    /// `fp`: the statement's fingerprint; None with the `portal` name when pgtenant does not know
+    /// the statement an Execute runs.
+    fn write_bypass_record(&self, protocol: &str, fp: Option<sql::fingerprint::Fingerprint>, portal: Option<String>) -> Result<(), PgError> {
         crate::metrics::hot().bypass_statements.increment(1);
+        let mut fields = serde_json::json!({
+            "pool": "bypass",
+            "subject": self.who.subject,
+            "client": self.who.client.to_string(),
+            "session": self.who.login,
+            "protocol": protocol,
+            "fingerprint": fp.as_ref().map(|f| &f.hash),
+            "statement": fp.as_ref().map(|f| &f.text),
+        });
+        if let Some(name) = portal {
+            fields["portal"] = serde_json::Value::String(name);
+        }
         self.shared
             .audit
-            .record(
-                "bypass_statement",
-                serde_json::json!({
-                    "pool": "bypass",
-                    "subject": self.who.subject,
-                    "client": self.who.client.to_string(),
-                    "session": self.who.login,
-                    "protocol": protocol,
-                    "fingerprint": fp.hash,
-                    "statement": fp.text,
-                }),
-            )
+            .record("bypass_statement", fields)
             .map_err(|_| {
                 PgError::error(sqlstate::IO_ERROR, "pgtenant: the audit log cannot be written, so this bypass statement is refused")
                     .with_hint("check audit.path (disk full? permissions?) and the pgtenant log")

@@ -588,7 +588,7 @@ impl Session {
             pooling: !self.shared.session_mode,
             batch: self.batch,
             unsettled: self.lease.is_some() && !self.replies.is_settled(),
-            budget: Budget { max: self.shared.max_state_bytes, settings: self.settings.bytes() },
+            budget: Budget { max: self.shared.max_state_bytes, settings: &self.settings },
             function_calls: self.pool.allows_function_calls(),
         }
         .classify(&f)?;
