@@ -236,7 +236,7 @@ impl Proxy {
                                 "user": params.get("user"),
                                 "client": peer.to_string(),
                             }),
-                        );
+                        ).await;
                         send_fatal(stream, &err).await;
                         None
                     }

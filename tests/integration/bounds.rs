@@ -124,18 +124,9 @@ pub async fn named_portals_are_capped(env: &Env) -> TestResult {
 /// A bypass Execute of a portal pgtenant did not bind (a SQL cursor) is audited by the portal's
 /// name, never as an empty statement.
 pub async fn bypass_execute_of_unknown_portal_is_audited_by_name(env: &Env) -> TestResult {
-    let _ = env.cluster.psql("app", "CREATE ROLE worker LOGIN PASSWORD 'worker-secret' BYPASSRLS");
-    env.cluster
-        .psql("app", "GRANT USAGE ON SCHEMA public TO worker; GRANT SELECT, UPDATE ON orders TO worker")
-        .map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let audit = dir.path().join("audit.jsonl");
-    let extra = format!(
-        "[bypass]\nenabled = true\nurl = \"{}\"\n[bypass.jwt]\nsecret = \"{BYPASS_SECRET}\"\n[audit]\npath = \"{}\"",
-        env.cluster.url("worker", "worker-secret", "app"),
-        audit.display()
-    );
-    let p = start_proxy(env, "", &extra).await;
+    let p = start_proxy(env, "", &bypass_sections(env, &audit)?).await;
 
     let worker = bypass_token(serde_json::json!({ "role": "service", "sub": "worker-portals", "exp": now() + 600 }));
     let mut w = Wire::connect(p.addr, &worker).await?;
@@ -154,4 +145,103 @@ pub async fn bypass_execute_of_unknown_portal_is_audited_by_name(env: &Env) -> T
     )?;
     p.stop().await;
     Ok(())
+}
+
+/// Config sections for a bypass pool (role `worker`, created if needed) audited to `audit`.
+fn bypass_sections(env: &Env, audit: &std::path::Path) -> Result<String, String> {
+    let _ = env.cluster.psql("app", "CREATE ROLE worker LOGIN PASSWORD 'worker-secret' BYPASSRLS");
+    env.cluster
+        .psql("app", "GRANT USAGE ON SCHEMA public TO worker; GRANT SELECT, UPDATE ON orders TO worker")
+        .map_err(|e| e.to_string())?;
+    Ok(format!(
+        "[bypass]\nenabled = true\nurl = \"{}\"\n[bypass.jwt]\nsecret = \"{BYPASS_SECRET}\"\n[audit]\npath = \"{}\"",
+        env.cluster.url("worker", "worker-secret", "app"),
+        audit.display()
+    ))
+}
+
+/// An audit log whose writes block (a pipe nobody reads) must not stall the proxy: audit records
+/// are written off the runtime's threads, bypass statements whose record is not acknowledged in
+/// `audit.write_timeout_ms` are refused with 58030, and tenant sessions go on. Clients run on a
+/// runtime of their own, so a stalled proxy runtime shows as a timeout instead of a hung test.
+pub async fn stuck_audit_log_stalls_nobody_else(env: &Env) -> TestResult {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let fifo = dir.path().join("audit.fifo");
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: a valid NUL-terminated path
+    ensure(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } == 0, "mkfifo failed")?;
+    // a reader that does not read: once the pipe's buffer is full, every write blocks
+    let mut reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).map_err(|e| e.to_string())?;
+    let extra = format!("{}\nwrite_timeout_ms = 1000", bypass_sections(env, &fifo)?);
+    let p = start_proxy(env, "", &extra).await;
+    let addr = p.addr;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("client runtime");
+        let result = rt.block_on(async move {
+            let login = |tok: String| async move {
+                let mut cfg = tokio_postgres::Config::new();
+                cfg.host("127.0.0.1").port(addr.port()).user("alice").dbname("app").password(tok);
+                let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| format!("login: {e:?}"))?;
+                tokio::spawn(conn);
+                Ok::<_, String>(c)
+            };
+            let tenant = login(token(1, "bystander")).await?;
+            let worker = |n: u32| bypass_token(serde_json::json!({ "role": "service", "sub": format!("w{n}"), "exp": now() + 600 }));
+            // statements whose records are ~1 KB each (the fingerprint keeps the column names)
+            let sql: String = format!("select {}", (0..150).map(|i| format!("{i} as column_number_{i}")).collect::<Vec<_>>().join(", "));
+            let mut loops = Vec::new();
+            for n in 0..2 {
+                let w = login(worker(n)).await?;
+                let sql = sql.clone();
+                loops.push(tokio::spawn(async move {
+                    for _ in 0..500 {
+                        match tokio::time::timeout(Duration::from_secs(10), w.simple_query(&sql)).await {
+                            Err(_) => return Err("a bypass statement hung (no answer in 10 s)".to_string()),
+                            Ok(Ok(_)) => {}
+                            Ok(Err(e)) => return Ok(db_err(&e)),
+                        }
+                    }
+                    Err("500 bypass statements ran while the audit log could not take them".to_string())
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let started = Instant::now();
+            let view = tokio::time::timeout(Duration::from_secs(3), crate::tenant_view(&tenant)).await;
+            let waited = started.elapsed();
+            match view {
+                Ok(Ok((100, 1, 1))) => {}
+                Ok(other) => return Err(format!("tenant query: {other:?}")),
+                Err(_) => return Err(format!("a tenant query stalled ({waited:?}) while the audit log was stuck")),
+            }
+            for l in loops {
+                let (code, msg) = l.await.map_err(|e| e.to_string())??;
+                if code != "58030" || !msg.contains("audit log cannot be written") {
+                    return Err(format!("bypass statement: {code} {msg}"));
+                }
+            }
+            Ok(())
+        });
+        let _ = tx.send(result);
+    });
+    // blocking waits here are fine: this future runs on the test's own thread, not a worker
+    let result = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| Err("the clients never finished".into()));
+    // unstick the writer (and, before the fix, the runtime) so the proxy can stop
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let draining = stop.clone();
+    let drainer = std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = vec![0u8; 1 << 16];
+        while !draining.load(std::sync::atomic::Ordering::Relaxed) {
+            if !matches!(reader.read(&mut buf), Ok(n) if n > 0) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    p.stop().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = drainer.join();
+    result
 }

@@ -84,6 +84,7 @@ fn main() {
         session_settings_are_capped,
         named_portals_are_capped,
         bypass_execute_of_unknown_portal_is_audited_by_name,
+        stuck_audit_log_stalls_nobody_else,
         slowloris_logins_do_not_block_others,
         copy_from_stdin_opening_a_transaction,
         lexer_changing_settings_are_refused,

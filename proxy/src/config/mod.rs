@@ -86,6 +86,8 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("bypass.jwt", "audience", EnvType::Str),
     ("bypass.jwt", "leeway_secs", EnvType::Int),
     ("audit", "path", EnvType::Str),
+    ("audit", "fsync", EnvType::Bool),
+    ("audit", "write_timeout_ms", EnvType::Int),
     ("log", "level", EnvType::Str),
     ("log", "format", EnvType::Str),
 ];
@@ -234,6 +236,9 @@ impl Config {
         }
         if !matches!(self.log.format.as_str(), "human" | "json") {
             return invalid(format!("log.format must be \"human\" or \"json\", not \"{}\"", self.log.format));
+        }
+        if self.audit.write_timeout_ms == 0 {
+            return invalid("audit.write_timeout_ms must be at least 1".into());
         }
         if self.server.client_write_timeout_ms == 0 {
             return invalid("server.client_write_timeout_ms must be at least 1".into());

@@ -576,7 +576,7 @@ impl Session {
     async fn on_work(&mut self, f: Frame) -> Result<Flow, End> {
         let simple = matches!(f.tag, msg::QUERY | msg::FUNCTION_CALL);
         if self.who.bypass {
-            if let Err(e) = self.audit_bypass(&f) {
+            if let Err(e) = self.audit_bypass(&f).await {
                 return Ok(self.refuse(e, simple));
             }
         }
@@ -595,7 +595,7 @@ impl Session {
         let plan = match step {
             Step::Run(plan) => plan,
             Step::Hold => return Ok(Flow::Hold(f)),
-            Step::Refuse(r) => return Ok(self.refuse_with(r, simple)),
+            Step::Refuse(r) => return Ok(self.refuse_with(r, simple).await),
             Step::DiscardAll => {
                 self.discard_all(simple);
                 return Ok(Flow::Continue);
