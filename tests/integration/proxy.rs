@@ -85,6 +85,8 @@ fn main() {
         named_portals_are_capped,
         bypass_execute_of_unknown_portal_is_audited_by_name,
         stuck_audit_log_stalls_nobody_else,
+        wide_row_streams_through_bounded_memory,
+        wide_rows_and_copy_data_arrive_intact,
         slowloris_logins_do_not_block_others,
         copy_from_stdin_opening_a_transaction,
         lexer_changing_settings_are_refused,

@@ -60,6 +60,10 @@ const READ_CHUNK: usize = 8192;
 const IDLE_READ_CHUNK: usize = 1024;
 /// Largest backend message relayed (the server's own limit is 1 GiB).
 const MAX_BACKEND_MESSAGE: usize = 1 << 30;
+/// A backend DataRow or CopyData larger than this is not held whole: it is relayed piece by piece
+/// as it arrives (see `from_backend`), so a session's memory stays bounded whatever the row size.
+/// Smaller messages (nearly all) take the whole-message path.
+const STREAM_MIN: usize = 64 * 1024;
 
 /// State shared by all sessions of one proxy.
 pub struct Shared {
@@ -181,6 +185,10 @@ pub struct Session {
     /// Since when output has waited for the client with no write progress
     /// (`server.client_write_timeout_ms`).
     write_waiting_since: Option<std::time::Instant>,
+    /// Bytes still to come of a large backend message being streamed (see `STREAM_MIN`), and
+    /// whether they go to the client (or are pgtenant's own, dropped).
+    stream_left: usize,
+    stream_forward: bool,
 }
 
 impl Session {
@@ -243,6 +251,8 @@ impl Session {
             idle_since: None,
             client_parses: Vec::new(),
             write_waiting_since: None,
+            stream_left: 0,
+            stream_forward: false,
         };
         if let Some(lease) = lease {
             // session mode: the backend leased at login (its cancel keys are registered already)
@@ -260,7 +270,10 @@ impl Session {
             Err(e) => e,
         };
         self.let_backend_go(&end).await;
+        // a message after part of a streamed one would reach the client misframed: just close
+        let framed = !(self.stream_left > 0 && self.stream_forward);
         match &end {
+            _ if !framed => {}
             End::Fatal(err) => err.encode(&mut self.client_out),
             End::BackendLost(why) => {
                 tracing::warn!(reason = %why, "backend connection lost mid-session");
@@ -424,7 +437,7 @@ impl Session {
 
     /// The backend can go back to the pool: idle, nothing in flight, nothing half-read.
     fn backend_clean(&self) -> bool {
-        self.backend_idle() && self.backend_out.is_empty() && self.backend_in.is_empty()
+        self.backend_idle() && self.backend_out.is_empty() && self.backend_in.is_empty() && self.stream_left == 0
     }
 
     /// Between transactions on the backend: every reply in, status idle, no batch open. The one
