@@ -355,6 +355,7 @@ impl Session {
                         "ending session: the client stopped reading its results (server.client_write_timeout_ms)"
                     );
                     ::metrics::counter!(crate::metrics::CLIENT_WRITE_TIMEOUTS).increment(1);
+                    self.client_out.clear(); // it will not read it: no second wait on the way out
                     return Err(End::ClientGone);
                 }
                 Event::Timeout(err) => {
