@@ -44,6 +44,7 @@ pub const BYPASS_STATEMENTS: &str = "pgtenant_bypass_statements_total";
 pub const AUDIT_RECORDS: &str = "pgtenant_audit_records_total";
 pub const CANCEL_REQUESTS: &str = "pgtenant_cancel_requests_total";
 pub const INSTANCE_INFO: &str = "pgtenant_instance_info";
+pub const CLIENT_WRITE_TIMEOUTS: &str = "pgtenant_client_write_timeouts_total";
 // per-tenant series, rendered at scrape time for the tenants [admin] selects (see `admin::tenants`)
 pub const TENANT_ACTIVE: &str = "pgtenant_tenant_active";
 pub const TENANT_WAITING: &str = "pgtenant_tenant_waiting";

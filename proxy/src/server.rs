@@ -71,6 +71,7 @@ impl Proxy {
             audit,
             max_message_bytes: config.server.max_message_bytes,
             max_state_bytes: config.server.max_session_state_bytes,
+            client_write_timeout: Duration::from_millis(config.server.client_write_timeout_ms),
             pool_cfg: config.pool.clone(),
             session_mode: config.pool.mode == crate::config::PoolMode::Session,
             signer: crate::signing::SignerSlot::new(crate::signing::Signer::from_config(&config.tenant)?),
@@ -243,7 +244,7 @@ impl Proxy {
                                 "user": params.get("user"),
                                 "client": peer.to_string(),
                             }),
-                        );
+                        ).await;
                         send_fatal(stream, &err).await;
                         None
                     }

@@ -4,6 +4,7 @@
 
 mod admin;
 mod cleartext;
+mod bounds;
 mod common;
 mod faults;
 mod health;
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use admin::admin_speaks_http;
 use cleartext::cleartext_listeners_are_warned;
+use bounds::*;
 use common::*;
 use faults::faults_under_load_lose_nothing;
 use health::readyz_follows_the_backend;
@@ -87,6 +89,13 @@ fn main() {
         hostile_framing_gets_fatal_or_close,
         ten_thousand_pipelined_messages,
         client_that_never_reads_is_bounded,
+        stuck_clients_do_not_pin_the_backend,
+        session_settings_are_capped,
+        named_portals_are_capped,
+        bypass_execute_of_unknown_portal_is_audited_by_name,
+        stuck_audit_log_stalls_nobody_else,
+        wide_row_streams_through_bounded_memory,
+        wide_rows_and_copy_data_arrive_intact,
         slowloris_logins_do_not_block_others,
         copy_from_stdin_opening_a_transaction,
         lexer_changing_settings_are_refused,

@@ -182,7 +182,7 @@ pub async fn login(
             "client": peer.to_string(),
             "session": cancel.pid,
         }),
-    );
+    ).await;
     if bypass && recorded.is_err() {
         if let Some(lease) = greeting.lease {
             pool.release(lease); // idle and clean: the probe ended with ReadyForQuery

@@ -35,6 +35,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("server", "shutdown_timeout_s", EnvType::Int),
     ("server", "max_session_state_bytes", EnvType::Int),
     ("server", "peer_id", EnvType::Int),
+    ("server", "client_write_timeout_ms", EnvType::Int),
     ("backend", "url", EnvType::Str),
     ("backend", "pool_size", EnvType::Int),
     ("backend", "tls", EnvType::Str),
@@ -87,6 +88,8 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("bypass.jwt", "audience", EnvType::Str),
     ("bypass.jwt", "leeway_secs", EnvType::Int),
     ("audit", "path", EnvType::Str),
+    ("audit", "fsync", EnvType::Bool),
+    ("audit", "write_timeout_ms", EnvType::Int),
     ("log", "level", EnvType::Str),
     ("log", "format", EnvType::Str),
 ];
@@ -212,6 +215,9 @@ impl Config {
         if self.jwt.secret.as_deref() == Some("") {
             return invalid("jwt.secret is empty".into());
         }
+        if self.tenant.settings.len() > MAX_TENANT_SETTINGS {
+            return invalid(format!("tenant.settings: at most {MAX_TENANT_SETTINGS} settings"));
+        }
         let mut seen = std::collections::BTreeSet::new();
         let claims = (!self.tenant.claims_setting.is_empty()).then_some(&self.tenant.claims_setting);
         for name in self.tenant.settings.keys().chain(claims) {
@@ -242,6 +248,12 @@ impl Config {
         if !matches!(self.log.format.as_str(), "human" | "json") {
             return invalid(format!("log.format must be \"human\" or \"json\", not \"{}\"", self.log.format));
         }
+        if self.audit.write_timeout_ms == 0 {
+            return invalid("audit.write_timeout_ms must be at least 1".into());
+        }
+        if self.server.client_write_timeout_ms == 0 {
+            return invalid("server.client_write_timeout_ms must be at least 1".into());
+        }
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return invalid("server.tls_cert and server.tls_key go together".into());
         }
@@ -258,6 +270,10 @@ impl Config {
         Ok(())
     }
 }
+
+/// Most `tenant.settings` entries: with the claims setting, the role and the client's startup
+/// parameters they must leave room in the context statement (`session::settings::MAX_CONTEXT_SETTINGS`).
+pub const MAX_TENANT_SETTINGS: usize = 32;
 
 /// Custom setting names: `prefix.name`, letters, digits and underscores.
 fn valid_setting_name(name: &str) -> bool {
@@ -398,6 +414,9 @@ pub struct ServerConfig {
     /// This instance's id in a fleet (1 to 127, unique per instance): carried in the cancel keys
     /// it issues, so any instance can forward a cancel request to this one (see `[peers]`).
     pub peer_id: Option<u32>,
+    /// Longest a client may leave pgtenant's output to it unread (no write progress at all);
+    /// past it the session ends and its backend is closed or released.
+    pub client_write_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -413,6 +432,7 @@ impl Default for ServerConfig {
             shutdown_timeout_s: 30,
             max_session_state_bytes: 16 * 1024 * 1024,
             peer_id: None,
+            client_write_timeout_ms: 30_000,
         }
     }
 }
@@ -658,6 +678,8 @@ mod tests {
             (&format!("{MIN}[tenant]\nsettings = {{ \"app.t\" = \"a..b\" }}"), "claim path"),
             (&format!("{MIN}[tenant]\nrole_claim = \"role\""), "allowed_roles"),
             (&format!("{MIN}[log]\nformat = \"xml\""), "log.format"),
+            (&format!("{MIN}[server]\nclient_write_timeout_ms = 0"), "client_write_timeout_ms"),
+            (&format!("{MIN}[tenant]\nsettings = {{ {} }}", (0..33).map(|i| format!("\"app.s{i}\" = \"c{i}\"")).collect::<Vec<_>>().join(", ")), "at most 32"),
             (&format!("{MIN}[server]\nrequire_tls = true"), "require_tls"),
         ];
         for (text, needle) in cases {

@@ -61,12 +61,23 @@ impl Default for BypassConfig {
     }
 }
 
-/// `[audit]`: where the audit log (JSON lines) goes.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+/// `[audit]`: where the audit log (JSON lines) goes, and how durably.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// File appended to, or "-" for standard output; no audit log when unset.
     pub path: Option<PathBuf>,
+    /// Flush each record to the disk (`fdatasync`) before acknowledging it.
+    pub fsync: bool,
+    /// Longest a session waits for its record to be written; a bypass statement or login whose
+    /// record is not written by then is refused (`58030`).
+    pub write_timeout_ms: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { path: None, fsync: false, write_timeout_ms: 5_000 }
+    }
 }
 
 impl BypassConfig {
