@@ -43,18 +43,18 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: Config) -> Result<Arc<Proxy>, StartError> {
-        let target = BackendTarget::from_config(&config.backend)
+        let hosts = BackendTarget::all_from_config(&config.backend)
             .map_err(|error| StartError::BackendUrl { key: "backend.url", error })?;
         let auth = Auth::from_config(&config, None)?;
         let tls = match (&config.server.tls_cert, &config.server.tls_key) {
             (Some(cert), Some(key)) => Some(tls::load_acceptor(cert, key).map_err(StartError::Tls)?),
             _ => None,
         };
-        let pool = Pool::new(&config, target);
+        let pool = Pool::for_hosts(&config, "tenant", hosts, config.backend.pool_size, Arc::new(config.limits.clone()));
         let bypass = if config.bypass.enabled {
-            let target = BackendTarget::from_config(&config.bypass.backend(&config.backend))
+            let hosts = BackendTarget::all_from_config(&config.bypass.backend(&config.backend))
                 .map_err(|error| StartError::BackendUrl { key: "bypass.url", error })?;
-            Some(Pool::sized(&config, target, config.bypass.pool_size, Arc::new(Default::default())))
+            Some(Pool::for_hosts(&config, "bypass", hosts, config.bypass.pool_size, Arc::new(Default::default())))
         } else {
             None
         };

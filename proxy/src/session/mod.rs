@@ -256,11 +256,7 @@ impl Session {
             }
             End::BackendLost(why) => {
                 tracing::warn!(reason = %why, "backend connection lost mid-session");
-                PgError::fatal(
-                    sqlstate::CONNECTION_FAILURE,
-                    "pgtenant: lost the connection to the database server; the current transaction was rolled back",
-                )
-                .encode(&mut self.client_out);
+                crate::pool::connection_lost(why).encode(&mut self.client_out);
                 let _ = self.client_wr.write_all(&self.client_out).await;
             }
             End::ClientGone => {
