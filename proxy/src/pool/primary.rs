@@ -172,6 +172,7 @@ impl Primary {
 
     /// `pgtenant_backend_primary{pool, host}`: 1 for the host in use, 0 for the others.
     fn publish(&self, current: Option<usize>) {
+        crate::metrics::recorder();
         for (i, t) in self.targets.iter().enumerate() {
             let v = if Some(i) == current { 1.0 } else { 0.0 };
             ::metrics::gauge!(crate::metrics::BACKEND_PRIMARY, "pool" => self.label, "host" => t.address()).set(v);
