@@ -128,6 +128,7 @@ async fn failover_keeps_idle_clients_and_fails_open_transactions_with_08006(_env
 
     tokio::task::block_in_place(|| primary.stop_with(false)).map_err(e)?;
 
+    ensure(p.proxy.shared.pool.verify_primary().await.is_none(), "verify_primary() names a primary while there is none")?;
     let (_busy, r) = running.await.map_err(e)?;
     check_lost(&r.err().ok_or("a statement running at the shutdown succeeded")?, "running statement")?;
     let ended = tokio::time::timeout(Duration::from_secs(5), open_conn).await.map_err(e)?.map_err(e)?;
@@ -163,6 +164,7 @@ async fn failover_keeps_idle_clients_and_fails_open_transactions_with_08006(_env
     ensure(rows.trim() == "454545", format!("rows on the new primary: {rows:?}"))?;
     let pool = &p.proxy.shared.pool;
     let new = format!("127.0.0.1:{}", standby.port());
+    ensure(pool.verify_primary().await.as_deref() == Some(new.as_str()), "verify_primary() does not name the new primary")?;
     ensure(pool.primary().as_deref() == Some(new.as_str()) && pool.failover_count() == 1, format!("primary {:?}, {} failovers", pool.primary(), pool.failover_count()))?;
     let metrics = pgtenant::metrics::recorder().render();
     let gauge = format!("pgtenant_backend_primary{{pool=\"tenant\",host=\"{new}\"}} 1");

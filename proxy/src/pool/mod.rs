@@ -131,7 +131,7 @@ pub fn connection_lost(why: &str) -> PgError {
 
 /// Turns a connection failure into the error a client sees.
 pub fn connect_error(e: &ConnectError) -> PgError {
-    if let ConnectError::NoPrimary { .. } = e {
+    if let ConnectError::NoPrimary { retry: true, .. } = e {
         return PgError::error(sqlstate::CANNOT_CONNECT_NOW, format!("pgtenant: cannot connect to the database: {e}"))
             .with_hint("a database failover may be in progress: retry the transaction shortly; pgtenant keeps looking for the primary among backend.url's hosts");
     }
@@ -409,15 +409,23 @@ impl Pool {
             *last = Some(Instant::now());
         }
         let pool = self.clone();
-        tokio::spawn(async move {
-            // a connection to the host in use proves it still is the one; else this finds the new one
-            let before = pool.primary.epoch();
-            let result = pool.primary.connect(pool.connector.as_ref()).await;
-            pool.healthy.store(result.is_ok(), Ordering::Relaxed);
-            if pool.primary.epoch() != before {
-                pool.reap();
+        tokio::spawn(async move { pool.verify_primary().await });
+    }
+
+    /// Checks now which host is the primary and returns it (`None`: none is): a connection to the
+    /// host in use proves it still is the one, else every host is tried. For `/readyz`, which
+    /// should answer 503 while there is no primary; with one host and no
+    /// `target_session_attrs` it only reports that host.
+    pub async fn verify_primary(&self) -> Option<String> {
+        if self.primary.chooses() {
+            let before = self.primary.epoch();
+            let result = self.primary.connect(self.connector.as_ref()).await;
+            self.healthy.store(result.is_ok(), Ordering::Relaxed);
+            if self.primary.epoch() != before {
+                self.reap();
             }
-        });
+        }
+        self.primary()
     }
 
     /// The OIDs, on this connection's database, of the functions clients may call with FunctionCall
