@@ -35,6 +35,10 @@ pub const POOL_WAIT_TIMEOUTS: &str = "pgtenant_pool_wait_timeouts_total";
 pub const CONFIG_RELOADS: &str = "pgtenant_config_reloads_total";
 pub const JWKS_FETCHES: &str = "pgtenant_jwks_fetches_total";
 pub const BACKEND_CONNECTS: &str = "pgtenant_backend_connects_total";
+/// Gauge per pool and `backend.url` host: 1 for the host new connections go to (the primary).
+pub const BACKEND_PRIMARY: &str = "pgtenant_backend_primary";
+/// Counter per pool: times the primary changed from one host to another.
+pub const BACKEND_FAILOVERS: &str = "pgtenant_backend_failovers_total";
 pub const CONTEXT_INJECTIONS: &str = "pgtenant_context_injections_total";
 pub const REFUSALS: &str = "pgtenant_refusals_total";
 pub const CLIENT_BYTES: &str = "pgtenant_client_bytes_total";

@@ -46,7 +46,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: Config) -> Result<Arc<Proxy>, StartError> {
-        let target = BackendTarget::from_config(&config.backend)
+        let hosts = BackendTarget::all_from_config(&config.backend)
             .map_err(|error| StartError::BackendUrl { key: "backend.url", error })?;
         let auth = Auth::from_config(&config, None)?;
         let tls = match (&config.server.tls_cert, &config.server.tls_key) {
@@ -55,11 +55,11 @@ impl Proxy {
         };
         let peers = config.peer_map()?;
         let peer_id = config.server.peer_id.map(|id| id as u8);
-        let pool = Pool::new(&config, target);
+        let pool = Pool::for_hosts(&config, "tenant", hosts, config.backend.pool_size, Arc::new(config.limits.clone()));
         let bypass = if config.bypass.enabled {
-            let target = BackendTarget::from_config(&config.bypass.backend(&config.backend))
+            let hosts = BackendTarget::all_from_config(&config.bypass.backend(&config.backend))
                 .map_err(|error| StartError::BackendUrl { key: "bypass.url", error })?;
-            Some(Pool::sized(&config, target, config.bypass.pool_size, Arc::new(Default::default())))
+            Some(Pool::for_hosts(&config, "bypass", hosts, config.bypass.pool_size, Arc::new(Default::default())))
         } else {
             None
         };

@@ -183,16 +183,8 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
-        let url = url::Url::parse(&self.backend.url)
-            .map_err(|e| ConfigError::Invalid(format!("backend.url is not a URL ({e})")))?;
-        if !matches!(url.scheme(), "postgres" | "postgresql") {
-            return invalid("backend.url must start with postgres:// or postgresql://".into());
-        }
-        if url.username().is_empty() {
-            return invalid("backend.url has no user name (postgres://user:password@host/db)".into());
-        }
-        if url.path().trim_start_matches('/').is_empty() {
-            return invalid("backend.url has no database name (postgres://user:password@host/db)".into());
+        if let Err(e) = crate::backend::conninfo::parse(&self.backend.url) {
+            return invalid(format!("backend.url {e}"));
         }
         if !(1..=10_000).contains(&self.backend.pool_size) {
             return invalid("backend.pool_size must be between 1 and 10000".into());

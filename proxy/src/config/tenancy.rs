@@ -91,10 +91,8 @@ impl BypassConfig {
         if !self.enabled {
             return Ok(());
         }
-        let url = url::Url::parse(&self.url).map_err(|e| format!("bypass.url is not a URL ({e})"))?;
-        if !matches!(url.scheme(), "postgres" | "postgresql") || url.username().is_empty() {
-            return Err("bypass.url must be postgres://user:password@host/db".into());
-        }
+        // the same forms as backend.url, several hosts included
+        crate::backend::conninfo::parse(&self.url).map_err(|e| format!("bypass.url {e}"))?;
         if !(1..=1_000).contains(&self.pool_size) {
             return Err("bypass.pool_size must be between 1 and 1000".into());
         }

@@ -92,8 +92,14 @@ impl Pool {
         if let Some(answer) = self.health.fresh() {
             return answer;
         }
-        match self.connector.connect(&self.target).await {
-            Ok(mut conn) => {
+        // through the primary search: with several hosts, readiness means a writable primary
+        let before = self.primary.epoch();
+        let result = self.primary.connect(self.connector.as_ref()).await;
+        if self.primary.epoch() != before {
+            self.reap();
+        }
+        match result {
+            Ok((mut conn, _)) => {
                 self.health.answered();
                 // Terminate, so the server logs a clean disconnect; it is closing either way
                 let _ = conn.stream.write_all(&[crate::protocol::tags::frontend::TERMINATE, 0, 0, 0, 4]).await;
@@ -106,7 +112,7 @@ impl Pool {
                 Ok(())
             }
             Err(e) => {
-                tracing::debug!(backend = %self.target.describe(), error = %e, "readiness probe failed");
+                tracing::debug!(backend = %self.target().describe(), error = %e, "readiness probe failed");
                 self.health.failed(e.to_string());
                 Err(e.to_string())
             }

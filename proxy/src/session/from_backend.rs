@@ -33,6 +33,12 @@ impl Session {
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(End::BackendLost(format!("bad message from server: {e}"))),
             };
+            if f.tag == reply::ERROR {
+                // a server going away (shutdown, failover) ends the session with pgtenant's error
+                if let Some(why) = self.pool.observe_error(f.body()) {
+                    return Err(End::BackendLost(why));
+                }
+            }
             if f.tag == reply::PARAMETER_STATUS {
                 if let Some(l) = self.lease.as_mut() {
                     l.backend.note_report(f.body());

@@ -277,11 +277,7 @@ impl Session {
             End::Fatal(err) => err.encode(&mut self.client_out),
             End::BackendLost(why) => {
                 tracing::warn!(reason = %why, "backend connection lost mid-session");
-                PgError::fatal(
-                    sqlstate::CONNECTION_FAILURE,
-                    "pgtenant: lost the connection to the database server; the current transaction was rolled back",
-                )
-                .encode(&mut self.client_out);
+                crate::pool::connection_lost(why).encode(&mut self.client_out);
             }
             End::ClientGone => {}
         }
