@@ -334,6 +334,7 @@ impl crate::admin::Source for Proxy {
 }
 
 /// A client past the login phase: a tenant's (or trusted worker's) session, or the admin console.
+#[allow(clippy::large_enum_variant)] // lives only between login and the session's start
 enum Admitted {
     Client(auth::LoggedIn),
     Console(crate::console::Console),

@@ -20,7 +20,8 @@ pub fn is_admin(claims: &serde_json::Value, claim: &str, value: &str) -> bool {
     let found = claim.split('.').try_fold(claims, |v, part| v.get(part));
     let equal = |v: &serde_json::Value| match v {
         serde_json::Value::String(s) => s == value,
-        serde_json::Value::Bool(_) | serde_json::Value::Number(_) => v.to_string() == value,
+        serde_json::Value::Bool(b) => value.parse::<bool>().is_ok_and(|p| p == *b),
+        serde_json::Value::Number(n) => value.parse::<serde_json::Number>().is_ok_and(|p| p == *n),
         _ => false,
     };
     match found {

@@ -143,7 +143,9 @@ impl Console {
                 Err(e) => Err(PgError::error(sqlstate::CONFIG_FILE_ERROR, format!("pgtenant: new config rejected, the old one stays: {}", String::from(e)))),
             },
             Command::Pause => {
-                if !pools().fold(false, |any, p| p.pause() || any) {
+                // every pool, even when one is paused already
+                let paused: Vec<bool> = pools().map(|p| p.pause()).collect();
+                if !paused.contains(&true) {
                     return Err(state("already paused"));
                 }
                 for p in pools() {
@@ -151,10 +153,13 @@ impl Console {
                 }
                 Ok(Reply::Done("PAUSE".into()))
             }
-            Command::Resume => match pools().fold(false, |any, p| p.resume() || any) {
-                true => Ok(Reply::Done("RESUME".into())),
-                false => Err(state("not paused")),
-            },
+            Command::Resume => {
+                let resumed: Vec<bool> = pools().map(|p| p.resume()).collect();
+                match resumed.contains(&true) {
+                    true => Ok(Reply::Done("RESUME".into())),
+                    false => Err(state("not paused")),
+                }
+            }
             Command::Kill(tenant) => Ok(Reply::Done(format!("KILL {}", proxy.sessions.kill_tenant(&tenant)))),
         }
     }

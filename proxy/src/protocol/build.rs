@@ -155,6 +155,6 @@ mod tests {
         let frames: Vec<_> = std::iter::from_fn(|| try_split(&mut b, 1 << 20).unwrap()).collect();
         assert_eq!(frames.iter().map(|f| f.tag).collect::<Vec<u8>>(), b"TDCI");
         // two columns: "x" (length 1) and NULL (-1)
-        assert_eq!(&frames[1].body()[..], &[0, 2, 0, 0, 0, 1, b'x', 255, 255, 255, 255]);
+        assert_eq!(frames[1].body(), &[0, 2, 0, 0, 0, 1, b'x', 255, 255, 255, 255]);
     }
 }
