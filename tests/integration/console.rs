@@ -260,6 +260,10 @@ async fn pause_holds_new_transactions_until_resume(env: &Env) -> TestResult {
     let waiting = tokio::spawn(async move { b.query_one("SELECT count(*) FROM orders", &[]).await.map(|r| r.get::<_, i64>(0)).map_err(|e| e.to_string()) });
     tokio::time::sleep(Duration::from_millis(300)).await;
     ensure(!waiting.is_finished(), "a transaction got a backend while paused")?;
+    let pools = show(&c, "SHOW POOLS").await?;
+    ensure(column(&pools, "cl_waiting")?[0].as_deref() == Some("1"), format!("the held transaction is waiting: {pools:?}"))?;
+    let waited_us: u64 = column(&pools, "maxwait_us")?[0].as_deref().unwrap_or("").parse().map_err(|_| format!("{pools:?}"))?;
+    ensure(waited_us >= 200_000 || column(&pools, "maxwait")?[0].as_deref() != Some("0"), format!("maxwait: {pools:?}"))?;
     // the transaction in flight goes on and ends; then PAUSE returns
     a.batch_execute("SELECT 2; COMMIT").await.map_err(|e| e.to_string())?;
     tokio::time::timeout(Duration::from_secs(5), pausing).await.map_err(|_| "PAUSE did not return after the transaction ended")?.map_err(|e| e.to_string())??;

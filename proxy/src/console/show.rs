@@ -66,9 +66,11 @@ fn pools(proxy: &Proxy) -> Table {
     let rows = named_pools(proxy)
         .into_iter()
         .map(|(name, pool)| {
-            let waiting = pool.waiting();
+            let (_, queued_for) = pool.totals();
+            let (held, held_for) = pool.held_by_pause();
+            let waiting = pool.waiting() + held;
+            let maxwait = queued_for.max(held_for);
             let connected = clients.iter().filter(|c| c.pool == name).count();
-            let (_, maxwait) = pool.totals();
             vec![
                 text(&pool.target().database),
                 text(&pool.target().user),
