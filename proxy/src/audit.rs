@@ -178,7 +178,7 @@ impl Out {
 }
 
 /// RFC 3339 UTC with milliseconds, e.g. `2026-11-26T03:40:00.123Z`.
-fn timestamp(t: std::time::SystemTime) -> String {
+pub fn timestamp(t: std::time::SystemTime) -> String {
     let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));

@@ -25,6 +25,9 @@ pub mod sqlstate {
     pub const IO_ERROR: &str = "58030";
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     pub const TRANSACTION_TIMEOUT: &str = "25P04";
+    pub const SYNTAX_ERROR: &str = "42601";
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
+    pub const CONFIG_FILE_ERROR: &str = "F0000";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -38,6 +38,8 @@ pub struct Proxy {
     pub clients: std::sync::atomic::AtomicUsize,
     pub shared: Arc<Shared>,
     pub cancels: Arc<CancelRegistry>,
+    /// The live client sessions (the admin console lists and ends them).
+    pub sessions: Arc<crate::sessions::Sessions>,
     /// This instance's id and its peers, where cancel requests for other instances go.
     pub fleet: Fleet,
     pub tls: Option<TlsAcceptor>,
@@ -82,6 +84,7 @@ impl Proxy {
             clients: Default::default(),
             shared,
             cancels: Arc::new(CancelRegistry::for_instance(peer_id)),
+            sessions: Default::default(),
             fleet: Fleet::new(peer_id, peers),
             auth: AuthSlot::new(auth),
             live: std::sync::RwLock::new(Arc::new(config.clone())),
@@ -232,8 +235,17 @@ impl Proxy {
         let logged_in = tokio::time::timeout(timeout, async {
             let hello = startup::negotiate(tcp, self.tls.as_ref(), self.config.server.require_tls).await;
             match hello {
+                Ok(startup::Hello::Login { stream, params }) if crate::console::addressed(&params, &self.live_config()) => {
+                    match crate::console::login::login(&self, stream, &params, peer).await {
+                        Ok(console) => Some(Admitted::Console(console)),
+                        Err((stream, err)) => {
+                            send_fatal(stream, &err).await;
+                            None
+                        }
+                    }
+                }
                 Ok(startup::Hello::Login { stream, params }) => match auth::login(&self.login_inputs(), stream, &params, peer).await {
-                    Ok(l) => Some(l),
+                    Ok(l) => Some(Admitted::Client(l)),
                     Err((stream, err)) => {
                         let _ = self.shared.audit.record(
                             "login",
@@ -264,11 +276,11 @@ impl Proxy {
             }
         })
         .await;
-        let Ok(Some(l)) = logged_in else {
-            if logged_in.is_err() {
-                tracing::info!(%peer, "client did not finish authentication in time");
-            }
-            return;
+        let l = match logged_in {
+            Ok(Some(Admitted::Client(l))) => l,
+            Ok(Some(Admitted::Console(console))) => return console.serve(&self).await,
+            Ok(None) => return,
+            Err(_) => return tracing::info!(%peer, "client did not finish authentication in time"),
         };
         let who = Arc::new(crate::session::Who {
             tenant: Arc::from(l.context.tenant.as_str()),
@@ -276,6 +288,18 @@ impl Proxy {
             client: peer,
             bypass: l.bypass,
             login: l.cancel.pid,
+        });
+        let _listed = self.sessions.add(crate::sessions::Client {
+            tenant: who.tenant.clone(),
+            user: l.user.clone(),
+            database: self.shared.pool.target().database.clone(),
+            addr: peer,
+            tls: l.stream.is_tls(),
+            application_name: l.reported.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.clone()).unwrap_or_default(),
+            pool: if l.bypass { "bypass" } else { "tenant" },
+            pid: l.cancel.pid,
+            connected: std::time::SystemTime::now(),
+            slot: l.cancel.slot.clone(),
         });
         let view = ClientView::new(&l.reported);
         let settings = ClientSettings::new(l.setting_names, l.context.values.clone(), l.params);
@@ -308,6 +332,13 @@ impl crate::admin::Source for Proxy {
     async fn reload_file(&self) -> Result<(), String> {
         self.reload_from_file().await.map_err(String::from)
     }
+}
+
+/// A client past the login phase: a tenant's (or trusted worker's) session, or the admin console.
+#[allow(clippy::large_enum_variant)] // lives only between login and the session's start
+enum Admitted {
+    Client(auth::LoggedIn),
+    Console(crate::console::Console),
 }
 
 /// Gives a client slot back when the connection ends, however it ends.

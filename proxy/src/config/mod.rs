@@ -72,6 +72,8 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("admin", "listen", EnvType::Str),
     ("admin", "metrics_tenants", EnvType::List),
     ("admin", "metrics_top_tenants", EnvType::Int),
+    ("admin", "token_claim", EnvType::Str),
+    ("admin", "token_value", EnvType::Str),
     ("limits", "max_active_per_tenant", EnvType::Int),
     ("limits", "max_waiting_per_tenant", EnvType::Int),
     ("bypass", "enabled", EnvType::Bool),
@@ -252,6 +254,15 @@ impl Config {
         if self.server.require_tls && self.server.tls_cert.is_none() {
             return invalid("server.require_tls needs server.tls_cert and server.tls_key".into());
         }
+        match (&self.admin.token_claim, &self.admin.token_value) {
+            (Some(c), Some(v)) if c.is_empty() || v.is_empty() || c.split('.').any(str::is_empty) => {
+                return invalid("admin.token_claim and admin.token_value must not be empty".into())
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                return invalid("admin.token_claim and admin.token_value go together (both set turns the admin console on)".into())
+            }
+            _ => {}
+        }
         self.bypass.validate(&self.audit).map_err(ConfigError::Invalid)?;
         self.peer_map()?;
         if let Some(url) = self.bypass.jwt.jwks_url.as_ref().filter(|_| self.bypass.enabled) {
@@ -274,7 +285,7 @@ fn valid_setting_name(name: &str) -> bool {
     ok_chars && name.contains('.') && parts_ok
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -333,7 +344,7 @@ impl Config {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, /pools); off when unset.
@@ -342,9 +353,14 @@ pub struct AdminConfig {
     pub metrics_tenants: Vec<String>,
     /// Also export series for the N busiest tenants (0 = none).
     pub metrics_top_tenants: usize,
+    /// The admin console (`dbname=pgtenant`): a token verified by the `[jwt]` keys whose claim
+    /// `token_claim` (a dotted path) equals `token_value` (or is an array holding it) logs in to
+    /// it. Both set, or the console is off.
+    pub token_claim: Option<String>,
+    pub token_value: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     /// Client statements kept prepared per backend connection (least recently used closed first).
@@ -362,7 +378,7 @@ pub struct PoolConfig {
     pub idle_in_transaction_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
     #[default]
@@ -382,7 +398,7 @@ impl Default for PoolConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address the proxy listens on.
@@ -429,7 +445,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackendTls {
     #[default]
@@ -439,7 +455,7 @@ pub enum BackendTls {
     VerifyFull,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// `postgres://user:password@host:port/dbname` of the restricted role.
@@ -478,7 +494,7 @@ fn default_max_lifetime_s() -> u64 {
     3600
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct JwtConfig {
     /// HMAC secret (HS256/384/512).
@@ -500,7 +516,7 @@ pub struct JwtConfig {
     pub leeway_secs: Option<u64>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantConfig {
     /// Setting name -> claim path (dots for nesting).
@@ -578,7 +594,7 @@ impl Default for TenantConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// tracing filter, e.g. "info" or "pgtenant=debug".

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::{BackendConfig, JwtConfig};
 
 /// `[limits]`: how much of the shared pool one tenant may hold and queue for.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Transactions of one tenant holding a pooled connection at once; 0 = no limit.
@@ -24,7 +24,7 @@ pub struct LimitsConfig {
 }
 
 /// `[limits.tenants."<id>"]`: one tenant's own limits; an omitted key keeps the default.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantLimits {
     pub max_active: Option<usize>,
@@ -33,7 +33,7 @@ pub struct TenantLimits {
 
 /// `[bypass]`: a second pool, logged in as a role that bypasses row-level security, reachable only
 /// with tokens signed by `[bypass.jwt]` that carry `claim = value`. Off unless `enabled = true`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BypassConfig {
     pub enabled: bool,
@@ -62,7 +62,7 @@ impl Default for BypassConfig {
 }
 
 /// `[audit]`: where the audit log (JSON lines) goes, and how durably.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// File appended to, or "-" for standard output; no audit log when unset.

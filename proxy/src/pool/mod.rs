@@ -23,6 +23,8 @@ use std::time::{Duration, Instant};
 pub mod conn;
 pub mod fair;
 pub mod health;
+pub mod inspect;
+pub mod pause;
 pub mod prepared;
 pub mod primary;
 pub mod probe;
@@ -81,6 +83,8 @@ pub struct Pool {
     function_calls: Vec<String>,
     /// How this server spells parameter values (see `probe`).
     pub spellings: probe::Spellings,
+    /// Closed by the console's PAUSE (see `pause`).
+    pause: pause::Gate,
 }
 
 /// A leased backend. Give it back with [`Pool::release`]; dropping it closes the connection.
@@ -196,6 +200,7 @@ impl Pool {
             server_info: Mutex::new(None),
             function_calls: config.tenant.allowed_function_calls.clone(),
             spellings: Default::default(),
+            pause: Default::default(),
         })
     }
 
@@ -278,7 +283,8 @@ impl Pool {
     pub async fn acquire(&self, tenant: &TenantKey) -> Result<Lease, PgError> {
         let started = Instant::now();
         let wait_ms = self.wait_timeout_ms.load(Ordering::Relaxed);
-        let waited = self.slots.acquire(tenant, Duration::from_millis(wait_ms)).await;
+        let left = self.pause.pass(Duration::from_millis(wait_ms)).await?;
+        let waited = self.slots.acquire(tenant, left).await;
         crate::metrics::hot().pool_wait_seconds.record(started.elapsed().as_secs_f64());
         let permit = waited.map_err(|r| self.refusal_error(tenant, r, wait_ms))?;
         while let Some(mut idle) = self.pop_idle() {

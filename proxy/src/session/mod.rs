@@ -391,6 +391,7 @@ impl Session {
         };
         tokio::select! {
             biased;
+            _ = self.cancel.slot.terminated() => Event::Timeout(crate::sessions::killed_error()),
             _ = self.draining.changed(), if !draining => Event::Draining,
             _ = sleep_until_opt(deadline), if deadline.is_some() => Event::Timeout(timeout_kind.expect("set with the deadline").error(&self.shared.pool_cfg)),
             r = self.client_wr.write(&self.client_out), if !self.client_out.is_empty() => Event::ClientWrote(r),
