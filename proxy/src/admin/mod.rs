@@ -83,6 +83,11 @@ fn pools_json(proxy: &impl Source) -> String {
             "busy": pool.busy_count(),
             "idle": pool.idle_count(),
             "waiting": pool.waiting(),
+            "paused": pool.is_paused(),
+            // failover: the configured hosts, the one in use (null while there is no primary)
+            "hosts": pool.hosts(),
+            "primary": pool.primary(),
+            "failovers": pool.failover_count(),
         })
     };
     let mut pools = vec![describe("tenant", proxy.pool())];
