@@ -13,12 +13,6 @@ mod wire;
 use common::*;
 use wire::{describe, execute, msg, parse, sync, Wire};
 
-macro_rules! tests {
-    ($($name:ident),* $(,)?) => {
-        &[$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
-    };
-}
-
 fn main() {
     run_all(tests![
         bound_session_setting_is_kept_for_later_transactions,

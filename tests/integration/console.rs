@@ -12,12 +12,6 @@ use common::*;
 use serde_json::json;
 use tokio_postgres::SimpleQueryMessage;
 
-macro_rules! tests {
-    ($($name:ident),* $(,)?) => {
-        &[$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
-    };
-}
-
 fn main() {
     run_all(tests![
         ordinary_tokens_are_refused_with_28000,

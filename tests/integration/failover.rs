@@ -21,12 +21,6 @@ use pgtenant::cluster::Cluster;
 use pgtenant::config::Config;
 use pgtenant::server::Running;
 
-macro_rules! tests {
-    ($($name:ident),* $(,)?) => {
-        &[$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
-    };
-}
-
 fn main() {
     run_all(tests![
         standby_listed_first_still_picks_the_primary,

@@ -13,12 +13,6 @@ use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wire::Wire;
 
-macro_rules! tests {
-    ($($name:ident),* $(,)?) => {
-        &[$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
-    };
-}
-
 fn main() {
     run_all(tests![
         a_cancel_sent_to_another_instance_cancels_the_query,

@@ -16,12 +16,6 @@ use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{Client, Connection, NoTls, Socket};
 use wire::Wire;
 
-macro_rules! tests {
-    ($($name:ident),* $(,)?) => {
-        &[$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
-    };
-}
-
 fn main() {
     run_all(tests![
         startup_parameters_are_reported_as_the_server_spells_them,

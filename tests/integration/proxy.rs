@@ -28,12 +28,6 @@ use tenancy::*;
 use futures::future::join_all;
 use serde_json::json;
 
-macro_rules! tests {
-    ($($name:ident),* $(,)?) => {
-        &[$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
-    };
-}
-
 fn main() {
     run_all(tests![
         two_tenants_simple_protocol,

@@ -26,12 +26,6 @@ const KEY: &str = "signed-test-key-0123456789abcdef-0123456789";
 /// The key rotated to (kid k2).
 const KEY2: &str = "rotated-test-key-fedcba9876543210-fedcba98";
 
-macro_rules! tests {
-    ($($name:ident),* $(,)?) => {
-        &[$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
-    };
-}
-
 fn main() {
     run_all(tests![
         install_sql_is_idempotent_and_keeps_the_keys_hidden,

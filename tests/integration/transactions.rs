@@ -14,12 +14,6 @@ use common::*;
 use tokio_postgres::SimpleQueryMessage;
 use wire::Wire;
 
-macro_rules! tests {
-    ($($name:ident),* $(,)?) => {
-        &[$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
-    };
-}
-
 fn main() {
     run_all(tests![
         isolation_levels_simple_protocol,

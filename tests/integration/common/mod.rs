@@ -18,6 +18,14 @@ pub const SECRET: &str = "test-secret-0123456789";
 pub type TestResult = Result<(), String>;
 pub type TestFn = for<'a> fn(&'a Env) -> Pin<Box<dyn Future<Output = TestResult> + 'a>>;
 
+/// `tests![a, b, …]`: a test binary's scenarios, by function name, for [`run_all`].
+#[macro_export]
+macro_rules! tests {
+    ($($name:ident),* $(,)?) => {
+        &[$((stringify!($name), (|env| Box::pin($name(env))) as $crate::common::TestFn)),*]
+    };
+}
+
 pub struct Env {
     pub cluster: Cluster,
 }
