@@ -31,11 +31,21 @@ pub struct CancelSlot {
     current: Mutex<Option<(i32, i32)>>,
     /// The server of the session's pool when it is not the default one (the bypass pool).
     target: Option<BackendTarget>,
+    /// The pool the current backend came from, when the session runs on several (a replica, a
+    /// tenant's own cluster: see `crate::routing`); changed only under `current`'s lock.
+    pool: std::sync::Mutex<Option<Arc<crate::pool::Pool>>>,
 }
 
 impl CancelSlot {
     pub async fn set(&self, backend: Option<(i32, i32)>) {
         *self.current.lock().await = backend;
+    }
+
+    /// Like [`CancelSlot::set`], for a backend of `pool`: a cancel goes to that pool's server.
+    pub async fn set_on(&self, backend: Option<(i32, i32)>, pool: Arc<crate::pool::Pool>) {
+        let mut current = self.current.lock().await;
+        *self.pool.lock().unwrap_or_else(|p| p.into_inner()) = Some(pool);
+        *current = backend;
     }
 }
 
@@ -78,7 +88,7 @@ impl CancelRegistry {
         let mut rng = rand::rng();
         loop {
             let secret = crate::fleet::secret_for(self.peer_id, rng.random());
-            let slot = Arc::new(CancelSlot { secret, current: Mutex::new(backend), target: target.clone() });
+            let slot = Arc::new(CancelSlot { secret, current: Mutex::new(backend), target: target.clone(), pool: Default::default() });
             let pid = match backend {
                 Some((pid, _)) => pid,
                 None => rng.random_range(1..i32::MAX),
@@ -127,8 +137,10 @@ impl CancelRegistry {
             return false;
         };
         let current = slot.current.lock().await;
+        let pool = slot.pool.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let server = pool.as_ref().map(|p| p.target()).or(slot.target.as_ref()).unwrap_or(target);
         match *current {
-            Some((bpid, bsecret)) => match backend::send_cancel(slot.target.as_ref().unwrap_or(target), bpid, bsecret).await {
+            Some((bpid, bsecret)) => match backend::send_cancel(server, bpid, bsecret).await {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::warn!(error = %e, "forwarding cancel request failed");

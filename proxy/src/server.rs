@@ -56,6 +56,8 @@ impl Proxy {
         let peers = config.peer_map()?;
         let peer_id = config.server.peer_id.map(|id| id as u8);
         let pool = Pool::new(&config, target);
+        let router = crate::routing::Router::new(&config, pool.clone())
+            .map_err(|e| StartError::BackendUrl { key: e.key, error: e.error })?;
         let bypass = if config.bypass.enabled {
             let target = BackendTarget::from_config(&config.bypass.backend(&config.backend))
                 .map_err(|error| StartError::BackendUrl { key: "bypass.url", error })?;
@@ -67,6 +69,7 @@ impl Proxy {
         let (drain, draining) = watch::channel(false);
         let shared = Arc::new(Shared {
             pool,
+            router,
             bypass,
             audit,
             max_message_bytes: config.server.max_message_bytes,
@@ -140,6 +143,8 @@ impl Proxy {
             remote.refresh().await.map_err(|e| unreachable("bypass.jwt.jwks_url", remote.url(), e))?;
         }
         self.shared.audit.reopen(&new.audit).map_err(ReloadError::AuditLog)?;
+        // placement, cluster and replica pool sizes (the clusters themselves need a restart)
+        self.shared.router.apply(new).map_err(ReloadError::NeedsRestart)?;
         auth.verifier.start_background();
         if let Some(b) = &auth.bypass {
             b.verifier.start_background();
@@ -185,6 +190,7 @@ impl Proxy {
         auth::LoginInputs {
             rules: &self.auth,
             pool: &self.shared.pool,
+            router: &self.shared.router,
             bypass: self.shared.bypass.as_deref(),
             session_mode: self.shared.session_mode,
             cancels: &self.cancels,
@@ -195,6 +201,7 @@ impl Proxy {
     /// Accepts connections until `shutdown` flips to true.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
         self.shared.pool.spawn_reaper();
+        self.shared.router.spawn_background();
         if let Some(b) = &self.shared.bypass {
             b.spawn_reaper();
         }
@@ -275,6 +282,8 @@ impl Proxy {
             client: peer,
             bypass: l.bypass,
             login: l.cancel.pid,
+            cluster: l.context.cluster.clone(),
+            prefers_standby: l.prefers_standby,
         });
         let view = ClientView::new(&l.reported);
         let settings = ClientSettings::new(l.setting_names, l.context.values.clone(), l.params);

@@ -10,7 +10,7 @@ use crate::guard::Guard;
 use crate::protocol::options::option_pairs;
 
 /// Startup keys that are not settings.
-const NOT_SETTINGS: [&str; 4] = ["user", "database", "options", "replication"];
+const NOT_SETTINGS: [&str; 5] = ["user", "database", "options", "replication", crate::routing::intent::TARGET_SESSION_ATTRS];
 
 #[derive(Debug, Default, Clone)]
 pub struct ClientParams {
@@ -34,6 +34,8 @@ pub fn from_startup(
         .collect();
     keys.sort();
     let mut pairs = startup.get("options").map(|o| option_pairs(o)).unwrap_or_default();
+    // read by pgtenant for routing (`crate::routing::intent`), not a server setting
+    pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(crate::routing::intent::TARGET_SESSION_ATTRS));
     pairs.extend(keys);
     for (name, value) in &pairs {
         let lower = name.to_lowercase();
