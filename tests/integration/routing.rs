@@ -119,6 +119,17 @@ async fn read_only_transactions_run_on_the_standby_with_the_tenant_context(env: 
     ensure(in_recovery(&s).await?, "startup default_transaction_read_only=on: not on the standby")?;
     let p = connect_with(&proxy, &token(1, "u1"), "-c target_session_attrs=prefer-standby").await.map_err(e)?;
     ensure(in_recovery(&p).await?, "target_session_attrs=prefer-standby: not on the standby")?;
+    // a cancel reaches the query on the standby (the server the backend is on, not the primary)
+    let cancel = p.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cancel.cancel_query(tokio_postgres::NoTls).await
+    });
+    let started = Instant::now();
+    let slept = p.simple_query("SELECT pg_sleep(20)").await;
+    canceller.await.map_err(e)?.map_err(e)?;
+    ensure(slept.as_ref().is_err_and(|er| db_err(er).0 == "57014") && started.elapsed() < Duration::from_secs(10), format!("cancel on the standby: {slept:?}"))?;
+    ensure(in_recovery(&p).await?, "session unusable after the cancel")?;
     let bad = connect_with(&proxy, &token(1, "u1"), "-c target_session_attrs=sideways").await;
     ensure(bad.as_ref().is_err_and(|er| db_err(er).0 == "22023"), format!("bad target_session_attrs: {:?}", bad.err()))?;
     proxy.stop().await;
@@ -207,6 +218,12 @@ async fn tenants_placed_on_two_clusters_read_their_own_rows(env: &Env) -> TestRe
     let names: Vec<&str> = proxy.proxy.shared.router.clusters().iter().map(|c| c.name.as_str()).collect();
     ensure(names == ["default", "eu"], format!("clusters: {names:?}"))?;
     proxy.stop().await;
+    // session pooling: the backend leased at login is on the tenant's cluster too
+    let session = start_proxy(env, "", &format!("[pool]\nmode = \"session\"\n{}", clusters_table(&eu, "\"2\""))).await;
+    let (one, two) = (connect(&session, &token(1, "u1")).await.map_err(e)?, connect(&session, &token(2, "u2")).await.map_err(e)?);
+    let (n1, n2) = (tenant_name(&one).await?, tenant_name(&two).await?);
+    ensure(n1 == "Acme" && n2 == "Globex (eu)", format!("session mode: tenant 1 saw {n1:?}, tenant 2 saw {n2:?}"))?;
+    session.stop().await;
     Ok(())
 }
 
