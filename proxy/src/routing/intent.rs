@@ -75,9 +75,9 @@ pub fn startup_prefers_standby(params: &std::collections::HashMap<String, String
         .map(|o| crate::protocol::options::option_pairs(o))
         .unwrap_or_default()
         .into_iter()
-        .filter(|(k, _)| k.eq_ignore_ascii_case(TARGET_SESSION_ATTRS))
-        .map(|(_, v)| v)
-        .last();
+        .rev()
+        .find(|(k, _)| k.eq_ignore_ascii_case(TARGET_SESSION_ATTRS))
+        .map(|(_, v)| v);
     match params.get(TARGET_SESSION_ATTRS).cloned().or(from_options) {
         Some(v) => prefers_standby(&v),
         None => Ok(false),
