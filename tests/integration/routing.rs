@@ -32,6 +32,7 @@ fn main() {
         read_only_transactions_run_on_the_standby_with_the_tenant_context,
         writes_and_plain_begin_run_on_the_primary,
         with_the_standby_down_reads_go_to_the_primary,
+        a_lagging_standby_is_skipped_until_it_catches_up,
         tenants_placed_on_two_clusters_read_their_own_rows,
         a_claim_names_the_cluster_and_an_unknown_one_is_fatal,
         a_reload_moves_a_tenant_to_another_cluster,
@@ -44,8 +45,12 @@ fn e(err: impl std::fmt::Display) -> String {
 
 /// A proxy with the standby as its one replica; returns once the replica's monitor has seen it.
 async fn with_replica(env: &Env, standby: &Standby, extra: &str) -> Result<Running, String> {
+    with_replica_lag(env, standby, extra, 60_000).await
+}
+
+async fn with_replica_lag(env: &Env, standby: &Standby, extra: &str, max_lag_ms: u64) -> Result<Running, String> {
     let replica = standby.url(&env.cluster, "app_user", "app-secret", "app");
-    let proxy = start_proxy(env, &format!("replicas = [\"{replica}\"]\nmax_replica_lag_ms = 60000"), extra).await;
+    let proxy = start_proxy(env, &format!("replicas = [\"{replica}\"]\nmax_replica_lag_ms = {max_lag_ms}"), extra).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let router = proxy.proxy.shared.router.clone();
     while !router.clusters()[0].replicas[0].usable(router.max_lag_ms()) {
@@ -180,6 +185,40 @@ async fn with_the_standby_down_reads_go_to_the_primary(env: &Env) -> TestResult 
             return Err("the standby was not used again after it came back".into());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    proxy.stop().await;
+    Ok(())
+}
+
+async fn a_lagging_standby_is_skipped_until_it_catches_up(env: &Env) -> TestResult {
+    let standby = Standby::of(&env.cluster)?;
+    // something replayed, so the standby has a last replay time; then replay stops
+    env.cluster.psql("app", "CREATE TABLE IF NOT EXISTS lag_probe (x int); INSERT INTO lag_probe VALUES (1)").map_err(e)?;
+    standby.catch_up(&env.cluster)?;
+    let proxy = with_replica_lag(env, &standby, "", 500).await?;
+    let c = connect(&proxy, &token(1, "u1")).await.map_err(e)?;
+    ensure(where_and_rows(&c, "BEGIN READ ONLY").await?.0 == "true", "standby not used while caught up")?;
+    standby.psql("postgres", "SELECT pg_wal_replay_pause()")?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    env.cluster.psql("app", "INSERT INTO lag_probe VALUES (2)").map_err(e)?;
+    // within a check or two the standby is over the bound: reads go to the primary
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while where_and_rows(&c, "BEGIN READ ONLY").await?.0 != "false" {
+        if Instant::now() > deadline {
+            return Err("a standby lagging past max_replica_lag_ms still got read-only transactions".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lag = proxy.proxy.shared.router.clusters()[0].replicas[0].lag_ms();
+    ensure(lag.is_some_and(|l| l > 500), format!("measured lag {lag:?}"))?;
+    standby.psql("postgres", "SELECT pg_wal_replay_resume()")?;
+    standby.catch_up(&env.cluster)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while where_and_rows(&c, "BEGIN READ ONLY").await?.0 != "true" {
+        if Instant::now() > deadline {
+            return Err("the standby was not used again after catching up".into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     proxy.stop().await;
     Ok(())

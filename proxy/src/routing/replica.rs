@@ -15,10 +15,11 @@ pub const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Replay lag in milliseconds: 0 when everything received is replayed (an idle primary sends
 /// nothing, so the last replay's age says nothing then), else the age of the last replayed
-/// transaction. A replica that was promoted (not in recovery) is not behind anything.
+/// transaction (with none replayed yet: very far behind). A replica that was promoted (not in
+/// recovery) is not behind anything.
 const LAG_SQL: &str = "SELECT CASE WHEN NOT pg_catalog.pg_is_in_recovery() \
      OR pg_catalog.pg_last_wal_receive_lsn() = pg_catalog.pg_last_wal_replay_lsn() THEN 0 \
-     ELSE COALESCE((EXTRACT(EPOCH FROM now() - pg_catalog.pg_last_xact_replay_timestamp()) * 1000)::bigint, 0) END";
+     ELSE COALESCE((EXTRACT(EPOCH FROM now() - pg_catalog.pg_last_xact_replay_timestamp()) * 1000)::bigint, 2147483647) END";
 
 /// Lag value meaning "not measured" (never checked, or the last check failed).
 const UNKNOWN: u64 = u64::MAX;
