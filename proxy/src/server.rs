@@ -168,7 +168,7 @@ impl Proxy {
         tracing::info!(
             pool_size = new.backend.pool_size,
             log_level = %new.log.level,
-            "reload: JWT keys, tenant mapping, statement guard, context signing key, pool size, limits, [peers], audit log and log level applied"
+            "reload: JWT keys, tenant mapping, statement guard, context signing key, pool sizes, limits, tenant placement, replica lag bound, [peers], audit log and log level applied"
         );
         Ok(())
     }

@@ -5,7 +5,8 @@
 //! `default_transaction_read_only = on` and a client asking for `target_session_attrs=prefer-standby`
 //! run on the standby (`pg_is_in_recovery()` is true inside) with the tenant's RLS rows, prepared
 //! statements and the statement guard; plain `BEGIN` and writes run on the primary; with the standby
-//! stopped, read-only transactions run on the primary without an error.
+//! stopped, read-only transactions run on the primary without an error; a standby lagging past
+//! `max_replica_lag_ms` is skipped; with two standbys, transactions go to the least busy one.
 //! Tenant placement: two tenants placed on two clusters each read their own cluster's rows; a token
 //! claiming a cluster goes there, one claiming an unknown cluster gets FATAL 08004; a reload moves a
 //! tenant's next transaction.
@@ -33,6 +34,7 @@ fn main() {
         writes_and_plain_begin_run_on_the_primary,
         with_the_standby_down_reads_go_to_the_primary,
         a_lagging_standby_is_skipped_until_it_catches_up,
+        read_only_transactions_go_to_the_least_busy_standby,
         tenants_placed_on_two_clusters_read_their_own_rows,
         a_claim_names_the_cluster_and_an_unknown_one_is_fatal,
         a_reload_moves_a_tenant_to_another_cluster,
@@ -220,6 +222,38 @@ async fn a_lagging_standby_is_skipped_until_it_catches_up(env: &Env) -> TestResu
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    proxy.stop().await;
+    Ok(())
+}
+
+async fn read_only_transactions_go_to_the_least_busy_standby(env: &Env) -> TestResult {
+    let (a, b) = (Standby::of(&env.cluster)?, Standby::of(&env.cluster)?);
+    let urls = [&a, &b].map(|s| format!("\"{}\"", s.url(&env.cluster, "app_user", "app-secret", "app")));
+    let proxy = start_proxy(env, &format!("replicas = [{}]", urls.join(", ")), "").await;
+    let router = proxy.proxy.shared.router.clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !router.clusters()[0].replicas.iter().all(|r| r.usable(router.max_lag_ms())) {
+        if Instant::now() > deadline {
+            return Err("the standbys never became usable".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // four transactions held open at once: two on each standby
+    let mut ports = Vec::new();
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let c = connect(&proxy, &token(1 + i % 2, "u")).await.map_err(e)?;
+        c.batch_execute("BEGIN READ ONLY").await.map_err(e)?;
+        let row = c.query_one("SELECT current_setting('port'), pg_is_in_recovery()", &[]).await.map_err(e)?;
+        ensure(row.get::<_, bool>(1), "a read-only transaction not on a standby")?;
+        ports.push(row.get::<_, String>(0).parse::<u16>().map_err(e)?);
+        held.push(c);
+    }
+    ports.sort();
+    let mut want = vec![a.port, a.port, b.port, b.port];
+    want.sort();
+    ensure(ports == want, format!("ports {ports:?}, standbys on {} and {}", a.port, b.port))?;
+    drop(held);
     proxy.stop().await;
     Ok(())
 }
