@@ -437,7 +437,7 @@ pub enum BackendTls {
     VerifyFull,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// `postgres://user:password@host:port/dbname` of the restricted role.

@@ -33,7 +33,7 @@ pub struct ClusterConfig {
 }
 
 /// What routing needs of one cluster, the default one included, resolved against `[backend]`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ClusterSpec {
     pub name: String,
     pub primary: BackendConfig,
