@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests, the integration suite and the real-client suite against a throwaway
 # Postgres cluster, the isolation suite, a 30 s soak, and a short fuzzing run of every target. Installs what is missing: Postgres server binaries,
-# pgbench, openssl, Java + pgjdbc (apt-get), the Python drivers (venv) and the Node drivers (npm ci).
+# pgbench, openssl, Java + pgjdbc (apt-get), promtool (from Debian's prometheus package), the Python
+# drivers (venv) and the Node drivers (npm ci).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +22,20 @@ if [ ${#need_pkg[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkg[@]}" >/dev/null
+fi
+
+# promtool checks and unit-tests deploy/prometheus/alerts.yaml (tests/deploy/validate.py). Only the
+# binary is taken from Debian's prometheus package: installing the package would start a server.
+if ! command -v promtool >/dev/null 2>&1 && [ ! -x tests/deploy/.promtool/promtool ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  deb=$(mktemp -d)
+  if (cd "$deb" && { apt-get download prometheus >/dev/null 2>&1 || { $SUDO apt-get update -qq && apt-get download prometheus >/dev/null 2>&1; }; } \
+      && dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool); then
+    mkdir -p tests/deploy/.promtool && mv "$deb/usr/bin/promtool" tests/deploy/.promtool/promtool
+  else
+    echo "promtool not available: alert rules get a structural check only"
+  fi
+  rm -rf "$deb"
 fi
 
 # Real-client suite: Python drivers in a project-local virtualenv.

@@ -19,6 +19,35 @@ const SIGNED: &str = "ALTER POLICY tenant_isolation ON orders
   WITH CHECK (tenant_id = (SELECT pgtenant.setting('app.tenant_id'))::integer)";
 const SCRIPT: &str = "\\set id random(1, 200000)\nSELECT id, tenant_id, amount FROM orders WHERE id = :id;\n";
 
+/// CPU clock ticks (user + system) of `pid`'s children, by pid: the Postgres backends.
+fn children_ticks(ppid: u32) -> std::collections::HashMap<u32, u64> {
+    let mut out = std::collections::HashMap::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        // after the name: state, ppid, …; utime and stime are fields 14 and 15 of the line
+        if f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(ppid) {
+            let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+            out.insert(pid, t(11) + t(12));
+        }
+    }
+    out
+}
+
+/// This process's CPU ticks (the proxy runs in it) and those of its finished children (pgbench).
+fn own_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<u64> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect()).unwrap_or_default();
+    let t = |i: usize| f.get(i).copied().unwrap_or(0);
+    (t(11) + t(12), t(13) + t(14))
+}
+
+fn ticks_per_second() -> f64 {
+    100.0 // USER_HZ on Linux
+}
+
 fn main() -> Result<(), String> {
     let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let (secs, rounds, clients) = (args.first().copied().unwrap_or(10), args.get(1).copied().unwrap_or(3), args.get(2).copied().unwrap_or(32));
@@ -54,7 +83,13 @@ fn main() -> Result<(), String> {
     let script = dir.path().join("select.sql");
     std::fs::write(&script, SCRIPT).map_err(|e| e.to_string())?;
     let pgbench = Cluster::find_bindir().map_err(|e| e.to_string())?.join("pgbench");
-    let run = |mode: &str| -> Result<f64, String> {
+    let postmaster: u32 = std::fs::read_to_string(cluster.data_dir().join("postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+        .ok_or("no postmaster.pid")?;
+    // one pgbench run: (TPS, CPU µs per transaction of Postgres, of pgtenant, of pgbench)
+    let run = |mode: &str| -> Result<(f64, [f64; 3]), String> {
+        let (pg0, me0) = (children_ticks(postmaster), own_ticks());
         let out = Command::new(&pgbench)
             .args(["-n", "-c", &clients.to_string(), "-j", "2", "-T", &secs.to_string(), "-M", mode, "-f"])
             .arg(&script)
@@ -62,23 +97,37 @@ fn main() -> Result<(), String> {
             .env("PGPASSWORD", &token)
             .output()
             .map_err(|e| e.to_string())?;
+        let (pg1, me1) = (children_ticks(postmaster), own_ticks());
+        let pg: u64 = pg1.iter().map(|(pid, t)| t - pg0.get(pid).copied().unwrap_or(0).min(*t)).sum();
         let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .find_map(|l| l.strip_prefix("tps = ").and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse().ok()))
-            .ok_or_else(|| format!("pgbench: {text}{}", String::from_utf8_lossy(&out.stderr)))
+        let field = |prefix: &str| text.lines().find_map(|l| l.strip_prefix(prefix).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse::<f64>().ok()));
+        let (tps, n) = match (field("tps = "), field("number of transactions actually processed: ")) {
+            (Some(t), Some(n)) if n > 0.0 => (t, n),
+            _ => return Err(format!("pgbench: {text}{}", String::from_utf8_lossy(&out.stderr))),
+        };
+        let us = |ticks: u64| ticks as f64 * 1e6 / ticks_per_second() / n;
+        Ok((tps, [us(pg), us(me1.0 - me0.0), us(me1.1 - me0.1)]))
     };
     println!("{} s runs, {rounds} interleaved rounds, {clients} clients, pool 8, primary-key read of orders", secs);
-    println!("| mode | plain TPS (median) | signed TPS (median) | signed / plain | full checks per 1,000 signed queries |\n|---|---:|---:|---:|---:|");
+    println!(
+        "| mode | plain TPS (median) | signed TPS (median) | signed / plain | full checks per 1,000 signed queries | \
+         CPU µs/tx plain: Postgres + pgtenant + pgbench | signed | plain / signed CPU |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+    );
     for mode in ["simple", "extended", "prepared"] {
         let (mut plain, mut signed) = (Vec::new(), Vec::new());
+        let (mut plain_cpu, mut signed_cpu) = (Vec::new(), Vec::new());
         cluster.psql("app", "SELECT pg_stat_reset()").map_err(|e| e.to_string())?;
         for _ in 0..rounds {
             cluster.psql("app", PLAIN).map_err(|e| e.to_string())?;
             std::thread::sleep(Duration::from_millis(200));
-            plain.push(run(mode)?);
+            let (tps, cpu) = run(mode)?;
+            plain.push(tps);
+            plain_cpu.push(cpu);
             cluster.psql("app", SIGNED).map_err(|e| e.to_string())?;
             std::thread::sleep(Duration::from_millis(200));
-            signed.push(run(mode)?);
+            let (tps, cpu) = run(mode)?;
+            signed.push(tps);
+            signed_cpu.push(cpu);
         }
         let median = |v: &mut Vec<f64>| {
             v.sort_by(|a, b| a.total_cmp(b));
@@ -95,7 +144,20 @@ fn main() -> Result<(), String> {
             [verify, setting] if *setting > 0.0 => format!("{:.2}", verify * 1000.0 / setting),
             _ => "?".into(),
         };
-        println!("| {mode} | {p:.0} | {s:.0} | {:.2} | {per_1000} |", s / p);
+        // CPU per transaction: the median of the runs' totals, split as that run split it
+        let cpu = |v: &mut Vec<[f64; 3]>| {
+            v.sort_by(|a, b| a.iter().sum::<f64>().total_cmp(&b.iter().sum::<f64>()));
+            v[v.len() / 2]
+        };
+        let (pc, sc) = (cpu(&mut plain_cpu), cpu(&mut signed_cpu));
+        let show = |c: [f64; 3]| format!("{:.0} = {:.0} + {:.0} + {:.0}", c.iter().sum::<f64>(), c[0], c[1], c[2]);
+        println!(
+            "| {mode} | {p:.0} | {s:.0} | {:.2} | {per_1000} | {} | {} | {:.2} |",
+            s / p,
+            show(pc),
+            show(sc),
+            pc.iter().sum::<f64>() / sc.iter().sum::<f64>()
+        );
     }
     // the per-call cost of the verifier, as the restricted role with the key
     let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench/signed_context.sql");

@@ -16,6 +16,11 @@
 //!
 //! In a fleet (`server.peer_id`), the secret also names this instance, so that a request reaching
 //! another instance can be forwarded here (`fleet`); the rest of it stays random.
+//!
+//! The slot is also the session's handle for the operator: when its backend changed last (the
+//! console's `SHOW CLIENTS`), and the console's `KILL` ends the session through it
+//! ([`CancelSlot::terminate`]), as `pg_terminate_backend` does where a cancel request only
+//! interrupts.
 
 use std::sync::Arc;
 
@@ -34,18 +39,68 @@ pub struct CancelSlot {
     /// The pool the current backend came from, when the session runs on several (a replica, a
     /// tenant's own cluster: see `crate::routing`); changed only under `current`'s lock.
     pool: std::sync::Mutex<Option<Arc<crate::pool::Pool>>>,
+    /// When `current` last changed (a transaction started or ended).
+    changed: std::sync::Mutex<std::time::SystemTime>,
+    /// Set once the operator ended the session (`KILL`).
+    terminated: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
 }
 
 impl CancelSlot {
+    fn new(secret: i32, backend: Option<(i32, i32)>, target: Option<BackendTarget>) -> CancelSlot {
+        CancelSlot {
+            secret,
+            current: Mutex::new(backend),
+            target,
+            changed: std::sync::Mutex::new(std::time::SystemTime::now()),
+            terminated: Default::default(),
+            wake: Default::default(),
+            pool: Default::default(),
+        }
+    }
+
     pub async fn set(&self, backend: Option<(i32, i32)>) {
-        *self.current.lock().await = backend;
+        let mut current = self.current.lock().await;
+        self.replace(&mut current, backend);
+    }
+
+    fn replace(&self, current: &mut Option<(i32, i32)>, backend: Option<(i32, i32)>) {
+        if *current != backend {
+            *self.changed.lock().unwrap_or_else(|p| p.into_inner()) = std::time::SystemTime::now();
+        }
+        *current = backend;
+    }
+
+    /// The pid of the backend the session is using now, and since when it has (or has had none).
+    pub async fn backend(&self) -> (Option<i32>, std::time::SystemTime) {
+        let current = self.current.lock().await;
+        (current.map(|(pid, _)| pid), *self.changed.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Asks the session to end at once (it sends its client a FATAL and closes).
+    pub fn terminate(&self) {
+        self.terminated.store(true, std::sync::atomic::Ordering::Release);
+        self.wake.notify_waiters();
+    }
+
+    /// Completes once [`terminate`](Self::terminate) was called (at once if it already was).
+    pub async fn terminated(&self) {
+        loop {
+            let woken = self.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.terminated.load(std::sync::atomic::Ordering::Acquire) {
+                return;
+            }
+            woken.await;
+        }
     }
 
     /// Like [`CancelSlot::set`], for a backend of `pool`: a cancel goes to that pool's server.
     pub async fn set_on(&self, backend: Option<(i32, i32)>, pool: Arc<crate::pool::Pool>) {
         let mut current = self.current.lock().await;
         *self.pool.lock().unwrap_or_else(|p| p.into_inner()) = Some(pool);
-        *current = backend;
+        self.replace(&mut current, backend);
     }
 }
 
@@ -88,7 +143,7 @@ impl CancelRegistry {
         let mut rng = rand::rng();
         loop {
             let secret = crate::fleet::secret_for(self.peer_id, rng.random());
-            let slot = Arc::new(CancelSlot { secret, current: Mutex::new(backend), target: target.clone(), pool: Default::default() });
+            let slot = Arc::new(CancelSlot::new(secret, backend, target.clone()));
             let pid = match backend {
                 Some((pid, _)) => pid,
                 None => rng.random_range(1..i32::MAX),
@@ -186,5 +241,19 @@ mod tests {
         drop(next);
         drop(virtual_session);
         assert!(reg.is_empty());
+    }
+
+    #[tokio::test]
+    async fn terminate_wakes_a_waiting_session_and_a_late_one() {
+        let reg = Arc::new(CancelRegistry::default());
+        let r = reg.register(None, None);
+        let slot = r.slot.clone();
+        let waiting = tokio::spawn(async move { slot.terminated().await });
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        r.slot.terminate();
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiting).await.expect("woken").unwrap();
+        // asking after the fact completes at once
+        tokio::time::timeout(std::time::Duration::from_millis(100), r.slot.terminated()).await.expect("already terminated");
     }
 }

@@ -3,6 +3,11 @@
 //!
 //! One implementation serves the integration tests, the benchmarks and `pgtenant demo`. Postgres
 //! refuses to run as root, so when we are root the server runs as the `postgres` OS user.
+//!
+//! For failover tests a running cluster can get a streaming standby ([`Cluster::start_standby`]:
+//! `pg_basebackup -R`, same binaries, its own temp dir and port), made synchronous with
+//! [`Cluster::add_conf`], then the primary stopped ([`Cluster::stop_with`]) and the standby
+//! promoted ([`Cluster::promote`]) — real replication and promotion, nothing simulated.
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -53,6 +58,8 @@ pub struct Cluster {
     /// (uid, gid) of the `postgres` user when we run as root.
     run_as: Option<(u32, u32)>,
     running: bool,
+    /// Settings after the harness's own (`add_conf`; a standby's `primary_conninfo`).
+    extra_conf: String,
 }
 
 fn postgres_user() -> Option<(u32, u32)> {
@@ -124,6 +131,21 @@ impl Cluster {
     }
 
     pub fn start_with(opts: ClusterOptions) -> Result<Cluster, ClusterError> {
+        let password: String = {
+            use rand::Rng;
+            rand::rng().sample_iter(rand::distr::Alphanumeric).take(24).map(char::from).collect()
+        };
+        let mut cluster = Self::empty(password, opts.database.clone())?;
+        cluster.init()?;
+        cluster.start_on(opts.port)?;
+        if cluster.database != "postgres" {
+            cluster.psql("postgres", &format!("CREATE DATABASE \"{}\"", cluster.database))?;
+        }
+        Ok(cluster)
+    }
+
+    /// A cluster with a fresh temp dir and nothing in it yet.
+    fn empty(password: String, database: String) -> Result<Cluster, ClusterError> {
         let bindir = Self::find_bindir()?;
         let run_as = if unsafe { libc::geteuid() } == 0 {
             Some(postgres_user().ok_or_else(|| err("running as root but there is no `postgres` user to run the server as"))?)
@@ -135,45 +157,77 @@ impl Cluster {
             .tempdir()
             .map_err(|e| err(format!("cannot create a temp dir: {e}")))?;
         let root = dir.path().to_path_buf();
-        let password: String = {
-            use rand::Rng;
-            rand::rng().sample_iter(rand::distr::Alphanumeric).take(24).map(char::from).collect()
-        };
-        let mut cluster = Cluster {
-            dir: Some(dir),
-            root,
-            bindir,
-            port: 0,
-            password,
-            database: opts.database.clone(),
-            run_as,
-            running: false,
-        };
-        cluster.init()?;
+        if let Some((uid, gid)) = run_as {
+            chown_recursive(&root, uid, gid).map_err(|e| err(format!("chown temp dir: {e}")))?;
+        }
+        Ok(Cluster { dir: Some(dir), root, bindir, port: 0, password, database, run_as, running: false, extra_conf: String::new() })
+    }
+
+    /// Starts the server on `port`, or on a free port (a few tries: another process may take it).
+    fn start_on(&mut self, port: Option<u16>) -> Result<(), ClusterError> {
         let mut last = None;
         for _ in 0..5 {
-            cluster.port = match opts.port {
+            self.port = match port {
                 Some(p) => p,
                 None => free_port()?,
             };
-            match cluster.start_server() {
-                Ok(()) => {
-                    last = None;
-                    break;
-                }
+            match self.start_server() {
+                Ok(()) => return Ok(()),
                 Err(e) => last = Some(e),
             }
-            if opts.port.is_some() {
+            if port.is_some() {
                 break;
             }
         }
-        if let Some(e) = last {
-            return Err(e);
+        Err(last.unwrap_or_else(|| err("server did not start")))
+    }
+
+    /// A streaming standby of this running cluster: `pg_basebackup -R` (WAL streamed during the
+    /// copy) into a temp dir of its own, started on a free port. It has the same roles, password
+    /// and data, and follows this cluster until [`Cluster::promote`].
+    pub fn start_standby(&self) -> Result<Cluster, ClusterError> {
+        let mut standby = Self::empty(self.password.clone(), self.database.clone())?;
+        let mut backup = self.command("pg_basebackup");
+        backup
+            .arg("-D")
+            .arg(standby.data_dir())
+            .args(["-R", "-X", "stream", "--checkpoint=fast", "-h", "127.0.0.1", "-U", "postgres", "-p"])
+            .arg(self.port.to_string())
+            .env("PGPASSWORD", &self.password)
+            .env("HOME", &standby.root);
+        Self::run(backup, "pg_basebackup")?;
+        // keep what -R wrote (how to reach the primary); the harness rewrites the rest of the file
+        let auto = std::fs::read_to_string(standby.data_dir().join("postgresql.auto.conf")).map_err(|e| err(e.to_string()))?;
+        standby.extra_conf = auto.lines().filter(|l| l.starts_with("primary_conninfo")).map(|l| format!("{l}\n")).collect();
+        if standby.extra_conf.is_empty() {
+            return Err(err("pg_basebackup -R wrote no primary_conninfo"));
         }
-        if cluster.database != "postgres" {
-            cluster.psql("postgres", &format!("CREATE DATABASE \"{}\"", cluster.database))?;
+        standby.start_on(None)?;
+        Ok(standby)
+    }
+
+    /// Adds settings (postgresql.conf lines) after the harness's own and reloads a running server;
+    /// they survive restarts. E.g. `synchronous_standby_names = '*'`.
+    pub fn add_conf(&mut self, lines: &str) -> Result<(), ClusterError> {
+        self.extra_conf.push_str(lines);
+        self.extra_conf.push('\n');
+        self.write_conf()?;
+        if self.running {
+            self.psql("postgres", "SELECT pg_reload_conf()")?;
         }
-        Ok(cluster)
+        Ok(())
+    }
+
+    /// Promotes a standby to primary and waits until it accepts writes.
+    pub fn promote(&mut self) -> Result<(), ClusterError> {
+        let mut c = self.command("pg_ctl");
+        c.arg("-D").arg(self.data_dir()).args(["-w", "-t", "60", "promote"]);
+        Self::run(c, "pg_ctl promote").map(|_| ())
+    }
+
+    /// Whether the server is a standby (`pg_is_in_recovery()`).
+    pub fn in_recovery(&self) -> Result<bool, ClusterError> {
+        Ok(self.psql("postgres", "SELECT pg_is_in_recovery()")?.trim() == "t")
     }
 
     fn command(&self, program: &str) -> Command {
@@ -197,7 +251,7 @@ impl Cluster {
         let pwfile = self.root.join("pwfile");
         std::fs::write(&pwfile, &self.password).map_err(|e| err(e.to_string()))?;
         if let Some((uid, gid)) = self.run_as {
-            chown_recursive(&self.root, uid, gid).map_err(|e| err(format!("chown temp dir: {e}")))?;
+            chown_recursive(&pwfile, uid, gid).map_err(|e| err(format!("chown temp dir: {e}")))?;
         }
         let mut initdb = self.command("initdb");
         initdb
@@ -210,18 +264,25 @@ impl Cluster {
         Ok(())
     }
 
-    fn start_server(&mut self) -> Result<(), ClusterError> {
+    /// The harness's settings, then `extra_conf`, as postgresql.auto.conf.
+    fn write_conf(&self) -> Result<(), ClusterError> {
         let conf = format!(
             "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nmax_connections = 300\nmax_prepared_transactions = 8\n\
-             shared_buffers = 32MB\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n",
+             shared_buffers = 32MB\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n{}",
             self.port,
-            self.root.display()
+            self.root.display(),
+            self.extra_conf
         );
         let auto = self.data_dir().join("postgresql.auto.conf");
         std::fs::write(&auto, conf).map_err(|e| err(e.to_string()))?;
         if let Some((uid, gid)) = self.run_as {
             let _ = std::os::unix::fs::chown(&auto, Some(uid), Some(gid));
         }
+        Ok(())
+    }
+
+    fn start_server(&mut self) -> Result<(), ClusterError> {
+        self.write_conf()?;
         let mut pg_ctl = self.command("pg_ctl");
         pg_ctl.arg("-D").arg(self.data_dir()).arg("-l").arg(self.log_file()).args(["-w", "-t", "60", "start"]);
         match Self::run(pg_ctl, "pg_ctl start") {
@@ -340,6 +401,12 @@ impl Cluster {
         self.pg_ctl_stop("fast")
     }
 
+    /// Stops the server with `pg_ctl stop -m immediate` (a crash: no shutdown checkpoint, clients
+    /// cut off at once) or `-m fast`; idempotent.
+    pub fn stop_with(&mut self, immediate: bool) -> Result<(), ClusterError> {
+        self.pg_ctl_stop(if immediate { "immediate" } else { "fast" })
+    }
+
     fn pg_ctl_stop(&mut self, mode: &str) -> Result<(), ClusterError> {
         if !self.running {
             return Ok(());
@@ -404,5 +471,22 @@ mod tests {
         assert!(!data.exists(), "data dir left behind");
         let ps = Command::new("pgrep").arg("-f").arg(data.to_string_lossy().as_ref()).output().unwrap();
         assert!(ps.stdout.is_empty(), "postgres still running");
+    }
+
+    #[test]
+    fn synchronous_standby_follows_then_takes_over() {
+        let mut primary = Cluster::start().expect("cluster starts");
+        primary.psql("app", "CREATE TABLE t (n int); INSERT INTO t VALUES (1)").unwrap();
+        let mut standby = primary.start_standby().expect("standby starts");
+        primary.add_conf("synchronous_standby_names = '*'\nsynchronous_commit = on").unwrap();
+        assert!(standby.in_recovery().unwrap() && !primary.in_recovery().unwrap());
+        // acknowledged once the standby has it: no waiting for replay needed after promotion
+        primary.psql("app", "INSERT INTO t VALUES (2)").unwrap();
+        let sync = primary.psql("postgres", "SELECT sync_state FROM pg_stat_replication").unwrap();
+        assert_eq!(sync.trim(), "sync");
+        primary.stop_with(true).unwrap();
+        standby.promote().unwrap();
+        assert!(!standby.in_recovery().unwrap());
+        assert_eq!(standby.psql("app", "INSERT INTO t VALUES (3); SELECT sum(n) FROM t").unwrap().trim(), "6");
     }
 }

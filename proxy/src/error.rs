@@ -29,6 +29,9 @@ pub mod sqlstate {
     /// sqlserver_rejected_establishment_of_sqlconnection: a token names a cluster pgtenant does
     /// not have (`tenant.cluster_claim`).
     pub const REJECTED_CONNECTION: &str = "08004";
+    pub const SYNTAX_ERROR: &str = "42601";
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
+    pub const CONFIG_FILE_ERROR: &str = "F0000";
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -288,7 +288,8 @@ fn check(config: PathBuf) -> Result<ExitCode, String> {
             l.tenants.len()
         );
     }
-    for warning in bypass_warnings(&cfg) {
+    let cleartext = pgtenant::config::cleartext::warning(&cfg.server, &pgtenant::config::cleartext::listen_addrs(&cfg.server));
+    for warning in cleartext.into_iter().chain(bypass_warnings(&cfg)) {
         println!("\nwarning: {warning}");
     }
     let remotes = [("jwt.jwks_url", auth.verifier.remote()), ("bypass.jwt.jwks_url", auth.bypass.as_ref().and_then(|b| b.verifier.remote()))];

@@ -20,6 +20,13 @@ use ::metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const CLIENTS: &str = "pgtenant_clients";
+/// 1 while `/readyz` would answer 200, sampled at scrape (see `pool::health`).
+pub const READY: &str = "pgtenant_ready";
+// pool gauges, label `pool` (`tenant`, `bypass`), sampled at scrape
+pub const POOL_SIZE: &str = "pgtenant_pool_size";
+pub const POOL_BUSY: &str = "pgtenant_pool_busy";
+pub const POOL_IDLE: &str = "pgtenant_pool_idle";
+pub const POOL_WAITING: &str = "pgtenant_pool_waiting";
 pub const LOGINS: &str = "pgtenant_logins_total";
 pub const TRANSACTIONS: &str = "pgtenant_transactions_total";
 pub const TRANSACTION_SECONDS: &str = "pgtenant_transaction_duration_seconds";
@@ -28,6 +35,10 @@ pub const POOL_WAIT_TIMEOUTS: &str = "pgtenant_pool_wait_timeouts_total";
 pub const CONFIG_RELOADS: &str = "pgtenant_config_reloads_total";
 pub const JWKS_FETCHES: &str = "pgtenant_jwks_fetches_total";
 pub const BACKEND_CONNECTS: &str = "pgtenant_backend_connects_total";
+/// Gauge per pool and `backend.url` host: 1 for the host new connections go to (the primary).
+pub const BACKEND_PRIMARY: &str = "pgtenant_backend_primary";
+/// Counter per pool: times the primary changed from one host to another.
+pub const BACKEND_FAILOVERS: &str = "pgtenant_backend_failovers_total";
 pub const CONTEXT_INJECTIONS: &str = "pgtenant_context_injections_total";
 pub const REFUSALS: &str = "pgtenant_refusals_total";
 pub const CLIENT_BYTES: &str = "pgtenant_client_bytes_total";
@@ -41,6 +52,7 @@ pub const INSTANCE_INFO: &str = "pgtenant_instance_info";
 pub const REPLICA_UP: &str = "pgtenant_replica_up";
 pub const REPLICA_LAG_SECONDS: &str = "pgtenant_replica_lag_seconds";
 pub const READ_ONLY_ROUTES: &str = "pgtenant_read_only_transactions_total";
+pub const CLIENT_WRITE_TIMEOUTS: &str = "pgtenant_client_write_timeouts_total";
 // per-tenant series, rendered at scrape time for the tenants [admin] selects (see `admin::tenants`)
 pub const TENANT_ACTIVE: &str = "pgtenant_tenant_active";
 pub const TENANT_WAITING: &str = "pgtenant_tenant_waiting";

@@ -37,23 +37,6 @@ impl Stream {
     pub fn is_tls(&self) -> bool {
         matches!(self, Stream::TlsServer(_) | Stream::TlsClient(_))
     }
-
-    /// Non-blocking liveness probe for an idle pooled connection: an idle Postgres backend sends
-    /// nothing, so readable data or EOF means the server closed it (restart, pg_terminate_backend).
-    pub fn looks_closed(&self) -> bool {
-        let tcp = match self {
-            Stream::Tcp(s) => s,
-            Stream::TlsClient(s) => s.get_ref().0,
-            Stream::TlsServer(s) => s.get_ref().0,
-            Stream::Unix(s) => {
-                let mut b = [0u8; 1];
-                return !matches!(s.try_read(&mut b), Err(ref e) if e.kind() == io::ErrorKind::WouldBlock);
-            }
-            Stream::Pipe(_) => return false,
-        };
-        let mut b = [0u8; 1];
-        !matches!(tcp.try_read(&mut b), Err(ref e) if e.kind() == io::ErrorKind::WouldBlock)
-    }
 }
 
 macro_rules! dispatch {

@@ -38,6 +38,8 @@ pub struct Proxy {
     pub clients: std::sync::atomic::AtomicUsize,
     pub shared: Arc<Shared>,
     pub cancels: Arc<CancelRegistry>,
+    /// The live client sessions (the admin console lists and ends them).
+    pub sessions: Arc<crate::sessions::Sessions>,
     /// This instance's id and its peers, where cancel requests for other instances go.
     pub fleet: Fleet,
     pub tls: Option<TlsAcceptor>,
@@ -46,7 +48,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: Config) -> Result<Arc<Proxy>, StartError> {
-        let target = BackendTarget::from_config(&config.backend)
+        let hosts = BackendTarget::all_from_config(&config.backend)
             .map_err(|error| StartError::BackendUrl { key: "backend.url", error })?;
         let auth = Auth::from_config(&config, None)?;
         let tls = match (&config.server.tls_cert, &config.server.tls_key) {
@@ -55,13 +57,13 @@ impl Proxy {
         };
         let peers = config.peer_map()?;
         let peer_id = config.server.peer_id.map(|id| id as u8);
-        let pool = Pool::new(&config, target);
+        let pool = Pool::for_hosts(&config, "tenant", hosts, config.backend.pool_size, Arc::new(config.limits.clone()));
         let router = crate::routing::Router::new(&config, pool.clone())
             .map_err(|e| StartError::BackendUrl { key: e.key, error: e.error })?;
         let bypass = if config.bypass.enabled {
-            let target = BackendTarget::from_config(&config.bypass.backend(&config.backend))
+            let hosts = BackendTarget::all_from_config(&config.bypass.backend(&config.backend))
                 .map_err(|error| StartError::BackendUrl { key: "bypass.url", error })?;
-            Some(Pool::sized(&config, target, config.bypass.pool_size, Arc::new(Default::default())))
+            Some(Pool::for_hosts(&config, "bypass", hosts, config.bypass.pool_size, Arc::new(Default::default())))
         } else {
             None
         };
@@ -74,6 +76,7 @@ impl Proxy {
             audit,
             max_message_bytes: config.server.max_message_bytes,
             max_state_bytes: config.server.max_session_state_bytes,
+            client_write_timeout: Duration::from_millis(config.server.client_write_timeout_ms),
             pool_cfg: config.pool.clone(),
             session_mode: config.pool.mode == crate::config::PoolMode::Session,
             signer: crate::signing::SignerSlot::new(crate::signing::Signer::from_config(&config.tenant)?),
@@ -84,6 +87,7 @@ impl Proxy {
             clients: Default::default(),
             shared,
             cancels: Arc::new(CancelRegistry::for_instance(peer_id)),
+            sessions: Default::default(),
             fleet: Fleet::new(peer_id, peers),
             auth: AuthSlot::new(auth),
             live: std::sync::RwLock::new(Arc::new(config.clone())),
@@ -238,8 +242,17 @@ impl Proxy {
         let logged_in = tokio::time::timeout(timeout, async {
             let hello = startup::negotiate(tcp, self.tls.as_ref(), self.config.server.require_tls).await;
             match hello {
+                Ok(startup::Hello::Login { stream, params }) if crate::console::addressed(&params, &self.live_config()) => {
+                    match crate::console::login::login(&self, stream, &params, peer).await {
+                        Ok(console) => Some(Admitted::Console(console)),
+                        Err((stream, err)) => {
+                            send_fatal(stream, &err).await;
+                            None
+                        }
+                    }
+                }
                 Ok(startup::Hello::Login { stream, params }) => match auth::login(&self.login_inputs(), stream, &params, peer).await {
-                    Ok(l) => Some(l),
+                    Ok(l) => Some(Admitted::Client(l)),
                     Err((stream, err)) => {
                         let _ = self.shared.audit.record(
                             "login",
@@ -250,7 +263,7 @@ impl Proxy {
                                 "user": params.get("user"),
                                 "client": peer.to_string(),
                             }),
-                        );
+                        ).await;
                         send_fatal(stream, &err).await;
                         None
                     }
@@ -270,11 +283,11 @@ impl Proxy {
             }
         })
         .await;
-        let Ok(Some(l)) = logged_in else {
-            if logged_in.is_err() {
-                tracing::info!(%peer, "client did not finish authentication in time");
-            }
-            return;
+        let l = match logged_in {
+            Ok(Some(Admitted::Client(l))) => l,
+            Ok(Some(Admitted::Console(console))) => return console.serve(&self).await,
+            Ok(None) => return,
+            Err(_) => return tracing::info!(%peer, "client did not finish authentication in time"),
         };
         let who = Arc::new(crate::session::Who {
             tenant: Arc::from(l.context.tenant.as_str()),
@@ -284,6 +297,18 @@ impl Proxy {
             login: l.cancel.pid,
             cluster: l.context.cluster.clone(),
             prefers_standby: l.prefers_standby,
+        });
+        let _listed = self.sessions.add(crate::sessions::Client {
+            tenant: who.tenant.clone(),
+            user: l.user.clone(),
+            database: self.shared.pool.target().database.clone(),
+            addr: peer,
+            tls: l.stream.is_tls(),
+            application_name: l.reported.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.clone()).unwrap_or_default(),
+            pool: if l.bypass { "bypass" } else { "tenant" },
+            pid: l.cancel.pid,
+            connected: std::time::SystemTime::now(),
+            slot: l.cancel.slot.clone(),
         });
         let view = ClientView::new(&l.reported);
         let settings = ClientSettings::new(l.setting_names, l.context.values.clone(), l.params);
@@ -316,6 +341,13 @@ impl crate::admin::Source for Proxy {
     async fn reload_file(&self) -> Result<(), String> {
         self.reload_from_file().await.map_err(String::from)
     }
+}
+
+/// A client past the login phase: a tenant's (or trusted worker's) session, or the admin console.
+#[allow(clippy::large_enum_variant)] // lives only between login and the session's start
+enum Admitted {
+    Client(auth::LoggedIn),
+    Console(crate::console::Console),
 }
 
 /// Gives a client slot back when the connection ends, however it ends.
@@ -390,6 +422,9 @@ pub async fn start_from(config: Config, path: Option<std::path::PathBuf>) -> Res
     }
     let listener = TcpListener::bind(&listen).await.map_err(|source| StartError::Listen { addr: listen.clone(), source })?;
     let addr = listener.local_addr()?;
+    if let Some(warning) = crate::config::cleartext::warning(&proxy.config.server, &[addr]) {
+        tracing::warn!("{warning}");
+    }
     // the recorder and the hot-path handles, before the first session records anything
     crate::metrics::hot();
     crate::metrics::instance_info(proxy.fleet.peer_id());

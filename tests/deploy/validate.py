@@ -1,7 +1,12 @@
 """Validates deploy/ without a container engine: every PGTENANT_* variable is documented, probes hit
 /readyz and /healthz on a declared port, containers run as non-root, secret and config map references
-resolve, each embedded pgtenant.toml passes `pgtenant check` with the manifest's own environment, the
-compose file's paths exist, and the Dockerfile is multi-stage and non-root.
+resolve, each embedded pgtenant.toml passes `pgtenant check` with the manifest's own environment
+and draws no cleartext-token warning from it (a listener beyond loopback must require TLS), the
+compose file's paths exist, and the Dockerfile is multi-stage and non-root. The Grafana dashboard
+and the Prometheus alert rules name only metrics pgtenant exports (the names in
+proxy/src/metrics.rs, each documented in docs/operations.md); the rules pass `promtool check rules`
+and the scenarios in tests/deploy/alerts_test.yaml (`promtool test rules`) when promtool is on PATH
+or at tests/deploy/.promtool (scripts/test.sh puts it there), and a structural check otherwise.
 
 Usage: validate.py REPO_ROOT PGTENANT_BINARY
 """
@@ -11,6 +16,9 @@ import re
 import subprocess
 import sys
 import tempfile
+
+import json
+import shutil
 
 import yaml
 
@@ -39,8 +47,14 @@ def pgtenant_check(toml_text, env, label):
         open(path, "w").write(toml_text)
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("PGTENANT_")}
         full_env.update(env)
+        for name in env:
+            for key in ("tls_cert", "tls_key", "tls_ca_file"):
+                if name.endswith(key.upper()):
+                    full_env[name] = f"{d}/{key}.pem"
         r = subprocess.run([BIN, "check", "--config", path], env=full_env, capture_output=True, text=True)
         check(r.returncode == 0, f"{label}: pgtenant check failed: {r.stderr.strip()}")
+        for line in r.stdout.splitlines():
+            check("bearer credentials" not in line, f"{label}: {line.strip()}")
 
 
 def kubernetes(path):
@@ -72,6 +86,10 @@ def kubernetes(path):
             sc = c.get("securityContext", {})
             check(sc.get("runAsNonRoot") is True and sc.get("runAsUser", 0) != 0, f"{label}: must run as non-root")
             for m in c.get("volumeMounts", []):
+                secret = volumes.get(m["name"], {}).get("secret", {}).get("secretName")
+                if secret:
+                    check(secret in secrets, f"{label}: secret {secret} not defined")
+                    continue
                 cm = volumes.get(m["name"], {}).get("configMap", {}).get("name")
                 check(cm in configs, f"{label}: config map {cm} not defined")
                 if cm in configs and "pgtenant.toml" in configs[cm]:
@@ -85,12 +103,78 @@ def compose(path):
     env = services.get("pgtenant", {}).get("environment", {})
     for k in env:
         check(k in documented, f"compose.yaml: {k} is not a documented variable")
-    for v in services.get("postgres", {}).get("volumes", []):
-        src = v.split(":")[0]
-        check(os.path.exists(os.path.join(DEPLOY, src)), f"compose.yaml: {src} does not exist")
+    named = set(doc.get("volumes") or {})
+    for service in services.values():
+        for v in service.get("volumes", []):
+            src = v.split(":")[0]
+            if src in named:
+                continue
+            check(os.path.exists(os.path.join(DEPLOY, src)), f"compose.yaml: {src} does not exist")
     build = services.get("pgtenant", {}).get("build", {})
     check(os.path.exists(os.path.join(DEPLOY, build.get("context", "."), build.get("dockerfile", "Dockerfile"))), "compose.yaml: Dockerfile not found")
     pgtenant_check(open(os.path.join(ROOT, "config", "pgtenant.toml")).read(), {k: str(v) for k, v in env.items()}, "compose.yaml")
+
+
+METRICS = set(re.findall(r'pub const [A-Z_]+: &str = "(pgtenant_[a-z0-9_]+)"', open(os.path.join(ROOT, "proxy", "src", "metrics.rs")).read()))
+OPERATIONS = open(os.path.join(ROOT, "docs", "operations.md")).read()
+
+
+def metric_expr(expr, label):
+    """An expression names at least one metric, and only metrics pgtenant exports and documents."""
+    names = set(re.findall(r"\bpgtenant_[a-z0-9_]+", expr))
+    check(names, f"{label}: names no pgtenant metric: {expr}")
+    for name in names:
+        base = re.sub(r"_(bucket|sum|count)$", "", name) if name not in METRICS else name
+        check(base in METRICS, f"{label}: {name} is not a metric pgtenant exports (proxy/src/metrics.rs)")
+        check(f"`{base}`" in OPERATIONS, f"{label}: {base} is not documented in docs/operations.md")
+
+
+def grafana(path):
+    doc = json.load(open(path))
+    exprs = []
+
+    def walk(panels):
+        for p in panels:
+            walk(p.get("panels", []))
+            exprs.extend((f"panel {p.get('title')!r}", t["expr"]) for t in p.get("targets", []))
+    walk(doc.get("panels", []))
+    for v in doc.get("templating", {}).get("list", []):
+        q = v.get("query")
+        if v.get("type") == "query":
+            exprs.append((f"variable {v['name']}", q["query"] if isinstance(q, dict) else q))
+    check(len(exprs) >= 10, f"{path}: only {len(exprs)} expressions")
+    for where, expr in exprs:
+        metric_expr(expr, f"grafana/{os.path.basename(path)} {where}")
+    titles = " ".join(str(p.get("title", "")).lower() for p in doc.get("panels", []))
+    for topic in ("transactions", "wait", "pool", "refusals", "logins", "top tenants", "ready"):
+        check(topic in titles, f"{path}: no panel about {topic}")
+
+
+def promtool():
+    local = os.path.join(ROOT, "tests", "deploy", ".promtool", "promtool")
+    return shutil.which("promtool") or (local if os.access(local, os.X_OK) else None)
+
+
+def alerts(path):
+    doc = yaml.safe_load(open(path))
+    rules = [r for g in doc.get("groups", []) for r in g.get("rules", [])]
+    names = {r.get("alert") for r in rules}
+    for want in ("PgtenantNotReady", "PgtenantPoolExhausted", "PgtenantPoolWaitP99High", "PgtenantLoginFailuresSpike", "PgtenantJwksFetchFailing"):
+        check(want in names, f"{path}: no alert {want}")
+    for r in rules:
+        label = f"prometheus/{os.path.basename(path)} {r.get('alert')}"
+        check(set(r) <= {"alert", "expr", "for", "labels", "annotations"} and r.get("alert") and r.get("expr"), f"{label}: malformed rule {sorted(r)}")
+        check(r.get("labels", {}).get("severity") in ("warning", "critical"), f"{label}: severity must be warning or critical")
+        check(r.get("annotations", {}).get("summary"), f"{label}: no summary")
+        check(re.fullmatch(r"\d+[smh]", str(r.get("for", "0m"))) is not None, f"{label}: bad for: {r.get('for')}")
+        metric_expr(r.get("expr", ""), label)
+    tool = promtool()
+    if tool:
+        for args in (["check", "rules", path], ["test", "rules", os.path.join(ROOT, "tests", "deploy", "alerts_test.yaml")]):
+            r = subprocess.run([tool, *args], capture_output=True, text=True)
+            check(r.returncode == 0, f"promtool {' '.join(args[:2])}: {r.stdout.strip()} {r.stderr.strip()}")
+    else:
+        print("promtool not found: alert rules checked for structure only")
 
 
 def dockerfile(path):
@@ -108,6 +192,8 @@ for name in sorted(os.listdir(os.path.join(DEPLOY, "kubernetes"))):
     kubernetes(os.path.join(DEPLOY, "kubernetes", name))
 compose(os.path.join(DEPLOY, "compose.yaml"))
 dockerfile(os.path.join(DEPLOY, "Dockerfile"))
+grafana(os.path.join(DEPLOY, "grafana", "pgtenant.json"))
+alerts(os.path.join(DEPLOY, "prometheus", "alerts.yaml"))
 for f in failures:
     print("FAIL", f)
 print(f"deploy: {len(failures)} problems")

@@ -83,7 +83,11 @@ async fn expect_fatal_or_close(s: &mut TcpStream, what: &str) -> Result<Option<S
 }
 
 pub(crate) async fn raw_login(p: &pgtenant::server::Running, tok: &str) -> Result<TcpStream, String> {
-    let mut s = TcpStream::connect(p.addr).await.map_err(|e| e.to_string())?;
+    raw_login_at(p.addr, tok).await
+}
+
+pub(crate) async fn raw_login_at(addr: std::net::SocketAddr, tok: &str) -> Result<TcpStream, String> {
+    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     s.write_all(&startup_packet("alice", "app")).await.map_err(|e| e.to_string())?;
     let (tag, body) = read_msg(&mut s, Duration::from_secs(5)).await.ok_or("no auth request")?;
     ensure(tag == b'R' && body[..4] == 3u32.to_be_bytes(), "expected a cleartext password request")?;

@@ -2,8 +2,12 @@
 //! isolation through the simple and extended protocols, pipelining, transactions and errors,
 //! COPY, JWT failures, pool limits, cancel, and backend/client failures.
 
+mod admin;
+mod cleartext;
+mod bounds;
 mod common;
 mod faults;
+mod health;
 mod hostile;
 mod jwks;
 mod tenancy;
@@ -12,8 +16,12 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use admin::admin_speaks_http;
+use cleartext::cleartext_listeners_are_warned;
+use bounds::*;
 use common::*;
 use faults::faults_under_load_lose_nothing;
+use health::readyz_follows_the_backend;
 use hostile::*;
 use jwks::jwks_url_fetch_rotation_and_outage;
 use tenancy::*;
@@ -72,12 +80,22 @@ fn main() {
         max_clients_and_auth_timeout,
         graceful_shutdown_drains,
         admin_endpoints_and_metrics,
+        readyz_follows_the_backend,
+        admin_speaks_http,
+        cleartext_listeners_are_warned,
         deploy_manifests_are_valid,
         reload_rotates_keys_without_dropping_clients,
         jwks_url_fetch_rotation_and_outage,
         hostile_framing_gets_fatal_or_close,
         ten_thousand_pipelined_messages,
         client_that_never_reads_is_bounded,
+        stuck_clients_do_not_pin_the_backend,
+        session_settings_are_capped,
+        named_portals_are_capped,
+        bypass_execute_of_unknown_portal_is_audited_by_name,
+        stuck_audit_log_stalls_nobody_else,
+        wide_row_streams_through_bounded_memory,
+        wide_rows_and_copy_data_arrive_intact,
         slowloris_logins_do_not_block_others,
         copy_from_stdin_opening_a_transaction,
         lexer_changing_settings_are_refused,
@@ -1493,7 +1511,8 @@ async fn admin_endpoints_and_metrics(env: &Env) -> TestResult {
     for name in [
         "pgtenant_clients", "pgtenant_logins_total", "pgtenant_transactions_total", "pgtenant_transaction_duration_seconds",
         "pgtenant_pool_wait_seconds", "pgtenant_backend_connects_total", "pgtenant_context_injections_total",
-        "pgtenant_refusals_total", "pgtenant_client_bytes_total",
+        "pgtenant_refusals_total", "pgtenant_client_bytes_total", "pgtenant_ready 1", "pgtenant_pool_size{pool=\"tenant\"} 4",
+        "pgtenant_pool_busy{pool=\"tenant\"}", "pgtenant_pool_idle{pool=\"tenant\"}", "pgtenant_pool_waiting{pool=\"tenant\"}",
     ] {
         ensure(body.contains(name), format!("/metrics lacks {name}"))?;
     }

@@ -1,5 +1,5 @@
 //! Routing across pools (issue 18), against real servers: a primary with a streaming standby
-//! (`pg_basebackup -R`), and a second independent cluster.
+//! (`Cluster::start_standby`: `pg_basebackup -R`), and a second independent cluster.
 //!
 //! Read replicas: `BEGIN READ ONLY` / `START TRANSACTION READ ONLY`, a session with
 //! `default_transaction_read_only = on` and a client asking for `target_session_attrs=prefer-standby`
@@ -12,15 +12,13 @@
 //! tenant's next transaction.
 
 mod common;
-#[path = "common/standby.rs"]
-mod standby;
 
 use std::time::{Duration, Instant};
 
 use common::*;
+use pgtenant::cluster::Cluster;
 use pgtenant::server::Running;
 use serde_json::json;
-use standby::Standby;
 
 macro_rules! tests {
     ($($name:ident),* $(,)?) => {
@@ -45,13 +43,27 @@ fn e(err: impl std::fmt::Display) -> String {
     err.to_string()
 }
 
+/// Waits until `standby` has replayed everything `primary` has written so far.
+fn catch_up(standby: &Cluster, primary: &Cluster) -> Result<(), String> {
+    let lsn = primary.psql("postgres", "SELECT pg_current_wal_lsn()").map_err(e)?;
+    let sql = format!("SELECT pg_is_in_recovery() AND pg_last_wal_replay_lsn() >= '{}'::pg_lsn", lsn.trim());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while standby.psql("postgres", &sql).map_err(e)?.trim() != "t" {
+        if Instant::now() > deadline {
+            return Err(format!("the standby did not replay up to {} within 30 s", lsn.trim()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
 /// A proxy with the standby as its one replica; returns once the replica's monitor has seen it.
-async fn with_replica(env: &Env, standby: &Standby, extra: &str) -> Result<Running, String> {
+async fn with_replica(env: &Env, standby: &Cluster, extra: &str) -> Result<Running, String> {
     with_replica_lag(env, standby, extra, 60_000).await
 }
 
-async fn with_replica_lag(env: &Env, standby: &Standby, extra: &str, max_lag_ms: u64) -> Result<Running, String> {
-    let replica = standby.url(&env.cluster, "app_user", "app-secret", "app");
+async fn with_replica_lag(env: &Env, standby: &Cluster, extra: &str, max_lag_ms: u64) -> Result<Running, String> {
+    let replica = standby.url("app_user", "app-secret", "app");
     let proxy = start_proxy(env, &format!("replicas = [\"{replica}\"]\nmax_replica_lag_ms = {max_lag_ms}"), extra).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let router = proxy.proxy.shared.router.clone();
@@ -94,7 +106,7 @@ async fn in_recovery(c: &tokio_postgres::Client) -> Result<bool, String> {
 }
 
 async fn read_only_transactions_run_on_the_standby_with_the_tenant_context(env: &Env) -> TestResult {
-    let standby = Standby::of(&env.cluster)?;
+    let standby = env.cluster.start_standby().map_err(e)?;
     let proxy = with_replica(env, &standby, "").await?;
     let c = connect(&proxy, &token(1, "u1")).await.map_err(e)?;
     let primary = where_and_rows(&c, "BEGIN").await?;
@@ -144,7 +156,7 @@ async fn read_only_transactions_run_on_the_standby_with_the_tenant_context(env: 
 }
 
 async fn writes_and_plain_begin_run_on_the_primary(env: &Env) -> TestResult {
-    let standby = Standby::of(&env.cluster)?;
+    let standby = env.cluster.start_standby().map_err(e)?;
     let proxy = with_replica(env, &standby, "").await?;
     let c = connect(&proxy, &token(3, "u3")).await.map_err(e)?;
     let rows = c
@@ -168,11 +180,11 @@ async fn writes_and_plain_begin_run_on_the_primary(env: &Env) -> TestResult {
 }
 
 async fn with_the_standby_down_reads_go_to_the_primary(env: &Env) -> TestResult {
-    let mut standby = Standby::of(&env.cluster)?;
+    let mut standby = env.cluster.start_standby().map_err(e)?;
     let proxy = with_replica(env, &standby, "").await?;
     let c = connect(&proxy, &token(1, "u1")).await.map_err(e)?;
     ensure(where_and_rows(&c, "BEGIN READ ONLY").await?.0 == "true", "standby not used while up")?;
-    standby.stop()?;
+    standby.stop().map_err(e)?;
     // at once (before the monitor notices): the lease fails over to the primary, no error
     let got = where_and_rows(&c, "BEGIN READ ONLY").await?;
     ensure(got.0 == "false" && got.1.starts_with("1:"), format!("standby down: {got:?}"))?;
@@ -180,7 +192,7 @@ async fn with_the_standby_down_reads_go_to_the_primary(env: &Env) -> TestResult 
     let got = where_and_rows(&c, "START TRANSACTION READ ONLY").await?;
     ensure(got.0 == "false", format!("standby down, after a check: {got:?}"))?;
     // back up: the monitor finds it and reads go there again
-    standby.start()?;
+    standby.restart(false).map_err(e)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     while where_and_rows(&c, "BEGIN READ ONLY").await?.0 != "true" {
         if Instant::now() > deadline {
@@ -193,14 +205,14 @@ async fn with_the_standby_down_reads_go_to_the_primary(env: &Env) -> TestResult 
 }
 
 async fn a_lagging_standby_is_skipped_until_it_catches_up(env: &Env) -> TestResult {
-    let standby = Standby::of(&env.cluster)?;
+    let standby = env.cluster.start_standby().map_err(e)?;
     // something replayed, so the standby has a last replay time; then replay stops
     env.cluster.psql("app", "CREATE TABLE IF NOT EXISTS lag_probe (x int); INSERT INTO lag_probe VALUES (1)").map_err(e)?;
-    standby.catch_up(&env.cluster)?;
+    catch_up(&standby, &env.cluster)?;
     let proxy = with_replica_lag(env, &standby, "", 500).await?;
     let c = connect(&proxy, &token(1, "u1")).await.map_err(e)?;
     ensure(where_and_rows(&c, "BEGIN READ ONLY").await?.0 == "true", "standby not used while caught up")?;
-    standby.psql("postgres", "SELECT pg_wal_replay_pause()")?;
+    standby.psql("postgres", "SELECT pg_wal_replay_pause()").map_err(e)?;
     tokio::time::sleep(Duration::from_millis(800)).await;
     env.cluster.psql("app", "INSERT INTO lag_probe VALUES (2)").map_err(e)?;
     // within a check or two the standby is over the bound: reads go to the primary
@@ -213,8 +225,8 @@ async fn a_lagging_standby_is_skipped_until_it_catches_up(env: &Env) -> TestResu
     }
     let lag = proxy.proxy.shared.router.clusters()[0].replicas[0].lag_ms();
     ensure(lag.is_some_and(|l| l > 500), format!("measured lag {lag:?}"))?;
-    standby.psql("postgres", "SELECT pg_wal_replay_resume()")?;
-    standby.catch_up(&env.cluster)?;
+    standby.psql("postgres", "SELECT pg_wal_replay_resume()").map_err(e)?;
+    catch_up(&standby, &env.cluster)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while where_and_rows(&c, "BEGIN READ ONLY").await?.0 != "true" {
         if Instant::now() > deadline {
@@ -227,8 +239,8 @@ async fn a_lagging_standby_is_skipped_until_it_catches_up(env: &Env) -> TestResu
 }
 
 async fn read_only_transactions_go_to_the_least_busy_standby(env: &Env) -> TestResult {
-    let (a, b) = (Standby::of(&env.cluster)?, Standby::of(&env.cluster)?);
-    let urls = [&a, &b].map(|s| format!("\"{}\"", s.url(&env.cluster, "app_user", "app-secret", "app")));
+    let (a, b) = (env.cluster.start_standby().map_err(e)?, env.cluster.start_standby().map_err(e)?);
+    let urls = [&a, &b].map(|s| format!("\"{}\"", s.url("app_user", "app-secret", "app")));
     let proxy = start_proxy(env, &format!("replicas = [{}]", urls.join(", ")), "").await;
     let router = proxy.proxy.shared.router.clone();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -250,9 +262,9 @@ async fn read_only_transactions_go_to_the_least_busy_standby(env: &Env) -> TestR
         held.push(c);
     }
     ports.sort();
-    let mut want = vec![a.port, a.port, b.port, b.port];
+    let mut want = vec![a.port(), a.port(), b.port(), b.port()];
     want.sort();
-    ensure(ports == want, format!("ports {ports:?}, standbys on {} and {}", a.port, b.port))?;
+    ensure(ports == want, format!("ports {ports:?}, standbys on {} and {}", a.port(), b.port()))?;
     drop(held);
     proxy.stop().await;
     Ok(())

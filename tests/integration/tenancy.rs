@@ -226,13 +226,13 @@ pub async fn tenant_limits_wait_or_refuse(env: &Env) -> TestResult {
     Ok(())
 }
 
-const BYPASS_SECRET: &str = "bypass-secret-9876543210";
+pub(crate) const BYPASS_SECRET: &str = "bypass-secret-9876543210";
 
-fn bypass_token(claims: Value) -> String {
+pub(crate) fn bypass_token(claims: Value) -> String {
     pgtenant::jwt::mint_hs(&claims, BYPASS_SECRET.as_bytes(), jsonwebtoken::Algorithm::HS256)
 }
 
-fn audit_lines(path: &std::path::Path) -> Vec<Value> {
+pub(crate) fn audit_lines(path: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()

@@ -1,18 +1,25 @@
 //! The admin HTTP endpoint (`[admin] listen`): `/metrics` (Prometheus text), `/healthz` (the
 //! process is up), `/readyz` (backend reachable and JWT keys loaded; 503 otherwise) and `/pools`
 //! (JSON), `/tenants` (JSON, see `tenants`), and `POST /reload` (re-read the config file, like
-//! SIGHUP). A deliberately tiny HTTP/1.1 responder, one request per connection.
+//! SIGHUP). HTTP/1.x is hyper's; this module only routes and renders.
 //!
 //! Admin only renders: the metric names and the recorder live in `crate::metrics`, and what the
 //! endpoints show comes through [`Source`].
 
 pub mod tenants;
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -35,21 +42,34 @@ pub trait Source: Send + Sync + 'static {
     fn reload_file(&self) -> impl Future<Output = Result<(), String>> + Send;
 }
 
-fn response(status: &str, content_type: &str, body: &str) -> String {
-    format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+/// Longest time a client may take to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest time one connection may take from accept to the end of its answer (a client that does
+/// not read the answer is dropped then).
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest request head accepted (hyper's smallest buffer); a longer one gets `431`.
+const MAX_HEAD: usize = 8192;
+
+type Reply = Response<Full<Bytes>>;
+
+fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
+    let mut reply = Response::new(Full::new(body.into()));
+    *reply.status_mut() = status;
+    reply.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    reply
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
+    response(status, "text/plain", body)
 }
 
 async fn ready(proxy: &impl Source) -> Result<(), String> {
     if !proxy.keys_loaded() {
         return Err("JWT keys not loaded (jwt.jwks_url has not answered yet)".into());
     }
-    match tokio::time::timeout(Duration::from_secs(3), proxy.pool().server_info()).await {
-        Ok(Ok(_)) if proxy.pool().backend_healthy() => Ok(()),
-        Ok(Ok(_)) => Err("the last backend connection attempt failed".into()),
-        Ok(Err(e)) => Err(e.message),
+    match tokio::time::timeout(Duration::from_secs(3), proxy.pool().usable_primary()).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(format!("backend: {e}")),
         Err(_) => Err("backend check timed out".into()),
     }
 }
@@ -63,6 +83,11 @@ fn pools_json(proxy: &impl Source) -> String {
             "busy": pool.busy_count(),
             "idle": pool.idle_count(),
             "waiting": pool.waiting(),
+            "paused": pool.is_paused(),
+            // failover: the configured hosts, the one in use (null while there is no primary)
+            "hosts": pool.hosts(),
+            "primary": pool.primary(),
+            "failovers": pool.failover_count(),
         })
     };
     let mut pools = vec![describe("tenant", proxy.pool())];
@@ -74,67 +99,81 @@ fn pools_json(proxy: &impl Source) -> String {
     .to_string()
 }
 
-async fn answer(proxy: &impl Source, request_line: &str) -> String {
-    let target = request_line.split_whitespace().nth(1).unwrap_or("/");
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    if request_line.starts_with("POST ") && path == "/reload" {
-        return match proxy.reload_file().await {
-            Ok(()) => response("200 OK", "text/plain", "reloaded\n"),
-            Err(e) => response("400 Bad Request", "text/plain", &format!("new config rejected, the old one stays: {e}\n")),
-        };
-    }
-    if !request_line.starts_with("GET ") {
-        return response("405 Method Not Allowed", "text/plain", "GET only\n");
-    }
-    match path {
-        "/metrics" => {
-            metrics::gauge!(crate::metrics::CLIENTS).set(proxy.clients() as f64);
-            let mut text = crate::metrics::recorder().render();
-            text.push_str(&tenants::metrics_text(proxy));
-            response("200 OK", "text/plain; version=0.0.4", &text)
-        }
-        "/healthz" => response("200 OK", "text/plain", "ok\n"),
-        "/readyz" => match ready(proxy).await {
-            Ok(()) => response("200 OK", "text/plain", "ready\n"),
-            Err(e) => response("503 Service Unavailable", "text/plain", &format!("not ready: {e}\n")),
-        },
-        "/pools" => response("200 OK", "application/json", &pools_json(proxy)),
-        "/tenants" => match tenants::json(proxy, query) {
-            Ok(body) => response("200 OK", "application/json", &body),
-            Err(e) => response("400 Bad Request", "text/plain", &format!("{e}\n")),
-        },
-        _ => response("404 Not Found", "text/plain", "not found\n"),
+/// Sets the gauges that are sampled at scrape time rather than kept up to date.
+async fn sample_gauges(proxy: &impl Source) {
+    use crate::metrics as names;
+    metrics::gauge!(names::CLIENTS).set(proxy.clients() as f64);
+    metrics::gauge!(names::READY).set(if ready(proxy).await.is_ok() { 1.0 } else { 0.0 });
+    let pools = std::iter::once(("tenant", proxy.pool())).chain(proxy.bypass_pool().map(|b| ("bypass", b)));
+    for (name, pool) in pools {
+        metrics::gauge!(names::POOL_SIZE, "pool" => name).set(pool.size() as f64);
+        metrics::gauge!(names::POOL_BUSY, "pool" => name).set(pool.busy_count() as f64);
+        metrics::gauge!(names::POOL_IDLE, "pool" => name).set(pool.idle_count() as f64);
+        metrics::gauge!(names::POOL_WAITING, "pool" => name).set(pool.waiting() as f64);
     }
 }
 
-/// Serves the admin endpoints until the task is dropped.
+async fn answer<B>(proxy: &impl Source, request: Request<B>) -> Reply {
+    let (method, path, query) = (request.method(), request.uri().path(), request.uri().query().unwrap_or(""));
+    if method == Method::POST && path == "/reload" {
+        return match proxy.reload_file().await {
+            Ok(()) => text(StatusCode::OK, "reloaded\n"),
+            Err(e) => text(StatusCode::BAD_REQUEST, format!("new config rejected, the old one stays: {e}\n")),
+        };
+    }
+    if method != Method::GET {
+        let mut reply = text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        reply.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+        return reply;
+    }
+    match path {
+        "/metrics" => {
+            sample_gauges(proxy).await;
+            let mut text = crate::metrics::recorder().render();
+            text.push_str(&tenants::metrics_text(proxy));
+            response(StatusCode::OK, "text/plain; version=0.0.4", text)
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" => match ready(proxy).await {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")),
+        },
+        "/pools" => response(StatusCode::OK, "application/json", pools_json(proxy)),
+        "/tenants" => match tenants::json(proxy, query) {
+            Ok(body) => response(StatusCode::OK, "application/json", body),
+            Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Serves the admin endpoints until the task is dropped: HTTP/1.x by hyper, one request per
+/// connection, the request head within [`HEAD_TIMEOUT`] and [`MAX_HEAD`] bytes, the whole
+/// connection within [`CONNECTION_TIMEOUT`].
 pub async fn serve<S: Source>(listener: TcpListener, proxy: Arc<S>) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let sock = match listener.accept().await {
+            Ok((sock, _)) => sock,
+            Err(e) => {
+                // out of file descriptors, most likely: let some close before trying again
+                tracing::warn!(error = %e, "admin endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let proxy = proxy.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // read the request head (bounded), with a timeout against slow clients
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while n < buf.len() {
-                    match sock.read(&mut buf[n..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => n += k,
-                    }
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
-                }
-            })
-            .await;
-            if read.is_err() {
-                return;
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let reply = answer(proxy.as_ref(), head.lines().next().unwrap_or("")).await;
-            let _ = sock.write_all(reply.as_bytes()).await;
-            let _ = sock.shutdown().await;
+            let service = service_fn(move |request| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(answer(proxy.as_ref(), request).await) }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEAD_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(sock), service);
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
         });
     }
 }

@@ -51,6 +51,13 @@ pub enum ConnectError {
     Protocol(String),
     #[error("unsupported authentication method requested by the database server: {0}")]
     UnsupportedAuth(String),
+    /// Reached, but not the kind of server `target_session_attrs` asks for.
+    #[error("the server {0}")]
+    WrongKind(&'static str),
+    /// No host of `backend.url` is the kind of server wanted; `retry` when every host failed in a
+    /// way a failover explains (unreachable, shutting down, standby), not a configuration error.
+    #[error("no host is a writable primary ({tried})")]
+    NoPrimary { tried: String, retry: bool },
 }
 
 impl ConnectError {
@@ -64,7 +71,20 @@ impl ConnectError {
                 "28000" => sqlstate::INVALID_AUTHORIZATION,
                 _ => sqlstate::CONNECTION_FAILURE,
             },
+            ConnectError::NoPrimary { .. } | ConnectError::WrongKind(_) => sqlstate::CANNOT_CONNECT_NOW,
             _ => sqlstate::CONNECTION_FAILURE,
+        }
+    }
+
+    /// A failure a failover explains (the host is down, shutting down, starting, full, or not the
+    /// primary): worth trying other hosts and waiting for. Authentication, TLS and protocol
+    /// failures are configuration errors.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            ConnectError::Io(..) | ConnectError::Timeout(_) | ConnectError::WrongKind(_) => true,
+            ConnectError::Server { code, .. } => matches!(code.as_str(), "57P01" | "57P02" | "57P03" | "53300"),
+            ConnectError::NoPrimary { retry, .. } => *retry,
+            _ => false,
         }
     }
 }

@@ -1,9 +1,11 @@
-//! The backend address and credentials, parsed once from `backend.url`.
+//! The backend address and credentials, parsed once from `backend.url` (`conninfo`): one
+//! `BackendTarget` per host.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::attrs::SessionAttrs;
 use crate::config::{BackendConfig, BackendTls};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,51 +34,45 @@ impl std::fmt::Debug for BackendTarget {
     }
 }
 
-fn decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
-}
-
 impl BackendTarget {
-    /// Parses `backend.url`. Error texts never contain the password.
+    /// The first host of `backend.url` (the tools that talk to one server: doctor, install-sql).
+    /// Error texts never contain the password.
     pub fn from_config(cfg: &BackendConfig) -> Result<BackendTarget, String> {
-        let url = url::Url::parse(&cfg.url).map_err(|e| format!("not a valid URL ({e})"))?;
-        if !matches!(url.scheme(), "postgres" | "postgresql") {
-            return Err("must start with postgres:// or postgresql://".into());
-        }
-        let user = decode(url.username());
-        if user.is_empty() {
-            return Err("no user name".into());
-        }
-        let database = decode(url.path().trim_start_matches('/'));
-        if database.is_empty() {
-            return Err("no database name".into());
-        }
-        let port = url.port().unwrap_or(5432);
-        let socket_dir = url.query_pairs().find(|(k, _)| k == "host").map(|(_, v)| v.into_owned());
-        let host = match socket_dir {
-            Some(dir) if dir.starts_with('/') => Host::Unix(PathBuf::from(dir)),
-            Some(h) => Host::Tcp(h),
-            None => Host::Tcp(
-                url.host_str()
-                    .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
-                    .filter(|h| !h.is_empty())
-                    .unwrap_or_else(|| "localhost".into()),
-            ),
-        };
+        let (mut all, _) = Self::all_from_config(cfg)?;
+        Ok(all.swap_remove(0))
+    }
+
+    /// Every host of `backend.url`, in order, and the kind of server the pool must reach there.
+    pub fn all_from_config(cfg: &BackendConfig) -> Result<(Vec<BackendTarget>, SessionAttrs), String> {
+        let info = super::conninfo::parse(&cfg.url)?;
         let tls_config = match cfg.tls {
             BackendTls::Disable => None,
             mode => Some(super::tls::client_config(mode, cfg.tls_ca_file.as_deref())?),
         };
-        Ok(BackendTarget {
-            host,
-            port,
-            user,
-            password: url.password().map(decode),
-            database,
-            tls: cfg.tls,
-            connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
-            tls_config,
-        })
+        let targets = info
+            .hosts
+            .into_iter()
+            .map(|(host, port)| BackendTarget {
+                host,
+                port,
+                user: info.user.clone(),
+                password: info.password.clone(),
+                database: info.database.clone(),
+                tls: cfg.tls,
+                connect_timeout: Duration::from_millis(cfg.connect_timeout_ms),
+                tls_config: tls_config.clone(),
+            })
+            .collect();
+        Ok((targets, info.attrs))
+    }
+
+    /// `host:port` (or the socket path), for metrics and `/pools`.
+    pub fn address(&self) -> String {
+        match &self.host {
+            Host::Tcp(h) if h.contains(':') => format!("[{h}]:{}", self.port),
+            Host::Tcp(h) => format!("{h}:{}", self.port),
+            Host::Unix(d) => format!("{}/.s.PGSQL.{}", d.display(), self.port),
+        }
     }
 
     /// `user@host:port/db`, for logs (never the password).
@@ -105,5 +101,8 @@ mod tests {
         let t = BackendTarget::from_config(&cfg("postgresql://u@localhost/app?host=/run/pg")).unwrap();
         assert_eq!((t.host.clone(), t.port), (Host::Unix("/run/pg".into()), 5432));
         assert!(t.password.is_none());
+        let (all, attrs) = BackendTarget::all_from_config(&cfg("postgres://u:pw@h1:5432,[::1]:5433/app")).unwrap();
+        assert_eq!(all.iter().map(|t| t.address()).collect::<Vec<_>>(), ["h1:5432", "[::1]:5433"]);
+        assert_eq!((attrs, all[1].password.as_deref(), all[1].database.as_str()), (SessionAttrs::ReadWrite, Some("pw"), "app"));
     }
 }

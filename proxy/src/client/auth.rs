@@ -105,30 +105,10 @@ pub async fn login(
         ));
     }
 
-    let mut out = BytesMut::new();
-    build::auth_cleartext(&mut out);
-    if let Err(e) = stream.write_all(&out).await {
-        return Err((stream, PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string())));
-    }
     let mut buf = BytesMut::new();
-    let token = match read_frame(&mut stream, &mut buf, MAX_PASSWORD_MESSAGE).await {
-        Ok(Some(f)) if f.tag == b'p' => match peek::cstr(f.body()) {
-            Some((pw, _)) => String::from_utf8_lossy(pw).into_owned(),
-            None => return Err((stream, PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "malformed password message"))),
-        },
-        Ok(Some(_)) => {
-            return Err((
-                stream,
-                PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "expected a password message"),
-            ))
-        }
-        Ok(None) => {
-            return Err((
-                stream,
-                PgError::fatal(sqlstate::CONNECTION_FAILURE, "client closed the connection during authentication"),
-            ))
-        }
-        Err(e) => return Err((stream, PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgtenant: {e}")))),
+    let token = match ask_password(&mut stream, &mut buf).await {
+        Ok(t) => t,
+        Err(e) => return Err((stream, e)),
     };
 
     let auth = inputs.rules.get();
@@ -198,7 +178,7 @@ pub async fn login(
             "client": peer.to_string(),
             "session": cancel.pid,
         }),
-    );
+    ).await;
     if bypass && recorded.is_err() {
         if let Some(lease) = greeting.lease {
             pool.release(lease); // idle and clean: the probe ended with ReadyForQuery
@@ -239,6 +219,25 @@ pub async fn login(
         prefers_standby,
         lease: greeting.lease,
     })
+}
+
+/// Asks for the password in cleartext and reads it (the token); whatever the client sent after it
+/// stays in `buf`. Also the admin console's login (`crate::console`).
+pub async fn ask_password(stream: &mut Stream, buf: &mut BytesMut) -> Result<String, PgError> {
+    let mut out = BytesMut::new();
+    build::auth_cleartext(&mut out);
+    if let Err(e) = stream.write_all(&out).await {
+        return Err(PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string()));
+    }
+    match read_frame(stream, buf, MAX_PASSWORD_MESSAGE).await {
+        Ok(Some(f)) if f.tag == b'p' => match peek::cstr(f.body()) {
+            Some((pw, _)) => Ok(String::from_utf8_lossy(pw).into_owned()),
+            None => Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "malformed password message")),
+        },
+        Ok(Some(_)) => Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "expected a password message")),
+        Ok(None) => Err(PgError::fatal(sqlstate::CONNECTION_FAILURE, "client closed the connection during authentication")),
+        Err(e) => Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgtenant: {e}"))),
+    }
 }
 
 /// Who the token speaks for: the setting names and context of the session, and whether it is a

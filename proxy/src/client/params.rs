@@ -9,6 +9,10 @@ use crate::error::{sqlstate, PgError};
 use crate::guard::Guard;
 use crate::protocol::options::option_pairs;
 
+/// Most distinct settings a startup packet may ask for (they ride in every transaction's context
+/// statement, whose size `session::settings::MAX_CONTEXT_SETTINGS` bounds).
+pub const MAX_STARTUP_SETTINGS: usize = 64;
+
 /// Startup keys that are not settings.
 const NOT_SETTINGS: [&str; 5] = ["user", "database", "options", "replication", crate::routing::intent::TARGET_SESSION_ATTRS];
 
@@ -37,6 +41,13 @@ pub fn from_startup(
     // read by pgtenant for routing (`crate::routing::intent`), not a server setting
     pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(crate::routing::intent::TARGET_SESSION_ATTRS));
     pairs.extend(keys);
+    let distinct: HashSet<String> = pairs.iter().map(|(n, _)| n.to_lowercase()).collect();
+    if distinct.len() > MAX_STARTUP_SETTINGS {
+        return Err(PgError::fatal(
+            sqlstate::PROGRAM_LIMIT_EXCEEDED,
+            format!("pgtenant: too many startup parameters ({}; limit {MAX_STARTUP_SETTINGS})", distinct.len()),
+        ));
+    }
     for (name, value) in &pairs {
         let lower = name.to_lowercase();
         guard.check_startup_setting(&lower, value).map_err(|e| PgError { severity: crate::error::Severity::Fatal, ..e })?;
@@ -119,5 +130,10 @@ mod tests {
         assert_eq!(from_startup(&bad, &known, &guard).unwrap_err().code, "42704");
         let prot: HashMap<String, String> = [("app.tenant_id", "2")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         assert_eq!(from_startup(&prot, &known, &guard).unwrap_err().code, "42501");
+        // more distinct settings than the context statement has room for: FATAL 54000
+        let many = |n: usize| -> HashMap<String, String> { (0..n).map(|i| (format!("my.p{i}"), "v".to_string())).collect() };
+        assert!(from_startup(&many(MAX_STARTUP_SETTINGS), &known, &guard).is_ok());
+        let e = from_startup(&many(MAX_STARTUP_SETTINGS + 1), &known, &guard).unwrap_err();
+        assert!(e.code == "54000" && matches!(e.severity, crate::error::Severity::Fatal), "{e:?}");
     }
 }

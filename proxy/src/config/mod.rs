@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+pub mod cleartext;
 pub mod routing;
 pub mod tenancy;
 pub use routing::ClusterConfig;
@@ -36,6 +37,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("server", "shutdown_timeout_s", EnvType::Int),
     ("server", "max_session_state_bytes", EnvType::Int),
     ("server", "peer_id", EnvType::Int),
+    ("server", "client_write_timeout_ms", EnvType::Int),
     ("backend", "url", EnvType::Str),
     ("backend", "pool_size", EnvType::Int),
     ("backend", "tls", EnvType::Str),
@@ -76,6 +78,8 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("admin", "listen", EnvType::Str),
     ("admin", "metrics_tenants", EnvType::List),
     ("admin", "metrics_top_tenants", EnvType::Int),
+    ("admin", "token_claim", EnvType::Str),
+    ("admin", "token_value", EnvType::Str),
     ("limits", "max_active_per_tenant", EnvType::Int),
     ("limits", "max_waiting_per_tenant", EnvType::Int),
     ("bypass", "enabled", EnvType::Bool),
@@ -92,6 +96,8 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("bypass.jwt", "audience", EnvType::Str),
     ("bypass.jwt", "leeway_secs", EnvType::Int),
     ("audit", "path", EnvType::Str),
+    ("audit", "fsync", EnvType::Bool),
+    ("audit", "write_timeout_ms", EnvType::Int),
     ("log", "level", EnvType::Str),
     ("log", "format", EnvType::Str),
 ];
@@ -185,16 +191,8 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
-        let url = url::Url::parse(&self.backend.url)
-            .map_err(|e| ConfigError::Invalid(format!("backend.url is not a URL ({e})")))?;
-        if !matches!(url.scheme(), "postgres" | "postgresql") {
-            return invalid("backend.url must start with postgres:// or postgresql://".into());
-        }
-        if url.username().is_empty() {
-            return invalid("backend.url has no user name (postgres://user:password@host/db)".into());
-        }
-        if url.path().trim_start_matches('/').is_empty() {
-            return invalid("backend.url has no database name (postgres://user:password@host/db)".into());
+        if let Err(e) = crate::backend::conninfo::parse(&self.backend.url) {
+            return invalid(format!("backend.url {e}"));
         }
         if !(1..=10_000).contains(&self.backend.pool_size) {
             return invalid("backend.pool_size must be between 1 and 10000".into());
@@ -216,6 +214,9 @@ impl Config {
         }
         if self.jwt.secret.as_deref() == Some("") {
             return invalid("jwt.secret is empty".into());
+        }
+        if self.tenant.settings.len() > MAX_TENANT_SETTINGS {
+            return invalid(format!("tenant.settings: at most {MAX_TENANT_SETTINGS} settings"));
         }
         let mut seen = std::collections::BTreeSet::new();
         let claims = (!self.tenant.claims_setting.is_empty()).then_some(&self.tenant.claims_setting);
@@ -247,11 +248,26 @@ impl Config {
         if !matches!(self.log.format.as_str(), "human" | "json") {
             return invalid(format!("log.format must be \"human\" or \"json\", not \"{}\"", self.log.format));
         }
+        if self.audit.write_timeout_ms == 0 {
+            return invalid("audit.write_timeout_ms must be at least 1".into());
+        }
+        if self.server.client_write_timeout_ms == 0 {
+            return invalid("server.client_write_timeout_ms must be at least 1".into());
+        }
         if self.server.tls_cert.is_some() != self.server.tls_key.is_some() {
             return invalid("server.tls_cert and server.tls_key go together".into());
         }
         if self.server.require_tls && self.server.tls_cert.is_none() {
             return invalid("server.require_tls needs server.tls_cert and server.tls_key".into());
+        }
+        match (&self.admin.token_claim, &self.admin.token_value) {
+            (Some(c), Some(v)) if c.is_empty() || v.is_empty() || c.split('.').any(str::is_empty) => {
+                return invalid("admin.token_claim and admin.token_value must not be empty".into())
+            }
+            (Some(_), None) | (None, Some(_)) => {
+                return invalid("admin.token_claim and admin.token_value go together (both set turns the admin console on)".into())
+            }
+            _ => {}
         }
         self.bypass.validate(&self.audit).map_err(ConfigError::Invalid)?;
         routing::validate(self).map_err(ConfigError::Invalid)?;
@@ -265,6 +281,10 @@ impl Config {
     }
 }
 
+/// Most `tenant.settings` entries: with the claims setting, the role and the client's startup
+/// parameters they must leave room in the context statement (`session::settings::MAX_CONTEXT_SETTINGS`).
+pub const MAX_TENANT_SETTINGS: usize = 32;
+
 /// Custom setting names: `prefix.name`, letters, digits and underscores.
 fn valid_setting_name(name: &str) -> bool {
     let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
@@ -272,7 +292,7 @@ fn valid_setting_name(name: &str) -> bool {
     ok_chars && name.contains('.') && parts_ok
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     #[serde(default)]
@@ -335,7 +355,7 @@ impl Config {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Address of the admin HTTP endpoint (/metrics, /healthz, /readyz, /pools); off when unset.
@@ -344,9 +364,14 @@ pub struct AdminConfig {
     pub metrics_tenants: Vec<String>,
     /// Also export series for the N busiest tenants (0 = none).
     pub metrics_top_tenants: usize,
+    /// The admin console (`dbname=pgtenant`): a token verified by the `[jwt]` keys whose claim
+    /// `token_claim` (a dotted path) equals `token_value` (or is an array holding it) logs in to
+    /// it. Both set, or the console is off.
+    pub token_claim: Option<String>,
+    pub token_value: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     /// Client statements kept prepared per backend connection (least recently used closed first).
@@ -364,7 +389,7 @@ pub struct PoolConfig {
     pub idle_in_transaction_timeout_ms: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PoolMode {
     #[default]
@@ -384,7 +409,7 @@ impl Default for PoolConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Address the proxy listens on.
@@ -408,6 +433,9 @@ pub struct ServerConfig {
     /// This instance's id in a fleet (1 to 127, unique per instance): carried in the cancel keys
     /// it issues, so any instance can forward a cancel request to this one (see `[peers]`).
     pub peer_id: Option<u32>,
+    /// Longest a client may leave pgtenant's output to it unread (no write progress at all);
+    /// past it the session ends and its backend is closed or released.
+    pub client_write_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -423,11 +451,12 @@ impl Default for ServerConfig {
             shutdown_timeout_s: 30,
             max_session_state_bytes: 16 * 1024 * 1024,
             peer_id: None,
+            client_write_timeout_ms: 30_000,
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(rename_all = "kebab-case")]
 pub enum BackendTls {
     #[default]
@@ -437,7 +466,7 @@ pub enum BackendTls {
     VerifyFull,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     /// `postgres://user:password@host:port/dbname` of the restricted role.
@@ -459,7 +488,7 @@ pub struct BackendConfig {
     #[serde(default = "default_max_lifetime_s")]
     pub max_lifetime_s: u64,
     /// Streaming standbys of `url`: read-only transactions run there (see `crate::routing`).
-    #[serde(default)]
+    #[serde(default, serialize_with = "routing::masked_urls")]
     pub replicas: Vec<String>,
     /// Connections per replica; `pool_size` when unset.
     #[serde(default)]
@@ -488,7 +517,7 @@ fn default_max_replica_lag_ms() -> u64 {
     5_000
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct JwtConfig {
     /// HMAC secret (HS256/384/512).
@@ -510,7 +539,7 @@ pub struct JwtConfig {
     pub leeway_secs: Option<u64>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantConfig {
     /// Setting name -> claim path (dots for nesting).
@@ -592,7 +621,7 @@ impl Default for TenantConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// tracing filter, e.g. "info" or "pgtenant=debug".
@@ -684,6 +713,8 @@ mod tests {
             (&format!("{MIN}[tenant]\nsettings = {{ \"app.t\" = \"a..b\" }}"), "claim path"),
             (&format!("{MIN}[tenant]\nrole_claim = \"role\""), "allowed_roles"),
             (&format!("{MIN}[log]\nformat = \"xml\""), "log.format"),
+            (&format!("{MIN}[server]\nclient_write_timeout_ms = 0"), "client_write_timeout_ms"),
+            (&format!("{MIN}[tenant]\nsettings = {{ {} }}", (0..33).map(|i| format!("\"app.s{i}\" = \"c{i}\"")).collect::<Vec<_>>().join(", ")), "at most 32"),
             (&format!("{MIN}[server]\nrequire_tls = true"), "require_tls"),
         ];
         for (text, needle) in cases {

@@ -2,7 +2,7 @@
 //! tenants placed on them (`[[clusters]]`, `tenant.cluster_claim`). Kept apart from `[backend]`'s
 //! own keys so that what routing adds is read and checked in one place (see `crate::routing`).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 use super::{BackendConfig, Config};
 
@@ -11,15 +11,16 @@ pub const DEFAULT_CLUSTER: &str = "default";
 
 /// One `[[clusters]]` entry: a primary, its replicas, its pool, and the tenants placed on it.
 /// Everything else about its connections (TLS, timeouts, lifetimes) is `[backend]`'s.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Its name in claims, `/pools`, `/tenants` and metric labels (letters, digits, `_`, `-`).
     pub name: String,
     /// `postgres://user:password@host:port/dbname` of the restricted role on this cluster.
+    #[serde(serialize_with = "masked_url")]
     pub url: String,
-    /// Streaming standbys of `url`.
-    #[serde(default)]
+    /// Streaming standbys of `url` (each used with its first host).
+    #[serde(default, serialize_with = "masked_urls")]
     pub replicas: Vec<String>,
     /// Connections to the primary; `backend.pool_size` when unset.
     #[serde(default)]
@@ -41,27 +42,11 @@ pub struct ClusterSpec {
     pub tenants: Vec<String>,
 }
 
-/// A replica URL with several hosts (`postgres://u@h1:5432,h2:5432/db`) is used with its first host
-/// only: each replica is one server.
-pub fn first_host(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let (userinfo, hosts) = match authority.rfind('@') {
-        Some(i) => (&authority[..=i], &authority[i + 1..]),
-        None => ("", authority),
-    };
-    match hosts.split_once(',') {
-        Some((first, _)) => format!("{scheme}://{userinfo}{first}{tail}"),
-        None => url.to_string(),
-    }
-}
-
 impl Config {
     /// Every cluster, "default" (`[backend]`) first, with the pool sizes and URLs filled in.
     pub fn cluster_specs(&self) -> Vec<ClusterSpec> {
         let replicas = |base: &BackendConfig, urls: &[String], size: usize| -> Vec<BackendConfig> {
-            urls.iter().map(|u| BackendConfig { url: first_host(u), pool_size: size, replicas: Vec::new(), ..base.clone() }).collect()
+            urls.iter().map(|u| BackendConfig { url: u.clone(), pool_size: size, replicas: Vec::new(), ..base.clone() }).collect()
         };
         let b = &self.backend;
         let mut specs = vec![ClusterSpec {
@@ -83,12 +68,51 @@ impl Config {
     }
 }
 
-fn check_url(key: &str, url: &str) -> Result<(), String> {
-    let parsed = url::Url::parse(&first_host(url)).map_err(|e| format!("{key} is not a URL ({e})"))?;
-    if !matches!(parsed.scheme(), "postgres" | "postgresql") || parsed.username().is_empty() || parsed.path().trim_start_matches('/').is_empty() {
-        return Err(format!("{key} must be postgres://user:password@host/db"));
+/// `url` with its password masked, in either form (`SHOW CONFIG` shows lists of URLs as values,
+/// so they are masked when serialized).
+pub fn mask_password(url: &str) -> String {
+    const MASK: &str = "********";
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        let masked_tail = match tail.split_once('?') {
+            Some((path, query)) => format!("{path}?{}", mask_key_values(query, '&', MASK)),
+            None => tail.to_string(),
+        };
+        return match authority.rfind('@') {
+            Some(at) => match authority[..at].split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:{MASK}{}{masked_tail}", &authority[at..]),
+                None => format!("{scheme}://{authority}{masked_tail}"),
+            },
+            None => format!("{scheme}://{authority}{masked_tail}"),
+        };
     }
-    Ok(())
+    mask_key_values(url, ' ', MASK)
+}
+
+/// `password=…` pairs separated by `sep` with the value masked.
+fn mask_key_values(s: &str, sep: char, mask: &str) -> String {
+    let parts: Vec<String> = s
+        .split(sep)
+        .map(|p| match p.split_once('=') {
+            Some((k, _)) if k.trim().eq_ignore_ascii_case("password") => format!("{k}={mask}"),
+            _ => p.to_string(),
+        })
+        .collect();
+    parts.join(&sep.to_string())
+}
+
+pub fn masked_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&mask_password(url))
+}
+
+pub fn masked_urls<S: Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(urls.iter().map(|u| mask_password(u)))
+}
+
+/// The same forms as `backend.url` (URL or key/value, several hosts).
+fn check_url(key: &str, url: &str) -> Result<(), String> {
+    crate::backend::conninfo::parse(url).map(|_| ()).map_err(|e| format!("{key} {e}"))
 }
 
 fn check_size(key: &str, size: Option<usize>) -> Result<(), String> {
@@ -145,14 +169,25 @@ mod tests {
     }
 
     #[test]
-    fn specs_fill_in_sizes_and_first_hosts() {
+    fn specs_fill_in_sizes_and_replicas_use_their_first_host() {
         let cfg = config("[[clusters]]\nname = \"eu\"\nurl = \"postgres://u:p@eu/app\"\nreplica_pool_size = 2\nreplicas = [\"postgres://u:p@eu-r/app\"]\ntenants = [\"42\"]\n").unwrap();
         let specs = cfg.cluster_specs();
         assert_eq!(specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["default", "eu"]);
-        assert_eq!(specs[0].replicas[0].url, "postgres://u:p@r1:5433/app");
+        // a replica is one server: the first host of its connection string
+        let replica = crate::backend::BackendTarget::from_config(&specs[0].replicas[0]).unwrap();
+        assert_eq!(replica.address(), "r1:5433");
         assert_eq!((specs[0].replicas[0].pool_size, specs[1].primary.pool_size, specs[1].replicas[0].pool_size), (7, 7, 2));
         assert_eq!(specs[1].tenants, ["42"]);
-        assert_eq!(first_host("postgres://a,b:1/x?y=1"), "postgres://a/x?y=1");
+    }
+
+    #[test]
+    fn urls_are_serialized_without_passwords() {
+        assert_eq!(mask_password("postgres://u:s3cret@h1:5432,h2/app?password=x&sslmode=require"), "postgres://u:********@h1:5432,h2/app?password=********&sslmode=require");
+        assert_eq!(mask_password("postgres://u@h/app"), "postgres://u@h/app");
+        assert_eq!(mask_password("host=a,b user=u password=s3cret dbname=app"), "host=a,b user=u password=******** dbname=app");
+        let cfg = config("[[clusters]]\nname = \"eu\"\nurl = \"postgres://u:s3cret@eu/app\"\nreplicas = [\"postgres://u:s3cret@eu-r/app\"]\n").unwrap();
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(!json.contains("s3cret") && !json.contains("u:p@r1"), "{json}");
     }
 
     #[test]
@@ -166,5 +201,7 @@ mod tests {
         let env = |k: &str| (k == "PGTENANT_BACKEND_MAX_REPLICA_LAG_MS").then(|| "250".to_string());
         let text = "[backend]\nurl = \"postgres://u:p@db/app\"\n[jwt]\nsecret = \"0123456789abcdef0123\"\n";
         assert_eq!(Config::from_toml(text, &env).unwrap().backend.max_replica_lag_ms, 250);
+        let env = |k: &str| (k == "PGTENANT_BACKEND_REPLICAS").then(|| "postgres://u@r1/app, nonsense".to_string());
+        assert!(Config::from_toml(text, &env).unwrap_err().to_string().contains("backend.replicas[1]"));
     }
 }

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use super::{BackendConfig, JwtConfig};
 
 /// `[limits]`: how much of the shared pool one tenant may hold and queue for.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Transactions of one tenant holding a pooled connection at once; 0 = no limit.
@@ -24,7 +24,7 @@ pub struct LimitsConfig {
 }
 
 /// `[limits.tenants."<id>"]`: one tenant's own limits; an omitted key keeps the default.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TenantLimits {
     pub max_active: Option<usize>,
@@ -33,7 +33,7 @@ pub struct TenantLimits {
 
 /// `[bypass]`: a second pool, logged in as a role that bypasses row-level security, reachable only
 /// with tokens signed by `[bypass.jwt]` that carry `claim = value`. Off unless `enabled = true`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BypassConfig {
     pub enabled: bool,
@@ -61,12 +61,23 @@ impl Default for BypassConfig {
     }
 }
 
-/// `[audit]`: where the audit log (JSON lines) goes.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+/// `[audit]`: where the audit log (JSON lines) goes, and how durably.
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuditConfig {
     /// File appended to, or "-" for standard output; no audit log when unset.
     pub path: Option<PathBuf>,
+    /// Flush each record to the disk (`fdatasync`) before acknowledging it.
+    pub fsync: bool,
+    /// Longest a session waits for its record to be written; a bypass statement or login whose
+    /// record is not written by then is refused (`58030`).
+    pub write_timeout_ms: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { path: None, fsync: false, write_timeout_ms: 5_000 }
+    }
 }
 
 impl BypassConfig {
@@ -80,10 +91,8 @@ impl BypassConfig {
         if !self.enabled {
             return Ok(());
         }
-        let url = url::Url::parse(&self.url).map_err(|e| format!("bypass.url is not a URL ({e})"))?;
-        if !matches!(url.scheme(), "postgres" | "postgresql") || url.username().is_empty() {
-            return Err("bypass.url must be postgres://user:password@host/db".into());
-        }
+        // the same forms as backend.url, several hosts included
+        crate::backend::conninfo::parse(&self.url).map_err(|e| format!("bypass.url {e}"))?;
         if !(1..=1_000).contains(&self.pool_size) {
             return Err("bypass.pool_size must be between 1 and 1000".into());
         }

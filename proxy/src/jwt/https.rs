@@ -1,6 +1,7 @@
-//! A deliberately small HTTPS GET for `jwt.jwks_url`: one request per connection
-//! (`Connection: close`), TLS by rustls with the Mozilla roots plus `jwt.jwks_ca_file`, the whole
-//! exchange under a timeout, the body capped at [`MAX_BODY`]. No redirects, no proxies, no cookies:
+//! The HTTPS GET for `jwt.jwks_url`: one request per connection (`Connection: close`), HTTP/1.1 by
+//! hyper, TLS by rustls (the binary's one provider, `crate::net::tls_provider`) with the Mozilla
+//! roots plus `jwt.jwks_ca_file`, the whole exchange under a timeout, the body capped at
+//! [`MAX_BODY`] and the answer's head at [`MAX_HEAD`]. No redirects, no proxies, no cookies:
 //! a JWKS endpoint needs none of them, and each would be a way to be pointed at the wrong keys.
 //! Plain `http://` is accepted only for loopback hosts (a local auth sidecar).
 
@@ -8,11 +9,18 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper::body::Body;
+use hyper::{header, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 /// Largest JWKS document accepted.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// Largest answer head (status line and headers) accepted.
+pub const MAX_HEAD: usize = 64 * 1024;
 
 pub use crate::net::http_target::Target;
 
@@ -51,98 +59,71 @@ async fn fetch(target: &Target, tls: &Arc<rustls::ClientConfig>) -> Result<Vec<u
     let host = target.host.trim_matches(['[', ']']);
     let tcp = TcpStream::connect((host, target.port)).await.map_err(|e| format!("cannot connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    let raw = if target.tls {
+    if target.tls {
         let name = rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|e| format!("bad host name: {e}"))?;
         let stream = tokio_rustls::TlsConnector::from(tls.clone())
             .connect(name, tcp)
             .await
             .map_err(|e| format!("TLS: {e}"))?;
-        exchange(stream, target).await?
+        exchange(stream, target).await
     } else {
-        exchange(tcp, target).await?
+        exchange(tcp, target).await
+    }
+}
+
+/// The `Host` header: the port only when it is not the scheme's default.
+fn host_header(target: &Target) -> String {
+    match (target.tls, target.port) {
+        (true, 443) | (false, 80) => target.host.clone(),
+        (_, port) => format!("{}:{port}", target.host),
+    }
+}
+
+/// One GET over `stream` (HTTP/1.1 by hyper), the connection driven alongside the request.
+async fn exchange<S>(stream: S, target: &Target) -> Result<Vec<u8>, String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::Builder::new()
+        .max_buf_size(MAX_HEAD)
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("HTTP: {e}"))?;
+    let request = Request::get(target.path.as_str())
+        .header(header::HOST, host_header(target))
+        .header(header::ACCEPT, "application/json")
+        .header(header::USER_AGENT, concat!("pgtenant/", env!("CARGO_PKG_VERSION")))
+        .header(header::CONNECTION, "close")
+        .body(Empty::new())
+        .map_err(|e| format!("bad request: {e}"))?;
+    let work = async move {
+        let response = sender.send_request(request).await.map_err(|e| format!("receive: {e}"))?;
+        let status = response.status();
+        if status != StatusCode::OK {
+            // redirects included: a JWKS URL that moved is a configuration change, not a hop to take
+            return Err(format!("HTTP {} {}", status.as_u16(), status.canonical_reason().unwrap_or("")).trim_end().to_string());
+        }
+        let too_large = || format!("answer larger than {} KiB", MAX_BODY / 1024);
+        if response.body().size_hint().lower() > MAX_BODY as u64 {
+            return Err(too_large());
+        }
+        let body = Limited::new(response.into_body(), MAX_BODY).collect().await.map_err(|e| {
+            if e.is::<LengthLimitError>() {
+                too_large()
+            } else {
+                format!("receive: {e}")
+            }
+        })?;
+        Ok(body.to_bytes().to_vec())
     };
-    parse_response(&raw)
-}
-
-async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, target: &Target) -> Result<Vec<u8>, String> {
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: application/json\r\nUser-Agent: pgtenant/{}\r\nConnection: close\r\n\r\n",
-        target.path,
-        target.host,
-        env!("CARGO_PKG_VERSION")
-    );
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("send: {e}"))?;
-    stream.flush().await.map_err(|e| format!("send: {e}"))?;
-    let mut raw = Vec::new();
-    let limit = (MAX_BODY + 16 * 1024) as u64;
-    match (&mut stream).take(limit + 1).read_to_end(&mut raw).await {
-        Ok(_) => {}
-        // servers that close without TLS close_notify: keep what arrived, the framing below decides
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && !raw.is_empty() => {}
-        Err(e) => return Err(format!("receive: {e}")),
-    }
-    if raw.len() as u64 > limit {
-        return Err(format!("answer larger than {} KiB", MAX_BODY / 1024));
-    }
-    Ok(raw)
-}
-
-/// Splits an HTTP/1.x answer into status and body (Content-Length, chunked or read-to-close).
-pub fn parse_response(raw: &[u8]) -> Result<Vec<u8>, String> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or("malformed HTTP answer (no header end)")?;
-    let head = std::str::from_utf8(&raw[..end]).map_err(|_| "malformed HTTP answer (header not UTF-8)")?;
-    let body = &raw[end + 4..];
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap_or("");
-    let code = status.split_whitespace().nth(1).unwrap_or("");
-    if !status.starts_with("HTTP/1.") {
-        return Err("malformed HTTP answer (no status line)".into());
-    }
-    if code != "200" {
-        let reason = status.splitn(3, ' ').nth(2).unwrap_or("");
-        return Err(format!("HTTP {code} {reason}").trim_end().to_string());
-    }
-    let mut length = None;
-    let mut chunked = false;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else { continue };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            length = Some(value.parse::<usize>().map_err(|_| "malformed Content-Length")?);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") && value.to_ascii_lowercase().contains("chunked") {
-            chunked = true;
+    let mut work = std::pin::pin!(work);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = &mut work => result,
+        closed = &mut connection => {
+            closed.map_err(|e| format!("receive: {e}"))?;
+            work.await
         }
-    }
-    let body = if chunked {
-        dechunk(body)?
-    } else if let Some(n) = length {
-        body.get(..n).ok_or("answer shorter than its Content-Length")?.to_vec()
-    } else {
-        body.to_vec()
-    };
-    if body.len() > MAX_BODY {
-        return Err(format!("answer larger than {} KiB", MAX_BODY / 1024));
-    }
-    Ok(body)
-}
-
-fn dechunk(mut rest: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    loop {
-        let eol = rest.windows(2).position(|w| w == b"\r\n").ok_or("malformed chunked body")?;
-        let size_text = std::str::from_utf8(&rest[..eol]).map_err(|_| "malformed chunk size")?;
-        let size_text = size_text.split(';').next().unwrap_or("").trim();
-        let size = usize::from_str_radix(size_text, 16).map_err(|_| "malformed chunk size")?;
-        rest = &rest[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        if size > MAX_BODY || out.len() + size > MAX_BODY {
-            return Err(format!("answer larger than {} KiB", MAX_BODY / 1024));
-        }
-        let chunk = rest.get(..size).ok_or("truncated chunked body")?;
-        out.extend_from_slice(chunk);
-        rest = rest.get(size + 2..).ok_or("truncated chunked body")?;
     }
 }
 
@@ -162,16 +143,79 @@ mod tests {
         assert!(Target::parse("not a url").is_err());
     }
 
-    #[test]
-    fn responses() {
-        assert_eq!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}junk").unwrap(), b"{}");
-        assert_eq!(parse_response(b"HTTP/1.0 200 OK\r\n\r\n{\"keys\":[]}").unwrap(), b"{\"keys\":[]}");
-        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"k\r\n5;x=y\r\neys\":\r\n3\r\n[]}\r\n0\r\n\r\n";
-        assert_eq!(parse_response(chunked).unwrap(), b"{\"keys\":[]}");
-        assert_eq!(parse_response(b"HTTP/1.1 404 Not Found\r\n\r\n").unwrap_err(), "HTTP 404 Not Found");
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}").is_err());
-        assert!(parse_response(b"garbage").is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffff\r\n").is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
+    /// A loopback HTTP server answering one request with `answer`; it keeps the connection open
+    /// for `hold` afterwards (a server that ignores `Connection: close`). Returns the URL and the
+    /// request heads it read.
+    async fn server(answer: Vec<u8>, hold: Duration) -> (Target, tokio::task::JoinHandle<Vec<String>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://127.0.0.1:{}/jwks.json", listener.local_addr().unwrap().port());
+        let task = tokio::spawn(async move {
+            let mut heads = Vec::new();
+            // a second request would show that a redirect was followed: accept for a while
+            while let Ok(Ok((mut sock, _))) = tokio::time::timeout(Duration::from_millis(500), listener.accept()).await {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                heads.push(String::from_utf8_lossy(&head).into_owned());
+                let _ = sock.write_all(&answer).await;
+                tokio::time::sleep(hold).await;
+            }
+            heads
+        });
+        (Target::parse(&url).unwrap(), task)
+    }
+
+    async fn fetch_answer(answer: &[u8], hold: Duration) -> (Result<Vec<u8>, String>, Vec<String>) {
+        let (target, task) = server(answer.to_vec(), hold).await;
+        let result = get(&target, &tls_config(None).unwrap(), Duration::from_secs(2)).await;
+        (result, task.await.unwrap())
+    }
+
+    const HOLD: Duration = Duration::from_secs(3);
+
+    #[tokio::test]
+    async fn framed_answers_are_read_without_waiting_for_close() {
+        // Content-Length, from a server that keeps the connection open: done when the body is in
+        let (body, heads) = fetch_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 11\r\n\r\n{\"keys\":[]}", HOLD).await;
+        assert_eq!(body.unwrap(), b"{\"keys\":[]}");
+        let head = heads[0].to_ascii_lowercase();
+        assert!(head.starts_with("get /jwks.json http/1.1\r\n") && head.contains("connection: close"), "{head}");
+        assert!(head.contains("host: 127.0.0.1:"), "{head}");
+        // chunked with extensions and a trailer, same server behaviour
+        let chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{\"k\r\n5;x=y\r\neys\":\r\n3\r\n[]}\r\n0\r\nX-T: 1\r\n\r\n";
+        assert_eq!(fetch_answer(chunked, HOLD).await.0.unwrap(), b"{\"keys\":[]}");
+        // read-to-close (HTTP/1.0 style)
+        assert_eq!(fetch_answer(b"HTTP/1.0 200 OK\r\n\r\n{}", Duration::ZERO).await.0.unwrap(), b"{}");
+    }
+
+    #[tokio::test]
+    async fn errors_redirects_and_limits() {
+        let (e, heads) = fetch_answer(b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:1/evil\r\nContent-Length: 0\r\n\r\n", Duration::ZERO).await;
+        assert_eq!((e.unwrap_err().as_str(), heads.len()), ("HTTP 302 Found", 1));
+        assert_eq!(fetch_answer(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", Duration::ZERO).await.0.unwrap_err(), "HTTP 404 Not Found");
+        // over the cap: declared, chunked, or read-to-close
+        let big = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", MAX_BODY + 1);
+        assert!(fetch_answer(big.as_bytes(), Duration::ZERO).await.0.unwrap_err().contains("larger than"));
+        let mut chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..=MAX_BODY / 65536 {
+            chunked.extend_from_slice(b"10000\r\n");
+            chunked.extend(std::iter::repeat_n(b' ', 65536));
+            chunked.extend_from_slice(b"\r\n");
+        }
+        assert!(fetch_answer(&chunked, Duration::ZERO).await.0.unwrap_err().contains("larger than"));
+        let mut unframed = b"HTTP/1.0 200 OK\r\n\r\n".to_vec();
+        unframed.extend(std::iter::repeat_n(b' ', MAX_BODY + 1));
+        assert!(fetch_answer(&unframed, Duration::ZERO).await.0.unwrap_err().contains("larger than"));
+        // malformed, truncated, and no answer at all
+        assert!(fetch_answer(b"garbage\r\n\r\n", Duration::ZERO).await.0.is_err());
+        assert!(fetch_answer(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n{}", Duration::ZERO).await.0.is_err());
+        assert!(fetch_answer(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", Duration::ZERO).await.0.is_err());
+        assert!(fetch_answer(b"", HOLD).await.0.unwrap_err().contains("no answer within 2 s"));
     }
 }

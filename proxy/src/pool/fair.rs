@@ -59,6 +59,17 @@ struct State {
     next_id: u64,
     limits: Arc<LimitsConfig>,
     prune_at: usize,
+    /// Pool-wide totals, kept when idle tenants' counters are pruned (`SHOW STATS`).
+    totals: Totals,
+}
+
+/// Pool-wide counters since start (`SHOW STATS` on the console).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    /// Transactions that got a slot.
+    pub transactions: u64,
+    /// Time transactions spent queued for a slot.
+    pub wait: Duration,
 }
 
 pub struct Slots {
@@ -108,6 +119,7 @@ impl Slots {
                 next_id: 0,
                 limits,
                 prune_at: TRACKED_TENANTS,
+                totals: Totals::default(),
             }),
         })
     }
@@ -126,6 +138,7 @@ impl Slots {
             if st.free > 0 && t.queue.is_empty() && max_active.is_none_or(|m| t.active < m) {
                 t.active += 1;
                 t.transactions += 1;
+                st.totals.transactions += 1;
                 st.free -= 1;
                 st.busy += 1;
                 return Ok(self.slot(tenant));
@@ -244,6 +257,13 @@ impl Slots {
         (st.free, st.busy, waiting)
     }
 
+    /// Pool-wide totals since start, and how long the longest-waiting transaction has waited now.
+    pub fn totals(&self) -> (Totals, Duration) {
+        let st = self.lock();
+        let oldest = st.ring.iter().filter_map(|k| st.tenants.get(k)?.queue.front()).map(|w| w.enqueued.elapsed()).max();
+        (st.totals, oldest.unwrap_or_default())
+    }
+
     /// Figures of every tracked tenant (pgtenant's own use of the pool left out).
     pub fn stats(&self) -> Vec<TenantStats> {
         let st = self.lock();
@@ -279,9 +299,11 @@ impl State {
             let t = self.tenants.get_mut(&name).expect("checked by next_in_turn");
             let w = t.queue.pop_front().expect("checked by next_in_turn");
             t.wait += w.enqueued.elapsed();
+            self.totals.wait += w.enqueued.elapsed();
             if w.tx.send(()).is_ok() {
                 t.active += 1;
                 t.transactions += 1;
+                self.totals.transactions += 1;
                 self.free -= 1;
                 self.busy += 1;
             }
@@ -358,6 +380,7 @@ impl Pending {
             if let Some(pos) = t.queue.iter().position(|w| w.id == self.id) {
                 let w = t.queue.remove(pos).expect("position is valid");
                 t.wait += w.enqueued.elapsed();
+                st.totals.wait += w.enqueued.elapsed();
                 return false;
             }
         }

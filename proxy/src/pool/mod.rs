@@ -11,6 +11,9 @@
 //! closed socket behind), and retired after `idle_timeout_s` idle or `max_lifetime_s` of age.
 //! A lease dropped without `release` closes its connection: a connection whose state is not known
 //! to be clean never goes back to the pool.
+//! With several hosts in `backend.url`, connections go to the writable primary (`primary`); after a
+//! failover the connections to the old one are closed as they come back or are picked, and a
+//! transaction that finds no primary waits for one within `pool.query_wait_timeout_ms`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,7 +22,11 @@ use std::time::{Duration, Instant};
 
 pub mod conn;
 pub mod fair;
+pub mod health;
+pub mod inspect;
+pub mod pause;
 pub mod prepared;
+pub mod primary;
 pub mod probe;
 
 pub use conn::{Effects, PooledConn, RESET_QUERY};
@@ -27,7 +34,7 @@ pub use conn::{Effects, PooledConn, RESET_QUERY};
 pub use fair::TenantKey;
 use fair::{Refusal, Slot, Slots};
 
-use crate::backend::{self, BackendConn, BackendTarget, ConnectError};
+use crate::backend::{self, BackendConn, BackendTarget, ConnectError, SessionAttrs};
 use crate::config::Config;
 use crate::error::{sqlstate, PgError};
 
@@ -35,7 +42,15 @@ use crate::error::{sqlstate, PgError};
 struct Idle {
     backend: PooledConn,
     since: Instant,
+    /// The `primary` epoch the connection was opened in.
+    epoch: u64,
 }
+
+/// How often a transaction waiting for a primary looks for one again.
+const PRIMARY_RETRY: Duration = Duration::from_millis(250);
+
+/// At most one primary re-check per this interval, however many server errors ask for one.
+const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Facts about the server, learned once.
 #[derive(Debug, Default)]
@@ -48,7 +63,10 @@ pub struct ServerInfo {
 
 pub struct Pool {
     connector: Arc<dyn Connector>,
-    target: BackendTarget,
+    /// `backend.url`'s hosts and which of them is in use.
+    primary: primary::Primary,
+    /// When the last primary re-check started (`recheck`).
+    rechecked: Mutex<Option<Instant>>,
     /// The pool's size and its slots, free, busy and owed to a shrink (one lock: see `fair`).
     slots: Arc<Slots>,
     idle: Mutex<Vec<Idle>>,
@@ -57,20 +75,23 @@ pub struct Pool {
     idle_timeout: Duration,
     max_lifetime: Duration,
     prepared_cache: usize,
-    /// The last attempt to open a backend connection succeeded.
-    healthy: std::sync::atomic::AtomicBool,
+    /// What the pool last saw of its backend (readiness, see `health`).
+    health: health::Health,
     /// What the server told the first connection: ParameterStatus values and setting names.
     server_info: Mutex<Option<Arc<ServerInfo>>>,
     /// `tenant.allowed_function_calls`, resolved to OIDs on each new connection.
     function_calls: Vec<String>,
     /// How this server spells parameter values (see `probe`).
     pub spellings: probe::Spellings,
+    /// Closed by the console's PAUSE (see `pause`).
+    pause: pause::Gate,
 }
 
 /// A leased backend. Give it back with [`Pool::release`]; dropping it closes the connection.
 pub struct Lease {
     pub backend: PooledConn,
     slot: Slot,
+    epoch: u64,
 }
 
 /// Functions a FunctionCall may never reach, whatever `tenant.allowed_function_calls` says: they
@@ -99,8 +120,25 @@ impl Connector for Network {
     }
 }
 
+/// What a client in the middle of a transaction gets when its backend connection is lost (server
+/// shutdown, crash, failover, network): FATAL 08006, the SQLSTATE drivers treat as a connection
+/// failure to reconnect and retry on. Its work was not committed; only a COMMIT already on its
+/// way to the server when the connection died has an unknown outcome (as with any database).
+pub fn connection_lost(why: &str) -> PgError {
+    PgError::fatal(
+        sqlstate::CONNECTION_FAILURE,
+        "pgtenant: lost the connection to the database server; the transaction in progress was rolled back and its work was not committed",
+    )
+    .with_detail(format!("{why}. A COMMIT, or a statement outside a transaction block, already sent when the connection was lost may or may not have taken effect."))
+    .with_hint("reconnect and retry the transaction; after a failover pgtenant connects to the new primary")
+}
+
 /// Turns a connection failure into the error a client sees.
 pub fn connect_error(e: &ConnectError) -> PgError {
+    if let ConnectError::NoPrimary { retry: true, .. } = e {
+        return PgError::error(sqlstate::CANNOT_CONNECT_NOW, format!("pgtenant: cannot connect to the database: {e}"))
+            .with_hint("a database failover may be in progress: retry the transaction shortly; pgtenant keeps looking for the primary among backend.url's hosts");
+    }
     PgError::error(sqlstate::CONNECTION_FAILURE, format!("pgtenant: cannot connect to the database: {e}"))
         .with_hint("check backend.url in the pgtenant config and that the database server is up")
 }
@@ -124,20 +162,45 @@ impl Pool {
         limits: Arc<crate::config::LimitsConfig>,
         connector: Arc<dyn Connector>,
     ) -> Arc<Pool> {
+        let hosts = primary::Primary::new("tenant", vec![target], SessionAttrs::Any);
+        Self::build(config, hosts, size, limits, connector)
+    }
+
+    /// A pool over every host of a connection string (`BackendTarget::all_from_config`), going to
+    /// the one `attrs` asks for; `label` names the pool in metrics (`tenant`, `bypass`).
+    pub fn for_hosts(
+        config: &Config,
+        label: &'static str,
+        (targets, attrs): (Vec<BackendTarget>, SessionAttrs),
+        size: usize,
+        limits: Arc<crate::config::LimitsConfig>,
+    ) -> Arc<Pool> {
+        Self::build(config, primary::Primary::new(label, targets, attrs), size, limits, Arc::new(Network))
+    }
+
+    fn build(
+        config: &Config,
+        primary: primary::Primary,
+        size: usize,
+        limits: Arc<crate::config::LimitsConfig>,
+        connector: Arc<dyn Connector>,
+    ) -> Arc<Pool> {
         let cfg = &config.backend;
         Arc::new(Pool {
             connector,
-            target,
+            primary,
+            rechecked: Mutex::new(None),
             slots: Slots::new(size, limits),
             idle: Mutex::new(Vec::new()),
             wait_timeout_ms: AtomicU64::new(config.query_wait_timeout_ms()),
             idle_timeout: Duration::from_secs(cfg.idle_timeout_s),
             max_lifetime: Duration::from_secs(cfg.max_lifetime_s),
             prepared_cache: config.pool.prepared_statements_cache,
-            healthy: std::sync::atomic::AtomicBool::new(true),
+            health: health::Health::new(),
             server_info: Mutex::new(None),
             function_calls: config.tenant.allowed_function_calls.clone(),
             spellings: Default::default(),
+            pause: Default::default(),
         })
     }
 
@@ -147,8 +210,25 @@ impl Pool {
         !self.function_calls.is_empty()
     }
 
+    /// The host in use (the primary), else the first host of `backend.url`.
     pub fn target(&self) -> &BackendTarget {
-        &self.target
+        self.primary.target()
+    }
+
+    /// `host:port` of the host new connections go to; `None` while no host is the primary (after
+    /// a failure, until one is found). For `/pools` and `/readyz`.
+    pub fn primary(&self) -> Option<String> {
+        self.primary.current()
+    }
+
+    /// Every host of `backend.url`, in order (`host:port`).
+    pub fn hosts(&self) -> Vec<String> {
+        self.primary.hosts()
+    }
+
+    /// Times the primary changed from one host to another since start.
+    pub fn failover_count(&self) -> u64 {
+        self.primary.failovers()
     }
 
     pub fn size(&self) -> usize {
@@ -188,8 +268,9 @@ impl Pool {
         self.slots.counts().1
     }
 
+    /// The latest news of the backend (however old) was good; `usable_primary` asks for now.
     pub fn backend_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.health.latest().is_ok()
     }
 
     /// Transactions waiting for a free connection right now.
@@ -202,20 +283,32 @@ impl Pool {
     pub async fn acquire(&self, tenant: &TenantKey) -> Result<Lease, PgError> {
         let started = Instant::now();
         let wait_ms = self.wait_timeout_ms.load(Ordering::Relaxed);
-        let waited = self.slots.acquire(tenant, Duration::from_millis(wait_ms)).await;
+        let left = self.pause.pass(Duration::from_millis(wait_ms)).await?;
+        let waited = self.slots.acquire(tenant, left).await;
         crate::metrics::hot().pool_wait_seconds.record(started.elapsed().as_secs_f64());
         let permit = waited.map_err(|r| self.refusal_error(tenant, r, wait_ms))?;
         while let Some(mut idle) = self.pop_idle() {
             if idle.since.elapsed() >= self.idle_timeout
                 || idle.backend.created.elapsed() >= self.max_lifetime
+                || idle.epoch != self.primary.epoch()
                 || idle.backend.looks_closed()
             {
                 tracing::debug!(pid = idle.backend.pid, "dropping stale backend connection");
                 continue;
             }
-            return Ok(Lease { backend: idle.backend, slot: permit });
+            return Ok(Lease { backend: idle.backend, slot: permit, epoch: idle.epoch });
         }
-        let mut conn = self.connect().await.map_err(|e| connect_error(&e))?;
+        let deadline = started + Duration::from_millis(wait_ms);
+        let (mut conn, epoch) = loop {
+            match self.connect().await {
+                Ok(c) => break c,
+                // no primary right now (a failover): look again until the transaction's wait is up
+                Err(e) if self.primary.chooses() && e.is_unavailable() && Instant::now() + PRIMARY_RETRY < deadline => {
+                    tokio::time::sleep(PRIMARY_RETRY).await;
+                }
+                Err(e) => return Err(connect_error(&e)),
+            }
+        };
         let calls = self.resolve_function_calls(&mut conn).await.map_err(|e| connect_error(&e))?;
         // the backend's start, which a signed context names; a role that may not read it (the
         // doctor's `query_text_visible` fix revokes pg_stat_get_activity) still connects: its
@@ -228,7 +321,7 @@ impl Pool {
             }
             Err(e) => return Err(connect_error(&e)),
         };
-        Ok(Lease { backend: PooledConn::from_conn(conn, self.prepared_cache, calls, started), slot: permit })
+        Ok(Lease { backend: PooledConn::from_conn(conn, self.prepared_cache, calls, started), slot: permit, epoch })
     }
 
     /// The error a transaction gets when it found no slot, naming the limit that held it back.
@@ -267,13 +360,17 @@ impl Pool {
         self.idle.lock().ok()?.pop()
     }
 
-    async fn connect(&self) -> Result<BackendConn, ConnectError> {
-        let result = self.connector.connect(&self.target).await;
+    /// Opens a connection to the primary; returns it with its epoch.
+    async fn connect(&self) -> Result<(BackendConn, u64), ConnectError> {
+        let result = self.primary.connect(self.connector.as_ref()).await;
         let ok = result.is_ok();
-        self.healthy.store(ok, Ordering::Relaxed);
+        match &result {
+            Ok(_) => self.health.answered(),
+            Err(e) => self.health.failed(e.to_string()),
+        }
         ::metrics::counter!(crate::metrics::BACKEND_CONNECTS, "result" => if ok { "ok" } else { "error" }).increment(1);
-        let mut conn = result.inspect_err(|e| {
-            tracing::warn!(backend = %self.target.describe(), error = %e, "backend connect failed");
+        let (mut conn, epoch) = result.inspect_err(|e| {
+            tracing::warn!(backend = %self.target().describe(), error = %e, "backend connect failed");
         })?;
         tracing::debug!(pid = conn.pid, "backend connected");
         if self.server_info.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
@@ -282,7 +379,59 @@ impl Pool {
             let info = Arc::new(ServerInfo { params: conn.params.clone(), settings });
             *self.server_info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
         }
-        Ok(conn)
+        Ok((conn, epoch))
+    }
+
+    /// Looks at an error a pooled connection's server sent (an ErrorResponse body). Returns why
+    /// the connection is over when the server is closing it (57P01, 57P02, 57P03: shutdown,
+    /// crash, termination). A server that is shutting down or went read-only (25006) may no longer
+    /// be the primary, so which host is gets checked (in the background, at most once per second;
+    /// with one host and no `target_session_attrs` there is nothing to check).
+    pub fn observe_error(self: &Arc<Self>, body: &[u8]) -> Option<String> {
+        let code = crate::protocol::peek::error_code(body)?;
+        let going_away = matches!(code, b"57P01" | b"57P02" | b"57P03");
+        let why = going_away.then(|| {
+            let e = PgError::from_server(body, crate::error::Severity::Fatal);
+            format!("the server closed the connection: {} ({})", e.message, e.code)
+        });
+        if going_away || code == b"25006" {
+            self.recheck();
+        }
+        why
+    }
+
+    /// Checks which host is the primary now, in the background, at most once per second.
+    fn recheck(self: &Arc<Self>) {
+        if !self.primary.chooses() {
+            return;
+        }
+        {
+            let mut last = self.rechecked.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|t| t.elapsed() < RECHECK_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let pool = self.clone();
+        tokio::spawn(async move { pool.verify_primary().await });
+    }
+
+    /// Checks now which host is the primary and returns it (`None`: none is): a connection to the
+    /// host in use proves it still is the one, else every host is tried. For `/readyz`, which
+    /// should answer 503 while there is no primary; with one host and no
+    /// `target_session_attrs` it only reports that host.
+    pub async fn verify_primary(&self) -> Option<String> {
+        if self.primary.chooses() {
+            let before = self.primary.epoch();
+            match self.primary.connect(self.connector.as_ref()).await {
+                Ok(_) => self.health.answered(),
+                Err(e) => self.health.failed(e.to_string()),
+            }
+            if self.primary.epoch() != before {
+                self.reap();
+            }
+        }
+        self.primary()
     }
 
     /// The OIDs, on this connection's database, of the functions clients may call with FunctionCall
@@ -305,11 +454,13 @@ impl Pool {
 
     /// Returns a clean connection (transaction status idle, nothing in flight) to the pool.
     pub fn release(&self, lease: Lease) {
-        let Lease { backend, slot } = lease;
-        let keep = backend.created.elapsed() < self.max_lifetime;
+        let Lease { backend, slot, epoch } = lease;
+        self.health.answered();
+        // a connection to a former primary never goes back
+        let keep = backend.created.elapsed() < self.max_lifetime && epoch == self.primary.epoch();
         if keep {
             if let Ok(mut idle) = self.idle.lock() {
-                idle.push(Idle { backend, since: Instant::now() });
+                idle.push(Idle { backend, since: Instant::now(), epoch });
             }
         }
         // the slot goes back after the connection is in the idle list, where its next holder
@@ -339,7 +490,8 @@ impl Pool {
     /// Closes idle connections past their idle timeout or lifetime; run periodically.
     pub fn reap(&self) {
         if let Ok(mut idle) = self.idle.lock() {
-            idle.retain(|i| i.since.elapsed() < self.idle_timeout && i.backend.created.elapsed() < self.max_lifetime);
+            let epoch = self.primary.epoch();
+            idle.retain(|i| i.since.elapsed() < self.idle_timeout && i.backend.created.elapsed() < self.max_lifetime && i.epoch == epoch);
         }
     }
 

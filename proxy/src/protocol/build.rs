@@ -1,6 +1,8 @@
 //! Messages pgtenant writes itself, encoded with pgwire's message types.
 //!
-//! Client-bound: authentication requests, ParameterStatus, BackendKeyData, ReadyForQuery.
+//! Client-bound: authentication requests, ParameterStatus, BackendKeyData, ReadyForQuery, and the
+//! result rows of pgtenant's own answers (the admin console): RowDescription, DataRow (text),
+//! CommandComplete, EmptyQueryResponse.
 //! Backend-bound: the context statement (Parse/Bind/Execute/Close) and Sync.
 
 use bytes::{Bytes, BytesMut};
@@ -35,6 +37,40 @@ pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
         _ => TransactionStatus::Idle,
     };
     let _ = ReadyForQuery::new(status).encode(buf);
+}
+
+/// RowDescription of text-format columns, each `(name, type oid)`.
+pub fn row_description(buf: &mut BytesMut, columns: &[(&str, u32)]) {
+    use pgwire::messages::data::{FieldDescription, RowDescription};
+    let fields = columns
+        .iter()
+        .map(|&(name, oid)| FieldDescription::new(name.to_string(), 0, 0, oid, -1, -1, 0))
+        .collect();
+    let _ = RowDescription::new(fields).encode(buf);
+}
+
+/// DataRow of text values (`None` is NULL).
+pub fn data_row(buf: &mut BytesMut, values: &[Option<String>]) {
+    use bytes::BufMut;
+    let mut data = BytesMut::new();
+    for v in values {
+        match v {
+            Some(v) => {
+                data.put_i32(v.len() as i32);
+                data.put_slice(v.as_bytes());
+            }
+            None => data.put_i32(-1),
+        }
+    }
+    let _ = pgwire::messages::data::DataRow::new(data, values.len() as i16).encode(buf);
+}
+
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    let _ = pgwire::messages::response::CommandComplete::new(tag.to_string()).encode(buf);
+}
+
+pub fn empty_query(buf: &mut BytesMut) {
+    let _ = pgwire::messages::response::EmptyQueryResponse::new().encode(buf);
 }
 
 /// NegotiateProtocolVersion: we speak 3.0 and none of the requested `_pq_` options.
@@ -107,5 +143,18 @@ mod tests {
         let tags: Vec<u8> =
             std::iter::from_fn(|| try_split(&mut b, 1 << 20).unwrap()).map(|f| f.tag).collect();
         assert_eq!(tags, b"PBECSZ");
+    }
+
+    #[test]
+    fn result_rows_frame_correctly() {
+        let mut b = BytesMut::new();
+        row_description(&mut b, &[("a", 25), ("b", 20)]);
+        data_row(&mut b, &[Some("x".into()), None]);
+        command_complete(&mut b, "SHOW");
+        empty_query(&mut b);
+        let frames: Vec<_> = std::iter::from_fn(|| try_split(&mut b, 1 << 20).unwrap()).collect();
+        assert_eq!(frames.iter().map(|f| f.tag).collect::<Vec<u8>>(), b"TDCI");
+        // two columns: "x" (length 1) and NULL (-1)
+        assert_eq!(frames[1].body(), &[0, 2, 0, 0, 0, 1, b'x', 255, 255, 255, 255]);
     }
 }

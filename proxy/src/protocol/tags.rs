@@ -38,4 +38,5 @@ pub mod backend {
     pub const NOTIFICATION: u8 = b'A';
     pub const COPY_IN: u8 = b'G';
     pub const COPY_BOTH: u8 = b'W';
+    pub const COPY_DATA: u8 = b'd';
 }

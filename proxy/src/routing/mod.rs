@@ -19,7 +19,7 @@ pub mod replica;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use crate::backend::BackendTarget;
+use crate::backend::{BackendTarget, SessionAttrs};
 use crate::config::Config;
 use crate::error::{sqlstate, PgError};
 use crate::pool::{Lease, Pool, TenantKey};
@@ -60,17 +60,23 @@ impl Router {
     /// cluster's primary.
     pub fn new(config: &Config, default_pool: Arc<Pool>) -> Result<Arc<Router>, RouteError> {
         let limits = Arc::new(config.limits.clone());
-        let target = |key, b: &crate::config::BackendConfig| BackendTarget::from_config(b).map_err(|error| RouteError { key, error });
+        let err = |key| move |error| RouteError { key, error };
         let mut clusters = Vec::new();
         for (i, spec) in config.cluster_specs().into_iter().enumerate() {
+            // a cluster's primary may name several hosts (failover, as `backend.url`)
             let primary = match i {
                 0 => default_pool.clone(),
-                _ => Pool::sized(config, target("clusters.url", &spec.primary)?, spec.primary.pool_size, limits.clone()),
+                _ => {
+                    let hosts = BackendTarget::all_from_config(&spec.primary).map_err(err("clusters.url"))?;
+                    Pool::for_hosts(config, "cluster", hosts, spec.primary.pool_size, limits.clone())
+                }
             };
             let mut replicas = Vec::new();
             for (n, r) in spec.replicas.iter().enumerate() {
-                let key = if i == 0 { "backend.replicas" } else { "clusters.replicas" };
-                replicas.push(Replica::new(n, Pool::sized(config, target(key, r)?, r.pool_size, limits.clone())));
+                // a replica is one server: the first host of its connection string
+                let target = BackendTarget::from_config(r).map_err(err(if i == 0 { "backend.replicas" } else { "clusters.replicas" }))?;
+                let pool = Pool::for_hosts(config, "replica", (vec![target], SessionAttrs::Any), r.pool_size, limits.clone());
+                replicas.push(Replica::new(n, pool));
             }
             clusters.push(ClusterPools { name: spec.name, primary, replicas });
         }
@@ -87,6 +93,12 @@ impl Router {
     /// Every cluster, "default" first: for `/pools`, `/tenants` and metrics (label by `name`).
     pub fn clusters(&self) -> &[ClusterPools] {
         &self.clusters
+    }
+
+    /// Every pool the router leases from: each cluster's primary ("default"'s is the proxy's
+    /// tenant pool), then its replicas (console PAUSE/RESUME must reach them all).
+    pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
+        self.clusters.iter().flat_map(|c| std::iter::once(&c.primary).chain(c.replicas.iter().map(|r| &r.pool)))
     }
 
     /// `backend.max_replica_lag_ms` in force.

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::context::Batch;
+use super::settings::{ClientSettings, MAX_CONTEXT_SETTINGS};
 use super::statements::{self, StatementDef, Statements};
 use super::End;
 use crate::error::{sqlstate, PgError};
@@ -77,12 +78,12 @@ pub struct Plan {
     pub function_oid: Option<u32>,
 }
 
-/// The session-state budget (`server.max_session_state_bytes`).
+/// The session-state budget (`server.max_session_state_bytes`, `settings::MAX_CONTEXT_SETTINGS`).
 #[derive(Debug, Clone, Copy)]
-pub struct Budget {
+pub struct Budget<'a> {
     pub max: usize,
-    /// Bytes the client's kept session settings take.
-    pub settings: usize,
+    /// The client's kept session settings.
+    pub settings: &'a ClientSettings,
 }
 
 /// Everything `classify` reads, and the statement table it records into.
@@ -96,7 +97,7 @@ pub struct Classifier<'a> {
     pub batch: Batch,
     /// A backend is attached and replies are outstanding.
     pub unsettled: bool,
-    pub budget: Budget,
+    pub budget: Budget<'a>,
     /// The pool lets clients call functions by FunctionCall (`tenant.allowed_function_calls`).
     pub function_calls: bool,
 }
@@ -196,7 +197,7 @@ impl Classifier<'_> {
         let dealloc = a.deallocate.as_ref().and_then(|n| self.statements.get(n.as_bytes()).cloned());
         let touches_prepared = dealloc.is_none() && a.touches_prepared;
         // the client's session-level settings share the budget with its statements
-        let budget = self.budget.max.saturating_sub(self.budget.settings);
+        let budget = self.budget.max.saturating_sub(self.budget.settings.bytes());
         match self.statements.parse_analyzed(name, &a, key, budget, bind_checks) {
             Ok(def) => Step::Run(Plan {
                 effect: Some(def.effect),
@@ -217,7 +218,7 @@ impl Classifier<'_> {
             return Refusal::plain(reserved_name_error());
         }
         let def = self.statements.statement(stmt).cloned();
-        let effect = match def.as_ref().and_then(|d| d.bind_checks.clone().map(|c| (d, c))) {
+        let bound = match def.as_ref().and_then(|d| d.bind_checks.clone().map(|c| (d, c))) {
             None => self.statements.bind(portal, stmt),
             Some((def, calls)) => {
                 let decided = match peek::bind_params(body) {
@@ -237,6 +238,15 @@ impl Classifier<'_> {
                     }
                 }
             }
+        };
+        let Ok(effect) = bound else {
+            return Refusal::plain(
+                PgError::error(
+                    sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                    format!("pgtenant: too many open portals in this transaction (limit {})", statements::MAX_PORTALS),
+                )
+                .with_hint("close portals you no longer use (Close), or use the unnamed portal"),
+            );
         };
         // a statement parsed in an earlier transaction may run here on another backend
         let def = self.statements.portal(portal);
@@ -294,8 +304,17 @@ impl Classifier<'_> {
     }
 }
 
-/// Whether `changes` fit the session-state budget beside `statement_bytes` of statements.
-pub fn check_settings_budget(changes: &[Change], budget: Budget, statement_bytes: usize) -> Result<(), PgError> {
+/// Whether `changes` fit the session-state budget beside `statement_bytes` of statements, and the
+/// context statement's number of settings.
+pub fn check_settings_budget(changes: &[Change], budget: Budget<'_>, statement_bytes: usize) -> Result<(), PgError> {
+    let count = budget.settings.count_after(changes);
+    if count > MAX_CONTEXT_SETTINGS && count > budget.settings.count_after(&[]) {
+        return Err(PgError::error(
+            sqlstate::PROGRAM_LIMIT_EXCEEDED,
+            format!("pgtenant: this session would carry more than {MAX_CONTEXT_SETTINGS} settings (tenant settings, startup parameters and SETs together)"),
+        )
+        .with_hint("RESET session settings you no longer need, or set them with SET LOCAL inside the transaction"));
+    }
     let adding: usize = changes
         .iter()
         .map(|c| match c {
@@ -303,7 +322,7 @@ pub fn check_settings_budget(changes: &[Change], budget: Budget, statement_bytes
             _ => 0,
         })
         .sum();
-    if budget.settings + statement_bytes + adding > budget.max {
+    if budget.settings.bytes() + statement_bytes + adding > budget.max {
         return Err(budget_error("settings and prepared statements", budget.max));
     }
     Ok(())
@@ -380,7 +399,7 @@ mod tests {
             pooling: true,
             batch: Batch::Closed,
             unsettled: false,
-            budget: Budget { max: 1 << 20, settings: 0 },
+            budget: Budget { max: 1 << 20, settings: Box::leak(Box::new(ClientSettings::new(Vec::new(), Vec::new(), Default::default()))) },
             function_calls: false,
         }
     }

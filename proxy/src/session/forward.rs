@@ -148,9 +148,9 @@ impl Session {
     }
 
     /// A refusal `classify` decided, recorded in the audit log when it names a rule.
-    pub(super) fn refuse_with(&mut self, r: Refusal, simple: bool) -> Flow {
+    pub(super) async fn refuse_with(&mut self, r: Refusal, simple: bool) -> Flow {
         match r.audit {
-            Some((rule, sql)) => self.refuse_statement(r.err, &sql, rule, simple),
+            Some((rule, sql)) => self.refuse_statement(r.err, &sql, rule, simple).await,
             None => self.refuse(r.err, simple),
         }
     }

@@ -2,14 +2,19 @@
 //! (`replies`), swallowed when it answers pgtenant's own statements, replaced when it is a refusal's
 //! stand-in, and otherwise relayed untouched. Session-level settings are settled here once their
 //! batch has ended cleanly.
+//!
+//! A DataRow or CopyData larger than `STREAM_MIN` that has not fully arrived is streamed, as
+//! PgBouncer does: its header is relayed (or dropped) at once and its body piece by piece as it
+//! is read, so a session holds at most a read buffer of it, whatever the row size. Every other
+//! message is held whole (they are small) and relayed as one.
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 
 use super::context::Batch;
 use super::replies::Action;
-use super::{inject, view, End, Session, MAX_BACKEND_MESSAGE};
+use super::{inject, view, End, Session, MAX_BACKEND_MESSAGE, STREAM_MIN};
 use crate::error::sqlstate;
-use crate::protocol::frame::{try_split, Frame};
+use crate::protocol::frame::{peek_len, try_split, Frame};
 use crate::protocol::tags::backend as reply;
 use crate::protocol::{build, peek};
 use crate::sql;
@@ -17,11 +22,23 @@ use crate::sql;
 impl Session {
     pub(super) fn process_backend_frames(&mut self) -> Result<(), End> {
         loop {
+            if self.stream_left > 0 && !self.stream_piece() {
+                return Ok(()); // the rest of the streamed message is still to come
+            }
+            if self.start_stream()? {
+                continue;
+            }
             let f = match try_split(&mut self.backend_in, MAX_BACKEND_MESSAGE) {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(End::BackendLost(format!("bad message from server: {e}"))),
             };
+            if f.tag == reply::ERROR {
+                // a server going away (shutdown, failover) ends the session with pgtenant's error
+                if let Some(why) = self.pool.observe_error(f.body()) {
+                    return Err(End::BackendLost(why));
+                }
+            }
             if f.tag == reply::PARAMETER_STATUS {
                 if let Some(l) = self.lease.as_mut() {
                     l.backend.note_report(f.body());
@@ -91,6 +108,48 @@ impl Session {
                 self.idle_since = Some(std::time::Instant::now());
             }
         }
+    }
+
+    /// Starts streaming the message at the front of `backend_in` if it is a DataRow or CopyData
+    /// larger than `STREAM_MIN` that has not fully arrived: its header goes to the client now (or
+    /// is dropped, for pgtenant's own statement), its body follows in `stream_piece`. Neither
+    /// message completes a reply nor changes the transaction state, so nothing else is owed.
+    fn start_stream(&mut self) -> Result<bool, End> {
+        let b = &self.backend_in;
+        if b.len() < 5 || !matches!(b[0], reply::DATA_ROW | reply::COPY_DATA) {
+            return Ok(false);
+        }
+        let total = match peek_len(b, MAX_BACKEND_MESSAGE) {
+            Ok(Some(total)) if total > STREAM_MIN && b.len() < total => total,
+            Ok(_) => return Ok(false),
+            Err(e) => return Err(End::BackendLost(format!("bad message from server: {e}"))),
+        };
+        let tag = b[0];
+        self.stream_forward = match self.replies.on_reply(tag, &[]) {
+            Action::Forward => true,
+            Action::Swallow => false,
+            _ => {
+                tracing::error!(tag = %(tag as char), "unexpected message from the server; closing the backend");
+                return Err(End::BackendLost(format!("unexpected '{}' message from server", tag as char)));
+            }
+        };
+        if self.stream_forward {
+            self.client_out.extend_from_slice(&self.backend_in[..5]);
+        }
+        self.backend_in.advance(5);
+        self.stream_left = total - 5;
+        Ok(true)
+    }
+
+    /// Relays (or drops) what has arrived of the message being streamed; true once all of it has.
+    fn stream_piece(&mut self) -> bool {
+        let n = self.stream_left.min(self.backend_in.len());
+        if self.stream_forward {
+            self.client_out.extend_from_slice(&self.backend_in[..n]);
+        }
+        self.backend_in.advance(n);
+        self.stream_left -= n;
+        self.stream_left == 0
     }
 
     /// Records session-level SETs on their way to the server (kept if they complete cleanly).

@@ -61,6 +61,10 @@ const READ_CHUNK: usize = 8192;
 const IDLE_READ_CHUNK: usize = 1024;
 /// Largest backend message relayed (the server's own limit is 1 GiB).
 const MAX_BACKEND_MESSAGE: usize = 1 << 30;
+/// A backend DataRow or CopyData larger than this is not held whole: it is relayed piece by piece
+/// as it arrives (see `from_backend`), so a session's memory stays bounded whatever the row size.
+/// Smaller messages (nearly all) take the whole-message path.
+const STREAM_MIN: usize = 64 * 1024;
 
 /// State shared by all sessions of one proxy.
 pub struct Shared {
@@ -73,6 +77,8 @@ pub struct Shared {
     pub max_message_bytes: usize,
     /// `server.max_session_state_bytes`.
     pub max_state_bytes: usize,
+    /// `server.client_write_timeout_ms`: longest the client may leave its output unread.
+    pub client_write_timeout: std::time::Duration,
     /// `[pool]` timeouts (fixed at start).
     pub pool_cfg: crate::config::PoolConfig,
     /// `pool.mode = "session"`: a client keeps its backend until it disconnects.
@@ -125,6 +131,8 @@ enum Event {
     ClientWrote(std::io::Result<usize>),
     BackendWrote(std::io::Result<usize>),
     Draining,
+    /// The client took none of its pending output for `server.client_write_timeout_ms`.
+    ClientStalled,
 }
 
 pub struct Session {
@@ -182,6 +190,13 @@ pub struct Session {
     idle_since: Option<std::time::Instant>,
     /// The client's own Parses in flight, by server statement: a failed one is forgotten.
     client_parses: Vec<(u64, bytes::Bytes)>,
+    /// Since when output has waited for the client with no write progress
+    /// (`server.client_write_timeout_ms`).
+    write_waiting_since: Option<std::time::Instant>,
+    /// Bytes still to come of a large backend message being streamed (see `STREAM_MIN`), and
+    /// whether they go to the client (or are pgtenant's own, dropped).
+    stream_left: usize,
+    stream_forward: bool,
 }
 
 impl Session {
@@ -243,6 +258,9 @@ impl Session {
             tx_since: None,
             idle_since: None,
             client_parses: Vec::new(),
+            write_waiting_since: None,
+            stream_left: 0,
+            stream_forward: false,
         };
         if let Some(lease) = lease {
             // session mode: the backend leased at login (its cancel keys are registered already)
@@ -252,45 +270,54 @@ impl Session {
     }
 
     /// Runs until the client leaves or the session fails; never leaves a dirty backend in the pool.
+    /// The backend is given back (or closed) before the last words to the client, and those are
+    /// bounded by `server.client_write_timeout_ms`: a client that does not read never holds one.
     pub async fn run(mut self) -> End {
         let end = match self.relay().await {
             Ok(()) => End::ClientGone,
             Err(e) => e,
         };
+        self.let_backend_go(&end).await;
+        // a message after part of a streamed one would reach the client misframed: just close
+        let framed = !(self.stream_left > 0 && self.stream_forward);
         match &end {
-            End::Fatal(err) => {
-                err.encode(&mut self.client_out);
-                let _ = self.client_wr.write_all(&self.client_out).await;
-            }
+            _ if !framed => {}
+            End::Fatal(err) => err.encode(&mut self.client_out),
             End::BackendLost(why) => {
                 tracing::warn!(reason = %why, "backend connection lost mid-session");
-                PgError::fatal(
-                    sqlstate::CONNECTION_FAILURE,
-                    "pgtenant: lost the connection to the database server; the current transaction was rolled back",
-                )
-                .encode(&mut self.client_out);
-                let _ = self.client_wr.write_all(&self.client_out).await;
+                crate::pool::connection_lost(why).encode(&mut self.client_out);
             }
-            End::ClientGone => {
-                let _ = self.client_wr.write_all(&self.client_out).await;
-            }
+            End::ClientGone => {}
         }
-        let _ = self.client_wr.shutdown().await;
-        self.cancel.slot.set(None).await;
-        if self.lease.is_some() {
-            if self.backend_clean() && !matches!(end, End::BackendLost(_)) {
-                if self.shared.session_mode {
-                    // a whole session ran here: reset everything before anyone else uses it
-                    self.lease.as_mut().expect("checked").backend.end_session();
-                }
-                self.release().await;
-            } else {
-                // in a transaction or mid-reply: closing makes the server roll back
-                tracing::debug!("closing a backend that was not idle when its client left");
-                self.lease = None;
-            }
+        let flush = async {
+            self.client_wr.write_all(&self.client_out).await?;
+            self.client_wr.shutdown().await
+        };
+        if tokio::time::timeout(self.shared.client_write_timeout, flush).await.is_err() {
+            tracing::info!("client did not read its last messages in time; closing the connection");
         }
         end
+    }
+
+    /// At the session's end: a clean backend goes back to the pool (reset first in session mode);
+    /// one in a transaction or mid-reply is closed, which makes the server roll back.
+    async fn let_backend_go(&mut self, end: &End) {
+        self.cancel.slot.set(None).await;
+        if self.lease.is_none() {
+            return;
+        }
+        if self.backend_clean() && !matches!(end, End::BackendLost(_)) {
+            if self.shared.session_mode {
+                // a whole session ran here: reset everything before anyone else uses it
+                if let Some(l) = self.lease.as_mut() {
+                    l.backend.end_session();
+                }
+            }
+            self.release().await;
+        } else {
+            tracing::debug!("closing a backend that was not idle when its client left");
+            self.lease = None;
+        }
     }
 
     async fn relay(&mut self) -> Result<(), End> {
@@ -315,7 +342,8 @@ impl Session {
                 Event::ClientRead(Ok(n)) => crate::metrics::hot().client_bytes_in.increment(n as u64),
                 Event::ClientWrote(Ok(n)) => {
                     crate::metrics::hot().client_bytes_out.increment(n as u64);
-                    self.client_out.advance(n)
+                    self.client_out.advance(n);
+                    self.write_waiting_since = None; // progress: the clock starts again
                 }
                 Event::BackendRead(Ok(0)) => return Err(End::BackendLost("server closed the connection".into())),
                 Event::BackendRead(Err(e)) | Event::BackendWrote(Err(e)) => {
@@ -324,6 +352,16 @@ impl Session {
                 Event::BackendRead(Ok(_)) => self.process_backend_frames()?,
                 Event::BackendWrote(Ok(n)) => self.backend_out.advance(n),
                 Event::Draining => {}
+                Event::ClientStalled => {
+                    tracing::info!(
+                        timeout_ms = self.shared.client_write_timeout.as_millis() as u64,
+                        pending = self.client_out.len(),
+                        "ending session: the client stopped reading its results (server.client_write_timeout_ms)"
+                    );
+                    ::metrics::counter!(crate::metrics::CLIENT_WRITE_TIMEOUTS).increment(1);
+                    self.client_out.clear(); // it will not read it: no second wait on the way out
+                    return Err(End::ClientGone);
+                }
                 Event::Timeout(err) => {
                     tracing::info!(code = err.code, message = %err.message, "ending session");
                     return Err(End::Fatal(err));
@@ -342,6 +380,7 @@ impl Session {
             self.backend_out.len() < HIGH_WATER && self.client_out.len() < HIGH_WATER
         };
         let timeout = self.next_timeout();
+        let stall_deadline = self.write_deadline();
         let read_backend = self.client_out.len() < HIGH_WATER;
         // an idle client (no backend, nothing buffered) waits with a small read buffer
         self.client_in.reserve(if self.lease.is_some() || !self.client_in.is_empty() { READ_CHUNK } else { IDLE_READ_CHUNK });
@@ -360,13 +399,26 @@ impl Session {
         };
         tokio::select! {
             biased;
+            _ = self.cancel.slot.terminated() => Event::Timeout(crate::sessions::killed_error()),
             _ = self.draining.changed(), if !draining => Event::Draining,
             _ = sleep_until_opt(deadline), if deadline.is_some() => Event::Timeout(timeout_kind.expect("set with the deadline").error(&self.shared.pool_cfg)),
             r = self.client_wr.write(&self.client_out), if !self.client_out.is_empty() => Event::ClientWrote(r),
             r = write_opt(bwr, &self.backend_out), if has_backend && !self.backend_out.is_empty() => Event::BackendWrote(r),
             r = read_opt(brd, &mut self.backend_in), if has_backend && read_backend => Event::BackendRead(r),
             r = self.client_rd.read_buf(&mut self.client_in), if read_client => Event::ClientRead(r),
+            // last: the timer is only armed when no I/O is ready, so the hot path never sets one
+            _ = sleep_until_opt(stall_deadline), if stall_deadline.is_some() => Event::ClientStalled,
         }
+    }
+
+    /// When pending output to the client must have made progress (`server.client_write_timeout_ms`).
+    fn write_deadline(&mut self) -> Option<tokio::time::Instant> {
+        if self.client_out.is_empty() {
+            self.write_waiting_since = None;
+            return None;
+        }
+        let since = *self.write_waiting_since.get_or_insert_with(std::time::Instant::now);
+        Some(tokio::time::Instant::from_std(since + self.shared.client_write_timeout))
     }
 
     /// The nearest proxy-side timeout of the transaction on this session's backend, if any. Runs on
@@ -391,7 +443,7 @@ impl Session {
 
     /// The backend can go back to the pool: idle, nothing in flight, nothing half-read.
     fn backend_clean(&self) -> bool {
-        self.backend_idle() && self.backend_out.is_empty() && self.backend_in.is_empty()
+        self.backend_idle() && self.backend_out.is_empty() && self.backend_in.is_empty() && self.stream_left == 0
     }
 
     /// Between transactions on the backend: every reply in, status idle, no batch open. The one
@@ -543,7 +595,7 @@ impl Session {
     async fn on_work(&mut self, f: Frame) -> Result<Flow, End> {
         let simple = matches!(f.tag, msg::QUERY | msg::FUNCTION_CALL);
         if self.who.bypass {
-            if let Err(e) = self.audit_bypass(&f) {
+            if let Err(e) = self.audit_bypass(&f).await {
                 return Ok(self.refuse(e, simple));
             }
         }
@@ -555,14 +607,14 @@ impl Session {
             pooling: !self.shared.session_mode,
             batch: self.batch,
             unsettled: self.lease.is_some() && !self.replies.is_settled(),
-            budget: Budget { max: self.shared.max_state_bytes, settings: self.settings.bytes() },
+            budget: Budget { max: self.shared.max_state_bytes, settings: &self.settings },
             function_calls: self.pool.allows_function_calls(),
         }
         .classify(&f)?;
         let plan = match step {
             Step::Run(plan) => plan,
             Step::Hold => return Ok(Flow::Hold(f)),
-            Step::Refuse(r) => return Ok(self.refuse_with(r, simple)),
+            Step::Refuse(r) => return Ok(self.refuse_with(r, simple).await),
             Step::DiscardAll => {
                 self.discard_all(simple);
                 return Ok(Flow::Continue);

@@ -9,6 +9,12 @@ use super::inject::Injection;
 use crate::client::params::ClientParams;
 use crate::sql::set::Change;
 
+/// Most settings one session's context statement carries: tenant settings, startup parameters and
+/// session-level SETs together. The statement is prepared per arity on each backend and the replies
+/// tracker recognizes arities up to 128 (`inject::context_arity`), two of which the signed context
+/// takes; so a SET that would take the session past this is refused (`54000`).
+pub const MAX_CONTEXT_SETTINGS: usize = 126;
+
 #[derive(Debug)]
 pub struct ClientSettings {
     /// Tenant settings (names and values from the token): fixed for the session.
@@ -77,6 +83,22 @@ impl ClientSettings {
         set.is_some_and(|(_, v)| crate::routing::intent::is_on(v))
     }
 
+    /// How many settings the context would carry once `changes` are applied (a name counts once,
+    /// whatever its case).
+    pub fn count_after(&self, changes: &[Change]) -> usize {
+        let mut overrides: Vec<&str> = self.overrides.iter().map(|(n, _)| n.as_str()).collect();
+        for c in changes {
+            match c {
+                Change::Set(n, _) if !overrides.iter().any(|k| k.eq_ignore_ascii_case(n)) => overrides.push(n),
+                Change::Set(..) => {}
+                Change::Reset(n) => overrides.retain(|k| !k.eq_ignore_ascii_case(n)),
+                Change::ResetAll => overrides.clear(),
+            }
+        }
+        let new = overrides.iter().filter(|n| !self.startup.iter().any(|(k, _)| k.eq_ignore_ascii_case(n))).count();
+        self.base_names.len() + self.startup.len() + new
+    }
+
     /// Bytes the client's session-level SETs take.
     pub fn bytes(&self) -> usize {
         self.overrides.iter().map(|(n, v)| n.len() + v.len()).sum()
@@ -116,5 +138,18 @@ mod tests {
         assert!(s.read_only_default());
         s.apply(&[Change::Reset("default_transaction_read_only".into())]);
         assert!(!s.read_only_default());
+    }
+
+    #[test]
+    fn count_after_counts_each_name_once() {
+        let startup = ClientParams { names: vec!["TimeZone".into()], values: vec!["UTC".into()] };
+        let mut s = ClientSettings::new(vec!["app.tenant_id".into()], vec!["1".into()], startup);
+        assert_eq!(s.count_after(&[]), 2);
+        let set = |n: &str| Change::Set(n.into(), "x".into());
+        assert_eq!(s.count_after(&[set("timezone"), set("a.b"), set("A.B")]), 3);
+        s.apply(&[set("a.b"), set("a.c")]);
+        assert_eq!(s.count_after(&[]), 4);
+        assert_eq!(s.count_after(&[Change::Reset("a.B".into()), set("a.d")]), 4);
+        assert_eq!(s.count_after(&[Change::ResetAll, set("a.e")]), 3);
     }
 }

@@ -18,6 +18,12 @@ use crate::sql::{self, TxEffect};
 
 /// Most named statements one client may hold at once.
 pub const MAX_STATEMENTS: usize = 10_000;
+/// Most named portals one client may hold at once (they live until their transaction ends).
+pub const MAX_PORTALS: usize = 10_000;
+
+/// A Bind of a new named portal while the client holds `MAX_PORTALS` already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManyPortals;
 
 /// Why a Parse could not be kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,32 +160,35 @@ impl Statements {
         }
     }
 
-    pub fn bind(&mut self, portal: &[u8], stmt: &[u8]) -> Option<TxEffect> {
+    /// Records a Bind of `stmt` into `portal`, unless that would be one named portal more than
+    /// `MAX_PORTALS` (every portal the server holds must be known here, or an Execute could not
+    /// be classified nor audited by its statement).
+    pub fn bind(&mut self, portal: &[u8], stmt: &[u8]) -> Result<Option<TxEffect>, TooManyPortals> {
         let def = self.statement(stmt).cloned();
         let e = def.as_ref().map(|d| d.effect);
         if portal.is_empty() {
             self.unnamed_portal = def;
+        } else if self.named_portals.len() >= MAX_PORTALS && !self.named_portals.contains_key(portal) {
+            return Err(TooManyPortals);
         } else if let Some(def) = def {
-            if self.named_portals.len() < MAX_STATEMENTS {
-                self.named_portals.insert(Bytes::copy_from_slice(portal), def);
-            }
+            self.named_portals.insert(Bytes::copy_from_slice(portal), def);
         }
-        e
+        Ok(e)
     }
 
     /// [`Statements::bind`], with session-level changes the Bind decided (see
     /// `crate::sql::set_config`): the portal carries them with the statement's own.
-    pub fn bind_with(&mut self, portal: &[u8], stmt: &[u8], changes: Vec<Change>) -> Option<TxEffect> {
-        let effect = self.bind(portal, stmt);
+    pub fn bind_with(&mut self, portal: &[u8], stmt: &[u8], changes: Vec<Change>) -> Result<Option<TxEffect>, TooManyPortals> {
+        let effect = self.bind(portal, stmt)?;
         if changes.is_empty() {
-            return effect;
+            return Ok(effect);
         }
         let slot = if portal.is_empty() { self.unnamed_portal.as_mut() } else { self.named_portals.get_mut(portal) };
         if let Some(def) = slot {
             let sets: Vec<Change> = def.sets.iter().flat_map(|s| s.iter().cloned()).chain(changes).collect();
             *def = Arc::new(StatementDef { sets: Some(Arc::new(sets)), ..(**def).clone() });
         }
-        effect
+        Ok(effect)
     }
 
     /// The statement behind a portal.
@@ -237,14 +246,29 @@ mod tests {
         s.parse_analyzed(b"", &sql::analyze::analyze(q), Bytes::from_static(b"k1"), 1 << 20, vec![call()]).unwrap();
         assert!(s.unnamed_has_bind_checks());
         let set = Change::Set("work_mem".into(), "1MB".into());
-        s.bind_with(b"p", b"", vec![set.clone()]);
+        s.bind_with(b"p", b"", vec![set.clone()]).unwrap();
         assert_eq!(s.portal(b"p").and_then(|d| d.sets.clone()).as_deref(), Some(&vec![set]));
         // the statement itself keeps no changes; a Bind without changes leaves the portal plain
         assert!(s.statement(b"").unwrap().sets.is_none());
-        s.bind_with(b"", b"", Vec::new());
+        s.bind_with(b"", b"", Vec::new()).unwrap();
         assert!(s.portal(b"").unwrap().sets.is_none());
         // an unnamed statement without checks replaces it
         s.parse(b"", b"select $1", Bytes::from_static(b"k2"), 1 << 20).unwrap();
         assert!(!s.unnamed_has_bind_checks());
+    }
+
+    #[test]
+    fn named_portals_are_capped() {
+        let mut s = Statements::default();
+        s.parse(b"", b"select 1", Bytes::from_static(b"k"), 1 << 20).unwrap();
+        for i in 0..MAX_PORTALS {
+            s.bind(format!("p{i}").as_bytes(), b"").unwrap();
+        }
+        assert_eq!(s.bind(b"one-more", b""), Err(TooManyPortals));
+        assert!(s.portal(b"one-more").is_none());
+        // binding an existing name again, and the unnamed portal, still work
+        assert!(s.bind(b"p7", b"").is_ok() && s.bind(b"", b"").is_ok());
+        s.transaction_ended();
+        assert!(s.bind(b"one-more", b"").is_ok());
     }
 }

@@ -294,6 +294,7 @@ impl Client {
             audit: Arc::new(crate::audit::AuditLog::open(&Default::default()).unwrap()),
             max_message_bytes: 1 << 20,
             max_state_bytes: 1 << 20,
+            client_write_timeout: std::time::Duration::from_secs(30),
             pool_cfg: config.pool.clone(),
             session_mode,
             signer: crate::signing::SignerSlot::new(None),

@@ -1,0 +1,259 @@
+//! The console's `SHOW` answers, as tables. Columns are named after PgBouncer's where the concept is
+//! the same (so scripts that read `cl_waiting` or `sv_active` keep working), and pgtenant's own
+//! (`tenant`, `pool`, `paused`, …) where it has no counterpart; docs/operations.md lists them all.
+//! Everything comes from what the proxy keeps anyway: the pools and their slots, the live sessions
+//! (`crate::sessions`), the config in force.
+
+use std::time::{Duration, SystemTime};
+
+use super::command::Show;
+use crate::pool::Pool;
+use crate::server::Proxy;
+
+const TEXT: u32 = 25;
+const INT8: u32 = 20;
+const BOOL: u32 = 16;
+const FLOAT8: u32 = 701;
+
+/// A result set: columns `(name, type oid)` and rows of text values (`None` is NULL).
+pub struct Table {
+    pub columns: Vec<(&'static str, u32)>,
+    pub rows: Vec<Vec<Option<String>>>,
+}
+
+fn text(v: impl ToString) -> Option<String> {
+    Some(v.to_string())
+}
+
+fn boolean(b: bool) -> Option<String> {
+    Some(if b { "t" } else { "f" }.into())
+}
+
+fn time(t: SystemTime) -> Option<String> {
+    Some(crate::audit::timestamp(t))
+}
+
+fn micros(d: Duration) -> u128 {
+    d.as_micros()
+}
+
+/// The answer to `SHOW what`.
+pub async fn show(proxy: &Proxy, what: Show) -> Table {
+    match what {
+        Show::Pools => pools(proxy),
+        Show::Clients => clients(proxy).await,
+        Show::Servers => servers(proxy).await,
+        Show::Tenants => tenants(proxy),
+        Show::Stats => stats(proxy),
+        Show::Config => super::settings::config(&proxy.live_config()),
+        Show::Version => Table {
+            columns: vec![("version", TEXT)],
+            rows: vec![vec![text(format!("pgtenant {}", env!("CARGO_PKG_VERSION")))]],
+        },
+    }
+}
+
+/// The pools by name: "tenant", and "bypass" when `[bypass]` runs one.
+fn named_pools(proxy: &Proxy) -> Vec<(&'static str, &Pool)> {
+    let mut pools = vec![("tenant", &*proxy.shared.pool)];
+    pools.extend(proxy.shared.bypass.as_deref().map(|b| ("bypass", b)));
+    pools
+}
+
+fn pools(proxy: &Proxy) -> Table {
+    let clients = proxy.sessions.list();
+    let mode = if proxy.shared.session_mode { "session" } else { "transaction" };
+    let rows = named_pools(proxy)
+        .into_iter()
+        .map(|(name, pool)| {
+            let (_, queued_for) = pool.totals();
+            let (held, held_for) = pool.held_by_pause();
+            let waiting = pool.waiting() + held;
+            let maxwait = queued_for.max(held_for);
+            let connected = clients.iter().filter(|c| c.pool == name).count();
+            vec![
+                text(&pool.target().database),
+                text(&pool.target().user),
+                text(connected.saturating_sub(waiting)),
+                text(waiting),
+                text(pool.busy_count()),
+                text(pool.idle_count()),
+                text(maxwait.as_secs()),
+                text(maxwait.subsec_micros()),
+                text(mode),
+                text(name),
+                text(pool.size()),
+                boolean(pool.is_paused()),
+            ]
+        })
+        .collect();
+    Table {
+        columns: vec![
+            ("database", TEXT),
+            ("user", TEXT),
+            ("cl_active", INT8),
+            ("cl_waiting", INT8),
+            ("sv_active", INT8),
+            ("sv_idle", INT8),
+            ("maxwait", INT8),
+            ("maxwait_us", INT8),
+            ("pool_mode", TEXT),
+            ("pool", TEXT),
+            ("pool_size", INT8),
+            ("paused", BOOL),
+        ],
+        rows,
+    }
+}
+
+async fn clients(proxy: &Proxy) -> Table {
+    let mut rows = Vec::new();
+    for c in proxy.sessions.list() {
+        let (server, since) = c.slot.backend().await;
+        rows.push(vec![
+            text("C"),
+            text(&c.user),
+            text(&c.database),
+            text(if server.is_some() { "active" } else { "idle" }),
+            text(c.addr.ip()),
+            text(c.addr.port()),
+            time(c.connected),
+            time(since),
+            boolean(c.tls),
+            text(&c.application_name),
+            text(&*c.tenant),
+            text(c.pool),
+            text(c.pid),
+            server.and_then(text),
+        ]);
+    }
+    Table {
+        columns: vec![
+            ("type", TEXT),
+            ("user", TEXT),
+            ("database", TEXT),
+            ("state", TEXT),
+            ("addr", TEXT),
+            ("port", INT8),
+            ("connect_time", TEXT),
+            ("request_time", TEXT),
+            ("tls", BOOL),
+            ("application_name", TEXT),
+            ("tenant", TEXT),
+            ("pool", TEXT),
+            ("pid", INT8),
+            ("server_pid", INT8),
+        ],
+        rows,
+    }
+}
+
+async fn servers(proxy: &Proxy) -> Table {
+    let mut rows = Vec::new();
+    let clients = proxy.sessions.list();
+    for (name, pool) in named_pools(proxy) {
+        let row = |state: &str, pid: i32, connected: Option<SystemTime>, since: SystemTime, client: Option<(&str, i32)>| {
+            vec![
+                text("S"),
+                text(&pool.target().user),
+                text(&pool.target().database),
+                text(state),
+                text(pool.target().describe()),
+                connected.and_then(time),
+                time(since),
+                text(pid),
+                text(name),
+                client.and_then(|(t, _)| text(t)),
+                client.and_then(|(_, p)| text(p)),
+            ]
+        };
+        for c in clients.iter().filter(|c| c.pool == name) {
+            if let (Some(pid), since) = c.slot.backend().await {
+                rows.push(row("active", pid, None, since, Some((&c.tenant, c.pid))));
+            }
+        }
+        for s in pool.idle_servers() {
+            rows.push(row("idle", s.pid, Some(s.connected), s.idle_since, None));
+        }
+    }
+    Table {
+        columns: vec![
+            ("type", TEXT),
+            ("user", TEXT),
+            ("database", TEXT),
+            ("state", TEXT),
+            ("backend", TEXT),
+            ("connect_time", TEXT),
+            ("request_time", TEXT),
+            ("remote_pid", INT8),
+            ("pool", TEXT),
+            ("tenant", TEXT),
+            ("client_pid", INT8),
+        ],
+        rows,
+    }
+}
+
+fn tenants(proxy: &Proxy) -> Table {
+    let clients = proxy.sessions.list();
+    let mut stats = proxy.shared.pool.tenant_stats();
+    stats.sort_by(|a, b| a.tenant.cmp(&b.tenant));
+    let rows = stats
+        .into_iter()
+        .map(|t| {
+            let connected = clients.iter().filter(|c| c.pool == "tenant" && *c.tenant == *t.tenant).count();
+            vec![
+                text(&t.tenant),
+                text(connected),
+                text(t.active),
+                text(t.waiting),
+                text(t.transactions),
+                text(t.wait_seconds_total),
+                text(t.limit_refusals),
+                t.max_active.and_then(text),
+                t.max_waiting.and_then(text),
+            ]
+        })
+        .collect();
+    Table {
+        columns: vec![
+            ("tenant", TEXT),
+            ("clients", INT8),
+            ("active", INT8),
+            ("waiting", INT8),
+            ("transactions", INT8),
+            ("wait_seconds_total", FLOAT8),
+            ("limit_refusals", INT8),
+            ("max_active", INT8),
+            ("max_waiting", INT8),
+        ],
+        rows,
+    }
+}
+
+fn stats(proxy: &Proxy) -> Table {
+    let rows = named_pools(proxy)
+        .into_iter()
+        .map(|(name, pool)| {
+            let (totals, _) = pool.totals();
+            let avg = if totals.transactions == 0 { 0.0 } else { micros(totals.wait) as f64 / totals.transactions as f64 };
+            vec![
+                text(&pool.target().database),
+                text(name),
+                text(totals.transactions),
+                text(micros(totals.wait)),
+                text(avg.round() as u64),
+            ]
+        })
+        .collect();
+    Table {
+        columns: vec![
+            ("database", TEXT),
+            ("pool", TEXT),
+            ("total_xact_count", INT8),
+            ("total_wait_time", INT8),
+            ("avg_wait_time", INT8),
+        ],
+        rows,
+    }
+}
