@@ -36,6 +36,9 @@ pub struct CancelSlot {
     current: Mutex<Option<(i32, i32)>>,
     /// The server of the session's pool when it is not the default one (the bypass pool).
     target: Option<BackendTarget>,
+    /// The pool the current backend came from, when the session runs on several (a replica, a
+    /// tenant's own cluster: see `crate::routing`); changed only under `current`'s lock.
+    pool: std::sync::Mutex<Option<Arc<crate::pool::Pool>>>,
     /// When `current` last changed (a transaction started or ended).
     changed: std::sync::Mutex<std::time::SystemTime>,
     /// Set once the operator ended the session (`KILL`).
@@ -52,11 +55,16 @@ impl CancelSlot {
             changed: std::sync::Mutex::new(std::time::SystemTime::now()),
             terminated: Default::default(),
             wake: Default::default(),
+            pool: Default::default(),
         }
     }
 
     pub async fn set(&self, backend: Option<(i32, i32)>) {
         let mut current = self.current.lock().await;
+        self.replace(&mut current, backend);
+    }
+
+    fn replace(&self, current: &mut Option<(i32, i32)>, backend: Option<(i32, i32)>) {
         if *current != backend {
             *self.changed.lock().unwrap_or_else(|p| p.into_inner()) = std::time::SystemTime::now();
         }
@@ -86,6 +94,13 @@ impl CancelSlot {
             }
             woken.await;
         }
+    }
+
+    /// Like [`CancelSlot::set`], for a backend of `pool`: a cancel goes to that pool's server.
+    pub async fn set_on(&self, backend: Option<(i32, i32)>, pool: Arc<crate::pool::Pool>) {
+        let mut current = self.current.lock().await;
+        *self.pool.lock().unwrap_or_else(|p| p.into_inner()) = Some(pool);
+        self.replace(&mut current, backend);
     }
 }
 
@@ -177,8 +192,10 @@ impl CancelRegistry {
             return false;
         };
         let current = slot.current.lock().await;
+        let pool = slot.pool.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let server = pool.as_ref().map(|p| p.target()).or(slot.target.as_ref()).unwrap_or(target);
         match *current {
-            Some((bpid, bsecret)) => match backend::send_cancel(slot.target.as_ref().unwrap_or(target), bpid, bsecret).await {
+            Some((bpid, bsecret)) => match backend::send_cancel(server, bpid, bsecret).await {
                 Ok(()) => true,
                 Err(e) => {
                     tracing::warn!(error = %e, "forwarding cancel request failed");

@@ -25,6 +25,10 @@ pub mod sqlstate {
     pub const IO_ERROR: &str = "58030";
     pub const IDLE_IN_TRANSACTION_TIMEOUT: &str = "25P03";
     pub const TRANSACTION_TIMEOUT: &str = "25P04";
+    pub const INVALID_PARAMETER_VALUE: &str = "22023";
+    /// sqlserver_rejected_establishment_of_sqlconnection: a token names a cluster pgtenant does
+    /// not have (`tenant.cluster_claim`).
+    pub const REJECTED_CONNECTION: &str = "08004";
     pub const SYNTAX_ERROR: &str = "42601";
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
     pub const CONFIG_FILE_ERROR: &str = "F0000";

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod net;
 pub mod pool;
 pub mod protocol;
+pub mod routing;
 pub mod server;
 pub mod session;
 pub mod sessions;

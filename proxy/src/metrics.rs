@@ -48,6 +48,10 @@ pub const BYPASS_STATEMENTS: &str = "pgtenant_bypass_statements_total";
 pub const AUDIT_RECORDS: &str = "pgtenant_audit_records_total";
 pub const CANCEL_REQUESTS: &str = "pgtenant_cancel_requests_total";
 pub const INSTANCE_INFO: &str = "pgtenant_instance_info";
+// read replicas and clusters (`routing`): labelled by cluster name and replica index (bounded)
+pub const REPLICA_UP: &str = "pgtenant_replica_up";
+pub const REPLICA_LAG_SECONDS: &str = "pgtenant_replica_lag_seconds";
+pub const READ_ONLY_ROUTES: &str = "pgtenant_read_only_transactions_total";
 pub const CLIENT_WRITE_TIMEOUTS: &str = "pgtenant_client_write_timeouts_total";
 // per-tenant series, rendered at scrape time for the tenants [admin] selects (see `admin::tenants`)
 pub const TENANT_ACTIVE: &str = "pgtenant_tenant_active";

@@ -58,6 +58,8 @@ impl Proxy {
         let peers = config.peer_map()?;
         let peer_id = config.server.peer_id.map(|id| id as u8);
         let pool = Pool::for_hosts(&config, "tenant", hosts, config.backend.pool_size, Arc::new(config.limits.clone()));
+        let router = crate::routing::Router::new(&config, pool.clone())
+            .map_err(|e| StartError::BackendUrl { key: e.key, error: e.error })?;
         let bypass = if config.bypass.enabled {
             let hosts = BackendTarget::all_from_config(&config.bypass.backend(&config.backend))
                 .map_err(|error| StartError::BackendUrl { key: "bypass.url", error })?;
@@ -69,6 +71,7 @@ impl Proxy {
         let (drain, draining) = watch::channel(false);
         let shared = Arc::new(Shared {
             pool,
+            router,
             bypass,
             audit,
             max_message_bytes: config.server.max_message_bytes,
@@ -144,6 +147,8 @@ impl Proxy {
             remote.refresh().await.map_err(|e| unreachable("bypass.jwt.jwks_url", remote.url(), e))?;
         }
         self.shared.audit.reopen(&new.audit).map_err(ReloadError::AuditLog)?;
+        // placement, cluster and replica pool sizes (the clusters themselves need a restart)
+        self.shared.router.apply(new).map_err(ReloadError::NeedsRestart)?;
         auth.verifier.start_background();
         if let Some(b) = &auth.bypass {
             b.verifier.start_background();
@@ -167,7 +172,7 @@ impl Proxy {
         tracing::info!(
             pool_size = new.backend.pool_size,
             log_level = %new.log.level,
-            "reload: JWT keys, tenant mapping, statement guard, context signing key, pool size, limits, [peers], audit log and log level applied"
+            "reload: JWT keys, tenant mapping, statement guard, context signing key, pool sizes, limits, tenant placement, replica lag bound, [peers], audit log and log level applied"
         );
         Ok(())
     }
@@ -189,6 +194,7 @@ impl Proxy {
         auth::LoginInputs {
             rules: &self.auth,
             pool: &self.shared.pool,
+            router: &self.shared.router,
             bypass: self.shared.bypass.as_deref(),
             session_mode: self.shared.session_mode,
             cancels: &self.cancels,
@@ -199,6 +205,7 @@ impl Proxy {
     /// Accepts connections until `shutdown` flips to true.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
         self.shared.pool.spawn_reaper();
+        self.shared.router.spawn_background();
         if let Some(b) = &self.shared.bypass {
             b.spawn_reaper();
         }
@@ -288,6 +295,8 @@ impl Proxy {
             client: peer,
             bypass: l.bypass,
             login: l.cancel.pid,
+            cluster: l.context.cluster.clone(),
+            prefers_standby: l.prefers_standby,
         });
         let _listed = self.sessions.add(crate::sessions::Client {
             tenant: who.tenant.clone(),

@@ -16,6 +16,8 @@ pub struct TenantMapping {
     claims_setting: bool,
     role_claim: Option<Vec<String>>,
     allowed_roles: Vec<String>,
+    /// `tenant.cluster_claim`, split on dots.
+    cluster_claim: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -26,6 +28,8 @@ pub struct TenantContext {
     pub tenant: String,
     /// The `sub` claim, for logs.
     pub subject: Option<String>,
+    /// The cluster the token names (`tenant.cluster_claim`), if it names one.
+    pub cluster: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -82,7 +86,8 @@ impl TenantMapping {
             }
             names.push("role".into());
         }
-        Ok(TenantMapping { names, paths, claims_setting, role_claim, allowed_roles: cfg.allowed_roles.clone() })
+        let cluster_claim = cfg.cluster_claim.as_deref().map(split_path);
+        Ok(TenantMapping { names, paths, claims_setting, role_claim, allowed_roles: cfg.allowed_roles.clone(), cluster_claim })
     }
 
     /// Setting names in the order their values appear in `TenantContext::values`: the `settings`
@@ -115,6 +120,7 @@ impl TenantMapping {
         Ok(TenantContext {
             tenant: values.first().map(|v| truncate(v, 64)).unwrap_or_default(),
             subject: claims.get("sub").map(|v| truncate(&render(v), 64)),
+            cluster: self.cluster_claim.as_ref().and_then(|p| lookup(claims, p)).filter(|v| !v.is_null()).map(render),
             values,
         })
     }

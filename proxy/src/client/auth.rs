@@ -31,6 +31,8 @@ pub struct LoginInputs<'a> {
     pub rules: &'a AuthSlot,
     /// The tenant pool (its backend database is the one clients must name).
     pub pool: &'a Pool,
+    /// The clusters tenants are placed on (`pool` is the default one's primary).
+    pub router: &'a crate::routing::Router,
     /// The bypass pool, when `[bypass]` runs one.
     pub bypass: Option<&'a Pool>,
     /// `pool.mode = "session"`: the login leases the backend the client keeps.
@@ -56,6 +58,8 @@ pub struct LoggedIn {
     pub guard: Arc<crate::guard::Guard>,
     /// A trusted worker for the bypass pool.
     pub bypass: bool,
+    /// The client asked for a standby (`target_session_attrs`, see `crate::routing::intent`).
+    pub prefers_standby: bool,
     /// Session mode: the backend the client keeps (its pid is the one in BackendKeyData).
     pub lease: Option<crate::pool::Lease>,
 }
@@ -87,6 +91,10 @@ pub async fn login(
             return Err((stream, PgError { severity: crate::error::Severity::Fatal, ..e }));
         }
     }
+    let prefers_standby = match crate::routing::intent::startup_prefers_standby(params) {
+        Ok(p) => p,
+        Err(e) => return Err((stream, e)),
+    };
     let database = params.get("database").filter(|d| !d.is_empty()).unwrap_or(&user);
     let served = &inputs.pool.target().database;
     if database != served {
@@ -118,7 +126,14 @@ pub async fn login(
         (None, true) => {
             return Err((stream, PgError::fatal(sqlstate::CANNOT_CONNECT_NOW, "pgtenant: the bypass pool is not running")))
         }
-        (_, false) => inputs.pool,
+        (_, false) => match inputs.router.cluster_of(&context.tenant, context.cluster.as_deref()) {
+            // the tenant's cluster: its server facts, and its backend in session mode
+            Ok(i) => inputs.router.primary(i).as_ref(),
+            Err(e) => {
+                tracing::info!(user = %user, result = "refused", reason = %e.message, "login");
+                return Err((stream, e));
+            }
+        },
     };
 
     let info = match pool.server_info().await {
@@ -149,7 +164,8 @@ pub async fn login(
         Err(e) => return Err((stream, e)),
     };
     let backend = greeting.lease.as_ref().map(|l| (l.backend.pid, l.backend.secret_key));
-    let cancel = inputs.cancels.register(bypass.then(|| pool.target().clone()), backend);
+    // a backend not on the default server (bypass, another cluster) is cancelled on its own server
+    let cancel = inputs.cancels.register((!std::ptr::eq(pool, inputs.pool)).then(|| pool.target().clone()), backend);
     // a trusted worker's login is on record before it gets in, or it does not get in
     let recorded = inputs.audit.record(
         "login",
@@ -200,6 +216,7 @@ pub async fn login(
         user,
         guard: auth.guard.clone(),
         bypass,
+        prefers_standby,
         lease: greeting.lease,
     })
 }

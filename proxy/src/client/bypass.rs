@@ -53,6 +53,6 @@ impl BypassAuth {
         let names: Vec<String> = self.claims_setting.iter().cloned().collect();
         let values = names.iter().map(|_| Value::Object(claims.clone()).to_string()).collect();
         let subject = claims.get("sub").map(|v| render(v).chars().take(64).collect());
-        (names, TenantContext { values, tenant: BYPASS_TENANT.into(), subject })
+        (names, TenantContext { values, tenant: BYPASS_TENANT.into(), subject, cluster: None })
     }
 }

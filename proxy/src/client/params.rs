@@ -14,7 +14,7 @@ use crate::protocol::options::option_pairs;
 pub const MAX_STARTUP_SETTINGS: usize = 64;
 
 /// Startup keys that are not settings.
-const NOT_SETTINGS: [&str; 4] = ["user", "database", "options", "replication"];
+const NOT_SETTINGS: [&str; 5] = ["user", "database", "options", "replication", crate::routing::intent::TARGET_SESSION_ATTRS];
 
 #[derive(Debug, Default, Clone)]
 pub struct ClientParams {
@@ -38,6 +38,8 @@ pub fn from_startup(
         .collect();
     keys.sort();
     let mut pairs = startup.get("options").map(|o| option_pairs(o)).unwrap_or_default();
+    // read by pgtenant for routing (`crate::routing::intent`), not a server setting
+    pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(crate::routing::intent::TARGET_SESSION_ATTRS));
     pairs.extend(keys);
     let distinct: HashSet<String> = pairs.iter().map(|(n, _)| n.to_lowercase()).collect();
     if distinct.len() > MAX_STARTUP_SETTINGS {

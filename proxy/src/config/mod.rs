@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub mod cleartext;
+pub mod routing;
 pub mod tenancy;
+pub use routing::ClusterConfig;
 pub use tenancy::{AuditConfig, BypassConfig, LimitsConfig, TenantLimits};
 
 /// A configuration problem, as one line naming the key, file or variable.
@@ -44,6 +46,9 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("backend", "acquire_timeout_ms", EnvType::Int),
     ("backend", "idle_timeout_s", EnvType::Int),
     ("backend", "max_lifetime_s", EnvType::Int),
+    ("backend", "replicas", EnvType::List),
+    ("backend", "replica_pool_size", EnvType::Int),
+    ("backend", "max_replica_lag_ms", EnvType::Int),
     ("jwt", "secret", EnvType::Str),
     ("jwt", "public_key_file", EnvType::Str),
     ("jwt", "jwks_file", EnvType::Str),
@@ -64,6 +69,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("tenant", "signing_key", EnvType::Str),
     ("tenant", "signing_key_file", EnvType::Str),
     ("tenant", "signing_kid", EnvType::Str),
+    ("tenant", "cluster_claim", EnvType::Str),
     ("pool", "prepared_statements_cache", EnvType::Int),
     ("pool", "mode", EnvType::Str),
     ("pool", "query_wait_timeout_ms", EnvType::Int),
@@ -264,6 +270,7 @@ impl Config {
             _ => {}
         }
         self.bypass.validate(&self.audit).map_err(ConfigError::Invalid)?;
+        routing::validate(self).map_err(ConfigError::Invalid)?;
         self.peer_map()?;
         if let Some(url) = self.bypass.jwt.jwks_url.as_ref().filter(|_| self.bypass.enabled) {
             if let Err(e) = crate::net::http_target::Target::parse(url) {
@@ -311,6 +318,10 @@ pub struct Config {
     /// its client listener, where cancel requests for its sessions are forwarded.
     #[serde(default)]
     pub peers: BTreeMap<String, String>,
+    /// More Postgres clusters, each serving the tenants placed on it (`[[clusters]]`, see
+    /// `routing`); `[backend]` is the cluster named "default".
+    #[serde(default)]
+    pub clusters: Vec<ClusterConfig>,
 }
 
 impl Config {
@@ -476,6 +487,15 @@ pub struct BackendConfig {
     pub idle_timeout_s: u64,
     #[serde(default = "default_max_lifetime_s")]
     pub max_lifetime_s: u64,
+    /// Streaming standbys of `url`: read-only transactions run there (see `crate::routing`).
+    #[serde(default, serialize_with = "routing::masked_urls")]
+    pub replicas: Vec<String>,
+    /// Connections per replica; `pool_size` when unset.
+    #[serde(default)]
+    pub replica_pool_size: Option<usize>,
+    /// A replica further behind its primary than this (milliseconds of replay) gets no transactions.
+    #[serde(default = "default_max_replica_lag_ms")]
+    pub max_replica_lag_ms: u64,
 }
 
 fn default_pool_size() -> usize {
@@ -492,6 +512,9 @@ fn default_idle_timeout_s() -> u64 {
 }
 fn default_max_lifetime_s() -> u64 {
     3600
+}
+fn default_max_replica_lag_ms() -> u64 {
+    5_000
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize, Default)]
@@ -543,6 +566,9 @@ pub struct TenantConfig {
     pub signing_key_file: Option<PathBuf>,
     /// Name of the signing key, as installed in the database (`pgtenant install-sql`).
     pub signing_kid: String,
+    /// Claim naming the cluster (`[[clusters]]` name, or "default") a token's sessions run on;
+    /// it takes precedence over the clusters' `tenants` lists.
+    pub cluster_claim: Option<String>,
 }
 
 impl TenantConfig {
@@ -590,6 +616,7 @@ impl Default for TenantConfig {
             signing_key: None,
             signing_key_file: None,
             signing_kid: "k1".into(),
+            cluster_claim: None,
         }
     }
 }

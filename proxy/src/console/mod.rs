@@ -132,7 +132,8 @@ impl Console {
 
     async fn run(&self, proxy: &Proxy, c: Command) -> Result<Reply, PgError> {
         let state = |m: &str| PgError::error(sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE, format!("pgtenant: {m}"));
-        let pools = || std::iter::once(&proxy.shared.pool).chain(proxy.shared.bypass.as_ref());
+        // the tenant pool and every cluster and replica pool (`routing`), and the bypass pool
+        let pools = || proxy.shared.router.pools().chain(proxy.shared.bypass.as_ref());
         if !matches!(c, Command::Show(_)) {
             tracing::warn!(sub = %self.subject, peer = %self.peer, command = ?c, "console command");
         }

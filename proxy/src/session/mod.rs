@@ -22,6 +22,7 @@ mod forward;
 mod from_backend;
 pub mod inject;
 pub mod replies;
+mod route;
 pub mod settings;
 pub mod statements;
 #[cfg(test)]
@@ -68,6 +69,8 @@ const STREAM_MIN: usize = 64 * 1024;
 /// State shared by all sessions of one proxy.
 pub struct Shared {
     pub pool: Arc<Pool>,
+    /// The clusters and read replicas a transaction may run on (`pool` is the default primary).
+    pub router: Arc<crate::routing::Router>,
     /// The trusted bypass pool (`[bypass]`), when enabled.
     pub bypass: Option<Arc<Pool>>,
     pub audit: Arc<crate::audit::AuditLog>,
@@ -97,6 +100,10 @@ pub struct Who {
     pub bypass: bool,
     /// The process id the client was given (BackendKeyData), as the audit log's session id.
     pub login: i32,
+    /// The cluster the token names (`tenant.cluster_claim`), checked at login.
+    pub cluster: Option<String>,
+    /// The client asked for a standby (`target_session_attrs`): its transactions go to a replica.
+    pub prefers_standby: bool,
 }
 
 /// Why a session ended.
@@ -134,7 +141,8 @@ pub struct Session {
     guard: Arc<Guard>,
     shared: Arc<Shared>,
     who: Arc<Who>,
-    /// The tenant pool, or the bypass pool for a trusted worker.
+    /// The pool the backend comes from: the bypass pool for a trusted worker, else the one the
+    /// router chose for the current transaction (see `route`).
     pool: Arc<Pool>,
     client_rd: ReadHalf<Stream>,
     client_wr: WriteHalf<Stream>,
@@ -206,7 +214,7 @@ impl Session {
     ) -> Session {
         let pool = match (&shared.bypass, who.bypass) {
             (Some(b), true) => b.clone(),
-            _ => shared.pool.clone(),
+            _ => route::home_pool(&shared, &who),
         };
         view.applied = settings.applied();
         let mut signer_gen = 0;
@@ -464,9 +472,9 @@ impl Session {
         }
     }
 
-    async fn attach(&mut self) -> Result<(), PgError> {
-        let lease = self.pool.acquire(&self.who.tenant).await?;
-        self.cancel.slot.set(Some((lease.backend.pid, lease.backend.secret_key))).await;
+    async fn attach(&mut self, first: &Frame) -> Result<(), PgError> {
+        let lease = self.lease_for(first).await?;
+        self.cancel.slot.set_on(Some((lease.backend.pid, lease.backend.secret_key)), self.pool.clone()).await;
         self.adopt(lease);
         Ok(())
     }
@@ -618,7 +626,7 @@ impl Session {
         };
         let fresh = self.lease.is_none();
         if fresh {
-            if let Err(e) = self.attach().await {
+            if let Err(e) = self.attach(&f).await {
                 return Ok(self.refuse(e, simple));
             }
         }

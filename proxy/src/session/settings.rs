@@ -75,6 +75,14 @@ impl ClientSettings {
         crate::sql::txmode::defaults_sql(&self.effective())
     }
 
+    /// Whether the client's transactions default to read-only (`default_transaction_read_only`,
+    /// from its startup parameters or a session SET): they may run on a read replica.
+    pub fn read_only_default(&self) -> bool {
+        let name = crate::sql::txmode::READ_ONLY;
+        let set = self.overrides.iter().rev().chain(self.startup.iter().rev()).find(|(n, _)| n.eq_ignore_ascii_case(name));
+        set.is_some_and(|(_, v)| crate::routing::intent::is_on(v))
+    }
+
     /// How many settings the context would carry once `changes` are applied (a name counts once,
     /// whatever its case).
     pub fn count_after(&self, changes: &[Change]) -> usize {
@@ -125,6 +133,11 @@ mod tests {
         s.apply(&[Change::ResetAll]);
         assert_eq!(s.effective().len(), 1);
         assert!(s.applied().contains("timezone"));
+        assert!(!s.read_only_default());
+        s.apply(&[Change::Set("DEFAULT_TRANSACTION_READ_ONLY".into(), "on".into())]);
+        assert!(s.read_only_default());
+        s.apply(&[Change::Reset("default_transaction_read_only".into())]);
+        assert!(!s.read_only_default());
     }
 
     #[test]

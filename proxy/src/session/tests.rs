@@ -286,8 +286,10 @@ impl Client {
         let pool = crate::pool::Pool::with_connector(&config, target, 2, Arc::new(config.limits.clone()), Arc::new(Scripted { log: log.clone() }));
         let (_tx, draining) = tokio::sync::watch::channel(false);
         std::mem::forget(_tx);
+        let router = crate::routing::Router::new(&config, pool.clone()).unwrap();
         let shared = Arc::new(Shared {
             pool,
+            router,
             bypass: None,
             audit: Arc::new(crate::audit::AuditLog::open(&Default::default()).unwrap()),
             max_message_bytes: 1 << 20,
@@ -302,7 +304,7 @@ impl Client {
         let settings = ClientSettings::new(vec!["app.tenant_id".into()], vec!["1".into()], ClientParams::default());
         let cancel = Arc::new(CancelRegistry::default()).register(None, None);
         let guard = Arc::new(Guard::from_config(&config.tenant));
-        let who = Arc::new(Who { tenant: "1".into(), subject: None, client: "127.0.0.1:1".parse().unwrap(), bypass: false, login: 1 });
+        let who = Arc::new(Who { tenant: "1".into(), subject: None, client: "127.0.0.1:1".parse().unwrap(), bypass: false, login: 1, cluster: None, prefers_standby: false });
         let session = Session::new(shared, Stream::Pipe(theirs), BytesMut::new(), settings, cancel, ClientView::default(), guard, who, None);
         tokio::spawn(session.run());
         Client { s: ours, buf: BytesMut::new(), log }
