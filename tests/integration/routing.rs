@@ -20,12 +20,6 @@ use pgtenant::cluster::Cluster;
 use pgtenant::server::Running;
 use serde_json::json;
 
-macro_rules! tests {
-    ($($name:ident),* $(,)?) => {
-        &[$((stringify!($name), (|env| Box::pin($name(env))) as TestFn)),*]
-    };
-}
-
 fn main() {
     run_all(tests![
         read_only_transactions_run_on_the_standby_with_the_tenant_context,

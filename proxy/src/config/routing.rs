@@ -90,8 +90,12 @@ pub fn mask_password(url: &str) -> String {
     mask_key_values(url, ' ', MASK)
 }
 
-/// `password=…` pairs separated by `sep` with the value masked.
+/// `password=…` pairs separated by `sep` with the value masked. In the key/value form (`sep` a
+/// space) a value may be quoted (`password='a b\'c'`): the whole quoted value is masked.
 fn mask_key_values(s: &str, sep: char, mask: &str) -> String {
+    if sep == ' ' {
+        return mask_conninfo(s, mask);
+    }
     let parts: Vec<String> = s
         .split(sep)
         .map(|p| match p.split_once('=') {
@@ -100,6 +104,52 @@ fn mask_key_values(s: &str, sep: char, mask: &str) -> String {
         })
         .collect();
     parts.join(&sep.to_string())
+}
+
+/// libpq's `key = value` form with every `password` value masked, quoted or not.
+fn mask_conninfo(s: &str, mask: &str) -> String {
+    let b = s.as_bytes();
+    let (mut out, mut i) = (String::with_capacity(s.len()), 0);
+    while i < b.len() {
+        // a key: up to '=' (or the end)
+        let key_start = i;
+        while i < b.len() && b[i] != b'=' {
+            i += 1;
+        }
+        let key = s[key_start..i].trim();
+        out.push_str(&s[key_start..i]);
+        if i == b.len() {
+            break;
+        }
+        out.push('=');
+        i += 1;
+        while i < b.len() && b[i] == b' ' {
+            out.push(' ');
+            i += 1;
+        }
+        // the value: quoted (backslash escapes) or up to the next space
+        let value_start = i;
+        if i < b.len() && b[i] == b'\'' {
+            i += 1;
+            while i < b.len() && b[i] != b'\'' {
+                i += if b[i] == b'\\' { 2 } else { 1 };
+            }
+            i = (i + 1).min(b.len());
+        } else {
+            while i < b.len() && b[i] != b' ' {
+                i += 1;
+            }
+        }
+        let value = s.get(value_start..i).unwrap_or("");
+        let shown = if key.eq_ignore_ascii_case("password") { mask } else { value };
+        out.push_str(shown);
+        // the separator
+        while i < b.len() && b[i] == b' ' {
+            out.push(' ');
+            i += 1;
+        }
+    }
+    out
 }
 
 pub fn masked_url<S: Serializer>(url: &str, s: S) -> Result<S::Ok, S::Error> {
@@ -185,6 +235,11 @@ mod tests {
         assert_eq!(mask_password("postgres://u:s3cret@h1:5432,h2/app?password=x&sslmode=require"), "postgres://u:********@h1:5432,h2/app?password=********&sslmode=require");
         assert_eq!(mask_password("postgres://u@h/app"), "postgres://u@h/app");
         assert_eq!(mask_password("host=a,b user=u password=s3cret dbname=app"), "host=a,b user=u password=******** dbname=app");
+        assert_eq!(
+            mask_password(r"host=a password = 'two words \' s3cret' dbname=app"),
+            "host=a password = ******** dbname=app"
+        );
+        assert_eq!(mask_password("password=s3cret"), "password=********");
         let cfg = config("[[clusters]]\nname = \"eu\"\nurl = \"postgres://u:s3cret@eu/app\"\nreplicas = [\"postgres://u:s3cret@eu-r/app\"]\n").unwrap();
         let json = serde_json::to_string(&cfg).unwrap();
         assert!(!json.contains("s3cret") && !json.contains("u:p@r1"), "{json}");

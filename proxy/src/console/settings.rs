@@ -57,15 +57,10 @@ fn shown(key: &str, value: Value) -> Option<String> {
     }
 }
 
-/// `s` with the password of a URL masked (anything else unchanged).
+/// `s` with the password of a connection string masked, in every form `backend.url` takes
+/// (URL, several hosts, `key=value`; anything else unchanged).
 fn without_password(s: &str) -> String {
-    match url::Url::parse(s) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some(MASK));
-            u.to_string()
-        }
-        _ => s.to_string(),
-    }
+    crate::config::routing::mask_password(s)
 }
 
 #[cfg(test)]
@@ -101,5 +96,11 @@ path = "/tmp/audit.log"
         assert_eq!(value("backend.pool_size"), Some(Some("20".into())));
         assert_eq!(value("tenant.settings"), Some(Some(r#"{"app.tenant_id":"tenant_id"}"#.into())));
         assert_eq!(value("jwt.public_key_file"), Some(None));
+        // the other forms of backend.url
+        for url in ["postgres://app_user:pw-do-not-show@h1:5432,h2:5433/app", "host=h1,h2 user=app_user password='pw do-not-show' dbname=app"] {
+            let cfg = Config::from_toml(&text.replace("postgres://app_user:pw-do-not-show@db:5432/app", url), &|_| None).unwrap();
+            let all: String = config(&cfg).rows.iter().flatten().flatten().cloned().collect::<Vec<_>>().join("\n");
+            assert!(!all.contains("do-not-show"), "{all}");
+        }
     }
 }
