@@ -332,6 +332,9 @@ impl crate::admin::Source for Proxy {
     fn bypass_pool(&self) -> Option<&Pool> {
         self.shared.bypass.as_deref()
     }
+    fn router(&self) -> Option<&crate::routing::Router> {
+        Some(&self.shared.router)
+    }
     fn keys_loaded(&self) -> bool {
         self.auth().verifier.keys_loaded()
     }

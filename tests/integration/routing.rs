@@ -102,6 +102,13 @@ async fn in_recovery(c: &tokio_postgres::Client) -> Result<bool, String> {
 async fn read_only_transactions_run_on_the_standby_with_the_tenant_context(env: &Env) -> TestResult {
     let standby = env.cluster.start_standby().map_err(e)?;
     let proxy = with_replica(env, &standby, "").await?;
+    // /pools shows the default cluster and its replica, up
+    let pools: serde_json::Value = serde_json::from_str(&pgtenant::admin::pools_json(&*proxy.proxy)).map_err(e)?;
+    let cluster = &pools["clusters"][0];
+    ensure(
+        cluster["cluster"] == "default" && cluster["replicas"][0]["name"] == "replica 0" && cluster["replicas"][0]["up"] == true,
+        format!("/pools: {pools}"),
+    )?;
     let c = connect(&proxy, &token(1, "u1")).await.map_err(e)?;
     let primary = where_and_rows(&c, "BEGIN").await?;
     ensure(primary.0 == "false" && primary.1.starts_with("1:"), format!("plain BEGIN: {primary:?}"))?;

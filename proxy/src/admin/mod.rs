@@ -38,6 +38,10 @@ pub trait Source: Send + Sync + 'static {
     fn keys_loaded(&self) -> bool;
     /// The config in force now (`[admin]` tenant selection follows reloads).
     fn config(&self) -> Arc<Config>;
+    /// The clusters and replicas transactions are routed to (`[[clusters]]`, `backend.replicas`).
+    fn router(&self) -> Option<&crate::routing::Router> {
+        None
+    }
     /// Re-reads the config file and applies it; the error says why the new config was rejected.
     fn reload_file(&self) -> impl Future<Output = Result<(), String>> + Send;
 }
@@ -74,7 +78,8 @@ async fn ready(proxy: &impl Source) -> Result<(), String> {
     }
 }
 
-fn pools_json(proxy: &impl Source) -> String {
+/// The `/pools` JSON.
+pub fn pools_json(proxy: &impl Source) -> String {
     let describe = |name: &str, pool: &Pool| {
         serde_json::json!({
             "name": name,
@@ -92,9 +97,30 @@ fn pools_json(proxy: &impl Source) -> String {
     };
     let mut pools = vec![describe("tenant", proxy.pool())];
     pools.extend(proxy.bypass_pool().map(|b| describe("bypass", b)));
+    // every cluster's primary pool and its replicas (the default cluster's primary is "tenant")
+    let clusters: Vec<serde_json::Value> = proxy
+        .router()
+        .map(|r| r.clusters())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| {
+            let replicas: Vec<serde_json::Value> = c
+                .replicas
+                .iter()
+                .map(|r| {
+                    let mut v = describe(&format!("replica {}", r.index), &r.pool);
+                    v["up"] = r.up().into();
+                    v["lag_ms"] = r.lag_ms().into();
+                    v
+                })
+                .collect();
+            serde_json::json!({ "cluster": c.name, "primary": describe("primary", &c.primary), "replicas": replicas })
+        })
+        .collect();
     serde_json::json!({
         "clients": proxy.clients(),
         "pools": pools,
+        "clusters": clusters,
     })
     .to_string()
 }
