@@ -5,6 +5,8 @@
 //!
 //!     cargo run --release -p pgtenant --example signed_tps [-- SECONDS ROUNDS CLIENTS]
 
+mod cpu;
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -18,35 +20,6 @@ const SIGNED: &str = "ALTER POLICY tenant_isolation ON orders
   USING (tenant_id = (SELECT pgtenant.setting('app.tenant_id'))::integer)
   WITH CHECK (tenant_id = (SELECT pgtenant.setting('app.tenant_id'))::integer)";
 const SCRIPT: &str = "\\set id random(1, 200000)\nSELECT id, tenant_id, amount FROM orders WHERE id = :id;\n";
-
-/// CPU clock ticks (user + system) of `pid`'s children, by pid: the Postgres backends.
-fn children_ticks(ppid: u32) -> std::collections::HashMap<u32, u64> {
-    let mut out = std::collections::HashMap::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // after the name: state, ppid, …; utime and stime are fields 14 and 15 of the line
-        if f.get(1).and_then(|p| p.parse::<u32>().ok()) == Some(ppid) {
-            let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-            out.insert(pid, t(11) + t(12));
-        }
-    }
-    out
-}
-
-/// This process's CPU ticks (the proxy runs in it) and those of its finished children (pgbench).
-fn own_ticks() -> (u64, u64) {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let f: Vec<u64> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect()).unwrap_or_default();
-    let t = |i: usize| f.get(i).copied().unwrap_or(0);
-    (t(11) + t(12), t(13) + t(14))
-}
-
-fn ticks_per_second() -> f64 {
-    100.0 // USER_HZ on Linux
-}
 
 fn main() -> Result<(), String> {
     let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
@@ -83,13 +56,10 @@ fn main() -> Result<(), String> {
     let script = dir.path().join("select.sql");
     std::fs::write(&script, SCRIPT).map_err(|e| e.to_string())?;
     let pgbench = Cluster::find_bindir().map_err(|e| e.to_string())?.join("pgbench");
-    let postmaster: u32 = std::fs::read_to_string(cluster.data_dir().join("postmaster.pid"))
-        .ok()
-        .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
-        .ok_or("no postmaster.pid")?;
+    let postmaster = cpu::postmaster_pid(&cluster.data_dir())?;
     // one pgbench run: (TPS, CPU µs per transaction of Postgres, of pgtenant, of pgbench)
     let run = |mode: &str| -> Result<(f64, [f64; 3]), String> {
-        let (pg0, me0) = (children_ticks(postmaster), own_ticks());
+        let (pg0, me0) = (cpu::children_ticks(postmaster), cpu::own_ticks());
         let out = Command::new(&pgbench)
             .args(["-n", "-c", &clients.to_string(), "-j", "2", "-T", &secs.to_string(), "-M", mode, "-f"])
             .arg(&script)
@@ -97,15 +67,15 @@ fn main() -> Result<(), String> {
             .env("PGPASSWORD", &token)
             .output()
             .map_err(|e| e.to_string())?;
-        let (pg1, me1) = (children_ticks(postmaster), own_ticks());
-        let pg: u64 = pg1.iter().map(|(pid, t)| t - pg0.get(pid).copied().unwrap_or(0).min(*t)).sum();
+        let (pg1, me1) = (cpu::children_ticks(postmaster), cpu::own_ticks());
+        let pg = cpu::children_delta(&pg0, &pg1);
         let text = String::from_utf8_lossy(&out.stdout);
         let field = |prefix: &str| text.lines().find_map(|l| l.strip_prefix(prefix).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse::<f64>().ok()));
         let (tps, n) = match (field("tps = "), field("number of transactions actually processed: ")) {
             (Some(t), Some(n)) if n > 0.0 => (t, n),
             _ => return Err(format!("pgbench: {text}{}", String::from_utf8_lossy(&out.stderr))),
         };
-        let us = |ticks: u64| ticks as f64 * 1e6 / ticks_per_second() / n;
+        let us = |ticks: u64| ticks as f64 * 1e6 / cpu::TICKS_PER_SECOND / n;
         Ok((tps, [us(pg), us(me1.0 - me0.0), us(me1.1 - me0.1)]))
     };
     println!("{} s runs, {rounds} interleaved rounds, {clients} clients, pool 8, primary-key read of orders", secs);
