@@ -297,23 +297,10 @@ async fn read_answer_streaming(s: &mut tokio::net::TcpStream) -> Result<Vec<(u8,
 /// A 200 MB row through the pgtenant binary: the proxy streams it (header, then the body as it
 /// arrives) instead of holding it whole, so its peak resident memory grows by less than 32 MiB.
 pub async fn wide_row_streams_through_bounded_memory(env: &Env) -> TestResult {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let file = dir.path().join("pgtenant.toml");
     std::fs::write(&file, config_text(env, "", "")).map_err(|e| e.to_string())?;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
-        .args(["run", "--config"])
-        .arg(&file)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let stderr = child.stderr.take().ok_or("no stderr")?;
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, rx) = spawn_binary(&file)?;
     let pid = child.id();
     let result = async {
         let port = loop {

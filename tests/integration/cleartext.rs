@@ -1,8 +1,7 @@
 //! Tokens are bearer credentials (issue 19): a listener beyond loopback that does not require TLS
 //! is warned about by `pgtenant check` and at start-up of the real binary; a loopback one is not.
 
-use std::io::BufRead;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use crate::common::*;
@@ -18,20 +17,7 @@ fn check(config: &std::path::Path) -> Result<String, String> {
 
 /// Starts `pgtenant run`, returns its log up to the "pgtenant ready" line, and stops it.
 fn startup_log(config: &std::path::Path) -> Result<String, String> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pgtenant"))
-        .args(["run", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let stderr = child.stderr.take().ok_or("no stderr")?;
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, rx) = spawn_binary(config)?;
     let mut log = String::new();
     let result = loop {
         match rx.recv_timeout(Duration::from_secs(10)) {

@@ -1555,7 +1555,6 @@ async fn deploy_manifests_are_valid(_env: &Env) -> TestResult {
 }
 
 async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
-    use std::io::BufRead;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let file = dir.path().join("pgtenant.toml");
     let old_text = config_text(env, "", "[admin]\nlisten = \"127.0.0.1:0\"");
@@ -1631,19 +1630,7 @@ async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
     let with_audit = |t: &str| format!("{t}\n[audit]\npath = \"{}\"\n", audit.display());
     let (old_text, new_text) = (with_audit(&old_text), with_audit(&new_text));
     std::fs::write(&file, &old_text).map_err(|e| e.to_string())?;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
-        .args(["run", "--config"])
-        .arg(&file)
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| e.to_string())?;
-    let stderr = child.stderr.take().ok_or("no stderr")?;
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut child, rx) = spawn_binary(&file)?;
     let port = loop {
         let line = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| "binary did not start")?;
         if let Some(i) = line.find("listen=127.0.0.1:") {

@@ -150,3 +150,24 @@ pub fn run_all_within(tests: &[(&str, TestFn)], limit: std::time::Duration) {
         std::process::exit(1);
     }
 }
+
+/// Starts the `pgtenant` binary with `run --config <config>` (stdout discarded) and forwards its
+/// standard error, line by line, to the returned channel.
+pub fn spawn_binary(config: &std::path::Path) -> Result<(std::process::Child, std::sync::mpsc::Receiver<String>), String> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| e.to_string())?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    Ok((child, rx))
+}
