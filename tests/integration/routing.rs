@@ -303,7 +303,23 @@ async fn tenants_placed_on_two_clusters_read_their_own_rows(env: &Env) -> TestRe
     ensure((on_eu.trim(), on_default.trim()) == ("1", "0"), format!("insert landed: eu {on_eu}, default {on_default}"))?;
     let names: Vec<&str> = proxy.proxy.shared.router.clusters().iter().map(|c| c.name.as_str()).collect();
     ensure(names == ["default", "eu"], format!("clusters: {names:?}"))?;
+    // /tenants and the per-tenant metrics name each tenant's cluster
+    let tenants: serde_json::Value = serde_json::from_str(&pgtenant::admin::tenants::json(&*proxy.proxy, "")?).map_err(e)?;
+    let cluster_of = |t: &str| tenants["tenants"].as_array().and_then(|a| a.iter().find(|x| x["tenant"] == t)).map(|x| x["cluster"].clone());
+    ensure(
+        cluster_of("1") == Some(json!("default")) && cluster_of("2") == Some(json!("eu")),
+        format!("/tenants: {tenants}"),
+    )?;
     proxy.stop().await;
+    let top = start_proxy(env, "", &format!("{}\n[admin]\nmetrics_top_tenants = 5", clusters_table(&eu, "\"2\""))).await;
+    let two = connect(&top, &token(2, "u2")).await.map_err(e)?;
+    tenant_name(&two).await?;
+    let metrics = pgtenant::admin::tenants::metrics_text(&*top.proxy);
+    ensure(
+        metrics.contains("pgtenant_tenant_transactions_total{tenant=\"2\",cluster=\"eu\"}"),
+        format!("per-tenant metrics: {metrics}"),
+    )?;
+    top.stop().await;
     // session pooling: the backend leased at login is on the tenant's cluster too
     let session = start_proxy(env, "", &format!("[pool]\nmode = \"session\"\n{}", clusters_table(&eu, "\"2\""))).await;
     let (one, two) = (connect(&session, &token(1, "u1")).await.map_err(e)?, connect(&session, &token(2, "u2")).await.map_err(e)?);

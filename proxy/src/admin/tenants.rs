@@ -23,7 +23,8 @@ enum By {
     Wait,
 }
 
-fn sort(stats: &mut [TenantStats], by: By) {
+/// Tenants (with their cluster), busiest first by `by`, then by name.
+fn sort(stats: &mut [(String, TenantStats)], by: By) {
     let key = |t: &TenantStats| -> (f64, f64) {
         match by {
             By::Load => ((t.active + t.waiting) as f64, t.transactions as f64),
@@ -33,7 +34,7 @@ fn sort(stats: &mut [TenantStats], by: By) {
             By::Wait => (t.wait_seconds_total, 0.0),
         }
     };
-    stats.sort_by(|a, b| key(b).partial_cmp(&key(a)).unwrap_or(std::cmp::Ordering::Equal).then_with(|| a.tenant.cmp(&b.tenant)));
+    stats.sort_by(|(_, a), (_, b)| key(b).partial_cmp(&key(a)).unwrap_or(std::cmp::Ordering::Equal).then_with(|| a.tenant.cmp(&b.tenant)));
 }
 
 /// A per-tenant metric: name, type, help text, and its value for one tenant.
@@ -55,10 +56,18 @@ pub fn json(proxy: &impl Source, query: &str) -> Result<String, String> {
         }
     }
     let pool = proxy.pool();
-    let mut stats = pool.tenant_stats();
+    let mut stats = gather(proxy);
     let tracked = stats.len();
     sort(&mut stats, by);
     stats.truncate(top);
+    let stats: Vec<serde_json::Value> = stats
+        .into_iter()
+        .map(|(cluster, t)| {
+            let mut v = serde_json::to_value(t).unwrap_or_default();
+            v["cluster"] = cluster.into();
+            v
+        })
+        .collect();
     let bypass = proxy.bypass_pool().map(|b| {
         let s = b.tenant_stats();
         serde_json::json!({
@@ -84,12 +93,14 @@ pub fn metrics_text(proxy: &impl Source) -> String {
     if named.is_empty() && top == 0 {
         return String::new();
     }
-    let mut stats = proxy.pool().tenant_stats();
+    let mut stats = gather(proxy);
     sort(&mut stats, By::Load);
-    let chosen: Vec<&TenantStats> = stats
+    // with [[clusters]], every series names its cluster (a bounded label: the configured names)
+    let by_cluster = proxy.router().is_some_and(|r| r.clusters().len() > 1);
+    let chosen: Vec<&(String, TenantStats)> = stats
         .iter()
         .enumerate()
-        .filter(|(i, t)| *i < top || named.contains(&t.tenant))
+        .filter(|(i, (_, t))| *i < top || named.contains(&t.tenant))
         .map(|(_, t)| t)
         .collect();
     let mut out = String::new();
@@ -102,9 +113,42 @@ pub fn metrics_text(proxy: &impl Source) -> String {
     ];
     for (name, kind, help, value) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for t in &chosen {
-            let _ = writeln!(out, "{name}{{tenant=\"{}\"}} {}", escape(&t.tenant), value(t));
+        for (cluster, t) in &chosen {
+            if by_cluster {
+                let _ = writeln!(out, "{name}{{tenant=\"{}\",cluster=\"{}\"}} {}", escape(&t.tenant), escape(cluster), value(t));
+            } else {
+                let _ = writeln!(out, "{name}{{tenant=\"{}\"}} {}", escape(&t.tenant), value(t));
+            }
         }
+    }
+    out
+}
+
+/// Every tenant's counters with the name of the cluster it runs on: each cluster's primary pool
+/// and its replicas' pools added up (`[backend]` alone: the one pool, cluster `default`).
+fn gather(proxy: &impl Source) -> Vec<(String, TenantStats)> {
+    let clusters = proxy.router().map(|r| r.clusters()).unwrap_or_default();
+    if clusters.is_empty() {
+        return proxy.pool().tenant_stats().into_iter().map(|t| ("default".to_string(), t)).collect();
+    }
+    let mut out = Vec::new();
+    for c in clusters {
+        let mut merged: Vec<TenantStats> = c.primary.tenant_stats();
+        for r in &c.replicas {
+            for t in r.pool.tenant_stats() {
+                match merged.iter_mut().find(|m| m.tenant == t.tenant) {
+                    Some(m) => {
+                        m.active += t.active;
+                        m.waiting += t.waiting;
+                        m.transactions += t.transactions;
+                        m.wait_seconds_total += t.wait_seconds_total;
+                        m.limit_refusals += t.limit_refusals;
+                    }
+                    None => merged.push(t),
+                }
+            }
+        }
+        out.extend(merged.into_iter().map(|t| (c.name.clone(), t)));
     }
     out
 }
