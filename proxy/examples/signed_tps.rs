@@ -69,12 +69,7 @@ fn main() -> Result<(), String> {
             .map_err(|e| e.to_string())?;
         let (pg1, me1) = (cpu::children_ticks(postmaster), cpu::own_ticks());
         let pg = cpu::children_delta(&pg0, &pg1);
-        let text = String::from_utf8_lossy(&out.stdout);
-        let field = |prefix: &str| text.lines().find_map(|l| l.strip_prefix(prefix).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse::<f64>().ok()));
-        let (tps, n) = match (field("tps = "), field("number of transactions actually processed: ")) {
-            (Some(t), Some(n)) if n > 0.0 => (t, n),
-            _ => return Err(format!("pgbench: {text}{}", String::from_utf8_lossy(&out.stderr))),
-        };
+        let (tps, n) = cpu::pgbench_result(&out)?;
         let us = |ticks: u64| ticks as f64 * 1e6 / cpu::TICKS_PER_SECOND / n;
         Ok((tps, [us(pg), us(me1.0 - me0.0), us(me1.1 - me0.1)]))
     };

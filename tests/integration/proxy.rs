@@ -1264,35 +1264,24 @@ async fn client_suite(env: &Env, what: &str, mut cmd: Command) -> TestResult {
     Ok(())
 }
 
-fn clients_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/clients")
-}
 
 /// Python drivers (installed into tests/clients/.venv by scripts/test.sh): psycopg 3,
 /// psycopg_pool, asyncpg, SQLAlchemy 2.
 async fn python_clients(env: &Env) -> TestResult {
-    let python = std::env::var("PGTENANT_CLIENTS_PYTHON").map(std::path::PathBuf::from).unwrap_or(clients_dir().join(".venv/bin/python"));
-    ensure(python.exists(), format!("{} missing: run ./scripts/test.sh, which installs the client suite", python.display()))?;
-    let mut cmd = Command::new(python);
-    cmd.arg(clients_dir().join("python_clients.py"));
+    let cmd = python_client("python_clients.py")?;
     client_suite(env, "python clients", cmd).await
 }
 
 /// Node drivers (installed into tests/clients/node_modules by scripts/test.sh): node-postgres and
 /// postgres.js.
 async fn node_clients(env: &Env) -> TestResult {
-    ensure(clients_dir().join("node_modules/pg").exists(), "tests/clients/node_modules missing: run ./scripts/test.sh, which installs the client suite")?;
-    let mut cmd = Command::new("node");
-    cmd.current_dir(clients_dir()).arg("node_clients.mjs");
+    let cmd = node_client("node_clients.mjs")?;
     client_suite(env, "node clients", cmd).await
 }
 
 /// pgjdbc from Debian's libpostgresql-jdbc-java (installed by scripts/test.sh), prepareThreshold=1.
 async fn pgjdbc_client(env: &Env) -> TestResult {
-    let jar = "/usr/share/java/postgresql.jar";
-    ensure(std::path::Path::new(jar).exists(), "pgjdbc missing: run ./scripts/test.sh, which installs libpostgresql-jdbc-java")?;
-    let mut cmd = Command::new("java");
-    cmd.current_dir(clients_dir()).args(["-cp", jar, "PgjdbcClient.java"]);
+    let cmd = java_client("PgjdbcClient.java")?;
     client_suite(env, "pgjdbc", cmd).await
 }
 

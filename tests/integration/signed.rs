@@ -455,9 +455,6 @@ async fn tenants_see_their_rows_through_a_signing_proxy(env: &Env) -> TestResult
 
 // ---- the real-client suites, against the signed schema and a signing proxy --------------------
 
-fn clients_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/clients")
-}
 
 /// As proxy.rs's `client_suite`, with a proxy that signs.
 async fn client_suite(env: &Env, what: &str, mut cmd: Command) -> TestResult {
@@ -475,25 +472,17 @@ async fn client_suite(env: &Env, what: &str, mut cmd: Command) -> TestResult {
 }
 
 async fn python_clients_signed(env: &Env) -> TestResult {
-    let python = std::env::var("PGTENANT_CLIENTS_PYTHON").map(std::path::PathBuf::from).unwrap_or(clients_dir().join(".venv/bin/python"));
-    ensure(python.exists(), format!("{} missing: run ./scripts/test.sh, which installs the client suite", python.display()))?;
-    let mut cmd = Command::new(python);
-    cmd.arg(clients_dir().join("python_clients.py"));
+    let cmd = python_client("python_clients.py")?;
     client_suite(env, "python clients", cmd).await
 }
 
 async fn node_clients_signed(env: &Env) -> TestResult {
-    ensure(clients_dir().join("node_modules/pg").exists(), "tests/clients/node_modules missing: run ./scripts/test.sh, which installs the client suite")?;
-    let mut cmd = Command::new("node");
-    cmd.current_dir(clients_dir()).arg("node_clients.mjs");
+    let cmd = node_client("node_clients.mjs")?;
     client_suite(env, "node clients", cmd).await
 }
 
 async fn pgjdbc_client_signed(env: &Env) -> TestResult {
-    let jar = "/usr/share/java/postgresql.jar";
-    ensure(std::path::Path::new(jar).exists(), "pgjdbc missing: run ./scripts/test.sh, which installs libpostgresql-jdbc-java")?;
-    let mut cmd = Command::new("java");
-    cmd.current_dir(clients_dir()).args(["-cp", jar, "PgjdbcClient.java"]);
+    let cmd = java_client("PgjdbcClient.java")?;
     client_suite(env, "pgjdbc", cmd).await
 }
 

@@ -447,9 +447,6 @@ async fn connects_when_the_role_cannot_read_backend_activity(env: &Env) -> TestR
 
 // ---- real clients (installed by scripts/test.sh) ---------------------------------------------
 
-fn clients_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/clients")
-}
 
 /// Runs a client script with PORT TOKEN_1 TOKEN_2 SESSION_MODE_PORT (a transaction-mode proxy and a
 /// session-mode proxy) and fails with its output if it fails.
@@ -469,24 +466,16 @@ async fn client_script(env: &Env, what: &str, mut cmd: Command) -> TestResult {
 }
 
 async fn python_drivers(env: &Env) -> TestResult {
-    let python = std::env::var("PGTENANT_CLIENTS_PYTHON").map(std::path::PathBuf::from).unwrap_or(clients_dir().join(".venv/bin/python"));
-    ensure(python.exists(), format!("{} missing: run ./scripts/test.sh, which installs the client suite", python.display()))?;
-    let mut cmd = Command::new(python);
-    cmd.arg(clients_dir().join("python_transactions.py"));
+    let cmd = python_client("python_transactions.py")?;
     client_script(env, "python transactions", cmd).await
 }
 
 async fn node_drivers(env: &Env) -> TestResult {
-    ensure(clients_dir().join("node_modules/pg").exists(), "tests/clients/node_modules missing: run ./scripts/test.sh")?;
-    let mut cmd = Command::new("node");
-    cmd.current_dir(clients_dir()).arg("node_transactions.mjs");
+    let cmd = node_client("node_transactions.mjs")?;
     client_script(env, "node transactions", cmd).await
 }
 
 async fn pgjdbc_driver(env: &Env) -> TestResult {
-    let jar = "/usr/share/java/postgresql.jar";
-    ensure(std::path::Path::new(jar).exists(), "pgjdbc missing: run ./scripts/test.sh, which installs libpostgresql-jdbc-java")?;
-    let mut cmd = Command::new("java");
-    cmd.current_dir(clients_dir()).args(["-cp", jar, "PgjdbcTransactions.java"]);
+    let cmd = java_client("PgjdbcTransactions.java")?;
     client_script(env, "pgjdbc transactions", cmd).await
 }

@@ -1,6 +1,7 @@
 //! CPU accounting for the benchmark examples (`signed_tps`, `replica_tps`): clock ticks read from
-//! /proc, so a run can say what each process spent per transaction. Linux only; elsewhere every
-//! count is 0. Shared as a module (`mod cpu;`), not an example of its own.
+//! /proc, so a run can say what each process spent per transaction, and the figures read from
+//! pgbench's output. Linux only; elsewhere every count is 0. Shared as a module (`mod cpu;`), not an
+//! example of its own.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -44,4 +45,14 @@ pub fn postmaster_pid(data_dir: &Path) -> Result<u32, String> {
         .ok()
         .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
         .ok_or_else(|| format!("no postmaster.pid in {}", data_dir.display()))
+}
+
+/// (TPS, transactions) of a finished pgbench run; its output in the error when it has none.
+pub fn pgbench_result(out: &std::process::Output) -> Result<(f64, f64), String> {
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| text.lines().find_map(|l| l.strip_prefix(prefix).and_then(|r| r.split_whitespace().next()).and_then(|v| v.parse::<f64>().ok()));
+    match (field("tps = "), field("number of transactions actually processed: ")) {
+        (Some(t), Some(n)) if n > 0.0 => Ok((t, n)),
+        _ => Err(format!("pgbench: {text}{}", String::from_utf8_lossy(&out.stderr))),
+    }
 }

@@ -171,3 +171,37 @@ pub fn spawn_binary(config: &std::path::Path) -> Result<(std::process::Child, st
     });
     Ok((child, rx))
 }
+
+/// The real-client suite's folder (scripts, `.venv`, `node_modules`).
+pub fn clients_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/clients")
+}
+
+/// `script` of the client suite under the Python drivers scripts/test.sh installs into
+/// tests/clients/.venv (or `PGTENANT_CLIENTS_PYTHON`).
+pub fn python_client(script: &str) -> Result<std::process::Command, String> {
+    let python = std::env::var("PGTENANT_CLIENTS_PYTHON").map(std::path::PathBuf::from).unwrap_or(clients_dir().join(".venv/bin/python"));
+    ensure(python.exists(), format!("{} missing: run ./scripts/test.sh, which installs the client suite", python.display()))?;
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(clients_dir().join(script));
+    Ok(cmd)
+}
+
+/// `script` of the client suite under node, with the drivers scripts/test.sh installs into
+/// tests/clients/node_modules.
+pub fn node_client(script: &str) -> Result<std::process::Command, String> {
+    ensure(clients_dir().join("node_modules/pg").exists(), "tests/clients/node_modules missing: run ./scripts/test.sh, which installs the client suite")?;
+    let mut cmd = std::process::Command::new("node");
+    cmd.current_dir(clients_dir()).arg(script);
+    Ok(cmd)
+}
+
+/// `source` (a single-file Java program) of the client suite with Debian's pgjdbc, which
+/// scripts/test.sh installs (libpostgresql-jdbc-java).
+pub fn java_client(source: &str) -> Result<std::process::Command, String> {
+    let jar = "/usr/share/java/postgresql.jar";
+    ensure(std::path::Path::new(jar).exists(), "pgjdbc missing: run ./scripts/test.sh, which installs libpostgresql-jdbc-java")?;
+    let mut cmd = std::process::Command::new("java");
+    cmd.current_dir(clients_dir()).args(["-cp", jar, source]);
+    Ok(cmd)
+}
