@@ -17,7 +17,7 @@
 //! "Shared-role interference", for what is refused, what is left to privileges and what is inherent.
 
 use crate::error::{sqlstate, PgError};
-use crate::sql::literal::ident_value;
+use crate::sql::literal::ident_among;
 use crate::sql::lexer::{Kind, Token};
 
 /// Functions that signal another backend.
@@ -41,14 +41,13 @@ fn refused(message: String, hint: &str) -> PgError {
 /// Checks one statement's tokens (a client statement, or a statement of a function body).
 pub fn check(toks: &[Token<'_>]) -> Result<(), PgError> {
     for (i, t) in toks.iter().enumerate() {
-        let Some(name) = ident_value(t) else { continue };
-        if SIGNAL.contains(&name.as_str()) {
+        if let Some(name) = ident_among(t, &SIGNAL) {
             return Err(refused(
                 format!("{name} is not allowed: every client shares one database role, so it could cancel or end other tenants' queries"),
                 "to cancel your own query, use your client's cancel (Ctrl-C in psql): pgtenant forwards it to your query only",
             ));
         }
-        if ACTIVITY.contains(&name.as_str()) {
+        if let Some(name) = ident_among(t, &ACTIVITY) {
             return Err(refused(
                 format!("{name} is not allowed: every client shares one database role, so it would show other tenants' queries"),
                 "pg_backend_pid() and current_query() describe your own session",

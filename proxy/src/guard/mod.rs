@@ -21,13 +21,14 @@
 
 pub mod interference;
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 
 use crate::config::TenantConfig;
 use crate::error::{sqlstate, PgError};
 use crate::protocol::peek::BindParams;
 use crate::sql::lexer::{Kind, Token};
-use crate::sql::literal::{ident_value, string_value};
+use crate::sql::literal::{ident_among, ident_value, string_value};
 use crate::sql::set::Change;
 use crate::sql::set_config::{self, Arg, SetConfigCall};
 use crate::sql::split;
@@ -73,7 +74,7 @@ fn protected_error(name: &str) -> PgError {
 fn plain_value(t: &Token<'_>) -> Option<String> {
     match t.kind {
         Kind::Number => Some(String::from_utf8_lossy(t.text).into_owned()),
-        _ => string_value(t).or_else(|| ident_value(t)),
+        _ => string_value(t).or_else(|| ident_value(t).map(Cow::into_owned)),
     }
 }
 
@@ -219,7 +220,7 @@ impl Guard {
         if toks.is_empty() {
             return Ok(());
         }
-        let word = |i: usize| toks.get(i).filter(|t| t.kind == Kind::Word).map(|t| String::from_utf8_lossy(t.text).to_lowercase());
+        let word = |i: usize| toks.get(i).filter(|t| t.kind == Kind::Word).map(|t| crate::sql::literal::fold_word(t.text));
         match word(0).as_deref() {
             Some("set") | Some("reset") => {
                 let mut i = 1;
@@ -339,7 +340,7 @@ impl Guard {
         if t.is_word("time") && toks.get(i + 1).is_some_and(|n| n.is_word("zone")) {
             return Some(("timezone".into(), i + 2));
         }
-        let mut name = ident_value(t)?;
+        let mut name = ident_value(t)?.into_owned();
         let mut j = i + 1;
         while is_op(toks.get(j), b".") {
             name.push('.');
@@ -351,7 +352,7 @@ impl Guard {
 
     fn check_set_config(&self, toks: &[Token<'_>], mut deferred: Option<&mut Deferred<'_>>) -> Result<(), PgError> {
         for (i, t) in toks.iter().enumerate() {
-            if !matches!(t.kind, Kind::Word | Kind::QuotedIdent) || ident_value(t).as_deref() != Some("set_config") {
+            if ident_among(t, &["set_config"]).is_none() {
                 continue;
             }
             if !is_op(toks.get(i + 1), b"(") {
@@ -442,7 +443,7 @@ fn check_routine_language(toks: &[Token<'_>]) -> Result<(), PgError> {
     let language = toks
         .windows(2)
         .find(|w| w[0].is_word("language"))
-        .and_then(|w| ident_value(&w[1]).or_else(|| string_value(&w[1])))
+        .and_then(|w| ident_value(&w[1]).map(Cow::into_owned).or_else(|| string_value(&w[1])))
         .map(|l| l.to_lowercase());
     match language.as_deref() {
         None | Some("sql") => Ok(()),

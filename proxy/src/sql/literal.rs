@@ -8,6 +8,8 @@
 //! cannot decode as one it must refuse. `sql::split` merges a `U&…` token with its `UESCAPE '…'`
 //! clause into one token, so the clause always travels with the text it changes.
 
+use std::borrow::Cow;
+
 use super::lexer::{Kind, Lexer, Token};
 
 /// The text of a string-literal token; None for kinds we cannot decode (bit strings...) and for
@@ -43,13 +45,65 @@ pub fn string_value(t: &Token<'_>) -> Option<String> {
     }
 }
 
-/// The name an identifier token denotes: unquoted words fold to lower case.
-pub fn ident_value(t: &Token<'_>) -> Option<String> {
+/// The longest identifier the server keeps (`NAMEDATALEN - 1` bytes): the scanner truncates
+/// longer ones, quoted or not.
+const MAX_IDENT_BYTES: usize = 63;
+
+/// The name an identifier token denotes, as the server's scanner makes it: an unquoted word has its
+/// ASCII letters folded to lower case and nothing else (`downcase_identifier` in a multibyte
+/// encoding: `ÄPP` stays `ÄPP`), and every identifier is cut to 63 bytes on a character boundary
+/// (`truncate_identifier`). Borrowed from the query text when nothing changes, which is nearly
+/// always: the hot path allocates nothing for a lower-case word.
+pub fn ident_value<'a>(t: &Token<'a>) -> Option<Cow<'a, str>> {
+    let name = match t.kind {
+        Kind::Word => fold_word(t.text),
+        Kind::QuotedIdent if t.text[0] == b'"' => Cow::Owned(unquote(&t.text[1..t.text.len() - 1], b'"')),
+        Kind::QuotedIdent => Cow::Owned(unicode_literal(t.text, b'"')?),
+        _ => return None,
+    };
+    Some(truncate_ident(name))
+}
+
+/// Which of `names` (lower-case ASCII) an identifier token denotes, if any. An unquoted word is
+/// compared in place with ASCII case folded, which is what the server's folding gives for these
+/// names, so nothing is decoded or allocated; a quoted identifier is decoded first.
+pub fn ident_among(t: &Token<'_>, names: &[&'static str]) -> Option<&'static str> {
     match t.kind {
-        Kind::Word => Some(String::from_utf8_lossy(t.text).to_lowercase()),
-        Kind::QuotedIdent if t.text[0] == b'"' => Some(unquote(&t.text[1..t.text.len() - 1], b'"')),
-        Kind::QuotedIdent => unicode_literal(t.text, b'"'),
+        Kind::Word if t.text.len() <= MAX_IDENT_BYTES => {
+            names.iter().copied().find(|n| n.len() == t.text.len() && t.text.eq_ignore_ascii_case(n.as_bytes()))
+        }
+        Kind::Word | Kind::QuotedIdent => {
+            let v = ident_value(t)?;
+            names.iter().copied().find(|n| *n == v)
+        }
         _ => None,
+    }
+}
+
+/// An unquoted word folded as the server folds it: ASCII `A`–`Z` only.
+pub fn fold_word(text: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(text) {
+        Ok(s) if !s.bytes().any(|b| b.is_ascii_uppercase()) => Cow::Borrowed(s),
+        Ok(s) => Cow::Owned(s.to_ascii_lowercase()),
+        // the server rejects query text that is not valid in its encoding before scanning it
+        Err(_) => Cow::Owned(String::from_utf8_lossy(text).to_ascii_lowercase()),
+    }
+}
+
+fn truncate_ident(name: Cow<'_, str>) -> Cow<'_, str> {
+    if name.len() <= MAX_IDENT_BYTES {
+        return name;
+    }
+    let mut end = MAX_IDENT_BYTES;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    match name {
+        Cow::Borrowed(s) => Cow::Borrowed(&s[..end]),
+        Cow::Owned(mut s) => {
+            s.truncate(end);
+            Cow::Owned(s)
+        }
     }
 }
 
@@ -249,7 +303,29 @@ mod tests {
     }
 
     fn id(s: &str) -> Option<String> {
-        ident_value(&split(s.as_bytes())[0][0])
+        ident_value(&split(s.as_bytes())[0][0]).map(Cow::into_owned)
+    }
+
+    /// Identifiers come out as the server's scanner makes them: only ASCII letters of unquoted
+    /// words fold (`downcase_identifier` in UTF-8), and every identifier is cut to 63 bytes on a
+    /// character boundary (`truncate_identifier`). The cases were checked with the server:
+    /// `SELECT 1 AS ÄPP` names its column `Äpp`, and a 70-letter alias comes back with 63.
+    #[test]
+    fn identifiers_fold_and_truncate_like_the_server() {
+        assert_eq!(id("App_Tenant").as_deref(), Some("app_tenant"));
+        assert_eq!(id("ÄPP").as_deref(), Some("Äpp"));
+        assert_eq!(id("\u{212A}elvin").as_deref(), Some("\u{212A}elvin")); // Unicode would fold it to "kelvin"
+        assert_eq!(id("\"Set_Config\"").as_deref(), Some("Set_Config"));
+        let long = "a".repeat(70);
+        assert_eq!(id(&long).as_deref(), Some(&long[..63]));
+        assert_eq!(id(&format!("\"{long}\"")).as_deref(), Some(&long[..63]));
+        // a two-byte character across the 63rd byte is dropped whole
+        let cut = format!("{}é{}", "a".repeat(62), "b".repeat(5));
+        assert_eq!(id(&cut).as_deref(), Some(&cut[..62]));
+        // ident_among: the same names, without decoding unquoted words
+        let toks = split("SET_CONFIG \"set_config\" U&\"set\\005fconfig\" \"SET_CONFIG\" set_configx \u{212A}".as_bytes());
+        let found: Vec<_> = toks[0].iter().map(|t| ident_among(t, &["set_config", "k"])).collect();
+        assert_eq!(found, [Some("set_config"), Some("set_config"), Some("set_config"), None, None, None]);
     }
 
     #[test]

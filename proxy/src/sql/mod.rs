@@ -45,7 +45,7 @@ pub fn split(sql: &[u8]) -> Vec<Vec<Token<'_>>> {
 
 /// An identifier token's value (see `literal::ident_value`).
 pub(crate) fn literal_ident(t: &Token<'_>) -> Option<String> {
-    literal::ident_value(t)
+    literal::ident_value(t).map(std::borrow::Cow::into_owned)
 }
 
 /// Merges `U&… UESCAPE '…'` into one token (see [`split`]).
@@ -134,7 +134,7 @@ pub fn deallocate_name(sql: &[u8]) -> Option<String> {
     if name.is_word("all") {
         return None;
     }
-    literal::ident_value(name)
+    literal::ident_value(name).map(std::borrow::Cow::into_owned)
 }
 
 /// Some statement of the query string is `DEALLOCATE [PREPARE] ALL`.

@@ -9,7 +9,7 @@
 use super::lexer::{Kind, Token};
 use super::split;
 use crate::error::{sqlstate, PgError};
-use crate::sql::literal::{ident_value, string_value};
+use crate::sql::literal::{ident_among, string_value};
 
 const SESSION_LOCKS: [&str; 4] = ["pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"];
 
@@ -61,7 +61,7 @@ pub fn check_statements(statements: &[Vec<Token<'_>>], in_block: bool) -> Result
 /// (a nested `DO` inside a PL/pgSQL body follows `BEGIN` & co.). Strings run by `EXECUTE` are not
 /// seen: `pgtenant doctor`'s `advisory_locks` privilege check covers those.
 fn takes_session_lock(toks: &[Token<'_>], depth: u32) -> bool {
-    if toks.iter().any(|t| ident_value(t).is_some_and(|n| SESSION_LOCKS.contains(&n.as_str()))) {
+    if toks.iter().any(|t| ident_among(t, &SESSION_LOCKS).is_some()) {
         return true;
     }
     let runs_body = if depth == 0 { toks.first().is_some_and(|t| t.is_word("do")) } else { toks.iter().any(|t| t.is_word("do")) };

@@ -102,7 +102,7 @@ fn set_config_change(toks: &[Token<'_>]) -> Option<Change> {
 
 /// A (possibly dotted) setting name at `toks[i..]` and the index after it.
 fn name_at(toks: &[Token<'_>], i: usize) -> Option<(String, usize)> {
-    let mut name = ident_value(toks.get(i)?)?;
+    let mut name = ident_value(toks.get(i)?)?.into_owned();
     let mut j = i + 1;
     while toks.get(j).is_some_and(|t| t.kind == Kind::Op && t.text == b".") {
         name.push('.');

@@ -87,7 +87,7 @@ fn setup(toks: &[Token<'_>]) -> Option<bool> {
     let i = if is(1, "local") || is(1, "session") { 2 } else { 1 };
     let name = toks.get(i).and_then(crate::sql::literal::ident_value)?;
     let dotted = toks.get(i + 1).is_some_and(|t| t.kind == Kind::Op && t.text == b".");
-    (!dotted && matches!(name.as_str(), "transaction_isolation" | "transaction_read_only" | "transaction_deferrable")).then_some(true)
+    (!dotted && matches!(&*name, "transaction_isolation" | "transaction_read_only" | "transaction_deferrable")).then_some(true)
 }
 
 /// Transaction modes from `toks[i..]` to the end: `Some(any)` when they all are modes.
