@@ -83,6 +83,11 @@ impl CancelSlot {
         self.wake.notify_waiters();
     }
 
+    /// Whether [`terminate`](Self::terminate) was called.
+    pub fn is_terminated(&self) -> bool {
+        self.terminated.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Completes once [`terminate`](Self::terminate) was called (at once if it already was).
     pub async fn terminated(&self) {
         loop {

@@ -103,7 +103,7 @@ async fn shutdown_signal() {
 fn run(config: PathBuf) -> Result<(), String> {
     let cfg = Config::load(&config).map_err(|e| e.to_string())?;
     pgtenant::logging::init(&cfg.log.level, &cfg.log.format);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let rt = runtime(cfg.server.worker_threads).map_err(|e| e.to_string())?;
     rt.block_on(async {
         let running = pgtenant::server::start_from(cfg, Some(config.clone())).await?;
         tracing::info!(listen = %running.addr, backend = %running.proxy.shared.pool.target().describe(), "pgtenant ready");
@@ -127,6 +127,16 @@ fn run(config: PathBuf) -> Result<(), String> {
         }
         Ok(())
     })
+}
+
+/// The runtime that runs the proxy (`server.worker_threads`): one thread per core by default, a
+/// single-threaded one for 1.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+    }
 }
 
 fn doctor(config: PathBuf, admin_url: Option<String>, json: bool, schema: String) -> Result<ExitCode, String> {

@@ -1614,9 +1614,12 @@ async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
     ensure(n == 100 && lo == 2, "client not served once the single connection was free")?;
     p.stop().await;
 
-    // SIGHUP to the real binary; it also hands the audit log over to logrotate
+    // SIGHUP to the real binary; it also hands the audit log over to logrotate. It runs on the
+    // single-threaded runtime (server.worker_threads = 1; the other binary tests use the default)
     let audit = file.with_file_name("audit.jsonl");
-    let with_audit = |t: &str| format!("{t}\n[audit]\npath = \"{}\"\n", audit.display());
+    let with_audit = |t: &str| {
+        format!("{}\n[audit]\npath = \"{}\"\n", t.replacen("[server]\n", "[server]\nworker_threads = 1\n", 1), audit.display())
+    };
     let (old_text, new_text) = (with_audit(&old_text), with_audit(&new_text));
     std::fs::write(&file, &old_text).map_err(|e| e.to_string())?;
     let (mut child, rx) = spawn_binary(&file)?;

@@ -38,6 +38,7 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("server", "max_session_state_bytes", EnvType::Int),
     ("server", "peer_id", EnvType::Int),
     ("server", "client_write_timeout_ms", EnvType::Int),
+    ("server", "worker_threads", EnvType::Int),
     ("backend", "url", EnvType::Str),
     ("backend", "pool_size", EnvType::Int),
     ("backend", "tls", EnvType::Str),
@@ -436,6 +437,10 @@ pub struct ServerConfig {
     /// Longest a client may leave pgtenant's output to it unread (no write progress at all);
     /// past it the session ends and its backend is closed or released.
     pub client_write_timeout_ms: u64,
+    /// Threads that run client sessions: 0 = one per CPU core (a work-stealing runtime); 1 = a
+    /// single-threaded runtime, the cheapest per transaction when the proxy shares a few cores
+    /// with the database or the application (no cross-thread wake-ups).
+    pub worker_threads: usize,
 }
 
 impl Default for ServerConfig {
@@ -452,6 +457,7 @@ impl Default for ServerConfig {
             max_session_state_bytes: 16 * 1024 * 1024,
             peer_id: None,
             client_write_timeout_ms: 30_000,
+            worker_threads: 0,
         }
     }
 }

@@ -40,7 +40,7 @@ use crate::error::{sqlstate, PgError};
 
 
 struct Idle {
-    backend: PooledConn,
+    backend: Box<PooledConn>,
     since: Instant,
     /// The `primary` epoch the connection was opened in.
     epoch: u64,
@@ -89,7 +89,7 @@ pub struct Pool {
 
 /// A leased backend. Give it back with [`Pool::release`]; dropping it closes the connection.
 pub struct Lease {
-    pub backend: PooledConn,
+    pub backend: Box<PooledConn>,
     slot: Slot,
     epoch: u64,
 }
@@ -321,7 +321,7 @@ impl Pool {
             }
             Err(e) => return Err(connect_error(&e)),
         };
-        Ok(Lease { backend: PooledConn::from_conn(conn, self.prepared_cache, calls, started), slot: permit, epoch })
+        Ok(Lease { backend: Box::new(PooledConn::from_conn(conn, self.prepared_cache, calls, started)), slot: permit, epoch })
     }
 
     /// The error a transaction gets when it found no slot, naming the limit that held it back.

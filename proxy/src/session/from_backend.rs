@@ -172,12 +172,12 @@ impl Session {
         self.view.changing.clear();
         if let Some(changes) = self.pending_sets.take() {
             if !self.pending_sets_failed && self.replies.status == b'I' {
-                let changes = view::as_reported(changes, self.lease.as_ref().map(|l| &l.backend));
+                let changes = view::as_reported(changes, self.lease.as_ref().map(|l| &*l.backend));
                 self.settings.apply(&changes);
                 self.injection = self.settings.injection();
                 self.tx_defaults = self.settings.tx_defaults();
                 self.view.applied = self.settings.applied();
-                let owed = self.view.after_changes(&changes, self.lease.as_ref().map(|l| &l.backend));
+                let owed = self.view.after_changes(&changes, self.lease.as_ref().map(|l| &*l.backend));
                 if !owed.is_empty() {
                     let tail = self.client_out.split_off(at);
                     for (name, value) in owed {

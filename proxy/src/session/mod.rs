@@ -165,6 +165,14 @@ pub struct Session {
     view: ClientView,
     settings: ClientSettings,
     draining: tokio::sync::watch::Receiver<bool>,
+    /// Wakes the session when it is killed or the proxy starts draining. Polled once, which puts
+    /// the session's waker on both wait lists; after that (`interrupt_armed`) the event loop reads
+    /// the two flags instead of polling it on every turn (each poll of a registered waiter takes
+    /// its wait list's lock, and a future made anew per turn would join and leave the list).
+    interrupt: Interruption,
+    interrupt_armed: bool,
+    /// The session has seen that the proxy is draining (it ends once between transactions).
+    drain_seen: bool,
     /// When the current backend was attached (transaction duration metric).
     attached_at: std::time::Instant,
     /// Session-level SETs in flight, kept if their query completes cleanly.
@@ -230,6 +238,9 @@ impl Session {
             who,
             pool,
             draining: shared.draining.clone(),
+            interrupt: interruption(cancel.slot.clone(), shared.draining.clone()),
+            interrupt_armed: false,
+            drain_seen: false,
             shared,
             client_rd,
             client_wr,
@@ -351,7 +362,7 @@ impl Session {
                 }
                 Event::BackendRead(Ok(_)) => self.process_backend_frames()?,
                 Event::BackendWrote(Ok(n)) => self.backend_out.advance(n),
-                Event::Draining => {}
+                Event::Draining => self.drain_seen = *self.draining.borrow(),
                 Event::ClientStalled => {
                     tracing::info!(
                         timeout_ms = self.shared.client_write_timeout.as_millis() as u64,
@@ -371,6 +382,15 @@ impl Session {
     }
 
     async fn next_event(&mut self) -> Event {
+        let event = self.next_io().await;
+        self.interrupt_armed = true;
+        if self.cancel.slot.is_terminated() {
+            return Event::Timeout(crate::sessions::killed_error());
+        }
+        event
+    }
+
+    async fn next_io(&mut self) -> Event {
         let holding = self.held.is_some() || (self.hold_until_settled && !self.copy_in_open());
         // while client input waits for the backend, keep reading (bounded) so that a client that
         // leaves is noticed at once: its backend must not stay pinned
@@ -392,15 +412,15 @@ impl Session {
             None => (None, None),
         };
         let has_backend = brd.is_some();
-        let draining = *self.draining.borrow();
+        let armed = self.interrupt_armed;
         let (deadline, timeout_kind) = match timeout {
             Some((at, kind)) => (Some(at), Some(kind)),
             None => (None, None),
         };
         tokio::select! {
             biased;
-            _ = self.cancel.slot.terminated() => Event::Timeout(crate::sessions::killed_error()),
-            _ = self.draining.changed(), if !draining => Event::Draining,
+            _ = &mut self.interrupt, if !armed => Event::Draining, // sorted out in next_event
+            _ = std::future::poll_fn(|_| interrupted(&self.cancel.slot, &self.draining, self.drain_seen)), if armed => Event::Draining,
             _ = sleep_until_opt(deadline), if deadline.is_some() => Event::Timeout(timeout_kind.expect("set with the deadline").error(&self.shared.pool_cfg)),
             r = self.client_wr.write(&self.client_out), if !self.client_out.is_empty() => Event::ClientWrote(r),
             r = write_opt(bwr, &self.backend_out), if has_backend && !self.backend_out.is_empty() => Event::BackendWrote(r),
@@ -741,6 +761,29 @@ impl Timeout {
             .with_hint("the transaction was rolled back; end transactions promptly, or raise pool.idle_in_transaction_timeout_ms"),
         }
     }
+}
+
+/// Ready once the session was killed, or the proxy started draining and the session has not
+/// seen it yet: the flags that `Session::interrupt` wakes the session for.
+fn interrupted(slot: &crate::cancel::CancelSlot, draining: &tokio::sync::watch::Receiver<bool>, drain_seen: bool) -> std::task::Poll<()> {
+    if slot.is_terminated() || (!drain_seen && *draining.borrow()) {
+        std::task::Poll::Ready(())
+    } else {
+        std::task::Poll::Pending
+    }
+}
+
+type Interruption = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>;
+
+/// Completes when the session is killed (console `KILL`, `/sessions` DELETE) or the proxy starts
+/// draining; what happened is read from the flags (see `Session::interrupt`).
+fn interruption(slot: Arc<crate::cancel::CancelSlot>, mut draining: tokio::sync::watch::Receiver<bool>) -> Interruption {
+    Box::pin(async move {
+        tokio::select! {
+            _ = slot.terminated() => {}
+            _ = draining.wait_for(|d| *d) => {}
+        }
+    })
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
