@@ -694,6 +694,7 @@ class Bench:
 listen = "127.0.0.1:{port}"
 max_clients = 20000
 shutdown_timeout_s = 2
+worker_threads = {self.args.worker_threads}
 
 [backend]
 url = "postgres://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{self.pgport}/app"
@@ -2065,6 +2066,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also run 'pgbouncer plain' (no context) and 'pgbouncer connect_query' in simple mode")
     p.add_argument("--clients", type=int, default=64, help="pgbench clients (default 64)")
     p.add_argument("--threads", type=int, default=2, help="pgbench threads (default 2)")
+    p.add_argument("--worker-threads", type=int, default=1,
+                   help="pgtenant's server.worker_threads (default 1: one thread, like PgBouncer; 0: one per core)")
     p.add_argument("--pool", type=int, default=8,
                    help="backend pool size of pgtenant and PgBouncer, and the clients of 'direct (8 connections)' "
                         "(default 8)")
