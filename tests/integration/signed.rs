@@ -307,7 +307,9 @@ async fn types_and_functions_of_its_own_change_nothing(env: &Env) -> TestResult 
         .batch_execute(
             "CREATE DOMAIN pg_temp.text AS pg_catalog.text; CREATE DOMAIN pg_temp.json AS pg_catalog.text; \
              CREATE DOMAIN pg_temp.jsonb AS pg_catalog.text; CREATE DOMAIN pg_temp.bytea AS pg_catalog.bytea; \
-             CREATE FUNCTION pg_temp.strpos(text, text) RETURNS int LANGUAGE sql AS 'SELECT 1'; \
+             CREATE FUNCTION pg_temp.strpos(text, text) RETURNS int LANGUAGE sql AS 'SELECT 0'; \
+             CREATE FUNCTION pg_temp.split_part(text, text, int) RETURNS text LANGUAGE sql AS 'SELECT ''x'''; \
+             CREATE FUNCTION pg_temp.octet_length(text) RETURNS int LANGUAGE sql AS 'SELECT 64'; \
              CREATE FUNCTION pg_temp.verify(text) RETURNS text LANGUAGE sql AS 'SELECT ''1'''; \
              CREATE FUNCTION pg_temp.json_extract_path_text(text, VARIADIC text[]) RETURNS text LANGUAGE sql AS 'SELECT ''1'''",
         )
@@ -329,7 +331,8 @@ async fn types_and_functions_of_its_own_change_nothing(env: &Env) -> TestResult 
 
 /// The database remembers a context it verified on a backend (`session_preload_libraries`), so the
 /// full check runs once per (context, backend): counted with `track_functions`. The role can neither
-/// read nor write that memory, and a different context on the same backend is checked in full.
+/// read nor write that memory, a different context on the same backend is checked in full, and so is
+/// a context or signature that splices two remembered entries together.
 async fn verified_contexts_are_remembered_per_backend(env: &Env) -> TestResult {
     signed_schema(env)?;
     superuser(env, "ALTER ROLE app_user SET track_functions = 'pl'")?;
@@ -368,9 +371,16 @@ async fn verified_contexts_are_remembered_per_backend(env: &Env) -> TestResult {
         // tenant 3's context: checked in full once, then remembered too; tenant 2's payload with
         // tenant 3's signature matches neither the memory nor a key
         ensure(read(other.clone(), other_sig.clone()).await? == Some("3".into()), "tenant 3's context")?;
-        ensure(read(other, other_sig.clone()).await? == Some("3".into()), "tenant 3's context again")?;
-        ensure(read(p.clone(), other_sig).await?.is_none(), "tenant 2's payload with tenant 3's signature")?;
-        ensure(read(p, sig).await? == Some("2".into()), "tenant 2's context after the others")?;
+        ensure(read(other.clone(), other_sig.clone()).await? == Some("3".into()), "tenant 3's context again")?;
+        ensure(read(p.clone(), other_sig.clone()).await?.is_none(), "tenant 2's payload with tenant 3's signature")?;
+        ensure(read(p.clone(), sig.clone()).await? == Some("2".into()), "tenant 2's context after the others")?;
+        // the record holds both contexts with their signatures, each "\x01<context>\x02<signature>",
+        // tenant 3's first: a context or signature that spans the two (which takes knowing both)
+        // must not match the record as a whole; it reads as unsigned rather than failing on its JSON
+        let spliced_context = format!("{other}\u{2}{other_sig}\u{1}{p}");
+        ensure(read(spliced_context, sig.clone()).await?.is_none(), "a context spliced across two remembered ones")?;
+        let spliced_signature = format!("{other_sig}\u{1}{p}\u{2}{sig}");
+        ensure(read(other.clone(), spliced_signature).await?.is_none(), "a signature spliced across two remembered ones")?;
         Ok::<_, String>(())
     }
     .await;
@@ -383,7 +393,7 @@ async fn verified_contexts_are_remembered_per_backend(env: &Env) -> TestResult {
                 "SELECT string_agg(funcname || '=' || calls, ' ' ORDER BY funcname) FROM pg_stat_user_functions \
                  WHERE schemaname = 'pgtenant' AND funcname IN ('setting', 'verify')",
             )?;
-            if counts.trim() == "setting=9 verify=3" {
+            if counts.trim() == "setting=11 verify=5" {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -392,8 +402,8 @@ async fn verified_contexts_are_remembered_per_backend(env: &Env) -> TestResult {
     superuser(env, "ALTER ROLE app_user RESET track_functions")?;
     result?;
     ensure(
-        counts.trim() == "setting=9 verify=3",
-        format!("expected setting=9 verify=3 (tenant 2 once, tenant 3 once, the forged pair), got {counts:?}"),
+        counts.trim() == "setting=11 verify=5",
+        format!("expected setting=11 verify=5 (tenant 2 once, tenant 3 once, the forged pair, the two splices), got {counts:?}"),
     )
 }
 
