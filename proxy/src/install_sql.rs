@@ -68,8 +68,7 @@ END
 /// Every failure is NULL, never an error: a client must not learn from an error which part of a
 /// forged context was wrong. The payload is parsed as JSON only once a key's HMAC matches, i.e. only
 /// when pgtenant wrote it. Its binding to this backend (pid, and start against pid reuse) is looked
-/// up once per connection and remembered with the verified contexts, newest first, as many as fit in
-/// [`REMEMBERED_CHARS`] characters (older ones are cut off).
+/// up once per connection and remembered with the verified contexts, the newest [`REMEMBERED`].
 const VERIFY_BODY: &str = r#"
 DECLARE
   ctx text := current_setting('@context@', true);
@@ -81,6 +80,7 @@ DECLARE
   k record;
   p jsonb;
   bind text;
+  entries text[];
 BEGIN
   -- no context, or a signature that is not 64 lowercase hex digits: unsigned
   IF ctx IS NULL OR sig IS NULL OR length(sig) <> 64 OR sig !~ '^[0-9a-f]+$' THEN
@@ -106,10 +106,12 @@ BEGIN
         END IF;
         seen := bind;
       END IF;
-      -- remember it: "pgtenant:<pid>:<start>", then "\x01<context>\x02<signature>" newest first,
-      -- then "\x01." (see setting()); a context cut off at the end can no longer match
-      PERFORM set_config('@cache@', bind || E'\x01' || ctx || E'\x02' || sig || E'\x01'
-        || left(rtrim(substr(seen, length(bind) + 2), '.'), @remembered@) || '.', false);
+      -- remember it: "pgtenant:<pid>:<start>", then "\x01<context>\x02<signature>" for each, newest
+      -- first and each once, then "\x01." (see setting()); split and joined on whole entries
+      -- (string_to_array works on bytes, where left() would count characters)
+      entries := array_remove(string_to_array(substr(seen, length(bind) + 2), E'\x01'), '.');
+      entries := (ARRAY[ctx || E'\x02' || sig] || array_remove(entries, ctx || E'\x02' || sig))[1:@remembered@];
+      PERFORM set_config('@cache@', bind || E'\x01' || array_to_string(entries, E'\x01') || E'\x01.', false);
       RETURN p->'settings'->>name;
     END IF;
   END LOOP;
@@ -117,10 +119,10 @@ BEGIN
 END
 "#;
 
-/// How much of the verified contexts a backend remembers, in characters of the record (a context of
-/// two tenant settings and its signature take about 200): the newest ones that fit. `setting()`
-/// copies and searches the record on every call, so this bounds its cost as much as it bounds memory.
-pub const REMEMBERED_CHARS: usize = 16_000;
+/// How many verified contexts a backend remembers: the newest ones. `setting()` copies and searches
+/// the record on every call, so this bounds its cost as much as it bounds memory (a context of three
+/// tenant settings and its signature take about 300 bytes).
+pub const REMEMBERED: usize = 64;
 
 /// `--schema`: a plain lowercase identifier, so that policies can name it without quotes.
 pub fn check_schema(schema: &str) -> Result<(), String> {
@@ -140,7 +142,7 @@ fn fill(body: &str, schema: &str, pgcrypto: &str) -> String {
     body.replace("@context@", CONTEXT_SETTING)
         .replace("@signature@", SIGNATURE_SETTING)
         .replace("@cache@", CACHE_SETTING)
-        .replace("@remembered@", &REMEMBERED_CHARS.to_string())
+        .replace("@remembered@", &REMEMBERED.to_string())
         .replace(SCHEMA, schema)
         .replace(PGCRYPTO, pgcrypto)
 }
@@ -334,7 +336,7 @@ mod tests {
         let fast = setting_body("s");
         assert!(!fast.contains("sha256") && !fast.contains(&format!("strpos(pg_catalog.current_setting('{CACHE_SETTING}')")));
         assert!(fast.contains(&format!("split_part(pg_catalog.current_setting('{CACHE_SETTING}')")));
-        assert!(verify_body("s", "public").contains(&format!("'.'), {REMEMBERED_CHARS}) || '.'")));
+        assert!(verify_body("s", "public").contains(&format!("))[1:{REMEMBERED}];")));
         assert!(!setting_body("s").contains('@') && !verify_body("s", "public").contains('@'));
     }
 
