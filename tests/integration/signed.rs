@@ -645,7 +645,11 @@ const FIXTURE_FINDINGS: [&str; 8] = [
 async fn doctor_signing_findings_appear_and_clear(env: &Env) -> TestResult {
     signed_schema(env)?;
     let result = doctor_steps(env).await;
-    let _ = superuser(env, "DROP POLICY IF EXISTS legacy ON users; REVOKE ALL ON pgtenant.keys FROM PUBLIC, app_user; DELETE FROM pgtenant.keys WHERE kid <> 'k1'");
+    let _ = superuser(
+        env,
+        "DROP POLICY IF EXISTS legacy ON users; REVOKE ALL ON pgtenant.keys FROM PUBLIC, app_user; DELETE FROM pgtenant.keys WHERE kid <> 'k1'; \
+         REVOKE pg_read_all_settings FROM app_user; REVOKE SET ON PARAMETER session_preload_libraries FROM app_user",
+    );
     let sql = install_sql(&signing_config(env, "", "k1", KEY))?;
     env.cluster.load_signed_rls_fixture(&sql).map_err(|err| err.to_string())?;
     result
@@ -705,6 +709,17 @@ async fn doctor_steps(env: &Env) -> TestResult {
         superuser(env, grant)?;
         let findings = doctor(base.clone()).await?;
         let f = findings.iter().find(|f| f.check == "signing_keys_readable").ok_or(format!("{grant}: no finding: {:?}", checks(&findings)))?;
+        superuser(env, f.fix.as_deref().ok_or(format!("{grant}: no fix"))?)?;
+        let found = checks(&doctor(base.clone()).await?);
+        ensure(found == fixture, format!("{grant}, after {:?}: {found:?}", f.fix))?;
+    }
+
+    // (c2) the restricted role can read the record of verified contexts (other sessions' contexts
+    // with their signatures), or set it
+    for grant in ["GRANT pg_read_all_settings TO app_user", "GRANT SET ON PARAMETER session_preload_libraries TO app_user"] {
+        superuser(env, grant)?;
+        let findings = doctor(base.clone()).await?;
+        let f = findings.iter().find(|f| f.check == "signing_record_exposed").ok_or(format!("{grant}: no finding: {:?}", checks(&findings)))?;
         superuser(env, f.fix.as_deref().ok_or(format!("{grant}: no fix"))?)?;
         let found = checks(&doctor(base.clone()).await?);
         ensure(found == fixture, format!("{grant}, after {:?}: {found:?}", f.fix))?;
