@@ -32,25 +32,35 @@ const SCHEMA: &str = "@schema@";
 const PGCRYPTO: &str = "@pgcrypto@";
 
 /// Body of `<schema>.setting(name text)`: the fast path. A context this backend verified before is
-/// remembered (see [`VERIFY_BODY`]) as a digest of its payload and signature in
-/// `session_preload_libraries`, a setting only a superuser (or a role granted `SET` on it) can
-/// change and only a superuser or `pg_read_all_settings` can read, so the restricted role can neither
-/// add a digest of its own nor see them; a remembered context costs one SHA-256 and a JSON parse.
-/// Anything else goes to `<schema>.verify`. It is `SECURITY DEFINER` (to read that setting) but has
-/// no `SET search_path` clause, which costs a save and restore of the settings on every call (about
+/// remembered (see [`VERIFY_BODY`]) whole, with its signature, in `session_preload_libraries`, a
+/// setting only a superuser (or a role granted `SET` on it) can change and only a superuser or
+/// `pg_read_all_settings` can read, so the restricted role can neither add a context of its own nor
+/// see the remembered ones. The record is `pgtenant:<pid>:<start>`, then `\x01<context>\x02<signature>`
+/// for each remembered context, newest first, then `\x01.`: a context and signature are remembered
+/// exactly when `\x01<context>\x02<signature>\x01` occurs in it. A remembered context is valid JSON
+/// and its signature 64 hex digits, so neither contains `\x01` or `\x02`; with a given signature of 64
+/// bytes and a given context without `\x01` (checked first, both cheap), a match is exactly one
+/// remembered entry, never a splice of two, so a caller's bytes can only select what was verified.
+/// `split_part` finds it without hashing (SHA-256 goes through OpenSSL, the largest part of the
+/// cost before) and without counting characters up to the match as `strpos` does in a multibyte
+/// encoding; the `.` at the end makes the part after a match non-empty. One `RETURN`, one
+/// expression: PL/pgSQL prepares each expression of a function once per transaction. Anything else
+/// goes to `<schema>.verify`. It is `SECURITY DEFINER` (to read that setting) but has no
+/// `SET search_path` clause, which costs a save and restore of the settings on every call (about
 /// 2 µs, as much as the rest of this body): instead every name in it is schema-qualified, so a
 /// caller's `search_path` cannot substitute an operator, function or type of its own.
 const SETTING_BODY: &str = r#"
-DECLARE
-  ctx pg_catalog.text := pg_catalog.current_setting('@context@', true);
 BEGIN
-  IF pg_catalog.strpos(pg_catalog.current_setting('@cache@'),
-       pg_catalog.left(pg_catalog.encode(pg_catalog.sha256(pg_catalog.convert_to(
-         pg_catalog.concat(ctx, '.', pg_catalog.current_setting('@signature@', true)), 'UTF8')), 'hex'), 32))
-     OPERATOR(pg_catalog.>) 0 THEN
-    RETURN pg_catalog.json_extract_path_text(ctx::pg_catalog.json, 'settings', name);
-  END IF;
-  RETURN @schema@.verify(name);
+  RETURN CASE
+    WHEN pg_catalog.octet_length(pg_catalog.current_setting('@signature@', true)) OPERATOR(pg_catalog.=) 64
+     AND pg_catalog.strpos(pg_catalog.current_setting('@context@', true), E'\x01') OPERATOR(pg_catalog.=) 0
+     AND pg_catalog.split_part(pg_catalog.current_setting('@cache@'),
+           E'\x01' OPERATOR(pg_catalog.||) pg_catalog.current_setting('@context@', true)
+             OPERATOR(pg_catalog.||) E'\x02' OPERATOR(pg_catalog.||) pg_catalog.current_setting('@signature@', true)
+             OPERATOR(pg_catalog.||) E'\x01', 2) OPERATOR(pg_catalog.<>) ''
+    THEN pg_catalog.json_extract_path_text(pg_catalog.current_setting('@context@', true)::pg_catalog.json, 'settings', name)
+    ELSE @schema@.verify(name)
+  END;
 END
 "#;
 
@@ -58,7 +68,7 @@ END
 /// Every failure is NULL, never an error: a client must not learn from an error which part of a
 /// forged context was wrong. The payload is parsed as JSON only once a key's HMAC matches, i.e. only
 /// when pgtenant wrote it. Its binding to this backend (pid, and start against pid reuse) is looked
-/// up once per connection and remembered with the verified contexts; the newest 128 are kept.
+/// up once per connection and remembered with the verified contexts, the newest [`REMEMBERED`].
 const VERIFY_BODY: &str = r#"
 DECLARE
   ctx text := current_setting('@context@', true);
@@ -70,6 +80,7 @@ DECLARE
   k record;
   p jsonb;
   bind text;
+  entries text[];
 BEGIN
   -- no context, or a signature that is not 64 lowercase hex digits: unsigned
   IF ctx IS NULL OR sig IS NULL OR length(sig) <> 64 OR sig !~ '^[0-9a-f]+$' THEN
@@ -88,23 +99,30 @@ BEGIN
         RETURN NULL;
       END IF;
       bind := 'pgtenant:' || (p->>'pid') || ':' || (p->>'bs');
-      IF split_part(seen, '|', 1) IS DISTINCT FROM bind THEN
+      IF split_part(seen, E'\x01', 1) IS DISTINCT FROM bind THEN
         IF p->>'bs' IS DISTINCT FROM (SELECT extract(epoch FROM a.backend_start)::text
                                          FROM pg_stat_get_activity(pg_backend_pid()) a) THEN
           RETURN NULL;
         END IF;
         seen := bind;
       END IF;
-      -- remember it: "pgtenant:<pid>:<start>|<digest>|<digest>…", newest first
-      PERFORM set_config('@cache@', bind || '|'
-        || left(encode(sha256(convert_to(concat(ctx, '.', sig), 'UTF8')), 'hex'), 32)
-        || left(substr(seen, length(bind) + 1), 127 * 33), false);
+      -- remember it: "pgtenant:<pid>:<start>", then "\x01<context>\x02<signature>" for each, newest
+      -- first and each once, then "\x01." (see setting()); split and joined on whole entries
+      -- (string_to_array works on bytes, where left() would count characters)
+      entries := array_remove(string_to_array(substr(seen, length(bind) + 2), E'\x01'), '.');
+      entries := (ARRAY[ctx || E'\x02' || sig] || array_remove(entries, ctx || E'\x02' || sig))[1:@remembered@];
+      PERFORM set_config('@cache@', bind || E'\x01' || array_to_string(entries, E'\x01') || E'\x01.', false);
       RETURN p->'settings'->>name;
     END IF;
   END LOOP;
   RETURN NULL;
 END
 "#;
+
+/// How many verified contexts a backend remembers: the newest ones. `setting()` copies and searches
+/// the record on every call, so this bounds its cost as much as it bounds memory (a context of three
+/// tenant settings and its signature take about 300 bytes).
+pub const REMEMBERED: usize = 64;
 
 /// `--schema`: a plain lowercase identifier, so that policies can name it without quotes.
 pub fn check_schema(schema: &str) -> Result<(), String> {
@@ -124,6 +142,7 @@ fn fill(body: &str, schema: &str, pgcrypto: &str) -> String {
     body.replace("@context@", CONTEXT_SETTING)
         .replace("@signature@", SIGNATURE_SETTING)
         .replace("@cache@", CACHE_SETTING)
+        .replace("@remembered@", &REMEMBERED.to_string())
         .replace(SCHEMA, schema)
         .replace(PGCRYPTO, pgcrypto)
 }
@@ -255,9 +274,9 @@ $fn$, '{PGCRYPTO}', pgcrypto);
 END
 $install$;
 
--- {schema}.setting(name): what policies call. A context this backend verified before costs one
--- SHA-256 here; anything else goes to {schema}.verify. No SET clause (it would cost as much as the
--- body): every name in the body is schema-qualified instead.
+-- {schema}.setting(name): what policies call. A context this backend verified before is found in
+-- {cache} by a string search; anything else goes to {schema}.verify. No SET clause (it would cost
+-- as much as the body): every name in the body is schema-qualified instead.
 CREATE OR REPLACE FUNCTION {schema}.setting(name pg_catalog.text) RETURNS pg_catalog.text
   LANGUAGE plpgsql STABLE SECURITY DEFINER
   AS $body${setting}$body$;
@@ -312,7 +331,12 @@ mod tests {
         assert_eq!(sql.matches("BEGIN;").count(), 1);
         // the bodies the doctor compares with are the ones installed
         assert!(verify_body("s", "public").contains("public.hmac(mac, k.key") && verify_body("s", "public").contains("FROM s.keys t"));
-        assert!(setting_body("s").contains("RETURN s.verify(name);"));
+        assert!(setting_body("s").contains("ELSE s.verify(name)"));
+        // the record holds no digest, and is not searched with strpos (which counts characters)
+        let fast = setting_body("s");
+        assert!(!fast.contains("sha256") && !fast.contains(&format!("strpos(pg_catalog.current_setting('{CACHE_SETTING}')")));
+        assert!(fast.contains(&format!("split_part(pg_catalog.current_setting('{CACHE_SETTING}')")));
+        assert!(verify_body("s", "public").contains(&format!("))[1:{REMEMBERED}];")));
         assert!(!setting_body("s").contains('@') && !verify_body("s", "public").contains('@'));
     }
 

@@ -29,13 +29,14 @@ pub const CONTEXT_SETTING: &str = "pgtenant.context";
 /// The setting that carries the payload's signature.
 pub const SIGNATURE_SETTING: &str = "pgtenant.signature";
 
-/// Where the database remembers the contexts it verified on a backend connection (a digest of each
-/// payload and signature, and the backend they are bound to), so that a transaction whose context
-/// was verified before costs one SHA-256 instead of a key lookup, three HMACs and a look at
-/// `pg_stat_activity`. It has to be a setting the restricted role cannot change, and PostgreSQL has
-/// no such custom setting without a compiled extension: `session_preload_libraries` is
-/// superuser-only and is read only when a connection starts, so changing it later in a session has no
-/// other effect. `RESET ALL` (and `DISCARD ALL`) clear it: the next context is verified in full.
+/// Where the database remembers the contexts it verified on a backend connection (each payload with
+/// its signature, and the backend they are bound to; `install_sql` has the format), so that a
+/// transaction whose context was verified before costs a string search instead of a key lookup,
+/// three HMACs and a look at `pg_stat_activity`. It has to be a setting the restricted role can
+/// neither change nor read, and PostgreSQL has no such custom setting without a compiled extension:
+/// `session_preload_libraries` is superuser-only and is read only when a connection starts, so
+/// changing it later in a session has no other effect. `RESET ALL` (and `DISCARD ALL`) clear it:
+/// the next context is verified in full.
 pub const CACHE_SETTING: &str = "session_preload_libraries";
 
 /// How pgtenant learns a backend's start, once per connection: the verifying function computes

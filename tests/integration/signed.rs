@@ -32,6 +32,7 @@ fn main() {
         direct_connection_reads_and_writes_nothing,
         types_and_functions_of_its_own_change_nothing,
         verified_contexts_are_remembered_per_backend,
+        a_backend_remembers_the_newest_contexts,
         tenants_see_their_rows_through_a_signing_proxy,
         python_clients_signed,
         node_clients_signed,
@@ -307,7 +308,9 @@ async fn types_and_functions_of_its_own_change_nothing(env: &Env) -> TestResult 
         .batch_execute(
             "CREATE DOMAIN pg_temp.text AS pg_catalog.text; CREATE DOMAIN pg_temp.json AS pg_catalog.text; \
              CREATE DOMAIN pg_temp.jsonb AS pg_catalog.text; CREATE DOMAIN pg_temp.bytea AS pg_catalog.bytea; \
-             CREATE FUNCTION pg_temp.strpos(text, text) RETURNS int LANGUAGE sql AS 'SELECT 1'; \
+             CREATE FUNCTION pg_temp.strpos(text, text) RETURNS int LANGUAGE sql AS 'SELECT 0'; \
+             CREATE FUNCTION pg_temp.split_part(text, text, int) RETURNS text LANGUAGE sql AS 'SELECT ''x'''; \
+             CREATE FUNCTION pg_temp.octet_length(text) RETURNS int LANGUAGE sql AS 'SELECT 64'; \
              CREATE FUNCTION pg_temp.verify(text) RETURNS text LANGUAGE sql AS 'SELECT ''1'''; \
              CREATE FUNCTION pg_temp.json_extract_path_text(text, VARIADIC text[]) RETURNS text LANGUAGE sql AS 'SELECT ''1'''",
         )
@@ -327,11 +330,21 @@ async fn types_and_functions_of_its_own_change_nothing(env: &Env) -> TestResult 
     Ok(())
 }
 
-/// The database remembers a context it verified on a backend (`session_preload_libraries`), so the
-/// full check runs once per (context, backend): counted with `track_functions`. The role can neither
-/// read nor write that memory, and a different context on the same backend is checked in full.
-async fn verified_contexts_are_remembered_per_backend(env: &Env) -> TestResult {
-    signed_schema(env)?;
+/// One transaction on `c` with `ctx` and `sig` as its context: what `pgtenant.setting('app.tenant_id')` says.
+async fn read_setting(c: &Client, ctx: &str, sig: &str) -> Result<Option<String>, String> {
+    c.batch_execute("BEGIN").await.map_err(e)?;
+    c.query("SELECT set_config('pgtenant.context', $1, true), set_config('pgtenant.signature', $2, true)", &[&ctx, &sig])
+        .await
+        .map_err(e)?;
+    let v: Option<String> = c.query_one("SELECT pgtenant.setting('app.tenant_id')", &[]).await.map_err(e)?.get(0);
+    c.batch_execute("COMMIT").await.map_err(e)?;
+    Ok(v)
+}
+
+/// Runs `body` (which opens its own connections) with `track_functions` on for the restricted role,
+/// then checks the calls of `pgtenant.setting` and `pgtenant.verify` it made: `expected` is
+/// "setting=N verify=M", `why` says where the numbers come from.
+async fn with_counted_calls<F: std::future::Future<Output = TestResult>>(env: &Env, expected: &str, why: &str, body: F) -> TestResult {
     superuser(env, "ALTER ROLE app_user SET track_functions = 'pl'")?;
     let result = async {
         superuser(
@@ -339,6 +352,37 @@ async fn verified_contexts_are_remembered_per_backend(env: &Env) -> TestResult {
             "SELECT pg_stat_reset_single_function_counters('pgtenant.verify(text)'::regprocedure), \
              pg_stat_reset_single_function_counters('pgtenant.setting(text)'::regprocedure)",
         )?;
+        body.await
+    }
+    .await;
+    // a backend reports its function counts when idle for a second, or when it exits
+    let mut counts = String::new();
+    if result.is_ok() {
+        for _ in 0..50 {
+            counts = superuser(
+                env,
+                "SELECT string_agg(funcname || '=' || calls, ' ' ORDER BY funcname) FROM pg_stat_user_functions \
+                 WHERE schemaname = 'pgtenant' AND funcname IN ('setting', 'verify')",
+            )?;
+            if counts.trim() == expected {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    superuser(env, "ALTER ROLE app_user RESET track_functions")?;
+    result?;
+    ensure(counts.trim() == expected, format!("expected {expected} ({why}), got {counts:?}"))
+}
+
+/// The database remembers a context it verified on a backend (`session_preload_libraries`), so the
+/// full check runs once per (context, backend): counted with `track_functions`. The role can neither
+/// read nor write that memory, a different context on the same backend is checked in full, and so is
+/// a context or signature that splices two remembered entries together.
+async fn verified_contexts_are_remembered_per_backend(env: &Env) -> TestResult {
+    signed_schema(env)?;
+    let why = "tenant 2 once, tenant 3 once, the forged pair, the two splices";
+    with_counted_calls(env, "setting=11 verify=5", why, async {
         let c = direct(env).await?;
         let b = backend_of(&c).await?;
         for sql in [
@@ -352,49 +396,54 @@ async fn verified_contexts_are_remembered_per_backend(env: &Env) -> TestResult {
         }
         let (p, sig) = signed("k1", KEY, 2, &b);
         let (other, other_sig) = signed("k1", KEY, 3, &b);
-        let c = &c;
-        let read = |ctx: String, sig: String| async move {
-            c.batch_execute("BEGIN").await.map_err(e)?;
-            c.query("SELECT set_config('pgtenant.context', $1, true), set_config('pgtenant.signature', $2, true)", &[&ctx, &sig])
-                .await
-                .map_err(e)?;
-            let v: Option<String> = c.query_one("SELECT pgtenant.setting('app.tenant_id')", &[]).await.map_err(e)?.get(0);
-            c.batch_execute("COMMIT").await.map_err(e)?;
-            Ok::<_, String>(v)
-        };
         for _ in 0..5 {
-            ensure(read(p.clone(), sig.clone()).await? == Some("2".into()), "tenant 2's context")?;
+            ensure(read_setting(&c, &p, &sig).await? == Some("2".into()), "tenant 2's context")?;
         }
         // tenant 3's context: checked in full once, then remembered too; tenant 2's payload with
         // tenant 3's signature matches neither the memory nor a key
-        ensure(read(other.clone(), other_sig.clone()).await? == Some("3".into()), "tenant 3's context")?;
-        ensure(read(other, other_sig.clone()).await? == Some("3".into()), "tenant 3's context again")?;
-        ensure(read(p.clone(), other_sig).await?.is_none(), "tenant 2's payload with tenant 3's signature")?;
-        ensure(read(p, sig).await? == Some("2".into()), "tenant 2's context after the others")?;
-        Ok::<_, String>(())
-    }
-    .await;
-    // the backend reports its function counts when it exits
-    let mut counts = String::new();
-    if result.is_ok() {
-        for _ in 0..50 {
-            counts = superuser(
-                env,
-                "SELECT string_agg(funcname || '=' || calls, ' ' ORDER BY funcname) FROM pg_stat_user_functions \
-                 WHERE schemaname = 'pgtenant' AND funcname IN ('setting', 'verify')",
-            )?;
-            if counts.trim() == "setting=9 verify=3" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        ensure(read_setting(&c, &other, &other_sig).await? == Some("3".into()), "tenant 3's context")?;
+        ensure(read_setting(&c, &other, &other_sig).await? == Some("3".into()), "tenant 3's context again")?;
+        ensure(read_setting(&c, &p, &other_sig).await?.is_none(), "tenant 2's payload with tenant 3's signature")?;
+        ensure(read_setting(&c, &p, &sig).await? == Some("2".into()), "tenant 2's context after the others")?;
+        // the record holds both contexts with their signatures, each "\x01<context>\x02<signature>",
+        // tenant 3's first: a context or signature that spans the two (which takes knowing both)
+        // must not match the record as a whole; it reads as unsigned rather than failing on its JSON
+        let spliced_context = format!("{other}\u{2}{other_sig}\u{1}{p}");
+        ensure(read_setting(&c, &spliced_context, &sig).await?.is_none(), "a context spliced across two remembered ones")?;
+        let spliced_signature = format!("{other_sig}\u{1}{p}\u{2}{sig}");
+        ensure(read_setting(&c, &other, &spliced_signature).await?.is_none(), "a signature spliced across two remembered ones")?;
+        Ok(())
+    })
+    .await
+}
+
+/// A backend remembers the newest `install_sql::REMEMBERED` contexts, each once: one more pushes the
+/// oldest out, which is then checked in full again, while the rest still read from memory.
+async fn a_backend_remembers_the_newest_contexts(env: &Env) -> TestResult {
+    signed_schema(env)?;
+    let n = pgtenant::install_sql::REMEMBERED;
+    let expected = format!("setting={} verify={}", (n + 1) + 1 + n, (n + 1) + 1);
+    let why = "each context once, the oldest again after it was pushed out, the newest from memory";
+    with_counted_calls(env, &expected, why, async {
+        let c = direct(env).await?;
+        let b = backend_of(&c).await?;
+        // n + 1 contexts that differ in when they were issued, for tenants 1, 2, 3 in turn
+        let contexts: Vec<(i64, (String, String))> = (0..=n as i64)
+            .map(|i| (1 + i % 3, Signer::new("k1", KEY.as_bytes()).signed(&tenant_settings(1 + i % 3), 1_700_000_000 + i, &b)))
+            .collect();
+        for (tenant, (ctx, sig)) in &contexts {
+            ensure(read_setting(&c, ctx, sig).await? == Some(tenant.to_string()), format!("tenant {tenant}'s context"))?;
         }
-    }
-    superuser(env, "ALTER ROLE app_user RESET track_functions")?;
-    result?;
-    ensure(
-        counts.trim() == "setting=9 verify=3",
-        format!("expected setting=9 verify=3 (tenant 2 once, tenant 3 once, the forged pair), got {counts:?}"),
-    )
+        // the oldest was pushed out: checked in full, and remembered again (pushing out the second)
+        let (tenant, (ctx, sig)) = &contexts[0];
+        ensure(read_setting(&c, ctx, sig).await? == Some(tenant.to_string()), "the oldest context again")?;
+        // the n newest are all remembered
+        for (tenant, (ctx, sig)) in contexts.iter().skip(2).chain(std::iter::once(&contexts[0])) {
+            ensure(read_setting(&c, ctx, sig).await? == Some(tenant.to_string()), format!("tenant {tenant}'s context again"))?;
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// Rows of orders, and the lowest and highest tenant among them, through the simple protocol.
@@ -596,7 +645,11 @@ const FIXTURE_FINDINGS: [&str; 8] = [
 async fn doctor_signing_findings_appear_and_clear(env: &Env) -> TestResult {
     signed_schema(env)?;
     let result = doctor_steps(env).await;
-    let _ = superuser(env, "DROP POLICY IF EXISTS legacy ON users; REVOKE ALL ON pgtenant.keys FROM PUBLIC, app_user; DELETE FROM pgtenant.keys WHERE kid <> 'k1'");
+    let _ = superuser(
+        env,
+        "DROP POLICY IF EXISTS legacy ON users; REVOKE ALL ON pgtenant.keys FROM PUBLIC, app_user; DELETE FROM pgtenant.keys WHERE kid <> 'k1'; \
+         REVOKE pg_read_all_settings FROM app_user; REVOKE SET ON PARAMETER session_preload_libraries FROM app_user",
+    );
     let sql = install_sql(&signing_config(env, "", "k1", KEY))?;
     env.cluster.load_signed_rls_fixture(&sql).map_err(|err| err.to_string())?;
     result
@@ -656,6 +709,17 @@ async fn doctor_steps(env: &Env) -> TestResult {
         superuser(env, grant)?;
         let findings = doctor(base.clone()).await?;
         let f = findings.iter().find(|f| f.check == "signing_keys_readable").ok_or(format!("{grant}: no finding: {:?}", checks(&findings)))?;
+        superuser(env, f.fix.as_deref().ok_or(format!("{grant}: no fix"))?)?;
+        let found = checks(&doctor(base.clone()).await?);
+        ensure(found == fixture, format!("{grant}, after {:?}: {found:?}", f.fix))?;
+    }
+
+    // (c2) the restricted role can read the record of verified contexts (other sessions' contexts
+    // with their signatures), or set it
+    for grant in ["GRANT pg_read_all_settings TO app_user", "GRANT SET ON PARAMETER session_preload_libraries TO app_user"] {
+        superuser(env, grant)?;
+        let findings = doctor(base.clone()).await?;
+        let f = findings.iter().find(|f| f.check == "signing_record_exposed").ok_or(format!("{grant}: no finding: {:?}", checks(&findings)))?;
         superuser(env, f.fix.as_deref().ok_or(format!("{grant}: no fix"))?)?;
         let found = checks(&doctor(base.clone()).await?);
         ensure(found == fixture, format!("{grant}, after {:?}: {found:?}", f.fix))?;

@@ -11,6 +11,7 @@ mod common;
 mod adversarial;
 mod interference;
 mod pristine;
+mod signed;
 mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -46,6 +47,7 @@ fn main() {
         ("raw_poisoned_backend_client_idle", |env| Box::pin(adversarial::poisoned_and_idle(env))),
         ("raw_pool_timeouts_free_the_slot", |env| Box::pin(adversarial::pool_timeouts(env))),
         ("raw_session_state_memory_budget", |env| Box::pin(adversarial::session_state_memory(env))),
+        ("signed_schema_guard_misses", |env| Box::pin(signed::guard_misses_against_signed_policies(env))),
         ("pristine_handover_transaction_mode", |env| Box::pin(pristine::transaction_mode(env))),
         ("pristine_handover_session_mode", |env| Box::pin(pristine::session_mode(env))),
         ("shared_role_interference", |env| Box::pin(interference::shared_role_interference(env))),

@@ -2,7 +2,7 @@
 //!
 //! Signing only protects tenants if the policies read the tenant through the verifying function,
 //! if the database holds the key pgtenant signs with, and if the restricted role cannot read (or
-//! add) keys. These checks are apart from the others because they need the key and run a probe:
+//! add) keys, nor read or set the record of verified contexts. These checks are apart from the others because they need the key and run a probe:
 //! the doctor signs a context for its own backend, exactly as pgtenant does, and asks the database
 //! to verify it.
 
@@ -13,7 +13,7 @@ use crate::backend::query::simple_query;
 use crate::backend::{BackendConn, ConnectError};
 use crate::config::Config;
 use crate::install_sql;
-use crate::signing::{BackendId, Signer, CONTEXT_SETTING, SIGNATURE_SETTING};
+use crate::signing::{BackendId, Signer, CACHE_SETTING, CONTEXT_SETTING, SIGNATURE_SETTING};
 
 /// The name the probe's payload carries; not a tenant setting, so nothing else reads it.
 const PROBE_SETTING: &str = "pgtenant.doctor_probe";
@@ -122,6 +122,12 @@ pub(super) async fn checks(conn: &mut BackendConn, cfg: &Config, role: &str, sch
         });
     }
 
+    // the record of verified contexts (`CACHE_SETTING` of each backend): it holds other sessions'
+    // contexts with their signatures, so the role must neither read it nor set it
+    if let Some(f) = record_check(conn, role).await? {
+        out.findings.push(f);
+    }
+
     // the key: a context signed as pgtenant signs it verifies in this database
     if setting_ok {
         if let Some(f) = probe(conn, cfg, &key, schema).await? {
@@ -129,6 +135,52 @@ pub(super) async fn checks(conn: &mut BackendConn, cfg: &Config, role: &str, sch
         }
     }
     Ok(out)
+}
+
+/// A finding when the restricted role may read (`pg_read_all_settings`, or superuser) or set (`SET ON
+/// PARAMETER`, PostgreSQL 15 and later) the setting where backends remember verified contexts.
+async fn record_check(conn: &mut BackendConn, role: &str) -> Result<Option<Finding>, ConnectError> {
+    let (r, c) = (lit(role), lit(CACHE_SETTING));
+    let version = simple_query(conn, "SELECT current_setting('server_version_num')").await?;
+    let set = if version.first().and_then(|row| cell(row, 0).parse::<i64>().ok()).unwrap_or(0) >= 150000 {
+        format!("has_parameter_privilege({r}, {c}, 'SET')")
+    } else {
+        "false".to_string()
+    };
+    let rows = simple_query(conn, &format!(
+        "SELECT pg_has_role({r}, 'pg_read_all_settings', 'USAGE'), {set}, \
+         EXISTS (SELECT 1 FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid JOIN pg_roles u ON u.oid = m.member \
+                 WHERE g.rolname = 'pg_read_all_settings' AND u.rolname = {r})"
+    ))
+    .await?;
+    let Some(row) = rows.first() else { return Ok(None) };
+    let (read, set, direct) = (cell(row, 0) == "t", cell(row, 1) == "t", cell(row, 2) == "t");
+    if !read && !set {
+        return Ok(None);
+    }
+    let what = match (read, set) {
+        (true, true) => "read and set",
+        (true, false) => "read",
+        _ => "set",
+    };
+    let f = finding(
+        "signing_record_exposed",
+        CACHE_SETTING.to_string(),
+        format!(
+            "the restricted role may {what} {CACHE_SETTING}, where each backend remembers the contexts it verified with their \
+             signatures: reading it gives a client that got past the guard the other sessions' contexts on its backend, setting it \
+             lets it add contexts of its own"
+        ),
+    );
+    let role = super::quote_ident(role);
+    let mut fix = Vec::new();
+    if read && direct {
+        fix.push(format!("REVOKE pg_read_all_settings FROM {role};"));
+    }
+    if set {
+        fix.push(format!("REVOKE SET ON PARAMETER {CACHE_SETTING} FROM {role};"));
+    }
+    Ok(Some(if fix.is_empty() || (read && !direct) { f } else { f.with_fix(fix.join("\n")) }))
 }
 
 /// Signs a context for the doctor's own backend with the configured key and has the database
