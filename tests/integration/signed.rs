@@ -704,22 +704,19 @@ async fn doctor_steps(env: &Env) -> TestResult {
     ensure(found == fixture, format!("after installing k7: {found:?}"))?;
     superuser(env, "DELETE FROM pgtenant.keys WHERE kid = 'k7'")?;
 
-    // (c) the restricted role can read the keys: table-wide through PUBLIC, or one column
-    for grant in ["GRANT SELECT ON pgtenant.keys TO PUBLIC", "GRANT SELECT (key) ON pgtenant.keys TO app_user", "GRANT INSERT ON pgtenant.keys TO app_user"] {
+    // (c) the restricted role can read the keys (table-wide through PUBLIC, or one column), or
+    // (c2) read the record of verified contexts (other sessions' contexts with their signatures),
+    // or set it
+    for (check, grant) in [
+        ("signing_keys_readable", "GRANT SELECT ON pgtenant.keys TO PUBLIC"),
+        ("signing_keys_readable", "GRANT SELECT (key) ON pgtenant.keys TO app_user"),
+        ("signing_keys_readable", "GRANT INSERT ON pgtenant.keys TO app_user"),
+        ("signing_record_exposed", "GRANT pg_read_all_settings TO app_user"),
+        ("signing_record_exposed", "GRANT SET ON PARAMETER session_preload_libraries TO app_user"),
+    ] {
         superuser(env, grant)?;
         let findings = doctor(base.clone()).await?;
-        let f = findings.iter().find(|f| f.check == "signing_keys_readable").ok_or(format!("{grant}: no finding: {:?}", checks(&findings)))?;
-        superuser(env, f.fix.as_deref().ok_or(format!("{grant}: no fix"))?)?;
-        let found = checks(&doctor(base.clone()).await?);
-        ensure(found == fixture, format!("{grant}, after {:?}: {found:?}", f.fix))?;
-    }
-
-    // (c2) the restricted role can read the record of verified contexts (other sessions' contexts
-    // with their signatures), or set it
-    for grant in ["GRANT pg_read_all_settings TO app_user", "GRANT SET ON PARAMETER session_preload_libraries TO app_user"] {
-        superuser(env, grant)?;
-        let findings = doctor(base.clone()).await?;
-        let f = findings.iter().find(|f| f.check == "signing_record_exposed").ok_or(format!("{grant}: no finding: {:?}", checks(&findings)))?;
+        let f = findings.iter().find(|f| f.check == check).ok_or(format!("{grant}: no finding: {:?}", checks(&findings)))?;
         superuser(env, f.fix.as_deref().ok_or(format!("{grant}: no fix"))?)?;
         let found = checks(&doctor(base.clone()).await?);
         ensure(found == fixture, format!("{grant}, after {:?}: {found:?}", f.fix))?;
