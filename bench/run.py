@@ -689,13 +689,14 @@ class Bench:
 
     def write_pgtenant_config(self, name: str, port: int, admin: int, pool: int, jwt: str) -> Path:
         path = self.tmp / f"{name}.toml"
+        # 0 is pgtenant's default: left out, so that binaries older than the key run too
+        threads = f"worker_threads = {self.args.worker_threads}\n" if self.args.worker_threads else ""
         path.write_text(f"""# written by bench/run.py
 [server]
 listen = "127.0.0.1:{port}"
 max_clients = 20000
 shutdown_timeout_s = 2
-worker_threads = {self.args.worker_threads}
-
+{threads}
 [backend]
 url = "postgres://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{self.pgport}/app"
 pool_size = {pool}

@@ -239,7 +239,9 @@ impl Proxy {
             return;
         }
         let timeout = Duration::from_millis(self.config.server.auth_timeout_ms);
-        let logged_in = tokio::time::timeout(timeout, async {
+        // boxed, like the other one-off stages below: a task's future is as large as its largest
+        // stage, and it stays that large while the session sits idle (10,000 idle clients)
+        let logged_in = tokio::time::timeout(timeout, Box::pin(async {
             let hello = startup::negotiate(tcp, self.tls.as_ref(), self.config.server.require_tls).await;
             match hello {
                 Ok(startup::Hello::Login { stream, params }) if crate::console::addressed(&params, &self.live_config()) => {
@@ -281,11 +283,11 @@ impl Proxy {
                     None
                 }
             }
-        })
+        }))
         .await;
         let l = match logged_in {
             Ok(Some(Admitted::Client(l))) => l,
-            Ok(Some(Admitted::Console(console))) => return console.serve(&self).await,
+            Ok(Some(Admitted::Console(console))) => return Box::pin(console.serve(&self)).await,
             Ok(None) => return,
             Err(_) => return tracing::info!(%peer, "client did not finish authentication in time"),
         };

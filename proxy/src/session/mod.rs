@@ -493,7 +493,9 @@ impl Session {
     }
 
     async fn attach(&mut self, first: &Frame) -> Result<(), PgError> {
-        let lease = self.lease_for(first).await?;
+        // boxed: leasing (queueing, connecting, logging in to the server) is the session's largest
+        // stage, and inline it would size every idle session's task
+        let lease = Box::pin(self.lease_for(first)).await?;
         self.cancel.slot.set_on(Some((lease.backend.pid, lease.backend.secret_key)), self.pool.clone()).await;
         self.adopt(lease);
         Ok(())
@@ -615,7 +617,7 @@ impl Session {
     async fn on_work(&mut self, f: Frame) -> Result<Flow, End> {
         let simple = matches!(f.tag, msg::QUERY | msg::FUNCTION_CALL);
         if self.who.bypass {
-            if let Err(e) = self.audit_bypass(&f).await {
+            if let Err(e) = Box::pin(self.audit_bypass(&f)).await {
                 return Ok(self.refuse(e, simple));
             }
         }
@@ -634,7 +636,7 @@ impl Session {
         let plan = match step {
             Step::Run(plan) => plan,
             Step::Hold => return Ok(Flow::Hold(f)),
-            Step::Refuse(r) => return Ok(self.refuse_with(r, simple).await),
+            Step::Refuse(r) => return Ok(Box::pin(self.refuse_with(r, simple)).await),
             Step::DiscardAll => {
                 self.discard_all(simple);
                 return Ok(Flow::Continue);
