@@ -68,14 +68,8 @@ struct Run {
 }
 
 fn main() -> Result<(), String> {
-    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let (secs, rounds, clients) = (args.first().copied().unwrap_or(10), args.get(1).copied().unwrap_or(3), args.get(2).copied().unwrap_or(32));
-    let cluster = Cluster::start().map_err(|e| e.to_string())?;
-    cluster.load_rls_fixture().map_err(|e| e.to_string())?;
-    cluster
-        .psql("app", &format!("INSERT INTO orders (tenant_id, user_sub, amount) SELECT 1 + g % 3, 'bench', g FROM generate_series(1, {ROWS}) g"))
-        .map_err(|e| e.to_string())?;
-    cluster.psql("app", "VACUUM ANALYZE orders").map_err(|e| e.to_string())?;
+    let (secs, rounds, clients) = cpu::run_args();
+    let cluster = cpu::cluster_with_orders(ROWS)?;
     // copied after the load, so the standby starts with the data instead of replaying it
     let standby = cluster.start_standby().map_err(|e| e.to_string())?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| e.to_string())?;

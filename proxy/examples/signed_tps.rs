@@ -22,18 +22,9 @@ const SIGNED: &str = "ALTER POLICY tenant_isolation ON orders
 const SCRIPT: &str = "\\set id random(1, 200000)\nSELECT id, tenant_id, amount FROM orders WHERE id = :id;\n";
 
 fn main() -> Result<(), String> {
-    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let (secs, rounds, clients) = (args.first().copied().unwrap_or(10), args.get(1).copied().unwrap_or(3), args.get(2).copied().unwrap_or(32));
-    let cluster = Cluster::start().map_err(|e| e.to_string())?;
-    cluster.load_rls_fixture().map_err(|e| e.to_string())?;
+    let (secs, rounds, clients) = cpu::run_args();
     // 200,000 orders spread over the fixture's tenants; tenant 1's token reads its ~share of them
-    cluster
-        .psql(
-            "app",
-            "INSERT INTO orders (tenant_id, user_sub, amount) SELECT 1 + g % 3, 'bench', g FROM generate_series(1, 200000) g",
-        )
-        .map_err(|e| e.to_string())?;
-    cluster.psql("app", "VACUUM ANALYZE orders").map_err(|e| e.to_string())?;
+    let cluster = cpu::cluster_with_orders(200_000)?;
     let key = "signed-tps-benchmark-key-0123456789abcdef";
     let secret = "signed-tps-benchmark-jwt-secret-0123456789";
     let text = format!(

@@ -1,10 +1,30 @@
 //! CPU accounting for the benchmark examples (`signed_tps`, `replica_tps`): clock ticks read from
 //! /proc, so a run can say what each process spent per transaction, and the figures read from
-//! pgbench's output. Linux only; elsewhere every count is 0. Shared as a module (`mod cpu;`), not an
-//! example of its own.
+//! pgbench's output. Linux only; elsewhere every count is 0. Also the setup both examples share (their
+//! arguments and the loaded cluster). Shared as a module (`mod cpu;`), not an example of its own.
 
 use std::collections::HashMap;
 use std::path::Path;
+
+use pgtenant::cluster::Cluster;
+
+/// The examples' arguments, `[seconds per run] [rounds] [clients]` (default 10, 3, 32).
+pub fn run_args() -> (u64, u64, u64) {
+    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    (args.first().copied().unwrap_or(10), args.get(1).copied().unwrap_or(3), args.get(2).copied().unwrap_or(32))
+}
+
+/// A throwaway cluster with the RLS fixture and `rows` orders spread over its three tenants,
+/// analyzed.
+pub fn cluster_with_orders(rows: u32) -> Result<Cluster, String> {
+    let cluster = Cluster::start().map_err(|e| e.to_string())?;
+    cluster.load_rls_fixture().map_err(|e| e.to_string())?;
+    cluster
+        .psql("app", &format!("INSERT INTO orders (tenant_id, user_sub, amount) SELECT 1 + g % 3, 'bench', g FROM generate_series(1, {rows}) g"))
+        .map_err(|e| e.to_string())?;
+    cluster.psql("app", "VACUUM ANALYZE orders").map_err(|e| e.to_string())?;
+    Ok(cluster)
+}
 
 /// Clock ticks per second (USER_HZ on Linux).
 pub const TICKS_PER_SECOND: f64 = 100.0;
