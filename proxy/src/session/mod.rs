@@ -777,19 +777,13 @@ fn interrupted(slot: &crate::cancel::CancelSlot, draining: &tokio::sync::watch::
 
 type Interruption = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>;
 
-/// Wakes the session when it is killed (console `KILL`, `/sessions` DELETE) or the proxy starts
-/// draining; what happened is read from the flags (see `Session::interrupt`). It completes only on
-/// a kill: a drain, even one already under way when the session starts, must not drop the wait for
-/// a kill that comes later.
+/// Completes when the session is killed (console `KILL`, `/sessions` DELETE) or the proxy starts
+/// draining; what happened is read from the flags (see `Session::interrupt`).
 fn interruption(slot: Arc<crate::cancel::CancelSlot>, mut draining: tokio::sync::watch::Receiver<bool>) -> Interruption {
     Box::pin(async move {
-        let drained = async move {
-            let _ = draining.wait_for(|d| *d).await; // wakes the session once
-            std::future::pending::<()>().await
-        };
         tokio::select! {
             _ = slot.terminated() => {}
-            _ = drained => {}
+            _ = draining.wait_for(|d| *d) => {}
         }
     })
 }

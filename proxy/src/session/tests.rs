@@ -255,10 +255,6 @@ struct Client {
     s: DuplexStream,
     buf: BytesMut,
     log: Log,
-    /// The session's kill switch (console `KILL`).
-    slot: Arc<crate::cancel::CancelSlot>,
-    /// The proxy's drain signal.
-    drain: tokio::sync::watch::Sender<bool>,
 }
 
 fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -288,7 +284,8 @@ impl Client {
         let log: Log = Default::default();
         let target = BackendTarget::from_config(&config.backend).unwrap();
         let pool = crate::pool::Pool::with_connector(&config, target, 2, Arc::new(config.limits.clone()), Arc::new(Scripted { log: log.clone() }));
-        let (drain, draining) = tokio::sync::watch::channel(false);
+        let (_tx, draining) = tokio::sync::watch::channel(false);
+        std::mem::forget(_tx);
         let router = crate::routing::Router::new(&config, pool.clone()).unwrap();
         let shared = Arc::new(Shared {
             pool,
@@ -306,12 +303,11 @@ impl Client {
         let (ours, theirs) = tokio::io::duplex(1 << 16);
         let settings = ClientSettings::new(vec!["app.tenant_id".into()], vec!["1".into()], ClientParams::default());
         let cancel = Arc::new(CancelRegistry::default()).register(None, None);
-        let slot = cancel.slot.clone();
         let guard = Arc::new(Guard::from_config(&config.tenant));
         let who = Arc::new(Who { tenant: "1".into(), subject: None, client: "127.0.0.1:1".parse().unwrap(), bypass: false, login: 1, cluster: None, prefers_standby: false });
         let session = Session::new(shared, Stream::Pipe(theirs), BytesMut::new(), settings, cancel, ClientView::default(), guard, who, None);
         tokio::spawn(session.run());
-        Client { s: ours, buf: BytesMut::new(), log, slot, drain }
+        Client { s: ours, buf: BytesMut::new(), log }
     }
 
     /// Sends `bytes` and reads until `n` ReadyForQuery messages arrived; returns the message tags
@@ -375,21 +371,6 @@ impl Client {
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
-
-/// A session idle in a transaction still ends at a kill after it has seen the proxy begin draining:
-/// the kill wakes it and the flag it reads then ends it (it fails with `<timeout>` when the flag is
-/// not read on that wake-up).
-#[test]
-fn a_kill_ends_an_idle_session_after_a_drain() {
-    rt().block_on(async {
-        let mut c = Client::start(false).await;
-        assert_eq!(c.round(&q("BEGIN"), 1).await, "C ZT");
-        c.drain.send(true).unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await; // in a transaction: it stays
-        c.slot.terminate();
-        assert_eq!(c.read_until(1).await, "E57P01 <closed>", "killed while idle in a transaction after a drain");
-    });
 }
 
 #[test]
