@@ -165,10 +165,11 @@ pub struct Session {
     view: ClientView,
     settings: ClientSettings,
     draining: tokio::sync::watch::Receiver<bool>,
-    /// Wakes the session when it is killed or the proxy starts draining. Polled once, which puts
-    /// the session's waker on both wait lists; after that (`interrupt_armed`) the event loop reads
-    /// the two flags instead of polling it on every turn (each poll of a registered waiter takes
-    /// its wait list's lock, and a future made anew per turn would join and leave the list).
+    /// Wakes the session when it is killed or the proxy starts draining. Polled until the first
+    /// event, which puts the session's waker on both wait lists; after that (`interrupt_armed`) it
+    /// is left alone (each poll of a registered waiter takes its wait list's lock, and a future
+    /// made anew per turn would join and leave the list). The event loop reads the two flags on
+    /// every turn (`interrupted`): the future only wakes the session, and completes only on a kill.
     interrupt: Interruption,
     interrupt_armed: bool,
     /// The session has seen that the proxy is draining (it ends once between transactions).
@@ -419,8 +420,10 @@ impl Session {
         };
         tokio::select! {
             biased;
-            _ = &mut self.interrupt, if !armed => Event::Draining, // sorted out in next_event
-            _ = std::future::poll_fn(|_| interrupted(&self.cancel.slot, &self.draining, self.drain_seen)), if armed => Event::Draining,
+            // first, so that it is polled (and its waits registered) before any event arms it
+            _ = &mut self.interrupt, if !armed => Event::Draining, // a kill: sorted out in next_event
+            // every turn: a drain does not complete the future above, it only wakes the session
+            _ = std::future::poll_fn(|_| interrupted(&self.cancel.slot, &self.draining, self.drain_seen)) => Event::Draining,
             _ = sleep_until_opt(deadline), if deadline.is_some() => Event::Timeout(timeout_kind.expect("set with the deadline").error(&self.shared.pool_cfg)),
             r = self.client_wr.write(&self.client_out), if !self.client_out.is_empty() => Event::ClientWrote(r),
             r = write_opt(bwr, &self.backend_out), if has_backend && !self.backend_out.is_empty() => Event::BackendWrote(r),
@@ -777,13 +780,20 @@ fn interrupted(slot: &crate::cancel::CancelSlot, draining: &tokio::sync::watch::
 
 type Interruption = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>;
 
-/// Completes when the session is killed (console `KILL`, `/sessions` DELETE) or the proxy starts
-/// draining; what happened is read from the flags (see `Session::interrupt`).
+/// Wakes the session when it is killed (console `KILL`, `/sessions` DELETE) or the proxy starts
+/// draining; what happened is read from the flags (see `Session::interrupt`). It completes only on
+/// a kill: were a drain to complete it (a drain under way when the session first polls it, or one
+/// that comes before the session's first event), the wait for a kill would end with it, and a
+/// session then kept open by its transaction could no longer be killed.
 fn interruption(slot: Arc<crate::cancel::CancelSlot>, mut draining: tokio::sync::watch::Receiver<bool>) -> Interruption {
     Box::pin(async move {
+        let drained = async move {
+            let _ = draining.wait_for(|d| *d).await; // wakes the session once; `interrupted` sees why
+            std::future::pending::<()>().await
+        };
         tokio::select! {
             _ = slot.terminated() => {}
-            _ = draining.wait_for(|d| *d) => {}
+            _ = drained => {}
         }
     })
 }

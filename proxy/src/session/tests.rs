@@ -255,6 +255,10 @@ struct Client {
     s: DuplexStream,
     buf: BytesMut,
     log: Log,
+    /// The session's kill switch (console `KILL`, `/sessions` DELETE).
+    slot: Arc<crate::cancel::CancelSlot>,
+    /// The proxy's drain signal.
+    drain: tokio::sync::watch::Sender<bool>,
 }
 
 fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -279,13 +283,18 @@ fn sync() -> Vec<u8> {
 
 impl Client {
     async fn start(session_mode: bool) -> Client {
+        Client::open(session_mode, &[], false).await
+    }
+
+    /// A session whose client sent `pipelined` along with its login (the session finds it
+    /// buffered before its first read), started while the proxy is draining or not.
+    async fn open(session_mode: bool, pipelined: &[u8], draining: bool) -> Client {
         let text = if session_mode { format!("{CONFIG}\n[pool]\nmode = \"session\"") } else { CONFIG.to_string() };
         let config = Config::from_toml(&text, &|_| None).unwrap();
         let log: Log = Default::default();
         let target = BackendTarget::from_config(&config.backend).unwrap();
         let pool = crate::pool::Pool::with_connector(&config, target, 2, Arc::new(config.limits.clone()), Arc::new(Scripted { log: log.clone() }));
-        let (_tx, draining) = tokio::sync::watch::channel(false);
-        std::mem::forget(_tx);
+        let (drain, draining) = tokio::sync::watch::channel(draining);
         let router = crate::routing::Router::new(&config, pool.clone()).unwrap();
         let shared = Arc::new(Shared {
             pool,
@@ -303,11 +312,12 @@ impl Client {
         let (ours, theirs) = tokio::io::duplex(1 << 16);
         let settings = ClientSettings::new(vec!["app.tenant_id".into()], vec!["1".into()], ClientParams::default());
         let cancel = Arc::new(CancelRegistry::default()).register(None, None);
+        let slot = cancel.slot.clone();
         let guard = Arc::new(Guard::from_config(&config.tenant));
         let who = Arc::new(Who { tenant: "1".into(), subject: None, client: "127.0.0.1:1".parse().unwrap(), bypass: false, login: 1, cluster: None, prefers_standby: false });
-        let session = Session::new(shared, Stream::Pipe(theirs), BytesMut::new(), settings, cancel, ClientView::default(), guard, who, None);
+        let session = Session::new(shared, Stream::Pipe(theirs), BytesMut::from(pipelined), settings, cancel, ClientView::default(), guard, who, None);
         tokio::spawn(session.run());
-        Client { s: ours, buf: BytesMut::new(), log }
+        Client { s: ours, buf: BytesMut::new(), log, slot, drain }
     }
 
     /// Sends `bytes` and reads until `n` ReadyForQuery messages arrived; returns the message tags
@@ -371,6 +381,67 @@ impl Client {
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+/// When the proxy starts draining, relative to a session idle in a transaction.
+#[derive(Debug, Clone, Copy)]
+enum DrainAt {
+    Never,
+    /// After the session's first events (its interrupt wait is armed).
+    InTransaction,
+    /// Already under way when the session first waits (its client pipelined `BEGIN` with its
+    /// login, so the session is in a transaction when it first looks at the drain).
+    BeforeFirstWait,
+}
+
+/// A kill ends a session idle in a transaction whenever the proxy began draining: the drain keeps
+/// the session (its transaction may finish) but must not end its wait for a kill. Before the fix,
+/// a drain under way when the session first waited completed that wait, and the kill went
+/// unnoticed (`<timeout>`).
+#[test]
+fn a_kill_ends_an_idle_session_after_a_drain() {
+    rt().block_on(async {
+        for at in [DrainAt::Never, DrainAt::InTransaction, DrainAt::BeforeFirstWait] {
+            let mut c = match at {
+                DrainAt::BeforeFirstWait => {
+                    let mut c = Client::open(false, &q("BEGIN"), true).await;
+                    assert_eq!(c.read_until(1).await, "C ZT", "{at:?}");
+                    c
+                }
+                _ => {
+                    let mut c = Client::start(false).await;
+                    assert_eq!(c.round(&q("BEGIN"), 1).await, "C ZT", "{at:?}");
+                    c
+                }
+            };
+            if let DrainAt::InTransaction = at {
+                c.drain.send(true).unwrap();
+            }
+            // in a transaction: the drain lets it go on
+            assert_eq!(c.round(&q("select 1"), 1).await, "DC ZT", "{at:?}: served in its transaction");
+            tokio::time::sleep(Duration::from_millis(20)).await; // idle in the transaction
+            c.slot.terminate();
+            assert_eq!(c.read_until(1).await, "E57P01 <closed>", "{at:?}: killed while idle in a transaction");
+        }
+    });
+}
+
+/// A drain ends a session promptly once it is between transactions, however the drain and the
+/// session's first wait are ordered: an idle session whose first event is the drain, and a session
+/// that first waits in a transaction while the drain is already under way (then commits).
+#[test]
+fn a_drain_ends_a_session_between_transactions() {
+    rt().block_on(async {
+        let mut c = Client::start(false).await;
+        tokio::time::sleep(Duration::from_millis(20)).await; // waiting, nothing happened yet
+        c.drain.send(true).unwrap();
+        assert_eq!(c.read_until(1).await, "E57P01 <closed>", "idle session kept while draining");
+
+        let mut c = Client::open(false, &q("BEGIN"), true).await;
+        assert_eq!(c.read_until(1).await, "C ZT");
+        assert_eq!(c.round(&q("COMMIT"), 1).await, "C ZI", "the transaction finishes");
+        assert_eq!(c.read_until(1).await, "E57P01 <closed>", "session kept after its transaction while draining");
+    });
 }
 
 #[test]
