@@ -32,43 +32,47 @@ const SCHEMA: &str = "@schema@";
 const PGCRYPTO: &str = "@pgcrypto@";
 
 /// Body of `<schema>.setting(name text)`: the fast path. A context this backend verified before is
-/// remembered (see [`VERIFY_BODY`]) whole, with its signature, in `session_preload_libraries`, a
-/// setting only a superuser (or a role granted `SET` on it) can change and only a superuser or
-/// `pg_read_all_settings` can read, so the restricted role can neither add a context of its own nor
-/// see the remembered ones. The record is `pgtenant:<pid>:<start>`, then `\x01<context>\x02<signature>`
-/// for each remembered context, newest first, then `\x01.`: a context and signature are remembered
-/// exactly when `\x01<context>\x02<signature>\x01` occurs in it. A remembered context is valid JSON
-/// and its signature 64 hex digits, so neither contains `\x01` or `\x02`; with a given signature of 64
-/// bytes and a given context without `\x01` (checked first, both cheap), a match is exactly one
-/// remembered entry, never a splice of two, so a caller's bytes can only select what was verified.
-/// `split_part` finds it without hashing (SHA-256 goes through OpenSSL, the largest part of the
-/// cost before) and without counting characters up to the match as `strpos` does in a multibyte
-/// encoding; the `.` at the end makes the part after a match non-empty. One `RETURN`, one
-/// expression: PL/pgSQL prepares each expression of a function once per transaction. Anything else
-/// goes to `<schema>.verify`. It is `SECURITY DEFINER` (to read that setting) but has no
-/// `SET search_path` clause, which costs a save and restore of the settings on every call (about
-/// 2 µs, as much as the rest of this body): instead every name in it is schema-qualified, so a
-/// caller's `search_path` cannot substitute an operator, function or type of its own.
+/// remembered (see [`VERIFY_BODY`]) in `session_preload_libraries`, a setting only a superuser (or a
+/// role granted `SET` on it) can change and only a superuser or `pg_read_all_settings` can read, so
+/// the restricted role can neither add an entry of its own nor see the remembered ones. The record is
+/// `pgtenant:<pid>:<start>`, then one entry per remembered context, newest first, then `\x01.`; an
+/// entry is `\x01<signature>\x03`, then the context's settings already taken out of its JSON, each
+/// as `\x03<name>\x04<value>`, then `\x03`. The signature is the key: it is an HMAC of the whole
+/// context, so whoever presents it presents that context, and the context setting itself is not
+/// read here. `split_part` finds `\x01<signature>\x03` and the entry's settings up to the next
+/// `\x01`, then `\x03<name>\x04` among them, and `string_to_array(…)[1]` the value up to the next
+/// `\x03` (NULL when the entry or the name is missing, which goes to `<schema>.verify`). No JSON is
+/// parsed and nothing is hashed: each node of the expression is prepared again in every
+/// transaction, so the fewer the cheaper (this one costs about a third of the JSON version's
+/// instructions; docs/benchmarks.md). Splicing: separators occur in the record only where the
+/// format puts them (a remembered value never holds `\x01`, `\x03` or `\x04`; a signature is 64 hex
+/// digits), so a match that starts at one entry and ends in a later one must spell, in the caller's
+/// bytes, the full signature of the entry whose settings it returns: a caller only ever reads the
+/// settings of a context whose signature it holds. One `RETURN`, one expression. It is `SECURITY
+/// DEFINER` (to read that setting) but has no `SET search_path` clause, which costs a save and
+/// restore of the settings on every call: instead every name in it is schema-qualified (`COALESCE`
+/// and subscripts look nothing up), so a caller's `search_path` cannot substitute an operator,
+/// function or type of its own.
 const SETTING_BODY: &str = r#"
 BEGIN
-  RETURN CASE
-    WHEN pg_catalog.octet_length(pg_catalog.current_setting('@signature@', true)) OPERATOR(pg_catalog.=) 64
-     AND pg_catalog.strpos(pg_catalog.current_setting('@context@', true), E'\x01') OPERATOR(pg_catalog.=) 0
-     AND pg_catalog.split_part(pg_catalog.current_setting('@cache@'),
-           E'\x01' OPERATOR(pg_catalog.||) pg_catalog.current_setting('@context@', true)
-             OPERATOR(pg_catalog.||) E'\x02' OPERATOR(pg_catalog.||) pg_catalog.current_setting('@signature@', true)
-             OPERATOR(pg_catalog.||) E'\x01', 2) OPERATOR(pg_catalog.<>) ''
-    THEN pg_catalog.json_extract_path_text(pg_catalog.current_setting('@context@', true)::pg_catalog.json, 'settings', name)
-    ELSE @schema@.verify(name)
-  END;
+  RETURN COALESCE((pg_catalog.string_to_array(pg_catalog.split_part(pg_catalog.split_part(pg_catalog.split_part(
+      pg_catalog.current_setting('@cache@'),
+      E'\x01' OPERATOR(pg_catalog.||) pg_catalog.current_setting('@signature@', true) OPERATOR(pg_catalog.||) E'\x03', 2),
+      E'\x01', 1),
+      E'\x03' OPERATOR(pg_catalog.||) name OPERATOR(pg_catalog.||) E'\x04', 2),
+      E'\x03'))[1],
+    @schema@.verify(name));
 END
 "#;
 
 /// Body of `<schema>.verify(name text)`: the full check, `SECURITY DEFINER` (it reads the keys).
 /// Every failure is NULL, never an error: a client must not learn from an error which part of a
-/// forged context was wrong. The payload is parsed as JSON only once a key's HMAC matches, i.e. only
-/// when pgtenant wrote it. Its binding to this backend (pid, and start against pid reuse) is looked
-/// up once per connection and remembered with the verified contexts, the newest [`REMEMBERED`].
+/// forged context was wrong. A signature already remembered on this backend means `setting()` found
+/// its context but not `name` in it: NULL, without a check. Otherwise the payload is parsed as JSON
+/// only once a key's HMAC matches, i.e. only when pgtenant wrote it. Its binding to this backend
+/// (pid, and start against pid reuse) is looked up once per connection and remembered with the
+/// verified contexts, the newest [`REMEMBERED`]. A context with a setting whose name or value holds
+/// one of the record's separators is not remembered (each of its queries is checked in full).
 const VERIFY_BODY: &str = r#"
 DECLARE
   ctx text := current_setting('@context@', true);
@@ -80,10 +84,15 @@ DECLARE
   k record;
   p jsonb;
   bind text;
+  entry text;
   entries text[];
 BEGIN
   -- no context, or a signature that is not 64 lowercase hex digits: unsigned
   IF ctx IS NULL OR sig IS NULL OR length(sig) <> 64 OR sig !~ '^[0-9a-f]+$' THEN
+    RETURN NULL;
+  END IF;
+  -- remembered: the context has no setting of that name
+  IF strpos(seen, E'\x01' || sig || E'\x03') > 0 THEN
     RETURN NULL;
   END IF;
   msg := convert_to(ctx, 'UTF8');
@@ -106,12 +115,18 @@ BEGIN
         END IF;
         seen := bind;
       END IF;
-      -- remember it: "pgtenant:<pid>:<start>", then "\x01<context>\x02<signature>" for each, newest
-      -- first and each once, then "\x01." (see setting()); split and joined on whole entries
-      -- (string_to_array works on bytes, where left() would count characters)
-      entries := array_remove(string_to_array(substr(seen, length(bind) + 2), E'\x01'), '.');
-      entries := (ARRAY[ctx || E'\x02' || sig] || array_remove(entries, ctx || E'\x02' || sig))[1:@remembered@];
-      PERFORM set_config('@cache@', bind || E'\x01' || array_to_string(entries, E'\x01') || E'\x01.', false);
+      -- remember it (see setting()): "<signature>\x03", then "\x03<name>\x04<value>" per setting,
+      -- then "\x03"; unless a name or value holds a separator
+      IF NOT EXISTS (SELECT FROM jsonb_each_text(p->'settings') s WHERE s.key ~ E'[\x01\x03\x04]' OR s.value ~ E'[\x01\x03\x04]') THEN
+        entry := sig || E'\x03' || coalesce((SELECT string_agg(E'\x03' || s.key || E'\x04' || s.value, '')
+                                               FROM jsonb_each_text(p->'settings') s), '') || E'\x03';
+        -- "pgtenant:<pid>:<start>", then "\x01<entry>" for each, newest first and each once, then
+        -- "\x01."; split and joined on whole entries (string_to_array works on bytes, where left()
+        -- would count characters)
+        entries := array_remove(string_to_array(substr(seen, length(bind) + 2), E'\x01'), '.');
+        entries := (ARRAY[entry] || array_remove(entries, entry))[1:@remembered@];
+        PERFORM set_config('@cache@', bind || E'\x01' || array_to_string(entries, E'\x01') || E'\x01.', false);
+      END IF;
       RETURN p->'settings'->>name;
     END IF;
   END LOOP;
@@ -120,8 +135,8 @@ END
 "#;
 
 /// How many verified contexts a backend remembers: the newest ones. `setting()` copies and searches
-/// the record on every call, so this bounds its cost as much as it bounds memory (a context of three
-/// tenant settings and its signature take about 300 bytes).
+/// the record on every call, so this bounds its cost as much as it bounds memory (an entry of three
+/// tenant settings and the claims takes the signature's 64 bytes plus the settings, about 200).
 pub const REMEMBERED: usize = 64;
 
 /// `--schema`: a plain lowercase identifier, so that policies can name it without quotes.
@@ -331,11 +346,15 @@ mod tests {
         assert_eq!(sql.matches("BEGIN;").count(), 1);
         // the bodies the doctor compares with are the ones installed
         assert!(verify_body("s", "public").contains("public.hmac(mac, k.key") && verify_body("s", "public").contains("FROM s.keys t"));
-        assert!(setting_body("s").contains("ELSE s.verify(name)"));
-        // the record holds no digest, and is not searched with strpos (which counts characters)
+        assert!(setting_body("s").contains("s.verify(name));"));
+        // the fast path hashes nothing, parses no JSON, does not count characters (strpos), and
+        // finds the entry by the signature alone
         let fast = setting_body("s");
-        assert!(!fast.contains("sha256") && !fast.contains(&format!("strpos(pg_catalog.current_setting('{CACHE_SETTING}')")));
-        assert!(fast.contains(&format!("split_part(pg_catalog.current_setting('{CACHE_SETTING}')")));
+        for slow in ["sha256", "json", "strpos", CONTEXT_SETTING] {
+            assert!(!fast.contains(slow), "{slow} in {fast}");
+        }
+        assert!(fast.contains(&format!("pg_catalog.current_setting('{CACHE_SETTING}')")));
+        assert!(fast.contains(&format!("current_setting('{SIGNATURE_SETTING}', true)")));
         assert!(verify_body("s", "public").contains(&format!("))[1:{REMEMBERED}];")));
         assert!(!setting_body("s").contains('@') && !verify_body("s", "public").contains('@'));
     }

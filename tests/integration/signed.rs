@@ -377,12 +377,14 @@ async fn with_counted_calls<F: std::future::Future<Output = TestResult>>(env: &E
 
 /// The database remembers a context it verified on a backend (`session_preload_libraries`), so the
 /// full check runs once per (context, backend): counted with `track_functions`. The role can neither
-/// read nor write that memory, a different context on the same backend is checked in full, and so is
-/// a context or signature that splices two remembered entries together.
+/// read nor write that memory, and a remembered context is found by its signature, so that a caller
+/// reads only the settings of a context whose whole signature it presents: a payload alone, part of
+/// a signature, or a splice across two remembered entries that does not end in a whole signature
+/// reads nothing.
 async fn verified_contexts_are_remembered_per_backend(env: &Env) -> TestResult {
     signed_schema(env)?;
-    let why = "tenant 2 once, tenant 3 once, the forged pair, the two splices";
-    with_counted_calls(env, "setting=11 verify=5", why, async {
+    let why = "tenant 2 once, tenant 3 once, then each malformed or unknown signature";
+    with_counted_calls(env, "setting=14 verify=6", why, async {
         let c = direct(env).await?;
         let b = backend_of(&c).await?;
         for sql in [
@@ -399,19 +401,39 @@ async fn verified_contexts_are_remembered_per_backend(env: &Env) -> TestResult {
         for _ in 0..5 {
             ensure(read_setting(&c, &p, &sig).await? == Some("2".into()), "tenant 2's context")?;
         }
-        // tenant 3's context: checked in full once, then remembered too; tenant 2's payload with
-        // tenant 3's signature matches neither the memory nor a key
+        // tenant 3's context: checked in full once, then remembered too
         ensure(read_setting(&c, &other, &other_sig).await? == Some("3".into()), "tenant 3's context")?;
         ensure(read_setting(&c, &other, &other_sig).await? == Some("3".into()), "tenant 3's context again")?;
-        ensure(read_setting(&c, &p, &other_sig).await?.is_none(), "tenant 2's payload with tenant 3's signature")?;
+        // the signature names the context: tenant 3's reads tenant 3's settings whatever the payload
+        // says, and tenant 2's payload with a signature this backend never verified reads nothing
+        ensure(read_setting(&c, &p, &other_sig).await? == Some("3".into()), "tenant 2's payload with tenant 3's signature")?;
+        let mut tampered = sig.clone().into_bytes();
+        tampered[63] = if tampered[63] == b'0' { b'1' } else { b'0' };
+        let tampered = String::from_utf8(tampered).map_err(e)?;
+        ensure(read_setting(&c, &p, &tampered).await?.is_none(), "tenant 2's payload with one digit of its signature changed")?;
         ensure(read_setting(&c, &p, &sig).await? == Some("2".into()), "tenant 2's context after the others")?;
-        // the record holds both contexts with their signatures, each "\x01<context>\x02<signature>",
-        // tenant 3's first: a context or signature that spans the two (which takes knowing both)
-        // must not match the record as a whole; it reads as unsigned rather than failing on its JSON
-        let spliced_context = format!("{other}\u{2}{other_sig}\u{1}{p}");
-        ensure(read_setting(&c, &spliced_context, &sig).await?.is_none(), "a context spliced across two remembered ones")?;
-        let spliced_signature = format!("{other_sig}\u{1}{p}\u{2}{sig}");
-        ensure(read_setting(&c, &other, &spliced_signature).await?.is_none(), "a signature spliced across two remembered ones")?;
+        // The record holds, newest first, "\x01<signature>\x03" and "\x03<name>\x04<value>" per
+        // setting (in jsonb's key order: shorter names first), then "\x03": tenant 3's entry, then
+        // tenant 2's. A signature that spans tenant 3's entry and ends in tenant 2's whole signature
+        // reads tenant 2's settings (it took knowing both); ending in part of it reads nothing.
+        let value = |ctx: &str, name: &str| -> Result<String, String> {
+            let v: serde_json::Value = serde_json::from_str(ctx).map_err(e)?;
+            Ok(v["settings"][name].as_str().ok_or(format!("no {name} in {ctx}"))?.to_string())
+        };
+        let entry3 = format!(
+            "{other_sig}\u{3}\u{3}app.user_id\u{4}{}\u{3}app.tenant_id\u{4}{}\u{3}request.jwt.claims\u{4}{}\u{3}",
+            value(&other, "app.user_id")?,
+            value(&other, "app.tenant_id")?,
+            value(&other, "request.jwt.claims")?
+        );
+        let whole = format!("{entry3}\u{1}{sig}");
+        ensure(read_setting(&c, &other, &whole).await? == Some("2".into()), "a splice ending in tenant 2's whole signature")?;
+        let part = format!("{entry3}\u{1}{}", &sig[..63]);
+        ensure(read_setting(&c, &other, &part).await?.is_none(), "a splice ending in part of tenant 2's signature")?;
+        // the format before this one ("\x01<context>\x02<signature>\x01") finds nothing either
+        let old_format = format!("{other_sig}\u{1}{p}\u{2}{sig}");
+        ensure(read_setting(&c, &other, &old_format).await?.is_none(), "a signature spliced the old way")?;
+        ensure(read_setting(&c, &p, &sig[..63]).await?.is_none(), "part of a remembered signature")?;
         Ok(())
     })
     .await
