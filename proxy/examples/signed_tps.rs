@@ -1,6 +1,7 @@
 //! Benchmark: the same workload through pgtenant with plain `current_setting` policies and with the
 //! signed-context policies (`pgtenant.setting()`), interleaved on one throwaway cluster, plus the
-//! verifying function's cost per call (bench/signed_context.sql). Issue 16's target: signed TPS
+//! verifying function's cost per call (bench/signed_context.sql), and the floor of any function in a
+//! policy (a `SECURITY DEFINER` function that verifies nothing). Issue 16's target: signed TPS
 //! ≥ 0.90× plain. Prints a table; docs/benchmarks.md ("Signed context") records a run.
 //!
 //!     cargo run --release -p pgtenant --example signed_tps [-- SECONDS ROUNDS CLIENTS]
@@ -19,6 +20,17 @@ const PLAIN: &str = "ALTER POLICY tenant_isolation ON orders
 const SIGNED: &str = "ALTER POLICY tenant_isolation ON orders
   USING (tenant_id = (SELECT pgtenant.setting('app.tenant_id'))::integer)
   WITH CHECK (tenant_id = (SELECT pgtenant.setting('app.tenant_id'))::integer)";
+/// The floor of any policy that reads the tenant through a function: the same sub-select calling a
+/// `SECURITY DEFINER` PL/pgSQL function that only returns `current_setting` (it verifies nothing,
+/// so it is no defence; it measures what the call itself costs).
+const FLOOR: &str = "ALTER POLICY tenant_isolation ON orders
+  USING (tenant_id = (SELECT bench_floor.setting('app.tenant_id'))::integer)
+  WITH CHECK (tenant_id = (SELECT bench_floor.setting('app.tenant_id'))::integer)";
+const FLOOR_FUNCTION: &str = "CREATE SCHEMA bench_floor;
+  GRANT USAGE ON SCHEMA bench_floor TO app_user;
+  CREATE FUNCTION bench_floor.setting(name text) RETURNS text LANGUAGE plpgsql STABLE SECURITY DEFINER
+    AS $$BEGIN RETURN pg_catalog.current_setting(name, true); END$$;
+  GRANT EXECUTE ON FUNCTION bench_floor.setting(text) TO app_user;";
 const SCRIPT: &str = "\\set id random(1, 200000)\nSELECT id, tenant_id, amount FROM orders WHERE id = :id;\n";
 
 fn main() -> Result<(), String> {
@@ -34,6 +46,7 @@ fn main() -> Result<(), String> {
     );
     let cfg = Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
     cluster.psql_stdin("app", &pgtenant::install_sql::script(&cfg, "pgtenant")?).map_err(|e| e.to_string())?;
+    cluster.psql_stdin("app", FLOOR_FUNCTION).map_err(|e| e.to_string())?;
     // count the full checks without timing anything else: only pgtenant.verify() runs with
     // track_functions (its SET clause; it already has one, so this costs it nothing more), not
     // pgtenant.setting(), which every signed query calls, nor anything in the plain runs. Each
@@ -72,10 +85,10 @@ fn main() -> Result<(), String> {
     println!("{} s runs, {rounds} interleaved rounds, {clients} clients, pool 8, primary-key read of orders", secs);
     println!(
         "| mode | plain TPS (median) | signed TPS (median) | signed / plain | full checks per 1,000 signed queries | \
-         CPU µs/tx plain: Postgres + pgtenant + pgbench | signed | plain / signed CPU |\n|---|---:|---:|---:|---:|---:|---:|---:|"
+         CPU µs/tx plain: Postgres + pgtenant + pgbench | signed | plain / signed CPU | floor TPS (median) | floor / plain |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for mode in ["simple", "extended", "prepared"] {
-        let (mut plain, mut signed) = (Vec::new(), Vec::new());
+        let (mut plain, mut signed, mut floor) = (Vec::new(), Vec::new(), Vec::new());
         let (mut plain_cpu, mut signed_cpu) = (Vec::new(), Vec::new());
         let mut signed_queries = 0.0;
         cluster.psql("app", "SELECT pg_stat_reset()").map_err(|e| e.to_string())?;
@@ -91,12 +104,15 @@ fn main() -> Result<(), String> {
             signed.push(tps);
             signed_queries += n;
             signed_cpu.push(cpu);
+            cluster.psql("app", FLOOR).map_err(|e| e.to_string())?;
+            std::thread::sleep(Duration::from_millis(200));
+            floor.push(run(mode)?.0);
         }
         let median = |v: &mut Vec<f64>| {
             v.sort_by(|a, b| a.total_cmp(b));
             v[v.len() / 2]
         };
-        let (p, s) = (median(&mut plain), median(&mut signed));
+        let (p, s, f) = (median(&mut plain), median(&mut signed), median(&mut floor));
         // backends report their counts when idle for a second
         std::thread::sleep(Duration::from_millis(1500));
         let verified = cluster
@@ -114,11 +130,12 @@ fn main() -> Result<(), String> {
         let (pc, sc) = (cpu(&mut plain_cpu), cpu(&mut signed_cpu));
         let show = |c: [f64; 3]| format!("{:.0} = {:.0} + {:.0} + {:.0}", c.iter().sum::<f64>(), c[0], c[1], c[2]);
         println!(
-            "| {mode} | {p:.0} | {s:.0} | {:.2} | {per_1000} | {} | {} | {:.2} |",
+            "| {mode} | {p:.0} | {s:.0} | {:.2} | {per_1000} | {} | {} | {:.2} | {f:.0} | {:.2} |",
             s / p,
             show(pc),
             show(sc),
-            pc.iter().sum::<f64>() / sc.iter().sum::<f64>()
+            pc.iter().sum::<f64>() / sc.iter().sum::<f64>(),
+            f / p
         );
     }
     // the per-call cost of the verifier, as the restricted role with the key
