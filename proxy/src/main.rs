@@ -51,11 +51,13 @@ enum Command {
         #[arg(long, short, env = "PGTENANT_CONFIG", default_value = "config/pgtenant.toml")]
         config: PathBuf,
     },
-    /// Check that the database isolates tenants for the restricted role (exit 1 on any finding).
+    /// Check that the database isolates tenants for the restricted role, on every server of the
+    /// config: each host of backend.url, each replica, each [[clusters]] entry (exit 1 on any finding).
     Doctor {
         #[arg(long, short, env = "PGTENANT_CONFIG", default_value = "config/pgtenant.toml")]
         config: PathBuf,
-        /// Connect as this (owner or superuser) URL to see every object; privileges are still
+        /// Connect as this (owner or superuser) URL to see every object: as given at the first host
+        /// of backend.url, with its user and password at the other servers; privileges are still
         /// evaluated for the restricted role.
         #[arg(long)]
         admin_url: Option<String>,
@@ -143,11 +145,13 @@ fn doctor(config: PathBuf, admin_url: Option<String>, json: bool, schema: String
     let cfg = Config::load(&config).map_err(|e| e.to_string())?;
     pgtenant::install_sql::check_schema(&schema)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let findings = rt.block_on(pgtenant::doctor::run_in(&cfg, admin_url.as_deref(), &schema))?;
+    let report = rt.block_on(pgtenant::doctor::report(&cfg, admin_url.as_deref(), &schema))?;
+    let (findings, checked) = (&report.findings, pgtenant::doctor::render_checked(&report.checked));
     if json {
-        println!("{}", serde_json::to_string_pretty(&findings).map_err(|e| e.to_string())?);
+        eprint!("{checked}");
+        println!("{}", serde_json::to_string_pretty(findings).map_err(|e| e.to_string())?);
     } else {
-        print!("{}", pgtenant::doctor::render(&findings));
+        print!("{checked}{}", pgtenant::doctor::render(findings));
     }
     Ok(if findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }

@@ -16,6 +16,7 @@ fn main() {
     run_all(tests![
         ordinary_tokens_are_refused_with_28000,
         psql_reads_show_pools_with_pgbouncer_columns,
+        show_pools_lists_every_cluster_and_replica,
         show_clients_and_servers_list_the_tenants_session_and_its_backend,
         show_tenants_and_stats_count_transactions,
         show_config_shows_no_secret,
@@ -140,6 +141,49 @@ async fn psql_reads_show_pools_with_pgbouncer_columns(env: &Env) -> TestResult {
     ensure(get("database") == "app" && get("user") == "app_user", format!("pool row: {row:?}"))?;
     ensure(get("cl_active") == "1" && get("sv_idle") == "1" && get("sv_active") == "0", format!("one idle client, one idle server: {header:?} {row:?}"))?;
     ensure(get("pool_size") == "3" && get("pool_mode") == "transaction" && get("paused") == "f", format!("{header:?} {row:?}"))?;
+    p.stop().await;
+    Ok(())
+}
+
+/// With a read replica (a streaming standby) and a second cluster, `SHOW POOLS` has a row for each
+/// of their pools, saying which cluster, role and host it is, after PgBouncer's columns (which
+/// keep their order); it lists exactly the pools `/pools` lists, with their own figures.
+async fn show_pools_lists_every_cluster_and_replica(env: &Env) -> TestResult {
+    let standby = env.cluster.start_standby().map_err(|e| e.to_string())?;
+    let eu = second_cluster()?;
+    let replica = standby.url("app_user", "app-secret", "app");
+    let clusters = format!("[[clusters]]\nname = \"eu\"\nurl = \"{}\"\npool_size = 2\ntenants = [\"2\"]\n", eu.url("app_user", "app-secret", "app"));
+    let p = proxy(env, &format!("replicas = [\"{replica}\"]"), &clusters).await;
+    // tenant 2 runs one transaction on eu: its pool keeps that backend, idle
+    let two = connect(&p, &token(2, "u2")).await.map_err(|e| e.to_string())?;
+    two.simple_query("SELECT 1").await.map_err(|e| e.to_string())?;
+    let c = console(&p).await?;
+    let pools = show(&c, "SHOW POOLS").await?;
+    let pgbouncer = ["database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "maxwait", "maxwait_us", "pool_mode", "pool", "pool_size", "paused"];
+    ensure(pools.0[..pgbouncer.len()] == pgbouncer && pools.0[pgbouncer.len()..] == ["cluster", "role", "host"], format!("columns: {:?}", pools.0))?;
+    let at = |cluster: &pgtenant::cluster::Cluster| format!("127.0.0.1:{}", cluster.port());
+    let rows: Vec<(Option<String>, Option<String>, Option<String>, Option<String>)> = {
+        let (pool, cluster, role, host) = (column(&pools, "pool")?, column(&pools, "cluster")?, column(&pools, "role")?, column(&pools, "host")?);
+        (0..pool.len()).map(|i| (pool[i].clone(), cluster[i].clone(), role[i].clone(), host[i].clone())).collect()
+    };
+    let s = |v: &str| Some(v.to_string());
+    let expected = vec![
+        (s("tenant"), s("default"), s("primary"), Some(at(&env.cluster))),
+        (s("replica"), s("default"), s("replica"), Some(at(&standby))),
+        (s("cluster"), s("eu"), s("primary"), Some(at(&eu))),
+    ];
+    ensure(rows == expected, format!("SHOW POOLS rows: {rows:?}"))?;
+    let eu_row = &rows_where(&pools, "cluster", "eu")[0];
+    ensure(eu_row["sv_idle"].as_deref() == Some("1") && eu_row["pool_size"].as_deref() == Some("2"), format!("eu's pool: {eu_row:?}"))?;
+    // the same pools as /pools
+    let json: serde_json::Value = serde_json::from_str(&pgtenant::admin::pools_json(&*p.proxy)).map_err(|e| e.to_string())?;
+    let mut listed = Vec::new();
+    for cl in json["clusters"].as_array().into_iter().flatten() {
+        listed.push(cl["primary"]["backend"].clone());
+        listed.extend(cl["replicas"].as_array().into_iter().flatten().map(|r| r["backend"].clone()));
+    }
+    let hosts: Vec<String> = listed.iter().filter_map(|b| b.as_str()).filter_map(|b| b.split('@').nth(1)?.split('/').next().map(str::to_string)).collect();
+    ensure(hosts == [at(&env.cluster), at(&standby), at(&eu)], format!("/pools lists {hosts:?}"))?;
     p.stop().await;
     Ok(())
 }

@@ -6,6 +6,7 @@ mod admin;
 mod cleartext;
 mod bounds;
 mod common;
+mod doctor;
 mod faults;
 mod health;
 mod hostile;
@@ -20,6 +21,7 @@ use admin::admin_speaks_http;
 use cleartext::cleartext_listeners_are_warned;
 use bounds::*;
 use common::*;
+use doctor::doctor_checks_every_server;
 use faults::faults_under_load_lose_nothing;
 use health::readyz_follows_the_backend;
 use hostile::*;
@@ -62,6 +64,7 @@ fn main() {
         session_state_is_reset_between_clients,
         role_claim_sets_local_role,
         doctor_reports_and_clears_findings,
+        doctor_checks_every_server,
         session_settings_do_not_leak_and_discard_all,
         flush_gets_replies_without_sync,
         prepared_cache_eviction,

@@ -1,11 +1,12 @@
 //! The admin HTTP endpoint (`[admin] listen`): `/metrics` (Prometheus text), `/healthz` (the
 //! process is up), `/readyz` (backend reachable and JWT keys loaded; 503 otherwise) and `/pools`
-//! (JSON), `/tenants` (JSON, see `tenants`), and `POST /reload` (re-read the config file, like
+//! (JSON, see `pools`), `/tenants` (JSON, see `tenants`), and `POST /reload` (re-read the config file, like
 //! SIGHUP). HTTP/1.x is hyper's; this module only routes and renders.
 //!
 //! Admin only renders: the metric names and the recorder live in `crate::metrics`, and what the
 //! endpoints show comes through [`Source`].
 
+pub mod pools;
 pub mod tenants;
 
 use std::convert::Infallible;
@@ -78,7 +79,8 @@ async fn ready(proxy: &impl Source) -> Result<(), String> {
     }
 }
 
-/// The `/pools` JSON.
+/// The `/pools` JSON: `pools` holds the tenant and bypass pools, `clusters` each cluster's
+/// primary pool and its replicas (the default cluster's primary is the tenant pool).
 pub fn pools_json(proxy: &impl Source) -> String {
     let describe = |name: &str, pool: &Pool| {
         serde_json::json!({
@@ -95,28 +97,25 @@ pub fn pools_json(proxy: &impl Source) -> String {
             "failovers": pool.failover_count(),
         })
     };
-    let mut pools = vec![describe("tenant", proxy.pool())];
-    pools.extend(proxy.bypass_pool().map(|b| describe("bypass", b)));
-    // every cluster's primary pool and its replicas (the default cluster's primary is "tenant")
-    let clusters: Vec<serde_json::Value> = proxy
-        .router()
-        .map(|r| r.clusters())
-        .unwrap_or_default()
-        .iter()
-        .map(|c| {
-            let replicas: Vec<serde_json::Value> = c
-                .replicas
-                .iter()
-                .map(|r| {
-                    let mut v = describe(&format!("replica {}", r.index), &r.pool);
-                    v["up"] = r.up().into();
-                    v["lag_ms"] = r.lag_ms().into();
-                    v
-                })
-                .collect();
-            serde_json::json!({ "cluster": c.name, "primary": describe("primary", &c.primary), "replicas": replicas })
-        })
-        .collect();
+    let mut pools = Vec::new();
+    let mut clusters: Vec<serde_json::Value> = Vec::new();
+    for p in pools::list(proxy) {
+        if matches!(p.label, "tenant" | "bypass") {
+            pools.push(describe(p.label, p.pool));
+        }
+        let Some(name) = p.cluster else { continue };
+        match p.replica {
+            None => clusters.push(serde_json::json!({ "cluster": name, "primary": describe("primary", p.pool), "replicas": [] })),
+            Some(r) => {
+                let mut v = describe(&format!("replica {}", r.index), p.pool);
+                v["up"] = r.up().into();
+                v["lag_ms"] = r.lag_ms().into();
+                if let Some(replicas) = clusters.iter_mut().find(|c| c["cluster"] == name).and_then(|c| c["replicas"].as_array_mut()) {
+                    replicas.push(v);
+                }
+            }
+        }
+    }
     serde_json::json!({
         "clients": proxy.clients(),
         "pools": pools,

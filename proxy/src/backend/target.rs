@@ -35,7 +35,7 @@ impl std::fmt::Debug for BackendTarget {
 }
 
 impl BackendTarget {
-    /// The first host of `backend.url` (the tools that talk to one server: doctor, install-sql).
+    /// The first host of `backend.url` (one server: install-sql, a read replica, `--admin-url`).
     /// Error texts never contain the password.
     pub fn from_config(cfg: &BackendConfig) -> Result<BackendTarget, String> {
         let (mut all, _) = Self::all_from_config(cfg)?;

@@ -60,30 +60,40 @@ fn named_pools(proxy: &Proxy) -> Vec<(&'static str, &Pool)> {
     pools
 }
 
+/// One row per pool of `admin::pools` (the list `/pools` shows), PgBouncer's columns first.
 fn pools(proxy: &Proxy) -> Table {
     let clients = proxy.sessions.list();
     let mode = if proxy.shared.session_mode { "session" } else { "transaction" };
-    let rows = named_pools(proxy)
+    let rows = crate::admin::pools::list(proxy)
         .into_iter()
-        .map(|(name, pool)| {
+        .map(|p| {
+            let pool = p.pool;
             let (_, queued_for) = pool.totals();
             let (held, held_for) = pool.held_by_pause();
             let waiting = pool.waiting() + held;
             let maxwait = queued_for.max(held_for);
-            let connected = clients.iter().filter(|c| c.pool == name).count();
+            // a session belongs to the tenant or bypass pool; its transactions may run on any
+            // cluster or replica, so there a client counts while a transaction of its runs
+            let active = match p.label {
+                "tenant" | "bypass" => clients.iter().filter(|c| c.pool == p.label).count().saturating_sub(waiting),
+                _ => pool.busy_count(),
+            };
             vec![
                 text(&pool.target().database),
                 text(&pool.target().user),
-                text(connected.saturating_sub(waiting)),
+                text(active),
                 text(waiting),
                 text(pool.busy_count()),
                 text(pool.idle_count()),
                 text(maxwait.as_secs()),
                 text(maxwait.subsec_micros()),
                 text(mode),
-                text(name),
+                text(p.label),
                 text(pool.size()),
                 boolean(pool.is_paused()),
+                p.cluster.and_then(text),
+                text(p.role()),
+                text(pool.target().address()),
             ]
         })
         .collect();
@@ -101,6 +111,9 @@ fn pools(proxy: &Proxy) -> Table {
             ("pool", TEXT),
             ("pool_size", INT8),
             ("paused", BOOL),
+            ("cluster", TEXT),
+            ("role", TEXT),
+            ("host", TEXT),
         ],
         rows,
     }

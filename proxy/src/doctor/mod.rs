@@ -1,16 +1,22 @@
 //! `pgtenant doctor`: checks that the database really isolates tenants for the role pgtenant logs in
 //! as. pgtenant only sets the context; RLS policies, ownership and privileges decide what a client can
 //! read. Every finding is a way one tenant could see or change another tenant's data, or fail open.
+//!
+//! The checks run on every server pgtenant may send a tenant's transaction to (`endpoints`), and
+//! each finding names the server (`host`) and cluster it is about. Every check only reads (the
+//! signing probe's settings are transaction-local, its transaction is not committed), so a hot
+//! standby gets every check too; the report says which servers were standbys.
 
 use std::collections::BTreeSet;
 
 use serde::Serialize;
 
+mod endpoints;
 mod signing;
 
 use crate::backend::query::{simple_query, Row};
-use crate::backend::{connect, BackendConn, BackendTarget, ConnectError};
-use crate::config::{BackendConfig, Config};
+use crate::backend::{connect, BackendConn, ConnectError};
+use crate::config::Config;
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct Finding {
@@ -23,10 +29,32 @@ pub struct Finding {
     /// one exact fix: one statement per line.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fix: Option<String>,
+    /// The server the finding is about (`host:port`, or the socket path).
+    pub host: String,
+    /// The cluster of that server (`default` is `[backend]`, else a `[[clusters]]` name).
+    pub cluster: String,
 }
 
 fn finding(check: &'static str, object: impl Into<String>, detail: impl Into<String>) -> Finding {
-    Finding { check, object: object.into(), detail: detail.into(), fix: None }
+    Finding { check, object: object.into(), detail: detail.into(), fix: None, host: String::new(), cluster: String::new() }
+}
+
+/// One server the doctor checked.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Checked {
+    pub cluster: String,
+    /// `primary` (a host of the cluster's URL) or `replica` (a read replica).
+    pub kind: &'static str,
+    pub host: String,
+    /// The server was in recovery (a hot standby) when checked.
+    pub standby: bool,
+}
+
+/// What a run found, and where it looked.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub findings: Vec<Finding>,
+    pub checked: Vec<Checked>,
 }
 
 impl Finding {
@@ -78,45 +106,74 @@ fn lit(s: &str) -> String {
 
 const USER_SCHEMAS: &str = "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'";
 
-/// Runs every check. Connects as `admin_url` when given (to see every object), else as the
-/// restricted role itself; privileges are always evaluated for the restricted role.
+/// Runs every check on every server (see `endpoints`). Connects as `admin_url` when given (to see
+/// every object), else as each cluster's restricted role itself; privileges are always evaluated
+/// for the restricted role.
 pub async fn run(cfg: &Config, admin_url: Option<&str>) -> Result<Vec<Finding>, String> {
     run_in(cfg, admin_url, crate::install_sql::DEFAULT_SCHEMA).await
 }
 
 /// [`run`], with the signed-context functions in `schema` (`pgtenant install-sql --schema`).
 pub async fn run_in(cfg: &Config, admin_url: Option<&str>, schema: &str) -> Result<Vec<Finding>, String> {
-    let role_target = BackendTarget::from_config(&cfg.backend).map_err(|e| format!("backend.url: {e}"))?;
-    let role = role_target.user.clone();
-    let target = match admin_url {
-        Some(url) => BackendTarget::from_config(&BackendConfig { url: url.to_string(), ..cfg.backend.clone() })
-            .map_err(|e| format!("--admin-url: {e}"))?,
-        None => role_target,
-    };
-    let mut conn = connect(&target).await.map_err(|e| format!("cannot connect as {}: {e}", target.describe()))?;
-    let r = lit(&role);
+    Ok(report(cfg, admin_url, schema).await?.findings)
+}
+
+/// [`run_in`], with the servers checked. A server that cannot be checked (unreachable, the role
+/// missing) fails the run, after every other server has been tried, naming each that failed.
+pub async fn report(cfg: &Config, admin_url: Option<&str>, schema: &str) -> Result<Report, String> {
+    let mut out = Report::default();
+    let mut failed = Vec::new();
+    for (i, e) in endpoints::endpoints(cfg)?.iter().enumerate() {
+        let target = match admin_url {
+            Some(url) => endpoints::as_admin(i, &e.target, url, &cfg.backend)?,
+            None => e.target.clone(),
+        };
+        let checked = async {
+            let mut conn = connect(&target).await.map_err(|err| format!("cannot connect as {}: {err}", target.describe()))?;
+            let standby = simple_query(&mut conn, "SELECT pg_catalog.pg_is_in_recovery()").await.map_err(|err| err.to_string())?;
+            let findings = check(&mut conn, cfg, &e.target.user, schema).await?;
+            Ok::<_, String>((standby.first().is_some_and(|row| cell(row, 0) == "t"), findings))
+        };
+        match checked.await {
+            Ok((standby, findings)) => {
+                let host = e.target.address();
+                out.findings.extend(findings.into_iter().map(|f| Finding { host: host.clone(), cluster: e.cluster.clone(), ..f }));
+                out.checked.push(Checked { cluster: e.cluster.clone(), kind: e.kind, host, standby });
+            }
+            Err(err) => failed.push(format!("{}: {err}", e.label())),
+        }
+    }
+    match failed.is_empty() {
+        true => Ok(out),
+        false => Err(failed.join("\n")),
+    }
+}
+
+/// The checks on one server, for the restricted role `role`.
+async fn check(conn: &mut BackendConn, cfg: &Config, role: &str, schema: &str) -> Result<Vec<Finding>, String> {
+    let r = lit(role);
     let mut out = Vec::new();
     let text = cell;
     let err = |e: ConnectError| e.to_string();
 
-    let rows = simple_query(&mut conn, &format!("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = {r}")).await.map_err(err)?;
+    let rows = simple_query(conn, &format!("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = {r}")).await.map_err(err)?;
     let Some(row) = rows.first() else {
         return Err(format!("role {role} does not exist"));
     };
-    let role_ident = quote_ident(&role);
+    let role_ident = quote_ident(role);
     if text(row, 0) == "t" {
         out.push(
-            finding("role_superuser", &role, "the role is a superuser: RLS does not apply to it")
+            finding("role_superuser", role, "the role is a superuser: RLS does not apply to it")
                 .with_fix(format!("ALTER ROLE {role_ident} NOSUPERUSER;")),
         );
     }
     if text(row, 1) == "t" {
         out.push(
-            finding("role_bypassrls", &role, "the role has BYPASSRLS: RLS does not apply to it")
+            finding("role_bypassrls", role, "the role has BYPASSRLS: RLS does not apply to it")
                 .with_fix(format!("ALTER ROLE {role_ident} NOBYPASSRLS;")),
         );
     }
-    for row in simple_query(&mut conn, &format!(
+    for row in simple_query(conn, &format!(
         "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE c.relowner = (SELECT oid FROM pg_roles WHERE rolname = {r}) AND c.relkind IN ('r','p','v','m') AND {USER_SCHEMAS} ORDER BY 1"
     ))
@@ -125,7 +182,7 @@ pub async fn run_in(cfg: &Config, admin_url: Option<&str>, schema: &str) -> Resu
     {
         out.push(finding("role_owns_table", text(&row, 0), "owned by the restricted role: it can disable or drop the policies"));
     }
-    for row in simple_query(&mut conn, &format!(
+    for row in simple_query(conn, &format!(
         "SELECT format('%I.%I', n.nspname, c.relname), c.relrowsecurity, c.relforcerowsecurity FROM pg_class c \
          JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r','p') AND {USER_SCHEMAS} \
          AND has_table_privilege({r}, c.oid, 'SELECT') AND NOT (c.relrowsecurity AND c.relforcerowsecurity) ORDER BY 1"
@@ -138,7 +195,7 @@ pub async fn run_in(cfg: &Config, admin_url: Option<&str>, schema: &str) -> Resu
         let fix = format!("ALTER TABLE {t} ENABLE ROW LEVEL SECURITY;\nALTER TABLE {t} FORCE ROW LEVEL SECURITY;");
         out.push(finding("table_without_rls", t, detail).with_fix(fix));
     }
-    for row in simple_query(&mut conn, &format!(
+    for row in simple_query(conn, &format!(
         "SELECT format('%I.%I', n.nspname, c.relname), c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE c.relkind IN ('v','m') AND {USER_SCHEMAS} AND has_table_privilege({r}, c.oid, 'SELECT') \
          AND (c.relkind = 'm' OR NOT coalesce((SELECT option_value::bool FROM pg_options_to_table(c.reloptions) WHERE option_name = 'security_invoker'), false)) ORDER BY 1"
@@ -158,8 +215,8 @@ pub async fn run_in(cfg: &Config, admin_url: Option<&str>, schema: &str) -> Resu
     if !cfg.tenant.claims_setting.is_empty() {
         all_names.push(cfg.tenant.claims_setting.clone());
     }
-    let signed = signing::checks(&mut conn, cfg, &role, schema).await.map_err(err)?;
-    let policies = simple_query(&mut conn, "SELECT format('%I.%I', schemaname, tablename), policyname, coalesce(qual, '') || ' ' || coalesce(with_check, '') FROM pg_policies ORDER BY 1, 2")
+    let signed = signing::checks(conn, cfg, role, schema).await.map_err(err)?;
+    let policies = simple_query(conn, "SELECT format('%I.%I', schemaname, tablename), policyname, coalesce(qual, '') || ' ' || coalesce(with_check, '') FROM pg_policies ORDER BY 1, 2")
         .await
         .map_err(err)?;
     let mut used = BTreeSet::new();
@@ -183,7 +240,7 @@ pub async fn run_in(cfg: &Config, admin_url: Option<&str>, schema: &str) -> Resu
             out.push(finding("setting_unused", s, "configured in [tenant] but no policy reads it"));
         }
     }
-    for row in simple_query(&mut conn, &format!(
+    for row in simple_query(conn, &format!(
         "SELECT p.oid::regprocedure::text FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
          WHERE p.prosecdef AND {USER_SCHEMAS} AND has_function_privilege({r}, p.oid, 'EXECUTE') ORDER BY 1"
     ))
@@ -195,7 +252,7 @@ pub async fn run_in(cfg: &Config, admin_url: Option<&str>, schema: &str) -> Resu
         }
     }
     out.extend(signed.findings);
-    for row in simple_query(&mut conn, &format!(
+    for row in simple_query(conn, &format!(
         "SELECT n.nspname, format('%I', n.nspname), {} FROM pg_namespace n WHERE {USER_SCHEMAS} AND has_schema_privilege({r}, n.oid, 'CREATE') ORDER BY 1",
         grantees("n.nspacl", 'n', "n.nspowner", "CREATE", &r)
     ))
@@ -207,7 +264,7 @@ pub async fn run_in(cfg: &Config, admin_url: Option<&str>, schema: &str) -> Resu
                 .with_fix(format!("REVOKE CREATE ON SCHEMA {} FROM {};", text(&row, 1), text(&row, 2))),
         );
     }
-    let temp = simple_query(&mut conn, &format!(
+    let temp = simple_query(conn, &format!(
         "SELECT has_database_privilege({r}, d.oid, 'TEMP'), format('%I', d.datname), {} FROM pg_database d WHERE d.datname = current_database()",
         grantees("d.datacl", 'd', "d.datdba", "TEMPORARY", &r)
     ))
@@ -219,7 +276,7 @@ pub async fn run_in(cfg: &Config, admin_url: Option<&str>, schema: &str) -> Resu
                 .with_fix(format!("REVOKE TEMP ON DATABASE {} FROM {};", text(row, 1), text(row, 2))),
         );
     }
-    out.extend(interference_checks(&mut conn, &r).await.map_err(err)?);
+    out.extend(interference_checks(conn, &r).await.map_err(err)?);
     Ok(out)
 }
 
@@ -301,7 +358,13 @@ pub fn render(findings: &[Finding]) -> String {
     let w1 = findings.iter().map(|f| f.check.len()).max().unwrap_or(5).max(5);
     let w2 = findings.iter().map(|f| f.object.len()).max().unwrap_or(6).max(6);
     let mut s = format!("{:w1$}  {:w2$}  {}\n", "CHECK", "OBJECT", "DETAIL");
+    let mut server = None;
     for f in findings {
+        // the findings of each server under its name
+        if !f.host.is_empty() && server != Some((&f.cluster, &f.host)) {
+            server = Some((&f.cluster, &f.host));
+            s.push_str(&format!("-- cluster {}, host {}\n", f.cluster, f.host));
+        }
         s.push_str(&format!("{:w1$}  {:w2$}  {}\n", f.check, f.object, f.detail));
         for line in f.fix.iter().flat_map(|fix| fix.lines()) {
             s.push_str(&format!("{:w1$}  fix: {line}\n", ""));
@@ -311,9 +374,29 @@ pub fn render(findings: &[Finding]) -> String {
     s
 }
 
+/// The servers checked, one line each, for the text report (and standard error with `--json`).
+pub fn render_checked(checked: &[Checked]) -> String {
+    let mut s = String::new();
+    for c in checked {
+        let standby = if c.standby { " (standby: in recovery)" } else { "" };
+        s.push_str(&format!("checked cluster {}, {} host {}{standby}\n", c.cluster, c.kind, c.host));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn findings_are_grouped_by_server() {
+        let on = |host: &str, cluster: &str| Finding { host: host.into(), cluster: cluster.into(), ..finding("database_temp", "current database", "d") };
+        let text = render(&[on("h1:5432", "default"), on("h1:5432", "default"), on("e1:5432", "eu")]);
+        assert_eq!(text.matches("-- cluster default, host h1:5432\n").count(), 1, "{text}");
+        assert!(text.contains("-- cluster eu, host e1:5432\n"), "{text}");
+        let json = serde_json::to_value(on("e1:5432", "eu")).unwrap();
+        assert_eq!((json["host"].as_str(), json["cluster"].as_str(), json["check"].as_str()), (Some("e1:5432"), Some("eu"), Some("database_temp")));
+    }
 
     #[test]
     fn fixes_are_printed_and_serialized_only_when_present() {

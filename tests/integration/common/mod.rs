@@ -62,6 +62,13 @@ pub async fn start_proxy(env: &Env, backend_extra: &str, extra: &str) -> Running
     pgtenant::server::start(cfg).await.expect("proxy starts")
 }
 
+/// A second, independent cluster with the RLS fixture (for `[[clusters]]` and multi-host configs).
+pub fn second_cluster() -> Result<Cluster, String> {
+    let other = Cluster::start().map_err(|e| e.to_string())?;
+    other.load_rls_fixture().map_err(|e| e.to_string())?;
+    Ok(other)
+}
+
 pub fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
