@@ -157,7 +157,7 @@ fn attempts(n: &Names) -> Vec<Try> {
         // set_config names: a string is never cut, a name-typed value is
         sql(format!("select set_config('app.tenant_{i}d', '2', false)")),
         sql(format!("select set_config('APP.{k}ELVIN', '2', true)")),
-        sql(format!("select set_config(U&'app.\\212Aelvin', '2', true)")),
+        sql("select set_config(U&'app.\\212Aelvin', '2', true)".into()),
         sql("select set_config('APP.KELVIN', '2', true)".into()),
         sql(format!("select set_config('app.{x59}XYZ', '2', true)")),
         sql(format!("select set_config('app.{y63}', '2', true)")),
