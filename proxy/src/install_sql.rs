@@ -67,9 +67,10 @@ END
 
 /// Body of `<schema>.verify(name text)`: the full check, `SECURITY DEFINER` (it reads the keys).
 /// Every failure is NULL, never an error: a client must not learn from an error which part of a
-/// forged context was wrong. A signature already remembered on this backend means `setting()` found
-/// its context but not `name` in it: NULL, without a check. Otherwise the payload is parsed as JSON
-/// only once a key's HMAC matches, i.e. only when pgtenant wrote it. Its binding to this backend
+/// forged context was wrong. The payload is parsed as JSON only once a key's HMAC matches, i.e. only
+/// when pgtenant wrote it. `setting()` also comes here for a remembered context that has no setting
+/// of the name asked for; pgtenant refuses a token that lacks a configured claim, so only a policy
+/// reading a setting pgtenant does not set pays that, on every call (and matches no row anyway). Its binding to this backend
 /// (pid, and start against pid reuse) is looked up once per connection and remembered with the
 /// verified contexts, the newest [`REMEMBERED`]. A context with a setting whose name or value holds
 /// one of the record's separators is not remembered (each of its queries is checked in full).
@@ -89,10 +90,6 @@ DECLARE
 BEGIN
   -- no context, or a signature that is not 64 lowercase hex digits: unsigned
   IF ctx IS NULL OR sig IS NULL OR length(sig) <> 64 OR sig !~ '^[0-9a-f]+$' THEN
-    RETURN NULL;
-  END IF;
-  -- remembered: the context has no setting of that name
-  IF strpos(seen, E'\x01' || sig || E'\x03') > 0 THEN
     RETURN NULL;
   END IF;
   msg := convert_to(ctx, 'UTF8');

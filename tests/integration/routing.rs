@@ -37,20 +37,6 @@ fn e(err: impl std::fmt::Display) -> String {
     err.to_string()
 }
 
-/// Waits until `standby` has replayed everything `primary` has written so far.
-fn catch_up(standby: &Cluster, primary: &Cluster) -> Result<(), String> {
-    let lsn = primary.psql("postgres", "SELECT pg_current_wal_lsn()").map_err(e)?;
-    let sql = format!("SELECT pg_is_in_recovery() AND pg_last_wal_replay_lsn() >= '{}'::pg_lsn", lsn.trim());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while standby.psql("postgres", &sql).map_err(e)?.trim() != "t" {
-        if Instant::now() > deadline {
-            return Err(format!("the standby did not replay up to {} within 30 s", lsn.trim()));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    Ok(())
-}
-
 /// A proxy with the standby as its one replica; returns once the replica's monitor has seen it.
 async fn with_replica(env: &Env, standby: &Cluster, extra: &str) -> Result<Running, String> {
     with_replica_lag(env, standby, extra, 60_000).await
@@ -59,14 +45,7 @@ async fn with_replica(env: &Env, standby: &Cluster, extra: &str) -> Result<Runni
 async fn with_replica_lag(env: &Env, standby: &Cluster, extra: &str, max_lag_ms: u64) -> Result<Running, String> {
     let replica = standby.url("app_user", "app-secret", "app");
     let proxy = start_proxy(env, &format!("replicas = [\"{replica}\"]\nmax_replica_lag_ms = {max_lag_ms}"), extra).await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let router = proxy.proxy.shared.router.clone();
-    while !router.clusters()[0].replicas[0].usable(router.max_lag_ms()) {
-        if Instant::now() > deadline {
-            return Err("the replica monitor never found the standby usable".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    replicas_usable(&proxy).await?;
     Ok(proxy)
 }
 
@@ -243,14 +222,7 @@ async fn read_only_transactions_go_to_the_least_busy_standby(env: &Env) -> TestR
     let (a, b) = (env.cluster.start_standby().map_err(e)?, env.cluster.start_standby().map_err(e)?);
     let urls = [&a, &b].map(|s| format!("\"{}\"", s.url("app_user", "app-secret", "app")));
     let proxy = start_proxy(env, &format!("replicas = [{}]", urls.join(", ")), "").await;
-    let router = proxy.proxy.shared.router.clone();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !router.clusters()[0].replicas.iter().all(|r| r.usable(router.max_lag_ms())) {
-        if Instant::now() > deadline {
-            return Err("the standbys never became usable".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    replicas_usable(&proxy).await?;
     // four transactions held open at once: two on each standby
     let mut ports = Vec::new();
     let mut held = Vec::new();
@@ -271,10 +243,9 @@ async fn read_only_transactions_go_to_the_least_busy_standby(env: &Env) -> TestR
     Ok(())
 }
 
-/// A second, independent cluster with the RLS fixture, where tenant 2's name differs.
-fn second_cluster() -> Result<pgtenant::cluster::Cluster, String> {
-    let eu = pgtenant::cluster::Cluster::start().map_err(e)?;
-    eu.load_rls_fixture().map_err(e)?;
+/// A second, independent cluster with the RLS fixture, where the tenants' names differ.
+fn eu_cluster() -> Result<pgtenant::cluster::Cluster, String> {
+    let eu = second_cluster()?;
     eu.psql("app", "UPDATE tenants SET name = name || ' (eu)'").map_err(e)?;
     Ok(eu)
 }
@@ -288,7 +259,7 @@ fn clusters_table(eu: &pgtenant::cluster::Cluster, tenants: &str) -> String {
 }
 
 async fn tenants_placed_on_two_clusters_read_their_own_rows(env: &Env) -> TestResult {
-    let eu = second_cluster()?;
+    let eu = eu_cluster()?;
     let proxy = start_proxy(env, "", &clusters_table(&eu, "\"2\"")).await;
     let one = connect(&proxy, &token(1, "u1")).await.map_err(e)?;
     let two = connect(&proxy, &token(2, "u2")).await.map_err(e)?;
@@ -330,7 +301,7 @@ async fn tenants_placed_on_two_clusters_read_their_own_rows(env: &Env) -> TestRe
 }
 
 async fn a_claim_names_the_cluster_and_an_unknown_one_is_fatal(env: &Env) -> TestResult {
-    let eu = second_cluster()?;
+    let eu = eu_cluster()?;
     let extra = format!("cluster_claim = \"cluster\"\n{}", clusters_table(&eu, ""));
     let proxy = start_proxy(env, "", &extra).await;
     let claimed = |tenant: i64, cluster: &str| token_with(json!({ "tenant_id": tenant, "sub": "u", "cluster": cluster, "exp": now() + 3600 }));
@@ -351,7 +322,7 @@ async fn a_claim_names_the_cluster_and_an_unknown_one_is_fatal(env: &Env) -> Tes
 }
 
 async fn a_reload_moves_a_tenant_to_another_cluster(env: &Env) -> TestResult {
-    let eu = second_cluster()?;
+    let eu = eu_cluster()?;
     let proxy = start_proxy(env, "", &clusters_table(&eu, "")).await;
     let c = connect(&proxy, &token(2, "u2")).await.map_err(e)?;
     ensure(tenant_name(&c).await? == "Globex", "before the reload: not on default")?;

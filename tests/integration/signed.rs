@@ -7,7 +7,10 @@
 //! - tenants through a signing pgtenant see exactly their rows (simple and extended protocol, and
 //!   the real-client suites, which proxy.rs runs against the plain schema);
 //! - key rotation under load: no client error, no foreign row;
-//! - the doctor's signing checks report and clear.
+//! - the doctor's signing checks report and clear;
+//! - on a read replica (a `pg_basebackup -R` standby, the key installed on the primary only):
+//!   read-only transactions routed there see their tenant's rows, and a direct connection to the
+//!   standby with no context, a forged one or one signed for another backend sees none.
 
 mod common;
 
@@ -39,6 +42,7 @@ fn main() {
         pgjdbc_client_signed,
         key_rotation_under_load,
         doctor_signing_findings_appear_and_clear,
+        signed_context_on_a_read_replica,
     ]);
 }
 
@@ -780,4 +784,134 @@ async fn doctor_steps(env: &Env) -> TestResult {
         .map_err(e)?;
     let json = String::from_utf8_lossy(&out.stdout);
     ensure(out.status.code() == Some(1) && json.contains("elsewhere.setting(text)"), format!("doctor --schema elsewhere: {json}"))
+}
+
+// ---- a read replica ----------------------------------------------------------------------------
+
+/// The key installed on the primary once the standby runs (kid k3): the standby has it, and the
+/// functions, by replication only.
+const KEY3: &str = "replica-test-key-00112233445566778899aabbccdd";
+
+/// One read-only transaction of a direct connection after `settings` (transaction-local), rolled
+/// back: (orders visible, `pgtenant.setting('app.tenant_id')`).
+async fn read_view(c: &Client, settings: &[(String, String)]) -> Result<(i64, Option<String>), String> {
+    c.batch_execute("BEGIN READ ONLY").await.map_err(e)?;
+    let result = async {
+        for (name, value) in settings {
+            c.query("SELECT set_config($1, $2, true)", &[name, value]).await.map_err(|err| format!("set_config {name}: {err:?}"))?;
+        }
+        let row = c.query_one("SELECT count(*), pgtenant.setting('app.tenant_id') FROM orders", &[]).await.map_err(e)?;
+        Ok::<_, String>((row.get(0), row.get(1)))
+    }
+    .await;
+    c.batch_execute("ROLLBACK").await.map_err(e)?;
+    result
+}
+
+/// One transaction of a client of the proxy, opened with `begin` (simple protocol): (on a standby,
+/// `pgtenant.setting('app.tenant_id')`, orders, orders of other tenants than `tenant`).
+async fn routed_view(c: &Client, begin: &str, tenant: i64) -> Result<(bool, Option<String>, i64, i64), String> {
+    c.batch_execute(begin).await.map_err(e)?;
+    let sql = format!(
+        "SELECT pg_is_in_recovery()::text, pgtenant.setting('app.tenant_id'), count(*), count(*) FILTER (WHERE tenant_id <> {tenant}) FROM orders; COMMIT"
+    );
+    let msgs = c.simple_query(&sql).await.map_err(e)?;
+    let row = msgs
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .ok_or("no row")?;
+    let num = |i: usize| row.get(i).and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
+    Ok((row.get(0) == Some("true"), row.get(1).map(str::to_string), num(2), num(3)))
+}
+
+async fn signed_context_on_a_read_replica(env: &Env) -> TestResult {
+    signed_schema(env)?;
+    let standby = env.cluster.start_standby().map_err(|err| err.to_string())?;
+    let replica = standby.url("app_user", "app-secret", "app");
+    let text = config_text(
+        env,
+        &format!("replicas = [\"{replica}\"]\nmax_replica_lag_ms = 60000"),
+        &format!("signing_key = \"{KEY3}\"\nsigning_kid = \"k3\""),
+    );
+    env.cluster.psql_stdin("app", &install_sql(&text)?).map_err(|err| err.to_string())?;
+    let result = replica_steps(env, &standby, &text).await;
+    superuser(env, "DELETE FROM pgtenant.keys WHERE kid = 'k3'")?;
+    result
+}
+
+async fn replica_steps(env: &Env, standby: &pgtenant::cluster::Cluster, text: &str) -> TestResult {
+    catch_up(standby, &env.cluster)?;
+    // the key, by replication (looked for until it is there: the check is what the wait is for)
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while standby.psql("app", "SELECT count(*) FROM pgtenant.keys WHERE kid = 'k3'").map_err(|err| err.to_string())?.trim() != "1" {
+        ensure(std::time::Instant::now() < deadline, "the standby does not have the key installed on the primary after 30 s")?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cfg = pgtenant::config::Config::from_toml(text, &|_| None).map_err(|err| err.to_string())?;
+    let p = pgtenant::server::start(cfg).await?;
+    replicas_usable(&p).await?;
+    let outcome = async {
+        for t in 1..=3i64 {
+            let mut c = connect(&p, &token(t, "replica")).await.map_err(e)?;
+            let primary = routed_view(&c, "BEGIN", t).await?;
+            ensure(primary == (false, Some(t.to_string()), 100, 0), format!("tenant {t} on the primary: {primary:?}"))?;
+            // the first transaction verifies the context in full on the standby backend, the next
+            // ones find it remembered there
+            for round in 0..3 {
+                for begin in ["BEGIN READ ONLY", "START TRANSACTION READ ONLY"] {
+                    let got = routed_view(&c, begin, t).await?;
+                    ensure(got == (true, Some(t.to_string()), 100, 0), format!("tenant {t}, {begin} #{round}: {got:?} (on a standby, setting, rows, foreign rows)"))?;
+                }
+            }
+            // extended protocol, tokio-postgres's read-only transaction
+            let tx = c.build_transaction().read_only(true).start().await.map_err(e)?;
+            let row = tx
+                .query_one("SELECT pg_is_in_recovery(), pgtenant.setting('app.tenant_id'), count(*) FROM orders WHERE tenant_id > $1", &[&0i32])
+                .await
+                .map_err(e)?;
+            let got: (bool, Option<String>, i64) = (row.get(0), row.get(1), row.get(2));
+            ensure(got == (true, Some(t.to_string()), 100), format!("tenant {t}, extended read-only transaction: {got:?}"))?;
+            tx.commit().await.map_err(e)?;
+        }
+        Ok::<_, String>(())
+    }
+    .await;
+    p.stop().await;
+    outcome?;
+
+    // straight to the standby as the restricted role: nothing without a context signed for it
+    let (d, conn) = tokio_postgres::connect(&standby.url("app_user", "app-secret", "app"), tokio_postgres::NoTls).await.map_err(e)?;
+    tokio::spawn(conn);
+    let here = backend_of(&d).await?;
+    let on_primary = backend_of(&direct(env).await?).await?;
+    let (own_ctx, own_sig) = signed("k3", KEY3, 1, &here);
+    let (primary_ctx, primary_sig) = signed("k3", KEY3, 1, &on_primary);
+    let (stale_ctx, stale_sig) = signed("k3", KEY3, 1, &BackendId { pid: here.pid, started: "0".into() });
+    let (other_key_ctx, other_key_sig) = signed("k3", KEY, 1, &here);
+    let flipped = format!("{}{}", &own_sig[..63], if own_sig.ends_with('0') { '1' } else { '0' });
+    let plain: Vec<(String, String)> = [("app.tenant_id", "1"), ("app.user_id", "mallory"), ("request.jwt.claims", r#"{"tenant_id": 1}"#)]
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .to_vec();
+    let with = |ctx: &str, sig: &str| [plain.clone(), vec![("pgtenant.context".into(), ctx.into()), ("pgtenant.signature".into(), sig.into())]].concat();
+    let forged = [
+        ("no context at all", vec![]),
+        ("the tenant settings, unsigned", plain.clone()),
+        ("a context signed for a backend of the primary", with(&primary_ctx, &primary_sig)),
+        ("a context signed for this pid with another start", with(&stale_ctx, &stale_sig)),
+        ("a context signed with a key the database does not hold", with(&other_key_ctx, &other_key_sig)),
+        ("this backend's context with its signature altered", with(&own_ctx, &flipped)),
+    ];
+    for (what, settings) in &forged {
+        let seen = read_view(&d, settings).await?;
+        ensure(seen == (0, None), format!("direct to the standby, {what}: {seen:?}"))?;
+    }
+    // the control: a context signed for this standby backend is accepted, in full and remembered
+    for round in 0..2 {
+        let seen = read_view(&d, &with(&own_ctx, &own_sig)).await?;
+        ensure(seen == (100, Some("1".into())), format!("direct to the standby, its own signed context #{round}: {seen:?}"))?;
+    }
+    Ok(())
 }

@@ -12,6 +12,7 @@ mod adversarial;
 mod interference;
 mod pristine;
 mod signed;
+mod spelling;
 mod wire;
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -42,6 +43,7 @@ fn main() {
         ("raw_function_call_allowlist", |env| Box::pin(adversarial::function_call_allowlist(env))),
         ("raw_cr_comment_attacks", |env| Box::pin(adversarial::cr_comments(env))),
         ("raw_uescape_attacks", |env| Box::pin(adversarial::uescape(env))),
+        ("raw_identifier_spellings", |env| Box::pin(spelling::spellings(env))),
         ("raw_commit_and_chain_context", |env| Box::pin(adversarial::commit_and_chain(env))),
         ("raw_poisoned_backend_client_gone", |env| Box::pin(adversarial::poisoned_and_gone(env))),
         ("raw_poisoned_backend_client_idle", |env| Box::pin(adversarial::poisoned_and_idle(env))),

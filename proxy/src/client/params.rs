@@ -41,7 +41,8 @@ pub fn from_startup(
     // read by pgtenant for routing (`crate::routing::intent`), not a server setting
     pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(crate::routing::intent::TARGET_SESSION_ATTRS));
     pairs.extend(keys);
-    let distinct: HashSet<String> = pairs.iter().map(|(n, _)| n.to_lowercase()).collect();
+    // setting names compare with ASCII letters folded only, as on the server
+    let distinct: HashSet<String> = pairs.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
     if distinct.len() > MAX_STARTUP_SETTINGS {
         return Err(PgError::fatal(
             sqlstate::PROGRAM_LIMIT_EXCEEDED,
@@ -49,7 +50,7 @@ pub fn from_startup(
         ));
     }
     for (name, value) in &pairs {
-        let lower = name.to_lowercase();
+        let lower = name.to_ascii_lowercase();
         guard.check_startup_setting(&lower, value).map_err(|e| PgError { severity: crate::error::Severity::Fatal, ..e })?;
         if !known.contains(&lower) && !lower.contains('.') {
             return Err(PgError::fatal("42704", format!("unrecognized configuration parameter \"{name}\"")));

@@ -84,19 +84,22 @@ fn is_op(t: Option<&Token<'_>>, op: &[u8]) -> bool {
 
 impl Guard {
     pub fn from_config(cfg: &TenantConfig) -> Guard {
-        let mut protected: HashSet<String> = cfg.settings.keys().map(|s| s.to_lowercase()).collect();
+        let mut protected: HashSet<String> = cfg.settings.keys().map(|s| s.to_ascii_lowercase()).collect();
         if !cfg.claims_setting.is_empty() {
-            protected.insert(cfg.claims_setting.to_lowercase());
+            protected.insert(cfg.claims_setting.to_ascii_lowercase());
         }
         protected.extend(["role".to_string(), "session_authorization".to_string()]);
         // the signed context (whether or not signing is on: a client never sets them)
         protected.extend([crate::signing::CONTEXT_SETTING.to_string(), crate::signing::SIGNATURE_SETTING.to_string()]);
-        protected.extend(cfg.protected_settings.iter().map(|s| s.to_lowercase()));
+        protected.extend(cfg.protected_settings.iter().map(|s| s.to_ascii_lowercase()));
         Guard { protected, allow_do: cfg.allow_do }
     }
 
+    /// Setting names compare as the server compares them (`guc_name_compare`): with ASCII `A`–`Z`
+    /// folded and nothing else, so `APP.TENANT_ID` is protected and `app.\u{212A}elvin` (a Kelvin
+    /// sign) is another setting than `app.kelvin`, free for the client to use.
     fn is_protected(&self, name: &str) -> bool {
-        self.protected.contains(&name.to_lowercase())
+        self.protected.contains(&name.to_ascii_lowercase())
     }
 
     /// Checks the startup packet's `options` (`-c name=value`, `--name=value`): protected settings
@@ -555,6 +558,23 @@ mod tests {
         for sql in ["PREPARE q AS select 1", "commit", "rollback to savepoint prepared"] {
             assert!(guard().check(sql.as_bytes(), IDLE).is_ok(), "{sql}");
         }
+    }
+
+    /// The server folds ASCII letters only in setting names: `app.\u{212A}elvin` (a Kelvin sign)
+    /// is another setting than `app.kelvin`, free to use; ASCII capitals are the same setting.
+    #[test]
+    fn setting_names_fold_ascii_letters_only() {
+        let mut cfg = TenantConfig::default();
+        cfg.settings.insert("app.kelvin".into(), "tenant_id".into());
+        let g = Guard::from_config(&cfg);
+        for sql in ["SET APP.KELVIN = 2", "SET \"App.Kelvin\" = 2", "select set_config('APP.KELVIN', '2', true)"] {
+            assert_eq!(g.check(sql.as_bytes(), IDLE).unwrap_err().code, "42501", "{sql}");
+        }
+        assert!(g.check_startup_setting("APP.KELVIN", "2").is_err());
+        for sql in ["SET app.\u{212A}elvin = 2", "SET \"APP.\u{212A}ELVIN\" = 2", "select set_config('app.\u{212A}elvin', '2', true)"] {
+            assert!(g.check(sql.as_bytes(), IDLE).is_ok(), "{sql}");
+        }
+        assert!(g.check_startup_setting("app.\u{212A}elvin", "2").is_ok());
     }
 
     #[test]

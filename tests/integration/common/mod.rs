@@ -69,6 +69,34 @@ pub fn second_cluster() -> Result<Cluster, String> {
     Ok(other)
 }
 
+/// Waits until `standby` has replayed everything `primary` has written so far.
+pub fn catch_up(standby: &Cluster, primary: &Cluster) -> Result<(), String> {
+    let lsn = primary.psql("postgres", "SELECT pg_current_wal_lsn()").map_err(|e| e.to_string())?;
+    let sql = format!("SELECT pg_is_in_recovery() AND pg_last_wal_replay_lsn() >= '{}'::pg_lsn", lsn.trim());
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while standby.psql("postgres", &sql).map_err(|e| e.to_string())?.trim() != "t" {
+        if Instant::now() > deadline {
+            return Err(format!("the standby did not replay up to {} within 30 s", lsn.trim()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Waits until the replica monitor of `proxy` has found every replica of its default cluster
+/// usable (it uses none before its first check).
+pub async fn replicas_usable(proxy: &Running) -> Result<(), String> {
+    let router = proxy.proxy.shared.router.clone();
+    let deadline = Instant::now() + std::time::Duration::from_secs(20);
+    while !router.clusters()[0].replicas.iter().all(|r| r.usable(router.max_lag_ms())) {
+        if Instant::now() > deadline {
+            return Err("the replica monitor never found the standbys usable".into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
 pub fn now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }

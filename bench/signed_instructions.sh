@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Instructions Postgres spends per one-query transaction on each policy style, counted with callgrind
+# (docs/benchmarks.md, "Signed context"). Repeatable on a shared, noisy machine where TPS is not.
+#
+#   bench/signed_instructions.sh [PGTENANT_BINARY]     (default: target/release/pgtenant)
+#
+# It makes a throwaway cluster with the RLS fixture and 200,000 orders, installs the signed context
+# with `pgtenant install-sql`, and runs a single-user backend (`postgres --single`) under callgrind:
+# as a superuser it writes a verified-context record for one signature into
+# session_preload_libraries (what pgtenant.verify() writes after a full check), then, as app_user,
+# runs N transactions, each `BEGIN`, the settings pgtenant sets (tenant settings, context,
+# signature), a primary-key read of orders, `COMMIT`. N = 200 and N = 1,200: the difference over
+# 1,000 is the cost of one transaction, without the start-up. Printed per policy style, and above
+# the plain `current_setting` policy:
+#   plain      tenant_id = NULLIF(current_setting('app.tenant_id', true), '')::integer
+#   initplan   the same inside a sub-select (an InitPlan, no function)
+#   floor      a sub-select calling a SECURITY DEFINER PL/pgSQL function that only returns
+#              current_setting: the least any function-based policy costs
+#   signed     (SELECT pgtenant.setting('app.tenant_id'))::integer, the remembered-context path
+# Needs valgrind and the PostgreSQL 15 server binaries; when run as root, the server runs as the
+# postgres user. Takes about two minutes.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+pgtenant=${1:-$here/target/release/pgtenant}
+bin=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
+[ -x "$pgtenant" ] || { echo "build it first: cargo build --release -p pgtenant" >&2; exit 1; }
+command -v valgrind >/dev/null || { echo "valgrind is needed" >&2; exit 1; }
+
+dir=$(mktemp -d /tmp/pgtenant-signed-instr.XXXXXX)
+trap 'rm -rf "$dir"' EXIT
+chmod 755 "$dir"
+as_pg() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/bash -c "$*"; else bash -c "$*"; fi; }
+[ "$(id -u)" = 0 ] && chown postgres "$dir"
+port=$((20000 + RANDOM % 20000))
+
+as_pg "$bin/initdb -D $dir/data -U postgres -A trust >/dev/null"
+as_pg "$bin/pg_ctl -D $dir/data -o '-p $port -k $dir -c listen_addresses=' -l $dir/log -w start >/dev/null"
+psql_su() { psql -X -q -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres "$@"; }
+psql_su -c 'CREATE DATABASE app'
+psql_su app -f "$here/tests/fixtures/rls.sql" >/dev/null
+psql_su app -c "INSERT INTO orders (tenant_id, user_sub, amount) SELECT 1 + g % 3, 'bench', g FROM generate_series(1, 200000) g" -c 'VACUUM ANALYZE orders' >/dev/null
+cat > "$dir/pgtenant.toml" <<EOF
+[backend]
+url = "postgres://app_user:app-secret@127.0.0.1:$port/app"
+[jwt]
+secret = "signed-instructions-jwt-secret-0123456789"
+[tenant]
+settings = { "app.tenant_id" = "tenant_id", "app.user_id" = "sub" }
+signing_key = "signed-instructions-key-0123456789abcdef"
+EOF
+"$pgtenant" install-sql --config "$dir/pgtenant.toml" | psql_su app >/dev/null
+psql_su app <<'EOF' >/dev/null
+CREATE SCHEMA bench_floor;
+GRANT USAGE ON SCHEMA bench_floor TO app_user;
+CREATE FUNCTION bench_floor.setting(name text) RETURNS text LANGUAGE plpgsql STABLE SECURITY DEFINER
+  AS $$BEGIN RETURN pg_catalog.current_setting(name, true); END$$;
+GRANT EXECUTE ON FUNCTION bench_floor.setting(text) TO app_user;
+EOF
+as_pg "$bin/pg_ctl -D $dir/data -m fast -w stop >/dev/null"
+
+# the workload: the record holds 8 entries (a pool of 8 backends' worth), the session's in the middle
+python3 - "$dir" <<'EOF'
+import json, sys
+d = sys.argv[1]
+ctx = json.dumps({"bs": "1796184000.123456", "iat": 1796184000, "kid": "k1", "pid": 12345,
+                  "settings": {"app.tenant_id": "1", "app.user_id": "bench"}}, separators=(",", ":"), sort_keys=True)
+sig = "ab" * 32
+settings = "\x03app.user_id\x04bench\x03app.tenant_id\x041\x03"
+entries = ["%064x" % (i * 977 + 1) + "\x03" + settings for i in range(7)]
+entries.insert(4, sig + "\x03" + settings)
+record = "pgtenant:12345:1796184000.123456\x01" + "\x01".join(entries) + "\x01."
+def lit(s):
+    return "E'" + "".join("\\x%02x" % ord(c) if ord(c) < 32 or c in "'\\" else c for c in s) + "'"
+open(d + "/record.sql", "w").write("SELECT set_config('session_preload_libraries', %s, false);\n" % lit(record))
+open(d + "/context.sql", "w").write(
+    "SELECT set_config('app.tenant_id', '1', true), set_config('app.user_id', 'bench', true), "
+    "set_config('pgtenant.context', %s, true), set_config('pgtenant.signature', '%s', true);\n" % (lit(ctx), sig))
+EOF
+
+count() { # count NAME POLICY N -> instructions
+  local f="$dir/in-$1-$3.sql"
+  {
+    echo "ALTER POLICY tenant_isolation ON orders USING (tenant_id = $2);"
+    cat "$dir/record.sql"
+    echo "SET ROLE app_user;"
+    for i in $(seq 1 "$3"); do
+      echo "BEGIN;"; cat "$dir/context.sql"
+      echo "SELECT id, tenant_id, amount FROM orders WHERE id = $(( (i * 7919) % 200000 + 1 ));"; echo "COMMIT;"
+    done
+  } > "$f"
+  [ "$(id -u)" = 0 ] && chown postgres "$f"
+  as_pg "valgrind --tool=callgrind --callgrind-out-file=$dir/cg.out $bin/postgres --single -D $dir/data -j app < $f > $dir/out.txt 2> $dir/err.txt"
+  if ! grep -q 'tenant_id = "1"' "$dir/out.txt"; then echo "$1: the policy let no row through" >&2; exit 1; fi
+  grep -o 'Collected : [0-9]*' "$dir/err.txt" | awk '{print $3}'
+}
+
+printf '| policy | instructions per transaction | above plain |\n|---|---:|---:|\n'
+base=
+while IFS='|' read -r name policy; do
+  a=$(count "$name" "$policy" 200); b=$(count "$name" "$policy" 1200)
+  per=$(( (b - a) / 1000 ))
+  [ -z "$base" ] && base=$per
+  printf '| %s | %d | %+d |\n' "$name" "$per" $(( per - base ))
+done <<'EOF'
+plain|NULLIF(current_setting('app.tenant_id', true), '')::integer
+initplan|(SELECT NULLIF(current_setting('app.tenant_id', true), '')::integer)
+floor|(SELECT bench_floor.setting('app.tenant_id'))::integer
+signed|(SELECT pgtenant.setting('app.tenant_id'))::integer
+EOF
