@@ -108,22 +108,6 @@ fn main() {
     ]);
 }
 
-async fn tenant_view(c: &tokio_postgres::Client) -> Result<(i64, i32, i32), String> {
-    let rows = c
-        .simple_query("select count(*), coalesce(min(tenant_id),0), coalesce(max(tenant_id),0) from orders")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let row = rows
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
-            _ => None,
-        })
-        .ok_or("no row")?;
-    let get = |i: usize| row.get(i).unwrap().parse::<i64>().unwrap();
-    Ok((get(0), get(1) as i32, get(2) as i32))
-}
-
 async fn two_tenants_simple_protocol(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
     for t in [1, 2] {

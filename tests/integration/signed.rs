@@ -472,20 +472,6 @@ async fn a_backend_remembers_the_newest_contexts(env: &Env) -> TestResult {
     .await
 }
 
-/// Rows of orders, and the lowest and highest tenant among them, through the simple protocol.
-async fn tenant_view(c: &Client) -> Result<(i64, i32, i32), String> {
-    let rows = c.simple_query("select count(*), coalesce(min(tenant_id),0), coalesce(max(tenant_id),0) from orders").await.map_err(e)?;
-    let row = rows
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
-            _ => None,
-        })
-        .ok_or("no row")?;
-    let get = |i: usize| row.get(i).unwrap_or("0").parse::<i64>().unwrap_or(-1);
-    Ok((get(0), get(1) as i32, get(2) as i32))
-}
-
 async fn tenants_see_their_rows_through_a_signing_proxy(env: &Env) -> TestResult {
     signed_schema(env)?;
     let cfg = |text: String| pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|err| err.to_string());
@@ -816,13 +802,7 @@ async fn routed_view(c: &Client, begin: &str, tenant: i64) -> Result<(bool, Opti
         "SELECT pg_is_in_recovery()::text, pgtenant.setting('app.tenant_id'), count(*), count(*) FILTER (WHERE tenant_id <> {tenant}) FROM orders; COMMIT"
     );
     let msgs = c.simple_query(&sql).await.map_err(e)?;
-    let row = msgs
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
-            _ => None,
-        })
-        .ok_or("no row")?;
+    let row = first_row(&msgs)?;
     let num = |i: usize| row.get(i).and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
     Ok((row.get(0) == Some("true"), row.get(1).map(str::to_string), num(2), num(3)))
 }

@@ -93,6 +93,16 @@ pub async fn still_tenant_one(w: &mut Wire, c: &mut Checks, label: &str) {
     c.check(&format!("{label}: attacker still tenant 1"), is_tenant(&r, 1), who_detail(&r));
 }
 
+/// The end of a scenario: the next client of tenant 2 gets exactly tenant 2 on a pristine backend,
+/// tenant 2's rows are what they were (`before`, from [`victim`]), and the proxy stops.
+pub async fn finish(env: &Env, p: pgtenant::server::Running, mut c: Checks, before: &str, label: &str) -> TestResult {
+    next_client_is(&p, 2, &mut c, label, Duration::from_secs(5)).await;
+    let after = victim(env);
+    c.check("tenant 2's rows unchanged", before == after, format!("{before} -> {after}"));
+    p.stop().await;
+    c.done()
+}
+
 /// A new client of `tenant` must get a working session within `limit` and be exactly that tenant.
 /// Returns its backend pid.
 pub async fn next_client_is(p: &pgtenant::server::Running, tenant: i64, c: &mut Checks, label: &str, limit: Duration) -> Option<String> {
@@ -410,11 +420,7 @@ pub async fn cr_comments(env: &Env) -> TestResult {
     }
     b.close().await;
     a.close().await;
-    next_client_is(&p, 2, &mut c, "after \\r attacks", Duration::from_secs(5)).await;
-    let after = victim(env);
-    c.check("tenant 2's rows unchanged", before == after, format!("{before} -> {after}"));
-    p.stop().await;
-    c.done()
+    finish(env, p, c, &before, "after \\r attacks").await
 }
 
 // ---- 3. U&"…" UESCAPE ----------------------------------------------------------------------------
@@ -471,11 +477,7 @@ pub async fn uescape(env: &Env) -> TestResult {
         still_tenant_one(&mut a, &mut c, &format!("Parse {sql:?}")).await;
     }
     a.close().await;
-    next_client_is(&p, 2, &mut c, "after UESCAPE attacks", Duration::from_secs(5)).await;
-    let after = victim(env);
-    c.check("tenant 2's rows unchanged", before == after, format!("{before} -> {after}"));
-    p.stop().await;
-    c.done()
+    finish(env, p, c, &before, "after UESCAPE attacks").await
 }
 
 // ---- 4. COMMIT AND CHAIN -------------------------------------------------------------------------
@@ -530,11 +532,7 @@ pub async fn commit_and_chain(env: &Env) -> TestResult {
     let leftovers = env.cluster.psql("app", "select count(*) from orders where amount = -31").unwrap_or_default();
     c.check("every test insert was rolled back", leftovers.trim() == "0", format!("{} rows", leftovers.trim()));
     a.close().await;
-    next_client_is(&p, 2, &mut c, "after AND CHAIN", Duration::from_secs(5)).await;
-    let after = victim(env);
-    c.check("tenant 2's rows unchanged", before == after, format!("{before} -> {after}"));
-    p.stop().await;
-    c.done()
+    finish(env, p, c, &before, "after AND CHAIN").await
 }
 
 // ---- 5. Poisoned backends, vanished and idle clients ---------------------------------------------

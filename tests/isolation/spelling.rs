@@ -17,11 +17,10 @@
 //! setting, inside the attempt's own transaction and after it — sees no foreign row, tenant 2's
 //! rows are unchanged, and the next client on the backend is exactly tenant 2.
 
-use std::time::Duration;
 
 use tokio_postgres::types::Type;
 
-use crate::adversarial::{next_client_is, victim, Checks};
+use crate::adversarial::{finish, victim, Checks};
 use crate::common::*;
 use crate::wire::{self, Reply, Wire};
 
@@ -343,9 +342,5 @@ pub async fn spellings(env: &Env) -> TestResult {
     println!("  [identifier_spellings] {guarded} spellings the server reads as a guarded name, {other} it reads as another");
     c.check("both kinds of spelling are tried", guarded >= 10 && other >= 10, format!("{guarded} guarded, {other} other"));
     a.close().await;
-    next_client_is(&p, 2, &mut c, "after the spellings", Duration::from_secs(5)).await;
-    let after = victim(env);
-    c.check("tenant 2's rows unchanged", before == after, format!("{before} -> {after}"));
-    p.stop().await;
-    c.done()
+    finish(env, p, c, &before, "after the spellings").await
 }

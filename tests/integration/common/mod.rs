@@ -240,3 +240,24 @@ pub fn java_client(source: &str) -> Result<std::process::Command, String> {
     cmd.current_dir(clients_dir()).args(["-cp", jar, source]);
     Ok(cmd)
 }
+
+/// The first row of a simple-protocol reply.
+pub fn first_row(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Result<&tokio_postgres::SimpleQueryRow, String> {
+    msgs.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })
+        .ok_or_else(|| "no row".to_string())
+}
+
+/// Rows of orders, and the lowest and highest tenant among them, through the simple protocol.
+pub async fn tenant_view(c: &tokio_postgres::Client) -> Result<(i64, i32, i32), String> {
+    let rows = c
+        .simple_query("select count(*), coalesce(min(tenant_id),0), coalesce(max(tenant_id),0) from orders")
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let row = first_row(&rows)?;
+    let get = |i: usize| row.get(i).unwrap_or("0").parse::<i64>().unwrap_or(-1);
+    Ok((get(0), get(1) as i32, get(2) as i32))
+}
