@@ -69,9 +69,12 @@ pub fn second_cluster() -> Result<Cluster, String> {
     Ok(other)
 }
 
-/// Waits until `standby` has replayed everything `primary` has written so far.
+/// Waits until `standby` has replayed everything `primary` has written so far. The test clusters run
+/// with `synchronous_commit = off`, so a commit's WAL may still be only inserted, not written, when it
+/// returns: wait for the insert position (`pg_current_wal_lsn()`, the write position, can be behind
+/// the last commit, and a standby that reached it may not have that commit yet).
 pub fn catch_up(standby: &Cluster, primary: &Cluster) -> Result<(), String> {
-    let lsn = primary.psql("postgres", "SELECT pg_current_wal_lsn()").map_err(|e| e.to_string())?;
+    let lsn = primary.psql("postgres", "SELECT pg_current_wal_insert_lsn()").map_err(|e| e.to_string())?;
     let sql = format!("SELECT pg_is_in_recovery() AND pg_last_wal_replay_lsn() >= '{}'::pg_lsn", lsn.trim());
     let deadline = Instant::now() + std::time::Duration::from_secs(30);
     while standby.psql("postgres", &sql).map_err(|e| e.to_string())?.trim() != "t" {
