@@ -37,7 +37,8 @@ pub struct CancelSlot {
     /// The server of the session's pool when it is not the default one (the bypass pool).
     target: Option<BackendTarget>,
     /// The pool the current backend came from, when the session runs on several (a replica, a
-    /// tenant's own cluster: see `crate::routing`); changed only under `current`'s lock.
+    /// tenant's own cluster: see `crate::routing`); changed only under `current`'s lock, but for
+    /// [`CancelSlot::given_by`], which names the server `target` names already.
     pool: std::sync::Mutex<Option<Arc<crate::pool::Pool>>>,
     /// When `current` last changed (a transaction started or ended).
     changed: std::sync::Mutex<std::time::SystemTime>,
@@ -75,6 +76,22 @@ impl CancelSlot {
     pub async fn backend(&self) -> (Option<i32>, std::time::SystemTime) {
         let current = self.current.lock().await;
         (current.map(|(pid, _)| pid), *self.changed.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Like [`backend`](Self::backend), with the pool that backend came from (the console's `SHOW
+    /// SERVERS` lists it under that pool). `None` for the pool while a backend given at login is
+    /// not yet recorded as its session's (see [`given_by`](Self::given_by)).
+    pub async fn backend_in_pool(&self) -> (Option<(i32, Option<Arc<crate::pool::Pool>>)>, std::time::SystemTime) {
+        let current = self.current.lock().await;
+        let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        (current.map(|(pid, _)| (pid, pool)), *self.changed.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Records the pool of the backend registered with the session (session mode: leased at login
+    /// from the session's home pool). That pool's server is the one `target` names already, so a
+    /// cancel goes where it went before; only the operator's view gains the pool.
+    pub fn given_by(&self, pool: Arc<crate::pool::Pool>) {
+        *self.pool.lock().unwrap_or_else(|p| p.into_inner()) = Some(pool);
     }
 
     /// Asks the session to end at once (it sends its client a FATAL and closes).

@@ -17,6 +17,7 @@ fn main() {
         ordinary_tokens_are_refused_with_28000,
         psql_reads_show_pools_with_pgbouncer_columns,
         show_pools_lists_every_cluster_and_replica,
+        show_servers_and_stats_cover_every_cluster_and_replica,
         show_clients_and_servers_list_the_tenants_session_and_its_backend,
         show_tenants_and_stats_count_transactions,
         show_config_shows_no_secret,
@@ -77,6 +78,12 @@ async fn show(console: &tokio_postgres::Client, command: &str) -> Result<Rows, S
 fn column(rows: &Rows, name: &str) -> Result<Vec<Option<String>>, String> {
     let i = rows.0.iter().position(|c| c == name).ok_or_else(|| format!("no column {name} in {:?}", rows.0))?;
     Ok(rows.1.iter().map(|r| r[i].clone()).collect())
+}
+
+/// The values of the columns `names`, row by row.
+fn columns(rows: &Rows, names: &[&str]) -> Result<Vec<Vec<Option<String>>>, String> {
+    let each = names.iter().map(|n| column(rows, n)).collect::<Result<Vec<_>, _>>()?;
+    Ok((0..rows.1.len()).map(|i| each.iter().map(|c| c[i].clone()).collect()).collect())
 }
 
 /// The rows whose `key` column is `value`, as name → value maps.
@@ -145,15 +152,34 @@ async fn psql_reads_show_pools_with_pgbouncer_columns(env: &Env) -> TestResult {
     Ok(())
 }
 
-/// With a read replica (a streaming standby) and a second cluster, `SHOW POOLS` has a row for each
-/// of their pools, saying which cluster, role and host it is, after PgBouncer's columns (which
-/// keep their order); it lists exactly the pools `/pools` lists, with their own figures.
-async fn show_pools_lists_every_cluster_and_replica(env: &Env) -> TestResult {
+/// A proxy routing to a read replica (a streaming standby of the test cluster, usable once this
+/// returns) and to a second cluster `eu` that tenant 2 lives on; the clusters live as long as it.
+struct Routed {
+    standby: pgtenant::cluster::Cluster,
+    eu: pgtenant::cluster::Cluster,
+    proxy: pgtenant::server::Running,
+}
+
+async fn routed(env: &Env) -> Result<Routed, String> {
     let standby = env.cluster.start_standby().map_err(|e| e.to_string())?;
     let eu = second_cluster()?;
     let replica = standby.url("app_user", "app-secret", "app");
     let clusters = format!("[[clusters]]\nname = \"eu\"\nurl = \"{}\"\npool_size = 2\ntenants = [\"2\"]\n", eu.url("app_user", "app-secret", "app"));
-    let p = proxy(env, &format!("replicas = [\"{replica}\"]"), &clusters).await;
+    let proxy = proxy(env, &format!("replicas = [\"{replica}\"]"), &clusters).await;
+    replicas_usable(&proxy).await?;
+    Ok(Routed { standby, eu, proxy })
+}
+
+/// `host:port` of a test cluster, as the `host` column shows it.
+fn at(cluster: &pgtenant::cluster::Cluster) -> String {
+    format!("127.0.0.1:{}", cluster.port())
+}
+
+/// With a read replica (a streaming standby) and a second cluster, `SHOW POOLS` has a row for each
+/// of their pools, saying which cluster, role and host it is, after PgBouncer's columns (which
+/// keep their order); it lists exactly the pools `/pools` lists, with their own figures.
+async fn show_pools_lists_every_cluster_and_replica(env: &Env) -> TestResult {
+    let Routed { standby, eu, proxy: p } = routed(env).await?;
     // tenant 2 runs one transaction on eu: its pool keeps that backend, idle
     let two = connect(&p, &token(2, "u2")).await.map_err(|e| e.to_string())?;
     two.simple_query("SELECT 1").await.map_err(|e| e.to_string())?;
@@ -161,16 +187,12 @@ async fn show_pools_lists_every_cluster_and_replica(env: &Env) -> TestResult {
     let pools = show(&c, "SHOW POOLS").await?;
     let pgbouncer = ["database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "maxwait", "maxwait_us", "pool_mode", "pool", "pool_size", "paused"];
     ensure(pools.0[..pgbouncer.len()] == pgbouncer && pools.0[pgbouncer.len()..] == ["cluster", "role", "host"], format!("columns: {:?}", pools.0))?;
-    let at = |cluster: &pgtenant::cluster::Cluster| format!("127.0.0.1:{}", cluster.port());
-    let rows: Vec<(Option<String>, Option<String>, Option<String>, Option<String>)> = {
-        let (pool, cluster, role, host) = (column(&pools, "pool")?, column(&pools, "cluster")?, column(&pools, "role")?, column(&pools, "host")?);
-        (0..pool.len()).map(|i| (pool[i].clone(), cluster[i].clone(), role[i].clone(), host[i].clone())).collect()
-    };
+    let rows = columns(&pools, &["pool", "cluster", "role", "host"])?;
     let s = |v: &str| Some(v.to_string());
     let expected = vec![
-        (s("tenant"), s("default"), s("primary"), Some(at(&env.cluster))),
-        (s("replica"), s("default"), s("replica"), Some(at(&standby))),
-        (s("cluster"), s("eu"), s("primary"), Some(at(&eu))),
+        vec![s("tenant"), s("default"), s("primary"), Some(at(&env.cluster))],
+        vec![s("replica"), s("default"), s("replica"), Some(at(&standby))],
+        vec![s("cluster"), s("eu"), s("primary"), Some(at(&eu))],
     ];
     ensure(rows == expected, format!("SHOW POOLS rows: {rows:?}"))?;
     let eu_row = &rows_where(&pools, "cluster", "eu")[0];
@@ -184,6 +206,67 @@ async fn show_pools_lists_every_cluster_and_replica(env: &Env) -> TestResult {
     }
     let hosts: Vec<String> = listed.iter().filter_map(|b| b.as_str()).filter_map(|b| b.split('@').nth(1)?.split('/').next().map(str::to_string)).collect();
     ensure(hosts == [at(&env.cluster), at(&standby), at(&eu)], format!("/pools lists {hosts:?}"))?;
+    p.stop().await;
+    Ok(())
+}
+
+/// `SHOW SERVERS` lists the backends of every pool `SHOW POOLS` lists: a read-only transaction's
+/// backend on the replica, tenant 2's on cluster `eu`, active under their own pool (with its
+/// cluster, role and host) while the transaction runs and idle there after it; `SHOW STATS` has
+/// a row per pool, counting those transactions where they ran. PgBouncer's columns come first.
+async fn show_servers_and_stats_cover_every_cluster_and_replica(env: &Env) -> TestResult {
+    let Routed { standby, eu, proxy: p } = routed(env).await?;
+    let c = console(&p).await?;
+    let one = connect(&p, &token(1, "u1")).await.map_err(|e| e.to_string())?;
+    let two = connect(&p, &token(2, "u2")).await.map_err(|e| e.to_string())?;
+    let mut held = Vec::new();
+    for client in [&one, &two] {
+        client.batch_execute("BEGIN READ ONLY").await.map_err(|e| e.to_string())?;
+        let row = client.query_one("SELECT pg_backend_pid(), pg_is_in_recovery()", &[]).await.map_err(|e| e.to_string())?;
+        held.push((row.get::<_, i32>(0), row.get::<_, bool>(1)));
+    }
+    ensure(held[0].1 && !held[1].1, format!("tenant 1 reads on the standby, tenant 2 on eu's primary: {held:?}"))?;
+    let s = |v: &str| Some(v.to_string());
+    // (backend pid, tenant, pool, cluster, role, host) of each transaction
+    let expected = [
+        (held[0].0, "1", s("replica"), s("default"), s("replica"), Some(at(&standby))),
+        (held[1].0, "2", s("cluster"), s("eu"), s("primary"), Some(at(&eu))),
+    ];
+    let servers = show(&c, "SHOW SERVERS").await?;
+    let pgbouncer = ["type", "user", "database", "state", "backend", "connect_time", "request_time", "remote_pid", "pool", "tenant", "client_pid"];
+    ensure(servers.0[..pgbouncer.len()] == pgbouncer && servers.0[pgbouncer.len()..] == ["cluster", "role", "host"], format!("columns: {:?}", servers.0))?;
+    for state in ["active", "idle"] {
+        if state == "idle" {
+            for client in [&one, &two] {
+                client.batch_execute("COMMIT").await.map_err(|e| e.to_string())?;
+            }
+        }
+        let servers = show(&c, "SHOW SERVERS").await?;
+        for (pid, tenant, pool, cluster, role, host) in &expected {
+            let on = |r: &std::collections::HashMap<String, Option<String>>| r["host"] == *host;
+            let rows: Vec<_> = rows_where(&servers, "remote_pid", &pid.to_string()).into_iter().filter(on).collect();
+            let tenant = (state == "active").then(|| tenant.to_string());
+            ensure(
+                rows.len() == 1
+                    && rows[0]["state"].as_deref() == Some(state)
+                    && (rows[0]["pool"].clone(), rows[0]["cluster"].clone(), rows[0]["role"].clone(), rows[0]["tenant"].clone()) == (pool.clone(), cluster.clone(), role.clone(), tenant),
+                format!("{state} backend {pid} on {host:?} of {pool:?}: {servers:?}"),
+            )?;
+        }
+    }
+    let stats = show(&c, "SHOW STATS").await?;
+    ensure(stats.0 == ["database", "pool", "total_xact_count", "total_wait_time", "avg_wait_time", "cluster", "role", "host"], format!("columns: {:?}", stats.0))?;
+    let pools = columns(&stats, &["pool", "cluster", "role", "host"])?;
+    let expected = vec![
+        vec![s("tenant"), s("default"), s("primary"), Some(at(&env.cluster))],
+        vec![s("replica"), s("default"), s("replica"), Some(at(&standby))],
+        vec![s("cluster"), s("eu"), s("primary"), Some(at(&eu))],
+    ];
+    ensure(pools == expected, format!("SHOW STATS rows: {stats:?}"))?;
+    // the replica and eu each ran a transaction (a login may lease from its cluster's primary too)
+    let rows = column(&stats, "total_xact_count")?;
+    let counted = |i: usize| rows[i].as_deref().and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n >= 1);
+    ensure(counted(1) && counted(2), format!("transactions on the replica and on eu: {stats:?}"))?;
     p.stop().await;
     Ok(())
 }

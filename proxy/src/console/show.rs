@@ -7,7 +7,6 @@
 use std::time::{Duration, SystemTime};
 
 use super::command::Show;
-use crate::pool::Pool;
 use crate::server::Proxy;
 
 const TEXT: u32 = 25;
@@ -51,13 +50,6 @@ pub async fn show(proxy: &Proxy, what: Show) -> Table {
             rows: vec![vec![text(format!("pgtenant {}", env!("CARGO_PKG_VERSION")))]],
         },
     }
-}
-
-/// The pools by name: "tenant", and "bypass" when `[bypass]` runs one.
-fn named_pools(proxy: &Proxy) -> Vec<(&'static str, &Pool)> {
-    let mut pools = vec![("tenant", &*proxy.shared.pool)];
-    pools.extend(proxy.shared.bypass.as_deref().map(|b| ("bypass", b)));
-    pools
 }
 
 /// One row per pool of `admin::pools` (the list `/pools` shows), PgBouncer's columns first.
@@ -161,10 +153,18 @@ async fn clients(proxy: &Proxy) -> Table {
     }
 }
 
+/// One row per backend connection of every pool of `admin::pools`: the ones a session's
+/// transaction holds, under the pool it came from (a replica, another cluster), then the idle ones.
 async fn servers(proxy: &Proxy) -> Table {
+    let mut held = Vec::new();
+    for c in proxy.sessions.list() {
+        if let (Some((pid, from)), since) = c.slot.backend_in_pool().await {
+            held.push((c, pid, from, since));
+        }
+    }
     let mut rows = Vec::new();
-    let clients = proxy.sessions.list();
-    for (name, pool) in named_pools(proxy) {
+    for p in crate::admin::pools::list(proxy) {
+        let pool = p.pool;
         let row = |state: &str, pid: i32, connected: Option<SystemTime>, since: SystemTime, client: Option<(&str, i32)>| {
             vec![
                 text("S"),
@@ -175,14 +175,22 @@ async fn servers(proxy: &Proxy) -> Table {
                 connected.and_then(time),
                 time(since),
                 text(pid),
-                text(name),
+                text(p.label),
                 client.and_then(|(t, _)| text(t)),
                 client.and_then(|(_, p)| text(p)),
+                p.cluster.and_then(text),
+                text(p.role()),
+                text(pool.target().address()),
             ]
         };
-        for c in clients.iter().filter(|c| c.pool == name) {
-            if let (Some(pid), since) = c.slot.backend().await {
-                rows.push(row("active", pid, None, since, Some((&c.tenant, c.pid))));
+        for (c, pid, from, since) in &held {
+            // a backend given at login and not yet recorded is the session's own pool's
+            let here = match from {
+                Some(from) => std::ptr::eq(&**from, pool),
+                None => c.pool == p.label,
+            };
+            if here {
+                rows.push(row("active", *pid, None, *since, Some((&c.tenant, c.pid))));
             }
         }
         for s in pool.idle_servers() {
@@ -202,6 +210,9 @@ async fn servers(proxy: &Proxy) -> Table {
             ("pool", TEXT),
             ("tenant", TEXT),
             ("client_pid", INT8),
+            ("cluster", TEXT),
+            ("role", TEXT),
+            ("host", TEXT),
         ],
         rows,
     }
@@ -244,18 +255,23 @@ fn tenants(proxy: &Proxy) -> Table {
     }
 }
 
+/// One row per pool of `admin::pools`: its totals since start.
 fn stats(proxy: &Proxy) -> Table {
-    let rows = named_pools(proxy)
+    let rows = crate::admin::pools::list(proxy)
         .into_iter()
-        .map(|(name, pool)| {
+        .map(|p| {
+            let pool = p.pool;
             let (totals, _) = pool.totals();
             let avg = if totals.transactions == 0 { 0.0 } else { micros(totals.wait) as f64 / totals.transactions as f64 };
             vec![
                 text(&pool.target().database),
-                text(name),
+                text(p.label),
                 text(totals.transactions),
                 text(micros(totals.wait)),
                 text(avg.round() as u64),
+                p.cluster.and_then(text),
+                text(p.role()),
+                text(pool.target().address()),
             ]
         })
         .collect();
@@ -266,6 +282,9 @@ fn stats(proxy: &Proxy) -> Table {
             ("total_xact_count", INT8),
             ("total_wait_time", INT8),
             ("avg_wait_time", INT8),
+            ("cluster", TEXT),
+            ("role", TEXT),
+            ("host", TEXT),
         ],
         rows,
     }

@@ -276,6 +276,7 @@ impl Session {
         };
         if let Some(lease) = lease {
             // session mode: the backend leased at login (its cancel keys are registered already)
+            session.cancel.slot.given_by(session.pool.clone());
             session.adopt(lease);
         }
         session
