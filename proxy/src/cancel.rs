@@ -74,8 +74,8 @@ impl CancelSlot {
 
     /// The pid of the backend the session is using now, and since when it has (or has had none).
     pub async fn backend(&self) -> (Option<i32>, std::time::SystemTime) {
-        let current = self.current.lock().await;
-        (current.map(|(pid, _)| pid), *self.changed.lock().unwrap_or_else(|p| p.into_inner()))
+        let (backend, since) = self.backend_in_pool().await;
+        (backend.map(|(pid, _)| pid), since)
     }
 
     /// Like [`backend`](Self::backend), with the pool that backend came from (the console's `SHOW

@@ -36,6 +36,14 @@ fn micros(d: Duration) -> u128 {
     d.as_micros()
 }
 
+/// The columns that place a pool of `admin::pools`, last in `SHOW POOLS`, `SERVERS` and `STATS`.
+const PLACEMENT: [(&str, u32); 3] = [("cluster", TEXT), ("role", TEXT), ("host", TEXT)];
+
+/// A pool's values for [`PLACEMENT`].
+fn placement(p: &crate::admin::pools::Listed<'_>) -> [Option<String>; 3] {
+    [p.cluster.and_then(text), text(p.role()), text(p.pool.target().address())]
+}
+
 /// The answer to `SHOW what`.
 pub async fn show(proxy: &Proxy, what: Show) -> Table {
     match what {
@@ -83,10 +91,10 @@ fn pools(proxy: &Proxy) -> Table {
                 text(p.label),
                 text(pool.size()),
                 boolean(pool.is_paused()),
-                p.cluster.and_then(text),
-                text(p.role()),
-                text(pool.target().address()),
             ]
+            .into_iter()
+            .chain(placement(&p))
+            .collect()
         })
         .collect();
     Table {
@@ -103,10 +111,10 @@ fn pools(proxy: &Proxy) -> Table {
             ("pool", TEXT),
             ("pool_size", INT8),
             ("paused", BOOL),
-            ("cluster", TEXT),
-            ("role", TEXT),
-            ("host", TEXT),
-        ],
+        ]
+        .into_iter()
+        .chain(PLACEMENT)
+        .collect(),
         rows,
     }
 }
@@ -178,10 +186,10 @@ async fn servers(proxy: &Proxy) -> Table {
                 text(p.label),
                 client.and_then(|(t, _)| text(t)),
                 client.and_then(|(_, p)| text(p)),
-                p.cluster.and_then(text),
-                text(p.role()),
-                text(pool.target().address()),
             ]
+            .into_iter()
+            .chain(placement(&p))
+            .collect()
         };
         for (c, pid, from, since) in &held {
             // a backend given at login and not yet recorded is the session's own pool's
@@ -210,10 +218,10 @@ async fn servers(proxy: &Proxy) -> Table {
             ("pool", TEXT),
             ("tenant", TEXT),
             ("client_pid", INT8),
-            ("cluster", TEXT),
-            ("role", TEXT),
-            ("host", TEXT),
-        ],
+        ]
+        .into_iter()
+        .chain(PLACEMENT)
+        .collect(),
         rows,
     }
 }
@@ -269,10 +277,10 @@ fn stats(proxy: &Proxy) -> Table {
                 text(totals.transactions),
                 text(micros(totals.wait)),
                 text(avg.round() as u64),
-                p.cluster.and_then(text),
-                text(p.role()),
-                text(pool.target().address()),
             ]
+            .into_iter()
+            .chain(placement(&p))
+            .collect()
         })
         .collect();
     Table {
@@ -282,10 +290,10 @@ fn stats(proxy: &Proxy) -> Table {
             ("total_xact_count", INT8),
             ("total_wait_time", INT8),
             ("avg_wait_time", INT8),
-            ("cluster", TEXT),
-            ("role", TEXT),
-            ("host", TEXT),
-        ],
+        ]
+        .into_iter()
+        .chain(PLACEMENT)
+        .collect(),
         rows,
     }
 }

@@ -143,10 +143,7 @@ pub async fn report(cfg: &Config, admin_url: Option<&str>, schema: &str) -> Resu
             Err(err) => failed.push(format!("{}: {err}", e.label())),
         }
     }
-    match failed.is_empty() {
-        true => Ok(out),
-        false => Err(failed.join("\n")),
-    }
+    if failed.is_empty() { Ok(out) } else { Err(failed.join("\n")) }
 }
 
 /// The checks on one server, for the restricted role `role`.
