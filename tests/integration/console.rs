@@ -175,6 +175,16 @@ fn at(cluster: &pgtenant::cluster::Cluster) -> String {
     format!("127.0.0.1:{}", cluster.port())
 }
 
+/// The `pool`, `cluster`, `role` and `host` of every pool of [`routed`]'s proxy, in order.
+fn every_pool(env: &Env, standby: &pgtenant::cluster::Cluster, eu: &pgtenant::cluster::Cluster) -> Vec<Vec<Option<String>>> {
+    let s = |v: &str| Some(v.to_string());
+    vec![
+        vec![s("tenant"), s("default"), s("primary"), Some(at(&env.cluster))],
+        vec![s("replica"), s("default"), s("replica"), Some(at(standby))],
+        vec![s("cluster"), s("eu"), s("primary"), Some(at(eu))],
+    ]
+}
+
 /// With a read replica (a streaming standby) and a second cluster, `SHOW POOLS` has a row for each
 /// of their pools, saying which cluster, role and host it is, after PgBouncer's columns (which
 /// keep their order); it lists exactly the pools `/pools` lists, with their own figures.
@@ -188,13 +198,7 @@ async fn show_pools_lists_every_cluster_and_replica(env: &Env) -> TestResult {
     let pgbouncer = ["database", "user", "cl_active", "cl_waiting", "sv_active", "sv_idle", "maxwait", "maxwait_us", "pool_mode", "pool", "pool_size", "paused"];
     ensure(pools.0[..pgbouncer.len()] == pgbouncer && pools.0[pgbouncer.len()..] == ["cluster", "role", "host"], format!("columns: {:?}", pools.0))?;
     let rows = columns(&pools, &["pool", "cluster", "role", "host"])?;
-    let s = |v: &str| Some(v.to_string());
-    let expected = vec![
-        vec![s("tenant"), s("default"), s("primary"), Some(at(&env.cluster))],
-        vec![s("replica"), s("default"), s("replica"), Some(at(&standby))],
-        vec![s("cluster"), s("eu"), s("primary"), Some(at(&eu))],
-    ];
-    ensure(rows == expected, format!("SHOW POOLS rows: {rows:?}"))?;
+    ensure(rows == every_pool(env, &standby, &eu), format!("SHOW POOLS rows: {rows:?}"))?;
     let eu_row = &rows_where(&pools, "cluster", "eu")[0];
     ensure(eu_row["sv_idle"].as_deref() == Some("1") && eu_row["pool_size"].as_deref() == Some("2"), format!("eu's pool: {eu_row:?}"))?;
     // the same pools as /pools
@@ -257,12 +261,7 @@ async fn show_servers_and_stats_cover_every_cluster_and_replica(env: &Env) -> Te
     let stats = show(&c, "SHOW STATS").await?;
     ensure(stats.0 == ["database", "pool", "total_xact_count", "total_wait_time", "avg_wait_time", "cluster", "role", "host"], format!("columns: {:?}", stats.0))?;
     let pools = columns(&stats, &["pool", "cluster", "role", "host"])?;
-    let expected = vec![
-        vec![s("tenant"), s("default"), s("primary"), Some(at(&env.cluster))],
-        vec![s("replica"), s("default"), s("replica"), Some(at(&standby))],
-        vec![s("cluster"), s("eu"), s("primary"), Some(at(&eu))],
-    ];
-    ensure(pools == expected, format!("SHOW STATS rows: {stats:?}"))?;
+    ensure(pools == every_pool(env, &standby, &eu), format!("SHOW STATS rows: {stats:?}"))?;
     // the replica and eu each ran a transaction (a login may lease from its cluster's primary too)
     let rows = column(&stats, "total_xact_count")?;
     let counted = |i: usize| rows[i].as_deref().and_then(|n| n.parse::<u64>().ok()).is_some_and(|n| n >= 1);
