@@ -86,6 +86,7 @@ DECLARE
   p jsonb;
   bind text;
   entry text;
+  odd boolean;
   entries text[];
 BEGIN
   -- no context, or a signature that is not 64 lowercase hex digits: unsigned
@@ -114,9 +115,10 @@ BEGIN
       END IF;
       -- remember it (see setting()): "<signature>\x03", then "\x03<name>\x04<value>" per setting,
       -- then "\x03"; unless a name or value holds a separator
-      IF NOT EXISTS (SELECT FROM jsonb_each_text(p->'settings') s WHERE s.key ~ E'[\x01\x03\x04]' OR s.value ~ E'[\x01\x03\x04]') THEN
-        entry := sig || E'\x03' || coalesce((SELECT string_agg(E'\x03' || s.key || E'\x04' || s.value, '')
-                                               FROM jsonb_each_text(p->'settings') s), '') || E'\x03';
+      SELECT coalesce(bool_or(s.key ~ E'[\x01\x03\x04]' OR s.value ~ E'[\x01\x03\x04]'), false),
+             sig || E'\x03' || coalesce(string_agg(E'\x03' || s.key || E'\x04' || s.value, ''), '') || E'\x03'
+        INTO odd, entry FROM jsonb_each_text(p->'settings') s;
+      IF NOT odd THEN
         -- "pgtenant:<pid>:<start>", then "\x01<entry>" for each, newest first and each once, then
         -- "\x01."; split and joined on whole entries (string_to_array works on bytes, where left()
         -- would count characters)
