@@ -36,6 +36,7 @@ fn main() {
         types_and_functions_of_its_own_change_nothing,
         verified_contexts_are_remembered_per_backend,
         a_backend_remembers_the_newest_contexts,
+        a_context_with_a_separator_is_checked_in_full_each_time,
         tenants_see_their_rows_through_a_signing_proxy,
         python_clients_signed,
         node_clients_signed,
@@ -438,6 +439,25 @@ async fn verified_contexts_are_remembered_per_backend(env: &Env) -> TestResult {
         let old_format = format!("{other_sig}\u{1}{p}\u{2}{sig}");
         ensure(read_setting(&c, &other, &old_format).await?.is_none(), "a signature spliced the old way")?;
         ensure(read_setting(&c, &p, &sig[..63]).await?.is_none(), "part of a remembered signature")?;
+        Ok(())
+    })
+    .await
+}
+
+/// A context with a setting whose value holds one of the record's separators (`\x01`, `\x03`,
+/// `\x04`) is never remembered, so it cannot be read as a splice of the record: every query checks
+/// it in full, and still reads its own settings.
+async fn a_context_with_a_separator_is_checked_in_full_each_time(env: &Env) -> TestResult {
+    signed_schema(env)?;
+    with_counted_calls(env, "setting=3 verify=3", "three reads of one context that is never remembered", async {
+        let c = direct(env).await?;
+        let b = backend_of(&c).await?;
+        let mut settings = tenant_settings(2);
+        settings[1].1 = "mal\u{3}lory".into();
+        let (ctx, sig) = Signer::new("k1", KEY.as_bytes()).signed(&settings, now(), &b);
+        for round in 0..3 {
+            ensure(read_setting(&c, &ctx, &sig).await? == Some("2".into()), format!("the context with a separator, #{round}"))?;
+        }
         Ok(())
     })
     .await
