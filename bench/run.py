@@ -79,6 +79,11 @@ ROW_PGTENANT = "pgtenant"
 ROW_BOUNCER_CTX = "pgbouncer+set_config"    # BEGIN; set_config; SELECT; END; (4 round trips)
 ROW_DIRECT = "direct (64 connections)"      # one backend per client, select_ctx.sql (4 round trips)
 ROW_BOUNCER_PLAIN = "pgbouncer plain"       # no context at all (RLS returns no row), --extra-rows only
+# --sched-batch: the same proxy process and row, its threads switched to SCHED_BATCH for the run
+BATCH = " (SCHED_BATCH)"
+# kernel tracepoints counted per transaction when perf can count them (no CPU counters needed)
+TRACEPOINTS = {"raw_syscalls:sys_enter": "syscalls_per_tx", "syscalls:sys_enter_futex": "futex_per_tx",
+               "syscalls:sys_enter_epoll_wait": "epoll_waits_per_tx"}
 MODES = ["simple", "extended", "prepared"]
 MIXES = ["read", "write"]
 
@@ -365,6 +370,7 @@ class Bench:
         self.token = ""
         self.perf_ok = False
         self.perf_reason: str | None = None
+        self.trace_ok = False     # perf can count the kernel tracepoints (TRACEPOINTS)
         # preloaded rows of bench_write (ids 1 .. write_rows), when the writes part runs
         self.write_rows = getattr(args, "write_rows", 0) or 0
         self.wmaxk = max(self.write_rows // TENANTS - 1, 0)
@@ -427,6 +433,8 @@ class Bench:
             want["pgbouncer"] = "pgbouncer"
         if "roundtrips" in parts:
             want["strace"] = "strace"
+        if self.args.sched_batch:
+            want["chrt"] = "util-linux"
         if "login" in parts:
             want["openssl"] = "openssl"
         if parts & {"pgbench", "writes", "instructions"}:
@@ -465,6 +473,14 @@ class Bench:
         if not perf:
             self.perf_reason = "perf not installed"
             return
+        try:   # tracepoints count without CPU counters (a VM), but need tracefs and the rights to use it
+            res = subprocess.run([perf, "stat", "-x,", "-e", ",".join(TRACEPOINTS), "--", "true"],
+                                 capture_output=True, text=True, timeout=30)
+            counted = [l for l in res.stderr.splitlines() if l.split(",", 1)[0].isdigit()]
+            if len(counted) == len(TRACEPOINTS):
+                self.trace_ok, self.tools["perf"] = True, perf
+        except (OSError, subprocess.TimeoutExpired):
+            pass
         try:
             res = subprocess.run([perf, "stat", "-x,", "-e", "instructions", "--", "true"], capture_output=True,
                                  text=True, timeout=30)
@@ -905,6 +921,9 @@ ignore_startup_parameters = extra_float_digits
                 rows = [ROW_DIRECT8, ROW_BOUNCER_CQ, ROW_PGTENANT]
             else:
                 rows = [ROW_DIRECT8] + ([ROW_BOUNCER_CQ] if bouncer_prep else []) + [ROW_PGTENANT]
+        if self.args.sched_batch:
+            bmode, brow = self.baseline(mode)
+            rows += [ROW_PGTENANT + BATCH] + ([brow + BATCH] if bmode == mode else [])
         return rows
 
     def baseline(self, mode: str) -> tuple[str, str]:
@@ -917,6 +936,8 @@ ignore_startup_parameters = extra_float_digits
 
     def row_spec(self, mix: str, mode: str, row: str) -> dict:
         """Where a row's pgbench connects, as whom, with which script and how many clients."""
+        if row.endswith(BATCH):
+            return self.row_spec(mix, mode, row[:-len(BATCH)])
         a = self.args
         simple = mode == "simple"
         ctx_options = f"-c app.tenant_id={self.tenant} -c app.user_id=bench"
@@ -969,9 +990,10 @@ ignore_startup_parameters = extra_float_digits
             env["PGOPTIONS"] = options
         timeout = (duration or 0) + 180 + (transactions or 0) * clients / max(rate or 1000, 1)
         perf_proc = perf_out = None
-        if perf and cpu_pid and self.perf_ok:
+        events = (["instructions"] if self.perf_ok else []) + (list(TRACEPOINTS) if self.trace_ok else [])
+        if perf and cpu_pid and events:
             perf_out = self.tmp / f"perf-stat-{cpu_pid}-{time.monotonic_ns()}.csv"
-            perf_proc = subprocess.Popen([self.tools["perf"], "stat", "-x,", "-e", "instructions", "-p", str(cpu_pid),
+            perf_proc = subprocess.Popen([self.tools["perf"], "stat", "-x,", "-e", ",".join(events), "-p", str(cpu_pid),
                                           "-o", str(perf_out)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, start_new_session=True)
             time.sleep(0.3)   # let perf attach to every thread
@@ -1021,6 +1043,8 @@ ignore_startup_parameters = extra_float_digits
                     if len(fields) > 2 and fields[2].startswith("instructions") and fields[0].isdigit():
                         r["instructions"] = int(fields[0])
                         r["instructions_per_tx"] = round(int(fields[0]) / n) if n else None
+                    elif len(fields) > 2 and fields[2] in TRACEPOINTS and fields[0].isdigit() and n:
+                        r[TRACEPOINTS[fields[2]]] = round(int(fields[0]) / n, 3)
             except OSError:
                 pass
         errs = [l for l in res.stderr.splitlines() if "error" in l.lower() or "abort" in l.lower()
@@ -1046,8 +1070,21 @@ ignore_startup_parameters = extra_float_digits
 
     def run_row(self, mix: str, mode: str, row: str, **kw) -> dict:
         t = self.row_spec(mix, mode, row)
-        return self.pgbench(t["port"], t["user"], t["password"], t["script"], mode, t["clients"], self.args.threads,
-                            cpu_pid=t["pid"], db=t["db"], options=t["options"], **kw)
+        batch = row.endswith(BATCH)
+        if batch:
+            self.set_sched(t["pid"], "--batch")
+        try:
+            return self.pgbench(t["port"], t["user"], t["password"], t["script"], mode, t["clients"], self.args.threads,
+                                cpu_pid=t["pid"], db=t["db"], options=t["options"], **kw)
+        finally:
+            if batch:
+                self.set_sched(t["pid"], "--other")
+
+    def set_sched(self, pid: int, policy: str) -> None:
+        """Switch every thread of a running proxy to a scheduling policy (chrt --batch / --other, priority 0):
+        the SCHED_BATCH rows run the very process of the row they are compared with."""
+        self.run_cmd([self.tools["chrt"], "-a", policy, "-p", "0", str(pid)], timeout=30,
+                     what=f"chrt {policy} {pid}")
 
     def part_pgbench(self) -> None:
         self.run_mix("read", "pgbench")
@@ -1108,7 +1145,8 @@ ignore_startup_parameters = extra_float_digits
                 "errors": [r["error"] for r in bad][:3],
                 **{f: median_or_none([r.get(f) for r in ok])
                    for f in ("tps", "lat_avg_ms", "p99_ms", "cpu_us_per_tx", "user_us_per_tx", "sys_us_per_tx",
-                             "ctx_switches_per_tx", "instructions_per_tx", "other_cpu_pct")},
+                             "ctx_switches_per_tx", "instructions_per_tx", "other_cpu_pct",
+                             *TRACEPOINTS.values())},
             }
         ratios = []
 
@@ -1127,6 +1165,13 @@ ignore_startup_parameters = extra_float_digits
                                                  fig(bmode, brow, "instructions_per_tx")),
                      "pgtenant_vs_direct8": ratio(pt_tps, fig(mode, ROW_DIRECT8, "tps")),
                      "baseline_vs_direct8": ratio(fig(bmode, brow, "tps"), fig(bmode, ROW_DIRECT8, "tps"))}
+            if a.sched_batch:
+                entry["batch"] = {
+                    "pgtenant_tps_gain": ratio(fig(mode, ROW_PGTENANT + BATCH, "tps"), pt_tps),
+                    "baseline_tps_gain": ratio(fig(bmode, brow + BATCH, "tps"), fig(bmode, brow, "tps")),
+                    "tps_ratio": ratio(fig(mode, ROW_PGTENANT + BATCH, "tps"), fig(bmode, brow + BATCH, "tps")),
+                    "cpu_ratio": ratio(fig(mode, ROW_PGTENANT + BATCH, "cpu_us_per_tx"),
+                                       fig(bmode, brow + BATCH, "cpu_us_per_tx"))}
             if mix == "read":
                 entry["vs_bouncer_ctx"] = ratio(pt_tps, fig(mode, ROW_BOUNCER_CTX, "tps"))
                 entry["vs_direct64"] = ratio(pt_tps, fig(mode, ROW_DIRECT, "tps"))
@@ -1142,7 +1187,8 @@ ignore_startup_parameters = extra_float_digits
             "mix": mix,
             "config": {"clients": a.clients, "threads": a.threads, "pool": a.pool, "rounds": a.rounds,
                        "duration_s": a.duration, "rows": a.rows, "write_rows": self.write_rows, "tenant": self.tenant,
-                       "instructions": "perf stat -e instructions" if self.perf_ok else f"n/a: {self.perf_reason}"},
+                       "instructions": "perf stat -e instructions" if self.perf_ok else f"n/a: {self.perf_reason}",
+                       "tracepoints": list(TRACEPOINTS) if self.trace_ok else "n/a: perf cannot count them here"},
             "runs": runs, "summary": summary, "ratios": ratios, "skipped": skipped, "pgtenant_metrics": metrics,
         }
 
@@ -1643,9 +1689,12 @@ ignore_startup_parameters = extra_float_digits
                              fmt(s["tps"], ".0f"), fmt(s["lat_avg_ms"], ".3f"), fmt(s["p99_ms"], ".3f"),
                              fmt(s["cpu_us_per_tx"], ".1f"), fmt(s["user_us_per_tx"], ".1f"),
                              fmt(s["sys_us_per_tx"], ".1f"), fmt(s["ctx_switches_per_tx"], ".2f"),
+                             fmt(s.get("syscalls_per_tx"), ".2f"), fmt(s.get("futex_per_tx"), ".2f"),
+                             fmt(s.get("epoll_waits_per_tx"), ".2f"),
                              fmt(s["instructions_per_tx"], ",.0f"), fmt(s["other_cpu_pct"], ".0f"), note])
         lines.append(table(["mode", "row", "script", "TPS", "avg ms", "p99 ms", "CPU us/tx", "user", "sys",
-                            "ctxsw/tx", "instr/tx", "other %", "note"], rows, right={3, 4, 5, 6, 7, 8, 9, 10, 11}))
+                            "ctxsw/tx", "syscalls/tx", "futex/tx", "epoll_wait/tx", "instr/tx", "other %", "note"],
+                           rows, right=set(range(3, 15))))
         others = [r.get("other_cpu_pct") for r in pb["runs"] if r.get("other_cpu_pct") is not None]
         if others:
             lines.append(f"  other %: CPU used by work outside the benchmark during a run, in % of all CPUs; over all "
@@ -1662,6 +1711,13 @@ ignore_startup_parameters = extra_float_digits
         lines.append(table(["mode", "pgtenant vs (PgBouncer same work)", "TPS ratio", "wanted", "CPU/tx ratio",
                             "wanted", "pgtenant/direct8", "pgbouncer/direct8", "vs 4-RT pgbouncer", "vs direct64"],
                            rrows, right={2, 3, 4, 5, 6, 7, 8, 9}))
+        brows = [[r["mode"], fmt(b["pgtenant_tps_gain"], ".2f", "n/a"), fmt(b["baseline_tps_gain"], ".2f", "n/a"),
+                  fmt(b["tps_ratio"], ".2f", "n/a"), fmt(b["cpu_ratio"], ".2f", "n/a")]
+                 for r in pb["ratios"] if (b := r.get("batch"))]
+        if brows:
+            lines += ["", "SCHED_BATCH (both proxies' threads, same processes, interleaved):"]
+            lines.append(table(["mode", "pgtenant TPS batch/normal", "baseline TPS batch/normal",
+                                "TPS ratio, both batch", "CPU/tx ratio, both batch"], brows, right={1, 2, 3, 4}))
         pm = pb.get("pgtenant_metrics") or {}
         if pm.get("transactions_total"):
             lines.append(f"pgtenant counted {pm['transactions_total']:.0f} transactions and "
@@ -2069,6 +2125,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="pgbench threads (default 2)")
     p.add_argument("--worker-threads", type=int, default=1,
                    help="pgtenant's server.worker_threads (default 1: one thread, like PgBouncer; 0: one per core)")
+    p.add_argument("--sched-batch", action="store_true",
+                   help="also run pgtenant and its PgBouncer baseline with their threads switched to SCHED_BATCH "
+                        "(chrt), interleaved with the normal rows of the same processes")
     p.add_argument("--pool", type=int, default=8,
                    help="backend pool size of pgtenant and PgBouncer, and the clients of 'direct (8 connections)' "
                         "(default 8)")
