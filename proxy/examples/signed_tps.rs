@@ -84,34 +84,44 @@ fn main() -> Result<(), String> {
     };
     println!("{} s runs, {rounds} interleaved rounds, {clients} clients, pool 8, primary-key read of orders", secs);
     println!(
-        "| mode | plain TPS (median) | signed TPS (median) | signed / plain | full checks per 1,000 signed queries | \
-         CPU µs/tx plain: Postgres + pgtenant + pgbench | signed | plain / signed CPU | floor TPS (median) | floor / plain |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| mode | plain TPS (median) | signed TPS (median) | signed / plain: median of rounds (range) | full checks per 1,000 signed queries | \
+         CPU µs/tx plain: Postgres + pgtenant + pgbench | signed | plain / signed CPU | floor TPS (median) | floor / plain: median of rounds (range) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for mode in ["simple", "extended", "prepared"] {
         let (mut plain, mut signed, mut floor) = (Vec::new(), Vec::new(), Vec::new());
         let (mut plain_cpu, mut signed_cpu) = (Vec::new(), Vec::new());
         let mut signed_queries = 0.0;
         cluster.psql("app", "SELECT pg_stat_reset()").map_err(|e| e.to_string())?;
-        for _ in 0..rounds {
-            cluster.psql("app", PLAIN).map_err(|e| e.to_string())?;
-            std::thread::sleep(Duration::from_millis(200));
-            let (tps, cpu, _) = run(mode)?;
-            plain.push(tps);
-            plain_cpu.push(cpu);
-            cluster.psql("app", SIGNED).map_err(|e| e.to_string())?;
-            std::thread::sleep(Duration::from_millis(200));
-            let (tps, cpu, n) = run(mode)?;
-            signed.push(tps);
-            signed_queries += n;
-            signed_cpu.push(cpu);
-            cluster.psql("app", FLOOR).map_err(|e| e.to_string())?;
-            std::thread::sleep(Duration::from_millis(200));
-            floor.push(run(mode)?.0);
+        for round in 0..rounds {
+            // the three styles run in a rotating order, so no style always runs first or last
+            for i in 0..3 {
+                let style = (round as usize + i) % 3;
+                cluster.psql("app", [PLAIN, SIGNED, FLOOR][style]).map_err(|e| e.to_string())?;
+                std::thread::sleep(Duration::from_millis(200));
+                let (tps, cpu, n) = run(mode)?;
+                match style {
+                    0 => {
+                        plain.push(tps);
+                        plain_cpu.push(cpu);
+                    }
+                    1 => {
+                        signed.push(tps);
+                        signed_queries += n;
+                        signed_cpu.push(cpu);
+                    }
+                    _ => floor.push(tps),
+                }
+            }
         }
+        // each round's ratio is of runs seconds apart, under the same outside load
+        let ratios = |num: &[f64]| -> Vec<f64> { num.iter().zip(&plain).map(|(n, p)| n / p).collect() };
+        let (mut signed_ratio, mut floor_ratio) = (ratios(&signed), ratios(&floor));
         let median = |v: &mut Vec<f64>| {
             v.sort_by(|a, b| a.total_cmp(b));
             v[v.len() / 2]
         };
+        let spread = |v: &[f64]| format!("{:.2}–{:.2}", v[0], v[v.len() - 1]);
+        let (sr, fr) = (median(&mut signed_ratio), median(&mut floor_ratio));
         let (p, s, f) = (median(&mut plain), median(&mut signed), median(&mut floor));
         // backends report their counts when idle for a second
         std::thread::sleep(Duration::from_millis(1500));
@@ -130,12 +140,12 @@ fn main() -> Result<(), String> {
         let (pc, sc) = (cpu(&mut plain_cpu), cpu(&mut signed_cpu));
         let show = |c: [f64; 3]| format!("{:.0} = {:.0} + {:.0} + {:.0}", c.iter().sum::<f64>(), c[0], c[1], c[2]);
         println!(
-            "| {mode} | {p:.0} | {s:.0} | {:.2} | {per_1000} | {} | {} | {:.2} | {f:.0} | {:.2} |",
-            s / p,
+            "| {mode} | {p:.0} | {s:.0} | {sr:.2} ({}) | {per_1000} | {} | {} | {:.2} | {f:.0} | {fr:.2} ({}) |",
+            spread(&signed_ratio),
             show(pc),
             show(sc),
             pc.iter().sum::<f64>() / sc.iter().sum::<f64>(),
-            f / p
+            spread(&floor_ratio)
         );
     }
     // the per-call cost of the verifier, as the restricted role with the key
