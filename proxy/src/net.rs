@@ -5,6 +5,9 @@
 //! in pgtenant (towards clients, the backend, and a `jwt.jwks_url`) is built with it.
 
 pub mod http_target;
+mod listen;
+
+pub use listen::listen;
 
 use std::io;
 use std::pin::Pin;

@@ -202,13 +202,21 @@ impl Proxy {
         }
     }
 
-    /// Accepts connections until `shutdown` flips to true.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    /// Accepts connections on every listener until `shutdown` flips to true.
+    pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>, shutdown: watch::Receiver<bool>) {
         self.shared.pool.spawn_reaper();
         self.shared.router.spawn_background();
         if let Some(b) = &self.shared.bypass {
             b.spawn_reaper();
         }
+        let accepting: Vec<_> =
+            listeners.into_iter().map(|l| tokio::spawn(self.clone().accept(l, shutdown.clone()))).collect();
+        for task in accepting {
+            let _ = task.await;
+        }
+    }
+
+    async fn accept(self: Arc<Self>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -425,8 +433,15 @@ pub async fn start_from(config: Config, path: Option<std::path::PathBuf>) -> Res
     if let Some(proxy) = Arc::get_mut(&mut proxy) {
         proxy.config_path = path;
     }
-    let listener = TcpListener::bind(&listen).await.map_err(|source| StartError::Listen { addr: listen.clone(), source })?;
+    let listener = crate::net::listen(&listen, proxy.config.server.so_reuseport)
+        .await
+        .map_err(|source| StartError::Listen { addr: listen.clone(), source })?;
     let addr = listener.local_addr()?;
+    let mut listeners = vec![listener];
+    if let Some(own) = &proxy.config.server.peer_listen {
+        let l = crate::net::listen(own, false).await.map_err(|source| StartError::PeerListen { addr: own.clone(), source })?;
+        listeners.push(l);
+    }
     if let Some(warning) = crate::config::cleartext::warning(&proxy.config.server, &[addr]) {
         tracing::warn!("{warning}");
     }
@@ -449,6 +464,6 @@ pub async fn start_from(config: Config, path: Option<std::path::PathBuf>) -> Res
     };
     let (admin_addr, admin_task) = admin.map_or((None, None), |(a, t)| (Some(a), Some(t)));
     let (stop, rx) = watch::channel(false);
-    let task = tokio::spawn(proxy.clone().serve(listener, rx));
+    let task = tokio::spawn(proxy.clone().serve(listeners, rx));
     Ok(Running { addr, admin_addr, admin_task, proxy, stop, task })
 }

@@ -1,7 +1,9 @@
 //! A fleet of pgtenant instances in front of one Postgres (issue 18): a CancelRequest that reaches
 //! the wrong instance is forwarded to the one that owns the session and cancels its query
 //! (`57014`), in both pool modes; forged keys cancel nothing; a forwarded request is never
-//! forwarded again, even when `[peers]` points the wrong way; the instance id is exported.
+//! forwarded again, even when `[peers]` points the wrong way; the instance id is exported; and
+//! processes on one host share one port (`server.so_reuseport`), forwarding cancels to each
+//! other's own address (`server.peer_listen`).
 
 mod common;
 #[path = "../isolation/wire.rs"]
@@ -19,6 +21,7 @@ fn main() {
         forged_keys_cancel_nothing,
         a_forwarded_cancel_is_never_forwarded_again,
         the_instance_id_is_exported,
+        instances_on_one_host_share_a_port,
     ]);
 }
 
@@ -180,5 +183,62 @@ async fn the_instance_id_is_exported(env: &Env) -> TestResult {
         ensure(text.lines().any(|l| l.starts_with(&series) && l.ends_with(" 1")), format!("no {series}…}} 1 in\n{text}"))?;
     }
     stop(fleet).await;
+    Ok(())
+}
+
+/// Instance `id` of a fleet on one host: it shares `shared` with the others (`so_reuseport`, unless
+/// `reuse` is false) and has its own address `own`, which `[peers]` lists.
+async fn sharing(env: &Env, id: usize, shared: u16, own: u16, reuse: bool, peers: &[(usize, u16)]) -> Result<pgtenant::server::Running, String> {
+    let table: String = peers.iter().map(|(i, p)| format!("{i} = \"127.0.0.1:{p}\"\n")).collect();
+    let text = config_text(env, "pool_size = 3", &format!("[peers]\n{table}")).replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{shared}\"\npeer_id = {id}\nso_reuseport = {reuse}\npeer_listen = \"127.0.0.1:{own}\""),
+    );
+    let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|e| format!("config invalid: {e}"))?;
+    pgtenant::server::start(cfg).await.map_err(|e| e.to_string())
+}
+
+async fn instances_on_one_host_share_a_port(env: &Env) -> TestResult {
+    let ports = free_ports(4).await;
+    let (shared, own) = (ports[0], &ports[1..]);
+    let table = [(1, own[0]), (2, own[1])];
+    let one = sharing(env, 1, shared, own[0], true, &table).await?;
+    let two = sharing(env, 2, shared, own[1], true, &table).await?;
+    // without the option the port is taken: it is what lets processes share it
+    match sharing(env, 3, shared, own[2], false, &table).await {
+        Err(e) => ensure(e.contains("cannot listen on") && e.contains(&shared.to_string()), format!("third instance: {e}"))?,
+        Ok(three) => {
+            three.stop().await;
+            return Err("a third instance bound the shared port without so_reuseport".into());
+        }
+    }
+    // the kernel spreads connections over both (by a hash of each connection's ports): 24 clients
+    // all on one instance would happen once in 2^23 runs
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{shared}").parse().map_err(|e| format!("{e}"))?;
+    let mut clients = Vec::new();
+    for i in 0..24 {
+        clients.push(Wire::connect(addr, &token(1 + i % 3, "shared")).await?);
+    }
+    let on = |id: i32| clients.iter().filter(|c| owner(c.key_secret) == id).count();
+    ensure(on(1) > 0 && on(2) > 0 && on(1) + on(2) == 24, format!("instance 1 has {} clients, instance 2 {}", on(1), on(2)))?;
+    // a cancel sent to the shared port reaches either instance; one sent to the wrong instance's
+    // own address is forwarded to the owner's: both cancel the query
+    for id in [1, 2] {
+        let i = clients.iter().position(|c| owner(c.key_secret) == id).ok_or("no client")?;
+        let other = own[2 - id as usize];
+        for (how, to) in [("the shared port", shared), ("the other instance's own address", other)] {
+            let c = &mut clients[i];
+            c.send(&wire::query("select pg_sleep(20)")).await?;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let target: std::net::SocketAddr = format!("127.0.0.1:{to}").parse().map_err(|e| format!("{e}"))?;
+            cancel(target, c.key_pid, c.key_secret).await?;
+            let r = c.ready_n(1, Duration::from_secs(10)).await;
+            ensure(r.code() == Some("57014"), format!("instance {id}, cancel sent to {how}: {}", r.summary()))?;
+        }
+    }
+    for c in clients {
+        c.close().await;
+    }
+    stop(vec![one, two]).await;
     Ok(())
 }

@@ -39,6 +39,8 @@ pub const ENV_KEYS: &[(&str, &str, EnvType)] = &[
     ("server", "peer_id", EnvType::Int),
     ("server", "client_write_timeout_ms", EnvType::Int),
     ("server", "worker_threads", EnvType::Int),
+    ("server", "so_reuseport", EnvType::Bool),
+    ("server", "peer_listen", EnvType::Str),
     ("backend", "url", EnvType::Str),
     ("backend", "pool_size", EnvType::Int),
     ("backend", "tls", EnvType::Str),
@@ -441,6 +443,12 @@ pub struct ServerConfig {
     /// single-threaded runtime, the cheapest per transaction when the proxy shares a few cores
     /// with the database or the application (no cross-thread wake-ups).
     pub worker_threads: usize,
+    /// Bind `listen` with `SO_REUSEPORT`, so several pgtenant processes on one host share the
+    /// port and the kernel spreads new connections over them (like PgBouncer's `so_reuseport`).
+    pub so_reuseport: bool,
+    /// A second client listener that only this instance binds: its address in `[peers]` when
+    /// the instances share `listen` (`so_reuseport`), so a forwarded cancel reaches it.
+    pub peer_listen: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -458,6 +466,8 @@ impl Default for ServerConfig {
             peer_id: None,
             client_write_timeout_ms: 30_000,
             worker_threads: 0,
+            so_reuseport: false,
+            peer_listen: None,
         }
     }
 }

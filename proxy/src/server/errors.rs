@@ -23,6 +23,9 @@ pub enum StartError {
     /// `server.listen` cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: std::io::Error },
+    /// `server.peer_listen` cannot be bound.
+    #[error("cannot listen on {addr} (server.peer_listen): {source}")]
+    PeerListen { addr: String, source: std::io::Error },
     /// `admin.listen` cannot be bound.
     #[error("cannot listen on {addr} (admin.listen): {source}")]
     AdminListen { addr: String, source: std::io::Error },
