@@ -81,6 +81,7 @@ ROW_DIRECT = "direct (64 connections)"      # one backend per client, select_ctx
 ROW_BOUNCER_PLAIN = "pgbouncer plain"       # no context at all (RLS returns no row), --extra-rows only
 # --sched-batch: the same proxy process and row, its threads switched to SCHED_BATCH for the run
 BATCH = " (SCHED_BATCH)"
+ROW_FLEET = "pgtenant, {n} processes (so_reuseport)"
 # kernel tracepoints counted per transaction when perf can count them (no CPU counters needed)
 TRACEPOINTS = {"raw_syscalls:sys_enter": "syscalls_per_tx", "syscalls:sys_enter_futex": "futex_per_tx",
                "syscalls:sys_enter_epoll_wait": "epoll_waits_per_tx"}
@@ -151,8 +152,12 @@ def mint_rs256(openssl: str, key_pem: Path, tenant: int) -> str:
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def proc_cpu_split(pid: int) -> tuple[float, float]:
-    """(utime, stime) of the whole process (all threads, exited ones included), in seconds."""
+def proc_cpu_split(pid) -> tuple[float, float]:
+    """(utime, stime) of the whole process (all threads, exited ones included), in seconds; summed
+    over the processes when `pid` is a list."""
+    if isinstance(pid, list):
+        splits = [proc_cpu_split(p) for p in pid]
+        return sum(u for u, _ in splits), sum(k for _, k in splits)
     with open(f"/proc/{pid}/stat") as f:
         data = f.read()
     fields = data[data.rindex(")") + 2:].split()
@@ -164,8 +169,11 @@ def proc_cpu_seconds(pid: int) -> float:
     return sum(proc_cpu_split(pid))
 
 
-def proc_ctx_switches(pid: int) -> int:
-    """Voluntary + involuntary context switches, summed over the process's current threads."""
+def proc_ctx_switches(pid) -> int:
+    """Voluntary + involuntary context switches, summed over the process's current threads (and over
+    the processes when `pid` is a list)."""
+    if isinstance(pid, list):
+        return sum(proc_ctx_switches(p) for p in pid)
     total = 0
     for status in glob.glob(f"/proc/{pid}/task/*/status"):
         try:
@@ -363,6 +371,8 @@ class Bench:
         self.tenant = args.tenant
         self.pgtenant_bin: Path | None = None
         self.pgtenant_main: Proc | None = None
+        self.fleet: list[Proc] = []    # --reuseport-processes: processes sharing one port
+        self.fleet_port = 0
         self.pgtenant_main_port = 0
         self.pgtenant_main_admin = 0
         self.bouncer: Proc | None = None
@@ -703,16 +713,18 @@ class Bench:
 
     # ---------------------------------------------------------------- pgtenant
 
-    def write_pgtenant_config(self, name: str, port: int, admin: int, pool: int, jwt: str) -> Path:
+    def write_pgtenant_config(self, name: str, port: int, admin: int, pool: int, jwt: str, server: str = "",
+                              threads: int | None = None) -> Path:
         path = self.tmp / f"{name}.toml"
         # 0 is pgtenant's default: left out, so that binaries older than the key run too
-        threads = f"worker_threads = {self.args.worker_threads}\n" if self.args.worker_threads else ""
+        threads = self.args.worker_threads if threads is None else threads
+        threads = f"worker_threads = {threads}\n" if threads else ""
         path.write_text(f"""# written by bench/run.py
 [server]
 listen = "127.0.0.1:{port}"
 max_clients = 20000
 shutdown_timeout_s = 2
-{threads}
+{threads}{server}
 [backend]
 url = "postgres://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{self.pgport}/app"
 pool_size = {pool}
@@ -734,9 +746,10 @@ level = "warn"
         return path
 
     def start_pgtenant(self, name: str, pool: int, jwt: str | None = None, wrap: list[str] | None = None,
-                       ready_s: float = 30) -> tuple[Proc, int, int]:
-        port, admin = free_port(), free_port()
-        cfg = self.write_pgtenant_config(name, port, admin, pool, jwt or f'secret = "{self.secret}"')
+                       ready_s: float = 30, port: int | None = None, server: str = "",
+                       threads: int | None = None) -> tuple[Proc, int, int]:
+        port, admin = port or free_port(), free_port()
+        cfg = self.write_pgtenant_config(name, port, admin, pool, jwt or f'secret = "{self.secret}"', server, threads)
         proc = self.spawn(name, (wrap or []) + [str(self.pgtenant_bin), "run", "--config", str(cfg)])
         deadline = time.monotonic() + ready_s
         while True:
@@ -760,7 +773,24 @@ level = "warn"
             if proc in self.procs:
                 self.procs.remove(proc)
 
+    def ensure_fleet(self) -> None:
+        """--reuseport-processes N: N single-threaded pgtenant processes sharing one port
+        (server.so_reuseport), each with pool / N connections and its own address for cancels."""
+        n = self.args.reuseport_processes
+        if not n or self.fleet:
+            return
+        self.fleet_port = free_port()
+        own = [free_port() for _ in range(n)]
+        peers = "".join(f'{i + 1} = "127.0.0.1:{p}"\n' for i, p in enumerate(own))
+        for i in range(n):
+            server = (f'so_reuseport = true\npeer_id = {i + 1}\npeer_listen = "127.0.0.1:{own[i]}"\n'
+                      f"[peers]\n{peers}")
+            proc, _, _ = self.start_pgtenant(f"pgtenant-fleet-{i + 1}", max(self.args.pool // n, 1),
+                                             port=self.fleet_port, server=server, threads=1)
+            self.fleet.append(proc)
+
     def ensure_main_pgtenant(self) -> None:
+        self.ensure_fleet()
         if self.pgtenant_main is not None:
             return
         self.pgtenant_main, self.pgtenant_main_port, self.pgtenant_main_admin = \
@@ -921,6 +951,8 @@ ignore_startup_parameters = extra_float_digits
                 rows = [ROW_DIRECT8, ROW_BOUNCER_CQ, ROW_PGTENANT]
             else:
                 rows = [ROW_DIRECT8] + ([ROW_BOUNCER_CQ] if bouncer_prep else []) + [ROW_PGTENANT]
+        if self.args.reuseport_processes and mix == "read":
+            rows.append(ROW_FLEET.format(n=self.args.reuseport_processes))
         if self.args.sched_batch:
             bmode, brow = self.baseline(mode)
             rows += [ROW_PGTENANT + BATCH] + ([brow + BATCH] if bmode == mode else [])
@@ -961,6 +993,9 @@ ignore_startup_parameters = extra_float_digits
                         script=SCRIPT_SELECT if read else w_script)
         if row == ROW_PGTENANT:
             return dict(pgt, clients=a.clients, options=None, script=SCRIPT_SELECT if read else w_script)
+        if row == ROW_FLEET.format(n=a.reuseport_processes):
+            return dict(pgt, port=self.fleet_port, pid=[p.pid for p in self.fleet], clients=a.clients, options=None,
+                        script=SCRIPT_SELECT)
         if row == ROW_BOUNCER_CTX:
             return dict(bouncer, clients=a.clients, script=SCRIPT_CTX, options=None)
         if row == ROW_DIRECT:
@@ -992,8 +1027,9 @@ ignore_startup_parameters = extra_float_digits
         perf_proc = perf_out = None
         events = (["instructions"] if self.perf_ok else []) + (list(TRACEPOINTS) if self.trace_ok else [])
         if perf and cpu_pid and events:
-            perf_out = self.tmp / f"perf-stat-{cpu_pid}-{time.monotonic_ns()}.csv"
-            perf_proc = subprocess.Popen([self.tools["perf"], "stat", "-x,", "-e", ",".join(events), "-p", str(cpu_pid),
+            pids = ",".join(map(str, cpu_pid)) if isinstance(cpu_pid, list) else str(cpu_pid)
+            perf_out = self.tmp / f"perf-stat-{pids.replace(',', '-')}-{time.monotonic_ns()}.csv"
+            perf_proc = subprocess.Popen([self.tools["perf"], "stat", "-x,", "-e", ",".join(events), "-p", pids,
                                           "-o", str(perf_out)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                          stderr=subprocess.DEVNULL, start_new_session=True)
             time.sleep(0.3)   # let perf attach to every thread
@@ -1718,6 +1754,14 @@ ignore_startup_parameters = extra_float_digits
             lines += ["", "SCHED_BATCH (both proxies' threads, same processes, interleaved):"]
             lines.append(table(["mode", "pgtenant TPS batch/normal", "baseline TPS batch/normal",
                                 "TPS ratio, both batch", "CPU/tx ratio, both batch"], brows, right={1, 2, 3, 4}))
+        if self.args.reuseport_processes:
+            fleet_row = ROW_FLEET.format(n=self.args.reuseport_processes)
+            for mode, per_row in pb["summary"].items():
+                f, one = per_row.get(fleet_row), per_row.get(ROW_PGTENANT)
+                if f and one:
+                    lines.append(f"{mode}: {self.args.reuseport_processes} processes sharing the port / one process: "
+                                 f"TPS {fmt(f['tps'] / one['tps'] if f['tps'] and one['tps'] else None, '.2f', 'n/a')}, "
+                                 f"CPU/tx {fmt(f['cpu_us_per_tx'] / one['cpu_us_per_tx'] if f['cpu_us_per_tx'] and one['cpu_us_per_tx'] else None, '.2f', 'n/a')}")
         pm = pb.get("pgtenant_metrics") or {}
         if pm.get("transactions_total"):
             lines.append(f"pgtenant counted {pm['transactions_total']:.0f} transactions and "
@@ -2128,6 +2172,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--sched-batch", action="store_true",
                    help="also run pgtenant and its PgBouncer baseline with their threads switched to SCHED_BATCH "
                         "(chrt), interleaved with the normal rows of the same processes")
+    p.add_argument("--reuseport-processes", type=int, default=0, metavar="N",
+                   help="also run the read mix through N single-threaded pgtenant processes sharing one port "
+                        "(server.so_reuseport), pool / N each: one row, interleaved")
     p.add_argument("--pool", type=int, default=8,
                    help="backend pool size of pgtenant and PgBouncer, and the clients of 'direct (8 connections)' "
                         "(default 8)")
