@@ -82,6 +82,7 @@ ROW_BOUNCER_PLAIN = "pgbouncer plain"       # no context at all (RLS returns no 
 # --sched-batch: the same proxy process and row, its threads switched to SCHED_BATCH for the run
 BATCH = " (SCHED_BATCH)"
 ROW_FLEET = "pgtenant, {n} processes (so_reuseport)"
+ROW_BOUNCER_FLEET = "{row}, {n} processes (so_reuseport)"
 # kernel tracepoints counted per transaction when perf can count them (no CPU counters needed)
 TRACEPOINTS = {"raw_syscalls:sys_enter": "syscalls_per_tx", "syscalls:sys_enter_futex": "futex_per_tx",
                "syscalls:sys_enter_epoll_wait": "epoll_waits_per_tx"}
@@ -373,6 +374,8 @@ class Bench:
         self.pgtenant_main: Proc | None = None
         self.fleet: list[Proc] = []    # --reuseport-processes: processes sharing one port
         self.fleet_port = 0
+        self.bouncer_fleet: list[Proc] = []
+        self.bouncer_fleet_port = 0
         self.pgtenant_main_port = 0
         self.pgtenant_main_admin = 0
         self.bouncer: Proc | None = None
@@ -788,6 +791,11 @@ level = "warn"
             proc, _, _ = self.start_pgtenant(f"pgtenant-fleet-{i + 1}", max(self.args.pool // n, 1),
                                              port=self.fleet_port, server=server, threads=1)
             self.fleet.append(proc)
+        self.bouncer_fleet_port = free_port()
+        for i in range(n):
+            proc, _ = self.start_bouncer(f"pgbouncer-fleet-{i + 1}", port=self.bouncer_fleet_port,
+                                         pool=max(self.args.pool // n, 1))
+            self.bouncer_fleet.append(proc)
 
     def ensure_main_pgtenant(self) -> None:
         self.ensure_fleet()
@@ -828,11 +836,15 @@ level = "warn"
         return (f"SELECT set_config(''app.tenant_id'', ''{self.tenant}'', false), "
                 f"set_config(''app.user_id'', ''bench'', false)")
 
-    def start_bouncer(self, name: str, wrap: list[str] | None = None, ready_s: float = 30) -> tuple[Proc, int]:
+    def start_bouncer(self, name: str, wrap: list[str] | None = None, ready_s: float = 30, port: int | None = None,
+                      pool: int | None = None) -> tuple[Proc, int]:
         """A PgBouncer in transaction pooling with two databases: `app` (no context) and the per-tenant
-        database (connect_query sets tenant self.tenant's context on each server connection)."""
+        database (connect_query sets tenant self.tenant's context on each server connection). With
+        `port` given, it shares that port with other PgBouncers (so_reuseport)."""
         d = self.pg_owned_dir(name)
-        port = free_port()
+        shared = port is not None
+        port = port or free_port()
+        pool = pool or self.args.pool
         userlist = d / "userlist.txt"
         userlist.write_text(f'"{BOUNCER_USER}" "{BOUNCER_PASSWORD}"\n')
         extra = ""
@@ -852,10 +864,11 @@ unix_socket_dir =
 auth_type = plain
 auth_file = {userlist}
 pool_mode = transaction
-default_pool_size = {self.args.pool}
+default_pool_size = {pool}
 min_pool_size = 0
 reserve_pool_size = 0
-max_db_connections = {self.args.pool}
+max_db_connections = {pool}
+so_reuseport = {1 if shared else 0}
 max_client_conn = 15000
 log_connections = 0
 log_disconnections = 0
@@ -879,7 +892,7 @@ ignore_startup_parameters = extra_float_digits
             if time.monotonic() > deadline:
                 raise BenchError(f"{name} not listening after {ready_s:.0f} s:\n{proc.log_tail()}")
             time.sleep(0.1)
-        log(f"{name} (pid {proc.pid}) on 127.0.0.1:{port}, pool {self.args.pool}")
+        log(f"{name} (pid {proc.pid}) on 127.0.0.1:{port}, pool {pool}")
         return proc, port
 
     def bouncer_sanity(self, port: int) -> None:
@@ -952,7 +965,9 @@ ignore_startup_parameters = extra_float_digits
             else:
                 rows = [ROW_DIRECT8] + ([ROW_BOUNCER_CQ] if bouncer_prep else []) + [ROW_PGTENANT]
         if self.args.reuseport_processes and mix == "read":
-            rows.append(ROW_FLEET.format(n=self.args.reuseport_processes))
+            n = self.args.reuseport_processes
+            bmode, brow = self.baseline(mode)
+            rows += [ROW_FLEET.format(n=n)] + ([ROW_BOUNCER_FLEET.format(row=brow, n=n)] if bmode == mode else [])
         if self.args.sched_batch:
             bmode, brow = self.baseline(mode)
             rows += [ROW_PGTENANT + BATCH] + ([brow + BATCH] if bmode == mode else [])
@@ -996,6 +1011,10 @@ ignore_startup_parameters = extra_float_digits
         if row == ROW_FLEET.format(n=a.reuseport_processes):
             return dict(pgt, port=self.fleet_port, pid=[p.pid for p in self.fleet], clients=a.clients, options=None,
                         script=SCRIPT_SELECT)
+        for base in (ROW_BOUNCER_SAME, ROW_BOUNCER_CQ):
+            if row == ROW_BOUNCER_FLEET.format(row=base, n=a.reuseport_processes):
+                return dict(self.row_spec(mix, mode, base), port=self.bouncer_fleet_port,
+                            pid=[p.pid for p in self.bouncer_fleet])
         if row == ROW_BOUNCER_CTX:
             return dict(bouncer, clients=a.clients, script=SCRIPT_CTX, options=None)
         if row == ROW_DIRECT:
@@ -1757,11 +1776,19 @@ ignore_startup_parameters = extra_float_digits
         if self.args.reuseport_processes:
             fleet_row = ROW_FLEET.format(n=self.args.reuseport_processes)
             for mode, per_row in pb["summary"].items():
+                n = self.args.reuseport_processes
                 f, one = per_row.get(fleet_row), per_row.get(ROW_PGTENANT)
+                bfleet = per_row.get(ROW_BOUNCER_FLEET.format(row=self.baseline(mode)[1], n=n))
+                bone = per_row.get(self.baseline(mode)[1])
+
+                def r(x, y, field):
+                    return fmt(x[field] / y[field] if x and y and x[field] and y[field] else None, ".2f", "n/a")
                 if f and one:
-                    lines.append(f"{mode}: {self.args.reuseport_processes} processes sharing the port / one process: "
-                                 f"TPS {fmt(f['tps'] / one['tps'] if f['tps'] and one['tps'] else None, '.2f', 'n/a')}, "
-                                 f"CPU/tx {fmt(f['cpu_us_per_tx'] / one['cpu_us_per_tx'] if f['cpu_us_per_tx'] and one['cpu_us_per_tx'] else None, '.2f', 'n/a')}")
+                    lines.append(f"{mode}: {n} pgtenant processes sharing the port / one: TPS {r(f, one, 'tps')}, "
+                                 f"CPU/tx {r(f, one, 'cpu_us_per_tx')}; {n} PgBouncers / one: TPS "
+                                 f"{r(bfleet, bone, 'tps')}, CPU/tx {r(bfleet, bone, 'cpu_us_per_tx')}; "
+                                 f"{n} pgtenant / {n} PgBouncer: TPS {r(f, bfleet, 'tps')}, "
+                                 f"CPU/tx {r(f, bfleet, 'cpu_us_per_tx')}")
         pm = pb.get("pgtenant_metrics") or {}
         if pm.get("transactions_total"):
             lines.append(f"pgtenant counted {pm['transactions_total']:.0f} transactions and "
