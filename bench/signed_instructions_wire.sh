@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Instructions a Postgres backend spends per one-query transaction through pgtenant, per pgbench
+# protocol mode and policy style, counted with callgrind (docs/benchmarks.md, "Signed context").
+# bench/signed_instructions.sh counts the same in a single-user backend, which speaks no protocol;
+# this one runs the real server under callgrind behind pgtenant, so what each mode costs (parsing
+# and planning every query in simple and extended mode, a cached plan in prepared mode) is counted
+# too, and the ratios are those a CPU-bound server would show in TPS.
+#
+#   bench/signed_instructions_wire.sh [PGTENANT_BINARY]     (default: target/release/pgtenant)
+#
+# A throwaway cluster with the RLS fixture and 200,000 orders, `pgtenant install-sql`, and the
+# floor function of signed_instructions.sh; the postmaster runs under callgrind (its backends are
+# forked, so each writes its own count when it exits), pgtenant in front of it with a pool of one.
+# Per mode and policy, two fresh backends run 20 + 100 and 20 + 400 pgbench transactions (a
+# primary-key read of orders); the difference over 300 is one transaction, without the backend's
+# start, pgtenant's context statement preparation and the first full check of the signed context.
+# Needs valgrind, pgbench and the PostgreSQL 15 server binaries; when run as root, the server runs
+# as the postgres user. Takes about five minutes.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+pgtenant=${1:-$here/target/release/pgtenant}
+bin=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
+[ -x "$pgtenant" ] || { echo "build it first: cargo build --release -p pgtenant" >&2; exit 1; }
+command -v valgrind >/dev/null || { echo "valgrind is needed" >&2; exit 1; }
+
+dir=$(mktemp -d /tmp/pgtenant-signed-wire.XXXXXX)
+chmod 755 "$dir"
+as_pg() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/bash -c "$*"; else bash -c "$*"; fi; }
+[ "$(id -u)" = 0 ] && chown postgres "$dir"
+port=$((20000 + RANDOM % 20000))
+proxy_port=$((port + 1))
+proxy_pid=
+cleanup() {
+  [ -n "$proxy_pid" ] && kill "$proxy_pid" 2>/dev/null || true
+  [ -f "$dir/data/postmaster.pid" ] && as_pg "kill -INT \$(head -1 $dir/data/postmaster.pid)" 2>/dev/null || true
+  sleep 3
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+
+as_pg "$bin/initdb -D $dir/data -U postgres -A trust >/dev/null"
+as_pg "$bin/pg_ctl -D $dir/data -o '-p $port -k $dir -c listen_addresses=127.0.0.1' -l $dir/log -w start >/dev/null"
+psql_su() { psql -X -q -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres "$@"; }
+psql_su -c 'CREATE DATABASE app'
+psql_su app -f "$here/tests/fixtures/rls.sql" >/dev/null
+psql_su app -c "INSERT INTO orders (tenant_id, user_sub, amount) SELECT 1 + g % 3, 'bench', g FROM generate_series(1, 200000) g" -c 'VACUUM ANALYZE orders' >/dev/null
+cat > "$dir/pgtenant.toml" <<EOF
+[server]
+listen = "127.0.0.1:$proxy_port"
+worker_threads = 1
+[backend]
+url = "postgres://app_user:app-secret@127.0.0.1:$port/app"
+pool_size = 1
+[jwt]
+secret = "signed-instructions-jwt-secret-0123456789"
+[tenant]
+settings = { "app.tenant_id" = "tenant_id", "app.user_id" = "sub" }
+signing_key = "signed-instructions-key-0123456789abcdef"
+[log]
+level = "warn"
+EOF
+"$pgtenant" install-sql --config "$dir/pgtenant.toml" | psql_su app >/dev/null
+psql_su app <<'EOF' >/dev/null
+CREATE SCHEMA bench_floor;
+GRANT USAGE ON SCHEMA bench_floor TO app_user;
+CREATE FUNCTION bench_floor.setting(name text) RETURNS text LANGUAGE plpgsql STABLE SECURITY DEFINER
+  AS $$BEGIN RETURN pg_catalog.current_setting(name, true); END$$;
+GRANT EXECUTE ON FUNCTION bench_floor.setting(text) TO app_user;
+EOF
+as_pg "$bin/pg_ctl -D $dir/data -m fast -w stop >/dev/null"
+
+# the server under callgrind: every backend writes cg.<pid> when it exits
+mkdir "$dir/cg" && { [ "$(id -u)" = 0 ] && chown postgres "$dir/cg" || true; }
+as_pg "nohup valgrind --tool=callgrind --callgrind-out-file=$dir/cg/cg.%p $bin/postgres -D $dir/data -p $port -k $dir -c listen_addresses=127.0.0.1 > $dir/valgrind.log 2>&1 &"
+for _ in $(seq 1 120); do psql_su -c 'SELECT 1' >/dev/null 2>&1 && break; sleep 1; done
+"$pgtenant" run --config "$dir/pgtenant.toml" > "$dir/pgtenant.log" 2>&1 &
+proxy_pid=$!
+token=$("$pgtenant" token --secret signed-instructions-jwt-secret-0123456789 --claim tenant_id=1 --sub bench --ttl 3h)
+printf '\\set id random(1, 200000)\nSELECT id, tenant_id, amount FROM orders WHERE id = :id;\n' > "$dir/read.sql"
+client() { PGPASSWORD=$token "$@" -h 127.0.0.1 -p "$proxy_port" -U bench app; }
+sleep 2
+
+count() { # count POLICY MODE N -> instructions of one fresh backend that ran 20 + N transactions
+  psql_su app -c "ALTER POLICY tenant_isolation ON orders USING (tenant_id = $1)" \
+    -c "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app_user'" >/dev/null
+  sleep 3
+  # the pool notices its backend is gone on the next use: these two open a new one
+  client psql -X -q -c 'SELECT 1' >/dev/null 2>&1 || true
+  client psql -X -q -c 'SELECT 1' >/dev/null 2>&1
+  local pid
+  pid=$(psql_su -At -c "SELECT pid FROM pg_stat_activity WHERE usename = 'app_user'")
+  client "$bin/pgbench" -n -c 1 -t $((20 + $3)) -M "$2" -f "$dir/read.sql" > "$dir/pgbench.txt" 2>&1 \
+    || { cat "$dir/pgbench.txt" >&2; exit 1; }
+  if ! grep -q 'number of failed transactions: 0' "$dir/pgbench.txt"; then cat "$dir/pgbench.txt" >&2; exit 1; fi
+  psql_su -c "SELECT pg_terminate_backend($pid)" >/dev/null
+  for _ in $(seq 1 60); do [ -s "$dir/cg/cg.$pid" ] && grep -q '^totals:' "$dir/cg/cg.$pid" && break; sleep 1; done
+  awk '/^totals:/ {print $2; exit}' "$dir/cg/cg.$pid"
+}
+
+# a sanity check: through pgtenant, each policy lets the session's own tenant through
+client psql -X -At -c 'SELECT count(*) > 0 AND bool_and(tenant_id = 1) FROM orders' | grep -qx t \
+  || { echo "pgtenant: tenant 1 does not see its rows" >&2; exit 1; }
+
+printf '| mode | policy | instructions per transaction | above plain | plain / policy |\n|---|---|---:|---:|---:|\n'
+for mode in simple extended prepared; do
+  base=
+  while IFS='|' read -r name policy; do
+    a=$(count "$policy" "$mode" 100); b=$(count "$policy" "$mode" 400)
+    per=$(( (b - a) / 300 ))
+    [ -z "$base" ] && base=$per
+    printf '| %s | %s | %d | %+d | %.3f |\n' "$mode" "$name" "$per" $(( per - base )) "$(echo "$base / $per" | bc -l)"
+  done <<'EOF'
+plain|NULLIF(current_setting('app.tenant_id', true), '')::integer
+floor|(SELECT bench_floor.setting('app.tenant_id'))::integer
+signed|(SELECT pgtenant.setting('app.tenant_id'))::integer
+EOF
+done
