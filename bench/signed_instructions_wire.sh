@@ -11,11 +11,13 @@
 # A throwaway cluster with the RLS fixture and 200,000 orders, `pgtenant install-sql`, and the
 # floor function of signed_instructions.sh; the postmaster runs under callgrind (its backends are
 # forked, so each writes its own count when it exits), pgtenant in front of it with a pool of one.
-# Per mode and policy, two fresh backends run 20 + 100 and 20 + 400 pgbench transactions (a
-# primary-key read of orders); the difference over 300 is one transaction, without the backend's
-# start, pgtenant's context statement preparation and the first full check of the signed context.
+# Per mode and policy, two fresh backends run 20 + 100 and 20 + 1,100 pgbench transactions (a
+# primary-key read of orders); the difference over 1,000 is one transaction, without the backend's
+# start, pgtenant's context statement preparation and the first full check of the signed context
+# (a backend's start varies by a few million instructions from one to the next: over 1,000
+# transactions that is a few thousand per transaction).
 # Needs valgrind, pgbench and the PostgreSQL 15 server binaries; when run as root, the server runs
-# as the postgres user. Takes about five minutes.
+# as the postgres user. Takes about eight minutes.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -106,8 +108,8 @@ printf '| mode | policy | instructions per transaction | above plain | plain / p
 for mode in simple extended prepared; do
   base=
   while IFS='|' read -r name policy; do
-    a=$(count "$policy" "$mode" 100); b=$(count "$policy" "$mode" 400)
-    per=$(( (b - a) / 300 ))
+    a=$(count "$policy" "$mode" 100); b=$(count "$policy" "$mode" 1100)
+    per=$(( (b - a) / 1000 ))
     [ -z "$base" ] && base=$per
     printf '| %s | %s | %d | %+d | %.3f |\n' "$mode" "$name" "$per" $(( per - base )) "$(echo "$base / $per" | bc -l)"
   done <<'EOF'
