@@ -1,5 +1,11 @@
 //! The context statement pgtenant runs first in every transaction:
-//! `SELECT pg_catalog.set_config($1, $2, true), pg_catalog.set_config($3, $4, true), …`.
+//! `SELECT WHERE (pg_catalog.set_config($1, $2, true) OPERATOR(pg_catalog.||) …) IS NULL`.
+//!
+//! It returns no row: `set_config` returns the value it set, and a statement returning it would
+//! send every value back (the whole claims object, with `tenant.claims_setting`) in a `DataRow`
+//! that pgtenant then reads only to drop it. The server evaluates the filter once (a one-time
+//! filter of a `Result`), and `||` evaluates both sides before it looks at either, so every
+//! `set_config` runs; none returns NULL, so no row comes back.
 //!
 //! Setting names and claim values travel as bind parameters, never as SQL text, so no claim can
 //! inject SQL and `pg_stat_activity` never shows a claim value. The statement is prepared once per
@@ -30,7 +36,7 @@ fn statement_name(n: usize) -> String {
 pub fn context_sql(n: usize) -> String {
     let calls: Vec<String> =
         (0..n).map(|i| format!("pg_catalog.set_config(${}, ${}, true)", 2 * i + 1, 2 * i + 2)).collect();
-    format!("SELECT {}", calls.join(", "))
+    format!("SELECT WHERE ({}) IS NULL", calls.join(" OPERATOR(pg_catalog.||) "))
 }
 
 /// The id under which the replies tracker reports a failed or skipped Parse of context statement
@@ -152,7 +158,8 @@ mod tests {
     fn sql_shape() {
         assert_eq!(
             context_sql(2),
-            "SELECT pg_catalog.set_config($1, $2, true), pg_catalog.set_config($3, $4, true)"
+            "SELECT WHERE (pg_catalog.set_config($1, $2, true) OPERATOR(pg_catalog.||) pg_catalog.set_config($3, $4, true)) IS NULL"
         );
+        assert_eq!(context_sql(1), "SELECT WHERE (pg_catalog.set_config($1, $2, true)) IS NULL");
     }
 }
