@@ -223,7 +223,7 @@ impl Guard {
         if toks.is_empty() {
             return Ok(());
         }
-        let word = |i: usize| toks.get(i).filter(|t| t.kind == Kind::Word).map(|t| crate::sql::literal::fold_word(t.text));
+        let word = |i: usize| toks.get(i).and_then(crate::sql::literal::keyword);
         match word(0).as_deref() {
             Some("set") | Some("reset") => {
                 let mut i = 1;
