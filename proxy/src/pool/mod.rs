@@ -300,7 +300,15 @@ impl Pool {
             }
             return Ok(Lease { backend: idle.backend, slot: permit, epoch: idle.epoch });
         }
-        let deadline = started + Duration::from_millis(wait_ms);
+        // boxed: opening a connection (TLS, authentication, the setup queries) is the largest
+        // stage by far, and inline it would size every acquire's future, which the session
+        // allocates (boxed) for each transaction: a large allocation costs several small ones
+        Box::pin(self.open(started + Duration::from_millis(wait_ms), permit)).await
+    }
+
+    /// Opens a new connection for a transaction holding `permit`; a failover is waited out until
+    /// `deadline`.
+    async fn open(&self, deadline: Instant, permit: Slot) -> Result<Lease, PgError> {
         let (mut conn, epoch) = loop {
             match self.connect().await {
                 Ok(c) => break c,
