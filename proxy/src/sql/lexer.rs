@@ -151,13 +151,24 @@ fn is_newline(c: u8) -> bool {
     c == b'\n' || c == b'\r'
 }
 
-fn is_ident_start(c: u8) -> bool {
+const fn is_ident_start(c: u8) -> bool {
     c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
 }
 
-fn is_ident_cont(c: u8) -> bool {
+const fn is_ident_cont(c: u8) -> bool {
     is_ident_start(c) || c.is_ascii_digit() || c == b'$'
 }
+
+/// [`is_ident_cont`] of every byte: looked up for each character of every word.
+const IDENT_CONT: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        table[c] = is_ident_cont(c as u8);
+        c += 1;
+    }
+    table
+};
 
 /// scan.l `op_chars` (as a list for the tests; the lexer asks [`is_op_char`]).
 #[cfg(test)]
@@ -471,9 +482,7 @@ impl<'a> Lexer<'a> {
                 }
             },
             c if is_ident_start(c) => {
-                while self.pos < self.src.len() && is_ident_cont(self.peek(0)) {
-                    self.pos += 1;
-                }
+                self.pos += self.src[self.pos..].iter().take_while(|&&c| IDENT_CONT[c as usize]).count();
                 Kind::Word
             }
             c if c.is_ascii_digit() || (c == b'.' && c1.is_ascii_digit()) => {
