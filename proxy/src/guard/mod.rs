@@ -223,8 +223,10 @@ impl Guard {
         if toks.is_empty() {
             return Ok(());
         }
-        let word = |i: usize| toks.get(i).filter(|t| t.kind == Kind::Word).map(|t| crate::sql::literal::fold_word(t.text));
-        match word(0).as_deref() {
+        let word = |i: usize| toks.get(i).and_then(crate::sql::literal::keyword);
+        let first = word(0);
+        let first = first.as_deref();
+        match first {
             Some("set") | Some("reset") => {
                 let mut i = 1;
                 if matches!(word(1).as_deref(), Some("session") | Some("local"))
@@ -233,7 +235,7 @@ impl Guard {
                 {
                     i = 2;
                 }
-                self.check_assignment(toks, i, word(0).as_deref() == Some("set"))?;
+                self.check_assignment(toks, i, first == Some("set"))?;
             }
             Some("prepare") if word(1).as_deref() == Some("transaction") => return Err(two_phase_error()),
             Some("commit") | Some("rollback") if word(1).as_deref() == Some("prepared") => return Err(two_phase_error()),
@@ -259,19 +261,19 @@ impl Guard {
             }
             Some("alter") | Some("create") => {
                 self.check_set_clauses(toks)?;
-                if word(0).as_deref() == Some("create") {
+                if first == Some("create") {
                     check_routine_language(toks)?;
                 }
             }
             _ => {}
         }
         // bind parameters of a Parse: only in a SELECT of its own (see `sql::set_config`)
-        let deferred = deferred.filter(|_| depth == 0 && word(0).as_deref() == Some("select"));
+        let deferred = deferred.filter(|_| depth == 0 && first == Some("select"));
         self.check_set_config(toks, deferred)?;
         interference::check(toks)?;
         // bodies of functions, procedures and (allowed) DO blocks are SQL or PL/pgSQL: check them too
-        if depth < MAX_DEPTH && matches!(word(0).as_deref(), Some("create") | Some("do")) {
-            let routine = word(0).as_deref() == Some("do") || is_routine(toks);
+        if depth < MAX_DEPTH && matches!(first, Some("create") | Some("do")) {
+            let routine = first == Some("do") || is_routine(toks);
             for t in toks.iter().filter(|t| t.kind == Kind::String) {
                 if let Some(body) = string_value(t) {
                     self.check_body(body.as_bytes(), depth + 1, routine)?;

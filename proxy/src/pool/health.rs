@@ -43,13 +43,22 @@ impl Health {
     }
 
     fn now(&self) -> u64 {
+        self.at(Instant::now())
+    }
+
+    fn at(&self, t: Instant) -> u64 {
         // never 0, which means "never"
-        (self.base.elapsed().as_nanos() as u64).max(1)
+        (t.saturating_duration_since(self.base).as_nanos() as u64).max(1)
     }
 
     /// The backend answered (a connection opened, or a transaction ended cleanly).
     pub(super) fn answered(&self) {
-        self.ok.store(self.now(), Ordering::Relaxed);
+        self.answered_at(Instant::now());
+    }
+
+    /// [`Health::answered`] at `now`, read by the caller (a release reads the clock once).
+    pub(super) fn answered_at(&self, now: Instant) {
+        self.ok.store(self.at(now), Ordering::Relaxed);
     }
 
     /// Connecting to the backend failed.

@@ -285,11 +285,13 @@ impl Pool {
         let wait_ms = self.wait_timeout_ms.load(Ordering::Relaxed);
         let left = self.pause.pass(Duration::from_millis(wait_ms)).await?;
         let waited = self.slots.acquire(tenant, left).await;
-        crate::metrics::hot().pool_wait_seconds.record(started.elapsed().as_secs_f64());
+        // one clock read for the wait and the idle connections' ages (a transaction's hot path)
+        let now = Instant::now();
+        crate::metrics::hot().pool_wait_seconds.record(now.saturating_duration_since(started).as_secs_f64());
         let permit = waited.map_err(|r| self.refusal_error(tenant, r, wait_ms))?;
         while let Some(mut idle) = self.pop_idle() {
-            if idle.since.elapsed() >= self.idle_timeout
-                || idle.backend.created.elapsed() >= self.max_lifetime
+            if now.saturating_duration_since(idle.since) >= self.idle_timeout
+                || now.saturating_duration_since(idle.backend.created) >= self.max_lifetime
                 || idle.epoch != self.primary.epoch()
                 || idle.backend.looks_closed()
             {
@@ -298,7 +300,15 @@ impl Pool {
             }
             return Ok(Lease { backend: idle.backend, slot: permit, epoch: idle.epoch });
         }
-        let deadline = started + Duration::from_millis(wait_ms);
+        // boxed: opening a connection (TLS, authentication, the setup queries) is the largest
+        // stage by far, and inline it would size every acquire's future, which the session
+        // allocates (boxed) for each transaction: a large allocation costs several small ones
+        Box::pin(self.open(started + Duration::from_millis(wait_ms), permit)).await
+    }
+
+    /// Opens a new connection for a transaction holding `permit`; a failover is waited out until
+    /// `deadline`.
+    async fn open(&self, deadline: Instant, permit: Slot) -> Result<Lease, PgError> {
         let (mut conn, epoch) = loop {
             match self.connect().await {
                 Ok(c) => break c,
@@ -455,12 +465,13 @@ impl Pool {
     /// Returns a clean connection (transaction status idle, nothing in flight) to the pool.
     pub fn release(&self, lease: Lease) {
         let Lease { backend, slot, epoch } = lease;
-        self.health.answered();
+        let now = Instant::now();
+        self.health.answered_at(now);
         // a connection to a former primary never goes back
-        let keep = backend.created.elapsed() < self.max_lifetime && epoch == self.primary.epoch();
+        let keep = now.saturating_duration_since(backend.created) < self.max_lifetime && epoch == self.primary.epoch();
         if keep {
             if let Ok(mut idle) = self.idle.lock() {
-                idle.push(Idle { backend, since: Instant::now(), epoch });
+                idle.push(Idle { backend, since: now, epoch });
             }
         }
         // the slot goes back after the connection is in the idle list, where its next holder

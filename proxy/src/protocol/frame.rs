@@ -63,11 +63,23 @@ pub fn peek_len(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
 /// Reserves room for the rest of a partially received message so the next read can complete it.
 #[inline]
 pub fn try_split(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
-    match peek_len(buf, max)? {
-        Some(total) if buf.len() >= total => {
+    match complete_len(buf, max)? {
+        Some(total) => {
             let tag = buf[0];
             Ok(Some(Frame { tag, bytes: buf.split_to(total).freeze() }))
         }
+        None => Ok(None),
+    }
+}
+
+/// The length of the message at the front of `buf` once all of it is buffered, for a reader that
+/// handles it in place and then advances past it (no `Frame` split off: the backend side relays
+/// every message of every transaction). Like [`try_split`], reserves room for the rest of a
+/// partially received message.
+#[inline]
+pub fn complete_len(buf: &mut BytesMut, max: usize) -> Result<Option<usize>, FrameError> {
+    match peek_len(buf, max)? {
+        Some(total) if buf.len() >= total => Ok(Some(total)),
         Some(total) => {
             buf.reserve(total - buf.len());
             Ok(None)

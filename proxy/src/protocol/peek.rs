@@ -8,9 +8,11 @@ pub fn cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((&b[..nul], &b[nul + 1..]))
 }
 
+/// The first NUL of `b`, found a word at a time (`CStr` searches with the standard library's
+/// memchr; a byte loop cost four instructions a byte of every query text).
 #[inline]
 fn memchr(b: &[u8]) -> Option<usize> {
-    b.iter().position(|&c| c == 0)
+    std::ffi::CStr::from_bytes_until_nul(b).ok().map(|s| s.to_bytes().len())
 }
 
 /// Parse ('P'): statement name and query text.
@@ -29,8 +31,13 @@ pub fn bind_msg(body: &[u8]) -> Option<(&[u8], &[u8])> {
 
 /// Parse ('P'): the parameter types (OIDs) the client declared; 0 means unspecified.
 pub fn parse_param_types(body: &[u8]) -> Option<Vec<u32>> {
-    let (_, rest) = cstr(body)?;
-    let (_, rest) = cstr(rest)?;
+    let (name, query) = parse_msg(body)?;
+    param_types(body.get(name.len() + query.len() + 2..)?)
+}
+
+/// [`parse_param_types`] from what follows a Parse's query text (for a caller that has read the
+/// name and the query already).
+pub fn param_types(rest: &[u8]) -> Option<Vec<u32>> {
     let n = usize::try_from(i16::from_be_bytes(rest.get(..2)?.try_into().ok()?)).ok()?;
     let oids = rest.get(2..2 + 4 * n)?;
     Some(oids.chunks_exact(4).map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes"))).collect())

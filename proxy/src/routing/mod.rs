@@ -118,6 +118,12 @@ impl Router {
         &self.clusters[index.min(self.clusters.len() - 1)].primary
     }
 
+    /// Whether cluster `index` has read replicas: only then does a transaction's read-only intent
+    /// matter (see [`Router::lease`]).
+    pub fn has_replicas(&self, index: usize) -> bool {
+        !self.clusters[index.min(self.clusters.len() - 1)].replicas.is_empty()
+    }
+
     /// Leases a backend for a transaction of `tenant` on cluster `index`: on a usable replica when
     /// `read_only`, else (or when no replica is usable or reachable) on the primary. Returns the
     /// pool the lease must go back to.

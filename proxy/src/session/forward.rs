@@ -124,7 +124,16 @@ impl Session {
         }
     }
 
+    /// Sends the replies pgtenant gives itself that are next in line (after every backend
+    /// message: inlined, as there is nearly never one).
+    #[inline]
     pub(super) fn drain_synthetic(&mut self) {
+        if self.replies.synthetic_next() {
+            self.drain_synthetic_owed();
+        }
+    }
+
+    fn drain_synthetic_owed(&mut self) {
         while let Some(tag) = self.replies.take_synthetic() {
             if tag == SYNTHETIC_DISCARD_ALL {
                 push_discard_all(&mut self.client_out);

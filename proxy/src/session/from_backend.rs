@@ -6,7 +6,8 @@
 //! A DataRow or CopyData larger than `STREAM_MIN` that has not fully arrived is streamed, as
 //! PgBouncer does: its header is relayed (or dropped) at once and its body piece by piece as it
 //! is read, so a session holds at most a read buffer of it, whatever the row size. Every other
-//! message is held whole (they are small) and relayed as one.
+//! message is held whole (they are small), read where it lies in the receive buffer and relayed as
+//! one.
 
 use bytes::{Buf, BytesMut};
 
@@ -14,7 +15,7 @@ use super::context::Batch;
 use super::replies::Action;
 use super::{inject, view, End, Session, MAX_BACKEND_MESSAGE, STREAM_MIN};
 use crate::error::sqlstate;
-use crate::protocol::frame::{peek_len, try_split, Frame};
+use crate::protocol::frame::{complete_len, peek_len};
 use crate::protocol::tags::backend as reply;
 use crate::protocol::{build, peek};
 use crate::sql;
@@ -28,43 +29,17 @@ impl Session {
             if self.start_stream()? {
                 continue;
             }
-            let f = match try_split(&mut self.backend_in, MAX_BACKEND_MESSAGE) {
-                Ok(Some(f)) => f,
+            let total = match complete_len(&mut self.backend_in, MAX_BACKEND_MESSAGE) {
+                Ok(Some(total)) => total,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(End::BackendLost(format!("bad message from server: {e}"))),
             };
-            if f.tag == reply::ERROR {
-                // a server going away (shutdown, failover) ends the session with pgtenant's error
-                if let Some(why) = self.pool.observe_error(f.body()) {
-                    return Err(End::BackendLost(why));
-                }
-            }
-            if f.tag == reply::PARAMETER_STATUS {
-                if let Some(l) = self.lease.as_mut() {
-                    l.backend.note_report(f.body());
-                }
-                if !self.view.admit(f.body()) {
-                    continue; // a backend-side value the client does not have
-                }
-            }
-            // where this message's output starts: reports owed for its ReadyForQuery go first
-            let mark = self.client_out.len();
-            match self.replies.on_reply(f.tag, f.body()) {
-                Action::Forward => self.relay_to_client(&f),
-                Action::Swallow => {}
-                Action::ReplaceError => match self.refusals.pop_front() {
-                    Some(err) => err.encode(&mut self.client_out),
-                    None => self.relay_to_client(&f),
-                },
-                Action::ForwardThenSync => {
-                    self.relay_to_client(&f);
-                    build::sync(&mut self.backend_out);
-                }
-                Action::Desync => {
-                    tracing::error!(tag = %(f.tag as char), "unexpected message from the server; closing the backend");
-                    return Err(End::BackendLost(format!("unexpected '{}' message from server", f.tag as char)));
-                }
-            }
+            let tag = self.backend_in[0];
+            let handled = self.on_backend_message(total);
+            self.backend_in.advance(total);
+            let Some(mark) = handled? else {
+                continue; // a backend-side value the client does not have
+            };
             self.drain_synthetic();
             if !self.replies.failed_prepares.is_empty() {
                 if let Some(l) = self.lease.as_mut() {
@@ -86,10 +61,10 @@ impl Session {
             if self.replies.is_settled() {
                 self.client_parses.clear();
             }
-            if f.tag == reply::ERROR && self.pending_sets.is_some() {
+            if tag == reply::ERROR && self.pending_sets.is_some() {
                 self.pending_sets_failed = true;
             }
-            if f.tag == reply::READY_FOR_QUERY && self.replies.is_settled() {
+            if tag == reply::READY_FOR_QUERY && self.replies.is_settled() {
                 // Everything sent has been answered and the last answer is a ReadyForQuery: the
                 // server is not skipping to a Sync (a Query or FunctionCall inside an unsynced
                 // batch was answered, so that batch did not fail).
@@ -108,6 +83,48 @@ impl Session {
                 self.idle_since = Some(std::time::Instant::now());
             }
         }
+    }
+
+    /// Handles the whole message at the front of `backend_in` (`total` bytes) where it lies, with
+    /// no `Frame` split off (every transaction relays several): what a server error or report
+    /// says, then the message is relayed, swallowed or replaced as `replies` decides. Returns where
+    /// its output to the client starts (reports owed for a ReadyForQuery go there), or `None` for a
+    /// report the client must not see. The caller drops it from the buffer.
+    fn on_backend_message(&mut self, total: usize) -> Result<Option<usize>, End> {
+        let msg = &self.backend_in[..total];
+        let (tag, body) = (msg[0], &msg[5..]);
+        if tag == reply::ERROR {
+            // a server going away (shutdown, failover) ends the session with pgtenant's error
+            if let Some(why) = self.pool.observe_error(body) {
+                return Err(End::BackendLost(why));
+            }
+        }
+        if tag == reply::PARAMETER_STATUS {
+            if let Some(l) = self.lease.as_mut() {
+                l.backend.note_report(body);
+            }
+            if !self.view.admit(body) {
+                return Ok(None);
+            }
+        }
+        let mark = self.client_out.len();
+        match self.replies.on_reply(tag, body) {
+            Action::Forward => relay(&mut self.client_out, msg),
+            Action::Swallow => {}
+            Action::ReplaceError => match self.refusals.pop_front() {
+                Some(err) => err.encode(&mut self.client_out),
+                None => relay(&mut self.client_out, msg),
+            },
+            Action::ForwardThenSync => {
+                relay(&mut self.client_out, msg);
+                build::sync(&mut self.backend_out);
+            }
+            Action::Desync => {
+                tracing::error!(tag = %(tag as char), "unexpected message from the server; closing the backend");
+                return Err(End::BackendLost(format!("unexpected '{}' message from server", tag as char)));
+            }
+        }
+        Ok(Some(mark))
     }
 
     /// Starts streaming the message at the front of `backend_in` if it is a DataRow or CopyData
@@ -189,23 +206,26 @@ impl Session {
         }
     }
 
-    pub(super) fn relay_to_client(&mut self, f: &Frame) {
-        if f.tag == reply::ERROR && peek::error_code(f.body()) == Some(sqlstate::ACTIVE_SQL_TRANSACTION.as_bytes()) {
-            if let Some(annotated) = annotate_in_transaction_error(f) {
-                self.client_out.extend_from_slice(&annotated);
-                return;
-            }
+}
+
+/// Appends a whole backend message to the client's output, with pgtenant's hint added to a
+/// "cannot run inside a transaction block" error.
+fn relay(out: &mut BytesMut, msg: &[u8]) {
+    if msg[0] == reply::ERROR && peek::error_code(&msg[5..]) == Some(sqlstate::ACTIVE_SQL_TRANSACTION.as_bytes()) {
+        if let Some(annotated) = annotate_in_transaction_error(msg) {
+            out.extend_from_slice(&annotated);
+            return;
         }
-        self.client_out.extend_from_slice(&f.bytes);
     }
+    out.extend_from_slice(msg);
 }
 
 /// Adds a hint to "cannot run inside a transaction block" errors: pgtenant runs every statement
 /// inside a transaction so that it carries the tenant context.
-fn annotate_in_transaction_error(f: &Frame) -> Option<BytesMut> {
+fn annotate_in_transaction_error(msg: &[u8]) -> Option<BytesMut> {
     use pgwire::messages::response::ErrorResponse;
     use pgwire::messages::{DecodeContext, Message};
-    let mut raw = BytesMut::from(&f.bytes[..]);
+    let mut raw = BytesMut::from(msg);
     let mut err = ErrorResponse::decode(&mut raw, &DecodeContext::default()).ok()??;
     if err.fields.iter().any(|(k, _)| *k == b'H') {
         return None;

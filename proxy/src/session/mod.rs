@@ -206,6 +206,10 @@ pub struct Session {
     /// whether they go to the client (or are pgtenant's own, dropped).
     stream_left: usize,
     stream_forward: bool,
+    /// Room the last client read had, and whether that read filled it: only a client that sends
+    /// more than a small buffer holds gets `READ_CHUNK` reads (see `next_io`).
+    client_room: usize,
+    client_read_full: bool,
 }
 
 impl Session {
@@ -273,6 +277,8 @@ impl Session {
             write_waiting_since: None,
             stream_left: 0,
             stream_forward: false,
+            client_room: 0,
+            client_read_full: false,
         };
         if let Some(lease) = lease {
             // session mode: the backend leased at login (its cancel keys are registered already)
@@ -352,7 +358,10 @@ impl Session {
                 Event::ClientRead(Ok(0)) | Event::ClientRead(Err(_)) | Event::ClientWrote(Err(_)) => {
                     return Err(End::ClientGone)
                 }
-                Event::ClientRead(Ok(n)) => crate::metrics::hot().client_bytes_in.increment(n as u64),
+                Event::ClientRead(Ok(n)) => {
+                    crate::metrics::hot().client_bytes_in.increment(n as u64);
+                    self.client_read_full = n >= self.client_room;
+                }
                 Event::ClientWrote(Ok(n)) => {
                     crate::metrics::hot().client_bytes_out.increment(n as u64);
                     self.client_out.advance(n);
@@ -404,8 +413,13 @@ impl Session {
         let timeout = self.next_timeout();
         let stall_deadline = self.write_deadline();
         let read_backend = self.client_out.len() < HIGH_WATER;
-        // an idle client (no backend, nothing buffered) waits with a small read buffer
-        self.client_in.reserve(if self.lease.is_some() || !self.client_in.is_empty() { READ_CHUNK } else { IDLE_READ_CHUNK });
+        // An idle client (no backend, nothing buffered) waits with a small read buffer, and so
+        // does one in a transaction until a read fills it: most transactions' messages fit, and
+        // growing the buffer for each transaction (then dropping it again at the release, to keep
+        // idle clients small) cost an allocation and a copy per transaction.
+        let big = !self.client_in.is_empty() || (self.lease.is_some() && self.client_read_full);
+        self.client_in.reserve(if big { READ_CHUNK } else { IDLE_READ_CHUNK });
+        self.client_room = self.client_in.capacity() - self.client_in.len();
         if self.lease.is_some() {
             self.backend_in.reserve(READ_CHUNK);
         }

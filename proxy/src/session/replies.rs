@@ -135,6 +135,14 @@ impl Replies {
         self.owed.push_back(Owed { want: Want::CopyEnd, injected: false, simple: false, prepares: None, refusal: false });
     }
 
+    /// Whether [`Replies::take_synthetic`] has anything to look at: a reply pgtenant produces
+    /// itself or a COPY marker is next in line. Asked after every backend message, nearly always
+    /// with no.
+    #[inline]
+    pub fn synthetic_next(&self) -> bool {
+        matches!(self.owed.front(), Some(Owed { want: Want::Synthetic(_) | Want::CopyEnd, .. }))
+    }
+
     /// Pops the reply pgtenant owes the client itself, if it is next in line (markers are skipped).
     pub fn take_synthetic(&mut self) -> Option<u8> {
         loop {

@@ -28,12 +28,15 @@ impl Session {
         }
         let router = self.shared.router.clone();
         let cluster = router.cluster_of(&self.who.tenant, self.who.cluster.as_deref())?;
-        let sql = match first.tag {
-            msg::QUERY => peek::query_msg(first.body()),
-            msg::PARSE => peek::parse_msg(first.body()).map(|(_, q)| q),
-            _ => None,
+        // the intent is read (the query text lexed again) only where a replica could serve it
+        let read_only = router.has_replicas(cluster) && {
+            let sql = match first.tag {
+                msg::QUERY => peek::query_msg(first.body()),
+                msg::PARSE => peek::parse_msg(first.body()).map(|(_, q)| q),
+                _ => None,
+            };
+            intent::wants_replica(sql.and_then(intent::opening_mode), self.settings.read_only_default(), self.who.prefers_standby)
         };
-        let read_only = intent::wants_replica(sql.and_then(intent::opening_mode), self.settings.read_only_default(), self.who.prefers_standby);
         let (pool, lease) = router.lease(cluster, &self.who.tenant, read_only).await?;
         self.pool = pool;
         Ok(lease)

@@ -45,14 +45,14 @@ pub struct Analysis<'a> {
 
 pub fn analyze(sql: &[u8]) -> Analysis<'_> {
     let statements = split(sql);
-    let effects: Vec<TxEffect> = statements.iter().map(|t| tx_effect(t.first().copied(), t.get(1).copied())).collect();
+    let effect = |t: &Vec<Token<'_>>| tx_effect(t.first().copied(), t.get(1).copied());
     let n = statements.len();
     let only = |f: &dyn Fn(&[Token<'_>]) -> bool| n == 1 && f(&statements[0]);
     let words = |w: &[&str]| statements.iter().flatten().any(|t| t.kind == Kind::Word && w.iter().any(|x| t.is_word(x)));
     let deallocate = if n == 1 { deallocate_target(&statements[0]) } else { None };
     Analysis {
-        first: effects.first().copied().unwrap_or(TxEffect::None),
-        ends_tx_midway: effects.iter().take(n.saturating_sub(1)).any(|e| *e == TxEffect::End),
+        first: statements.first().map_or(TxEffect::None, effect),
+        ends_tx_midway: statements.iter().take(n.saturating_sub(1)).any(|t| effect(t) == TxEffect::End),
         opening: txmode::opening_of(&statements),
         discard_all: only(&|t| t.len() == 2 && t[0].is_word("discard") && t[1].is_word("all")),
         deallocates_all: statements.iter().any(|t| is_deallocate_all(t)),

@@ -151,16 +151,34 @@ fn is_newline(c: u8) -> bool {
     c == b'\n' || c == b'\r'
 }
 
-fn is_ident_start(c: u8) -> bool {
+const fn is_ident_start(c: u8) -> bool {
     c.is_ascii_alphabetic() || c == b'_' || c >= 0x80
 }
 
-fn is_ident_cont(c: u8) -> bool {
+const fn is_ident_cont(c: u8) -> bool {
     is_ident_start(c) || c.is_ascii_digit() || c == b'$'
 }
 
-/// scan.l `op_chars`.
+/// [`is_ident_cont`] of every byte: looked up for each character of every word.
+const IDENT_CONT: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        table[c] = is_ident_cont(c as u8);
+        c += 1;
+    }
+    table
+};
+
+/// scan.l `op_chars` (as a list for the tests; the lexer asks [`is_op_char`]).
+#[cfg(test)]
 const OP_CHARS: &[u8] = b"~!@#^&|`?+-*/%<>=";
+
+/// Whether `c` is one of scan.l's `op_chars`, as a match: `contains` on a list searches it with
+/// `memchr`, which cost the lexer more than anything else it does for a short query.
+fn is_op_char(c: u8) -> bool {
+    matches!(c, b'~' | b'!' | b'@' | b'#' | b'^' | b'&' | b'|' | b'`' | b'?' | b'+' | b'-' | b'*' | b'/' | b'%' | b'<' | b'>' | b'=')
+}
 
 /// Characters that let a multi-character operator end in `+` or `-`.
 const NON_SQL_OP_CHARS: &[u8] = b"~!@#^&|`?%";
@@ -380,7 +398,7 @@ impl<'a> Lexer<'a> {
     /// An operator at `self.pos` (an op char that does not start a comment).
     fn scan_operator(&mut self) -> Result<(), ScanError> {
         let start = self.pos;
-        let run = self.src[start..].iter().take_while(|c| OP_CHARS.contains(c)).count();
+        let run = self.src[start..].iter().take_while(|&&c| is_op_char(c)).count();
         let op = &self.src[start..start + run];
         // a comment start inside the run ends the operator
         let mut n = op
@@ -464,9 +482,7 @@ impl<'a> Lexer<'a> {
                 }
             },
             c if is_ident_start(c) => {
-                while self.pos < self.src.len() && is_ident_cont(self.peek(0)) {
-                    self.pos += 1;
-                }
+                self.pos += self.src[self.pos..].iter().take_while(|&&c| IDENT_CONT[c as usize]).count();
                 Kind::Word
             }
             c if c.is_ascii_digit() || (c == b'.' && c1.is_ascii_digit()) => {
@@ -481,7 +497,7 @@ impl<'a> Lexer<'a> {
                 self.pos += 2;
                 Kind::Op
             }
-            c if OP_CHARS.contains(&c) => {
+            c if is_op_char(c) => {
                 self.scan_operator()?;
                 Kind::Op
             }
@@ -518,6 +534,13 @@ impl<'a> Iterator for Lexer<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn op_chars_are_scan_l_op_chars() {
+        for c in 0..=255u8 {
+            assert_eq!(is_op_char(c), OP_CHARS.contains(&c), "{c}");
+        }
+    }
     use Kind::{Number, Op, Param, QuotedIdent, Semicolon, Unterminated, Word};
 
     fn kinds(s: &str) -> Vec<(Kind, String)> {
