@@ -7,6 +7,12 @@
 # too, and the ratios are those a CPU-bound server would show in TPS.
 #
 #   bench/signed_instructions_wire.sh [PGTENANT_BINARY]     (default: target/release/pgtenant)
+#   bench/signed_instructions_wire.sh --context [PGTENANT_BINARY]
+#
+# With --context it measures what pgtenant's context statement costs the server instead (issue
+# 17): pgtenant set up as bench/run.py sets it up (two tenant settings, no claims object, no
+# signing), the plain policy, against pgbench connected straight to the server with the same two
+# settings made once per connection (PGOPTIONS, as PgBouncer's connect_query makes them).
 #
 # A throwaway cluster with the RLS fixture and 200,000 orders, `pgtenant install-sql`, and the
 # floor function of signed_instructions.sh; the postmaster runs under callgrind (its backends are
@@ -21,6 +27,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
+context=
+[ "${1:-}" = --context ] && { context=1; shift; }
 pgtenant=${1:-$here/target/release/pgtenant}
 bin=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
 [ -x "$pgtenant" ] || { echo "build it first: cargo build --release -p pgtenant" >&2; exit 1; }
@@ -47,6 +55,8 @@ psql_su() { psql -X -q -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres "$@";
 psql_su -c 'CREATE DATABASE app'
 psql_su app -f "$here/tests/fixtures/rls.sql" >/dev/null
 psql_su app -c "INSERT INTO orders (tenant_id, user_sub, amount) SELECT 1 + g % 3, 'bench', g FROM generate_series(1, 200000) g" -c 'VACUUM ANALYZE orders' >/dev/null
+if [ -n "$context" ]; then tenant_extra='claims_setting = ""'
+else tenant_extra='signing_key = "signed-instructions-key-0123456789abcdef"'; fi
 cat > "$dir/pgtenant.toml" <<EOF
 [server]
 listen = "127.0.0.1:$proxy_port"
@@ -58,11 +68,11 @@ pool_size = 1
 secret = "signed-instructions-jwt-secret-0123456789"
 [tenant]
 settings = { "app.tenant_id" = "tenant_id", "app.user_id" = "sub" }
-signing_key = "signed-instructions-key-0123456789abcdef"
+$tenant_extra
 [log]
 level = "warn"
 EOF
-"$pgtenant" install-sql --config "$dir/pgtenant.toml" | psql_su app >/dev/null
+[ -z "$context" ] && "$pgtenant" install-sql --config "$dir/pgtenant.toml" | psql_su app >/dev/null
 psql_su app <<'EOF' >/dev/null
 CREATE SCHEMA bench_floor;
 GRANT USAGE ON SCHEMA bench_floor TO app_user;
@@ -84,6 +94,7 @@ client() { PGPASSWORD=$token "$@" -h 127.0.0.1 -p "$proxy_port" -U bench app; }
 sleep 2
 
 count() { # count POLICY MODE N -> instructions of one fresh backend that ran 20 + N transactions
+  for _ in $(seq 1 100); do [ -z "$(psql_su -At -c "SELECT 1 FROM pg_stat_activity WHERE application_name = 'pgbench'")" ] && break; sleep 0.3; done
   psql_su app -c "ALTER POLICY tenant_isolation ON orders USING (tenant_id = $1)" \
     -c "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app_user'" >/dev/null
   sleep 3
@@ -91,7 +102,7 @@ count() { # count POLICY MODE N -> instructions of one fresh backend that ran 20
   client psql -X -q -c 'SELECT 1' >/dev/null 2>&1 || true
   client psql -X -q -c 'SELECT 1' >/dev/null 2>&1
   local pid
-  pid=$(psql_su -At -c "SELECT pid FROM pg_stat_activity WHERE usename = 'app_user'")
+  pid=$(psql_su -At -c "SELECT pid FROM pg_stat_activity WHERE usename = 'app_user' ORDER BY backend_start DESC LIMIT 1")
   client "$bin/pgbench" -n -c 1 -t $((20 + $3)) -M "$2" -f "$dir/read.sql" > "$dir/pgbench.txt" 2>&1 \
     || { cat "$dir/pgbench.txt" >&2; exit 1; }
   if ! grep -q 'number of failed transactions: 0' "$dir/pgbench.txt"; then cat "$dir/pgbench.txt" >&2; exit 1; fi
@@ -100,10 +111,35 @@ count() { # count POLICY MODE N -> instructions of one fresh backend that ran 20
   awk '/^totals:/ {print $2; exit}' "$dir/cg/cg.$pid"
 }
 
+count_direct() { # count_direct POLICY MODE N -> instructions of the backend of pgbench connected straight
+  psql_su app -c "ALTER POLICY tenant_isolation ON orders USING (tenant_id = $1)" >/dev/null
+  for _ in $(seq 1 100); do [ -z "$(psql_su -At -c "SELECT 1 FROM pg_stat_activity WHERE application_name = 'pgbench'")" ] && break; sleep 0.3; done
+  PGOPTIONS="-c app.tenant_id=1 -c app.user_id=bench" PGPASSWORD=app-secret "$bin/pgbench" -n -h 127.0.0.1 -p "$port" \
+    -U app_user -c 1 -t $((20 + $3)) -M "$2" -f "$dir/read.sql" app > "$dir/pgbench.txt" 2>&1 &
+  local bg=$! pid=
+  for _ in $(seq 1 100); do
+    pid=$(psql_su -At -c "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgbench'"); [ -n "$pid" ] && break; sleep 0.2
+  done
+  wait $bg || { cat "$dir/pgbench.txt" >&2; exit 1; }
+  if ! grep -q 'number of failed transactions: 0' "$dir/pgbench.txt"; then cat "$dir/pgbench.txt" >&2; exit 1; fi
+  for _ in $(seq 1 60); do [ -s "$dir/cg/cg.$pid" ] && grep -q '^totals:' "$dir/cg/cg.$pid" && break; sleep 1; done
+  awk '/^totals:/ {print $2; exit}' "$dir/cg/cg.$pid"
+}
+
 # a sanity check: through pgtenant, each policy lets the session's own tenant through
 client psql -X -At -c 'SELECT count(*) > 0 AND bool_and(tenant_id = 1) FROM orders' | grep -qx t \
   || { echo "pgtenant: tenant 1 does not see its rows" >&2; exit 1; }
 
+plain="NULLIF(current_setting('app.tenant_id', true), '')::integer"
+if [ -n "$context" ]; then
+  printf '| mode | direct, settings made once per connection | through pgtenant | the context statement |\n|---|---:|---:|---:|\n'
+  for mode in simple extended prepared; do
+    a=$(count_direct "$plain" "$mode" 100); b=$(count_direct "$plain" "$mode" 1100); direct=$(( (b - a) / 1000 ))
+    a=$(count "$plain" "$mode" 100); b=$(count "$plain" "$mode" 1100); proxied=$(( (b - a) / 1000 ))
+    printf '| %s | %d | %d | %+d |\n' "$mode" "$direct" "$proxied" $(( proxied - direct ))
+  done
+  exit 0
+fi
 printf '| mode | policy | instructions per transaction | above plain | plain / policy |\n|---|---|---:|---:|---:|\n'
 for mode in simple extended prepared; do
   base=
