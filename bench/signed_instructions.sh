@@ -24,22 +24,10 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 pgtenant=${1:-$here/target/release/pgtenant}
 bin=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
-[ -x "$pgtenant" ] || { echo "build it first: cargo build --release -p pgtenant" >&2; exit 1; }
-command -v valgrind >/dev/null || { echo "valgrind is needed" >&2; exit 1; }
-
 dir=$(mktemp -d /tmp/pgtenant-signed-instr.XXXXXX)
 trap 'rm -rf "$dir"' EXIT
-chmod 755 "$dir"
-as_pg() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/bash -c "$*"; else bash -c "$*"; fi; }
-[ "$(id -u)" = 0 ] && chown postgres "$dir"
-port=$((20000 + RANDOM % 20000))
-
-as_pg "$bin/initdb -D $dir/data -U postgres -A trust >/dev/null"
-as_pg "$bin/pg_ctl -D $dir/data -o '-p $port -k $dir -c listen_addresses=' -l $dir/log -w start >/dev/null"
-psql_su() { psql -X -q -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres "$@"; }
-psql_su -c 'CREATE DATABASE app'
-psql_su app -f "$here/tests/fixtures/rls.sql" >/dev/null
-psql_su app -c "INSERT INTO orders (tenant_id, user_sub, amount) SELECT 1 + g % 3, 'bench', g FROM generate_series(1, 200000) g" -c 'VACUUM ANALYZE orders' >/dev/null
+. "$here/bench/signed_cluster.sh"
+make_cluster ''
 cat > "$dir/pgtenant.toml" <<EOF
 [backend]
 url = "postgres://app_user:app-secret@127.0.0.1:$port/app"
@@ -49,15 +37,7 @@ secret = "signed-instructions-jwt-secret-0123456789"
 settings = { "app.tenant_id" = "tenant_id", "app.user_id" = "sub" }
 signing_key = "signed-instructions-key-0123456789abcdef"
 EOF
-"$pgtenant" install-sql --config "$dir/pgtenant.toml" | psql_su app >/dev/null
-psql_su app <<'EOF' >/dev/null
-CREATE SCHEMA bench_floor;
-GRANT USAGE ON SCHEMA bench_floor TO app_user;
-CREATE FUNCTION bench_floor.setting(name text) RETURNS text LANGUAGE plpgsql STABLE SECURITY DEFINER
-  AS $$BEGIN RETURN pg_catalog.current_setting(name, true); END$$;
-GRANT EXECUTE ON FUNCTION bench_floor.setting(text) TO app_user;
-EOF
-as_pg "$bin/pg_ctl -D $dir/data -m fast -w stop >/dev/null"
+install_functions "$dir/pgtenant.toml"
 
 # the workload: the record holds 8 entries (a pool of 8 backends' worth), the session's in the middle
 python3 - "$dir" <<'EOF'

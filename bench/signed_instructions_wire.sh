@@ -31,14 +31,8 @@ context=
 [ "${1:-}" = --context ] && { context=1; shift; }
 pgtenant=${1:-$here/target/release/pgtenant}
 bin=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
-[ -x "$pgtenant" ] || { echo "build it first: cargo build --release -p pgtenant" >&2; exit 1; }
-command -v valgrind >/dev/null || { echo "valgrind is needed" >&2; exit 1; }
-
 dir=$(mktemp -d /tmp/pgtenant-signed-wire.XXXXXX)
-chmod 755 "$dir"
-as_pg() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/bash -c "$*"; else bash -c "$*"; fi; }
-[ "$(id -u)" = 0 ] && chown postgres "$dir"
-port=$((20000 + RANDOM % 20000))
+. "$here/bench/signed_cluster.sh"
 proxy_port=$((port + 1))
 proxy_pid=
 cleanup() {
@@ -49,12 +43,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-as_pg "$bin/initdb -D $dir/data -U postgres -A trust >/dev/null"
-as_pg "$bin/pg_ctl -D $dir/data -o '-p $port -k $dir -c listen_addresses=127.0.0.1' -l $dir/log -w start >/dev/null"
-psql_su() { psql -X -q -v ON_ERROR_STOP=1 -h "$dir" -p "$port" -U postgres "$@"; }
-psql_su -c 'CREATE DATABASE app'
-psql_su app -f "$here/tests/fixtures/rls.sql" >/dev/null
-psql_su app -c "INSERT INTO orders (tenant_id, user_sub, amount) SELECT 1 + g % 3, 'bench', g FROM generate_series(1, 200000) g" -c 'VACUUM ANALYZE orders' >/dev/null
+make_cluster 127.0.0.1
 if [ -n "$context" ]; then tenant_extra='claims_setting = ""'
 else tenant_extra='signing_key = "signed-instructions-key-0123456789abcdef"'; fi
 cat > "$dir/pgtenant.toml" <<EOF
@@ -72,15 +61,7 @@ $tenant_extra
 [log]
 level = "warn"
 EOF
-[ -z "$context" ] && "$pgtenant" install-sql --config "$dir/pgtenant.toml" | psql_su app >/dev/null
-psql_su app <<'EOF' >/dev/null
-CREATE SCHEMA bench_floor;
-GRANT USAGE ON SCHEMA bench_floor TO app_user;
-CREATE FUNCTION bench_floor.setting(name text) RETURNS text LANGUAGE plpgsql STABLE SECURITY DEFINER
-  AS $$BEGIN RETURN pg_catalog.current_setting(name, true); END$$;
-GRANT EXECUTE ON FUNCTION bench_floor.setting(text) TO app_user;
-EOF
-as_pg "$bin/pg_ctl -D $dir/data -m fast -w stop >/dev/null"
+install_functions "$dir/pgtenant.toml" ${context:+plain}
 
 # the server under callgrind: every backend writes cg.<pid> when it exits
 mkdir "$dir/cg" && { [ "$(id -u)" = 0 ] && chown postgres "$dir/cg" || true; }
