@@ -36,6 +36,9 @@ fn statement_name(n: usize) -> String {
 pub fn context_sql(n: usize) -> String {
     let calls: Vec<String> =
         (0..n).map(|i| format!("pg_catalog.set_config(${}, ${}, true)", 2 * i + 1, 2 * i + 2)).collect();
+    if calls.is_empty() {
+        return "SELECT WHERE false".into(); // nothing to set (no tenant settings configured)
+    }
     format!("SELECT WHERE ({}) IS NULL", calls.join(" OPERATOR(pg_catalog.||) "))
 }
 
@@ -161,5 +164,6 @@ mod tests {
             "SELECT WHERE (pg_catalog.set_config($1, $2, true) OPERATOR(pg_catalog.||) pg_catalog.set_config($3, $4, true)) IS NULL"
         );
         assert_eq!(context_sql(1), "SELECT WHERE (pg_catalog.set_config($1, $2, true)) IS NULL");
+        assert_eq!(context_sql(0), "SELECT WHERE false");
     }
 }
