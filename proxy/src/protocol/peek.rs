@@ -32,12 +32,13 @@ pub fn bind_msg(body: &[u8]) -> Option<(&[u8], &[u8])> {
 /// Parse ('P'): the parameter types (OIDs) the client declared; 0 means unspecified.
 pub fn parse_param_types(body: &[u8]) -> Option<Vec<u32>> {
     let (name, query) = parse_msg(body)?;
-    param_types(body.get(name.len() + query.len() + 2..)?)
+    param_types_after(body, name, query)
 }
 
-/// [`parse_param_types`] from what follows a Parse's query text (for a caller that has read the
-/// name and the query already).
-pub fn param_types(rest: &[u8]) -> Option<Vec<u32>> {
+/// [`parse_param_types`] for a caller that has read the Parse's `name` and `query` (from
+/// [`parse_msg`]) already: the types are read where the query text ends, without scanning it again.
+pub fn param_types_after(body: &[u8], name: &[u8], query: &[u8]) -> Option<Vec<u32>> {
+    let rest = body.get(name.len() + query.len() + 2..)?;
     let n = usize::try_from(i16::from_be_bytes(rest.get(..2)?.try_into().ok()?)).ok()?;
     let oids = rest.get(2..2 + 4 * n)?;
     Some(oids.chunks_exact(4).map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes"))).collect())

@@ -110,8 +110,7 @@ impl Classifier<'_> {
             msg::QUERY => Ok(self.query(peek::query_msg(body).ok_or_else(malformed)?)),
             msg::PARSE => {
                 let (name, q) = peek::parse_msg(body).ok_or_else(malformed)?;
-                // the types follow the query text: no second scan of it
-                let types = body.get(name.len() + q.len() + 2..).and_then(peek::param_types).unwrap_or_default();
+                let types = peek::param_types_after(body, name, q).unwrap_or_default();
                 Ok(self.parse(name, q, &types, f.bytes.slice(5 + name.len() + 1..)))
             }
             msg::BIND => {
