@@ -249,7 +249,7 @@ impl Guard {
                 return Err(refused("DO blocks are not allowed: they could change the tenant context".into())
                     .with_hint("set tenant.allow_do = true in the pgtenant config if you really need them"));
             }
-            Some("update") if toks.iter().any(|t| ident_value(t).as_deref() == Some("pg_settings")) => {
+            Some("update") if toks.iter().any(|t| ident_among(t, &["pg_settings"]).is_some()) => {
                 return Err(refused("UPDATE pg_settings is not allowed".into()));
             }
             Some("alter")
@@ -516,6 +516,9 @@ mod tests {
             "SET LOCAL \"PGTENANT\".signature = 'x'",
             "UPDATE pg_settings SET setting = '2' WHERE name = 'app.tenant_id'",
             "update pg_catalog.pg_settings set setting = 'x'",
+            "UPDATE PG_SETTINGS SET setting = 'x'",
+            "UPDATE \"pg_settings\" SET setting = 'x'",
+            "UPDATE U&\"pg\\005fsettings\" SET setting = 'x'",
             "DO $$ BEGIN PERFORM 1; END $$",
             "ALTER ROLE app_user SET app.tenant_id = '2'",
             "ALTER DATABASE app SET app.tenant_id = '2'",
