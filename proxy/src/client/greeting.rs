@@ -97,7 +97,7 @@ async fn ask(
     pairs: &[(String, String)],
     show: &[String],
 ) -> Result<(probe::Answer, Lease), PgError> {
-    let reset = lease.backend.take_reset();
+    let reset = lease.backend.take_reset().map(crate::pool::Reset::into_sql);
     match probe::ask(&mut lease.backend, reset.as_deref(), pairs, show).await {
         Ok(a) => Ok((a, lease)),
         Err(ProbeError::Refused(e)) => {

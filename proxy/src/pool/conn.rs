@@ -26,6 +26,27 @@ pub const RESET_QUERY: &str =
 /// Clears only sequence state, after transactions that did nothing but plain writes.
 pub const RESET_SEQUENCES: &str = "DISCARD SEQUENCES";
 
+/// What must be cleared before another session uses a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reset {
+    /// Only sequence state ([`RESET_SEQUENCES`]). `DISCARD SEQUENCES` runs inside a transaction,
+    /// so the session can send it in the same batch as the context statement (no transaction and
+    /// no ReadyForQuery of its own), or as a Query of its own.
+    Sequences,
+    /// Everything a session can leave: a Query of its own, which cannot run in a transaction block.
+    Session(String),
+}
+
+impl Reset {
+    /// The reset as one query string.
+    pub fn into_sql(self) -> String {
+        match self {
+            Reset::Sequences => RESET_SEQUENCES.to_string(),
+            Reset::Session(sql) => sql,
+        }
+    }
+}
+
 /// What one client message may do to the connection's session state.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Effects {
@@ -49,6 +70,8 @@ pub struct PooledConn {
     pub(super) created: Instant,
     /// Which context statements (by number of settings, bit n) are prepared on this connection.
     ctx_prepared: u128,
+    /// The sequence-reset statement (`crate::session::inject::RESET_STATEMENT`) is prepared here.
+    reset_prepared: bool,
     /// Client statements prepared on this connection, by content.
     statements: BackendStatements,
     /// The session that used this connection last.
@@ -89,14 +112,14 @@ impl PooledConn {
             self.dirt = Leaves::Session;
             self.full_reset = true;
             // DEALLOCATE / DISCARD may have dropped server statements
-            self.ctx_prepared = 0;
+            self.forget_own_statements();
             self.statements.clear();
         }
     }
 
     /// Hands the connection to session `owner`: the reset to send in front of its first message
     /// when a different session may have left state here.
-    pub fn reset_for(&mut self, owner: u64) -> Option<String> {
+    pub fn reset_for(&mut self, owner: u64) -> Option<Reset> {
         let reset = if self.owner != owner { self.take_reset() } else { None };
         self.owner = owner;
         reset
@@ -108,7 +131,13 @@ impl PooledConn {
         self.dirt = Leaves::Session;
         self.full_reset = true;
         self.owner = owner;
-        self.take_reset()
+        self.take_reset().map(Reset::into_sql)
+    }
+
+    /// A sequence reset sent to this connection may not have run (it failed, or the session ended
+    /// before its answer): the next session gets one again.
+    pub fn reset_unconfirmed(&mut self) {
+        self.dirt = self.dirt.max(Leaves::Sequences);
     }
 
     /// The session that ran here ended after a whole session (session pooling): the next owner gets
@@ -129,6 +158,23 @@ impl PooledConn {
     /// Context statement `arity` did not get prepared after all (its Parse was skipped).
     pub fn forget_context(&mut self, arity: usize) {
         self.ctx_prepared &= !1u128.checked_shl(arity as u32).unwrap_or(0);
+    }
+
+    /// Whether the sequence-reset statement must be prepared here first (and it is taken as
+    /// prepared).
+    pub fn needs_reset_parse(&mut self) -> bool {
+        !std::mem::replace(&mut self.reset_prepared, true)
+    }
+
+    /// The sequence-reset statement did not get prepared after all (its Parse failed or was skipped).
+    pub fn forget_reset_statement(&mut self) {
+        self.reset_prepared = false;
+    }
+
+    /// None of pgtenant's own statements (context, reset) is prepared here any more.
+    fn forget_own_statements(&mut self) {
+        self.ctx_prepared = 0;
+        self.reset_prepared = false;
     }
 
     /// The client statements prepared on this connection.
@@ -156,6 +202,7 @@ impl PooledConn {
             secret_key: c.secret_key,
             created: c.created,
             ctx_prepared: 0,
+            reset_prepared: false,
             tx_defaults: String::new(),
             id,
             statements: BackendStatements::new(prepared_cache),
@@ -187,21 +234,21 @@ impl PooledConn {
 
     /// The statement that clears what the previous session left on this connection, if it may have
     /// left anything; the caller sends it before anything else. What it clears is forgotten here.
-    pub fn take_reset(&mut self) -> Option<String> {
+    pub fn take_reset(&mut self) -> Option<Reset> {
         match std::mem::take(&mut self.dirt) {
             Leaves::Nothing => return None,
             // plain writes: only currval/lastval can tell the next client anything
-            Leaves::Sequences => return Some(RESET_SEQUENCES.to_string()),
+            Leaves::Sequences => return Some(Reset::Sequences),
             Leaves::Session => {}
         }
         self.tx_defaults.clear(); // RESET ALL
         if self.full_reset {
             self.full_reset = false;
             self.statements.clear();
-            self.ctx_prepared = 0;
-            Some(format!("{}; DEALLOCATE ALL", RESET_QUERY))
+            self.forget_own_statements();
+            Some(Reset::Session(format!("{}; DEALLOCATE ALL", RESET_QUERY)))
         } else {
-            Some(RESET_QUERY.to_string())
+            Some(Reset::Session(RESET_QUERY.to_string()))
         }
     }
 

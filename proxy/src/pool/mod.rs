@@ -29,7 +29,7 @@ pub mod prepared;
 pub mod primary;
 pub mod probe;
 
-pub use conn::{Effects, PooledConn, RESET_QUERY};
+pub use conn::{Effects, PooledConn, Reset, RESET_QUERY};
 
 pub use fair::TenantKey;
 use fair::{Refusal, Slot, Slots};

@@ -35,6 +35,7 @@ impl Session {
                 Err(e) => return Err(End::BackendLost(format!("bad message from server: {e}"))),
             };
             let tag = self.backend_in[0];
+            self.confirm_seq_reset(tag);
             let handled = self.on_backend_message(total);
             self.backend_in.advance(total);
             let Some(mark) = handled? else {
@@ -44,6 +45,10 @@ impl Session {
             if !self.replies.failed_prepares.is_empty() {
                 if let Some(l) = self.lease.as_mut() {
                     for (id, by_client) in self.replies.failed_prepares.drain(..) {
+                        if id == inject::RESET_PARSE_ID {
+                            l.backend.forget_reset_statement();
+                            continue;
+                        }
                         if let Some(arity) = inject::context_arity(id) {
                             // skipped in a batch that had already failed: prepare it again next time
                             l.backend.forget_context(arity);

@@ -42,6 +42,34 @@ pub fn context_sql(n: usize) -> String {
     format!("SELECT WHERE ({}) IS NULL", calls.join(" OPERATOR(pg_catalog.||) "))
 }
 
+/// Statement and portal name of the sequence reset (`DISCARD SEQUENCES`) that goes in front of the
+/// context statement when the previous session on the backend may have left sequence state
+/// (`crate::pool::Reset::Sequences`): prepared once per backend, then a Bind/Execute/Close in the
+/// same batch as the context. As a Query of its own it was a transaction, a ReadyForQuery and a
+/// flush of the server's output more per hand-over, which is every write transaction on a busy pool.
+pub const RESET_STATEMENT: &str = "pgtenant_reset_seq";
+
+/// The id under which the replies tracker reports a failed or skipped Parse of the reset statement
+/// (below the context statements' ids, see [`context_parse_id`]).
+pub const RESET_PARSE_ID: u64 = u64::MAX - 129;
+
+/// Writes the sequence reset for `backend` into `out` (preparing it first when needed) and records
+/// the replies it owes.
+pub fn write_sequence_reset(out: &mut BytesMut, backend: &mut PooledConn, replies: &mut Replies) {
+    if backend.needs_reset_parse() {
+        build::close_statement(out, RESET_STATEMENT);
+        replies.expect(Want::CloseComplete, true, false);
+        build::parse(out, RESET_STATEMENT, crate::pool::conn::RESET_SEQUENCES, Vec::new());
+        replies.expect_parse(true, RESET_PARSE_ID);
+    }
+    build::bind_text(out, RESET_STATEMENT, RESET_STATEMENT, &[]);
+    build::execute(out, RESET_STATEMENT);
+    build::close_portal(out, RESET_STATEMENT);
+    replies.expect(Want::BindComplete, true, false);
+    replies.expect(Want::CommandDone, true, false);
+    replies.expect(Want::CloseComplete, true, false);
+}
+
 /// The id under which the replies tracker reports a failed or skipped Parse of context statement
 /// `arity` (client statements count up from 0; these count down from the top).
 fn context_parse_id(arity: usize) -> u64 {

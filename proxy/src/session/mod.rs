@@ -185,6 +185,8 @@ pub struct Session {
     /// The next message that is not setup gets it. Only an injection clears it (a stale flag costs
     /// one redundant context).
     needs_context: bool,
+    /// The sequence reset the backend owes before this session's first statement on it.
+    seq_reset: SeqReset,
     /// The client's `default_transaction_*` session defaults as SQL for a backend (empty: the
     /// role's own), applied before each transaction that needs them.
     tx_defaults: String,
@@ -268,6 +270,7 @@ impl Session {
             pending_sets: None,
             pending_sets_failed: false,
             needs_context: false,
+            seq_reset: SeqReset::None,
             tx_defaults,
             signer_gen,
             discard_reports: Vec::new(),
@@ -284,6 +287,7 @@ impl Session {
             // session mode: the backend leased at login (its cancel keys are registered already)
             session.cancel.slot.given_by(session.pool.clone());
             session.adopt(lease);
+            session.send_seq_reset(false); // what the client sends first is not known yet
         }
         session
     }
@@ -492,6 +496,9 @@ impl Session {
 
     async fn release(&mut self) {
         if let Some(mut lease) = self.lease.take() {
+            if std::mem::replace(&mut self.seq_reset, SeqReset::None) != SeqReset::None {
+                lease.backend.reset_unconfirmed(); // owed or unanswered: the next session gets it
+            }
             // the relay buffers go back with the connection (both are empty: backend_clean)
             std::mem::swap(&mut self.backend_in, &mut lease.backend.buf_in);
             std::mem::swap(&mut self.backend_out, &mut lease.backend.buf_out);
@@ -528,12 +535,48 @@ impl Session {
         debug_assert!(self.backend_in.is_empty() && self.backend_out.is_empty());
         std::mem::swap(&mut self.backend_in, &mut b.buf_in);
         std::mem::swap(&mut self.backend_out, &mut b.buf_out);
-        if let Some(reset) = b.reset_for(self.id) {
-            // pipelined in front of this session's first message: no extra round trip
-            build::query(&mut self.backend_out, &reset);
-            self.replies.expect(Want::Ready, true, true);
+        match b.reset_for(self.id) {
+            None => {}
+            // sent with the first message (`send_seq_reset`): in the same batch as the context
+            // when one goes in front of it
+            Some(crate::pool::Reset::Sequences) => self.seq_reset = SeqReset::Owed,
+            Some(reset) => {
+                // pipelined in front of this session's first message: no extra round trip
+                build::query(&mut self.backend_out, &reset.into_sql());
+                self.replies.expect(Want::Ready, true, true);
+            }
         }
         self.lease = Some(lease);
+    }
+
+    /// Sends the sequence reset the backend owes, if any: in the batch of the context statement
+    /// that follows (`in_batch`), else as a Query of its own. Either way it goes ahead of every
+    /// client message, and the backend counts as reset once the server confirms it ran.
+    fn send_seq_reset(&mut self, in_batch: bool) {
+        if self.seq_reset != SeqReset::Owed {
+            return;
+        }
+        let Some(l) = self.lease.as_mut() else { return };
+        if in_batch {
+            inject::write_sequence_reset(&mut self.backend_out, &mut l.backend, &mut self.replies);
+        } else {
+            build::query(&mut self.backend_out, crate::pool::conn::RESET_SEQUENCES);
+            self.replies.expect(Want::Ready, true, true);
+        }
+        self.seq_reset = SeqReset::Sent;
+    }
+
+    /// The first CommandComplete or ErrorResponse after a sequence reset went out is the reset's:
+    /// an error means it did not run, and the backend owes the next session one again.
+    fn confirm_seq_reset(&mut self, tag: u8) {
+        if self.seq_reset == SeqReset::Sent && (tag == tags::backend::COMMAND_COMPLETE || tag == tags::backend::ERROR) {
+            self.seq_reset = SeqReset::None;
+            if tag == tags::backend::ERROR {
+                if let Some(l) = self.lease.as_mut() {
+                    l.backend.reset_unconfirmed();
+                }
+            }
+        }
     }
 
     // ---- client → backend -------------------------------------------------------------------
@@ -694,12 +737,17 @@ impl Session {
         });
         let mut injected = false;
         match decision {
-            Decision::Nothing => {}
+            Decision::Nothing => self.send_seq_reset(false),
             Decision::Hold => return Ok(Flow::Hold(f)),
             Decision::Inject { start } | Decision::Defer { start } => {
                 if plan.modes_then_work {
                     return Ok(self.refuse(forward::modes_then_work_error(), simple));
                 }
+                // in the context's batch only if the context goes first and nothing else does
+                // (transaction defaults are a Query; setup must start its transaction itself)
+                let in_batch = matches!(decision, Decision::Inject { .. })
+                    && !(start && self.lease.as_ref().is_some_and(|l| !l.backend.has_tx_defaults(&self.tx_defaults)));
+                self.send_seq_reset(in_batch);
                 if start {
                     self.apply_tx_defaults();
                 }
@@ -757,6 +805,16 @@ impl Session {
         if self.lease.is_some() { self.replies.status } else { b'I' }
     }
 
+}
+
+/// A sequence reset a newly attached backend owes this session (see `inject::RESET_STATEMENT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SeqReset {
+    None,
+    /// Not sent yet: it goes out with the session's first message.
+    Owed,
+    /// Sent; its CommandComplete (or error) has not arrived yet.
+    Sent,
 }
 
 /// The proxy-side limits on how long a client may hold a backend (`[pool]`).

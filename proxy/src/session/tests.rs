@@ -538,6 +538,40 @@ fn discard_all_is_answered_by_pgtenant_in_both_protocols() {
     });
 }
 
+/// After plain writes (sequence state only) a backend's next session gets `DISCARD SEQUENCES` in the
+/// batch of its context statement (prepared once, then Bind/Execute/Close), not as a Query and a
+/// transaction of its own; in front of transaction setup, which must start its own transaction, it
+/// is a Query of its own. Either way the client sees none of it. (`DISCARD ALL` makes the client a
+/// new session, so the same backend owes it the reset.)
+#[test]
+fn sequence_reset_rides_in_the_context_batch() {
+    rt().block_on(async {
+        let mut c = Client::start(false).await;
+        for round in 0..2 {
+            assert_eq!(c.round(&q("insert into t values (1)"), 1).await, "C ZI");
+            assert_eq!(c.round(&q("DISCARD ALL"), 1).await, "C ZI");
+            c.sent();
+            assert_eq!(c.round(&q("select 1"), 1).await, "DC ZI", "round {round}: the client sees only its own replies");
+            let sent = c.sent();
+            let mut want = vec!["B pgtenant_reset_seq pgtenant_reset_seq", "E DISCARD SEQUENCES", "C P pgtenant_reset_seq"];
+            if round == 0 {
+                want.splice(0..0, ["C S pgtenant_reset_seq", "P pgtenant_reset_seq: DISCARD SEQUENCES"]);
+            }
+            assert_eq!(sent[..want.len()], want[..], "round {round}: {sent:?}");
+            assert!(sent.iter().all(|l| !l.starts_with("Q DISCARD")), "{sent:?}");
+            let ctx = sent.iter().position(|l| l == "E <context>").expect("context");
+            assert!(ctx > sent.iter().position(|l| l == "E DISCARD SEQUENCES").unwrap() && sent.last().is_some_and(|l| l == "Q select 1"), "{sent:?}");
+        }
+        // in front of transaction setup: a Query of its own, first
+        assert_eq!(c.round(&q("insert into t values (1)"), 1).await, "C ZI");
+        assert_eq!(c.round(&q("DISCARD ALL"), 1).await, "C ZI");
+        c.sent();
+        assert_eq!(c.round(&q("BEGIN ISOLATION LEVEL SERIALIZABLE"), 1).await, "C ZT");
+        assert_eq!(c.sent(), ["Q DISCARD SEQUENCES", "Q BEGIN ISOLATION LEVEL SERIALIZABLE"]);
+        assert_eq!(c.round(&q("COMMIT"), 1).await, "C ZI");
+    });
+}
+
 #[test]
 fn copy_data_flows_while_a_pipelined_query_waits() {
     rt().block_on(async {
