@@ -219,11 +219,12 @@ impl PooledConn {
     /// Records a ParameterStatus message (its body) this connection sent.
     pub fn note_report(&mut self, body: &[u8]) {
         let mut parts = body.split(|&b| b == 0);
-        let name = String::from_utf8_lossy(parts.next().unwrap_or_default());
-        let value = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
-        match self.reported.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(&name)) {
-            Some(e) => e.1 = value,
-            None => self.reported.push((name.into_owned(), value)),
+        let (name, raw) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+        let value = || String::from_utf8_lossy(raw).into_owned();
+        match self.reported.iter_mut().find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(name)) {
+            Some(e) if e.1.as_bytes() == raw => {} // unchanged: nothing to allocate
+            Some(e) => e.1 = value(),
+            None => self.reported.push((String::from_utf8_lossy(name).into_owned(), value())),
         }
     }
 

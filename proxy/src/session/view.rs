@@ -37,14 +37,34 @@ impl ClientView {
     }
 
     /// Whether a backend ParameterStatus (its body) should reach the client (and records it if so).
+    ///
+    /// Nothing is allocated for a report it drops (the common one: a parameter the client's
+    /// transactions set, reported by the server when its value changes inside an explicit
+    /// transaction and again when it ends, e.g. `application_name`).
     pub fn admit(&mut self, body: &[u8]) -> bool {
         let mut parts = body.split(|&b| b == 0);
-        let name = String::from_utf8_lossy(parts.next().unwrap_or_default()).to_lowercase();
-        let value = String::from_utf8_lossy(parts.next().unwrap_or_default()).into_owned();
-        if self.applied.contains(&name) || self.changing.contains(&name) || self.reported.get(&name) == Some(&value) {
+        let (raw_name, raw_value) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+        let mut buf = [0u8; 64];
+        let folded;
+        let name: &str = match std::str::from_utf8(raw_name) {
+            Ok(n) if n.is_ascii() && n.len() <= buf.len() => {
+                buf[..n.len()].copy_from_slice(n.as_bytes());
+                buf[..n.len()].make_ascii_lowercase();
+                std::str::from_utf8(&buf[..n.len()]).unwrap_or_default()
+            }
+            _ => {
+                folded = String::from_utf8_lossy(raw_name).to_lowercase();
+                &folded
+            }
+        };
+        if self.applied.contains(name)
+            || self.changing.contains(name)
+            || self.reported.get(name).is_some_and(|v| v.as_bytes() == raw_value)
+        {
             return false;
         }
-        self.reported.insert(name, value);
+        let value = String::from_utf8_lossy(raw_value).into_owned();
+        self.reported.insert(name.to_string(), value);
         true
     }
 
@@ -124,6 +144,14 @@ mod tests {
         assert!(!v.admit(&status("DateStyle", "German, DMY")), "settled after the change, not before");
         v.changing.clear();
         assert!(v.admit(&status("DateStyle", "German, DMY")));
+        // names fold to lower case whatever their length or alphabet
+        let long = format!("x.{}", "Long".repeat(20));
+        for name in [long.as_str(), "app.Ünïcode"] {
+            assert!(v.admit(&status(name, "1")), "{name}");
+            assert!(!v.admit(&status(&name.to_uppercase(), "1")), "{name}: reported already");
+            assert!(v.admit(&status(&name.to_uppercase(), "2")), "{name}: a new value");
+            assert_eq!(v.reported.get(&name.to_lowercase()).map(String::as_str), Some("2"), "{name}");
+        }
         // RESET: the login value, not whatever the backend has
         let owed = v.after_changes(&[Change::Reset("timezone".into())], None);
         assert!(owed.is_empty(), "the client was never told another time zone: {owed:?}");
