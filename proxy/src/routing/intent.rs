@@ -19,13 +19,19 @@ pub enum Mode {
 
 /// `BEGIN … READ ONLY` / `START TRANSACTION … READ WRITE` as the first statement of `sql`; None for
 /// anything else (a plain `BEGIN`, `SET TRANSACTION READ ONLY`, an ordinary statement).
-pub fn opening_mode(sql: &[u8]) -> Option<Mode> {
-    let first = crate::sql::lexer::Lexer::new(sql).find(|t| t.kind != Kind::Semicolon)?;
-    if !(first.is_word("begin") || first.is_word("start")) {
-        return None; // the common case, without splitting the text
+#[cfg(test)]
+fn opening_mode(sql: &[u8]) -> Option<Mode> {
+    statement_mode(crate::sql::split(sql).first()?)
+}
+
+/// [`opening_mode`] of a query string's first statement, as tokens (`crate::sql::analyze` has
+/// split the text already: the session reads it from there, for every Query and Parse).
+#[inline]
+pub fn statement_mode(toks: &[Token<'_>]) -> Option<Mode> {
+    let first = toks.first()?;
+    if first.kind != Kind::Word || !(first.is_word("begin") || first.is_word("start")) {
+        return None; // the common case
     }
-    let statements = crate::sql::split(sql);
-    let toks: &[Token<'_>] = statements.first()?;
     let is = |i: usize, kw: &str| toks.get(i).is_some_and(|t| t.is_word(kw));
     let modes = if is(0, "begin") {
         if is(1, "work") || is(1, "transaction") { 2 } else { 1 }

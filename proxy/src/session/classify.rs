@@ -76,6 +76,9 @@ pub struct Plan {
     pub dealloc: Option<Arc<StatementDef>>,
     /// A FunctionCall of this function OID (allowed by the pool; the backend checks the OID).
     pub function_oid: Option<u32>,
+    /// The access mode its first statement opens a transaction with (`BEGIN READ ONLY`): where a
+    /// transaction it starts may run (`crate::routing::intent`).
+    pub access: Option<crate::routing::intent::Mode>,
 }
 
 /// The session-state budget (`server.max_session_state_bytes`, `settings::MAX_CONTEXT_SETTINGS`).
@@ -177,6 +180,7 @@ impl Classifier<'_> {
             changes,
             dealloc,
             function_oid: None,
+            access: a.statements.first().and_then(|t| crate::routing::intent::statement_mode(t)),
         })
     }
 
@@ -204,6 +208,7 @@ impl Classifier<'_> {
                 conn: Effects { leaves: def.leaves, touches_prepared, function_call: false },
                 setup: def.setup,
                 dealloc,
+                access: a.statements.first().and_then(|t| crate::routing::intent::statement_mode(t)),
                 ..Default::default()
             }),
             Err(full) => Refusal::plain(state_limit_error(full, self.budget.max)),

@@ -517,10 +517,12 @@ impl Session {
         }
     }
 
-    async fn attach(&mut self, first: &Frame) -> Result<(), PgError> {
+    /// Leases a backend for the transaction a message starts; `access` is the mode its first
+    /// statement opens the transaction with, if it names one.
+    async fn attach(&mut self, access: Option<crate::routing::intent::Mode>) -> Result<(), PgError> {
         // boxed: leasing (queueing, connecting, logging in to the server) is the session's largest
         // stage, and inline it would size every idle session's task
-        let lease = Box::pin(self.lease_for(first)).await?;
+        let lease = Box::pin(self.lease_for(access)).await?;
         self.cancel.slot.set_on(Some((lease.backend.pid, lease.backend.secret_key)), self.pool.clone()).await;
         self.adopt(lease);
         Ok(())
@@ -709,7 +711,7 @@ impl Session {
         };
         let fresh = self.lease.is_none();
         if fresh {
-            if let Err(e) = self.attach(&f).await {
+            if let Err(e) = self.attach(plan.access).await {
                 return Ok(self.refuse(e, simple));
             }
         }

@@ -6,9 +6,6 @@ use std::sync::Arc;
 use super::{Session, Shared, Who};
 use crate::error::PgError;
 use crate::pool::{Lease, Pool};
-use crate::protocol::frame::Frame;
-use crate::protocol::peek;
-use crate::protocol::tags::frontend as msg;
 use crate::routing::intent;
 
 /// The primary of the tenant's cluster now: where a session-mode backend comes from.
@@ -20,23 +17,17 @@ pub(super) fn home_pool(shared: &Shared, who: &Who) -> Arc<Pool> {
 }
 
 impl Session {
-    /// Leases the backend for a transaction that `first` starts: a trusted worker and a
-    /// session-mode client always use their own pool; everyone else goes where the router says.
-    pub(super) async fn lease_for(&mut self, first: &Frame) -> Result<Lease, PgError> {
+    /// Leases the backend for a transaction whose first statement names access mode `access` (if
+    /// any): a trusted worker and a session-mode client always use their own pool; everyone else
+    /// goes where the router says.
+    pub(super) async fn lease_for(&mut self, access: Option<intent::Mode>) -> Result<Lease, PgError> {
         if self.who.bypass || self.shared.session_mode {
             return self.pool.acquire(&self.who.tenant).await;
         }
         let router = self.shared.router.clone();
         let cluster = router.cluster_of(&self.who.tenant, self.who.cluster.as_deref())?;
-        // the intent is read (the query text lexed again) only where a replica could serve it
-        let read_only = router.has_replicas(cluster) && {
-            let sql = match first.tag {
-                msg::QUERY => peek::query_msg(first.body()),
-                msg::PARSE => peek::parse_msg(first.body()).map(|(_, q)| q),
-                _ => None,
-            };
-            intent::wants_replica(sql.and_then(intent::opening_mode), self.settings.read_only_default(), self.who.prefers_standby)
-        };
+        let read_only = router.has_replicas(cluster)
+            && intent::wants_replica(access, self.settings.read_only_default(), self.who.prefers_standby);
         let (pool, lease) = router.lease(cluster, &self.who.tenant, read_only).await?;
         self.pool = pool;
         Ok(lease)
