@@ -19,6 +19,7 @@ fn main() {
         show_pools_lists_every_cluster_and_replica,
         show_servers_and_stats_cover_every_cluster_and_replica,
         show_clients_and_servers_list_the_tenants_session_and_its_backend,
+        session_mode_lists_the_backend_given_at_login_and_cancels_reach_it,
         show_tenants_and_stats_count_transactions,
         show_config_shows_no_secret,
         show_version_and_unknown_commands,
@@ -302,6 +303,38 @@ async fn show_clients_and_servers_list_the_tenants_session_and_its_backend(env: 
         ensure(Instant::now() < deadline, "a closed session is still listed")?;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    p.stop().await;
+    Ok(())
+}
+
+/// Session pooling: the backend a session is given at login is listed as that session's, under
+/// its pool, with no transaction open; a cancel request reaches a query running on it, and the
+/// session keeps its backend.
+async fn session_mode_lists_the_backend_given_at_login_and_cancels_reach_it(env: &Env) -> TestResult {
+    let p = proxy(env, "", "[pool]\nmode = \"session\"").await;
+    let c = console(&p).await?;
+    let bob = connect(&p, &token(8, "bob")).await.map_err(|e| e.to_string())?;
+    let backend: i32 = bob.query_one("SELECT pg_backend_pid()", &[]).await.map_err(|e| e.to_string())?.get(0);
+    let servers = show(&c, "SHOW SERVERS").await?;
+    let mine = rows_where(&servers, "remote_pid", &backend.to_string());
+    ensure(
+        mine.len() == 1 && mine[0]["state"].as_deref() == Some("active") && mine[0]["tenant"].as_deref() == Some("8") && mine[0]["pool"].is_some(),
+        format!("session mode, between transactions: backend {backend} listed as the session's: {servers:?}"),
+    )?;
+    let clients = show(&c, "SHOW CLIENTS").await?;
+    let row = rows_where(&clients, "tenant", "8");
+    ensure(row.len() == 1 && row[0]["server_pid"].as_deref() == Some(backend.to_string().as_str()), format!("{clients:?}"))?;
+    let cancel = bob.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cancel.cancel_query(tokio_postgres::NoTls).await
+    });
+    let started = Instant::now();
+    let e = bob.simple_query("select pg_sleep(20)").await.err().ok_or("the sleep was not cancelled")?;
+    canceller.await.map_err(|e| e.to_string())?.map_err(|e| format!("{e:?}"))?;
+    ensure(db_err(&e).0 == "57014" && started.elapsed() < Duration::from_secs(10), format!("cancel: {:?}", db_err(&e)))?;
+    let again: i32 = bob.query_one("SELECT pg_backend_pid()", &[]).await.map_err(|e| e.to_string())?.get(0);
+    ensure(again == backend, "session mode keeps its backend after a cancel")?;
     p.stop().await;
     Ok(())
 }
