@@ -324,15 +324,7 @@ async fn session_mode_lists_the_backend_given_at_login_and_cancels_reach_it(env:
     let clients = show(&c, "SHOW CLIENTS").await?;
     let row = rows_where(&clients, "tenant", "8");
     ensure(row.len() == 1 && row[0]["server_pid"].as_deref() == Some(backend.to_string().as_str()), format!("{clients:?}"))?;
-    let cancel = bob.cancel_token();
-    let canceller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        cancel.cancel_query(tokio_postgres::NoTls).await
-    });
-    let started = Instant::now();
-    let e = bob.simple_query("select pg_sleep(20)").await.err().ok_or("the sleep was not cancelled")?;
-    canceller.await.map_err(|e| e.to_string())?.map_err(|e| format!("{e:?}"))?;
-    ensure(db_err(&e).0 == "57014" && started.elapsed() < Duration::from_secs(10), format!("cancel: {:?}", db_err(&e)))?;
+    expect_cancelled(&bob, "select pg_sleep(20)", Duration::from_millis(500)).await?;
     let again: i32 = bob.query_one("SELECT pg_backend_pid()", &[]).await.map_err(|e| e.to_string())?.get(0);
     ensure(again == backend, "session mode keeps its backend after a cancel")?;
     p.stop().await;

@@ -141,6 +141,24 @@ pub fn db_err(e: &tokio_postgres::Error) -> (String, String) {
     }
 }
 
+/// Runs `sql` (a `pg_sleep` long enough to outlast `after`) on `client`, sends the client's cancel
+/// request `after` into it, and checks the query ended in SQLSTATE 57014 well before it would have
+/// finished on its own (10 s) and the cancel request itself went through.
+pub async fn expect_cancelled(client: &tokio_postgres::Client, sql: &str, after: std::time::Duration) -> TestResult {
+    let cancel = client.cancel_token();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(after).await;
+        cancel.cancel_query(tokio_postgres::NoTls).await
+    });
+    let started = Instant::now();
+    let ran = client.simple_query(sql).await;
+    let sent = canceller.await.map_err(|e| e.to_string())?;
+    sent.map_err(|e| format!("cancel request: {e:?}"))?;
+    let e = ran.err().ok_or_else(|| format!("{sql}: not cancelled"))?;
+    ensure(db_err(&e).0 == "57014" && started.elapsed() < std::time::Duration::from_secs(10),
+           format!("{sql}: {:?} after {:?}", db_err(&e), started.elapsed()))
+}
+
 /// Runs every scenario against one cluster and prints a summary line; exits non-zero on failure.
 pub fn run_all(tests: &[(&str, TestFn)]) {
     run_all_within(tests, std::time::Duration::from_secs(120))
