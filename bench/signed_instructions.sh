@@ -46,10 +46,11 @@ d = sys.argv[1]
 ctx = json.dumps({"bs": "1796184000.123456", "iat": 1796184000, "kid": "k1", "pid": 12345,
                   "settings": {"app.tenant_id": "1", "app.user_id": "bench"}}, separators=(",", ":"), sort_keys=True)
 sig = "ab" * 32
-settings = "\x03app.user_id\x04bench\x03app.tenant_id\x041\x03"
-entries = ["%064x" % (i * 977 + 1) + "\x03" + settings for i in range(7)]
-entries.insert(4, sig + "\x03" + settings)
-record = "pgtenant:12345:1796184000.123456\x01" + "\x01".join(entries) + "\x01."
+sigs = ["%064x" % (i * 977 + 1) for i in range(7)]
+sigs.insert(4, sig)
+contexts = ["".join("\x01" + s + name + "\x04" + value + "\x03" for name, value in (("app.user_id", "bench"), ("app.tenant_id", "1")))
+            for s in sigs]
+record = "pgtenant:12345:1796184000.123456\x02" + "\x02".join(contexts) + "\x02."
 def lit(s):
     return "E'" + "".join("\\x%02x" % ord(c) if ord(c) < 32 or c in "'\\" else c for c in s) + "'"
 open(d + "/record.sql", "w").write("SELECT set_config('session_preload_libraries', %s, false);\n" % lit(record))

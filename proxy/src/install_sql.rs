@@ -35,45 +35,50 @@ const PGCRYPTO: &str = "@pgcrypto@";
 /// remembered (see [`VERIFY_BODY`]) in `session_preload_libraries`, a setting only a superuser (or a
 /// role granted `SET` on it) can change and only a superuser or `pg_read_all_settings` can read, so
 /// the restricted role can neither add an entry of its own nor see the remembered ones. The record is
-/// `pgtenant:<pid>:<start>`, then one entry per remembered context, newest first, then `\x01.`; an
-/// entry is `\x01<signature>\x03`, then the context's settings already taken out of its JSON, each
-/// as `\x03<name>\x04<value>`, then `\x03`. The signature is the key: it is an HMAC of the whole
-/// context, so whoever presents it presents that context, and the context setting itself is not
-/// read here. `split_part` finds `\x01<signature>\x03` and the entry's settings up to the next
-/// `\x01`, then `\x03<name>\x04` among them, and `string_to_array(…)[1]` the value up to the next
-/// `\x03` (NULL when the entry or the name is missing, which goes to `<schema>.verify`). No JSON is
-/// parsed and nothing is hashed: each node of the expression is prepared again in every
-/// transaction, so the fewer the cheaper (this one costs about a third of the JSON version's
-/// instructions; docs/benchmarks.md). Splicing: separators occur in the record only where the
-/// format puts them (a remembered value never holds `\x01`, `\x03` or `\x04`; a signature is 64 hex
-/// digits), so a match that starts at one entry and ends in a later one must spell, in the caller's
-/// bytes, the full signature of the entry whose settings it returns: a caller only ever reads the
-/// settings of a context whose signature it holds. One `RETURN`, one expression. It is `SECURITY
+/// `pgtenant:<pid>:<start>`, then per remembered context, newest first, `\x02` and one entry per
+/// setting, `\x01<signature><name>\x04<value>\x03`, then `\x02.`. The signature is the key: it is
+/// an HMAC of the whole context, so whoever presents it presents that context, and the context
+/// setting itself is not read here. One `split_part` finds `\x01<signature><name>\x04` and returns
+/// what follows; the other cuts it at the entry's `\x03`. Not found is `''`, which goes to
+/// `<schema>.verify` (so an empty value is never remembered: it is checked in full). No JSON is parsed and nothing is hashed: each node of the expression is
+/// prepared again in every transaction, so the fewer the cheaper (docs/benchmarks.md). Splicing: the
+/// separators occur in the record only where the format puts them (a remembered name or value never
+/// holds `\x01` to `\x04`; a signature is 64 hex digits, so it needs no separator before the name),
+/// and the search starts at a `\x01` and ends at a `\x04`: a match, whatever the caller's
+/// signature and name hold, spells in the caller's bytes every entry from one it starts at to the
+/// one whose value it returns, up to that entry's `\x04` — the full signature of that entry included.
+/// A caller only ever reads the settings of a context whose signature it holds. The verifying call
+/// is a statement of its own, not an argument of `COALESCE`, so that a hit does not even set it up
+/// (each call node costs its setup and a permission check per transaction). It is `SECURITY
 /// DEFINER` (to read that setting) but has no `SET search_path` clause, which costs a save and
-/// restore of the settings on every call: instead every name in it is schema-qualified (`COALESCE`
-/// and subscripts look nothing up), so a caller's `search_path` cannot substitute an operator,
-/// function or type of its own.
+/// restore of the settings on every call: instead every name in it is schema-qualified, operators
+/// included (`NULLIF` or `CASE x WHEN` would look `=` up in the caller's `search_path`, and run a
+/// caller's operator as the function's owner), so a caller's `search_path` cannot substitute an
+/// operator, function or type of its own.
 const SETTING_BODY: &str = r#"
-BEGIN
-  RETURN COALESCE((pg_catalog.string_to_array(pg_catalog.split_part(pg_catalog.split_part(pg_catalog.split_part(
+DECLARE
+  v pg_catalog.text := pg_catalog.split_part(pg_catalog.split_part(
       pg_catalog.current_setting('@cache@'),
-      E'\x01' OPERATOR(pg_catalog.||) pg_catalog.current_setting('@signature@', true) OPERATOR(pg_catalog.||) E'\x03', 2),
-      E'\x01', 1),
-      E'\x03' OPERATOR(pg_catalog.||) name OPERATOR(pg_catalog.||) E'\x04', 2),
-      E'\x03'))[1],
-    @schema@.verify(name));
+      E'\x01' OPERATOR(pg_catalog.||) pg_catalog.current_setting('@signature@', true) OPERATOR(pg_catalog.||) name OPERATOR(pg_catalog.||) E'\x04', 2),
+      E'\x03', 1);
+BEGIN
+  IF v OPERATOR(pg_catalog.<>) '' THEN
+    RETURN v;
+  END IF;
+  RETURN @schema@.verify(name);
 END
 "#;
 
 /// Body of `<schema>.verify(name text)`: the full check, `SECURITY DEFINER` (it reads the keys).
 /// Every failure is NULL, never an error: a client must not learn from an error which part of a
 /// forged context was wrong. The payload is parsed as JSON only once a key's HMAC matches, i.e. only
-/// when pgtenant wrote it. `setting()` also comes here for a remembered context that has no setting
-/// of the name asked for; pgtenant refuses a token that lacks a configured claim, so only a policy
-/// reading a setting pgtenant does not set pays that, on every call (and matches no row anyway). Its binding to this backend
+/// when pgtenant wrote it. `setting()` also comes here for a setting it did not find remembered:
+/// one pgtenant does not set (pgtenant refuses a token that lacks a configured claim, so only a
+/// policy reading such a setting pays that, on every call, and matches no row anyway), or one not
+/// remembered because its value is empty or a name or value holds one of the record's separators
+/// (`\x01` to `\x04`; the context's other settings are remembered). Its binding to this backend
 /// (pid, and start against pid reuse) is looked up once per connection and remembered with the
-/// verified contexts, the newest [`REMEMBERED`]. A context with a setting whose name or value holds
-/// one of the record's separators is not remembered (each of its queries is checked in full).
+/// verified contexts, the newest [`REMEMBERED`].
 const VERIFY_BODY: &str = r#"
 DECLARE
   ctx text := current_setting('@context@', true);
@@ -86,7 +91,6 @@ DECLARE
   p jsonb;
   bind text;
   entry text;
-  odd boolean;
   entries text[];
 BEGIN
   -- no context, or a signature that is not 64 lowercase hex digits: unsigned
@@ -106,25 +110,25 @@ BEGIN
         RETURN NULL;
       END IF;
       bind := 'pgtenant:' || (p->>'pid') || ':' || (p->>'bs');
-      IF split_part(seen, E'\x01', 1) IS DISTINCT FROM bind THEN
+      IF split_part(seen, E'\x02', 1) IS DISTINCT FROM bind THEN
         IF p->>'bs' IS DISTINCT FROM (SELECT extract(epoch FROM a.backend_start)::text
                                          FROM pg_stat_get_activity(pg_backend_pid()) a) THEN
           RETURN NULL;
         END IF;
         seen := bind;
       END IF;
-      -- remember it (see setting()): "<signature>\x03", then "\x03<name>\x04<value>" per setting,
-      -- then "\x03"; unless a name or value holds a separator
-      SELECT coalesce(bool_or(s.key ~ E'[\x01\x03\x04]' OR s.value ~ E'[\x01\x03\x04]'), false),
-             sig || E'\x03' || coalesce(string_agg(E'\x03' || s.key || E'\x04' || s.value, ''), '') || E'\x03'
-        INTO odd, entry FROM jsonb_each_text(p->'settings') s;
-      IF NOT odd THEN
-        -- "pgtenant:<pid>:<start>", then "\x01<entry>" for each, newest first and each once, then
-        -- "\x01."; split and joined on whole entries (string_to_array works on bytes, where left()
-        -- would count characters)
-        entries := array_remove(string_to_array(substr(seen, length(bind) + 2), E'\x01'), '.');
+      -- remember it (see setting()): "\x01<signature><name>\x04<value>\x03" per setting, but
+      -- for an empty value or a separator in a name or value
+      SELECT string_agg(E'\x01' || sig || s.key || E'\x04' || s.value || E'\x03', '')
+        INTO entry FROM jsonb_each_text(p->'settings') s
+        WHERE s.value <> '' AND s.key !~ E'[\x01-\x04]' AND s.value !~ E'[\x01-\x04]';
+      IF entry IS NOT NULL THEN
+        -- "pgtenant:<pid>:<start>", then "\x02<entries>" for each context, newest first and each
+        -- once, then "\x02."; split and joined on whole contexts (string_to_array works on bytes,
+        -- where left() would count characters)
+        entries := array_remove(string_to_array(substr(seen, length(bind) + 2), E'\x02'), '.');
         entries := (ARRAY[entry] || array_remove(entries, entry))[1:@remembered@];
-        PERFORM set_config('@cache@', bind || E'\x01' || array_to_string(entries, E'\x01') || E'\x01.', false);
+        PERFORM set_config('@cache@', bind || E'\x02' || array_to_string(entries, E'\x02') || E'\x02.', false);
       END IF;
       RETURN p->'settings'->>name;
     END IF;
@@ -345,7 +349,7 @@ mod tests {
         assert_eq!(sql.matches("BEGIN;").count(), 1);
         // the bodies the doctor compares with are the ones installed
         assert!(verify_body("s", "public").contains("public.hmac(mac, k.key") && verify_body("s", "public").contains("FROM s.keys t"));
-        assert!(setting_body("s").contains("s.verify(name));"));
+        assert!(setting_body("s").contains("RETURN s.verify(name);"));
         // the fast path hashes nothing, parses no JSON, does not count characters (strpos), and
         // finds the entry by the signature alone
         let fast = setting_body("s");

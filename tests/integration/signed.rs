@@ -299,8 +299,9 @@ async fn direct_connection_reads_and_writes_nothing(env: &Env) -> TestResult {
 }
 
 /// `pgtenant.setting()` has no `SET search_path` (it would cost as much as its body): a caller that
-/// puts types, domains and functions of its own first in its `search_path`, under the names the body
-/// uses, must still get nothing from a forged context, and the real one must still work.
+/// puts types, domains, functions and operators of its own first in its `search_path`, under the
+/// names the body uses, must still get nothing from a forged context, the real one must still work,
+/// and none of its own runs as the function's owner.
 async fn types_and_functions_of_its_own_change_nothing(env: &Env) -> TestResult {
     signed_schema(env)?;
     let attacker = direct(env).await?;
@@ -332,16 +333,59 @@ async fn types_and_functions_of_its_own_change_nothing(env: &Env) -> TestResult 
         let seen = attempt(&attacker, &settings, true).await?;
         ensure(seen == own, format!("search_path {path}, the real context: {seen:?}"))?;
     }
-    Ok(())
+    // A schema of its own (what a database that still lets PUBLIC create in `public` gives every
+    // role): operators there are found before pg_catalog's when the search_path lists it first, and
+    // one that setting() ran would run as setting()'s owner (their types are spelled in full: the
+    // pg_temp.text above would be found first otherwise). The traps raise when they run as
+    // anyone but the session's user; a SECURITY DEFINER probe with an unqualified NULLIF (which
+    // looks `=` up) shows they spring.
+    superuser(
+        env,
+        "DROP SCHEMA IF EXISTS tenant_own CASCADE; CREATE SCHEMA tenant_own AUTHORIZATION app_user; \
+         CREATE OR REPLACE FUNCTION public.trap_probe(v text) RETURNS text LANGUAGE plpgsql STABLE SECURITY DEFINER \
+           AS $$BEGIN RETURN NULLIF(v, ''); END$$",
+    )?;
+    let mut traps = String::new();
+    for (op, name, result, body) in [("=", "eq", "boolean", "a OPERATOR(pg_catalog.=) b"), ("<>", "ne", "boolean", "a OPERATOR(pg_catalog.<>) b"), ("||", "cat", "pg_catalog.text", "a OPERATOR(pg_catalog.||) b")] {
+        traps.push_str(&format!(
+            "CREATE FUNCTION tenant_own.{name}(a pg_catalog.text, b pg_catalog.text) RETURNS {result} LANGUAGE plpgsql AS $$BEGIN \
+               IF current_user OPERATOR(pg_catalog.<>) session_user THEN RAISE EXCEPTION 'a caller''s operator ran as %', current_user; END IF; \
+               RETURN {body}; END$$; \
+             CREATE OPERATOR tenant_own.{op} (LEFTARG = pg_catalog.text, RIGHTARG = pg_catalog.text, FUNCTION = tenant_own.{name});"
+        ));
+    }
+    attacker.batch_execute(&traps).await.map_err(e)?;
+    let path = "tenant_own, pg_catalog, pgtenant, public";
+    let result = async {
+        attacker.batch_execute(&format!("SET search_path = {path}")).await.map_err(e)?;
+        let probe = attacker.query_one("SELECT public.trap_probe('x')", &[]).await;
+        ensure(probe.as_ref().is_err_and(|er| db_err(er).1.contains("a caller's operator ran as")), format!("the trap did not spring: {probe:?}"))?;
+        let mut settings = with_context(&forged, &forged_sig);
+        settings.push(("search_path", path));
+        let seen = attempt(&attacker, &settings, true).await?;
+        ensure(seen == NOTHING, format!("operators of its own, search_path {path}: {seen:?}"))?;
+        let mut settings = with_context(&ap, &asig);
+        settings.push(("search_path", path));
+        let seen = attempt(&attacker, &settings, true).await?;
+        ensure(seen == own, format!("operators of its own, search_path {path}, the real context: {seen:?}"))
+    }
+    .await;
+    superuser(env, "DROP SCHEMA tenant_own CASCADE; DROP FUNCTION public.trap_probe(text)")?;
+    result
 }
 
 /// One transaction on `c` with `ctx` and `sig` as its context: what `pgtenant.setting('app.tenant_id')` says.
 async fn read_setting(c: &Client, ctx: &str, sig: &str) -> Result<Option<String>, String> {
+    read_named(c, ctx, sig, "app.tenant_id").await
+}
+
+/// `pgtenant.setting(name)` in a transaction carrying context `ctx` and signature `sig`.
+async fn read_named(c: &Client, ctx: &str, sig: &str, name: &str) -> Result<Option<String>, String> {
     c.batch_execute("BEGIN").await.map_err(e)?;
     c.query("SELECT set_config('pgtenant.context', $1, true), set_config('pgtenant.signature', $2, true)", &[&ctx, &sig])
         .await
         .map_err(e)?;
-    let v: Option<String> = c.query_one("SELECT pgtenant.setting('app.tenant_id')", &[]).await.map_err(e)?.get(0);
+    let v: Option<String> = c.query_one("SELECT pgtenant.setting($1)", &[&name]).await.map_err(e)?.get(0);
     c.batch_execute("COMMIT").await.map_err(e)?;
     Ok(v)
 }
@@ -389,7 +433,7 @@ async fn with_counted_calls<F: std::future::Future<Output = TestResult>>(env: &E
 async fn verified_contexts_are_remembered_per_backend(env: &Env) -> TestResult {
     signed_schema(env)?;
     let why = "tenant 2 once, tenant 3 once, then each malformed or unknown signature";
-    with_counted_calls(env, "setting=14 verify=6", why, async {
+    with_counted_calls(env, "setting=15 verify=7", why, async {
         let c = direct(env).await?;
         let b = backend_of(&c).await?;
         for sql in [
@@ -417,46 +461,54 @@ async fn verified_contexts_are_remembered_per_backend(env: &Env) -> TestResult {
         let tampered = String::from_utf8(tampered).map_err(e)?;
         ensure(read_setting(&c, &p, &tampered).await?.is_none(), "tenant 2's payload with one digit of its signature changed")?;
         ensure(read_setting(&c, &p, &sig).await? == Some("2".into()), "tenant 2's context after the others")?;
-        // The record holds, newest first, "\x01<signature>\x03" and "\x03<name>\x04<value>" per
-        // setting (in jsonb's key order: shorter names first), then "\x03": tenant 3's entry, then
-        // tenant 2's. A signature that spans tenant 3's entry and ends in tenant 2's whole signature
+        // The record holds, newest first, per context "\x02" and "\x01<signature><name>\x04<value>\x03"
+        // per setting (in jsonb's key order: shorter names first): tenant 3's entries, then tenant
+        // 2's. A signature that spans tenant 3's last entry and ends in tenant 2's whole signature
         // reads tenant 2's settings (it took knowing both); ending in part of it reads nothing.
         let value = |ctx: &str, name: &str| -> Result<String, String> {
             let v: serde_json::Value = serde_json::from_str(ctx).map_err(e)?;
             Ok(v["settings"][name].as_str().ok_or(format!("no {name} in {ctx}"))?.to_string())
         };
-        let entry3 = format!(
-            "{other_sig}\u{3}\u{3}app.user_id\u{4}{}\u{3}app.tenant_id\u{4}{}\u{3}request.jwt.claims\u{4}{}\u{3}",
-            value(&other, "app.user_id")?,
-            value(&other, "app.tenant_id")?,
-            value(&other, "request.jwt.claims")?
-        );
-        let whole = format!("{entry3}\u{1}{sig}");
+        let last3 = format!("{other_sig}request.jwt.claims\u{4}{}\u{3}\u{2}", value(&other, "request.jwt.claims")?);
+        let first2 = format!("\u{1}{sig}app.user_id\u{4}{}\u{3}", value(&p, "app.user_id")?);
+        let whole = format!("{last3}{first2}\u{1}{sig}");
         ensure(read_setting(&c, &other, &whole).await? == Some("2".into()), "a splice ending in tenant 2's whole signature")?;
-        let part = format!("{entry3}\u{1}{}", &sig[..63]);
+        let part = format!("{last3}{first2}\u{1}{}", &sig[..63]);
         ensure(read_setting(&c, &other, &part).await?.is_none(), "a splice ending in part of tenant 2's signature")?;
-        // the format before this one ("\x01<context>\x02<signature>\x01") finds nothing either
+        // the formats before this one ("\x01<context>\x02<signature>\x01", then
+        // "\x01<signature>\x03" and "\x03<name>\x04<value>" per setting) find nothing either
         let old_format = format!("{other_sig}\u{1}{p}\u{2}{sig}");
-        ensure(read_setting(&c, &other, &old_format).await?.is_none(), "a signature spliced the old way")?;
+        ensure(read_setting(&c, &other, &old_format).await?.is_none(), "a signature spliced the first way")?;
+        let second_format = format!("{other_sig}\u{3}\u{3}app.user_id\u{4}{}\u{3}\u{1}{sig}\u{3}", value(&other, "app.user_id")?);
+        ensure(read_setting(&c, &other, &second_format).await?.is_none(), "a signature spliced the second way")?;
         ensure(read_setting(&c, &p, &sig[..63]).await?.is_none(), "part of a remembered signature")?;
         Ok(())
     })
     .await
 }
 
-/// A context with a setting whose value holds one of the record's separators (`\x01`, `\x03`,
-/// `\x04`) is never remembered, so it cannot be read as a splice of the record: every query checks
-/// it in full, and still reads its own settings.
+/// A setting whose value holds one of the record's separators (`\x01` to `\x04`) is never
+/// remembered, so it cannot be read as a splice of the record, and neither is an empty one (the fast
+/// path reads "not found" as empty): each read of it checks in full, and still reads it. The
+/// context's other settings are remembered as usual.
 async fn a_context_with_a_separator_is_checked_in_full_each_time(env: &Env) -> TestResult {
     signed_schema(env)?;
-    with_counted_calls(env, "setting=3 verify=3", "three reads of one context that is never remembered", async {
+    let why = "per context: three reads of the odd setting, each checked in full (the first remembers the \
+               others), then three reads of the tenant from memory";
+    with_counted_calls(env, "setting=18 verify=9", why, async {
         let c = direct(env).await?;
         let b = backend_of(&c).await?;
-        let mut settings = tenant_settings(2);
-        settings[1].1 = "mal\u{3}lory".into();
-        let (ctx, sig) = Signer::new("k1", KEY.as_bytes()).signed(&settings, now(), &b);
-        for round in 0..3 {
-            ensure(read_setting(&c, &ctx, &sig).await? == Some("2".into()), format!("the context with a separator, #{round}"))?;
+        for odd in ["mal\u{3}lory", "mal\u{2}lory", ""] {
+            let mut settings = tenant_settings(2);
+            settings[1].1 = odd.into();
+            let (ctx, sig) = Signer::new("k1", KEY.as_bytes()).signed(&settings, now(), &b);
+            for round in 0..3 {
+                let got = read_named(&c, &ctx, &sig, "app.user_id").await?;
+                ensure(got.as_deref() == Some(odd), format!("{odd:?} read back as {got:?}, #{round}"))?;
+            }
+            for round in 0..3 {
+                ensure(read_setting(&c, &ctx, &sig).await? == Some("2".into()), format!("the tenant beside {odd:?}, #{round}"))?;
+            }
         }
         Ok(())
     })

@@ -109,8 +109,11 @@ impl Router {
     /// The cluster a tenant's next transaction runs on (index into [`Router::clusters`]); an
     /// unknown cluster in the token's claim is a FATAL error.
     pub fn cluster_of(&self, tenant: &str, claimed: Option<&str>) -> Result<usize, PgError> {
-        let placement = self.placement.read().unwrap_or_else(|p| p.into_inner()).clone();
-        placement.cluster(tenant, claimed, &self.names)
+        // one cluster and no claim to check: nothing to look up
+        if claimed.is_none() && self.clusters.len() == 1 {
+            return Ok(0);
+        }
+        self.placement.read().unwrap_or_else(|p| p.into_inner()).cluster(tenant, claimed, &self.names)
     }
 
     /// The primary pool of cluster `index` (a login's server facts, a session-mode backend).
