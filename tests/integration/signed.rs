@@ -324,14 +324,7 @@ async fn types_and_functions_of_its_own_change_nothing(env: &Env) -> TestResult 
         .map_err(e)?;
     let (forged, forged_sig) = signed("k1", "attacker-key-0123456789abcdef-0123456789", 1, &a);
     for path in ["pg_temp, pgtenant, pg_catalog, public", "pgtenant, pg_temp, public"] {
-        let mut settings = with_context(&forged, &forged_sig);
-        settings.push(("search_path", path));
-        let seen = attempt(&attacker, &settings, true).await?;
-        ensure(seen == NOTHING, format!("search_path {path}: {seen:?}"))?;
-        let mut settings = with_context(&ap, &asig);
-        settings.push(("search_path", path));
-        let seen = attempt(&attacker, &settings, true).await?;
-        ensure(seen == own, format!("search_path {path}, the real context: {seen:?}"))?;
+        forged_and_real_under(&attacker, path, (&forged, &forged_sig), (&ap, &asig), &own).await?;
     }
     // A schema of its own (what a database that still lets PUBLIC create in `public` gives every
     // role): operators there are found before pg_catalog's when the search_path lists it first, and
@@ -360,18 +353,23 @@ async fn types_and_functions_of_its_own_change_nothing(env: &Env) -> TestResult 
         attacker.batch_execute(&format!("SET search_path = {path}")).await.map_err(e)?;
         let probe = attacker.query_one("SELECT public.trap_probe('x')", &[]).await;
         ensure(probe.as_ref().is_err_and(|er| db_err(er).1.contains("a caller's operator ran as")), format!("the trap did not spring: {probe:?}"))?;
-        let mut settings = with_context(&forged, &forged_sig);
-        settings.push(("search_path", path));
-        let seen = attempt(&attacker, &settings, true).await?;
-        ensure(seen == NOTHING, format!("operators of its own, search_path {path}: {seen:?}"))?;
-        let mut settings = with_context(&ap, &asig);
-        settings.push(("search_path", path));
-        let seen = attempt(&attacker, &settings, true).await?;
-        ensure(seen == own, format!("operators of its own, search_path {path}, the real context: {seen:?}"))
+        forged_and_real_under(&attacker, path, (&forged, &forged_sig), (&ap, &asig), &own).await.map_err(|m| format!("operators of its own: {m}"))
     }
     .await;
     superuser(env, "DROP SCHEMA tenant_own CASCADE; DROP FUNCTION public.trap_probe(text)")?;
     result
+}
+
+/// With `path` as its `search_path`, a forged context (payload, signature) sees nothing and the real
+/// one sees what it saw before (`own`).
+async fn forged_and_real_under(c: &Client, path: &str, forged: (&str, &str), real: (&str, &str), own: &Seen) -> TestResult {
+    for ((ctx, sig), want, which) in [(forged, &NOTHING, "a forged context"), (real, own, "the real context")] {
+        let mut settings = with_context(ctx, sig);
+        settings.push(("search_path", path));
+        let seen = attempt(c, &settings, true).await?;
+        ensure(seen == *want, format!("search_path {path}, {which}: {seen:?}"))?;
+    }
+    Ok(())
 }
 
 /// One transaction on `c` with `ctx` and `sig` as its context: what `pgtenant.setting('app.tenant_id')` says.
