@@ -40,14 +40,14 @@ const PGCRYPTO: &str = "@pgcrypto@";
 /// an HMAC of the whole context, so whoever presents it presents that context, and the context
 /// setting itself is not read here. One `split_part` finds `\x01<signature><name>\x04` and returns
 /// what follows; the other cuts it at the entry's `\x03`. Not found is `''`, which goes to
-/// `<schema>.verify` (so an empty value is never remembered: it is checked in full). No JSON is parsed and nothing is hashed: each node of the expression is
-/// prepared again in every transaction, so the fewer the cheaper (docs/benchmarks.md). Splicing: the
-/// separators occur in the record only where the format puts them (a remembered name or value never
-/// holds `\x01` to `\x04`; a signature is 64 hex digits, so it needs no separator before the name),
-/// and the search starts at a `\x01` and ends at a `\x04`: a match, whatever the caller's
-/// signature and name hold, spells in the caller's bytes every entry from one it starts at to the
-/// one whose value it returns, up to that entry's `\x04` — the full signature of that entry included.
-/// A caller only ever reads the settings of a context whose signature it holds. The verifying call
+/// `<schema>.verify` (so an empty value is never remembered: it is checked in full). No JSON is
+/// parsed and nothing is hashed: each node of the expression is prepared again in every
+/// transaction, so the fewer the cheaper (docs/benchmarks.md). Splicing: the separators occur in the
+/// record only where the format puts them (a remembered name or value never holds `\x01` to `\x04`;
+/// a signature is 64 hex digits, so it needs no separator before the name), and the search starts
+/// at a `\x01` and ends at a `\x04`: a match, whatever the caller's signature and name hold, spells
+/// in the caller's bytes every entry from the one it starts at to the one whose value it returns,
+/// up to that entry's `\x04`, the full signature of that entry included. A caller only ever reads the settings of a context whose signature it holds. The verifying call
 /// is a statement of its own, not an argument of `COALESCE`, so that a hit does not even set it up
 /// (each call node costs its setup and a permission check per transaction). It is `SECURITY
 /// DEFINER` (to read that setting) but has no `SET search_path` clause, which costs a save and
@@ -138,8 +138,9 @@ END
 "#;
 
 /// How many verified contexts a backend remembers: the newest ones. `setting()` copies and searches
-/// the record on every call, so this bounds its cost as much as it bounds memory (an entry of three
-/// tenant settings and the claims takes the signature's 64 bytes plus the settings, about 200).
+/// the record on every call, so this bounds its cost as much as it bounds memory (a context of three
+/// tenant settings and the claims takes the signature's 64 bytes per setting plus the settings,
+/// about 350: 64 of them about 22 kB).
 pub const REMEMBERED: usize = 64;
 
 /// `--schema`: a plain lowercase identifier, so that policies can name it without quotes.
