@@ -47,9 +47,10 @@ const PGCRYPTO: &str = "@pgcrypto@";
 /// a signature is 64 hex digits, so it needs no separator before the name), and the search starts
 /// at a `\x01` and ends at a `\x04`: a match, whatever the caller's signature and name hold, spells
 /// in the caller's bytes every entry from the one it starts at to the one whose value it returns,
-/// up to that entry's `\x04`, the full signature of that entry included. A caller only ever reads the settings of a context whose signature it holds. The verifying call
-/// is a statement of its own, not an argument of `COALESCE`, so that a hit does not even set it up
-/// (each call node costs its setup and a permission check per transaction). It is `SECURITY
+/// up to that entry's `\x04`, the full signature of that entry included. A caller only ever reads
+/// the settings of a context whose signature it holds. The verifying call is a statement of its
+/// own, not an argument of `COALESCE`, so that a hit does not even set it up (each call node costs
+/// its setup and a permission check per transaction). It is `SECURITY
 /// DEFINER` (to read that setting) but has no `SET search_path` clause, which costs a save and
 /// restore of the settings on every call: instead every name in it is schema-qualified, operators
 /// included (`NULLIF` or `CASE x WHEN` would look `=` up in the caller's `search_path`, and run a
