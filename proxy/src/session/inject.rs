@@ -297,4 +297,57 @@ mod tests {
         );
         assert_eq!(context_sql(0), "SELECT WHERE false");
     }
+
+    fn has(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    #[test]
+    fn application_name_only_in_the_statement_with_one_setting_more() {
+        let names = ["app.tenant_id".to_string(), "TimeZone".to_string()];
+        let values = ["7".to_string(), "UTC".to_string()];
+        let mut inj = Injection::new(&names, &values, "shop".into(), None);
+        let id = BackendId {
+            pid: 1,
+            started: "1".into(),
+        };
+        let mut replies = Replies::default();
+        for (named, stmt) in [(false, "pgtenant_ctx_2\0"), (true, "pgtenant_ctx_3\0")] {
+            let mut out = BytesMut::new();
+            inj.write_for(&mut out, true, named, &id, &mut replies);
+            assert!(
+                has(&out, stmt) && has(&out, "TimeZone") && has(&out, "app.tenant_id"),
+                "{out:?}"
+            );
+            assert_eq!(
+                has(&out, "application_name") && has(&out, "shop"),
+                named,
+                "{out:?}"
+            );
+        }
+        // signed: the name goes before the signed pair, in the statement of one setting more
+        let signer = Arc::new(Signer::new("k1", b"0123456789abcdef0123456789abcdef"));
+        let settings = vec![("app.tenant_id".to_string(), "7".to_string())];
+        let mut inj = Injection::new(&names, &values, "shop".into(), Some((signer, settings, 0)));
+        for (named, stmt) in [
+            (true, "pgtenant_ctx_5\0"),
+            (false, "pgtenant_ctx_4\0"),
+            (true, "pgtenant_ctx_5\0"),
+        ] {
+            let mut out = BytesMut::new();
+            inj.write_for(&mut out, false, named, &id, &mut replies);
+            assert!(has(&out, stmt), "{out:?}");
+            let (app, ctx) = (
+                out.windows(16).position(|w| w == b"application_name"),
+                out.windows(16).position(|w| w == b"pgtenant.context"),
+            );
+            assert_eq!(app.is_some(), named);
+            assert!(
+                ctx.is_some() && app.is_none_or(|a| a < ctx.unwrap()),
+                "{out:?}"
+            );
+        }
+    }
 }
