@@ -71,8 +71,7 @@ for _ in $(seq 1 120); do psql_su -c 'SELECT 1' >/dev/null 2>&1 && break; sleep 
 proxy_pid=$!
 token=$("$pgtenant" token --secret signed-instructions-jwt-secret-0123456789 --claim tenant_id=1 --sub bench --ttl 3h)
 printf '\\set id random(1, 200000)\nSELECT id, tenant_id, amount FROM orders WHERE id = :id;\n' > "$dir/read.sql"
-# as pgbench: pgtenant's pooled connection logs in with the name of the client that opened it
-client() { PGAPPNAME=pgbench PGPASSWORD=$token "$@" -h 127.0.0.1 -p "$proxy_port" -U bench app; }
+client() { PGPASSWORD=$token "$@" -h 127.0.0.1 -p "$proxy_port" -U bench app; }
 sleep 2
 
 count() { # count POLICY MODE N -> instructions of one fresh backend that ran 20 + N transactions

@@ -29,14 +29,8 @@ const SECRET: &str = "replica-tps-benchmark-jwt-secret-0123456789";
 fn read_only_routes() -> (f64, f64) {
     let text = pgtenant::metrics::recorder().render();
     let (mut primary, mut replica) = (0.0, 0.0);
-    for line in text
-        .lines()
-        .filter(|l| l.starts_with(pgtenant::metrics::READ_ONLY_ROUTES))
-    {
-        let value = line
-            .rsplit_once(' ')
-            .and_then(|(_, v)| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
+    for line in text.lines().filter(|l| l.starts_with(pgtenant::metrics::READ_ONLY_ROUTES)) {
+        let value = line.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()).unwrap_or(0.0);
         if line.contains("target=\"replica\"") {
             replica += value;
         } else if line.contains("target=\"primary\"") {
@@ -48,15 +42,8 @@ fn read_only_routes() -> (f64, f64) {
 
 /// Transactions committed in database `app` on `server`, as its own statistics count them.
 fn commits(server: &Cluster) -> Result<f64, String> {
-    let out = server
-        .psql(
-            "app",
-            "SELECT xact_commit FROM pg_stat_database WHERE datname = 'app'",
-        )
-        .map_err(|e| e.to_string())?;
-    out.trim()
-        .parse()
-        .map_err(|_| format!("xact_commit: {out:?}"))
+    let out = server.psql("app", "SELECT xact_commit FROM pg_stat_database WHERE datname = 'app'").map_err(|e| e.to_string())?;
+    out.trim().parse().map_err(|_| format!("xact_commit: {out:?}"))
 }
 
 /// One proxy in front of `cluster`, with `replicas` (TOML array items) as `backend.replicas`.
@@ -68,9 +55,7 @@ async fn proxy(cluster: &Cluster, replicas: &str) -> Result<Running, String> {
         cluster.url("app_user", "app-secret", "app")
     );
     let cfg = Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
-    pgtenant::server::start(cfg)
-        .await
-        .map_err(|e| e.to_string())
+    pgtenant::server::start(cfg).await.map_err(|e| e.to_string())
 }
 
 /// What one pgbench run measured.
@@ -87,11 +72,7 @@ fn main() -> Result<(), String> {
     let cluster = cpu::cluster_with_orders(ROWS)?;
     // copied after the load, so the standby starts with the data instead of replaying it
     let standby = cluster.start_standby().map_err(|e| e.to_string())?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| e.to_string())?;
     let alone = rt.block_on(proxy(&cluster, ""))?;
     let replica_url = standby.url("app_user", "app-secret", "app");
     let with = rt.block_on(proxy(&cluster, &format!("\"{replica_url}\"")))?;
@@ -113,64 +94,26 @@ fn main() -> Result<(), String> {
     let (read, write) = (dir.path().join("read.sql"), dir.path().join("write.sql"));
     std::fs::write(&read, READ).map_err(|e| e.to_string())?;
     std::fs::write(&write, WRITE).map_err(|e| e.to_string())?;
-    let pgbench = Cluster::find_bindir()
-        .map_err(|e| e.to_string())?
-        .join("pgbench");
-    let (primary_pm, standby_pm) = (
-        cpu::postmaster_pid(&cluster.data_dir())?,
-        cpu::postmaster_pid(&standby.data_dir())?,
-    );
+    let pgbench = Cluster::find_bindir().map_err(|e| e.to_string())?.join("pgbench");
+    let (primary_pm, standby_pm) = (cpu::postmaster_pid(&cluster.data_dir())?, cpu::postmaster_pid(&standby.data_dir())?);
     let run = |target: &Running, mode: &str| -> Result<Run, String> {
-        let (p0, s0, me0, r0) = (
-            cpu::children_ticks(primary_pm),
-            cpu::children_ticks(standby_pm),
-            cpu::own_ticks(),
-            read_only_routes(),
-        );
+        let (p0, s0, me0, r0) = (cpu::children_ticks(primary_pm), cpu::children_ticks(standby_pm), cpu::own_ticks(), read_only_routes());
         let out = Command::new(&pgbench)
-            .args([
-                "-n",
-                "-c",
-                &clients.to_string(),
-                "-j",
-                "2",
-                "-T",
-                &secs.to_string(),
-                "-M",
-                mode,
-            ])
+            .args(["-n", "-c", &clients.to_string(), "-j", "2", "-T", &secs.to_string(), "-M", mode])
             .arg("-f")
             .arg(format!("{}@9", read.display()))
             .arg("-f")
             .arg(format!("{}@1", write.display()))
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &target.addr.port().to_string(),
-                "-U",
-                "bench",
-                "app",
-            ])
+            .args(["-h", "127.0.0.1", "-p", &target.addr.port().to_string(), "-U", "bench", "app"])
             .env("PGPASSWORD", &token)
             .output()
             .map_err(|e| e.to_string())?;
-        let (p1, s1, me1, r1) = (
-            cpu::children_ticks(primary_pm),
-            cpu::children_ticks(standby_pm),
-            cpu::own_ticks(),
-            read_only_routes(),
-        );
+        let (p1, s1, me1, r1) = (cpu::children_ticks(primary_pm), cpu::children_ticks(standby_pm), cpu::own_ticks(), read_only_routes());
         let (tps, n) = cpu::pgbench_result(&out)?;
         let us = |ticks: u64| ticks as f64 * 1e6 / cpu::TICKS_PER_SECOND / n;
         Ok(Run {
             tps,
-            cpu: [
-                us(cpu::children_delta(&p0, &p1)),
-                us(cpu::children_delta(&s0, &s1)),
-                us(me1.0 - me0.0),
-                us(me1.1 - me0.1),
-            ],
+            cpu: [us(cpu::children_delta(&p0, &p1)), us(cpu::children_delta(&s0, &s1)), us(me1.0 - me0.0), us(me1.1 - me0.1)],
             routes: (r1.0 - r0.0, r1.1 - r0.1),
         })
     };
@@ -193,17 +136,8 @@ fn main() -> Result<(), String> {
             with_replica.push(run(&with, mode)?);
         }
         let share = |runs: &[Run]| {
-            let (p, r) = runs
-                .iter()
-                .fold((0.0, 0.0), |(p, r), x| (p + x.routes.0, r + x.routes.1));
-            (
-                r,
-                if p + r > 0.0 {
-                    format!("{:.1}%", 100.0 * r / (p + r))
-                } else {
-                    "?".into()
-                },
-            )
+            let (p, r) = runs.iter().fold((0.0, 0.0), |(p, r), x| (p + x.routes.0, r + x.routes.1));
+            (r, if p + r > 0.0 { format!("{:.1}%", 100.0 * r / (p + r)) } else { "?".into() })
         };
         let (on_standby, with_share) = share(&with_replica);
         routed_to_standby += on_standby;
@@ -213,24 +147,8 @@ fn main() -> Result<(), String> {
             v.swap_remove(v.len() / 2)
         };
         let (a, b) = (median(&mut without), median(&mut with_replica));
-        let show = |c: [f64; 4]| {
-            format!(
-                "{:.0} = {:.0} + {:.0} + {:.0} + {:.0}",
-                c.iter().sum::<f64>(),
-                c[0],
-                c[1],
-                c[2],
-                c[3]
-            )
-        };
-        println!(
-            "| {mode} | {:.0} | {:.0} | {:.2} | {with_share} | {} | {} |",
-            a.tps,
-            b.tps,
-            b.tps / a.tps,
-            show(a.cpu),
-            show(b.cpu)
-        );
+        let show = |c: [f64; 4]| format!("{:.0} = {:.0} + {:.0} + {:.0} + {:.0}", c.iter().sum::<f64>(), c[0], c[1], c[2], c[3]);
+        println!("| {mode} | {:.0} | {:.0} | {:.2} | {with_share} | {} | {} |", a.tps, b.tps, b.tps / a.tps, show(a.cpu), show(b.cpu));
     }
     // backends report their counts when idle for a second
     std::thread::sleep(Duration::from_millis(1500));

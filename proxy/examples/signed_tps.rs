@@ -31,8 +31,7 @@ const FLOOR_FUNCTION: &str = "CREATE SCHEMA bench_floor;
   CREATE FUNCTION bench_floor.setting(name text) RETURNS text LANGUAGE plpgsql STABLE SECURITY DEFINER
     AS $$BEGIN RETURN pg_catalog.current_setting(name, true); END$$;
   GRANT EXECUTE ON FUNCTION bench_floor.setting(text) TO app_user;";
-const SCRIPT: &str =
-    "\\set id random(1, 200000)\nSELECT id, tenant_id, amount FROM orders WHERE id = :id;\n";
+const SCRIPT: &str = "\\set id random(1, 200000)\nSELECT id, tenant_id, amount FROM orders WHERE id = :id;\n";
 
 fn main() -> Result<(), String> {
     let (secs, rounds, clients) = cpu::run_args();
@@ -46,30 +45,17 @@ fn main() -> Result<(), String> {
         cluster.url("app_user", "app-secret", "app")
     );
     let cfg = Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
-    cluster
-        .psql_stdin("app", &pgtenant::install_sql::script(&cfg, "pgtenant")?)
-        .map_err(|e| e.to_string())?;
-    cluster
-        .psql_stdin("app", FLOOR_FUNCTION)
-        .map_err(|e| e.to_string())?;
+    cluster.psql_stdin("app", &pgtenant::install_sql::script(&cfg, "pgtenant")?).map_err(|e| e.to_string())?;
+    cluster.psql_stdin("app", FLOOR_FUNCTION).map_err(|e| e.to_string())?;
     // count the full checks without timing anything else: only pgtenant.verify() runs with
     // track_functions (its SET clause; it already has one, so this costs it nothing more), not
     // pgtenant.setting(), which every signed query calls, nor anything in the plain runs. Each
     // transaction of the workload runs one query, so the transactions count setting()'s calls.
     cluster
-        .psql(
-            "app",
-            "ALTER FUNCTION pgtenant.verify(text) SET track_functions = 'pl'",
-        )
+        .psql("app", "ALTER FUNCTION pgtenant.verify(text) SET track_functions = 'pl'")
         .map_err(|e| e.to_string())?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let proxy = rt
-        .block_on(pgtenant::server::start(cfg))
-        .map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().map_err(|e| e.to_string())?;
+    let proxy = rt.block_on(pgtenant::server::start(cfg)).map_err(|e| e.to_string())?;
     let token = pgtenant::jwt::mint_hs(
         &serde_json::json!({"tenant_id": 1, "sub": "bench", "exp": 4_000_000_000u64}),
         secret.as_bytes(),
@@ -78,36 +64,15 @@ fn main() -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let script = dir.path().join("select.sql");
     std::fs::write(&script, SCRIPT).map_err(|e| e.to_string())?;
-    let pgbench = Cluster::find_bindir()
-        .map_err(|e| e.to_string())?
-        .join("pgbench");
+    let pgbench = Cluster::find_bindir().map_err(|e| e.to_string())?.join("pgbench");
     let postmaster = cpu::postmaster_pid(&cluster.data_dir())?;
     // one pgbench run: (TPS, CPU µs per transaction of Postgres, of pgtenant, of pgbench, transactions)
     let run = |mode: &str| -> Result<(f64, [f64; 3], f64), String> {
         let (pg0, me0) = (cpu::children_ticks(postmaster), cpu::own_ticks());
         let out = Command::new(&pgbench)
-            .args([
-                "-n",
-                "-c",
-                &clients.to_string(),
-                "-j",
-                "2",
-                "-T",
-                &secs.to_string(),
-                "-M",
-                mode,
-                "-f",
-            ])
+            .args(["-n", "-c", &clients.to_string(), "-j", "2", "-T", &secs.to_string(), "-M", mode, "-f"])
             .arg(&script)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &proxy.addr.port().to_string(),
-                "-U",
-                "bench",
-                "app",
-            ])
+            .args(["-h", "127.0.0.1", "-p", &proxy.addr.port().to_string(), "-U", "bench", "app"])
             .env("PGPASSWORD", &token)
             .output()
             .map_err(|e| e.to_string())?;
@@ -126,16 +91,12 @@ fn main() -> Result<(), String> {
         let (mut plain, mut signed, mut floor) = (Vec::new(), Vec::new(), Vec::new());
         let (mut plain_cpu, mut signed_cpu) = (Vec::new(), Vec::new());
         let mut signed_queries = 0.0;
-        cluster
-            .psql("app", "SELECT pg_stat_reset()")
-            .map_err(|e| e.to_string())?;
+        cluster.psql("app", "SELECT pg_stat_reset()").map_err(|e| e.to_string())?;
         for round in 0..rounds {
             // the three styles run in a rotating order, so no style always runs first or last
             for i in 0..3 {
                 let style = (round as usize + i) % 3;
-                cluster
-                    .psql("app", [PLAIN, SIGNED, FLOOR][style])
-                    .map_err(|e| e.to_string())?;
+                cluster.psql("app", [PLAIN, SIGNED, FLOOR][style]).map_err(|e| e.to_string())?;
                 std::thread::sleep(Duration::from_millis(200));
                 let (tps, cpu, n) = run(mode)?;
                 match style {
@@ -153,8 +114,7 @@ fn main() -> Result<(), String> {
             }
         }
         // each round's ratio is of runs seconds apart, under the same outside load
-        let ratios =
-            |num: &[f64]| -> Vec<f64> { num.iter().zip(&plain).map(|(n, p)| n / p).collect() };
+        let ratios = |num: &[f64]| -> Vec<f64> { num.iter().zip(&plain).map(|(n, p)| n / p).collect() };
         let (mut signed_ratio, mut floor_ratio) = (ratios(&signed), ratios(&floor));
         let median = |v: &mut Vec<f64>| {
             v.sort_by(|a, b| a.total_cmp(b));
@@ -169,9 +129,7 @@ fn main() -> Result<(), String> {
             .psql("app", "SELECT coalesce(sum(calls), 0) FROM pg_stat_user_functions WHERE schemaname = 'pgtenant' AND funcname = 'verify'")
             .map_err(|e| e.to_string())?;
         let per_1000 = match verified.trim().parse::<f64>() {
-            Ok(verify) if signed_queries > 0.0 => {
-                format!("{:.2}", verify * 1000.0 / signed_queries)
-            }
+            Ok(verify) if signed_queries > 0.0 => format!("{:.2}", verify * 1000.0 / signed_queries),
             _ => "?".into(),
         };
         // CPU per transaction: the median of the runs' totals, split as that run split it
@@ -180,15 +138,7 @@ fn main() -> Result<(), String> {
             v[v.len() / 2]
         };
         let (pc, sc) = (cpu(&mut plain_cpu), cpu(&mut signed_cpu));
-        let show = |c: [f64; 3]| {
-            format!(
-                "{:.0} = {:.0} + {:.0} + {:.0}",
-                c.iter().sum::<f64>(),
-                c[0],
-                c[1],
-                c[2]
-            )
-        };
+        let show = |c: [f64; 3]| format!("{:.0} = {:.0} + {:.0} + {:.0}", c.iter().sum::<f64>(), c[0], c[1], c[2]);
         println!(
             "| {mode} | {p:.0} | {s:.0} | {sr:.2} ({}) | {per_1000} | {} | {} | {:.2} | {f:.0} | {fr:.2} ({}) |",
             spread(&signed_ratio),
@@ -206,11 +156,7 @@ fn main() -> Result<(), String> {
         .arg(cluster.url("app_user", "app-secret", "app"))
         .output()
         .map_err(|e| e.to_string())?;
-    println!(
-        "\nbench/signed_context.sql:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    println!("\nbench/signed_context.sql:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     rt.block_on(proxy.stop());
     Ok(())
 }

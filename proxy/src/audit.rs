@@ -79,10 +79,7 @@ fn open_sink(path: &Option<PathBuf>) -> Result<Sink, String> {
 impl AuditLog {
     /// Opens the sink and starts the writer thread (it ends when the log is dropped).
     pub fn open(cfg: &AuditConfig) -> Result<AuditLog, String> {
-        let mut out = Out {
-            sink: open_sink(&cfg.path)?,
-            fsync: cfg.fsync,
-        };
+        let mut out = Out { sink: open_sink(&cfg.path)?, fsync: cfg.fsync };
         let next: Arc<Mutex<Option<Out>>> = Arc::default();
         let (queue, mut jobs) = mpsc::channel::<Job>(QUEUE);
         let reopened = next.clone();
@@ -113,10 +110,7 @@ impl AuditLog {
     }
 
     pub fn enabled(&self) -> bool {
-        self.path
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some()
+        self.path.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
     /// Reopens the file (after logrotate moved it), or switches to a new `audit.path`; the writer
@@ -124,13 +118,9 @@ impl AuditLog {
     /// the old file stays in use.
     pub fn reopen(&self, cfg: &AuditConfig) -> Result<(), String> {
         let sink = open_sink(&cfg.path)?;
-        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = Some(Out {
-            sink,
-            fsync: cfg.fsync,
-        });
+        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = Some(Out { sink, fsync: cfg.fsync });
         *self.path.lock().unwrap_or_else(|p| p.into_inner()) = cfg.path.clone();
-        *self.timeout.lock().unwrap_or_else(|p| p.into_inner()) =
-            Duration::from_millis(cfg.write_timeout_ms);
+        *self.timeout.lock().unwrap_or_else(|p| p.into_inner()) = Duration::from_millis(cfg.write_timeout_ms);
         self.on.store(cfg.path.is_some(), Ordering::Release);
         Ok(())
     }
@@ -144,10 +134,7 @@ impl AuditLog {
             return Ok(());
         }
         let mut obj = Map::new();
-        obj.insert(
-            "ts".into(),
-            Value::String(timestamp(std::time::SystemTime::now())),
-        );
+        obj.insert("ts".into(), Value::String(timestamp(std::time::SystemTime::now())));
         obj.insert("event".into(), Value::String(event.into()));
         if let Value::Object(f) = fields {
             obj.extend(f);
@@ -155,11 +142,7 @@ impl AuditLog {
         let mut line = Value::Object(obj).to_string();
         line.push('\n');
         let (done, written) = oneshot::channel();
-        let job = Job {
-            line,
-            event: event.to_string(),
-            done,
-        };
+        let job = Job { line, event: event.to_string(), done };
         let limit = *self.timeout.lock().unwrap_or_else(|p| p.into_inner());
         let acknowledged = tokio::time::timeout(limit, async {
             self.queue.send(job).await.ok()?;
@@ -170,13 +153,8 @@ impl AuditLog {
             Ok(Some(true)) => Ok(()),
             Ok(Some(false)) => Err(NotRecorded), // counted and logged by the writer
             Ok(None) | Err(_) => {
-                metrics::counter!(crate::metrics::AUDIT_RECORDS, "result" => "timeout")
-                    .increment(1);
-                tracing::error!(
-                    event,
-                    timeout_ms = limit.as_millis() as u64,
-                    "the audit log writer did not take the record in time"
-                );
+                metrics::counter!(crate::metrics::AUDIT_RECORDS, "result" => "timeout").increment(1);
+                tracing::error!(event, timeout_ms = limit.as_millis() as u64, "the audit log writer did not take the record in time");
                 Err(NotRecorded)
             }
         }
@@ -240,72 +218,37 @@ mod tests {
     async fn records_are_lines_and_reopen_follows_a_rotation() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let cfg = AuditConfig {
-            path: Some(path.clone()),
-            fsync: true,
-            ..Default::default()
-        };
+        let cfg = AuditConfig { path: Some(path.clone()), fsync: true, ..Default::default() };
         let log = AuditLog::open(&cfg).unwrap();
-        log.record("login", serde_json::json!({ "tenant": "1" }))
-            .await
-            .unwrap();
+        log.record("login", serde_json::json!({ "tenant": "1" })).await.unwrap();
         std::fs::rename(&path, dir.path().join("audit.jsonl.1")).unwrap();
-        log.record("login", serde_json::json!({ "tenant": "2" }))
-            .await
-            .unwrap(); // still the moved file
+        log.record("login", serde_json::json!({ "tenant": "2" })).await.unwrap(); // still the moved file
         log.reopen(&cfg).unwrap();
-        log.record("login", serde_json::json!({ "tenant": "3" }))
-            .await
-            .unwrap();
+        log.record("login", serde_json::json!({ "tenant": "3" })).await.unwrap();
         let old = std::fs::read_to_string(dir.path().join("audit.jsonl.1")).unwrap();
         let new = std::fs::read_to_string(&path).unwrap();
         assert_eq!((old.lines().count(), new.lines().count()), (2, 1));
         let v: Value = serde_json::from_str(new.trim()).unwrap();
-        assert_eq!(
-            (v["event"].as_str(), v["tenant"].as_str()),
-            (Some("login"), Some("3"))
-        );
+        assert_eq!((v["event"].as_str(), v["tenant"].as_str()), (Some("login"), Some("3")));
         // off: nothing written, never an error
-        AuditLog::open(&AuditConfig::default())
-            .unwrap()
-            .record("login", Value::Null)
-            .await
-            .unwrap();
+        AuditLog::open(&AuditConfig::default()).unwrap().record("login", Value::Null).await.unwrap();
     }
 
     /// The record is acknowledged only once written: a full disk is an error, not a silent loss,
     /// and many sessions writing at once lose nothing and never interleave lines.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn acknowledged_means_written() {
-        let full = AuditLog::open(&AuditConfig {
-            path: Some("/dev/full".into()),
-            ..Default::default()
-        })
-        .unwrap();
-        assert!(full
-            .record("bypass_statement", serde_json::json!({}))
-            .await
-            .is_err());
+        let full = AuditLog::open(&AuditConfig { path: Some("/dev/full".into()), ..Default::default() }).unwrap();
+        assert!(full.record("bypass_statement", serde_json::json!({})).await.is_err());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let log = Arc::new(
-            AuditLog::open(&AuditConfig {
-                path: Some(path.clone()),
-                ..Default::default()
-            })
-            .unwrap(),
-        );
+        let log = Arc::new(AuditLog::open(&AuditConfig { path: Some(path.clone()), ..Default::default() }).unwrap());
         let tasks: Vec<_> = (0..8)
             .map(|t| {
                 let log = log.clone();
                 tokio::spawn(async move {
                     for i in 0..1000 {
-                        log.record(
-                            "x",
-                            serde_json::json!({ "t": t, "i": i, "pad": "p".repeat(i % 300) }),
-                        )
-                        .await
-                        .unwrap();
+                        log.record("x", serde_json::json!({ "t": t, "i": i, "pad": "p".repeat(i % 300) })).await.unwrap();
                     }
                 })
             })
@@ -315,8 +258,6 @@ mod tests {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text.lines().count(), 8000);
-        assert!(text
-            .lines()
-            .all(|l| serde_json::from_str::<Value>(l).is_ok()));
+        assert!(text.lines().all(|l| serde_json::from_str::<Value>(l).is_ok()));
     }
 }

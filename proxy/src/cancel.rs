@@ -81,18 +81,10 @@ impl CancelSlot {
     /// Like [`backend`](Self::backend), with the pool that backend came from (the console's `SHOW
     /// SERVERS` lists it under that pool). `None` for the pool while a backend given at login is
     /// not yet recorded as its session's (see [`given_by`](Self::given_by)).
-    pub async fn backend_in_pool(
-        &self,
-    ) -> (
-        Option<(i32, Option<Arc<crate::pool::Pool>>)>,
-        std::time::SystemTime,
-    ) {
+    pub async fn backend_in_pool(&self) -> (Option<(i32, Option<Arc<crate::pool::Pool>>)>, std::time::SystemTime) {
         let current = self.current.lock().await;
         let pool = self.pool.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        (
-            current.map(|(pid, _)| (pid, pool)),
-            *self.changed.lock().unwrap_or_else(|p| p.into_inner()),
-        )
+        (current.map(|(pid, _)| (pid, pool)), *self.changed.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// Records the pool of the backend registered with the session (session mode: leased at login
@@ -104,8 +96,7 @@ impl CancelSlot {
 
     /// Asks the session to end at once (it sends its client a FATAL and closes).
     pub fn terminate(&self) {
-        self.terminated
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.terminated.store(true, std::sync::atomic::Ordering::Release);
         self.wake.notify_waiters();
     }
 
@@ -163,21 +154,14 @@ impl Drop for Registration {
 impl CancelRegistry {
     /// The registry of the instance `peer_id` of a fleet (`None`: a lone instance).
     pub fn for_instance(peer_id: Option<u8>) -> CancelRegistry {
-        CancelRegistry {
-            sessions: DashMap::new(),
-            peer_id,
-        }
+        CancelRegistry { sessions: DashMap::new(), peer_id }
     }
 
     /// Issues cancel keys for a new session; `target` is the server its backends are on when that
     /// is not the default one. With `backend` (session mode: the session keeps this backend's
     /// (pid, secret)), the client is given the backend's real pid; without it, a random virtual pid
     /// that no registered session uses.
-    pub fn register(
-        self: &Arc<Self>,
-        target: Option<BackendTarget>,
-        backend: Option<(i32, i32)>,
-    ) -> Registration {
+    pub fn register(self: &Arc<Self>, target: Option<BackendTarget>, backend: Option<(i32, i32)>) -> Registration {
         let mut rng = rand::rng();
         loop {
             let secret = crate::fleet::secret_for(self.peer_id, rng.random());
@@ -191,19 +175,12 @@ impl CancelRegistry {
                     v.insert(vec![slot.clone()]);
                 }
                 // a real pid shares its entry; the secret must still tell the sessions apart
-                dashmap::Entry::Occupied(mut o)
-                    if backend.is_some() && o.get().iter().all(|s| s.secret != secret) =>
-                {
+                dashmap::Entry::Occupied(mut o) if backend.is_some() && o.get().iter().all(|s| s.secret != secret) => {
                     o.get_mut().push(slot.clone());
                 }
                 dashmap::Entry::Occupied(_) => continue,
             }
-            return Registration {
-                pid,
-                secret,
-                slot,
-                registry: self.clone(),
-            };
+            return Registration { pid, secret, slot, registry: self.clone() };
         }
     }
 
@@ -238,11 +215,7 @@ impl CancelRegistry {
         };
         let current = slot.current.lock().await;
         let pool = slot.pool.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let server = pool
-            .as_ref()
-            .map(|p| p.target())
-            .or(slot.target.as_ref())
-            .unwrap_or(target);
+        let server = pool.as_ref().map(|p| p.target()).or(slot.target.as_ref()).unwrap_or(target);
         match *current {
             Some((bpid, bsecret)) => match backend::send_cancel(server, bpid, bsecret).await {
                 Ok(()) => true,
@@ -279,19 +252,14 @@ mod tests {
         for r in [&virtual_session, &real, &next] {
             assert!(Arc::ptr_eq(&reg.find(pid, r.secret).unwrap(), &r.slot));
         }
-        let wrong = (0..)
-            .map(|i| virtual_session.secret.wrapping_add(i))
-            .find(|s| ![virtual_session.secret, real.secret, next.secret].contains(s))
-            .unwrap();
+        let wrong = (0..).map(|i| virtual_session.secret.wrapping_add(i)).find(|s| ![virtual_session.secret, real.secret, next.secret].contains(s)).unwrap();
         assert!(reg.find(pid, wrong).is_none());
         assert_eq!(*real.slot.current.lock().await, Some((pid, 77)));
         assert_eq!(*virtual_session.slot.current.lock().await, None);
         let real_secret = real.secret;
         drop(real);
         assert!(reg.find(pid, real_secret).is_none());
-        assert!(
-            reg.find(pid, next.secret).is_some() && reg.find(pid, virtual_session.secret).is_some()
-        );
+        assert!(reg.find(pid, next.secret).is_some() && reg.find(pid, virtual_session.secret).is_some());
         drop(next);
         drop(virtual_session);
         assert!(reg.is_empty());
@@ -306,13 +274,8 @@ mod tests {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(!waiting.is_finished());
         r.slot.terminate();
-        tokio::time::timeout(std::time::Duration::from_secs(1), waiting)
-            .await
-            .expect("woken")
-            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiting).await.expect("woken").unwrap();
         // asking after the fact completes at once
-        tokio::time::timeout(std::time::Duration::from_millis(100), r.slot.terminated())
-            .await
-            .expect("already terminated");
+        tokio::time::timeout(std::time::Duration::from_millis(100), r.slot.terminated()).await.expect("already terminated");
     }
 }

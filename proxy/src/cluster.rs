@@ -44,10 +44,7 @@ pub struct ClusterOptions {
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        ClusterOptions {
-            port: None,
-            database: "app".into(),
-        }
+        ClusterOptions { port: None, database: "app".into() }
     }
 }
 
@@ -78,8 +75,7 @@ fn postgres_user() -> Option<(u32, u32)> {
 }
 
 fn free_port() -> Result<u16, ClusterError> {
-    let l = TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| err(format!("cannot find a free port: {e}")))?;
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| err(format!("cannot find a free port: {e}")))?;
     Ok(l.local_addr().map_err(|e| err(e.to_string()))?.port())
 }
 
@@ -137,20 +133,13 @@ impl Cluster {
     pub fn start_with(opts: ClusterOptions) -> Result<Cluster, ClusterError> {
         let password: String = {
             use rand::Rng;
-            rand::rng()
-                .sample_iter(rand::distr::Alphanumeric)
-                .take(24)
-                .map(char::from)
-                .collect()
+            rand::rng().sample_iter(rand::distr::Alphanumeric).take(24).map(char::from).collect()
         };
         let mut cluster = Self::empty(password, opts.database.clone())?;
         cluster.init()?;
         cluster.start_on(opts.port)?;
         if cluster.database != "postgres" {
-            cluster.psql(
-                "postgres",
-                &format!("CREATE DATABASE \"{}\"", cluster.database),
-            )?;
+            cluster.psql("postgres", &format!("CREATE DATABASE \"{}\"", cluster.database))?;
         }
         Ok(cluster)
     }
@@ -159,9 +148,7 @@ impl Cluster {
     fn empty(password: String, database: String) -> Result<Cluster, ClusterError> {
         let bindir = Self::find_bindir()?;
         let run_as = if unsafe { libc::geteuid() } == 0 {
-            Some(postgres_user().ok_or_else(|| {
-                err("running as root but there is no `postgres` user to run the server as")
-            })?)
+            Some(postgres_user().ok_or_else(|| err("running as root but there is no `postgres` user to run the server as"))?)
         } else {
             None
         };
@@ -173,17 +160,7 @@ impl Cluster {
         if let Some((uid, gid)) = run_as {
             chown_recursive(&root, uid, gid).map_err(|e| err(format!("chown temp dir: {e}")))?;
         }
-        Ok(Cluster {
-            dir: Some(dir),
-            root,
-            bindir,
-            port: 0,
-            password,
-            database,
-            run_as,
-            running: false,
-            extra_conf: String::new(),
-        })
+        Ok(Cluster { dir: Some(dir), root, bindir, port: 0, password, database, run_as, running: false, extra_conf: String::new() })
     }
 
     /// Starts the server on `port`, or on a free port (a few tries: another process may take it).
@@ -214,29 +191,14 @@ impl Cluster {
         backup
             .arg("-D")
             .arg(standby.data_dir())
-            .args([
-                "-R",
-                "-X",
-                "stream",
-                "--checkpoint=fast",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-                "-p",
-            ])
+            .args(["-R", "-X", "stream", "--checkpoint=fast", "-h", "127.0.0.1", "-U", "postgres", "-p"])
             .arg(self.port.to_string())
             .env("PGPASSWORD", &self.password)
             .env("HOME", &standby.root);
         Self::run(backup, "pg_basebackup")?;
         // keep what -R wrote (how to reach the primary); the harness rewrites the rest of the file
-        let auto = std::fs::read_to_string(standby.data_dir().join("postgresql.auto.conf"))
-            .map_err(|e| err(e.to_string()))?;
-        standby.extra_conf = auto
-            .lines()
-            .filter(|l| l.starts_with("primary_conninfo"))
-            .map(|l| format!("{l}\n"))
-            .collect();
+        let auto = std::fs::read_to_string(standby.data_dir().join("postgresql.auto.conf")).map_err(|e| err(e.to_string()))?;
+        standby.extra_conf = auto.lines().filter(|l| l.starts_with("primary_conninfo")).map(|l| format!("{l}\n")).collect();
         if standby.extra_conf.is_empty() {
             return Err(err("pg_basebackup -R wrote no primary_conninfo"));
         }
@@ -259,9 +221,7 @@ impl Cluster {
     /// Promotes a standby to primary and waits until it accepts writes.
     pub fn promote(&mut self) -> Result<(), ClusterError> {
         let mut c = self.command("pg_ctl");
-        c.arg("-D")
-            .arg(self.data_dir())
-            .args(["-w", "-t", "60", "promote"]);
+        c.arg("-D").arg(self.data_dir()).args(["-w", "-t", "60", "promote"]);
         Self::run(c, "pg_ctl promote").map(|_| ())
     }
 
@@ -280,15 +240,9 @@ impl Cluster {
     }
 
     fn run(mut cmd: Command, what: &str) -> Result<Output, ClusterError> {
-        let out = cmd
-            .output()
-            .map_err(|e| err(format!("{what}: cannot run: {e}")))?;
+        let out = cmd.output().map_err(|e| err(format!("{what}: cannot run: {e}")))?;
         if !out.status.success() {
-            return Err(err(format!(
-                "{what} failed: {}{}",
-                String::from_utf8_lossy(&out.stderr),
-                String::from_utf8_lossy(&out.stdout)
-            )));
+            return Err(err(format!("{what} failed: {}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout))));
         }
         Ok(out)
     }
@@ -303,16 +257,7 @@ impl Cluster {
         initdb
             .arg("-D")
             .arg(self.data_dir())
-            .args([
-                "-U",
-                "postgres",
-                "--auth=scram-sha-256",
-                "-E",
-                "UTF8",
-                "--no-locale",
-                "-N",
-                "--pwfile",
-            ])
+            .args(["-U", "postgres", "--auth=scram-sha-256", "-E", "UTF8", "--no-locale", "-N", "--pwfile"])
             .arg(&pwfile);
         Self::run(initdb, "initdb")?;
         let _ = std::fs::remove_file(&pwfile);
@@ -339,12 +284,7 @@ impl Cluster {
     fn start_server(&mut self) -> Result<(), ClusterError> {
         self.write_conf()?;
         let mut pg_ctl = self.command("pg_ctl");
-        pg_ctl
-            .arg("-D")
-            .arg(self.data_dir())
-            .arg("-l")
-            .arg(self.log_file())
-            .args(["-w", "-t", "60", "start"]);
+        pg_ctl.arg("-D").arg(self.data_dir()).arg("-l").arg(self.log_file()).args(["-w", "-t", "60", "start"]);
         match Self::run(pg_ctl, "pg_ctl start") {
             Ok(_) => {
                 self.running = true;
@@ -401,23 +341,13 @@ impl Cluster {
 
     fn psql_cmd(&self, db: &str) -> Command {
         let mut c = Command::new("psql");
-        c.args([
-            "-X",
-            "-q",
-            "-At",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-        ])
-        .arg("-p")
-        .arg(self.port.to_string())
-        .arg("-d")
-        .arg(db)
-        .env("PGPASSWORD", &self.password)
-        .env_remove("PGSERVICE");
+        c.args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-d")
+            .arg(db)
+            .env("PGPASSWORD", &self.password)
+            .env_remove("PGSERVICE");
         c
     }
 
@@ -442,25 +372,12 @@ impl Cluster {
     pub fn psql_stdin(&self, db: &str, sql: &str) -> Result<String, ClusterError> {
         use std::io::Write;
         let mut c = self.psql_cmd(db);
-        c.stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
-        let mut child = c
-            .spawn()
-            .map_err(|e| err(format!("psql: cannot run: {e}")))?;
-        let written = child
-            .stdin
-            .take()
-            .map(|mut stdin| stdin.write_all(sql.as_bytes()));
-        let out = child
-            .wait_with_output()
-            .map_err(|e| err(format!("psql: {e}")))?;
+        c.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().map_err(|e| err(format!("psql: cannot run: {e}")))?;
+        let written = child.stdin.take().map(|mut stdin| stdin.write_all(sql.as_bytes()));
+        let out = child.wait_with_output().map_err(|e| err(format!("psql: {e}")))?;
         if !out.status.success() || !matches!(written, Some(Ok(()))) {
-            return Err(err(format!(
-                "psql failed: {}{}",
-                String::from_utf8_lossy(&out.stderr),
-                String::from_utf8_lossy(&out.stdout)
-            )));
+            return Err(err(format!("psql failed: {}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout))));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -476,8 +393,7 @@ impl Cluster {
     /// switches the loaded RLS fixture to signed-context policies.
     pub fn load_signed_rls_fixture(&self, install_sql: &str) -> Result<(), ClusterError> {
         self.psql_stdin(&self.database, install_sql)?;
-        self.psql_stdin(&self.database, RLS_SIGNED_FIXTURE_SQL)
-            .map(|_| ())
+        self.psql_stdin(&self.database, RLS_SIGNED_FIXTURE_SQL).map(|_| ())
     }
 
     /// Stops the server (fast shutdown); idempotent.
@@ -496,9 +412,7 @@ impl Cluster {
             return Ok(());
         }
         let mut c = self.command("pg_ctl");
-        c.arg("-D")
-            .arg(self.data_dir())
-            .args(["-w", "-t", "60", "-m", mode, "stop"]);
+        c.arg("-D").arg(self.data_dir()).args(["-w", "-t", "60", "-m", mode, "stop"]);
         Self::run(c, "pg_ctl stop")?;
         self.running = false;
         Ok(())
@@ -542,71 +456,37 @@ mod tests {
         let data = cluster.data_dir();
         let as_app = |sql: &str| {
             let out = Command::new("psql")
-                .args([
-                    "-X",
-                    "-q",
-                    "-At",
-                    "-h",
-                    "127.0.0.1",
-                    "-U",
-                    "app_user",
-                    "-d",
-                    "app",
-                    "-p",
-                ])
+                .args(["-X", "-q", "-At", "-h", "127.0.0.1", "-U", "app_user", "-d", "app", "-p"])
                 .arg(cluster.port().to_string())
                 .args(["-c", sql])
                 .env("PGPASSWORD", "app-secret")
                 .output()
                 .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
             String::from_utf8_lossy(&out.stdout).trim().to_string()
         };
         assert_eq!(as_app("select count(*) from orders"), "0");
-        assert_eq!(
-            as_app("set app.tenant_id = '1'; select count(*) from orders"),
-            "100"
-        );
+        assert_eq!(as_app("set app.tenant_id = '1'; select count(*) from orders"), "100");
         drop(cluster);
         assert!(!data.exists(), "data dir left behind");
-        let ps = Command::new("pgrep")
-            .arg("-f")
-            .arg(data.to_string_lossy().as_ref())
-            .output()
-            .unwrap();
+        let ps = Command::new("pgrep").arg("-f").arg(data.to_string_lossy().as_ref()).output().unwrap();
         assert!(ps.stdout.is_empty(), "postgres still running");
     }
 
     #[test]
     fn synchronous_standby_follows_then_takes_over() {
         let mut primary = Cluster::start().expect("cluster starts");
-        primary
-            .psql("app", "CREATE TABLE t (n int); INSERT INTO t VALUES (1)")
-            .unwrap();
+        primary.psql("app", "CREATE TABLE t (n int); INSERT INTO t VALUES (1)").unwrap();
         let mut standby = primary.start_standby().expect("standby starts");
-        primary
-            .add_conf("synchronous_standby_names = '*'\nsynchronous_commit = on")
-            .unwrap();
+        primary.add_conf("synchronous_standby_names = '*'\nsynchronous_commit = on").unwrap();
         assert!(standby.in_recovery().unwrap() && !primary.in_recovery().unwrap());
         // acknowledged once the standby has it: no waiting for replay needed after promotion
         primary.psql("app", "INSERT INTO t VALUES (2)").unwrap();
-        let sync = primary
-            .psql("postgres", "SELECT sync_state FROM pg_stat_replication")
-            .unwrap();
+        let sync = primary.psql("postgres", "SELECT sync_state FROM pg_stat_replication").unwrap();
         assert_eq!(sync.trim(), "sync");
         primary.stop_with(true).unwrap();
         standby.promote().unwrap();
         assert!(!standby.in_recovery().unwrap());
-        assert_eq!(
-            standby
-                .psql("app", "INSERT INTO t VALUES (3); SELECT sum(n) FROM t")
-                .unwrap()
-                .trim(),
-            "6"
-        );
+        assert_eq!(standby.psql("app", "INSERT INTO t VALUES (3); SELECT sum(n) FROM t").unwrap().trim(), "6");
     }
 }

@@ -26,23 +26,12 @@ pub struct DemoOptions {
 }
 
 fn token(secret: &str, tenant: i64, sub: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-        + 24 * 3600;
-    crate::jwt::mint_hs(
-        &json!({ "tenant_id": tenant, "sub": sub, "exp": exp }),
-        secret.as_bytes(),
-        jsonwebtoken::Algorithm::HS256,
-    )
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) + 24 * 3600;
+    crate::jwt::mint_hs(&json!({ "tenant_id": tenant, "sub": sub, "exp": exp }), secret.as_bytes(), jsonwebtoken::Algorithm::HS256)
 }
 
 /// Runs until `stop` resolves; prints everything a newcomer needs.
-pub async fn run(
-    opts: DemoOptions,
-    stop: impl std::future::Future<Output = ()>,
-) -> Result<(), String> {
+pub async fn run(opts: DemoOptions, stop: impl std::future::Future<Output = ()>) -> Result<(), String> {
     let cluster = tokio::task::spawn_blocking(|| -> Result<Cluster, String> {
         let c = Cluster::start_with(ClusterOptions::default()).map_err(|e| e.to_string())?;
         c.load_rls_fixture().map_err(|e| e.to_string())?;
@@ -52,11 +41,7 @@ pub async fn run(
     .map_err(|e| e.to_string())??;
     let random = |n: usize| -> String {
         use rand::Rng;
-        rand::rng()
-            .sample_iter(rand::distr::Alphanumeric)
-            .take(n)
-            .map(char::from)
-            .collect()
+        rand::rng().sample_iter(rand::distr::Alphanumeric).take(n).map(char::from).collect()
     };
     let (secret, signing_key) = (random(40), random(48));
     let text = format!(
@@ -68,23 +53,17 @@ pub async fn run(
     let cfg = Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
     // the database verifies what pgtenant signs: the policies read pgtenant.setting()
     let install = crate::install_sql::script(&cfg, crate::install_sql::DEFAULT_SCHEMA)?;
-    let cluster = tokio::task::spawn_blocking(move || {
-        cluster.load_signed_rls_fixture(&install).map(|()| cluster)
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
+    let cluster = tokio::task::spawn_blocking(move || cluster.load_signed_rls_fixture(&install).map(|()| cluster))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
     let running = crate::server::start(cfg).await?;
     let port = running.addr.port();
     let conn = format!("host=127.0.0.1 port={port} dbname=app user=alice");
     let query = "select pgtenant.setting('app.tenant_id') as tenant, count(*) as orders, sum(amount) as total from orders";
     say!("pgtenant demo is running");
     say!("  proxy     127.0.0.1:{port}  (restricted role app_user, RLS on tenants/users/orders, signed context)");
-    say!(
-        "  postgres  127.0.0.1:{}  data in {}",
-        cluster.port(),
-        cluster.data_dir().display()
-    );
+    say!("  postgres  127.0.0.1:{}  data in {}", cluster.port(), cluster.data_dir().display());
     say!();
     for (tenant, name) in [(1, "Acme"), (2, "Globex")] {
         let tok = token(&secret, tenant, &format!("demo-user-{tenant}"));
@@ -109,9 +88,7 @@ pub async fn run(
         let kept = cluster.keep();
         say!("kept the Postgres data directory: {}", kept.display());
     } else {
-        tokio::task::spawn_blocking(move || drop(cluster))
-            .await
-            .map_err(|e| e.to_string())?;
+        tokio::task::spawn_blocking(move || drop(cluster)).await.map_err(|e| e.to_string())?;
         say!("stopped; removed {}", data.display());
     }
     Ok(())

@@ -61,23 +61,11 @@ pub struct PgError {
 
 impl PgError {
     pub fn error(code: &'static str, message: impl Into<String>) -> Self {
-        PgError {
-            severity: Severity::Error,
-            code,
-            message: message.into(),
-            detail: None,
-            hint: None,
-        }
+        PgError { severity: Severity::Error, code, message: message.into(), detail: None, hint: None }
     }
 
     pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
-        PgError {
-            severity: Severity::Fatal,
-            code,
-            message: message.into(),
-            detail: None,
-            hint: None,
-        }
+        PgError { severity: Severity::Fatal, code, message: message.into(), detail: None, hint: None }
     }
 
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
@@ -93,17 +81,9 @@ impl PgError {
     /// An ErrorResponse the server sent (its body), as an error of `severity` with the server's
     /// SQLSTATE, message, detail and hint.
     pub fn from_server(body: &[u8], severity: Severity) -> Self {
-        let mut err = PgError {
-            severity,
-            code: sqlstate::INTERNAL_ERROR,
-            message: String::new(),
-            detail: None,
-            hint: None,
-        };
+        let mut err = PgError { severity, code: sqlstate::INTERNAL_ERROR, message: String::new(), detail: None, hint: None };
         for field in body.split(|&b| b == 0) {
-            let Some((&kind, value)) = field.split_first() else {
-                continue;
-            };
+            let Some((&kind, value)) = field.split_first() else { continue };
             let value = String::from_utf8_lossy(value).into_owned();
             match kind {
                 b'C' => err.code = server_code(&value),
@@ -141,11 +121,7 @@ impl PgError {
 /// hundred codes at most; each is kept once (and past a bound, or if malformed, `XX000`).
 fn server_code(code: &str) -> &'static str {
     static CODES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
-    if code.len() != 5
-        || !code
-            .bytes()
-            .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
-    {
+    if code.len() != 5 || !code.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()) {
         return sqlstate::INTERNAL_ERROR;
     }
     let mut codes = CODES.lock().unwrap_or_else(|p| p.into_inner());
@@ -162,13 +138,7 @@ fn server_code(code: &str) -> &'static str {
 
 impl std::fmt::Display for PgError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} {}: {}",
-            self.severity.as_str(),
-            self.code,
-            self.message
-        )?;
+        write!(f, "{} {}: {}", self.severity.as_str(), self.code, self.message)?;
         if let Some(h) = &self.hint {
             write!(f, " (hint: {h})")?;
         }
@@ -187,18 +157,9 @@ mod tests {
         let body = b"SERROR\0VERROR\0C22023\0Minvalid value for parameter \"DateStyle\": \"x\"\0DUnrecognized key word: \"x\".\0\0";
         let e = PgError::from_server(body, Severity::Fatal);
         assert_eq!((e.severity, e.code), (Severity::Fatal, "22023"));
-        assert_eq!(
-            e.message,
-            "invalid value for parameter \"DateStyle\": \"x\""
-        );
+        assert_eq!(e.message, "invalid value for parameter \"DateStyle\": \"x\"");
         assert_eq!(e.detail.as_deref(), Some("Unrecognized key word: \"x\"."));
-        assert!(std::ptr::eq(
-            e.code,
-            PgError::from_server(b"C22023\0\0", Severity::Error).code
-        ));
-        assert_eq!(
-            PgError::from_server(b"Cnope\0\0", Severity::Error).code,
-            "XX000"
-        );
+        assert!(std::ptr::eq(e.code, PgError::from_server(b"C22023\0\0", Severity::Error).code));
+        assert_eq!(PgError::from_server(b"Cnope\0\0", Severity::Error).code, "XX000");
     }
 }

@@ -58,10 +58,7 @@ pub struct Fleet {
 impl Fleet {
     /// `me` is `server.peer_id` (checked by the config), `peers` the other instances.
     pub fn new(me: Option<u8>, peers: BTreeMap<u8, String>) -> Fleet {
-        Fleet {
-            me,
-            peers: RwLock::new(Arc::new(peers)),
-        }
+        Fleet { me, peers: RwLock::new(Arc::new(peers)) }
     }
 
     /// This instance's id, when it is part of a fleet.
@@ -79,9 +76,7 @@ impl Fleet {
     }
 
     fn route(&self, secret: i32) -> Route {
-        let Some(me) = self.me else {
-            return Route::Local(secret);
-        };
+        let Some(me) = self.me else { return Route::Local(secret) };
         let bits = secret as u32;
         let owner = ((bits & PEER_MASK) >> PEER_SHIFT) as u8;
         let forwarded = bits & FORWARDED != 0;
@@ -92,24 +87,14 @@ impl Fleet {
             return Route::Drop("a forwarded cancel request names another instance");
         }
         match self.peers().get(&owner) {
-            Some(addr) => Route::Peer {
-                id: owner,
-                addr: addr.clone(),
-                secret: (bits | FORWARDED) as i32,
-            },
+            Some(addr) => Route::Peer { id: owner, addr: addr.clone(), secret: (bits | FORWARDED) as i32 },
             None => Route::Drop("a cancel request names an instance missing from [peers]"),
         }
     }
 
     /// Handles a CancelRequest: cancels this instance's matching session (on its own server, else
     /// `target`), or forwards the request to the instance that owns it, or drops it.
-    pub async fn cancel(
-        &self,
-        registry: &CancelRegistry,
-        target: &BackendTarget,
-        pid: i32,
-        secret: i32,
-    ) {
+    pub async fn cancel(&self, registry: &CancelRegistry, target: &BackendTarget, pid: i32, secret: i32) {
         let result = match self.route(secret) {
             Route::Local(secret) => {
                 if registry.cancel(target, pid, secret).await {
@@ -118,16 +103,18 @@ impl Fleet {
                     "unmatched"
                 }
             }
-            Route::Peer { id, addr, secret } => match forward(&addr, pid, secret).await {
-                Ok(()) => {
-                    tracing::debug!(peer_id = id, peer = %addr, "cancel request forwarded");
-                    "forwarded"
+            Route::Peer { id, addr, secret } => {
+                match forward(&addr, pid, secret).await {
+                    Ok(()) => {
+                        tracing::debug!(peer_id = id, peer = %addr, "cancel request forwarded");
+                        "forwarded"
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer_id = id, peer = %addr, error = %e, "forwarding a cancel request to a peer failed");
+                        "forward_failed"
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(peer_id = id, peer = %addr, error = %e, "forwarding a cancel request to a peer failed");
-                    "forward_failed"
-                }
-            },
+            }
             Route::Drop(why) => {
                 tracing::info!("{why}: ignored");
                 "dropped"
@@ -161,12 +148,7 @@ async fn forward(addr: &str, pid: i32, secret: i32) -> std::io::Result<()> {
     };
     tokio::time::timeout(FORWARD_TIMEOUT, work)
         .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "cancel forward timed out",
-            ))
-        })
+        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel forward timed out")))
 }
 
 #[cfg(test)]
@@ -194,30 +176,14 @@ mod tests {
         let mine = secret_for(Some(1), 0xabcdef);
         assert_eq!(f.route(mine), Route::Local(mine));
         // a request forwarded to its owner is matched without the mark
-        assert_eq!(
-            f.route(((mine as u32) | FORWARDED) as i32),
-            Route::Local(mine)
-        );
+        assert_eq!(f.route(((mine as u32) | FORWARDED) as i32), Route::Local(mine));
         let theirs = secret_for(Some(2), 0xabcdef);
         let addr = "127.0.0.1:1".to_string();
-        assert_eq!(
-            f.route(theirs),
-            Route::Peer {
-                id: 2,
-                addr,
-                secret: ((theirs as u32) | FORWARDED) as i32
-            }
-        );
+        assert_eq!(f.route(theirs), Route::Peer { id: 2, addr, secret: ((theirs as u32) | FORWARDED) as i32 });
         // forwarded once already: never again, even to a known peer
-        assert!(matches!(
-            f.route(((theirs as u32) | FORWARDED) as i32),
-            Route::Drop(_)
-        ));
+        assert!(matches!(f.route(((theirs as u32) | FORWARDED) as i32), Route::Drop(_)));
         assert!(matches!(f.route(secret_for(Some(3), 7)), Route::Drop(_)));
         // one instance: the whole secret is matched locally
-        assert_eq!(
-            Fleet::new(None, BTreeMap::new()).route(theirs),
-            Route::Local(theirs)
-        );
+        assert_eq!(Fleet::new(None, BTreeMap::new()).route(theirs), Route::Local(theirs));
     }
 }

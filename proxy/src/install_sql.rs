@@ -149,9 +149,7 @@ pub fn check_schema(schema: &str) -> Result<(), String> {
     let ok = !schema.is_empty()
         && schema.len() <= 63
         && !schema.starts_with("pg_")
-        && schema
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && schema.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         && !schema.as_bytes()[0].is_ascii_digit();
     if ok {
         Ok(())
@@ -183,13 +181,9 @@ pub fn verify_body(schema: &str, pgcrypto: &str) -> String {
 /// The body of `<schema>.claims()` for `tenant.claims_setting` (`""`: no claims setting).
 pub fn claims_body(schema: &str, claims_setting: &str) -> String {
     if claims_setting.is_empty() {
-        "\nBEGIN\n  RETURN NULL;  -- tenant.claims_setting is \"\": pgtenant signs no claims\nEND\n"
-            .into()
+        "\nBEGIN\n  RETURN NULL;  -- tenant.claims_setting is \"\": pgtenant signs no claims\nEND\n".into()
     } else {
-        format!(
-            "\nBEGIN\n  RETURN {schema}.setting({})::jsonb;\nEND\n",
-            literal(claims_setting)
-        )
+        format!("\nBEGIN\n  RETURN {schema}.setting({})::jsonb;\nEND\n", literal(claims_setting))
     }
 }
 
@@ -212,9 +206,7 @@ pub fn script(cfg: &Config, schema: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())?
         .ok_or("signing is off: set tenant.signing_key or tenant.signing_key_file (e.g. `openssl rand -hex 32`) first")?;
     let kid = &cfg.tenant.signing_kid;
-    let role = BackendTarget::from_config(&cfg.backend)
-        .map_err(|e| format!("backend.url: {e}"))?
-        .user;
+    let role = BackendTarget::from_config(&cfg.backend).map_err(|e| format!("backend.url: {e}"))?.user;
     let mut grantees = vec![ident(&role)];
     grantees.extend(cfg.tenant.allowed_roles.iter().map(|r| ident(r)));
     let grantees = grantees.join(", ");
@@ -349,23 +341,16 @@ mod tests {
         let key = "0123456789abcdef0123456789abcdef";
         let c = cfg(&format!("signing_key = \"{key}\"\nsigning_kid = \"k2\"\nrole_claim = \"role\"\nallowed_roles = [\"reader\"]"));
         let sql = script(&c, "pgtenant").unwrap();
-        assert!(
-            sql.contains(&format!("decode('{}', 'hex')", hex::encode(key))),
-            "{sql}"
-        );
+        assert!(sql.contains(&format!("decode('{}', 'hex')", hex::encode(key))), "{sql}");
         assert!(sql.contains("VALUES ('k2', "));
         assert!(sql.contains("GRANT EXECUTE ON FUNCTION pgtenant.setting(text), pgtenant.verify(text), pgtenant.claims() TO \"app_user\", \"reader\";"));
-        assert!(sql
-            .contains("REVOKE ALL ON TABLE pgtenant.keys FROM PUBLIC, \"app_user\", \"reader\";"));
+        assert!(sql.contains("REVOKE ALL ON TABLE pgtenant.keys FROM PUBLIC, \"app_user\", \"reader\";"));
         assert!(sql.contains("RETURN pgtenant.setting('request.jwt.claims')::jsonb;"));
         assert!(sql.contains("FROM pgtenant.keys t") && sql.contains("@pgcrypto@.hmac(msg"));
         assert!(sql.contains("GRANT SET ON PARAMETER session_preload_libraries"));
         assert_eq!(sql.matches("BEGIN;").count(), 1);
         // the bodies the doctor compares with are the ones installed
-        assert!(
-            verify_body("s", "public").contains("public.hmac(mac, k.key")
-                && verify_body("s", "public").contains("FROM s.keys t")
-        );
+        assert!(verify_body("s", "public").contains("public.hmac(mac, k.key") && verify_body("s", "public").contains("FROM s.keys t"));
         assert!(setting_body("s").contains("RETURN s.verify(name);"));
         // the fast path hashes nothing, parses no JSON, does not count characters (strpos), and
         // finds the entry by the signature alone
@@ -381,9 +366,7 @@ mod tests {
 
     #[test]
     fn refuses_without_key_or_with_odd_schema() {
-        assert!(script(&cfg(""), "pgtenant")
-            .unwrap_err()
-            .contains("signing is off"));
+        assert!(script(&cfg(""), "pgtenant").unwrap_err().contains("signing is off"));
         let c = cfg("signing_key = \"0123456789abcdef0123456789abcdef\"");
         for bad in ["", "Pgtenant", "pg_x", "a-b", "1a", "a\"b"] {
             assert!(script(&c, bad).is_err(), "{bad}");

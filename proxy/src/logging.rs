@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use tracing_subscriber::EnvFilter;
 
+
 type SetLevel = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
 
 static SET_LEVEL: OnceLock<SetLevel> = OnceLock::new();
@@ -19,8 +20,7 @@ fn filter_for(level: &str) -> Result<EnvFilter, String> {
 pub fn init(level: &str, format: &str) {
     let from_env = EnvFilter::try_from_env("PGTENANT_LOG").ok();
     let pinned = from_env.is_some();
-    let filter =
-        from_env.unwrap_or_else(|| filter_for(level).unwrap_or_else(|_| EnvFilter::new("info")));
+    let filter = from_env.unwrap_or_else(|| filter_for(level).unwrap_or_else(|_| EnvFilter::new("info")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -30,18 +30,14 @@ pub fn init(level: &str, format: &str) {
         let handle = b.reload_handle();
         let _ = b.try_init();
         if !pinned {
-            let _ = SET_LEVEL.set(Box::new(move |f| {
-                handle.reload(f).map_err(|e| e.to_string())
-            }));
+            let _ = SET_LEVEL.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
         }
     } else {
         let b = builder.with_filter_reloading();
         let handle = b.reload_handle();
         let _ = b.try_init();
         if !pinned {
-            let _ = SET_LEVEL.set(Box::new(move |f| {
-                handle.reload(f).map_err(|e| e.to_string())
-            }));
+            let _ = SET_LEVEL.set(Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())));
         }
     }
 }

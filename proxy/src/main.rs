@@ -7,11 +7,7 @@ use clap::{Parser, Subcommand};
 use pgtenant::config::Config;
 
 #[derive(Parser)]
-#[command(
-    name = "pgtenant",
-    version,
-    about = "Postgres proxy that scopes every transaction to the tenant in the client's JWT"
-)]
+#[command(name = "pgtenant", version, about = "Postgres proxy that scopes every transaction to the tenant in the client's JWT")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -52,23 +48,13 @@ enum Command {
     },
     /// Validate a config and print the statement each client transaction starts with (exit 1 on error).
     Check {
-        #[arg(
-            long,
-            short,
-            env = "PGTENANT_CONFIG",
-            default_value = "config/pgtenant.toml"
-        )]
+        #[arg(long, short, env = "PGTENANT_CONFIG", default_value = "config/pgtenant.toml")]
         config: PathBuf,
     },
     /// Check that the database isolates tenants for the restricted role, on every server of the
     /// config: each host of backend.url, each replica, each [[clusters]] entry (exit 1 on any finding).
     Doctor {
-        #[arg(
-            long,
-            short,
-            env = "PGTENANT_CONFIG",
-            default_value = "config/pgtenant.toml"
-        )]
+        #[arg(long, short, env = "PGTENANT_CONFIG", default_value = "config/pgtenant.toml")]
         config: PathBuf,
         /// Connect as this (owner or superuser) URL to see every object: as given at the first host
         /// of backend.url, with its user and password at the other servers; privileges are still
@@ -87,12 +73,7 @@ enum Command {
     /// The output CONTAINS THE SIGNING KEY: pipe it straight into psql, e.g.
     /// `pgtenant install-sql -c pgtenant.toml | psql -v ON_ERROR_STOP=1 "postgres://owner@host/app"`.
     InstallSql {
-        #[arg(
-            long,
-            short,
-            env = "PGTENANT_CONFIG",
-            default_value = "config/pgtenant.toml"
-        )]
+        #[arg(long, short, env = "PGTENANT_CONFIG", default_value = "config/pgtenant.toml")]
         config: PathBuf,
         /// Schema for the key table and the functions.
         #[arg(long, default_value = pgtenant::install_sql::DEFAULT_SCHEMA)]
@@ -101,12 +82,7 @@ enum Command {
     /// Run the proxy.
     Run {
         /// Path to pgtenant.toml.
-        #[arg(
-            long,
-            short,
-            env = "PGTENANT_CONFIG",
-            default_value = "config/pgtenant.toml"
-        )]
+        #[arg(long, short, env = "PGTENANT_CONFIG", default_value = "config/pgtenant.toml")]
         config: PathBuf,
     },
 }
@@ -159,54 +135,25 @@ fn run(config: PathBuf) -> Result<(), String> {
 /// single-threaded one for 1.
 fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     match threads {
-        0 => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
     }
 }
 
-fn doctor(
-    config: PathBuf,
-    admin_url: Option<String>,
-    json: bool,
-    schema: String,
-) -> Result<ExitCode, String> {
+fn doctor(config: PathBuf, admin_url: Option<String>, json: bool, schema: String) -> Result<ExitCode, String> {
     let cfg = Config::load(&config).map_err(|e| e.to_string())?;
     pgtenant::install_sql::check_schema(&schema)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    let report = rt.block_on(pgtenant::doctor::report(
-        &cfg,
-        admin_url.as_deref(),
-        &schema,
-    ))?;
-    let (findings, checked) = (
-        &report.findings,
-        pgtenant::doctor::render_checked(&report.checked),
-    );
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let report = rt.block_on(pgtenant::doctor::report(&cfg, admin_url.as_deref(), &schema))?;
+    let (findings, checked) = (&report.findings, pgtenant::doctor::render_checked(&report.checked));
     if json {
         eprint!("{checked}");
-        println!(
-            "{}",
-            serde_json::to_string_pretty(findings).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string_pretty(findings).map_err(|e| e.to_string())?);
     } else {
         print!("{checked}{}", pgtenant::doctor::render(findings));
     }
-    Ok(if findings.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    })
+    Ok(if findings.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn install_sql(config: PathBuf, schema: String) -> Result<ExitCode, String> {
@@ -222,34 +169,19 @@ fn install_sql(config: PathBuf, schema: String) -> Result<ExitCode, String> {
 fn parse_ttl(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("--ttl {s}: expected e.g. 3600, 90s, 30m, 1h or 7d"))?;
+    let n: u64 = num.parse().map_err(|_| format!("--ttl {s}: expected e.g. 3600, 90s, 30m, 1h or 7d"))?;
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86400,
-        _ => {
-            return Err(format!(
-                "--ttl {s}: unknown unit {unit:?} (use s, m, h or d)"
-            ))
-        }
+        _ => return Err(format!("--ttl {s}: unknown unit {unit:?} (use s, m, h or d)")),
     };
     Ok(n * mult)
 }
 
-fn token(
-    secret: Option<String>,
-    config: Option<PathBuf>,
-    claims: Vec<String>,
-    sub: Option<String>,
-    ttl: String,
-    alg: String,
-) -> Result<ExitCode, String> {
-    let cfg = config
-        .map(|p| Config::load(&p).map_err(|e| e.to_string()))
-        .transpose()?;
+fn token(secret: Option<String>, config: Option<PathBuf>, claims: Vec<String>, sub: Option<String>, ttl: String, alg: String) -> Result<ExitCode, String> {
+    let cfg = config.map(|p| Config::load(&p).map_err(|e| e.to_string())).transpose()?;
     let secret = secret
         .or_else(|| cfg.as_ref().and_then(|c| c.jwt.secret.clone()))
         .ok_or("no secret: pass --secret, set PGTENANT_JWT_SECRET, or --config with jwt.secret")?;
@@ -257,23 +189,13 @@ fn token(
         "HS256" => jsonwebtoken::Algorithm::HS256,
         "HS384" => jsonwebtoken::Algorithm::HS384,
         "HS512" => jsonwebtoken::Algorithm::HS512,
-        other => {
-            return Err(format!(
-                "--alg {other}: only HS256, HS384 and HS512 can be signed with a secret"
-            ))
-        }
+        other => return Err(format!("--alg {other}: only HS256, HS384 and HS512 can be signed with a secret")),
     };
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_err(|e| e.to_string())?
-        .as_secs();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_err(|e| e.to_string())?.as_secs();
     let mut map = serde_json::Map::new();
     for c in claims {
-        let (k, v) = c
-            .split_once('=')
-            .ok_or_else(|| format!("--claim {c}: expected NAME=VALUE"))?;
-        let value =
-            serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
+        let (k, v) = c.split_once('=').ok_or_else(|| format!("--claim {c}: expected NAME=VALUE"))?;
+        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_string()));
         map.insert(k.to_string(), value);
     }
     if let Some(sub) = sub {
@@ -288,16 +210,10 @@ fn token(
         if let Some(aud) = &cfg.jwt.audience {
             map.entry("aud").or_insert(aud.clone().into());
         }
-        let mapping =
-            pgtenant::tenant::TenantMapping::from_config(&cfg.tenant).map_err(|e| e.to_string())?;
-        mapping
-            .context(&map)
-            .map_err(|e| format!("{e} (required by [tenant] in the config; add --claim)"))?;
+        let mapping = pgtenant::tenant::TenantMapping::from_config(&cfg.tenant).map_err(|e| e.to_string())?;
+        mapping.context(&map).map_err(|e| format!("{e} (required by [tenant] in the config; add --claim)"))?;
     }
-    println!(
-        "{}",
-        pgtenant::jwt::mint_hs(&serde_json::Value::Object(map), secret.as_bytes(), alg)
-    );
+    println!("{}", pgtenant::jwt::mint_hs(&serde_json::Value::Object(map), secret.as_bytes(), alg));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -338,48 +254,23 @@ fn check(config: PathBuf) -> Result<ExitCode, String> {
     let auth = proxy.auth();
     let names = auth.mapping.setting_names();
     println!("{}: ok", config.display());
-    println!(
-        "listen {} -> backend {} (pool of {}, {} pooling)",
-        cfg.server.listen,
-        proxy.shared.pool.target().describe(),
-        cfg.backend.pool_size,
-        if proxy.shared.session_mode {
-            "session"
-        } else {
-            "transaction"
-        }
-    );
-    let signing = cfg
-        .tenant
-        .signing_key_bytes()
-        .map_err(|e| e.to_string())?
-        .is_some();
+    println!("listen {} -> backend {} (pool of {}, {} pooling)", cfg.server.listen, proxy.shared.pool.target().describe(), cfg.backend.pool_size,
+        if proxy.shared.session_mode { "session" } else { "transaction" });
+    let signing = cfg.tenant.signing_key_bytes().map_err(|e| e.to_string())?.is_some();
     let arity = names.len() + if signing { 2 } else { 0 };
-    println!(
-        "\nEvery client transaction starts with:\n  {}",
-        pgtenant::session::inject::context_sql(arity)
-    );
+    println!("\nEvery client transaction starts with:\n  {}", pgtenant::session::inject::context_sql(arity));
     println!("with parameters:");
     let claim = |name: &str| -> String {
         if let Some(path) = cfg.tenant.settings.get(name) {
             format!("claim `{path}`")
         } else if name == "role" {
-            format!(
-                "claim `{}` (one of {:?})",
-                cfg.tenant.role_claim.as_deref().unwrap_or(""),
-                cfg.tenant.allowed_roles
-            )
+            format!("claim `{}` (one of {:?})", cfg.tenant.role_claim.as_deref().unwrap_or(""), cfg.tenant.allowed_roles)
         } else {
             "the whole claims object as JSON".into()
         }
     };
     for (i, name) in names.iter().enumerate() {
-        println!(
-            "  ${} = '{name}', ${} = {}",
-            2 * i + 1,
-            2 * i + 2,
-            claim(name)
-        );
+        println!("  ${} = '{name}', ${} = {}", 2 * i + 1, 2 * i + 2, claim(name));
     }
     if signing {
         let n = 2 * names.len();
@@ -389,13 +280,7 @@ fn check(config: PathBuf) -> Result<ExitCode, String> {
             pgtenant::signing::CONTEXT_SETTING,
             n + 2
         );
-        println!(
-            "  ${} = '{}', ${} = its HMAC-SHA256 under key id {:?}",
-            n + 3,
-            pgtenant::signing::SIGNATURE_SETTING,
-            n + 4,
-            cfg.tenant.signing_kid
-        );
+        println!("  ${} = '{}', ${} = its HMAC-SHA256 under key id {:?}", n + 3, pgtenant::signing::SIGNATURE_SETTING, n + 4, cfg.tenant.signing_kid);
         println!("(plus the client's own startup parameters and session SETs, if any, before the signed pair)");
         println!(
             "\nsigned context: on, kid {:?}; policies read {}.setting(name), which only trusts a signed context \
@@ -409,13 +294,7 @@ fn check(config: PathBuf) -> Result<ExitCode, String> {
     }
     let l = &cfg.limits;
     if l.max_active_per_tenant > 0 || l.max_waiting_per_tenant > 0 || !l.tenants.is_empty() {
-        let show = |v: usize| {
-            if v == 0 {
-                "no limit".to_string()
-            } else {
-                v.to_string()
-            }
-        };
+        let show = |v: usize| if v == 0 { "no limit".to_string() } else { v.to_string() };
         println!(
             "\nper-tenant limits: {} active, {} waiting ({} tenant overrides)",
             show(l.max_active_per_tenant),
@@ -423,25 +302,13 @@ fn check(config: PathBuf) -> Result<ExitCode, String> {
             l.tenants.len()
         );
     }
-    let cleartext = pgtenant::config::cleartext::warning(
-        &cfg.server,
-        &pgtenant::config::cleartext::listen_addrs(&cfg.server),
-    );
+    let cleartext = pgtenant::config::cleartext::warning(&cfg.server, &pgtenant::config::cleartext::listen_addrs(&cfg.server));
     for warning in cleartext.into_iter().chain(bypass_warnings(&cfg)) {
         println!("\nwarning: {warning}");
     }
-    let remotes = [
-        ("jwt.jwks_url", auth.verifier.remote()),
-        (
-            "bypass.jwt.jwks_url",
-            auth.bypass.as_ref().and_then(|b| b.verifier.remote()),
-        ),
-    ];
+    let remotes = [("jwt.jwks_url", auth.verifier.remote()), ("bypass.jwt.jwks_url", auth.bypass.as_ref().and_then(|b| b.verifier.remote()))];
     for (key, remote) in remotes.into_iter().filter_map(|(k, r)| Some((k, r?))) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| e.to_string())?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
         match rt.block_on(remote.refresh()) {
             Ok(n) => println!("\n{key} {}: {n} usable keys", remote.url()),
             Err(e) => println!(
@@ -459,14 +326,8 @@ fn demo(port: u16, keep: bool) -> Result<ExitCode, String> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
-    rt.block_on(pgtenant::demo::run(
-        pgtenant::demo::DemoOptions { port, keep },
-        shutdown_signal(),
-    ))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    rt.block_on(pgtenant::demo::run(pgtenant::demo::DemoOptions { port, keep }, shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -474,26 +335,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo { port, keep } => demo(port, keep),
-        Command::Token {
-            secret,
-            config,
-            claims,
-            sub,
-            ttl,
-            alg,
-        } => token(secret, config, claims, sub, ttl, alg),
+        Command::Token { secret, config, claims, sub, ttl, alg } => token(secret, config, claims, sub, ttl, alg),
         // check's contract: exit 1 with a pointed message on any error
         Command::Check { config } => check(config).or_else(|e| {
             eprintln!("pgtenant: {e}");
             Ok(ExitCode::from(1))
         }),
         Command::Run { config } => run(config).map(|()| ExitCode::SUCCESS),
-        Command::Doctor {
-            config,
-            admin_url,
-            json,
-            schema,
-        } => doctor(config, admin_url, json, schema),
+        Command::Doctor { config, admin_url, json, schema } => doctor(config, admin_url, json, schema),
         Command::InstallSql { config, schema } => install_sql(config, schema),
     };
     match result {

@@ -61,29 +61,22 @@ pub const TENANT_WAIT_SECONDS: &str = "pgtenant_tenant_wait_seconds_total";
 pub const TENANT_LIMIT_REFUSALS: &str = "pgtenant_tenant_limit_refusals_total";
 
 /// Histogram buckets (seconds) for the transaction and pool-wait histograms.
-const BUCKETS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+const BUCKETS: [f64; 14] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
 /// The process-wide Prometheus recorder, installed on the first call (once, even with several
 /// proxies in a process); its handle renders `/metrics`.
 pub fn recorder() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new()
-            .set_buckets(&BUCKETS)
-            .expect("static buckets")
-            .build_recorder();
+        let recorder = PrometheusBuilder::new().set_buckets(&BUCKETS).expect("static buckets").build_recorder();
         let handle = recorder.handle();
         // histograms buffer raw samples until rendered: drain them periodically, or a proxy that
         // nobody scrapes grows by every transaction it times
         let upkeep = handle.clone();
-        let _ = std::thread::Builder::new()
-            .name("pgtenant-metrics-upkeep".into())
-            .spawn(move || loop {
-                std::thread::sleep(Duration::from_secs(5));
-                upkeep.run_upkeep();
-            });
+        let _ = std::thread::Builder::new().name("pgtenant-metrics-upkeep".into()).spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(5));
+            upkeep.run_upkeep();
+        });
         // another recorder may already be installed (e.g. by an embedding program): then ours only
         // renders zeros, and the handles below record into theirs
         let _ = ::metrics::set_global_recorder(recorder);
@@ -96,8 +89,7 @@ pub fn recorder() -> &'static PrometheusHandle {
 pub fn instance_info(peer_id: Option<u8>) {
     recorder();
     let id = peer_id.map_or_else(|| "none".to_string(), |id| id.to_string());
-    ::metrics::gauge!(INSTANCE_INFO, "peer_id" => id, "version" => env!("CARGO_PKG_VERSION"))
-        .set(1.0);
+    ::metrics::gauge!(INSTANCE_INFO, "peer_id" => id, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 /// Handles for the series recorded per message or per transaction (no dynamic labels).
@@ -142,34 +134,17 @@ mod tests {
 
     #[test]
     fn hot_handles_record_into_the_installed_recorder() {
-        let before = sample(
-            &recorder().render(),
-            "pgtenant_client_bytes_total{direction=\"in\"}",
-        );
+        let before = sample(&recorder().render(), "pgtenant_client_bytes_total{direction=\"in\"}");
         hot().client_bytes_in.increment(7);
         hot().transactions.increment(1);
         hot().transaction_seconds.record(0.002);
         let text = recorder().render();
         // (other tests may count client bytes at the same time: hence at least)
-        assert!(
-            sample(&text, "pgtenant_client_bytes_total{direction=\"in\"}") >= before + 7.0,
-            "{text}"
-        );
-        assert!(
-            sample(&text, "pgtenant_transactions_total") >= 1.0,
-            "{text}"
-        );
-        assert!(
-            text.contains("pgtenant_transaction_duration_seconds_bucket"),
-            "{text}"
-        );
+        assert!(sample(&text, "pgtenant_client_bytes_total{direction=\"in\"}") >= before + 7.0, "{text}");
+        assert!(sample(&text, "pgtenant_transactions_total") >= 1.0, "{text}");
+        assert!(text.contains("pgtenant_transaction_duration_seconds_bucket"), "{text}");
         // the macros and the handles name the same series
         ::metrics::counter!(CLIENT_BYTES, "direction" => "in").increment(1);
-        assert!(
-            sample(
-                &recorder().render(),
-                "pgtenant_client_bytes_total{direction=\"in\"}"
-            ) >= before + 8.0
-        );
+        assert!(sample(&recorder().render(), "pgtenant_client_bytes_total{direction=\"in\"}") >= before + 8.0);
     }
 }

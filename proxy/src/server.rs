@@ -48,52 +48,26 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: Config) -> Result<Arc<Proxy>, StartError> {
-        let hosts = BackendTarget::all_from_config(&config.backend).map_err(|error| {
-            StartError::BackendUrl {
-                key: "backend.url",
-                error,
-            }
-        })?;
+        let hosts = BackendTarget::all_from_config(&config.backend)
+            .map_err(|error| StartError::BackendUrl { key: "backend.url", error })?;
         let auth = Auth::from_config(&config, None)?;
         let tls = match (&config.server.tls_cert, &config.server.tls_key) {
-            (Some(cert), Some(key)) => {
-                Some(tls::load_acceptor(cert, key).map_err(StartError::Tls)?)
-            }
+            (Some(cert), Some(key)) => Some(tls::load_acceptor(cert, key).map_err(StartError::Tls)?),
             _ => None,
         };
         let peers = config.peer_map()?;
         let peer_id = config.server.peer_id.map(|id| id as u8);
-        let pool = Pool::for_hosts(
-            &config,
-            "tenant",
-            hosts,
-            config.backend.pool_size,
-            Arc::new(config.limits.clone()),
-        );
-        let router = crate::routing::Router::new(&config, pool.clone()).map_err(|e| {
-            StartError::BackendUrl {
-                key: e.key,
-                error: e.error,
-            }
-        })?;
+        let pool = Pool::for_hosts(&config, "tenant", hosts, config.backend.pool_size, Arc::new(config.limits.clone()));
+        let router = crate::routing::Router::new(&config, pool.clone())
+            .map_err(|e| StartError::BackendUrl { key: e.key, error: e.error })?;
         let bypass = if config.bypass.enabled {
             let hosts = BackendTarget::all_from_config(&config.bypass.backend(&config.backend))
-                .map_err(|error| StartError::BackendUrl {
-                    key: "bypass.url",
-                    error,
-                })?;
-            Some(Pool::for_hosts(
-                &config,
-                "bypass",
-                hosts,
-                config.bypass.pool_size,
-                Arc::new(Default::default()),
-            ))
+                .map_err(|error| StartError::BackendUrl { key: "bypass.url", error })?;
+            Some(Pool::for_hosts(&config, "bypass", hosts, config.bypass.pool_size, Arc::new(Default::default())))
         } else {
             None
         };
-        let audit =
-            Arc::new(crate::audit::AuditLog::open(&config.audit).map_err(StartError::AuditLog)?);
+        let audit = Arc::new(crate::audit::AuditLog::open(&config.audit).map_err(StartError::AuditLog)?);
         let (drain, draining) = watch::channel(false);
         let shared = Arc::new(Shared {
             pool,
@@ -105,9 +79,7 @@ impl Proxy {
             client_write_timeout: Duration::from_millis(config.server.client_write_timeout_ms),
             pool_cfg: config.pool.clone(),
             session_mode: config.pool.mode == crate::config::PoolMode::Session,
-            signer: crate::signing::SignerSlot::new(crate::signing::Signer::from_config(
-                &config.tenant,
-            )?),
+            signer: crate::signing::SignerSlot::new(crate::signing::Signer::from_config(&config.tenant)?),
             draining,
         });
         Ok(Arc::new(Proxy {
@@ -143,9 +115,7 @@ impl Proxy {
     pub async fn reload(&self, new: &Config) -> Result<(), ReloadError> {
         let result = self.apply(new).await;
         match result {
-            Ok(()) => {
-                metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "ok").increment(1)
-            }
+            Ok(()) => metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "ok").increment(1),
             Err(_) => self.reload_rejected(),
         }
         result
@@ -168,38 +138,17 @@ impl Proxy {
             // turning it off is a reload (new bypass logins stop at once); on needs its pool
             return Err(ReloadError::NeedsRestart("turning bypass.enabled on"));
         }
-        let unreachable = |key, url: &str, error| ReloadError::KeysUnreachable {
-            key,
-            url: url.to_string(),
-            error,
-        };
+        let unreachable = |key, url: &str, error| ReloadError::KeysUnreachable { key, url: url.to_string(), error };
         if let Some(remote) = auth.verifier.remote().filter(|r| !r.loaded()) {
             // a new key URL must answer before it replaces keys that work
-            remote
-                .refresh()
-                .await
-                .map_err(|e| unreachable("jwt.jwks_url", remote.url(), e))?;
+            remote.refresh().await.map_err(|e| unreachable("jwt.jwks_url", remote.url(), e))?;
         }
-        if let Some(remote) = auth
-            .bypass
-            .as_ref()
-            .and_then(|b| b.verifier.remote())
-            .filter(|r| !r.loaded())
-        {
-            remote
-                .refresh()
-                .await
-                .map_err(|e| unreachable("bypass.jwt.jwks_url", remote.url(), e))?;
+        if let Some(remote) = auth.bypass.as_ref().and_then(|b| b.verifier.remote()).filter(|r| !r.loaded()) {
+            remote.refresh().await.map_err(|e| unreachable("bypass.jwt.jwks_url", remote.url(), e))?;
         }
-        self.shared
-            .audit
-            .reopen(&new.audit)
-            .map_err(ReloadError::AuditLog)?;
+        self.shared.audit.reopen(&new.audit).map_err(ReloadError::AuditLog)?;
         // placement, cluster and replica pool sizes (the clusters themselves need a restart)
-        self.shared
-            .router
-            .apply(new)
-            .map_err(ReloadError::NeedsRestart)?;
+        self.shared.router.apply(new).map_err(ReloadError::NeedsRestart)?;
         auth.verifier.start_background();
         if let Some(b) = &auth.bypass {
             b.verifier.start_background();
@@ -208,18 +157,13 @@ impl Proxy {
         // every session signs its next transaction with the new key (the database accepts each
         // installed kid, so rotation is: install the new kid, reload, remove the old one)
         self.shared.signer.set(signer);
-        self.shared
-            .pool
-            .resize(new.backend.pool_size, new.query_wait_timeout_ms());
+        self.shared.pool.resize(new.backend.pool_size, new.query_wait_timeout_ms());
         self.shared.pool.set_limits(Arc::new(new.limits.clone()));
         self.fleet.set_peers(peers);
         crate::logging::set_level(&new.log.level).map_err(ReloadError::LogLevel)?;
         *self.live.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new.clone());
         let old = &self.config;
-        if old.server != new.server
-            || old.backend.url != new.backend.url
-            || old.pool.mode != new.pool.mode
-        {
+        if old.server != new.server || old.backend.url != new.backend.url || old.pool.mode != new.pool.mode {
             tracing::warn!("reload: [server], backend.url and pool.mode take effect on restart");
         }
         if old.bypass.url != new.bypass.url || old.bypass.pool_size != new.bypass.pool_size {
@@ -259,20 +203,14 @@ impl Proxy {
     }
 
     /// Accepts connections on every listener until `shutdown` flips to true.
-    pub async fn serve(
-        self: Arc<Self>,
-        listeners: Vec<TcpListener>,
-        shutdown: watch::Receiver<bool>,
-    ) {
+    pub async fn serve(self: Arc<Self>, listeners: Vec<TcpListener>, shutdown: watch::Receiver<bool>) {
         self.shared.pool.spawn_reaper();
         self.shared.router.spawn_background();
         if let Some(b) = &self.shared.bypass {
             b.spawn_reaper();
         }
-        let accepting: Vec<_> = listeners
-            .into_iter()
-            .map(|l| tokio::spawn(self.clone().accept(l, shutdown.clone())))
-            .collect();
+        let accepting: Vec<_> =
+            listeners.into_iter().map(|l| tokio::spawn(self.clone().accept(l, shutdown.clone()))).collect();
         for task in accepting {
             let _ = task.await;
         }
@@ -303,10 +241,7 @@ impl Proxy {
             tracing::warn!(%peer, max = self.config.server.max_clients, "client refused: too many clients");
             let err = PgError::fatal(
                 crate::error::sqlstate::TOO_MANY_CONNECTIONS,
-                format!(
-                    "pgtenant: sorry, too many clients already (server.max_clients = {})",
-                    self.config.server.max_clients
-                ),
+                format!("pgtenant: sorry, too many clients already (server.max_clients = {})", self.config.server.max_clients),
             );
             send_fatal(crate::net::Stream::Tcp(tcp), &err).await;
             return;
@@ -314,30 +249,22 @@ impl Proxy {
         let timeout = Duration::from_millis(self.config.server.auth_timeout_ms);
         // boxed, like the other one-off stages below: a task's future is as large as its largest
         // stage, and it stays that large while the session sits idle (10,000 idle clients)
-        let logged_in =
-            tokio::time::timeout(
-                timeout,
-                Box::pin(async {
-                    let hello =
-                        startup::negotiate(tcp, self.tls.as_ref(), self.config.server.require_tls)
-                            .await;
-                    match hello {
-                        Ok(startup::Hello::Login { stream, params })
-                            if crate::console::addressed(&params, &self.live_config()) =>
-                        {
-                            match crate::console::login::login(&self, stream, &params, peer).await {
-                                Ok(console) => Some(Admitted::Console(console)),
-                                Err((stream, err)) => {
-                                    send_fatal(stream, &err).await;
-                                    None
-                                }
-                            }
+        let logged_in = tokio::time::timeout(timeout, Box::pin(async {
+            let hello = startup::negotiate(tcp, self.tls.as_ref(), self.config.server.require_tls).await;
+            match hello {
+                Ok(startup::Hello::Login { stream, params }) if crate::console::addressed(&params, &self.live_config()) => {
+                    match crate::console::login::login(&self, stream, &params, peer).await {
+                        Ok(console) => Some(Admitted::Console(console)),
+                        Err((stream, err)) => {
+                            send_fatal(stream, &err).await;
+                            None
                         }
-                        Ok(startup::Hello::Login { stream, params }) => {
-                            match auth::login(&self.login_inputs(), stream, &params, peer).await {
-                                Ok(l) => Some(Admitted::Client(l)),
-                                Err((stream, err)) => {
-                                    let _ = self.shared.audit.record(
+                    }
+                }
+                Ok(startup::Hello::Login { stream, params }) => match auth::login(&self.login_inputs(), stream, &params, peer).await {
+                    Ok(l) => Some(Admitted::Client(l)),
+                    Err((stream, err)) => {
+                        let _ = self.shared.audit.record(
                             "login",
                             serde_json::json!({
                                 "result": "refused",
@@ -347,29 +274,25 @@ impl Proxy {
                                 "client": peer.to_string(),
                             }),
                         ).await;
-                                    send_fatal(stream, &err).await;
-                                    None
-                                }
-                            }
-                        }
-                        Ok(startup::Hello::Cancel { pid, secret }) => {
-                            self.fleet
-                                .cancel(&self.cancels, self.shared.pool.target(), pid, secret)
-                                .await;
-                            None
-                        }
-                        Ok(startup::Hello::Gone) => None,
-                        Err(startup::StartupError { stream, error }) => {
-                            tracing::info!(%peer, error = %error, "startup refused");
-                            if let Some(s) = stream {
-                                send_fatal(s, &error).await;
-                            }
-                            None
-                        }
+                        send_fatal(stream, &err).await;
+                        None
                     }
-                }),
-            )
-            .await;
+                },
+                Ok(startup::Hello::Cancel { pid, secret }) => {
+                    self.fleet.cancel(&self.cancels, self.shared.pool.target(), pid, secret).await;
+                    None
+                }
+                Ok(startup::Hello::Gone) => None,
+                Err(startup::StartupError { stream, error }) => {
+                    tracing::info!(%peer, error = %error, "startup refused");
+                    if let Some(s) = stream {
+                        send_fatal(s, &error).await;
+                    }
+                    None
+                }
+            }
+        }))
+        .await;
         let l = match logged_in {
             Ok(Some(Admitted::Client(l))) => l,
             Ok(Some(Admitted::Console(console))) => return Box::pin(console.serve(&self)).await,
@@ -391,12 +314,7 @@ impl Proxy {
             database: self.shared.pool.target().database.clone(),
             addr: peer,
             tls: l.stream.is_tls(),
-            application_name: l
-                .reported
-                .iter()
-                .find(|(k, _)| k == "application_name")
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default(),
+            application_name: l.reported.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.clone()).unwrap_or_default(),
             pool: if l.bypass { "bypass" } else { "tenant" },
             pid: l.cancel.pid,
             connected: std::time::SystemTime::now(),
@@ -404,25 +322,11 @@ impl Proxy {
         });
         let view = ClientView::new(&l.reported);
         let settings = ClientSettings::new(l.setting_names, l.context.values.clone(), l.params);
-        let session = Session::new(
-            self.shared.clone(),
-            l.stream,
-            l.leftover,
-            settings,
-            l.cancel,
-            view,
-            l.guard,
-            who,
-            l.lease,
-        );
+        let session = Session::new(self.shared.clone(), l.stream, l.leftover, settings, l.cancel, view, l.guard, who, l.lease);
         match session.run().await {
-            End::ClientGone => {
-                tracing::debug!(user = %l.user, tenant = %l.context.tenant.replace('\0', ""), "client disconnected")
-            }
+            End::ClientGone => tracing::debug!(user = %l.user, tenant = %l.context.tenant.replace('\0', ""), "client disconnected"),
             End::Fatal(e) => tracing::info!(user = %l.user, error = %e, "session ended"),
-            End::BackendLost(why) => {
-                tracing::warn!(user = %l.user, reason = %why, "session ended: backend lost")
-            }
+            End::BackendLost(why) => tracing::warn!(user = %l.user, reason = %why, "session ended: backend lost"),
         }
     }
 }
@@ -508,10 +412,7 @@ impl Running {
         let _ = self.proxy.drain.send(true);
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let left = self
-                .proxy
-                .clients
-                .load(std::sync::atomic::Ordering::Acquire);
+            let left = self.proxy.clients.load(std::sync::atomic::Ordering::Acquire);
             if left == 0 || tokio::time::Instant::now() >= deadline {
                 return left;
             }
@@ -526,10 +427,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 }
 
 /// Like `start`, remembering the config file for reloads.
-pub async fn start_from(
-    config: Config,
-    path: Option<std::path::PathBuf>,
-) -> Result<Running, StartError> {
+pub async fn start_from(config: Config, path: Option<std::path::PathBuf>) -> Result<Running, StartError> {
     let listen = config.server.listen.clone();
     let mut proxy = Proxy::new(config)?;
     if let Some(proxy) = Arc::get_mut(&mut proxy) {
@@ -537,19 +435,11 @@ pub async fn start_from(
     }
     let listener = crate::net::listen(&listen, proxy.config.server.so_reuseport)
         .await
-        .map_err(|source| StartError::Listen {
-            addr: listen.clone(),
-            source,
-        })?;
+        .map_err(|source| StartError::Listen { addr: listen.clone(), source })?;
     let addr = listener.local_addr()?;
     let mut listeners = vec![listener];
     if let Some(own) = &proxy.config.server.peer_listen {
-        let l = crate::net::listen(own, false)
-            .await
-            .map_err(|source| StartError::PeerListen {
-                addr: own.clone(),
-                source,
-            })?;
+        let l = crate::net::listen(own, false).await.map_err(|source| StartError::PeerListen { addr: own.clone(), source })?;
         listeners.push(l);
     }
     if let Some(warning) = crate::config::cleartext::warning(&proxy.config.server, &[addr]) {
@@ -566,12 +456,7 @@ pub async fn start_from(
     }
     let admin = match &proxy.config.admin.listen {
         Some(a) => {
-            let l = TcpListener::bind(a)
-                .await
-                .map_err(|source| StartError::AdminListen {
-                    addr: a.clone(),
-                    source,
-                })?;
+            let l = TcpListener::bind(a).await.map_err(|source| StartError::AdminListen { addr: a.clone(), source })?;
             let local = l.local_addr()?;
             Some((local, tokio::spawn(crate::admin::serve(l, proxy.clone()))))
         }
@@ -580,12 +465,5 @@ pub async fn start_from(
     let (admin_addr, admin_task) = admin.map_or((None, None), |(a, t)| (Some(a), Some(t)));
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(proxy.clone().serve(listeners, rx));
-    Ok(Running {
-        addr,
-        admin_addr,
-        admin_task,
-        proxy,
-        stop,
-        task,
-    })
+    Ok(Running { addr, admin_addr, admin_task, proxy, stop, task })
 }

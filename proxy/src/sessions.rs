@@ -56,10 +56,7 @@ impl Drop for Listed {
 
 /// The error a session's client gets when the operator ends it.
 pub fn killed_error() -> PgError {
-    PgError::fatal(
-        sqlstate::ADMIN_SHUTDOWN,
-        "pgtenant: terminating connection due to administrator command (KILL)",
-    )
+    PgError::fatal(sqlstate::ADMIN_SHUTDOWN, "pgtenant: terminating connection due to administrator command (KILL)")
 }
 
 impl Sessions {
@@ -67,19 +64,12 @@ impl Sessions {
     pub fn add(self: &Arc<Self>, client: Client) -> Listed {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.live.insert(id, Arc::new(client));
-        Listed {
-            id,
-            sessions: self.clone(),
-        }
+        Listed { id, sessions: self.clone() }
     }
 
     /// The sessions live now, oldest first.
     pub fn list(&self) -> Vec<Arc<Client>> {
-        let mut all: Vec<(u64, Arc<Client>)> = self
-            .live
-            .iter()
-            .map(|e| (*e.key(), e.value().clone()))
-            .collect();
+        let mut all: Vec<(u64, Arc<Client>)> = self.live.iter().map(|e| (*e.key(), e.value().clone())).collect();
         all.sort_by_key(|(id, _)| *id);
         all.into_iter().map(|(_, c)| c).collect()
     }
@@ -131,25 +121,11 @@ mod tests {
         let (a, b) = (cancels.register(None, None), cancels.register(None, None));
         let la = sessions.add(client("a", a.slot.clone()));
         let _lb = sessions.add(client("b", b.slot.clone()));
-        assert_eq!(
-            sessions
-                .list()
-                .iter()
-                .map(|c| c.tenant.to_string())
-                .collect::<Vec<_>>(),
-            ["a", "b"]
-        );
+        assert_eq!(sessions.list().iter().map(|c| c.tenant.to_string()).collect::<Vec<_>>(), ["a", "b"]);
         assert_eq!(sessions.kill_tenant("a"), 1);
         let quick = std::time::Duration::from_millis(100);
-        tokio::time::timeout(quick, a.slot.terminated())
-            .await
-            .expect("a was ended");
-        assert!(
-            tokio::time::timeout(quick, b.slot.terminated())
-                .await
-                .is_err(),
-            "b must go on"
-        );
+        tokio::time::timeout(quick, a.slot.terminated()).await.expect("a was ended");
+        assert!(tokio::time::timeout(quick, b.slot.terminated()).await.is_err(), "b must go on");
         drop(la);
         assert_eq!(sessions.len(), 1);
         assert_eq!(sessions.kill_tenant("a"), 0);

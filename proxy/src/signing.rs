@@ -54,23 +54,16 @@ pub struct SignerSlot {
 
 impl SignerSlot {
     pub fn new(signer: Option<Signer>) -> SignerSlot {
-        SignerSlot {
-            generation: 1.into(),
-            current: std::sync::RwLock::new(signer.map(std::sync::Arc::new)),
-        }
+        SignerSlot { generation: 1.into(), current: std::sync::RwLock::new(signer.map(std::sync::Arc::new)) }
     }
 
     pub fn set(&self, signer: Option<Signer>) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = signer.map(std::sync::Arc::new);
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
     }
 
     pub fn get(&self) -> Option<std::sync::Arc<Signer>> {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The signer, if it changed since generation `seen` (which is updated).
@@ -92,9 +85,7 @@ pub struct Signer {
 
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer")
-            .field("kid", &self.kid)
-            .finish_non_exhaustive() // never the key
+        f.debug_struct("Signer").field("kid", &self.kid).finish_non_exhaustive() // never the key
     }
 }
 
@@ -108,19 +99,12 @@ pub struct BackendId {
 
 impl Signer {
     /// The signer `[tenant]` configures, if any.
-    pub fn from_config(
-        cfg: &crate::config::TenantConfig,
-    ) -> Result<Option<Signer>, crate::config::ConfigError> {
-        Ok(cfg
-            .signing_key_bytes()?
-            .map(|key| Signer::new(&cfg.signing_kid, &key)))
+    pub fn from_config(cfg: &crate::config::TenantConfig) -> Result<Option<Signer>, crate::config::ConfigError> {
+        Ok(cfg.signing_key_bytes()?.map(|key| Signer::new(&cfg.signing_kid, &key)))
     }
 
     pub fn new(kid: &str, key: &[u8]) -> Signer {
-        Signer {
-            kid: kid.to_string(),
-            key: hmac::Key::new(hmac::HMAC_SHA256, key),
-        }
+        Signer { kid: kid.to_string(), key: hmac::Key::new(hmac::HMAC_SHA256, key) }
     }
 
     pub fn kid(&self) -> &str {
@@ -129,10 +113,7 @@ impl Signer {
 
     /// The payload for `settings` (name, value) on `backend`, issued at `iat` (unix seconds).
     pub fn payload(&self, settings: &[(String, String)], iat: i64, backend: &BackendId) -> String {
-        let settings: BTreeMap<&str, &str> = settings
-            .iter()
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
+        let settings: BTreeMap<&str, &str> = settings.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
         // serde_json's map keeps keys sorted: the same input gives the same bytes
         serde_json::json!({
             "bs": backend.started,
@@ -150,12 +131,7 @@ impl Signer {
     }
 
     /// (payload, signature) for `settings` on `backend`.
-    pub fn signed(
-        &self,
-        settings: &[(String, String)],
-        iat: i64,
-        backend: &BackendId,
-    ) -> (String, String) {
+    pub fn signed(&self, settings: &[(String, String)], iat: i64, backend: &BackendId) -> (String, String) {
         let payload = self.payload(settings, iat, backend);
         let signature = self.sign(&payload);
         (payload, signature)
@@ -169,14 +145,8 @@ mod tests {
     #[test]
     fn payload_is_canonical_and_signed() {
         let s = Signer::new("k1", b"0123456789abcdef0123456789abcdef");
-        let b = BackendId {
-            pid: 42,
-            started: "1764611588.123456".into(),
-        };
-        let settings = vec![
-            ("app.user_id".to_string(), "alice\"x".to_string()),
-            ("app.tenant_id".to_string(), "7".to_string()),
-        ];
+        let b = BackendId { pid: 42, started: "1764611588.123456".into() };
+        let settings = vec![("app.user_id".to_string(), "alice\"x".to_string()), ("app.tenant_id".to_string(), "7".to_string())];
         let (p, sig) = s.signed(&settings, 1700000000, &b);
         assert_eq!(
             p,
@@ -185,10 +155,7 @@ mod tests {
         assert_eq!(sig.len(), 64);
         // RFC 4231-style check of the primitive: HMAC-SHA256("key", "The quick brown fox…")
         let k = Signer::new("t", b"key");
-        assert_eq!(
-            k.sign("The quick brown fox jumps over the lazy dog"),
-            "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
-        );
+        assert_eq!(k.sign("The quick brown fox jumps over the lazy dog"), "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8");
         assert!(!format!("{s:?}").contains("0123"));
     }
 }

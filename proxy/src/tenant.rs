@@ -82,21 +82,12 @@ impl TenantMapping {
         let role_claim = cfg.role_claim.as_deref().map(split_path);
         if role_claim.is_some() {
             if cfg.allowed_roles.is_empty() {
-                return Err(ConfigError::Invalid(
-                    "tenant.role_claim needs tenant.allowed_roles".into(),
-                ));
+                return Err(ConfigError::Invalid("tenant.role_claim needs tenant.allowed_roles".into()));
             }
             names.push("role".into());
         }
         let cluster_claim = cfg.cluster_claim.as_deref().map(split_path);
-        Ok(TenantMapping {
-            names,
-            paths,
-            claims_setting,
-            role_claim,
-            allowed_roles: cfg.allowed_roles.clone(),
-            cluster_claim,
-        })
+        Ok(TenantMapping { names, paths, claims_setting, role_claim, allowed_roles: cfg.allowed_roles.clone(), cluster_claim })
     }
 
     /// Setting names in the order their values appear in `TenantContext::values`: the `settings`
@@ -108,9 +99,7 @@ impl TenantMapping {
     pub fn context(&self, claims: &Map<String, Value>) -> Result<TenantContext, ContextError> {
         let mut values = Vec::with_capacity(self.names.len());
         for path in &self.paths {
-            let v = lookup(claims, path)
-                .filter(|v| !v.is_null())
-                .ok_or_else(|| ContextError::MissingClaim(path.join(".")))?;
+            let v = lookup(claims, path).filter(|v| !v.is_null()).ok_or_else(|| ContextError::MissingClaim(path.join(".")))?;
             let text = render(v);
             if text.contains('\0') {
                 return Err(ContextError::InvalidValue(path.join(".")));
@@ -122,9 +111,7 @@ impl TenantMapping {
             values.push(Value::Object(claims.clone()).to_string());
         }
         if let Some(path) = &self.role_claim {
-            let role = lookup(claims, path)
-                .and_then(Value::as_str)
-                .unwrap_or("<missing>");
+            let role = lookup(claims, path).and_then(Value::as_str).unwrap_or("<missing>");
             if !self.allowed_roles.iter().any(|r| r == role) {
                 return Err(ContextError::RoleNotAllowed(truncate(role, 64)));
             }
@@ -133,12 +120,7 @@ impl TenantMapping {
         Ok(TenantContext {
             tenant: values.first().map(|v| truncate(v, 64)).unwrap_or_default(),
             subject: claims.get("sub").map(|v| truncate(&render(v), 64)),
-            cluster: self
-                .cluster_claim
-                .as_ref()
-                .and_then(|p| lookup(claims, p))
-                .filter(|v| !v.is_null())
-                .map(render),
+            cluster: self.cluster_claim.as_ref().and_then(|p| lookup(claims, p)).filter(|v| !v.is_null()).map(render),
             values,
         })
     }
@@ -151,10 +133,7 @@ mod tests {
 
     fn mapping(settings: &[(&str, &str)], role: Option<&str>, allowed: &[&str]) -> TenantMapping {
         let cfg = TenantConfig {
-            settings: settings
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect(),
+            settings: settings.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect(),
             claims_setting: "request.jwt.claims".into(),
             role_claim: role.map(str::to_string),
             allowed_roles: allowed.iter().map(|s| s.to_string()).collect(),
@@ -169,71 +148,31 @@ mod tests {
 
     #[test]
     fn renders_every_json_type_and_nesting() {
-        let m = mapping(
-            &[
-                ("app.a", "n"),
-                ("app.b", "s"),
-                ("app.c", "b"),
-                ("app.d", "o.id"),
-                ("app.e", "arr"),
-            ],
-            None,
-            &[],
-        );
-        let claims = obj(
-            json!({"n": 42, "s": "x'\"\\$$\nü", "b": true, "o": {"id": {"k": [1]}}, "arr": [1, "a"]}),
-        );
+        let m = mapping(&[("app.a", "n"), ("app.b", "s"), ("app.c", "b"), ("app.d", "o.id"), ("app.e", "arr")], None, &[]);
+        let claims = obj(json!({"n": 42, "s": "x'\"\\$$\nü", "b": true, "o": {"id": {"k": [1]}}, "arr": [1, "a"]}));
         let c = m.context(&claims).unwrap();
-        assert_eq!(
-            m.setting_names()[..5],
-            ["app.a", "app.b", "app.c", "app.d", "app.e"]
-        );
-        assert_eq!(
-            c.values[..5],
-            ["42", "x'\"\\$$\nü", "true", r#"{"k":[1]}"#, r#"[1,"a"]"#]
-        );
-        assert_eq!(
-            serde_json::from_str::<Value>(&c.values[5]).unwrap(),
-            Value::Object(claims)
-        );
+        assert_eq!(m.setting_names()[..5], ["app.a", "app.b", "app.c", "app.d", "app.e"]);
+        assert_eq!(c.values[..5], ["42", "x'\"\\$$\nü", "true", r#"{"k":[1]}"#, r#"[1,"a"]"#]);
+        assert_eq!(serde_json::from_str::<Value>(&c.values[5]).unwrap(), Value::Object(claims));
         assert_eq!(c.tenant, "42");
     }
 
     #[test]
     fn missing_null_and_nul_claims_refused() {
         let m = mapping(&[("app.t", "org.id")], None, &[]);
-        assert_eq!(
-            m.context(&obj(json!({"org": {}}))).unwrap_err(),
-            ContextError::MissingClaim("org.id".into())
-        );
-        assert_eq!(
-            m.context(&obj(json!({"org": {"id": null}}))).unwrap_err(),
-            ContextError::MissingClaim("org.id".into())
-        );
-        assert_eq!(
-            m.context(&obj(json!({"org": "x"}))).unwrap_err(),
-            ContextError::MissingClaim("org.id".into())
-        );
-        assert_eq!(
-            m.context(&obj(json!({"org": {"id": "a\u{0}b"}})))
-                .unwrap_err(),
-            ContextError::InvalidValue("org.id".into())
-        );
+        assert_eq!(m.context(&obj(json!({"org": {}}))).unwrap_err(), ContextError::MissingClaim("org.id".into()));
+        assert_eq!(m.context(&obj(json!({"org": {"id": null}}))).unwrap_err(), ContextError::MissingClaim("org.id".into()));
+        assert_eq!(m.context(&obj(json!({"org": "x"}))).unwrap_err(), ContextError::MissingClaim("org.id".into()));
+        assert_eq!(m.context(&obj(json!({"org": {"id": "a\u{0}b"}}))).unwrap_err(), ContextError::InvalidValue("org.id".into()));
     }
 
     #[test]
     fn role_claim_only_for_allowed_roles() {
         let m = mapping(&[("app.t", "t")], Some("role"), &["authenticated"]);
-        let c = m
-            .context(&obj(json!({"t": 1, "role": "authenticated"})))
-            .unwrap();
+        let c = m.context(&obj(json!({"t": 1, "role": "authenticated"}))).unwrap();
         assert_eq!(m.setting_names().last().unwrap(), "role");
         assert_eq!(c.values.last().unwrap(), "authenticated");
-        assert_eq!(
-            m.context(&obj(json!({"t": 1, "role": "postgres"})))
-                .unwrap_err(),
-            ContextError::RoleNotAllowed("postgres".into())
-        );
+        assert_eq!(m.context(&obj(json!({"t": 1, "role": "postgres"}))).unwrap_err(), ContextError::RoleNotAllowed("postgres".into()));
         assert!(m.context(&obj(json!({"t": 1}))).is_err());
     }
 }

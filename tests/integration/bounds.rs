@@ -16,10 +16,8 @@ use wire::Wire;
 
 /// A proxy with one backend and a 1 s client write timeout.
 async fn one_backend_proxy(env: &Env) -> pgtenant::server::Running {
-    let text = config_text(env, "pool_size = 1", "").replace(
-        "listen = \"127.0.0.1:0\"\n",
-        "listen = \"127.0.0.1:0\"\nclient_write_timeout_ms = 1000\n",
-    );
+    let text = config_text(env, "pool_size = 1", "")
+        .replace("listen = \"127.0.0.1:0\"\n", "listen = \"127.0.0.1:0\"\nclient_write_timeout_ms = 1000\n");
     let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).expect("test config");
     pgtenant::server::start(cfg).await.expect("proxy starts")
 }
@@ -28,21 +26,11 @@ async fn one_backend_proxy(env: &Env) -> pgtenant::server::Running {
 /// took it: within the 1 s write timeout plus slack, well under the 5 s pool wait timeout.
 async fn backend_comes_back(p: &pgtenant::server::Running, what: &str) -> TestResult {
     let started = Instant::now();
-    let c = connect(p, &token(3, "next"))
-        .await
-        .map_err(|e| format!("{what}: login: {e:?}"))?;
-    let (n, lo, hi) = crate::tenant_view(&c)
-        .await
-        .map_err(|e| format!("{what}: {e}"))?;
-    ensure(
-        n == 100 && lo == 3 && hi == 3,
-        format!("{what}: wrong rows"),
-    )?;
+    let c = connect(p, &token(3, "next")).await.map_err(|e| format!("{what}: login: {e:?}"))?;
+    let (n, lo, hi) = crate::tenant_view(&c).await.map_err(|e| format!("{what}: {e}"))?;
+    ensure(n == 100 && lo == 3 && hi == 3, format!("{what}: wrong rows"))?;
     let waited = started.elapsed();
-    ensure(
-        waited < Duration::from_secs(4),
-        format!("{what}: the next client waited {waited:?} for the backend"),
-    )
+    ensure(waited < Duration::from_secs(4), format!("{what}: the next client waited {waited:?} for the backend"))
 }
 
 pub async fn stuck_clients_do_not_pin_the_backend(env: &Env) -> TestResult {
@@ -62,13 +50,8 @@ pub async fn stuck_clients_do_not_pin_the_backend(env: &Env) -> TestResult {
     backend_comes_back(&p, "after a client that stopped reading").await?;
     // the stuck sessions are gone (their sockets are still open) and no backend stays leased
     let deadline = Instant::now() + Duration::from_secs(5);
-    while p.proxy.shared.pool.busy_count() > 0
-        || p.proxy.clients.load(std::sync::atomic::Ordering::Acquire) > 0
-    {
-        ensure(
-            Instant::now() < deadline,
-            "a stuck session or its backend stayed",
-        )?;
+    while p.proxy.shared.pool.busy_count() > 0 || p.proxy.clients.load(std::sync::atomic::Ordering::Acquire) > 0 {
+        ensure(Instant::now() < deadline, "a stuck session or its backend stayed")?;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop((half, silent));
@@ -81,9 +64,7 @@ pub async fn stuck_clients_do_not_pin_the_backend(env: &Env) -> TestResult {
 /// makes room.
 pub async fn session_settings_are_capped(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
-    let c = connect(&p, &token(1, "setter"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let c = connect(&p, &token(1, "setter")).await.map_err(|e| format!("{e:?}"))?;
     let mut accepted = 0;
     let mut refusal = None;
     for i in 0..200 {
@@ -96,49 +77,19 @@ pub async fn session_settings_are_capped(env: &Env) -> TestResult {
         }
     }
     let (code, msg) = refusal.ok_or(format!("all {accepted} session settings were accepted"))?;
-    ensure(
-        code == "54000" && msg.contains("more than 126 settings"),
-        format!("after {accepted}: {code} {msg}"),
-    )?;
-    ensure(
-        (100..126).contains(&accepted),
-        format!("{accepted} settings accepted before the limit"),
-    )?;
+    ensure(code == "54000" && msg.contains("more than 126 settings"), format!("after {accepted}: {code} {msg}"))?;
+    ensure((100..126).contains(&accepted), format!("{accepted} settings accepted before the limit"))?;
     // the session goes on: its settings and tenant context hold in the next transactions
     let (n, lo, hi) = crate::tenant_view(&c).await?;
-    ensure(
-        n == 100 && lo == 1 && hi == 1,
-        "wrong rows after the refusal",
-    )?;
+    ensure(n == 100 && lo == 1 && hi == 1, "wrong rows after the refusal")?;
     let last = format!("my.s{}", accepted - 1);
-    let v = c
-        .query_one(&format!("select current_setting('{last}')"), &[])
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    ensure(
-        v.get::<_, String>(0) == format!("v{}", accepted - 1),
-        "a kept setting was lost",
-    )?;
-    c.simple_query("SET my.s0 = 'changed'")
-        .await
-        .map_err(|e| format!("changing a kept setting: {e:?}"))?;
-    c.simple_query("RESET my.s1")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    c.simple_query("SET my.new = 'fits'")
-        .await
-        .map_err(|e| format!("after RESET: {e:?}"))?;
-    let v = c
-        .query_one(
-            "select current_setting('my.s0'), current_setting('my.new')",
-            &[],
-        )
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    ensure(
-        (v.get::<_, String>(0), v.get::<_, String>(1)) == ("changed".into(), "fits".into()),
-        "settings after RESET",
-    )?;
+    let v = c.query_one(&format!("select current_setting('{last}')"), &[]).await.map_err(|e| format!("{e:?}"))?;
+    ensure(v.get::<_, String>(0) == format!("v{}", accepted - 1), "a kept setting was lost")?;
+    c.simple_query("SET my.s0 = 'changed'").await.map_err(|e| format!("changing a kept setting: {e:?}"))?;
+    c.simple_query("RESET my.s1").await.map_err(|e| format!("{e:?}"))?;
+    c.simple_query("SET my.new = 'fits'").await.map_err(|e| format!("after RESET: {e:?}"))?;
+    let v = c.query_one("select current_setting('my.s0'), current_setting('my.new')", &[]).await.map_err(|e| format!("{e:?}"))?;
+    ensure((v.get::<_, String>(0), v.get::<_, String>(1)) == ("changed".into(), "fits".into()), "settings after RESET")?;
     p.stop().await;
     Ok(())
 }
@@ -158,41 +109,13 @@ pub async fn named_portals_are_capped(env: &Env) -> TestResult {
     batch.push(wire::sync());
     let r = w.round(&batch.concat(), 1).await;
     let codes: Vec<&str> = r.errors.iter().map(|e| e.code.as_str()).collect();
-    ensure(
-        codes == ["54000"] && r.errors[0].message.contains("too many open portals"),
-        format!("10,001 portals: {}", r.summary()),
-    )?;
-    ensure(
-        r.status() == b'E',
-        format!(
-            "the refused Bind did not fail the transaction: {}",
-            r.summary()
-        ),
-    )?;
+    ensure(codes == ["54000"] && r.errors[0].message.contains("too many open portals"), format!("10,001 portals: {}", r.summary()))?;
+    ensure(r.status() == b'E', format!("the refused Bind did not fail the transaction: {}", r.summary()))?;
     let r = w.simple("ROLLBACK").await;
-    ensure(
-        r.ok() && r.status() == b'I',
-        format!("ROLLBACK: {}", r.summary()),
-    )?;
+    ensure(r.ok() && r.status() == b'I', format!("ROLLBACK: {}", r.summary()))?;
     // the portals died with the transaction: the next one may bind again
-    let r = w
-        .round(
-            &[
-                wire::query("BEGIN"),
-                wire::parse("", "SELECT 1", &[]),
-                wire::bind("again", "", &[]),
-                wire::execute("again", 0),
-                wire::sync(),
-                wire::query("COMMIT"),
-            ]
-            .concat(),
-            3,
-        )
-        .await;
-    ensure(
-        r.ok() && r.rows.len() == 1,
-        format!("after the limit: {}", r.summary()),
-    )?;
+    let r = w.round(&[wire::query("BEGIN"), wire::parse("", "SELECT 1", &[]), wire::bind("again", "", &[]), wire::execute("again", 0), wire::sync(), wire::query("COMMIT")].concat(), 3).await;
+    ensure(r.ok() && r.rows.len() == 1, format!("after the limit: {}", r.summary()))?;
     w.close().await;
     p.stop().await;
     Ok(())
@@ -205,36 +128,19 @@ pub async fn bypass_execute_of_unknown_portal_is_audited_by_name(env: &Env) -> T
     let audit = dir.path().join("audit.jsonl");
     let p = start_proxy(env, "", &bypass_sections(env, &audit)?).await;
 
-    let worker = bypass_token(
-        serde_json::json!({ "role": "service", "sub": "worker-portals", "exp": now() + 600 }),
-    );
+    let worker = bypass_token(serde_json::json!({ "role": "service", "sub": "worker-portals", "exp": now() + 600 }));
     let mut w = Wire::connect(p.addr, &worker).await?;
-    let r = w
-        .simple(
-            "BEGIN; DECLARE pgt_cursor CURSOR FOR SELECT tenant_id FROM orders ORDER BY 1 LIMIT 2",
-        )
-        .await;
+    let r = w.simple("BEGIN; DECLARE pgt_cursor CURSOR FOR SELECT tenant_id FROM orders ORDER BY 1 LIMIT 2").await;
     ensure(r.ok(), format!("DECLARE: {}", r.summary()))?;
-    let r = w
-        .round(&[wire::execute("pgt_cursor", 0), wire::sync()].concat(), 1)
-        .await;
-    ensure(
-        r.ok() && r.rows.len() == 2,
-        format!("Execute of the cursor: {}", r.summary()),
-    )?;
+    let r = w.round(&[wire::execute("pgt_cursor", 0), wire::sync()].concat(), 1).await;
+    ensure(r.ok() && r.rows.len() == 2, format!("Execute of the cursor: {}", r.summary()))?;
     let r = w.simple("COMMIT").await;
     ensure(r.ok(), format!("COMMIT: {}", r.summary()))?;
     w.close().await;
     let lines = audit_lines(&audit);
-    let ext: Vec<_> = lines
-        .iter()
-        .filter(|l| l["event"] == "bypass_statement" && l["protocol"] == "extended")
-        .collect();
+    let ext: Vec<_> = lines.iter().filter(|l| l["event"] == "bypass_statement" && l["protocol"] == "extended").collect();
     ensure(
-        ext.len() == 1
-            && ext[0]["portal"] == "pgt_cursor"
-            && ext[0]["statement"].is_null()
-            && ext[0]["fingerprint"].is_null(),
+        ext.len() == 1 && ext[0]["portal"] == "pgt_cursor" && ext[0]["statement"].is_null() && ext[0]["fingerprint"].is_null(),
         format!("extended bypass records: {ext:?}"),
     )?;
     p.stop().await;
@@ -243,15 +149,9 @@ pub async fn bypass_execute_of_unknown_portal_is_audited_by_name(env: &Env) -> T
 
 /// Config sections for a bypass pool (role `worker`, created if needed) audited to `audit`.
 fn bypass_sections(env: &Env, audit: &std::path::Path) -> Result<String, String> {
-    let _ = env.cluster.psql(
-        "app",
-        "CREATE ROLE worker LOGIN PASSWORD 'worker-secret' BYPASSRLS",
-    );
+    let _ = env.cluster.psql("app", "CREATE ROLE worker LOGIN PASSWORD 'worker-secret' BYPASSRLS");
     env.cluster
-        .psql(
-            "app",
-            "GRANT USAGE ON SCHEMA public TO worker; GRANT SELECT, UPDATE ON orders TO worker",
-        )
+        .psql("app", "GRANT USAGE ON SCHEMA public TO worker; GRANT SELECT, UPDATE ON orders TO worker")
         .map_err(|e| e.to_string())?;
     Ok(format!(
         "[bypass]\nenabled = true\nurl = \"{}\"\n[bypass.jwt]\nsecret = \"{BYPASS_SECRET}\"\n[audit]\npath = \"{}\"",
@@ -268,28 +168,17 @@ pub async fn stuck_audit_log_stalls_nobody_else(env: &Env) -> TestResult {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let fifo = dir.path().join("audit.fifo");
-    let c_path =
-        std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
+    let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).map_err(|e| e.to_string())?;
     // SAFETY: a valid NUL-terminated path
-    ensure(
-        unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } == 0,
-        "mkfifo failed",
-    )?;
+    ensure(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) } == 0, "mkfifo failed")?;
     // a reader that does not read: once the pipe's buffer is full, every write blocks
-    let mut reader = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&fifo)
-        .map_err(|e| e.to_string())?;
+    let mut reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).map_err(|e| e.to_string())?;
     let extra = format!("{}\nwrite_timeout_ms = 1000", bypass_sections(env, &fifo)?);
     let p = start_proxy(env, "", &extra).await;
     let addr = p.addr;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("client runtime");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("client runtime");
         let result = rt.block_on(async move {
             let login = |tok: String| async move {
                 let mut cfg = tokio_postgres::Config::new();
@@ -337,9 +226,7 @@ pub async fn stuck_audit_log_stalls_nobody_else(env: &Env) -> TestResult {
         let _ = tx.send(result);
     });
     // blocking waits here are fine: this future runs on the test's own thread, not a worker
-    let result = rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| Err("the clients never finished".into()));
+    let result = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| Err("the clients never finished".into()));
     // unstick the writer (and, before the fix, the runtime) so the proxy can stop
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let draining = stop.clone();
@@ -363,19 +250,13 @@ pub async fn stuck_audit_log_stalls_nobody_else(env: &Env) -> TestResult {
 fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .unwrap_or(0)
 }
 
 /// Reads a simple query's answer up to ReadyForQuery without holding large messages: each
 /// message as (tag, body length, last body byte).
-async fn read_answer_streaming(
-    s: &mut tokio::net::TcpStream,
-) -> Result<Vec<(u8, usize, u8)>, String> {
+async fn read_answer_streaming(s: &mut tokio::net::TcpStream) -> Result<Vec<(u8, usize, u8)>, String> {
     use tokio::io::AsyncReadExt;
     let mut seen = Vec::new();
     let mut head = Vec::with_capacity(5);
@@ -461,9 +342,7 @@ pub async fn wide_row_streams_through_bounded_memory(env: &Env) -> TestResult {
 pub async fn wide_rows_and_copy_data_arrive_intact(env: &Env) -> TestResult {
     use futures::StreamExt;
     let p = start_proxy(env, "", "").await;
-    let c = connect(&p, &token(2, "wide"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let c = connect(&p, &token(2, "wide")).await.map_err(|e| format!("{e:?}"))?;
     for _ in 0..3 {
         let rows = c
             .query("select repeat(i::text, 300000 + i), current_setting('app.tenant_id') from generate_series(1, 5) i", &[])
@@ -473,15 +352,9 @@ pub async fn wide_rows_and_copy_data_arrive_intact(env: &Env) -> TestResult {
         for (i, r) in rows.iter().enumerate() {
             let (v, t): (String, String) = (r.get(0), r.get(1));
             let d = (i + 1).to_string();
-            ensure(
-                v.len() == 300_000 + i + 1 && v.chars().all(|ch| ch.to_string() == d) && t == "2",
-                format!("row {i} damaged"),
-            )?;
+            ensure(v.len() == 300_000 + i + 1 && v.chars().all(|ch| ch.to_string() == d) && t == "2", format!("row {i} damaged"))?;
         }
-        let msgs = c
-            .simple_query("select repeat('s', 2000000)")
-            .await
-            .map_err(|e| format!("{e:?}"))?;
+        let msgs = c.simple_query("select repeat('s', 2000000)").await.map_err(|e| format!("{e:?}"))?;
         let big = msgs.iter().find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::len),
             _ => None,
@@ -492,17 +365,10 @@ pub async fn wide_rows_and_copy_data_arrive_intact(env: &Env) -> TestResult {
             .await
             .map_err(|e| format!("{e:?}"))?;
         let chunks: Vec<_> = copy.collect().await;
-        let bytes: usize = chunks
-            .into_iter()
-            .map(|b| b.map(|b| b.len()))
-            .sum::<Result<usize, _>>()
-            .map_err(|e| format!("{e:?}"))?;
+        let bytes: usize = chunks.into_iter().map(|b| b.map(|b| b.len())).sum::<Result<usize, _>>().map_err(|e| format!("{e:?}"))?;
         ensure(bytes == 4 * 400_001, format!("COPY OUT: {bytes} bytes"))?;
         let (n, lo, hi) = crate::tenant_view(&c).await?;
-        ensure(
-            n == 100 && lo == 2 && hi == 2,
-            "wrong rows after wide results",
-        )?;
+        ensure(n == 100 && lo == 2 && hi == 2, "wrong rows after wide results")?;
     }
     p.stop().await;
     Ok(())

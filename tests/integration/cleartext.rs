@@ -9,19 +9,9 @@ use crate::common::*;
 const WARNING: &str = "tokens are bearer credentials";
 
 fn check(config: &std::path::Path) -> Result<String, String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_pgtenant"))
-        .args(["check", "--config"])
-        .arg(config)
-        .output()
-        .map_err(|e| e.to_string())?;
+    let out = Command::new(env!("CARGO_BIN_EXE_pgtenant")).args(["check", "--config"]).arg(config).output().map_err(|e| e.to_string())?;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    ensure(
-        out.status.success(),
-        format!(
-            "check failed: {stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )?;
+    ensure(out.status.success(), format!("check failed: {stdout}{}", String::from_utf8_lossy(&out.stderr)))?;
     Ok(stdout)
 }
 
@@ -52,30 +42,11 @@ pub async fn cleartext_listeners_are_warned(env: &Env) -> TestResult {
     let file = dir.path().join("pgtenant.toml");
     let text = config_text(env, "", "");
     for (listen, warned) in [("127.0.0.1:0", false), ("0.0.0.0:0", true)] {
-        std::fs::write(
-            &file,
-            text.replace(
-                "listen = \"127.0.0.1:0\"",
-                &format!("listen = \"{listen}\""),
-            ),
-        )
-        .map_err(|e| e.to_string())?;
+        std::fs::write(&file, text.replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{listen}\""))).map_err(|e| e.to_string())?;
         let out = check(&file)?;
-        ensure(
-            out.contains(WARNING) == warned,
-            format!(
-                "pgtenant check, listen {listen}: warned {}, want {warned}:\n{out}",
-                !warned
-            ),
-        )?;
+        ensure(out.contains(WARNING) == warned, format!("pgtenant check, listen {listen}: warned {}, want {warned}:\n{out}", !warned))?;
         let log = tokio::task::block_in_place(|| startup_log(&file))?;
-        ensure(
-            log.contains(WARNING) == warned,
-            format!(
-                "start-up, listen {listen}: warned {}, want {warned}:\n{log}",
-                !warned
-            ),
-        )?;
+        ensure(log.contains(WARNING) == warned, format!("start-up, listen {listen}: warned {}, want {warned}:\n{log}", !warned))?;
     }
     Ok(())
 }

@@ -32,20 +32,12 @@ async fn login(p: &pgtenant::server::Running, tenant: i64) -> Option<tokio_postg
 }
 
 /// One client: autocommit reads in a loop, reconnecting when its connection is gone.
-async fn load(
-    p: Arc<pgtenant::server::Running>,
-    tenant: i64,
-    stop: Arc<AtomicBool>,
-    t: Arc<Tally>,
-) {
+async fn load(p: Arc<pgtenant::server::Running>, tenant: i64, stop: Arc<AtomicBool>, t: Arc<Tally>) {
     let sql = "SELECT pg_postmaster_start_time()::text || '/' || txid_current(), count(*), coalesce(min(tenant_id), 0), coalesce(max(tenant_id), 0), \
                (SELECT count(*) FROM pg_class WHERE relnamespace = pg_my_temp_schema()) FROM orders";
     let mut client = None;
     while !stop.load(Ordering::Relaxed) {
-        if client
-            .as_ref()
-            .is_none_or(|c: &tokio_postgres::Client| c.is_closed())
-        {
+        if client.as_ref().is_none_or(|c: &tokio_postgres::Client| c.is_closed()) {
             client = login(&p, tenant).await;
             if client.is_none() {
                 t.errors.fetch_add(1, Ordering::Relaxed);
@@ -56,8 +48,7 @@ async fn load(
         let c = client.as_ref().expect("set above");
         match c.query_one(sql, &[]).await {
             Ok(row) => {
-                let (txid, n, lo, hi, temp): (String, i64, i32, i32, i64) =
-                    (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
+                let (txid, n, lo, hi, temp): (String, i64, i32, i32, i64) = (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
                 if n != 100 || lo != tenant as i32 || hi != tenant as i32 {
                     t.foreign.fetch_add(1, Ordering::Relaxed);
                 }
@@ -82,40 +73,25 @@ async fn recovers(t: &Tally, n: u64, what: &str) -> TestResult {
     let start = t.ok.load(Ordering::Relaxed);
     let deadline = Instant::now() + Duration::from_secs(30);
     while t.ok.load(Ordering::Relaxed) < start + n {
-        ensure(
-            Instant::now() < deadline,
-            format!("load did not recover within 30 s after {what}"),
-        )?;
+        ensure(Instant::now() < deadline, format!("load did not recover within 30 s after {what}"))?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Ok(())
 }
 
 fn superuser(cluster: &pgtenant::cluster::Cluster, sql: &str) -> TestResult {
-    cluster
-        .psql("app", sql)
-        .map(|_| ())
-        .map_err(|e| format!("psql {sql}: {e}"))
+    cluster.psql("app", sql).map(|_| ()).map_err(|e| format!("psql {sql}: {e}"))
 }
 
 pub async fn faults_under_load_lose_nothing(_env: &Env) -> TestResult {
     let cluster = pgtenant::cluster::Cluster::start().map_err(|e| e.to_string())?;
     cluster.load_rls_fixture().map_err(|e| e.to_string())?;
     let env = Env { cluster };
-    let p = Arc::new(
-        start_proxy(
-            &env,
-            "pool_size = 4\nconnect_timeout_ms = 2000",
-            "[pool]\nquery_wait_timeout_ms = 1000",
-        )
-        .await,
-    );
+    let p = Arc::new(start_proxy(&env, "pool_size = 4\nconnect_timeout_ms = 2000", "[pool]\nquery_wait_timeout_ms = 1000").await);
     let mut cluster = env.cluster;
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally::default());
-    let workers: Vec<_> = (0..12)
-        .map(|i| tokio::spawn(load(p.clone(), 1 + i % 3, stop.clone(), tally.clone())))
-        .collect();
+    let workers: Vec<_> = (0..12).map(|i| tokio::spawn(load(p.clone(), 1 + i % 3, stop.clone(), tally.clone()))).collect();
     let result = async {
         recovers(&tally, 200, "start").await?;
 
@@ -186,31 +162,14 @@ pub async fn faults_under_load_lose_nothing(_env: &Env) -> TestResult {
         )?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let committed = cluster
-        .psql("app", "SELECT count(*) FROM orders WHERE amount = 4242.42")
-        .map_err(|e| e.to_string())?;
-    ensure(
-        committed.trim() == "0",
-        format!("rows of vanished clients were committed: {committed}"),
-    )?;
+    let committed = cluster.psql("app", "SELECT count(*) FROM orders WHERE amount = 4242.42").map_err(|e| e.to_string())?;
+    ensure(committed.trim() == "0", format!("rows of vanished clients were committed: {committed}"))?;
     let t = &tally;
-    let (ok, errors) = (
-        t.ok.load(Ordering::Relaxed),
-        t.errors.load(Ordering::Relaxed),
-    );
+    let (ok, errors) = (t.ok.load(Ordering::Relaxed), t.errors.load(Ordering::Relaxed));
     eprintln!("    faults: {ok} queries ok, {errors} errors during faults");
-    ensure(
-        t.foreign.load(Ordering::Relaxed) == 0,
-        "a client saw another tenant's rows",
-    )?;
-    ensure(
-        t.reused_txid.load(Ordering::Relaxed) == 0,
-        "a backend was handed on inside an open transaction",
-    )?;
-    ensure(
-        t.leftover_temp.load(Ordering::Relaxed) == 0,
-        "a client saw another session's temporary tables",
-    )?;
+    ensure(t.foreign.load(Ordering::Relaxed) == 0, "a client saw another tenant's rows")?;
+    ensure(t.reused_txid.load(Ordering::Relaxed) == 0, "a backend was handed on inside an open transaction")?;
+    ensure(t.leftover_temp.load(Ordering::Relaxed) == 0, "a client saw another session's temporary tables")?;
     match Arc::try_unwrap(p) {
         Ok(p) => p.stop().await,
         Err(_) => return Err("proxy still referenced".into()),

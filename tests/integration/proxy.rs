@@ -3,8 +3,8 @@
 //! COPY, JWT failures, pool limits, cancel, and backend/client failures.
 
 mod admin;
-mod bounds;
 mod cleartext;
+mod bounds;
 mod common;
 mod doctor;
 mod faults;
@@ -18,17 +18,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use admin::admin_speaks_http;
-use bounds::*;
 use cleartext::cleartext_listeners_are_warned;
+use bounds::*;
 use common::*;
 use doctor::doctor_checks_every_server;
 use faults::faults_under_load_lose_nothing;
-use futures::future::join_all;
 use health::readyz_follows_the_backend;
 use hostile::*;
 use jwks::jwks_url_fetch_rotation_and_outage;
-use serde_json::json;
 use tenancy::*;
+use futures::future::join_all;
+use serde_json::json;
 
 fn main() {
     run_all(tests![
@@ -111,14 +111,9 @@ fn main() {
 async fn two_tenants_simple_protocol(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
     for t in [1, 2] {
-        let c = connect(&p, &token(t, "u"))
-            .await
-            .map_err(|e| format!("{e:?}"))?;
+        let c = connect(&p, &token(t, "u")).await.map_err(|e| format!("{e:?}"))?;
         let (n, lo, hi) = tenant_view(&c).await?;
-        ensure(
-            n == 100 && lo == t as i32 && hi == t as i32,
-            format!("tenant {t} saw {n} rows of tenants {lo}..{hi}"),
-        )?;
+        ensure(n == 100 && lo == t as i32 && hi == t as i32, format!("tenant {t} saw {n} rows of tenants {lo}..{hi}"))?;
     }
     p.stop().await;
     Ok(())
@@ -126,29 +121,19 @@ async fn two_tenants_simple_protocol(env: &Env) -> TestResult {
 
 async fn two_tenants_extended_protocol(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
-    let a = connect(&p, &token(1, "a"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let b = connect(&p, &token(2, "b"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let a = connect(&p, &token(1, "a")).await.map_err(|e| format!("{e:?}"))?;
+    let b = connect(&p, &token(2, "b")).await.map_err(|e| format!("{e:?}"))?;
     for _ in 0..20 {
         for (c, t) in [(&a, 1), (&b, 2)] {
             let rows = c
                 .query("select tenant_id, current_setting('app.tenant_id') from orders where tenant_id > $1", &[&0i32])
                 .await
                 .map_err(|e| format!("{e:?}"))?;
-            ensure(
-                rows.len() == 100,
-                format!("tenant {t}: {} rows", rows.len()),
-            )?;
+            ensure(rows.len() == 100, format!("tenant {t}: {} rows", rows.len()))?;
             for r in rows {
                 let tid: i32 = r.get(0);
                 let setting: String = r.get(1);
-                ensure(
-                    tid == t && setting == t.to_string(),
-                    format!("tenant {t} saw tenant {tid} / {setting}"),
-                )?;
+                ensure(tid == t && setting == t.to_string(), format!("tenant {t} saw tenant {tid} / {setting}"))?;
             }
         }
     }
@@ -177,14 +162,8 @@ async fn psql_two_tenants(env: &Env) -> TestResult {
         .await
         .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        ensure(
-            out.status.success(),
-            format!("psql failed: {}", String::from_utf8_lossy(&out.stderr)),
-        )?;
-        ensure(
-            stdout.trim() == format!("100|{t}|{t}|psql-user"),
-            format!("psql tenant {t}: {stdout}"),
-        )?;
+        ensure(out.status.success(), format!("psql failed: {}", String::from_utf8_lossy(&out.stderr)))?;
+        ensure(stdout.trim() == format!("100|{t}|{t}|psql-user"), format!("psql tenant {t}: {stdout}"))?;
     }
     p.stop().await;
     Ok(())
@@ -192,9 +171,7 @@ async fn psql_two_tenants(env: &Env) -> TestResult {
 
 async fn pipelined_extended_batches(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
-    let c = connect(&p, &token(2, "pipe"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let c = connect(&p, &token(2, "pipe")).await.map_err(|e| format!("{e:?}"))?;
     let stmt = c
         .prepare("select count(*)::int, current_setting('app.tenant_id') from orders where tenant_id = $1")
         .await
@@ -206,17 +183,11 @@ async fn pipelined_extended_batches(env: &Env) -> TestResult {
             let stmt = &stmt;
             async move {
                 let asked: i32 = if i % 2 == 0 { 2 } else { 1 };
-                let row = c
-                    .query_one(stmt, &[&asked])
-                    .await
-                    .map_err(|e| format!("{e:?}"))?;
+                let row = c.query_one(stmt, &[&asked]).await.map_err(|e| format!("{e:?}"))?;
                 let n: i32 = row.get(0);
                 let s: String = row.get(1);
                 let want = if asked == 2 { 100 } else { 0 };
-                ensure(
-                    n == want && s == "2",
-                    format!("round {round} query {i}: asked {asked} got {n} setting {s}"),
-                )
+                ensure(n == want && s == "2", format!("round {round} query {i}: asked {asked} got {n} setting {s}"))
             }
         });
         for r in join_all(futs).await {
@@ -227,9 +198,7 @@ async fn pipelined_extended_batches(env: &Env) -> TestResult {
     let futs = (0..20).map(|_| c.simple_query("select current_setting('app.tenant_id')"));
     for r in join_all(futs).await {
         let msgs = r.map_err(|e| format!("{e:?}"))?;
-        let ok = msgs.iter().any(
-            |m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("2")),
-        );
+        let ok = msgs.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("2")));
         ensure(ok, "pipelined simple query lost the context")?;
     }
     p.stop().await;
@@ -238,90 +207,39 @@ async fn pipelined_extended_batches(env: &Env) -> TestResult {
 
 async fn explicit_transaction_error_and_rollback(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
-    let c = connect(&p, &token(1, "tx"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    c.batch_execute("BEGIN")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    c.execute(
-        "insert into orders (tenant_id, amount) values (1, 4242.42)",
-        &[],
-    )
-    .await
-    .map_err(|e| format!("{e:?}"))?;
-    let in_tx: String = c
-        .query_one("select current_setting('app.tenant_id')", &[])
-        .await
-        .map_err(|e| format!("{e:?}"))?
-        .get(0);
+    let c = connect(&p, &token(1, "tx")).await.map_err(|e| format!("{e:?}"))?;
+    c.batch_execute("BEGIN").await.map_err(|e| format!("{e:?}"))?;
+    c.execute("insert into orders (tenant_id, amount) values (1, 4242.42)", &[]).await.map_err(|e| format!("{e:?}"))?;
+    let in_tx: String = c.query_one("select current_setting('app.tenant_id')", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
     ensure(in_tx == "1", "context lost inside explicit transaction")?;
-    let e = c
-        .simple_query("select 1/0")
-        .await
-        .err()
-        .ok_or("division by zero succeeded")?;
-    ensure(
-        db_err(&e).0 == "22012",
-        format!("expected 22012, got {:?}", db_err(&e)),
-    )?;
-    let e = c
-        .query("select 1", &[])
-        .await
-        .err()
-        .ok_or("query in aborted transaction succeeded")?;
-    ensure(
-        db_err(&e).0 == "25P02",
-        format!("expected 25P02, got {:?}", db_err(&e)),
-    )?;
-    c.batch_execute("ROLLBACK")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let n: i64 = c
-        .query_one("select count(*) from orders where amount = 4242.42", &[])
-        .await
-        .map_err(|e| format!("{e:?}"))?
-        .get(0);
+    let e = c.simple_query("select 1/0").await.err().ok_or("division by zero succeeded")?;
+    ensure(db_err(&e).0 == "22012", format!("expected 22012, got {:?}", db_err(&e)))?;
+    let e = c.query("select 1", &[]).await.err().ok_or("query in aborted transaction succeeded")?;
+    ensure(db_err(&e).0 == "25P02", format!("expected 25P02, got {:?}", db_err(&e)))?;
+    c.batch_execute("ROLLBACK").await.map_err(|e| format!("{e:?}"))?;
+    let n: i64 = c.query_one("select count(*) from orders where amount = 4242.42", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
     ensure(n == 0, "rolled back insert is visible")?;
     // savepoints inside a block keep the context
-    c.batch_execute("BEGIN; SAVEPOINT s; SELECT 1/0")
-        .await
-        .err()
-        .ok_or("expected error")?;
-    c.batch_execute("ROLLBACK TO SAVEPOINT s")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    c.batch_execute("BEGIN; SAVEPOINT s; SELECT 1/0").await.err().ok_or("expected error")?;
+    c.batch_execute("ROLLBACK TO SAVEPOINT s").await.map_err(|e| format!("{e:?}"))?;
     let (n, lo, hi) = tenant_view(&c).await?;
-    ensure(
-        n == 100 && lo == 1 && hi == 1,
-        format!("after rollback to savepoint saw {n} rows {lo}..{hi}"),
-    )?;
-    c.batch_execute("COMMIT")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    ensure(n == 100 && lo == 1 && hi == 1, format!("after rollback to savepoint saw {n} rows {lo}..{hi}"))?;
+    c.batch_execute("COMMIT").await.map_err(|e| format!("{e:?}"))?;
     p.stop().await;
     Ok(())
 }
 
 async fn insert_foreign_tenant_blocked_by_with_check(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
-    let c = connect(&p, &token(1, "evil"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let c = connect(&p, &token(1, "evil")).await.map_err(|e| format!("{e:?}"))?;
     let e = c
         .execute("insert into orders (tenant_id, amount) values (2, 1)", &[])
         .await
         .err()
         .ok_or("insert into another tenant succeeded")?;
     let (code, msg) = db_err(&e);
-    ensure(
-        code == "42501" && msg.contains("row-level security"),
-        format!("got {code} {msg}"),
-    )?;
-    let n = c
-        .execute("update orders set amount = amount where tenant_id = 2", &[])
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    ensure(code == "42501" && msg.contains("row-level security"), format!("got {code} {msg}"))?;
+    let n = c.execute("update orders set amount = amount where tenant_id = 2", &[]).await.map_err(|e| format!("{e:?}"))?;
     ensure(n == 0, "updated another tenant's rows")?;
     p.stop().await;
     Ok(())
@@ -329,32 +247,16 @@ async fn insert_foreign_tenant_blocked_by_with_check(env: &Env) -> TestResult {
 
 async fn inserts_land_in_own_tenant(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
-    let c = connect(&p, &token(3, "inserter"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let c = connect(&p, &token(3, "inserter")).await.map_err(|e| format!("{e:?}"))?;
     let row = c
-        .query_one(
-            "insert into orders (tenant_id, amount) values (3, 77.5) returning user_sub",
-            &[],
-        )
+        .query_one("insert into orders (tenant_id, amount) values (3, 77.5) returning user_sub", &[])
         .await
         .map_err(|e| format!("{e:?}"))?;
     let sub: String = row.get(0);
-    ensure(
-        sub == "inserter",
-        format!("default user_sub from app.user_id was {sub}"),
-    )?;
-    let owner = env
-        .cluster
-        .psql(
-            "app",
-            "select count(*) from orders where amount = 77.5 and tenant_id = 3",
-        )
-        .map_err(|e| format!("{e:?}"))?;
+    ensure(sub == "inserter", format!("default user_sub from app.user_id was {sub}"))?;
+    let owner = env.cluster.psql("app", "select count(*) from orders where amount = 77.5 and tenant_id = 3").map_err(|e| format!("{e:?}"))?;
     ensure(owner.trim() == "1", format!("row not stored: {owner}"))?;
-    env.cluster
-        .psql("app", "delete from orders where amount = 77.5")
-        .map_err(|e| format!("{e:?}"))?;
+    env.cluster.psql("app", "delete from orders where amount = 77.5").map_err(|e| format!("{e:?}"))?;
     p.stop().await;
     Ok(())
 }
@@ -362,16 +264,11 @@ async fn inserts_land_in_own_tenant(env: &Env) -> TestResult {
 async fn claim_values_round_trip_exactly(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
     let nasty = "it's \"q\" \\ $$ $x$ '); select 1; --\nline2 ünïcødé 🚀";
-    let tok = token_with(
-        json!({ "tenant_id": 1, "sub": nasty, "exp": now() + 600, "org": { "id": [1, 2] } }),
-    );
+    let tok = token_with(json!({ "tenant_id": 1, "sub": nasty, "exp": now() + 600, "org": { "id": [1, 2] } }));
     let c = connect(&p, &tok).await.map_err(|e| format!("{e:?}"))?;
     for simple in [true, false] {
         let got: String = if simple {
-            let msgs = c
-                .simple_query("select current_setting('app.user_id')")
-                .await
-                .map_err(|e| format!("{e:?}"))?;
+            let msgs = c.simple_query("select current_setting('app.user_id')").await.map_err(|e| format!("{e:?}"))?;
             msgs.iter()
                 .find_map(|m| match m {
                     tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
@@ -379,10 +276,7 @@ async fn claim_values_round_trip_exactly(env: &Env) -> TestResult {
                 })
                 .ok_or("no row")?
         } else {
-            c.query_one("select current_setting('app.user_id')", &[])
-                .await
-                .map_err(|e| format!("{e:?}"))?
-                .get(0)
+            c.query_one("select current_setting('app.user_id')", &[]).await.map_err(|e| format!("{e:?}"))?.get(0)
         };
         ensure(got == nasty, format!("claim mangled: {got:?}"))?;
     }
@@ -392,10 +286,7 @@ async fn claim_values_round_trip_exactly(env: &Env) -> TestResult {
         .map_err(|e| format!("{e:?}"))?
         .get(0);
     let v: serde_json::Value = serde_json::from_str(&claims).map_err(|e| format!("{e:?}"))?;
-    ensure(
-        v["sub"] == nasty && v["org"]["id"] == json!([1, 2]),
-        format!("claims json wrong: {claims}"),
-    )?;
+    ensure(v["sub"] == nasty && v["org"]["id"] == json!([1, 2]), format!("claims json wrong: {claims}"))?;
     p.stop().await;
     Ok(())
 }
@@ -410,79 +301,36 @@ async fn login_error(p: &pgtenant::server::Running, tok: &str) -> (String, Strin
 async fn jwt_failures_have_reasons(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
     let exp = now() + 600;
-    let other = pgtenant::jwt::mint_hs(
-        &json!({"tenant_id": 1, "sub": "x", "exp": exp}),
-        b"another-secret",
-        jsonwebtoken::Algorithm::HS256,
-    );
+    let other = pgtenant::jwt::mint_hs(&json!({"tenant_id": 1, "sub": "x", "exp": exp}), b"another-secret", jsonwebtoken::Algorithm::HS256);
     let none_tok = {
         use base64::Engine as _;
         let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        format!(
-            "{}.{}.",
-            e.encode(br#"{"alg":"none","typ":"JWT"}"#),
-            e.encode(json!({"tenant_id": 1, "exp": exp}).to_string())
-        )
+        format!("{}.{}.", e.encode(br#"{"alg":"none","typ":"JWT"}"#), e.encode(json!({"tenant_id": 1, "exp": exp}).to_string()))
     };
     let cases = [
-        (
-            token_with(json!({"tenant_id": 1, "sub": "x", "exp": now() - 3600})),
-            "28P01",
-            "expired",
-        ),
+        (token_with(json!({"tenant_id": 1, "sub": "x", "exp": now() - 3600})), "28P01", "expired"),
         (other, "28P01", "signature"),
         ("not-a-jwt".to_string(), "28P01", "malformed"),
         (none_tok, "28P01", ""),
-        (
-            token_with(json!({"tenant_id": 1, "sub": "x", "exp": exp, "nbf": now() + 3600})),
-            "28P01",
-            "not yet valid",
-        ),
-        (
-            token_with(json!({"tenant_id": 1, "sub": "x"})),
-            "28P01",
-            "exp",
-        ),
+        (token_with(json!({"tenant_id": 1, "sub": "x", "exp": exp, "nbf": now() + 3600})), "28P01", "not yet valid"),
+        (token_with(json!({"tenant_id": 1, "sub": "x"})), "28P01", "exp"),
     ];
     for (tok, code, reason) in cases {
         let (got_code, msg) = login_error(&p, &tok).await;
-        ensure(
-            got_code == code && msg.contains(reason),
-            format!("token case {reason:?}: got {got_code} {msg}"),
-        )?;
-        ensure(
-            !msg.contains(&tok)
-                && !tok
-                    .split('.')
-                    .any(|part| part.len() > 8 && msg.contains(part)),
-            "token echoed in error",
-        )?;
+        ensure(got_code == code && msg.contains(reason), format!("token case {reason:?}: got {got_code} {msg}"))?;
+        ensure(!msg.contains(&tok) && !tok.split('.').any(|part| part.len() > 8 && msg.contains(part)), "token echoed in error")?;
     }
     p.stop().await;
     // issuer and audience, when configured
-    let text = config_text(env, "", "").replace(
-        "[jwt]\n",
-        "[jwt]\nissuer = \"https://issuer.test\"\naudience = \"pgtenant\"\n",
-    );
-    let cfg =
-        pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|e| format!("{e:?}"))?;
+    let text = config_text(env, "", "").replace("[jwt]\n", "[jwt]\nissuer = \"https://issuer.test\"\naudience = \"pgtenant\"\n");
+    let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|e| format!("{e:?}"))?;
     let p = pgtenant::server::start(cfg).await?;
-    let good = token_with(
-        json!({"tenant_id": 1, "sub": "x", "exp": exp, "iss": "https://issuer.test", "aud": "pgtenant"}),
-    );
-    connect(&p, &good)
-        .await
-        .map_err(|e| format!("good iss/aud refused: {e}"))?;
+    let good = token_with(json!({"tenant_id": 1, "sub": "x", "exp": exp, "iss": "https://issuer.test", "aud": "pgtenant"}));
+    connect(&p, &good).await.map_err(|e| format!("good iss/aud refused: {e}"))?;
     let (c, m) = login_error(&p, &token_with(json!({"tenant_id": 1, "sub": "x", "exp": exp, "iss": "https://issuer.test", "aud": "other"}))).await;
-    ensure(
-        c == "28P01" && m.contains("audience"),
-        format!("wrong aud: {c} {m}"),
-    )?;
+    ensure(c == "28P01" && m.contains("audience"), format!("wrong aud: {c} {m}"))?;
     let (c, m) = login_error(&p, &token_with(json!({"tenant_id": 1, "sub": "x", "exp": exp, "iss": "https://evil.test", "aud": "pgtenant"}))).await;
-    ensure(
-        c == "28P01" && m.contains("issuer"),
-        format!("wrong iss: {c} {m}"),
-    )?;
+    ensure(c == "28P01" && m.contains("issuer"), format!("wrong iss: {c} {m}"))?;
     p.stop().await;
     Ok(())
 }
@@ -490,10 +338,7 @@ async fn jwt_failures_have_reasons(env: &Env) -> TestResult {
 async fn missing_claim_rejects_login(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
     let (code, msg) = login_error(&p, &token_with(json!({"sub": "x", "exp": now() + 600}))).await;
-    ensure(
-        code == "28000" && msg.contains("tenant_id"),
-        format!("got {code} {msg}"),
-    )?;
+    ensure(code == "28000" && msg.contains("tenant_id"), format!("got {code} {msg}"))?;
     p.stop().await;
     Ok(())
 }
@@ -501,84 +346,38 @@ async fn missing_claim_rejects_login(env: &Env) -> TestResult {
 async fn wrong_database_is_3d000(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
     let mut cfg = tokio_postgres::Config::new();
-    cfg.host("127.0.0.1")
-        .port(p.addr.port())
-        .user("alice")
-        .dbname("other")
-        .password(token(1, "x"));
-    let e = cfg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .err()
-        .ok_or("wrong database accepted")?;
+    cfg.host("127.0.0.1").port(p.addr.port()).user("alice").dbname("other").password(token(1, "x"));
+    let e = cfg.connect(tokio_postgres::NoTls).await.err().ok_or("wrong database accepted")?;
     let (code, msg) = db_err(&e);
-    ensure(
-        code == "3D000" && msg.contains("other"),
-        format!("got {code} {msg}"),
-    )?;
+    ensure(code == "3D000" && msg.contains("other"), format!("got {code} {msg}"))?;
     p.stop().await;
     Ok(())
 }
 
 async fn pool_exhaustion_gives_clear_error(env: &Env) -> TestResult {
     // pool.query_wait_timeout_ms wins over the older backend.acquire_timeout_ms
-    let p = start_proxy(
-        env,
-        "pool_size = 1\nacquire_timeout_ms = 5000",
-        "[pool]\nquery_wait_timeout_ms = 300",
-    )
-    .await;
-    let a = connect(&p, &token(1, "a"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let b = connect(&p, &token(2, "b"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    a.batch_execute("BEGIN; SELECT 1")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let p = start_proxy(env, "pool_size = 1\nacquire_timeout_ms = 5000", "[pool]\nquery_wait_timeout_ms = 300").await;
+    let a = connect(&p, &token(1, "a")).await.map_err(|e| format!("{e:?}"))?;
+    let b = connect(&p, &token(2, "b")).await.map_err(|e| format!("{e:?}"))?;
+    a.batch_execute("BEGIN; SELECT 1").await.map_err(|e| format!("{e:?}"))?;
     let started = Instant::now();
-    let e = b
-        .simple_query("select 1")
-        .await
-        .err()
-        .ok_or("second client got a backend")?;
+    let e = b.simple_query("select 1").await.err().ok_or("second client got a backend")?;
     let (code, msg) = db_err(&e);
-    ensure(
-        code == "53300" && msg.contains("300 ms"),
-        format!("got {code} {msg}"),
-    )?;
-    ensure(
-        started.elapsed() < Duration::from_secs(3),
-        "acquire timeout not honoured",
-    )?;
+    ensure(code == "53300" && msg.contains("300 ms"), format!("got {code} {msg}"))?;
+    ensure(started.elapsed() < Duration::from_secs(3), "acquire timeout not honoured")?;
     // extended protocol gets the same error and the session stays usable
-    let e = b
-        .query("select 1", &[])
-        .await
-        .err()
-        .ok_or("second client got a backend")?;
-    ensure(
-        db_err(&e).0 == "53300",
-        format!("extended: {:?}", db_err(&e)),
-    )?;
-    a.batch_execute("COMMIT")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let e = b.query("select 1", &[]).await.err().ok_or("second client got a backend")?;
+    ensure(db_err(&e).0 == "53300", format!("extended: {:?}", db_err(&e)))?;
+    a.batch_execute("COMMIT").await.map_err(|e| format!("{e:?}"))?;
     let (n, lo, _) = tenant_view(&b).await?;
-    ensure(
-        n == 100 && lo == 2,
-        "client b not served after the pool freed up",
-    )?;
+    ensure(n == 100 && lo == 2, "client b not served after the pool freed up")?;
     p.stop().await;
     Ok(())
 }
 
 async fn cancel_reaches_running_query(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
-    let c = connect(&p, &token(1, "slow"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let c = connect(&p, &token(1, "slow")).await.map_err(|e| format!("{e:?}"))?;
     expect_cancelled(&c, "select pg_sleep(20)", Duration::from_millis(500)).await?;
     let (n, _, _) = tenant_view(&c).await?;
     ensure(n == 100, "session unusable after cancel")?;
@@ -589,26 +388,18 @@ async fn cancel_reaches_running_query(env: &Env) -> TestResult {
 async fn cancel_with_wrong_key_does_nothing(env: &Env) -> TestResult {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let p = start_proxy(env, "", "").await;
-    let c = connect(&p, &token(1, "victim"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let sleeper =
-        tokio::spawn(async move { c.simple_query("select pg_sleep(1.5)").await.map(|_| ()) });
+    let c = connect(&p, &token(1, "victim")).await.map_err(|e| format!("{e:?}"))?;
+    let sleeper = tokio::spawn(async move { c.simple_query("select pg_sleep(1.5)").await.map(|_| ()) });
     tokio::time::sleep(Duration::from_millis(300)).await;
     // guessed keys for every registered session: wrong secret
-    let mut s = tokio::net::TcpStream::connect(p.addr)
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.map_err(|e| format!("{e:?}"))?;
     let mut msg = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
     msg.extend_from_slice(&1234i32.to_be_bytes());
     msg.extend_from_slice(&5678i32.to_be_bytes());
     s.write_all(&msg).await.map_err(|e| format!("{e:?}"))?;
     let mut buf = [0u8; 16];
     let _ = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await;
-    sleeper
-        .await
-        .unwrap()
-        .map_err(|e| format!("query was cancelled by a bogus cancel request: {e}"))?;
+    sleeper.await.unwrap().map_err(|e| format!("query was cancelled by a bogus cancel request: {e}"))?;
     p.stop().await;
     Ok(())
 }
@@ -616,24 +407,9 @@ async fn cancel_with_wrong_key_does_nothing(env: &Env) -> TestResult {
 async fn context_never_leaks_between_tenants_on_one_backend(env: &Env) -> TestResult {
     let p = start_proxy(env, "pool_size = 1", "").await;
     let clients = [
-        (
-            connect(&p, &token(1, "one"))
-                .await
-                .map_err(|e| format!("{e:?}"))?,
-            1,
-        ),
-        (
-            connect(&p, &token(2, "two"))
-                .await
-                .map_err(|e| format!("{e:?}"))?,
-            2,
-        ),
-        (
-            connect(&p, &token(3, "three"))
-                .await
-                .map_err(|e| format!("{e:?}"))?,
-            3,
-        ),
+        (connect(&p, &token(1, "one")).await.map_err(|e| format!("{e:?}"))?, 1),
+        (connect(&p, &token(2, "two")).await.map_err(|e| format!("{e:?}"))?, 2),
+        (connect(&p, &token(3, "three")).await.map_err(|e| format!("{e:?}"))?, 3),
     ];
     let mut pids = std::collections::HashSet::new();
     for i in 0..60 {
@@ -642,18 +418,11 @@ async fn context_never_leaks_between_tenants_on_one_backend(env: &Env) -> TestRe
             .query_one("select current_setting('app.tenant_id'), current_setting('app.user_id'), pg_backend_pid(), (select count(*) from orders)", &[])
             .await
             .map_err(|e| format!("{e:?}"))?;
-        let (tid, _sub, pid, n): (String, String, i32, i64) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
-        ensure(
-            tid == t.to_string() && n == 100,
-            format!("tenant {t} saw context {tid} and {n} rows"),
-        )?;
+        let (tid, _sub, pid, n): (String, String, i32, i64) = (row.get(0), row.get(1), row.get(2), row.get(3));
+        ensure(tid == t.to_string() && n == 100, format!("tenant {t} saw context {tid} and {n} rows"))?;
         pids.insert(pid);
     }
-    ensure(
-        pids.len() == 1,
-        format!("expected one shared backend, saw {}", pids.len()),
-    )?;
+    ensure(pids.len() == 1, format!("expected one shared backend, saw {}", pids.len()))?;
     // after the transaction the backend carries no context: a direct look at the session shows ''
     p.stop().await;
     Ok(())
@@ -662,13 +431,8 @@ async fn context_never_leaks_between_tenants_on_one_backend(env: &Env) -> TestRe
 async fn copy_out_and_in(env: &Env) -> TestResult {
     use futures::{SinkExt, StreamExt};
     let p = start_proxy(env, "", "").await;
-    let c = connect(&p, &token(2, "copier"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let stream = c
-        .copy_out("COPY (select tenant_id from orders) TO STDOUT")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let c = connect(&p, &token(2, "copier")).await.map_err(|e| format!("{e:?}"))?;
+    let stream = c.copy_out("COPY (select tenant_id from orders) TO STDOUT").await.map_err(|e| format!("{e:?}"))?;
     let chunks: Vec<_> = stream.collect().await;
     let mut text = Vec::new();
     for ch in chunks {
@@ -676,58 +440,25 @@ async fn copy_out_and_in(env: &Env) -> TestResult {
     }
     let text = String::from_utf8_lossy(&text);
     let lines: Vec<&str> = text.lines().collect();
-    ensure(
-        lines.len() == 100 && lines.iter().all(|l| *l == "2"),
-        format!("copy out gave {} lines", lines.len()),
-    )?;
+    ensure(lines.len() == 100 && lines.iter().all(|l| *l == "2"), format!("copy out gave {} lines", lines.len()))?;
     // COPY FROM into an RLS table is refused by Postgres itself (0A000), so COPY IN goes through a
     // temp table inside an explicit transaction, then INSERT ... SELECT applies the policies.
-    c.batch_execute(
-        "BEGIN; CREATE TEMP TABLE incoming (tenant_id int, amount numeric) ON COMMIT DROP",
-    )
-    .await
-    .map_err(|e| format!("{e:?}"))?;
-    let sink = c
-        .copy_in("COPY incoming FROM STDIN")
+    c.batch_execute("BEGIN; CREATE TEMP TABLE incoming (tenant_id int, amount numeric) ON COMMIT DROP")
         .await
         .map_err(|e| format!("{e:?}"))?;
+    let sink = c.copy_in("COPY incoming FROM STDIN").await.map_err(|e| format!("{e:?}"))?;
     futures::pin_mut!(sink);
-    sink.send(bytes::Bytes::from_static(b"2\t9001\n2\t9002\n"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    sink.send(bytes::Bytes::from_static(b"2\t9001\n2\t9002\n")).await.map_err(|e| format!("{e:?}"))?;
     let n = sink.finish().await.map_err(|e| format!("{e:?}"))?;
     ensure(n == 2, format!("copy in reported {n}"))?;
-    let moved = c
-        .execute(
-            "insert into orders (tenant_id, amount) select tenant_id, amount from incoming",
-            &[],
-        )
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let moved = c.execute("insert into orders (tenant_id, amount) select tenant_id, amount from incoming", &[]).await.map_err(|e| format!("{e:?}"))?;
     ensure(moved == 2, "insert from copied rows")?;
-    c.batch_execute("COMMIT")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let e = c
-        .simple_query("COPY orders (tenant_id, amount) FROM STDIN")
-        .await
-        .err()
-        .ok_or("COPY FROM on RLS table accepted")?;
-    ensure(
-        db_err(&e).0 == "0A000",
-        format!("copy into rls table: {:?}", db_err(&e)),
-    )?;
-    let owner = env
-        .cluster
-        .psql(
-            "app",
-            "select count(*) from orders where amount in (9001, 9002)",
-        )
-        .map_err(|e| e.to_string())?;
+    c.batch_execute("COMMIT").await.map_err(|e| format!("{e:?}"))?;
+    let e = c.simple_query("COPY orders (tenant_id, amount) FROM STDIN").await.err().ok_or("COPY FROM on RLS table accepted")?;
+    ensure(db_err(&e).0 == "0A000", format!("copy into rls table: {:?}", db_err(&e)))?;
+    let owner = env.cluster.psql("app", "select count(*) from orders where amount in (9001, 9002)").map_err(|e| e.to_string())?;
     ensure(owner.trim() == "2", format!("copied rows stored: {owner}"))?;
-    env.cluster
-        .psql("app", "delete from orders where amount in (9001, 9002)")
-        .map_err(|e| e.to_string())?;
+    env.cluster.psql("app", "delete from orders where amount in (9001, 9002)").map_err(|e| e.to_string())?;
     p.stop().await;
     Ok(())
 }
@@ -738,13 +469,7 @@ async fn notices_and_notifications_are_relayed(env: &Env) -> TestResult {
     let tok = token(1, "n");
     let out = tokio::task::spawn_blocking(move || {
         Command::new("psql")
-            .args([
-                "-X",
-                "-c",
-                "COMMIT",
-                "-c",
-                "LISTEN chan; NOTIFY chan, 'hello-tenant'",
-            ])
+            .args(["-X", "-c", "COMMIT", "-c", "LISTEN chan; NOTIFY chan, 'hello-tenant'"])
             .arg(format!("host=127.0.0.1 port={port} dbname=app user=alice"))
             .env("PGPASSWORD", tok)
             .output()
@@ -752,80 +477,41 @@ async fn notices_and_notifications_are_relayed(env: &Env) -> TestResult {
     })
     .await
     .unwrap();
-    let all = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    ensure(
-        all.contains("there is no transaction in progress"),
-        format!("notice missing: {all}"),
-    )?;
-    ensure(
-        all.contains("hello-tenant"),
-        format!("notification missing: {all}"),
-    )?;
+    let all = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    ensure(all.contains("there is no transaction in progress"), format!("notice missing: {all}"))?;
+    ensure(all.contains("hello-tenant"), format!("notification missing: {all}"))?;
     p.stop().await;
     Ok(())
 }
 
 async fn query_continuing_after_commit_is_refused(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
-    let c = connect(&p, &token(1, "multi"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    for q in [
-        "COMMIT; select * from orders",
-        "begin; select 1; rollback; select count(*) from orders",
-        "end; select 1",
-    ] {
-        let e = c
-            .simple_query(q)
-            .await
-            .err()
-            .ok_or(format!("{q} was accepted"))?;
+    let c = connect(&p, &token(1, "multi")).await.map_err(|e| format!("{e:?}"))?;
+    for q in ["COMMIT; select * from orders", "begin; select 1; rollback; select count(*) from orders", "end; select 1"] {
+        let e = c.simple_query(q).await.err().ok_or(format!("{q} was accepted"))?;
         ensure(db_err(&e).0 == "0A000", format!("{q}: {:?}", db_err(&e)))?;
     }
     // the whole-transaction form still works
-    c.simple_query("begin; select count(*) from orders; commit")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    c.simple_query("begin; select count(*) from orders; commit").await.map_err(|e| format!("{e:?}"))?;
     // extended protocol: statements after COMMIT in the same batch get the context again
-    c.batch_execute("BEGIN")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    c.batch_execute("BEGIN").await.map_err(|e| format!("{e:?}"))?;
     let commit = c.prepare("COMMIT").await.map_err(|e| format!("{e:?}"))?;
-    let select = c
-        .prepare("select current_setting('app.tenant_id', true)")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let select = c.prepare("select current_setting('app.tenant_id', true)").await.map_err(|e| format!("{e:?}"))?;
     let (r1, r2) = futures::join!(c.execute(&commit, &[]), c.query_one(&select, &[]));
     r1.map_err(|e| format!("{e:?}"))?;
     let s: String = r2.map_err(|e| format!("{e:?}"))?.get(0);
-    ensure(
-        s == "1",
-        format!("statement after COMMIT ran with context {s:?}"),
-    )?;
+    ensure(s == "1", format!("statement after COMMIT ran with context {s:?}"))?;
     p.stop().await;
     Ok(())
 }
 
 async fn vacuum_reports_transaction_block_with_hint(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
-    let c = connect(&p, &token(1, "v"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let e = c
-        .simple_query("VACUUM orders")
-        .await
-        .err()
-        .ok_or("vacuum succeeded")?;
+    let c = connect(&p, &token(1, "v")).await.map_err(|e| format!("{e:?}"))?;
+    let e = c.simple_query("VACUUM orders").await.err().ok_or("vacuum succeeded")?;
     let d = e.as_db_error().ok_or("not a db error")?;
     ensure(d.code().code() == "25001", format!("got {:?}", d.code()))?;
-    ensure(
-        d.hint().is_some_and(|h| h.contains("pgtenant")),
-        "no pgtenant hint on 25001",
-    )?;
+    ensure(d.hint().is_some_and(|h| h.contains("pgtenant")), "no pgtenant hint on 25001")?;
     let (n, _, _) = tenant_view(&c).await?;
     ensure(n == 100, "session broken after 25001")?;
     p.stop().await;
@@ -834,45 +520,24 @@ async fn vacuum_reports_transaction_block_with_hint(env: &Env) -> TestResult {
 
 async fn backend_killed_mid_transaction(env: &Env) -> TestResult {
     let p = start_proxy(env, "pool_size = 2", "").await;
-    let c = connect(&p, &token(1, "victim"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    c.batch_execute("BEGIN")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let pid: i32 = c
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .map_err(|e| format!("{e:?}"))?
-        .get(0);
-    env.cluster
-        .psql("app", &format!("select pg_terminate_backend({pid})"))
-        .map_err(|e| format!("{e:?}"))?;
-    let e = c
-        .simple_query("select 1")
-        .await
-        .err()
-        .ok_or("query on a killed backend succeeded")?;
+    let c = connect(&p, &token(1, "victim")).await.map_err(|e| format!("{e:?}"))?;
+    c.batch_execute("BEGIN").await.map_err(|e| format!("{e:?}"))?;
+    let pid: i32 = c.query_one("select pg_backend_pid()", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
+    env.cluster.psql("app", &format!("select pg_terminate_backend({pid})")).map_err(|e| format!("{e:?}"))?;
+    let e = c.simple_query("select 1").await.err().ok_or("query on a killed backend succeeded")?;
     let _ = e; // the client sees an error (57P01 from the server, then the connection closes)
-               // new clients are served by fresh connections; the pool recovered
+    // new clients are served by fresh connections; the pool recovered
     for t in [1, 2] {
-        let c2 = connect(&p, &token(t, "next"))
-            .await
-            .map_err(|e| format!("{e:?}"))?;
+        let c2 = connect(&p, &token(t, "next")).await.map_err(|e| format!("{e:?}"))?;
         let (n, lo, _) = tenant_view(&c2).await?;
         ensure(n == 100 && lo == t as i32, "pool did not recover")?;
     }
     // idle pooled connections killed behind our back are noticed and replaced
     env.cluster
-        .psql(
-            "app",
-            "select pg_terminate_backend(pid) from pg_stat_activity where usename = 'app_user'",
-        )
+        .psql("app", "select pg_terminate_backend(pid) from pg_stat_activity where usename = 'app_user'")
         .map_err(|e| format!("{e:?}"))?;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let c3 = connect(&p, &token(3, "after"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let c3 = connect(&p, &token(3, "after")).await.map_err(|e| format!("{e:?}"))?;
     let (n, lo, _) = tenant_view(&c3).await?;
     ensure(n == 100 && lo == 3, "stale idle connection reused")?;
     p.stop().await;
@@ -882,58 +547,33 @@ async fn backend_killed_mid_transaction(env: &Env) -> TestResult {
 async fn client_gone_mid_transaction_rolls_back(env: &Env) -> TestResult {
     let p = start_proxy(env, "pool_size = 1", "").await;
     {
-        let c = connect(&p, &token(1, "leaver"))
-            .await
-            .map_err(|e| format!("{e:?}"))?;
-        c.batch_execute("BEGIN; insert into orders (tenant_id, amount) values (1, 31337)")
-            .await
-            .map_err(|e| format!("{e:?}"))?;
+        let c = connect(&p, &token(1, "leaver")).await.map_err(|e| format!("{e:?}"))?;
+        c.batch_execute("BEGIN; insert into orders (tenant_id, amount) values (1, 31337)").await.map_err(|e| format!("{e:?}"))?;
         drop(c);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let c = connect(&p, &token(1, "next"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let n: i64 = c
-        .query_one("select count(*) from orders where amount = 31337", &[])
-        .await
-        .map_err(|e| format!("{e:?}"))?
-        .get(0);
-    ensure(
-        n == 0,
-        "uncommitted insert of a departed client was committed",
-    )?;
+    let c = connect(&p, &token(1, "next")).await.map_err(|e| format!("{e:?}"))?;
+    let n: i64 = c.query_one("select count(*) from orders where amount = 31337", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
+    ensure(n == 0, "uncommitted insert of a departed client was committed")?;
     // as the superuser: pgtenant's guard refuses pg_stat_activity to tenants (shared-role interference)
     let status = env
         .cluster
         .psql("app", "select count(*)::text from pg_stat_activity where usename = 'app_user' and state like 'idle in transaction%'")
         .map_err(|e| e.to_string())?;
-    ensure(
-        status.trim() == "0",
-        "a backend was left idle in transaction",
-    )?;
+    ensure(status.trim() == "0", "a backend was left idle in transaction")?;
     p.stop().await;
     Ok(())
 }
 
 /// Logs in over a raw socket and reads up to the first ReadyForQuery.
-async fn raw_login(
-    p: &pgtenant::server::Running,
-    tok: &str,
-) -> Result<tokio::net::TcpStream, String> {
+async fn raw_login(p: &pgtenant::server::Running, tok: &str) -> Result<tokio::net::TcpStream, String> {
     raw_login_with(p, tok, &[]).await.map(|(s, _)| s)
 }
 
 /// Like `raw_login`, with extra startup parameters; also returns the login's messages.
-async fn raw_login_with(
-    p: &pgtenant::server::Running,
-    tok: &str,
-    extra: &[&str],
-) -> Result<(tokio::net::TcpStream, Vec<u8>), String> {
+async fn raw_login_with(p: &pgtenant::server::Running, tok: &str, extra: &[&str]) -> Result<(tokio::net::TcpStream, Vec<u8>), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(p.addr)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut s = tokio::net::TcpStream::connect(p.addr).await.map_err(|e| e.to_string())?;
     let mut startup = Vec::new();
     startup.extend_from_slice(&196608i32.to_be_bytes());
     for kv in ["user", "alice", "database", "app"].iter().chain(extra) {
@@ -979,11 +619,7 @@ fn frontend(tag: u8, body: &[u8]) -> Vec<u8> {
 }
 
 /// Reads backend messages until one with tag `until` arrives (or `limit` passes).
-async fn read_messages(
-    s: &mut tokio::net::TcpStream,
-    until: u8,
-    limit: Duration,
-) -> Vec<(u8, Vec<u8>)> {
+async fn read_messages(s: &mut tokio::net::TcpStream, until: u8, limit: Duration) -> Vec<(u8, Vec<u8>)> {
     use tokio::io::AsyncReadExt;
     let deadline = Instant::now() + limit;
     let mut buf = Vec::new();
@@ -1001,12 +637,7 @@ async fn read_messages(
             }
         }
         let mut chunk = [0u8; 4096];
-        match tokio::time::timeout(
-            deadline.saturating_duration_since(Instant::now()),
-            s.read(&mut chunk),
-        )
-        .await
-        {
+        match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), s.read(&mut chunk)).await {
             Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
             _ => return msgs,
         }
@@ -1025,17 +656,8 @@ async fn flush_gets_replies_without_sync(env: &Env) -> TestResult {
     s.write_all(&batch).await.map_err(|e| e.to_string())?;
     let msgs = read_messages(&mut s, b'T', Duration::from_secs(3)).await;
     let tags: Vec<u8> = msgs.iter().map(|m| m.0).collect();
-    ensure(
-        tags == b"1tT",
-        format!(
-            "replies to Parse/Describe/Flush: {:?}",
-            String::from_utf8_lossy(&tags)
-        ),
-    )?;
-    ensure(
-        started.elapsed() < Duration::from_secs(1),
-        format!("Flush replies took {:?}", started.elapsed()),
-    )?;
+    ensure(tags == b"1tT", format!("replies to Parse/Describe/Flush: {:?}", String::from_utf8_lossy(&tags)))?;
+    ensure(started.elapsed() < Duration::from_secs(1), format!("Flush replies took {:?}", started.elapsed()))?;
     // Bind/Execute/Sync complete the exchange, with the context applied
     let mut rest = frontend(b'B', b"\0\0\0\0\0\0\0\0");
     rest.extend(frontend(b'E', b"\0\0\0\0\0"));
@@ -1043,62 +665,33 @@ async fn flush_gets_replies_without_sync(env: &Env) -> TestResult {
     s.write_all(&rest).await.map_err(|e| e.to_string())?;
     let msgs = read_messages(&mut s, b'Z', Duration::from_secs(3)).await;
     let tags: Vec<u8> = msgs.iter().map(|m| m.0).collect();
-    ensure(
-        tags == b"2DCZ",
-        format!(
-            "replies to Bind/Execute/Sync: {:?}",
-            String::from_utf8_lossy(&tags)
-        ),
-    )?;
-    ensure(
-        msgs[1].1.ends_with(b"\0\0\0\x012"),
-        format!("DataRow {:?}", msgs[1].1),
-    )?;
+    ensure(tags == b"2DCZ", format!("replies to Bind/Execute/Sync: {:?}", String::from_utf8_lossy(&tags)))?;
+    ensure(msgs[1].1.ends_with(b"\0\0\0\x012"), format!("DataRow {:?}", msgs[1].1))?;
     ensure(msgs[3].1 == b"I", "not idle after Sync")?;
     p.stop().await;
     Ok(())
 }
 
 async fn prepared_cache_eviction(env: &Env) -> TestResult {
-    let p = start_proxy(
-        env,
-        "pool_size = 1",
-        "[pool]\nprepared_statements_cache = 2",
-    )
-    .await;
-    let c = connect(&p, &token(3, "evict"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let p = start_proxy(env, "pool_size = 1", "[pool]\nprepared_statements_cache = 2").await;
+    let c = connect(&p, &token(3, "evict")).await.map_err(|e| format!("{e:?}"))?;
     let mut stmts = Vec::new();
     for i in 0..5 {
-        stmts.push(
-            c.prepare(&format!("select {i}::int, count(*) from orders"))
-                .await
-                .map_err(|e| format!("{e:?}"))?,
-        );
+        stmts.push(c.prepare(&format!("select {i}::int, count(*) from orders")).await.map_err(|e| format!("{e:?}"))?);
     }
     for round in 0..4 {
         for (i, st) in stmts.iter().enumerate() {
-            let row = c
-                .query_one(st, &[])
-                .await
-                .map_err(|e| format!("round {round} stmt {i}: {e:?}"))?;
+            let row = c.query_one(st, &[]).await.map_err(|e| format!("round {round} stmt {i}: {e:?}"))?;
             let (k, n): (i32, i64) = (row.get(0), row.get(1));
             ensure(k == i as i32 && n == 100, format!("stmt {i}: {k} {n}"))?;
         }
     }
     let server_side: i64 = c
-        .query_one(
-            "select count(*) from pg_prepared_statements where name like 'pgtenant_s%'",
-            &[],
-        )
+        .query_one("select count(*) from pg_prepared_statements where name like 'pgtenant_s%'", &[])
         .await
         .map_err(|e| format!("{e:?}"))?
         .get(0);
-    ensure(
-        server_side <= 3,
-        format!("{server_side} server statements with a cache of 2"),
-    )?;
+    ensure(server_side <= 3, format!("{server_side} server statements with a cache of 2"))?;
     p.stop().await;
     Ok(())
 }
@@ -1128,50 +721,25 @@ async fn reserved_statement_names_refused(env: &Env) -> TestResult {
         }
     }
     let text = String::from_utf8_lossy(&got);
-    ensure(
-        text.contains("42501") && text.contains("reserved"),
-        format!("reply: {text}"),
-    )?;
-    ensure(
-        got.ends_with(b"Z\0\0\0\x05I"),
-        "no ReadyForQuery after refusal",
-    )?;
+    ensure(text.contains("42501") && text.contains("reserved"), format!("reply: {text}"))?;
+    ensure(got.ends_with(b"Z\0\0\0\x05I"), "no ReadyForQuery after refusal")?;
     p.stop().await;
     Ok(())
 }
 
 async fn context_statement_is_reprepared_after_deallocate(env: &Env) -> TestResult {
     let p = start_proxy(env, "pool_size = 1", "").await;
-    let c = connect(&p, &token(2, "d"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let c = connect(&p, &token(2, "d")).await.map_err(|e| format!("{e:?}"))?;
     c.prepare("select 1").await.map_err(|e| format!("{e:?}"))?;
     let st = c.prepare("select 7").await.map_err(|e| format!("{e:?}"))?;
-    c.simple_query("DEALLOCATE ALL")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let e = c
-        .query(&st, &[])
-        .await
-        .err()
-        .ok_or("statement survived DEALLOCATE ALL")?;
-    ensure(
-        db_err(&e).0 == "26000",
-        format!("after DEALLOCATE ALL: {:?}", db_err(&e)),
-    )?;
-    for q in [
-        "DEALLOCATE ALL",
-        "DEALLOCATE ALL; select 1",
-        "DISCARD PLANS",
-    ] {
+    c.simple_query("DEALLOCATE ALL").await.map_err(|e| format!("{e:?}"))?;
+    let e = c.query(&st, &[]).await.err().ok_or("statement survived DEALLOCATE ALL")?;
+    ensure(db_err(&e).0 == "26000", format!("after DEALLOCATE ALL: {:?}", db_err(&e)))?;
+    for q in ["DEALLOCATE ALL", "DEALLOCATE ALL; select 1", "DISCARD PLANS"] {
         c.simple_query(q).await.map_err(|e| format!("{q}: {e:?}"))?;
         let (n, lo, _) = tenant_view(&c).await?;
         ensure(n == 100 && lo == 2, format!("after {q}: {n} rows"))?;
-        let s: String = c
-            .query_one("select current_setting('app.tenant_id')", &[])
-            .await
-            .map_err(|e| format!("{e:?}"))?
-            .get(0);
+        let s: String = c.query_one("select current_setting('app.tenant_id')", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
         ensure(s == "2", format!("after {q} context {s}"))?;
     }
     p.stop().await;
@@ -1199,15 +767,7 @@ async fn pgbench_all_modes(env: &Env) -> TestResult {
             Command::new("pgbench")
                 .args(["-n", "-c", "32", "-j", "2", "-t", "50", "-M", mode, "-f"])
                 .arg(&script)
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                    "-U",
-                    "alice",
-                    "app",
-                ])
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "alice", "app"])
                 .env("PGPASSWORD", tok)
                 .output()
                 .unwrap()
@@ -1216,18 +776,10 @@ async fn pgbench_all_modes(env: &Env) -> TestResult {
         .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
         ensure(
-            out.status.success()
-                && stdout.contains("number of transactions actually processed: 1600/1600"),
-            format!(
-                "pgbench -M {mode}: {stdout}\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            ),
+            out.status.success() && stdout.contains("number of transactions actually processed: 1600/1600"),
+            format!("pgbench -M {mode}: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)),
         )?;
-        ensure(
-            !stdout.contains("number of failed transactions: ")
-                || stdout.contains("number of failed transactions: 0 "),
-            format!("failures: {stdout}"),
-        )?;
+        ensure(!stdout.contains("number of failed transactions: ") || stdout.contains("number of failed transactions: 0 "), format!("failures: {stdout}"))?;
     }
     p.stop().await;
     Ok(())
@@ -1237,38 +789,15 @@ async fn client_tls_and_require_tls(env: &Env) -> TestResult {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let (cert, key) = (dir.path().join("server.crt"), dir.path().join("server.key"));
     let ok = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-        ])
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj", "/CN=localhost", "-keyout"])
         .arg(&key)
         .arg("-out")
         .arg(&cert)
         .output()
         .map_err(|e| e.to_string())?;
-    ensure(
-        ok.status.success(),
-        format!("openssl: {}", String::from_utf8_lossy(&ok.stderr)),
-    )?;
-    let server = format!(
-        "tls_cert = \"{}\"\ntls_key = \"{}\"\nrequire_tls = true\n",
-        cert.display(),
-        key.display()
-    );
-    let text = config_text(env, "", "").replace(
-        "listen = \"127.0.0.1:0\"\n",
-        &format!("listen = \"127.0.0.1:0\"\n{server}"),
-    );
+    ensure(ok.status.success(), format!("openssl: {}", String::from_utf8_lossy(&ok.stderr)))?;
+    let server = format!("tls_cert = \"{}\"\ntls_key = \"{}\"\nrequire_tls = true\n", cert.display(), key.display());
+    let text = config_text(env, "", "").replace("listen = \"127.0.0.1:0\"\n", &format!("listen = \"127.0.0.1:0\"\n{server}"));
     let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
     let p = pgtenant::server::start(cfg).await?;
     let port = p.addr.port();
@@ -1276,17 +805,8 @@ async fn client_tls_and_require_tls(env: &Env) -> TestResult {
     let out = tokio::task::spawn_blocking(move || {
         let run = |mode: &str| {
             Command::new("psql")
-                .args([
-                    "-X",
-                    "-At",
-                    "-c",
-                    "\\conninfo",
-                    "-c",
-                    "select count(*), min(tenant_id) from orders",
-                ])
-                .arg(format!(
-                    "host=127.0.0.1 port={port} dbname=app user=alice sslmode={mode}"
-                ))
+                .args(["-X", "-At", "-c", "\\conninfo", "-c", "select count(*), min(tenant_id) from orders"])
+                .arg(format!("host=127.0.0.1 port={port} dbname=app user=alice sslmode={mode}"))
                 .env("PGPASSWORD", &tok)
                 .output()
                 .unwrap()
@@ -1297,18 +817,9 @@ async fn client_tls_and_require_tls(env: &Env) -> TestResult {
     .unwrap();
     let (tls, plain) = out;
     let text = String::from_utf8_lossy(&tls.stdout);
-    ensure(
-        tls.status.success() && text.contains("SSL connection") && text.contains("100|2"),
-        format!(
-            "psql over TLS: {text} {}",
-            String::from_utf8_lossy(&tls.stderr)
-        ),
-    )?;
+    ensure(tls.status.success() && text.contains("SSL connection") && text.contains("100|2"), format!("psql over TLS: {text} {}", String::from_utf8_lossy(&tls.stderr)))?;
     let err = String::from_utf8_lossy(&plain.stderr);
-    ensure(
-        !plain.status.success() && err.contains("requires TLS"),
-        format!("plaintext with require_tls: {err}"),
-    )?;
+    ensure(!plain.status.success() && err.contains("requires TLS"), format!("plaintext with require_tls: {err}"))?;
     p.stop().await;
     Ok(())
 }
@@ -1316,18 +827,13 @@ async fn client_tls_and_require_tls(env: &Env) -> TestResult {
 async fn backend_tls_modes(env: &Env) -> TestResult {
     // the test cluster has ssl = off: "prefer" falls back to plaintext, "require" refuses clearly
     let p = start_proxy(env, "tls = \"prefer\"", "").await;
-    let c = connect(&p, &token(1, "prefer"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let c = connect(&p, &token(1, "prefer")).await.map_err(|e| format!("{e:?}"))?;
     let (n, _, _) = tenant_view(&c).await?;
     ensure(n == 100, "prefer did not fall back to plaintext")?;
     p.stop().await;
     let p = start_proxy(env, "tls = \"require\"", "").await;
     let (code, msg) = login_error(&p, &token(1, "require")).await;
-    ensure(
-        code == "08006" && msg.contains("TLS"),
-        format!("require against a non-TLS server: {code} {msg}"),
-    )?;
+    ensure(code == "08006" && msg.contains("TLS"), format!("require against a non-TLS server: {code} {msg}"))?;
     p.stop().await;
     Ok(())
 }
@@ -1339,17 +845,12 @@ async fn assert_still_tenant(c: &tokio_postgres::Client, t: i32) -> TestResult {
         .await
         .map_err(|e| format!("{e:?}"))?;
     let (s, n, foreign): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
-    ensure(
-        s == t.to_string() && n == 100 && foreign == 0,
-        format!("context {s}, {n} rows, {foreign} foreign"),
-    )
+    ensure(s == t.to_string() && n == 100 && foreign == 0, format!("context {s}, {n} rows, {foreign} foreign"))
 }
 
 async fn guard_refuses_context_changes(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
-    let c = connect(&p, &token(1, "attacker"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let c = connect(&p, &token(1, "attacker")).await.map_err(|e| format!("{e:?}"))?;
     let attempts = [
         "SET app.tenant_id = '2'; select count(*) from orders",
         "select set_config('app.tenant_id', '2', true), count(*) from orders",
@@ -1362,30 +863,15 @@ async fn guard_refuses_context_changes(env: &Env) -> TestResult {
         "RESET ALL; select count(*) from orders",
     ];
     for sql in attempts {
-        let e = c
-            .simple_query(sql)
-            .await
-            .err()
-            .ok_or(format!("accepted: {sql}"))?;
+        let e = c.simple_query(sql).await.err().ok_or(format!("accepted: {sql}"))?;
         let (code, msg) = db_err(&e);
-        ensure(
-            code == "42501" && msg.starts_with("pgtenant:"),
-            format!("{sql}: {code} {msg}"),
-        )?;
+        ensure(code == "42501" && msg.starts_with("pgtenant:"), format!("{sql}: {code} {msg}"))?;
         assert_still_tenant(&c, 1).await?;
     }
     // extended protocol: the Parse is refused; a protected name as a bind parameter is refused at Bind
-    for (sql, params) in [
-        ("select set_config('app.tenant_id', $1, true)", &["2"][..]),
-        ("select set_config($1, $2, true)", &["app.tenant_id", "2"]),
-    ] {
-        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            params.iter().map(|p| p as _).collect();
-        let e = c
-            .query(sql, &params)
-            .await
-            .err()
-            .ok_or(format!("accepted: {sql}"))?;
+    for (sql, params) in [("select set_config('app.tenant_id', $1, true)", &["2"][..]), ("select set_config($1, $2, true)", &["app.tenant_id", "2"])] {
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params.iter().map(|p| p as _).collect();
+        let e = c.query(sql, &params).await.err().ok_or(format!("accepted: {sql}"))?;
         ensure(db_err(&e).0 == "42501", format!("{sql}: {:?}", db_err(&e)))?;
         assert_still_tenant(&c, 1).await?;
     }
@@ -1396,51 +882,25 @@ async fn guard_refuses_context_changes(env: &Env) -> TestResult {
         c.query_one("select current_setting('app.tenant_id')", &[]),
     );
     ensure(b.is_err(), "pipelined set_config accepted")?;
-    let (a, d): (String, String) = (
-        a.map_err(|e| format!("{e:?}"))?.get(0),
-        d.map_err(|e| format!("{e:?}"))?.get(0),
-    );
+    let (a, d): (String, String) = (a.map_err(|e| format!("{e:?}"))?.get(0), d.map_err(|e| format!("{e:?}"))?.get(0));
     ensure(a == "1" && d == "1", format!("pipelined contexts {a} {d}"))?;
     // reading settings stays allowed, and unprotected settings can be changed
-    c.simple_query("select current_setting('app.tenant_id'); SET application_name = 'x'")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    c.simple_query("select current_setting('app.tenant_id'); SET application_name = 'x'").await.map_err(|e| format!("{e:?}"))?;
     p.stop().await;
     Ok(())
 }
 
 async fn guard_refusal_inside_transaction_aborts_it(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
-    let c = connect(&p, &token(1, "tx-attacker"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    c.batch_execute("BEGIN; insert into orders (tenant_id, amount) values (1, 5151)")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let e = c
-        .simple_query("SET LOCAL app.tenant_id = '2'")
-        .await
-        .err()
-        .ok_or("accepted")?;
+    let c = connect(&p, &token(1, "tx-attacker")).await.map_err(|e| format!("{e:?}"))?;
+    c.batch_execute("BEGIN; insert into orders (tenant_id, amount) values (1, 5151)").await.map_err(|e| format!("{e:?}"))?;
+    let e = c.simple_query("SET LOCAL app.tenant_id = '2'").await.err().ok_or("accepted")?;
     ensure(db_err(&e).0 == "42501", format!("{:?}", db_err(&e)))?;
     // like any error inside a transaction block: aborted until ROLLBACK
-    let e = c
-        .simple_query("select 1")
-        .await
-        .err()
-        .ok_or("transaction not aborted")?;
-    ensure(
-        db_err(&e).0 == "25P02",
-        format!("after refusal: {:?}", db_err(&e)),
-    )?;
-    c.batch_execute("ROLLBACK")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let n: i64 = c
-        .query_one("select count(*) from orders where amount = 5151", &[])
-        .await
-        .map_err(|e| format!("{e:?}"))?
-        .get(0);
+    let e = c.simple_query("select 1").await.err().ok_or("transaction not aborted")?;
+    ensure(db_err(&e).0 == "25P02", format!("after refusal: {:?}", db_err(&e)))?;
+    c.batch_execute("ROLLBACK").await.map_err(|e| format!("{e:?}"))?;
+    let n: i64 = c.query_one("select count(*) from orders where amount = 5151", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
     ensure(n == 0, "insert before the refusal was committed")?;
     assert_still_tenant(&c, 1).await?;
     p.stop().await;
@@ -1451,17 +911,8 @@ async fn guard_refuses_startup_options(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
     for opt in ["-c app.tenant_id=2", "-c role=app_owner"] {
         let mut cfg = tokio_postgres::Config::new();
-        cfg.host("127.0.0.1")
-            .port(p.addr.port())
-            .user("alice")
-            .dbname("app")
-            .password(token(1, "x"))
-            .options(opt);
-        let e = cfg
-            .connect(tokio_postgres::NoTls)
-            .await
-            .err()
-            .ok_or(format!("options {opt} accepted"))?;
+        cfg.host("127.0.0.1").port(p.addr.port()).user("alice").dbname("app").password(token(1, "x")).options(opt);
+        let e = cfg.connect(tokio_postgres::NoTls).await.err().ok_or(format!("options {opt} accepted"))?;
         ensure(db_err(&e).0 == "42501", format!("{opt}: {:?}", db_err(&e)))?;
     }
     p.stop().await;
@@ -1472,9 +923,7 @@ async fn session_state_is_reset_between_clients(env: &Env) -> TestResult {
     // session pooling: client a keeps its backend, leaves state behind, and disconnects
     let p = start_proxy(env, "pool_size = 1", "[pool]\nmode = \"session\"").await;
     let pid_a: i32 = {
-        let a = connect(&p, &token(1, "a"))
-            .await
-            .map_err(|e| format!("{e:?}"))?;
+        let a = connect(&p, &token(1, "a")).await.map_err(|e| format!("{e:?}"))?;
         for sql in [
             "CREATE TEMP TABLE leak AS SELECT * FROM orders",
             "BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT id, tenant_id FROM orders; COMMIT",
@@ -1484,26 +933,13 @@ async fn session_state_is_reset_between_clients(env: &Env) -> TestResult {
             a.batch_execute(sql).await.map_err(|e| format!("{sql}: {e:?}"))?;
         }
         // the state is there for a itself across its transactions
-        let n: i64 = a
-            .query_one("select count(*) from pg_temp.leak", &[])
-            .await
-            .map_err(|e| format!("{e:?}"))?
-            .get(0);
+        let n: i64 = a.query_one("select count(*) from pg_temp.leak", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
         ensure(n == 100, "session mode lost the client's temp table")?;
-        a.query_one("select pg_backend_pid()", &[])
-            .await
-            .map_err(|e| format!("{e:?}"))?
-            .get(0)
+        a.query_one("select pg_backend_pid()", &[]).await.map_err(|e| format!("{e:?}"))?.get(0)
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let b = connect(&p, &token(2, "b"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let pid_b: i32 = b
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .map_err(|e| format!("{e:?}"))?
-        .get(0);
+    let b = connect(&p, &token(2, "b")).await.map_err(|e| format!("{e:?}"))?;
+    let pid_b: i32 = b.query_one("select pg_backend_pid()", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
     ensure(pid_a == pid_b, "expected the same backend")?;
     for (sql, code) in [
         ("select count(*) from pg_temp.leak", "42P01"),
@@ -1511,89 +947,46 @@ async fn session_state_is_reset_between_clients(env: &Env) -> TestResult {
         ("select currval('orders_id_seq')", "55000"),
         ("EXECUTE secret_stmt", "26000"),
     ] {
-        let e = b
-            .simple_query(sql)
-            .await
-            .err()
-            .ok_or(format!("{sql}: tenant 2 saw tenant 1's session state"))?;
+        let e = b.simple_query(sql).await.err().ok_or(format!("{sql}: tenant 2 saw tenant 1's session state"))?;
         ensure(db_err(&e).0 == code, format!("{sql}: {:?}", db_err(&e)))?;
     }
-    let got: bool = b
-        .query_one("select pg_try_advisory_lock(4242)", &[])
-        .await
-        .map_err(|e| format!("{e:?}"))?
-        .get(0);
+    let got: bool = b.query_one("select pg_try_advisory_lock(4242)", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
     ensure(got, "advisory lock of tenant 1 still held")?;
-    let listening: i64 = b
-        .query_one("select count(*) from pg_listening_channels()", &[])
-        .await
-        .map_err(|e| format!("{e:?}"))?
-        .get(0);
+    let listening: i64 = b.query_one("select count(*) from pg_listening_channels()", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
     ensure(listening == 0, "LISTEN of tenant 1 still active")?;
-    env.cluster
-        .psql("app", "delete from orders where amount = 6161")
-        .map_err(|e| e.to_string())?;
+    env.cluster.psql("app", "delete from orders where amount = 6161").map_err(|e| e.to_string())?;
     p.stop().await;
     Ok(())
 }
 
 async fn role_claim_sets_local_role(env: &Env) -> TestResult {
-    let p = start_proxy(
-        env,
-        "",
-        "role_claim = \"role\"\nallowed_roles = [\"tenant_reader\"]",
-    )
-    .await;
+    let p = start_proxy(env, "", "role_claim = \"role\"\nallowed_roles = [\"tenant_reader\"]").await;
     let exp = now() + 600;
-    let c = connect(
-        &p,
-        &token_with(json!({"tenant_id": 2, "sub": "r", "exp": exp, "role": "tenant_reader"})),
-    )
-    .await
-    .map_err(|e| format!("{e:?}"))?;
-    let row = c
-        .query_one("select current_user::text, count(*) from orders", &[])
+    let c = connect(&p, &token_with(json!({"tenant_id": 2, "sub": "r", "exp": exp, "role": "tenant_reader"})))
         .await
         .map_err(|e| format!("{e:?}"))?;
+    let row = c.query_one("select current_user::text, count(*) from orders", &[]).await.map_err(|e| format!("{e:?}"))?;
     let (user, n): (String, i64) = (row.get(0), row.get(1));
-    ensure(
-        user == "tenant_reader" && n == 100,
-        format!("ran as {user} and saw {n} rows"),
-    )?;
-    let e = c
-        .execute("insert into orders (tenant_id, amount) values (2, 1)", &[])
-        .await
-        .err()
-        .ok_or("read-only role inserted")?;
+    ensure(user == "tenant_reader" && n == 100, format!("ran as {user} and saw {n} rows"))?;
+    let e = c.execute("insert into orders (tenant_id, amount) values (2, 1)", &[]).await.err().ok_or("read-only role inserted")?;
     ensure(db_err(&e).0 == "42501", format!("{:?}", db_err(&e)))?;
     for (claims, what) in [
-        (
-            json!({"tenant_id": 2, "sub": "r", "exp": exp, "role": "app_owner"}),
-            "app_owner",
-        ),
+        (json!({"tenant_id": 2, "sub": "r", "exp": exp, "role": "app_owner"}), "app_owner"),
         (json!({"tenant_id": 2, "sub": "r", "exp": exp}), "<missing>"),
     ] {
         let (code, msg) = login_error(&p, &token_with(claims)).await;
-        ensure(
-            code == "28000" && msg.contains(what),
-            format!("role {what}: {code} {msg}"),
-        )?;
+        ensure(code == "28000" && msg.contains(what), format!("role {what}: {code} {msg}"))?;
     }
     p.stop().await;
     Ok(())
 }
 
 fn checks(findings: &[pgtenant::doctor::Finding]) -> std::collections::BTreeSet<String> {
-    findings
-        .iter()
-        .map(|f| format!("{}:{}", f.check, f.object))
-        .collect()
+    findings.iter().map(|f| format!("{}:{}", f.check, f.object)).collect()
 }
 
 async fn doctor_reports_and_clears_findings(env: &Env) -> TestResult {
-    let cfg = |text: &str| {
-        pgtenant::config::Config::from_toml(text, &|_| None).map_err(|e| e.to_string())
-    };
+    let cfg = |text: &str| pgtenant::config::Config::from_toml(text, &|_| None).map_err(|e| e.to_string());
     let base = config_text(env, "", "");
     let fixture_findings = pgtenant::doctor::run(&cfg(&base)?, None).await?;
     let found = checks(&fixture_findings);
@@ -1610,40 +1003,20 @@ async fn doctor_reports_and_clears_findings(env: &Env) -> TestResult {
     for e in expected {
         ensure(found.contains(e), format!("missing finding {e}: {found:?}"))?;
     }
-    ensure(
-        found.len() == expected.len(),
-        format!("unexpected findings on the fixture: {found:?}"),
-    )?;
+    ensure(found.len() == expected.len(), format!("unexpected findings on the fixture: {found:?}"))?;
 
     // the owner role is flagged, and so is a readable table without RLS and a SECURITY DEFINER function
-    let owner = base.replace(
-        &env.cluster.url("app_user", "app-secret", "app"),
-        &env.cluster.url("app_owner", "owner-secret", "app"),
-    );
+    let owner = base.replace(&env.cluster.url("app_user", "app-secret", "app"), &env.cluster.url("app_owner", "owner-secret", "app"));
     let found = checks(&pgtenant::doctor::run(&cfg(&owner)?, None).await?);
-    ensure(
-        found.contains("role_owns_table:public.orders"),
-        format!("owner not flagged: {found:?}"),
-    )?;
+    ensure(found.contains("role_owns_table:public.orders"), format!("owner not flagged: {found:?}"))?;
     env.cluster
         .psql("app", "SET ROLE app_owner; CREATE TABLE notes (x int); GRANT SELECT ON notes TO app_user; \
               CREATE FUNCTION peek() RETURNS bigint LANGUAGE sql SECURITY DEFINER AS 'select count(*) from orders'; \
               CREATE POLICY open_all ON users USING (true)")
         .map_err(|e| e.to_string())?;
-    let found = checks(
-        &pgtenant::doctor::run(&cfg(&base)?, Some(&env.cluster.superuser_url("app"))).await?,
-    );
-    env.cluster
-        .psql(
-            "app",
-            "DROP TABLE notes; DROP FUNCTION peek(); DROP POLICY open_all ON users",
-        )
-        .map_err(|e| e.to_string())?;
-    for e in [
-        "table_without_rls:public.notes",
-        "security_definer_function:peek()",
-        "policy_without_tenant_setting:public.users policy open_all",
-    ] {
+    let found = checks(&pgtenant::doctor::run(&cfg(&base)?, Some(&env.cluster.superuser_url("app"))).await?);
+    env.cluster.psql("app", "DROP TABLE notes; DROP FUNCTION peek(); DROP POLICY open_all ON users").map_err(|e| e.to_string())?;
+    for e in ["table_without_rls:public.notes", "security_definer_function:peek()", "policy_without_tenant_setting:public.users policy open_all"] {
         ensure(found.contains(e), format!("missing finding {e}: {found:?}"))?;
     }
 
@@ -1652,56 +1025,25 @@ async fn doctor_reports_and_clears_findings(env: &Env) -> TestResult {
     let file = dir.path().join("pgtenant.toml");
     std::fs::write(&file, &base).map_err(|e| e.to_string())?;
     let bin = env!("CARGO_BIN_EXE_pgtenant");
-    let out = Command::new(bin)
-        .args(["doctor", "--json", "--config"])
-        .arg(&file)
-        .output()
-        .map_err(|e| e.to_string())?;
-    let json: serde_json::Value =
-        serde_json::from_slice(&out.stdout).map_err(|e| format!("doctor --json: {e}"))?;
+    let out = Command::new(bin).args(["doctor", "--json", "--config"]).arg(&file).output().map_err(|e| e.to_string())?;
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("doctor --json: {e}"))?;
     ensure(
         out.status.code() == Some(1) && json.as_array().is_some_and(|a| a.len() == expected.len()),
         format!("doctor exit {:?}: {json}", out.status.code()),
     )?;
     // apply exactly the fixes the doctor printed (as a superuser), then undo them afterwards
-    let fixes: Vec<String> = fixture_findings
-        .iter()
-        .filter_map(|f| f.fix.clone())
-        .flat_map(|f| f.lines().map(str::to_string).collect::<Vec<_>>())
-        .collect();
-    ensure(
-        fixes.len() >= 6,
-        format!("doctor printed too few fixes: {fixes:?}"),
-    )?;
-    env.cluster
-        .psql("app", &fixes.join("\n"))
-        .map_err(|e| e.to_string())?;
-    std::fs::write(&file, base.replace(", \"app.user_id\" = \"sub\"", ""))
-        .map_err(|e| e.to_string())?;
-    let out = Command::new(bin)
-        .args(["doctor", "--config"])
-        .arg(&file)
-        .output()
-        .map_err(|e| e.to_string())?;
+    let fixes: Vec<String> = fixture_findings.iter().filter_map(|f| f.fix.clone()).flat_map(|f| f.lines().map(str::to_string).collect::<Vec<_>>()).collect();
+    ensure(fixes.len() >= 6, format!("doctor printed too few fixes: {fixes:?}"))?;
+    env.cluster.psql("app", &fixes.join("\n")).map_err(|e| e.to_string())?;
+    std::fs::write(&file, base.replace(", \"app.user_id\" = \"sub\"", "")).map_err(|e| e.to_string())?;
+    let out = Command::new(bin).args(["doctor", "--config"]).arg(&file).output().map_err(|e| e.to_string())?;
     let undo: Vec<String> = fixes
         .iter()
-        .filter_map(|f| {
-            f.trim().strip_prefix("REVOKE ").map(|r| {
-                format!(
-                    "GRANT {};",
-                    r.trim_end_matches(';').replacen(" FROM ", " TO ", 1)
-                )
-            })
-        })
+        .filter_map(|f| f.trim().strip_prefix("REVOKE ").map(|r| format!("GRANT {};", r.trim_end_matches(';').replacen(" FROM ", " TO ", 1))))
         .collect();
-    env.cluster
-        .psql("app", &undo.join("\n"))
-        .map_err(|e| e.to_string())?;
+    env.cluster.psql("app", &undo.join("\n")).map_err(|e| e.to_string())?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure(
-        out.status.success() && stdout.contains("no findings"),
-        format!("after fixes: {:?} {stdout}", out.status.code()),
-    )?;
+    ensure(out.status.success() && stdout.contains("no findings"), format!("after fixes: {:?} {stdout}", out.status.code()))?;
     Ok(())
 }
 
@@ -1714,18 +1056,7 @@ async fn backend_md5_trust_and_real_tls(env: &Env) -> TestResult {
     std::fs::write(&hba, format!("host app md5_user 127.0.0.1/32 md5\nhost app trust_user 127.0.0.1/32 trust\n{original}")).map_err(|e| e.to_string())?;
     let (cert, key) = (data.join("server.crt"), data.join("server.key"));
     let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-        ])
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1", "-keyout"])
         .arg(&key)
         .arg("-out")
         .arg(&cert)
@@ -1733,11 +1064,7 @@ async fn backend_md5_trust_and_real_tls(env: &Env) -> TestResult {
         .map_err(|e| e.to_string())?;
     ensure(out.status.success(), "openssl failed")?;
     // the server runs as the postgres user and insists on a private key file
-    let _ = Command::new("chown")
-        .arg("postgres")
-        .arg(&cert)
-        .arg(&key)
-        .status();
+    let _ = Command::new("chown").arg("postgres").arg(&cert).arg(&key).status();
     let _ = Command::new("chmod").arg("600").arg(&key).status();
     env.cluster
         .psql(
@@ -1746,12 +1073,8 @@ async fn backend_md5_trust_and_real_tls(env: &Env) -> TestResult {
              GRANT USAGE ON SCHEMA public TO md5_user, trust_user; GRANT SELECT ON orders TO md5_user, trust_user",
         )
         .map_err(|e| e.to_string())?;
-    env.cluster
-        .psql("app", "ALTER SYSTEM SET ssl = on")
-        .map_err(|e| e.to_string())?;
-    env.cluster
-        .psql("app", "SELECT pg_reload_conf()")
-        .map_err(|e| e.to_string())?;
+    env.cluster.psql("app", "ALTER SYSTEM SET ssl = on").map_err(|e| e.to_string())?;
+    env.cluster.psql("app", "SELECT pg_reload_conf()").map_err(|e| e.to_string())?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let result = async {
         let app_url = env.cluster.url("app_user", "app-secret", "app");
@@ -1778,52 +1101,24 @@ async fn backend_md5_trust_and_real_tls(env: &Env) -> TestResult {
     }
     .await;
     std::fs::write(&hba, original).map_err(|e| e.to_string())?;
-    env.cluster
-        .psql("app", "ALTER SYSTEM RESET ssl")
-        .map_err(|e| e.to_string())?;
-    env.cluster
-        .psql("app", "SELECT pg_reload_conf()")
-        .map_err(|e| e.to_string())?;
+    env.cluster.psql("app", "ALTER SYSTEM RESET ssl").map_err(|e| e.to_string())?;
+    env.cluster.psql("app", "SELECT pg_reload_conf()").map_err(|e| e.to_string())?;
     result
 }
 
 async fn session_settings_do_not_leak_and_discard_all(env: &Env) -> TestResult {
     let p = start_proxy(env, "pool_size = 1", "").await;
-    let a = connect(&p, &token(1, "a"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let b = connect(&p, &token(2, "b"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    a.batch_execute("SET statement_timeout = 1234; SET search_path = pg_catalog")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let row = b
-        .query_one(
-            "select current_setting('statement_timeout'), current_setting('search_path')",
-            &[],
-        )
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let a = connect(&p, &token(1, "a")).await.map_err(|e| format!("{e:?}"))?;
+    let b = connect(&p, &token(2, "b")).await.map_err(|e| format!("{e:?}"))?;
+    a.batch_execute("SET statement_timeout = 1234; SET search_path = pg_catalog").await.map_err(|e| format!("{e:?}"))?;
+    let row = b.query_one("select current_setting('statement_timeout'), current_setting('search_path')", &[]).await.map_err(|e| format!("{e:?}"))?;
     let (timeout, path): (String, String) = (row.get(0), row.get(1));
-    ensure(
-        timeout == "0" && path.contains("public"),
-        format!("client a's SET reached client b: {timeout} / {path}"),
-    )?;
+    ensure(timeout == "0" && path.contains("public"), format!("client a's SET reached client b: {timeout} / {path}"))?;
     // DISCARD ALL works through the proxy (it cannot run inside the injected transaction on the server)
     let stmt = a.prepare("select 1").await.map_err(|e| format!("{e:?}"))?;
-    a.batch_execute("DISCARD ALL")
-        .await
-        .map_err(|e| format!("DISCARD ALL: {e:?}"))?;
-    let e = a
-        .query(&stmt, &[])
-        .await
-        .err()
-        .ok_or("statement survived DISCARD ALL")?;
-    ensure(
-        db_err(&e).0 == "26000",
-        format!("after DISCARD ALL: {:?}", db_err(&e)),
-    )?;
+    a.batch_execute("DISCARD ALL").await.map_err(|e| format!("DISCARD ALL: {e:?}"))?;
+    let e = a.query(&stmt, &[]).await.err().ok_or("statement survived DISCARD ALL")?;
+    ensure(db_err(&e).0 == "26000", format!("after DISCARD ALL: {:?}", db_err(&e)))?;
     let (n, lo, _) = tenant_view(&a).await?;
     ensure(n == 100 && lo == 1, "context lost after DISCARD ALL")?;
     p.stop().await;
@@ -1856,49 +1151,23 @@ async fn startup_parameters_apply_per_transaction(env: &Env) -> TestResult {
     .await
     .unwrap();
     let out = String::from_utf8_lossy(&with.stdout);
-    ensure(
-        with.status.success()
-            && out.contains("Asia/Tokyo|shop|1234ms")
-            && out.lines().filter(|l| *l == "Asia/Tokyo").count() == 1,
-        format!(
-            "client parameters not applied: {out} {}",
-            String::from_utf8_lossy(&with.stderr)
-        ),
-    )?;
+    ensure(with.status.success() && out.contains("Asia/Tokyo|shop|1234ms") && out.lines().filter(|l| *l == "Asia/Tokyo").count() == 1,
+        format!("client parameters not applied: {out} {}", String::from_utf8_lossy(&with.stderr)))?;
     let out2 = String::from_utf8_lossy(&without.stdout);
-    ensure(
-        without.status.success()
-            && !out2.contains("Asia/Tokyo")
-            && !out2.contains("1234ms")
-            && !out2.contains("shop"),
-        format!("one client's parameters reached another: {out2}"),
-    )?;
+    ensure(without.status.success() && !out2.contains("Asia/Tokyo") && !out2.contains("1234ms") && !out2.contains("shop"),
+        format!("one client's parameters reached another: {out2}"))?;
     let err = String::from_utf8_lossy(&bad.stderr);
-    ensure(
-        !bad.status.success() && err.contains("nonsense_setting"),
-        format!("unknown parameter: {err}"),
-    )?;
+    ensure(!bad.status.success() && err.contains("nonsense_setting"), format!("unknown parameter: {err}"))?;
     // ParameterStatus never contradicts the client's own TimeZone, even across BEGIN ... COMMIT
     let (mut s, login) = raw_login_with(&p, &token(1, "raw"), &["TimeZone", "Asia/Tokyo"]).await?;
-    ensure(
-        String::from_utf8_lossy(&login).contains("TimeZone\0Asia/Tokyo"),
-        "login did not report the client's TimeZone",
-    )?;
+    ensure(String::from_utf8_lossy(&login).contains("TimeZone\0Asia/Tokyo"), "login did not report the client's TimeZone")?;
     for q in ["BEGIN", "select now()", "COMMIT", "select 1"] {
         let mut body = q.as_bytes().to_vec();
         body.push(0);
-        s.write_all(&frontend(b'Q', &body))
-            .await
-            .map_err(|e| e.to_string())?;
+        s.write_all(&frontend(b'Q', &body)).await.map_err(|e| e.to_string())?;
         for (tag, body) in read_messages(&mut s, b'Z', Duration::from_secs(3)).await {
             if tag == b'S' && body.starts_with(b"TimeZone\0") {
-                ensure(
-                    body.starts_with(b"TimeZone\0Asia/Tokyo"),
-                    format!(
-                        "after {q}: ParameterStatus {:?}",
-                        String::from_utf8_lossy(&body)
-                    ),
-                )?;
+                ensure(body.starts_with(b"TimeZone\0Asia/Tokyo"), format!("after {q}: ParameterStatus {:?}", String::from_utf8_lossy(&body)))?;
             }
         }
     }
@@ -1908,12 +1177,8 @@ async fn startup_parameters_apply_per_transaction(env: &Env) -> TestResult {
 
 async fn session_set_follows_the_client(env: &Env) -> TestResult {
     let p = start_proxy(env, "pool_size = 2", "").await;
-    let a = connect(&p, &token(1, "a"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let b = connect(&p, &token(2, "b"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let a = connect(&p, &token(1, "a")).await.map_err(|e| format!("{e:?}"))?;
+    let b = connect(&p, &token(2, "b")).await.map_err(|e| format!("{e:?}"))?;
     async fn settings(c: &tokio_postgres::Client) -> Result<(String, String, i64), String> {
         let row = c
             .query_one("select current_setting('statement_timeout'), current_setting('TimeZone'), count(*) from orders", &[])
@@ -1922,80 +1187,41 @@ async fn session_set_follows_the_client(env: &Env) -> TestResult {
         Ok((row.get(0), row.get(1), row.get(2)))
     }
     let (_, default_tz, _) = settings(&b).await?;
-    a.batch_execute("SET statement_timeout = 4321")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    a.batch_execute("SET TIME ZONE 'Asia/Tokyo'")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    a.batch_execute("SET statement_timeout = 4321").await.map_err(|e| format!("{e:?}"))?;
+    a.batch_execute("SET TIME ZONE 'Asia/Tokyo'").await.map_err(|e| format!("{e:?}"))?;
     // hold one backend in a transaction so the clients alternate over backends
     for i in 0..6 {
         let (t, tz, n) = settings(&a).await?;
-        ensure(
-            t == "4321ms" && tz == "Asia/Tokyo" && n == 100,
-            format!("round {i}: client a has {t} {tz} {n}"),
-        )?;
+        ensure(t == "4321ms" && tz == "Asia/Tokyo" && n == 100, format!("round {i}: client a has {t} {tz} {n}"))?;
         let (t, tz, n) = settings(&b).await?;
-        ensure(
-            t == "0" && tz == default_tz && n == 100,
-            format!("round {i}: client b has {t} {tz} {n}"),
-        )?;
+        ensure(t == "0" && tz == default_tz && n == 100, format!("round {i}: client b has {t} {tz} {n}"))?;
         if i == 2 {
-            b.batch_execute("BEGIN")
-                .await
-                .map_err(|e| format!("{e:?}"))?;
+            b.batch_execute("BEGIN").await.map_err(|e| format!("{e:?}"))?;
         }
     }
-    b.batch_execute("COMMIT")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    b.batch_execute("COMMIT").await.map_err(|e| format!("{e:?}"))?;
     // a failed SET and a rolled back SET are not kept
-    let e = a
-        .batch_execute("SET statement_timeout = 'soon'")
-        .await
-        .err()
-        .ok_or("bad value accepted")?;
+    let e = a.batch_execute("SET statement_timeout = 'soon'").await.err().ok_or("bad value accepted")?;
     ensure(db_err(&e).0 == "22023", format!("{:?}", db_err(&e)))?;
-    a.batch_execute("BEGIN; SET statement_timeout = 99; ROLLBACK")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    a.batch_execute("BEGIN; SET statement_timeout = 99; ROLLBACK").await.map_err(|e| format!("{e:?}"))?;
     let (t, _, _) = settings(&a).await?;
-    ensure(
-        t == "4321ms",
-        format!("after failed and rolled back SETs: {t}"),
-    )?;
-    a.batch_execute("RESET statement_timeout")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    ensure(t == "4321ms", format!("after failed and rolled back SETs: {t}"))?;
+    a.batch_execute("RESET statement_timeout").await.map_err(|e| format!("{e:?}"))?;
     let (t, tz, _) = settings(&a).await?;
-    ensure(
-        t == "0" && tz == "Asia/Tokyo",
-        format!("after RESET: {t} {tz}"),
-    )?;
-    a.batch_execute("RESET ALL")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    ensure(t == "0" && tz == "Asia/Tokyo", format!("after RESET: {t} {tz}"))?;
+    a.batch_execute("RESET ALL").await.map_err(|e| format!("{e:?}"))?;
     let (_, tz, _) = settings(&a).await?;
     ensure(tz == default_tz, format!("after RESET ALL: {tz}"))?;
     // SET through the extended protocol (pgjdbc sends everything that way) is kept as well
-    a.execute("SET statement_timeout = 2222", &[])
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    b.batch_execute("BEGIN")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    a.execute("SET statement_timeout = 2222", &[]).await.map_err(|e| format!("{e:?}"))?;
+    b.batch_execute("BEGIN").await.map_err(|e| format!("{e:?}"))?;
     for i in 0..4 {
         let (t, _, _) = settings(&a).await?;
         ensure(t == "2222ms", format!("extended SET, round {i}: {t}"))?;
     }
     let (t, _, _) = settings(&b).await?;
-    ensure(
-        t == "0",
-        format!("client b got client a's extended SET: {t}"),
-    )?;
-    b.batch_execute("COMMIT")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    ensure(t == "0", format!("client b got client a's extended SET: {t}"))?;
+    b.batch_execute("COMMIT").await.map_err(|e| format!("{e:?}"))?;
     p.stop().await;
     Ok(())
 }
@@ -2005,24 +1231,16 @@ async fn session_set_follows_the_client(env: &Env) -> TestResult {
 async fn client_suite(env: &Env, what: &str, mut cmd: Command) -> TestResult {
     let p = start_proxy(env, "pool_size = 4", "").await;
     cmd.args([p.addr.port().to_string(), token(1, what), token(2, what)]);
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     for line in stdout.lines() {
         println!("    {line}");
     }
-    ensure(
-        out.status.success(),
-        format!(
-            "{what} failed:\n{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )?;
+    ensure(out.status.success(), format!("{what} failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))?;
     p.stop().await;
     Ok(())
 }
+
 
 /// Python drivers (installed into tests/clients/.venv by scripts/test.sh): psycopg 3,
 /// psycopg_pool, asyncpg, SQLAlchemy 2.
@@ -2046,26 +1264,11 @@ async fn pgjdbc_client(env: &Env) -> TestResult {
 
 async fn pooling_refusals_and_session_mode(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
-    let c = connect(&p, &token(1, "tx"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    for sql in [
-        "LISTEN jobs",
-        "DECLARE c CURSOR WITH HOLD FOR SELECT 1",
-        "select pg_advisory_lock(7)",
-        "CREATE TEMP TABLE t (x int)",
-        "PREPARE q AS select 1",
-    ] {
-        let e = c
-            .simple_query(sql)
-            .await
-            .err()
-            .ok_or(format!("accepted in transaction pooling: {sql}"))?;
+    let c = connect(&p, &token(1, "tx")).await.map_err(|e| format!("{e:?}"))?;
+    for sql in ["LISTEN jobs", "DECLARE c CURSOR WITH HOLD FOR SELECT 1", "select pg_advisory_lock(7)", "CREATE TEMP TABLE t (x int)", "PREPARE q AS select 1"] {
+        let e = c.simple_query(sql).await.err().ok_or(format!("accepted in transaction pooling: {sql}"))?;
         let d = e.as_db_error().ok_or("not a db error")?;
-        ensure(
-            d.code().code() == "0A000" && d.hint().is_some_and(|h| h.contains("pool.mode")),
-            format!("{sql}: {d:?}"),
-        )?;
+        ensure(d.code().code() == "0A000" && d.hint().is_some_and(|h| h.contains("pool.mode")), format!("{sql}: {d:?}"))?;
     }
     c.batch_execute("BEGIN; CREATE TEMP TABLE ok (x int) ON COMMIT DROP; select pg_advisory_xact_lock(7); PREPARE q2 AS select 1; EXECUTE q2; COMMIT")
         .await
@@ -2075,33 +1278,14 @@ async fn pooling_refusals_and_session_mode(env: &Env) -> TestResult {
     use tokio::io::AsyncWriteExt;
     let p = start_proxy(env, "pool_size = 2", "[pool]\nmode = \"session\"").await;
     let mut a = raw_login(&p, &token(1, "listener")).await?;
-    a.write_all(&frontend(b'Q', b"LISTEN jobs\0"))
-        .await
-        .map_err(|e| e.to_string())?;
+    a.write_all(&frontend(b'Q', b"LISTEN jobs\0")).await.map_err(|e| e.to_string())?;
     read_messages(&mut a, b'Z', Duration::from_secs(3)).await;
-    let b = connect(&p, &token(2, "notifier"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    b.batch_execute("NOTIFY jobs, 'job-42'")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    a.write_all(&frontend(
-        b'Q',
-        b"select current_setting('app.tenant_id')\0",
-    ))
-    .await
-    .map_err(|e| e.to_string())?;
+    let b = connect(&p, &token(2, "notifier")).await.map_err(|e| format!("{e:?}"))?;
+    b.batch_execute("NOTIFY jobs, 'job-42'").await.map_err(|e| format!("{e:?}"))?;
+    a.write_all(&frontend(b'Q', b"select current_setting('app.tenant_id')\0")).await.map_err(|e| e.to_string())?;
     let msgs = read_messages(&mut a, b'Z', Duration::from_secs(3)).await;
-    ensure(
-        msgs.iter()
-            .any(|(t, body)| *t == b'A' && body.windows(6).any(|w| w == b"job-42")),
-        "notification not delivered in session mode",
-    )?;
-    ensure(
-        msgs.iter()
-            .any(|(t, body)| *t == b'D' && body.ends_with(b"\x011")),
-        "tenant context missing in session mode",
-    )?;
+    ensure(msgs.iter().any(|(t, body)| *t == b'A' && body.windows(6).any(|w| w == b"job-42")), "notification not delivered in session mode")?;
+    ensure(msgs.iter().any(|(t, body)| *t == b'D' && body.ends_with(b"\x011")), "tenant context missing in session mode")?;
     p.stop().await;
     Ok(())
 }
@@ -2121,63 +1305,28 @@ async fn deallocate_of_client_statements(env: &Env) -> TestResult {
     m.extend(frontend(b'P', b"_pg3_1\0select 2\0\0\0"));
     m.extend(frontend(b'S', b""));
     s.write_all(&m).await.map_err(|e| e.to_string())?;
-    let tags: Vec<u8> = read_messages(&mut s, b'Z', Duration::from_secs(3))
-        .await
-        .iter()
-        .map(|m| m.0)
-        .collect();
-    ensure(
-        tags == b"11Z",
-        format!("prepare: {:?}", String::from_utf8_lossy(&tags)),
-    )?;
+    let tags: Vec<u8> = read_messages(&mut s, b'Z', Duration::from_secs(3)).await.iter().map(|m| m.0).collect();
+    ensure(tags == b"11Z", format!("prepare: {:?}", String::from_utf8_lossy(&tags)))?;
     // (one batch at a time: read_messages does not keep bytes past the ReadyForQuery it waits for)
-    s.write_all(&run("_pg3_0"))
-        .await
-        .map_err(|e| e.to_string())?;
+    s.write_all(&run("_pg3_0")).await.map_err(|e| e.to_string())?;
     let msgs = read_messages(&mut s, b'Z', Duration::from_secs(3)).await;
-    ensure(
-        msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"42")),
-        format!("statement did not run: {msgs:?}"),
-    )?;
-    s.write_all(&frontend(b'Q', b"DEALLOCATE _pg3_0\0"))
-        .await
-        .map_err(|e| e.to_string())?;
+    ensure(msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"42")), format!("statement did not run: {msgs:?}"))?;
+    s.write_all(&frontend(b'Q', b"DEALLOCATE _pg3_0\0")).await.map_err(|e| e.to_string())?;
     let msgs = read_messages(&mut s, b'Z', Duration::from_secs(3)).await;
-    ensure(
-        msgs.iter()
-            .any(|(t, b)| *t == b'C' && b.starts_with(b"DEALLOCATE")),
-        format!("simple DEALLOCATE: {msgs:?}"),
-    )?;
+    ensure(msgs.iter().any(|(t, b)| *t == b'C' && b.starts_with(b"DEALLOCATE")), format!("simple DEALLOCATE: {msgs:?}"))?;
     let mut m = frontend(b'P', b"\0DEALLOCATE PREPARE _pg3_1\0\0\0");
     m.extend(run(""));
     s.write_all(&m).await.map_err(|e| e.to_string())?;
     let msgs = read_messages(&mut s, b'Z', Duration::from_secs(3)).await;
-    ensure(
-        msgs.iter()
-            .any(|(t, b)| *t == b'C' && b.starts_with(b"DEALLOCATE")),
-        format!("extended DEALLOCATE: {msgs:?}"),
-    )?;
+    ensure(msgs.iter().any(|(t, b)| *t == b'C' && b.starts_with(b"DEALLOCATE")), format!("extended DEALLOCATE: {msgs:?}"))?;
     for name in ["_pg3_0", "_pg3_1"] {
         s.write_all(&run(name)).await.map_err(|e| e.to_string())?;
         let msgs = read_messages(&mut s, b'Z', Duration::from_secs(3)).await;
-        ensure(
-            msgs.iter()
-                .any(|(t, b)| *t == b'E' && b.windows(5).any(|w| w == b"26000")),
-            format!("{name} usable after DEALLOCATE: {msgs:?}"),
-        )?;
+        ensure(msgs.iter().any(|(t, b)| *t == b'E' && b.windows(5).any(|w| w == b"26000")), format!("{name} usable after DEALLOCATE: {msgs:?}"))?;
     }
-    s.write_all(&frontend(
-        b'Q',
-        b"select current_setting('app.tenant_id')\0",
-    ))
-    .await
-    .map_err(|e| e.to_string())?;
+    s.write_all(&frontend(b'Q', b"select current_setting('app.tenant_id')\0")).await.map_err(|e| e.to_string())?;
     let msgs = read_messages(&mut s, b'Z', Duration::from_secs(3)).await;
-    ensure(
-        msgs.iter()
-            .any(|(t, b)| *t == b'D' && b.ends_with(b"\x011")),
-        "context lost",
-    )?;
+    ensure(msgs.iter().any(|(t, b)| *t == b'D' && b.ends_with(b"\x011")), "context lost")?;
     p.stop().await;
     Ok(())
 }
@@ -2196,10 +1345,7 @@ async fn demo_end_to_end(_env: &Env) -> TestResult {
     let (lines, data_dir) = tokio::task::spawn_blocking(move || {
         let mut lines = Vec::new();
         let mut data = String::new();
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(i) = line.find("data in ") {
                 data = line[i + 8..].trim().to_string();
             }
@@ -2214,135 +1360,66 @@ async fn demo_end_to_end(_env: &Env) -> TestResult {
     .await
     .map_err(|e| e.to_string())?;
     let result = async {
-        let commands: Vec<&String> = lines
-            .iter()
-            .filter(|l| l.trim_start().starts_with("PGPASSWORD=") && l.contains(" -c "))
-            .collect();
-        ensure(
-            commands.len() == 2 && !data_dir.is_empty(),
-            format!("demo output: {lines:?}"),
-        )?;
+        let commands: Vec<&String> = lines.iter().filter(|l| l.trim_start().starts_with("PGPASSWORD=") && l.contains(" -c ")).collect();
+        ensure(commands.len() == 2 && !data_dir.is_empty(), format!("demo output: {lines:?}"))?;
         for (i, cmd) in commands.iter().enumerate() {
             let tenant = i as i32 + 1;
-            let tok = cmd
-                .trim_start()
-                .trim_start_matches("PGPASSWORD=")
-                .split_whitespace()
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            let port: u16 = cmd
-                .split("port=")
-                .nth(1)
-                .and_then(|s| s.split_whitespace().next())
-                .and_then(|p| p.parse().ok())
-                .ok_or("no port")?;
+            let tok = cmd.trim_start().trim_start_matches("PGPASSWORD=").split_whitespace().next().unwrap_or_default().to_string();
+            let port: u16 = cmd.split("port=").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|p| p.parse().ok()).ok_or("no port")?;
             let mut cfg = tokio_postgres::Config::new();
-            cfg.host("127.0.0.1")
-                .port(port)
-                .user("alice")
-                .dbname("app")
-                .password(tok);
-            let (c, conn) = cfg
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|e| format!("tenant {tenant}: {e:?}"))?;
+            cfg.host("127.0.0.1").port(port).user("alice").dbname("app").password(tok);
+            let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| format!("tenant {tenant}: {e:?}"))?;
             tokio::spawn(conn);
-            let row = c
-                .query_one(
-                    "select count(*), min(tenant_id), max(tenant_id) from orders",
-                    &[],
-                )
-                .await
-                .map_err(|e| format!("{e:?}"))?;
+            let row = c.query_one("select count(*), min(tenant_id), max(tenant_id) from orders", &[]).await.map_err(|e| format!("{e:?}"))?;
             let (n, lo, hi): (i64, i32, i32) = (row.get(0), row.get(1), row.get(2));
-            ensure(
-                n == 100 && lo == tenant && hi == tenant,
-                format!("demo tenant {tenant}: {n} rows of {lo}..{hi}"),
-            )?;
+            ensure(n == 100 && lo == tenant && hi == tenant, format!("demo tenant {tenant}: {n} rows of {lo}..{hi}"))?;
         }
         Ok::<(), String>(())
     }
     .await;
     // SAFETY: sending SIGINT to our own child process
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
     result?;
     ensure(status.success(), format!("demo exited with {status}"))?;
-    let root = std::path::Path::new(&data_dir)
-        .parent()
-        .ok_or("no data dir parent")?
-        .to_path_buf();
-    ensure(
-        !root.exists(),
-        format!("demo left {} behind", root.display()),
-    )?;
-    let ps = Command::new("pgrep")
-        .arg("-f")
-        .arg(root.to_string_lossy().as_ref())
-        .output()
-        .map_err(|e| e.to_string())?;
+    let root = std::path::Path::new(&data_dir).parent().ok_or("no data dir parent")?.to_path_buf();
+    ensure(!root.exists(), format!("demo left {} behind", root.display()))?;
+    let ps = Command::new("pgrep").arg("-f").arg(root.to_string_lossy().as_ref()).output().map_err(|e| e.to_string())?;
     ensure(ps.stdout.is_empty(), "demo left a postgres process behind")?;
     Ok(())
 }
 
 async fn superuser_backend_is_refused(env: &Env) -> TestResult {
-    let text = config_text(env, "", "").replace(
-        &env.cluster.url("app_user", "app-secret", "app"),
-        &env.cluster.superuser_url("app"),
-    );
+    let text = config_text(env, "", "").replace(&env.cluster.url("app_user", "app-secret", "app"), &env.cluster.superuser_url("app"));
     let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
     let p = pgtenant::server::start(cfg).await?;
     let (code, msg) = login_error(&p, &token(1, "x")).await;
-    ensure(
-        code == "28000" && msg.contains("superuser"),
-        format!("superuser backend: {code} {msg}"),
-    )?;
+    ensure(code == "28000" && msg.contains("superuser"), format!("superuser backend: {code} {msg}"))?;
     p.stop().await;
     Ok(())
 }
 
 async fn max_clients_and_auth_timeout(env: &Env) -> TestResult {
-    let text = config_text(env, "", "").replace(
-        "listen = \"127.0.0.1:0\"\n",
-        "listen = \"127.0.0.1:0\"\nmax_clients = 2\nauth_timeout_ms = 500\n",
-    );
+    let text = config_text(env, "", "").replace("listen = \"127.0.0.1:0\"\n", "listen = \"127.0.0.1:0\"\nmax_clients = 2\nauth_timeout_ms = 500\n");
     let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
     let p = pgtenant::server::start(cfg).await?;
-    let a = connect(&p, &token(1, "a"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let b = connect(&p, &token(2, "b"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let a = connect(&p, &token(1, "a")).await.map_err(|e| format!("{e:?}"))?;
+    let b = connect(&p, &token(2, "b")).await.map_err(|e| format!("{e:?}"))?;
     let (code, msg) = login_error(&p, &token(3, "c")).await;
-    ensure(
-        code == "53300" && msg.contains("max_clients"),
-        format!("third client: {code} {msg}"),
-    )?;
+    ensure(code == "53300" && msg.contains("max_clients"), format!("third client: {code} {msg}"))?;
     drop(b);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let c = connect(&p, &token(3, "c"))
-        .await
-        .map_err(|e| format!("slot not freed: {e:?}"))?;
+    let c = connect(&p, &token(3, "c")).await.map_err(|e| format!("slot not freed: {e:?}"))?;
     let (n, lo, _) = tenant_view(&c).await?;
     ensure(n == 100 && lo == 3, "third client after a slot freed")?;
     drop((a, c));
     tokio::time::sleep(Duration::from_millis(200)).await;
     // a silent client is dropped after auth_timeout_ms and frees its slot
-    let silent = tokio::net::TcpStream::connect(p.addr)
-        .await
-        .map_err(|e| e.to_string())?;
+    let silent = tokio::net::TcpStream::connect(p.addr).await.map_err(|e| e.to_string())?;
     let started = Instant::now();
     let mut s = silent;
     let got = read_until(&mut s, b"never", Duration::from_secs(3)).await;
-    ensure(
-        got.is_empty() && started.elapsed() < Duration::from_secs(2),
-        format!("silent client kept {:?}", started.elapsed()),
-    )?;
+    ensure(got.is_empty() && started.elapsed() < Duration::from_secs(2), format!("silent client kept {:?}", started.elapsed()))?;
     p.stop().await;
     Ok(())
 }
@@ -2350,74 +1427,32 @@ async fn max_clients_and_auth_timeout(env: &Env) -> TestResult {
 async fn graceful_shutdown_drains(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "").await;
     let addr = p.addr;
-    let idle = connect(&p, &token(1, "idle"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let busy = connect(&p, &token(2, "busy"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    busy.batch_execute("BEGIN; insert into orders (tenant_id, amount) values (2, 7272)")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let idle = connect(&p, &token(1, "idle")).await.map_err(|e| format!("{e:?}"))?;
+    let busy = connect(&p, &token(2, "busy")).await.map_err(|e| format!("{e:?}"))?;
+    busy.batch_execute("BEGIN; insert into orders (tenant_id, amount) values (2, 7272)").await.map_err(|e| format!("{e:?}"))?;
     let shutdown = tokio::spawn(p.shutdown(Duration::from_secs(10)));
     tokio::time::sleep(Duration::from_millis(300)).await;
     // new connections are refused, the idle client was told and closed
-    ensure(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "still accepting after shutdown began",
-    )?;
-    ensure(
-        idle.simple_query("select 1").await.is_err(),
-        "idle client still served while draining",
-    )?;
+    ensure(tokio::net::TcpStream::connect(addr).await.is_err(), "still accepting after shutdown began")?;
+    ensure(idle.simple_query("select 1").await.is_err(), "idle client still served while draining")?;
     // the transaction in flight may finish and commit
-    busy.batch_execute("insert into orders (tenant_id, amount) values (2, 7273); COMMIT")
-        .await
-        .map_err(|e| format!("in-flight transaction cut: {e:?}"))?;
-    let left = tokio::time::timeout(Duration::from_secs(5), shutdown)
-        .await
-        .map_err(|_| "shutdown did not finish")?
-        .map_err(|e| e.to_string())?;
+    busy.batch_execute("insert into orders (tenant_id, amount) values (2, 7273); COMMIT").await.map_err(|e| format!("in-flight transaction cut: {e:?}"))?;
+    let left = tokio::time::timeout(Duration::from_secs(5), shutdown).await.map_err(|_| "shutdown did not finish")?.map_err(|e| e.to_string())?;
     ensure(left == 0, format!("{left} clients left after draining"))?;
-    ensure(
-        busy.simple_query("select 1").await.is_err(),
-        "client still served after its transaction while draining",
-    )?;
-    let n = env
-        .cluster
-        .psql(
-            "app",
-            "select count(*) from orders where amount in (7272, 7273)",
-        )
-        .map_err(|e| e.to_string())?;
-    ensure(
-        n.trim() == "2",
-        format!("drained transaction not committed: {n}"),
-    )?;
-    env.cluster
-        .psql("app", "delete from orders where amount in (7272, 7273)")
-        .map_err(|e| e.to_string())?;
+    ensure(busy.simple_query("select 1").await.is_err(), "client still served after its transaction while draining")?;
+    let n = env.cluster.psql("app", "select count(*) from orders where amount in (7272, 7273)").map_err(|e| e.to_string())?;
+    ensure(n.trim() == "2", format!("drained transaction not committed: {n}"))?;
+    env.cluster.psql("app", "delete from orders where amount in (7272, 7273)").map_err(|e| e.to_string())?;
     Ok(())
 }
 
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.map_err(|e| e.to_string())?;
     let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
-        .await
-        .map_err(|_| "admin timed out")?
-        .map_err(|e| e.to_string())?;
-    let code = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await.map_err(|_| "admin timed out")?.map_err(|e| e.to_string())?;
+    let code = out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
     Ok((code, body))
 }
@@ -2425,86 +1460,46 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, String
 async fn admin_endpoints_and_metrics(env: &Env) -> TestResult {
     let p = start_proxy(env, "", "[admin]\nlisten = \"127.0.0.1:0\"").await;
     let admin = p.admin_addr.ok_or("admin endpoint not started")?;
-    let c = connect(&p, &token(1, "m"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let c = connect(&p, &token(1, "m")).await.map_err(|e| format!("{e:?}"))?;
     for _ in 0..3 {
         tenant_view(&c).await?;
     }
     let _ = c.simple_query("SET app.tenant_id = '2'").await;
-    let _ = login_error(
-        &p,
-        &token_with(json!({"tenant_id": 1, "sub": "x", "exp": now() - 3600})),
-    )
-    .await;
+    let _ = login_error(&p, &token_with(json!({"tenant_id": 1, "sub": "x", "exp": now() - 3600}))).await;
     let (code, body) = http_get(admin, "/metrics").await?;
     ensure(code == 200, format!("/metrics {code}"))?;
     for name in [
-        "pgtenant_clients",
-        "pgtenant_logins_total",
-        "pgtenant_transactions_total",
-        "pgtenant_transaction_duration_seconds",
-        "pgtenant_pool_wait_seconds",
-        "pgtenant_backend_connects_total",
-        "pgtenant_context_injections_total",
-        "pgtenant_refusals_total",
-        "pgtenant_client_bytes_total",
-        "pgtenant_ready 1",
-        "pgtenant_pool_size{pool=\"tenant\"} 4",
-        "pgtenant_pool_busy{pool=\"tenant\"}",
-        "pgtenant_pool_idle{pool=\"tenant\"}",
-        "pgtenant_pool_waiting{pool=\"tenant\"}",
+        "pgtenant_clients", "pgtenant_logins_total", "pgtenant_transactions_total", "pgtenant_transaction_duration_seconds",
+        "pgtenant_pool_wait_seconds", "pgtenant_backend_connects_total", "pgtenant_context_injections_total",
+        "pgtenant_refusals_total", "pgtenant_client_bytes_total", "pgtenant_ready 1", "pgtenant_pool_size{pool=\"tenant\"} 4",
+        "pgtenant_pool_busy{pool=\"tenant\"}", "pgtenant_pool_idle{pool=\"tenant\"}", "pgtenant_pool_waiting{pool=\"tenant\"}",
     ] {
         ensure(body.contains(name), format!("/metrics lacks {name}"))?;
     }
-    ensure(
-        body.contains("result=\"rejected\"") && body.contains("sqlstate=\"42501\""),
-        "login/refusal labels missing",
-    )?;
+    ensure(body.contains("result=\"rejected\"") && body.contains("sqlstate=\"42501\""), "login/refusal labels missing")?;
     // every metric the proxy exports is documented
-    let doc = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../docs/operations.md"
-    ))
-    .map_err(|e| e.to_string())?;
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md")).map_err(|e| e.to_string())?;
     for line in body.lines().filter(|l| l.starts_with("pgtenant_")) {
         let name = line.split(['{', ' ']).next().unwrap_or("");
-        let base = name
-            .trim_end_matches("_bucket")
-            .trim_end_matches("_sum")
-            .trim_end_matches("_count");
-        ensure(
-            doc.contains(base),
-            format!("metric {base} is not documented in docs/operations.md"),
-        )?;
+        let base = name.trim_end_matches("_bucket").trim_end_matches("_sum").trim_end_matches("_count");
+        ensure(doc.contains(base), format!("metric {base} is not documented in docs/operations.md"))?;
     }
     let (code, body) = http_get(admin, "/healthz").await?;
     ensure(code == 200 && body.trim() == "ok", "/healthz")?;
     let (code, _) = http_get(admin, "/readyz").await?;
     ensure(code == 200, format!("/readyz {code}"))?;
     let (code, body) = http_get(admin, "/pools").await?;
-    let v: serde_json::Value =
-        serde_json::from_str(&body).map_err(|e| format!("/pools: {e}: {body}"))?;
-    ensure(
-        code == 200 && v["pools"][0]["size"] == 4 && v["clients"].as_u64() >= Some(1),
-        format!("/pools: {v}"),
-    )?;
+    let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("/pools: {e}: {body}"))?;
+    ensure(code == 200 && v["pools"][0]["size"] == 4 && v["clients"].as_u64() >= Some(1), format!("/pools: {v}"))?;
     ensure(http_get(admin, "/nope").await?.0 == 404, "unknown path")?;
     p.stop().await;
     // a backend that cannot be reached is not ready
-    let text = config_text(
-        env,
-        "connect_timeout_ms = 500",
-        "[admin]\nlisten = \"127.0.0.1:0\"",
-    )
-    .replace(&format!(":{}/app", env.cluster.port()), ":1/app");
+    let text = config_text(env, "connect_timeout_ms = 500", "[admin]\nlisten = \"127.0.0.1:0\"")
+        .replace(&format!(":{}/app", env.cluster.port()), ":1/app");
     let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|e| e.to_string())?;
     let dead = pgtenant::server::start(cfg).await?;
     let (code, body) = http_get(dead.admin_addr.ok_or("no admin")?, "/readyz").await?;
-    ensure(
-        code == 503 && body.contains("not ready"),
-        format!("/readyz with the backend down: {code} {body}"),
-    )?;
+    ensure(code == 503 && body.contains("not ready"), format!("/readyz with the backend down: {code} {body}"))?;
     dead.stop().await;
     Ok(())
 }
@@ -2514,10 +1509,7 @@ async fn admin_endpoints_and_metrics(env: &Env) -> TestResult {
 async fn deploy_manifests_are_valid(_env: &Env) -> TestResult {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let python = root.join("tests/clients/.venv/bin/python");
-    ensure(
-        python.exists(),
-        "tests/clients/.venv missing: run ./scripts/test.sh",
-    )?;
+    ensure(python.exists(), "tests/clients/.venv missing: run ./scripts/test.sh")?;
     let out = Command::new(python)
         .arg(root.join("tests/deploy/validate.py"))
         .arg(&root)
@@ -2525,13 +1517,7 @@ async fn deploy_manifests_are_valid(_env: &Env) -> TestResult {
         .output()
         .map_err(|e| e.to_string())?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure(
-        out.status.success(),
-        format!(
-            "deploy/ invalid:\n{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    ensure(out.status.success(), format!("deploy/ invalid:\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))
 }
 
 async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
@@ -2540,36 +1526,24 @@ async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
     let old_text = config_text(env, "", "[admin]\nlisten = \"127.0.0.1:0\"");
     let new_secret = "rotated-secret-9876543210";
     let new_text = old_text.replace(SECRET, new_secret);
-    let new_token = |t: i64| {
-        pgtenant::jwt::mint_hs(
-            &json!({"tenant_id": t, "sub": "r", "exp": now() + 600}),
-            new_secret.as_bytes(),
-            jsonwebtoken::Algorithm::HS256,
-        )
-    };
+    let new_token = |t: i64| pgtenant::jwt::mint_hs(&json!({"tenant_id": t, "sub": "r", "exp": now() + 600}), new_secret.as_bytes(), jsonwebtoken::Algorithm::HS256);
     std::fs::write(&file, &old_text).map_err(|e| e.to_string())?;
     let cfg = pgtenant::config::Config::load(&file).map_err(|e| e.to_string())?;
     let p = pgtenant::server::start_from(cfg, Some(file.clone())).await?;
-    let connected = connect(&p, &token(1, "before"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let connected = connect(&p, &token(1, "before")).await.map_err(|e| format!("{e:?}"))?;
     // load: clients of several tenants query in a loop across the reloads below
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
     for i in 0..6 {
         let t = 1 + i % 3;
-        let c = connect(&p, &token(t, "load"))
-            .await
-            .map_err(|e| format!("{e:?}"))?;
+        let c = connect(&p, &token(t, "load")).await.map_err(|e| format!("{e:?}"))?;
         let stop = stop.clone();
         load.push(tokio::spawn(async move {
             let mut done = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let (n, lo, hi) = tenant_view(&c).await?;
                 if n != 100 || lo != t as i32 || hi != t as i32 {
-                    return Err(format!(
-                        "tenant {t} saw {n} rows of tenants {lo}..{hi} during a reload"
-                    ));
+                    return Err(format!("tenant {t} saw {n} rows of tenants {lo}..{hi} during a reload"));
                 }
                 done += 1;
             }
@@ -2581,129 +1555,65 @@ async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
     let admin = p.admin_addr.ok_or("no admin")?;
     let reply = {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(admin)
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(b"POST /reload HTTP/1.1\r\nHost: x\r\n\r\n")
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut s = tokio::net::TcpStream::connect(admin).await.map_err(|e| e.to_string())?;
+        s.write_all(b"POST /reload HTTP/1.1\r\nHost: x\r\n\r\n").await.map_err(|e| e.to_string())?;
         let mut out = String::new();
-        s.read_to_string(&mut out)
-            .await
-            .map_err(|e| e.to_string())?;
+        s.read_to_string(&mut out).await.map_err(|e| e.to_string())?;
         out
     };
-    ensure(
-        reply.starts_with("HTTP/1.1 200"),
-        format!("POST /reload: {reply}"),
-    )?;
+    ensure(reply.starts_with("HTTP/1.1 200"), format!("POST /reload: {reply}"))?;
     let (code, msg) = login_error(&p, &token(1, "old")).await;
-    ensure(
-        code == "28P01" && msg.contains("signature"),
-        format!("old key after rotation: {code} {msg}"),
-    )?;
-    connect(&p, &new_token(2))
-        .await
-        .map_err(|e| format!("new key refused: {e:?}"))?;
+    ensure(code == "28P01" && msg.contains("signature"), format!("old key after rotation: {code} {msg}"))?;
+    connect(&p, &new_token(2)).await.map_err(|e| format!("new key refused: {e:?}"))?;
     let (n, lo, _) = tenant_view(&connected).await?;
-    ensure(
-        n == 100 && lo == 1,
-        "client connected before the reload was disturbed",
-    )?;
+    ensure(n == 100 && lo == 1, "client connected before the reload was disturbed")?;
     // an invalid config is rejected and the running one stays
-    std::fs::write(&file, new_text.replace("[jwt]", "[jwt]\nbogus = 1"))
-        .map_err(|e| e.to_string())?;
-    ensure(
-        p.proxy.reload_from_file().await.is_err(),
-        "invalid config accepted",
-    )?;
-    connect(&p, &new_token(2))
-        .await
-        .map_err(|e| format!("reload failure broke the running config: {e:?}"))?;
+    std::fs::write(&file, new_text.replace("[jwt]", "[jwt]\nbogus = 1")).map_err(|e| e.to_string())?;
+    ensure(p.proxy.reload_from_file().await.is_err(), "invalid config accepted")?;
+    connect(&p, &new_token(2)).await.map_err(|e| format!("reload failure broke the running config: {e:?}"))?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for task in load {
         let done = task.await.map_err(|e| e.to_string())??;
         ensure(done > 0, "a loaded client made no progress")?;
     }
     // pool size and wait timeout follow a reload: shrink to one connection while it is in use
-    let pool_text = new_text
-        .replace("pool_size = 4", "pool_size = 1")
-        .replace("[admin]", "[pool]\nquery_wait_timeout_ms = 200\n[admin]");
+    let pool_text = new_text.replace("pool_size = 4", "pool_size = 1").replace("[admin]", "[pool]\nquery_wait_timeout_ms = 200\n[admin]");
     std::fs::write(&file, &pool_text).map_err(|e| e.to_string())?;
-    connected
-        .batch_execute("BEGIN; SELECT 1")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    connected.batch_execute("BEGIN; SELECT 1").await.map_err(|e| format!("{e:?}"))?;
     p.proxy.reload_from_file().await?;
-    ensure(
-        p.proxy.shared.pool.size() == 1,
-        format!("pool size after reload: {}", p.proxy.shared.pool.size()),
-    )?;
-    let other = connect(&p, &new_token(2))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let e = other
-        .simple_query("select 1")
-        .await
-        .err()
-        .ok_or("pool did not shrink to one connection")?;
+    ensure(p.proxy.shared.pool.size() == 1, format!("pool size after reload: {}", p.proxy.shared.pool.size()))?;
+    let other = connect(&p, &new_token(2)).await.map_err(|e| format!("{e:?}"))?;
+    let e = other.simple_query("select 1").await.err().ok_or("pool did not shrink to one connection")?;
     let (code, msg) = db_err(&e);
-    ensure(
-        code == "53300" && msg.contains("200 ms"),
-        format!("after shrinking: {code} {msg}"),
-    )?;
-    connected
-        .batch_execute("COMMIT")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    ensure(code == "53300" && msg.contains("200 ms"), format!("after shrinking: {code} {msg}"))?;
+    connected.batch_execute("COMMIT").await.map_err(|e| format!("{e:?}"))?;
     let (n, lo, _) = tenant_view(&other).await?;
-    ensure(
-        n == 100 && lo == 2,
-        "client not served once the single connection was free",
-    )?;
+    ensure(n == 100 && lo == 2, "client not served once the single connection was free")?;
     p.stop().await;
 
     // SIGHUP to the real binary; it also hands the audit log over to logrotate. It runs on the
     // single-threaded runtime (server.worker_threads = 1; the other binary tests use the default)
     let audit = file.with_file_name("audit.jsonl");
     let with_audit = |t: &str| {
-        format!(
-            "{}\n[audit]\npath = \"{}\"\n",
-            t.replacen("[server]\n", "[server]\nworker_threads = 1\n", 1),
-            audit.display()
-        )
+        format!("{}\n[audit]\npath = \"{}\"\n", t.replacen("[server]\n", "[server]\nworker_threads = 1\n", 1), audit.display())
     };
     let (old_text, new_text) = (with_audit(&old_text), with_audit(&new_text));
     std::fs::write(&file, &old_text).map_err(|e| e.to_string())?;
     let (mut child, rx) = spawn_binary(&file)?;
     let port = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(10))
-            .map_err(|_| "binary did not start")?;
+        let line = rx.recv_timeout(Duration::from_secs(10)).map_err(|_| "binary did not start")?;
         if let Some(i) = line.find("listen=127.0.0.1:") {
-            break line[i + 17..]
-                .split_whitespace()
-                .next()
-                .unwrap_or("")
-                .parse::<u16>()
-                .map_err(|e| e.to_string())?;
+            break line[i + 17..].split_whitespace().next().unwrap_or("").parse::<u16>().map_err(|e| e.to_string())?;
         }
     };
     let login = |tok: String| async move {
         let mut cfg = tokio_postgres::Config::new();
-        cfg.host("127.0.0.1")
-            .port(port)
-            .user("alice")
-            .dbname("app")
-            .password(tok);
+        cfg.host("127.0.0.1").port(port).user("alice").dbname("app").password(tok);
         cfg.connect(tokio_postgres::NoTls).await.map(|_| ())
     };
     let result = async {
-        login(token(1, "x"))
-            .await
-            .map_err(|e| format!("binary, old key: {e:?}"))?;
-        std::fs::rename(&audit, audit.with_extension("jsonl.1"))
-            .map_err(|e| format!("audit log not written: {e}"))?;
+        login(token(1, "x")).await.map_err(|e| format!("binary, old key: {e:?}"))?;
+        std::fs::rename(&audit, audit.with_extension("jsonl.1")).map_err(|e| format!("audit log not written: {e}"))?;
         std::fs::write(&file, &new_text).map_err(|e| e.to_string())?;
         // SAFETY: signalling our own child
         unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
@@ -2711,27 +1621,13 @@ async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
         while login(token(1, "x")).await.is_ok() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        ensure(
-            login(token(1, "x")).await.is_err(),
-            "old key still accepted after SIGHUP",
-        )?;
-        login(new_token(3))
-            .await
-            .map_err(|e| format!("new key refused after SIGHUP: {e:?}"))?;
+        ensure(login(token(1, "x")).await.is_err(), "old key still accepted after SIGHUP")?;
+        login(new_token(3)).await.map_err(|e| format!("new key refused after SIGHUP: {e:?}"))?;
         // the rotated file kept the first login; the reopened one has what came after the signal
-        let rotated =
-            std::fs::read_to_string(audit.with_extension("jsonl.1")).map_err(|e| e.to_string())?;
-        let fresh = std::fs::read_to_string(&audit)
-            .map_err(|e| format!("audit log not reopened after SIGHUP: {e}"))?;
-        ensure(
-            rotated.lines().count() >= 1
-                && rotated.lines().all(|l| l.contains("\"result\":\"ok\"")),
-            format!("rotated: {rotated}"),
-        )?;
-        ensure(
-            fresh.contains("\"tenant\":\"3\"") && fresh.contains("\"result\":\"refused\""),
-            format!("after SIGHUP: {fresh}"),
-        )
+        let rotated = std::fs::read_to_string(audit.with_extension("jsonl.1")).map_err(|e| e.to_string())?;
+        let fresh = std::fs::read_to_string(&audit).map_err(|e| format!("audit log not reopened after SIGHUP: {e}"))?;
+        ensure(rotated.lines().count() >= 1 && rotated.lines().all(|l| l.contains("\"result\":\"ok\"")), format!("rotated: {rotated}"))?;
+        ensure(fresh.contains("\"tenant\":\"3\"") && fresh.contains("\"result\":\"refused\""), format!("after SIGHUP: {fresh}"))
     }
     .await;
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -53,11 +53,7 @@ fn e(err: impl std::fmt::Debug) -> String {
 
 /// Config text of a proxy signing with `key` as `kid`.
 fn signing_config(env: &Env, backend_extra: &str, kid: &str, key: &str) -> String {
-    config_text(
-        env,
-        backend_extra,
-        &format!("signing_key = \"{key}\"\nsigning_kid = \"{kid}\""),
-    )
+    config_text(env, backend_extra, &format!("signing_key = \"{key}\"\nsigning_kid = \"{kid}\""))
 }
 
 /// `pgtenant install-sql` for `config_text`, run through the binary.
@@ -65,15 +61,8 @@ fn install_sql(config_text: &str) -> Result<String, String> {
     let dir = tempfile::tempdir().map_err(e)?;
     let file = dir.path().join("pgtenant.toml");
     std::fs::write(&file, config_text).map_err(e)?;
-    let out = Command::new(env!("CARGO_BIN_EXE_pgtenant"))
-        .args(["install-sql", "--config"])
-        .arg(&file)
-        .output()
-        .map_err(e)?;
-    ensure(
-        out.status.success(),
-        format!("install-sql: {}", String::from_utf8_lossy(&out.stderr)),
-    )?;
+    let out = Command::new(env!("CARGO_BIN_EXE_pgtenant")).args(["install-sql", "--config"]).arg(&file).output().map_err(e)?;
+    ensure(out.status.success(), format!("install-sql: {}", String::from_utf8_lossy(&out.stderr)))?;
     String::from_utf8(out.stdout).map_err(e)
 }
 
@@ -82,9 +71,7 @@ fn signed_schema(env: &Env) -> TestResult {
     static DONE: AtomicBool = AtomicBool::new(false);
     if !DONE.load(Ordering::Acquire) {
         let sql = install_sql(&signing_config(env, "", "k1", KEY))?;
-        env.cluster
-            .load_signed_rls_fixture(&sql)
-            .map_err(|err| err.to_string())?;
+        env.cluster.load_signed_rls_fixture(&sql).map_err(|err| err.to_string())?;
         DONE.store(true, Ordering::Release);
     }
     Ok(())
@@ -96,12 +83,7 @@ fn superuser(env: &Env, sql: &str) -> Result<String, String> {
 
 /// A connection straight to Postgres as the restricted role, with its password.
 async fn direct(env: &Env) -> Result<Client, String> {
-    let (c, conn) = tokio_postgres::connect(
-        &env.cluster.url("app_user", "app-secret", "app"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .map_err(e)?;
+    let (c, conn) = tokio_postgres::connect(&env.cluster.url("app_user", "app-secret", "app"), tokio_postgres::NoTls).await.map_err(e)?;
     tokio::spawn(conn);
     Ok(c)
 }
@@ -115,10 +97,7 @@ async fn backend_of(c: &Client) -> Result<BackendId, String> {
         )
         .await
         .map_err(e)?;
-    Ok(BackendId {
-        pid: row.get(0),
-        started: row.get(1),
-    })
+    Ok(BackendId { pid: row.get(0), started: row.get(1) })
 }
 
 /// The settings pgtenant would sign for `tenant`.
@@ -149,12 +128,7 @@ struct Seen {
     changed: (u64, u64),
 }
 
-const NOTHING: Seen = Seen {
-    rows: (0, 0, 0),
-    verified: (None, None),
-    inserted: Vec::new(),
-    changed: (0, 0),
-};
+const NOTHING: Seen = Seen { rows: (0, 0, 0), verified: (None, None), inserted: Vec::new(), changed: (0, 0) };
 
 /// Runs one transaction on `c` after `settings` (set with `set_config(name, value, local)`), and
 /// rolls it back. Any error other than an RLS refusal of an insert fails the attempt: a malformed
@@ -207,10 +181,7 @@ fn with_context<'a>(ctx: &'a str, sig: &'a str) -> Vec<(&'a str, &'a str)> {
     vec![
         ("app.tenant_id", "2"),
         ("app.user_id", "mallory"),
-        (
-            "request.jwt.claims",
-            r#"{"tenant_id": 2, "sub": "mallory"}"#,
-        ),
+        ("request.jwt.claims", r#"{"tenant_id": 2, "sub": "mallory"}"#),
         ("pgtenant.context", ctx),
         ("pgtenant.signature", sig),
     ]
@@ -219,38 +190,16 @@ fn with_context<'a>(ctx: &'a str, sig: &'a str) -> Vec<(&'a str, &'a str)> {
 async fn install_sql_is_idempotent_and_keeps_the_keys_hidden(env: &Env) -> TestResult {
     signed_schema(env)?;
     let sql = install_sql(&signing_config(env, "", "k1", KEY))?;
-    ensure(
-        sql.contains(&hex::encode(KEY)) && sql.contains("CONTAINS THE SIGNING KEY"),
-        "install-sql output lacks the key or its warning",
-    )?;
+    ensure(sql.contains(&hex::encode(KEY)) && sql.contains("CONTAINS THE SIGNING KEY"), "install-sql output lacks the key or its warning")?;
     // again, and again with the fixture on top: nothing changes, nothing fails
-    env.cluster
-        .load_signed_rls_fixture(&sql)
-        .map_err(|err| err.to_string())?;
-    let keys = superuser(
-        env,
-        "SELECT kid || ' ' || encode(key, 'escape') FROM pgtenant.keys ORDER BY kid",
-    )?;
-    ensure(
-        keys.trim() == format!("k1 {KEY}"),
-        format!("keys after installing twice: {keys}"),
-    )?;
+    env.cluster.load_signed_rls_fixture(&sql).map_err(|err| err.to_string())?;
+    let keys = superuser(env, "SELECT kid || ' ' || encode(key, 'escape') FROM pgtenant.keys ORDER BY kid")?;
+    ensure(keys.trim() == format!("k1 {KEY}"), format!("keys after installing twice: {keys}"))?;
     // without a key it refuses, with a pointed message
-    let out = Command::new(env!("CARGO_BIN_EXE_pgtenant"))
-        .args(["install-sql", "--config", "/nonexistent.toml"])
-        .output()
-        .map_err(e)?;
-    ensure(
-        out.status.code() == Some(2),
-        format!("install-sql without a config: {:?}", out.status.code()),
-    )?;
-    let plain = install_sql(&config_text(env, "", ""))
-        .err()
-        .unwrap_or_default();
-    ensure(
-        plain.contains("signing is off"),
-        format!("install-sql without signing_key: {plain}"),
-    )?;
+    let out = Command::new(env!("CARGO_BIN_EXE_pgtenant")).args(["install-sql", "--config", "/nonexistent.toml"]).output().map_err(e)?;
+    ensure(out.status.code() == Some(2), format!("install-sql without a config: {:?}", out.status.code()))?;
+    let plain = install_sql(&config_text(env, "", "")).err().unwrap_or_default();
+    ensure(plain.contains("signing is off"), format!("install-sql without signing_key: {plain}"))?;
 
     let c = direct(env).await?;
     for sql in [
@@ -259,15 +208,8 @@ async fn install_sql_is_idempotent_and_keeps_the_keys_hidden(env: &Env) -> TestR
         "UPDATE pgtenant.keys SET key = key",
         "CREATE FUNCTION pgtenant.setting2(text) RETURNS text LANGUAGE sql AS 'select 1'",
     ] {
-        let err = c
-            .batch_execute(sql)
-            .await
-            .err()
-            .ok_or(format!("the restricted role ran: {sql}"))?;
-        ensure(
-            db_err(&err).0 == "42501",
-            format!("{sql}: {:?}", db_err(&err)),
-        )?;
+        let err = c.batch_execute(sql).await.err().ok_or(format!("the restricted role ran: {sql}"))?;
+        ensure(db_err(&err).0 == "42501", format!("{sql}: {:?}", db_err(&err)))?;
     }
     Ok(())
 }
@@ -280,28 +222,14 @@ async fn direct_connection_reads_and_writes_nothing(env: &Env) -> TestResult {
     ensure(a.pid != b.pid, "two connections on one backend")?;
 
     // positive controls: a context signed for the backend it is used on is accepted
-    let own = Seen {
-        rows: (100, 1, 1),
-        verified: (Some("2".into()), Some("2".into())),
-        inserted: vec![2],
-        changed: (100, 1),
-    };
+    let own = Seen { rows: (100, 1, 1), verified: (Some("2".into()), Some("2".into())), inserted: vec![2], changed: (100, 1) };
     let (vp, vs) = signed("k1", KEY, 2, &b);
-    ensure(
-        attempt(&victim, &with_context(&vp, &vs), true).await? == own,
-        "the victim's own signed context is refused",
-    )?;
+    ensure(attempt(&victim, &with_context(&vp, &vs), true).await? == own, "the victim's own signed context is refused")?;
     let (ap, asig) = signed("k1", KEY, 2, &a);
     let seen = attempt(&attacker, &with_context(&ap, &asig), true).await?;
-    ensure(
-        seen == own,
-        format!("a context signed for this backend is refused: {seen:?}"),
-    )?;
+    ensure(seen == own, format!("a context signed for this backend is refused: {seen:?}"))?;
     let seen = attempt(&attacker, &with_context(&ap, &asig), false).await?;
-    ensure(
-        seen == own,
-        format!("a signed context set at session level is refused: {seen:?}"),
-    )?;
+    ensure(seen == own, format!("a signed context set at session level is refused: {seen:?}"))?;
 
     // what an attacker holding the role's password can set: each must see and write nothing
     let payload_t1 = Signer::new("k1", KEY.as_bytes()).payload(&tenant_settings(1), now(), &a);
@@ -310,100 +238,35 @@ async fn direct_connection_reads_and_writes_nothing(env: &Env) -> TestResult {
         r#"{{"settings":{},"pid":{},"kid":"k1","iat":{},"bs":{}}}"#,
         parsed["settings"], parsed["pid"], parsed["iat"], parsed["bs"]
     );
-    let duplicated = format!(
-        r#"{},"settings":{{"app.tenant_id":"1"}}}}"#,
-        &ap[..ap.len() - 1]
-    );
-    let (pid_reused, pid_reused_sig) = signed(
-        "k1",
-        KEY,
-        2,
-        &BackendId {
-            pid: a.pid,
-            started: b.started.clone(),
-        },
-    );
-    let (other_pid, other_pid_sig) = signed(
-        "k1",
-        KEY,
-        2,
-        &BackendId {
-            pid: b.pid,
-            started: a.started.clone(),
-        },
-    );
+    let duplicated = format!(r#"{},"settings":{{"app.tenant_id":"1"}}}}"#, &ap[..ap.len() - 1]);
+    let (pid_reused, pid_reused_sig) = signed("k1", KEY, 2, &BackendId { pid: a.pid, started: b.started.clone() });
+    let (other_pid, other_pid_sig) = signed("k1", KEY, 2, &BackendId { pid: b.pid, started: a.started.clone() });
     let (unknown_kid, unknown_kid_sig) = signed("k9", KEY, 2, &a);
     let (other_key, other_key_sig) = signed("k9", "another-key-0123456789abcdef-0123456789", 2, &a);
-    let (wrong_key, wrong_key_sig) =
-        signed("k1", "wrong-key-0123456789abcdef-0123456789abc", 2, &a);
+    let (wrong_key, wrong_key_sig) = signed("k1", "wrong-key-0123456789abcdef-0123456789abc", 2, &a);
     let pair = |ctx: &str, sig: &str| Some((ctx.to_string(), sig.to_string()));
     let attempts: Vec<(&str, Option<(String, String)>)> = vec![
         ("only the tenant settings", None),
-        (
-            "the context and signature of another backend (copied from its session)",
-            pair(&vp, &vs),
-        ),
-        (
-            "this backend's pid with another backend's start (pid reuse), signed with the real key",
-            pair(&pid_reused, &pid_reused_sig),
-        ),
-        (
-            "this backend's start with another pid, signed with the real key",
-            pair(&other_pid, &other_pid_sig),
-        ),
-        (
-            "a payload with another tenant and an old signature",
-            pair(&payload_t1, &asig),
-        ),
-        (
-            "the payload with extra whitespace",
-            pair(&ap.replace(':', ": ").replace(',', ", "), &asig),
-        ),
-        (
-            "the payload pretty-printed",
-            pair(&serde_json::to_string_pretty(&parsed).map_err(e)?, &asig),
-        ),
-        (
-            "the payload's keys in another order",
-            pair(&reordered, &asig),
-        ),
-        (
-            "the payload with a duplicate settings key naming tenant 1",
-            pair(&duplicated, &asig),
-        ),
-        (
-            "the payload with a trailing newline",
-            pair(&format!("{ap}\n"), &asig),
-        ),
+        ("the context and signature of another backend (copied from its session)", pair(&vp, &vs)),
+        ("this backend's pid with another backend's start (pid reuse), signed with the real key", pair(&pid_reused, &pid_reused_sig)),
+        ("this backend's start with another pid, signed with the real key", pair(&other_pid, &other_pid_sig)),
+        ("a payload with another tenant and an old signature", pair(&payload_t1, &asig)),
+        ("the payload with extra whitespace", pair(&ap.replace(':', ": ").replace(',', ", "), &asig)),
+        ("the payload pretty-printed", pair(&serde_json::to_string_pretty(&parsed).map_err(e)?, &asig)),
+        ("the payload's keys in another order", pair(&reordered, &asig)),
+        ("the payload with a duplicate settings key naming tenant 1", pair(&duplicated, &asig)),
+        ("the payload with a trailing newline", pair(&format!("{ap}\n"), &asig)),
         ("the payload truncated", pair(&ap[..ap.len() - 1], &asig)),
-        (
-            "an unknown kid, signed with the real key",
-            pair(&unknown_kid, &unknown_kid_sig),
-        ),
+        ("an unknown kid, signed with the real key", pair(&unknown_kid, &unknown_kid_sig)),
         ("an unknown kid and key", pair(&other_key, &other_key_sig)),
-        (
-            "kid k1 signed with another key",
-            pair(&wrong_key, &wrong_key_sig),
-        ),
-        (
-            "the signature in uppercase hex",
-            pair(&ap, &asig.to_uppercase()),
-        ),
+        ("kid k1 signed with another key", pair(&wrong_key, &wrong_key_sig)),
+        ("the signature in uppercase hex", pair(&ap, &asig.to_uppercase())),
         ("the signature truncated", pair(&ap, &asig[..63])),
-        (
-            "the signature with two more digits",
-            pair(&ap, &format!("{asig}00")),
-        ),
-        (
-            "the signature as a bytea literal",
-            pair(&ap, &format!("\\x{}", &asig[..62])),
-        ),
+        ("the signature with two more digits", pair(&ap, &format!("{asig}00"))),
+        ("the signature as a bytea literal", pair(&ap, &format!("\\x{}", &asig[..62]))),
         ("a signature that is not hex", pair(&ap, &"zz".repeat(32))),
         ("an empty signature", pair(&ap, "")),
-        (
-            "a context that is not JSON",
-            pair("{\"bs\": oops", &"00".repeat(32)),
-        ),
+        ("a context that is not JSON", pair("{\"bs\": oops", &"00".repeat(32))),
         ("an empty context", pair("", &asig)),
     ];
     for local in [true, false] {
@@ -412,13 +275,8 @@ async fn direct_connection_reads_and_writes_nothing(env: &Env) -> TestResult {
                 Some((ctx, sig)) => with_context(ctx, sig),
                 None => with_context("", "")[..3].to_vec(),
             };
-            let seen = attempt(&attacker, &settings, local)
-                .await
-                .map_err(|err| format!("{what}: {err}"))?;
-            ensure(
-                seen == NOTHING,
-                format!("{what} (local: {local}): {seen:?}"),
-            )?;
+            let seen = attempt(&attacker, &settings, local).await.map_err(|err| format!("{what}: {err}"))?;
+            ensure(seen == NOTHING, format!("{what} (local: {local}): {seen:?}"))?;
         }
     }
 
@@ -434,15 +292,9 @@ async fn direct_connection_reads_and_writes_nothing(env: &Env) -> TestResult {
     let mut settings = with_context(&fp, &fs);
     settings.push(("search_path", "pg_temp, pgtenant, public"));
     let seen = attempt(&attacker, &settings, true).await?;
-    ensure(
-        seen == NOTHING,
-        format!("a key of its own in pg_temp: {seen:?}"),
-    )?;
+    ensure(seen == NOTHING, format!("a key of its own in pg_temp: {seen:?}"))?;
     // and the real context still works on this connection afterwards
-    ensure(
-        attempt(&attacker, &with_context(&ap, &asig), true).await? == own,
-        "signed context refused after the attempts",
-    )?;
+    ensure(attempt(&attacker, &with_context(&ap, &asig), true).await? == own, "signed context refused after the attempts")?;
     Ok(())
 }
 
@@ -456,10 +308,7 @@ async fn types_and_functions_of_its_own_change_nothing(env: &Env) -> TestResult 
     let a = backend_of(&attacker).await?;
     let (ap, asig) = signed("k1", KEY, 2, &a);
     let own = attempt(&attacker, &with_context(&ap, &asig), true).await?;
-    ensure(
-        own.verified.0.as_deref() == Some("2"),
-        format!("the real context is refused: {own:?}"),
-    )?;
+    ensure(own.verified.0.as_deref() == Some("2"), format!("the real context is refused: {own:?}"))?;
     // pg_temp is the one schema the restricted role may create in; types there are found first
     attacker
         .batch_execute(
@@ -474,10 +323,7 @@ async fn types_and_functions_of_its_own_change_nothing(env: &Env) -> TestResult 
         .await
         .map_err(e)?;
     let (forged, forged_sig) = signed("k1", "attacker-key-0123456789abcdef-0123456789", 1, &a);
-    for path in [
-        "pg_temp, pgtenant, pg_catalog, public",
-        "pgtenant, pg_temp, public",
-    ] {
+    for path in ["pg_temp, pgtenant, pg_catalog, public", "pgtenant, pg_temp, public"] {
         forged_and_real_under(&attacker, path, (&forged, &forged_sig), (&ap, &asig), &own).await?;
     }
     // A schema of its own (what a database that still lets PUBLIC create in `public` gives every
@@ -493,16 +339,7 @@ async fn types_and_functions_of_its_own_change_nothing(env: &Env) -> TestResult 
            AS $$BEGIN RETURN NULLIF(v, ''); END$$",
     )?;
     let mut traps = String::new();
-    for (op, name, result, body) in [
-        ("=", "eq", "boolean", "a OPERATOR(pg_catalog.=) b"),
-        ("<>", "ne", "boolean", "a OPERATOR(pg_catalog.<>) b"),
-        (
-            "||",
-            "cat",
-            "pg_catalog.text",
-            "a OPERATOR(pg_catalog.||) b",
-        ),
-    ] {
+    for (op, name, result, body) in [("=", "eq", "boolean", "a OPERATOR(pg_catalog.=) b"), ("<>", "ne", "boolean", "a OPERATOR(pg_catalog.<>) b"), ("||", "cat", "pg_catalog.text", "a OPERATOR(pg_catalog.||) b")] {
         traps.push_str(&format!(
             "CREATE FUNCTION tenant_own.{name}(a pg_catalog.text, b pg_catalog.text) RETURNS {result} LANGUAGE plpgsql AS $$BEGIN \
                IF current_user OPERATOR(pg_catalog.<>) session_user THEN RAISE EXCEPTION 'a caller''s operator ran as %', current_user; END IF; \
@@ -513,51 +350,24 @@ async fn types_and_functions_of_its_own_change_nothing(env: &Env) -> TestResult 
     attacker.batch_execute(&traps).await.map_err(e)?;
     let path = "tenant_own, pg_catalog, pgtenant, public";
     let result = async {
-        attacker
-            .batch_execute(&format!("SET search_path = {path}"))
-            .await
-            .map_err(e)?;
-        let probe = attacker
-            .query_one("SELECT public.trap_probe('x')", &[])
-            .await;
-        ensure(
-            probe
-                .as_ref()
-                .is_err_and(|er| db_err(er).1.contains("a caller's operator ran as")),
-            format!("the trap did not spring: {probe:?}"),
-        )?;
-        forged_and_real_under(&attacker, path, (&forged, &forged_sig), (&ap, &asig), &own)
-            .await
-            .map_err(|m| format!("operators of its own: {m}"))
+        attacker.batch_execute(&format!("SET search_path = {path}")).await.map_err(e)?;
+        let probe = attacker.query_one("SELECT public.trap_probe('x')", &[]).await;
+        ensure(probe.as_ref().is_err_and(|er| db_err(er).1.contains("a caller's operator ran as")), format!("the trap did not spring: {probe:?}"))?;
+        forged_and_real_under(&attacker, path, (&forged, &forged_sig), (&ap, &asig), &own).await.map_err(|m| format!("operators of its own: {m}"))
     }
     .await;
-    superuser(
-        env,
-        "DROP SCHEMA tenant_own CASCADE; DROP FUNCTION public.trap_probe(text)",
-    )?;
+    superuser(env, "DROP SCHEMA tenant_own CASCADE; DROP FUNCTION public.trap_probe(text)")?;
     result
 }
 
 /// With `path` as its `search_path`, a forged context (payload, signature) sees nothing and the real
 /// one sees what it saw before (`own`).
-async fn forged_and_real_under(
-    c: &Client,
-    path: &str,
-    forged: (&str, &str),
-    real: (&str, &str),
-    own: &Seen,
-) -> TestResult {
-    for ((ctx, sig), want, which) in [
-        (forged, &NOTHING, "a forged context"),
-        (real, own, "the real context"),
-    ] {
+async fn forged_and_real_under(c: &Client, path: &str, forged: (&str, &str), real: (&str, &str), own: &Seen) -> TestResult {
+    for ((ctx, sig), want, which) in [(forged, &NOTHING, "a forged context"), (real, own, "the real context")] {
         let mut settings = with_context(ctx, sig);
         settings.push(("search_path", path));
         let seen = attempt(c, &settings, true).await?;
-        ensure(
-            seen == *want,
-            format!("search_path {path}, {which}: {seen:?}"),
-        )?;
+        ensure(seen == *want, format!("search_path {path}, {which}: {seen:?}"))?;
     }
     Ok(())
 }
@@ -568,21 +378,12 @@ async fn read_setting(c: &Client, ctx: &str, sig: &str) -> Result<Option<String>
 }
 
 /// `pgtenant.setting(name)` in a transaction carrying context `ctx` and signature `sig`.
-async fn read_named(
-    c: &Client,
-    ctx: &str,
-    sig: &str,
-    name: &str,
-) -> Result<Option<String>, String> {
+async fn read_named(c: &Client, ctx: &str, sig: &str, name: &str) -> Result<Option<String>, String> {
     c.batch_execute("BEGIN").await.map_err(e)?;
     c.query("SELECT set_config('pgtenant.context', $1, true), set_config('pgtenant.signature', $2, true)", &[&ctx, &sig])
         .await
         .map_err(e)?;
-    let v: Option<String> = c
-        .query_one("SELECT pgtenant.setting($1)", &[&name])
-        .await
-        .map_err(e)?
-        .get(0);
+    let v: Option<String> = c.query_one("SELECT pgtenant.setting($1)", &[&name]).await.map_err(e)?.get(0);
     c.batch_execute("COMMIT").await.map_err(e)?;
     Ok(v)
 }
@@ -590,12 +391,7 @@ async fn read_named(
 /// Runs `body` (which opens its own connections) with `track_functions` on for the restricted role,
 /// then checks the calls of `pgtenant.setting` and `pgtenant.verify` it made: `expected` is
 /// "setting=N verify=M", `why` says where the numbers come from.
-async fn with_counted_calls<F: std::future::Future<Output = TestResult>>(
-    env: &Env,
-    expected: &str,
-    why: &str,
-    body: F,
-) -> TestResult {
+async fn with_counted_calls<F: std::future::Future<Output = TestResult>>(env: &Env, expected: &str, why: &str, body: F) -> TestResult {
     superuser(env, "ALTER ROLE app_user SET track_functions = 'pl'")?;
     let result = async {
         superuser(
@@ -623,10 +419,7 @@ async fn with_counted_calls<F: std::future::Future<Output = TestResult>>(
     }
     superuser(env, "ALTER ROLE app_user RESET track_functions")?;
     result?;
-    ensure(
-        counts.trim() == expected,
-        format!("expected {expected} ({why}), got {counts:?}"),
-    )
+    ensure(counts.trim() == expected, format!("expected {expected} ({why}), got {counts:?}"))
 }
 
 /// The database remembers a context it verified on a backend (`session_preload_libraries`), so the
@@ -647,98 +440,46 @@ async fn verified_contexts_are_remembered_per_backend(env: &Env) -> TestResult {
             "SELECT set_config('session_preload_libraries', 'x', false)",
             "ALTER ROLE app_user SET session_preload_libraries = 'x'",
         ] {
-            let err = c
-                .batch_execute(sql)
-                .await
-                .err()
-                .ok_or(format!("the restricted role ran: {sql}"))?;
-            ensure(
-                db_err(&err).0 == "42501",
-                format!("{sql}: {:?}", db_err(&err)),
-            )?;
+            let err = c.batch_execute(sql).await.err().ok_or(format!("the restricted role ran: {sql}"))?;
+            ensure(db_err(&err).0 == "42501", format!("{sql}: {:?}", db_err(&err)))?;
         }
         let (p, sig) = signed("k1", KEY, 2, &b);
         let (other, other_sig) = signed("k1", KEY, 3, &b);
         for _ in 0..5 {
-            ensure(
-                read_setting(&c, &p, &sig).await? == Some("2".into()),
-                "tenant 2's context",
-            )?;
+            ensure(read_setting(&c, &p, &sig).await? == Some("2".into()), "tenant 2's context")?;
         }
         // tenant 3's context: checked in full once, then remembered too
-        ensure(
-            read_setting(&c, &other, &other_sig).await? == Some("3".into()),
-            "tenant 3's context",
-        )?;
-        ensure(
-            read_setting(&c, &other, &other_sig).await? == Some("3".into()),
-            "tenant 3's context again",
-        )?;
+        ensure(read_setting(&c, &other, &other_sig).await? == Some("3".into()), "tenant 3's context")?;
+        ensure(read_setting(&c, &other, &other_sig).await? == Some("3".into()), "tenant 3's context again")?;
         // the signature names the context: tenant 3's reads tenant 3's settings whatever the payload
         // says, and tenant 2's payload with a signature this backend never verified reads nothing
-        ensure(
-            read_setting(&c, &p, &other_sig).await? == Some("3".into()),
-            "tenant 2's payload with tenant 3's signature",
-        )?;
+        ensure(read_setting(&c, &p, &other_sig).await? == Some("3".into()), "tenant 2's payload with tenant 3's signature")?;
         let mut tampered = sig.clone().into_bytes();
         tampered[63] = if tampered[63] == b'0' { b'1' } else { b'0' };
         let tampered = String::from_utf8(tampered).map_err(e)?;
-        ensure(
-            read_setting(&c, &p, &tampered).await?.is_none(),
-            "tenant 2's payload with one digit of its signature changed",
-        )?;
-        ensure(
-            read_setting(&c, &p, &sig).await? == Some("2".into()),
-            "tenant 2's context after the others",
-        )?;
+        ensure(read_setting(&c, &p, &tampered).await?.is_none(), "tenant 2's payload with one digit of its signature changed")?;
+        ensure(read_setting(&c, &p, &sig).await? == Some("2".into()), "tenant 2's context after the others")?;
         // The record holds, newest first, per context "\x02" and "\x01<signature><name>\x04<value>\x03"
         // per setting (in jsonb's key order: shorter names first): tenant 3's entries, then tenant
         // 2's. A signature that spans tenant 3's last entry and ends in tenant 2's whole signature
         // reads tenant 2's settings (it took knowing both); ending in part of it reads nothing.
         let value = |ctx: &str, name: &str| -> Result<String, String> {
             let v: serde_json::Value = serde_json::from_str(ctx).map_err(e)?;
-            Ok(v["settings"][name]
-                .as_str()
-                .ok_or(format!("no {name} in {ctx}"))?
-                .to_string())
+            Ok(v["settings"][name].as_str().ok_or(format!("no {name} in {ctx}"))?.to_string())
         };
-        let last3 = format!(
-            "{other_sig}request.jwt.claims\u{4}{}\u{3}\u{2}",
-            value(&other, "request.jwt.claims")?
-        );
-        let first2 = format!(
-            "\u{1}{sig}app.user_id\u{4}{}\u{3}",
-            value(&p, "app.user_id")?
-        );
+        let last3 = format!("{other_sig}request.jwt.claims\u{4}{}\u{3}\u{2}", value(&other, "request.jwt.claims")?);
+        let first2 = format!("\u{1}{sig}app.user_id\u{4}{}\u{3}", value(&p, "app.user_id")?);
         let whole = format!("{last3}{first2}\u{1}{sig}");
-        ensure(
-            read_setting(&c, &other, &whole).await? == Some("2".into()),
-            "a splice ending in tenant 2's whole signature",
-        )?;
+        ensure(read_setting(&c, &other, &whole).await? == Some("2".into()), "a splice ending in tenant 2's whole signature")?;
         let part = format!("{last3}{first2}\u{1}{}", &sig[..63]);
-        ensure(
-            read_setting(&c, &other, &part).await?.is_none(),
-            "a splice ending in part of tenant 2's signature",
-        )?;
+        ensure(read_setting(&c, &other, &part).await?.is_none(), "a splice ending in part of tenant 2's signature")?;
         // the formats before this one ("\x01<context>\x02<signature>\x01", then
         // "\x01<signature>\x03" and "\x03<name>\x04<value>" per setting) find nothing either
         let old_format = format!("{other_sig}\u{1}{p}\u{2}{sig}");
-        ensure(
-            read_setting(&c, &other, &old_format).await?.is_none(),
-            "a signature spliced the first way",
-        )?;
-        let second_format = format!(
-            "{other_sig}\u{3}\u{3}app.user_id\u{4}{}\u{3}\u{1}{sig}\u{3}",
-            value(&other, "app.user_id")?
-        );
-        ensure(
-            read_setting(&c, &other, &second_format).await?.is_none(),
-            "a signature spliced the second way",
-        )?;
-        ensure(
-            read_setting(&c, &p, &sig[..63]).await?.is_none(),
-            "part of a remembered signature",
-        )?;
+        ensure(read_setting(&c, &other, &old_format).await?.is_none(), "a signature spliced the first way")?;
+        let second_format = format!("{other_sig}\u{3}\u{3}app.user_id\u{4}{}\u{3}\u{1}{sig}\u{3}", value(&other, "app.user_id")?);
+        ensure(read_setting(&c, &other, &second_format).await?.is_none(), "a signature spliced the second way")?;
+        ensure(read_setting(&c, &p, &sig[..63]).await?.is_none(), "part of a remembered signature")?;
         Ok(())
     })
     .await
@@ -761,16 +502,10 @@ async fn a_context_with_a_separator_is_checked_in_full_each_time(env: &Env) -> T
             let (ctx, sig) = Signer::new("k1", KEY.as_bytes()).signed(&settings, now(), &b);
             for round in 0..3 {
                 let got = read_named(&c, &ctx, &sig, "app.user_id").await?;
-                ensure(
-                    got.as_deref() == Some(odd),
-                    format!("{odd:?} read back as {got:?}, #{round}"),
-                )?;
+                ensure(got.as_deref() == Some(odd), format!("{odd:?} read back as {got:?}, #{round}"))?;
             }
             for round in 0..3 {
-                ensure(
-                    read_setting(&c, &ctx, &sig).await? == Some("2".into()),
-                    format!("the tenant beside {odd:?}, #{round}"),
-                )?;
+                ensure(read_setting(&c, &ctx, &sig).await? == Some("2".into()), format!("the tenant beside {odd:?}, #{round}"))?;
             }
         }
         Ok(())
@@ -790,35 +525,17 @@ async fn a_backend_remembers_the_newest_contexts(env: &Env) -> TestResult {
         let b = backend_of(&c).await?;
         // n + 1 contexts that differ in when they were issued, for tenants 1, 2, 3 in turn
         let contexts: Vec<(i64, (String, String))> = (0..=n as i64)
-            .map(|i| {
-                (
-                    1 + i % 3,
-                    Signer::new("k1", KEY.as_bytes()).signed(
-                        &tenant_settings(1 + i % 3),
-                        1_700_000_000 + i,
-                        &b,
-                    ),
-                )
-            })
+            .map(|i| (1 + i % 3, Signer::new("k1", KEY.as_bytes()).signed(&tenant_settings(1 + i % 3), 1_700_000_000 + i, &b)))
             .collect();
         for (tenant, (ctx, sig)) in &contexts {
-            ensure(
-                read_setting(&c, ctx, sig).await? == Some(tenant.to_string()),
-                format!("tenant {tenant}'s context"),
-            )?;
+            ensure(read_setting(&c, ctx, sig).await? == Some(tenant.to_string()), format!("tenant {tenant}'s context"))?;
         }
         // the oldest was pushed out: checked in full, and remembered again (pushing out the second)
         let (tenant, (ctx, sig)) = &contexts[0];
-        ensure(
-            read_setting(&c, ctx, sig).await? == Some(tenant.to_string()),
-            "the oldest context again",
-        )?;
+        ensure(read_setting(&c, ctx, sig).await? == Some(tenant.to_string()), "the oldest context again")?;
         // the n newest are all remembered
         for (tenant, (ctx, sig)) in contexts.iter().skip(2).chain(std::iter::once(&contexts[0])) {
-            ensure(
-                read_setting(&c, ctx, sig).await? == Some(tenant.to_string()),
-                format!("tenant {tenant}'s context again"),
-            )?;
+            ensure(read_setting(&c, ctx, sig).await? == Some(tenant.to_string()), format!("tenant {tenant}'s context again"))?;
         }
         Ok(())
     })
@@ -827,67 +544,37 @@ async fn a_backend_remembers_the_newest_contexts(env: &Env) -> TestResult {
 
 async fn tenants_see_their_rows_through_a_signing_proxy(env: &Env) -> TestResult {
     signed_schema(env)?;
-    let cfg = |text: String| {
-        pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|err| err.to_string())
-    };
+    let cfg = |text: String| pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|err| err.to_string());
     let p = pgtenant::server::start(cfg(signing_config(env, "", "k1", KEY))?).await?;
     for t in [1i32, 2, 3] {
         let c = connect(&p, &token(t as i64, "signed")).await.map_err(e)?;
         let (n, lo, hi) = tenant_view(&c).await?;
-        ensure(
-            n == 100 && lo == t && hi == t,
-            format!("simple protocol: tenant {t} saw {n} rows of tenants {lo}..{hi}"),
-        )?;
+        ensure(n == 100 && lo == t && hi == t, format!("simple protocol: tenant {t} saw {n} rows of tenants {lo}..{hi}"))?;
         for _ in 0..5 {
             let rows = c
                 .query("select tenant_id, pgtenant.setting('app.tenant_id'), pgtenant.claims() ->> 'sub' from orders where tenant_id > $1", &[&0i32])
                 .await
                 .map_err(e)?;
-            ensure(
-                rows.len() == 100,
-                format!("extended protocol: tenant {t} saw {} rows", rows.len()),
-            )?;
+            ensure(rows.len() == 100, format!("extended protocol: tenant {t} saw {} rows", rows.len()))?;
             for r in &rows {
                 let (tid, setting, sub): (i32, String, String) = (r.get(0), r.get(1), r.get(2));
-                ensure(
-                    tid == t && setting == t.to_string() && sub == "signed",
-                    format!("tenant {t} got ({tid}, {setting}, {sub})"),
-                )?;
+                ensure(tid == t && setting == t.to_string() && sub == "signed", format!("tenant {t} got ({tid}, {setting}, {sub})"))?;
             }
         }
         let sub: String = c
-            .query_one(
-                "insert into orders (tenant_id, amount) values ($1, 1) returning user_sub",
-                &[&t],
-            )
+            .query_one("insert into orders (tenant_id, amount) values ($1, 1) returning user_sub", &[&t])
             .await
             .map_err(e)?
             .get(0);
-        ensure(
-            sub == "signed",
-            format!("user_sub default from the signed app.user_id: {sub}"),
-        )?;
-        c.execute("delete from orders where user_sub = 'signed'", &[])
-            .await
-            .map_err(e)?;
-        let foreign = c
-            .execute(
-                "insert into orders (tenant_id, amount) values ($1, 1)",
-                &[&(t % 3 + 1)],
-            )
-            .await;
-        ensure(
-            foreign.as_ref().err().map(|err| db_err(err).0).as_deref() == Some("42501"),
-            format!("tenant {t} inserted into another tenant: {foreign:?}"),
-        )?;
+        ensure(sub == "signed", format!("user_sub default from the signed app.user_id: {sub}"))?;
+        c.execute("delete from orders where user_sub = 'signed'", &[]).await.map_err(e)?;
+        let foreign = c.execute("insert into orders (tenant_id, amount) values ($1, 1)", &[&(t % 3 + 1)]).await;
+        ensure(foreign.as_ref().err().map(|err| db_err(err).0).as_deref() == Some("42501"), format!("tenant {t} inserted into another tenant: {foreign:?}"))?;
     }
     p.stop().await;
 
     // a pgtenant that does not sign, or signs with a kid the database does not know, reads nothing
-    for (what, text) in [
-        ("no signing key", config_text(env, "", "")),
-        ("kid k7, not installed", signing_config(env, "", "k7", KEY)),
-    ] {
+    for (what, text) in [("no signing key", config_text(env, "", "")), ("kid k7, not installed", signing_config(env, "", "k7", KEY))] {
         let p = pgtenant::server::start(cfg(text)?).await?;
         let c = connect(&p, &token(1, "x")).await.map_err(e)?;
         let seen = tenant_view(&c).await?;
@@ -899,32 +586,20 @@ async fn tenants_see_their_rows_through_a_signing_proxy(env: &Env) -> TestResult
 
 // ---- the real-client suites, against the signed schema and a signing proxy --------------------
 
+
 /// As proxy.rs's `client_suite`, with a proxy that signs.
 async fn client_suite(env: &Env, what: &str, mut cmd: Command) -> TestResult {
     signed_schema(env)?;
-    let cfg = pgtenant::config::Config::from_toml(
-        &signing_config(env, "pool_size = 4", "k1", KEY),
-        &|_| None,
-    )
-    .map_err(e)?;
+    let cfg = pgtenant::config::Config::from_toml(&signing_config(env, "pool_size = 4", "k1", KEY), &|_| None).map_err(e)?;
     let p = pgtenant::server::start(cfg).await?;
     cmd.args([p.addr.port().to_string(), token(1, what), token(2, what)]);
-    let out = tokio::task::spawn_blocking(move || cmd.output())
-        .await
-        .map_err(e)?
-        .map_err(e)?;
+    let out = tokio::task::spawn_blocking(move || cmd.output()).await.map_err(e)?.map_err(e)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     for line in stdout.lines() {
         println!("    {line}");
     }
     p.stop().await;
-    ensure(
-        out.status.success(),
-        format!(
-            "{what} failed:\n{stdout}{}",
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    ensure(out.status.success(), format!("{what} failed:\n{stdout}{}", String::from_utf8_lossy(&out.stderr)))
 }
 
 async fn python_clients_signed(env: &Env) -> TestResult {
@@ -951,9 +626,7 @@ async fn key_rotation_under_load(env: &Env) -> TestResult {
     let result = rotate(env).await;
     // put k1 back for the tests after this one, whatever happened
     let sql = install_sql(&signing_config(env, "", "k1", KEY))?;
-    env.cluster
-        .psql_stdin("app", &sql)
-        .map_err(|err| err.to_string())?;
+    env.cluster.psql_stdin("app", &sql).map_err(|err| err.to_string())?;
     superuser(env, "DELETE FROM pgtenant.keys WHERE kid <> 'k1'")?;
     result
 }
@@ -961,10 +634,7 @@ async fn key_rotation_under_load(env: &Env) -> TestResult {
 async fn rotate(env: &Env) -> TestResult {
     let dir = tempfile::tempdir().map_err(e)?;
     let file = dir.path().join("pgtenant.toml");
-    let (k1_text, k2_text) = (
-        signing_config(env, "pool_size = 4", "k1", KEY),
-        signing_config(env, "pool_size = 4", "k2", KEY2),
-    );
+    let (k1_text, k2_text) = (signing_config(env, "pool_size = 4", "k1", KEY), signing_config(env, "pool_size = 4", "k2", KEY2));
     std::fs::write(&file, &k1_text).map_err(e)?;
     let cfg = pgtenant::config::Config::load(&file).map_err(e)?;
     let p = Arc::new(pgtenant::server::start_from(cfg, Some(file.clone())).await?);
@@ -1000,19 +670,13 @@ async fn rotate(env: &Env) -> TestResult {
             let before = done.load(Ordering::Relaxed);
             tokio::time::sleep(Duration::from_millis(400)).await;
             let after = done.load(Ordering::Relaxed);
-            if after > before {
-                Ok(())
-            } else {
-                Err(format!("no query completed {what}"))
-            }
+            if after > before { Ok(()) } else { Err(format!("no query completed {what}")) }
         }
     };
     let steps = async {
         progress("before the rotation").await?;
         let sql = install_sql(&k2_text)?;
-        env.cluster
-            .psql_stdin("app", &sql)
-            .map_err(|err| err.to_string())?;
+        env.cluster.psql_stdin("app", &sql).map_err(|err| err.to_string())?;
         progress("after installing k2").await?;
         std::fs::write(&file, &k2_text).map_err(e)?;
         p.proxy.reload_from_file().await?;
@@ -1038,23 +702,14 @@ async fn rotate(env: &Env) -> TestResult {
         errors.insert(0, err);
     }
     ensure(errors.is_empty(), errors.join("; "))?;
-    let keys = superuser(
-        env,
-        "SELECT string_agg(kid, ',' ORDER BY kid) FROM pgtenant.keys",
-    )?;
-    ensure(
-        keys.trim() == "k2",
-        format!("keys after the rotation: {keys}"),
-    )
+    let keys = superuser(env, "SELECT string_agg(kid, ',' ORDER BY kid) FROM pgtenant.keys")?;
+    ensure(keys.trim() == "k2", format!("keys after the rotation: {keys}"))
 }
 
 // ---- doctor ------------------------------------------------------------------------------------
 
 fn checks(findings: &[pgtenant::doctor::Finding]) -> std::collections::BTreeSet<String> {
-    findings
-        .iter()
-        .map(|f| format!("{}:{}", f.check, f.object))
-        .collect()
+    findings.iter().map(|f| format!("{}:{}", f.check, f.object)).collect()
 }
 
 /// The fixture's findings that have nothing to do with signing (as in proxy.rs).
@@ -1078,84 +733,45 @@ async fn doctor_signing_findings_appear_and_clear(env: &Env) -> TestResult {
          REVOKE pg_read_all_settings FROM app_user; REVOKE SET ON PARAMETER session_preload_libraries FROM app_user",
     );
     let sql = install_sql(&signing_config(env, "", "k1", KEY))?;
-    env.cluster
-        .load_signed_rls_fixture(&sql)
-        .map_err(|err| err.to_string())?;
+    env.cluster.load_signed_rls_fixture(&sql).map_err(|err| err.to_string())?;
     result
 }
 
 async fn doctor_steps(env: &Env) -> TestResult {
     let base = signing_config(env, "", "k1", KEY);
     let doctor = |text: String| async move {
-        let cfg =
-            pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|err| err.to_string())?;
+        let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|err| err.to_string())?;
         pgtenant::doctor::run(&cfg, None).await
     };
-    let fixture: std::collections::BTreeSet<String> =
-        FIXTURE_FINDINGS.iter().map(|s| s.to_string()).collect();
+    let fixture: std::collections::BTreeSet<String> = FIXTURE_FINDINGS.iter().map(|s| s.to_string()).collect();
     // the signed schema as installed: only the fixture's other findings (the verifying functions
     // are SECURITY DEFINER by design and vouched for)
     let found = checks(&doctor(base.clone()).await?);
-    ensure(
-        found == fixture,
-        format!(
-            "signed fixture: {:?}",
-            found.symmetric_difference(&fixture).collect::<Vec<_>>()
-        ),
-    )?;
+    ensure(found == fixture, format!("signed fixture: {:?}", found.symmetric_difference(&fixture).collect::<Vec<_>>()))?;
     // without a signing key, the same schema: every signed policy matches no row through pgtenant
     let found = checks(&doctor(config_text(env, "", "")).await?);
     for t in ["tenants", "users", "orders"] {
         let f = format!("policy_needs_signing:public.{t} policy tenant_isolation");
         ensure(found.contains(&f), format!("missing {f}: {found:?}"))?;
     }
-    ensure(
-        found.len() == fixture.len() + 3,
-        format!("without signing: {found:?}"),
-    )?;
+    ensure(found.len() == fixture.len() + 3, format!("without signing: {found:?}"))?;
 
     // (a) a policy reading the tenant with current_setting: a direct connection passes it
     superuser(env, "CREATE POLICY legacy ON users USING (tenant_id = NULLIF(current_setting('app.tenant_id', true), '')::integer)")?;
     let attacker = direct(env).await?;
     let leak = attempt(&attacker, &with_context("", "")[..3], true).await?;
-    ensure(
-        leak.rows.1 == 1,
-        format!("the current_setting policy should let a direct connection read: {leak:?}"),
-    )?;
+    ensure(leak.rows.1 == 1, format!("the current_setting policy should let a direct connection read: {leak:?}"))?;
     let findings = doctor(base.clone()).await?;
     let f = findings
         .iter()
-        .find(|f| {
-            f.check == "policy_reads_unsigned_setting" && f.object == "public.users policy legacy"
-        })
-        .ok_or(format!(
-            "no policy_reads_unsigned_setting: {:?}",
-            checks(&findings)
-        ))?;
-    ensure(
-        findings
-            .iter()
-            .filter(|f| f.check == "policy_reads_unsigned_setting")
-            .count()
-            == 1,
-        format!("{:?}", checks(&findings)),
-    )?;
-    let fix = f
-        .fix
-        .clone()
-        .ok_or("no fix for the current_setting policy")?;
+        .find(|f| f.check == "policy_reads_unsigned_setting" && f.object == "public.users policy legacy")
+        .ok_or(format!("no policy_reads_unsigned_setting: {:?}", checks(&findings)))?;
+    ensure(findings.iter().filter(|f| f.check == "policy_reads_unsigned_setting").count() == 1, format!("{:?}", checks(&findings)))?;
+    let fix = f.fix.clone().ok_or("no fix for the current_setting policy")?;
     superuser(env, &fix)?;
     let found = checks(&doctor(base.clone()).await?);
-    ensure(
-        !found
-            .iter()
-            .any(|f| f.starts_with("policy_reads_unsigned_setting")),
-        format!("after the fix {fix}: {found:?}"),
-    )?;
-    ensure(
-        attempt(&attacker, &with_context("", "")[..3], true).await? == NOTHING,
-        format!("the fixed policy still leaks: {fix}"),
-    )?;
+    ensure(!found.iter().any(|f| f.starts_with("policy_reads_unsigned_setting")), format!("after the fix {fix}: {found:?}"))?;
+    ensure(attempt(&attacker, &with_context("", "")[..3], true).await? == NOTHING, format!("the fixed policy still leaks: {fix}"))?;
     superuser(env, "DROP POLICY legacy ON users")?;
 
     // (b) the database does not hold the configured key
@@ -1163,15 +779,9 @@ async fn doctor_steps(env: &Env) -> TestResult {
     let unknown_kid = signing_config(env, "", "k7", KEY2);
     for text in [&wrong_key, &unknown_kid] {
         let found = checks(&doctor(text.clone()).await?);
-        ensure(
-            found.contains("signing_key_mismatch:pgtenant.keys")
-                && found.len() == fixture.len() + 1,
-            format!("key mismatch: {found:?}"),
-        )?;
+        ensure(found.contains("signing_key_mismatch:pgtenant.keys") && found.len() == fixture.len() + 1, format!("key mismatch: {found:?}"))?;
     }
-    env.cluster
-        .psql_stdin("app", &install_sql(&unknown_kid)?)
-        .map_err(|err| err.to_string())?;
+    env.cluster.psql_stdin("app", &install_sql(&unknown_kid)?).map_err(|err| err.to_string())?;
     let found = checks(&doctor(unknown_kid.clone()).await?);
     ensure(found == fixture, format!("after installing k7: {found:?}"))?;
     superuser(env, "DELETE FROM pgtenant.keys WHERE kid = 'k7'")?;
@@ -1180,71 +790,36 @@ async fn doctor_steps(env: &Env) -> TestResult {
     // (c2) read the record of verified contexts (other sessions' contexts with their signatures),
     // or set it
     for (check, grant) in [
-        (
-            "signing_keys_readable",
-            "GRANT SELECT ON pgtenant.keys TO PUBLIC",
-        ),
-        (
-            "signing_keys_readable",
-            "GRANT SELECT (key) ON pgtenant.keys TO app_user",
-        ),
-        (
-            "signing_keys_readable",
-            "GRANT INSERT ON pgtenant.keys TO app_user",
-        ),
-        (
-            "signing_record_exposed",
-            "GRANT pg_read_all_settings TO app_user",
-        ),
-        (
-            "signing_record_exposed",
-            "GRANT SET ON PARAMETER session_preload_libraries TO app_user",
-        ),
+        ("signing_keys_readable", "GRANT SELECT ON pgtenant.keys TO PUBLIC"),
+        ("signing_keys_readable", "GRANT SELECT (key) ON pgtenant.keys TO app_user"),
+        ("signing_keys_readable", "GRANT INSERT ON pgtenant.keys TO app_user"),
+        ("signing_record_exposed", "GRANT pg_read_all_settings TO app_user"),
+        ("signing_record_exposed", "GRANT SET ON PARAMETER session_preload_libraries TO app_user"),
     ] {
         superuser(env, grant)?;
         let findings = doctor(base.clone()).await?;
-        let f = findings
-            .iter()
-            .find(|f| f.check == check)
-            .ok_or(format!("{grant}: no finding: {:?}", checks(&findings)))?;
+        let f = findings.iter().find(|f| f.check == check).ok_or(format!("{grant}: no finding: {:?}", checks(&findings)))?;
         superuser(env, f.fix.as_deref().ok_or(format!("{grant}: no fix"))?)?;
         let found = checks(&doctor(base.clone()).await?);
-        ensure(
-            found == fixture,
-            format!("{grant}, after {:?}: {found:?}", f.fix),
-        )?;
+        ensure(found == fixture, format!("{grant}, after {:?}: {found:?}", f.fix))?;
     }
 
     // (d) the functions: missing, not what install-sql writes, not executable by the role
     superuser(env, "DROP FUNCTION pgtenant.claims()")?;
     let found = checks(&doctor(base.clone()).await?);
-    ensure(
-        found.contains("signing_not_installed:pgtenant.claims()"),
-        format!("claims() dropped: {found:?}"),
-    )?;
+    ensure(found.contains("signing_not_installed:pgtenant.claims()"), format!("claims() dropped: {found:?}"))?;
     superuser(
         env,
         "CREATE OR REPLACE FUNCTION pgtenant.setting(name text) RETURNS text LANGUAGE sql STABLE SECURITY DEFINER \
          SET search_path = pg_catalog, pg_temp AS $$ SELECT current_setting(name, true) $$",
     )?;
     let found = checks(&doctor(base.clone()).await?);
-    for f in [
-        "signing_not_installed:pgtenant.setting(text)",
-        "security_definer_function:pgtenant.setting(text)",
-    ] {
-        ensure(
-            found.contains(f),
-            format!("weakened setting(): missing {f}: {found:?}"),
-        )?;
+    for f in ["signing_not_installed:pgtenant.setting(text)", "security_definer_function:pgtenant.setting(text)"] {
+        ensure(found.contains(f), format!("weakened setting(): missing {f}: {found:?}"))?;
     }
-    env.cluster
-        .psql_stdin("app", &install_sql(&base)?)
-        .map_err(|err| err.to_string())?;
+    env.cluster.psql_stdin("app", &install_sql(&base)?).map_err(|err| err.to_string())?;
     // (app_user is a member of tenant_reader, which the fixture lets run it too)
-    superuser(
-        env,
-        "REVOKE EXECUTE ON FUNCTION pgtenant.setting(text) FROM app_user, tenant_reader",
-    )?;
+    superuser(env, "REVOKE EXECUTE ON FUNCTION pgtenant.setting(text) FROM app_user, tenant_reader")?;
     let findings = doctor(base.clone()).await?;
     let f = findings
         .iter()
@@ -1252,10 +827,7 @@ async fn doctor_steps(env: &Env) -> TestResult {
         .ok_or(format!("EXECUTE revoked: {:?}", checks(&findings)))?;
     superuser(env, f.fix.as_deref().ok_or("no fix for EXECUTE")?)?;
     let found = checks(&doctor(base.clone()).await?);
-    ensure(
-        found == fixture,
-        format!("after re-installing and granting: {found:?}"),
-    )?;
+    ensure(found == fixture, format!("after re-installing and granting: {found:?}"))?;
 
     // the binary: --schema names where the functions are
     let dir = tempfile::tempdir().map_err(e)?;
@@ -1267,10 +839,7 @@ async fn doctor_steps(env: &Env) -> TestResult {
         .output()
         .map_err(e)?;
     let json = String::from_utf8_lossy(&out.stdout);
-    ensure(
-        out.status.code() == Some(1) && json.contains("elsewhere.setting(text)"),
-        format!("doctor --schema elsewhere: {json}"),
-    )
+    ensure(out.status.code() == Some(1) && json.contains("elsewhere.setting(text)"), format!("doctor --schema elsewhere: {json}"))
 }
 
 // ---- a read replica ----------------------------------------------------------------------------
@@ -1281,24 +850,13 @@ const KEY3: &str = "replica-test-key-00112233445566778899aabbccdd";
 
 /// One read-only transaction of a direct connection after `settings` (transaction-local), rolled
 /// back: (orders visible, `pgtenant.setting('app.tenant_id')`).
-async fn read_view(
-    c: &Client,
-    settings: &[(String, String)],
-) -> Result<(i64, Option<String>), String> {
+async fn read_view(c: &Client, settings: &[(String, String)]) -> Result<(i64, Option<String>), String> {
     c.batch_execute("BEGIN READ ONLY").await.map_err(e)?;
     let result = async {
         for (name, value) in settings {
-            c.query("SELECT set_config($1, $2, true)", &[name, value])
-                .await
-                .map_err(|err| format!("set_config {name}: {err:?}"))?;
+            c.query("SELECT set_config($1, $2, true)", &[name, value]).await.map_err(|err| format!("set_config {name}: {err:?}"))?;
         }
-        let row = c
-            .query_one(
-                "SELECT count(*), pgtenant.setting('app.tenant_id') FROM orders",
-                &[],
-            )
-            .await
-            .map_err(e)?;
+        let row = c.query_one("SELECT count(*), pgtenant.setting('app.tenant_id') FROM orders", &[]).await.map_err(e)?;
         Ok::<_, String>((row.get(0), row.get(1)))
     }
     .await;
@@ -1308,11 +866,7 @@ async fn read_view(
 
 /// One transaction of a client of the proxy, opened with `begin` (simple protocol): (on a standby,
 /// `pgtenant.setting('app.tenant_id')`, orders, orders of other tenants than `tenant`).
-async fn routed_view(
-    c: &Client,
-    begin: &str,
-    tenant: i64,
-) -> Result<(bool, Option<String>, i64, i64), String> {
+async fn routed_view(c: &Client, begin: &str, tenant: i64) -> Result<(bool, Option<String>, i64, i64), String> {
     c.batch_execute(begin).await.map_err(e)?;
     let sql = format!(
         "SELECT pg_is_in_recovery()::text, pgtenant.setting('app.tenant_id'), count(*), count(*) FILTER (WHERE tenant_id <> {tenant}) FROM orders; COMMIT"
@@ -1320,12 +874,7 @@ async fn routed_view(
     let msgs = c.simple_query(&sql).await.map_err(e)?;
     let row = first_row(&msgs)?;
     let num = |i: usize| row.get(i).and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
-    Ok((
-        row.get(0) == Some("true"),
-        row.get(1).map(str::to_string),
-        num(2),
-        num(3),
-    ))
+    Ok((row.get(0) == Some("true"), row.get(1).map(str::to_string), num(2), num(3)))
 }
 
 async fn signed_context_on_a_read_replica(env: &Env) -> TestResult {
@@ -1337,9 +886,7 @@ async fn signed_context_on_a_read_replica(env: &Env) -> TestResult {
         &format!("replicas = [\"{replica}\"]\nmax_replica_lag_ms = 60000"),
         &format!("signing_key = \"{KEY3}\"\nsigning_kid = \"k3\""),
     );
-    env.cluster
-        .psql_stdin("app", &install_sql(&text)?)
-        .map_err(|err| err.to_string())?;
+    env.cluster.psql_stdin("app", &install_sql(&text)?).map_err(|err| err.to_string())?;
     let result = replica_steps(env, &standby, &text).await;
     superuser(env, "DELETE FROM pgtenant.keys WHERE kid = 'k3'")?;
     result
@@ -1348,18 +895,9 @@ async fn signed_context_on_a_read_replica(env: &Env) -> TestResult {
 async fn replica_steps(env: &Env, standby: &pgtenant::cluster::Cluster, text: &str) -> TestResult {
     // the key, by replication
     catch_up(standby, &env.cluster)?;
-    let keys = standby
-        .psql("app", "SELECT count(*) FROM pgtenant.keys WHERE kid = 'k3'")
-        .map_err(|err| err.to_string())?;
-    ensure(
-        keys.trim() == "1",
-        format!(
-            "the standby has {} keys k3 after catching up with the primary",
-            keys.trim()
-        ),
-    )?;
-    let cfg =
-        pgtenant::config::Config::from_toml(text, &|_| None).map_err(|err| err.to_string())?;
+    let keys = standby.psql("app", "SELECT count(*) FROM pgtenant.keys WHERE kid = 'k3'").map_err(|err| err.to_string())?;
+    ensure(keys.trim() == "1", format!("the standby has {} keys k3 after catching up with the primary", keys.trim()))?;
+    let cfg = pgtenant::config::Config::from_toml(text, &|_| None).map_err(|err| err.to_string())?;
     let p = pgtenant::server::start(cfg).await?;
     replicas_usable(&p).await?;
     let outcome = async {
@@ -1392,83 +930,35 @@ async fn replica_steps(env: &Env, standby: &pgtenant::cluster::Cluster, text: &s
     outcome?;
 
     // straight to the standby as the restricted role: nothing without a context signed for it
-    let (d, conn) = tokio_postgres::connect(
-        &standby.url("app_user", "app-secret", "app"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .map_err(e)?;
+    let (d, conn) = tokio_postgres::connect(&standby.url("app_user", "app-secret", "app"), tokio_postgres::NoTls).await.map_err(e)?;
     tokio::spawn(conn);
     let here = backend_of(&d).await?;
     let on_primary = backend_of(&direct(env).await?).await?;
     let (own_ctx, own_sig) = signed("k3", KEY3, 1, &here);
     let (primary_ctx, primary_sig) = signed("k3", KEY3, 1, &on_primary);
-    let (stale_ctx, stale_sig) = signed(
-        "k3",
-        KEY3,
-        1,
-        &BackendId {
-            pid: here.pid,
-            started: "0".into(),
-        },
-    );
+    let (stale_ctx, stale_sig) = signed("k3", KEY3, 1, &BackendId { pid: here.pid, started: "0".into() });
     let (other_key_ctx, other_key_sig) = signed("k3", KEY, 1, &here);
-    let flipped = format!(
-        "{}{}",
-        &own_sig[..63],
-        if own_sig.ends_with('0') { '1' } else { '0' }
-    );
-    let plain: Vec<(String, String)> = [
-        ("app.tenant_id", "1"),
-        ("app.user_id", "mallory"),
-        ("request.jwt.claims", r#"{"tenant_id": 1}"#),
-    ]
-    .map(|(n, v)| (n.to_string(), v.to_string()))
-    .to_vec();
-    let with = |ctx: &str, sig: &str| {
-        [
-            plain.clone(),
-            vec![
-                ("pgtenant.context".into(), ctx.into()),
-                ("pgtenant.signature".into(), sig.into()),
-            ],
-        ]
-        .concat()
-    };
+    let flipped = format!("{}{}", &own_sig[..63], if own_sig.ends_with('0') { '1' } else { '0' });
+    let plain: Vec<(String, String)> = [("app.tenant_id", "1"), ("app.user_id", "mallory"), ("request.jwt.claims", r#"{"tenant_id": 1}"#)]
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .to_vec();
+    let with = |ctx: &str, sig: &str| [plain.clone(), vec![("pgtenant.context".into(), ctx.into()), ("pgtenant.signature".into(), sig.into())]].concat();
     let forged = [
         ("no context at all", vec![]),
         ("the tenant settings, unsigned", plain.clone()),
-        (
-            "a context signed for a backend of the primary",
-            with(&primary_ctx, &primary_sig),
-        ),
-        (
-            "a context signed for this pid with another start",
-            with(&stale_ctx, &stale_sig),
-        ),
-        (
-            "a context signed with a key the database does not hold",
-            with(&other_key_ctx, &other_key_sig),
-        ),
-        (
-            "this backend's context with its signature altered",
-            with(&own_ctx, &flipped),
-        ),
+        ("a context signed for a backend of the primary", with(&primary_ctx, &primary_sig)),
+        ("a context signed for this pid with another start", with(&stale_ctx, &stale_sig)),
+        ("a context signed with a key the database does not hold", with(&other_key_ctx, &other_key_sig)),
+        ("this backend's context with its signature altered", with(&own_ctx, &flipped)),
     ];
     for (what, settings) in &forged {
         let seen = read_view(&d, settings).await?;
-        ensure(
-            seen == (0, None),
-            format!("direct to the standby, {what}: {seen:?}"),
-        )?;
+        ensure(seen == (0, None), format!("direct to the standby, {what}: {seen:?}"))?;
     }
     // the control: a context signed for this standby backend is accepted, in full and remembered
     for round in 0..2 {
         let seen = read_view(&d, &with(&own_ctx, &own_sig)).await?;
-        ensure(
-            seen == (100, Some("1".into())),
-            format!("direct to the standby, its own signed context #{round}: {seen:?}"),
-        )?;
+        ensure(seen == (100, Some("1".into())), format!("direct to the standby, its own signed context #{round}: {seen:?}"))?;
     }
     Ok(())
 }

@@ -23,11 +23,7 @@ pub struct Checks {
 
 impl Checks {
     pub fn new(name: &'static str) -> Checks {
-        Checks {
-            name,
-            passed: 0,
-            failed: Vec::new(),
-        }
+        Checks { name, passed: 0, failed: Vec::new() }
     }
 
     pub fn check(&mut self, label: &str, ok: bool, detail: impl std::fmt::Display) -> bool {
@@ -42,40 +38,20 @@ impl Checks {
     }
 
     pub fn done(self) -> TestResult {
-        println!(
-            "{}: {} checks passed, {} failed",
-            self.name,
-            self.passed,
-            self.failed.len()
-        );
+        println!("{}: {} checks passed, {} failed", self.name, self.passed, self.failed.len());
         if self.failed.is_empty() {
             Ok(())
         } else {
-            Err(format!(
-                "{} of {} checks failed:\n    {}",
-                self.failed.len(),
-                self.failed.len() + self.passed,
-                self.failed.join("\n    ")
-            ))
+            Err(format!("{} of {} checks failed:\n    {}", self.failed.len(), self.failed.len() + self.passed, self.failed.join("\n    ")))
         }
     }
 }
 
 /// Starts a proxy like `start_proxy`, but returns an invalid configuration as an error (keys the
 /// proxy does not know yet) instead of panicking. `server_extra` goes into `[server]`.
-pub async fn try_start(
-    env: &Env,
-    backend_extra: &str,
-    extra: &str,
-    server_extra: &str,
-) -> Result<pgtenant::server::Running, String> {
-    let text = config_text(env, backend_extra, extra).replacen(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:0\"\n{server_extra}"),
-        1,
-    );
-    let cfg = pgtenant::config::Config::from_toml(&text, &|_| None)
-        .map_err(|e| format!("config refused: {e}"))?;
+pub async fn try_start(env: &Env, backend_extra: &str, extra: &str, server_extra: &str) -> Result<pgtenant::server::Running, String> {
+    let text = config_text(env, backend_extra, extra).replacen("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:0\"\n{server_extra}"), 1);
+    let cfg = pgtenant::config::Config::from_toml(&text, &|_| None).map_err(|e| format!("config refused: {e}"))?;
     Ok(pgtenant::server::start(cfg).await?)
 }
 
@@ -89,13 +65,8 @@ pub fn victim(env: &Env) -> String {
 
 /// The OID of a function, e.g. `set_config(text,text,boolean)`.
 pub fn oid(env: &Env, signature: &str) -> Result<u32, String> {
-    let out = env
-        .cluster
-        .psql("app", &format!("select '{signature}'::regprocedure::oid"))
-        .map_err(|e| e.to_string())?;
-    out.trim()
-        .parse()
-        .map_err(|_| format!("oid of {signature}: {out:?}"))
+    let out = env.cluster.psql("app", &format!("select '{signature}'::regprocedure::oid")).map_err(|e| e.to_string())?;
+    out.trim().parse().map_err(|_| format!("oid of {signature}: {out:?}"))
 }
 
 /// One query showing who a session is: its context, foreign and total rows, role, backend pid.
@@ -108,64 +79,33 @@ pub fn who_sql(tenant: i64) -> String {
 
 /// Whether a `who_sql` reply shows exactly `tenant`.
 pub fn is_tenant(r: &Reply, tenant: i64) -> bool {
-    r.ok()
-        && r.get(0, 0) == tenant.to_string()
-        && r.get(0, 1) == "0"
-        && r.get(0, 2) != "0"
-        && r.get(0, 3) == "app_user"
+    r.ok() && r.get(0, 0) == tenant.to_string() && r.get(0, 1) == "0" && r.get(0, 2) != "0" && r.get(0, 3) == "app_user"
 }
 
 pub fn who_detail(r: &Reply) -> String {
-    format!(
-        "context {:?}, foreign {}, rows {}, user {} ({})",
-        r.get(0, 0),
-        r.get(0, 1),
-        r.get(0, 2),
-        r.get(0, 3),
-        r.summary()
-    )
+    format!("context {:?}, foreign {}, rows {}, user {} ({})", r.get(0, 0), r.get(0, 1), r.get(0, 2), r.get(0, 3), r.summary())
 }
 
 /// After an attack: ends whatever transaction is open, then the client must still be tenant 1.
 pub async fn still_tenant_one(w: &mut Wire, c: &mut Checks, label: &str) {
     let _ = w.simple("ROLLBACK").await;
     let r = w.simple(&who_sql(1)).await;
-    c.check(
-        &format!("{label}: attacker still tenant 1"),
-        is_tenant(&r, 1),
-        who_detail(&r),
-    );
+    c.check(&format!("{label}: attacker still tenant 1"), is_tenant(&r, 1), who_detail(&r));
 }
 
 /// The end of a scenario: the next client of tenant 2 gets exactly tenant 2 on a pristine backend,
 /// tenant 2's rows are what they were (`before`, from [`victim`]), and the proxy stops.
-pub async fn finish(
-    env: &Env,
-    p: pgtenant::server::Running,
-    mut c: Checks,
-    before: &str,
-    label: &str,
-) -> TestResult {
+pub async fn finish(env: &Env, p: pgtenant::server::Running, mut c: Checks, before: &str, label: &str) -> TestResult {
     next_client_is(&p, 2, &mut c, label, Duration::from_secs(5)).await;
     let after = victim(env);
-    c.check(
-        "tenant 2's rows unchanged",
-        before == after,
-        format!("{before} -> {after}"),
-    );
+    c.check("tenant 2's rows unchanged", before == after, format!("{before} -> {after}"));
     p.stop().await;
     c.done()
 }
 
 /// A new client of `tenant` must get a working session within `limit` and be exactly that tenant.
 /// Returns its backend pid.
-pub async fn next_client_is(
-    p: &pgtenant::server::Running,
-    tenant: i64,
-    c: &mut Checks,
-    label: &str,
-    limit: Duration,
-) -> Option<String> {
+pub async fn next_client_is(p: &pgtenant::server::Running, tenant: i64, c: &mut Checks, label: &str, limit: Duration) -> Option<String> {
     let started = Instant::now();
     let attempt = async {
         let mut w = Wire::connect(p.addr, &token(tenant, "next")).await?;
@@ -175,19 +115,11 @@ pub async fn next_client_is(
     };
     match tokio::time::timeout(limit, attempt).await {
         Err(_) => {
-            c.check(
-                &format!("{label}: next client (tenant {tenant}) served"),
-                false,
-                format!("no answer within {} s", limit.as_secs()),
-            );
+            c.check(&format!("{label}: next client (tenant {tenant}) served"), false, format!("no answer within {} s", limit.as_secs()));
             None
         }
         Ok(Err(e)) => {
-            c.check(
-                &format!("{label}: next client (tenant {tenant}) served"),
-                false,
-                e,
-            );
+            c.check(&format!("{label}: next client (tenant {tenant}) served"), false, e);
             None
         }
         Ok(Ok(r)) => {
@@ -195,11 +127,7 @@ pub async fn next_client_is(
             c.check(
                 &format!("{label}: next client is exactly tenant {tenant}"),
                 ok,
-                format!(
-                    "{} after {} ms",
-                    who_detail(&r),
-                    started.elapsed().as_millis()
-                ),
+                format!("{} after {} ms", who_detail(&r), started.elapsed().as_millis()),
             );
             ok.then(|| r.get(0, 4))
         }
@@ -208,10 +136,7 @@ pub async fn next_client_is(
 
 /// A reply, or a timed-out one when the wait around it ran out.
 pub fn timed(r: Result<Reply, tokio::time::error::Elapsed>) -> Reply {
-    r.unwrap_or_else(|_| Reply {
-        timed_out: true,
-        ..Default::default()
-    })
+    r.unwrap_or_else(|_| Reply { timed_out: true, ..Default::default() })
 }
 
 async fn backend_pid(w: &mut Wire) -> String {
@@ -219,9 +144,7 @@ async fn backend_pid(w: &mut Wire) -> String {
 }
 
 fn pgtenant_error(r: &Reply, code: &str) -> bool {
-    r.errors
-        .first()
-        .is_some_and(|e| e.code == code && e.message.starts_with("pgtenant: "))
+    r.errors.first().is_some_and(|e| e.code == code && e.message.starts_with("pgtenant: "))
 }
 
 async fn login(p: &pgtenant::server::Running, tenant: i64, sub: &str) -> Result<Wire, String> {
@@ -239,113 +162,48 @@ pub async fn function_calls(env: &Env) -> TestResult {
     let mut a = login(&p, 1, "mallory").await?;
     let pid_a = backend_pid(&mut a).await;
 
-    for (label, local) in [
-        ("F set_config(app.tenant_id, 2, true)", "true"),
-        ("F set_config(app.tenant_id, 2, false)", "false"),
-    ] {
+    for (label, local) in [("F set_config(app.tenant_id, 2, true)", "true"), ("F set_config(app.tenant_id, 2, false)", "false")] {
         let r = a.call(set_config, &["app.tenant_id", "2", local]).await;
-        c.check(
-            &format!("{label}: refused 42501 'pgtenant: …' then ReadyForQuery I"),
-            pgtenant_error(&r, "42501") && r.readies == b"I",
-            r.summary(),
-        );
+        c.check(&format!("{label}: refused 42501 'pgtenant: …' then ReadyForQuery I"), pgtenant_error(&r, "42501") && r.readies == b"I", r.summary());
         let r = a.simple("select 1").await;
-        c.check(
-            &format!("{label}: session still usable"),
-            r.ok() && r.get(0, 0) == "1",
-            r.summary(),
-        );
+        c.check(&format!("{label}: session still usable"), r.ok() && r.get(0, 0) == "1", r.summary());
         still_tenant_one(&mut a, &mut c, label).await;
     }
     for name in ["request.jwt.claims", "role", "app.user_id"] {
         let r = a.call(set_config, &[name, "x", "true"]).await;
-        c.check(
-            &format!("F set_config({name}): refused 42501"),
-            pgtenant_error(&r, "42501"),
-            r.summary(),
-        );
+        c.check(&format!("F set_config({name}): refused 42501"), pgtenant_error(&r, "42501"), r.summary());
     }
 
     // inside an explicit transaction: the refusal aborts it; nothing after it sees tenant 2
     let r = a.simple("BEGIN").await;
     c.check("BEGIN", r.ok() && r.status() == b'T', r.summary());
     let r = a.call(set_config, &["app.tenant_id", "2", "true"]).await;
-    c.check(
-        "BEGIN; F set_config: refused 42501, transaction aborted (E)",
-        pgtenant_error(&r, "42501") && r.status() == b'E',
-        r.summary(),
-    );
+    c.check("BEGIN; F set_config: refused 42501, transaction aborted (E)", pgtenant_error(&r, "42501") && r.status() == b'E', r.summary());
     let r = a.simple("select tenant_id from orders").await;
-    let foreign = r
-        .rows
-        .iter()
-        .filter(|row| row[0].as_deref() != Some("1"))
-        .count();
-    c.check(
-        "BEGIN; F; select: no tenant 2 row, 25P02",
-        foreign == 0 && r.code() == Some("25P02"),
-        format!("{foreign} foreign rows; {}", r.summary()),
-    );
+    let foreign = r.rows.iter().filter(|row| row[0].as_deref() != Some("1")).count();
+    c.check("BEGIN; F; select: no tenant 2 row, 25P02", foreign == 0 && r.code() == Some("25P02"), format!("{foreign} foreign rows; {}", r.summary()));
     still_tenant_one(&mut a, &mut c, "BEGIN; F set_config").await;
 
     // the same, pipelined in one write
-    let batch = [
-        wire::query("BEGIN"),
-        wire::call(set_config, &["app.tenant_id", "2", "true"]),
-        wire::query("select tenant_id from orders"),
-        wire::query("COMMIT"),
-    ]
-    .concat();
+    let batch = [wire::query("BEGIN"), wire::call(set_config, &["app.tenant_id", "2", "true"]), wire::query("select tenant_id from orders"), wire::query("COMMIT")].concat();
     let r = a.round(&batch, 4).await;
-    let foreign = r
-        .rows
-        .iter()
-        .filter(|row| row[0].as_deref() != Some("1"))
-        .count();
+    let foreign = r.rows.iter().filter(|row| row[0].as_deref() != Some("1")).count();
     c.check(
         "pipelined BEGIN; F; select; COMMIT: F refused, no tenant 2 row",
-        foreign == 0
-            && r.errors.first().is_some_and(|e| e.code == "42501")
-            && r.tags.last().map(String::as_str) == Some("ROLLBACK"),
+        foreign == 0 && r.errors.first().is_some_and(|e| e.code == "42501") && r.tags.last().map(String::as_str) == Some("ROLLBACK"),
         format!("{foreign} foreign rows; {}", r.summary()),
     );
     still_tenant_one(&mut a, &mut c, "pipelined F").await;
 
     // binary argument format, binary result
-    let r = a
-        .round(
-            &wire::function_call(
-                set_config,
-                &[Some(b"app.tenant_id"), Some(b"2"), Some(&[1])],
-                1,
-                1,
-            ),
-            1,
-        )
-        .await;
-    c.check(
-        "F set_config, binary arguments: refused 42501",
-        pgtenant_error(&r, "42501"),
-        r.summary(),
-    );
+    let r = a.round(&wire::function_call(set_config, &[Some(b"app.tenant_id"), Some(b"2"), Some(&[1])], 1, 1), 1).await;
+    c.check("F set_config, binary arguments: refused 42501", pgtenant_error(&r, "42501"), r.summary());
     still_tenant_one(&mut a, &mut c, "binary F").await;
 
     // FunctionCall in the middle of an extended-protocol batch (no Sync before it)
-    let batch = [
-        wire::unnamed("select 1"),
-        wire::call(set_config, &["app.tenant_id", "2", "true"]),
-        wire::unnamed(&who_sql(1)),
-        wire::sync(),
-    ]
-    .concat();
+    let batch = [wire::unnamed("select 1"), wire::call(set_config, &["app.tenant_id", "2", "true"]), wire::unnamed(&who_sql(1)), wire::sync()].concat();
     let r = a.round(&batch, 2).await;
-    let foreign = r
-        .rows
-        .iter()
-        .filter(|row| {
-            row.len() == 5 && !(row[0].as_deref() == Some("1") && row[1].as_deref() == Some("0"))
-        })
-        .count();
+    let foreign = r.rows.iter().filter(|row| row.len() == 5 && !(row[0].as_deref() == Some("1") && row[1].as_deref() == Some("0"))).count();
     c.check(
         "extended batch with F inside: F refused, nothing after it runs as another tenant or without the context",
         foreign == 0 && r.errors.iter().any(|e| e.code == "42501"),
@@ -354,73 +212,34 @@ pub async fn function_calls(env: &Env) -> TestResult {
     still_tenant_one(&mut a, &mut c, "F inside an extended batch").await;
     // a simple Query inside an extended batch ends the batch's implicit transaction on the server
     // too: what follows it in the batch needs the context again
-    let batch = [
-        wire::unnamed("select 1"),
-        wire::query("select 2"),
-        wire::unnamed(&who_sql(1)),
-        wire::sync(),
-    ]
-    .concat();
+    let batch = [wire::unnamed("select 1"), wire::query("select 2"), wire::unnamed(&who_sql(1)), wire::sync()].concat();
     let r = a.round(&batch, 2).await;
     let last = r.rows.last().cloned().unwrap_or_default();
     c.check(
         "extended batch with a simple Query inside: the rest of the batch is tenant 1",
-        r.ok()
-            && last.len() == 5
-            && last[0].as_deref() == Some("1")
-            && last[2].as_deref() != Some("0"),
+        r.ok() && last.len() == 5 && last[0].as_deref() == Some("1") && last[2].as_deref() != Some("0"),
         format!("last row {last:?}; {}", r.summary()),
     );
     still_tenant_one(&mut a, &mut c, "Query inside an extended batch").await;
 
     // unknown OID: refused by pgtenant, not by the server (42883)
     let r = a.call(0x7fff_fff0, &[]).await;
-    c.check(
-        "F of an unknown OID: refused 42501",
-        pgtenant_error(&r, "42501"),
-        r.summary(),
-    );
+    c.check("F of an unknown OID: refused 42501", pgtenant_error(&r, "42501"), r.summary());
 
     // session advisory lock by FunctionCall: refused, and no lock outlives the client
     let r = a.call(lock, &["777"]).await;
-    c.check(
-        "F pg_advisory_lock(777): refused 42501",
-        pgtenant_error(&r, "42501"),
-        r.summary(),
-    );
+    c.check("F pg_advisory_lock(777): refused 42501", pgtenant_error(&r, "42501"), r.summary());
     still_tenant_one(&mut a, &mut c, "F pg_advisory_lock").await;
     a.close().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let locks = env
-        .cluster
-        .psql(
-            "app",
-            "select count(*) from pg_locks where locktype = 'advisory'",
-        )
-        .unwrap_or_default();
-    c.check(
-        "no advisory lock held after the client left",
-        locks.trim() == "0",
-        format!("{} advisory locks", locks.trim()),
-    );
+    let locks = env.cluster.psql("app", "select count(*) from pg_locks where locktype = 'advisory'").unwrap_or_default();
+    c.check("no advisory lock held after the client left", locks.trim() == "0", format!("{} advisory locks", locks.trim()));
 
-    if let Some(pid_b) = next_client_is(
-        &p,
-        2,
-        &mut c,
-        "after FunctionCall attacks",
-        Duration::from_secs(5),
-    )
-    .await
-    {
+    if let Some(pid_b) = next_client_is(&p, 2, &mut c, "after FunctionCall attacks", Duration::from_secs(5)).await {
         println!("  [function_call] attacker backend {pid_a}, next client backend {pid_b}");
     }
     let after = victim(env);
-    c.check(
-        "tenant 2's rows unchanged",
-        before == after,
-        format!("{before} -> {after}"),
-    );
+    c.check("tenant 2's rows unchanged", before == after, format!("{before} -> {after}"));
     p.stop().await;
     c.done()
 }
@@ -432,8 +251,7 @@ pub async fn function_call_allowlist(env: &Env) -> TestResult {
     let lo_unlink = oid(env, "lo_unlink(oid)")?;
     let lock = oid(env, "pg_advisory_lock(bigint)")?;
     let before = victim(env);
-    let extra =
-        "allowed_function_calls = [\"lo_creat\", \"lo_unlink\", \"pg_catalog.pg_advisory_lock\"]";
+    let extra = "allowed_function_calls = [\"lo_creat\", \"lo_unlink\", \"pg_catalog.pg_advisory_lock\"]";
     let p = match try_start(env, "pool_size = 1", extra, "").await {
         Ok(p) => p,
         Err(e) => {
@@ -444,105 +262,37 @@ pub async fn function_call_allowlist(env: &Env) -> TestResult {
     let mut a = login(&p, 1, "mallory").await?;
     let pid_a = backend_pid(&mut a).await;
     let r = a.call(lo_creat, &["-1"]).await;
-    let lo = r
-        .results
-        .first()
-        .cloned()
-        .flatten()
-        .map(|v| String::from_utf8_lossy(&v).into_owned())
-        .unwrap_or_default();
-    c.check(
-        "allowed F lo_creat(-1) works",
-        r.ok() && lo.parse::<u32>().is_ok(),
-        format!("result {lo:?}; {}", r.summary()),
-    );
+    let lo = r.results.first().cloned().flatten().map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
+    c.check("allowed F lo_creat(-1) works", r.ok() && lo.parse::<u32>().is_ok(), format!("result {lo:?}; {}", r.summary()));
     if !lo.is_empty() {
         let r = a.call(lo_unlink, &[&lo]).await;
-        let v = r
-            .results
-            .first()
-            .cloned()
-            .flatten()
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
-            .unwrap_or_default();
-        c.check(
-            "allowed F lo_unlink works",
-            r.ok() && v == "1",
-            format!("result {v:?}; {}", r.summary()),
-        );
+        let v = r.results.first().cloned().flatten().map(|v| String::from_utf8_lossy(&v).into_owned()).unwrap_or_default();
+        c.check("allowed F lo_unlink works", r.ok() && v == "1", format!("result {v:?}; {}", r.summary()));
     }
     // an allowed call inside an extended batch ends its implicit transaction: the rest of the
     // batch needs the context again
-    let r = a
-        .round(
-            &[
-                wire::unnamed("select 1"),
-                wire::call(lo_creat, &["-1"]),
-                wire::unnamed(&who_sql(1)),
-                wire::sync(),
-            ]
-            .concat(),
-            2,
-        )
-        .await;
+    let r = a.round(&[wire::unnamed("select 1"), wire::call(lo_creat, &["-1"]), wire::unnamed(&who_sql(1)), wire::sync()].concat(), 2).await;
     let last = r.rows.last().cloned().unwrap_or_default();
     c.check(
         "allowed F inside an extended batch: the rest of the batch is tenant 1",
-        r.ok()
-            && last.len() == 5
-            && last[0].as_deref() == Some("1")
-            && last[2].as_deref() != Some("0"),
+        r.ok() && last.len() == 5 && last[0].as_deref() == Some("1") && last[2].as_deref() != Some("0"),
         format!("last row {last:?}; {}", r.summary()),
     );
     if let Some(Some(v)) = r.results.first() {
         let _ = a.call(lo_unlink, &[&String::from_utf8_lossy(v)]).await;
     }
-    let r = a
-        .round(
-            &[
-                wire::query("BEGIN"),
-                wire::call(lo_creat, &["-1"]),
-                wire::query("ROLLBACK"),
-            ]
-            .concat(),
-            3,
-        )
-        .await;
-    c.check(
-        "allowed F inside BEGIN … ROLLBACK works",
-        r.ok() && r.results.len() == 1 && r.readies == b"TTI",
-        r.summary(),
-    );
-    for (label, args) in [
-        ("set_config(app.tenant_id)", ["app.tenant_id", "2", "true"]),
-        ("set_config(search_path)", ["search_path", "x", "false"]),
-    ] {
+    let r = a.round(&[wire::query("BEGIN"), wire::call(lo_creat, &["-1"]), wire::query("ROLLBACK")].concat(), 3).await;
+    c.check("allowed F inside BEGIN … ROLLBACK works", r.ok() && r.results.len() == 1 && r.readies == b"TTI", r.summary());
+    for (label, args) in [("set_config(app.tenant_id)", ["app.tenant_id", "2", "true"]), ("set_config(search_path)", ["search_path", "x", "false"])] {
         let r = a.call(set_config, &args).await;
-        c.check(
-            &format!("F {label} still refused with lo_creat allowed"),
-            pgtenant_error(&r, "42501"),
-            r.summary(),
-        );
+        c.check(&format!("F {label} still refused with lo_creat allowed"), pgtenant_error(&r, "42501"), r.summary());
         still_tenant_one(&mut a, &mut c, &format!("F {label}")).await;
     }
     // an allowed state-changing call: the backend is reset before another client gets it
     let r = a.call(lock, &["4242"]).await;
-    c.check(
-        "allowed F pg_advisory_lock(4242) works",
-        r.ok(),
-        r.summary(),
-    );
-    let held = env
-        .cluster
-        .psql(
-            "app",
-            "select count(*) from pg_locks where locktype = 'advisory'",
-        )
-        .unwrap_or_default();
-    println!(
-        "  [function_call_allowlist] advisory locks held while tenant 1 is connected: {}",
-        held.trim()
-    );
+    c.check("allowed F pg_advisory_lock(4242) works", r.ok(), r.summary());
+    let held = env.cluster.psql("app", "select count(*) from pg_locks where locktype = 'advisory'").unwrap_or_default();
+    println!("  [function_call_allowlist] advisory locks held while tenant 1 is connected: {}", held.trim());
     // tenant 1 stays connected; tenant 2 gets the same backend (pool_size = 1)
     let mut b = login(&p, 2, "bob").await?;
     let r = b
@@ -551,44 +301,26 @@ pub async fn function_call_allowlist(env: &Env) -> TestResult {
     c.check(
         "next client (tenant 2) on the backend holds no advisory lock",
         r.ok() && r.get(0, 1) == "0" && r.get(0, 2) == "2",
-        format!(
-            "backend {} (tenant 1 was on {pid_a}), {} advisory locks, context {}; {}",
-            r.get(0, 0),
-            r.get(0, 1),
-            r.get(0, 2),
-            r.summary()
-        ),
+        format!("backend {} (tenant 1 was on {pid_a}), {} advisory locks, context {}; {}", r.get(0, 0), r.get(0, 1), r.get(0, 2), r.summary()),
     );
     b.close().await;
     still_tenant_one(&mut a, &mut c, "after allowed calls").await;
     a.close().await;
     let after = victim(env);
-    c.check(
-        "tenant 2's rows unchanged",
-        before == after,
-        format!("{before} -> {after}"),
-    );
+    c.check("tenant 2's rows unchanged", before == after, format!("{before} -> {after}"));
     p.stop().await;
 
     // listing set_config itself never lets a protected setting through
     let extra = "allowed_function_calls = [\"set_config\", \"pg_catalog.set_config\"]";
     match try_start(env, "pool_size = 1", extra, "").await {
         Err(e) => {
-            c.check(
-                "allowed_function_calls = [\"set_config\"]: refused at config load (fine)",
-                true,
-                "",
-            );
+            c.check("allowed_function_calls = [\"set_config\"]: refused at config load (fine)", true, "");
             println!("  [function_call_allowlist] set_config in the list: {e}");
         }
         Ok(p) => {
             let mut a = login(&p, 1, "mallory").await?;
             let r = a.call(set_config, &["app.tenant_id", "2", "true"]).await;
-            c.check(
-                "set_config listed: F set_config(app.tenant_id) still refused 42501",
-                r.code() == Some("42501"),
-                r.summary(),
-            );
+            c.check("set_config listed: F set_config(app.tenant_id) still refused 42501", r.code() == Some("42501"), r.summary());
             still_tenant_one(&mut a, &mut c, "set_config listed").await;
             a.close().await;
             p.stop().await;
@@ -600,8 +332,7 @@ pub async fn function_call_allowlist(env: &Env) -> TestResult {
 // ---- 2. `--` comments end at \r ------------------------------------------------------------------
 
 /// What the session state of the backend shows about leftovers of the \r attacks.
-const LEFTOVERS: &str =
-    "select (select count(*) from pg_listening_channels()), (select count(*) from pg_cursors), \
+const LEFTOVERS: &str = "select (select count(*) from pg_listening_channels()), (select count(*) from pg_cursors), \
     (select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()), \
     (select count(*) from pg_class where relnamespace = pg_my_temp_schema())";
 
@@ -621,30 +352,17 @@ pub async fn cr_comments(env: &Env) -> TestResult {
     ];
     for sql in refused {
         let r = a.simple(sql).await;
-        c.check(
-            &format!("simple {sql:?}: refused 42501"),
-            r.code() == Some("42501"),
-            r.summary(),
-        );
+        c.check(&format!("simple {sql:?}: refused 42501"), r.code() == Some("42501"), r.summary());
         still_tenant_one(&mut a, &mut c, &format!("simple {sql:?}")).await;
     }
-    for sql in [
-        "--\rselect set_config('app.tenant_id','2',true)",
-        "--\rSET app.tenant_id = '2'",
-        "-- c\rselect set_config('app.tenant_id', '2', false)",
-    ] {
+    for sql in ["--\rselect set_config('app.tenant_id','2',true)", "--\rSET app.tenant_id = '2'", "-- c\rselect set_config('app.tenant_id', '2', false)"] {
         let r = a.ext(sql).await;
-        c.check(
-            &format!("Parse {sql:?}: refused 42501"),
-            r.code() == Some("42501"),
-            r.summary(),
-        );
+        c.check(&format!("Parse {sql:?}: refused 42501"), r.code() == Some("42501"), r.summary());
         still_tenant_one(&mut a, &mut c, &format!("Parse {sql:?}")).await;
     }
 
     // a COMMIT hidden behind --\r: refused (0A000), or the statement after it still has the context
-    let probe =
-        "select coalesce(current_setting('app.tenant_id', true), '<unset>'), count(*) from orders";
+    let probe = "select coalesce(current_setting('app.tenant_id', true), '<unset>'), count(*) from orders";
     for sql in [
         format!("select 1; --\rCOMMIT; {probe}"),
         format!("BEGIN; select 1; --\rCOMMIT; {probe}"),
@@ -652,49 +370,20 @@ pub async fn cr_comments(env: &Env) -> TestResult {
         format!("BEGIN; --\rCOMMIT AND CHAIN; {probe}"),
     ] {
         let r = a.simple(&sql).await;
-        let handled = r.code() == Some("0A000")
-            || (r.ok()
-                && r.rows.iter().all(|row| row[0].as_deref() == Some("1"))
-                && !r.rows.is_empty());
-        c.check(
-            &format!("simple {sql:?}: refused 0A000 or runs with the context"),
-            handled,
-            format!("rows {:?}; {}", r.rows, r.summary()),
-        );
+        let handled = r.code() == Some("0A000") || (r.ok() && r.rows.iter().all(|row| row[0].as_deref() == Some("1")) && !r.rows.is_empty());
+        c.check(&format!("simple {sql:?}: refused 0A000 or runs with the context"), handled, format!("rows {:?}; {}", r.rows, r.summary()));
         still_tenant_one(&mut a, &mut c, &format!("hidden commit {sql:?}")).await;
     }
     for (label, batch) in [
-        (
-            "Parse '--\\rCOMMIT' then a query, one batch",
-            [
-                wire::unnamed("--\rCOMMIT"),
-                wire::unnamed(probe),
-                wire::sync(),
-            ]
-            .concat(),
-        ),
+        ("Parse '--\\rCOMMIT' then a query, one batch", [wire::unnamed("--\rCOMMIT"), wire::unnamed(probe), wire::sync()].concat()),
         (
             "BEGIN, Parse '--\\rCOMMIT', a query, one batch",
-            [
-                wire::unnamed("BEGIN"),
-                wire::unnamed("--\rCOMMIT"),
-                wire::unnamed(probe),
-                wire::sync(),
-            ]
-            .concat(),
+            [wire::unnamed("BEGIN"), wire::unnamed("--\rCOMMIT"), wire::unnamed(probe), wire::sync()].concat(),
         ),
     ] {
         let r = a.round(&batch, 1).await;
-        let last = r
-            .rows
-            .last()
-            .and_then(|row| row[0].clone())
-            .unwrap_or_default();
-        c.check(
-            &format!("{label}: the query after the hidden COMMIT has the context"),
-            r.code() == Some("0A000") || (r.ok() && last == "1"),
-            format!("context {last:?}; {}", r.summary()),
-        );
+        let last = r.rows.last().and_then(|row| row[0].clone()).unwrap_or_default();
+        c.check(&format!("{label}: the query after the hidden COMMIT has the context"), r.code() == Some("0A000") || (r.ok() && last == "1"), format!("context {last:?}; {}", r.summary()));
         still_tenant_one(&mut a, &mut c, label).await;
     }
 
@@ -707,28 +396,13 @@ pub async fn cr_comments(env: &Env) -> TestResult {
         "--\rCREATE TEMP TABLE leak_cr_tmp AS select * from orders",
     ] {
         let r = a.simple(sql).await;
-        println!(
-            "  [cr_comments] simple {sql:?}: {}",
-            r.code()
-                .map_or("ran".to_string(), |c| format!("refused {c}"))
-        );
-        c.check(
-            &format!("simple {sql:?}: refused 0A000"),
-            r.code() == Some("0A000"),
-            r.summary(),
-        );
+        println!("  [cr_comments] simple {sql:?}: {}", r.code().map_or("ran".to_string(), |c| format!("refused {c}")));
+        c.check(&format!("simple {sql:?}: refused 0A000"), r.code() == Some("0A000"), r.summary());
         still_tenant_one(&mut a, &mut c, &format!("simple {sql:?}")).await;
     }
-    for sql in [
-        "--\rLISTEN leak_cr3",
-        "--\rDECLARE leak_cr_cur2 CURSOR WITH HOLD FOR select * from orders",
-    ] {
+    for sql in ["--\rLISTEN leak_cr3", "--\rDECLARE leak_cr_cur2 CURSOR WITH HOLD FOR select * from orders"] {
         let r = a.ext(sql).await;
-        c.check(
-            &format!("Parse {sql:?}: refused 0A000"),
-            r.code() == Some("0A000"),
-            r.summary(),
-        );
+        c.check(&format!("Parse {sql:?}: refused 0A000"), r.code() == Some("0A000"), r.summary());
         still_tenant_one(&mut a, &mut c, &format!("Parse {sql:?}")).await;
     }
     // tenant 1 stays connected; tenant 2 on the same backend finds none of it
@@ -738,29 +412,11 @@ pub async fn cr_comments(env: &Env) -> TestResult {
     c.check(
         "next client (tenant 2): no listener, cursor, advisory lock or temp table left",
         r.ok() && (0..4).all(|i| r.get(0, i) == "0"),
-        format!(
-            "listen {}, cursors {}, locks {}, temp {} (backend {}, tenant 1 on {pid_a}); {}",
-            r.get(0, 0),
-            r.get(0, 1),
-            r.get(0, 2),
-            r.get(0, 3),
-            r.get(0, 4),
-            r.summary()
-        ),
+        format!("listen {}, cursors {}, locks {}, temp {} (backend {}, tenant 1 on {pid_a}); {}", r.get(0, 0), r.get(0, 1), r.get(0, 2), r.get(0, 3), r.get(0, 4), r.summary()),
     );
-    for (sql, what) in [
-        ("FETCH ALL FROM leak_cr_cur", "tenant 1's WITH HOLD cursor"),
-        (
-            "select tenant_id from pg_temp.leak_cr_tmp",
-            "tenant 1's temp table",
-        ),
-    ] {
+    for (sql, what) in [("FETCH ALL FROM leak_cr_cur", "tenant 1's WITH HOLD cursor"), ("select tenant_id from pg_temp.leak_cr_tmp", "tenant 1's temp table")] {
         let r = b.simple(sql).await;
-        c.check(
-            &format!("tenant 2 cannot read {what}"),
-            !r.errors.is_empty() && r.rows.is_empty(),
-            format!("{} rows; {}", r.rows.len(), r.summary()),
-        );
+        c.check(&format!("tenant 2 cannot read {what}"), !r.errors.is_empty() && r.rows.is_empty(), format!("{} rows; {}", r.rows.len(), r.summary()));
     }
     b.close().await;
     a.close().await;
@@ -809,38 +465,15 @@ pub async fn uescape(env: &Env) -> TestResult {
     for sql in attacks {
         // impact: a statement after the attempt, in the same implicit transaction
         if sql.starts_with("select") {
-            let r = a
-                .simple(&format!(
-                    "{sql}; select count(*) from orders where tenant_id <> 1"
-                ))
-                .await;
-            let seen = r
-                .rows
-                .last()
-                .map(|row| row[0].clone().unwrap_or_default())
-                .unwrap_or_default();
-            c.check(
-                &format!(
-                    "simple {:?}: no foreign row visible",
-                    format!("{sql}; select …")
-                ),
-                !r.ok() || seen == "0",
-                format!("{seen} foreign rows; {}", r.summary()),
-            );
+            let r = a.simple(&format!("{sql}; select count(*) from orders where tenant_id <> 1")).await;
+            let seen = r.rows.last().map(|row| row[0].clone().unwrap_or_default()).unwrap_or_default();
+            c.check(&format!("simple {:?}: no foreign row visible", format!("{sql}; select …")), !r.ok() || seen == "0", format!("{seen} foreign rows; {}", r.summary()));
         }
         let r = a.simple(sql).await;
-        c.check(
-            &format!("simple {sql:?}: refused 42501"),
-            r.code() == Some("42501"),
-            r.summary(),
-        );
+        c.check(&format!("simple {sql:?}: refused 42501"), r.code() == Some("42501"), r.summary());
         still_tenant_one(&mut a, &mut c, &format!("simple {sql:?}")).await;
         let r = a.ext(sql).await;
-        c.check(
-            &format!("Parse {sql:?}: refused 42501"),
-            r.code() == Some("42501"),
-            r.summary(),
-        );
+        c.check(&format!("Parse {sql:?}: refused 42501"), r.code() == Some("42501"), r.summary());
         still_tenant_one(&mut a, &mut c, &format!("Parse {sql:?}")).await;
     }
     a.close().await;
@@ -856,123 +489,48 @@ pub async fn commit_and_chain(env: &Env) -> TestResult {
     let mut a = login(&p, 1, "alice").await?;
     let who = who_sql(1);
     let insert = "insert into orders (tenant_id, amount) values (1, -31)";
-    for ender in [
-        "COMMIT AND CHAIN",
-        "ROLLBACK AND CHAIN",
-        "END AND CHAIN",
-        "ABORT AND CHAIN",
-        "commit /* x */ and\n chain",
-        "COMMIT WORK AND CHAIN",
-    ] {
+    for ender in ["COMMIT AND CHAIN", "ROLLBACK AND CHAIN", "END AND CHAIN", "ABORT AND CHAIN", "commit /* x */ and\n chain", "COMMIT WORK AND CHAIN"] {
         // simple protocol, one statement per Query
         let _ = a.simple("BEGIN").await;
         let r = a.simple(ender).await;
-        c.check(
-            &format!("simple {ender:?}: chained transaction open (T)"),
-            r.ok() && r.status() == b'T',
-            r.summary(),
-        );
+        c.check(&format!("simple {ender:?}: chained transaction open (T)"), r.ok() && r.status() == b'T', r.summary());
         let r = a.simple(&who).await;
-        c.check(
-            &format!("simple {ender:?}: chained transaction is tenant 1"),
-            is_tenant(&r, 1) && r.status() == b'T',
-            who_detail(&r),
-        );
+        c.check(&format!("simple {ender:?}: chained transaction is tenant 1"), is_tenant(&r, 1) && r.status() == b'T', who_detail(&r));
         let r = a.simple(insert).await;
-        c.check(
-            &format!("simple {ender:?}: own insert passes WITH CHECK in the chain"),
-            r.ok(),
-            r.summary(),
-        );
+        c.check(&format!("simple {ender:?}: own insert passes WITH CHECK in the chain"), r.ok(), r.summary());
         let _ = a.simple("ROLLBACK").await;
 
         // extended protocol, one batch per statement
         let _ = a.ext("BEGIN").await;
         let r = a.ext(ender).await;
-        c.check(
-            &format!("extended {ender:?}: chained transaction open (T)"),
-            r.ok() && r.status() == b'T',
-            r.summary(),
-        );
+        c.check(&format!("extended {ender:?}: chained transaction open (T)"), r.ok() && r.status() == b'T', r.summary());
         let r = a.ext(&who).await;
-        c.check(
-            &format!("extended {ender:?}: chained transaction is tenant 1"),
-            is_tenant(&r, 1),
-            who_detail(&r),
-        );
+        c.check(&format!("extended {ender:?}: chained transaction is tenant 1"), is_tenant(&r, 1), who_detail(&r));
         let _ = a.simple("ROLLBACK").await;
 
         // one extended batch: BEGIN, the chain, a query
-        let r = a
-            .round(
-                &[
-                    wire::unnamed("BEGIN"),
-                    wire::unnamed(ender),
-                    wire::unnamed(&who),
-                    wire::sync(),
-                ]
-                .concat(),
-                1,
-            )
-            .await;
-        c.check(
-            &format!("one batch BEGIN; {ender:?}; query: query is tenant 1"),
-            is_tenant(&r, 1),
-            who_detail(&r),
-        );
+        let r = a.round(&[wire::unnamed("BEGIN"), wire::unnamed(ender), wire::unnamed(&who), wire::sync()].concat(), 1).await;
+        c.check(&format!("one batch BEGIN; {ender:?}; query: query is tenant 1"), is_tenant(&r, 1), who_detail(&r));
         let _ = a.simple("ROLLBACK").await;
 
         // pipelined simple queries, one write
-        let r = a
-            .round(
-                &[
-                    wire::query("BEGIN"),
-                    wire::query(ender),
-                    wire::query(&who),
-                    wire::query("ROLLBACK"),
-                ]
-                .concat(),
-                4,
-            )
-            .await;
-        c.check(
-            &format!("pipelined BEGIN; {ender:?}; query: query is tenant 1"),
-            is_tenant(&r, 1),
-            who_detail(&r),
-        );
+        let r = a.round(&[wire::query("BEGIN"), wire::query(ender), wire::query(&who), wire::query("ROLLBACK")].concat(), 4).await;
+        c.check(&format!("pipelined BEGIN; {ender:?}; query: query is tenant 1"), is_tenant(&r, 1), who_detail(&r));
         let _ = a.simple("ROLLBACK").await;
 
         // statements after the chain in the same query string
-        for sql in [
-            format!("BEGIN; {ender}; {who}"),
-            format!("BEGIN; select 1; {ender}; {insert}"),
-        ] {
+        for sql in [format!("BEGIN; {ender}; {who}"), format!("BEGIN; select 1; {ender}; {insert}")] {
             let r = a.simple(&sql).await;
-            c.check(
-                &format!("simple {sql:?}: refused 0A000"),
-                r.code() == Some("0A000") && r.rows.is_empty(),
-                r.summary(),
-            );
+            c.check(&format!("simple {sql:?}: refused 0A000"), r.code() == Some("0A000") && r.rows.is_empty(), r.summary());
             let _ = a.simple("ROLLBACK").await;
         }
         let _ = a.simple("BEGIN").await;
         let r = a.simple(&format!("{ender}; {who}")).await;
-        c.check(
-            &format!("in a block, simple \"{ender}; query\": refused 0A000"),
-            r.code() == Some("0A000") && r.rows.is_empty(),
-            r.summary(),
-        );
+        c.check(&format!("in a block, simple \"{ender}; query\": refused 0A000"), r.code() == Some("0A000") && r.rows.is_empty(), r.summary());
         still_tenant_one(&mut a, &mut c, ender).await;
     }
-    let leftovers = env
-        .cluster
-        .psql("app", "select count(*) from orders where amount = -31")
-        .unwrap_or_default();
-    c.check(
-        "every test insert was rolled back",
-        leftovers.trim() == "0",
-        format!("{} rows", leftovers.trim()),
-    );
+    let leftovers = env.cluster.psql("app", "select count(*) from orders where amount = -31").unwrap_or_default();
+    c.check("every test insert was rolled back", leftovers.trim() == "0", format!("{} rows", leftovers.trim()));
     a.close().await;
     finish(env, p, c, &before, "after AND CHAIN").await
 }
@@ -991,58 +549,15 @@ enum Leave {
 
 fn poison_sequences() -> Vec<(&'static str, Vec<u8>)> {
     vec![
-        (
-            "Parse bad SQL, no Sync, then Query",
-            [wire::parse("", "selec oops", &[]), wire::query("select 1")].concat(),
-        ),
-        (
-            "Bind to a missing statement, no Sync, then Query",
-            [
-                wire::bind("", "no_such_statement", &[]),
-                wire::query("select 1"),
-            ]
-            .concat(),
-        ),
-        (
-            "Execute without Sync, then Query",
-            [
-                wire::parse("", "select 1", &[]),
-                wire::bind("", "", &[]),
-                wire::execute("", 0),
-                wire::query("select 2"),
-            ]
-            .concat(),
-        ),
-        (
-            "Execute of a missing portal, no Sync, then Query",
-            [wire::execute("no_such_portal", 0), wire::query("select 1")].concat(),
-        ),
-        (
-            "Describe a missing statement, no Sync, then Query",
-            [
-                wire::describe(b'S', "no_such_statement"),
-                wire::query("select 1"),
-            ]
-            .concat(),
-        ),
-        (
-            "Parse bad SQL, Flush, then Query",
-            [
-                wire::parse("", "selec oops", &[]),
-                wire::flush(),
-                wire::query("select 1"),
-            ]
-            .concat(),
-        ),
-        (
-            "Parse bad SQL, Flush, no Sync ever",
-            [wire::parse("", "selec oops", &[]), wire::flush()].concat(),
-        ),
+        ("Parse bad SQL, no Sync, then Query", [wire::parse("", "selec oops", &[]), wire::query("select 1")].concat()),
+        ("Bind to a missing statement, no Sync, then Query", [wire::bind("", "no_such_statement", &[]), wire::query("select 1")].concat()),
+        ("Execute without Sync, then Query", [wire::parse("", "select 1", &[]), wire::bind("", "", &[]), wire::execute("", 0), wire::query("select 2")].concat()),
+        ("Execute of a missing portal, no Sync, then Query", [wire::execute("no_such_portal", 0), wire::query("select 1")].concat()),
+        ("Describe a missing statement, no Sync, then Query", [wire::describe(b'S', "no_such_statement"), wire::query("select 1")].concat()),
+        ("Parse bad SQL, Flush, then Query", [wire::parse("", "selec oops", &[]), wire::flush(), wire::query("select 1")].concat()),
+        ("Parse bad SQL, Flush, no Sync ever", [wire::parse("", "selec oops", &[]), wire::flush()].concat()),
         ("pg_sleep(30) in flight", wire::query("select pg_sleep(30)")),
-        (
-            "extended pg_sleep(30), Flush, no Sync",
-            [wire::unnamed("select pg_sleep(30)"), wire::flush()].concat(),
-        ),
+        ("extended pg_sleep(30), Flush, no Sync", [wire::unnamed("select pg_sleep(30)"), wire::flush()].concat()),
         ("BEGIN then nothing", wire::query("BEGIN")),
     ]
 }
@@ -1054,38 +569,20 @@ async fn poisoned(env: &Env, leaves: &[Leave], name: &'static str) -> TestResult
         for &leave in leaves {
             // an idle client that legitimately holds a backend (in a transaction, or mid-batch
             // with no Sync) is the timeout test's business, not this one's
-            if matches!(leave, Leave::Idle)
-                && (label.contains("no Sync ever")
-                    || label.contains("30")
-                    || label.contains("BEGIN"))
-            {
+            if matches!(leave, Leave::Idle) && (label.contains("no Sync ever") || label.contains("30") || label.contains("BEGIN")) {
                 continue;
             }
             // A poisoning client that stays connected holds its backend exactly as it would hold
             // a direct connection (the server skips to its Sync); the proxy-side idle timeout is
             // what frees the slot for others.
-            let extra = if matches!(leave, Leave::Idle) {
-                "[pool]\nidle_in_transaction_timeout_ms = 1000"
-            } else {
-                ""
-            };
+            let extra = if matches!(leave, Leave::Idle) { "[pool]\nidle_in_transaction_timeout_ms = 1000" } else { "" };
             let p = start_proxy(env, "pool_size = 1", extra).await;
             let mut a = login(&p, 1, "mallory").await?;
             a.send(&seq).await?;
             let seen = a.drain_for(Duration::from_millis(800)).await;
-            println!(
-                "  [{name}] {label} / {leave:?}: the client got {}",
-                seen.summary()
-            );
-            let fatal = seen
-                .errors
-                .iter()
-                .find(|e| e.severity == "FATAL" || e.code == "08006");
-            c.check(
-                &format!("{label} / {leave:?}: no FATAL for the poisoning client"),
-                fatal.is_none() || label.contains("no Sync ever"),
-                seen.summary(),
-            );
+            println!("  [{name}] {label} / {leave:?}: the client got {}", seen.summary());
+            let fatal = seen.errors.iter().find(|e| e.severity == "FATAL" || e.code == "08006");
+            c.check(&format!("{label} / {leave:?}: no FATAL for the poisoning client"), fatal.is_none() || label.contains("no Sync ever"), seen.summary());
             let held_a = match leave {
                 Leave::Terminate => {
                     a.close().await;
@@ -1097,36 +594,20 @@ async fn poisoned(env: &Env, leaves: &[Leave], name: &'static str) -> TestResult
                 }
                 Leave::Idle => Some(a),
             };
-            next_client_is(
-                &p,
-                2,
-                &mut c,
-                &format!("{label} / {leave:?}"),
-                Duration::from_secs(5),
-            )
-            .await;
+            next_client_is(&p, 2, &mut c, &format!("{label} / {leave:?}"), Duration::from_secs(5)).await;
             if let Some(mut a) = held_a {
                 // the idle client itself is still a working tenant-1 session
                 // informational: after an error with no Sync, Postgres itself ignores a Query until
                 // Sync, so a client waiting here would hang on a direct connection too
-                let r = timed(
-                    tokio::time::timeout(Duration::from_secs(3), a.simple(&who_sql(1))).await,
-                );
-                println!(
-                    "  [{name}] {label} / Idle: the poisoning client's next Query: {}",
-                    who_detail(&r)
-                );
+                let r = timed(tokio::time::timeout(Duration::from_secs(3), a.simple(&who_sql(1))).await);
+                println!("  [{name}] {label} / Idle: the poisoning client's next Query: {}", who_detail(&r));
                 a.close().await;
             }
             p.stop().await;
         }
     }
     let after = victim(env);
-    c.check(
-        "tenant 2's rows unchanged",
-        before == after,
-        format!("{before} -> {after}"),
-    );
+    c.check("tenant 2's rows unchanged", before == after, format!("{before} -> {after}"));
     c.done()
 }
 
@@ -1143,32 +624,13 @@ pub async fn poisoned_and_idle(env: &Env) -> TestResult {
 pub async fn pool_timeouts(env: &Env) -> TestResult {
     let mut c = Checks::new("pool_timeouts");
     let idle_cases: Vec<(&str, Vec<u8>, usize)> = vec![
-        (
-            "BEGIN; select 1; then idle",
-            [wire::query("BEGIN"), wire::query("select 1")].concat(),
-            2,
-        ),
+        ("BEGIN; select 1; then idle", [wire::query("BEGIN"), wire::query("select 1")].concat(), 2),
         ("extended BEGIN, then idle", wire::extended("BEGIN"), 1),
-        (
-            "Parse bad SQL, Flush, then idle (no Sync)",
-            [wire::parse("", "selec oops", &[]), wire::flush()].concat(),
-            0,
-        ),
-        (
-            "extended select, no Sync, then idle",
-            [wire::unnamed("select 1"), wire::flush()].concat(),
-            0,
-        ),
+        ("Parse bad SQL, Flush, then idle (no Sync)", [wire::parse("", "selec oops", &[]), wire::flush()].concat(), 0),
+        ("extended select, no Sync, then idle", [wire::unnamed("select 1"), wire::flush()].concat(), 0),
     ];
     for (label, seq, readies) in idle_cases {
-        let p = match try_start(
-            env,
-            "pool_size = 1",
-            "[pool]\nidle_in_transaction_timeout_ms = 500",
-            "",
-        )
-        .await
-        {
+        let p = match try_start(env, "pool_size = 1", "[pool]\nidle_in_transaction_timeout_ms = 500", "").await {
             Ok(p) => p,
             Err(e) => {
                 c.check("[pool] idle_in_transaction_timeout_ms accepted", false, e);
@@ -1178,52 +640,24 @@ pub async fn pool_timeouts(env: &Env) -> TestResult {
         let mut a = login(&p, 1, "idler").await?;
         a.send(&seq).await?;
         let r = a.ready_n(readies, Duration::from_secs(2)).await;
-        c.check(
-            &format!("{label}: the statements ran"),
-            !r.timed_out && !r.closed,
-            r.summary(),
-        );
+        c.check(&format!("{label}: the statements ran"), !r.timed_out && !r.closed, r.summary());
         let started = Instant::now();
-        next_client_is(
-            &p,
-            2,
-            &mut c,
-            &format!("idle timeout, {label}"),
-            Duration::from_secs(4),
-        )
-        .await;
+        next_client_is(&p, 2, &mut c, &format!("idle timeout, {label}"), Duration::from_secs(4)).await;
         let waited = started.elapsed();
         let r = a.drain_for(Duration::from_secs(2)).await;
         let fatal = r.errors.iter().find(|e| e.severity == "FATAL");
         let want_25p03 = !label.contains("no Sync");
         c.check(
-            &format!(
-                "{label}: idle client gets FATAL{} and is disconnected",
-                if want_25p03 { " 25P03" } else { "" }
-            ),
+            &format!("{label}: idle client gets FATAL{} and is disconnected", if want_25p03 { " 25P03" } else { "" }),
             fatal.is_some_and(|e| !want_25p03 || e.code == "25P03") && r.closed,
-            format!(
-                "{} (next client waited {} ms)",
-                r.summary(),
-                waited.as_millis()
-            ),
+            format!("{} (next client waited {} ms)", r.summary(), waited.as_millis()),
         );
         p.stop().await;
     }
     // a transaction that keeps working but runs longer than transaction_timeout_ms
-    let busy_cases: Vec<(&str, bool)> = vec![
-        ("BEGIN then short queries for 3 s", true),
-        ("one pg_sleep(10)", false),
-    ];
+    let busy_cases: Vec<(&str, bool)> = vec![("BEGIN then short queries for 3 s", true), ("one pg_sleep(10)", false)];
     for (label, chatty) in busy_cases {
-        let p = match try_start(
-            env,
-            "pool_size = 1",
-            "[pool]\ntransaction_timeout_ms = 1000",
-            "",
-        )
-        .await
-        {
+        let p = match try_start(env, "pool_size = 1", "[pool]\ntransaction_timeout_ms = 1000", "").await {
             Ok(p) => p,
             Err(e) => {
                 c.check("[pool] transaction_timeout_ms accepted", false, e);
@@ -1256,34 +690,18 @@ pub async fn pool_timeouts(env: &Env) -> TestResult {
                 }
             }
         } else {
-            let r = timed(
-                tokio::time::timeout(Duration::from_secs(12), a.simple("select pg_sleep(10)"))
-                    .await,
-            );
+            let r = timed(tokio::time::timeout(Duration::from_secs(12), a.simple("select pg_sleep(10)")).await);
             if !r.ok() {
                 ended = Some(r);
             }
         }
         let elapsed = started.elapsed();
-        let detail = ended
-            .as_ref()
-            .map_or("never interrupted".to_string(), |r| r.summary());
-        println!(
-            "  [pool_timeouts] {label}: after {} ms: {detail}",
-            elapsed.as_millis()
-        );
-        c.check(
-            &format!("{label}: ended by transaction_timeout_ms (~1 s)"),
-            ended.is_some() && elapsed < Duration::from_secs(3),
-            format!("after {} ms: {detail}", elapsed.as_millis()),
-        );
+        let detail = ended.as_ref().map_or("never interrupted".to_string(), |r| r.summary());
+        println!("  [pool_timeouts] {label}: after {} ms: {detail}", elapsed.as_millis());
+        c.check(&format!("{label}: ended by transaction_timeout_ms (~1 s)"), ended.is_some() && elapsed < Duration::from_secs(3), format!("after {} ms: {detail}", elapsed.as_millis()));
         let (waited, r) = next.await.map_err(|e| e.to_string())?;
         let ok = matches!(&r, Ok(Ok(r)) if is_tenant(r, 2));
-        c.check(
-            &format!("{label}: next client served"),
-            ok && waited < Duration::from_secs(3),
-            format!("after {} ms: {r:?}", waited.as_millis()),
-        );
+        c.check(&format!("{label}: next client served"), ok && waited < Duration::from_secs(3), format!("after {} ms: {r:?}", waited.as_millis()));
         p.stop().await;
     }
     c.done()
@@ -1308,11 +726,7 @@ pub async fn session_state_memory(env: &Env) -> TestResult {
     let filler = "x".repeat(BIG);
     async fn big(a: &mut Wire, parts: &[Vec<u8>]) -> Reply {
         if let Err(e) = a.send(&parts.concat()).await {
-            return Reply {
-                closed: true,
-                trace: e,
-                ..Default::default()
-            };
+            return Reply { closed: true, trace: e, ..Default::default() };
         }
         a.ready_n(1, SLOW).await
     }
@@ -1321,35 +735,12 @@ pub async fn session_state_memory(env: &Env) -> TestResult {
     // budget) must leave the whole budget free
     let mut bad_errors = Vec::new();
     for i in 0..5 {
-        let r = big(
-            &mut a,
-            &[
-                wire::parse(
-                    &format!("bad{i}"),
-                    &format!("selec '{filler}' as v{i}"),
-                    &[],
-                ),
-                wire::sync(),
-            ],
-        )
-        .await;
-        bad_errors.push(
-            r.code()
-                .unwrap_or(if r.timed_out { "timeout" } else { "none" })
-                .to_string(),
-        );
+        let r = big(&mut a, &[wire::parse(&format!("bad{i}"), &format!("selec '{filler}' as v{i}"), &[]), wire::sync()]).await;
+        bad_errors.push(r.code().unwrap_or(if r.timed_out { "timeout" } else { "none" }).to_string());
     }
-    c.check(
-        "5 failing 4 MiB Parses: each fails 42601",
-        bad_errors.iter().all(|e| e == "42601"),
-        format!("{bad_errors:?}"),
-    );
+    c.check("5 failing 4 MiB Parses: each fails 42601", bad_errors.iter().all(|e| e == "42601"), format!("{bad_errors:?}"));
     let r = a.simple("select 1").await;
-    c.check(
-        "session usable after the failing Parses",
-        r.ok() && r.get(0, 0) == "1",
-        r.summary(),
-    );
+    c.check("session usable after the failing Parses", r.ok() && r.get(0, 0) == "1", r.summary());
 
     // up to 20 valid 4 MiB statements, each run once: some are kept, then 54000 over 16 MiB
     let (mut kept, mut first_refusal, mut other) = (0usize, None, Vec::new());
@@ -1357,21 +748,8 @@ pub async fn session_state_memory(env: &Env) -> TestResult {
         let sql = format!("select length('{filler}') + {i}");
         let name = format!("big{i}");
         let t0 = Instant::now();
-        let r = big(
-            &mut a,
-            &[
-                wire::parse(&name, &sql, &[]),
-                wire::bind("", &name, &[]),
-                wire::execute("", 0),
-                wire::sync(),
-            ],
-        )
-        .await;
-        println!(
-            "  [session_state_memory] statement {i}: {} ms, {}",
-            t0.elapsed().as_millis(),
-            r.summary()
-        );
+        let r = big(&mut a, &[wire::parse(&name, &sql, &[]), wire::bind("", &name, &[]), wire::execute("", 0), wire::sync()]).await;
+        println!("  [session_state_memory] statement {i}: {} ms, {}", t0.elapsed().as_millis(), r.summary());
         match r.code() {
             None if r.ok() => kept += 1,
             Some("54000") => {
@@ -1391,74 +769,26 @@ pub async fn session_state_memory(env: &Env) -> TestResult {
         format!("{kept} kept, first 54000 at {first_refusal:?}, other outcomes {other:?}"),
     );
     let r = a.simple("select 1").await;
-    c.check(
-        "session usable after 54000",
-        r.ok() && r.get(0, 0) == "1",
-        r.summary(),
-    );
-    let r = a
-        .round(
-            &[
-                wire::bind("", "big0", &[]),
-                wire::execute("", 0),
-                wire::sync(),
-            ]
-            .concat(),
-            1,
-        )
-        .await;
-    c.check(
-        "a kept statement still runs",
-        r.ok() && r.get(0, 0) == BIG.to_string(),
-        r.summary(),
-    );
+    c.check("session usable after 54000", r.ok() && r.get(0, 0) == "1", r.summary());
+    let r = a.round(&[wire::bind("", "big0", &[]), wire::execute("", 0), wire::sync()].concat(), 1).await;
+    c.check("a kept statement still runs", r.ok() && r.get(0, 0) == BIG.to_string(), r.summary());
     // closing kept statements gives the budget back
-    let closes: Vec<Vec<u8>> = (0..20)
-        .map(|i| wire::close(b'S', &format!("big{i}")))
-        .collect();
+    let closes: Vec<Vec<u8>> = (0..20).map(|i| wire::close(b'S', &format!("big{i}"))).collect();
     let r = a.round(&[closes.concat(), wire::sync()].concat(), 1).await;
     c.check("Close of every statement", r.ok(), r.summary());
-    let r = big(
-        &mut a,
-        &[
-            wire::parse("again", &format!("select length('{filler}') - 1"), &[]),
-            wire::sync(),
-        ],
-    )
-    .await;
-    c.check(
-        "after Close, a new 4 MiB statement fits again",
-        r.ok(),
-        r.summary(),
-    );
+    let r = big(&mut a, &[wire::parse("again", &format!("select length('{filler}') - 1"), &[]), wire::sync()]).await;
+    c.check("after Close, a new 4 MiB statement fits again", r.ok(), r.summary());
     a.close().await;
     drop(filler);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let after = rss_kib();
-    println!(
-        "  [session_state_memory] RSS: baseline {} MiB, peak {} MiB, after leaving {} MiB",
-        baseline / 1024,
-        peak / 1024,
-        after / 1024
-    );
+    println!("  [session_state_memory] RSS: baseline {} MiB, peak {} MiB, after leaving {} MiB", baseline / 1024, peak / 1024, after / 1024);
     c.check(
         "RSS back near its baseline after the client left (< 40 MiB above)",
         after < baseline + 40 * 1024,
-        format!(
-            "baseline {} MiB, peak {} MiB, after {} MiB",
-            baseline / 1024,
-            peak / 1024,
-            after / 1024
-        ),
+        format!("baseline {} MiB, peak {} MiB, after {} MiB", baseline / 1024, peak / 1024, after / 1024),
     );
-    next_client_is(
-        &p,
-        2,
-        &mut c,
-        "after the memory hog",
-        Duration::from_secs(5),
-    )
-    .await;
+    next_client_is(&p, 2, &mut c, "after the memory hog", Duration::from_secs(5)).await;
     p.stop().await;
     c.done()
 }

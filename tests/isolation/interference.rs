@@ -24,12 +24,7 @@ use tokio::task::JoinHandle;
 use crate::common::*;
 
 /// The doctor checks this scenario covers.
-const CHECKS: [&str; 4] = [
-    "signal_functions",
-    "query_text_visible",
-    "advisory_locks",
-    "table_truncate",
-];
+const CHECKS: [&str; 4] = ["signal_functions", "query_text_visible", "advisory_locks", "table_truncate"];
 
 /// The findings the fixture database has (plus `table_truncate`, granted below for the test).
 const EXPECTED: [&str; 7] = [
@@ -60,14 +55,7 @@ impl Undo<'_> {
                 errors.push(format!("{sql}: {e}"));
             }
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(format!(
-                "restoring privileges failed: {}",
-                errors.join("; ")
-            ))
-        }
+        if errors.is_empty() { Ok(()) } else { Err(format!("restoring privileges failed: {}", errors.join("; "))) }
     }
 }
 
@@ -81,12 +69,8 @@ impl Drop for Undo<'_> {
 
 /// The inverse of one fix statement: `REVOKE p ON o FROM g;` → `GRANT p ON o TO g;`.
 fn inverse(stmt: &str) -> Result<String, String> {
-    let rest = stmt
-        .strip_prefix("REVOKE ")
-        .ok_or(format!("fix is not a REVOKE: {stmt}"))?;
-    let (what, from) = rest
-        .rsplit_once(" FROM ")
-        .ok_or(format!("fix without FROM: {stmt}"))?;
+    let rest = stmt.strip_prefix("REVOKE ").ok_or(format!("fix is not a REVOKE: {stmt}"))?;
+    let (what, from) = rest.rsplit_once(" FROM ").ok_or(format!("fix without FROM: {stmt}"))?;
     Ok(format!("GRANT {what} TO {from}"))
 }
 
@@ -95,10 +79,7 @@ struct Checks(Vec<String>, usize);
 
 impl Checks {
     fn check(&mut self, label: &str, ok: bool, detail: impl std::fmt::Display) {
-        println!(
-            "  [interference] {} {label}",
-            if ok { "ok  " } else { "FAIL" }
-        );
+        println!("  [interference] {} {label}", if ok { "ok  " } else { "FAIL" });
         if ok {
             self.1 += 1;
         } else {
@@ -110,12 +91,7 @@ impl Checks {
         if self.0.is_empty() {
             Ok(())
         } else {
-            Err(format!(
-                "{} of {} checks failed:\n    {}",
-                self.0.len(),
-                self.0.len() + self.1,
-                self.0.join("\n    ")
-            ))
+            Err(format!("{} of {} checks failed:\n    {}", self.0.len(), self.0.len() + self.1, self.0.join("\n    ")))
         }
     }
 }
@@ -144,11 +120,7 @@ async fn attempt(c: &tokio_postgres::Client, sql: &str) -> Outcome {
     match c.simple_query(sql).await {
         Ok(rows) => Outcome::Ran(rows),
         Err(e) => match e.as_db_error() {
-            Some(d)
-                if d.code().code() == "42501"
-                    && d.message().starts_with("pgtenant: ")
-                    && d.hint().is_some() =>
-            {
+            Some(d) if d.code().code() == "42501" && d.message().starts_with("pgtenant: ") && d.hint().is_some() => {
                 Outcome::Guard(d.message().to_string())
             }
             Some(d) if d.code().code() == "42501" => Outcome::Denied(d.message().to_string()),
@@ -158,26 +130,19 @@ async fn attempt(c: &tokio_postgres::Client, sql: &str) -> Outcome {
 }
 
 fn rows(o: &Outcome) -> Vec<Vec<Option<String>>> {
-    let Outcome::Ran(msgs) = o else {
-        return Vec::new();
-    };
+    let Outcome::Ran(msgs) = o else { return Vec::new() };
     msgs.iter()
         .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => {
-                Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
-            }
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect()),
             _ => None,
         })
         .collect()
 }
 
 async fn direct(env: &Env) -> Result<tokio_postgres::Client, String> {
-    let (c, conn) = tokio_postgres::connect(
-        &env.cluster.url("app_user", "app-secret", "app"),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .map_err(|e| format!("direct connection as app_user: {e:?}"))?;
+    let (c, conn) = tokio_postgres::connect(&env.cluster.url("app_user", "app-secret", "app"), tokio_postgres::NoTls)
+        .await
+        .map_err(|e| format!("direct connection as app_user: {e:?}"))?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
@@ -186,31 +151,16 @@ async fn direct(env: &Env) -> Result<tokio_postgres::Client, String> {
 
 /// Tenant 2 runs a 1.5 s query inside a transaction through the proxy; returns its backend pid and
 /// the task that finishes the transaction, yielding the query's SQLSTATE ("" if it succeeded).
-async fn victim_running(
-    p: &pgtenant::server::Running,
-) -> Result<(i32, JoinHandle<String>), String> {
-    let v = connect(p, &token(2, "victim"))
-        .await
-        .map_err(|e| format!("victim connects: {e:?}"))?;
-    v.batch_execute("BEGIN")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let pid: i32 = v
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .map_err(|e| format!("{e:?}"))?
-        .get(0);
+async fn victim_running(p: &pgtenant::server::Running) -> Result<(i32, JoinHandle<String>), String> {
+    let v = connect(p, &token(2, "victim")).await.map_err(|e| format!("victim connects: {e:?}"))?;
+    v.batch_execute("BEGIN").await.map_err(|e| format!("{e:?}"))?;
+    let pid: i32 = v.query_one("select pg_backend_pid()", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
     let task = tokio::spawn(async move {
-        let r = v
-            .simple_query(&format!("select pg_sleep(1.5), '{SECRET}'"))
-            .await;
+        let r = v.simple_query(&format!("select pg_sleep(1.5), '{SECRET}'")).await;
         let _ = v.simple_query("ROLLBACK").await;
         match r {
             Ok(_) => String::new(),
-            Err(e) => e
-                .as_db_error()
-                .map(|d| d.code().code().to_string())
-                .unwrap_or_else(|| format!("{e:?}")),
+            Err(e) => e.as_db_error().map(|d| d.code().code().to_string()).unwrap_or_else(|| format!("{e:?}")),
         }
     });
     tokio::time::sleep(Duration::from_millis(400)).await;
@@ -218,66 +168,38 @@ async fn victim_running(
 }
 
 async fn doctor(env: &Env, admin: bool) -> Result<Vec<Finding>, String> {
-    let cfg = pgtenant::config::Config::from_toml(&config_text(env, "", ""), &|_| None)
-        .map_err(|e| e.to_string())?;
+    let cfg = pgtenant::config::Config::from_toml(&config_text(env, "", ""), &|_| None).map_err(|e| e.to_string())?;
     let url = env.cluster.superuser_url("app");
     let all = pgtenant::doctor::run(&cfg, admin.then_some(url.as_str())).await?;
-    Ok(all
-        .into_iter()
-        .filter(|f| CHECKS.contains(&f.check))
-        .collect())
+    Ok(all.into_iter().filter(|f| CHECKS.contains(&f.check)).collect())
 }
 
 fn names(findings: &[Finding]) -> BTreeSet<String> {
-    findings
-        .iter()
-        .map(|f| format!("{}:{}", f.check, f.object))
-        .collect()
+    findings.iter().map(|f| format!("{}:{}", f.check, f.object)).collect()
 }
 
 pub async fn shared_role_interference(env: &Env) -> TestResult {
-    let mut undo = Undo {
-        env,
-        sql: Vec::new(),
-    };
+    let mut undo = Undo { env, sql: Vec::new() };
     let result = scenario(env, &mut undo).await;
     let restored = undo.run();
     result?;
     restored?;
     // the cluster is as before for the other scenarios
     let again = names(&doctor(env, true).await?);
-    let before: BTreeSet<String> = EXPECTED
-        .iter()
-        .filter(|e| !e.starts_with("table_truncate"))
-        .map(|s| s.to_string())
-        .collect();
-    ensure(
-        again == before,
-        format!("privileges not restored: {again:?}"),
-    )
+    let before: BTreeSet<String> = EXPECTED.iter().filter(|e| !e.starts_with("table_truncate")).map(|s| s.to_string()).collect();
+    ensure(again == before, format!("privileges not restored: {again:?}"))
 }
 
 async fn scenario(env: &Env, undo: &mut Undo<'_>) -> TestResult {
     let mut c = Checks(Vec::new(), 0);
-    env.cluster
-        .psql(
-            "app",
-            "ANALYZE orders; GRANT TRUNCATE ON orders TO app_user",
-        )
-        .map_err(|e| e.to_string())?;
-    undo.sql
-        .push("REVOKE TRUNCATE ON orders FROM app_user".into());
+    env.cluster.psql("app", "ANALYZE orders; GRANT TRUNCATE ON orders TO app_user").map_err(|e| e.to_string())?;
+    undo.sql.push("REVOKE TRUNCATE ON orders FROM app_user".into());
     let p = start_proxy(env, "pool_size = 6", "").await;
-    let attacker = connect(&p, &token(1, "mallory"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let attacker = connect(&p, &token(1, "mallory")).await.map_err(|e| format!("{e:?}"))?;
     let raw = direct(env).await?;
     // Whether this build's guard refuses the interference statements: then every one of them must
     // be refused through the proxy; otherwise every one of them must work (no partial guard).
-    let guarded = matches!(
-        attempt(&attacker, "select pg_catalog.pg_cancel_backend(0)").await,
-        Outcome::Guard(_)
-    );
+    let guarded = matches!(attempt(&attacker, "select pg_catalog.pg_cancel_backend(0)").await, Outcome::Guard(_));
     println!("  [interference] statement guard refuses interference: {guarded}");
 
     // ---- 1. the attacks, before the fix ----------------------------------------------------------
@@ -288,29 +210,14 @@ async fn scenario(env: &Env, undo: &mut Undo<'_>) -> TestResult {
     let findings = doctor(env, true).await?;
     let found = names(&findings);
     let expected: BTreeSet<String> = EXPECTED.iter().map(|s| s.to_string()).collect();
-    c.check(
-        "doctor (admin URL) reports every interference privilege",
-        found == expected,
-        format!("{found:?}"),
-    );
+    c.check("doctor (admin URL) reports every interference privilege", found == expected, format!("{found:?}"));
     let as_role = names(&doctor(env, false).await?);
-    c.check(
-        "doctor as the restricted role reports the same",
-        as_role == found,
-        format!("{as_role:?}"),
-    );
-    c.check(
-        "every finding carries fix SQL",
-        findings.iter().all(|f| f.fix.is_some()),
-        format!("{findings:?}"),
-    );
+    c.check("doctor as the restricted role reports the same", as_role == found, format!("{as_role:?}"));
+    c.check("every finding carries fix SQL", findings.iter().all(|f| f.fix.is_some()), format!("{findings:?}"));
     let printed = pgtenant::doctor::render(&findings);
     c.check(
         "the report prints each fix",
-        findings
-            .iter()
-            .flat_map(|f| f.fix.iter().flat_map(|x| x.lines()))
-            .all(|l| printed.contains(&format!("fix: {l}"))),
+        findings.iter().flat_map(|f| f.fix.iter().flat_map(|x| x.lines())).all(|l| printed.contains(&format!("fix: {l}"))),
         &printed,
     );
     let json = serde_json::to_value(&findings).map_err(|e| e.to_string())?;
@@ -323,18 +230,12 @@ async fn scenario(env: &Env, undo: &mut Undo<'_>) -> TestResult {
         for stmt in fix.lines() {
             undo.sql.push(inverse(stmt)?);
         }
-        env.cluster
-            .psql("app", fix)
-            .map_err(|e| format!("applying the fix of {}:{}: {e}", f.check, f.object))?;
+        env.cluster.psql("app", fix).map_err(|e| format!("applying the fix of {}:{}: {e}", f.check, f.object))?;
     }
 
     // ---- 4. the attacks fail; no finding is left ---------------------------------------------------
     let left = names(&doctor(env, true).await?);
-    c.check(
-        "doctor reports none of these findings after the fix",
-        left.is_empty(),
-        format!("{left:?}"),
-    );
+    c.check("doctor reports none of these findings after the fix", left.is_empty(), format!("{left:?}"));
     attacks(env, &p, &attacker, &raw, guarded, true, &mut c).await?;
     p.stop().await;
     c.done()
@@ -385,18 +286,13 @@ async fn attacks(
     // cancel / terminate tenant 2's running query (pid known: looked up before the fix, or by
     // trying every pid — pids are no secret)
     for (path, client) in paths {
-        for (what, expected_code) in [("pg_cancel_backend", "57014"), ("pg_terminate_backend", "")]
-        {
+        for (what, expected_code) in [("pg_cancel_backend", "57014"), ("pg_terminate_backend", "")] {
             let (pid, victim) = victim_running(p).await?;
             let o = attempt(client, &format!("select {what}({pid})")).await;
             let code = victim.await.map_err(|e| e.to_string())?;
             let hit = matches!(o, Outcome::Ran(_));
             // a terminated backend: the victim gets an error of some kind (the connection is gone)
-            let victim_ok = if hit {
-                !code.is_empty() && (expected_code.is_empty() || code == expected_code)
-            } else {
-                code.is_empty()
-            };
+            let victim_ok = if hit { !code.is_empty() && (expected_code.is_empty() || code == expected_code) } else { code.is_empty() };
             c.check(
                 &format!("{when}: {path:?} {what} of tenant 2's query"),
                 expect(path, true, &o) && victim_ok,
@@ -407,36 +303,19 @@ async fn attacks(
 
     // advisory locks: one key space for every tenant
     // (whether the key is free is asked as the superuser: after the fix tenant 2 cannot ask)
-    let holder = connect(p, &token(1, "holder"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let victim = connect(p, &token(2, "victim"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let holder = connect(p, &token(1, "holder")).await.map_err(|e| format!("{e:?}"))?;
+    let victim = connect(p, &token(2, "victim")).await.map_err(|e| format!("{e:?}"))?;
     for (path, client) in [(Path::Proxy, &holder), (Path::Direct, raw)] {
-        let take = if path == Path::Proxy {
-            "BEGIN; select pg_advisory_xact_lock(424242)"
-        } else {
-            "select pg_advisory_lock(424242)"
-        };
+        let take = if path == Path::Proxy { "BEGIN; select pg_advisory_xact_lock(424242)" } else { "select pg_advisory_lock(424242)" };
         let o = attempt(client, take).await;
-        let free = env
-            .cluster
-            .psql("app", "select pg_try_advisory_xact_lock(424242)")
-            .map_err(|e| e.to_string())?;
+        let free = env.cluster.psql("app", "select pg_try_advisory_xact_lock(424242)").map_err(|e| e.to_string())?;
         let blocked = free.trim() != "t";
         c.check(
             &format!("{when}: {path:?} holds an advisory lock key other tenants need"),
             expect(path, false, &o) && blocked == matches!(o, Outcome::Ran(_)),
             format!("{o:?}, tenant 2 blocked: {blocked}"),
         );
-        let _ = client
-            .simple_query(if path == Path::Proxy {
-                "ROLLBACK"
-            } else {
-                "select pg_advisory_unlock_all()"
-            })
-            .await;
+        let _ = client.simple_query(if path == Path::Proxy { "ROLLBACK" } else { "select pg_advisory_unlock_all()" }).await;
     }
 
     // TRUNCATE ignores RLS (rolled back: the table is shared by every scenario)
@@ -444,37 +323,20 @@ async fn attacks(
         if path == Path::Proxy && !guarded {
             continue; // works like the direct path; not worth risking the shared table
         }
-        let before = env
-            .cluster
-            .psql("app", "select count(*) from orders")
-            .map_err(|e| e.to_string())?;
+        let before = env.cluster.psql("app", "select count(*) from orders").map_err(|e| e.to_string())?;
         let o = attempt(client, "BEGIN; TRUNCATE orders").await;
         let _ = client.simple_query("ROLLBACK").await;
-        let after = env
-            .cluster
-            .psql("app", "select count(*) from orders")
-            .map_err(|e| e.to_string())?;
-        c.check(
-            &format!("{when}: {path:?} TRUNCATE orders"),
-            expect(path, true, &o) && before == after,
-            format!("{o:?}"),
-        );
+        let after = env.cluster.psql("app", "select count(*) from orders").map_err(|e| e.to_string())?;
+        c.check(&format!("{when}: {path:?} TRUNCATE orders"), expect(path, true, &o) && before == after, format!("{o:?}"));
     }
 
     // LOCK TABLE: a privilege cannot stop it (UPDATE or DELETE allows every lock mode), the guard does
     for (path, client) in paths {
         let o = attempt(client, "BEGIN; LOCK TABLE orders IN ACCESS EXCLUSIVE MODE").await;
-        let blocked = victim
-            .simple_query(
-                "BEGIN; SET LOCAL lock_timeout = '300ms'; select count(*) from orders; COMMIT",
-            )
-            .await;
+        let blocked = victim.simple_query("BEGIN; SET LOCAL lock_timeout = '300ms'; select count(*) from orders; COMMIT").await;
         let _ = victim.simple_query("ROLLBACK").await;
         let _ = client.simple_query("ROLLBACK").await;
-        let code = blocked
-            .err()
-            .and_then(|e| e.as_db_error().map(|d| d.code().code().to_string()))
-            .unwrap_or_default();
+        let code = blocked.err().and_then(|e| e.as_db_error().map(|d| d.code().code().to_string())).unwrap_or_default();
         let ran = matches!(o, Outcome::Ran(_));
         let ok = match (path, &o) {
             (Path::Proxy, Outcome::Guard(_)) => guarded,
@@ -497,15 +359,8 @@ async fn inherent(env: &Env, attacker: &tokio_postgres::Client, c: &mut Checks) 
     // NOTIFY: tenant 1 listens in session mode and receives tenant 2's payload
     let p = start_proxy(env, "pool_size = 3", "[pool]\nmode = \"session\"").await;
     let mut cfg = tokio_postgres::Config::new();
-    cfg.host("127.0.0.1")
-        .port(p.addr.port())
-        .user("alice")
-        .dbname("app")
-        .password(token(1, "listener"));
-    let (listener, mut conn) = cfg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    cfg.host("127.0.0.1").port(p.addr.port()).user("alice").dbname("app").password(token(1, "listener"));
+    let (listener, mut conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| format!("{e:?}"))?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| conn.poll_message(cx));
@@ -516,18 +371,10 @@ async fn inherent(env: &Env, attacker: &tokio_postgres::Client, c: &mut Checks) 
         }
     });
     let listen = attempt(&listener, "LISTEN orders_changed").await;
-    let notifier = connect(&p, &token(2, "notifier"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    notifier
-        .batch_execute("NOTIFY orders_changed, 'tenant-2-payload'")
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let notifier = connect(&p, &token(2, "notifier")).await.map_err(|e| format!("{e:?}"))?;
+    notifier.batch_execute("NOTIFY orders_changed, 'tenant-2-payload'").await.map_err(|e| format!("{e:?}"))?;
     let _ = listener.simple_query("select 1").await;
-    let got = tokio::time::timeout(Duration::from_secs(3), rx.recv())
-        .await
-        .ok()
-        .flatten();
+    let got = tokio::time::timeout(Duration::from_secs(3), rx.recv()).await.ok().flatten();
     c.check(
         "inherent: in session mode tenant 1 receives tenant 2's NOTIFY payload",
         matches!(listen, Outcome::Ran(_)) && got.as_deref() == Some("tenant-2-payload"),
@@ -539,46 +386,17 @@ async fn inherent(env: &Env, attacker: &tokio_postgres::Client, c: &mut Checks) 
 
     // planner statistics: PG 15 hides pg_stats rows of RLS tables, but not pg_class.reltuples nor
     // the estimates EXPLAIN prints for another tenant's rows
-    let stats = rows(
-        &attempt(
-            attacker,
-            "select count(*) from pg_stats where tablename = 'orders'",
-        )
-        .await,
-    );
-    c.check(
-        "PG 15 hides pg_stats of a table with RLS",
-        stats == vec![vec![Some("0".to_string())]],
-        format!("{stats:?}"),
-    );
-    let reltuples = rows(
-        &attempt(
-            attacker,
-            "select reltuples::bigint from pg_class where relname = 'orders'",
-        )
-        .await,
-    );
-    let n: i64 = reltuples
-        .first()
-        .and_then(|r| r[0].as_deref())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    c.check(
-        "inherent: pg_class.reltuples shows the size of the whole table",
-        n > 100,
-        format!("{reltuples:?}"),
-    );
+    let stats = rows(&attempt(attacker, "select count(*) from pg_stats where tablename = 'orders'").await);
+    c.check("PG 15 hides pg_stats of a table with RLS", stats == vec![vec![Some("0".to_string())]], format!("{stats:?}"));
+    let reltuples = rows(&attempt(attacker, "select reltuples::bigint from pg_class where relname = 'orders'").await);
+    let n: i64 = reltuples.first().and_then(|r| r[0].as_deref()).and_then(|v| v.parse().ok()).unwrap_or(0);
+    c.check("inherent: pg_class.reltuples shows the size of the whole table", n > 100, format!("{reltuples:?}"));
     let plan = rows(&attempt(attacker, "explain select * from orders where tenant_id = 2").await);
     let estimate: i64 = plan
         .iter()
         .flatten()
         .flatten()
-        .find_map(|l| {
-            l.split("rows=")
-                .nth(1)
-                .and_then(|r| r.split(' ').next())
-                .and_then(|v| v.parse().ok())
-        })
+        .find_map(|l| l.split("rows=").nth(1).and_then(|r| r.split(' ').next()).and_then(|v| v.parse().ok()))
         .unwrap_or(0);
     let seen = rows(&attempt(attacker, "select count(*) from orders where tenant_id = 2").await);
     c.check(

@@ -6,9 +6,9 @@
 //! most 10, 100,000 transactions):
 //!   PGTENANT_ISOLATION_TXNS=100000 cargo test --release -p pgtenant --test isolation
 
-mod adversarial;
 #[path = "../integration/common/mod.rs"]
 mod common;
+mod adversarial;
 mod interference;
 mod pristine;
 mod signed;
@@ -37,57 +37,23 @@ struct Totals {
 
 fn main() {
     run_all(&[
-        ("adversarial_escape_attempts", |env| {
-            Box::pin(adversarial(env))
-        }),
-        ("bypass_pool_unreachable_with_tenant_tokens", |env| {
-            Box::pin(bypass_unreachable(env))
-        }),
-        ("raw_function_call_refused", |env| {
-            Box::pin(adversarial::function_calls(env))
-        }),
-        ("raw_function_call_allowlist", |env| {
-            Box::pin(adversarial::function_call_allowlist(env))
-        }),
-        ("raw_cr_comment_attacks", |env| {
-            Box::pin(adversarial::cr_comments(env))
-        }),
-        ("raw_uescape_attacks", |env| {
-            Box::pin(adversarial::uescape(env))
-        }),
-        ("raw_identifier_spellings", |env| {
-            Box::pin(spelling::spellings(env))
-        }),
-        ("raw_commit_and_chain_context", |env| {
-            Box::pin(adversarial::commit_and_chain(env))
-        }),
-        ("raw_poisoned_backend_client_gone", |env| {
-            Box::pin(adversarial::poisoned_and_gone(env))
-        }),
-        ("raw_poisoned_backend_client_idle", |env| {
-            Box::pin(adversarial::poisoned_and_idle(env))
-        }),
-        ("raw_pool_timeouts_free_the_slot", |env| {
-            Box::pin(adversarial::pool_timeouts(env))
-        }),
-        ("raw_session_state_memory_budget", |env| {
-            Box::pin(adversarial::session_state_memory(env))
-        }),
-        ("signed_schema_guard_misses", |env| {
-            Box::pin(signed::guard_misses_against_signed_policies(env))
-        }),
-        ("pristine_handover_transaction_mode", |env| {
-            Box::pin(pristine::transaction_mode(env))
-        }),
-        ("pristine_handover_session_mode", |env| {
-            Box::pin(pristine::session_mode(env))
-        }),
-        ("shared_role_interference", |env| {
-            Box::pin(interference::shared_role_interference(env))
-        }),
-        ("randomized_concurrent_isolation", |env| {
-            Box::pin(randomized(env))
-        }),
+        ("adversarial_escape_attempts", |env| Box::pin(adversarial(env))),
+        ("bypass_pool_unreachable_with_tenant_tokens", |env| Box::pin(bypass_unreachable(env))),
+        ("raw_function_call_refused", |env| Box::pin(adversarial::function_calls(env))),
+        ("raw_function_call_allowlist", |env| Box::pin(adversarial::function_call_allowlist(env))),
+        ("raw_cr_comment_attacks", |env| Box::pin(adversarial::cr_comments(env))),
+        ("raw_uescape_attacks", |env| Box::pin(adversarial::uescape(env))),
+        ("raw_identifier_spellings", |env| Box::pin(spelling::spellings(env))),
+        ("raw_commit_and_chain_context", |env| Box::pin(adversarial::commit_and_chain(env))),
+        ("raw_poisoned_backend_client_gone", |env| Box::pin(adversarial::poisoned_and_gone(env))),
+        ("raw_poisoned_backend_client_idle", |env| Box::pin(adversarial::poisoned_and_idle(env))),
+        ("raw_pool_timeouts_free_the_slot", |env| Box::pin(adversarial::pool_timeouts(env))),
+        ("raw_session_state_memory_budget", |env| Box::pin(adversarial::session_state_memory(env))),
+        ("signed_schema_guard_misses", |env| Box::pin(signed::guard_misses_against_signed_policies(env))),
+        ("pristine_handover_transaction_mode", |env| Box::pin(pristine::transaction_mode(env))),
+        ("pristine_handover_session_mode", |env| Box::pin(pristine::session_mode(env))),
+        ("shared_role_interference", |env| Box::pin(interference::shared_role_interference(env))),
+        ("randomized_concurrent_isolation", |env| Box::pin(randomized(env))),
     ]);
 }
 
@@ -155,12 +121,8 @@ const ATTACKS: &[&str] = &[
 
 async fn adversarial(env: &Env) -> TestResult {
     let p = start_proxy(env, "pool_size = 2", "").await;
-    let c = connect(&p, &token(1, "mallory"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
-    let victim_rows = || {
-        env.cluster.psql("app", "select count(*) || ':' || coalesce(sum(amount), 0) from orders where tenant_id = 2").map(|s| s.trim().to_string())
-    };
+    let c = connect(&p, &token(1, "mallory")).await.map_err(|e| format!("{e:?}"))?;
+    let victim_rows = || env.cluster.psql("app", "select count(*) || ':' || coalesce(sum(amount), 0) from orders where tenant_id = 2").map(|s| s.trim().to_string());
     let before = victim_rows().map_err(|e| e.to_string())?;
     let mut refused = 0;
     let check_still_tenant_one = |label: String| {
@@ -172,64 +134,35 @@ async fn adversarial(env: &Env) -> TestResult {
                 .await
                 .map_err(|e| format!("{label}: {e:?}"))?;
             let (t, u, foreign): (String, String, i64) = (row.get(0), row.get(1), row.get(2));
-            ensure(
-                t == "1" && u == "app_user" && foreign == 0,
-                format!("{label}: context {t}, user {u}, {foreign} foreign rows visible"),
-            )
+            ensure(t == "1" && u == "app_user" && foreign == 0, format!("{label}: context {t}, user {u}, {foreign} foreign rows visible"))
         }
     };
     for sql in ATTACKS {
         // an accepted attempt (UPDATE/DELETE of tenant 2 rows) is harmless only if nothing changed:
         // checked below and at the end
         if let Err(e) = c.simple_query(sql).await {
-            ensure(
-                e.as_db_error().is_some(),
-                format!("{sql}: not a database error: {e:?}"),
-            )?;
+            ensure(e.as_db_error().is_some(), format!("{sql}: not a database error: {e:?}"))?;
             refused += 1;
         }
         check_still_tenant_one(format!("after {sql:?}")).await?;
     }
     // extended protocol: Parse of the same attacks is refused too, and bind parameters in names
     // the guard cannot read from the Bind
-    for sql in [
-        "select set_config('app.tenant_id', '2', true)",
-        "select set_config($1 || '', '2', true)",
-        "SET app.tenant_id = '2'",
-    ] {
-        let e = c
-            .prepare(sql)
-            .await
-            .err()
-            .ok_or(format!("Parse accepted: {sql}"))?;
-        ensure(
-            e.code().map(|c| c.code()) == Some("42501"),
-            format!("{sql}: {e:?}"),
-        )?;
+    for sql in ["select set_config('app.tenant_id', '2', true)", "select set_config($1 || '', '2', true)", "SET app.tenant_id = '2'"] {
+        let e = c.prepare(sql).await.err().ok_or(format!("Parse accepted: {sql}"))?;
+        ensure(e.code().map(|c| c.code()) == Some("42501"), format!("{sql}: {e:?}"))?;
         refused += 1;
         check_still_tenant_one(format!("after Parse {sql:?}")).await?;
     }
     // a bind parameter as the name is decided at Bind (issue 15)
-    for (sql, name) in [
-        ("select set_config($1, '2', true)", "app.tenant_id"),
-        ("select set_config($1, '2', false)", "App.Tenant_Id"),
-    ] {
-        let e = c
-            .query(sql, &[&name])
-            .await
-            .err()
-            .ok_or(format!("Bind accepted: {sql} with {name}"))?;
-        ensure(
-            e.code().map(|c| c.code()) == Some("42501"),
-            format!("{sql} with {name}: {e:?}"),
-        )?;
+    for (sql, name) in [("select set_config($1, '2', true)", "app.tenant_id"), ("select set_config($1, '2', false)", "App.Tenant_Id")] {
+        let e = c.query(sql, &[&name]).await.err().ok_or(format!("Bind accepted: {sql} with {name}"))?;
+        ensure(e.code().map(|c| c.code()) == Some("42501"), format!("{sql} with {name}: {e:?}"))?;
         refused += 1;
         check_still_tenant_one(format!("after Bind {sql:?} with {name}")).await?;
     }
     // prepared statements reused across tenants: tenant 2 runs the same statement text, sees its rows
-    let c2 = connect(&p, &token(2, "bob"))
-        .await
-        .map_err(|e| format!("{e:?}"))?;
+    let c2 = connect(&p, &token(2, "bob")).await.map_err(|e| format!("{e:?}"))?;
     let q = "select count(*) filter (where tenant_id = current_setting('app.tenant_id')::int), count(*) from orders";
     for _ in 0..10 {
         for (cl, name) in [(&c, "tenant 1"), (&c2, "tenant 2")] {
@@ -245,28 +178,17 @@ async fn adversarial(env: &Env) -> TestResult {
     };
     for i in 0..50i32 {
         use tokio::io::AsyncWriteExt;
-        let mut s = tokio::net::TcpStream::connect(p.addr)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut s = tokio::net::TcpStream::connect(p.addr).await.map_err(|e| e.to_string())?;
         let mut msg = vec![0, 0, 0, 16, 0x04, 0xd2, 0x16, 0x2e];
         msg.extend_from_slice(&(i * 7919 + 1).to_be_bytes());
         msg.extend_from_slice(&(i * 104729).to_be_bytes());
         s.write_all(&msg).await.map_err(|e| e.to_string())?;
     }
-    sleeper
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("tenant 2 query cancelled by guessed keys: {e:?}"))?;
+    sleeper.await.map_err(|e| e.to_string())?.map_err(|e| format!("tenant 2 query cancelled by guessed keys: {e:?}"))?;
     refused += 1;
     let after = victim_rows().map_err(|e| e.to_string())?;
-    ensure(
-        before == after,
-        format!("tenant 2's rows changed: {before} -> {after}"),
-    )?;
-    println!(
-        "adversarial: {} attempts, {refused} refused, tenant 2 untouched ({after})",
-        ATTACKS.len() + 7
-    );
+    ensure(before == after, format!("tenant 2's rows changed: {before} -> {after}"))?;
+    println!("adversarial: {} attempts, {refused} refused, tenant 2 untouched ({after})", ATTACKS.len() + 7);
     ensure(refused >= 30, format!("only {refused} attempts failed"))?;
     p.stop().await;
     Ok(())
@@ -277,16 +199,8 @@ async fn adversarial(env: &Env) -> TestResult {
 /// fails to log in or is an ordinary tenant-1 session as app_user that sees no foreign row.
 async fn bypass_unreachable(env: &Env) -> TestResult {
     use base64::Engine;
-    let _ = env.cluster.psql(
-        "app",
-        "CREATE ROLE worker LOGIN PASSWORD 'worker-secret' BYPASSRLS",
-    );
-    env.cluster
-        .psql(
-            "app",
-            "GRANT USAGE ON SCHEMA public TO worker; GRANT SELECT ON orders TO worker",
-        )
-        .map_err(|e| e.to_string())?;
+    let _ = env.cluster.psql("app", "CREATE ROLE worker LOGIN PASSWORD 'worker-secret' BYPASSRLS");
+    env.cluster.psql("app", "GRANT USAGE ON SCHEMA public TO worker; GRANT SELECT ON orders TO worker").map_err(|e| e.to_string())?;
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let bypass_secret = "bypass-secret-of-the-workers-0123";
     let extra = format!(
@@ -296,86 +210,30 @@ async fn bypass_unreachable(env: &Env) -> TestResult {
     );
     let p = start_proxy(env, "pool_size = 2", &extra).await;
     let exp = now() + 600;
-    let b64 = |v: &serde_json::Value| {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
-    };
-    let worker_key = |claims: serde_json::Value| {
-        pgtenant::jwt::mint_hs(
-            &claims,
-            bypass_secret.as_bytes(),
-            jsonwebtoken::Algorithm::HS256,
-        )
-    };
+    let b64 = |v: &serde_json::Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    let worker_key = |claims: serde_json::Value| pgtenant::jwt::mint_hs(&claims, bypass_secret.as_bytes(), jsonwebtoken::Algorithm::HS256);
     let attempts: Vec<(&str, String)> = vec![
-        (
-            "tenant key + bypass claim",
-            token_with(
-                serde_json::json!({ "tenant_id": 1, "sub": "m", "role": "service", "exp": exp }),
-            ),
-        ),
-        (
-            "claim value in another case",
-            token_with(
-                serde_json::json!({ "tenant_id": 1, "sub": "m", "role": "Service", "exp": exp }),
-            ),
-        ),
-        (
-            "claim value as an array",
-            token_with(
-                serde_json::json!({ "tenant_id": 1, "sub": "m", "role": ["service"], "exp": exp }),
-            ),
-        ),
-        (
-            "claim value with a NUL",
-            token_with(
-                serde_json::json!({ "tenant_id": 1, "sub": "m", "role": "service\u{0}", "exp": exp }),
-            ),
-        ),
+        ("tenant key + bypass claim", token_with(serde_json::json!({ "tenant_id": 1, "sub": "m", "role": "service", "exp": exp }))),
+        ("claim value in another case", token_with(serde_json::json!({ "tenant_id": 1, "sub": "m", "role": "Service", "exp": exp }))),
+        ("claim value as an array", token_with(serde_json::json!({ "tenant_id": 1, "sub": "m", "role": ["service"], "exp": exp }))),
+        ("claim value with a NUL", token_with(serde_json::json!({ "tenant_id": 1, "sub": "m", "role": "service\u{0}", "exp": exp }))),
         (
             "alg none",
-            format!(
-                "{}.{}.",
-                b64(&serde_json::json!({ "alg": "none", "typ": "JWT" })),
-                b64(&serde_json::json!({ "tenant_id": 1, "role": "service", "exp": exp }))
-            ),
+            format!("{}.{}.", b64(&serde_json::json!({ "alg": "none", "typ": "JWT" })), b64(&serde_json::json!({ "tenant_id": 1, "role": "service", "exp": exp }))),
         ),
-        (
-            "expired worker token",
-            worker_key(serde_json::json!({ "role": "service", "sub": "w", "exp": now() - 3600 })),
-        ),
-        (
-            "worker key, other claim value",
-            worker_key(
-                serde_json::json!({ "tenant_id": 1, "role": "admin", "sub": "w", "exp": exp }),
-            ),
-        ),
-        (
-            "tenant token with the worker's user name",
-            token(1, "worker"),
-        ),
+        ("expired worker token", worker_key(serde_json::json!({ "role": "service", "sub": "w", "exp": now() - 3600 }))),
+        ("worker key, other claim value", worker_key(serde_json::json!({ "tenant_id": 1, "role": "admin", "sub": "w", "exp": exp }))),
+        ("tenant token with the worker's user name", token(1, "worker")),
     ];
     let mut refused = 0;
     for (label, tok) in &attempts {
         let mut cfg = tokio_postgres::Config::new();
-        cfg.host("127.0.0.1")
-            .port(p.addr.port())
-            .user("worker")
-            .dbname("app")
-            .password(tok);
+        cfg.host("127.0.0.1").port(p.addr.port()).user("worker").dbname("app").password(tok);
         // the first attempt, alg none and the two worker-key tokens cannot log in at all
-        let must_fail = matches!(
-            *label,
-            "tenant key + bypass claim"
-                | "alg none"
-                | "expired worker token"
-                | "worker key, other claim value"
-        );
+        let must_fail = matches!(*label, "tenant key + bypass claim" | "alg none" | "expired worker token" | "worker key, other claim value");
         match cfg.connect(tokio_postgres::NoTls).await {
             Err(e) => {
-                ensure(
-                    must_fail && e.as_db_error().is_some(),
-                    format!("{label}: refused: {e:?}"),
-                )?;
+                ensure(must_fail && e.as_db_error().is_some(), format!("{label}: refused: {e:?}"))?;
                 refused += 1
             }
             Ok(_) if must_fail => return Err(format!("{label}: logged in")),
@@ -386,55 +244,28 @@ async fn bypass_unreachable(env: &Env) -> TestResult {
                     .await
                     .map_err(|e| format!("{label}: {e:?}"))?;
                 let (user, foreign, all): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
-                ensure(
-                    user == "app_user" && foreign == 0 && all > 0,
-                    format!("{label}: {user} sees {foreign} foreign of {all} rows"),
-                )?;
-                let e = c
-                    .simple_query("SET ROLE worker")
-                    .await
-                    .err()
-                    .ok_or(format!("{label}: SET ROLE worker accepted"))?;
+                ensure(user == "app_user" && foreign == 0 && all > 0, format!("{label}: {user} sees {foreign} foreign of {all} rows"))?;
+                let e = c.simple_query("SET ROLE worker").await.err().ok_or(format!("{label}: SET ROLE worker accepted"))?;
                 ensure(e.as_db_error().is_some(), format!("{label}: {e:?}"))?;
             }
         }
     }
-    println!(
-        "bypass: {} attempts, {refused} refused at login, the rest ordinary tenant-1 sessions",
-        attempts.len()
-    );
-    ensure(
-        refused == 4,
-        format!("{refused} forged logins refused, 4 expected"),
-    )?;
+    println!("bypass: {} attempts, {refused} refused at login, the rest ordinary tenant-1 sessions", attempts.len());
+    ensure(refused == 4, format!("{refused} forged logins refused, 4 expected"))?;
     // and the real worker does get across tenants (the pool is really there)
     let mut cfg = tokio_postgres::Config::new();
     let tok = worker_key(serde_json::json!({ "role": "service", "sub": "w", "exp": exp }));
-    cfg.host("127.0.0.1")
-        .port(p.addr.port())
-        .user("worker")
-        .dbname("app")
-        .password(&tok);
-    let (c, conn) = cfg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| format!("worker: {e:?}"))?;
+    cfg.host("127.0.0.1").port(p.addr.port()).user("worker").dbname("app").password(&tok);
+    let (c, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| format!("worker: {e:?}"))?;
     tokio::spawn(conn);
-    let n: i64 = c
-        .query_one("select count(distinct tenant_id) from orders", &[])
-        .await
-        .map_err(|e| format!("{e:?}"))?
-        .get(0);
+    let n: i64 = c.query_one("select count(distinct tenant_id) from orders", &[]).await.map_err(|e| format!("{e:?}"))?.get(0);
     ensure(n >= 2, format!("worker sees {n} tenants"))?;
     p.stop().await;
     Ok(())
 }
 
 async fn randomized(env: &Env) -> TestResult {
-    let total: u64 = std::env::var("PGTENANT_ISOLATION_TXNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6_000);
+    let total: u64 = std::env::var("PGTENANT_ISOLATION_TXNS").ok().and_then(|v| v.parse().ok()).unwrap_or(6_000);
     env.cluster
         .psql(
             "app",
@@ -444,25 +275,16 @@ async fn randomized(env: &Env) -> TestResult {
             ),
         )
         .map_err(|e| e.to_string())?;
-    let p = start_proxy(
-        env,
-        &format!("pool_size = {POOL}\nacquire_timeout_ms = 60000"),
-        "",
-    )
-    .await;
+    let p = start_proxy(env, &format!("pool_size = {POOL}\nacquire_timeout_ms = 60000"), "").await;
     let totals = Arc::new(Totals::default());
     let started = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..CLIENTS {
         let tenant = 1 + (i as i32 % TENANTS);
-        let client = connect(&p, &token(tenant as i64, &format!("user{i}")))
-            .await
-            .map_err(|e| format!("connect: {e:?}"))?;
+        let client = connect(&p, &token(tenant as i64, &format!("user{i}"))).await.map_err(|e| format!("connect: {e:?}"))?;
         let totals = totals.clone();
         let per_client = total / CLIENTS as u64 + u64::from((i as u64) < total % CLIENTS as u64);
-        tasks.push(tokio::spawn(async move {
-            client_loop(client, tenant, per_client, i as u64, totals).await
-        }));
+        tasks.push(tokio::spawn(async move { client_loop(client, tenant, per_client, i as u64, totals).await }));
     }
     for t in tasks {
         t.await.map_err(|e| e.to_string())??;
@@ -479,27 +301,15 @@ async fn randomized(env: &Env) -> TestResult {
         t.unexpected.load(Relaxed)
     );
     ensure(t.txns.load(Relaxed) >= total, "not every transaction ran")?;
-    ensure(
-        t.foreign_rows.load(Relaxed) == 0,
-        "a client saw another tenant's rows",
-    )?;
+    ensure(t.foreign_rows.load(Relaxed) == 0, "a client saw another tenant's rows")?;
     ensure(t.unexpected.load(Relaxed) == 0, "unexpected errors")?;
-    let leftovers = env
-        .cluster
-        .psql("app", "select count(*) from orders where amount < 0")
-        .map_err(|e| e.to_string())?;
+    let leftovers = env.cluster.psql("app", "select count(*) from orders where amount < 0").map_err(|e| e.to_string())?;
     ensure(leftovers.trim() != "", "cluster reachable")?;
     p.stop().await;
     Ok(())
 }
 
-async fn client_loop(
-    c: tokio_postgres::Client,
-    tenant: i32,
-    n: u64,
-    seed: u64,
-    t: Arc<Totals>,
-) -> TestResult {
+async fn client_loop(c: tokio_postgres::Client, tenant: i32, n: u64, seed: u64, t: Arc<Totals>) -> TestResult {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let check = |tids: Vec<i32>| {
         t.rows.fetch_add(tids.len() as u64, Relaxed);

@@ -72,243 +72,48 @@ const SET_CONFIG: &str = "set_config(text,text,boolean)";
 
 /// name, SQL (one statement), FunctionCall form, extra `[tenant]` keys.
 const OPS: &[(&str, &str, Option<Call>, &str)] = &[
-    (
-        "set_search_path",
-        "SET search_path = tenant1_schema, public",
-        None,
-        "",
-    ),
+    ("set_search_path", "SET search_path = tenant1_schema, public", None, ""),
     ("set_schema", "SET SCHEMA 'tenant1_schema'", None, ""),
-    (
-        "set_config_search_path",
-        "select set_config('search_path', 'tenant1_schema', false)",
-        Some((
-            SET_CONFIG,
-            "set_config",
-            &["search_path", "tenant1_schema", "false"],
-        )),
-        "",
-    ),
-    (
-        "set_config_custom",
-        "select set_config('app.custom', 'tenant-1-data', false)",
-        Some((
-            SET_CONFIG,
-            "set_config",
-            &["app.custom", "tenant-1-data", "false"],
-        )),
-        "",
-    ),
-    (
-        "set_config_read_only",
-        "select set_config('default_transaction_read_only', 'on', false)",
-        Some((
-            SET_CONFIG,
-            "set_config",
-            &["default_transaction_read_only", "on", "false"],
-        )),
-        "",
-    ),
-    (
-        "set_statement_timeout",
-        "SET statement_timeout = 12345",
-        None,
-        "",
-    ),
-    (
-        "set_session_characteristics",
-        "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
-        None,
-        "",
-    ),
+    ("set_config_search_path", "select set_config('search_path', 'tenant1_schema', false)", Some((SET_CONFIG, "set_config", &["search_path", "tenant1_schema", "false"])), ""),
+    ("set_config_custom", "select set_config('app.custom', 'tenant-1-data', false)", Some((SET_CONFIG, "set_config", &["app.custom", "tenant-1-data", "false"])), ""),
+    ("set_config_read_only", "select set_config('default_transaction_read_only', 'on', false)", Some((SET_CONFIG, "set_config", &["default_transaction_read_only", "on", "false"])), ""),
+    ("set_statement_timeout", "SET statement_timeout = 12345", None, ""),
+    ("set_session_characteristics", "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY", None, ""),
     ("set_time_zone", "SET TIME ZONE 'Asia/Tokyo'", None, ""),
-    (
-        "fn_calls_set_config",
-        "select public.leak_setting()",
-        Some(("public.leak_setting()", "public.leak_setting", &[])),
-        "",
-    ),
-    (
-        "fn_with_set_clause",
-        "select public.with_work_mem()",
-        Some(("public.with_work_mem()", "public.with_work_mem", &[])),
-        "",
-    ),
-    (
-        "fn_takes_lock",
-        "select public.take_lock()",
-        Some(("public.take_lock()", "public.take_lock", &[])),
-        "",
-    ),
-    (
-        "fn_creates_temp",
-        "select public.mk_scratch()",
-        Some(("public.mk_scratch()", "public.mk_scratch", &[])),
-        "",
-    ),
-    (
-        "temp_table_on_commit_drop",
-        "CREATE TEMP TABLE leak_tmp_d ON COMMIT DROP AS select * from orders",
-        None,
-        "",
-    ),
-    (
-        "temp_table",
-        "CREATE TEMP TABLE leak_tmp AS select * from orders",
-        None,
-        "",
-    ),
-    (
-        "temp_view",
-        "CREATE TEMP VIEW leak_view AS select 1 as x",
-        None,
-        "",
-    ),
-    (
-        "select_into_temp",
-        "SELECT * INTO TEMP leak_into FROM orders",
-        None,
-        "",
-    ),
-    (
-        "declare_with_hold",
-        "DECLARE leak_cur CURSOR WITH HOLD FOR select * from orders",
-        None,
-        "",
-    ),
-    (
-        "prepare",
-        "PREPARE leak_stmt AS select * from orders",
-        None,
-        "",
-    ),
+    ("fn_calls_set_config", "select public.leak_setting()", Some(("public.leak_setting()", "public.leak_setting", &[])), ""),
+    ("fn_with_set_clause", "select public.with_work_mem()", Some(("public.with_work_mem()", "public.with_work_mem", &[])), ""),
+    ("fn_takes_lock", "select public.take_lock()", Some(("public.take_lock()", "public.take_lock", &[])), ""),
+    ("fn_creates_temp", "select public.mk_scratch()", Some(("public.mk_scratch()", "public.mk_scratch", &[])), ""),
+    ("temp_table_on_commit_drop", "CREATE TEMP TABLE leak_tmp_d ON COMMIT DROP AS select * from orders", None, ""),
+    ("temp_table", "CREATE TEMP TABLE leak_tmp AS select * from orders", None, ""),
+    ("temp_view", "CREATE TEMP VIEW leak_view AS select 1 as x", None, ""),
+    ("select_into_temp", "SELECT * INTO TEMP leak_into FROM orders", None, ""),
+    ("declare_with_hold", "DECLARE leak_cur CURSOR WITH HOLD FOR select * from orders", None, ""),
+    ("prepare", "PREPARE leak_stmt AS select * from orders", None, ""),
     ("listen", "LISTEN leak_channel", None, ""),
-    (
-        "advisory_lock",
-        "select pg_advisory_lock(4242)",
-        Some(("pg_advisory_lock(bigint)", "pg_advisory_lock", &["4242"])),
-        "",
-    ),
-    (
-        "advisory_lock_shared",
-        "select pg_try_advisory_lock_shared(1, 2)",
-        Some((
-            "pg_try_advisory_lock_shared(integer,integer)",
-            "pg_try_advisory_lock_shared",
-            &["1", "2"],
-        )),
-        "",
-    ),
-    (
-        "nextval",
-        "select nextval('public.leak_seq')",
-        Some(("nextval(regclass)", "nextval", &["public.leak_seq"])),
-        "",
-    ),
-    (
-        "setval",
-        "select setval('public.leak_seq', 77)",
-        Some((
-            "setval(regclass,bigint)",
-            "setval",
-            &["public.leak_seq", "77"],
-        )),
-        "",
-    ),
-    (
-        "view_calls_set_config",
-        "select * from public.leak_view",
-        None,
-        "",
-    ),
-    (
-        "view_takes_lock",
-        "select * from public.lock_view",
-        None,
-        "",
-    ),
+    ("advisory_lock", "select pg_advisory_lock(4242)", Some(("pg_advisory_lock(bigint)", "pg_advisory_lock", &["4242"])), ""),
+    ("advisory_lock_shared", "select pg_try_advisory_lock_shared(1, 2)", Some(("pg_try_advisory_lock_shared(integer,integer)", "pg_try_advisory_lock_shared", &["1", "2"])), ""),
+    ("nextval", "select nextval('public.leak_seq')", Some(("nextval(regclass)", "nextval", &["public.leak_seq"])), ""),
+    ("setval", "select setval('public.leak_seq', 77)", Some(("setval(regclass,bigint)", "setval", &["public.leak_seq", "77"])), ""),
+    ("view_calls_set_config", "select * from public.leak_view", None, ""),
+    ("view_takes_lock", "select * from public.lock_view", None, ""),
     ("view_nextval", "select * from public.seq_view", None, ""),
     ("procedure_sets_config", "CALL public.leak_proc()", None, ""),
-    (
-        "trigger_sets_config",
-        "insert into public.leak_notes values (1)",
-        None,
-        "",
-    ),
-    (
-        "insert_serial_default",
-        "insert into orders (tenant_id, amount) values (1, -50)",
-        None,
-        "",
-    ),
-    (
-        "explain_analyze_set_config",
-        "EXPLAIN ANALYZE select set_config('search_path', 'tenant1_schema', false)",
-        None,
-        "",
-    ),
-    (
-        "cte_set_config",
-        "WITH s AS (select set_config('app.custom', 'tenant-1-cte', false)) select * from s",
-        None,
-        "",
-    ),
-    (
-        "create_table_pg_temp",
-        "CREATE TABLE pg_temp.leak_pgt AS select * from orders",
-        None,
-        "",
-    ),
+    ("trigger_sets_config", "insert into public.leak_notes values (1)", None, ""),
+    ("insert_serial_default", "insert into orders (tenant_id, amount) values (1, -50)", None, ""),
+    ("explain_analyze_set_config", "EXPLAIN ANALYZE select set_config('search_path', 'tenant1_schema', false)", None, ""),
+    ("cte_set_config", "WITH s AS (select set_config('app.custom', 'tenant-1-cte', false)) select * from s", None, ""),
+    ("create_table_pg_temp", "CREATE TABLE pg_temp.leak_pgt AS select * from orders", None, ""),
     ("table_command_view", "TABLE public.leak_view", None, ""),
-    (
-        "function_in_from",
-        "select * from public.leak_setting()",
-        None,
-        "",
-    ),
+    ("function_in_from", "select * from public.leak_setting()", None, ""),
     ("operator_calls_set_config", "select 1 #+# 2", None, ""),
-    (
-        "domain_check_calls_set_config",
-        "select 'x'::public.leak_domain",
-        None,
-        "",
-    ),
-    (
-        "keyword_named_function",
-        "select public.filter()",
-        Some(("public.filter()", "public.filter", &[])),
-        "",
-    ),
-    (
-        "keyword_named_function_unqualified",
-        "select level()",
-        None,
-        "",
-    ),
-    (
-        "do_set_config",
-        "DO $$ BEGIN PERFORM set_config('app.custom', 'tenant-1-do', false); END $$",
-        None,
-        "allow_do = true",
-    ),
-    (
-        "do_dynamic_temp",
-        "DO $$ BEGIN EXECUTE 'create te' || 'mp table leak_do as select * from orders'; END $$",
-        None,
-        "allow_do = true",
-    ),
-    (
-        "do_dynamic_lock",
-        "DO $$ BEGIN EXECUTE 'select pg_advisory_l' || 'ock(4243)'; END $$",
-        None,
-        "allow_do = true",
-    ),
-    (
-        "do_dynamic_set",
-        "DO $$ BEGIN EXECUTE 'se' || 't search_path = tenant1_schema'; END $$",
-        None,
-        "allow_do = true",
-    ),
+    ("domain_check_calls_set_config", "select 'x'::public.leak_domain", None, ""),
+    ("keyword_named_function", "select public.filter()", Some(("public.filter()", "public.filter", &[])), ""),
+    ("keyword_named_function_unqualified", "select level()", None, ""),
+    ("do_set_config", "DO $$ BEGIN PERFORM set_config('app.custom', 'tenant-1-do', false); END $$", None, "allow_do = true"),
+    ("do_dynamic_temp", "DO $$ BEGIN EXECUTE 'create te' || 'mp table leak_do as select * from orders'; END $$", None, "allow_do = true"),
+    ("do_dynamic_lock", "DO $$ BEGIN EXECUTE 'select pg_advisory_l' || 'ock(4243)'; END $$", None, "allow_do = true"),
+    ("do_dynamic_set", "DO $$ BEGIN EXECUTE 'se' || 't search_path = tenant1_schema'; END $$", None, "allow_do = true"),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -325,13 +130,7 @@ enum Path {
     FunctionCall,
 }
 
-const PATHS: &[Path] = &[
-    Path::Simple,
-    Path::Extended,
-    Path::Pipelined,
-    Path::InBlock,
-    Path::FunctionCall,
-];
+const PATHS: &[Path] = &[Path::Simple, Path::Extended, Path::Pipelined, Path::InBlock, Path::FunctionCall];
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Leave {
@@ -373,18 +172,7 @@ const FINGERPRINT: &str = "select current_user::text, session_user::text, pg_bac
     (select coalesce(string_agg(c, ', ' order by c), '') from pg_listening_channels() c), \
     (select count(*) from pg_locks where locktype = 'advisory' and pid = pg_backend_pid())::text, \
     coalesce(current_setting('app.custom', true), '')";
-const LABELS: &[&str] = &[
-    "current_user",
-    "session_user",
-    "backend pid",
-    "session settings",
-    "temp objects",
-    "cursors",
-    "prepared statements",
-    "listening",
-    "advisory locks",
-    "app.custom",
-];
+const LABELS: &[&str] = &["current_user", "session_user", "backend pid", "session settings", "temp objects", "cursors", "prepared statements", "listening", "advisory locks", "app.custom"];
 const PID: usize = 2;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -411,17 +199,10 @@ async fn fingerprint(w: &mut Wire, full: bool) -> Result<Fingerprint, String> {
     if !r.ok() || r.rows.len() != 1 {
         return Err(format!("fingerprint query: {}", r.summary()));
     }
-    let mut f: Vec<(String, String)> = LABELS
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (l.to_string(), r.get(0, i)))
-        .collect();
+    let mut f: Vec<(String, String)> = LABELS.iter().enumerate().map(|(i, l)| (l.to_string(), r.get(0, i))).collect();
     if full {
         // sequence state: both must fail with 55000 on a backend that never ran nextval
-        for (label, sql) in [
-            ("lastval()", "select lastval()"),
-            ("currval(leak_seq)", "select currval('public.leak_seq')"),
-        ] {
+        for (label, sql) in [("lastval()", "select lastval()"), ("currval(leak_seq)", "select currval('public.leak_seq')")] {
             let r = w.simple(sql).await;
             let v = match r.code() {
                 Some(code) => format!("error {code}"),
@@ -448,27 +229,11 @@ async fn pristine(env: &Env, mode: Mode, b_token: &str) -> Result<Fingerprint, S
 }
 
 /// Runs one operation on one path; None when the path does not apply to the operation.
-async fn run_op(
-    a: &mut Wire,
-    sql: &str,
-    call: Option<(u32, &[&str])>,
-    path: Path,
-) -> Option<Reply> {
+async fn run_op(a: &mut Wire, sql: &str, call: Option<(u32, &[&str])>, path: Path) -> Option<Reply> {
     Some(match path {
         Path::Simple => a.simple(sql).await,
         Path::Extended => a.ext(sql).await,
-        Path::Pipelined => {
-            a.round(
-                &[
-                    wire::extended("select 1"),
-                    wire::extended(sql),
-                    wire::query("select 2"),
-                ]
-                .concat(),
-                3,
-            )
-            .await
-        }
+        Path::Pipelined => a.round(&[wire::extended("select 1"), wire::extended(sql), wire::query("select 2")].concat(), 3).await,
         Path::InBlock => {
             let mut r = a.simple("BEGIN").await;
             for part in [a.simple(sql).await, a.simple("COMMIT").await] {
@@ -514,12 +279,7 @@ async fn scenario(
         return None;
     }
     let label = format!("{mode:?} / {name} / {path:?} / {leave:?}");
-    let fail = |why: String| {
-        Some(Outcome {
-            line: format!("{label}: FAIL {why}"),
-            failure: Some(format!("{label}: {why}")),
-        })
-    };
+    let fail = |why: String| Some(Outcome { line: format!("{label}: FAIL {why}"), failure: Some(format!("{label}: {why}")) });
     let mut config = format!("{extra}\n");
     let mut note = String::new();
     if let (Path::FunctionCall, Some((_, allow, _))) = (path, call) {
@@ -530,14 +290,7 @@ async fn scenario(
         Ok(p) => p,
         Err(e) if e.contains("allowed_function_calls") => {
             note = " (allowed_function_calls not supported: default config)".into();
-            match try_start(
-                env,
-                "pool_size = 1",
-                &format!("{extra}\n{}", mode.config()),
-                "",
-            )
-            .await
-            {
+            match try_start(env, "pool_size = 1", &format!("{extra}\n{}", mode.config()), "").await {
                 Ok(p) => p,
                 Err(e) => return fail(e),
             }
@@ -575,9 +328,7 @@ async fn scenario(
             b.close().await;
             f
         };
-        let f = tokio::time::timeout(Duration::from_secs(12), b)
-            .await
-            .map_err(|_| format!("A {outcome}; B got no answer within 12 s"))??;
+        let f = tokio::time::timeout(Duration::from_secs(12), b).await.map_err(|_| format!("A {outcome}; B got no answer within 12 s"))??;
         if let Some(a) = held {
             a.close().await;
         }
@@ -589,33 +340,18 @@ async fn scenario(
         Ok(v) => v,
         Err(e) => return fail(e),
     };
-    let backend = if f.pid() == pid_a {
-        "same backend"
-    } else {
-        "NEW backend"
-    };
+    let backend = if f.pid() == pid_a { "same backend" } else { "NEW backend" };
     let diff = f.diff(reference);
     if diff.is_empty() {
-        Some(Outcome {
-            line: format!("{label}: A {outcome}; B on {backend}: pristine{note}"),
-            failure: None,
-        })
+        Some(Outcome { line: format!("{label}: A {outcome}; B on {backend}: pristine{note}"), failure: None })
     } else {
-        let why = format!(
-            "A {outcome}; B on {backend} finds {}{note}",
-            diff.join("; ")
-        );
-        Some(Outcome {
-            line: format!("{label}: FAIL {why}"),
-            failure: Some(format!("{label}: {why}")),
-        })
+        let why = format!("A {outcome}; B on {backend} finds {}{note}", diff.join("; "));
+        Some(Outcome { line: format!("{label}: FAIL {why}"), failure: Some(format!("{label}: {why}")) })
     }
 }
 
 async fn matrix(env: &Env, mode: Mode) -> TestResult {
-    env.cluster
-        .psql("app", SETUP)
-        .map_err(|e| format!("setup: {e}"))?;
+    env.cluster.psql("app", SETUP).map_err(|e| format!("setup: {e}"))?;
     let mut oids = std::collections::HashMap::new();
     for (_, _, call, _) in OPS {
         if let Some((sig, _, _)) = call {
@@ -625,10 +361,7 @@ async fn matrix(env: &Env, mode: Mode) -> TestResult {
     let b_token = b_token();
     let reference = pristine(env, mode, &b_token).await?;
     println!("pristine [{mode:?}]: {:?}", reference.0);
-    ensure(
-        reference.0[0].1 == "app_user" && reference.0[1].1 == "app_user",
-        "the pristine backend is not app_user",
-    )?;
+    ensure(reference.0[0].1 == "app_user" && reference.0[1].1 == "app_user", "the pristine backend is not app_user")?;
     if mode == Mode::Session {
         detector_self_test(env, &reference).await?;
     }
@@ -636,32 +369,19 @@ async fn matrix(env: &Env, mode: Mode) -> TestResult {
     for op in OPS {
         for &path in PATHS {
             for &leave in mode.leaves() {
-                let Some(o) =
-                    scenario(env, mode, op, path, leave, &reference, &oids, &b_token).await
-                else {
-                    continue;
-                };
+                let Some(o) = scenario(env, mode, op, path, leave, &reference, &oids, &b_token).await else { continue };
                 runs += 1;
                 println!("  pristine {}", o.line);
                 failures.extend(o.failure);
             }
         }
     }
-    println!(
-        "pristine [{mode:?}]: {runs} scenarios, {} hand over a backend that is not pristine",
-        failures.len()
-    );
-    env.cluster
-        .psql("app", TEARDOWN)
-        .map_err(|e| format!("teardown: {e}"))?;
+    println!("pristine [{mode:?}]: {runs} scenarios, {} hand over a backend that is not pristine", failures.len());
+    env.cluster.psql("app", TEARDOWN).map_err(|e| format!("teardown: {e}"))?;
     if failures.is_empty() {
         Ok(())
     } else {
-        Err(format!(
-            "{} of {runs} scenarios:\n    {}",
-            failures.len(),
-            failures.join("\n    ")
-        ))
+        Err(format!("{} of {runs} scenarios:\n    {}", failures.len(), failures.join("\n    ")))
     }
 }
 
@@ -687,43 +407,19 @@ const STATELESS_OPS: &[&str] = &["fn_with_set_clause", "temp_table_on_commit_dro
 async fn detector_self_test(env: &Env, reference: &Fingerprint) -> TestResult {
     let mut blind = Vec::new();
     for (name, sql, _, extra) in OPS {
-        let p = try_start(
-            env,
-            "pool_size = 1",
-            &format!("{extra}\n{}", Mode::Session.config()),
-            "",
-        )
-        .await?;
+        let p = try_start(env, "pool_size = 1", &format!("{extra}\n{}", Mode::Session.config()), "").await?;
         let mut a = Wire::connect(p.addr, &token(1, "alice-pristine")).await?;
         let r = a.simple(sql).await;
         let f = fingerprint(&mut a, true).await?;
         a.close().await;
         p.stop().await;
-        let seen: Vec<String> = f
-            .diff(reference)
-            .iter()
-            .map(|d| d.split(':').next().unwrap_or_default().to_string())
-            .collect();
-        println!(
-            "  detector: {name}: {} -> {}",
-            r.code().map_or("ran".into(), |c| format!("refused {c}")),
-            if seen.is_empty() {
-                "no visible state".into()
-            } else {
-                seen.join(", ")
-            }
-        );
+        let seen: Vec<String> = f.diff(reference).iter().map(|d| d.split(':').next().unwrap_or_default().to_string()).collect();
+        println!("  detector: {name}: {} -> {}", r.code().map_or("ran".into(), |c| format!("refused {c}")), if seen.is_empty() { "no visible state".into() } else { seen.join(", ") });
         if seen.is_empty() != STATELESS_OPS.contains(name) {
             blind.push(format!("{name} ({})", r.summary()));
         }
     }
-    ensure(
-        blind.is_empty(),
-        format!(
-            "the fingerprint does not see the state of: {}",
-            blind.join("; ")
-        ),
-    )
+    ensure(blind.is_empty(), format!("the fingerprint does not see the state of: {}", blind.join("; ")))
 }
 
 pub async fn transaction_mode(env: &Env) -> TestResult {

@@ -38,21 +38,13 @@ pub async fn guard_misses_against_signed_policies(env: &Env) -> TestResult {
 
     // the control: with the plain policies a missed statement does leak
     let leaks = replay(env).await?;
-    let label = format!(
-        "plain policies: {} of {} missed statements leak (so the replay can fail)",
-        leaks.len(),
-        ATTACKS.len()
-    );
+    let label = format!("plain policies: {} of {} missed statements leak (so the replay can fail)", leaks.len(), ATTACKS.len());
     checks.check(&label, !leaks.is_empty(), "none leaked");
 
     env.cluster.load_signed_rls_fixture(&install).map_err(e)?;
     let result = async {
         let leaks = replay(env).await?;
-        checks.check(
-            "signed policies: no missed statement shows or changes another tenant's row",
-            leaks.is_empty(),
-            leaks.join("; "),
-        );
+        checks.check("signed policies: no missed statement shows or changes another tenant's row", leaks.is_empty(), leaks.join("; "));
         // through the signing proxy: refused or harmless, and tenant 1 still reads its own rows
         let p = pgtenant::server::start(cfg).await?;
         let c = connect(&p, &token(1, "mallory")).await.map_err(e)?;
@@ -61,17 +53,9 @@ pub async fn guard_misses_against_signed_policies(env: &Env) -> TestResult {
             let _ = c.simple_query(sql).await;
             let _ = c.simple_query("ROLLBACK").await;
             let (foreign, own) = seen(&c).await?;
-            checks.check(
-                &format!("through pgtenant: {sql:?}"),
-                foreign == 0 && own > 0,
-                format!("{foreign} foreign rows, {own} own"),
-            );
+            checks.check(&format!("through pgtenant: {sql:?}"), foreign == 0 && own > 0, format!("{foreign} foreign rows, {own} own"));
         }
-        checks.check(
-            "through pgtenant: tenant 2's rows unchanged",
-            victim(env) == before,
-            victim(env),
-        );
+        checks.check("through pgtenant: tenant 2's rows unchanged", victim(env) == before, victim(env));
         p.stop().await;
         Ok::<_, String>(())
     }
@@ -97,25 +81,14 @@ async fn replay(env: &Env) -> Result<Vec<String>, String> {
     let mut leaks = Vec::new();
     let before = victim(env);
     for sql in ATTACKS {
-        let (c, conn) = tokio_postgres::connect(
-            &env.cluster.url("app_user", "app-secret", "app"),
-            tokio_postgres::NoTls,
-        )
-        .await
-        .map_err(e)?;
+        let (c, conn) = tokio_postgres::connect(&env.cluster.url("app_user", "app-secret", "app"), tokio_postgres::NoTls).await.map_err(e)?;
         tokio::spawn(conn);
         let row = c
             .query_one("SELECT pg_backend_pid(), extract(epoch from backend_start)::text FROM pg_catalog.pg_stat_get_activity(pg_catalog.pg_backend_pid())", &[])
             .await
             .map_err(e)?;
-        let backend = BackendId {
-            pid: row.get(0),
-            started: row.get(1),
-        };
-        let settings = vec![
-            ("app.tenant_id".to_string(), "1".to_string()),
-            ("app.user_id".to_string(), "mallory".to_string()),
-        ];
+        let backend = BackendId { pid: row.get(0), started: row.get(1) };
+        let settings = vec![("app.tenant_id".to_string(), "1".to_string()), ("app.user_id".to_string(), "mallory".to_string())];
         let (ctx, sig) = signer.signed(&settings, now(), &backend);
         // pgtenant's context statement, then the statement the guard missed, in one transaction
         c.batch_execute("BEGIN").await.map_err(e)?;

@@ -176,12 +176,7 @@ pub fn terminate() -> Vec<u8> {
 
 /// FunctionCall: function `oid`, every argument in `arg_format` (0 text, 1 binary), the result in
 /// `result_format`.
-pub fn function_call(
-    oid: u32,
-    args: &[Option<&[u8]>],
-    arg_format: i16,
-    result_format: i16,
-) -> Vec<u8> {
+pub fn function_call(oid: u32, args: &[Option<&[u8]>], arg_format: i16, result_format: i16) -> Vec<u8> {
     let mut b = Vec::new();
     b.extend_from_slice(&oid.to_be_bytes());
     b.extend_from_slice(&1i16.to_be_bytes());
@@ -208,24 +203,12 @@ pub fn call(oid: u32, args: &[&str]) -> Vec<u8> {
 
 /// A CancelRequest (sent on a connection of its own, instead of a startup packet).
 pub fn cancel_request(pid: i32, secret: i32) -> Vec<u8> {
-    [
-        &16i32.to_be_bytes()[..],
-        &80877102i32.to_be_bytes(),
-        &pid.to_be_bytes(),
-        &secret.to_be_bytes(),
-    ]
-    .concat()
+    [&16i32.to_be_bytes()[..], &80877102i32.to_be_bytes(), &pid.to_be_bytes(), &secret.to_be_bytes()].concat()
 }
 
 /// One unnamed Parse/Bind/Describe/Execute of `sql`, without Sync.
 pub fn unnamed(sql: &str) -> Vec<u8> {
-    [
-        parse("", sql, &[]),
-        bind("", "", &[]),
-        describe(b'P', ""),
-        execute("", 0),
-    ]
-    .concat()
+    [parse("", sql, &[]), bind("", "", &[]), describe(b'P', ""), execute("", 0)].concat()
 }
 
 /// One extended-protocol batch: Parse/Bind/Describe/Execute of `sql`, then Sync.
@@ -254,22 +237,12 @@ impl Wire {
     }
 
     /// Startup with `params`, answers the cleartext password request, waits for ReadyForQuery.
-    pub async fn login(
-        addr: SocketAddr,
-        params: &[(&str, &str)],
-        password: &str,
-    ) -> Result<Wire, String> {
+    pub async fn login(addr: SocketAddr, params: &[(&str, &str)], password: &str) -> Result<Wire, String> {
         let s = tokio::time::timeout(TIMEOUT, TcpStream::connect(addr))
             .await
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| format!("connect: {e}"))?;
-        let mut w = Wire {
-            s,
-            buf: Vec::new(),
-            key_pid: 0,
-            key_secret: 0,
-            params: Vec::new(),
-        };
+        let mut w = Wire { s, buf: Vec::new(), key_pid: 0, key_secret: 0, params: Vec::new() };
         let mut body = 196608i32.to_be_bytes().to_vec();
         for (k, v) in params {
             cstr(&mut body, k);
@@ -304,10 +277,7 @@ impl Wire {
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
-        self.s
-            .write_all(bytes)
-            .await
-            .map_err(|e| format!("send: {e}"))
+        self.s.write_all(bytes).await.map_err(|e| format!("send: {e}"))
     }
 
     /// Several messages in one write (a pipeline).
@@ -378,11 +348,7 @@ impl Wire {
     /// Sends `bytes` (ending in `n` Sync/Query/FunctionCall) and reads the `n` replies.
     pub async fn round(&mut self, bytes: &[u8], n: usize) -> Reply {
         if let Err(e) = self.send(bytes).await {
-            return Reply {
-                closed: true,
-                trace: e,
-                ..Default::default()
-            };
+            return Reply { closed: true, trace: e, ..Default::default() };
         }
         self.ready_n(n, TIMEOUT).await
     }
@@ -413,28 +379,18 @@ fn record(r: &mut Reply, tag: u8, body: &[u8]) {
     r.trace.push(tag as char);
     match tag {
         b'E' => r.errors.push(parse_error(body)),
-        b'C' => r.tags.push(
-            String::from_utf8_lossy(body.split(|&b| b == 0).next().unwrap_or_default())
-                .into_owned(),
-        ),
+        b'C' => r.tags.push(String::from_utf8_lossy(body.split(|&b| b == 0).next().unwrap_or_default()).into_owned()),
         b'D' => r.rows.push(parse_row(body)),
         b'Z' => r.readies.push(body.first().copied().unwrap_or(0)),
         b'S' => r.params.push(parameter_status(body)),
         b'A' => {
-            let mut parts = body[4..]
-                .split(|&b| b == 0)
-                .map(|p| String::from_utf8_lossy(p).into_owned());
+            let mut parts = body[4..].split(|&b| b == 0).map(|p| String::from_utf8_lossy(p).into_owned());
             let pid = i32::from_be_bytes(body[..4].try_into().unwrap());
-            r.notifications.push((
-                pid,
-                parts.next().unwrap_or_default(),
-                parts.next().unwrap_or_default(),
-            ));
+            r.notifications.push((pid, parts.next().unwrap_or_default(), parts.next().unwrap_or_default()));
         }
         b'V' => {
             let len = i32::from_be_bytes(body[..4].try_into().unwrap());
-            r.results
-                .push((len >= 0).then(|| body[4..4 + len as usize].to_vec()));
+            r.results.push((len >= 0).then(|| body[4..4 + len as usize].to_vec()));
         }
         _ => {}
     }
@@ -442,25 +398,14 @@ fn record(r: &mut Reply, tag: u8, body: &[u8]) {
 
 /// A ParameterStatus body: (name, value).
 pub fn parameter_status(body: &[u8]) -> (String, String) {
-    let mut parts = body
-        .split(|&b| b == 0)
-        .map(|p| String::from_utf8_lossy(p).into_owned());
-    (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    )
+    let mut parts = body.split(|&b| b == 0).map(|p| String::from_utf8_lossy(p).into_owned());
+    (parts.next().unwrap_or_default(), parts.next().unwrap_or_default())
 }
 
 pub fn parse_error(body: &[u8]) -> PgErr {
-    let mut e = PgErr {
-        severity: String::new(),
-        code: String::new(),
-        message: String::new(),
-    };
+    let mut e = PgErr { severity: String::new(), code: String::new(), message: String::new() };
     for field in body.split(|&b| b == 0) {
-        let Some((&k, v)) = field.split_first() else {
-            continue;
-        };
+        let Some((&k, v)) = field.split_first() else { continue };
         let v = String::from_utf8_lossy(v).into_owned();
         match k {
             b'S' => e.severity = v,
@@ -482,9 +427,7 @@ fn parse_row(body: &[u8]) -> Vec<Option<String>> {
         if len < 0 {
             row.push(None);
         } else {
-            row.push(Some(
-                String::from_utf8_lossy(&body[at..at + len as usize]).into_owned(),
-            ));
+            row.push(Some(String::from_utf8_lossy(&body[at..at + len as usize]).into_owned()));
             at += len as usize;
         }
     }

@@ -31,24 +31,16 @@ struct Totals {
 }
 
 fn soak_secs() -> u64 {
-    std::env::var("PGTENANT_SOAK_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(30)
+    std::env::var("PGTENANT_SOAK_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(30)
 }
 
 fn main() {
     let limit = Duration::from_secs(soak_secs() + 120);
-    run_all_within(
-        &[("soak_memory_fds_errors_flat", |env| Box::pin(soak(env)))],
-        limit,
-    );
+    run_all_within(&[("soak_memory_fds_errors_flat", |env| Box::pin(soak(env)))], limit);
 }
 
 fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
 }
 
 async fn soak(env: &Env) -> TestResult {
@@ -56,49 +48,21 @@ async fn soak(env: &Env) -> TestResult {
     // the per-tenant limits and the audit log are on: they must stay flat too
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let audit = dir.path().join("audit.jsonl");
-    let extra = format!(
-        "[limits]\nmax_active_per_tenant = 3\n[audit]\npath = \"{}\"",
-        audit.display()
-    );
+    let extra = format!("[limits]\nmax_active_per_tenant = 3\n[audit]\npath = \"{}\"", audit.display());
     let p = Arc::new(start_proxy(env, "pool_size = 6", &extra).await);
     let stop = Arc::new(AtomicBool::new(false));
     let t = Arc::new(Totals::default());
     let workers: Vec<_> = (0..CLIENTS)
-        .map(|i| {
-            tokio::spawn(client(
-                p.clone(),
-                1 + (i as i64) % TENANTS,
-                i,
-                stop.clone(),
-                t.clone(),
-            ))
-        })
+        .map(|i| tokio::spawn(client(p.clone(), 1 + (i as i64) % TENANTS, i, stop.clone(), t.clone())))
         .collect();
     let started = Instant::now();
     let mut samples: Vec<(u64, u64, usize, u64, u64)> = Vec::new();
-    println!(
-        "    {:>6} {:>10} {:>8} {:>6} {:>10} {:>8}",
-        "t (s)", "RSS KiB", "fds", "pool", "txns", "unexp."
-    );
+    println!("    {:>6} {:>10} {:>8} {:>6} {:>10} {:>8}", "t (s)", "RSS KiB", "fds", "pool", "txns", "unexp.");
     while started.elapsed() < Duration::from_secs(secs) {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let s = (
-            started.elapsed().as_secs(),
-            rss_kib(),
-            open_fds(),
-            t.txns.load(Relaxed),
-            t.unexpected.load(Relaxed),
-        );
+        let s = (started.elapsed().as_secs(), rss_kib(), open_fds(), t.txns.load(Relaxed), t.unexpected.load(Relaxed));
         if s.0 % (secs / 10).max(1) == 0 {
-            println!(
-                "    {:>6} {:>10} {:>8} {:>6} {:>10} {:>8}",
-                s.0,
-                s.1,
-                s.2,
-                p.proxy.shared.pool.busy_count(),
-                s.3,
-                s.4
-            );
+            println!("    {:>6} {:>10} {:>8} {:>6} {:>10} {:>8}", s.0, s.1, s.2, p.proxy.shared.pool.busy_count(), s.3, s.4);
         }
         samples.push(s);
     }
@@ -118,52 +82,24 @@ async fn soak(env: &Env) -> TestResult {
         t.logins.load(Relaxed),
         t.refused.load(Relaxed)
     );
-    ensure(
-        t.foreign.load(Relaxed) == 0,
-        format!("{} foreign-tenant rows", t.foreign.load(Relaxed)),
-    )?;
-    ensure(
-        t.unexpected.load(Relaxed) == 0,
-        format!("{} unexpected errors", t.unexpected.load(Relaxed)),
-    )?;
-    ensure(
-        txns > 100 * secs,
-        format!("only {txns} transactions in {secs} s"),
-    )?;
+    ensure(t.foreign.load(Relaxed) == 0, format!("{} foreign-tenant rows", t.foreign.load(Relaxed)))?;
+    ensure(t.unexpected.load(Relaxed) == 0, format!("{} unexpected errors", t.unexpected.load(Relaxed)))?;
+    ensure(txns > 100 * secs, format!("only {txns} transactions in {secs} s"))?;
     // flat: after warm-up, RSS may grow by at most 1 MiB + 2 %, descriptors by at most 8 (an
     // unscraped metrics histogram once grew ~100 KiB/s here)
-    ensure(
-        rss_max <= rss0 + 1024 + rss0 / 50,
-        format!("RSS grew from {rss0} to {rss_max} KiB after warm-up"),
-    )?;
-    ensure(
-        fds_max <= fds0 + 8,
-        format!("file descriptors grew from {fds0} to {fds_max}"),
-    )?;
+    ensure(rss_max <= rss0 + 1024 + rss0 / 50, format!("RSS grew from {rss0} to {rss_max} KiB after warm-up"))?;
+    ensure(fds_max <= fds0 + 8, format!("file descriptors grew from {fds0} to {fds_max}"))?;
     // every login and every refusal went to the audit log
     let records = std::fs::read_to_string(&audit).map_err(|e| e.to_string())?;
-    let logins = records
-        .lines()
-        .filter(|l| l.contains("\"event\":\"login\""))
-        .count() as u64;
-    let refusals = records
-        .lines()
-        .filter(|l| l.contains("\"event\":\"statement_refused\""))
-        .count() as u64;
+    let logins = records.lines().filter(|l| l.contains("\"event\":\"login\"")).count() as u64;
+    let refusals = records.lines().filter(|l| l.contains("\"event\":\"statement_refused\"")).count() as u64;
     ensure(
         logins == t.logins.load(Relaxed) && refusals >= t.refused.load(Relaxed),
-        format!(
-            "audit log: {logins} logins, {refusals} refusals; clients saw {} and {}",
-            t.logins.load(Relaxed),
-            t.refused.load(Relaxed)
-        ),
+        format!("audit log: {logins} logins, {refusals} refusals; clients saw {} and {}", t.logins.load(Relaxed), t.refused.load(Relaxed)),
     )?;
     let deadline = Instant::now() + Duration::from_secs(5);
     while p.proxy.shared.pool.busy_count() > 0 {
-        ensure(
-            Instant::now() < deadline,
-            "backends still leased after the soak",
-        )?;
+        ensure(Instant::now() < deadline, "backends still leased after the soak")?;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
@@ -171,13 +107,7 @@ async fn soak(env: &Env) -> TestResult {
 
 /// One client: a random mix of simple and extended reads, transactions that write and roll back,
 /// guard refusals, COPY out and reconnects (new logins).
-async fn client(
-    p: Arc<pgtenant::server::Running>,
-    tenant: i64,
-    seed: u64,
-    stop: Arc<AtomicBool>,
-    t: Arc<Totals>,
-) {
+async fn client(p: Arc<pgtenant::server::Running>, tenant: i64, seed: u64, stop: Arc<AtomicBool>, t: Arc<Totals>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let fail = |t: &Totals, what: String| {
         if t.unexpected.fetch_add(1, Relaxed) < 5 {
@@ -194,9 +124,7 @@ async fn client(
             }
         };
         t.logins.fetch_add(1, Relaxed);
-        let stmt = c
-            .prepare("SELECT tenant_id FROM orders WHERE amount::float8 < $1")
-            .await;
+        let stmt = c.prepare("SELECT tenant_id FROM orders WHERE amount::float8 < $1").await;
         let Ok(stmt) = stmt else {
             fail(&t, "prepare".into());
             continue;

@@ -60,9 +60,7 @@ type Reply = Response<Full<Bytes>>;
 fn response(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
     let mut reply = Response::new(Full::new(body.into()));
     *reply.status_mut() = status;
-    reply
-        .headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    reply.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     reply
 }
 
@@ -131,8 +129,7 @@ async fn sample_gauges(proxy: &impl Source) {
     use crate::metrics as names;
     metrics::gauge!(names::CLIENTS).set(proxy.clients() as f64);
     metrics::gauge!(names::READY).set(if ready(proxy).await.is_ok() { 1.0 } else { 0.0 });
-    let pools =
-        std::iter::once(("tenant", proxy.pool())).chain(proxy.bypass_pool().map(|b| ("bypass", b)));
+    let pools = std::iter::once(("tenant", proxy.pool())).chain(proxy.bypass_pool().map(|b| ("bypass", b)));
     for (name, pool) in pools {
         metrics::gauge!(names::POOL_SIZE, "pool" => name).set(pool.size() as f64);
         metrics::gauge!(names::POOL_BUSY, "pool" => name).set(pool.busy_count() as f64);
@@ -142,25 +139,16 @@ async fn sample_gauges(proxy: &impl Source) {
 }
 
 async fn answer<B>(proxy: &impl Source, request: Request<B>) -> Reply {
-    let (method, path, query) = (
-        request.method(),
-        request.uri().path(),
-        request.uri().query().unwrap_or(""),
-    );
+    let (method, path, query) = (request.method(), request.uri().path(), request.uri().query().unwrap_or(""));
     if method == Method::POST && path == "/reload" {
         return match proxy.reload_file().await {
             Ok(()) => text(StatusCode::OK, "reloaded\n"),
-            Err(e) => text(
-                StatusCode::BAD_REQUEST,
-                format!("new config rejected, the old one stays: {e}\n"),
-            ),
+            Err(e) => text(StatusCode::BAD_REQUEST, format!("new config rejected, the old one stays: {e}\n")),
         };
     }
     if method != Method::GET {
         let mut reply = text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
-        reply
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET"));
+        reply.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
         return reply;
     }
     match path {

@@ -22,11 +22,7 @@ pub struct Listed<'a> {
 impl Listed<'_> {
     /// `primary` (a pool to a cluster's primary, or the bypass pool) or `replica`.
     pub fn role(&self) -> &'static str {
-        if self.replica.is_some() {
-            "replica"
-        } else {
-            "primary"
-        }
+        if self.replica.is_some() { "replica" } else { "primary" }
     }
 }
 
@@ -34,34 +30,14 @@ impl Listed<'_> {
 /// other pools in config order ("default" first, whose primary is the tenant pool).
 pub fn list(proxy: &impl Source) -> Vec<Listed<'_>> {
     let clusters = proxy.router().map(|r| r.clusters()).unwrap_or_default();
-    let mut out = vec![Listed {
-        label: "tenant",
-        cluster: clusters.first().map(|c| c.name.as_str()),
-        pool: proxy.pool(),
-        replica: None,
-    }];
-    out.extend(proxy.bypass_pool().map(|pool| Listed {
-        label: "bypass",
-        cluster: None,
-        pool,
-        replica: None,
-    }));
+    let mut out = vec![Listed { label: "tenant", cluster: clusters.first().map(|c| c.name.as_str()), pool: proxy.pool(), replica: None }];
+    out.extend(proxy.bypass_pool().map(|pool| Listed { label: "bypass", cluster: None, pool, replica: None }));
     for (i, c) in clusters.iter().enumerate() {
         let cluster = Some(c.name.as_str());
         if i > 0 {
-            out.push(Listed {
-                label: "cluster",
-                cluster,
-                pool: &c.primary,
-                replica: None,
-            });
+            out.push(Listed { label: "cluster", cluster, pool: &c.primary, replica: None });
         }
-        out.extend(c.replicas.iter().map(|r| Listed {
-            label: "replica",
-            cluster,
-            pool: &r.pool,
-            replica: Some(&**r),
-        }));
+        out.extend(c.replicas.iter().map(|r| Listed { label: "replica", cluster, pool: &r.pool, replica: Some(&**r) }));
     }
     out
 }

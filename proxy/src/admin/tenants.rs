@@ -34,42 +34,24 @@ fn sort(stats: &mut [(String, TenantStats)], by: By) {
             By::Wait => (t.wait_seconds_total, 0.0),
         }
     };
-    stats.sort_by(|(_, a), (_, b)| {
-        key(b)
-            .partial_cmp(&key(a))
-            .unwrap_or(std::cmp::Ordering::Equal)
-            .then_with(|| a.tenant.cmp(&b.tenant))
-    });
+    stats.sort_by(|(_, a), (_, b)| key(b).partial_cmp(&key(a)).unwrap_or(std::cmp::Ordering::Equal).then_with(|| a.tenant.cmp(&b.tenant)));
 }
 
 /// A per-tenant metric: name, type, help text, and its value for one tenant.
-type Series = (
-    &'static str,
-    &'static str,
-    &'static str,
-    fn(&TenantStats) -> f64,
-);
+type Series = (&'static str, &'static str, &'static str, fn(&TenantStats) -> f64);
 
 /// `GET /tenants?top=N&by=load|active|waiting|transactions|wait`.
 pub fn json(proxy: &impl Source, query: &str) -> Result<String, String> {
     let (mut top, mut by) = (20usize, By::Load);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         match pair.split_once('=').unwrap_or((pair, "")) {
-            ("top", n) => {
-                top = n
-                    .parse()
-                    .map_err(|_| format!("top must be a number, not \"{n}\""))?
-            }
+            ("top", n) => top = n.parse().map_err(|_| format!("top must be a number, not \"{n}\""))?,
             ("by", "load") => by = By::Load,
             ("by", "active") => by = By::Active,
             ("by", "waiting") => by = By::Waiting,
             ("by", "transactions") => by = By::Transactions,
             ("by", "wait") => by = By::Wait,
-            ("by", other) => {
-                return Err(format!(
-                    "by must be load, active, waiting, transactions or wait, not \"{other}\""
-                ))
-            }
+            ("by", other) => return Err(format!("by must be load, active, waiting, transactions or wait, not \"{other}\"")),
             (other, _) => return Err(format!("unknown parameter \"{other}\" (top, by)")),
         }
     }
@@ -123,55 +105,19 @@ pub fn metrics_text(proxy: &impl Source) -> String {
         .collect();
     let mut out = String::new();
     let series: [Series; 5] = [
-        (
-            names::TENANT_ACTIVE,
-            "gauge",
-            "transactions of the tenant holding a pooled connection",
-            |t| t.active as f64,
-        ),
-        (
-            names::TENANT_WAITING,
-            "gauge",
-            "transactions of the tenant waiting for a pooled connection",
-            |t| t.waiting as f64,
-        ),
-        (
-            names::TENANT_TRANSACTIONS,
-            "counter",
-            "transactions of the tenant that got a pooled connection",
-            |t| t.transactions as f64,
-        ),
-        (
-            names::TENANT_WAIT_SECONDS,
-            "counter",
-            "seconds the tenant's transactions waited for a connection",
-            |t| t.wait_seconds_total,
-        ),
-        (
-            names::TENANT_LIMIT_REFUSALS,
-            "counter",
-            "transactions of the tenant refused by a limit or the wait timeout",
-            |t| t.limit_refusals as f64,
-        ),
+        (names::TENANT_ACTIVE, "gauge", "transactions of the tenant holding a pooled connection", |t| t.active as f64),
+        (names::TENANT_WAITING, "gauge", "transactions of the tenant waiting for a pooled connection", |t| t.waiting as f64),
+        (names::TENANT_TRANSACTIONS, "counter", "transactions of the tenant that got a pooled connection", |t| t.transactions as f64),
+        (names::TENANT_WAIT_SECONDS, "counter", "seconds the tenant's transactions waited for a connection", |t| t.wait_seconds_total),
+        (names::TENANT_LIMIT_REFUSALS, "counter", "transactions of the tenant refused by a limit or the wait timeout", |t| t.limit_refusals as f64),
     ];
     for (name, kind, help, value) in series {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (cluster, t) in &chosen {
             if by_cluster {
-                let _ = writeln!(
-                    out,
-                    "{name}{{tenant=\"{}\",cluster=\"{}\"}} {}",
-                    escape(&t.tenant),
-                    escape(cluster),
-                    value(t)
-                );
+                let _ = writeln!(out, "{name}{{tenant=\"{}\",cluster=\"{}\"}} {}", escape(&t.tenant), escape(cluster), value(t));
             } else {
-                let _ = writeln!(
-                    out,
-                    "{name}{{tenant=\"{}\"}} {}",
-                    escape(&t.tenant),
-                    value(t)
-                );
+                let _ = writeln!(out, "{name}{{tenant=\"{}\"}} {}", escape(&t.tenant), value(t));
             }
         }
     }
@@ -183,12 +129,7 @@ pub fn metrics_text(proxy: &impl Source) -> String {
 fn gather(proxy: &impl Source) -> Vec<(String, TenantStats)> {
     let clusters = proxy.router().map(|r| r.clusters()).unwrap_or_default();
     if clusters.is_empty() {
-        return proxy
-            .pool()
-            .tenant_stats()
-            .into_iter()
-            .map(|t| ("default".to_string(), t))
-            .collect();
+        return proxy.pool().tenant_stats().into_iter().map(|t| ("default".to_string(), t)).collect();
     }
     let mut out = Vec::new();
     for c in clusters {
@@ -214,7 +155,5 @@ fn gather(proxy: &impl Source) -> Vec<(String, TenantStats)> {
 
 /// Escapes a label value (backslash, quote, newline) as the exposition format requires.
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }

@@ -33,19 +33,11 @@ impl SessionAttrs {
 
     /// Whether `conn` is on a server of this kind; `Err` when asking failed (the connection is then
     /// unusable). `Ok(Some(reason))` says why it is not.
-    pub async fn mismatch(
-        self,
-        conn: &mut BackendConn,
-    ) -> Result<Option<&'static str>, ConnectError> {
+    pub async fn mismatch(self, conn: &mut BackendConn) -> Result<Option<&'static str>, ConnectError> {
         if self == SessionAttrs::Any {
             return Ok(None);
         }
-        let reported = |conn: &BackendConn, name: &str| {
-            conn.params
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v == "on")
-        };
+        let reported = |conn: &BackendConn, name: &str| conn.params.iter().find(|(k, _)| k == name).map(|(_, v)| v == "on");
         let standby = match reported(conn, "in_hot_standby") {
             Some(s) => s,
             None => ask_on(conn, "SELECT pg_catalog.pg_is_in_recovery()", "t").await?,
@@ -59,9 +51,7 @@ impl SessionAttrs {
                 None => ask_on(conn, "SHOW transaction_read_only", "on").await?,
             };
             if read_only {
-                return Ok(Some(
-                    "accepts no writes (default_transaction_read_only is on)",
-                ));
+                return Ok(Some("accepts no writes (default_transaction_read_only is on)"));
             }
         }
         Ok(None)
@@ -70,11 +60,7 @@ impl SessionAttrs {
 
 async fn ask_on(conn: &mut BackendConn, sql: &str, yes: &str) -> Result<bool, ConnectError> {
     let rows = simple_query(conn, sql).await?;
-    Ok(rows
-        .first()
-        .and_then(|r| r.first())
-        .and_then(|v| v.as_deref())
-        == Some(yes))
+    Ok(rows.first().and_then(|r| r.first()).and_then(|v| v.as_deref()) == Some(yes))
 }
 
 #[cfg(test)]
@@ -83,14 +69,9 @@ mod tests {
 
     #[test]
     fn parses_what_libpq_names() {
-        assert_eq!(
-            SessionAttrs::parse("read-write"),
-            Ok(SessionAttrs::ReadWrite)
-        );
+        assert_eq!(SessionAttrs::parse("read-write"), Ok(SessionAttrs::ReadWrite));
         assert_eq!(SessionAttrs::parse("primary"), Ok(SessionAttrs::Primary));
         assert_eq!(SessionAttrs::parse("any"), Ok(SessionAttrs::Any));
-        assert!(SessionAttrs::parse("prefer-standby")
-            .unwrap_err()
-            .contains("not supported"));
+        assert!(SessionAttrs::parse("prefer-standby").unwrap_err().contains("not supported"));
     }
 }

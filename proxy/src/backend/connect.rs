@@ -71,9 +71,7 @@ impl ConnectError {
                 "28000" => sqlstate::INVALID_AUTHORIZATION,
                 _ => sqlstate::CONNECTION_FAILURE,
             },
-            ConnectError::NoPrimary { .. } | ConnectError::WrongKind(_) => {
-                sqlstate::CANNOT_CONNECT_NOW
-            }
+            ConnectError::NoPrimary { .. } | ConnectError::WrongKind(_) => sqlstate::CANNOT_CONNECT_NOW,
             _ => sqlstate::CONNECTION_FAILURE,
         }
     }
@@ -84,9 +82,7 @@ impl ConnectError {
     pub fn is_unavailable(&self) -> bool {
         match self {
             ConnectError::Io(..) | ConnectError::Timeout(_) | ConnectError::WrongKind(_) => true,
-            ConnectError::Server { code, .. } => {
-                matches!(code.as_str(), "57P01" | "57P02" | "57P03" | "53300")
-            }
+            ConnectError::Server { code, .. } => matches!(code.as_str(), "57P01" | "57P02" | "57P03" | "53300"),
             ConnectError::NoPrimary { retry, .. } => *retry,
             _ => false,
         }
@@ -100,27 +96,9 @@ fn encode<M: Message>(m: &M) -> BytesMut {
     b
 }
 
-/// The `application_name` pgtenant's own connections log in with (a pooled connection opened for a
-/// client's transaction takes that client's instead: see `crate::pool::Pool::acquire`).
-pub const APPLICATION_NAME: &str = "pgtenant";
-
-/// Connects and logs in as [`APPLICATION_NAME`]; bounded by the target's connect timeout.
+/// Connects and logs in; bounded by the target's connect timeout.
 pub async fn connect(target: &BackendTarget) -> Result<BackendConn, ConnectError> {
-    connect_as(target, APPLICATION_NAME).await
-}
-
-/// Connects and logs in with `application_name` (the server cleans it and cuts it to 63 bytes, as
-/// for any client); bounded by the target's connect timeout.
-pub async fn connect_as(
-    target: &BackendTarget,
-    application_name: &str,
-) -> Result<BackendConn, ConnectError> {
-    match tokio::time::timeout(
-        target.connect_timeout,
-        connect_inner(target, application_name),
-    )
-    .await
-    {
+    match tokio::time::timeout(target.connect_timeout, connect_inner(target)).await {
         Ok(r) => r,
         Err(_) => Err(ConnectError::Timeout(target.connect_timeout.as_millis())),
     }
@@ -130,9 +108,7 @@ async fn open_socket(target: &BackendTarget) -> Result<Stream, ConnectError> {
     let io = |e| ConnectError::Io(target.describe(), e);
     match &target.host {
         Host::Tcp(h) => {
-            let tcp = TcpStream::connect((h.as_str(), target.port))
-                .await
-                .map_err(io)?;
+            let tcp = TcpStream::connect((h.as_str(), target.port)).await.map_err(io)?;
             let _ = tcp.set_nodelay(true);
             Ok(Stream::Tcp(tcp))
         }
@@ -149,18 +125,13 @@ async fn negotiate_tls(target: &BackendTarget, stream: Stream) -> Result<Stream,
         unreachable!("called only for TCP with a TLS config")
     };
     let io = |e| ConnectError::Io(target.describe(), e);
-    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
-        .await
-        .map_err(io)?;
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.map_err(io)?;
     let mut answer = [0u8; 1];
     tcp.read_exact(&mut answer).await.map_err(io)?;
     match answer[0] {
         b'S' => {
-            let Host::Tcp(host) = &target.host else {
-                unreachable!()
-            };
-            let name =
-                ServerName::try_from(host.clone()).map_err(|e| ConnectError::Tls(e.to_string()))?;
+            let Host::Tcp(host) = &target.host else { unreachable!() };
+            let name = ServerName::try_from(host.clone()).map_err(|e| ConnectError::Tls(e.to_string()))?;
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
@@ -169,16 +140,11 @@ async fn negotiate_tls(target: &BackendTarget, stream: Stream) -> Result<Stream,
         }
         b'N' if target.tls == BackendTls::Prefer => Ok(Stream::Tcp(tcp)),
         b'N' => Err(ConnectError::TlsRequired),
-        other => Err(ConnectError::Protocol(format!(
-            "unexpected answer {other:#x} to SSLRequest"
-        ))),
+        other => Err(ConnectError::Protocol(format!("unexpected answer {other:#x} to SSLRequest"))),
     }
 }
 
-async fn connect_inner(
-    target: &BackendTarget,
-    application_name: &str,
-) -> Result<BackendConn, ConnectError> {
+async fn connect_inner(target: &BackendTarget) -> Result<BackendConn, ConnectError> {
     let mut stream = open_socket(target).await?;
     if target.tls != BackendTls::Disable && matches!(target.host, Host::Tcp(_)) {
         stream = negotiate_tls(target, stream).await?;
@@ -188,7 +154,7 @@ async fn connect_inner(
     for (k, v) in [
         ("user", target.user.as_str()),
         ("database", target.database.as_str()),
-        ("application_name", application_name),
+        ("application_name", "pgtenant"),
         ("client_encoding", "UTF8"),
     ] {
         startup.parameters.insert(k.into(), v.into());
@@ -203,16 +169,12 @@ async fn connect_inner(
         let f = read_frame(&mut stream, &mut buf, MAX_STARTUP_MESSAGE)
             .await
             .map_err(io)?
-            .ok_or_else(|| {
-                ConnectError::Protocol("server closed the connection during startup".into())
-            })?;
+            .ok_or_else(|| ConnectError::Protocol("server closed the connection during startup".into()))?;
         let mut body = Bytes::copy_from_slice(f.body());
         match f.tag {
             b'R' => {
                 if body.remaining() < 4 {
-                    return Err(ConnectError::Protocol(
-                        "short authentication message".into(),
-                    ));
+                    return Err(ConnectError::Protocol("short authentication message".into()));
                 }
                 let reply = authenticate(target, body.get_i32(), body, &mut scram)?;
                 if let Some(reply) = reply {
@@ -227,22 +189,11 @@ async fn connect_inner(
             }
             b'K' if body.remaining() >= 8 => key = (body.get_i32(), body.get_i32()),
             b'Z' => {
-                return Ok(BackendConn {
-                    stream,
-                    params,
-                    pid: key.0,
-                    secret_key: key.1,
-                    created: Instant::now(),
-                })
+                return Ok(BackendConn { stream, params, pid: key.0, secret_key: key.1, created: Instant::now() })
             }
             b'E' => return Err(server_error(f.body())),
             b'N' | b'v' => {}
-            t => {
-                return Err(ConnectError::Protocol(format!(
-                    "unexpected message '{}' during startup",
-                    t as char
-                )))
-            }
+            t => return Err(ConnectError::Protocol(format!("unexpected message '{}' during startup", t as char))),
         }
     }
 }
@@ -256,10 +207,7 @@ fn authenticate(
 ) -> Result<Option<BytesMut>, ConnectError> {
     let password = || {
         target.password.clone().ok_or_else(|| {
-            ConnectError::Auth(format!(
-                "the database server asks for a password for \"{}\", but backend.url has none",
-                target.user
-            ))
+            ConnectError::Auth(format!("the database server asks for a password for \"{}\", but backend.url has none", target.user))
         })
     };
     let protocol = |e: std::io::Error| ConnectError::Protocol(format!("SCRAM: {e}"));
@@ -267,62 +215,35 @@ fn authenticate(
         0 => None,
         3 => Some(encode(&Password::new(password()?))),
         5 => {
-            let salt: [u8; 4] = body
-                .get(..4)
-                .and_then(|s| s.try_into().ok())
-                .ok_or_else(|| ConnectError::Protocol("short md5 salt".into()))?;
-            Some(encode(&Password::new(md5_hash(
-                target.user.as_bytes(),
-                password()?.as_bytes(),
-                salt,
-            ))))
+            let salt: [u8; 4] = body.get(..4).and_then(|s| s.try_into().ok()).ok_or_else(|| ConnectError::Protocol("short md5 salt".into()))?;
+            Some(encode(&Password::new(md5_hash(target.user.as_bytes(), password()?.as_bytes(), salt))))
         }
         10 => {
             let offers_scram = body.split(|&b| b == 0).any(|m| m == b"SCRAM-SHA-256");
             if !offers_scram {
-                return Err(ConnectError::UnsupportedAuth(
-                    String::from_utf8_lossy(&body)
-                        .replace('\0', " ")
-                        .trim()
-                        .to_string(),
-                ));
+                return Err(ConnectError::UnsupportedAuth(String::from_utf8_lossy(&body).replace('\0', " ").trim().to_string()));
             }
             let s = ScramSha256::new(password()?.as_bytes(), ChannelBinding::unsupported());
-            let msg = encode(&SASLInitialResponse::new(
-                "SCRAM-SHA-256".into(),
-                Some(Bytes::copy_from_slice(s.message())),
-            ));
+            let msg = encode(&SASLInitialResponse::new("SCRAM-SHA-256".into(), Some(Bytes::copy_from_slice(s.message()))));
             *scram = Some(s);
             Some(msg)
         }
         11 => {
-            let s = scram
-                .as_mut()
-                .ok_or_else(|| ConnectError::Protocol("SASL continue without SASL start".into()))?;
+            let s = scram.as_mut().ok_or_else(|| ConnectError::Protocol("SASL continue without SASL start".into()))?;
             s.update(&body).map_err(protocol)?;
-            Some(encode(&SASLResponse::new(Bytes::copy_from_slice(
-                s.message(),
-            ))))
+            Some(encode(&SASLResponse::new(Bytes::copy_from_slice(s.message()))))
         }
         12 => {
-            let s = scram
-                .as_mut()
-                .ok_or_else(|| ConnectError::Protocol("SASL final without SASL start".into()))?;
+            let s = scram.as_mut().ok_or_else(|| ConnectError::Protocol("SASL final without SASL start".into()))?;
             s.finish(&body).map_err(protocol)?;
             None
         }
-        other => {
-            return Err(ConnectError::UnsupportedAuth(format!(
-                "authentication request {other}"
-            )))
-        }
+        other => return Err(ConnectError::UnsupportedAuth(format!("authentication request {other}"))),
     })
 }
 
 fn server_error(body: &[u8]) -> ConnectError {
-    let code = peek::error_code(body)
-        .map(|c| String::from_utf8_lossy(c).into_owned())
-        .unwrap_or_default();
+    let code = peek::error_code(body).map(|c| String::from_utf8_lossy(c).into_owned()).unwrap_or_default();
     let mut message = String::new();
     let mut rest = body;
     while let Some((&field, r)) = rest.split_first() {
@@ -342,20 +263,11 @@ fn server_error(body: &[u8]) -> ConnectError {
 /// Sends a CancelRequest for (pid, secret) on a new connection, as libpq does.
 pub async fn send_cancel(target: &BackendTarget, pid: i32, secret_key: i32) -> std::io::Result<()> {
     let work = async {
-        let mut stream = open_socket(target)
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let mut stream = open_socket(target).await.map_err(|e| std::io::Error::other(e.to_string()))?;
         if target.tls != BackendTls::Disable && matches!(target.host, Host::Tcp(_)) {
-            stream = negotiate_tls(target, stream)
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            stream = negotiate_tls(target, stream).await.map_err(|e| std::io::Error::other(e.to_string()))?;
         }
-        stream
-            .write_all(&encode(&CancelRequest::new(
-                pid,
-                SecretKey::I32(secret_key),
-            )))
-            .await?;
+        stream.write_all(&encode(&CancelRequest::new(pid, SecretKey::I32(secret_key)))).await?;
         // the server closes the connection once it has the request
         let mut sink = [0u8; 16];
         let _ = stream.read(&mut sink).await;
@@ -363,10 +275,5 @@ pub async fn send_cancel(target: &BackendTarget, pid: i32, secret_key: i32) -> s
     };
     tokio::time::timeout(target.connect_timeout, work)
         .await
-        .unwrap_or_else(|_| {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "cancel request timed out",
-            ))
-        })
+        .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "cancel request timed out")))
 }

@@ -27,18 +27,13 @@ pub struct ConnInfo {
 const DEFAULT_PORT: u16 = 5432;
 
 fn decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8_lossy()
-        .into_owned()
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
 }
 
 /// Parses either form.
 pub fn parse(s: &str) -> Result<ConnInfo, String> {
     let s = s.trim();
-    if let Some(rest) = s
-        .strip_prefix("postgres://")
-        .or_else(|| s.strip_prefix("postgresql://"))
-    {
+    if let Some(rest) = s.strip_prefix("postgres://").or_else(|| s.strip_prefix("postgresql://")) {
         parse_url(rest)
     } else if !s.contains("://") && s.contains('=') {
         parse_key_values(s)
@@ -89,9 +84,7 @@ fn parse_url(rest: &str) -> Result<ConnInfo, String> {
 /// `host`, `host:port`, `[v6]` or `[v6]:port`.
 fn split_host_port(h: &str) -> Result<(&str, Option<&str>), String> {
     if let Some(rest) = h.strip_prefix('[') {
-        let (addr, after) = rest
-            .split_once(']')
-            .ok_or_else(|| format!("unterminated IPv6 address \"{h}\""))?;
+        let (addr, after) = rest.split_once(']').ok_or_else(|| format!("unterminated IPv6 address \"{h}\""))?;
         return match after.strip_prefix(':') {
             Some(p) => Ok((addr, Some(p))),
             None if after.is_empty() => Ok((addr, None)),
@@ -193,22 +186,10 @@ impl Pairs {
         if self.dbname.is_empty() {
             return Err("has no database name (postgres://user:password@host/db)".into());
         }
-        let names: Vec<&str> = if self.host.is_empty() {
-            vec![""]
-        } else {
-            self.host.split(',').collect()
-        };
-        let ports: Vec<&str> = if self.port.is_empty() {
-            vec![""]
-        } else {
-            self.port.split(',').collect()
-        };
+        let names: Vec<&str> = if self.host.is_empty() { vec![""] } else { self.host.split(',').collect() };
+        let ports: Vec<&str> = if self.port.is_empty() { vec![""] } else { self.port.split(',').collect() };
         if ports.len() != 1 && ports.len() != names.len() {
-            return Err(format!(
-                "names {} hosts but {} ports (give one port for all, or one per host)",
-                names.len(),
-                ports.len()
-            ));
+            return Err(format!("names {} hosts but {} ports (give one port for all, or one per host)", names.len(), ports.len()));
         }
         let mut hosts = Vec::with_capacity(names.len());
         for (i, name) in names.iter().enumerate() {
@@ -216,10 +197,7 @@ impl Pairs {
             let port = if port.is_empty() {
                 DEFAULT_PORT
             } else {
-                port.parse::<u16>()
-                    .ok()
-                    .filter(|p| *p > 0)
-                    .ok_or_else(|| format!("has an invalid port \"{port}\""))?
+                port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("has an invalid port \"{port}\""))?
             };
             let name = name.trim();
             let host = if name.starts_with('/') {
@@ -237,13 +215,7 @@ impl Pairs {
             None if hosts.len() > 1 => SessionAttrs::ReadWrite,
             None => SessionAttrs::Any,
         };
-        Ok(ConnInfo {
-            hosts,
-            user: self.user,
-            password: self.password,
-            database: self.dbname,
-            attrs,
-        })
+        Ok(ConnInfo { hosts, user: self.user, password: self.password, database: self.dbname, attrs })
     }
 }
 
@@ -259,50 +231,33 @@ mod tests {
     fn url_with_one_host_as_before() {
         let c = parse("postgres://app%40x:p%40ss%3Aw@db.example:6543/app").unwrap();
         assert_eq!(c.hosts, vec![tcp("db.example", 6543)]);
-        assert_eq!(
-            (c.user.as_str(), c.password.as_deref(), c.database.as_str()),
-            ("app@x", Some("p@ss:w"), "app")
-        );
+        assert_eq!((c.user.as_str(), c.password.as_deref(), c.database.as_str()), ("app@x", Some("p@ss:w"), "app"));
         assert_eq!(c.attrs, SessionAttrs::Any);
         let c = parse("postgresql://u@localhost/app?host=/run/pg&sslmode=disable").unwrap();
         assert_eq!(c.hosts, vec![(Host::Unix("/run/pg".into()), 5432)]);
         let c = parse("postgres://u@[::1]:7/app").unwrap();
         assert_eq!(c.hosts, vec![tcp("::1", 7)]);
-        assert_eq!(
-            parse("postgres://u@/app").unwrap().hosts,
-            vec![tcp("localhost", 5432)]
-        );
+        assert_eq!(parse("postgres://u@/app").unwrap().hosts, vec![tcp("localhost", 5432)]);
     }
 
     #[test]
     fn url_with_several_hosts_wants_the_primary() {
         let c = parse("postgres://app_user:pw@h1:5432,h2:5433,h3/app").unwrap();
-        assert_eq!(
-            c.hosts,
-            vec![tcp("h1", 5432), tcp("h2", 5433), tcp("h3", 5432)]
-        );
+        assert_eq!(c.hosts, vec![tcp("h1", 5432), tcp("h2", 5433), tcp("h3", 5432)]);
         assert_eq!(c.attrs, SessionAttrs::ReadWrite);
         let c = parse("postgres://u:p@h1,h2/app?port=6000&target_session_attrs=any").unwrap();
         assert_eq!(c.hosts, vec![tcp("h1", 6000), tcp("h2", 6000)]);
         assert_eq!(c.attrs, SessionAttrs::Any);
         let c = parse("postgres://u@x/app?host=a,b&port=1,2&target_session_attrs=primary").unwrap();
-        assert_eq!(
-            (c.hosts, c.attrs),
-            (vec![tcp("a", 1), tcp("b", 2)], SessionAttrs::Primary)
-        );
+        assert_eq!((c.hosts, c.attrs), (vec![tcp("a", 1), tcp("b", 2)], SessionAttrs::Primary));
     }
 
     #[test]
     fn key_value_form() {
-        let c = parse("host=h1,h2 port=5432,5433 user=app_user password='a \\'b' dbname = app")
-            .unwrap();
+        let c = parse("host=h1,h2 port=5432,5433 user=app_user password='a \\'b' dbname = app").unwrap();
         assert_eq!(c.hosts, vec![tcp("h1", 5432), tcp("h2", 5433)]);
-        assert_eq!(
-            (c.password.as_deref(), c.database.as_str(), c.attrs),
-            (Some("a 'b"), "app", SessionAttrs::ReadWrite)
-        );
-        let c =
-            parse("host=h1,h2 port=6432 user=u dbname=d target_session_attrs=read-write").unwrap();
+        assert_eq!((c.password.as_deref(), c.database.as_str(), c.attrs), (Some("a 'b"), "app", SessionAttrs::ReadWrite));
+        let c = parse("host=h1,h2 port=6432 user=u dbname=d target_session_attrs=read-write").unwrap();
         assert_eq!(c.hosts, vec![tcp("h1", 6432), tcp("h2", 6432)]);
     }
 
@@ -313,14 +268,8 @@ mod tests {
             ("postgres://u:secret@h/", "database"),
             ("postgres://:secret@h/db", "user"),
             ("postgres://u:secret@h:99999/db", "port"),
-            (
-                "postgres://u:secret@h/db?port=1,2,3&host=a,b",
-                "2 hosts but 3 ports",
-            ),
-            (
-                "host=a user=u password=secret dbname=d target_session_attrs=standby",
-                "target_session_attrs",
-            ),
+            ("postgres://u:secret@h/db?port=1,2,3&host=a,b", "2 hosts but 3 ports"),
+            ("host=a user=u password=secret dbname=d target_session_attrs=standby", "target_session_attrs"),
             ("host=a user=u password='secret dbname=d", "unterminated"),
             ("host=a user=u password=sec ret dbname=d", "without a value"),
         ] {

@@ -25,13 +25,9 @@ pub async fn simple_query(conn: &mut BackendConn, sql: &str) -> Result<Vec<Row>,
             .map_err(io)?
             .ok_or_else(|| ConnectError::Protocol("server closed the connection".into()))?;
         match f.tag {
-            b'D' => rows.push(
-                data_row(f.body()).ok_or_else(|| ConnectError::Protocol("bad DataRow".into()))?,
-            ),
+            b'D' => rows.push(data_row(f.body()).ok_or_else(|| ConnectError::Protocol("bad DataRow".into()))?),
             b'E' => {
-                let code = peek::error_code(f.body())
-                    .map(|c| String::from_utf8_lossy(c).into_owned())
-                    .unwrap_or_default();
+                let code = peek::error_code(f.body()).map(|c| String::from_utf8_lossy(c).into_owned()).unwrap_or_default();
                 let message = f
                     .body()
                     .split(|&b| b == 0)

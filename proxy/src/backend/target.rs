@@ -43,9 +43,7 @@ impl BackendTarget {
     }
 
     /// Every host of `backend.url`, in order, and the kind of server the pool must reach there.
-    pub fn all_from_config(
-        cfg: &BackendConfig,
-    ) -> Result<(Vec<BackendTarget>, SessionAttrs), String> {
+    pub fn all_from_config(cfg: &BackendConfig) -> Result<(Vec<BackendTarget>, SessionAttrs), String> {
         let info = super::conninfo::parse(&cfg.url)?;
         let tls_config = match cfg.tls {
             BackendTls::Disable => None,
@@ -81,13 +79,7 @@ impl BackendTarget {
     pub fn describe(&self) -> String {
         match &self.host {
             Host::Tcp(h) => format!("{}@{}:{}/{}", self.user, h, self.port, self.database),
-            Host::Unix(d) => format!(
-                "{}@{}/.s.PGSQL.{}/{}",
-                self.user,
-                d.display(),
-                self.port,
-                self.database
-            ),
+            Host::Unix(d) => format!("{}@{}/.s.PGSQL.{}/{}", self.user, d.display(), self.port, self.database),
         }
     }
 }
@@ -97,38 +89,20 @@ mod tests {
     use super::*;
 
     fn cfg(url: &str) -> BackendConfig {
-        toml::from_str::<crate::config::Config>(&format!("[backend]\nurl = \"{url}\"\n"))
-            .unwrap()
-            .backend
+        toml::from_str::<crate::config::Config>(&format!("[backend]\nurl = \"{url}\"\n")).unwrap().backend
     }
 
     #[test]
     fn parses_urls() {
-        let t =
-            BackendTarget::from_config(&cfg("postgres://app%40x:p%40ss%3Aw@db.example:6543/app"))
-                .unwrap();
-        assert_eq!(
-            (t.user.as_str(), t.password.as_deref(), t.port),
-            ("app@x", Some("p@ss:w"), 6543)
-        );
+        let t = BackendTarget::from_config(&cfg("postgres://app%40x:p%40ss%3Aw@db.example:6543/app")).unwrap();
+        assert_eq!((t.user.as_str(), t.password.as_deref(), t.port), ("app@x", Some("p@ss:w"), 6543));
         assert_eq!(t.host, Host::Tcp("db.example".into()));
         assert!(!format!("{t:?}").contains("p@ss") && !t.describe().contains("p@ss"));
-        let t =
-            BackendTarget::from_config(&cfg("postgresql://u@localhost/app?host=/run/pg")).unwrap();
-        assert_eq!(
-            (t.host.clone(), t.port),
-            (Host::Unix("/run/pg".into()), 5432)
-        );
+        let t = BackendTarget::from_config(&cfg("postgresql://u@localhost/app?host=/run/pg")).unwrap();
+        assert_eq!((t.host.clone(), t.port), (Host::Unix("/run/pg".into()), 5432));
         assert!(t.password.is_none());
-        let (all, attrs) =
-            BackendTarget::all_from_config(&cfg("postgres://u:pw@h1:5432,[::1]:5433/app")).unwrap();
-        assert_eq!(
-            all.iter().map(|t| t.address()).collect::<Vec<_>>(),
-            ["h1:5432", "[::1]:5433"]
-        );
-        assert_eq!(
-            (attrs, all[1].password.as_deref(), all[1].database.as_str()),
-            (SessionAttrs::ReadWrite, Some("pw"), "app")
-        );
+        let (all, attrs) = BackendTarget::all_from_config(&cfg("postgres://u:pw@h1:5432,[::1]:5433/app")).unwrap();
+        assert_eq!(all.iter().map(|t| t.address()).collect::<Vec<_>>(), ["h1:5432", "[::1]:5433"]);
+        assert_eq!((attrs, all[1].password.as_deref(), all[1].database.as_str()), (SessionAttrs::ReadWrite, Some("pw"), "app"));
     }
 }

@@ -88,34 +88,20 @@ pub async fn login(
     if let Some(options) = params.get("options") {
         if let Err(e) = inputs.rules.get().guard.check_startup_options(options) {
             tracing::info!(user = %user, result = "refused", reason = %e.message, "login");
-            return Err((
-                stream,
-                PgError {
-                    severity: crate::error::Severity::Fatal,
-                    ..e
-                },
-            ));
+            return Err((stream, PgError { severity: crate::error::Severity::Fatal, ..e }));
         }
     }
     let prefers_standby = match crate::routing::intent::startup_prefers_standby(params) {
         Ok(p) => p,
         Err(e) => return Err((stream, e)),
     };
-    let database = params
-        .get("database")
-        .filter(|d| !d.is_empty())
-        .unwrap_or(&user);
+    let database = params.get("database").filter(|d| !d.is_empty()).unwrap_or(&user);
     let served = &inputs.pool.target().database;
     if database != served {
         return Err((
             stream,
-            PgError::fatal(
-                sqlstate::INVALID_CATALOG_NAME,
-                format!("database \"{database}\" does not exist"),
-            )
-            .with_hint(format!(
-                "pgtenant serves database \"{served}\"; connect with dbname={served}"
-            )),
+            PgError::fatal(sqlstate::INVALID_CATALOG_NAME, format!("database \"{database}\" does not exist"))
+                .with_hint(format!("pgtenant serves database \"{served}\"; connect with dbname={served}")),
         ));
     }
 
@@ -130,8 +116,7 @@ pub async fn login(
         Ok(c) => c,
         Err(e) => {
             tracing::info!(user = %user, result = "rejected", reason = %e.message, "login");
-            metrics::counter!(crate::metrics::LOGINS, "result" => "rejected", "sqlstate" => e.code)
-                .increment(1);
+            metrics::counter!(crate::metrics::LOGINS, "result" => "rejected", "sqlstate" => e.code).increment(1);
             return Err((stream, e));
         }
     };
@@ -139,18 +124,9 @@ pub async fn login(
     let pool = match (inputs.bypass, bypass) {
         (Some(b), true) => b,
         (None, true) => {
-            return Err((
-                stream,
-                PgError::fatal(
-                    sqlstate::CANNOT_CONNECT_NOW,
-                    "pgtenant: the bypass pool is not running",
-                ),
-            ))
+            return Err((stream, PgError::fatal(sqlstate::CANNOT_CONNECT_NOW, "pgtenant: the bypass pool is not running")))
         }
-        (_, false) => match inputs
-            .router
-            .cluster_of(&context.tenant, context.cluster.as_deref())
-        {
+        (_, false) => match inputs.router.cluster_of(&context.tenant, context.cluster.as_deref()) {
             // the tenant's cluster: its server facts, and its backend in session mode
             Ok(i) => inputs.router.primary(i).as_ref(),
             Err(e) => {
@@ -160,28 +136,14 @@ pub async fn login(
         },
     };
 
-    // the first login connects, with its client's name (see `Pool::acquire`)
-    let name = params
-        .get("application_name")
-        .map_or(crate::backend::connect::APPLICATION_NAME, String::as_str);
-    let info = match pool.server_info(name).await {
+    let info = match pool.server_info().await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(user = %user, result = "backend unavailable", "login");
-            return Err((
-                stream,
-                PgError {
-                    severity: crate::error::Severity::Fatal,
-                    ..e
-                },
-            ));
+            return Err((stream, PgError { severity: crate::error::Severity::Fatal, ..e }));
         }
     };
-    if info
-        .params
-        .iter()
-        .any(|(k, v)| k == "is_superuser" && v == "on")
-    {
+    if info.params.iter().any(|(k, v)| k == "is_superuser" && v == "on") {
         tracing::error!(backend = %pool.target().describe(), "backend role is a superuser: refusing clients");
         return Err((
             stream,
@@ -201,42 +163,30 @@ pub async fn login(
         Ok(g) => g,
         Err(e) => return Err((stream, e)),
     };
-    let backend = greeting
-        .lease
-        .as_ref()
-        .map(|l| (l.backend.pid, l.backend.secret_key));
+    let backend = greeting.lease.as_ref().map(|l| (l.backend.pid, l.backend.secret_key));
     // a backend not on the default server (bypass, another cluster) is cancelled on its own server
-    let cancel = inputs.cancels.register(
-        (!std::ptr::eq(pool, inputs.pool)).then(|| pool.target().clone()),
-        backend,
-    );
+    let cancel = inputs.cancels.register((!std::ptr::eq(pool, inputs.pool)).then(|| pool.target().clone()), backend);
     // a trusted worker's login is on record before it gets in, or it does not get in
-    let recorded = inputs
-        .audit
-        .record(
-            "login",
-            serde_json::json!({
-                "result": "ok",
-                "pool": if bypass { "bypass" } else { "tenant" },
-                "tenant": (!bypass).then_some(&context.tenant),
-                "subject": context.subject,
-                "user": user,
-                "client": peer.to_string(),
-                "session": cancel.pid,
-            }),
-        )
-        .await;
+    let recorded = inputs.audit.record(
+        "login",
+        serde_json::json!({
+            "result": "ok",
+            "pool": if bypass { "bypass" } else { "tenant" },
+            "tenant": (!bypass).then_some(&context.tenant),
+            "subject": context.subject,
+            "user": user,
+            "client": peer.to_string(),
+            "session": cancel.pid,
+        }),
+    ).await;
     if bypass && recorded.is_err() {
         if let Some(lease) = greeting.lease {
             pool.release(lease); // idle and clean: the probe ended with ReadyForQuery
         }
         return Err((
             stream,
-            PgError::fatal(
-                sqlstate::IO_ERROR,
-                "pgtenant: the audit log cannot be written, so bypass logins are refused",
-            )
-            .with_hint("check audit.path (disk full? permissions?) and the pgtenant log"),
+            PgError::fatal(sqlstate::IO_ERROR, "pgtenant: the audit log cannot be written, so bypass logins are refused")
+                .with_hint("check audit.path (disk full? permissions?) and the pgtenant log"),
         ));
     }
     if bypass {
@@ -251,10 +201,7 @@ pub async fn login(
     build::backend_key_data(&mut out, cancel.pid, cancel.secret);
     build::ready_for_query(&mut out, b'I');
     if let Err(e) = stream.write_all(&out).await {
-        return Err((
-            stream,
-            PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string()),
-        ));
+        return Err((stream, PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string())));
     }
     tracing::info!(user = %user, tenant = %context.tenant.replace('\0', ""), sub = context.subject.as_deref().unwrap_or(""), result = "ok", "login");
     metrics::counter!(crate::metrics::LOGINS, "result" => "ok", "sqlstate" => "00000").increment(1);
@@ -285,23 +232,11 @@ pub async fn ask_password(stream: &mut Stream, buf: &mut BytesMut) -> Result<Str
     match read_frame(stream, buf, MAX_PASSWORD_MESSAGE).await {
         Ok(Some(f)) if f.tag == b'p' => match peek::cstr(f.body()) {
             Some((pw, _)) => Ok(String::from_utf8_lossy(pw).into_owned()),
-            None => Err(PgError::fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                "malformed password message",
-            )),
+            None => Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "malformed password message")),
         },
-        Ok(Some(_)) => Err(PgError::fatal(
-            sqlstate::PROTOCOL_VIOLATION,
-            "expected a password message",
-        )),
-        Ok(None) => Err(PgError::fatal(
-            sqlstate::CONNECTION_FAILURE,
-            "client closed the connection during authentication",
-        )),
-        Err(e) => Err(PgError::fatal(
-            sqlstate::PROTOCOL_VIOLATION,
-            format!("pgtenant: {e}"),
-        )),
+        Ok(Some(_)) => Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "expected a password message")),
+        Ok(None) => Err(PgError::fatal(sqlstate::CONNECTION_FAILURE, "client closed the connection during authentication")),
+        Err(e) => Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgtenant: {e}"))),
     }
 }
 
@@ -309,11 +244,8 @@ pub async fn ask_password(stream: &mut Stream, buf: &mut BytesMut) -> Result<Str
 /// trusted worker for the bypass pool (see `bypass`).
 async fn identify(auth: &Auth, token: &str) -> Result<(Vec<String>, TenantContext, bool), PgError> {
     if token.is_empty() {
-        return Err(PgError::fatal(
-            sqlstate::INVALID_PASSWORD,
-            "pgtenant: no token given as the password",
-        )
-        .with_hint("pass a JWT as the password, e.g. PGPASSWORD=<jwt>"));
+        return Err(PgError::fatal(sqlstate::INVALID_PASSWORD, "pgtenant: no token given as the password")
+            .with_hint("pass a JWT as the password, e.g. PGPASSWORD=<jwt>"));
     }
     if let Some(bp) = &auth.bypass {
         if let Some(claims) = bp.verify(token).await {
@@ -327,31 +259,19 @@ async fn identify(auth: &Auth, token: &str) -> Result<(Vec<String>, TenantContex
 
 async fn verify(auth: &Auth, token: &str) -> Result<TenantContext, PgError> {
     let claims = auth.verifier.verify_fresh(token).await.map_err(|e| {
-        let err = PgError::fatal(
-            sqlstate::INVALID_PASSWORD,
-            format!("pgtenant: JWT rejected: {e}"),
-        );
+        let err = PgError::fatal(sqlstate::INVALID_PASSWORD, format!("pgtenant: JWT rejected: {e}"));
         match e {
-            JwtError::KeysNotLoaded => {
-                PgError::fatal(sqlstate::CANNOT_CONNECT_NOW, format!("pgtenant: {e}")).with_hint(
-                    "pgtenant could not fetch jwt.jwks_url yet; try again shortly (see /readyz)",
-                )
-            }
-            JwtError::Malformed => {
-                err.with_hint("the password must be a signed JWT (header.payload.signature)")
-            }
+            JwtError::KeysNotLoaded => PgError::fatal(sqlstate::CANNOT_CONNECT_NOW, format!("pgtenant: {e}"))
+                .with_hint("pgtenant could not fetch jwt.jwks_url yet; try again shortly (see /readyz)"),
+            JwtError::Malformed => err.with_hint("the password must be a signed JWT (header.payload.signature)"),
             JwtError::Expired => err.with_hint("get a fresh token"),
-            JwtError::WrongAudience | JwtError::WrongIssuer => err.with_hint(
-                "check jwt.audience / jwt.issuer in the pgtenant config against the token",
-            ),
+            JwtError::WrongAudience | JwtError::WrongIssuer => {
+                err.with_hint("check jwt.audience / jwt.issuer in the pgtenant config against the token")
+            }
             _ => err,
         }
     })?;
-    if auth
-        .bypass
-        .as_ref()
-        .is_some_and(|bp| bp.claims_bypass(&claims))
-    {
+    if auth.bypass.as_ref().is_some_and(|bp| bp.claims_bypass(&claims)) {
         return Err(PgError::fatal(
             sqlstate::INVALID_AUTHORIZATION,
             "pgtenant: this token claims the bypass role but is not signed by the bypass key",
@@ -361,9 +281,7 @@ async fn verify(auth: &Auth, token: &str) -> Result<TenantContext, PgError> {
     auth.mapping.context(&claims).map_err(|e| {
         let err = PgError::fatal(sqlstate::INVALID_AUTHORIZATION, format!("pgtenant: {e}"));
         match e {
-            ContextError::MissingClaim(_) => {
-                err.with_hint("the token must carry every claim named in tenant.settings")
-            }
+            ContextError::MissingClaim(_) => err.with_hint("the token must carry every claim named in tenant.settings"),
             _ => err,
         }
     })

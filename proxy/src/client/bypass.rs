@@ -25,11 +25,7 @@ pub struct BypassAuth {
 
 impl BypassAuth {
     /// `None` when bypass is disabled; `previous` lends its fetched JWKS cache.
-    pub fn from_config(
-        cfg: &BypassConfig,
-        tenant: &TenantConfig,
-        previous: Option<&BypassAuth>,
-    ) -> Result<Option<BypassAuth>, ConfigError> {
+    pub fn from_config(cfg: &BypassConfig, tenant: &TenantConfig, previous: Option<&BypassAuth>) -> Result<Option<BypassAuth>, ConfigError> {
         if !cfg.enabled {
             return Ok(None);
         }
@@ -37,8 +33,7 @@ impl BypassAuth {
             verifier: JwtVerifier::from_config_reusing(&cfg.jwt, previous.map(|p| &p.verifier))?,
             claim: split_path(&cfg.claim),
             value: cfg.value.clone(),
-            claims_setting: (!tenant.claims_setting.is_empty())
-                .then(|| tenant.claims_setting.clone()),
+            claims_setting: (!tenant.claims_setting.is_empty()).then(|| tenant.claims_setting.clone()),
         }))
     }
 
@@ -50,31 +45,14 @@ impl BypassAuth {
     /// Verified bypass claims, if `token` is a bypass token; anything else is `None` (and goes
     /// through the ordinary login).
     pub async fn verify(&self, token: &str) -> Option<Map<String, Value>> {
-        self.verifier
-            .verify_fresh(token)
-            .await
-            .ok()
-            .filter(|c| self.claims_bypass(c))
+        self.verifier.verify_fresh(token).await.ok().filter(|c| self.claims_bypass(c))
     }
 
     /// Setting names and context of a bypass session.
     pub fn context(&self, claims: &Map<String, Value>) -> (Vec<String>, TenantContext) {
         let names: Vec<String> = self.claims_setting.iter().cloned().collect();
-        let values = names
-            .iter()
-            .map(|_| Value::Object(claims.clone()).to_string())
-            .collect();
-        let subject = claims
-            .get("sub")
-            .map(|v| render(v).chars().take(64).collect());
-        (
-            names,
-            TenantContext {
-                values,
-                tenant: BYPASS_TENANT.into(),
-                subject,
-                cluster: None,
-            },
-        )
+        let values = names.iter().map(|_| Value::Object(claims.clone()).to_string()).collect();
+        let subject = claims.get("sub").map(|v| render(v).chars().take(64).collect());
+        (names, TenantContext { values, tenant: BYPASS_TENANT.into(), subject, cluster: None })
     }
 }

@@ -14,13 +14,7 @@ use crate::protocol::options::option_pairs;
 pub const MAX_STARTUP_SETTINGS: usize = 64;
 
 /// Startup keys that are not settings.
-const NOT_SETTINGS: [&str; 5] = [
-    "user",
-    "database",
-    "options",
-    "replication",
-    crate::routing::intent::TARGET_SESSION_ATTRS,
-];
+const NOT_SETTINGS: [&str; 5] = ["user", "database", "options", "replication", crate::routing::intent::TARGET_SESSION_ATTRS];
 
 #[derive(Debug, Default, Clone)]
 pub struct ClientParams {
@@ -43,10 +37,7 @@ pub fn from_startup(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     keys.sort();
-    let mut pairs = startup
-        .get("options")
-        .map(|o| option_pairs(o))
-        .unwrap_or_default();
+    let mut pairs = startup.get("options").map(|o| option_pairs(o)).unwrap_or_default();
     // read by pgtenant for routing (`crate::routing::intent`), not a server setting
     pairs.retain(|(k, _)| !k.eq_ignore_ascii_case(crate::routing::intent::TARGET_SESSION_ATTRS));
     pairs.extend(keys);
@@ -55,31 +46,17 @@ pub fn from_startup(
     if distinct.len() > MAX_STARTUP_SETTINGS {
         return Err(PgError::fatal(
             sqlstate::PROGRAM_LIMIT_EXCEEDED,
-            format!(
-                "pgtenant: too many startup parameters ({}; limit {MAX_STARTUP_SETTINGS})",
-                distinct.len()
-            ),
+            format!("pgtenant: too many startup parameters ({}; limit {MAX_STARTUP_SETTINGS})", distinct.len()),
         ));
     }
     for (name, value) in &pairs {
         let lower = name.to_ascii_lowercase();
-        guard
-            .check_startup_setting(&lower, value)
-            .map_err(|e| PgError {
-                severity: crate::error::Severity::Fatal,
-                ..e
-            })?;
+        guard.check_startup_setting(&lower, value).map_err(|e| PgError { severity: crate::error::Severity::Fatal, ..e })?;
         if !known.contains(&lower) && !lower.contains('.') {
-            return Err(PgError::fatal(
-                "42704",
-                format!("unrecognized configuration parameter \"{name}\""),
-            ));
+            return Err(PgError::fatal("42704", format!("unrecognized configuration parameter \"{name}\"")));
         }
         if value.contains('\0') {
-            return Err(PgError::fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                "startup parameter value contains a NUL byte",
-            ));
+            return Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "startup parameter value contains a NUL byte"));
         }
     }
     Ok(pairs)
@@ -102,10 +79,7 @@ impl ClientParams {
 
     /// The value for `name` (any case).
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.names
-            .iter()
-            .position(|n| n.eq_ignore_ascii_case(name))
-            .map(|i| self.values[i].as_str())
+        self.names.iter().position(|n| n.eq_ignore_ascii_case(name)).map(|i| self.values[i].as_str())
     }
 
     /// Keeps only the parameters for which `keep` holds.
@@ -130,87 +104,37 @@ mod tests {
     #[test]
     fn collects_known_parameters_and_options() {
         let mut cfg = TenantConfig::default();
-        cfg.settings
-            .insert("app.tenant_id".into(), "tenant_id".into());
+        cfg.settings.insert("app.tenant_id".into(), "tenant_id".into());
         let guard = Guard::from_config(&cfg);
-        let known: HashSet<String> = [
-            "application_name",
-            "timezone",
-            "client_encoding",
-            "statement_timeout",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let known: HashSet<String> = ["application_name", "timezone", "client_encoding", "statement_timeout"].iter().map(|s| s.to_string()).collect();
         let startup: HashMap<String, String> = [
             ("user", "alice"),
             ("database", "app"),
             ("application_name", "shop"),
             ("TimeZone", "Asia/Tokyo"),
             ("client_encoding", "UTF8"),
-            (
-                "options",
-                "-c statement_timeout=1234 --app.theme=dark -c TimeZone=UTC",
-            ),
+            ("options", "-c statement_timeout=1234 --app.theme=dark -c TimeZone=UTC"),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         let pairs = from_startup(&startup, &known, &guard).unwrap();
         let names: Vec<&str> = pairs.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "statement_timeout",
-                "app.theme",
-                "TimeZone",
-                "TimeZone",
-                "application_name",
-                "client_encoding"
-            ]
-        );
+        assert_eq!(names, ["statement_timeout", "app.theme", "TimeZone", "TimeZone", "application_name", "client_encoding"]);
         // the packet's own key is applied after `options`, so it wins
         let mut p = ClientParams::last_values(pairs);
-        assert_eq!(
-            p.names,
-            [
-                "statement_timeout",
-                "app.theme",
-                "TimeZone",
-                "application_name",
-                "client_encoding"
-            ]
-        );
+        assert_eq!(p.names, ["statement_timeout", "app.theme", "TimeZone", "application_name", "client_encoding"]);
         assert_eq!(p.get("timezone"), Some("Asia/Tokyo"));
         p.retain(|n, v| !(n == "client_encoding" && v == "UTF8"));
         assert_eq!(p.values, ["1234", "dark", "Asia/Tokyo", "shop"]);
-        let bad: HashMap<String, String> = [("nonsense", "1")]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        assert_eq!(
-            from_startup(&bad, &known, &guard).unwrap_err().code,
-            "42704"
-        );
-        let prot: HashMap<String, String> = [("app.tenant_id", "2")]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        assert_eq!(
-            from_startup(&prot, &known, &guard).unwrap_err().code,
-            "42501"
-        );
+        let bad: HashMap<String, String> = [("nonsense", "1")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(from_startup(&bad, &known, &guard).unwrap_err().code, "42704");
+        let prot: HashMap<String, String> = [("app.tenant_id", "2")].iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(from_startup(&prot, &known, &guard).unwrap_err().code, "42501");
         // more distinct settings than the context statement has room for: FATAL 54000
-        let many = |n: usize| -> HashMap<String, String> {
-            (0..n)
-                .map(|i| (format!("my.p{i}"), "v".to_string()))
-                .collect()
-        };
+        let many = |n: usize| -> HashMap<String, String> { (0..n).map(|i| (format!("my.p{i}"), "v".to_string())).collect() };
         assert!(from_startup(&many(MAX_STARTUP_SETTINGS), &known, &guard).is_ok());
         let e = from_startup(&many(MAX_STARTUP_SETTINGS + 1), &known, &guard).unwrap_err();
-        assert!(
-            e.code == "54000" && matches!(e.severity, crate::error::Severity::Fatal),
-            "{e:?}"
-        );
+        assert!(e.code == "54000" && matches!(e.severity, crate::error::Severity::Fatal), "{e:?}");
     }
 }

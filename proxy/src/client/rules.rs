@@ -28,11 +28,7 @@ impl Auth {
             verifier: JwtVerifier::from_config_reusing(&config.jwt, previous.map(|a| &a.verifier))?,
             mapping: TenantMapping::from_config(&config.tenant)?,
             guard: Arc::new(Guard::from_config(&config.tenant)),
-            bypass: BypassAuth::from_config(
-                &config.bypass,
-                &config.tenant,
-                previous.and_then(|a| a.bypass.as_ref()),
-            )?,
+            bypass: BypassAuth::from_config(&config.bypass, &config.tenant, previous.and_then(|a| a.bypass.as_ref()))?,
         })
     }
 }

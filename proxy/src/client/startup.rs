@@ -23,10 +23,7 @@ const PROTOCOL_3_0: i32 = 196608;
 /// What the client asked for.
 pub enum Hello {
     /// A login, with its startup parameters (user, database, options, ...).
-    Login {
-        stream: Stream,
-        params: HashMap<String, String>,
-    },
+    Login { stream: Stream, params: HashMap<String, String> },
     /// A cancel request for (pid, secret key); the connection carries nothing else.
     Cancel { pid: i32, secret: i32 },
     /// The client went away during the startup phase.
@@ -43,11 +40,7 @@ fn protocol_error(msg: impl Into<String>) -> PgError {
     PgError::fatal(sqlstate::PROTOCOL_VIOLATION, msg)
 }
 
-pub async fn negotiate(
-    tcp: TcpStream,
-    tls: Option<&TlsAcceptor>,
-    require_tls: bool,
-) -> Result<Hello, StartupError> {
+pub async fn negotiate(tcp: TcpStream, tls: Option<&TlsAcceptor>, require_tls: bool) -> Result<Hello, StartupError> {
     let _ = tcp.set_nodelay(true);
     let mut stream = Stream::Tcp(tcp);
     let mut tried_ssl = false;
@@ -57,10 +50,7 @@ pub async fn negotiate(
             Ok(Some(p)) => p,
             Ok(None) => return Ok(Hello::Gone),
             Err(e) => {
-                return Err(StartupError {
-                    stream: Some(stream),
-                    error: protocol_error(format!("pgtenant: {e}")),
-                })
+                return Err(StartupError { stream: Some(stream), error: protocol_error(format!("pgtenant: {e}")) })
             }
         };
         let mut body = packet.clone();
@@ -77,9 +67,7 @@ pub async fn negotiate(
                 if stream.write_all(b"S").await.is_err() {
                     return Ok(Hello::Gone);
                 }
-                let Stream::Tcp(tcp) = stream else {
-                    unreachable!("TLS is negotiated once")
-                };
+                let Stream::Tcp(tcp) = stream else { unreachable!("TLS is negotiated once") };
                 match acceptor.accept(tcp).await {
                     Ok(tls) => stream = Stream::TlsServer(Box::new(tls)),
                     Err(e) => {
@@ -119,21 +107,15 @@ pub async fn negotiate(
                     }
                 };
                 if c != PROTOCOL_3_0 || params.keys().any(|k| k.starts_with("_pq_.")) {
-                    let unsupported: Vec<String> = params
-                        .keys()
-                        .filter(|k| k.starts_with("_pq_."))
-                        .cloned()
-                        .collect();
+                    let unsupported: Vec<String> =
+                        params.keys().filter(|k| k.starts_with("_pq_.")).cloned().collect();
                     let mut out = BytesMut::new();
                     build::negotiate_protocol_version(&mut out, &unsupported);
                     if stream.write_all(&out).await.is_err() {
                         return Ok(Hello::Gone);
                     }
                 }
-                let params = params
-                    .into_iter()
-                    .filter(|(k, _)| !k.starts_with("_pq_."))
-                    .collect();
+                let params = params.into_iter().filter(|(k, _)| !k.starts_with("_pq_.")).collect();
                 return Ok(Hello::Login { stream, params });
             }
             c => {
@@ -161,10 +143,7 @@ fn parse_params(body: Bytes) -> Option<HashMap<String, String>> {
             return Some(params);
         }
         let value = parts.next()?;
-        params.insert(
-            String::from_utf8_lossy(key).into_owned(),
-            String::from_utf8_lossy(value).into_owned(),
-        );
+        params.insert(String::from_utf8_lossy(key).into_owned(), String::from_utf8_lossy(value).into_owned());
     }
 }
 

@@ -29,11 +29,7 @@ pub fn warning(server: &ServerConfig, addrs: &[SocketAddr]) -> Option<String> {
 
 /// The addresses `server.listen` names (resolving a host name), for a warning before binding.
 pub fn listen_addrs(server: &ServerConfig) -> Vec<SocketAddr> {
-    server
-        .listen
-        .to_socket_addrs()
-        .map(Iterator::collect)
-        .unwrap_or_default()
+    server.listen.to_socket_addrs().map(Iterator::collect).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -57,19 +53,11 @@ mod tests {
 
     #[test]
     fn beyond_loopback_without_required_tls_is_warned() {
-        for quiet in [
-            "127.0.0.1:6432",
-            "127.0.0.2:6432",
-            "[::1]:6432",
-            "localhost:6432",
-        ] {
+        for quiet in ["127.0.0.1:6432", "127.0.0.2:6432", "[::1]:6432", "localhost:6432"] {
             assert_eq!(warns(quiet, false, false), None, "{quiet}");
         }
         let w = warns("0.0.0.0:6432", false, false).unwrap();
-        assert!(
-            w.contains("0.0.0.0:6432") && w.contains("TLS is off") && w.contains("require_tls"),
-            "{w}"
-        );
+        assert!(w.contains("0.0.0.0:6432") && w.contains("TLS is off") && w.contains("require_tls"), "{w}");
         let w = warns("[::]:6432", true, false).unwrap();
         assert!(w.contains("offered but not required"), "{w}");
         assert!(warns("10.1.2.3:6432", false, false).is_some());

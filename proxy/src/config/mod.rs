@@ -121,20 +121,14 @@ pub enum EnvType {
 
 /// The environment variable that overrides `section.key`.
 pub fn env_name(section: &str, key: &str) -> String {
-    format!(
-        "PGTENANT_{}_{}",
-        section.replace('.', "_").to_uppercase(),
-        key.to_uppercase()
-    )
+    format!("PGTENANT_{}_{}", section.replace('.', "_").to_uppercase(), key.to_uppercase())
 }
 
 fn env_value(var: &str, raw: &str, ty: EnvType) -> Result<toml::Value, ConfigError> {
     let bad = |what: &str| ConfigError::Invalid(format!("{var}: expected {what}"));
     Ok(match ty {
         EnvType::Str => toml::Value::String(raw.to_string()),
-        EnvType::Int => {
-            toml::Value::Integer(raw.trim().parse().map_err(|_| bad("a whole number"))?)
-        }
+        EnvType::Int => toml::Value::Integer(raw.trim().parse().map_err(|_| bad("a whole number"))?),
         EnvType::Bool => match raw.trim().to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" | "on" => toml::Value::Boolean(true),
             "false" | "0" | "no" | "off" => toml::Value::Boolean(false),
@@ -143,18 +137,10 @@ fn env_value(var: &str, raw: &str, ty: EnvType) -> Result<toml::Value, ConfigErr
         EnvType::JsonTable => {
             let map: BTreeMap<String, String> =
                 serde_json::from_str(raw).map_err(|_| bad("a JSON object of strings"))?;
-            toml::Value::Table(
-                map.into_iter()
-                    .map(|(k, v)| (k, toml::Value::String(v)))
-                    .collect(),
-            )
+            toml::Value::Table(map.into_iter().map(|(k, v)| (k, toml::Value::String(v))).collect())
         }
         EnvType::List => toml::Value::Array(
-            raw.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| toml::Value::String(s.into()))
-                .collect(),
+            raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
         ),
     })
 }
@@ -163,31 +149,23 @@ impl Config {
     /// Milliseconds a transaction waits for a pooled connection (`pool.query_wait_timeout_ms`, or
     /// the older `backend.acquire_timeout_ms`).
     pub fn query_wait_timeout_ms(&self) -> u64 {
-        self.pool
-            .query_wait_timeout_ms
-            .unwrap_or(self.backend.acquire_timeout_ms)
+        self.pool.query_wait_timeout_ms.unwrap_or(self.backend.acquire_timeout_ms)
     }
 
     /// Reads `path`, applies `PGTENANT_*` overrides from the process environment, validates.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
-            path: path.display().to_string(),
-            err,
-        })?;
-        Self::from_toml(&text, &|k| std::env::var(k).ok()).map_err(|e| match e {
-            ConfigError::Parse(m) => ConfigError::Parse(format!("{}: {m}", path.display())),
-            other => other,
-        })
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| ConfigError::Read { path: path.display().to_string(), err })?;
+        Self::from_toml(&text, &|k| std::env::var(k).ok())
+            .map_err(|e| match e {
+                ConfigError::Parse(m) => ConfigError::Parse(format!("{}: {m}", path.display())),
+                other => other,
+            })
     }
 
     /// Parses TOML text, applies overrides looked up with `env`, validates.
-    pub fn from_toml(
-        text: &str,
-        env: &dyn Fn(&str) -> Option<String>,
-    ) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError::Parse(e.message().to_string()))?;
+    pub fn from_toml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse(e.message().to_string()))?;
         for (section, key, ty) in ENV_KEYS {
             let var = env_name(section, key);
             if let Some(raw) = env(&var) {
@@ -195,12 +173,8 @@ impl Config {
                 // nested sections (`bypass.jwt`) are reached one table at a time
                 let mut t = &mut table;
                 for part in section.split('.') {
-                    let sec = t
-                        .entry(part.to_string())
-                        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                    t = sec.as_table_mut().ok_or_else(|| {
-                        ConfigError::Parse(format!("`{section}` must be a table"))
-                    })?;
+                    let sec = t.entry(part.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    t = sec.as_table_mut().ok_or_else(|| ConfigError::Parse(format!("`{section}` must be a table")))?;
                 }
                 t.insert(key.to_string(), value);
             }
@@ -239,21 +213,16 @@ impl Config {
             }
         }
         if self.jwt.jwks_refresh_s == Some(0) || self.jwt.jwks_min_refresh_s == Some(0) {
-            return invalid(
-                "jwt.jwks_refresh_s and jwt.jwks_min_refresh_s must be at least 1".into(),
-            );
+            return invalid("jwt.jwks_refresh_s and jwt.jwks_min_refresh_s must be at least 1".into());
         }
         if self.jwt.secret.as_deref() == Some("") {
             return invalid("jwt.secret is empty".into());
         }
         if self.tenant.settings.len() > MAX_TENANT_SETTINGS {
-            return invalid(format!(
-                "tenant.settings: at most {MAX_TENANT_SETTINGS} settings"
-            ));
+            return invalid(format!("tenant.settings: at most {MAX_TENANT_SETTINGS} settings"));
         }
         let mut seen = std::collections::BTreeSet::new();
-        let claims =
-            (!self.tenant.claims_setting.is_empty()).then_some(&self.tenant.claims_setting);
+        let claims = (!self.tenant.claims_setting.is_empty()).then_some(&self.tenant.claims_setting);
         for name in self.tenant.settings.keys().chain(claims) {
             if !valid_setting_name(name) {
                 return invalid(format!(
@@ -266,9 +235,7 @@ impl Config {
         }
         for (name, path) in &self.tenant.settings {
             if path.is_empty() || path.split('.').any(str::is_empty) {
-                return invalid(format!(
-                    "tenant.settings.{name}: invalid claim path `{path}`"
-                ));
+                return invalid(format!("tenant.settings.{name}: invalid claim path `{path}`"));
             }
         }
         self.tenant.signing_key_bytes()?;
@@ -282,10 +249,7 @@ impl Config {
             return invalid(e);
         }
         if !matches!(self.log.format.as_str(), "human" | "json") {
-            return invalid(format!(
-                "log.format must be \"human\" or \"json\", not \"{}\"",
-                self.log.format
-            ));
+            return invalid(format!("log.format must be \"human\" or \"json\", not \"{}\"", self.log.format));
         }
         if self.audit.write_timeout_ms == 0 {
             return invalid("audit.write_timeout_ms must be at least 1".into());
@@ -308,18 +272,10 @@ impl Config {
             }
             _ => {}
         }
-        self.bypass
-            .validate(&self.audit)
-            .map_err(ConfigError::Invalid)?;
+        self.bypass.validate(&self.audit).map_err(ConfigError::Invalid)?;
         routing::validate(self).map_err(ConfigError::Invalid)?;
         self.peer_map()?;
-        if let Some(url) = self
-            .bypass
-            .jwt
-            .jwks_url
-            .as_ref()
-            .filter(|_| self.bypass.enabled)
-        {
+        if let Some(url) = self.bypass.jwt.jwks_url.as_ref().filter(|_| self.bypass.enabled) {
             if let Err(e) = crate::net::http_target::Target::parse(url) {
                 return invalid(format!("bypass.jwt.jwks_url: {e}"));
             }
@@ -334,12 +290,8 @@ pub const MAX_TENANT_SETTINGS: usize = 32;
 
 /// Custom setting names: `prefix.name`, letters, digits and underscores.
 fn valid_setting_name(name: &str) -> bool {
-    let ok_chars = name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
-    let parts_ok = name
-        .split('.')
-        .all(|p| !p.is_empty() && !p.as_bytes()[0].is_ascii_digit());
+    let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+    let parts_ok = name.split('.').all(|p| !p.is_empty() && !p.as_bytes()[0].is_ascii_digit());
     ok_chars && name.contains('.') && parts_ok
 }
 
@@ -383,30 +335,18 @@ impl Config {
         let range = crate::fleet::PEER_IDS;
         let me = match self.server.peer_id {
             Some(id) if !range.contains(&id) => {
-                return invalid(format!(
-                    "server.peer_id must be between {} and {}",
-                    range.start(),
-                    range.end()
-                ))
+                return invalid(format!("server.peer_id must be between {} and {}", range.start(), range.end()))
             }
             Some(id) => Some(id as u8),
-            None if !self.peers.is_empty() => {
-                return invalid("[peers] needs server.peer_id (this instance's id)".into())
-            }
+            None if !self.peers.is_empty() => return invalid("[peers] needs server.peer_id (this instance's id)".into()),
             None => None,
         };
         let mut peers = BTreeMap::new();
         for (id, addr) in &self.peers {
             let Some(n) = id.parse::<u32>().ok().filter(|n| range.contains(n)) else {
-                return invalid(format!(
-                    "peers: `{id}` is not an instance id ({} to {})",
-                    range.start(),
-                    range.end()
-                ));
+                return invalid(format!("peers: `{id}` is not an instance id ({} to {})", range.start(), range.end()));
             };
-            let valid_addr = addr.rsplit_once(':').is_some_and(|(host, port)| {
-                !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0)
-            });
+            let valid_addr = addr.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
             if !valid_addr {
                 return invalid(format!("peers.{id}: `{addr}` is not host:port"));
             }
@@ -651,16 +591,11 @@ impl TenantConfig {
     /// The signing key's bytes, when signing is configured.
     pub fn signing_key_bytes(&self) -> Result<Option<Vec<u8>>, ConfigError> {
         let key = match (&self.signing_key, &self.signing_key_file) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::Invalid(
-                    "tenant.signing_key and tenant.signing_key_file are exclusive".into(),
-                ))
-            }
+            (Some(_), Some(_)) => return Err(ConfigError::Invalid("tenant.signing_key and tenant.signing_key_file are exclusive".into())),
             (Some(k), None) => k.as_bytes().to_vec(),
             (None, Some(f)) => {
-                let mut k = std::fs::read(f).map_err(|e| {
-                    ConfigError::Invalid(format!("tenant.signing_key_file {}: {e}", f.display()))
-                })?;
+                let mut k = std::fs::read(f)
+                    .map_err(|e| ConfigError::Invalid(format!("tenant.signing_key_file {}: {e}", f.display())))?;
                 while k.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
                     k.pop();
                 }
@@ -676,14 +611,9 @@ impl TenantConfig {
         }
         let kid_ok = !self.signing_kid.is_empty()
             && self.signing_kid.len() <= 63
-            && self
-                .signing_kid
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+            && self.signing_kid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
         if !kid_ok {
-            return Err(ConfigError::Invalid(
-                "tenant.signing_kid: 1-63 letters, digits, '_', '-' or '.'".into(),
-            ));
+            return Err(ConfigError::Invalid("tenant.signing_kid: 1-63 letters, digits, '_', '-' or '.'".into()));
         }
         Ok(Some(key))
     }
@@ -718,10 +648,7 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            level: "info".into(),
-            format: "human".into(),
-        }
+        LogConfig { level: "info".into(), format: "human".into() }
     }
 }
 
@@ -748,31 +675,19 @@ mod tests {
         let fleet = format!("{MIN}[server]\npeer_id = 2\n[peers]\n1 = \"pgtenant-0.pgtenant:6432\"\n2 = \"me:6432\"\n");
         let c = Config::from_toml(&fleet, &no_env).unwrap();
         // its own entry is left out, so every instance can share one [peers] table
-        assert_eq!(
-            c.peer_map().unwrap(),
-            BTreeMap::from([(1, "pgtenant-0.pgtenant:6432".to_string())])
-        );
+        assert_eq!(c.peer_map().unwrap(), BTreeMap::from([(1, "pgtenant-0.pgtenant:6432".to_string())]));
         let env = |k: &str| match k {
             "PGTENANT_SERVER_PEER_ID" => Some("3".to_string()),
             "PGTENANT_PEERS" => Some(r#"{"1": "a:1", "2": "b:2"}"#.to_string()),
             _ => None,
         };
         let c = Config::from_toml(MIN, &env).unwrap();
-        assert_eq!(
-            (c.server.peer_id, c.peer_map().unwrap().len()),
-            (Some(3), 2)
-        );
+        assert_eq!((c.server.peer_id, c.peer_map().unwrap().len()), (Some(3), 2));
         for (bad, named) in [
             ("[peers]\n1 = \"a:1\"\n", "needs server.peer_id"),
             ("[server]\npeer_id = 128\n", "server.peer_id"),
-            (
-                "[server]\npeer_id = 1\n[peers]\n0 = \"a:1\"\n",
-                "`0` is not an instance id",
-            ),
-            (
-                "[server]\npeer_id = 1\n[peers]\n2 = \"nohost\"\n",
-                "peers.2",
-            ),
+            ("[server]\npeer_id = 1\n[peers]\n0 = \"a:1\"\n", "`0` is not an instance id"),
+            ("[server]\npeer_id = 1\n[peers]\n2 = \"nohost\"\n", "peers.2"),
         ] {
             let e = Config::from_toml(&format!("{MIN}{bad}"), &no_env).unwrap_err();
             assert!(e.to_string().contains(named), "{bad}: {e}");
@@ -801,51 +716,21 @@ mod tests {
         assert_eq!(c.tenant.settings["app.t"], "tid");
         assert_eq!(c.tenant.allowed_roles, ["a", "b"]);
         let bad = |k: &str| (k == "PGTENANT_BACKEND_POOL_SIZE").then(|| "lots".to_string());
-        assert!(Config::from_toml(MIN, &bad)
-            .unwrap_err()
-            .to_string()
-            .contains("PGTENANT_BACKEND_POOL_SIZE"));
+        assert!(Config::from_toml(MIN, &bad).unwrap_err().to_string().contains("PGTENANT_BACKEND_POOL_SIZE"));
     }
 
     #[test]
     fn validation_messages() {
         let cases = [
-            (
-                "[backend]\nurl = \"mysql://u@h/db\"\n[jwt]\nsecret = \"s\"",
-                "postgres://",
-            ),
-            (
-                "[backend]\nurl = \"postgres://u@h/\"\n[jwt]\nsecret = \"s\"",
-                "database",
-            ),
+            ("[backend]\nurl = \"mysql://u@h/db\"\n[jwt]\nsecret = \"s\"", "postgres://"),
+            ("[backend]\nurl = \"postgres://u@h/\"\n[jwt]\nsecret = \"s\"", "database"),
             ("[backend]\nurl = \"postgres://u@h/db\"", "no key"),
-            (
-                &format!("{MIN}[tenant]\nsettings = {{ tenant_id = \"t\" }}"),
-                "need a dot",
-            ),
-            (
-                &format!("{MIN}[tenant]\nsettings = {{ \"app.t\" = \"a..b\" }}"),
-                "claim path",
-            ),
-            (
-                &format!("{MIN}[tenant]\nrole_claim = \"role\""),
-                "allowed_roles",
-            ),
+            (&format!("{MIN}[tenant]\nsettings = {{ tenant_id = \"t\" }}"), "need a dot"),
+            (&format!("{MIN}[tenant]\nsettings = {{ \"app.t\" = \"a..b\" }}"), "claim path"),
+            (&format!("{MIN}[tenant]\nrole_claim = \"role\""), "allowed_roles"),
             (&format!("{MIN}[log]\nformat = \"xml\""), "log.format"),
-            (
-                &format!("{MIN}[server]\nclient_write_timeout_ms = 0"),
-                "client_write_timeout_ms",
-            ),
-            (
-                &format!(
-                    "{MIN}[tenant]\nsettings = {{ {} }}",
-                    (0..33)
-                        .map(|i| format!("\"app.s{i}\" = \"c{i}\""))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                "at most 32",
-            ),
+            (&format!("{MIN}[server]\nclient_write_timeout_ms = 0"), "client_write_timeout_ms"),
+            (&format!("{MIN}[tenant]\nsettings = {{ {} }}", (0..33).map(|i| format!("\"app.s{i}\" = \"c{i}\"")).collect::<Vec<_>>().join(", ")), "at most 32"),
             (&format!("{MIN}[server]\nrequire_tls = true"), "require_tls"),
         ];
         for (text, needle) in cases {
@@ -868,21 +753,12 @@ mod tests {
         assert_eq!(c.bypass.jwt.secret.as_deref(), Some("bypass-secret"));
         assert_eq!(c.limits.for_tenant("7"), (Some(1), None));
         assert_eq!(c.limits.for_tenant("8"), (Some(3), None));
-        assert_eq!(
-            c.limits.key_for("7", false),
-            "limits.tenants.\"7\".max_active"
-        );
+        assert_eq!(c.limits.key_for("7", false), "limits.tenants.\"7\".max_active");
         assert_eq!(c.limits.key_for("8", false), "limits.max_active_per_tenant");
         // bypass without audit, or without its own key, is refused
         let no_audit = text.replace("[audit]\npath = \"-\"\n", "");
-        assert!(Config::from_toml(&no_audit, &env)
-            .unwrap_err()
-            .to_string()
-            .contains("audit.path"));
-        assert!(Config::from_toml(&text, &no_env)
-            .unwrap_err()
-            .to_string()
-            .contains("bypass.jwt"));
+        assert!(Config::from_toml(&no_audit, &env).unwrap_err().to_string().contains("audit.path"));
+        assert!(Config::from_toml(&text, &no_env).unwrap_err().to_string().contains("bypass.jwt"));
         // disabled by default: the section alone changes nothing
         assert!(!Config::from_toml(MIN, &no_env).unwrap().bypass.enabled);
     }

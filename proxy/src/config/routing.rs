@@ -46,22 +46,12 @@ impl Config {
     /// Every cluster, "default" (`[backend]`) first, with the pool sizes and URLs filled in.
     pub fn cluster_specs(&self) -> Vec<ClusterSpec> {
         let replicas = |base: &BackendConfig, urls: &[String], size: usize| -> Vec<BackendConfig> {
-            urls.iter()
-                .map(|u| BackendConfig {
-                    url: u.clone(),
-                    pool_size: size,
-                    replicas: Vec::new(),
-                    ..base.clone()
-                })
-                .collect()
+            urls.iter().map(|u| BackendConfig { url: u.clone(), pool_size: size, replicas: Vec::new(), ..base.clone() }).collect()
         };
         let b = &self.backend;
         let mut specs = vec![ClusterSpec {
             name: DEFAULT_CLUSTER.into(),
-            primary: BackendConfig {
-                replicas: Vec::new(),
-                ..b.clone()
-            },
+            primary: BackendConfig { replicas: Vec::new(), ..b.clone() },
             replicas: replicas(b, &b.replicas, b.replica_pool_size.unwrap_or(b.pool_size)),
             tenants: Vec::new(),
         }];
@@ -69,12 +59,7 @@ impl Config {
             let size = c.pool_size.unwrap_or(b.pool_size);
             specs.push(ClusterSpec {
                 name: c.name.clone(),
-                primary: BackendConfig {
-                    url: c.url.clone(),
-                    pool_size: size,
-                    replicas: Vec::new(),
-                    ..b.clone()
-                },
+                primary: BackendConfig { url: c.url.clone(), pool_size: size, replicas: Vec::new(), ..b.clone() },
                 replicas: replicas(b, &c.replicas, c.replica_pool_size.unwrap_or(size)),
                 tenants: c.tenants.clone(),
             });
@@ -96,9 +81,7 @@ pub fn mask_password(url: &str) -> String {
         };
         return match authority.rfind('@') {
             Some(at) => match authority[..at].split_once(':') {
-                Some((user, _)) => {
-                    format!("{scheme}://{user}:{MASK}{}{masked_tail}", &authority[at..])
-                }
+                Some((user, _)) => format!("{scheme}://{user}:{MASK}{}{masked_tail}", &authority[at..]),
                 None => format!("{scheme}://{authority}{masked_tail}"),
             },
             None => format!("{scheme}://{authority}{masked_tail}"),
@@ -158,11 +141,7 @@ fn mask_conninfo(s: &str, mask: &str) -> String {
             }
         }
         let value = s.get(value_start..i).unwrap_or("");
-        let shown = if key.eq_ignore_ascii_case("password") {
-            mask
-        } else {
-            value
-        };
+        let shown = if key.eq_ignore_ascii_case("password") { mask } else { value };
         out.push_str(shown);
         // the separator
         while i < b.len() && b[i] == b' ' {
@@ -183,9 +162,7 @@ pub fn masked_urls<S: Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Err
 
 /// The same forms as `backend.url` (URL or key/value, several hosts).
 fn check_url(key: &str, url: &str) -> Result<(), String> {
-    crate::backend::conninfo::parse(url)
-        .map(|_| ())
-        .map_err(|e| format!("{key} {e}"))
+    crate::backend::conninfo::parse(url).map(|_| ()).map_err(|e| format!("{key} {e}"))
 }
 
 fn check_size(key: &str, size: Option<usize>) -> Result<(), String> {
@@ -207,38 +184,22 @@ pub fn validate(cfg: &Config) -> Result<(), String> {
     let mut names = std::collections::BTreeSet::from([DEFAULT_CLUSTER]);
     let mut placed = std::collections::BTreeMap::new();
     for c in &cfg.clusters {
-        let valid = !c.name.is_empty()
-            && c.name.len() <= 63
-            && c.name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        let valid = !c.name.is_empty() && c.name.len() <= 63 && c.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
         if !valid {
-            return Err(format!(
-                "clusters: invalid name `{}` (1-63 letters, digits, '_' or '-')",
-                c.name
-            ));
+            return Err(format!("clusters: invalid name `{}` (1-63 letters, digits, '_' or '-')", c.name));
         }
         if !names.insert(&c.name) {
-            return Err(format!(
-                "clusters: the name `{}` is used twice (\"default\" is [backend])",
-                c.name
-            ));
+            return Err(format!("clusters: the name `{}` is used twice (\"default\" is [backend])", c.name));
         }
         check_url(&format!("clusters.{}.url", c.name), &c.url)?;
         for (i, r) in c.replicas.iter().enumerate() {
             check_url(&format!("clusters.{}.replicas[{i}]", c.name), r)?;
         }
         check_size(&format!("clusters.{}.pool_size", c.name), c.pool_size)?;
-        check_size(
-            &format!("clusters.{}.replica_pool_size", c.name),
-            c.replica_pool_size,
-        )?;
+        check_size(&format!("clusters.{}.replica_pool_size", c.name), c.replica_pool_size)?;
         for t in &c.tenants {
             if let Some(other) = placed.insert(t.as_str(), c.name.as_str()) {
-                return Err(format!(
-                    "clusters: tenant `{t}` is placed on both `{other}` and `{}`",
-                    c.name
-                ));
+                return Err(format!("clusters: tenant `{t}` is placed on both `{other}` and `{}`", c.name));
             }
         }
     }
@@ -261,35 +222,19 @@ mod tests {
     fn specs_fill_in_sizes_and_replicas_use_their_first_host() {
         let cfg = config("[[clusters]]\nname = \"eu\"\nurl = \"postgres://u:p@eu/app\"\nreplica_pool_size = 2\nreplicas = [\"postgres://u:p@eu-r/app\"]\ntenants = [\"42\"]\n").unwrap();
         let specs = cfg.cluster_specs();
-        assert_eq!(
-            specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(),
-            ["default", "eu"]
-        );
+        assert_eq!(specs.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["default", "eu"]);
         // a replica is one server: the first host of its connection string
         let replica = crate::backend::BackendTarget::from_config(&specs[0].replicas[0]).unwrap();
         assert_eq!(replica.address(), "r1:5433");
-        assert_eq!(
-            (
-                specs[0].replicas[0].pool_size,
-                specs[1].primary.pool_size,
-                specs[1].replicas[0].pool_size
-            ),
-            (7, 7, 2)
-        );
+        assert_eq!((specs[0].replicas[0].pool_size, specs[1].primary.pool_size, specs[1].replicas[0].pool_size), (7, 7, 2));
         assert_eq!(specs[1].tenants, ["42"]);
     }
 
     #[test]
     fn urls_are_serialized_without_passwords() {
-        assert_eq!(
-            mask_password("postgres://u:s3cret@h1:5432,h2/app?password=x&sslmode=require"),
-            "postgres://u:********@h1:5432,h2/app?password=********&sslmode=require"
-        );
+        assert_eq!(mask_password("postgres://u:s3cret@h1:5432,h2/app?password=x&sslmode=require"), "postgres://u:********@h1:5432,h2/app?password=********&sslmode=require");
         assert_eq!(mask_password("postgres://u@h/app"), "postgres://u@h/app");
-        assert_eq!(
-            mask_password("host=a,b user=u password=s3cret dbname=app"),
-            "host=a,b user=u password=******** dbname=app"
-        );
+        assert_eq!(mask_password("host=a,b user=u password=s3cret dbname=app"), "host=a,b user=u password=******** dbname=app");
         assert_eq!(
             mask_password(r"host=a password = 'two words \' s3cret' dbname=app"),
             "host=a password = ******** dbname=app"
@@ -297,44 +242,21 @@ mod tests {
         assert_eq!(mask_password("password=s3cret"), "password=********");
         let cfg = config("[[clusters]]\nname = \"eu\"\nurl = \"postgres://u:s3cret@eu/app\"\nreplicas = [\"postgres://u:s3cret@eu-r/app\"]\n").unwrap();
         let json = serde_json::to_string(&cfg).unwrap();
-        assert!(
-            !json.contains("s3cret") && !json.contains("u:p@r1"),
-            "{json}"
-        );
+        assert!(!json.contains("s3cret") && !json.contains("u:p@r1"), "{json}");
     }
 
     #[test]
     fn rejects_bad_routing_keys() {
         let bad = |extra: &str| config(extra).unwrap_err().to_string();
-        assert!(
-            bad("[[clusters]]\nname = \"default\"\nurl = \"postgres://u@x/app\"\n")
-                .contains("used twice")
-        );
-        assert!(
-            bad("[[clusters]]\nname = \"a b\"\nurl = \"postgres://u@x/app\"\n")
-                .contains("invalid name")
-        );
-        assert!(
-            bad("[[clusters]]\nname = \"a\"\nurl = \"mysql://u@x/app\"\n")
-                .contains("clusters.a.url")
-        );
+        assert!(bad("[[clusters]]\nname = \"default\"\nurl = \"postgres://u@x/app\"\n").contains("used twice"));
+        assert!(bad("[[clusters]]\nname = \"a b\"\nurl = \"postgres://u@x/app\"\n").contains("invalid name"));
+        assert!(bad("[[clusters]]\nname = \"a\"\nurl = \"mysql://u@x/app\"\n").contains("clusters.a.url"));
         let twice = "[[clusters]]\nname = \"a\"\nurl = \"postgres://u@x/app\"\ntenants = [\"1\"]\n[[clusters]]\nname = \"b\"\nurl = \"postgres://u@y/app\"\ntenants = [\"1\"]\n";
         assert!(bad(twice).contains("placed on both"));
         let env = |k: &str| (k == "PGTENANT_BACKEND_MAX_REPLICA_LAG_MS").then(|| "250".to_string());
         let text = "[backend]\nurl = \"postgres://u:p@db/app\"\n[jwt]\nsecret = \"0123456789abcdef0123\"\n";
-        assert_eq!(
-            Config::from_toml(text, &env)
-                .unwrap()
-                .backend
-                .max_replica_lag_ms,
-            250
-        );
-        let env = |k: &str| {
-            (k == "PGTENANT_BACKEND_REPLICAS").then(|| "postgres://u@r1/app, nonsense".to_string())
-        };
-        assert!(Config::from_toml(text, &env)
-            .unwrap_err()
-            .to_string()
-            .contains("backend.replicas[1]"));
+        assert_eq!(Config::from_toml(text, &env).unwrap().backend.max_replica_lag_ms, 250);
+        let env = |k: &str| (k == "PGTENANT_BACKEND_REPLICAS").then(|| "postgres://u@r1/app, nonsense".to_string());
+        assert!(Config::from_toml(text, &env).unwrap_err().to_string().contains("backend.replicas[1]"));
     }
 }

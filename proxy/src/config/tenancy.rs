@@ -76,22 +76,14 @@ pub struct AuditConfig {
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig {
-            path: None,
-            fsync: false,
-            write_timeout_ms: 5_000,
-        }
+        AuditConfig { path: None, fsync: false, write_timeout_ms: 5_000 }
     }
 }
 
 impl BypassConfig {
     /// The bypass pool's backend: `[backend]` (TLS, timeouts, lifetimes) with `bypass.url`.
     pub fn backend(&self, base: &BackendConfig) -> BackendConfig {
-        BackendConfig {
-            url: self.url.clone(),
-            pool_size: self.pool_size,
-            ..base.clone()
-        }
+        BackendConfig { url: self.url.clone(), pool_size: self.pool_size, ..base.clone() }
     }
 
     /// Checks the section when it is enabled; `audit` must be on then.
@@ -104,25 +96,15 @@ impl BypassConfig {
         if !(1..=1_000).contains(&self.pool_size) {
             return Err("bypass.pool_size must be between 1 and 1000".into());
         }
-        if self.claim.is_empty()
-            || self.claim.split('.').any(str::is_empty)
-            || self.value.is_empty()
-        {
+        if self.claim.is_empty() || self.claim.split('.').any(str::is_empty) || self.value.is_empty() {
             return Err("bypass.claim and bypass.value must both be set (e.g. claim = \"role\", value = \"service\")".into());
         }
         let j = &self.jwt;
-        if j.secret.is_none()
-            && j.public_key_file.is_none()
-            && j.jwks_file.is_none()
-            && j.jwks_url.is_none()
-        {
+        if j.secret.is_none() && j.public_key_file.is_none() && j.jwks_file.is_none() && j.jwks_url.is_none() {
             return Err("bypass.jwt: no key configured (set bypass.jwt.secret, public_key_file, jwks_file or jwks_url)".into());
         }
         if audit.path.is_none() {
-            return Err(
-                "bypass.enabled needs audit.path: every bypass login and statement is audited"
-                    .into(),
-            );
+            return Err("bypass.enabled needs audit.path: every bypass login and statement is audited".into());
         }
         Ok(())
     }

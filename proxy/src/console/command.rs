@@ -27,8 +27,7 @@ const COMMANDS: &str =
     "SHOW POOLS | CLIENTS | SERVERS | TENANTS | STATS | CONFIG | VERSION, RELOAD, PAUSE, RESUME, KILL <tenant>";
 
 fn syntax(message: String) -> PgError {
-    PgError::error(sqlstate::SYNTAX_ERROR, message)
-        .with_hint(format!("the pgtenant console knows: {COMMANDS}"))
+    PgError::error(sqlstate::SYNTAX_ERROR, message).with_hint(format!("the pgtenant console knows: {COMMANDS}"))
 }
 
 /// The commands of one simple Query, in order (none for an empty query).
@@ -46,17 +45,8 @@ pub fn parse(text: &str) -> Result<Vec<Command>, PgError> {
 type Word = (String, bool);
 
 fn command(words: &[Word]) -> Result<Command, PgError> {
-    let keyword = |i: usize| {
-        words
-            .get(i)
-            .filter(|(_, quoted)| !quoted)
-            .map(|(w, _)| w.to_ascii_uppercase())
-    };
-    let all = words
-        .iter()
-        .map(|(w, _)| w.as_str())
-        .collect::<Vec<_>>()
-        .join(" ");
+    let keyword = |i: usize| words.get(i).filter(|(_, quoted)| !quoted).map(|(w, _)| w.to_ascii_uppercase());
+    let all = words.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>().join(" ");
     let unknown = || syntax(format!("pgtenant console: unknown command \"{all}\""));
     let (cmd, arity) = match keyword(0).as_deref() {
         Some("SHOW") => {
@@ -77,24 +67,12 @@ fn command(words: &[Word]) -> Result<Command, PgError> {
         Some("RESUME") => (Command::Resume, 1),
         Some("KILL") => match words.get(1) {
             Some((tenant, _)) => (Command::Kill(tenant.clone()), 2),
-            None => {
-                return Err(syntax(
-                    "pgtenant console: KILL needs a tenant id (KILL <tenant>)".into(),
-                ))
-            }
+            None => return Err(syntax("pgtenant console: KILL needs a tenant id (KILL <tenant>)".into())),
         },
         _ => return Err(unknown()),
     };
     if words.len() > arity {
-        return Err(syntax(format!(
-            "pgtenant console: unexpected \"{}\" after {}",
-            words[arity].0,
-            words[..arity]
-                .iter()
-                .map(|(w, _)| w.as_str())
-                .collect::<Vec<_>>()
-                .join(" ")
-        )));
+        return Err(syntax(format!("pgtenant console: unexpected \"{}\" after {}", words[arity].0, words[..arity].iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>().join(" "))));
     }
     Ok(cmd)
 }
@@ -117,11 +95,7 @@ fn statements(text: &str) -> Result<Vec<Vec<Word>>, PgError> {
                         }
                         Some(q) if q == c => break,
                         Some(other) => word.push(other),
-                        None => {
-                            return Err(syntax(
-                                "pgtenant console: unterminated quoted string".into(),
-                            ))
-                        }
+                        None => return Err(syntax("pgtenant console: unterminated quoted string".into())),
                     }
                 }
                 out.last_mut().expect("never empty").push((word, true));
@@ -151,37 +125,17 @@ mod tests {
         assert_eq!(parse("show pools").unwrap(), [Command::Show(Show::Pools)]);
         assert_eq!(
             parse(" SHOW Clients ; pause;RESUME; reload ;").unwrap(),
-            [
-                Command::Show(Show::Clients),
-                Command::Pause,
-                Command::Resume,
-                Command::Reload
-            ]
+            [Command::Show(Show::Clients), Command::Pause, Command::Resume, Command::Reload]
         );
         assert_eq!(parse("KILL 42").unwrap(), [Command::Kill("42".into())]);
-        assert_eq!(
-            parse("kill 'it''s; a \"tenant\"'").unwrap(),
-            [Command::Kill("it's; a \"tenant\"".into())]
-        );
-        assert_eq!(
-            parse("KILL \"pools\"").unwrap(),
-            [Command::Kill("pools".into())]
-        );
+        assert_eq!(parse("kill 'it''s; a \"tenant\"'").unwrap(), [Command::Kill("it's; a \"tenant\"".into())]);
+        assert_eq!(parse("KILL \"pools\"").unwrap(), [Command::Kill("pools".into())]);
         assert!(parse("  ;; ").unwrap().is_empty());
     }
 
     #[test]
     fn unknown_or_malformed_commands_are_syntax_errors() {
-        for bad in [
-            "SELECT 1",
-            "SHOW",
-            "SHOW 'pools'",
-            "SHOW LISTS",
-            "KILL",
-            "PAUSE app",
-            "KILL 'open",
-            "show pools extra",
-        ] {
+        for bad in ["SELECT 1", "SHOW", "SHOW 'pools'", "SHOW LISTS", "KILL", "PAUSE app", "KILL 'open", "show pools extra"] {
             let e = parse(bad).unwrap_err();
             assert_eq!(e.code, sqlstate::SYNTAX_ERROR, "{bad}");
             assert!(e.hint.is_some_and(|h| h.contains("SHOW POOLS")), "{bad}");

@@ -56,13 +56,7 @@ pub async fn login(
         Ok(c) => serde_json::Value::Object(c),
         Err(e) => {
             refused(&e.to_string());
-            return Err((
-                stream,
-                PgError::fatal(
-                    sqlstate::INVALID_PASSWORD,
-                    format!("pgtenant: JWT rejected: {e}"),
-                ),
-            ));
+            return Err((stream, PgError::fatal(sqlstate::INVALID_PASSWORD, format!("pgtenant: JWT rejected: {e}"))));
         }
     };
     drop(token);
@@ -74,18 +68,10 @@ pub async fn login(
                 .with_hint(format!("the console needs a token whose claim \"{claim}\" is the value of [admin] token_value")),
         ));
     }
-    let subject = claims
-        .get("sub")
-        .and_then(|s| s.as_str())
-        .unwrap_or("")
-        .to_string();
+    let subject = claims.get("sub").and_then(|s| s.as_str()).unwrap_or("").to_string();
     let mut out = BytesMut::new();
     build::auth_ok(&mut out);
-    let version = proxy
-        .shared
-        .pool
-        .reported_param("server_version")
-        .unwrap_or_else(|| format!("{}/pgtenant", env!("CARGO_PKG_VERSION")));
+    let version = proxy.shared.pool.reported_param("server_version").unwrap_or_else(|| format!("{}/pgtenant", env!("CARGO_PKG_VERSION")));
     for (k, v) in [
         ("server_version", version.as_str()),
         ("server_encoding", "UTF8"),
@@ -93,37 +79,23 @@ pub async fn login(
         ("DateStyle", "ISO, MDY"),
         ("integer_datetimes", "on"),
         ("standard_conforming_strings", "on"),
-        (
-            "application_name",
-            params.get("application_name").map_or("", String::as_str),
-        ),
+        ("application_name", params.get("application_name").map_or("", String::as_str)),
     ] {
         build::parameter_status(&mut out, k, v);
     }
     build::ready_for_query(&mut out, b'I');
     if let Err(e) = stream.write_all(&out).await {
-        return Err((
-            stream,
-            PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string()),
-        ));
+        return Err((stream, PgError::fatal(sqlstate::CONNECTION_FAILURE, e.to_string())));
     }
     tracing::info!(user = %user, sub = %subject, %peer, result = "ok", "console login");
     metrics::counter!(crate::metrics::LOGINS, "result" => "ok", "sqlstate" => "00000").increment(1);
-    Ok(Console {
-        stream,
-        buf,
-        subject,
-        peer,
-    })
+    Ok(Console { stream, buf, subject, peer })
 }
 
 /// The error for `dbname=pgtenant` while no admin claim is configured.
 fn off() -> PgError {
-    PgError::fatal(
-        sqlstate::INVALID_AUTHORIZATION,
-        "pgtenant: the admin console is off",
-    )
-    .with_hint("set [admin] token_claim and token_value in the pgtenant config to turn it on")
+    PgError::fatal(sqlstate::INVALID_AUTHORIZATION, "pgtenant: the admin console is off")
+        .with_hint("set [admin] token_claim and token_value in the pgtenant config to turn it on")
 }
 
 #[cfg(test)]

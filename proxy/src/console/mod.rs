@@ -61,22 +61,13 @@ impl Console {
                 let frame = match try_split(&mut self.buf, MAX_MESSAGE) {
                     Ok(Some(f)) => f,
                     Ok(None) => break,
-                    Err(e) => {
-                        return self
-                            .close(PgError::fatal(
-                                sqlstate::PROTOCOL_VIOLATION,
-                                format!("pgtenant: {e}"),
-                            ))
-                            .await
-                    }
+                    Err(e) => return self.close(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgtenant: {e}"))).await,
                 };
                 let mut out = BytesMut::new();
                 match frame.tag {
                     b'X' => return,
                     b'Q' => {
-                        let text = peek::cstr(frame.body())
-                            .map(|(q, _)| String::from_utf8_lossy(q).into_owned())
-                            .unwrap_or_default();
+                        let text = peek::cstr(frame.body()).map(|(q, _)| String::from_utf8_lossy(q).into_owned()).unwrap_or_default();
                         self.query(proxy, &text, &mut out).await;
                         build::ready_for_query(&mut out, b'I');
                     }
@@ -87,12 +78,9 @@ impl Console {
                     _ if skipping => {}
                     _ => {
                         skipping = true;
-                        PgError::error(
-                            sqlstate::FEATURE_NOT_SUPPORTED,
-                            "pgtenant: the admin console answers simple queries only",
-                        )
-                        .with_hint("use psql, or your driver's simple query mode")
-                        .encode(&mut out);
+                        PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, "pgtenant: the admin console answers simple queries only")
+                            .with_hint("use psql, or your driver's simple query mode")
+                            .encode(&mut out);
                     }
                 }
                 if self.stream.write_all(&out).await.is_err() {
@@ -143,20 +131,9 @@ impl Console {
     }
 
     async fn run(&self, proxy: &Proxy, c: Command) -> Result<Reply, PgError> {
-        let state = |m: &str| {
-            PgError::error(
-                sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
-                format!("pgtenant: {m}"),
-            )
-        };
+        let state = |m: &str| PgError::error(sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE, format!("pgtenant: {m}"));
         // the tenant pool and every cluster and replica pool (`routing`), and the bypass pool
-        let pools = || {
-            proxy
-                .shared
-                .router
-                .pools()
-                .chain(proxy.shared.bypass.as_ref())
-        };
+        let pools = || proxy.shared.router.pools().chain(proxy.shared.bypass.as_ref());
         if !matches!(c, Command::Show(_)) {
             tracing::warn!(sub = %self.subject, peer = %self.peer, command = ?c, "console command");
         }
@@ -164,13 +141,7 @@ impl Console {
             Command::Show(what) => Ok(Reply::Rows(show::show(proxy, what).await)),
             Command::Reload => match proxy.reload_from_file().await {
                 Ok(()) => Ok(Reply::Done("RELOAD".into())),
-                Err(e) => Err(PgError::error(
-                    sqlstate::CONFIG_FILE_ERROR,
-                    format!(
-                        "pgtenant: new config rejected, the old one stays: {}",
-                        String::from(e)
-                    ),
-                )),
+                Err(e) => Err(PgError::error(sqlstate::CONFIG_FILE_ERROR, format!("pgtenant: new config rejected, the old one stays: {}", String::from(e)))),
             },
             Command::Pause => {
                 // every pool, even when one is paused already
@@ -190,10 +161,7 @@ impl Console {
                     false => Err(state("not paused")),
                 }
             }
-            Command::Kill(tenant) => Ok(Reply::Done(format!(
-                "KILL {}",
-                proxy.sessions.kill_tenant(&tenant)
-            ))),
+            Command::Kill(tenant) => Ok(Reply::Done(format!("KILL {}", proxy.sessions.kill_tenant(&tenant)))),
         }
     }
 }

@@ -45,17 +45,13 @@ fn flatten(path: &str, value: Value, rows: &mut Vec<(String, Option<String>)>) {
 }
 
 fn is_section(path: &str) -> bool {
-    crate::config::ENV_KEYS
-        .iter()
-        .any(|(section, _, _)| *section == path)
+    crate::config::ENV_KEYS.iter().any(|(section, _, _)| *section == path)
 }
 
 fn shown(key: &str, value: Value) -> Option<String> {
     match value {
         Value::Null => None,
-        _ if key == "secret" || key == "signing_key" || key.contains("password") => {
-            Some(MASK.into())
-        }
+        _ if key == "secret" || key == "signing_key" || key.contains("password") => Some(MASK.into()),
         Value::String(s) => Some(without_password(&s)),
         other => Some(other.to_string()),
     }
@@ -91,55 +87,19 @@ path = "/tmp/audit.log"
 "#;
         let cfg = Config::from_toml(text, &|_| None).unwrap();
         let table = config(&cfg);
-        let all: String = table
-            .rows
-            .iter()
-            .flatten()
-            .flatten()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n");
-        assert!(
-            !all.contains("do-not-show") && !all.contains("c2lnbmluZy1rZXkt"),
-            "{all}"
-        );
-        let value = |k: &str| {
-            table
-                .rows
-                .iter()
-                .find(|r| r[0].as_deref() == Some(k))
-                .map(|r| r[1].clone())
-        };
-        assert_eq!(
-            value("backend.url"),
-            Some(Some("postgres://app_user:********@db:5432/app".into()))
-        );
+        let all: String = table.rows.iter().flatten().flatten().cloned().collect::<Vec<_>>().join("\n");
+        assert!(!all.contains("do-not-show") && !all.contains("c2lnbmluZy1rZXkt"), "{all}");
+        let value = |k: &str| table.rows.iter().find(|r| r[0].as_deref() == Some(k)).map(|r| r[1].clone());
+        assert_eq!(value("backend.url"), Some(Some("postgres://app_user:********@db:5432/app".into())));
         assert_eq!(value("jwt.secret"), Some(Some(MASK.into())));
         assert_eq!(value("bypass.jwt.secret"), Some(Some(MASK.into())));
         assert_eq!(value("backend.pool_size"), Some(Some("20".into())));
-        assert_eq!(
-            value("tenant.settings"),
-            Some(Some(r#"{"app.tenant_id":"tenant_id"}"#.into()))
-        );
+        assert_eq!(value("tenant.settings"), Some(Some(r#"{"app.tenant_id":"tenant_id"}"#.into())));
         assert_eq!(value("jwt.public_key_file"), Some(None));
         // the other forms of backend.url
-        for url in [
-            "postgres://app_user:pw-do-not-show@h1:5432,h2:5433/app",
-            "host=h1,h2 user=app_user password='pw do-not-show' dbname=app",
-        ] {
-            let cfg = Config::from_toml(
-                &text.replace("postgres://app_user:pw-do-not-show@db:5432/app", url),
-                &|_| None,
-            )
-            .unwrap();
-            let all: String = config(&cfg)
-                .rows
-                .iter()
-                .flatten()
-                .flatten()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n");
+        for url in ["postgres://app_user:pw-do-not-show@h1:5432,h2:5433/app", "host=h1,h2 user=app_user password='pw do-not-show' dbname=app"] {
+            let cfg = Config::from_toml(&text.replace("postgres://app_user:pw-do-not-show@db:5432/app", url), &|_| None).unwrap();
+            let all: String = config(&cfg).rows.iter().flatten().flatten().cloned().collect::<Vec<_>>().join("\n");
             assert!(!all.contains("do-not-show"), "{all}");
         }
     }

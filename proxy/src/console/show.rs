@@ -41,11 +41,7 @@ const PLACEMENT: [(&str, u32); 3] = [("cluster", TEXT), ("role", TEXT), ("host",
 
 /// A pool's values for [`PLACEMENT`].
 fn placement(p: &crate::admin::pools::Listed<'_>) -> [Option<String>; 3] {
-    [
-        p.cluster.and_then(text),
-        text(p.role()),
-        text(p.pool.target().address()),
-    ]
+    [p.cluster.and_then(text), text(p.role()), text(p.pool.target().address())]
 }
 
 /// The answer to `SHOW what`.
@@ -59,10 +55,7 @@ pub async fn show(proxy: &Proxy, what: Show) -> Table {
         Show::Config => super::settings::config(&proxy.live_config()),
         Show::Version => Table {
             columns: vec![("version", TEXT)],
-            rows: vec![vec![text(format!(
-                "pgtenant {}",
-                env!("CARGO_PKG_VERSION")
-            ))]],
+            rows: vec![vec![text(format!("pgtenant {}", env!("CARGO_PKG_VERSION")))]],
         },
     }
 }
@@ -70,11 +63,7 @@ pub async fn show(proxy: &Proxy, what: Show) -> Table {
 /// One row per pool of `admin::pools` (the list `/pools` shows), PgBouncer's columns first.
 fn pools(proxy: &Proxy) -> Table {
     let clients = proxy.sessions.list();
-    let mode = if proxy.shared.session_mode {
-        "session"
-    } else {
-        "transaction"
-    };
+    let mode = if proxy.shared.session_mode { "session" } else { "transaction" };
     let rows = crate::admin::pools::list(proxy)
         .into_iter()
         .map(|p| {
@@ -86,11 +75,7 @@ fn pools(proxy: &Proxy) -> Table {
             // a session belongs to the tenant or bypass pool; its transactions may run on any
             // cluster or replica, so there a client counts while a transaction of its runs
             let active = match p.label {
-                "tenant" | "bypass" => clients
-                    .iter()
-                    .filter(|c| c.pool == p.label)
-                    .count()
-                    .saturating_sub(waiting),
+                "tenant" | "bypass" => clients.iter().filter(|c| c.pool == p.label).count().saturating_sub(waiting),
                 _ => pool.busy_count(),
             };
             vec![
@@ -188,11 +173,7 @@ async fn servers(proxy: &Proxy) -> Table {
     let mut rows = Vec::new();
     for p in crate::admin::pools::list(proxy) {
         let pool = p.pool;
-        let row = |state: &str,
-                   pid: i32,
-                   connected: Option<SystemTime>,
-                   since: SystemTime,
-                   client: Option<(&str, i32)>| {
+        let row = |state: &str, pid: i32, connected: Option<SystemTime>, since: SystemTime, client: Option<(&str, i32)>| {
             vec![
                 text("S"),
                 text(&pool.target().user),
@@ -252,10 +233,7 @@ fn tenants(proxy: &Proxy) -> Table {
     let rows = stats
         .into_iter()
         .map(|t| {
-            let connected = clients
-                .iter()
-                .filter(|c| c.pool == "tenant" && *c.tenant == *t.tenant)
-                .count();
+            let connected = clients.iter().filter(|c| c.pool == "tenant" && *c.tenant == *t.tenant).count();
             vec![
                 text(&t.tenant),
                 text(connected),
@@ -292,11 +270,7 @@ fn stats(proxy: &Proxy) -> Table {
         .map(|p| {
             let pool = p.pool;
             let (totals, _) = pool.totals();
-            let avg = if totals.transactions == 0 {
-                0.0
-            } else {
-                micros(totals.wait) as f64 / totals.transactions as f64
-            };
+            let avg = if totals.transactions == 0 { 0.0 } else { micros(totals.wait) as f64 / totals.transactions as f64 };
             vec![
                 text(&pool.target().database),
                 text(p.label),

@@ -31,34 +31,16 @@ impl Endpoint {
 pub fn endpoints(cfg: &Config) -> Result<Vec<Endpoint>, String> {
     let mut out: Vec<Endpoint> = Vec::new();
     for (i, spec) in cfg.cluster_specs().into_iter().enumerate() {
-        let (url_key, replicas_key) = if i == 0 {
-            ("backend.url", "backend.replicas")
-        } else {
-            ("clusters.url", "clusters.replicas")
-        };
-        let (hosts, _) = BackendTarget::all_from_config(&spec.primary)
-            .map_err(|e| format!("{url_key} ({}): {e}", spec.name))?;
-        let mut found: Vec<(&'static str, BackendTarget)> =
-            hosts.into_iter().map(|t| ("primary", t)).collect();
+        let (url_key, replicas_key) = if i == 0 { ("backend.url", "backend.replicas") } else { ("clusters.url", "clusters.replicas") };
+        let (hosts, _) = BackendTarget::all_from_config(&spec.primary).map_err(|e| format!("{url_key} ({}): {e}", spec.name))?;
+        let mut found: Vec<(&'static str, BackendTarget)> = hosts.into_iter().map(|t| ("primary", t)).collect();
         for r in &spec.replicas {
-            found.push((
-                "replica",
-                BackendTarget::from_config(r)
-                    .map_err(|e| format!("{replicas_key} ({}): {e}", spec.name))?,
-            ));
+            found.push(("replica", BackendTarget::from_config(r).map_err(|e| format!("{replicas_key} ({}): {e}", spec.name))?));
         }
         for (kind, target) in found {
-            let same = |e: &Endpoint| {
-                e.target.address() == target.address()
-                    && e.target.database == target.database
-                    && e.target.user == target.user
-            };
+            let same = |e: &Endpoint| e.target.address() == target.address() && e.target.database == target.database && e.target.user == target.user;
             if !out.iter().any(same) {
-                out.push(Endpoint {
-                    cluster: spec.name.clone(),
-                    kind,
-                    target,
-                });
+                out.push(Endpoint { cluster: spec.name.clone(), kind, target });
             }
         }
     }
@@ -69,24 +51,11 @@ pub fn endpoints(cfg: &Config) -> Result<Vec<Endpoint>, String> {
 /// `backend.url`) uses the admin URL as given, as the doctor always has (a Unix socket with peer
 /// authentication, say); every other endpoint its own server and database with the admin URL's user
 /// and password, so one owner or superuser login checks them all.
-pub fn as_admin(
-    endpoint: usize,
-    target: &BackendTarget,
-    admin_url: &str,
-    backend: &BackendConfig,
-) -> Result<BackendTarget, String> {
-    let admin = BackendTarget::from_config(&BackendConfig {
-        url: admin_url.to_string(),
-        ..backend.clone()
-    })
-    .map_err(|e| format!("--admin-url: {e}"))?;
+pub fn as_admin(endpoint: usize, target: &BackendTarget, admin_url: &str, backend: &BackendConfig) -> Result<BackendTarget, String> {
+    let admin = BackendTarget::from_config(&BackendConfig { url: admin_url.to_string(), ..backend.clone() }).map_err(|e| format!("--admin-url: {e}"))?;
     Ok(match endpoint {
         0 => admin,
-        _ => BackendTarget {
-            user: admin.user,
-            password: admin.password,
-            ..target.clone()
-        },
+        _ => BackendTarget { user: admin.user, password: admin.password, ..target.clone() },
     })
 }
 
@@ -102,39 +71,15 @@ mod tests {
         )
         .unwrap();
         let all = endpoints(&cfg).unwrap();
-        let labels: Vec<String> = all
-            .iter()
-            .map(|e| format!("{} {}", e.label(), e.target.user))
-            .collect();
+        let labels: Vec<String> = all.iter().map(|e| format!("{} {}", e.label(), e.target.user)).collect();
         assert_eq!(
             labels,
-            [
-                "default primary h1:5432 app",
-                "default primary h2:5433 app",
-                "default replica r1:5434 app",
-                "eu primary e1:5432 eu_app",
-                "eu replica e2:5432 eu_app"
-            ]
+            ["default primary h1:5432 app", "default primary h2:5433 app", "default replica r1:5434 app", "eu primary e1:5432 eu_app", "eu replica e2:5432 eu_app"]
         );
         let url = "postgres://owner:secret@elsewhere:1/other";
         let admin = as_admin(3, &all[3].target, url, &cfg.backend).unwrap();
-        assert_eq!(
-            (
-                admin.user.as_str(),
-                admin.password.as_deref(),
-                admin.address(),
-                admin.database.as_str()
-            ),
-            ("owner", Some("secret"), "e1:5432".into(), "eu")
-        );
+        assert_eq!((admin.user.as_str(), admin.password.as_deref(), admin.address(), admin.database.as_str()), ("owner", Some("secret"), "e1:5432".into(), "eu"));
         let first = as_admin(0, &all[0].target, url, &cfg.backend).unwrap();
-        assert_eq!(
-            (
-                first.user.as_str(),
-                first.address(),
-                first.database.as_str()
-            ),
-            ("owner", "elsewhere:1".into(), "other")
-        );
+        assert_eq!((first.user.as_str(), first.address(), first.database.as_str()), ("owner", "elsewhere:1".into(), "other"));
     }
 }

@@ -36,14 +36,7 @@ pub struct Finding {
 }
 
 fn finding(check: &'static str, object: impl Into<String>, detail: impl Into<String>) -> Finding {
-    Finding {
-        check,
-        object: object.into(),
-        detail: detail.into(),
-        fix: None,
-        host: String::new(),
-        cluster: String::new(),
-    }
+    Finding { check, object: object.into(), detail: detail.into(), fix: None, host: String::new(), cluster: String::new() }
 }
 
 /// One server the doctor checked.
@@ -84,29 +77,18 @@ fn grantees(acl: &str, kind: char, owner: &str, privilege: &str, role: &str) -> 
 
 /// SQL expression: `schema.name(argtypes)` of the function `p` (joined with its namespace `n`),
 /// as `REVOKE … ON FUNCTION` accepts it.
-const FUNCTION_NAME: &str =
-    "format('%I.%I(%s)', n.nspname, p.proname, pg_catalog.oidvectortypes(p.proargtypes))";
+const FUNCTION_NAME: &str = "format('%I.%I(%s)', n.nspname, p.proname, pg_catalog.oidvectortypes(p.proargtypes))";
 
 /// `(object, grantees)` of the functions selected by `filter` (over `pg_proc p` joined with
 /// `pg_namespace n`) that the role may execute.
-async fn executable_functions(
-    conn: &mut BackendConn,
-    role: &str,
-    filter: &str,
-) -> Result<Vec<(String, String)>, ConnectError> {
-    let rows = simple_query(
-        conn,
-        &format!(
+async fn executable_functions(conn: &mut BackendConn, role: &str, filter: &str) -> Result<Vec<(String, String)>, ConnectError> {
+    let rows = simple_query(conn, &format!(
         "SELECT {FUNCTION_NAME}, {} FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace \
          WHERE ({filter}) AND has_function_privilege({role}, p.oid, 'EXECUTE') ORDER BY 1",
         grantees("p.proacl", 'f', "p.proowner", "EXECUTE", role)
-    ),
-    )
+    ))
     .await?;
-    Ok(rows
-        .iter()
-        .map(|row| (cell(row, 0), cell(row, 1)))
-        .collect())
+    Ok(rows.iter().map(|row| (cell(row, 0), cell(row, 1))).collect())
 }
 
 fn cell(row: &Row, i: usize) -> String {
@@ -132,11 +114,7 @@ pub async fn run(cfg: &Config, admin_url: Option<&str>) -> Result<Vec<Finding>, 
 }
 
 /// [`run`], with the signed-context functions in `schema` (`pgtenant install-sql --schema`).
-pub async fn run_in(
-    cfg: &Config,
-    admin_url: Option<&str>,
-    schema: &str,
-) -> Result<Vec<Finding>, String> {
+pub async fn run_in(cfg: &Config, admin_url: Option<&str>, schema: &str) -> Result<Vec<Finding>, String> {
     Ok(report(cfg, admin_url, schema).await?.findings)
 }
 
@@ -151,83 +129,45 @@ pub async fn report(cfg: &Config, admin_url: Option<&str>, schema: &str) -> Resu
             None => e.target.clone(),
         };
         let checked = async {
-            let mut conn = connect(&target)
-                .await
-                .map_err(|err| format!("cannot connect as {}: {err}", target.describe()))?;
-            let standby = simple_query(&mut conn, "SELECT pg_catalog.pg_is_in_recovery()")
-                .await
-                .map_err(|err| err.to_string())?;
+            let mut conn = connect(&target).await.map_err(|err| format!("cannot connect as {}: {err}", target.describe()))?;
+            let standby = simple_query(&mut conn, "SELECT pg_catalog.pg_is_in_recovery()").await.map_err(|err| err.to_string())?;
             let findings = check(&mut conn, cfg, &e.target.user, schema).await?;
-            Ok::<_, String>((
-                standby.first().is_some_and(|row| cell(row, 0) == "t"),
-                findings,
-            ))
+            Ok::<_, String>((standby.first().is_some_and(|row| cell(row, 0) == "t"), findings))
         };
         match checked.await {
             Ok((standby, findings)) => {
                 let host = e.target.address();
-                out.findings.extend(findings.into_iter().map(|f| Finding {
-                    host: host.clone(),
-                    cluster: e.cluster.clone(),
-                    ..f
-                }));
-                out.checked.push(Checked {
-                    cluster: e.cluster.clone(),
-                    kind: e.kind,
-                    host,
-                    standby,
-                });
+                out.findings.extend(findings.into_iter().map(|f| Finding { host: host.clone(), cluster: e.cluster.clone(), ..f }));
+                out.checked.push(Checked { cluster: e.cluster.clone(), kind: e.kind, host, standby });
             }
             Err(err) => failed.push(format!("{}: {err}", e.label())),
         }
     }
-    if failed.is_empty() {
-        Ok(out)
-    } else {
-        Err(failed.join("\n"))
-    }
+    if failed.is_empty() { Ok(out) } else { Err(failed.join("\n")) }
 }
 
 /// The checks on one server, for the restricted role `role`.
-async fn check(
-    conn: &mut BackendConn,
-    cfg: &Config,
-    role: &str,
-    schema: &str,
-) -> Result<Vec<Finding>, String> {
+async fn check(conn: &mut BackendConn, cfg: &Config, role: &str, schema: &str) -> Result<Vec<Finding>, String> {
     let r = lit(role);
     let mut out = Vec::new();
     let text = cell;
     let err = |e: ConnectError| e.to_string();
 
-    let rows = simple_query(
-        conn,
-        &format!("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = {r}"),
-    )
-    .await
-    .map_err(err)?;
+    let rows = simple_query(conn, &format!("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = {r}")).await.map_err(err)?;
     let Some(row) = rows.first() else {
         return Err(format!("role {role} does not exist"));
     };
     let role_ident = quote_ident(role);
     if text(row, 0) == "t" {
         out.push(
-            finding(
-                "role_superuser",
-                role,
-                "the role is a superuser: RLS does not apply to it",
-            )
-            .with_fix(format!("ALTER ROLE {role_ident} NOSUPERUSER;")),
+            finding("role_superuser", role, "the role is a superuser: RLS does not apply to it")
+                .with_fix(format!("ALTER ROLE {role_ident} NOSUPERUSER;")),
         );
     }
     if text(row, 1) == "t" {
         out.push(
-            finding(
-                "role_bypassrls",
-                role,
-                "the role has BYPASSRLS: RLS does not apply to it",
-            )
-            .with_fix(format!("ALTER ROLE {role_ident} NOBYPASSRLS;")),
+            finding("role_bypassrls", role, "the role has BYPASSRLS: RLS does not apply to it")
+                .with_fix(format!("ALTER ROLE {role_ident} NOBYPASSRLS;")),
         );
     }
     for row in simple_query(conn, &format!(
@@ -272,27 +212,18 @@ async fn check(
     if !cfg.tenant.claims_setting.is_empty() {
         all_names.push(cfg.tenant.claims_setting.clone());
     }
-    let signed = signing::checks(conn, cfg, role, schema)
-        .await
-        .map_err(err)?;
+    let signed = signing::checks(conn, cfg, role, schema).await.map_err(err)?;
     let policies = simple_query(conn, "SELECT format('%I.%I', schemaname, tablename), policyname, coalesce(qual, '') || ' ' || coalesce(with_check, '') FROM pg_policies ORDER BY 1, 2")
         .await
         .map_err(err)?;
     let mut used = BTreeSet::new();
     for row in &policies {
         let expr = text(row, 2);
-        let mentioned: Vec<&String> = all_names
-            .iter()
-            .filter(|s| expr.contains(s.as_str()))
-            .collect();
+        let mentioned: Vec<&String> = all_names.iter().filter(|s| expr.contains(s.as_str())).collect();
         used.extend(mentioned.iter().map(|s| s.to_string()));
         let object = format!("{} policy {}", text(row, 0), text(row, 1));
         if mentioned.is_empty() {
-            out.push(finding(
-                "policy_without_tenant_setting",
-                object,
-                "the policy does not read any setting pgtenant sets",
-            ));
+            out.push(finding("policy_without_tenant_setting", object, "the policy does not read any setting pgtenant sets"));
         } else if expr.contains("current_setting") && !expr.to_lowercase().contains("nullif") {
             out.push(finding(
                 "policy_accepts_empty_setting",
@@ -303,11 +234,7 @@ async fn check(
     }
     for s in &settings {
         if !used.contains(s) {
-            out.push(finding(
-                "setting_unused",
-                s,
-                "configured in [tenant] but no policy reads it",
-            ));
+            out.push(finding("setting_unused", s, "configured in [tenant] but no policy reads it"));
         }
     }
     for row in simple_query(conn, &format!(
@@ -342,16 +269,8 @@ async fn check(
     .map_err(err)?;
     if let Some(row) = temp.first().filter(|row| text(row, 0) == "t") {
         out.push(
-            finding(
-                "database_temp",
-                "current database",
-                "the role may create temporary tables and functions",
-            )
-            .with_fix(format!(
-                "REVOKE TEMP ON DATABASE {} FROM {};",
-                text(row, 1),
-                text(row, 2)
-            )),
+            finding("database_temp", "current database", "the role may create temporary tables and functions")
+                .with_fix(format!("REVOKE TEMP ON DATABASE {} FROM {};", text(row, 1), text(row, 2))),
         );
     }
     out.extend(interference_checks(conn, &r).await.map_err(err)?);
@@ -361,13 +280,9 @@ async fn check(
 /// The shared role lets one tenant disturb or watch the others' sessions (docs/security.md,
 /// "Shared-role interference"): query text of other sessions, signals to other backends, advisory
 /// locks (one key space for all tenants), and TRUNCATE (ignores RLS, locks out every tenant).
-async fn interference_checks(
-    conn: &mut BackendConn,
-    r: &str,
-) -> Result<Vec<Finding>, ConnectError> {
+async fn interference_checks(conn: &mut BackendConn, r: &str) -> Result<Vec<Finding>, ConnectError> {
     let mut out = Vec::new();
-    let text_detail =
-        "every client shares the role, so one tenant can read other tenants' query text here";
+    let text_detail = "every client shares the role, so one tenant can read other tenants' query text here";
     for row in simple_query(conn, &format!(
         "SELECT format('%I.%I', n.nspname, c.relname), {} FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE c.relname IN ('pg_stat_activity', 'pg_stat_statements') AND has_table_privilege({r}, c.oid, 'SELECT') ORDER BY 1",
@@ -382,31 +297,20 @@ async fn interference_checks(
     // function (and pg_stat_get_backend_activity) readable
     let filter = "(n.nspname = 'pg_catalog' AND p.proname IN ('pg_stat_get_activity', 'pg_stat_get_backend_activity')) OR p.proname = 'pg_stat_statements'";
     for (function, who) in executable_functions(conn, r, filter).await? {
-        out.push(
-            finding("query_text_visible", &function, text_detail)
-                .with_fix(revoke_execute(&function, &who)),
-        );
+        out.push(finding("query_text_visible", &function, text_detail).with_fix(revoke_execute(&function, &who)));
     }
-    let filter =
-        "n.nspname = 'pg_catalog' AND p.proname IN ('pg_cancel_backend', 'pg_terminate_backend')";
+    let filter = "n.nspname = 'pg_catalog' AND p.proname IN ('pg_cancel_backend', 'pg_terminate_backend')";
     for (function, who) in executable_functions(conn, r, filter).await? {
         out.push(
             finding("signal_functions", &function, "every client shares the role, so one tenant can cancel or terminate other tenants' queries")
                 .with_fix(revoke_execute(&function, &who)),
         );
     }
-    let filter =
-        "n.nspname = 'pg_catalog' AND p.proname ~ '^pg_(try_)?advisory_(xact_)?lock(_shared)?$'";
+    let filter = "n.nspname = 'pg_catalog' AND p.proname ~ '^pg_(try_)?advisory_(xact_)?lock(_shared)?$'";
     let locks = executable_functions(conn, r, filter).await?;
     if !locks.is_empty() {
-        let names: BTreeSet<&str> = locks
-            .iter()
-            .filter_map(|(f, _)| f.strip_prefix("pg_catalog.")?.split('(').next())
-            .collect();
-        let fix: Vec<String> = locks
-            .iter()
-            .map(|(f, who)| revoke_execute(f, who))
-            .collect();
+        let names: BTreeSet<&str> = locks.iter().filter_map(|(f, _)| f.strip_prefix("pg_catalog.")?.split('(').next()).collect();
+        let fix: Vec<String> = locks.iter().map(|(f, who)| revoke_execute(f, who)).collect();
         out.push(
             finding(
                 "advisory_locks",
@@ -448,18 +352,8 @@ pub fn render(findings: &[Finding]) -> String {
     if findings.is_empty() {
         return "pgtenant doctor: no findings\n".into();
     }
-    let w1 = findings
-        .iter()
-        .map(|f| f.check.len())
-        .max()
-        .unwrap_or(5)
-        .max(5);
-    let w2 = findings
-        .iter()
-        .map(|f| f.object.len())
-        .max()
-        .unwrap_or(6)
-        .max(6);
+    let w1 = findings.iter().map(|f| f.check.len()).max().unwrap_or(5).max(5);
+    let w2 = findings.iter().map(|f| f.object.len()).max().unwrap_or(6).max(6);
     let mut s = format!("{:w1$}  {:w2$}  {}\n", "CHECK", "OBJECT", "DETAIL");
     let mut server = None;
     for f in findings {
@@ -468,18 +362,12 @@ pub fn render(findings: &[Finding]) -> String {
             server = Some((&f.cluster, &f.host));
             s.push_str(&format!("-- cluster {}, host {}\n", f.cluster, f.host));
         }
-        s.push_str(&format!(
-            "{:w1$}  {:w2$}  {}\n",
-            f.check, f.object, f.detail
-        ));
+        s.push_str(&format!("{:w1$}  {:w2$}  {}\n", f.check, f.object, f.detail));
         for line in f.fix.iter().flat_map(|fix| fix.lines()) {
             s.push_str(&format!("{:w1$}  fix: {line}\n", ""));
         }
     }
-    s.push_str(&format!(
-        "\n{} finding(s); run each fix as a superuser, and see docs/doctor.md for the others\n",
-        findings.len()
-    ));
+    s.push_str(&format!("\n{} finding(s); run each fix as a superuser, and see docs/doctor.md for the others\n", findings.len()));
     s
 }
 
@@ -487,15 +375,8 @@ pub fn render(findings: &[Finding]) -> String {
 pub fn render_checked(checked: &[Checked]) -> String {
     let mut s = String::new();
     for c in checked {
-        let standby = if c.standby {
-            " (standby: in recovery)"
-        } else {
-            ""
-        };
-        s.push_str(&format!(
-            "checked cluster {}, {} host {}{standby}\n",
-            c.cluster, c.kind, c.host
-        ));
+        let standby = if c.standby { " (standby: in recovery)" } else { "" };
+        s.push_str(&format!("checked cluster {}, {} host {}{standby}\n", c.cluster, c.kind, c.host));
     }
     s
 }
@@ -506,31 +387,12 @@ mod tests {
 
     #[test]
     fn findings_are_grouped_by_server() {
-        let on = |host: &str, cluster: &str| Finding {
-            host: host.into(),
-            cluster: cluster.into(),
-            ..finding("database_temp", "current database", "d")
-        };
-        let text = render(&[
-            on("h1:5432", "default"),
-            on("h1:5432", "default"),
-            on("e1:5432", "eu"),
-        ]);
-        assert_eq!(
-            text.matches("-- cluster default, host h1:5432\n").count(),
-            1,
-            "{text}"
-        );
+        let on = |host: &str, cluster: &str| Finding { host: host.into(), cluster: cluster.into(), ..finding("database_temp", "current database", "d") };
+        let text = render(&[on("h1:5432", "default"), on("h1:5432", "default"), on("e1:5432", "eu")]);
+        assert_eq!(text.matches("-- cluster default, host h1:5432\n").count(), 1, "{text}");
         assert!(text.contains("-- cluster eu, host e1:5432\n"), "{text}");
         let json = serde_json::to_value(on("e1:5432", "eu")).unwrap();
-        assert_eq!(
-            (
-                json["host"].as_str(),
-                json["cluster"].as_str(),
-                json["check"].as_str()
-            ),
-            (Some("e1:5432"), Some("eu"), Some("database_temp"))
-        );
+        assert_eq!((json["host"].as_str(), json["cluster"].as_str(), json["check"].as_str()), (Some("e1:5432"), Some("eu"), Some("database_temp")));
     }
 
     #[test]

@@ -37,19 +37,11 @@ fn tenant_names(cfg: &Config) -> Vec<String> {
 
 /// Runs the checks for the restricted role `role`. Without a signing key, only the policies are
 /// checked (and installed functions vouched for).
-pub(super) async fn checks(
-    conn: &mut BackendConn,
-    cfg: &Config,
-    role: &str,
-    schema: &str,
-) -> Result<Outcome, ConnectError> {
+pub(super) async fn checks(conn: &mut BackendConn, cfg: &Config, role: &str, schema: &str) -> Result<Outcome, ConnectError> {
     let r = &lit(role);
     let key = cfg.tenant.signing_key_bytes().ok().flatten();
     let names = tenant_names(cfg);
-    let mut out = Outcome {
-        findings: policy_checks(conn, &names, schema, key.is_some()).await?,
-        vouched: BTreeSet::new(),
-    };
+    let mut out = Outcome { findings: policy_checks(conn, &names, schema, key.is_some()).await?, vouched: BTreeSet::new() };
     let s = lit(schema);
     let installer = "run `pgtenant install-sql --config <this config> | psql` as the database owner or a superuser";
 
@@ -69,27 +61,17 @@ pub(super) async fn checks(
     .await?;
     let mut usable = 0;
     // (name, arguments, with `SET search_path`): setting() has none, its names are all qualified
-    for (name, args, fixed_path) in [
-        ("setting", "text", false),
-        ("verify", "text", true),
-        ("claims", "", true),
-    ] {
+    for (name, args, fixed_path) in [("setting", "text", false), ("verify", "text", true), ("claims", "", true)] {
         let object = format!("{schema}.{name}({args})");
         let Some(row) = functions.iter().find(|row| cell(row, 0) == name) else {
             if key.is_some() {
-                out.findings.push(finding(
-                    "signing_not_installed",
-                    object,
-                    format!("the verifying function is missing: {installer}"),
-                ));
+                out.findings.push(finding("signing_not_installed", object, format!("the verifying function is missing: {installer}")));
             }
             continue;
         };
         let expected = match name {
             "setting" => Some(install_sql::setting_body(schema)),
-            "verify" => pgcrypto
-                .as_deref()
-                .map(|c| install_sql::verify_body(schema, c)),
+            "verify" => pgcrypto.as_deref().map(|c| install_sql::verify_body(schema, c)),
             _ => Some(install_sql::claims_body(schema, &cfg.tenant.claims_setting)),
         };
         let attributes = cell(row, 3) == "t" && (cell(row, 6) == "t") == fixed_path;
@@ -135,9 +117,7 @@ pub(super) async fn checks(
         let detail = "the restricted role can read or change the signing keys: with them it can sign any tenant's context";
         let f = finding("signing_keys_readable", cell(&row, 0), detail);
         out.findings.push(match row.get(2).cloned().flatten() {
-            Some(who) if cell(&row, 1) != "t" => {
-                f.with_fix(format!("REVOKE ALL ON TABLE {} FROM {who};", cell(&row, 0)))
-            }
+            Some(who) if cell(&row, 1) != "t" => f.with_fix(format!("REVOKE ALL ON TABLE {} FROM {who};", cell(&row, 0))),
             _ => f,
         });
     }
@@ -162,12 +142,7 @@ pub(super) async fn checks(
 async fn record_check(conn: &mut BackendConn, role: &str) -> Result<Option<Finding>, ConnectError> {
     let (r, c) = (lit(role), lit(CACHE_SETTING));
     let version = simple_query(conn, "SELECT current_setting('server_version_num')").await?;
-    let set = if version
-        .first()
-        .and_then(|row| cell(row, 0).parse::<i64>().ok())
-        .unwrap_or(0)
-        >= 150000
-    {
+    let set = if version.first().and_then(|row| cell(row, 0).parse::<i64>().ok()).unwrap_or(0) >= 150000 {
         format!("has_parameter_privilege({r}, {c}, 'SET')")
     } else {
         "false".to_string()
@@ -178,14 +153,8 @@ async fn record_check(conn: &mut BackendConn, role: &str) -> Result<Option<Findi
                  WHERE g.rolname = 'pg_read_all_settings' AND u.rolname = {r})"
     ))
     .await?;
-    let Some(row) = rows.first() else {
-        return Ok(None);
-    };
-    let (read, set, direct) = (
-        cell(row, 0) == "t",
-        cell(row, 1) == "t",
-        cell(row, 2) == "t",
-    );
+    let Some(row) = rows.first() else { return Ok(None) };
+    let (read, set, direct) = (cell(row, 0) == "t", cell(row, 1) == "t", cell(row, 2) == "t");
     if !read && !set {
         return Ok(None);
     }
@@ -209,25 +178,14 @@ async fn record_check(conn: &mut BackendConn, role: &str) -> Result<Option<Findi
         fix.push(format!("REVOKE pg_read_all_settings FROM {role};"));
     }
     if set {
-        fix.push(format!(
-            "REVOKE SET ON PARAMETER {CACHE_SETTING} FROM {role};"
-        ));
+        fix.push(format!("REVOKE SET ON PARAMETER {CACHE_SETTING} FROM {role};"));
     }
-    Ok(Some(if fix.is_empty() || (read && !direct) {
-        f
-    } else {
-        f.with_fix(fix.join("\n"))
-    }))
+    Ok(Some(if fix.is_empty() || (read && !direct) { f } else { f.with_fix(fix.join("\n")) }))
 }
 
 /// Signs a context for the doctor's own backend with the configured key and has the database
 /// verify it. A finding when it does not verify.
-async fn probe(
-    conn: &mut BackendConn,
-    cfg: &Config,
-    key: &[u8],
-    schema: &str,
-) -> Result<Option<Finding>, ConnectError> {
+async fn probe(conn: &mut BackendConn, cfg: &Config, key: &[u8], schema: &str) -> Result<Option<Finding>, ConnectError> {
     let kid = &cfg.tenant.signing_kid;
     let failed = |e: ConnectError| {
         Ok(Some(finding(
@@ -241,20 +199,11 @@ async fn probe(
         Err(e @ ConnectError::Server { .. }) => return failed(e),
         Err(e) => return Err(e),
     };
-    let Some(row) = me.first() else {
-        return Ok(None);
-    };
-    let backend = BackendId {
-        pid: cell(row, 0).parse().unwrap_or_default(),
-        started: cell(row, 1),
-    };
+    let Some(row) = me.first() else { return Ok(None) };
+    let backend = BackendId { pid: cell(row, 0).parse().unwrap_or_default(), started: cell(row, 1) };
     let nonce = format!("probe-{:016x}", rand::random::<u64>());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or_default();
-    let (payload, signature) =
-        Signer::new(kid, key).signed(&[(PROBE_SETTING.to_string(), nonce.clone())], now, &backend);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or_default();
+    let (payload, signature) = Signer::new(kid, key).signed(&[(PROBE_SETTING.to_string(), nonce.clone())], now, &backend);
     // one query string is one transaction: the transaction-local settings hold for the second statement
     let sql = format!(
         "SELECT pg_catalog.set_config({}, {}, true), pg_catalog.set_config({}, {}, true); SELECT {schema}.setting({})",
@@ -269,10 +218,7 @@ async fn probe(
         Err(e @ ConnectError::Server { .. }) => return failed(e),
         Err(e) => return Err(e),
     };
-    if rows
-        .iter()
-        .any(|row| row.first().cloned().flatten().as_deref() == Some(nonce.as_str()))
-    {
+    if rows.iter().any(|row| row.first().cloned().flatten().as_deref() == Some(nonce.as_str())) {
         return Ok(None);
     }
     Ok(Some(finding(
@@ -290,12 +236,7 @@ async fn probe(
 /// Policies: with signing, every policy that reads a tenant setting with `current_setting` (a
 /// value the client could set itself); without, every policy that reads the verifying function
 /// (it matches no row when nothing is signed).
-async fn policy_checks(
-    conn: &mut BackendConn,
-    names: &[String],
-    schema: &str,
-    signing: bool,
-) -> Result<Vec<Finding>, ConnectError> {
+async fn policy_checks(conn: &mut BackendConn, names: &[String], schema: &str, signing: bool) -> Result<Vec<Finding>, ConnectError> {
     let rows = simple_query(conn, "SELECT format('%I.%I', schemaname, tablename), policyname, quote_ident(policyname), qual, with_check FROM pg_policies ORDER BY 1, 2").await?;
     let mut out = Vec::new();
     let verifier = format!("{schema}.setting(");
@@ -313,15 +254,8 @@ async fn policy_checks(
             }
             continue;
         }
-        let rewritten: Vec<Option<Rewrite>> = exprs
-            .iter()
-            .map(|e| e.as_deref().map(|e| rewrite(e, names, schema)))
-            .collect();
-        let read: BTreeSet<&String> = rewritten
-            .iter()
-            .flatten()
-            .flat_map(|r| r.replaced.iter())
-            .collect();
+        let rewritten: Vec<Option<Rewrite>> = exprs.iter().map(|e| e.as_deref().map(|e| rewrite(e, names, schema))).collect();
+        let read: BTreeSet<&String> = rewritten.iter().flatten().flat_map(|r| r.replaced.iter()).collect();
         let unclear = rewritten.iter().flatten().any(|r| r.unclear);
         if read.is_empty() && !unclear {
             continue;
@@ -329,13 +263,7 @@ async fn policy_checks(
         let what = if read.is_empty() {
             "current_setting() with a name that is not a literal".to_string()
         } else {
-            format!(
-                "{} with current_setting()",
-                read.iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
+            format!("{} with current_setting()", read.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "))
         };
         let f = finding(
             "policy_reads_unsigned_setting",
@@ -373,11 +301,7 @@ struct Rewrite {
 /// (optionally `pg_catalog.`-qualified) becomes `(SELECT <schema>.setting('app.tenant_id'::text))`.
 fn rewrite(expr: &str, names: &[String], schema: &str) -> Rewrite {
     const CALL: &str = "current_setting(";
-    let mut out = Rewrite {
-        text: String::with_capacity(expr.len()),
-        replaced: Vec::new(),
-        unclear: false,
-    };
+    let mut out = Rewrite { text: String::with_capacity(expr.len()), replaced: Vec::new(), unclear: false };
     let mut rest = expr;
     while let Some(i) = rest.find(CALL) {
         let before = &rest[..i];
@@ -385,27 +309,21 @@ fn rewrite(expr: &str, names: &[String], schema: &str) -> Rewrite {
             Some(k) => (k, true),
             None => (before, false),
         };
-        let standalone = qualified
-            || !keep.ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == '.' || c == '"');
+        let standalone = qualified || !keep.ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == '.' || c == '"');
         let args = &rest[i + CALL.len()..];
         // 'name'::text, then `)` or `, true)` / `, false)`
-        let name = args
-            .strip_prefix('\'')
-            .and_then(|a| a.find('\'').map(|end| &a[..end]));
+        let name = args.strip_prefix('\'').and_then(|a| a.find('\'').map(|end| &a[..end]));
         let ours = name.is_some_and(|name| names.iter().any(|n| n == name));
         let left = name.and_then(|name| {
             let after = &args[name.len() + 2..];
             let tail = after.strip_prefix("::text").unwrap_or(after);
-            let close = [")", ", true)", ", false)"]
-                .into_iter()
-                .find(|c| tail.starts_with(c))?;
+            let close = [")", ", true)", ", false)"].into_iter().find(|c| tail.starts_with(c))?;
             Some(tail.len() - close.len())
         });
         match (name, left) {
             (Some(name), Some(left)) if standalone && ours => {
                 out.text.push_str(keep);
-                out.text
-                    .push_str(&format!("(SELECT {schema}.setting({}::text))", lit(name)));
+                out.text.push_str(&format!("(SELECT {schema}.setting({}::text))", lit(name)));
                 if !out.replaced.iter().any(|n| n == name) {
                     out.replaced.push(name.to_string());
                 }
@@ -413,9 +331,7 @@ fn rewrite(expr: &str, names: &[String], schema: &str) -> Rewrite {
                 continue;
             }
             // a name that is not a plain literal, or ours inside a longer expression
-            (None, _) | (Some(_), None) if standalone && (name.is_none() || ours) => {
-                out.unclear = true
-            }
+            (None, _) | (Some(_), None) if standalone && (name.is_none() || ours) => out.unclear = true,
             _ => {}
         }
         out.text.push_str(&rest[..i + CALL.len()]);
@@ -431,10 +347,7 @@ mod tests {
 
     #[test]
     fn rewrites_current_setting_of_tenant_settings_only() {
-        let names = vec![
-            "app.tenant_id".to_string(),
-            "request.jwt.claims".to_string(),
-        ];
+        let names = vec!["app.tenant_id".to_string(), "request.jwt.claims".to_string()];
         let r = rewrite("(tenant_id = (NULLIF(current_setting('app.tenant_id'::text, true), ''::text))::integer)", &names, "pgtenant");
         assert_eq!(r.text, "(tenant_id = (NULLIF((SELECT pgtenant.setting('app.tenant_id'::text)), ''::text))::integer)");
         assert_eq!(r.replaced, ["app.tenant_id"]);
@@ -447,37 +360,17 @@ mod tests {
         assert_eq!(r.text, "((owner = (((SELECT s.setting('request.jwt.claims'::text)))::jsonb ->> 'sub'::text)) AND (x = current_setting('other.thing'::text, true)))");
         assert_eq!(r.replaced, ["request.jwt.claims"]);
         // not ours: another function with the same suffix; a computed name is unclear
-        let r = rewrite(
-            "(a = my_current_setting('app.tenant_id'::text))",
-            &names,
-            "s",
-        );
+        let r = rewrite("(a = my_current_setting('app.tenant_id'::text))", &names, "s");
         assert!(r.replaced.is_empty() && !r.unclear);
-        let r = rewrite(
-            "(a = current_setting(('app.'::text || 'tenant_id'::text), true))",
-            &names,
-            "s",
-        );
+        let r = rewrite("(a = current_setting(('app.'::text || 'tenant_id'::text), true))", &names, "s");
         assert!(r.replaced.is_empty() && r.unclear);
-        let r = rewrite(
-            "(a = (SELECT s.setting('app.tenant_id'::text)))",
-            &names,
-            "s",
-        );
+        let r = rewrite("(a = (SELECT s.setting('app.tenant_id'::text)))", &names, "s");
         assert!(r.replaced.is_empty() && !r.unclear);
         let r = rewrite("(a = current_setting('it''s'::text))", &names, "s");
         assert!(r.replaced.is_empty() && !r.unclear);
-        let r = rewrite(
-            "(a = current_setting(('app.tenant_id'::text || ''::text)))",
-            &names,
-            "s",
-        );
+        let r = rewrite("(a = current_setting(('app.tenant_id'::text || ''::text)))", &names, "s");
         assert!(r.replaced.is_empty() && r.unclear, "{r:?}");
-        let r = rewrite(
-            "(a = current_setting('app.tenant_id'::text || ''::text))",
-            &names,
-            "s",
-        );
+        let r = rewrite("(a = current_setting('app.tenant_id'::text || ''::text))", &names, "s");
         assert!(r.replaced.is_empty() && r.unclear);
     }
 }

@@ -17,19 +17,14 @@
 //! "Shared-role interference", for what is refused, what is left to privileges and what is inherent.
 
 use crate::error::{sqlstate, PgError};
-use crate::sql::lexer::{Kind, Token};
 use crate::sql::literal::ident_among;
+use crate::sql::lexer::{Kind, Token};
 
 /// Functions that signal another backend.
 const SIGNAL: [&str; 2] = ["pg_cancel_backend", "pg_terminate_backend"];
 
 /// Functions and views that show other sessions' query text.
-const ACTIVITY: [&str; 4] = [
-    "pg_stat_get_activity",
-    "pg_stat_get_backend_activity",
-    "pg_stat_activity",
-    "pg_stat_statements",
-];
+const ACTIVITY: [&str; 4] = ["pg_stat_get_activity", "pg_stat_get_backend_activity", "pg_stat_activity", "pg_stat_statements"];
 
 /// Words after which a PL/pgSQL statement begins inside a statement the splitter produced
 /// (`BEGIN LOCK t`, `IF x THEN LOCK t`, `ELSE …`, `LOOP …`).
@@ -37,16 +32,10 @@ const BLOCK_WORDS: [&str; 4] = ["begin", "then", "else", "loop"];
 
 /// Keywords that may follow a column or variable named `lock` / `truncate` after `THEN`/`ELSE`
 /// (`CASE WHEN a THEN lock END`): not a table name.
-const NOT_A_TABLE: [&str; 12] = [
-    "end", "else", "elsif", "when", "then", "and", "or", "is", "not", "as", "from", "loop",
-];
+const NOT_A_TABLE: [&str; 12] = ["end", "else", "elsif", "when", "then", "and", "or", "is", "not", "as", "from", "loop"];
 
 fn refused(message: String, hint: &str) -> PgError {
-    PgError::error(
-        sqlstate::INSUFFICIENT_PRIVILEGE,
-        format!("pgtenant: {message}"),
-    )
-    .with_hint(hint)
+    PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pgtenant: {message}")).with_hint(hint)
 }
 
 /// Checks one statement's tokens (a client statement, or a statement of a function body).
@@ -104,9 +93,7 @@ mod tests {
     use crate::sql::split;
 
     fn run(sql: &str) -> Result<(), PgError> {
-        split(sql.as_bytes())
-            .iter()
-            .try_for_each(|toks| check(toks))
+        split(sql.as_bytes()).iter().try_for_each(|toks| check(toks))
     }
 
     #[test]
@@ -136,10 +123,7 @@ mod tests {
         ] {
             let e = run(sql).expect_err(sql);
             assert_eq!(e.code, "42501", "{sql}");
-            assert!(
-                e.message.starts_with("pgtenant: ") && e.hint.is_some(),
-                "{sql}: {e}"
-            );
+            assert!(e.message.starts_with("pgtenant: ") && e.hint.is_some(), "{sql}: {e}");
         }
     }
 
@@ -180,11 +164,7 @@ mod tests {
             assert!(run(sql).is_ok(), "refused: {sql}");
         }
         // PL/pgSQL variables named lock
-        for body in [
-            "BEGIN lock := 1; END",
-            "BEGIN IF x THEN lock := lock + 1; END IF; END",
-            "BEGIN x := CASE WHEN a THEN lock END; END",
-        ] {
+        for body in ["BEGIN lock := 1; END", "BEGIN IF x THEN lock := lock + 1; END IF; END", "BEGIN x := CASE WHEN a THEN lock END; END"] {
             assert!(run(body).is_ok(), "refused: {body}");
         }
     }

@@ -12,40 +12,18 @@ use crate::error::PgError;
 
 /// Encodings (Postgres's normalized names and aliases) whose characters may contain `\` or `'`.
 const UNSAFE_ENCODINGS: &[&str] = &[
-    "big5",
-    "win950",
-    "cp950",
-    "gbk",
-    "win936",
-    "cp936",
-    "gb18030",
-    "johab",
-    "sjis",
-    "shiftjis",
-    "mskanji",
-    "win932",
-    "cp932",
-    "shiftjis2004",
-    "uhc",
-    "win949",
-    "cp949",
+    "big5", "win950", "cp950", "gbk", "win936", "cp936", "gb18030", "johab", "sjis", "shiftjis", "mskanji", "win932",
+    "cp932", "shiftjis2004", "uhc", "win949", "cp949",
 ];
 
 /// Postgres compares encoding names without case and without non-alphanumeric characters.
 fn normalized(value: &str) -> String {
-    value
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .map(|c| c.to_ascii_lowercase())
-        .collect()
+    value.chars().filter(|c| c.is_ascii_alphanumeric()).map(|c| c.to_ascii_lowercase()).collect()
 }
 
 /// Whether this setting's value matters to the lexer (so a value that cannot be read is refused).
 pub fn is_lexer_setting(name: &str) -> bool {
-    matches!(
-        name.to_lowercase().as_str(),
-        "standard_conforming_strings" | "client_encoding" | "names"
-    )
+    matches!(name.to_lowercase().as_str(), "standard_conforming_strings" | "client_encoding" | "names")
 }
 
 /// Refuses `name = value` when it would change how the server tokenizes SQL. `value` is `None`
@@ -59,10 +37,7 @@ pub fn check(name: &str, value: Option<&str>) -> Result<(), PgError> {
     };
     let v = normalized(value);
     let bad = match name.to_lowercase().as_str() {
-        "standard_conforming_strings" => !matches!(
-            v.as_str(),
-            "on" | "true" | "yes" | "1" | "t" | "y" | "default"
-        ),
+        "standard_conforming_strings" => !matches!(v.as_str(), "on" | "true" | "yes" | "1" | "t" | "y" | "default"),
         _ => UNSAFE_ENCODINGS.contains(&v.as_str()),
     };
     if bad {
@@ -72,11 +47,7 @@ pub fn check(name: &str, value: Option<&str>) -> Result<(), PgError> {
 }
 
 fn refusal(name: &str, what: &str) -> PgError {
-    let setting = if name.eq_ignore_ascii_case("names") {
-        "client_encoding"
-    } else {
-        name
-    };
+    let setting = if name.eq_ignore_ascii_case("names") { "client_encoding" } else { name };
     PgError::error(
         crate::error::sqlstate::INSUFFICIENT_PRIVILEGE,
         format!("pgtenant: setting {setting} to {what} is not allowed: it would change how SQL is read, and the statement guard relies on that"),
@@ -96,36 +67,14 @@ mod tests {
         assert!(check("standard_conforming_strings", None).is_err());
         assert!(check("standard_conforming_strings", Some("on")).is_ok());
         assert!(check("standard_conforming_strings", Some("DEFAULT")).is_ok());
-        for enc in [
-            "SJIS",
-            "Shift_JIS",
-            "shift-jis-2004",
-            "BIG5",
-            "gbk",
-            "GB18030",
-            "johab",
-            "UHC",
-            "WIN932",
-            "cp949",
-        ] {
+        for enc in ["SJIS", "Shift_JIS", "shift-jis-2004", "BIG5", "gbk", "GB18030", "johab", "UHC", "WIN932", "cp949"] {
             assert!(check("client_encoding", Some(enc)).is_err(), "{enc}");
             assert!(check("names", Some(enc)).is_err(), "{enc}");
         }
-        for enc in [
-            "UTF8",
-            "utf-8",
-            "LATIN1",
-            "SQL_ASCII",
-            "EUC_JP",
-            "WIN1252",
-            "default",
-        ] {
+        for enc in ["UTF8", "utf-8", "LATIN1", "SQL_ASCII", "EUC_JP", "WIN1252", "default"] {
             assert!(check("client_encoding", Some(enc)).is_ok(), "{enc}");
         }
         assert!(check("application_name", None).is_ok());
-        assert_eq!(
-            check("client_encoding", Some("sjis")).unwrap_err().code,
-            "42501"
-        );
+        assert_eq!(check("client_encoding", Some("sjis")).unwrap_err().code, "42501");
     }
 }

@@ -52,10 +52,7 @@ pub struct Position {
 }
 
 fn refused(message: String) -> PgError {
-    PgError::error(
-        sqlstate::INSUFFICIENT_PRIVILEGE,
-        format!("pgtenant: {message}"),
-    )
+    PgError::error(sqlstate::INSUFFICIENT_PRIVILEGE, format!("pgtenant: {message}"))
 }
 
 /// Two-phase commit: a prepared transaction belongs to the shared backend role, not to a tenant,
@@ -70,9 +67,7 @@ fn two_phase_error() -> PgError {
 }
 
 fn protected_error(name: &str) -> PgError {
-    refused(format!(
-        "changing setting \"{name}\" is not allowed: pgtenant sets it from your token"
-    ))
+    refused(format!("changing setting \"{name}\" is not allowed: pgtenant sets it from your token"))
 }
 
 /// A setting value written as a literal, identifier or number.
@@ -89,29 +84,15 @@ fn is_op(t: Option<&Token<'_>>, op: &[u8]) -> bool {
 
 impl Guard {
     pub fn from_config(cfg: &TenantConfig) -> Guard {
-        let mut protected: HashSet<String> = cfg
-            .settings
-            .keys()
-            .map(|s| s.to_ascii_lowercase())
-            .collect();
+        let mut protected: HashSet<String> = cfg.settings.keys().map(|s| s.to_ascii_lowercase()).collect();
         if !cfg.claims_setting.is_empty() {
             protected.insert(cfg.claims_setting.to_ascii_lowercase());
         }
         protected.extend(["role".to_string(), "session_authorization".to_string()]);
         // the signed context (whether or not signing is on: a client never sets them)
-        protected.extend([
-            crate::signing::CONTEXT_SETTING.to_string(),
-            crate::signing::SIGNATURE_SETTING.to_string(),
-        ]);
-        protected.extend(
-            cfg.protected_settings
-                .iter()
-                .map(|s| s.to_ascii_lowercase()),
-        );
-        Guard {
-            protected,
-            allow_do: cfg.allow_do,
-        }
+        protected.extend([crate::signing::CONTEXT_SETTING.to_string(), crate::signing::SIGNATURE_SETTING.to_string()]);
+        protected.extend(cfg.protected_settings.iter().map(|s| s.to_ascii_lowercase()));
+        Guard { protected, allow_do: cfg.allow_do }
     }
 
     /// Setting names compare as the server compares them (`guc_name_compare`): with ASCII `A`–`Z`
@@ -156,16 +137,8 @@ impl Guard {
     /// `set_config` reads is not refused: it is returned, to be decided at each Bind with
     /// [`Guard::check_bound`]. So are calls whose `is_local` is a parameter (pgtenant keeps
     /// session-level settings for the client).
-    pub fn check_parse(
-        &self,
-        sql: &[u8],
-        types: &[u32],
-        pos: Position,
-    ) -> Result<Vec<SetConfigCall>, PgError> {
-        let mut deferred = Deferred {
-            types,
-            calls: Vec::new(),
-        };
+    pub fn check_parse(&self, sql: &[u8], types: &[u32], pos: Position) -> Result<Vec<SetConfigCall>, PgError> {
+        let mut deferred = Deferred { types, calls: Vec::new() };
         self.check_text(sql, pos, 0, Some(&mut deferred))?;
         Ok(deferred.calls)
     }
@@ -173,11 +146,7 @@ impl Guard {
     /// Decides the calls [`Guard::check_parse`] deferred, with the values of a Bind: the same
     /// errors as for literals. Returns the session-level settings they make (calls that are the
     /// whole statement, with `is_local` false), for pgtenant to keep if the statement runs cleanly.
-    pub fn check_bound(
-        &self,
-        calls: &[SetConfigCall],
-        params: &BindParams<'_>,
-    ) -> Result<Vec<Change>, PgError> {
+    pub fn check_bound(&self, calls: &[SetConfigCall], params: &BindParams<'_>) -> Result<Vec<Change>, PgError> {
         let mut changes = Vec::new();
         for call in calls {
             let name = match &call.name {
@@ -217,73 +186,40 @@ impl Guard {
     }
 
     /// [`Guard::check`] of a query string already split into statements (`crate::sql::analyze`).
-    pub fn check_statements(
-        &self,
-        statements: &[Vec<Token<'_>>],
-        pos: Position,
-    ) -> Result<(), PgError> {
+    pub fn check_statements(&self, statements: &[Vec<Token<'_>>], pos: Position) -> Result<(), PgError> {
         self.check_split(statements, pos, 0, None)
     }
 
     /// [`Guard::check_parse`] of a statement already split (`crate::sql::analyze`).
-    pub fn check_parse_statements(
-        &self,
-        statements: &[Vec<Token<'_>>],
-        types: &[u32],
-        pos: Position,
-    ) -> Result<Vec<SetConfigCall>, PgError> {
-        let mut deferred = Deferred {
-            types,
-            calls: Vec::new(),
-        };
+    pub fn check_parse_statements(&self, statements: &[Vec<Token<'_>>], types: &[u32], pos: Position) -> Result<Vec<SetConfigCall>, PgError> {
+        let mut deferred = Deferred { types, calls: Vec::new() };
         self.check_split(statements, pos, 0, Some(&mut deferred))?;
         Ok(deferred.calls)
     }
 
-    fn check_text(
-        &self,
-        sql: &[u8],
-        pos: Position,
-        depth: u32,
-        deferred: Option<&mut Deferred<'_>>,
-    ) -> Result<(), PgError> {
+    fn check_text(&self, sql: &[u8], pos: Position, depth: u32, deferred: Option<&mut Deferred<'_>>) -> Result<(), PgError> {
         self.check_split(&split(sql), pos, depth, deferred)
     }
 
-    fn check_split(
-        &self,
-        statements: &[Vec<Token<'_>>],
-        pos: Position,
-        depth: u32,
-        mut deferred: Option<&mut Deferred<'_>>,
-    ) -> Result<(), PgError> {
+    fn check_split(&self, statements: &[Vec<Token<'_>>], pos: Position, depth: u32, mut deferred: Option<&mut Deferred<'_>>) -> Result<(), PgError> {
         let last = statements.len().saturating_sub(1);
         for (i, toks) in statements.iter().enumerate() {
             if toks.iter().any(|t| t.kind == Kind::Unterminated) {
                 continue; // the server rejects it with a syntax error; nothing runs
             }
             self.check_statement(toks, depth, deferred.as_deref_mut())?;
-            let is_reset_all = toks.first().is_some_and(|t| t.is_word("reset"))
-                && toks.get(1).is_some_and(|t| t.is_word("all"));
+            let is_reset_all = toks.first().is_some_and(|t| t.is_word("reset")) && toks.get(1).is_some_and(|t| t.is_word("all"));
             if is_reset_all && (i != last || pos.in_block) {
                 return Err(refused(
-                    "RESET ALL would clear the tenant context for the statements that follow it"
-                        .into(),
+                    "RESET ALL would clear the tenant context for the statements that follow it".into(),
                 ))
-                .map_err(|e| {
-                    e.with_hint("run RESET ALL on its own, outside an explicit transaction")
-                });
+                .map_err(|e| e.with_hint("run RESET ALL on its own, outside an explicit transaction"));
             }
         }
         Ok(())
     }
 
-    fn check_statement(
-        &self,
-        toks: &[Token<'_>],
-        depth: u32,
-        deferred: Option<&mut Deferred<'_>>,
-    ) -> Result<(), PgError> {
+    fn check_statement(&self, toks: &[Token<'_>], depth: u32, deferred: Option<&mut Deferred<'_>>) -> Result<(), PgError> {
         if toks.is_empty() {
             return Ok(());
         }
@@ -301,48 +237,24 @@ impl Guard {
                 }
                 self.check_assignment(toks, i, first == Some("set"))?;
             }
-            Some("prepare") if word(1).as_deref() == Some("transaction") => {
-                return Err(two_phase_error())
-            }
-            Some("commit") | Some("rollback") if word(1).as_deref() == Some("prepared") => {
-                return Err(two_phase_error())
-            }
+            Some("prepare") if word(1).as_deref() == Some("transaction") => return Err(two_phase_error()),
+            Some("commit") | Some("rollback") if word(1).as_deref() == Some("prepared") => return Err(two_phase_error()),
             Some("prepare") | Some("execute") | Some("deallocate") => {
-                let i = if word(1).as_deref() == Some("prepare") {
-                    2
-                } else {
-                    1
-                };
-                if toks
-                    .get(i)
-                    .and_then(ident_value)
-                    .is_some_and(|n| n.starts_with("pgtenant"))
-                {
-                    return Err(refused(
-                        "prepared statement names starting with \"pgtenant\" are reserved".into(),
-                    ));
+                let i = if word(1).as_deref() == Some("prepare") { 2 } else { 1 };
+                if toks.get(i).and_then(ident_value).is_some_and(|n| n.starts_with("pgtenant")) {
+                    return Err(refused("prepared statement names starting with \"pgtenant\" are reserved".into()));
                 }
             }
             Some("do") if !self.allow_do => {
-                return Err(refused(
-                    "DO blocks are not allowed: they could change the tenant context".into(),
-                )
-                .with_hint(
-                    "set tenant.allow_do = true in the pgtenant config if you really need them",
-                ));
+                return Err(refused("DO blocks are not allowed: they could change the tenant context".into())
+                    .with_hint("set tenant.allow_do = true in the pgtenant config if you really need them"));
             }
-            Some("update")
-                if toks
-                    .iter()
-                    .any(|t| ident_among(t, &["pg_settings"]).is_some()) =>
-            {
+            Some("update") if toks.iter().any(|t| ident_among(t, &["pg_settings"]).is_some()) => {
                 return Err(refused("UPDATE pg_settings is not allowed".into()));
             }
             Some("alter")
-                if matches!(
-                    word(1).as_deref(),
-                    Some("role") | Some("user") | Some("group")
-                ) && toks.iter().any(|t| t.is_word("set") || t.is_word("reset")) =>
+                if matches!(word(1).as_deref(), Some("role") | Some("user") | Some("group"))
+                    && toks.iter().any(|t| t.is_word("set") || t.is_word("reset")) =>
             {
                 return Err(refused("changing a role's settings is not allowed: they would apply to every tenant's connections".into())
                     .with_hint("change role settings directly against the database as an administrator"));
@@ -378,12 +290,8 @@ impl Guard {
             self.check_set_clauses(&toks)?;
             // Transaction control in a procedure (or DO block) ends the transaction that carries
             // the context, and the rest of the body would run without it; RESET ALL clears it.
-            let ends = toks
-                .iter()
-                .any(|t| t.is_word("commit") || t.is_word("rollback"));
-            let reset_all = toks
-                .windows(2)
-                .any(|w| w[0].is_word("reset") && w[1].is_word("all"));
+            let ends = toks.iter().any(|t| t.is_word("commit") || t.is_word("rollback"));
+            let reset_all = toks.windows(2).any(|w| w[0].is_word("reset") && w[1].is_word("all"));
             if routine && (ends || reset_all) {
                 return Err(refused(format!(
                     "{} inside a function, procedure or DO body is not allowed: what follows would run without the tenant context",
@@ -402,9 +310,7 @@ impl Guard {
         for (i, t) in toks.iter().enumerate() {
             if t.is_word("set") || t.is_word("reset") {
                 let session_auth = toks.get(i + 2).is_some_and(|n| n.is_word("authorization"));
-                let skip = toks
-                    .get(i + 1)
-                    .is_some_and(|n| n.is_word("local") || (n.is_word("session") && !session_auth));
+                let skip = toks.get(i + 1).is_some_and(|n| n.is_word("local") || (n.is_word("session") && !session_auth));
                 let start = if skip { i + 2 } else { i + 1 };
                 self.check_assignment(toks, start, t.is_word("set"))?;
             }
@@ -415,9 +321,7 @@ impl Guard {
     /// `SET name …` / `RESET name` at `toks[i..]`: a protected setting is refused, and so is a
     /// value that would change how the server reads SQL (see [`lexing`]).
     fn check_assignment(&self, toks: &[Token<'_>], i: usize, is_set: bool) -> Result<(), PgError> {
-        let Some((name, end)) = self.setting_name(toks, i) else {
-            return Ok(());
-        };
+        let Some((name, end)) = self.setting_name(toks, i) else { return Ok(()) };
         if self.is_protected(&name) {
             return Err(protected_error(&name));
         }
@@ -451,11 +355,7 @@ impl Guard {
         Some((name, j))
     }
 
-    fn check_set_config(
-        &self,
-        toks: &[Token<'_>],
-        mut deferred: Option<&mut Deferred<'_>>,
-    ) -> Result<(), PgError> {
+    fn check_set_config(&self, toks: &[Token<'_>], mut deferred: Option<&mut Deferred<'_>>) -> Result<(), PgError> {
         for (i, t) in toks.iter().enumerate() {
             if ident_among(t, &["set_config"]).is_none() {
                 continue;
@@ -463,12 +363,8 @@ impl Guard {
             if !is_op(toks.get(i + 1), b"(") {
                 // e.g. CREATE AGGREGATE … (SFUNC = set_config, INITCOND = 'app.tenant_id'): a call
                 // the guard would never see
-                return Err(refused(
-                    "a reference to set_config other than a direct call is not allowed".into(),
-                )
-                .with_hint(
-                    "call set_config('name', value, is_local) directly with the name as a literal",
-                ));
+                return Err(refused("a reference to set_config other than a direct call is not allowed".into())
+                    .with_hint("call set_config('name', value, is_local) directly with the name as a literal"));
             }
             let mut call = set_config::read_call(toks, i);
             match deferred.as_deref() {
@@ -476,9 +372,7 @@ impl Guard {
                 None => set_config::no_params(&mut call),
             }
             match (&call.name, &call.value) {
-                (Arg::Text(name), _) if self.is_protected(name) => {
-                    return Err(protected_error(name))
-                }
+                (Arg::Text(name), _) if self.is_protected(name) => return Err(protected_error(name)),
                 (Arg::Text(_), Arg::Param(..)) | (Arg::Param(..), _) => {} // decided at Bind
                 (Arg::Text(name), Arg::Text(value)) => self.check_setting(name, Some(value))?,
                 // NULL resets the setting to its default, like SET … TO DEFAULT
@@ -509,10 +403,7 @@ fn not_literal_error() -> PgError {
 
 /// A Bind whose parameters cannot be read (the server would reject it too).
 pub fn malformed_bind() -> PgError {
-    PgError::error(
-        sqlstate::PROTOCOL_VIOLATION,
-        "pgtenant: malformed Bind message: the set_config parameters cannot be read",
-    )
+    PgError::error(sqlstate::PROTOCOL_VIOLATION, "pgtenant: malformed Bind message: the set_config parameters cannot be read")
 }
 
 /// A text parameter as the server reads it: the bytes as sent, in text format and in binary
@@ -534,9 +425,7 @@ fn bound_text(params: &BindParams<'_>, n: u32) -> Result<Option<String>, PgError
 fn bound_bool(params: &BindParams<'_>, n: u32) -> Result<Option<bool>, PgError> {
     match params.get(n as usize) {
         Some((_, None)) => Ok(Some(false)),
-        Some((0, Some(bytes))) => Ok(std::str::from_utf8(bytes)
-            .ok()
-            .and_then(set_config::parse_bool)),
+        Some((0, Some(bytes))) => Ok(std::str::from_utf8(bytes).ok().and_then(set_config::parse_bool)),
         Some((1, Some([b]))) => Ok(Some(*b != 0)),
         Some(_) => Ok(None),
         None => Err(malformed_bind()),
@@ -549,9 +438,7 @@ fn bound_bool(params: &BindParams<'_>, n: u32) -> Result<Option<bool>, PgError> 
 /// run SQL built at run time.
 /// `CREATE [OR REPLACE] FUNCTION|PROCEDURE …`.
 fn is_routine(toks: &[Token<'_>]) -> bool {
-    toks.iter()
-        .take(4)
-        .any(|t| t.is_word("function") || t.is_word("procedure"))
+    toks.iter().take(4).any(|t| t.is_word("function") || t.is_word("procedure"))
 }
 
 fn check_routine_language(toks: &[Token<'_>]) -> Result<(), PgError> {
@@ -561,11 +448,7 @@ fn check_routine_language(toks: &[Token<'_>]) -> Result<(), PgError> {
     let language = toks
         .windows(2)
         .find(|w| w[0].is_word("language"))
-        .and_then(|w| {
-            ident_value(&w[1])
-                .map(Cow::into_owned)
-                .or_else(|| string_value(&w[1]))
-        })
+        .and_then(|w| ident_value(&w[1]).map(Cow::into_owned).or_else(|| string_value(&w[1])))
         .map(|l| l.to_lowercase());
     match language.as_deref() {
         None | Some("sql") => Ok(()),
@@ -592,8 +475,7 @@ mod tests {
 
     fn guard() -> Guard {
         let mut cfg = TenantConfig::default();
-        cfg.settings
-            .insert("app.tenant_id".into(), "tenant_id".into());
+        cfg.settings.insert("app.tenant_id".into(), "tenant_id".into());
         cfg.settings.insert("app.user_id".into(), "sub".into());
         cfg.protected_settings = vec!["app.extra".into()];
         Guard::from_config(&cfg)
@@ -675,22 +557,10 @@ mod tests {
 
     #[test]
     fn refuses_two_phase_commit() {
-        for sql in [
-            "PREPARE TRANSACTION 'x'",
-            "commit prepared 'x'",
-            "begin; select 1; ROLLBACK PREPARED 'x'",
-        ] {
-            assert_eq!(
-                guard().check(sql.as_bytes(), IDLE).unwrap_err().code,
-                "0A000",
-                "{sql}"
-            );
+        for sql in ["PREPARE TRANSACTION 'x'", "commit prepared 'x'", "begin; select 1; ROLLBACK PREPARED 'x'"] {
+            assert_eq!(guard().check(sql.as_bytes(), IDLE).unwrap_err().code, "0A000", "{sql}");
         }
-        for sql in [
-            "PREPARE q AS select 1",
-            "commit",
-            "rollback to savepoint prepared",
-        ] {
+        for sql in ["PREPARE q AS select 1", "commit", "rollback to savepoint prepared"] {
             assert!(guard().check(sql.as_bytes(), IDLE).is_ok(), "{sql}");
         }
     }
@@ -702,23 +572,11 @@ mod tests {
         let mut cfg = TenantConfig::default();
         cfg.settings.insert("app.kelvin".into(), "tenant_id".into());
         let g = Guard::from_config(&cfg);
-        for sql in [
-            "SET APP.KELVIN = 2",
-            "SET \"App.Kelvin\" = 2",
-            "select set_config('APP.KELVIN', '2', true)",
-        ] {
-            assert_eq!(
-                g.check(sql.as_bytes(), IDLE).unwrap_err().code,
-                "42501",
-                "{sql}"
-            );
+        for sql in ["SET APP.KELVIN = 2", "SET \"App.Kelvin\" = 2", "select set_config('APP.KELVIN', '2', true)"] {
+            assert_eq!(g.check(sql.as_bytes(), IDLE).unwrap_err().code, "42501", "{sql}");
         }
         assert!(g.check_startup_setting("APP.KELVIN", "2").is_err());
-        for sql in [
-            "SET app.\u{212A}elvin = 2",
-            "SET \"APP.\u{212A}ELVIN\" = 2",
-            "select set_config('app.\u{212A}elvin', '2', true)",
-        ] {
+        for sql in ["SET app.\u{212A}elvin = 2", "SET \"APP.\u{212A}ELVIN\" = 2", "select set_config('app.\u{212A}elvin', '2', true)"] {
             assert!(g.check(sql.as_bytes(), IDLE).is_ok(), "{sql}");
         }
         assert!(g.check_startup_setting("app.\u{212A}elvin", "2").is_ok());
@@ -777,20 +635,10 @@ mod tests {
             let calls = parse(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e:?}"));
             assert_eq!(calls.len(), 1, "{sql}");
         }
-        assert_eq!(
-            parse("select set_config($1, $2, $3)", &[25, 1043, 16])
-                .unwrap()
-                .len(),
-            1
-        );
-        assert_eq!(
-            parse("select set_config('app.theme', 'dark', false)", &[]).unwrap(),
-            []
-        );
+        assert_eq!(parse("select set_config($1, $2, $3)", &[25, 1043, 16]).unwrap().len(), 1);
+        assert_eq!(parse("select set_config('app.theme', 'dark', false)", &[]).unwrap(), []);
         // the simple protocol has no parameters: refused as before
-        assert!(guard()
-            .check(b"select set_config($1, $2, false)", IDLE)
-            .is_err());
+        assert!(guard().check(b"select set_config($1, $2, false)", IDLE).is_err());
         for (sql, types) in [
             ("select set_config($1 || '', '2', true)", &[][..]),
             ("select set_config(lower($1), '2', true)", &[]),
@@ -855,26 +703,11 @@ mod tests {
     fn bind_values_follow_the_literal_rules() {
         let set = |n: &str, v: &str| Change::Set(n.into(), v.into());
         let sc = "select set_config($1, $2, false)";
-        assert_eq!(
-            bound(sc, &[], &[Some(b"application_name"), Some(b"x")]).unwrap(),
-            [set("application_name", "x")]
-        );
-        assert_eq!(
-            bound(sc, &[1], &[Some(b"application_name"), Some(b"bin")]).unwrap(),
-            [set("application_name", "bin")]
-        );
-        assert_eq!(
-            bound(sc, &[0, 1], &[Some(b"client_encoding"), Some(b"UTF8")]).unwrap(),
-            [set("client_encoding", "UTF8")]
-        );
-        assert_eq!(
-            bound(sc, &[], &[Some(b"work_mem"), None]).unwrap(),
-            [Change::Reset("work_mem".into())]
-        );
-        assert_eq!(
-            bound(sc, &[], &[Some(b"standard_conforming_strings"), None]).unwrap(),
-            [Change::Reset("standard_conforming_strings".into())]
-        );
+        assert_eq!(bound(sc, &[], &[Some(b"application_name"), Some(b"x")]).unwrap(), [set("application_name", "x")]);
+        assert_eq!(bound(sc, &[1], &[Some(b"application_name"), Some(b"bin")]).unwrap(), [set("application_name", "bin")]);
+        assert_eq!(bound(sc, &[0, 1], &[Some(b"client_encoding"), Some(b"UTF8")]).unwrap(), [set("client_encoding", "UTF8")]);
+        assert_eq!(bound(sc, &[], &[Some(b"work_mem"), None]).unwrap(), [Change::Reset("work_mem".into())]);
+        assert_eq!(bound(sc, &[], &[Some(b"standard_conforming_strings"), None]).unwrap(), [Change::Reset("standard_conforming_strings".into())]);
         // NULL name: the server raises 22004 and sets nothing
         assert_eq!(bound(sc, &[], &[None, Some(b"2")]).unwrap(), []);
         for (name, value) in [
@@ -893,108 +726,26 @@ mod tests {
             }
         }
         let e = bound(sc, &[], &[Some(b"APP.TENANT_ID"), Some(b"2")]).unwrap_err();
-        assert!(
-            e.message
-                .contains("changing setting \"APP.TENANT_ID\" is not allowed"),
-            "{}",
-            e.message
-        );
-        let e = bound(
-            sc,
-            &[],
-            &[Some(b"standard_conforming_strings"), Some(b"off")],
-        )
-        .unwrap_err();
-        assert!(
-            e.message.starts_with(
-                "pgtenant: setting standard_conforming_strings to 'off' is not allowed"
-            ),
-            "{}",
-            e.message
-        );
+        assert!(e.message.contains("changing setting \"APP.TENANT_ID\" is not allowed"), "{}", e.message);
+        let e = bound(sc, &[], &[Some(b"standard_conforming_strings"), Some(b"off")]).unwrap_err();
+        assert!(e.message.starts_with("pgtenant: setting standard_conforming_strings to 'off' is not allowed"), "{}", e.message);
         // a literal name with a bound value; a value that is not a parameter for a bound name
-        assert!(bound(
-            "select set_config('client_encoding', $1, false)",
-            &[],
-            &[Some(b"BIG5")]
-        )
-        .is_err());
-        assert!(bound(
-            "select set_config($1, lower('OFF'), false)",
-            &[],
-            &[Some(b"standard_conforming_strings")]
-        )
-        .is_err());
-        assert_eq!(
-            bound(
-                "select set_config($1, lower('x'), false)",
-                &[],
-                &[Some(b"application_name")]
-            )
-            .unwrap(),
-            []
-        );
+        assert!(bound("select set_config('client_encoding', $1, false)", &[], &[Some(b"BIG5")]).is_err());
+        assert!(bound("select set_config($1, lower('OFF'), false)", &[], &[Some(b"standard_conforming_strings")]).is_err());
+        assert_eq!(bound("select set_config($1, lower('x'), false)", &[], &[Some(b"application_name")]).unwrap(), []);
         // is_local as a parameter, text or binary; only session-level calls are kept
         let sl = "select set_config($1, $2, $3)";
-        assert_eq!(
-            bound(sl, &[], &[Some(b"work_mem"), Some(b"1MB"), Some(b"off")]).unwrap(),
-            [set("work_mem", "1MB")]
-        );
-        assert_eq!(
-            bound(sl, &[], &[Some(b"work_mem"), Some(b"1MB"), Some(b" t")]).unwrap(),
-            []
-        );
-        assert_eq!(
-            bound(
-                sl,
-                &[0, 0, 1],
-                &[Some(b"work_mem"), Some(b"1MB"), Some(&[0])]
-            )
-            .unwrap(),
-            [set("work_mem", "1MB")]
-        );
-        assert_eq!(
-            bound(
-                sl,
-                &[0, 0, 1],
-                &[Some(b"work_mem"), Some(b"1MB"), Some(&[1])]
-            )
-            .unwrap(),
-            []
-        );
-        assert_eq!(
-            bound(sl, &[], &[Some(b"work_mem"), Some(b"1MB"), None]).unwrap(),
-            [set("work_mem", "1MB")]
-        );
-        assert_eq!(
-            bound(sl, &[], &[Some(b"work_mem"), Some(b"1MB"), Some(b"maybe")]).unwrap(),
-            []
-        );
+        assert_eq!(bound(sl, &[], &[Some(b"work_mem"), Some(b"1MB"), Some(b"off")]).unwrap(), [set("work_mem", "1MB")]);
+        assert_eq!(bound(sl, &[], &[Some(b"work_mem"), Some(b"1MB"), Some(b" t")]).unwrap(), []);
+        assert_eq!(bound(sl, &[0, 0, 1], &[Some(b"work_mem"), Some(b"1MB"), Some(&[0])]).unwrap(), [set("work_mem", "1MB")]);
+        assert_eq!(bound(sl, &[0, 0, 1], &[Some(b"work_mem"), Some(b"1MB"), Some(&[1])]).unwrap(), []);
+        assert_eq!(bound(sl, &[], &[Some(b"work_mem"), Some(b"1MB"), None]).unwrap(), [set("work_mem", "1MB")]);
+        assert_eq!(bound(sl, &[], &[Some(b"work_mem"), Some(b"1MB"), Some(b"maybe")]).unwrap(), []);
         // not the whole statement, or a setting that lasts one transaction anyway: not kept
-        assert_eq!(
-            bound(
-                "select set_config($1, $2, false) from orders",
-                &[],
-                &[Some(b"work_mem"), Some(b"1MB")]
-            )
-            .unwrap(),
-            []
-        );
-        assert_eq!(
-            bound(
-                sc,
-                &[],
-                &[Some(b"transaction_isolation"), Some(b"serializable")]
-            )
-            .unwrap(),
-            []
-        );
+        assert_eq!(bound("select set_config($1, $2, false) from orders", &[], &[Some(b"work_mem"), Some(b"1MB")]).unwrap(), []);
+        assert_eq!(bound(sc, &[], &[Some(b"transaction_isolation"), Some(b"serializable")]).unwrap(), []);
         // parameters missing, format codes that do not fit or are unknown: refused
-        for (formats, values) in [
-            (&[][..], &[Some(&b"work_mem"[..])][..]),
-            (&[0, 0, 0], &[Some(b"a"), Some(b"b")]),
-            (&[2], &[Some(b"a"), Some(b"b")]),
-        ] {
+        for (formats, values) in [(&[][..], &[Some(&b"work_mem"[..])][..]), (&[0, 0, 0], &[Some(b"a"), Some(b"b")]), (&[2], &[Some(b"a"), Some(b"b")])] {
             assert_eq!(bound(sc, formats, values).unwrap_err().code, "08P01");
         }
     }
@@ -1005,30 +756,18 @@ mod tests {
         assert!(g.check_startup_options("-c app.tenant_id=2").is_err());
         assert!(g.check_startup_options("-capp.tenant_id=2").is_err());
         assert!(g.check_startup_options("--role=postgres").is_err());
-        assert!(g
-            .check_startup_options("-c search_path=app -c role=x")
-            .is_err());
+        assert!(g.check_startup_options("-c search_path=app -c role=x").is_err());
         assert!(g.check_startup_options("-c search_path=app").is_ok());
     }
 
     #[test]
     fn do_can_be_allowed_but_bodies_are_still_checked() {
         let mut cfg = TenantConfig::default();
-        cfg.settings
-            .insert("app.tenant_id".into(), "tenant_id".into());
+        cfg.settings.insert("app.tenant_id".into(), "tenant_id".into());
         cfg.allow_do = true;
         let g = Guard::from_config(&cfg);
-        assert!(g
-            .check(b"DO $$ BEGIN RAISE NOTICE 'hi'; END $$", IDLE)
-            .is_ok());
-        assert!(g
-            .check(
-                b"DO $$ BEGIN PERFORM set_config('app.tenant_id', '9', true); END $$",
-                IDLE
-            )
-            .is_err());
-        assert!(g
-            .check(b"DO $$ BEGIN SET LOCAL app.tenant_id = 9; END $$", IDLE)
-            .is_err());
+        assert!(g.check(b"DO $$ BEGIN RAISE NOTICE 'hi'; END $$", IDLE).is_ok());
+        assert!(g.check(b"DO $$ BEGIN PERFORM set_config('app.tenant_id', '9', true); END $$", IDLE).is_err());
+        assert!(g.check(b"DO $$ BEGIN SET LOCAL app.tenant_id = 9; END $$", IDLE).is_err());
     }
 }

@@ -41,28 +41,19 @@ pub struct RemoteKeys {
 
 impl std::fmt::Debug for RemoteKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "RemoteKeys({}, {} keys)",
-            self.url,
-            self.snapshot().len()
-        )
+        write!(f, "RemoteKeys({}, {} keys)", self.url, self.snapshot().len())
     }
 }
 
 /// Turns a JWKS document into keys; a document with no usable key is an error.
 pub fn parse_set(text: &[u8], what: &str) -> Result<KeyList, String> {
-    let set: JwkSet =
-        serde_json::from_slice(text).map_err(|e| format!("{what} is not a JWKS document: {e}"))?;
+    let set: JwkSet = serde_json::from_slice(text).map_err(|e| format!("{what} is not a JWKS document: {e}"))?;
     let mut keys = Vec::new();
     let mut skipped = Vec::new();
     for jwk in &set.keys {
         match DecodingKey::from_jwk(jwk) {
             Ok(key) => keys.push((jwk.common.key_id.clone(), key)),
-            Err(e) => skipped.push(format!(
-                "{}: {e}",
-                jwk.common.key_id.as_deref().unwrap_or("(no kid)")
-            )),
+            Err(e) => skipped.push(format!("{}: {e}", jwk.common.key_id.as_deref().unwrap_or("(no kid)"))),
         }
     }
     if !skipped.is_empty() {
@@ -76,8 +67,7 @@ pub fn parse_set(text: &[u8], what: &str) -> Result<KeyList, String> {
 
 impl RemoteKeys {
     pub fn from_config(cfg: &JwtConfig, url: &str) -> Result<RemoteKeys, ConfigError> {
-        let target =
-            Target::parse(url).map_err(|e| ConfigError::Invalid(format!("jwt.jwks_url: {e}")))?;
+        let target = Target::parse(url).map_err(|e| ConfigError::Invalid(format!("jwt.jwks_url: {e}")))?;
         let tls = https::tls_config(cfg.jwks_ca_file.as_deref()).map_err(ConfigError::Invalid)?;
         Ok(RemoteKeys {
             url: url.to_string(),

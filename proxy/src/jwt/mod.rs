@@ -87,12 +87,7 @@ pub struct JwtVerifier {
 
 impl std::fmt::Debug for JwtVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "JwtVerifier({} keys, {:?})",
-            self.keys.len(),
-            self.remote
-        )
+        write!(f, "JwtVerifier({} keys, {:?})", self.keys.len(), self.remote)
     }
 }
 
@@ -107,50 +102,30 @@ impl JwtVerifier {
 
     /// Like [`from_config`](Self::from_config), but keeps `previous`'s fetched JWKS cache when the
     /// URL and fetch settings are unchanged (a reload then does not start with no remote keys).
-    pub fn from_config_reusing(
-        cfg: &JwtConfig,
-        previous: Option<&JwtVerifier>,
-    ) -> Result<JwtVerifier, ConfigError> {
+    pub fn from_config_reusing(cfg: &JwtConfig, previous: Option<&JwtVerifier>) -> Result<JwtVerifier, ConfigError> {
         let mut keys: KeyList = Vec::new();
         if let Some(secret) = &cfg.secret {
             keys.push((None, DecodingKey::from_secret(secret.as_bytes())));
         }
         if let Some(path) = &cfg.public_key_file {
-            let pem = std::fs::read(path).map_err(|e| {
-                invalid(format!(
-                    "jwt.public_key_file: cannot read {}: {e}",
-                    path.display()
-                ))
-            })?;
+            let pem = std::fs::read(path)
+                .map_err(|e| invalid(format!("jwt.public_key_file: cannot read {}: {e}", path.display())))?;
             let key = DecodingKey::from_rsa_pem(&pem)
                 .or_else(|_| DecodingKey::from_ec_pem(&pem))
                 .or_else(|_| DecodingKey::from_ed_pem(&pem))
                 .map_err(|_| {
-                    invalid(format!(
-                        "jwt.public_key_file: {} is not an RSA, EC or Ed25519 public key in PEM",
-                        path.display()
-                    ))
+                    invalid(format!("jwt.public_key_file: {} is not an RSA, EC or Ed25519 public key in PEM", path.display()))
                 })?;
             keys.push((None, key));
         }
         if let Some(path) = &cfg.jwks_file {
-            let text = std::fs::read(path).map_err(|e| {
-                invalid(format!(
-                    "jwt.jwks_file: cannot read {}: {e}",
-                    path.display()
-                ))
-            })?;
-            keys.extend(
-                jwks::parse_set(&text, &format!("jwt.jwks_file {}", path.display()))
-                    .map_err(invalid)?,
-            );
+            let text = std::fs::read(path)
+                .map_err(|e| invalid(format!("jwt.jwks_file: cannot read {}: {e}", path.display())))?;
+            keys.extend(jwks::parse_set(&text, &format!("jwt.jwks_file {}", path.display())).map_err(invalid)?);
         }
         let remote = match &cfg.jwks_url {
             None => None,
-            Some(url) => match previous
-                .and_then(|p| p.remote.as_ref())
-                .filter(|r| r.same_source(cfg, url))
-            {
+            Some(url) => match previous.and_then(|p| p.remote.as_ref()).filter(|r| r.same_source(cfg, url)) {
                 Some(r) => Some(r.clone()),
                 None => Some(Arc::new(RemoteKeys::from_config(cfg, url)?)),
             },
@@ -163,11 +138,7 @@ impl JwtVerifier {
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
         };
-        Ok(JwtVerifier {
-            rules,
-            keys,
-            remote,
-        })
+        Ok(JwtVerifier { rules, keys, remote })
     }
 
     /// The `jwt.jwks_url` cache, if one is configured.
@@ -208,11 +179,7 @@ impl JwtVerifier {
         let alg = header.alg;
         let remote = self.remote.as_ref().map(|r| r.snapshot());
         let all = self.keys.iter().chain(remote.iter().flat_map(|r| r.iter()));
-        let family = |k: &DecodingKey| {
-            Validation::new_for_family(k.family())
-                .algorithms
-                .contains(&alg)
-        };
+        let family = |k: &DecodingKey| Validation::new_for_family(k.family()).algorithms.contains(&alg);
         let candidates: Vec<&(Option<String>, DecodingKey)> = all
             .clone()
             .filter(|(_, k)| family(k))
@@ -226,13 +193,11 @@ impl JwtVerifier {
                 return Err(JwtError::KeysNotLoaded);
             }
             let family_known = all.clone().any(|(_, k)| family(k));
-            return Err(
-                if (family_known || self.remote.is_some()) && header.kid.is_some() {
-                    JwtError::UnknownKeyId
-                } else {
-                    JwtError::AlgorithmNotAllowed(format!("{alg:?}"))
-                },
-            );
+            return Err(if (family_known || self.remote.is_some()) && header.kid.is_some() {
+                JwtError::UnknownKeyId
+            } else {
+                JwtError::AlgorithmNotAllowed(format!("{alg:?}"))
+            });
         }
         let mut last = JwtError::BadSignature;
         for (_, key) in candidates {
@@ -253,9 +218,7 @@ impl JwtVerifier {
                         ErrorKind::MissingRequiredClaim(c) if c == "exp" => JwtError::MissingExp,
                         ErrorKind::MissingRequiredClaim(c) if c == "aud" => JwtError::WrongAudience,
                         ErrorKind::MissingRequiredClaim(c) if c == "iss" => JwtError::WrongIssuer,
-                        ErrorKind::InvalidAlgorithm => {
-                            JwtError::AlgorithmNotAllowed(format!("{alg:?}"))
-                        }
+                        ErrorKind::InvalidAlgorithm => JwtError::AlgorithmNotAllowed(format!("{alg:?}")),
                         _ => JwtError::Malformed,
                     };
                     // only a bad signature means another key of the same family might fit
@@ -272,21 +235,12 @@ impl JwtVerifier {
 /// Signs claims with an HMAC secret (HS256/384/512); used by tests and `pgtenant token`.
 pub fn mint_hs(claims: &Value, secret: &[u8], alg: Algorithm) -> String {
     let header = jsonwebtoken::Header::new(alg);
-    jsonwebtoken::encode(
-        &header,
-        claims,
-        &jsonwebtoken::EncodingKey::from_secret(secret),
-    )
-    .expect("HMAC signing cannot fail")
+    jsonwebtoken::encode(&header, claims, &jsonwebtoken::EncodingKey::from_secret(secret))
+        .expect("HMAC signing cannot fail")
 }
 
 /// Signs claims with a PEM private key (RSA, EC or Ed25519).
-pub fn mint_pem(
-    claims: &Value,
-    private_pem: &[u8],
-    alg: Algorithm,
-    kid: Option<&str>,
-) -> Result<String, String> {
+pub fn mint_pem(claims: &Value, private_pem: &[u8], alg: Algorithm, kid: Option<&str>) -> Result<String, String> {
     use jsonwebtoken::EncodingKey;
     let key = EncodingKey::from_rsa_pem(private_pem)
         .or_else(|_| EncodingKey::from_ec_pem(private_pem))
@@ -304,10 +258,7 @@ mod tests {
     use std::process::Command;
 
     fn now() -> i64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
     }
 
     fn hs_verifier(iss: Option<&str>, aud: Option<&str>) -> JwtVerifier {
@@ -335,29 +286,13 @@ mod tests {
     #[test]
     fn hmac_rules() {
         let v = hs_verifier(None, None);
-        check(
-            &v,
-            &hs(json!({"exp": now() + 60, "aud": "whatever"})),
-            Ok(()),
-        );
+        check(&v, &hs(json!({"exp": now() + 60, "aud": "whatever"})), Ok(()));
         check(&v, &hs(json!({"exp": now() - 10})), Ok(())); // within 30 s leeway
         check(&v, &hs(json!({"exp": now() - 120})), Err(JwtError::Expired));
-        check(
-            &v,
-            &hs(json!({"exp": now() + 60, "nbf": now() + 600})),
-            Err(JwtError::NotYetValid),
-        );
+        check(&v, &hs(json!({"exp": now() + 60, "nbf": now() + 600})), Err(JwtError::NotYetValid));
         check(&v, &hs(json!({"sub": "x"})), Err(JwtError::MissingExp));
-        check(
-            &v,
-            &mint_hs(&json!({"exp": now() + 60}), b"other", Algorithm::HS256),
-            Err(JwtError::BadSignature),
-        );
-        check(
-            &v,
-            &mint_hs(&json!({"exp": now() + 60}), b"s3cret", Algorithm::HS512),
-            Ok(()),
-        );
+        check(&v, &mint_hs(&json!({"exp": now() + 60}), b"other", Algorithm::HS256), Err(JwtError::BadSignature));
+        check(&v, &mint_hs(&json!({"exp": now() + 60}), b"s3cret", Algorithm::HS512), Ok(()));
         check(&v, "a.b", Err(JwtError::Malformed));
         check(&v, "not a token at all", Err(JwtError::Malformed));
     }
@@ -365,112 +300,43 @@ mod tests {
     #[test]
     fn issuer_and_audience() {
         let v = hs_verifier(Some("iss-a"), Some("aud-a"));
-        check(
-            &v,
-            &hs(json!({"exp": now() + 60, "iss": "iss-a", "aud": "aud-a"})),
-            Ok(()),
-        );
-        check(
-            &v,
-            &hs(json!({"exp": now() + 60, "iss": "iss-b", "aud": "aud-a"})),
-            Err(JwtError::WrongIssuer),
-        );
-        check(
-            &v,
-            &hs(json!({"exp": now() + 60, "iss": "iss-a", "aud": "aud-b"})),
-            Err(JwtError::WrongAudience),
-        );
-        check(
-            &v,
-            &hs(json!({"exp": now() + 60, "iss": "iss-a"})),
-            Err(JwtError::WrongAudience),
-        );
+        check(&v, &hs(json!({"exp": now() + 60, "iss": "iss-a", "aud": "aud-a"})), Ok(()));
+        check(&v, &hs(json!({"exp": now() + 60, "iss": "iss-b", "aud": "aud-a"})), Err(JwtError::WrongIssuer));
+        check(&v, &hs(json!({"exp": now() + 60, "iss": "iss-a", "aud": "aud-b"})), Err(JwtError::WrongAudience));
+        check(&v, &hs(json!({"exp": now() + 60, "iss": "iss-a"})), Err(JwtError::WrongAudience));
     }
 
     #[test]
     fn alg_none_refused() {
         use base64::Engine as _;
         let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let tok = format!(
-            "{}.{}.",
-            e.encode(br#"{"alg":"none"}"#),
-            e.encode(json!({"exp": now() + 60}).to_string())
-        );
+        let tok = format!("{}.{}.", e.encode(br#"{"alg":"none"}"#), e.encode(json!({"exp": now() + 60}).to_string()));
         assert!(hs_verifier(None, None).verify(&tok).is_err());
     }
 
     fn openssl(args: &[&str]) -> bool {
-        Command::new("openssl")
-            .args(args)
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false)
+        Command::new("openssl").args(args).output().map(|o| o.status.success()).unwrap_or(false)
     }
 
     #[test]
     fn asymmetric_keys_and_algorithm_confusion() {
         let dir = tempfile::tempdir().unwrap();
         let p = |n: &str| dir.path().join(n).to_string_lossy().into_owned();
-        if !openssl(&[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-            "-out",
-            &p("rsa.key"),
-        ]) {
+        if !openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", &p("rsa.key")]) {
             eprintln!("openssl not available; skipping");
             return;
         }
-        assert!(openssl(&[
-            "pkey",
-            "-in",
-            &p("rsa.key"),
-            "-pubout",
-            "-out",
-            &p("rsa.pub")
-        ]));
-        assert!(openssl(&[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-out",
-            &p("ec.key")
-        ]));
-        assert!(openssl(&[
-            "pkey",
-            "-in",
-            &p("ec.key"),
-            "-pubout",
-            "-out",
-            &p("ec.pub")
-        ]));
+        assert!(openssl(&["pkey", "-in", &p("rsa.key"), "-pubout", "-out", &p("rsa.pub")]));
+        assert!(openssl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", &p("ec.key")]));
+        assert!(openssl(&["pkey", "-in", &p("ec.key"), "-pubout", "-out", &p("ec.pub")]));
         let claims = json!({"exp": now() + 60, "tenant_id": 1});
-        for (key, pubkey, alg) in [
-            ("rsa.key", "rsa.pub", Algorithm::RS256),
-            ("rsa.key", "rsa.pub", Algorithm::PS256),
-            ("ec.key", "ec.pub", Algorithm::ES256),
-        ] {
-            let v = JwtVerifier::from_config(&JwtConfig {
-                public_key_file: Some(p(pubkey).into()),
-                ..Default::default()
-            })
-            .unwrap();
+        for (key, pubkey, alg) in [("rsa.key", "rsa.pub", Algorithm::RS256), ("rsa.key", "rsa.pub", Algorithm::PS256), ("ec.key", "ec.pub", Algorithm::ES256)] {
+            let v = JwtVerifier::from_config(&JwtConfig { public_key_file: Some(p(pubkey).into()), ..Default::default() }).unwrap();
             let tok = mint_pem(&claims, &std::fs::read(p(key)).unwrap(), alg, None).unwrap();
             assert_eq!(v.verify(&tok).unwrap()["tenant_id"], 1);
             // the public key used as an HMAC secret must not verify
-            let forged = mint_hs(
-                &claims,
-                &std::fs::read(p(pubkey)).unwrap(),
-                Algorithm::HS256,
-            );
-            assert_eq!(
-                v.verify(&forged),
-                Err(JwtError::AlgorithmNotAllowed("HS256".into()))
-            );
+            let forged = mint_hs(&claims, &std::fs::read(p(pubkey)).unwrap(), Algorithm::HS256);
+            assert_eq!(v.verify(&forged), Err(JwtError::AlgorithmNotAllowed("HS256".into())));
         }
     }
 
@@ -483,29 +349,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("jwks.json");
         std::fs::write(&path, jwks.to_string()).unwrap();
-        let v = JwtVerifier::from_config(&JwtConfig {
-            jwks_file: Some(path),
-            ..Default::default()
-        })
-        .unwrap();
+        let v = JwtVerifier::from_config(&JwtConfig { jwks_file: Some(path), ..Default::default() }).unwrap();
         let mint = |secret: &[u8], kid: &str| {
             let mut h = jsonwebtoken::Header::new(Algorithm::HS256);
             h.kid = Some(kid.into());
-            jsonwebtoken::encode(
-                &h,
-                &json!({"exp": now() + 60}),
-                &jsonwebtoken::EncodingKey::from_secret(secret),
-            )
-            .unwrap()
+            jsonwebtoken::encode(&h, &json!({"exp": now() + 60}), &jsonwebtoken::EncodingKey::from_secret(secret)).unwrap()
         };
         assert!(v.verify(&mint(b"secret-two", "k2")).is_ok());
-        assert_eq!(
-            v.verify(&mint(b"secret-two", "k1")),
-            Err(JwtError::BadSignature)
-        );
-        assert_eq!(
-            v.verify(&mint(b"secret-two", "k9")),
-            Err(JwtError::UnknownKeyId)
-        );
+        assert_eq!(v.verify(&mint(b"secret-two", "k1")), Err(JwtError::BadSignature));
+        assert_eq!(v.verify(&mint(b"secret-two", "k9")), Err(JwtError::UnknownKeyId));
     }
 }

@@ -20,11 +20,7 @@ impl Target {
             "https" => true,
             "http" => {
                 let loopback = host == "localhost"
-                    || host
-                        .trim_matches(['[', ']'])
-                        .parse::<std::net::IpAddr>()
-                        .map(|ip| ip.is_loopback())
-                        .unwrap_or(false);
+                    || host.trim_matches(['[', ']']).parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false);
                 if !loopback {
                     return Err("plain http is accepted only for loopback hosts; use https".into());
                 }
@@ -41,11 +37,7 @@ impl Target {
             path.push('?');
             path.push_str(q);
         }
-        Ok(Target {
-            tls,
-            host,
-            port,
-            path,
-        })
+        Ok(Target { tls, host, port, path })
     }
 }
+

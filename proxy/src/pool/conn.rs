@@ -100,6 +100,7 @@ pub struct PooledConn {
 }
 
 impl PooledConn {
+
     /// Records what a client message may have done here.
     pub fn note(&mut self, e: Effects) {
         self.dirt = self.dirt.max(e.leaves);
@@ -119,11 +120,7 @@ impl PooledConn {
     /// Hands the connection to session `owner`: the reset to send in front of its first message
     /// when a different session may have left state here.
     pub fn reset_for(&mut self, owner: u64) -> Option<Reset> {
-        let reset = if self.owner != owner {
-            self.take_reset()
-        } else {
-            None
-        };
+        let reset = if self.owner != owner { self.take_reset() } else { None };
         self.owner = owner;
         reset
     }
@@ -195,16 +192,8 @@ impl PooledConn {
         self.tx_defaults = sql.to_string();
     }
 
-    pub(super) fn from_conn(
-        c: BackendConn,
-        prepared_cache: usize,
-        allowed_calls: std::collections::HashSet<u32>,
-        started: String,
-    ) -> PooledConn {
-        let id = crate::signing::BackendId {
-            pid: c.pid,
-            started,
-        };
+    pub(super) fn from_conn(c: BackendConn, prepared_cache: usize, allowed_calls: std::collections::HashSet<u32>, started: String) -> PooledConn {
+        let id = crate::signing::BackendId { pid: c.pid, started };
         let (rd, wr) = tokio::io::split(c.stream);
         PooledConn {
             rd,
@@ -227,42 +216,21 @@ impl PooledConn {
         }
     }
 
-    /// The connection's session-level `application_name`: the one it last reported (at login, and
-    /// whenever it changed since); between transactions that is the value the next one starts with.
-    pub fn application_name(&self) -> &str {
-        self.reported
-            .iter()
-            .find(|(k, _)| k == "application_name")
-            .map_or("", |(_, v)| v.as_str())
-    }
-
     /// Records a ParameterStatus message (its body) this connection sent.
     pub fn note_report(&mut self, body: &[u8]) {
         let mut parts = body.split(|&b| b == 0);
-        let (name, raw) = (
-            parts.next().unwrap_or_default(),
-            parts.next().unwrap_or_default(),
-        );
+        let (name, raw) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
         let value = || String::from_utf8_lossy(raw).into_owned();
-        match self
-            .reported
-            .iter_mut()
-            .find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(name))
-        {
+        match self.reported.iter_mut().find(|(k, _)| k.as_bytes().eq_ignore_ascii_case(name)) {
             Some(e) if e.1.as_bytes() == raw => {} // unchanged: nothing to allocate
             Some(e) => e.1 = value(),
-            None => self
-                .reported
-                .push((String::from_utf8_lossy(name).into_owned(), value())),
+            None => self.reported.push((String::from_utf8_lossy(name).into_owned(), value())),
         }
     }
 
     /// What this connection last reported for `name` (any case).
     pub fn reported(&self, name: &str) -> Option<&str> {
-        self.reported
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.reported.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 
     /// The statement that clears what the previous session left on this connection, if it may have
@@ -290,9 +258,7 @@ impl PooledConn {
         let mut cx = Context::from_waker(Waker::noop());
         let mut byte = [0u8; 64];
         let mut buf = ReadBuf::new(&mut byte);
-        !matches!(
-            std::pin::Pin::new(&mut self.rd).poll_read(&mut cx, &mut buf),
-            Poll::Pending
-        )
+        !matches!(std::pin::Pin::new(&mut self.rd).poll_read(&mut cx, &mut buf), Poll::Pending)
     }
 }
+

@@ -129,11 +129,7 @@ impl Slots {
     }
 
     /// Takes a slot for `tenant`, waiting in the tenant's queue for at most `wait`.
-    pub async fn acquire(
-        self: &Arc<Self>,
-        tenant: &TenantKey,
-        wait: Duration,
-    ) -> Result<Slot, Refusal> {
+    pub async fn acquire(self: &Arc<Self>, tenant: &TenantKey, wait: Duration) -> Result<Slot, Refusal> {
         let (id, rx) = {
             let mut guard = self.lock();
             let st = &mut *guard;
@@ -149,39 +145,26 @@ impl Slots {
             }
             if let Some(limit) = max_waiting.filter(|&m| t.queue.len() >= m) {
                 t.refusals += 1;
-                return Err(Refusal::Waiting {
-                    limit,
-                    key: st.limits.key_for(tenant, true),
-                });
+                return Err(Refusal::Waiting { limit, key: st.limits.key_for(tenant, true) });
             }
             let (tx, rx) = oneshot::channel();
             let id = st.next_id;
             st.next_id += 1;
-            t.queue.push_back(Waiter {
-                id,
-                enqueued: Instant::now(),
-                tx,
-            });
+            t.queue.push_back(Waiter { id, enqueued: Instant::now(), tx });
             if !t.in_ring {
                 t.in_ring = true;
                 st.ring.push_back(tenant.clone());
             }
             (id, rx)
         };
-        let mut pending = Pending {
-            slots: self.clone(),
-            tenant: tenant.clone(),
-            id,
-            rx: Some(rx),
+        let mut pending = Pending { slots: self.clone(), tenant: tenant.clone(), id, rx: Some(rx) };
+        let granted = match tokio::time::timeout(wait, pending.rx.as_mut().expect("set above")).await {
+            Ok(Ok(())) => {
+                pending.rx = None;
+                true
+            }
+            _ => pending.resolve(),
         };
-        let granted =
-            match tokio::time::timeout(wait, pending.rx.as_mut().expect("set above")).await {
-                Ok(Ok(())) => {
-                    pending.rx = None;
-                    true
-                }
-                _ => pending.resolve(),
-            };
         if granted {
             return Ok(self.slot(tenant));
         }
@@ -195,11 +178,7 @@ impl Slots {
     }
 
     fn slot(self: &Arc<Self>, tenant: &TenantKey) -> Slot {
-        Slot {
-            slots: self.clone(),
-            tenant: tenant.clone(),
-            given_back: false,
-        }
+        Slot { slots: self.clone(), tenant: tenant.clone(), given_back: false }
     }
 
     /// Hands a busy slot back: a shrink that is owed a slot retires it, else it goes to the next
@@ -259,11 +238,7 @@ impl Slots {
     fn assert_consistent(&self) {
         let st = self.lock();
         let (size, free, busy, owed) = (st.size, st.free, st.busy, st.owed);
-        assert_eq!(
-            busy + free,
-            size + owed,
-            "busy {busy} + free {free} != size {size} + owed {owed}"
-        );
+        assert_eq!(busy + free, size + owed, "busy {busy} + free {free} != size {size} + owed {owed}");
         assert!(owed == 0 || free == 0, "{free} free while {owed} owed");
         assert_eq!(st.tenants.values().map(|t| t.active).sum::<usize>(), busy);
     }
@@ -278,24 +253,14 @@ impl Slots {
     /// (free, busy, waiting) slots right now.
     pub fn counts(&self) -> (usize, usize, usize) {
         let st = self.lock();
-        let waiting = st
-            .ring
-            .iter()
-            .filter_map(|k| st.tenants.get(k))
-            .map(|t| t.queue.len())
-            .sum();
+        let waiting = st.ring.iter().filter_map(|k| st.tenants.get(k)).map(|t| t.queue.len()).sum();
         (st.free, st.busy, waiting)
     }
 
     /// Pool-wide totals since start, and how long the longest-waiting transaction has waited now.
     pub fn totals(&self) -> (Totals, Duration) {
         let st = self.lock();
-        let oldest = st
-            .ring
-            .iter()
-            .filter_map(|k| st.tenants.get(k)?.queue.front())
-            .map(|w| w.enqueued.elapsed())
-            .max();
+        let oldest = st.ring.iter().filter_map(|k| st.tenants.get(k)?.queue.front()).map(|w| w.enqueued.elapsed()).max();
         (st.totals, oldest.unwrap_or_default())
     }
 
@@ -331,10 +296,7 @@ impl State {
         while self.free > 0 {
             let Some(i) = self.next_in_turn() else { break };
             let name = self.ring.remove(i).expect("index from next_in_turn");
-            let t = self
-                .tenants
-                .get_mut(&name)
-                .expect("checked by next_in_turn");
+            let t = self.tenants.get_mut(&name).expect("checked by next_in_turn");
             let w = t.queue.pop_front().expect("checked by next_in_turn");
             t.wait += w.enqueued.elapsed();
             self.totals.wait += w.enqueued.elapsed();
@@ -411,9 +373,7 @@ struct Pending {
 impl Pending {
     /// Stops waiting: true when a slot was granted meanwhile (it is then the caller's).
     fn resolve(&mut self) -> bool {
-        let Some(mut rx) = self.rx.take() else {
-            return false;
-        };
+        let Some(mut rx) = self.rx.take() else { return false };
         let mut st = self.slots.lock();
         let st = &mut *st;
         if let Some(t) = st.tenants.get_mut(&self.tenant) {
@@ -513,21 +473,16 @@ mod tests {
         let held = s.acquire(&a, Duration::from_millis(10)).await.unwrap();
         // at its limit A waits although slots are free, and times out naming the limit
         match s.acquire(&a, Duration::from_millis(20)).await {
-            Err(Refusal::Timeout {
-                at_limit: Some((1, k)),
-            }) => assert_eq!(k, "limits.max_active_per_tenant"),
+            Err(Refusal::Timeout { at_limit: Some((1, k)) }) => assert_eq!(k, "limits.max_active_per_tenant"),
             other => panic!("{:?}", other.err()),
         }
         // one queued is allowed, a second is refused at once
         let s2 = s.clone();
         let a2 = a.clone();
-        let queued =
-            tokio::spawn(async move { s2.acquire(&a2, Duration::from_secs(5)).await.map(|_| ()) });
+        let queued = tokio::spawn(async move { s2.acquire(&a2, Duration::from_secs(5)).await.map(|_| ()) });
         tokio::time::sleep(Duration::from_millis(20)).await;
         match s.acquire(&a, Duration::from_secs(5)).await {
-            Err(Refusal::Waiting { limit: 1, key }) => {
-                assert_eq!(key, "limits.max_waiting_per_tenant")
-            }
+            Err(Refusal::Waiting { limit: 1, key }) => assert_eq!(key, "limits.max_waiting_per_tenant"),
             other => panic!("{:?}", other.err()),
         }
         // B's override allows two at once
@@ -547,8 +502,7 @@ mod tests {
         let held = s.acquire(&a, Duration::from_millis(10)).await.unwrap();
         let s2 = s.clone();
         let a2 = a.clone();
-        let waiter =
-            tokio::spawn(async move { s2.acquire(&a2, Duration::from_secs(30)).await.map(|_| ()) });
+        let waiter = tokio::spawn(async move { s2.acquire(&a2, Duration::from_secs(30)).await.map(|_| ()) });
         tokio::time::sleep(Duration::from_millis(20)).await;
         waiter.abort();
         let _ = waiter.await;
@@ -561,24 +515,14 @@ mod tests {
     #[tokio::test]
     async fn idle_tenants_are_forgotten_beyond_the_cap() {
         let s = Slots::new(2, limits(""));
-        let busy = s
-            .acquire(&key("busy"), Duration::from_millis(10))
-            .await
-            .unwrap();
+        let busy = s.acquire(&key("busy"), Duration::from_millis(10)).await.unwrap();
         for i in 0..TRACKED_TENANTS + 10 {
-            drop(
-                s.acquire(&key(&format!("t{i}")), Duration::from_millis(10))
-                    .await
-                    .unwrap(),
-            );
+            drop(s.acquire(&key(&format!("t{i}")), Duration::from_millis(10)).await.unwrap());
         }
         // the pass that ran once the cap was crossed kept only the tenant holding a slot
         let tracked = s.stats().len();
         assert!(tracked < 100, "{tracked} tenants still tracked");
-        assert!(s
-            .stats()
-            .iter()
-            .any(|t| t.tenant == "busy" && t.active == 1));
+        assert!(s.stats().iter().any(|t| t.tenant == "busy" && t.active == 1));
         drop(busy);
         assert_eq!(s.counts(), (2, 0, 0));
     }
@@ -588,13 +532,8 @@ mod tests {
         let s = Slots::new(3, limits(""));
         s.resize(1);
         assert_eq!((s.counts().0, s.owed(), s.size()), (1, 0, 1));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        let held = rt
-            .block_on(s.acquire(&key("a"), Duration::from_millis(10)))
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let held = rt.block_on(s.acquire(&key("a"), Duration::from_millis(10))).unwrap();
         s.resize(0);
         assert_eq!((s.counts().0, s.owed()), (0, 1));
         assert!(held.give_back());
@@ -604,16 +543,9 @@ mod tests {
     #[test]
     fn a_dropped_slot_pays_what_a_shrink_owes() {
         let s = Slots::new(2, limits(""));
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        let held = rt
-            .block_on(s.acquire(&key("a"), Duration::from_millis(10)))
-            .unwrap();
-        let other = rt
-            .block_on(s.acquire(&key("a"), Duration::from_millis(10)))
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let held = rt.block_on(s.acquire(&key("a"), Duration::from_millis(10))).unwrap();
+        let other = rt.block_on(s.acquire(&key("a"), Duration::from_millis(10))).unwrap();
         s.resize(1);
         drop(held); // not released: still retired, never free while a shrink is owed
         assert_eq!((s.counts(), s.owed()), ((0, 1, 0), 0));
@@ -626,11 +558,7 @@ mod tests {
     #[test]
     fn resizes_racing_with_acquire_release_and_drop_keep_the_counts() {
         use rand::{Rng, SeedableRng};
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(4)
-            .enable_time()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_time().build().unwrap();
         let s = Slots::new(8, limits("max_active_per_tenant = 6"));
         rt.block_on(async {
             let mut tasks = Vec::new();
@@ -643,16 +571,13 @@ mod tests {
                     for _ in 0..20_000 {
                         match rng.random_range(0..10) {
                             0..=3 => {
-                                if let Ok(slot) =
-                                    s.acquire(&tenant, Duration::from_micros(50)).await
-                                {
+                                if let Ok(slot) = s.acquire(&tenant, Duration::from_micros(50)).await {
                                     held.push(slot);
                                 }
                             }
                             4 | 5 if !held.is_empty() => {
                                 // what `Pool::release` does
-                                held.swap_remove(rng.random_range(0..held.len()))
-                                    .give_back();
+                                held.swap_remove(rng.random_range(0..held.len())).give_back();
                             }
                             6 if !held.is_empty() => drop(held.swap_remove(0)),
                             7 => s.resize(rng.random_range(0..=16)),

@@ -39,12 +39,7 @@ pub(super) struct Health {
 
 impl Health {
     pub(super) fn new() -> Health {
-        Health {
-            base: Instant::now(),
-            ok: AtomicU64::new(0),
-            failed: Mutex::new(None),
-            probing: tokio::sync::Mutex::new(()),
-        }
+        Health { base: Instant::now(), ok: AtomicU64::new(0), failed: Mutex::new(None), probing: tokio::sync::Mutex::new(()) }
     }
 
     fn now(&self) -> u64 {
@@ -80,11 +75,7 @@ impl Health {
     fn latest_within(&self, max_age_ns: u64) -> Option<Result<(), String>> {
         let now = self.now();
         let ok = self.ok.load(Ordering::Relaxed);
-        let failed = self
-            .failed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let (at, result) = match failed {
             Some((at, why)) if at > ok => (at, Err(why)),
             _ if ok > 0 => (ok, Ok(())),
@@ -112,13 +103,7 @@ impl Pool {
         }
         // through the primary search: with several hosts, readiness means a writable primary
         let before = self.primary.epoch();
-        let result = self
-            .primary
-            .connect(
-                self.connector.as_ref(),
-                crate::backend::connect::APPLICATION_NAME,
-            )
-            .await;
+        let result = self.primary.connect(self.connector.as_ref()).await;
         if self.primary.epoch() != before {
             self.reap();
         }
@@ -126,17 +111,12 @@ impl Pool {
             Ok((mut conn, _)) => {
                 self.health.answered();
                 // Terminate, so the server logs a clean disconnect; it is closing either way
-                let _ = conn
-                    .stream
-                    .write_all(&[crate::protocol::tags::frontend::TERMINATE, 0, 0, 0, 4])
-                    .await;
+                let _ = conn.stream.write_all(&[crate::protocol::tags::frontend::TERMINATE, 0, 0, 0, 4]).await;
                 Ok(())
             }
             // the server is up and answering; only its connection slots are taken (by this pool,
             // perhaps): the pool's own connections still work
-            Err(crate::backend::ConnectError::Server { code, .. })
-                if code == sqlstate::TOO_MANY_CONNECTIONS =>
-            {
+            Err(crate::backend::ConnectError::Server { code, .. }) if code == sqlstate::TOO_MANY_CONNECTIONS => {
                 self.health.answered();
                 Ok(())
             }
@@ -170,24 +150,14 @@ mod tests {
     }
 
     /// Answers each connect with the next scripted error (the pool's test seam), counting calls.
-    struct Scripted(
-        Mutex<Vec<crate::backend::ConnectError>>,
-        std::sync::atomic::AtomicUsize,
-    );
+    struct Scripted(Mutex<Vec<crate::backend::ConnectError>>, std::sync::atomic::AtomicUsize);
 
     impl super::super::Connector for Scripted {
         fn connect<'a>(
             &'a self,
             _: &'a crate::backend::BackendTarget,
-            _: &'a str,
-        ) -> std::pin::Pin<
-            Box<
-                dyn std::future::Future<
-                        Output = Result<crate::backend::BackendConn, crate::backend::ConnectError>,
-                    > + Send
-                    + 'a,
-            >,
-        > {
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<crate::backend::BackendConn, crate::backend::ConnectError>> + Send + 'a>>
+        {
             self.1.fetch_add(1, Ordering::SeqCst);
             let next = self.0.lock().unwrap().remove(0);
             Box::pin(async move { Err(next) })
@@ -201,31 +171,15 @@ mod tests {
         let config = crate::config::Config::from_toml(text, &|_| None).unwrap();
         let script = vec![
             ConnectError::Timeout(10),
-            ConnectError::Server {
-                code: sqlstate::TOO_MANY_CONNECTIONS.into(),
-                message: "too many clients already".into(),
-            },
-            ConnectError::Server {
-                code: sqlstate::CANNOT_CONNECT_NOW.into(),
-                message: "the database system is shutting down".into(),
-            },
+            ConnectError::Server { code: sqlstate::TOO_MANY_CONNECTIONS.into(), message: "too many clients already".into() },
+            ConnectError::Server { code: sqlstate::CANNOT_CONNECT_NOW.into(), message: "the database system is shutting down".into() },
         ];
         let connector = Arc::new(Scripted(Mutex::new(script), Default::default()));
         let target = crate::backend::BackendTarget::from_config(&config.backend).unwrap();
-        let pool = Pool::with_connector(
-            &config,
-            target,
-            2,
-            Arc::new(config.limits.clone()),
-            connector.clone(),
-        );
+        let pool = Pool::with_connector(&config, target, 2, Arc::new(config.limits.clone()), connector.clone());
         let calls = || connector.1.load(Ordering::SeqCst);
         // down: one probe, and asking again within FRESH does not probe again
-        assert!(pool
-            .usable_primary()
-            .await
-            .unwrap_err()
-            .contains("timed out"));
+        assert!(pool.usable_primary().await.unwrap_err().contains("timed out"));
         assert!(pool.usable_primary().await.is_err());
         assert_eq!(calls(), 1);
         // a server refusing for lack of connection slots is up
@@ -234,11 +188,7 @@ mod tests {
         assert_eq!(calls(), 2);
         // one shutting down is not
         tokio::time::sleep(FRESH).await;
-        assert!(pool
-            .usable_primary()
-            .await
-            .unwrap_err()
-            .contains("shutting down"));
+        assert!(pool.usable_primary().await.unwrap_err().contains("shutting down"));
         // a transaction that ended cleanly is news enough: no probe
         tokio::time::sleep(FRESH).await;
         pool.health.answered();

@@ -24,22 +24,14 @@ impl super::Pool {
     pub fn idle_servers(&self) -> Vec<IdleServer> {
         let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.iter()
-            .map(|i| IdleServer {
-                pid: i.backend.pid,
-                connected: wall(i.backend.created),
-                idle_since: wall(i.since),
-            })
+            .map(|i| IdleServer { pid: i.backend.pid, connected: wall(i.backend.created), idle_since: wall(i.since) })
             .collect()
     }
 
     /// A parameter the server reported at startup, if a connection was ever made.
     pub fn reported_param(&self, name: &str) -> Option<String> {
         let info = self.server_info.lock().unwrap_or_else(|p| p.into_inner());
-        info.as_ref()?
-            .params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
+        info.as_ref()?.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
     }
 
     /// Totals since start, and the longest wait of a transaction queued now.

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+
 pub mod conn;
 pub mod fair;
 pub mod health;
@@ -36,6 +37,7 @@ use fair::{Refusal, Slot, Slots};
 use crate::backend::{self, BackendConn, BackendTarget, ConnectError, SessionAttrs};
 use crate::config::Config;
 use crate::error::{sqlstate, PgError};
+
 
 struct Idle {
     backend: Box<PooledConn>,
@@ -94,14 +96,8 @@ pub struct Lease {
 
 /// Functions a FunctionCall may never reach, whatever `tenant.allowed_function_calls` says: they
 /// change the tenant context or act on other tenants' sessions through the shared role.
-const NEVER_CALLABLE: [&str; 6] = [
-    "set_config",
-    "pg_cancel_backend",
-    "pg_terminate_backend",
-    "pg_stat_get_activity",
-    "pg_stat_get_backend_activity",
-    "pg_stat_statements",
-];
+const NEVER_CALLABLE: [&str; 6] =
+    ["set_config", "pg_cancel_backend", "pg_terminate_backend", "pg_stat_get_activity", "pg_stat_get_backend_activity", "pg_stat_statements"];
 
 /// How the pool opens backend connections: over the network to `backend.url` in production; a
 /// unit test plugs in a scripted server (the session's test seam).
@@ -109,10 +105,7 @@ pub trait Connector: Send + Sync {
     fn connect<'a>(
         &'a self,
         target: &'a BackendTarget,
-        application_name: &'a str,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<BackendConn, ConnectError>> + Send + 'a>,
-    >;
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BackendConn, ConnectError>> + Send + 'a>>;
 }
 
 /// Connects to the configured server (TCP or Unix socket, TLS as configured).
@@ -122,11 +115,8 @@ impl Connector for Network {
     fn connect<'a>(
         &'a self,
         target: &'a BackendTarget,
-        application_name: &'a str,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<BackendConn, ConnectError>> + Send + 'a>,
-    > {
-        Box::pin(backend::connect_as(target, application_name))
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BackendConn, ConnectError>> + Send + 'a>> {
+        Box::pin(backend::connect(target))
     }
 }
 
@@ -149,31 +139,18 @@ pub fn connect_error(e: &ConnectError) -> PgError {
         return PgError::error(sqlstate::CANNOT_CONNECT_NOW, format!("pgtenant: cannot connect to the database: {e}"))
             .with_hint("a database failover may be in progress: retry the transaction shortly; pgtenant keeps looking for the primary among backend.url's hosts");
     }
-    PgError::error(
-        sqlstate::CONNECTION_FAILURE,
-        format!("pgtenant: cannot connect to the database: {e}"),
-    )
-    .with_hint("check backend.url in the pgtenant config and that the database server is up")
+    PgError::error(sqlstate::CONNECTION_FAILURE, format!("pgtenant: cannot connect to the database: {e}"))
+        .with_hint("check backend.url in the pgtenant config and that the database server is up")
 }
 
 impl Pool {
     /// The tenant pool: `backend.pool_size` connections shared under `[limits]`.
     pub fn new(config: &Config, target: BackendTarget) -> Arc<Pool> {
-        Self::sized(
-            config,
-            target,
-            config.backend.pool_size,
-            Arc::new(config.limits.clone()),
-        )
+        Self::sized(config, target, config.backend.pool_size, Arc::new(config.limits.clone()))
     }
 
     /// A pool of `size` connections to `target` (the bypass pool has its own size, no limits).
-    pub fn sized(
-        config: &Config,
-        target: BackendTarget,
-        size: usize,
-        limits: Arc<crate::config::LimitsConfig>,
-    ) -> Arc<Pool> {
+    pub fn sized(config: &Config, target: BackendTarget, size: usize, limits: Arc<crate::config::LimitsConfig>) -> Arc<Pool> {
         Self::with_connector(config, target, size, limits, Arc::new(Network))
     }
 
@@ -198,13 +175,7 @@ impl Pool {
         size: usize,
         limits: Arc<crate::config::LimitsConfig>,
     ) -> Arc<Pool> {
-        Self::build(
-            config,
-            primary::Primary::new(label, targets, attrs),
-            size,
-            limits,
-            Arc::new(Network),
-        )
+        Self::build(config, primary::Primary::new(label, targets, attrs), size, limits, Arc::new(Network))
     }
 
     fn build(
@@ -268,8 +239,7 @@ impl Pool {
     /// retires free slots now and busy ones as their transactions end (connected clients are never
     /// cut off).
     pub fn resize(&self, size: usize, wait_timeout_ms: u64) {
-        self.wait_timeout_ms
-            .store(wait_timeout_ms, Ordering::Relaxed);
+        self.wait_timeout_ms.store(wait_timeout_ms, Ordering::Relaxed);
         self.slots.resize(size);
         if let Ok(mut idle) = self.idle.lock() {
             while idle.len() > size {
@@ -309,23 +279,15 @@ impl Pool {
     }
 
     /// Waits (bounded, in `tenant`'s turn) for a free slot, then reuses a healthy idle connection
-    /// or opens a new one, logged in with `application_name` (the client's, so that its
-    /// transactions there need not set it, nor those of every client with the same name: see
-    /// `crate::session::inject`).
-    pub async fn acquire(
-        &self,
-        tenant: &TenantKey,
-        application_name: &str,
-    ) -> Result<Lease, PgError> {
+    /// or opens a new one.
+    pub async fn acquire(&self, tenant: &TenantKey) -> Result<Lease, PgError> {
         let started = Instant::now();
         let wait_ms = self.wait_timeout_ms.load(Ordering::Relaxed);
         let left = self.pause.pass(Duration::from_millis(wait_ms)).await?;
         let waited = self.slots.acquire(tenant, left).await;
         // one clock read for the wait and the idle connections' ages (a transaction's hot path)
         let now = Instant::now();
-        crate::metrics::hot()
-            .pool_wait_seconds
-            .record(now.saturating_duration_since(started).as_secs_f64());
+        crate::metrics::hot().pool_wait_seconds.record(now.saturating_duration_since(started).as_secs_f64());
         let permit = waited.map_err(|r| self.refusal_error(tenant, r, wait_ms))?;
         while let Some(mut idle) = self.pop_idle() {
             if now.saturating_duration_since(idle.since) >= self.idle_timeout
@@ -336,79 +298,40 @@ impl Pool {
                 tracing::debug!(pid = idle.backend.pid, "dropping stale backend connection");
                 continue;
             }
-            return Ok(Lease {
-                backend: idle.backend,
-                slot: permit,
-                epoch: idle.epoch,
-            });
+            return Ok(Lease { backend: idle.backend, slot: permit, epoch: idle.epoch });
         }
         // boxed: opening a connection (TLS, authentication, the setup queries) is the largest
         // stage by far, and inline it would size every acquire's future, which the session
         // allocates (boxed) for each transaction: a large allocation costs several small ones
-        Box::pin(self.open(
-            started + Duration::from_millis(wait_ms),
-            permit,
-            application_name,
-        ))
-        .await
+        Box::pin(self.open(started + Duration::from_millis(wait_ms), permit)).await
     }
 
     /// Opens a new connection for a transaction holding `permit`; a failover is waited out until
     /// `deadline`.
-    async fn open(
-        &self,
-        deadline: Instant,
-        permit: Slot,
-        application_name: &str,
-    ) -> Result<Lease, PgError> {
+    async fn open(&self, deadline: Instant, permit: Slot) -> Result<Lease, PgError> {
         let (mut conn, epoch) = loop {
-            match self.connect(application_name).await {
+            match self.connect().await {
                 Ok(c) => break c,
                 // no primary right now (a failover): look again until the transaction's wait is up
-                Err(e)
-                    if self.primary.chooses()
-                        && e.is_unavailable()
-                        && Instant::now() + PRIMARY_RETRY < deadline =>
-                {
+                Err(e) if self.primary.chooses() && e.is_unavailable() && Instant::now() + PRIMARY_RETRY < deadline => {
                     tokio::time::sleep(PRIMARY_RETRY).await;
                 }
                 Err(e) => return Err(connect_error(&e)),
             }
         };
-        let calls = self
-            .resolve_function_calls(&mut conn)
-            .await
-            .map_err(|e| connect_error(&e))?;
+        let calls = self.resolve_function_calls(&mut conn).await.map_err(|e| connect_error(&e))?;
         // the backend's start, which a signed context names; a role that may not read it (the
         // doctor's `query_text_visible` fix revokes pg_stat_get_activity) still connects: its
         // signed contexts then verify nowhere (no rows), which is what signing needs
-        let started = match backend::query::simple_query(
-            &mut conn,
-            crate::signing::BACKEND_START_SQL,
-        )
-        .await
-        {
-            Ok(rows) => rows
-                .into_iter()
-                .next()
-                .and_then(|r| r.into_iter().next().flatten())
-                .unwrap_or_default(),
+        let started = match backend::query::simple_query(&mut conn, crate::signing::BACKEND_START_SQL).await {
+            Ok(rows) => rows.into_iter().next().and_then(|r| r.into_iter().next().flatten()).unwrap_or_default(),
             Err(e @ ConnectError::Server { .. }) => {
                 tracing::warn!(error = %e, "cannot read the backend's start time; signed contexts will not verify on this connection");
                 String::new()
             }
             Err(e) => return Err(connect_error(&e)),
         };
-        Ok(Lease {
-            backend: Box::new(PooledConn::from_conn(
-                conn,
-                self.prepared_cache,
-                calls,
-                started,
-            )),
-            slot: permit,
-            epoch,
-        })
+        Ok(Lease { backend: Box::new(PooledConn::from_conn(conn, self.prepared_cache, calls, started)), slot: permit, epoch })
     }
 
     /// The error a transaction gets when it found no slot, naming the limit that held it back.
@@ -448,11 +371,8 @@ impl Pool {
     }
 
     /// Opens a connection to the primary; returns it with its epoch.
-    async fn connect(&self, application_name: &str) -> Result<(BackendConn, u64), ConnectError> {
-        let result = self
-            .primary
-            .connect(self.connector.as_ref(), application_name)
-            .await;
+    async fn connect(&self) -> Result<(BackendConn, u64), ConnectError> {
+        let result = self.primary.connect(self.connector.as_ref()).await;
         let ok = result.is_ok();
         match &result {
             Ok(_) => self.health.answered(),
@@ -463,25 +383,10 @@ impl Pool {
             tracing::warn!(backend = %self.target().describe(), error = %e, "backend connect failed");
         })?;
         tracing::debug!(pid = conn.pid, "backend connected");
-        if self
-            .server_info
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_none()
-        {
-            let rows = backend::query::simple_query(
-                &mut conn,
-                "SELECT lower(name) FROM pg_catalog.pg_settings",
-            )
-            .await?;
-            let settings = rows
-                .into_iter()
-                .filter_map(|r| r.into_iter().next().flatten())
-                .collect();
-            let info = Arc::new(ServerInfo {
-                params: conn.params.clone(),
-                settings,
-            });
+        if self.server_info.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+            let rows = backend::query::simple_query(&mut conn, "SELECT lower(name) FROM pg_catalog.pg_settings").await?;
+            let settings = rows.into_iter().filter_map(|r| r.into_iter().next().flatten()).collect();
+            let info = Arc::new(ServerInfo { params: conn.params.clone(), settings });
             *self.server_info.lock().unwrap_or_else(|p| p.into_inner()) = Some(info);
         }
         Ok((conn, epoch))
@@ -497,10 +402,7 @@ impl Pool {
         let going_away = matches!(code, b"57P01" | b"57P02" | b"57P03");
         let why = going_away.then(|| {
             let e = PgError::from_server(body, crate::error::Severity::Fatal);
-            format!(
-                "the server closed the connection: {} ({})",
-                e.message, e.code
-            )
+            format!("the server closed the connection: {} ({})", e.message, e.code)
         });
         if going_away || code == b"25006" {
             self.recheck();
@@ -531,14 +433,7 @@ impl Pool {
     pub async fn verify_primary(&self) -> Option<String> {
         if self.primary.chooses() {
             let before = self.primary.epoch();
-            match self
-                .primary
-                .connect(
-                    self.connector.as_ref(),
-                    crate::backend::connect::APPLICATION_NAME,
-                )
-                .await
-            {
+            match self.primary.connect(self.connector.as_ref()).await {
                 Ok(_) => self.health.answered(),
                 Err(e) => self.health.failed(e.to_string()),
             }
@@ -551,18 +446,11 @@ impl Pool {
 
     /// The OIDs, on this connection's database, of the functions clients may call with FunctionCall
     /// (`tenant.allowed_function_calls`); `set_config` is never among them.
-    async fn resolve_function_calls(
-        &self,
-        conn: &mut BackendConn,
-    ) -> Result<std::collections::HashSet<u32>, ConnectError> {
+    async fn resolve_function_calls(&self, conn: &mut BackendConn) -> Result<std::collections::HashSet<u32>, ConnectError> {
         if self.function_calls.is_empty() {
             return Ok(Default::default());
         }
-        let names: Vec<String> = self
-            .function_calls
-            .iter()
-            .map(|n| format!("'{}'", n.replace('\'', "''")))
-            .collect();
+        let names: Vec<String> = self.function_calls.iter().map(|n| format!("'{}'", n.replace('\'', "''"))).collect();
         let sql = format!(
             "SELECT p.oid FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace \
              WHERE p.proname NOT IN ({NEVER_CALLABLE}) AND ((n.nspname = 'pg_catalog' AND p.proname = ANY(ARRAY[{list}]::text[])) \
@@ -571,31 +459,19 @@ impl Pool {
             NEVER_CALLABLE = NEVER_CALLABLE.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(",")
         );
         let rows = backend::query::simple_query(conn, &sql).await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|r| r.into_iter().next().flatten()?.parse().ok())
-            .collect())
+        Ok(rows.into_iter().filter_map(|r| r.into_iter().next().flatten()?.parse().ok()).collect())
     }
 
     /// Returns a clean connection (transaction status idle, nothing in flight) to the pool.
     pub fn release(&self, lease: Lease) {
-        let Lease {
-            backend,
-            slot,
-            epoch,
-        } = lease;
+        let Lease { backend, slot, epoch } = lease;
         let now = Instant::now();
         self.health.answered_at(now);
         // a connection to a former primary never goes back
-        let keep = now.saturating_duration_since(backend.created) < self.max_lifetime
-            && epoch == self.primary.epoch();
+        let keep = now.saturating_duration_since(backend.created) < self.max_lifetime && epoch == self.primary.epoch();
         if keep {
             if let Ok(mut idle) = self.idle.lock() {
-                idle.push(Idle {
-                    backend,
-                    since: now,
-                    epoch,
-                });
+                idle.push(Idle { backend, since: now, epoch });
             }
         }
         // the slot goes back after the connection is in the idle list, where its next holder
@@ -608,40 +484,25 @@ impl Pool {
     }
 
     /// What the server reports (ParameterStatus, setting names); connects once if no connection was
-    /// made yet (as `application_name`, the logging-in client's), which also tells a logging-in
-    /// client early that the backend is unreachable.
-    pub async fn server_info(&self, application_name: &str) -> Result<Arc<ServerInfo>, PgError> {
-        if let Some(p) = self
-            .server_info
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        {
+    /// made yet, which also tells a logging-in client early that the backend is unreachable.
+    pub async fn server_info(&self) -> Result<Arc<ServerInfo>, PgError> {
+        if let Some(p) = self.server_info.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Ok(p);
         }
-        let lease = self.acquire(&internal_key(), application_name).await?;
+        let lease = self.acquire(&internal_key()).await?;
         self.release(lease);
         self.server_info
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .ok_or_else(|| {
-                PgError::error(
-                    sqlstate::CONNECTION_FAILURE,
-                    "pgtenant: no backend parameters",
-                )
-            })
+            .ok_or_else(|| PgError::error(sqlstate::CONNECTION_FAILURE, "pgtenant: no backend parameters"))
     }
 
     /// Closes idle connections past their idle timeout or lifetime; run periodically.
     pub fn reap(&self) {
         if let Ok(mut idle) = self.idle.lock() {
             let epoch = self.primary.epoch();
-            idle.retain(|i| {
-                i.since.elapsed() < self.idle_timeout
-                    && i.backend.created.elapsed() < self.max_lifetime
-                    && i.epoch == epoch
-            });
+            idle.retain(|i| i.since.elapsed() < self.idle_timeout && i.backend.created.elapsed() < self.max_lifetime && i.epoch == epoch);
         }
     }
 
@@ -676,10 +537,7 @@ mod tests {
             "[backend]\nurl = \"postgres://u:p@127.0.0.1:1/db\"\npool_size = {size}\n[jwt]\nsecret = \"0123456789abcdef0123\"\n[tenant]\nsettings = {{ \"app.tenant_id\" = \"tenant_id\" }}\n"
         );
         let config = Config::from_toml(&text, &|_| None).unwrap();
-        Pool::new(
-            &config,
-            BackendTarget::from_config(&config.backend).unwrap(),
-        )
+        Pool::new(&config, BackendTarget::from_config(&config.backend).unwrap())
     }
 
     #[tokio::test]
@@ -688,25 +546,14 @@ mod tests {
         let t: TenantKey = Arc::from("t");
         let mut busy = Vec::new();
         for _ in 0..3 {
-            busy.push(
-                p.slots
-                    .acquire(&t, Duration::from_millis(10))
-                    .await
-                    .unwrap(),
-            );
+            busy.push(p.slots.acquire(&t, Duration::from_millis(10)).await.unwrap());
         }
         p.resize(1, 100);
         // the one free slot is gone now, two busy ones are owed
-        assert_eq!(
-            (p.slots.counts().0, p.slots.owed(), p.busy_count(), p.size()),
-            (0, 2, 3, 1)
-        );
+        assert_eq!((p.slots.counts().0, p.slots.owed(), p.busy_count(), p.size()), (0, 2, 3, 1));
         // growing back cancels the debt instead of adding slots that a shrink would then eat
         p.resize(4, 100);
-        assert_eq!(
-            (p.slots.counts().0, p.slots.owed(), p.busy_count(), p.size()),
-            (1, 0, 3, 4)
-        );
+        assert_eq!((p.slots.counts().0, p.slots.owed(), p.busy_count(), p.size()), (1, 0, 3, 4));
         drop(busy);
         assert_eq!((p.slots.counts().0, p.busy_count()), (4, 0));
         // shrinking while idle takes effect at once

@@ -26,11 +26,7 @@ pub struct Gate {
 
 impl Default for Gate {
     fn default() -> Self {
-        Gate {
-            paused: watch::Sender::new(false),
-            waiters: Mutex::default(),
-            next: AtomicU64::new(0),
-        }
+        Gate { paused: watch::Sender::new(false), waiters: Mutex::default(), next: AtomicU64::new(0) }
     }
 }
 
@@ -39,11 +35,7 @@ struct Waiting<'a>(&'a Gate, u64);
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.0
-            .waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|(id, _)| *id != self.1);
+        self.0.waiters.lock().unwrap_or_else(|p| p.into_inner()).retain(|(id, _)| *id != self.1);
     }
 }
 
@@ -65,14 +57,7 @@ impl Gate {
     /// Transactions waiting at the gate now, and the longest wait among them.
     pub fn waiting(&self) -> (usize, Duration) {
         let waiters = self.waiters.lock().unwrap_or_else(|p| p.into_inner());
-        (
-            waiters.len(),
-            waiters
-                .iter()
-                .map(|(_, since)| since.elapsed())
-                .max()
-                .unwrap_or_default(),
-        )
+        (waiters.len(), waiters.iter().map(|(_, since)| since.elapsed()).max().unwrap_or_default())
     }
 
     /// Waits (at most `limit`) until the gate is open; returns what is left of `limit`.
@@ -82,15 +67,10 @@ impl Gate {
         }
         let started = Instant::now();
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((id, started));
+        self.waiters.lock().unwrap_or_else(|p| p.into_inner()).push((id, started));
         let _waiting = Waiting(self, id);
         let mut rx = self.paused.subscribe();
-        let opened = tokio::time::timeout(limit, rx.wait_for(|paused| !paused))
-            .await
-            .is_ok_and(|r| r.is_ok());
+        let opened = tokio::time::timeout(limit, rx.wait_for(|paused| !paused)).await.is_ok_and(|r| r.is_ok());
         match opened {
             true => Ok(limit.saturating_sub(started.elapsed())),
             false => Err(PgError::error(
@@ -138,10 +118,7 @@ mod tests {
     #[tokio::test]
     async fn a_paused_gate_holds_until_resumed_or_the_limit() {
         let gate = std::sync::Arc::new(Gate::default());
-        assert_eq!(
-            gate.pass(Duration::from_millis(50)).await.unwrap(),
-            Duration::from_millis(50)
-        );
+        assert_eq!(gate.pass(Duration::from_millis(50)).await.unwrap(), Duration::from_millis(50));
         assert!(gate.pause() && !gate.pause());
         let err = gate.pass(Duration::from_millis(30)).await.unwrap_err();
         assert_eq!(err.code, sqlstate::CANNOT_CONNECT_NOW);
@@ -150,17 +127,10 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(30)).await;
         assert!(!waiting.is_finished(), "a paused gate lets nobody through");
         let (n, longest) = gate.waiting();
-        assert!(
-            n == 1 && longest >= Duration::from_millis(30),
-            "{n} {longest:?}"
-        );
+        assert!(n == 1 && longest >= Duration::from_millis(30), "{n} {longest:?}");
         assert!(gate.resume() && !gate.resume());
         let left = waiting.await.unwrap().unwrap();
         assert!(left < Duration::from_secs(5) && left > Duration::from_secs(4));
-        assert_eq!(
-            gate.waiting().0,
-            0,
-            "a waiter that passed is no longer counted"
-        );
+        assert_eq!(gate.waiting().0, 0, "a waiter that passed is no longer counted");
     }
 }

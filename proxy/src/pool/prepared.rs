@@ -51,13 +51,7 @@ pub fn server_name(id: u64) -> String {
 
 impl BackendStatements {
     pub fn new(capacity: usize) -> Self {
-        BackendStatements {
-            by_key: HashMap::new(),
-            next_id: 0,
-            clock: 0,
-            capacity: capacity.max(1),
-            bytes: 0,
-        }
+        BackendStatements { by_key: HashMap::new(), next_id: 0, clock: 0, capacity: capacity.max(1), bytes: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -73,25 +67,11 @@ impl BackendStatements {
         self.clock += 1;
         if let Some(e) = self.by_key.get_mut(key) {
             e.last_used = self.clock;
-            return Prepared {
-                id: e.id,
-                name: server_name(e.id),
-                needs_parse: false,
-                evict: Vec::new(),
-            };
+            return Prepared { id: e.id, name: server_name(e.id), needs_parse: false, evict: Vec::new() };
         }
         let mut evict = Vec::new();
-        while !self.by_key.is_empty()
-            && (self.by_key.len() >= self.capacity || self.bytes + key.len() > MAX_CACHE_BYTES)
-        {
-            let Some((k, e)) = self
-                .by_key
-                .iter()
-                .min_by_key(|(_, e)| e.last_used)
-                .map(|(k, e)| (k.clone(), *e))
-            else {
-                break;
-            };
+        while !self.by_key.is_empty() && (self.by_key.len() >= self.capacity || self.bytes + key.len() > MAX_CACHE_BYTES) {
+            let Some((k, e)) = self.by_key.iter().min_by_key(|(_, e)| e.last_used).map(|(k, e)| (k.clone(), *e)) else { break };
             self.by_key.remove(&k);
             self.bytes -= k.len();
             evict.push(server_name(e.id));
@@ -99,29 +79,14 @@ impl BackendStatements {
         let id = self.next_id;
         self.next_id += 1;
         self.bytes += key.len();
-        self.by_key.insert(
-            key.clone(),
-            Entry {
-                id,
-                last_used: self.clock,
-            },
-        );
-        Prepared {
-            id,
-            name: server_name(id),
-            needs_parse: true,
-            evict,
-        }
+        self.by_key.insert(key.clone(), Entry { id, last_used: self.clock });
+        Prepared { id, name: server_name(id), needs_parse: true, evict }
     }
 
     /// Forgets a statement whose Parse failed (or was skipped after an error).
     /// Returns the statement's content.
     pub fn forget(&mut self, id: u64) -> Option<Bytes> {
-        let key = self
-            .by_key
-            .iter()
-            .find(|(_, e)| e.id == id)
-            .map(|(k, _)| k.clone())?;
+        let key = self.by_key.iter().find(|(_, e)| e.id == id).map(|(k, _)| k.clone())?;
         self.by_key.remove(&key);
         self.bytes -= key.len();
         Some(key)
@@ -145,13 +110,7 @@ pub fn parse_frame(out: &mut BytesMut, name: &str, key: &[u8]) {
 }
 
 /// Rewrites a Bind (`portal\0stmt\0rest`) to use the server statement name.
-pub fn rewrite_bind(
-    out: &mut BytesMut,
-    body: &[u8],
-    portal_len: usize,
-    stmt_len: usize,
-    name: &str,
-) {
+pub fn rewrite_bind(out: &mut BytesMut, body: &[u8], portal_len: usize, stmt_len: usize, name: &str) {
     let rest = &body[portal_len + 1 + stmt_len + 1..];
     out.put_u8(b'B');
     out.put_i32((4 + portal_len + 1 + name.len() + 1 + rest.len()) as i32);
@@ -178,22 +137,10 @@ mod tests {
     #[test]
     fn caches_by_content_and_evicts_lru() {
         let mut b = BackendStatements::new(2);
-        let (k1, k2, k3) = (
-            Bytes::from_static(b"select 1\0\0\0"),
-            Bytes::from_static(b"select 2\0\0\0"),
-            Bytes::from_static(b"select 3\0\0\0"),
-        );
+        let (k1, k2, k3) = (Bytes::from_static(b"select 1\0\0\0"), Bytes::from_static(b"select 2\0\0\0"), Bytes::from_static(b"select 3\0\0\0"));
         let p1 = b.prepare(&k1);
         assert!(p1.needs_parse);
-        assert_eq!(
-            b.prepare(&k1),
-            Prepared {
-                id: p1.id,
-                name: p1.name.clone(),
-                needs_parse: false,
-                evict: vec![]
-            }
-        );
+        assert_eq!(b.prepare(&k1), Prepared { id: p1.id, name: p1.name.clone(), needs_parse: false, evict: vec![] });
         b.prepare(&k2);
         b.prepare(&k1); // k2 is now least recently used
         let p3 = b.prepare(&k3);
@@ -222,30 +169,15 @@ mod tests {
     fn rewritten_messages_are_well_formed() {
         let mut out = BytesMut::new();
         parse_frame(&mut out, "pgtenant_s0", b"select $1\0\0\x01\0\0\0\x19");
-        rewrite_bind(
-            &mut out,
-            b"p\0client_stmt\0\0\0\0\0\0\0",
-            1,
-            11,
-            "pgtenant_s0",
-        );
+        rewrite_bind(&mut out, b"p\0client_stmt\0\0\0\0\0\0\0", 1, 11, "pgtenant_s0");
         target_frame(&mut out, b'D', "pgtenant_s0");
         let f = try_split(&mut out, 1 << 20).unwrap().unwrap();
-        assert_eq!(
-            peek::parse_msg(f.body()),
-            Some((&b"pgtenant_s0"[..], &b"select $1"[..]))
-        );
+        assert_eq!(peek::parse_msg(f.body()), Some((&b"pgtenant_s0"[..], &b"select $1"[..])));
         let f = try_split(&mut out, 1 << 20).unwrap().unwrap();
-        assert_eq!(
-            peek::bind_msg(f.body()),
-            Some((&b"p"[..], &b"pgtenant_s0"[..]))
-        );
+        assert_eq!(peek::bind_msg(f.body()), Some((&b"p"[..], &b"pgtenant_s0"[..])));
         assert_eq!(f.body().len(), 2 + 12 + 6);
         let f = try_split(&mut out, 1 << 20).unwrap().unwrap();
-        assert_eq!(
-            peek::target_msg(f.body()),
-            Some((b'S', &b"pgtenant_s0"[..]))
-        );
+        assert_eq!(peek::target_msg(f.body()), Some((b'S', &b"pgtenant_s0"[..])));
         assert!(out.is_empty());
     }
 }

@@ -36,10 +36,7 @@ pub struct Primary {
 
 impl Primary {
     pub fn new(label: &'static str, targets: Vec<BackendTarget>, attrs: SessionAttrs) -> Primary {
-        debug_assert!(
-            !targets.is_empty(),
-            "a connection string names at least one host"
-        );
+        debug_assert!(!targets.is_empty(), "a connection string names at least one host");
         let single_any = targets.len() == 1 && attrs == SessionAttrs::Any;
         let p = Primary {
             label,
@@ -92,55 +89,40 @@ impl Primary {
         self.failovers.load(Ordering::Relaxed)
     }
 
-    /// Opens a connection to the host in use, searching for it when needed, logged in with
-    /// `application_name`. Returns the epoch the connection belongs to.
-    pub async fn connect(
-        &self,
-        connector: &dyn Connector,
-        application_name: &str,
-    ) -> Result<(BackendConn, u64), ConnectError> {
+    /// Opens a connection to the host in use, searching for it when needed. Returns the epoch the
+    /// connection belongs to.
+    pub async fn connect(&self, connector: &dyn Connector) -> Result<(BackendConn, u64), ConnectError> {
         let epoch = self.epoch();
         let found = self.found.load(Ordering::Acquire);
-        let Some(i) = self.index() else {
-            return self.search(connector, found, application_name).await;
-        };
-        match self.try_host(connector, i, application_name).await {
+        let Some(i) = self.index() else { return self.search(connector, found).await };
+        match self.try_host(connector, i).await {
             Ok(conn) => Ok((conn, epoch)),
             Err(e) if !self.chooses() => Err(e),
             Err(e) => {
                 tracing::warn!(pool = self.label, host = %self.targets[i].address(), error = %e, "backend host no longer usable; looking for the primary");
-                if self
-                    .current
-                    .compare_exchange(i, NONE, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
+                if self.current.compare_exchange(i, NONE, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                     self.publish(None);
                 }
-                self.search(connector, found, application_name).await
+                self.search(connector, found).await
             }
         }
     }
 
     /// Tries every host in order; the first of the wanted kind becomes the host in use.
-    async fn search(
-        &self,
-        connector: &dyn Connector,
-        found_before: u64,
-        application_name: &str,
-    ) -> Result<(BackendConn, u64), ConnectError> {
+    async fn search(&self, connector: &dyn Connector, found_before: u64) -> Result<(BackendConn, u64), ConnectError> {
         let _one = self.searching.lock().await;
         if self.found.load(Ordering::Acquire) != found_before {
             // a search finished while this one waited: use what it found
             if let Some(i) = self.index() {
                 let epoch = self.epoch();
-                if let Ok(conn) = self.try_host(connector, i, application_name).await {
+                if let Ok(conn) = self.try_host(connector, i).await {
                     return Ok((conn, epoch));
                 }
             }
         }
         let mut failures = Vec::with_capacity(self.targets.len());
         for i in 0..self.targets.len() {
-            match self.try_host(connector, i, application_name).await {
+            match self.try_host(connector, i).await {
                 Ok(conn) => {
                     let epoch = self.adopt(i);
                     self.found.fetch_add(1, Ordering::AcqRel);
@@ -155,26 +137,13 @@ impl Primary {
             return Err(failures.remove(0).1);
         }
         let retry = failures.iter().all(|(_, e)| e.is_unavailable());
-        let what: Vec<String> = failures
-            .iter()
-            .map(|(i, e)| format!("{}: {e}", self.targets[*i].address()))
-            .collect();
-        Err(ConnectError::NoPrimary {
-            tried: what.join("; "),
-            retry,
-        })
+        let what: Vec<String> = failures.iter().map(|(i, e)| format!("{}: {e}", self.targets[*i].address())).collect();
+        Err(ConnectError::NoPrimary { tried: what.join("; "), retry })
     }
 
     /// A connection to host `i`, if it is the kind of server wanted.
-    async fn try_host(
-        &self,
-        connector: &dyn Connector,
-        i: usize,
-        application_name: &str,
-    ) -> Result<BackendConn, ConnectError> {
-        let mut conn = connector
-            .connect(&self.targets[i], application_name)
-            .await?;
+    async fn try_host(&self, connector: &dyn Connector, i: usize) -> Result<BackendConn, ConnectError> {
+        let mut conn = connector.connect(&self.targets[i]).await?;
         match self.attrs.mismatch(&mut conn).await? {
             None => Ok(conn),
             Some(reason) => Err(ConnectError::WrongKind(reason)),
@@ -190,8 +159,7 @@ impl Primary {
         } else {
             if before != NONE {
                 self.failovers.fetch_add(1, Ordering::Relaxed);
-                ::metrics::counter!(crate::metrics::BACKEND_FAILOVERS, "pool" => self.label)
-                    .increment(1);
+                ::metrics::counter!(crate::metrics::BACKEND_FAILOVERS, "pool" => self.label).increment(1);
                 tracing::warn!(pool = self.label, from = %self.targets[before].address(), to = %self.targets[i].address(), "backend primary changed: connections to the old one are closed");
             } else {
                 tracing::info!(pool = self.label, host = %self.targets[i].address(), "backend primary found");

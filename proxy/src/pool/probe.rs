@@ -52,27 +52,10 @@ pub async fn ask(
         build::query(&mut out, sql);
         readies += 1;
     }
-    let set_args: Vec<String> = pairs
-        .iter()
-        .flat_map(|(n, v)| [n.clone(), v.clone()])
-        .collect();
+    let set_args: Vec<String> = pairs.iter().flat_map(|(n, v)| [n.clone(), v.clone()]).collect();
     for (sql, args) in [
-        (
-            select_utf8(pairs.len(), |i| {
-                format!(
-                    "pg_catalog.set_config(${}, ${}, true)",
-                    2 * i + 1,
-                    2 * i + 2
-                )
-            }),
-            &set_args,
-        ),
-        (
-            select_utf8(show.len(), |i| {
-                format!("pg_catalog.current_setting(${})", i + 1)
-            }),
-            &show.to_vec(),
-        ),
+        (select_utf8(pairs.len(), |i| format!("pg_catalog.set_config(${}, ${}, true)", 2 * i + 1, 2 * i + 2)), &set_args),
+        (select_utf8(show.len(), |i| format!("pg_catalog.current_setting(${})", i + 1)), &show.to_vec()),
     ] {
         if !args.is_empty() {
             build::parse(&mut out, "", &sql, vec![25; args.len()]);
@@ -85,11 +68,7 @@ pub async fn ask(
         build::sync(&mut out);
         readies += 1;
     }
-    backend
-        .wr
-        .write_all(&out)
-        .await
-        .map_err(|e| ProbeError::Lost(e.to_string()))?;
+    backend.wr.write_all(&out).await.map_err(|e| ProbeError::Lost(e.to_string()))?;
 
     let mut buf = BytesMut::new();
     let mut rows = Vec::new();
@@ -104,20 +83,12 @@ pub async fn ask(
             b'S' => backend.note_report(f.body()),
             b'E' if resetting => {
                 let e = PgError::from_server(f.body(), Severity::Error);
-                return Err(ProbeError::Lost(format!(
-                    "session reset failed: {}",
-                    e.message
-                )));
+                return Err(ProbeError::Lost(format!("session reset failed: {}", e.message)));
             }
             b'E' => error = Some(PgError::from_server(f.body(), Severity::Fatal)),
             b'D' if !resetting => {
-                let row = crate::backend::query::data_row(f.body())
-                    .ok_or_else(|| ProbeError::Lost("bad DataRow".into()))?;
-                rows.push(
-                    row.into_iter()
-                        .map(Option::unwrap_or_default)
-                        .collect::<Vec<String>>(),
-                );
+                let row = crate::backend::query::data_row(f.body()).ok_or_else(|| ProbeError::Lost("bad DataRow".into()))?;
+                rows.push(row.into_iter().map(Option::unwrap_or_default).collect::<Vec<String>>());
             }
             b'Z' => {
                 readies -= 1;
@@ -127,9 +98,7 @@ pub async fn ask(
         }
     }
     if !buf.is_empty() {
-        return Err(ProbeError::Lost(
-            "unexpected data after ReadyForQuery".into(),
-        ));
+        return Err(ProbeError::Lost("unexpected data after ReadyForQuery".into()));
     }
     if let Some(e) = error {
         return Err(ProbeError::Refused(e));
@@ -139,9 +108,7 @@ pub async fn ask(
         if n == 0 {
             return Ok(Vec::new());
         }
-        rows.next()
-            .filter(|r| r.len() == n)
-            .ok_or_else(|| ProbeError::Lost("unexpected reply to the settings probe".into()))
+        rows.next().filter(|r| r.len() == n).ok_or_else(|| ProbeError::Lost("unexpected reply to the settings probe".into()))
     };
     let values = next(pairs.len())?;
     let shown = next(show.len())?;
@@ -151,9 +118,7 @@ pub async fn ask(
 /// `SELECT convert_to(…, 'UTF8'), …` with one column per call; `call(i)` writes the i-th call
 /// (0-based).
 fn select_utf8(n: usize, call: impl Fn(usize) -> String) -> String {
-    let cols: Vec<String> = (0..n)
-        .map(|i| format!("pg_catalog.convert_to({}, 'UTF8')", call(i)))
-        .collect();
+    let cols: Vec<String> = (0..n).map(|i| format!("pg_catalog.convert_to({}, 'UTF8')", call(i))).collect();
     format!("SELECT {}", cols.join(", "))
 }
 
@@ -174,10 +139,7 @@ const MAX_SPELLING_BYTES: usize = 256;
 impl Spellings {
     pub fn get(&self, name: &str, value: &str) -> Option<String> {
         let known = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        known
-            .map
-            .get(&(name.to_lowercase(), value.to_string()))
-            .cloned()
+        known.map.get(&(name.to_lowercase(), value.to_string())).cloned()
     }
 
     pub fn insert(&self, name: &str, value: &str, spelled: &str) {

@@ -110,39 +110,16 @@ pub fn close_portal(buf: &mut BytesMut, name: &str) {
 
 /// Bind with all parameters in text format and text results.
 pub fn bind_text(buf: &mut BytesMut, portal: &str, statement: &str, params: &[String]) {
-    let params = params
-        .iter()
-        .map(|p| Some(Bytes::copy_from_slice(p.as_bytes())))
-        .collect();
-    let _ = Bind::new(
-        Some(portal.to_string()),
-        Some(statement.to_string()),
-        vec![],
-        params,
-        vec![],
-    )
-    .encode(buf);
+    let params = params.iter().map(|p| Some(Bytes::copy_from_slice(p.as_bytes()))).collect();
+    let _ = Bind::new(Some(portal.to_string()), Some(statement.to_string()), vec![], params, vec![])
+        .encode(buf);
 }
 
 /// Bind with all parameters in text format and all results in binary format.
-pub fn bind_text_binary_results(
-    buf: &mut BytesMut,
-    portal: &str,
-    statement: &str,
-    params: &[String],
-) {
-    let params = params
-        .iter()
-        .map(|p| Some(Bytes::copy_from_slice(p.as_bytes())))
-        .collect();
-    let _ = Bind::new(
-        Some(portal.to_string()),
-        Some(statement.to_string()),
-        vec![],
-        params,
-        vec![1],
-    )
-    .encode(buf);
+pub fn bind_text_binary_results(buf: &mut BytesMut, portal: &str, statement: &str, params: &[String]) {
+    let params = params.iter().map(|p| Some(Bytes::copy_from_slice(p.as_bytes()))).collect();
+    let _ = Bind::new(Some(portal.to_string()), Some(statement.to_string()), vec![], params, vec![1])
+        .encode(buf);
 }
 
 pub fn execute(buf: &mut BytesMut, portal: &str) {
@@ -163,9 +140,8 @@ mod tests {
         close_portal(&mut b, "p");
         sync(&mut b);
         ready_for_query(&mut b, b'T');
-        let tags: Vec<u8> = std::iter::from_fn(|| try_split(&mut b, 1 << 20).unwrap())
-            .map(|f| f.tag)
-            .collect();
+        let tags: Vec<u8> =
+            std::iter::from_fn(|| try_split(&mut b, 1 << 20).unwrap()).map(|f| f.tag).collect();
         assert_eq!(tags, b"PBECSZ");
     }
 
@@ -179,9 +155,6 @@ mod tests {
         let frames: Vec<_> = std::iter::from_fn(|| try_split(&mut b, 1 << 20).unwrap()).collect();
         assert_eq!(frames.iter().map(|f| f.tag).collect::<Vec<u8>>(), b"TDCI");
         // two columns: "x" (length 1) and NULL (-1)
-        assert_eq!(
-            frames[1].body(),
-            &[0, 2, 0, 0, 0, 1, b'x', 255, 255, 255, 255]
-        );
+        assert_eq!(frames[1].body(), &[0, 2, 0, 0, 0, 1, b'x', 255, 255, 255, 255]);
     }
 }

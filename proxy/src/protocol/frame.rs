@@ -66,10 +66,7 @@ pub fn try_split(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameE
     match complete_len(buf, max)? {
         Some(total) => {
             let tag = buf[0];
-            Ok(Some(Frame {
-                tag,
-                bytes: buf.split_to(total).freeze(),
-            }))
+            Ok(Some(Frame { tag, bytes: buf.split_to(total).freeze() }))
         }
         None => Ok(None),
     }
@@ -95,9 +92,7 @@ pub fn complete_len(buf: &mut BytesMut, max: usize) -> Result<Option<usize>, Fra
 pub const MAX_STARTUP_PACKET: usize = 10_000;
 
 /// Reads one untagged startup-phase packet (`len:i32 body`) and returns its body.
-pub async fn read_startup_packet<R: AsyncRead + Unpin>(
-    r: &mut R,
-) -> std::io::Result<Option<Bytes>> {
+pub async fn read_startup_packet<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<Bytes>> {
     let mut len_buf = [0u8; 4];
     match r.read_exact(&mut len_buf).await {
         Ok(_) => {}
@@ -127,12 +122,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         match try_split(buf, max) {
             Ok(Some(f)) => return Ok(Some(f)),
             Ok(None) => {}
-            Err(e) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    e.to_string(),
-                ))
-            }
+            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string())),
         }
         if r.read_buf(buf).await? == 0 {
             return Ok(None);
@@ -165,14 +155,8 @@ mod tests {
     #[test]
     fn rejects_bad_and_huge_lengths() {
         let mut b = BytesMut::from(&b"Q\xff\xff\xff\xff"[..]);
-        assert!(matches!(
-            try_split(&mut b, 100),
-            Err(FrameError::BadLength(-1))
-        ));
+        assert!(matches!(try_split(&mut b, 100), Err(FrameError::BadLength(-1))));
         let mut b = BytesMut::from(&b"Q\x40\0\0\0"[..]);
-        assert!(matches!(
-            try_split(&mut b, 1 << 20),
-            Err(FrameError::TooLarge { .. })
-        ));
+        assert!(matches!(try_split(&mut b, 1 << 20), Err(FrameError::TooLarge { .. })));
     }
 }

@@ -28,21 +28,8 @@ mod tests {
 
     #[test]
     fn reads_both_spellings() {
-        let pairs = option_pairs(
-            "-c statement_timeout=1234 --app.theme=dark -cTimeZone=UTC -x --work-mem=4MB -c",
-        );
-        let pairs: Vec<(&str, &str)> = pairs
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        assert_eq!(
-            pairs,
-            [
-                ("statement_timeout", "1234"),
-                ("app.theme", "dark"),
-                ("TimeZone", "UTC"),
-                ("work_mem", "4MB")
-            ]
-        );
+        let pairs = option_pairs("-c statement_timeout=1234 --app.theme=dark -cTimeZone=UTC -x --work-mem=4MB -c");
+        let pairs: Vec<(&str, &str)> = pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(pairs, [("statement_timeout", "1234"), ("app.theme", "dark"), ("TimeZone", "UTC"), ("work_mem", "4MB")]);
     }
 }

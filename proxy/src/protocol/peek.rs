@@ -12,9 +12,7 @@ pub fn cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
 /// memchr; a byte loop cost four instructions a byte of every query text).
 #[inline]
 fn memchr(b: &[u8]) -> Option<usize> {
-    std::ffi::CStr::from_bytes_until_nul(b)
-        .ok()
-        .map(|s| s.to_bytes().len())
+    std::ffi::CStr::from_bytes_until_nul(b).ok().map(|s| s.to_bytes().len())
 }
 
 /// Parse ('P'): statement name and query text.
@@ -43,11 +41,7 @@ pub fn param_types_after(body: &[u8], name: &[u8], query: &[u8]) -> Option<Vec<u
     let rest = body.get(name.len() + query.len() + 2..)?;
     let n = usize::try_from(i16::from_be_bytes(rest.get(..2)?.try_into().ok()?)).ok()?;
     let oids = rest.get(2..2 + 4 * n)?;
-    Some(
-        oids.chunks_exact(4)
-            .map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes")))
-            .collect(),
-    )
+    Some(oids.chunks_exact(4).map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes"))).collect())
 }
 
 /// The parameters of a Bind message: format codes and values (None for NULL), as sent.
@@ -81,9 +75,7 @@ pub fn bind_params(body: &[u8]) -> Option<BindParams<'_>> {
     let (_, rest) = cstr(body)?;
     let (_, rest) = cstr(rest)?;
     let nf = usize::try_from(i16_at(rest, 0)?).ok()?;
-    let formats = (0..nf)
-        .map(|i| i16_at(rest, 2 + 2 * i))
-        .collect::<Option<Vec<i16>>>()?;
+    let formats = (0..nf).map(|i| i16_at(rest, 2 + 2 * i)).collect::<Option<Vec<i16>>>()?;
     let mut at = 2 + 2 * nf;
     let np = usize::try_from(i16_at(rest, at)?).ok()?;
     at += 2;
@@ -146,10 +138,7 @@ mod tests {
 
     #[test]
     fn reads_fields() {
-        assert_eq!(
-            parse_msg(b"s1\0select 1\0\0\0"),
-            Some((&b"s1"[..], &b"select 1"[..]))
-        );
+        assert_eq!(parse_msg(b"s1\0select 1\0\0\0"), Some((&b"s1"[..], &b"select 1"[..])));
         assert_eq!(bind_msg(b"p\0s1\0\0\0"), Some((&b"p"[..], &b"s1"[..])));
         assert_eq!(target_msg(b"Sx\0"), Some((b'S', &b"x"[..])));
         assert_eq!(error_code(b"SERROR\0C42501\0Mno\0\0"), Some(&b"42501"[..]));
@@ -158,10 +147,7 @@ mod tests {
 
     #[test]
     fn reads_parameters() {
-        assert_eq!(
-            parse_param_types(b"s\0select $1\0\0\x02\0\0\0\x19\0\0\0\0"),
-            Some(vec![25, 0])
-        );
+        assert_eq!(parse_param_types(b"s\0select $1\0\0\x02\0\0\0\x19\0\0\0\0"), Some(vec![25, 0]));
         assert_eq!(parse_param_types(b"s\0select 1\0\0\0"), Some(vec![]));
         assert_eq!(parse_param_types(b"s\0select $1\0\0\x01\0\0"), None);
         // portal, statement, 2 format codes (text, binary), 3 values: 'ab', NULL, '' — codes do not fit
@@ -171,19 +157,13 @@ mod tests {
         // one code for all
         let b = b"p\0s\0\0\x01\0\x01\0\x02\0\0\0\x02ab\xff\xff\xff\xff\0\0";
         let p = bind_params(b).unwrap();
-        assert_eq!(
-            (p.get(1), p.get(2), p.get(3), p.get(0)),
-            (Some((1, Some(&b"ab"[..]))), Some((1, None)), None, None)
-        );
+        assert_eq!((p.get(1), p.get(2), p.get(3), p.get(0)), (Some((1, Some(&b"ab"[..]))), Some((1, None)), None, None));
         // no codes: text
         let p = bind_params(b"\0\0\0\0\0\x01\0\0\0\x01x\0\0").unwrap();
         assert_eq!(p.get(1), Some((0, Some(&b"x"[..]))));
         // per parameter
         let p = bind_params(b"\0\0\0\x02\0\x01\0\0\0\x02\0\0\0\x01x\0\0\0\x01y\0\0").unwrap();
-        assert_eq!(
-            (p.get(1), p.get(2)),
-            (Some((1, Some(&b"x"[..]))), Some((0, Some(&b"y"[..]))))
-        );
+        assert_eq!((p.get(1), p.get(2)), (Some((1, Some(&b"x"[..]))), Some((0, Some(&b"y"[..])))));
         // a value running past the end, a negative length other than -1
         assert_eq!(bind_params(b"\0\0\0\0\0\x01\0\0\0\x09x"), None);
         assert_eq!(bind_params(b"\0\0\0\0\0\x01\xff\xff\xff\xfe"), None);

@@ -34,11 +34,7 @@ pub fn statement_mode(toks: &[Token<'_>]) -> Option<Mode> {
     }
     let is = |i: usize, kw: &str| toks.get(i).is_some_and(|t| t.is_word(kw));
     let modes = if is(0, "begin") {
-        if is(1, "work") || is(1, "transaction") {
-            2
-        } else {
-            1
-        }
+        if is(1, "work") || is(1, "transaction") { 2 } else { 1 }
     } else if is(0, "start") && is(1, "transaction") {
         2
     } else {
@@ -59,10 +55,7 @@ pub fn statement_mode(toks: &[Token<'_>]) -> Option<Mode> {
 /// Whether a `default_transaction_read_only` value turns read-only on (the server's boolean
 /// spellings).
 pub fn is_on(value: &str) -> bool {
-    matches!(
-        value.trim().to_ascii_lowercase().as_str(),
-        "on" | "true" | "yes" | "1" | "t" | "y"
-    )
+    matches!(value.trim().to_ascii_lowercase().as_str(), "on" | "true" | "yes" | "1" | "t" | "y")
 }
 
 /// Reads `target_session_attrs`: true when the client prefers a standby (`read-only`, `standby`,
@@ -74,10 +67,7 @@ pub fn prefers_standby(value: &str) -> Result<bool, PgError> {
         "any" | "read-write" | "primary" => Ok(false),
         _ => Err(PgError::fatal(
             sqlstate::INVALID_PARAMETER_VALUE,
-            format!(
-                "invalid value for parameter \"{TARGET_SESSION_ATTRS}\": \"{}\"",
-                value.chars().take(64).collect::<String>()
-            ),
+            format!("invalid value for parameter \"{TARGET_SESSION_ATTRS}\": \"{}\"", value.chars().take(64).collect::<String>()),
         )
         .with_hint("valid values: any, read-write, primary, read-only, standby, prefer-standby")),
     }
@@ -85,9 +75,7 @@ pub fn prefers_standby(value: &str) -> Result<bool, PgError> {
 
 /// The client's `target_session_attrs` (startup packet key, else `options=-c
 /// target_session_attrs=…`), read as [`prefers_standby`]; false when not given.
-pub fn startup_prefers_standby(
-    params: &std::collections::HashMap<String, String>,
-) -> Result<bool, PgError> {
+pub fn startup_prefers_standby(params: &std::collections::HashMap<String, String>) -> Result<bool, PgError> {
     let from_options = params
         .get("options")
         .map(|o| crate::protocol::options::option_pairs(o))
@@ -105,11 +93,7 @@ pub fn startup_prefers_standby(
 /// The routing decision for a transaction: a replica when its first statement says `READ ONLY`,
 /// or when it names no mode and the session reads only (`default_transaction_read_only`) or
 /// prefers a standby (`target_session_attrs`).
-pub fn wants_replica(
-    opening: Option<Mode>,
-    default_read_only: bool,
-    prefers_standby: bool,
-) -> bool {
+pub fn wants_replica(opening: Option<Mode>, default_read_only: bool, prefers_standby: bool) -> bool {
     match opening {
         Some(Mode::ReadOnly) => true,
         Some(Mode::ReadWrite) => false,
@@ -124,26 +108,14 @@ mod tests {
     #[test]
     fn reads_the_opening_mode() {
         assert_eq!(opening_mode(b"BEGIN READ ONLY"), Some(Mode::ReadOnly));
-        assert_eq!(
-            opening_mode(b"begin transaction isolation level repeatable read, read only; select 1"),
-            Some(Mode::ReadOnly)
-        );
-        assert_eq!(
-            opening_mode(b"START TRANSACTION READ ONLY"),
-            Some(Mode::ReadOnly)
-        );
+        assert_eq!(opening_mode(b"begin transaction isolation level repeatable read, read only; select 1"), Some(Mode::ReadOnly));
+        assert_eq!(opening_mode(b"START TRANSACTION READ ONLY"), Some(Mode::ReadOnly));
         assert_eq!(opening_mode(b"BEGIN READ WRITE"), Some(Mode::ReadWrite));
-        assert_eq!(
-            opening_mode(b"BEGIN READ ONLY, READ WRITE"),
-            Some(Mode::ReadWrite)
-        );
+        assert_eq!(opening_mode(b"BEGIN READ ONLY, READ WRITE"), Some(Mode::ReadWrite));
         assert_eq!(opening_mode(b"BEGIN"), None);
         assert_eq!(opening_mode(b"SET TRANSACTION READ ONLY"), None);
         assert_eq!(opening_mode(b"SELECT 'begin read only'"), None);
-        assert_eq!(
-            opening_mode(b"/* c */ ; begin work read only"),
-            Some(Mode::ReadOnly)
-        );
+        assert_eq!(opening_mode(b"/* c */ ; begin work read only"), Some(Mode::ReadOnly));
         assert_eq!(opening_mode(b"BEGIN; SET TRANSACTION READ ONLY"), None);
     }
 
@@ -156,29 +128,11 @@ mod tests {
         assert!(wants_replica(None, false, true));
         assert!(is_on(" On") && is_on("1") && !is_on("off") && !is_on(""));
         assert!(prefers_standby("prefer-standby").unwrap() && !prefers_standby("any").unwrap());
-        assert_eq!(
-            prefers_standby("bogus").unwrap_err().code,
-            sqlstate::INVALID_PARAMETER_VALUE
-        );
-        let params = |kv: &[(&str, &str)]| {
-            kv.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        };
-        assert!(startup_prefers_standby(&params(&[(
-            "options",
-            "-c target_session_attrs=read-only"
-        )]))
-        .unwrap());
-        assert!(
-            startup_prefers_standby(&params(&[("options", "--target-session-attrs=standby")]))
-                .unwrap()
-        );
-        assert!(!startup_prefers_standby(&params(&[
-            ("options", "-c x.y=1"),
-            ("target_session_attrs", "any")
-        ]))
-        .unwrap());
+        assert_eq!(prefers_standby("bogus").unwrap_err().code, sqlstate::INVALID_PARAMETER_VALUE);
+        let params = |kv: &[(&str, &str)]| kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert!(startup_prefers_standby(&params(&[("options", "-c target_session_attrs=read-only")])).unwrap());
+        assert!(startup_prefers_standby(&params(&[("options", "--target-session-attrs=standby")])).unwrap());
+        assert!(!startup_prefers_standby(&params(&[("options", "-c x.y=1"), ("target_session_attrs", "any")])).unwrap());
         assert!(!startup_prefers_standby(&params(&[])).unwrap());
     }
 }

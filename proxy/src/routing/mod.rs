@@ -36,10 +36,7 @@ pub struct ClusterPools {
 impl ClusterPools {
     /// The usable replica with the fewest transactions running and waiting.
     fn least_busy(&self, max_lag_ms: u64) -> Option<&Arc<Replica>> {
-        self.replicas
-            .iter()
-            .filter(|r| r.usable(max_lag_ms))
-            .min_by_key(|r| r.pool.busy_count() + r.pool.waiting())
+        self.replicas.iter().filter(|r| r.usable(max_lag_ms)).min_by_key(|r| r.pool.busy_count() + r.pool.waiting())
     }
 }
 
@@ -70,46 +67,21 @@ impl Router {
             let primary = match i {
                 0 => default_pool.clone(),
                 _ => {
-                    let hosts = BackendTarget::all_from_config(&spec.primary)
-                        .map_err(err("clusters.url"))?;
-                    Pool::for_hosts(
-                        config,
-                        "cluster",
-                        hosts,
-                        spec.primary.pool_size,
-                        limits.clone(),
-                    )
+                    let hosts = BackendTarget::all_from_config(&spec.primary).map_err(err("clusters.url"))?;
+                    Pool::for_hosts(config, "cluster", hosts, spec.primary.pool_size, limits.clone())
                 }
             };
             let mut replicas = Vec::new();
             for (n, r) in spec.replicas.iter().enumerate() {
                 // a replica is one server: the first host of its connection string
-                let target = BackendTarget::from_config(r).map_err(err(if i == 0 {
-                    "backend.replicas"
-                } else {
-                    "clusters.replicas"
-                }))?;
-                let pool = Pool::for_hosts(
-                    config,
-                    "replica",
-                    (vec![target], SessionAttrs::Any),
-                    r.pool_size,
-                    limits.clone(),
-                );
+                let target = BackendTarget::from_config(r).map_err(err(if i == 0 { "backend.replicas" } else { "clusters.replicas" }))?;
+                let pool = Pool::for_hosts(config, "replica", (vec![target], SessionAttrs::Any), r.pool_size, limits.clone());
                 replicas.push(Replica::new(n, pool));
             }
-            clusters.push(ClusterPools {
-                name: spec.name,
-                primary,
-                replicas,
-            });
+            clusters.push(ClusterPools { name: spec.name, primary, replicas });
         }
         let names: Vec<String> = clusters.iter().map(|c| c.name.clone()).collect();
-        let placement =
-            Placement::new(&config.cluster_specs(), &names).map_err(|error| RouteError {
-                key: "clusters",
-                error,
-            })?;
+        let placement = Placement::new(&config.cluster_specs(), &names).map_err(|error| RouteError { key: "clusters", error })?;
         Ok(Arc::new(Router {
             clusters,
             names,
@@ -126,9 +98,7 @@ impl Router {
     /// Every pool the router leases from: each cluster's primary ("default"'s is the proxy's
     /// tenant pool), then its replicas (console PAUSE/RESUME must reach them all).
     pub fn pools(&self) -> impl Iterator<Item = &Arc<Pool>> {
-        self.clusters
-            .iter()
-            .flat_map(|c| std::iter::once(&c.primary).chain(c.replicas.iter().map(|r| &r.pool)))
+        self.clusters.iter().flat_map(|c| std::iter::once(&c.primary).chain(c.replicas.iter().map(|r| &r.pool)))
     }
 
     /// `backend.max_replica_lag_ms` in force.
@@ -143,10 +113,7 @@ impl Router {
         if claimed.is_none() && self.clusters.len() == 1 {
             return Ok(0);
         }
-        self.placement
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .cluster(tenant, claimed, &self.names)
+        self.placement.read().unwrap_or_else(|p| p.into_inner()).cluster(tenant, claimed, &self.names)
     }
 
     /// The primary pool of cluster `index` (a login's server facts, a session-mode backend).
@@ -157,25 +124,17 @@ impl Router {
     /// Whether cluster `index` has read replicas: only then does a transaction's read-only intent
     /// matter (see [`Router::lease`]).
     pub fn has_replicas(&self, index: usize) -> bool {
-        !self.clusters[index.min(self.clusters.len() - 1)]
-            .replicas
-            .is_empty()
+        !self.clusters[index.min(self.clusters.len() - 1)].replicas.is_empty()
     }
 
     /// Leases a backend for a transaction of `tenant` on cluster `index`: on a usable replica when
     /// `read_only`, else (or when no replica is usable or reachable) on the primary. Returns the
-    /// pool the lease must go back to. A new connection logs in with `application_name`.
-    pub async fn lease(
-        &self,
-        index: usize,
-        tenant: &TenantKey,
-        read_only: bool,
-        application_name: &str,
-    ) -> Result<(Arc<Pool>, Lease), PgError> {
+    /// pool the lease must go back to.
+    pub async fn lease(&self, index: usize, tenant: &TenantKey, read_only: bool) -> Result<(Arc<Pool>, Lease), PgError> {
         let cluster = &self.clusters[index.min(self.clusters.len() - 1)];
         if read_only && !cluster.replicas.is_empty() {
             while let Some(r) = cluster.least_busy(self.max_lag_ms()) {
-                match r.pool.acquire(tenant, application_name).await {
+                match r.pool.acquire(tenant).await {
                     Ok(lease) => {
                         count(&cluster.name, "replica");
                         return Ok((r.pool.clone(), lease));
@@ -186,7 +145,7 @@ impl Router {
             }
             count(&cluster.name, "primary");
         }
-        let lease = cluster.primary.acquire(tenant, application_name).await?;
+        let lease = cluster.primary.acquire(tenant).await?;
         Ok((cluster.primary.clone(), lease))
     }
 
@@ -195,10 +154,7 @@ impl Router {
     pub fn apply(&self, config: &Config) -> Result<(), &'static str> {
         let specs = config.cluster_specs();
         let same_shape = specs.len() == self.clusters.len()
-            && specs
-                .iter()
-                .zip(&self.clusters)
-                .all(|(s, c)| s.name == c.name && s.replicas.len() == c.replicas.len());
+            && specs.iter().zip(&self.clusters).all(|(s, c)| s.name == c.name && s.replicas.len() == c.replicas.len());
         if !same_shape {
             return Err("adding, removing or renaming [[clusters]] or replicas");
         }
@@ -215,8 +171,7 @@ impl Router {
                 replica.pool.set_limits(limits.clone());
             }
         }
-        self.max_lag_ms
-            .store(config.backend.max_replica_lag_ms, Ordering::Relaxed);
+        self.max_lag_ms.store(config.backend.max_replica_lag_ms, Ordering::Relaxed);
         *self.placement.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(placement);
         Ok(())
     }

@@ -30,17 +30,9 @@ impl Placement {
     }
 
     /// The cluster for `tenant`: the one its token names (`claimed`), else its listed one, else 0.
-    pub fn cluster(
-        &self,
-        tenant: &str,
-        claimed: Option<&str>,
-        names: &[String],
-    ) -> Result<usize, PgError> {
+    pub fn cluster(&self, tenant: &str, claimed: Option<&str>, names: &[String]) -> Result<usize, PgError> {
         match claimed {
-            Some(name) => names
-                .iter()
-                .position(|n| n == name)
-                .ok_or_else(|| unknown_cluster(name, names)),
+            Some(name) => names.iter().position(|n| n == name).ok_or_else(|| unknown_cluster(name, names)),
             None => Ok(self.by_tenant.get(tenant).copied().unwrap_or(0)),
         }
     }
@@ -50,15 +42,9 @@ impl Placement {
 pub fn unknown_cluster(name: &str, names: &[String]) -> PgError {
     PgError::fatal(
         sqlstate::REJECTED_CONNECTION,
-        format!(
-            "pgtenant: the token names cluster \"{}\", which this proxy does not have",
-            name.chars().take(64).collect::<String>()
-        ),
+        format!("pgtenant: the token names cluster \"{}\", which this proxy does not have", name.chars().take(64).collect::<String>()),
     )
-    .with_hint(format!(
-        "tenant.cluster_claim must name one of: {}",
-        names.join(", ")
-    ))
+    .with_hint(format!("tenant.cluster_claim must name one of: {}", names.join(", ")))
 }
 
 #[cfg(test)]
@@ -80,10 +66,7 @@ mod tests {
         assert_eq!(p.cluster("42", Some("default"), &names).unwrap(), 0);
         assert_eq!(p.cluster("7", Some("eu"), &names).unwrap(), 1);
         let e = p.cluster("7", Some("us"), &names).unwrap_err();
-        assert_eq!(
-            (e.code, e.severity),
-            (sqlstate::REJECTED_CONNECTION, crate::error::Severity::Fatal)
-        );
+        assert_eq!((e.code, e.severity), (sqlstate::REJECTED_CONNECTION, crate::error::Severity::Fatal));
         assert!(Placement::new(&cfg.cluster_specs(), &names[..1]).is_err());
     }
 }

@@ -36,12 +36,7 @@ pub struct Replica {
 impl Replica {
     pub fn new(index: usize, pool: Arc<Pool>) -> Arc<Replica> {
         // not used before its first check has measured it
-        Arc::new(Replica {
-            index,
-            pool,
-            up: AtomicBool::new(false),
-            lag_ms: AtomicU64::new(UNKNOWN),
-        })
+        Arc::new(Replica { index, pool, up: AtomicBool::new(false), lag_ms: AtomicU64::new(UNKNOWN) })
     }
 
     /// Whether it may take a transaction now.
@@ -86,20 +81,13 @@ impl Replica {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let Some(replica) = weak.upgrade() else {
-                    return;
-                };
+                let Some(replica) = weak.upgrade() else { return };
                 let lag = check(&replica, &mut conn).await;
                 replica.record(lag);
                 let labels = [("cluster", cluster.clone()), ("replica", index.clone())];
-                ::metrics::gauge!(crate::metrics::REPLICA_UP, &labels).set(if lag.is_some() {
-                    1.0
-                } else {
-                    0.0
-                });
+                ::metrics::gauge!(crate::metrics::REPLICA_UP, &labels).set(if lag.is_some() { 1.0 } else { 0.0 });
                 if let Some(l) = lag {
-                    ::metrics::gauge!(crate::metrics::REPLICA_LAG_SECONDS, &labels)
-                        .set(l as f64 / 1000.0);
+                    ::metrics::gauge!(crate::metrics::REPLICA_LAG_SECONDS, &labels).set(l as f64 / 1000.0);
                 }
             }
         });
@@ -121,12 +109,7 @@ async fn check(replica: &Replica, conn: &mut Option<BackendConn>) -> Option<u64>
     let c = conn.as_mut()?;
     let timeout = replica.pool.target().connect_timeout;
     match tokio::time::timeout(timeout, backend::query::simple_query(c, LAG_SQL)).await {
-        Ok(Ok(rows)) => rows
-            .into_iter()
-            .next()
-            .and_then(|r| r.into_iter().next().flatten())
-            .and_then(|v| v.parse::<i64>().ok())
-            .map(|v| v.max(0) as u64),
+        Ok(Ok(rows)) => rows.into_iter().next().and_then(|r| r.into_iter().next().flatten()).and_then(|v| v.parse::<i64>().ok()).map(|v| v.max(0) as u64),
         Ok(Err(e)) => {
             tracing::debug!(replica = %replica.pool.target().describe(), error = %e, "replica check failed");
             *conn = None;

@@ -22,22 +22,13 @@ pub enum StartError {
     AuditLog(String),
     /// `server.listen` cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
-    Listen {
-        addr: String,
-        source: std::io::Error,
-    },
+    Listen { addr: String, source: std::io::Error },
     /// `server.peer_listen` cannot be bound.
     #[error("cannot listen on {addr} (server.peer_listen): {source}")]
-    PeerListen {
-        addr: String,
-        source: std::io::Error,
-    },
+    PeerListen { addr: String, source: std::io::Error },
     /// `admin.listen` cannot be bound.
     #[error("cannot listen on {addr} (admin.listen): {source}")]
-    AdminListen {
-        addr: String,
-        source: std::io::Error,
-    },
+    AdminListen { addr: String, source: std::io::Error },
     /// A bound socket has no local address.
     #[error(transparent)]
     Io(#[from] std::io::Error),
@@ -60,11 +51,7 @@ pub enum ReloadError {
     NeedsRestart(&'static str),
     /// A new `jwks_url` did not answer, so its keys cannot replace the ones that work.
     #[error("{key} {url}: {error}")]
-    KeysUnreachable {
-        key: &'static str,
-        url: String,
-        error: String,
-    },
+    KeysUnreachable { key: &'static str, url: String, error: String },
     /// `audit.path` cannot be (re)opened.
     #[error("{0}")]
     AuditLog(String),

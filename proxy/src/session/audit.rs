@@ -7,32 +7,22 @@ use super::*;
 impl Session {
     /// Refuses a client statement and writes it to the audit log as a fingerprint (its shape
     /// without literal values).
-    pub(super) async fn refuse_statement(
-        &mut self,
-        err: PgError,
-        sql_text: &[u8],
-        guard: &str,
-        simple: bool,
-    ) -> Flow {
+    pub(super) async fn refuse_statement(&mut self, err: PgError, sql_text: &[u8], guard: &str, simple: bool) -> Flow {
         let fp = sql::fingerprint::fingerprint(sql_text);
-        let _ = self
-            .shared
-            .audit
-            .record(
-                "statement_refused",
-                serde_json::json!({
-                    "pool": if self.who.bypass { "bypass" } else { "tenant" },
-                    "tenant": (!self.who.bypass).then_some(&*self.who.tenant),
-                    "subject": self.who.subject,
-                    "client": self.who.client.to_string(),
-                    "session": self.who.login,
-                    "guard": guard,
-                    "sqlstate": err.code,
-                    "fingerprint": fp.hash,
-                    "statement": fp.text,
-                }),
-            )
-            .await;
+        let _ = self.shared.audit.record(
+            "statement_refused",
+            serde_json::json!({
+                "pool": if self.who.bypass { "bypass" } else { "tenant" },
+                "tenant": (!self.who.bypass).then_some(&*self.who.tenant),
+                "subject": self.who.subject,
+                "client": self.who.client.to_string(),
+                "session": self.who.login,
+                "guard": guard,
+                "sqlstate": err.code,
+                "fingerprint": fp.hash,
+                "statement": fp.text,
+            }),
+        ).await;
         self.refuse(err, simple)
     }
 
@@ -46,15 +36,10 @@ impl Session {
                 let Some(def) = self.statements.portal(portal) else {
                     // not bound through pgtenant (a SQL cursor, or a Bind the server refused):
                     // recorded by its name, never as some other (or an empty) statement
-                    let name =
-                        String::from_utf8_lossy(&portal[..portal.len().min(64)]).into_owned();
+                    let name = String::from_utf8_lossy(&portal[..portal.len().min(64)]).into_owned();
                     return self.write_bypass_record("extended", None, Some(name)).await;
                 };
-                let end = def
-                    .key
-                    .iter()
-                    .position(|&b| b == 0)
-                    .unwrap_or(def.key.len());
+                let end = def.key.iter().position(|&b| b == 0).unwrap_or(def.key.len());
                 let fp = sql::fingerprint::fingerprint(&def.key[..end]);
                 return self.write_bypass_record("extended", Some(fp), None).await;
             }
@@ -67,12 +52,7 @@ impl Session {
 
     /// `fp`: the statement's fingerprint; None with the `portal` name when pgtenant does not know
     /// the statement an Execute runs.
-    async fn write_bypass_record(
-        &self,
-        protocol: &str,
-        fp: Option<sql::fingerprint::Fingerprint>,
-        portal: Option<String>,
-    ) -> Result<(), PgError> {
+    async fn write_bypass_record(&self, protocol: &str, fp: Option<sql::fingerprint::Fingerprint>, portal: Option<String>) -> Result<(), PgError> {
         crate::metrics::hot().bypass_statements.increment(1);
         let mut fields = serde_json::json!({
             "pool": "bypass",

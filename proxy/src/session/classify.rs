@@ -53,10 +53,7 @@ impl Refusal {
     }
 
     fn audited(err: PgError, rule: &'static str, sql: &[u8]) -> Step {
-        Step::Refuse(Refusal {
-            err,
-            audit: Some((rule, sql.to_vec())),
-        })
+        Step::Refuse(Refusal { err, audit: Some((rule, sql.to_vec())) })
     }
 }
 
@@ -111,12 +108,7 @@ pub struct Classifier<'a> {
 impl Classifier<'_> {
     pub fn classify(&mut self, f: &Frame) -> Result<Step, End> {
         let body = f.body();
-        let malformed = || {
-            End::Fatal(PgError::fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                "pgtenant: malformed message",
-            ))
-        };
+        let malformed = || End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "pgtenant: malformed message"));
         match f.tag {
             msg::QUERY => Ok(self.query(peek::query_msg(body).ok_or_else(malformed)?)),
             msg::PARSE => {
@@ -139,17 +131,8 @@ impl Classifier<'_> {
                 if !self.function_calls {
                     return Ok(Refusal::plain(function_call_refused(oid)));
                 }
-                let conn = Effects {
-                    leaves: Leaves::Session,
-                    function_call: true,
-                    ..Default::default()
-                };
-                Ok(Step::Run(Plan {
-                    effect: Some(TxEffect::None),
-                    conn,
-                    function_oid: Some(oid),
-                    ..Default::default()
-                }))
+                let conn = Effects { leaves: Leaves::Session, function_call: true, ..Default::default() };
+                Ok(Step::Run(Plan { effect: Some(TxEffect::None), conn, function_oid: Some(oid), ..Default::default() }))
             }
         }
     }
@@ -176,10 +159,7 @@ impl Classifier<'_> {
         if a.discard_all && !self.pos.in_block {
             return Step::DiscardAll;
         }
-        let dealloc = a
-            .deallocate
-            .as_ref()
-            .and_then(|n| self.statements.get(n.as_bytes()).cloned());
+        let dealloc = a.deallocate.as_ref().and_then(|n| self.statements.get(n.as_bytes()).cloned());
         let touches_prepared = dealloc.is_none() && a.touches_prepared;
         if touches_prepared && a.deallocates_all {
             self.statements.clear_statements();
@@ -193,21 +173,14 @@ impl Classifier<'_> {
         }
         Step::Run(Plan {
             effect: Some(a.first),
-            conn: Effects {
-                leaves: a.leaves,
-                touches_prepared,
-                function_call: false,
-            },
+            conn: Effects { leaves: a.leaves, touches_prepared, function_call: false },
             chain: a.chain,
             setup: a.opening == Opening::SetupOnly,
             modes_then_work: a.opening == Opening::ModesThenWork,
             changes,
             dealloc,
             function_oid: None,
-            access: a
-                .statements
-                .first()
-                .and_then(|t| crate::routing::intent::statement_mode(t)),
+            access: a.statements.first().and_then(|t| crate::routing::intent::statement_mode(t)),
         })
     }
 
@@ -216,10 +189,7 @@ impl Classifier<'_> {
             return Refusal::audited(reserved_name_error(), "reserved_name", q);
         }
         let a = analyze(q);
-        let bind_checks = match self
-            .guard
-            .check_parse_statements(&a.statements, types, self.pos)
-        {
+        let bind_checks = match self.guard.check_parse_statements(&a.statements, types, self.pos) {
             Ok(calls) => calls,
             Err(e) => return Refusal::audited(e, "guard", q),
         };
@@ -228,30 +198,17 @@ impl Classifier<'_> {
                 return Refusal::audited(e, "pooling", q);
             }
         }
-        let dealloc = a
-            .deallocate
-            .as_ref()
-            .and_then(|n| self.statements.get(n.as_bytes()).cloned());
+        let dealloc = a.deallocate.as_ref().and_then(|n| self.statements.get(n.as_bytes()).cloned());
         let touches_prepared = dealloc.is_none() && a.touches_prepared;
         // the client's session-level settings share the budget with its statements
         let budget = self.budget.max.saturating_sub(self.budget.settings.bytes());
-        match self
-            .statements
-            .parse_analyzed(name, &a, key, budget, bind_checks)
-        {
+        match self.statements.parse_analyzed(name, &a, key, budget, bind_checks) {
             Ok(def) => Step::Run(Plan {
                 effect: Some(def.effect),
-                conn: Effects {
-                    leaves: def.leaves,
-                    touches_prepared,
-                    function_call: false,
-                },
+                conn: Effects { leaves: def.leaves, touches_prepared, function_call: false },
                 setup: def.setup,
                 dealloc,
-                access: a
-                    .statements
-                    .first()
-                    .and_then(|t| crate::routing::intent::statement_mode(t)),
+                access: a.statements.first().and_then(|t| crate::routing::intent::statement_mode(t)),
                 ..Default::default()
             }),
             Err(full) => Refusal::plain(state_limit_error(full, self.budget.max)),
@@ -266,10 +223,7 @@ impl Classifier<'_> {
             return Refusal::plain(reserved_name_error());
         }
         let def = self.statements.statement(stmt).cloned();
-        let bound = match def
-            .as_ref()
-            .and_then(|d| d.bind_checks.clone().map(|c| (d, c)))
-        {
+        let bound = match def.as_ref().and_then(|d| d.bind_checks.clone().map(|c| (d, c))) {
             None => self.statements.bind(portal, stmt),
             Some((def, calls)) => {
                 let decided = match peek::bind_params(body) {
@@ -284,11 +238,7 @@ impl Classifier<'_> {
                     }
                     Err(e) => {
                         self.statements.close(b'P', portal);
-                        let end = def
-                            .key
-                            .iter()
-                            .position(|&b| b == 0)
-                            .unwrap_or(def.key.len());
+                        let end = def.key.iter().position(|&b| b == 0).unwrap_or(def.key.len());
                         return Refusal::audited(e, "guard", &def.key[..end]);
                     }
                 }
@@ -298,10 +248,7 @@ impl Classifier<'_> {
             return Refusal::plain(
                 PgError::error(
                     sqlstate::PROGRAM_LIMIT_EXCEEDED,
-                    format!(
-                        "pgtenant: too many open portals in this transaction (limit {})",
-                        statements::MAX_PORTALS
-                    ),
+                    format!("pgtenant: too many open portals in this transaction (limit {})", statements::MAX_PORTALS),
                 )
                 .with_hint("close portals you no longer use (Close), or use the unnamed portal"),
             );
@@ -310,10 +257,7 @@ impl Classifier<'_> {
         let def = self.statements.portal(portal);
         Step::Run(Plan {
             effect,
-            conn: Effects {
-                leaves: def.map_or(Leaves::Session, |d| d.leaves),
-                ..Default::default()
-            },
+            conn: Effects { leaves: def.map_or(Leaves::Session, |d| d.leaves), ..Default::default() },
             setup: def.is_some_and(|d| d.setup),
             ..Default::default()
         })
@@ -322,19 +266,10 @@ impl Classifier<'_> {
     fn execute(&mut self, portal: &[u8]) -> Step {
         let Some(def) = self.statements.portal(portal).cloned() else {
             // unknown portal: the server answers 34000
-            return Step::Run(Plan {
-                conn: Effects {
-                    leaves: Leaves::Session,
-                    ..Default::default()
-                },
-                ..Default::default()
-            });
+            return Step::Run(Plan { conn: Effects { leaves: Leaves::Session, ..Default::default() }, ..Default::default() });
         };
         let (began_idle, executed) = match self.batch {
-            Batch::Open {
-                began_idle,
-                executed,
-            } => (began_idle, executed),
+            Batch::Open { began_idle, executed } => (began_idle, executed),
             _ => (!self.pos.in_block, false),
         };
         if def.discard_all && began_idle && !executed {
@@ -342,10 +277,7 @@ impl Classifier<'_> {
         }
         Step::Run(Plan {
             effect: Some(def.effect),
-            conn: Effects {
-                leaves: def.leaves,
-                ..Default::default()
-            },
+            conn: Effects { leaves: def.leaves, ..Default::default() },
             chain: def.chain,
             setup: def.setup,
             changes: def.sets.as_ref().filter(|_| began_idle).map(|s| s.to_vec()),
@@ -359,8 +291,7 @@ impl Classifier<'_> {
         }
         // a Close takes no snapshot, nor does a Describe of transaction setup: the context can wait
         // for the statement that needs it
-        let setup =
-            tag == msg::CLOSE || self.statements.target(kind, name).is_some_and(|d| d.setup);
+        let setup = tag == msg::CLOSE || self.statements.target(kind, name).is_some_and(|d| d.setup);
         if tag == msg::CLOSE {
             self.statements.close(kind, name);
             if kind == b'S' && !name.is_empty() {
@@ -368,10 +299,7 @@ impl Classifier<'_> {
             }
         }
         // neither fails in an aborted transaction the way the context would: effect unknown
-        Step::Run(Plan {
-            setup,
-            ..Default::default()
-        })
+        Step::Run(Plan { setup, ..Default::default() })
     }
 
     /// Session-level settings are kept per client: they count against the same budget as its
@@ -383,11 +311,7 @@ impl Classifier<'_> {
 
 /// Whether `changes` fit the session-state budget beside `statement_bytes` of statements, and the
 /// context statement's number of settings.
-pub fn check_settings_budget(
-    changes: &[Change],
-    budget: Budget<'_>,
-    statement_bytes: usize,
-) -> Result<(), PgError> {
+pub fn check_settings_budget(changes: &[Change], budget: Budget<'_>, statement_bytes: usize) -> Result<(), PgError> {
     let count = budget.settings.count_after(changes);
     if count > MAX_CONTEXT_SETTINGS && count > budget.settings.count_after(&[]) {
         return Err(PgError::error(
@@ -414,10 +338,7 @@ fn state_limit_error(full: statements::Full, max: usize) -> PgError {
     match full {
         statements::Full::Count => PgError::error(
             sqlstate::PROGRAM_LIMIT_EXCEEDED,
-            format!(
-                "pgtenant: too many prepared statements (limit {})",
-                statements::MAX_STATEMENTS
-            ),
+            format!("pgtenant: too many prepared statements (limit {})", statements::MAX_STATEMENTS),
         )
         .with_hint("close statements you no longer use"),
         statements::Full::Bytes => budget_error("prepared statements", max),
@@ -460,8 +381,7 @@ mod tests {
 
     fn guard() -> Guard {
         let mut cfg = TenantConfig::default();
-        cfg.settings
-            .insert("app.tenant_id".into(), "tenant_id".into());
+        cfg.settings.insert("app.tenant_id".into(), "tenant_id".into());
         Guard::from_config(&cfg)
     }
 
@@ -469,15 +389,11 @@ mod tests {
         let mut b = vec![tag];
         b.extend_from_slice(&(body.len() as i32 + 4).to_be_bytes());
         b.extend_from_slice(body);
-        Frame {
-            tag,
-            bytes: Bytes::from(b),
-        }
+        Frame { tag, bytes: Bytes::from(b) }
     }
 
     fn run(c: &mut Classifier<'_>, tag: u8, body: &[u8]) -> Step {
-        c.classify(&frame(tag, body))
-            .unwrap_or_else(|_| panic!("malformed"))
+        c.classify(&frame(tag, body)).unwrap_or_else(|_| panic!("malformed"))
     }
 
     fn classifier<'a>(g: &'a Guard, s: &'a mut Statements, in_block: bool) -> Classifier<'a> {
@@ -488,14 +404,7 @@ mod tests {
             pooling: true,
             batch: Batch::Closed,
             unsettled: false,
-            budget: Budget {
-                max: 1 << 20,
-                settings: Box::leak(Box::new(ClientSettings::new(
-                    Vec::new(),
-                    Vec::new(),
-                    Default::default(),
-                ))),
-            },
+            budget: Budget { max: 1 << 20, settings: Box::leak(Box::new(ClientSettings::new(Vec::new(), Vec::new(), Default::default()))) },
             function_calls: false,
         }
     }
@@ -505,67 +414,24 @@ mod tests {
         let g = guard();
         let mut s = Statements::default();
         let mut c = classifier(&g, &mut s, false);
-        let Step::Run(p) = run(&mut c, b'Q', b"select * from orders\0") else {
-            panic!()
-        };
-        assert_eq!(
-            (p.effect, p.conn.leaves, p.setup),
-            (Some(TxEffect::None), Leaves::Nothing, false)
-        );
-        let Step::Run(p) = run(&mut c, b'Q', b"insert into t values (1)\0") else {
-            panic!()
-        };
+        let Step::Run(p) = run(&mut c, b'Q', b"select * from orders\0") else { panic!() };
+        assert_eq!((p.effect, p.conn.leaves, p.setup), (Some(TxEffect::None), Leaves::Nothing, false));
+        let Step::Run(p) = run(&mut c, b'Q', b"insert into t values (1)\0") else { panic!() };
         assert!(p.conn.leaves == Leaves::Sequences && !p.conn.touches_prepared);
-        let Step::Run(p) = run(&mut c, b'Q', b"select prepared_at from t\0") else {
-            panic!()
-        };
+        let Step::Run(p) = run(&mut c, b'Q', b"select prepared_at from t\0") else { panic!() };
         assert!(!p.conn.touches_prepared, "a column name is not PREPARE");
-        let Step::Run(p) = run(&mut c, b'Q', b"BEGIN ISOLATION LEVEL SERIALIZABLE\0") else {
-            panic!()
-        };
+        let Step::Run(p) = run(&mut c, b'Q', b"BEGIN ISOLATION LEVEL SERIALIZABLE\0") else { panic!() };
         assert!(p.setup && p.effect == Some(TxEffect::Begin));
-        let Step::Run(p) = run(&mut c, b'Q', b"SET work_mem = '8MB'\0") else {
-            panic!()
-        };
-        assert_eq!(
-            p.changes,
-            Some(vec![Change::Set("work_mem".into(), "8MB".into())])
-        );
-        let Step::Run(p) = run(&mut c, b'Q', b"COMMIT AND CHAIN\0") else {
-            panic!()
-        };
+        let Step::Run(p) = run(&mut c, b'Q', b"SET work_mem = '8MB'\0") else { panic!() };
+        assert_eq!(p.changes, Some(vec![Change::Set("work_mem".into(), "8MB".into())]));
+        let Step::Run(p) = run(&mut c, b'Q', b"COMMIT AND CHAIN\0") else { panic!() };
         assert!(p.chain);
-        assert!(matches!(
-            run(&mut c, b'Q', b"DISCARD ALL\0"),
-            Step::DiscardAll
-        ));
-        assert!(matches!(
-            run(
-                &mut c,
-                b'Q',
-                b"select set_config('app.tenant_id', '2', true)\0"
-            ),
-            Step::Refuse(Refusal {
-                audit: Some(("guard", _)),
-                ..
-            })
-        ));
-        assert!(matches!(
-            run(&mut c, b'Q', b"LISTEN x\0"),
-            Step::Refuse(Refusal {
-                audit: Some(("pooling", _)),
-                ..
-            })
-        ));
-        assert!(matches!(
-            run(&mut c, b'Q', b"commit; select 1\0"),
-            Step::Refuse(_)
-        ));
+        assert!(matches!(run(&mut c, b'Q', b"DISCARD ALL\0"), Step::DiscardAll));
+        assert!(matches!(run(&mut c, b'Q', b"select set_config('app.tenant_id', '2', true)\0"), Step::Refuse(Refusal { audit: Some(("guard", _)), .. })));
+        assert!(matches!(run(&mut c, b'Q', b"LISTEN x\0"), Step::Refuse(Refusal { audit: Some(("pooling", _)), .. })));
+        assert!(matches!(run(&mut c, b'Q', b"commit; select 1\0"), Step::Refuse(_)));
         c.unsettled = true;
-        assert!(matches!(
-            run(&mut c, b'Q', b"commit; select 1\0"),
-            Step::Hold
-        ));
+        assert!(matches!(run(&mut c, b'Q', b"commit; select 1\0"), Step::Hold));
     }
 
     #[test]
@@ -573,40 +439,23 @@ mod tests {
         let g = guard();
         let mut s = Statements::default();
         let mut c = classifier(&g, &mut s, false);
-        let Step::Run(p) = run(&mut c, b'P', b"s1\0BEGIN READ ONLY\0\0\0") else {
-            panic!()
-        };
+        let Step::Run(p) = run(&mut c, b'P', b"s1\0BEGIN READ ONLY\0\0\0") else { panic!() };
         assert!(p.setup);
-        let Step::Run(p) = run(&mut c, b'B', b"\0s1\0\0\0\0\0\0\0") else {
-            panic!()
-        };
+        let Step::Run(p) = run(&mut c, b'B', b"\0s1\0\0\0\0\0\0\0") else { panic!() };
         assert!(p.setup && p.effect == Some(TxEffect::Begin));
-        let Step::Run(p) = run(&mut c, b'D', b"P\0") else {
-            panic!()
-        };
+        let Step::Run(p) = run(&mut c, b'D', b"P\0") else { panic!() };
         assert!(p.setup, "Describe of a setup portal");
-        let Step::Run(p) = run(&mut c, b'E', b"\0\0\0\0\0") else {
-            panic!()
-        };
+        let Step::Run(p) = run(&mut c, b'E', b"\0\0\0\0\0") else { panic!() };
         assert!(p.setup);
         assert!(matches!(run(&mut c, b'C', b"Ss1\0"), Step::ClosedLocally));
-        assert!(matches!(
-            run(&mut c, b'P', b"pgtenant_x\0select 1\0\0\0"),
-            Step::Refuse(_)
-        ));
+        assert!(matches!(run(&mut c, b'P', b"pgtenant_x\0select 1\0\0\0"), Step::Refuse(_)));
         // DISCARD ALL by Execute: only first in a batch that began outside a block
         run(&mut c, b'P', b"\0DISCARD ALL\0\0\0");
         run(&mut c, b'B', b"\0\0\0\0\0\0\0\0");
         assert!(matches!(run(&mut c, b'E', b"\0\0\0\0\0"), Step::DiscardAll));
-        c.batch = Batch::Open {
-            began_idle: true,
-            executed: true,
-        };
+        c.batch = Batch::Open { began_idle: true, executed: true };
         assert!(matches!(run(&mut c, b'E', b"\0\0\0\0\0"), Step::Run(_)));
         // FunctionCall only when the pool allows some
-        assert!(matches!(
-            run(&mut c, b'F', &[0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
-            Step::Refuse(_)
-        ));
+        assert!(matches!(run(&mut c, b'F', &[0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), Step::Refuse(_)));
     }
 }

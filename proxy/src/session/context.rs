@@ -93,8 +93,7 @@ pub fn decide(i: Inputs) -> Decision {
 /// Whether a message may get the context speculatively while earlier replies are outstanding.
 pub fn ordinary(tag: u8, effect: Option<TxEffect>) -> bool {
     use crate::protocol::tags::frontend::{BIND, EXECUTE, PARSE};
-    matches!(tag, PARSE | BIND | EXECUTE)
-        && matches!(effect, Some(TxEffect::None) | Some(TxEffect::Begin))
+    matches!(tag, PARSE | BIND | EXECUTE) && matches!(effect, Some(TxEffect::None) | Some(TxEffect::Begin))
 }
 
 #[cfg(test)]
@@ -119,117 +118,37 @@ mod tests {
     #[test]
     fn idle_backend_gets_the_context_and_the_defaults() {
         assert_eq!(decide(base()), Decision::Inject { start: true });
-        assert_eq!(
-            decide(Inputs {
-                fresh: true,
-                settled: false,
-                ..base()
-            }),
-            Decision::Inject { start: true }
-        );
-        assert_eq!(
-            decide(Inputs {
-                setup: true,
-                ..base()
-            }),
-            Decision::Defer { start: true }
-        );
+        assert_eq!(decide(Inputs { fresh: true, settled: false, ..base() }), Decision::Inject { start: true });
+        assert_eq!(decide(Inputs { setup: true, ..base() }), Decision::Defer { start: true });
     }
 
     #[test]
     fn open_transaction_with_context_needs_nothing() {
-        assert_eq!(
-            decide(Inputs {
-                status: b'T',
-                ..base()
-            }),
-            Decision::Nothing
-        );
-        assert_eq!(
-            decide(Inputs {
-                status: b'E',
-                ..base()
-            }),
-            Decision::Nothing
-        );
-        let open = Batch::Open {
-            began_idle: true,
-            executed: false,
-        };
-        assert_eq!(
-            decide(Inputs {
-                batch: open,
-                settled: false,
-                ..base()
-            }),
-            Decision::Nothing
-        );
+        assert_eq!(decide(Inputs { status: b'T', ..base() }), Decision::Nothing);
+        assert_eq!(decide(Inputs { status: b'E', ..base() }), Decision::Nothing);
+        let open = Batch::Open { began_idle: true, executed: false };
+        assert_eq!(decide(Inputs { batch: open, settled: false, ..base() }), Decision::Nothing);
     }
 
     #[test]
     fn deferred_context_goes_in_front_of_the_first_statement_that_needs_it() {
-        let after_begin = Inputs {
-            status: b'T',
-            needs_context: true,
-            ..base()
-        };
+        let after_begin = Inputs { status: b'T', needs_context: true, ..base() };
         assert_eq!(decide(after_begin), Decision::Inject { start: false });
-        assert_eq!(
-            decide(Inputs {
-                setup: true,
-                ..after_begin
-            }),
-            Decision::Defer { start: false }
-        );
-        let in_batch = Inputs {
-            batch: Batch::Open {
-                began_idle: true,
-                executed: true,
-            },
-            needs_context: true,
-            settled: false,
-            ..base()
-        };
+        assert_eq!(decide(Inputs { setup: true, ..after_begin }), Decision::Defer { start: false });
+        let in_batch = Inputs { batch: Batch::Open { began_idle: true, executed: true }, needs_context: true, settled: false, ..base() };
         assert_eq!(decide(in_batch), Decision::Inject { start: false });
-        assert_eq!(
-            decide(Inputs {
-                batch_failed: true,
-                ..in_batch
-            }),
-            Decision::Nothing
-        );
+        assert_eq!(decide(Inputs { batch_failed: true, ..in_batch }), Decision::Nothing);
     }
 
     #[test]
     fn pipelined_messages_are_speculative_or_held() {
-        let unsettled = Inputs {
-            settled: false,
-            status: b'T',
-            ..base()
-        };
+        let unsettled = Inputs { settled: false, status: b'T', ..base() };
         assert_eq!(decide(unsettled), Decision::Hold); // a simple Query waits
-        let ordinary = Inputs {
-            simple: false,
-            ordinary: true,
-            ..unsettled
-        };
+        let ordinary = Inputs { simple: false, ordinary: true, ..unsettled };
         assert_eq!(decide(ordinary), Decision::Inject { start: false });
         // a backend without the client's defaults must be set up between transactions: wait
-        assert_eq!(
-            decide(Inputs {
-                defaults_in_place: false,
-                ..ordinary
-            }),
-            Decision::Hold
-        );
-        assert_eq!(
-            decide(Inputs {
-                ordinary: false,
-                simple: false,
-                ..unsettled
-            }),
-            Decision::Hold
-        );
+        assert_eq!(decide(Inputs { defaults_in_place: false, ..ordinary }), Decision::Hold);
+        assert_eq!(decide(Inputs { ordinary: false, simple: false, ..unsettled }), Decision::Hold);
     }
 
     #[test]

@@ -23,8 +23,7 @@ impl Session {
             self.injection = self.settings.injection();
         }
         let lease = self.lease.as_mut().expect("attached before the context");
-        self.injection
-            .write(&mut self.backend_out, &mut lease.backend, &mut self.replies);
+        self.injection.write(&mut self.backend_out, &mut lease.backend, &mut self.replies);
         crate::metrics::hot().context_injections.increment(1);
         self.needs_context = false;
     }
@@ -36,9 +35,7 @@ impl Session {
         let named = match f.tag {
             b'P' => peek::parse_msg(body).map(|(n, _)| n),
             b'B' => peek::bind_msg(body).map(|(_, s)| s),
-            b'D' => peek::target_msg(body)
-                .filter(|(k, _)| *k == b'S')
-                .map(|(_, n)| n),
+            b'D' => peek::target_msg(body).filter(|(k, _)| *k == b'S').map(|(_, n)| n),
             _ => None,
         }
         // the unnamed statement goes as it is, unless it has set_config parameters (see `bind`)
@@ -63,8 +60,7 @@ impl Session {
                 if p.needs_parse {
                     prepared::parse_frame(out, &p.name, &def.key);
                     self.replies.expect_parse(false, p.id);
-                    self.client_parses
-                        .push((p.id, bytes::Bytes::copy_from_slice(name)));
+                    self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name)));
                 } else {
                     self.synthetic(b'1');
                 }
@@ -78,13 +74,7 @@ impl Session {
         }
         if f.tag == b'B' {
             let (portal, stmt) = peek::bind_msg(body).expect("checked above");
-            prepared::rewrite_bind(
-                &mut self.backend_out,
-                body,
-                portal.len(),
-                stmt.len(),
-                &p.name,
-            );
+            prepared::rewrite_bind(&mut self.backend_out, body, portal.len(), stmt.len(), &p.name);
             self.replies.expect(Want::BindComplete, false, false);
         } else {
             prepared::target_frame(&mut self.backend_out, b'D', &p.name);
@@ -95,15 +85,8 @@ impl Session {
     /// Sends a client's `DEALLOCATE name` as `DEALLOCATE <server statement>` (preparing it on this
     /// backend first if needed), so the client gets the server's own reply; the statement leaves the
     /// client's list and this backend's cache.
-    pub(super) fn forward_deallocate(
-        &mut self,
-        f: &Frame,
-        def: &statements::StatementDef,
-        simple: bool,
-    ) {
-        let Some(lease) = self.lease.as_mut() else {
-            return self.forward(f, simple);
-        };
+    pub(super) fn forward_deallocate(&mut self, f: &Frame, def: &statements::StatementDef, simple: bool) {
+        let Some(lease) = self.lease.as_mut() else { return self.forward(f, simple) };
         if self.replies.batch_failed {
             return;
         }
@@ -124,13 +107,10 @@ impl Session {
         if simple {
             build::query(&mut self.backend_out, &sql);
         } else {
-            let name = peek::parse_msg(f.body())
-                .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
-                .unwrap_or_default();
+            let name = peek::parse_msg(f.body()).map(|(n, _)| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
             build::parse(&mut self.backend_out, &name, &sql, vec![]);
         }
-        self.replies
-            .expect(Want::for_frontend(f.tag).expect("Q or P"), false, simple);
+        self.replies.expect(Want::for_frontend(f.tag).expect("Q or P"), false, simple);
     }
 
     /// A reply pgtenant gives itself, in order with the backend's replies.
@@ -211,17 +191,9 @@ impl Session {
                 self.needs_context = true;
             }
         } else {
-            build::parse(
-                &mut self.backend_out,
-                "pgtenant_refused",
-                REFUSAL_STAND_IN,
-                vec![],
-            );
+            build::parse(&mut self.backend_out, "pgtenant_refused", REFUSAL_STAND_IN, vec![]);
             if !self.batch.is_open() {
-                self.batch = Batch::Open {
-                    began_idle: !self.position().in_block,
-                    executed: false,
-                };
+                self.batch = Batch::Open { began_idle: !self.position().in_block, executed: false };
             }
         }
         self.replies.expect_refusal(simple);
@@ -277,11 +249,7 @@ impl Session {
         if l.backend.has_tx_defaults(&self.tx_defaults) {
             return;
         }
-        let sql = if self.tx_defaults.is_empty() {
-            sql::txmode::RESET_DEFAULTS
-        } else {
-            &self.tx_defaults
-        };
+        let sql = if self.tx_defaults.is_empty() { sql::txmode::RESET_DEFAULTS } else { &self.tx_defaults };
         build::query(&mut self.backend_out, sql);
         self.replies.expect(Want::Ready, true, true);
         l.backend.set_tx_defaults(&self.tx_defaults);
@@ -295,9 +263,7 @@ const REFUSAL_STAND_IN: &str = "pgtenant refused this statement";
 fn peek_sql(f: &Frame) -> &[u8] {
     match f.tag {
         b'Q' => peek::query_msg(f.body()).unwrap_or_default(),
-        _ => peek::parse_msg(f.body())
-            .map(|(_, q)| q)
-            .unwrap_or_default(),
+        _ => peek::parse_msg(f.body()).map(|(_, q)| q).unwrap_or_default(),
     }
 }
 
@@ -324,3 +290,4 @@ pub(super) fn modes_then_work_error() -> PgError {
 fn push_empty_message(out: &mut BytesMut, tag: u8) {
     out.extend_from_slice(&[tag, 0, 0, 0, 4]);
 }
+

@@ -56,11 +56,7 @@ impl Session {
                         }
                         let key = l.backend.statements().forget(id);
                         // the client's own Parse failed: like the server, keep no statement
-                        let name = self
-                            .client_parses
-                            .iter()
-                            .find(|(i, _)| *i == id)
-                            .map(|(_, n)| n);
+                        let name = self.client_parses.iter().find(|(i, _)| *i == id).map(|(_, n)| n);
                         if let (true, Some(key), Some(name)) = (by_client, key, name) {
                             self.statements.parse_failed(name, &key);
                         }
@@ -88,12 +84,7 @@ impl Session {
             }
             // the client has its answers but the backend is not free (an open transaction, or an
             // unsynced batch): it is idle in a transaction from now on
-            if self.replies.is_settled()
-                && self.held.is_none()
-                && self.idle_since.is_none()
-                && self.lease.is_some()
-                && !self.backend_clean()
-            {
+            if self.replies.is_settled() && self.held.is_none() && self.idle_since.is_none() && self.lease.is_some() && !self.backend_clean() {
                 self.idle_since = Some(std::time::Instant::now());
             }
         }
@@ -135,10 +126,7 @@ impl Session {
             }
             Action::Desync => {
                 tracing::error!(tag = %(tag as char), "unexpected message from the server; closing the backend");
-                return Err(End::BackendLost(format!(
-                    "unexpected '{}' message from server",
-                    tag as char
-                )));
+                return Err(End::BackendLost(format!("unexpected '{}' message from server", tag as char)));
             }
         }
         Ok(Some(mark))
@@ -164,10 +152,7 @@ impl Session {
             Action::Swallow => false,
             _ => {
                 tracing::error!(tag = %(tag as char), "unexpected message from the server; closing the backend");
-                return Err(End::BackendLost(format!(
-                    "unexpected '{}' message from server",
-                    tag as char
-                )));
+                return Err(End::BackendLost(format!("unexpected '{}' message from server", tag as char)));
             }
         };
         if self.stream_forward {
@@ -199,9 +184,7 @@ impl Session {
                 self.view.changing.insert(n.to_lowercase());
             }
         }
-        self.pending_sets
-            .get_or_insert_with(Vec::new)
-            .extend(changes.iter().cloned());
+        self.pending_sets.get_or_insert_with(Vec::new).extend(changes.iter().cloned());
     }
 
     /// Keeps the client's session-level SETs once their query ended cleanly outside a transaction,
@@ -216,9 +199,7 @@ impl Session {
                 self.injection = self.settings.injection();
                 self.tx_defaults = self.settings.tx_defaults();
                 self.view.applied = self.settings.applied();
-                let owed = self
-                    .view
-                    .after_changes(&changes, self.lease.as_ref().map(|l| &*l.backend));
+                let owed = self.view.after_changes(&changes, self.lease.as_ref().map(|l| &*l.backend));
                 if !owed.is_empty() {
                     let tail = self.client_out.split_off(at);
                     for (name, value) in owed {
@@ -229,14 +210,13 @@ impl Session {
             }
         }
     }
+
 }
 
 /// Appends a whole backend message to the client's output, with pgtenant's hint added to a
 /// "cannot run inside a transaction block" error.
 fn relay(out: &mut BytesMut, msg: &[u8]) {
-    if msg[0] == reply::ERROR
-        && peek::error_code(&msg[5..]) == Some(sqlstate::ACTIVE_SQL_TRANSACTION.as_bytes())
-    {
+    if msg[0] == reply::ERROR && peek::error_code(&msg[5..]) == Some(sqlstate::ACTIVE_SQL_TRANSACTION.as_bytes()) {
         if let Some(annotated) = annotate_in_transaction_error(msg) {
             out.extend_from_slice(&annotated);
             return;

@@ -48,8 +48,8 @@ use crate::sql::{self, TxEffect};
 use classify::{Budget, Classifier, Step};
 use context::{Batch, Decision};
 use inject::Injection;
-use replies::{Replies, Want};
 use settings::ClientSettings;
+use replies::{Replies, Want};
 use statements::Statements;
 
 static NEXT_SESSION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -316,10 +316,7 @@ impl Session {
             self.client_wr.write_all(&self.client_out).await?;
             self.client_wr.shutdown().await
         };
-        if tokio::time::timeout(self.shared.client_write_timeout, flush)
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(self.shared.client_write_timeout, flush).await.is_err() {
             tracing::info!("client did not read its last messages in time; closing the connection");
         }
         end
@@ -351,15 +348,10 @@ impl Session {
             if let Flow::Terminate = self.process_client_frames().await? {
                 return Ok(());
             }
-            if self.lease.is_some()
-                && self.backend_clean()
-                && self.held.is_none()
-                && !self.shared.session_mode
-            {
+            if self.lease.is_some() && self.backend_clean() && self.held.is_none() && !self.shared.session_mode {
                 self.release().await;
             }
-            let between_transactions =
-                self.lease.is_none() || (self.backend_clean() && self.held.is_none());
+            let between_transactions = self.lease.is_none() || (self.backend_clean() && self.held.is_none());
             if *self.draining.borrow() && between_transactions && !self.batch.is_open() {
                 return Err(End::Fatal(PgError::fatal(
                     sqlstate::ADMIN_SHUTDOWN,
@@ -367,9 +359,9 @@ impl Session {
                 )));
             }
             match self.next_event().await {
-                Event::ClientRead(Ok(0))
-                | Event::ClientRead(Err(_))
-                | Event::ClientWrote(Err(_)) => return Err(End::ClientGone),
+                Event::ClientRead(Ok(0)) | Event::ClientRead(Err(_)) | Event::ClientWrote(Err(_)) => {
+                    return Err(End::ClientGone)
+                }
                 Event::ClientRead(Ok(n)) => {
                     crate::metrics::hot().client_bytes_in.increment(n as u64);
                     self.client_read_full = n >= self.client_room;
@@ -379,9 +371,7 @@ impl Session {
                     self.client_out.advance(n);
                     self.write_waiting_since = None; // progress: the clock starts again
                 }
-                Event::BackendRead(Ok(0)) => {
-                    return Err(End::BackendLost("server closed the connection".into()))
-                }
+                Event::BackendRead(Ok(0)) => return Err(End::BackendLost("server closed the connection".into())),
                 Event::BackendRead(Err(e)) | Event::BackendWrote(Err(e)) => {
                     return Err(End::BackendLost(e.to_string()))
                 }
@@ -432,8 +422,7 @@ impl Session {
         // growing the buffer for each transaction (then dropping it again at the release, to keep
         // idle clients small) cost an allocation and a copy per transaction.
         let big = !self.client_in.is_empty() || (self.lease.is_some() && self.client_read_full);
-        self.client_in
-            .reserve(if big { READ_CHUNK } else { IDLE_READ_CHUNK });
+        self.client_in.reserve(if big { READ_CHUNK } else { IDLE_READ_CHUNK });
         self.client_room = self.client_in.capacity() - self.client_in.len();
         if self.lease.is_some() {
             self.backend_in.reserve(READ_CHUNK);
@@ -470,12 +459,8 @@ impl Session {
             self.write_waiting_since = None;
             return None;
         }
-        let since = *self
-            .write_waiting_since
-            .get_or_insert_with(std::time::Instant::now);
-        Some(tokio::time::Instant::from_std(
-            since + self.shared.client_write_timeout,
-        ))
+        let since = *self.write_waiting_since.get_or_insert_with(std::time::Instant::now);
+        Some(tokio::time::Instant::from_std(since + self.shared.client_write_timeout))
     }
 
     /// The nearest proxy-side timeout of the transaction on this session's backend, if any. Runs on
@@ -484,21 +469,11 @@ impl Session {
         self.lease.as_ref()?;
         let pool = &self.shared.pool_cfg;
         [
-            (
-                self.tx_since,
-                pool.transaction_timeout_ms,
-                Timeout::Transaction,
-            ),
-            (
-                self.idle_since,
-                pool.idle_in_transaction_timeout_ms,
-                Timeout::IdleInTransaction,
-            ),
+            (self.tx_since, pool.transaction_timeout_ms, Timeout::Transaction),
+            (self.idle_since, pool.idle_in_transaction_timeout_ms, Timeout::IdleInTransaction),
         ]
         .into_iter()
-        .filter_map(|(since, ms, kind)| {
-            Some((since? + std::time::Duration::from_millis(ms), kind)).filter(|_| ms > 0)
-        })
+        .filter_map(|(since, ms, kind)| Some((since? + std::time::Duration::from_millis(ms), kind)).filter(|_| ms > 0))
         .min_by_key(|(at, _)| *at)
         .map(|(at, kind)| (tokio::time::Instant::from_std(at), kind))
     }
@@ -510,10 +485,7 @@ impl Session {
 
     /// The backend can go back to the pool: idle, nothing in flight, nothing half-read.
     fn backend_clean(&self) -> bool {
-        self.backend_idle()
-            && self.backend_out.is_empty()
-            && self.backend_in.is_empty()
-            && self.stream_left == 0
+        self.backend_idle() && self.backend_out.is_empty() && self.backend_in.is_empty() && self.stream_left == 0
     }
 
     /// Between transactions on the backend: every reply in, status idle, no batch open. The one
@@ -539,8 +511,7 @@ impl Session {
             }
             let hot = crate::metrics::hot();
             hot.transactions.increment(1);
-            hot.transaction_seconds
-                .record(self.attached_at.elapsed().as_secs_f64());
+            hot.transaction_seconds.record(self.attached_at.elapsed().as_secs_f64());
             self.cancel.slot.set(None).await;
             self.pool.release(lease);
         }
@@ -548,20 +519,11 @@ impl Session {
 
     /// Leases a backend for the transaction a message starts; `access` is the mode its first
     /// statement opens the transaction with, if it names one.
-    async fn attach(
-        &mut self,
-        access: Option<crate::routing::intent::Mode>,
-    ) -> Result<(), PgError> {
+    async fn attach(&mut self, access: Option<crate::routing::intent::Mode>) -> Result<(), PgError> {
         // boxed: leasing (queueing, connecting, logging in to the server) is the session's largest
         // stage, and inline it would size every idle session's task
         let lease = Box::pin(self.lease_for(access)).await?;
-        self.cancel
-            .slot
-            .set_on(
-                Some((lease.backend.pid, lease.backend.secret_key)),
-                self.pool.clone(),
-            )
-            .await;
+        self.cancel.slot.set_on(Some((lease.backend.pid, lease.backend.secret_key)), self.pool.clone()).await;
         self.adopt(lease);
         Ok(())
     }
@@ -609,9 +571,7 @@ impl Session {
     /// The first CommandComplete or ErrorResponse after a sequence reset went out is the reset's:
     /// an error means it did not run, and the backend owes the next session one again.
     fn confirm_seq_reset(&mut self, tag: u8) {
-        if self.seq_reset == SeqReset::Sent
-            && (tag == tags::backend::COMMAND_COMPLETE || tag == tags::backend::ERROR)
-        {
+        if self.seq_reset == SeqReset::Sent && (tag == tags::backend::COMMAND_COMPLETE || tag == tags::backend::ERROR) {
             self.seq_reset = SeqReset::None;
             if tag == tags::backend::ERROR {
                 if let Some(l) = self.lease.as_mut() {
@@ -633,16 +593,7 @@ impl Session {
                     if self.copy_in_open() {
                         // a held-back query started COPY FROM STDIN: its data must flow meanwhile
                         match try_split(&mut self.client_in, self.shared.max_message_bytes) {
-                            Ok(Some(f))
-                                if matches!(
-                                    f.tag,
-                                    msg::COPY_DATA
-                                        | msg::COPY_DONE
-                                        | msg::COPY_FAIL
-                                        | msg::FLUSH
-                                        | msg::SYNC
-                                ) =>
-                            {
+                            Ok(Some(f)) if matches!(f.tag, msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL | msg::FLUSH | msg::SYNC) => {
                                 self.on_client_frame(f).await?;
                                 continue;
                             }
@@ -711,13 +662,7 @@ impl Session {
                 }
                 Ok(Flow::Continue)
             }
-            msg::QUERY
-            | msg::FUNCTION_CALL
-            | msg::PARSE
-            | msg::BIND
-            | msg::DESCRIBE
-            | msg::EXECUTE
-            | msg::CLOSE => self.on_work(f).await,
+            msg::QUERY | msg::FUNCTION_CALL | msg::PARSE | msg::BIND | msg::DESCRIBE | msg::EXECUTE | msg::CLOSE => self.on_work(f).await,
             msg::PASSWORD => Err(End::Fatal(PgError::fatal(
                 sqlstate::PROTOCOL_VIOLATION,
                 "pgtenant: unexpected password message after authentication",
@@ -747,10 +692,7 @@ impl Session {
             pooling: !self.shared.session_mode,
             batch: self.batch,
             unsettled: self.lease.is_some() && !self.replies.is_settled(),
-            budget: Budget {
-                max: self.shared.max_state_bytes,
-                settings: &self.settings,
-            },
+            budget: Budget { max: self.shared.max_state_bytes, settings: &self.settings },
             function_calls: self.pool.allows_function_calls(),
         }
         .classify(&f)?;
@@ -775,11 +717,7 @@ impl Session {
         }
         if let Some(oid) = plan.function_oid {
             // only functions the operator allowed, as resolved on this backend's database
-            if !self
-                .lease
-                .as_ref()
-                .is_some_and(|l| l.backend.allowed_calls.contains(&oid))
-            {
+            if !self.lease.as_ref().is_some_and(|l| l.backend.allowed_calls.contains(&oid)) {
                 return Ok(self.refuse(classify::function_call_refused(oid), true));
             }
         }
@@ -796,10 +734,7 @@ impl Session {
             status: self.replies.status,
             simple,
             ordinary: context::ordinary(f.tag, plan.effect),
-            defaults_in_place: self
-                .lease
-                .as_ref()
-                .is_some_and(|l| l.backend.has_tx_defaults(&self.tx_defaults)),
+            defaults_in_place: self.lease.as_ref().is_some_and(|l| l.backend.has_tx_defaults(&self.tx_defaults)),
             setup: plan.setup,
         });
         let mut injected = false;
@@ -813,11 +748,7 @@ impl Session {
                 // in the context's batch only if the context goes first and nothing else does
                 // (transaction defaults are a Query; setup must start its transaction itself)
                 let in_batch = matches!(decision, Decision::Inject { .. })
-                    && !(start
-                        && self
-                            .lease
-                            .as_ref()
-                            .is_some_and(|l| !l.backend.has_tx_defaults(&self.tx_defaults)));
+                    && !(start && self.lease.as_ref().is_some_and(|l| !l.backend.has_tx_defaults(&self.tx_defaults)));
                 self.send_seq_reset(in_batch);
                 if start {
                     self.apply_tx_defaults();
@@ -858,12 +789,8 @@ impl Session {
             }
             self.hold_until_settled = injected || self.pending_sets.is_some();
         } else {
-            let executed =
-                matches!(self.batch, Batch::Open { executed: true, .. }) || f.tag == msg::EXECUTE;
-            self.batch = Batch::Open {
-                began_idle,
-                executed,
-            };
+            let executed = matches!(self.batch, Batch::Open { executed: true, .. }) || f.tag == msg::EXECUTE;
+            self.batch = Batch::Open { began_idle, executed };
             if f.tag == msg::EXECUTE && plan.effect == Some(TxEffect::End) {
                 self.needs_context = true;
             }
@@ -873,18 +800,13 @@ impl Session {
 
     /// What the guard needs to know about where a statement runs.
     fn position(&self) -> Position {
-        Position {
-            in_block: self.lease.is_some() && !self.backend_idle(),
-        }
+        Position { in_block: self.lease.is_some() && !self.backend_idle() }
     }
 
     fn status_for_client(&self) -> u8 {
-        if self.lease.is_some() {
-            self.replies.status
-        } else {
-            b'I'
-        }
+        if self.lease.is_some() { self.replies.status } else { b'I' }
     }
+
 }
 
 /// A sequence reset a newly attached backend owes this session (see `inject::RESET_STATEMENT`).
@@ -923,11 +845,7 @@ impl Timeout {
 
 /// Ready once the session was killed, or the proxy started draining and the session has not
 /// seen it yet: the flags that `Session::interrupt` wakes the session for.
-fn interrupted(
-    slot: &crate::cancel::CancelSlot,
-    draining: &tokio::sync::watch::Receiver<bool>,
-    drain_seen: bool,
-) -> std::task::Poll<()> {
+fn interrupted(slot: &crate::cancel::CancelSlot, draining: &tokio::sync::watch::Receiver<bool>, drain_seen: bool) -> std::task::Poll<()> {
     if slot.is_terminated() || (!drain_seen && *draining.borrow()) {
         std::task::Poll::Ready(())
     } else {
@@ -942,10 +860,7 @@ type Interruption = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Sen
 /// a kill: were a drain to complete it (a drain under way when the session first polls it, or one
 /// that comes before the session's first event), the wait for a kill would end with it, and a
 /// session then kept open by its transaction could no longer be killed.
-fn interruption(
-    slot: Arc<crate::cancel::CancelSlot>,
-    mut draining: tokio::sync::watch::Receiver<bool>,
-) -> Interruption {
+fn interruption(slot: Arc<crate::cancel::CancelSlot>, mut draining: tokio::sync::watch::Receiver<bool>) -> Interruption {
     Box::pin(async move {
         let drained = async move {
             let _ = draining.wait_for(|d| *d).await; // wakes the session once; `interrupted` sees why
@@ -965,10 +880,7 @@ async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
     }
 }
 
-async fn read_opt<R: AsyncRead + Unpin>(
-    r: Option<&mut R>,
-    buf: &mut BytesMut,
-) -> std::io::Result<usize> {
+async fn read_opt<R: AsyncRead + Unpin>(r: Option<&mut R>, buf: &mut BytesMut) -> std::io::Result<usize> {
     match r {
         Some(r) => r.read_buf(buf).await,
         None => std::future::pending().await,
@@ -984,12 +896,9 @@ async fn write_opt<W: AsyncWrite + Unpin>(w: Option<&mut W>, buf: &[u8]) -> std:
 
 fn frame_error(e: FrameError) -> PgError {
     match e {
-        FrameError::TooLarge { .. } => {
-            PgError::fatal(sqlstate::PROGRAM_LIMIT_EXCEEDED, format!("pgtenant: {e}"))
-                .with_hint("raise server.max_message_bytes if this is legitimate")
-        }
-        FrameError::BadLength(_) => {
-            PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgtenant: {e}"))
-        }
+        FrameError::TooLarge { .. } => PgError::fatal(sqlstate::PROGRAM_LIMIT_EXCEEDED, format!("pgtenant: {e}"))
+            .with_hint("raise server.max_message_bytes if this is legitimate"),
+        FrameError::BadLength(_) => PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgtenant: {e}")),
     }
 }
+

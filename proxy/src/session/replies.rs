@@ -51,10 +51,7 @@ impl Want {
             Want::BindComplete => tag == r::BIND_COMPLETE,
             Want::CloseComplete => tag == r::CLOSE_COMPLETE,
             Want::Description => tag == r::ROW_DESCRIPTION || tag == r::NO_DATA,
-            Want::CommandDone => matches!(
-                tag,
-                r::COMMAND_COMPLETE | r::EMPTY_QUERY | r::PORTAL_SUSPENDED
-            ),
+            Want::CommandDone => matches!(tag, r::COMMAND_COMPLETE | r::EMPTY_QUERY | r::PORTAL_SUSPENDED),
             Want::Ready => tag == r::READY_FOR_QUERY,
             Want::Synthetic(_) | Want::CopyEnd => false,
         }
@@ -105,77 +102,37 @@ pub struct Replies {
 
 impl Default for Replies {
     fn default() -> Self {
-        Replies {
-            owed: VecDeque::with_capacity(16),
-            status: b'I',
-            batch_failed: false,
-            failed_prepares: Vec::new(),
-            copy_in: false,
-        }
+        Replies { owed: VecDeque::with_capacity(16), status: b'I', batch_failed: false, failed_prepares: Vec::new(), copy_in: false }
     }
 }
 
 impl Replies {
     /// Records a forwarded message that owes a reply.
     pub fn expect(&mut self, want: Want, injected: bool, simple: bool) {
-        self.owed.push_back(Owed {
-            want,
-            injected,
-            simple,
-            prepares: None,
-            refusal: false,
-        });
+        self.owed.push_back(Owed { want, injected, simple, prepares: None, refusal: false });
     }
 
     /// Records a stand-in for a refused message (a simple Query or a Parse that fails on the
     /// server), so the server aborts the transaction exactly as for a real error.
     pub fn expect_refusal(&mut self, simple: bool) {
-        let want = if simple {
-            Want::Ready
-        } else {
-            Want::ParseComplete
-        };
-        self.owed.push_back(Owed {
-            want,
-            injected: false,
-            simple,
-            prepares: None,
-            refusal: true,
-        });
+        let want = if simple { Want::Ready } else { Want::ParseComplete };
+        self.owed.push_back(Owed { want, injected: false, simple, prepares: None, refusal: true });
     }
 
     /// Records a Parse of server statement `id`; if it fails, `id` lands in `failed_prepares`.
     pub fn expect_parse(&mut self, injected: bool, id: u64) {
-        self.owed.push_back(Owed {
-            want: Want::ParseComplete,
-            injected,
-            simple: false,
-            prepares: Some(id),
-            refusal: false,
-        });
+        self.owed.push_back(Owed { want: Want::ParseComplete, injected, simple: false, prepares: Some(id), refusal: false });
     }
 
     /// Records a reply pgtenant will produce itself, in order.
     pub fn expect_synthetic(&mut self, tag: u8) {
-        self.owed.push_back(Owed {
-            want: Want::Synthetic(tag),
-            injected: false,
-            simple: false,
-            prepares: None,
-            refusal: false,
-        });
+        self.owed.push_back(Owed { want: Want::Synthetic(tag), injected: false, simple: false, prepares: None, refusal: false });
     }
 
     /// The client ended a COPY: Sync and Flush count again after this point.
     pub fn copy_ended(&mut self) {
         self.copy_in = false;
-        self.owed.push_back(Owed {
-            want: Want::CopyEnd,
-            injected: false,
-            simple: false,
-            prepares: None,
-            refusal: false,
-        });
+        self.owed.push_back(Owed { want: Want::CopyEnd, injected: false, simple: false, prepares: None, refusal: false });
     }
 
     /// Whether [`Replies::take_synthetic`] has anything to look at: a reply pgtenant produces
@@ -183,31 +140,19 @@ impl Replies {
     /// with no.
     #[inline]
     pub fn synthetic_next(&self) -> bool {
-        matches!(
-            self.owed.front(),
-            Some(Owed {
-                want: Want::Synthetic(_) | Want::CopyEnd,
-                ..
-            })
-        )
+        matches!(self.owed.front(), Some(Owed { want: Want::Synthetic(_) | Want::CopyEnd, .. }))
     }
 
     /// Pops the reply pgtenant owes the client itself, if it is next in line (markers are skipped).
     pub fn take_synthetic(&mut self) -> Option<u8> {
         loop {
             match self.owed.front() {
-                Some(Owed {
-                    want: Want::Synthetic(tag),
-                    ..
-                }) => {
+                Some(Owed { want: Want::Synthetic(tag), .. }) => {
                     let tag = *tag;
                     self.owed.pop_front();
                     return Some(tag);
                 }
-                Some(Owed {
-                    want: Want::CopyEnd,
-                    ..
-                }) => {
+                Some(Owed { want: Want::CopyEnd, .. }) => {
                     self.owed.pop_front();
                 }
                 _ => return None,
@@ -221,18 +166,11 @@ impl Replies {
         let mut i = 1;
         while i < self.owed.len() {
             match self.owed[i] {
-                Owed {
-                    want: Want::CopyEnd,
-                    ..
-                } => {
+                Owed { want: Want::CopyEnd, .. } => {
                     self.copy_in = false; // the client already ended it
                     break;
                 }
-                Owed {
-                    want: Want::Ready,
-                    simple: false,
-                    ..
-                } => {
+                Owed { want: Want::Ready, simple: false, .. } => {
                     self.owed.remove(i);
                 }
                 _ => i += 1,
@@ -241,12 +179,7 @@ impl Replies {
     }
 
     fn drop_front(&mut self) {
-        if let Some(Owed {
-            prepares: Some(id),
-            injected,
-            ..
-        }) = self.owed.pop_front()
-        {
+        if let Some(Owed { prepares: Some(id), injected, .. }) = self.owed.pop_front() {
             self.failed_prepares.push((id, !injected));
         }
     }
@@ -305,11 +238,7 @@ impl Replies {
         if front.injected && front.want == Want::Ready {
             return Action::Desync; // pgtenant's reset failed: never reuse this connection
         }
-        let forward = if front.refusal {
-            Action::ReplaceError
-        } else {
-            Action::Forward
-        };
+        let forward = if front.refusal { Action::ReplaceError } else { Action::Forward };
         if front.want == Want::Ready {
             return forward; // a ReadyForQuery follows
         }
@@ -317,12 +246,7 @@ impl Replies {
         while self.owed.front().is_some_and(|o| o.injected) {
             self.drop_front();
         }
-        if front.injected
-            && self
-                .owed
-                .front()
-                .is_some_and(|o| o.want == Want::Ready && o.simple)
-        {
+        if front.injected && self.owed.front().is_some_and(|o| o.want == Want::Ready && o.simple) {
             return Action::ForwardThenSync;
         }
         while let Some(o) = self.owed.front() {
@@ -358,10 +282,7 @@ mod tests {
             .map(|&t| r.on_reply(t, b"I"))
             .collect();
         use Action::*;
-        assert_eq!(
-            seq,
-            [Swallow, Swallow, Swallow, Swallow, Forward, Forward, Forward, Forward]
-        );
+        assert_eq!(seq, [Swallow, Swallow, Swallow, Swallow, Forward, Forward, Forward, Forward]);
         assert!(r.is_settled());
     }
 
@@ -407,13 +328,7 @@ mod tests {
     fn synthetic_replies_wait_their_turn_and_failed_parses_are_reported() {
         let mut r = Replies::default();
         r.expect(Want::BindComplete, false, false);
-        r.owed.push_back(Owed {
-            want: Want::Synthetic(b'1'),
-            injected: false,
-            simple: false,
-            prepares: None,
-            refusal: false,
-        });
+        r.owed.push_back(Owed { want: Want::Synthetic(b'1'), injected: false, simple: false, prepares: None, refusal: false });
         r.expect_parse(true, 7);
         r.expect(Want::Ready, false, false);
         assert_eq!(r.take_synthetic(), None);

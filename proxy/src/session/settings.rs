@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use super::inject::{self, Injection};
+use super::inject::Injection;
 use crate::client::params::ClientParams;
 use crate::sql::set::Change;
 
@@ -32,17 +32,8 @@ pub struct ClientSettings {
 impl ClientSettings {
     pub fn new(base_names: Vec<String>, base_values: Vec<String>, startup: ClientParams) -> Self {
         let startup = startup.names.into_iter().zip(startup.values).collect();
-        let began = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        ClientSettings {
-            base_names,
-            base_values,
-            startup,
-            overrides: Vec::new(),
-            signer: None,
-            began,
-        }
+        let began = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        ClientSettings { base_names, base_values, startup, overrides: Vec::new(), signer: None, began }
     }
 
     /// Client parameters in effect: startup values overlaid with session SETs.
@@ -57,63 +48,20 @@ impl ClientSettings {
         eff
     }
 
-    /// Lower-case names of the client parameters pgtenant applies per transaction; always
-    /// `application_name`, which is set wherever the backend's differs from the client's.
+    /// Lower-case names of the client parameters pgtenant applies per transaction.
     pub fn applied(&self) -> HashSet<String> {
-        let mut applied: HashSet<String> = self
-            .effective()
-            .into_iter()
-            .map(|(n, _)| n.to_lowercase())
-            .collect();
-        applied.insert(inject::APPLICATION_NAME.to_string());
-        applied
-    }
-
-    /// The `application_name` the client's transactions run with: its own (from startup or a
-    /// session-level SET), or pgtenant's when it has none (as on a backend of pgtenant's own).
-    pub fn application_name(&self) -> &str {
-        let set = self
-            .overrides
-            .iter()
-            .rev()
-            .chain(self.startup.iter().rev())
-            .find(|(n, _)| n.eq_ignore_ascii_case(inject::APPLICATION_NAME));
-        set.map_or(crate::backend::connect::APPLICATION_NAME, |(_, v)| {
-            v.as_str()
-        })
+        self.effective().into_iter().map(|(n, _)| n.to_lowercase()).collect()
     }
 
     pub fn injection(&self) -> Injection {
-        let mut eff = self.effective();
-        eff.retain(|(n, _)| !n.eq_ignore_ascii_case(inject::APPLICATION_NAME));
-        let names: Vec<String> = self
-            .base_names
-            .iter()
-            .cloned()
-            .chain(eff.iter().map(|(n, _)| n.clone()))
-            .collect();
-        let values: Vec<String> = self
-            .base_values
-            .iter()
-            .cloned()
-            .chain(eff.into_iter().map(|(_, v)| v))
-            .collect();
+        let eff = self.effective();
+        let names: Vec<String> = self.base_names.iter().cloned().chain(eff.iter().map(|(n, _)| n.clone())).collect();
+        let values: Vec<String> = self.base_values.iter().cloned().chain(eff.into_iter().map(|(_, v)| v)).collect();
         let signing = self.signer.as_ref().map(|s| {
-            let settings = self
-                .base_names
-                .iter()
-                .cloned()
-                .zip(self.base_values.iter().cloned())
-                .filter(|(n, _)| n != "role")
-                .collect();
+            let settings = self.base_names.iter().cloned().zip(self.base_values.iter().cloned()).filter(|(n, _)| n != "role").collect();
             (s.clone(), settings, self.began)
         });
-        Injection::new(
-            &names,
-            &values,
-            self.application_name().to_string(),
-            signing,
-        )
+        Injection::new(&names, &values, signing)
     }
 
     /// Signs the context with `signer` from now on (None: stop signing).
@@ -131,12 +79,7 @@ impl ClientSettings {
     /// from its startup parameters or a session SET): they may run on a read replica.
     pub fn read_only_default(&self) -> bool {
         let name = crate::sql::txmode::READ_ONLY;
-        let set = self
-            .overrides
-            .iter()
-            .rev()
-            .chain(self.startup.iter().rev())
-            .find(|(n, _)| n.eq_ignore_ascii_case(name));
+        let set = self.overrides.iter().rev().chain(self.startup.iter().rev()).find(|(n, _)| n.eq_ignore_ascii_case(name));
         set.is_some_and(|(_, v)| crate::routing::intent::is_on(v))
     }
 
@@ -146,18 +89,13 @@ impl ClientSettings {
         let mut overrides: Vec<&str> = self.overrides.iter().map(|(n, _)| n.as_str()).collect();
         for c in changes {
             match c {
-                Change::Set(n, _) if !overrides.iter().any(|k| k.eq_ignore_ascii_case(n)) => {
-                    overrides.push(n)
-                }
+                Change::Set(n, _) if !overrides.iter().any(|k| k.eq_ignore_ascii_case(n)) => overrides.push(n),
                 Change::Set(..) => {}
                 Change::Reset(n) => overrides.retain(|k| !k.eq_ignore_ascii_case(n)),
                 Change::ResetAll => overrides.clear(),
             }
         }
-        let new = overrides
-            .iter()
-            .filter(|n| !self.startup.iter().any(|(k, _)| k.eq_ignore_ascii_case(n)))
-            .count();
+        let new = overrides.iter().filter(|n| !self.startup.iter().any(|(k, _)| k.eq_ignore_ascii_case(n))).count();
         self.base_names.len() + self.startup.len() + new
     }
 
@@ -169,11 +107,7 @@ impl ClientSettings {
     pub fn apply(&mut self, changes: &[Change]) {
         for c in changes {
             match c {
-                Change::Set(n, v) => match self
-                    .overrides
-                    .iter_mut()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(n))
-                {
+                Change::Set(n, v) => match self.overrides.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(n)) {
                     Some(e) => e.1 = v.clone(),
                     None => self.overrides.push((n.clone(), v.clone())),
                 },
@@ -190,32 +124,17 @@ mod tests {
 
     #[test]
     fn sets_overlay_startup_and_reset_returns_to_it() {
-        let startup = ClientParams {
-            names: vec!["TimeZone".into()],
-            values: vec!["Asia/Tokyo".into()],
-        };
+        let startup = ClientParams { names: vec!["TimeZone".into()], values: vec!["Asia/Tokyo".into()] };
         let mut s = ClientSettings::new(vec!["app.tenant_id".into()], vec!["1".into()], startup);
-        s.apply(&[
-            Change::Set("timezone".into(), "UTC".into()),
-            Change::Set("work_mem".into(), "8MB".into()),
-        ]);
-        assert_eq!(
-            s.effective(),
-            [
-                ("TimeZone".to_string(), "UTC".to_string()),
-                ("work_mem".into(), "8MB".into())
-            ]
-        );
+        s.apply(&[Change::Set("timezone".into(), "UTC".into()), Change::Set("work_mem".into(), "8MB".into())]);
+        assert_eq!(s.effective(), [("TimeZone".to_string(), "UTC".to_string()), ("work_mem".into(), "8MB".into())]);
         s.apply(&[Change::Reset("TIMEZONE".into())]);
         assert_eq!(s.effective()[0].1, "Asia/Tokyo");
         s.apply(&[Change::ResetAll]);
         assert_eq!(s.effective().len(), 1);
         assert!(s.applied().contains("timezone"));
         assert!(!s.read_only_default());
-        s.apply(&[Change::Set(
-            "DEFAULT_TRANSACTION_READ_ONLY".into(),
-            "on".into(),
-        )]);
+        s.apply(&[Change::Set("DEFAULT_TRANSACTION_READ_ONLY".into(), "on".into())]);
         assert!(s.read_only_default());
         s.apply(&[Change::Reset("default_transaction_read_only".into())]);
         assert!(!s.read_only_default());
@@ -223,10 +142,7 @@ mod tests {
 
     #[test]
     fn count_after_counts_each_name_once() {
-        let startup = ClientParams {
-            names: vec!["TimeZone".into()],
-            values: vec!["UTC".into()],
-        };
+        let startup = ClientParams { names: vec!["TimeZone".into()], values: vec!["UTC".into()] };
         let mut s = ClientSettings::new(vec!["app.tenant_id".into()], vec!["1".into()], startup);
         assert_eq!(s.count_after(&[]), 2);
         let set = |n: &str| Change::Set(n.into(), "x".into());

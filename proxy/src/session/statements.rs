@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::sql::analyze::Analysis;
-use crate::sql::set::Change;
 use crate::sql::set_config::SetConfigCall;
+use crate::sql::set::Change;
+use crate::sql::analyze::Analysis;
 use crate::sql::stateless::Leaves;
 use crate::sql::{self, TxEffect};
 
@@ -68,13 +68,7 @@ pub struct Statements {
 impl Statements {
     /// Records a Parse, unless the client already holds `MAX_STATEMENTS` other statements or the
     /// statements would exceed `budget` bytes (`server.max_session_state_bytes`).
-    pub fn parse(
-        &mut self,
-        name: &[u8],
-        query: &[u8],
-        key: Bytes,
-        budget: usize,
-    ) -> Result<Arc<StatementDef>, Full> {
+    pub fn parse(&mut self, name: &[u8], query: &[u8], key: Bytes, budget: usize) -> Result<Arc<StatementDef>, Full> {
         self.parse_analyzed(name, &sql::analyze::analyze(query), key, budget, Vec::new())
     }
 
@@ -88,13 +82,7 @@ impl Statements {
         budget: usize,
         bind_checks: Vec<SetConfigCall>,
     ) -> Result<Arc<StatementDef>, Full> {
-        let replaced = if name.is_empty() {
-            0
-        } else {
-            self.named_stmts
-                .get(name)
-                .map_or(0, |d| name.len() + d.key.len())
-        };
+        let replaced = if name.is_empty() { 0 } else { self.named_stmts.get(name).map_or(0, |d| name.len() + d.key.len()) };
         if !name.is_empty() {
             if replaced == 0 && self.named_stmts.len() >= MAX_STATEMENTS {
                 return Err(Full::Count);
@@ -106,11 +94,7 @@ impl Statements {
         let sets = (!a.changes.is_empty()).then(|| Arc::new(a.changes.clone()));
         // a named statement outlives the read buffer it arrived in: copy it, so it does not pin a
         // whole buffer chunk for the life of the session
-        let key = if name.is_empty() {
-            key
-        } else {
-            Bytes::copy_from_slice(&key)
-        };
+        let key = if name.is_empty() { key } else { Bytes::copy_from_slice(&key) };
         let def = Arc::new(StatementDef {
             effect: a.first,
             leaves: a.leaves,
@@ -125,8 +109,7 @@ impl Statements {
             self.unnamed_stmt = Some(def.clone());
         } else {
             self.bytes = self.bytes - replaced + name.len() + def.key.len();
-            self.named_stmts
-                .insert(Bytes::copy_from_slice(name), def.clone());
+            self.named_stmts.insert(Bytes::copy_from_slice(name), def.clone());
         }
         Ok(def)
     }
@@ -154,11 +137,7 @@ impl Statements {
 
     /// The statement (`kind` b'S') or portal a Describe or Close names.
     pub fn target(&self, kind: u8, name: &[u8]) -> Option<&Arc<StatementDef>> {
-        if kind == b'S' {
-            self.statement(name)
-        } else {
-            self.portal(name)
-        }
+        if kind == b'S' { self.statement(name) } else { self.portal(name) }
     }
 
     /// The unnamed statement has `set_config` calls decided at Bind. It then goes to the server
@@ -169,9 +148,7 @@ impl Statements {
     /// one without the checks. Every statement the server holds as unnamed is one whose parameters
     /// need no check.
     pub fn unnamed_has_bind_checks(&self) -> bool {
-        self.unnamed_stmt
-            .as_ref()
-            .is_some_and(|d| d.bind_checks.is_some())
+        self.unnamed_stmt.as_ref().is_some_and(|d| d.bind_checks.is_some())
     }
 
     /// A statement by name (the unnamed one for an empty name).
@@ -191,45 +168,25 @@ impl Statements {
         let e = def.as_ref().map(|d| d.effect);
         if portal.is_empty() {
             self.unnamed_portal = def;
-        } else if self.named_portals.len() >= MAX_PORTALS
-            && !self.named_portals.contains_key(portal)
-        {
+        } else if self.named_portals.len() >= MAX_PORTALS && !self.named_portals.contains_key(portal) {
             return Err(TooManyPortals);
         } else if let Some(def) = def {
-            self.named_portals
-                .insert(Bytes::copy_from_slice(portal), def);
+            self.named_portals.insert(Bytes::copy_from_slice(portal), def);
         }
         Ok(e)
     }
 
     /// [`Statements::bind`], with session-level changes the Bind decided (see
     /// `crate::sql::set_config`): the portal carries them with the statement's own.
-    pub fn bind_with(
-        &mut self,
-        portal: &[u8],
-        stmt: &[u8],
-        changes: Vec<Change>,
-    ) -> Result<Option<TxEffect>, TooManyPortals> {
+    pub fn bind_with(&mut self, portal: &[u8], stmt: &[u8], changes: Vec<Change>) -> Result<Option<TxEffect>, TooManyPortals> {
         let effect = self.bind(portal, stmt)?;
         if changes.is_empty() {
             return Ok(effect);
         }
-        let slot = if portal.is_empty() {
-            self.unnamed_portal.as_mut()
-        } else {
-            self.named_portals.get_mut(portal)
-        };
+        let slot = if portal.is_empty() { self.unnamed_portal.as_mut() } else { self.named_portals.get_mut(portal) };
         if let Some(def) = slot {
-            let sets: Vec<Change> = def
-                .sets
-                .iter()
-                .flat_map(|s| s.iter().cloned())
-                .chain(changes)
-                .collect();
-            *def = Arc::new(StatementDef {
-                sets: Some(Arc::new(sets)),
-                ..(**def).clone()
-            });
+            let sets: Vec<Change> = def.sets.iter().flat_map(|s| s.iter().cloned()).chain(changes).collect();
+            *def = Arc::new(StatementDef { sets: Some(Arc::new(sets)), ..(**def).clone() });
         }
         Ok(effect)
     }
@@ -279,48 +236,31 @@ mod tests {
     use crate::sql::set_config::{Arg, SetConfigCall};
 
     fn call() -> SetConfigCall {
-        SetConfigCall {
-            name: Arg::Param(1, None),
-            value: Arg::Param(2, None),
-            is_local: Arg::Bool(false),
-            whole: true,
-        }
+        SetConfigCall { name: Arg::Param(1, None), value: Arg::Param(2, None), is_local: Arg::Bool(false), whole: true }
     }
 
     #[test]
     fn bound_changes_ride_on_the_portal() {
         let mut s = Statements::default();
         let q = b"select set_config($1, $2, false)";
-        s.parse_analyzed(
-            b"",
-            &sql::analyze::analyze(q),
-            Bytes::from_static(b"k1"),
-            1 << 20,
-            vec![call()],
-        )
-        .unwrap();
+        s.parse_analyzed(b"", &sql::analyze::analyze(q), Bytes::from_static(b"k1"), 1 << 20, vec![call()]).unwrap();
         assert!(s.unnamed_has_bind_checks());
         let set = Change::Set("work_mem".into(), "1MB".into());
         s.bind_with(b"p", b"", vec![set.clone()]).unwrap();
-        assert_eq!(
-            s.portal(b"p").and_then(|d| d.sets.clone()).as_deref(),
-            Some(&vec![set])
-        );
+        assert_eq!(s.portal(b"p").and_then(|d| d.sets.clone()).as_deref(), Some(&vec![set]));
         // the statement itself keeps no changes; a Bind without changes leaves the portal plain
         assert!(s.statement(b"").unwrap().sets.is_none());
         s.bind_with(b"", b"", Vec::new()).unwrap();
         assert!(s.portal(b"").unwrap().sets.is_none());
         // an unnamed statement without checks replaces it
-        s.parse(b"", b"select $1", Bytes::from_static(b"k2"), 1 << 20)
-            .unwrap();
+        s.parse(b"", b"select $1", Bytes::from_static(b"k2"), 1 << 20).unwrap();
         assert!(!s.unnamed_has_bind_checks());
     }
 
     #[test]
     fn named_portals_are_capped() {
         let mut s = Statements::default();
-        s.parse(b"", b"select 1", Bytes::from_static(b"k"), 1 << 20)
-            .unwrap();
+        s.parse(b"", b"select 1", Bytes::from_static(b"k"), 1 << 20).unwrap();
         for i in 0..MAX_PORTALS {
             s.bind(format!("p{i}").as_bytes(), b"").unwrap();
         }

@@ -38,10 +38,7 @@ impl Connector for Scripted {
     fn connect<'a>(
         &'a self,
         _: &'a BackendTarget,
-        _: &'a str,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<BackendConn, ConnectError>> + Send + 'a>,
-    > {
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BackendConn, ConnectError>> + Send + 'a>> {
         let (ours, theirs) = tokio::io::duplex(1 << 16);
         tokio::spawn(serve(theirs, self.log.clone()));
         Box::pin(async move {
@@ -80,10 +77,7 @@ fn put(out: &mut BytesMut, tag: u8, body: &[u8]) {
 
 fn cstr(b: &[u8]) -> (String, &[u8]) {
     let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
-    (
-        String::from_utf8_lossy(&b[..n]).into_owned(),
-        &b[(n + 1).min(b.len())..],
-    )
+    (String::from_utf8_lossy(&b[..n]).into_owned(), &b[(n + 1).min(b.len())..])
 }
 
 impl Server {
@@ -112,25 +106,14 @@ impl Server {
             self.block = true;
             put(&mut self.out, b'C', b"BEGIN\0");
         } else if l.starts_with("commit") || l.starts_with("end") {
-            let tag: &[u8] = if self.aborted {
-                b"ROLLBACK\0"
-            } else {
-                b"COMMIT\0"
-            };
+            let tag: &[u8] = if self.aborted { b"ROLLBACK\0" } else { b"COMMIT\0" };
             (self.block, self.aborted) = (false, false);
             put(&mut self.out, b'C', tag);
         } else if l.starts_with("rollback") {
             (self.block, self.aborted) = (false, false);
             put(&mut self.out, b'C', b"ROLLBACK\0");
         } else if l.contains("fail") || l.starts_with("pgtenant refused") {
-            self.error(
-                if l.starts_with("pgtenant refused") {
-                    "42601"
-                } else {
-                    "XX000"
-                },
-                "boom",
-            );
+            self.error(if l.starts_with("pgtenant refused") { "42601" } else { "XX000" }, "boom");
             return false;
         } else if l.starts_with("copy") {
             self.copy_in = true;
@@ -147,13 +130,7 @@ impl Server {
 
     fn on(&mut self, tag: u8, body: &[u8], log: &Log) -> bool {
         let skipping = self.skipping && !matches!(tag, b'S' | b'X');
-        let note = |s: String| {
-            log.lock().unwrap().push(if skipping {
-                format!("(skipped) {s}")
-            } else {
-                s
-            })
-        };
+        let note = |s: String| log.lock().unwrap().push(if skipping { format!("(skipped) {s}") } else { s });
         match tag {
             b'Q' => {
                 let (sql, _) = cstr(body);
@@ -211,11 +188,7 @@ impl Server {
                 let (portal, _) = cstr(body);
                 let sql = self.portals.get(&portal).cloned().unwrap_or_default();
                 let ctx = sql.contains("set_config");
-                note(if ctx {
-                    "E <context>".into()
-                } else {
-                    format!("E {sql}")
-                });
+                note(if ctx { "E <context>".into() } else { format!("E {sql}") });
                 if !skipping && !self.run(&sql) {
                     self.skipping = true;
                 }
@@ -232,7 +205,7 @@ impl Server {
                 self.skipping = false;
                 self.portals.clear();
                 let z = [self.status()];
-                put(&mut self.out, b'Z', &z);
+                        put(&mut self.out, b'Z', &z);
             }
             b'd' => note(format!("d {}", String::from_utf8_lossy(body))),
             b'c' => {
@@ -240,7 +213,7 @@ impl Server {
                 self.copy_in = false;
                 put(&mut self.out, b'C', b"COPY 1\0");
                 let z = [self.status()];
-                put(&mut self.out, b'Z', &z);
+                        put(&mut self.out, b'Z', &z);
             }
             b'X' => return false,
             other => note(format!("{}", other as char)),
@@ -301,12 +274,7 @@ fn q(sql: &str) -> Vec<u8> {
 
 /// Parse/Bind/Execute of an unnamed statement, without Sync.
 fn ext(sql: &str) -> Vec<u8> {
-    [
-        frame(b'P', format!("\0{sql}\0\0\0").as_bytes()),
-        frame(b'B', b"\0\0\0\0\0\0\0\0"),
-        frame(b'E', b"\0\0\0\0\0"),
-    ]
-    .concat()
+    [frame(b'P', format!("\0{sql}\0\0\0").as_bytes()), frame(b'B', b"\0\0\0\0\0\0\0\0"), frame(b'E', b"\0\0\0\0\0")].concat()
 }
 
 fn sync() -> Vec<u8> {
@@ -321,21 +289,11 @@ impl Client {
     /// A session whose client sent `pipelined` along with its login (the session finds it
     /// buffered before its first read), started while the proxy is draining or not.
     async fn open(session_mode: bool, pipelined: &[u8], draining: bool) -> Client {
-        let text = if session_mode {
-            format!("{CONFIG}\n[pool]\nmode = \"session\"")
-        } else {
-            CONFIG.to_string()
-        };
+        let text = if session_mode { format!("{CONFIG}\n[pool]\nmode = \"session\"") } else { CONFIG.to_string() };
         let config = Config::from_toml(&text, &|_| None).unwrap();
         let log: Log = Default::default();
         let target = BackendTarget::from_config(&config.backend).unwrap();
-        let pool = crate::pool::Pool::with_connector(
-            &config,
-            target,
-            2,
-            Arc::new(config.limits.clone()),
-            Arc::new(Scripted { log: log.clone() }),
-        );
+        let pool = crate::pool::Pool::with_connector(&config, target, 2, Arc::new(config.limits.clone()), Arc::new(Scripted { log: log.clone() }));
         let (drain, draining) = tokio::sync::watch::channel(draining);
         let router = crate::routing::Router::new(&config, pool.clone()).unwrap();
         let shared = Arc::new(Shared {
@@ -352,42 +310,14 @@ impl Client {
             draining,
         });
         let (ours, theirs) = tokio::io::duplex(1 << 16);
-        let settings = ClientSettings::new(
-            vec!["app.tenant_id".into()],
-            vec!["1".into()],
-            ClientParams::default(),
-        );
+        let settings = ClientSettings::new(vec!["app.tenant_id".into()], vec!["1".into()], ClientParams::default());
         let cancel = Arc::new(CancelRegistry::default()).register(None, None);
         let slot = cancel.slot.clone();
         let guard = Arc::new(Guard::from_config(&config.tenant));
-        let who = Arc::new(Who {
-            tenant: "1".into(),
-            subject: None,
-            client: "127.0.0.1:1".parse().unwrap(),
-            bypass: false,
-            login: 1,
-            cluster: None,
-            prefers_standby: false,
-        });
-        let session = Session::new(
-            shared,
-            Stream::Pipe(theirs),
-            BytesMut::from(pipelined),
-            settings,
-            cancel,
-            ClientView::default(),
-            guard,
-            who,
-            None,
-        );
+        let who = Arc::new(Who { tenant: "1".into(), subject: None, client: "127.0.0.1:1".parse().unwrap(), bypass: false, login: 1, cluster: None, prefers_standby: false });
+        let session = Session::new(shared, Stream::Pipe(theirs), BytesMut::from(pipelined), settings, cancel, ClientView::default(), guard, who, None);
         tokio::spawn(session.run());
-        Client {
-            s: ours,
-            buf: BytesMut::new(),
-            log,
-            slot,
-            drain,
-        }
+        Client { s: ours, buf: BytesMut::new(), log, slot, drain }
     }
 
     /// Sends `bytes` and reads until `n` ReadyForQuery messages arrived; returns the message tags
@@ -409,10 +339,7 @@ impl Client {
                 let f = self.buf.split_to(1 + len);
                 match f[0] {
                     b'E' => {
-                        let code = f[5..]
-                            .split(|&b| b == 0)
-                            .find(|x| x.first() == Some(&b'C'))
-                            .map(|c| String::from_utf8_lossy(&c[1..]).into_owned());
+                        let code = f[5..].split(|&b| b == 0).find(|x| x.first() == Some(&b'C')).map(|c| String::from_utf8_lossy(&c[1..]).into_owned());
                         trace.push_str(&format!("E{} ", code.unwrap_or_default()));
                     }
                     b'Z' => {
@@ -447,19 +374,13 @@ impl Client {
     /// What the backend received since the last call (the pool's own setup query left out).
     fn sent(&self) -> Vec<String> {
         let mut log = self.log.lock().unwrap();
-        let out = log
-            .drain(..)
-            .filter(|l| !l.contains("backend_start") && !l.contains("pg_settings"))
-            .collect();
+        let out = log.drain(..).filter(|l| !l.contains("backend_start") && !l.contains("pg_settings")).collect();
         out
     }
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 /// When the proxy starts draining, relative to a session idle in a transaction.
@@ -480,11 +401,7 @@ enum DrainAt {
 #[test]
 fn a_kill_ends_an_idle_session_after_a_drain() {
     rt().block_on(async {
-        for at in [
-            DrainAt::Never,
-            DrainAt::InTransaction,
-            DrainAt::BeforeFirstWait,
-        ] {
+        for at in [DrainAt::Never, DrainAt::InTransaction, DrainAt::BeforeFirstWait] {
             let mut c = match at {
                 DrainAt::BeforeFirstWait => {
                     let mut c = Client::open(false, &q("BEGIN"), true).await;
@@ -501,18 +418,10 @@ fn a_kill_ends_an_idle_session_after_a_drain() {
                 c.drain.send(true).unwrap();
             }
             // in a transaction: the drain lets it go on
-            assert_eq!(
-                c.round(&q("select 1"), 1).await,
-                "DC ZT",
-                "{at:?}: served in its transaction"
-            );
+            assert_eq!(c.round(&q("select 1"), 1).await, "DC ZT", "{at:?}: served in its transaction");
             tokio::time::sleep(Duration::from_millis(20)).await; // idle in the transaction
             c.slot.terminate();
-            assert_eq!(
-                c.read_until(1).await,
-                "E57P01 <closed>",
-                "{at:?}: killed while idle in a transaction"
-            );
+            assert_eq!(c.read_until(1).await, "E57P01 <closed>", "{at:?}: killed while idle in a transaction");
         }
     });
 }
@@ -526,24 +435,12 @@ fn a_drain_ends_a_session_between_transactions() {
         let mut c = Client::start(false).await;
         tokio::time::sleep(Duration::from_millis(20)).await; // waiting, nothing happened yet
         c.drain.send(true).unwrap();
-        assert_eq!(
-            c.read_until(1).await,
-            "E57P01 <closed>",
-            "idle session kept while draining"
-        );
+        assert_eq!(c.read_until(1).await, "E57P01 <closed>", "idle session kept while draining");
 
         let mut c = Client::open(false, &q("BEGIN"), true).await;
         assert_eq!(c.read_until(1).await, "C ZT");
-        assert_eq!(
-            c.round(&q("COMMIT"), 1).await,
-            "C ZI",
-            "the transaction finishes"
-        );
-        assert_eq!(
-            c.read_until(1).await,
-            "E57P01 <closed>",
-            "session kept after its transaction while draining"
-        );
+        assert_eq!(c.round(&q("COMMIT"), 1).await, "C ZI", "the transaction finishes");
+        assert_eq!(c.read_until(1).await, "E57P01 <closed>", "session kept after its transaction while draining");
     });
 }
 
@@ -553,26 +450,13 @@ fn context_goes_in_front_of_the_first_message_of_each_transaction() {
         let mut c = Client::start(false).await;
         assert_eq!(c.round(&q("select 1"), 1).await, "DC ZI", "simple query");
         let sent = c.sent();
-        assert_eq!(
-            sent.iter().filter(|l| *l == "E <context>").count(),
-            1,
-            "{sent:?}"
-        );
+        assert_eq!(sent.iter().filter(|l| *l == "E <context>").count(), 1, "{sent:?}");
         assert!(sent.last().is_some_and(|l| l == "Q select 1"), "{sent:?}");
         // an extended batch: context, then the client's messages
-        assert_eq!(
-            c.round(&[ext("select 2"), sync()].concat(), 1).await,
-            "12DC ZI"
-        );
+        assert_eq!(c.round(&[ext("select 2"), sync()].concat(), 1).await, "12DC ZI");
         let sent = c.sent();
-        let ctx = sent
-            .iter()
-            .position(|l| l == "E <context>")
-            .expect("context");
-        let client = sent
-            .iter()
-            .position(|l| l == "P : select 2")
-            .expect("client parse");
+        let ctx = sent.iter().position(|l| l == "E <context>").expect("context");
+        let client = sent.iter().position(|l| l == "P : select 2").expect("client parse");
         assert!(ctx < client, "{sent:?}");
     });
 }
@@ -581,44 +465,18 @@ fn context_goes_in_front_of_the_first_message_of_each_transaction() {
 fn transaction_setup_goes_ahead_of_the_context() {
     rt().block_on(async {
         let mut c = Client::start(false).await;
-        assert_eq!(
-            c.round(&q("BEGIN ISOLATION LEVEL SERIALIZABLE"), 1).await,
-            "C ZT"
-        );
-        assert_eq!(
-            c.sent(),
-            ["Q BEGIN ISOLATION LEVEL SERIALIZABLE"],
-            "setup went alone"
-        );
+        assert_eq!(c.round(&q("BEGIN ISOLATION LEVEL SERIALIZABLE"), 1).await, "C ZT");
+        assert_eq!(c.sent(), ["Q BEGIN ISOLATION LEVEL SERIALIZABLE"], "setup went alone");
         assert_eq!(c.round(&q("select 1"), 1).await, "DC ZT");
         let sent = c.sent();
-        let ctx = sent
-            .iter()
-            .position(|l| l == "E <context>")
-            .expect("context");
-        assert!(
-            ctx < sent.iter().position(|l| l == "Q select 1").unwrap(),
-            "{sent:?}"
-        );
+        let ctx = sent.iter().position(|l| l == "E <context>").expect("context");
+        assert!(ctx < sent.iter().position(|l| l == "Q select 1").unwrap(), "{sent:?}");
         assert_eq!(c.round(&q("COMMIT"), 1).await, "C ZI");
         // in one extended batch: BEGIN, then the context, then the query
-        let batch = [
-            ext("BEGIN READ ONLY"),
-            ext("select 3"),
-            ext("COMMIT"),
-            sync(),
-        ]
-        .concat();
+        let batch = [ext("BEGIN READ ONLY"), ext("select 3"), ext("COMMIT"), sync()].concat();
         assert_eq!(c.round(&batch, 1).await, "12C12DC12C ZI");
-        let sent: Vec<String> = c
-            .sent()
-            .into_iter()
-            .filter(|l| l.starts_with('E'))
-            .collect();
-        assert_eq!(
-            sent,
-            ["E BEGIN READ ONLY", "E <context>", "E select 3", "E COMMIT"]
-        );
+        let sent: Vec<String> = c.sent().into_iter().filter(|l| l.starts_with('E')).collect();
+        assert_eq!(sent, ["E BEGIN READ ONLY", "E <context>", "E select 3", "E COMMIT"]);
     });
 }
 
@@ -627,46 +485,23 @@ fn refused_statement_aborts_like_a_server_error_and_keeps_the_batch_rules() {
     rt().block_on(async {
         let mut c = Client::start(false).await;
         // with no backend attached, pgtenant answers itself
-        assert_eq!(
-            c.round(&q("select set_config('app.tenant_id', '2', true)"), 1)
-                .await,
-            "E42501 ZI"
-        );
+        assert_eq!(c.round(&q("select set_config('app.tenant_id', '2', true)"), 1).await, "E42501 ZI");
         assert!(c.sent().is_empty(), "nothing reached the backend");
         // inside a transaction: the stand-in fails on the server and the block is aborted
         assert_eq!(c.round(&q("BEGIN"), 1).await, "C ZT");
-        assert_eq!(
-            c.round(&q("select set_config('app.tenant_id', '2', true)"), 1)
-                .await,
-            "E42501 ZE"
-        );
+        assert_eq!(c.round(&q("select set_config('app.tenant_id', '2', true)"), 1).await, "E42501 ZE");
         assert_eq!(c.round(&q("select 1"), 1).await, "E25P02 ZE");
         assert_eq!(c.round(&q("ROLLBACK"), 1).await, "C ZI");
         // extended: the refused Parse fails, the rest of the batch is skipped up to Sync
-        let batch = [
-            ext("select set_config('app.tenant_id', '2', true)"),
-            ext("select 4"),
-            sync(),
-        ]
-        .concat();
+        let batch = [ext("select set_config('app.tenant_id', '2', true)"), ext("select 4"), sync()].concat();
         assert_eq!(c.round(&batch, 1).await, "E42501 ZI");
-        assert!(
-            !c.sent().iter().any(|l| l.contains("select 4")),
-            "answered without a backend"
-        );
+        assert!(!c.sent().iter().any(|l| l.contains("select 4")), "answered without a backend");
         // the same inside a block: a stand-in Parse fails on the server, which skips to Sync
         assert_eq!(c.round(&q("BEGIN"), 1).await, "C ZT");
         assert_eq!(c.round(&batch, 1).await, "E42501 ZE");
         let sent = c.sent();
-        assert!(
-            sent.iter()
-                .any(|l| l == "P pgtenant_refused: pgtenant refused this statement"),
-            "{sent:?}"
-        );
-        assert!(
-            sent.iter().any(|l| l == "(skipped) P : select 4"),
-            "{sent:?}"
-        );
+        assert!(sent.iter().any(|l| l == "P pgtenant_refused: pgtenant refused this statement"), "{sent:?}");
+        assert!(sent.iter().any(|l| l == "(skipped) P : select 4"), "{sent:?}");
         assert_eq!(c.round(&q("ROLLBACK"), 1).await, "C ZI");
         let r = c.round(&[ext("select 5"), sync()].concat(), 1).await;
         assert_eq!(r, "12DC ZI", "the next batch works: {:?}", c.sent());
@@ -677,22 +512,12 @@ fn refused_statement_aborts_like_a_server_error_and_keeps_the_batch_rules() {
 fn error_inside_a_batch_skips_to_sync_and_pipelined_batches_each_get_the_context() {
     rt().block_on(async {
         let mut c = Client::start(false).await;
-        let batches = [
-            ext("select fail"),
-            ext("select 6"),
-            sync(),
-            ext("select 7"),
-            sync(),
-        ]
-        .concat();
+        let batches = [ext("select fail"), ext("select 6"), sync(), ext("select 7"), sync()].concat();
         assert_eq!(c.round(&batches, 2).await, "12EXX000 ZI 12DC ZI");
         let sent = c.sent();
         let contexts = sent.iter().filter(|l| *l == "E <context>").count();
         assert_eq!(contexts, 2, "each batch starts a transaction: {sent:?}");
-        assert!(
-            sent.iter().any(|l| l == "(skipped) P : select 6"),
-            "{sent:?}"
-        );
+        assert!(sent.iter().any(|l| l == "(skipped) P : select 6"), "{sent:?}");
     });
 }
 
@@ -703,25 +528,13 @@ fn discard_all_is_answered_by_pgtenant_in_both_protocols() {
         assert_eq!(c.round(&q("SET work_mem = '8MB'"), 1).await, "C ZI");
         c.sent();
         assert_eq!(c.round(&q("DISCARD ALL"), 1).await, "C ZI");
-        assert!(
-            c.sent().iter().all(|l| !l.contains("DISCARD ALL")),
-            "not sent to the server as is"
-        );
+        assert!(c.sent().iter().all(|l| !l.contains("DISCARD ALL")), "not sent to the server as is");
         let batch = [ext("DISCARD ALL"), ext("select 8"), sync()].concat();
         assert_eq!(c.round(&batch, 1).await, "12C12DC ZI");
         let sent = c.sent();
-        let reset = sent
-            .iter()
-            .position(|l| l.starts_with("Q CLOSE ALL"))
-            .expect("the reset ran");
-        let ctx = sent
-            .iter()
-            .rposition(|l| l == "E <context>")
-            .expect("context again");
-        assert!(
-            reset < ctx && ctx < sent.iter().position(|l| l == "E select 8").unwrap(),
-            "{sent:?}"
-        );
+        let reset = sent.iter().position(|l| l.starts_with("Q CLOSE ALL")).expect("the reset ran");
+        let ctx = sent.iter().rposition(|l| l == "E <context>").expect("context again");
+        assert!(reset < ctx && ctx < sent.iter().position(|l| l == "E select 8").unwrap(), "{sent:?}");
     });
 }
 
@@ -738,56 +551,23 @@ fn sequence_reset_rides_in_the_context_batch() {
             assert_eq!(c.round(&q("insert into t values (1)"), 1).await, "C ZI");
             assert_eq!(c.round(&q("DISCARD ALL"), 1).await, "C ZI");
             c.sent();
-            assert_eq!(
-                c.round(&q("select 1"), 1).await,
-                "DC ZI",
-                "round {round}: the client sees only its own replies"
-            );
+            assert_eq!(c.round(&q("select 1"), 1).await, "DC ZI", "round {round}: the client sees only its own replies");
             let sent = c.sent();
-            let mut want = vec![
-                "B pgtenant_reset_seq pgtenant_reset_seq",
-                "E DISCARD SEQUENCES",
-                "C P pgtenant_reset_seq",
-            ];
+            let mut want = vec!["B pgtenant_reset_seq pgtenant_reset_seq", "E DISCARD SEQUENCES", "C P pgtenant_reset_seq"];
             if round == 0 {
-                want.splice(
-                    0..0,
-                    [
-                        "C S pgtenant_reset_seq",
-                        "P pgtenant_reset_seq: DISCARD SEQUENCES",
-                    ],
-                );
+                want.splice(0..0, ["C S pgtenant_reset_seq", "P pgtenant_reset_seq: DISCARD SEQUENCES"]);
             }
             assert_eq!(sent[..want.len()], want[..], "round {round}: {sent:?}");
             assert!(sent.iter().all(|l| !l.starts_with("Q DISCARD")), "{sent:?}");
-            let ctx = sent
-                .iter()
-                .position(|l| l == "E <context>")
-                .expect("context");
-            assert!(
-                ctx > sent
-                    .iter()
-                    .position(|l| l == "E DISCARD SEQUENCES")
-                    .unwrap()
-                    && sent.last().is_some_and(|l| l == "Q select 1"),
-                "{sent:?}"
-            );
+            let ctx = sent.iter().position(|l| l == "E <context>").expect("context");
+            assert!(ctx > sent.iter().position(|l| l == "E DISCARD SEQUENCES").unwrap() && sent.last().is_some_and(|l| l == "Q select 1"), "{sent:?}");
         }
         // in front of transaction setup: a Query of its own, first
         assert_eq!(c.round(&q("insert into t values (1)"), 1).await, "C ZI");
         assert_eq!(c.round(&q("DISCARD ALL"), 1).await, "C ZI");
         c.sent();
-        assert_eq!(
-            c.round(&q("BEGIN ISOLATION LEVEL SERIALIZABLE"), 1).await,
-            "C ZT"
-        );
-        assert_eq!(
-            c.sent(),
-            [
-                "Q DISCARD SEQUENCES",
-                "Q BEGIN ISOLATION LEVEL SERIALIZABLE"
-            ]
-        );
+        assert_eq!(c.round(&q("BEGIN ISOLATION LEVEL SERIALIZABLE"), 1).await, "C ZT");
+        assert_eq!(c.sent(), ["Q DISCARD SEQUENCES", "Q BEGIN ISOLATION LEVEL SERIALIZABLE"]);
         assert_eq!(c.round(&q("COMMIT"), 1).await, "C ZI");
     });
 }
@@ -796,13 +576,7 @@ fn sequence_reset_rides_in_the_context_batch() {
 fn copy_data_flows_while_a_pipelined_query_waits() {
     rt().block_on(async {
         let mut c = Client::start(false).await;
-        let bytes = [
-            q("copy t from stdin"),
-            frame(b'd', b"1\n"),
-            frame(b'c', b""),
-            q("select 9"),
-        ]
-        .concat();
+        let bytes = [q("copy t from stdin"), frame(b'd', b"1\n"), frame(b'c', b""), q("select 9")].concat();
         assert_eq!(c.round(&bytes, 2).await, "GC ZI DC ZI");
         let sent = c.sent();
         let done = sent.iter().position(|l| l == "c").expect("CopyDone");
@@ -818,26 +592,12 @@ fn session_mode_keeps_the_backend_and_named_statements_live_in_pgtenant() {
         let mut c = Client::start(true).await;
         let parse = [frame(b'P', b"s1\0select 10\0\0\0"), sync()].concat();
         assert_eq!(c.round(&parse, 1).await, "1 ZI");
-        let run = [
-            frame(b'B', b"\0s1\0\0\0\0\0\0\0"),
-            frame(b'E', b"\0\0\0\0\0"),
-            sync(),
-        ]
-        .concat();
+        let run = [frame(b'B', b"\0s1\0\0\0\0\0\0\0"), frame(b'E', b"\0\0\0\0\0"), sync()].concat();
         assert_eq!(c.round(&run, 1).await, "2DC ZI");
         // Close of a client statement is answered by pgtenant; the server copy stays cached
-        assert_eq!(
-            c.round(&[frame(b'C', b"Ss1\0"), sync()].concat(), 1).await,
-            "3 ZI"
-        );
+        assert_eq!(c.round(&[frame(b'C', b"Ss1\0"), sync()].concat(), 1).await, "3 ZI");
         let sent = c.sent();
-        assert!(
-            sent.iter().any(|l| l.starts_with("P pgtenant_s")),
-            "server-side name: {sent:?}"
-        );
-        assert!(
-            !sent.iter().any(|l| l == "C S s1" || l == "C S pgtenant_s0"),
-            "the Close did not reach the server: {sent:?}"
-        );
+        assert!(sent.iter().any(|l| l.starts_with("P pgtenant_s")), "server-side name: {sent:?}");
+        assert!(!sent.iter().any(|l| l == "C S s1" || l == "C S pgtenant_s0"), "the Close did not reach the server: {sent:?}");
     });
 }

@@ -31,19 +31,9 @@ pub struct ClientView {
 impl ClientView {
     /// The view of a client that was sent `reported` at login.
     pub fn new(reported: &[(String, String)]) -> ClientView {
-        let login: HashMap<_, _> = reported
-            .iter()
-            .map(|(k, v)| (k.to_lowercase(), (k.clone(), v.clone())))
-            .collect();
-        let reported = login
-            .iter()
-            .map(|(k, (_, v))| (k.clone(), v.clone()))
-            .collect();
-        ClientView {
-            reported,
-            login,
-            ..Default::default()
-        }
+        let login: HashMap<_, _> = reported.iter().map(|(k, v)| (k.to_lowercase(), (k.clone(), v.clone()))).collect();
+        let reported = login.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect();
+        ClientView { reported, login, ..Default::default() }
     }
 
     /// Whether a backend ParameterStatus (its body) should reach the client (and records it if so).
@@ -53,10 +43,7 @@ impl ClientView {
     /// transaction and again when it ends, e.g. `application_name`).
     pub fn admit(&mut self, body: &[u8]) -> bool {
         let mut parts = body.split(|&b| b == 0);
-        let (raw_name, raw_value) = (
-            parts.next().unwrap_or_default(),
-            parts.next().unwrap_or_default(),
-        );
+        let (raw_name, raw_value) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
         let mut buf = [0u8; 64];
         let folded;
         let name: &str = match std::str::from_utf8(raw_name) {
@@ -72,10 +59,7 @@ impl ClientView {
         };
         if self.applied.contains(name)
             || self.changing.contains(name)
-            || self
-                .reported
-                .get(name)
-                .is_some_and(|v| v.as_bytes() == raw_value)
+            || self.reported.get(name).is_some_and(|v| v.as_bytes() == raw_value)
         {
             return false;
         }
@@ -89,11 +73,7 @@ impl ClientView {
     /// value that connection reported last (it would have reported a different one). A `RESET`
     /// one is back to its login value; `backend` is `None` when pgtenant answered on its own
     /// (`DISCARD ALL`), which only resets.
-    pub fn after_changes(
-        &mut self,
-        changes: &[Change],
-        backend: Option<&Backend>,
-    ) -> Vec<(String, String)> {
+    pub fn after_changes(&mut self, changes: &[Change], backend: Option<&Backend>) -> Vec<(String, String)> {
         // per parameter, whether its final value is the backend's (SET) or the login value (RESET)
         let mut last: Vec<(String, bool)> = Vec::new();
         let mut mark = |name: String, set: bool| match last.iter_mut().find(|(n, _)| *n == name) {
@@ -109,9 +89,7 @@ impl ClientView {
         }
         let mut owed = Vec::new();
         for (name, set) in last {
-            let Some((spelled, at_login)) = self.login.get(&name) else {
-                continue;
-            }; // not reported
+            let Some((spelled, at_login)) = self.login.get(&name) else { continue }; // not reported
             let value = match (set, backend) {
                 (false, _) => at_login.as_str(),
                 (true, Some(b)) => match b.reported(&name) {
@@ -156,52 +134,31 @@ mod tests {
 
     #[test]
     fn reset_returns_to_the_login_value_and_resets_report_only_changes() {
-        let login = [
-            ("TimeZone".to_string(), "Europe/Paris".to_string()),
-            ("DateStyle".into(), "ISO, MDY".into()),
-        ];
+        let login = [("TimeZone".to_string(), "Europe/Paris".to_string()), ("DateStyle".into(), "ISO, MDY".into())];
         let mut v = ClientView::new(&login);
         v.applied.insert("timezone".into());
         // the backend's own value for an applied parameter, or one already reported: dropped
         assert!(!v.admit(&status("TimeZone", "UTC")));
         assert!(!v.admit(&status("DateStyle", "ISO, MDY")));
         v.changing.insert("datestyle".into());
-        assert!(
-            !v.admit(&status("DateStyle", "German, DMY")),
-            "settled after the change, not before"
-        );
+        assert!(!v.admit(&status("DateStyle", "German, DMY")), "settled after the change, not before");
         v.changing.clear();
         assert!(v.admit(&status("DateStyle", "German, DMY")));
         // names fold to lower case whatever their length or alphabet
         let long = format!("x.{}", "Long".repeat(20));
         for name in [long.as_str(), "app.Ünïcode"] {
             assert!(v.admit(&status(name, "1")), "{name}");
-            assert!(
-                !v.admit(&status(&name.to_uppercase(), "1")),
-                "{name}: reported already"
-            );
-            assert!(
-                v.admit(&status(&name.to_uppercase(), "2")),
-                "{name}: a new value"
-            );
-            assert_eq!(
-                v.reported.get(&name.to_lowercase()).map(String::as_str),
-                Some("2"),
-                "{name}"
-            );
+            assert!(!v.admit(&status(&name.to_uppercase(), "1")), "{name}: reported already");
+            assert!(v.admit(&status(&name.to_uppercase(), "2")), "{name}: a new value");
+            assert_eq!(v.reported.get(&name.to_lowercase()).map(String::as_str), Some("2"), "{name}");
         }
         // RESET: the login value, not whatever the backend has
         let owed = v.after_changes(&[Change::Reset("timezone".into())], None);
-        assert!(
-            owed.is_empty(),
-            "the client was never told another time zone: {owed:?}"
-        );
+        assert!(owed.is_empty(), "the client was never told another time zone: {owed:?}");
         let owed = v.after_changes(&[Change::ResetAll], None);
         assert_eq!(owed, [("DateStyle".to_string(), "ISO, MDY".to_string())]);
         assert!(v.after_changes(&[Change::ResetAll], None).is_empty());
         // unreported parameters are nobody's business
-        assert!(v
-            .after_changes(&[Change::Reset("statement_timeout".into())], None)
-            .is_empty());
+        assert!(v.after_changes(&[Change::Reset("statement_timeout".into())], None).is_empty());
     }
 }

@@ -48,32 +48,16 @@ pub fn analyze(sql: &[u8]) -> Analysis<'_> {
     let effect = |t: &Vec<Token<'_>>| tx_effect(t.first().copied(), t.get(1).copied());
     let n = statements.len();
     let only = |f: &dyn Fn(&[Token<'_>]) -> bool| n == 1 && f(&statements[0]);
-    let words = |w: &[&str]| {
-        statements
-            .iter()
-            .flatten()
-            .any(|t| t.kind == Kind::Word && w.iter().any(|x| t.is_word(x)))
-    };
-    let deallocate = if n == 1 {
-        deallocate_target(&statements[0])
-    } else {
-        None
-    };
+    let words = |w: &[&str]| statements.iter().flatten().any(|t| t.kind == Kind::Word && w.iter().any(|x| t.is_word(x)));
+    let deallocate = if n == 1 { deallocate_target(&statements[0]) } else { None };
     Analysis {
         first: statements.first().map_or(TxEffect::None, effect),
-        ends_tx_midway: statements
-            .iter()
-            .take(n.saturating_sub(1))
-            .any(|t| effect(t) == TxEffect::End),
+        ends_tx_midway: statements.iter().take(n.saturating_sub(1)).any(|t| effect(t) == TxEffect::End),
         opening: txmode::opening_of(&statements),
         discard_all: only(&|t| t.len() == 2 && t[0].is_word("discard") && t[1].is_word("all")),
         deallocates_all: statements.iter().any(|t| is_deallocate_all(t)),
         touches_prepared: words(&["prepare", "deallocate", "discard"]),
-        leaves: statements
-            .iter()
-            .map(|t| super::stateless::statement_leaves(t))
-            .max()
-            .unwrap_or_default(),
+        leaves: statements.iter().map(|t| super::stateless::statement_leaves(t)).max().unwrap_or_default(),
         chain: statements.last().is_some_and(|t| ends_and_chain(t)),
         rolls_back: words(&["rollback", "abort"]),
         changes: super::set::changes_of(&statements),
@@ -98,16 +82,12 @@ fn deallocate_target(t: &[Token<'_>]) -> Option<String> {
 fn is_deallocate_all(t: &[Token<'_>]) -> bool {
     t.first().is_some_and(|d| d.is_word("deallocate"))
         && (t.get(1).is_some_and(|a| a.is_word("all"))
-            || (t.get(1).is_some_and(|p| p.is_word("prepare"))
-                && t.get(2).is_some_and(|a| a.is_word("all"))))
+            || (t.get(1).is_some_and(|p| p.is_word("prepare")) && t.get(2).is_some_and(|a| a.is_word("all"))))
 }
 
 fn ends_and_chain(t: &[Token<'_>]) -> bool {
     let n = t.len();
-    tx_effect(t.first().copied(), t.get(1).copied()) == TxEffect::End
-        && n >= 3
-        && t[n - 1].is_word("chain")
-        && t[n - 2].is_word("and")
+    tx_effect(t.first().copied(), t.get(1).copied()) == TxEffect::End && n >= 3 && t[n - 1].is_word("chain") && t[n - 2].is_word("and")
 }
 
 #[cfg(test)]
@@ -146,38 +126,14 @@ mod tests {
         for sql in samples {
             let a = analyze(sql.as_bytes());
             let s = super::super::summarize(sql.as_bytes());
-            assert_eq!(
-                (a.first, a.ends_tx_midway),
-                (s.first, s.ends_tx_midway),
-                "{sql}"
-            );
-            assert_eq!(
-                a.discard_all,
-                super::super::is_discard_all(sql.as_bytes()),
-                "{sql}"
-            );
-            assert_eq!(
-                a.deallocate,
-                super::super::deallocate_name(sql.as_bytes()),
-                "{sql}"
-            );
-            assert_eq!(
-                a.deallocates_all,
-                super::super::deallocates_all(sql.as_bytes()),
-                "{sql}"
-            );
+            assert_eq!((a.first, a.ends_tx_midway), (s.first, s.ends_tx_midway), "{sql}");
+            assert_eq!(a.discard_all, super::super::is_discard_all(sql.as_bytes()), "{sql}");
+            assert_eq!(a.deallocate, super::super::deallocate_name(sql.as_bytes()), "{sql}");
+            assert_eq!(a.deallocates_all, super::super::deallocates_all(sql.as_bytes()), "{sql}");
             assert_eq!(a.chain, super::super::chains(sql.as_bytes()), "{sql}");
-            assert_eq!(
-                a.leaves == Leaves::Nothing,
-                super::super::stateless::is_stateless(sql.as_bytes()),
-                "{sql}"
-            );
+            assert_eq!(a.leaves == Leaves::Nothing, super::super::stateless::is_stateless(sql.as_bytes()), "{sql}");
             assert_eq!(a.opening, txmode::opening(sql.as_bytes()), "{sql}");
-            assert_eq!(
-                a.changes,
-                super::super::set::session_changes(sql.as_bytes()),
-                "{sql}"
-            );
+            assert_eq!(a.changes, super::super::set::session_changes(sql.as_bytes()), "{sql}");
         }
         assert!(!analyze(b"select prepared_at, template_id from t").touches_prepared);
         assert!(analyze(b"PREPARE q AS select 1").touches_prepared);

@@ -53,9 +53,7 @@ pub fn fingerprint(sql: &[u8]) -> Fingerprint {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 #[cfg(test)]
@@ -78,10 +76,7 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(a.hash.len(), 16);
         assert_ne!(a.hash, fingerprint(b"delete from orders where id = 7").hash);
-        assert_eq!(
-            fingerprint(b"select t.a::int from t where x = $1").text,
-            "select t.a::int from t where x = $1"
-        );
+        assert_eq!(fingerprint(b"select t.a::int from t where x = $1").text, "select t.a::int from t where x = $1");
     }
 
     #[test]

@@ -77,28 +77,15 @@ impl<'a> Token<'a> {
             (Kind::String, Some(b'b' | b'x')) => (2, Some(Quoted::Bits)),
             (Kind::String, Some(b'u')) => (3, Some(Quoted::Standard)),
             (Kind::String, Some(b'$')) => {
-                let tag = text[1..]
-                    .iter()
-                    .position(|&c| c == b'$')
-                    .map_or(text.len(), |i| i + 2);
-                let body = text
-                    .get(tag..text.len().saturating_sub(tag))
-                    .unwrap_or_default();
-                return StringParts {
-                    lexer: Lexer::new(body),
-                    mode: None,
-                    dollar: Some(body),
-                };
+                let tag = text[1..].iter().position(|&c| c == b'$').map_or(text.len(), |i| i + 2);
+                let body = text.get(tag..text.len().saturating_sub(tag)).unwrap_or_default();
+                return StringParts { lexer: Lexer::new(body), mode: None, dollar: Some(body) };
             }
             _ => (0, None),
         };
         let mut lexer = Lexer::new(text);
         lexer.pos = prefix;
-        StringParts {
-            lexer,
-            mode,
-            dollar: None,
-        }
+        StringParts { lexer, mode, dollar: None }
     }
 }
 
@@ -190,25 +177,7 @@ const OP_CHARS: &[u8] = b"~!@#^&|`?+-*/%<>=";
 /// Whether `c` is one of scan.l's `op_chars`, as a match: `contains` on a list searches it with
 /// `memchr`, which cost the lexer more than anything else it does for a short query.
 fn is_op_char(c: u8) -> bool {
-    matches!(
-        c,
-        b'~' | b'!'
-            | b'@'
-            | b'#'
-            | b'^'
-            | b'&'
-            | b'|'
-            | b'`'
-            | b'?'
-            | b'+'
-            | b'-'
-            | b'*'
-            | b'/'
-            | b'%'
-            | b'<'
-            | b'>'
-            | b'='
-    )
+    matches!(c, b'~' | b'!' | b'@' | b'#' | b'^' | b'&' | b'|' | b'`' | b'?' | b'+' | b'-' | b'*' | b'/' | b'%' | b'<' | b'>' | b'=')
 }
 
 /// Characters that let a multi-character operator end in `+` or `-`.
@@ -248,10 +217,7 @@ impl<'a> Lexer<'a> {
 
     /// End of the `--` comment starting at `i`: the next `\n` or `\r` (not included) or the end.
     fn line_comment_end(&self, i: usize) -> usize {
-        self.src[i..]
-            .iter()
-            .position(|&c| is_newline(c))
-            .map_or(self.src.len(), |n| i + n)
+        self.src[i..].iter().position(|&c| is_newline(c)).map_or(self.src.len(), |n| i + n)
     }
 
     /// End (exclusive) of the nested block comment starting at `i`, or None if unterminated.
@@ -310,10 +276,7 @@ impl<'a> Lexer<'a> {
     /// closing quote.
     fn scan_part(&mut self, mode: Quoted) -> Result<(), ScanError> {
         if mode == Quoted::Bits {
-            let n = self.src[self.pos..]
-                .iter()
-                .position(|&c| c == b'\'')
-                .ok_or(ScanError)?;
+            let n = self.src[self.pos..].iter().position(|&c| c == b'\'').ok_or(ScanError)?;
             self.pos += n + 1;
             return Ok(());
         }
@@ -363,16 +326,11 @@ impl<'a> Lexer<'a> {
             b'U' => 8,
             _ => return Ok(None),
         };
-        let hex = self
-            .src
-            .get(self.pos + 2..self.pos + 2 + digits)
-            .ok_or(ScanError)?;
+        let hex = self.src.get(self.pos + 2..self.pos + 2 + digits).ok_or(ScanError)?;
         if !hex.iter().all(u8::is_ascii_hexdigit) {
             return Err(ScanError);
         }
-        let value = hex.iter().fold(0u32, |v, &h| {
-            (v << 4) | (h as char).to_digit(16).unwrap_or(0)
-        });
+        let value = hex.iter().fold(0u32, |v, &h| (v << 4) | (h as char).to_digit(16).unwrap_or(0));
         self.pos += 2 + digits;
         Ok(Some(value))
     }
@@ -381,10 +339,7 @@ impl<'a> Lexer<'a> {
     fn scan_quoted_ident(&mut self) -> Result<(), ScanError> {
         let open = self.pos;
         loop {
-            let n = self.src[self.pos..]
-                .iter()
-                .position(|&c| c == b'"')
-                .ok_or(ScanError)?;
+            let n = self.src[self.pos..].iter().position(|&c| c == b'"').ok_or(ScanError)?;
             self.pos += n + 1;
             if self.peek(0) != b'"' {
                 break;
@@ -406,11 +361,7 @@ impl<'a> Lexer<'a> {
             if c == b'$' {
                 return Some(i + 2);
             }
-            let ok = if i == 0 {
-                is_ident_start(c)
-            } else {
-                is_ident_cont(c) && c != b'$'
-            };
+            let ok = if i == 0 { is_ident_start(c) } else { is_ident_cont(c) && c != b'$' };
             if !ok {
                 return None;
             }
@@ -447,10 +398,7 @@ impl<'a> Lexer<'a> {
     /// An operator at `self.pos` (an op char that does not start a comment).
     fn scan_operator(&mut self) -> Result<(), ScanError> {
         let start = self.pos;
-        let run = self.src[start..]
-            .iter()
-            .take_while(|&&c| is_op_char(c))
-            .count();
+        let run = self.src[start..].iter().take_while(|&&c| is_op_char(c)).count();
         let op = &self.src[start..start + run];
         // a comment start inside the run ends the operator
         let mut n = op
@@ -524,10 +472,7 @@ impl<'a> Lexer<'a> {
                 Some(tag_len) => {
                     let tag = &self.src[self.pos..self.pos + tag_len];
                     self.pos += tag_len;
-                    let end = self.src[self.pos..]
-                        .windows(tag_len)
-                        .position(|w| w == tag)
-                        .ok_or(ScanError)?;
+                    let end = self.src[self.pos..].windows(tag_len).position(|w| w == tag).ok_or(ScanError)?;
                     self.pos += end + tag_len;
                     Kind::String
                 }
@@ -537,10 +482,7 @@ impl<'a> Lexer<'a> {
                 }
             },
             c if is_ident_start(c) => {
-                self.pos += self.src[self.pos..]
-                    .iter()
-                    .take_while(|&&c| IDENT_CONT[c as usize])
-                    .count();
+                self.pos += self.src[self.pos..].iter().take_while(|&&c| IDENT_CONT[c as usize]).count();
                 Kind::Word
             }
             c if c.is_ascii_digit() || (c == b'.' && c1.is_ascii_digit()) => {
@@ -575,10 +517,7 @@ impl<'a> Iterator for Lexer<'a> {
         let end = self.src.len();
         if let Err(start) = self.skip_trivia() {
             self.pos = end;
-            return Some(Token {
-                kind: Kind::Unterminated,
-                text: &self.src[start..],
-            });
+            return Some(Token { kind: Kind::Unterminated, text: &self.src[start..] });
         }
         if self.pos >= end {
             return None;
@@ -588,10 +527,7 @@ impl<'a> Iterator for Lexer<'a> {
             self.pos = end;
             Kind::Unterminated
         });
-        Some(Token {
-            kind,
-            text: &self.src[start..self.pos],
-        })
+        Some(Token { kind, text: &self.src[start..self.pos] })
     }
 }
 
@@ -612,9 +548,7 @@ mod tests {
     }
 
     fn lex(s: &[u8]) -> Vec<(Kind, String)> {
-        Lexer::new(s)
-            .map(|t| (t.kind, String::from_utf8_lossy(t.text).into_owned()))
-            .collect()
+        Lexer::new(s).map(|t| (t.kind, String::from_utf8_lossy(t.text).into_owned())).collect()
     }
 
     /// The token texts, with a leading `|` for `Unterminated`.
@@ -622,11 +556,7 @@ mod tests {
         Lexer::new(s.as_bytes())
             .map(|t| {
                 let text = String::from_utf8_lossy(t.text).into_owned();
-                if t.kind == Unterminated {
-                    format!("|{text}")
-                } else {
-                    text
-                }
+                if t.kind == Unterminated { format!("|{text}") } else { text }
             })
             .collect()
     }
@@ -687,10 +617,7 @@ mod tests {
         assert_eq!(texts("1+-2"), ["1", "+", "-", "2"]);
         assert_eq!(texts("1=-2"), ["1", "=", "-", "2"]);
         assert_eq!(texts("a *-+ b"), ["a", "*", "-", "+", "b"]);
-        assert_eq!(
-            texts("a @- b ?-+ c %- d"),
-            ["a", "@-", "b", "?-+", "c", "%-", "d"]
-        );
+        assert_eq!(texts("a @- b ?-+ c %- d"), ["a", "@-", "b", "?-+", "c", "%-", "d"]);
         assert_eq!(
             texts("a <=> b != c <> d >= e <= f => g"),
             ["a", "<=>", "b", "!=", "c", "<>", "d", ">=", "e", "<=", "f", "=>", "g"]
@@ -698,10 +625,7 @@ mod tests {
         // `::`, `..`, `:=` are tokens; `:` and `.` are not operator characters
         assert_eq!(
             texts("x::int a.b 1..2 a := 1 a ::= b ..."),
-            [
-                "x", "::", "int", "a", ".", "b", "1", "..", "2", "a", ":=", "1", "a", "::", "=",
-                "b", "..", "."
-            ]
+            ["x", "::", "int", "a", ".", "b", "1", "..", "2", "a", ":=", "1", "a", "::", "=", "b", "..", "."]
         );
         assert_eq!(texts(":=> $ \\ {"), [":=", ">", "$", "\\", "{"]);
         // the server rejects operators of 64 characters or more
@@ -712,10 +636,7 @@ mod tests {
 
     #[test]
     fn numbers_follow_scan_l() {
-        assert_eq!(
-            texts("1 1.5 .5 5. 1e5 1.5e-3 .5E+3 1.e5"),
-            ["1", "1.5", ".5", "5.", "1e5", "1.5e-3", ".5E+3", "1.e5"]
-        );
+        assert_eq!(texts("1 1.5 .5 5. 1e5 1.5e-3 .5E+3 1.e5"), ["1", "1.5", ".5", "5.", "1e5", "1.5e-3", ".5E+3", "1.e5"]);
         assert_eq!(texts("1.2.3"), ["1.2", ".3"]);
         assert_eq!(texts("1..10"), ["1", "..", "10"]);
         assert_eq!(texts("1e5e5"), ["1e5", "e5"]);
@@ -737,10 +658,7 @@ mod tests {
     #[test]
     fn string_constants_continue_across_newlines() {
         // SQL: string constants separated by whitespace holding a newline are one constant
-        assert_eq!(
-            texts("select 'a'\n'b', 'a' \t\r  'b'"),
-            ["select", "'a'\n'b'", ",", "'a' \t\r  'b'"]
-        );
+        assert_eq!(texts("select 'a'\n'b', 'a' \t\r  'b'"), ["select", "'a'\n'b'", ",", "'a' \t\r  'b'"]);
         assert_eq!(texts("'a' 'b'"), ["'a'", "'b'"]);
         // `--` comments may stand in the gap (not `/* */` ones); libpg_query differs here
         assert_eq!(texts("'a' -- c\n'b'"), ["'a' -- c\n'b'"]);
@@ -752,20 +670,7 @@ mod tests {
         // the statement after `;` is read by the server, not hidden in a string
         assert_eq!(
             texts("select E'a' --x\n'\\'' ; select set_config('app.tenant_id','2',true) --'"),
-            [
-                "select",
-                "E'a' --x\n'\\''",
-                ";",
-                "select",
-                "set_config",
-                "(",
-                "'app.tenant_id'",
-                ",",
-                "'2'",
-                ",",
-                "true",
-                ")"
-            ]
+            ["select", "E'a' --x\n'\\''", ";", "select", "set_config", "(", "'app.tenant_id'", ",", "'2'", ",", "true", ")"]
         );
         // ... and a standard string part stays standard
         assert_eq!(texts("'a'\n'\\' ; b"), ["'a'\n'\\'", ";", "b"]);
@@ -782,9 +687,7 @@ mod tests {
     fn string_parts() {
         let parts = |s: &str| {
             let t = Lexer::new(s.as_bytes()).next().unwrap();
-            t.string_parts()
-                .map(|p| String::from_utf8_lossy(p).into_owned())
-                .collect::<Vec<_>>()
+            t.string_parts().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>()
         };
         assert_eq!(parts("'app.' -- x\n 'tenant''s'"), ["app.", "tenant''s"]);
         assert_eq!(parts("E'a\\'' \n'\\n'"), ["a\\'", "\\n"]);
@@ -804,14 +707,8 @@ mod tests {
 
     #[test]
     fn escape_strings() {
-        assert_eq!(
-            texts("E'it\\'s' e'\\\\' E'\\x41\\101\\n'"),
-            ["E'it\\'s'", "e'\\\\'", "E'\\x41\\101\\n'"]
-        );
-        assert_eq!(
-            texts("E'\\u0061\\U00000062\\uD83D\\uDE00'"),
-            ["E'\\u0061\\U00000062\\uD83D\\uDE00'"]
-        );
+        assert_eq!(texts("E'it\\'s' e'\\\\' E'\\x41\\101\\n'"), ["E'it\\'s'", "e'\\\\'", "E'\\x41\\101\\n'"]);
+        assert_eq!(texts("E'\\u0061\\U00000062\\uD83D\\uDE00'"), ["E'\\u0061\\U00000062\\uD83D\\uDE00'"]);
         // a trailing backslash escapes the closing quote
         assert_eq!(texts("select e'abc\\'"), ["select", "|e'abc\\'"]);
         assert_eq!(texts("select e'abc\\"), ["select", "|e'abc\\"]);
@@ -827,11 +724,7 @@ mod tests {
             "E'\\U00110000'",
             "E'\\u0000'",
         ] {
-            assert_eq!(
-                texts(&format!("select {bad}; select 2")),
-                ["select".to_string(), format!("|{bad}; select 2")],
-                "{bad}"
-            );
+            assert_eq!(texts(&format!("select {bad}; select 2")), ["select".to_string(), format!("|{bad}; select 2")], "{bad}");
         }
         // backslashes are ordinary in standard strings and U& strings
         assert_eq!(texts("'a\\' U&'\\' ;"), ["'a\\'", "U&'\\'", ";"]);
@@ -849,30 +742,18 @@ mod tests {
             ]
         );
         // zero-length quoted identifiers are scanner errors
-        assert_eq!(
-            texts("select \"\"; select 1"),
-            ["select", "|\"\"; select 1"]
-        );
-        assert_eq!(
-            texts("select U&\"\"; select 1"),
-            ["select", "|U&\"\"; select 1"]
-        );
+        assert_eq!(texts("select \"\"; select 1"), ["select", "|\"\"; select 1"]);
+        assert_eq!(texts("select U&\"\"; select 1"), ["select", "|U&\"\"; select 1"]);
         assert_eq!(texts("select \"\"\"\""), ["select", "\"\"\"\""]);
         // `U&` not followed by a quote is the word `U` and an operator
         assert_eq!(texts("U&x u &'a'"), ["U", "&", "x", "u", "&", "'a'"]);
-        assert_eq!(
-            kinds("U&\"set!005fconfig\" UESCAPE '!'")[1],
-            (Word, "UESCAPE".into())
-        );
+        assert_eq!(kinds("U&\"set!005fconfig\" UESCAPE '!'")[1], (Word, "UESCAPE".into()));
     }
 
     #[test]
     fn dollar_quotes_and_params() {
         assert_eq!(texts("$a$ $ab$ $a$ x"), ["$a$ $ab$ $a$", "x"]);
-        assert_eq!(
-            texts("$_1$x$_1$ a$b$c $ab"),
-            ["$_1$x$_1$", "a$b$c", "$", "ab"]
-        );
+        assert_eq!(texts("$_1$x$_1$ a$b$c $ab"), ["$_1$x$_1$", "a$b$c", "$", "ab"]);
         assert_eq!(texts("$1$$q$$ $12a"), ["$1", "$$q$$", "$12", "a"]);
         assert_eq!(texts("$a$ x $A$"), ["|$a$ x $A$"]);
         assert_eq!(texts("$\u{e9}$x$\u{e9}$"), ["$\u{e9}$x$\u{e9}$"]);
@@ -880,13 +761,7 @@ mod tests {
 
     #[test]
     fn national_strings_are_one_token() {
-        assert_eq!(
-            kinds("N'abc' n'x'"),
-            [
-                (Kind::String, "N'abc'".into()),
-                (Kind::String, "n'x'".into())
-            ]
-        );
+        assert_eq!(kinds("N'abc' n'x'"), [(Kind::String, "N'abc'".into()), (Kind::String, "n'x'".into())]);
     }
 
     #[test]
@@ -904,10 +779,7 @@ mod tests {
             ]
         );
         // a NUL is a one-byte token (the server never reads past one)
-        assert_eq!(
-            lex(b"a\0b"),
-            [(Word, "a".into()), (Op, "\0".into()), (Word, "b".into())]
-        );
+        assert_eq!(lex(b"a\0b"), [(Word, "a".into()), (Op, "\0".into()), (Word, "b".into())]);
     }
 
     /// Inputs kept in proxy/fuzz/regressions/lexer_diff/ (the `orig-*` ones are covered by the
@@ -922,16 +794,7 @@ mod tests {
         // harness-e-continuation-across-comment-then-error
         assert_eq!(
             texts("select /* a /* b */ c */ select E'a' --x\n'\\'' ; select set_c1; /*o/"),
-            [
-                "select",
-                "select",
-                "E'a' --x\n'\\''",
-                ";",
-                "select",
-                "set_c1",
-                ";",
-                "|/*o/"
-            ]
+            ["select", "select", "E'a' --x\n'\\''", ";", "select", "set_c1", ";", "|/*o/"]
         );
         // harness-quote-inside-comment-after-string: a quote inside a `--` comment after a
         // string does not continue it

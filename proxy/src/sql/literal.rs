@@ -29,11 +29,7 @@ pub fn string_value(t: &Token<'_>) -> Option<String> {
     let end = last.as_ptr() as usize - s.as_ptr() as usize + last.len() + 1;
     let rest = s.get(end..)?;
     let joined = |decode: &dyn Fn(&[u8]) -> Option<String>| -> Option<String> {
-        parts
-            .iter()
-            .map(|p| decode(p))
-            .collect::<Option<Vec<String>>>()
-            .map(|v| v.concat())
+        parts.iter().map(|p| decode(p)).collect::<Option<Vec<String>>>().map(|v| v.concat())
     };
     match s[0].to_ascii_lowercase() {
         b'\'' | b'n' if rest.is_empty() => joined(&|p| Some(unquote(p, b'\''))),
@@ -61,9 +57,7 @@ const MAX_IDENT_BYTES: usize = 63;
 pub fn ident_value<'a>(t: &Token<'a>) -> Option<Cow<'a, str>> {
     let name = match t.kind {
         Kind::Word => fold_word(t.text),
-        Kind::QuotedIdent if t.text[0] == b'"' => {
-            Cow::Owned(unquote(&t.text[1..t.text.len() - 1], b'"'))
-        }
+        Kind::QuotedIdent if t.text[0] == b'"' => Cow::Owned(unquote(&t.text[1..t.text.len() - 1], b'"')),
         Kind::QuotedIdent => Cow::Owned(unicode_literal(t.text, b'"')?),
         _ => return None,
     };
@@ -80,10 +74,9 @@ pub fn ident_value<'a>(t: &Token<'a>) -> Option<Cow<'a, str>> {
 #[inline]
 pub fn ident_among(t: &Token<'_>, names: &[&'static str]) -> Option<&'static str> {
     match t.kind {
-        Kind::Word if t.text.len() <= MAX_IDENT_BYTES => names
-            .iter()
-            .copied()
-            .find(|n| n.len() == t.text.len() && t.text.eq_ignore_ascii_case(n.as_bytes())),
+        Kind::Word if t.text.len() <= MAX_IDENT_BYTES => {
+            names.iter().copied().find(|n| n.len() == t.text.len() && t.text.eq_ignore_ascii_case(n.as_bytes()))
+        }
         Kind::Word | Kind::QuotedIdent => decoded_among(t, names),
         _ => None,
     }
@@ -123,10 +116,7 @@ pub fn keyword(t: &Token<'_>) -> Option<Keyword> {
     if t.kind != Kind::Word {
         return None;
     }
-    let mut k = Keyword {
-        buf: [0; KEYWORD_MAX],
-        len: 0,
-    };
+    let mut k = Keyword { buf: [0; KEYWORD_MAX], len: 0 };
     if t.text.len() <= KEYWORD_MAX && t.text.is_ascii() {
         k.buf[..t.text.len()].copy_from_slice(t.text);
         k.buf.make_ascii_lowercase();
@@ -164,10 +154,7 @@ fn truncate_ident(name: Cow<'_, str>) -> Cow<'_, str> {
 
 /// Whether a token is a `U&'…'` / `U&"…"` form (whose meaning depends on a `UESCAPE` clause).
 pub fn is_unicode_form(t: &Token<'_>) -> bool {
-    matches!(t.kind, Kind::String | Kind::QuotedIdent)
-        && t.text.len() > 2
-        && t.text[0].eq_ignore_ascii_case(&b'u')
-        && t.text[1] == b'&'
+    matches!(t.kind, Kind::String | Kind::QuotedIdent) && t.text.len() > 2 && t.text[0].eq_ignore_ascii_case(&b'u') && t.text[1] == b'&'
 }
 
 /// `U&'…'` or `U&"…"`, possibly followed (in the same token, see `sql::split`) by
@@ -199,28 +186,15 @@ fn closing_quote(text: &[u8], start: usize, quote: u8) -> Option<usize> {
 /// `UESCAPE 'c'` with a valid escape character (`Some(Some(c))`); anything else is `None`.
 fn uescape_clause(rest: &[u8]) -> Option<Option<u8>> {
     let mut toks = Lexer::new(rest);
-    let Some(kw) = toks.next() else {
-        return Some(None);
-    };
+    let Some(kw) = toks.next() else { return Some(None) };
     let lit = toks.next()?;
-    if !kw.is_word("uescape")
-        || lit.kind != Kind::String
-        || lit.text[0] != b'\''
-        || toks.next().is_some()
-    {
+    if !kw.is_word("uescape") || lit.kind != Kind::String || lit.text[0] != b'\'' || toks.next().is_some() {
         return None;
     }
     let c = unquote(&lit.text[1..lit.text.len() - 1], b'\'');
     // the server: one character, not a hex digit, '+', a quote or white space
     match c.as_bytes() {
-        [c] if !c.is_ascii_hexdigit()
-            && !matches!(
-                c,
-                b'+' | b'\'' | b'"' | b' ' | b'\t' | b'\n' | b'\r' | b'\x0c'
-            ) =>
-        {
-            Some(Some(*c))
-        }
+        [c] if !c.is_ascii_hexdigit() && !matches!(c, b'+' | b'\'' | b'"' | b' ' | b'\t' | b'\n' | b'\r' | b'\x0c') => Some(Some(*c)),
         _ => None,
     }
 }
@@ -257,9 +231,7 @@ impl Utf16 {
                 self.pending_high = Some(cp);
                 return Some(());
             }
-            (Some(hi), 0xDC00..=0xDFFF) => {
-                char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (cp - 0xDC00))?
-            }
+            (Some(hi), 0xDC00..=0xDFFF) => char::from_u32(0x10000 + ((hi - 0xD800) << 10) + (cp - 0xDC00))?,
             (Some(_), _) | (None, 0xDC00..=0xDFFF) | (None, 0) => return None,
             (None, cp) => char::from_u32(cp)?,
         };
@@ -269,11 +241,7 @@ impl Utf16 {
     }
 
     fn plain(&self) -> Option<()> {
-        if self.pending_high.is_some() {
-            None
-        } else {
-            Some(())
-        }
+        if self.pending_high.is_some() { None } else { Some(()) }
     }
 }
 
@@ -361,11 +329,7 @@ fn unescape_unicode(s: &str, e: u8) -> Option<String> {
             i += 2;
             continue;
         }
-        let (start, len) = if b.get(i + 1) == Some(&b'+') {
-            (i + 2, 6)
-        } else {
-            (i + 1, 4)
-        };
+        let (start, len) = if b.get(i + 1) == Some(&b'+') { (i + 2, 6) } else { (i + 1, 4) };
         let cp = hex(b.get(start..start + len)?)?;
         utf16.push(&mut out, cp)?;
         i = start + len;
@@ -391,11 +355,7 @@ mod tests {
     /// is no keyword compares equal to none.
     #[test]
     fn keywords_fold_like_words_and_match_nothing_else() {
-        let kw = |sql: &str| {
-            Lexer::new(sql.as_bytes())
-                .next()
-                .and_then(|t| keyword(&t).map(|k| k.to_string()))
-        };
+        let kw = |sql: &str| Lexer::new(sql.as_bytes()).next().and_then(|t| keyword(&t).map(|k| k.to_string()));
         assert_eq!(kw("SELECT").as_deref(), Some("select"));
         assert_eq!(kw("Characteristics").as_deref(), Some("characteristics"));
         // longer than any keyword, or not ASCII: equal to no keyword
@@ -422,25 +382,9 @@ mod tests {
         let cut = format!("{}é{}", "a".repeat(62), "b".repeat(5));
         assert_eq!(id(&cut).as_deref(), Some(&cut[..62]));
         // ident_among: the same names, without decoding unquoted words
-        let toks = split(
-            "SET_CONFIG \"set_config\" U&\"set\\005fconfig\" \"SET_CONFIG\" set_configx \u{212A}"
-                .as_bytes(),
-        );
-        let found: Vec<_> = toks[0]
-            .iter()
-            .map(|t| ident_among(t, &["set_config", "k"]))
-            .collect();
-        assert_eq!(
-            found,
-            [
-                Some("set_config"),
-                Some("set_config"),
-                Some("set_config"),
-                None,
-                None,
-                None
-            ]
-        );
+        let toks = split("SET_CONFIG \"set_config\" U&\"set\\005fconfig\" \"SET_CONFIG\" set_configx \u{212A}".as_bytes());
+        let found: Vec<_> = toks[0].iter().map(|t| ident_among(t, &["set_config", "k"])).collect();
+        assert_eq!(found, [Some("set_config"), Some("set_config"), Some("set_config"), None, None, None]);
     }
 
     #[test]
@@ -476,14 +420,8 @@ mod tests {
         assert_eq!(id("SET_CONFIG").as_deref(), Some("set_config"));
         assert_eq!(id("\"set_config\"").as_deref(), Some("set_config"));
         assert_eq!(id("U&\"\\0073et_config\"").as_deref(), Some("set_config"));
-        assert_eq!(
-            id("U&\"set!005fconfig\" UESCAPE '!'").as_deref(),
-            Some("set_config")
-        );
-        assert_eq!(
-            id("u&\"set%005Fconfig\"UESCAPE'%'").as_deref(),
-            Some("set_config")
-        );
+        assert_eq!(id("U&\"set!005fconfig\" UESCAPE '!'").as_deref(), Some("set_config"));
+        assert_eq!(id("u&\"set%005Fconfig\"UESCAPE'%'").as_deref(), Some("set_config"));
     }
 
     #[test]

@@ -28,10 +28,7 @@ pub fn split(sql: &[u8]) -> Vec<Vec<Token<'_>>> {
         if t.kind == Kind::Semicolon && atomic == 0 {
             if !cur.is_empty() {
                 let next = t.text.as_ptr() as usize - sql.as_ptr() as usize + 1;
-                out.push(std::mem::replace(
-                    &mut cur,
-                    Vec::with_capacity(room_for(sql, next)),
-                ));
+                out.push(std::mem::replace(&mut cur, Vec::with_capacity(room_for(sql, next))));
             }
             continue;
         }
@@ -80,10 +77,7 @@ fn with_uescape<'a>(sql: &'a [u8], lexer: Lexer<'a>) -> impl Iterator<Item = Tok
                 let lit = lexer.next().expect("peeked");
                 let start = t.text.as_ptr() as usize - sql.as_ptr() as usize;
                 let end = lit.text.as_ptr() as usize - sql.as_ptr() as usize + lit.text.len();
-                Some(Token {
-                    kind: t.kind,
-                    text: &sql[start..end],
-                })
+                Some(Token { kind: t.kind, text: &sql[start..end] })
             }
             _ => {
                 pending.push_back(kw);
@@ -107,9 +101,7 @@ pub enum TxEffect {
 
 /// Classifies a statement by its first two tokens.
 pub fn tx_effect(first: Option<Token<'_>>, second: Option<Token<'_>>) -> TxEffect {
-    let Some(first) = first else {
-        return TxEffect::None;
-    };
+    let Some(first) = first else { return TxEffect::None };
     let second_is = |kw: &str| second.is_some_and(|t| t.is_word(kw));
     if first.is_word("begin") || (first.is_word("start") && second_is("transaction")) {
         TxEffect::Begin
@@ -144,10 +136,7 @@ pub fn chains(sql: &[u8]) -> bool {
 
 /// The statement name of a query string that is exactly `DEALLOCATE [PREPARE] name`.
 pub fn deallocate_name(sql: &[u8]) -> Option<String> {
-    let toks: Vec<_> = Lexer::new(sql)
-        .filter(|t| t.kind != Kind::Semicolon)
-        .take(4)
-        .collect();
+    let toks: Vec<_> = Lexer::new(sql).filter(|t| t.kind != Kind::Semicolon).take(4).collect();
     let name = match toks.as_slice() {
         [d, n] if d.is_word("deallocate") => n,
         [d, p, n] if d.is_word("deallocate") && p.is_word("prepare") => n,
@@ -164,17 +153,13 @@ pub fn deallocates_all(sql: &[u8]) -> bool {
     split(sql).iter().any(|t| {
         t.first().is_some_and(|d| d.is_word("deallocate"))
             && (t.get(1).is_some_and(|a| a.is_word("all"))
-                || (t.get(1).is_some_and(|p| p.is_word("prepare"))
-                    && t.get(2).is_some_and(|a| a.is_word("all"))))
+                || (t.get(1).is_some_and(|p| p.is_word("prepare")) && t.get(2).is_some_and(|a| a.is_word("all"))))
     })
 }
 
 /// The query string is exactly `DISCARD ALL` (one statement).
 pub fn is_discard_all(sql: &[u8]) -> bool {
-    let toks: Vec<_> = Lexer::new(sql)
-        .filter(|t| t.kind != Kind::Semicolon)
-        .take(3)
-        .collect();
+    let toks: Vec<_> = Lexer::new(sql).filter(|t| t.kind != Kind::Semicolon).take(3).collect();
     toks.len() == 2 && toks[0].is_word("discard") && toks[1].is_word("all")
 }
 
@@ -193,9 +178,7 @@ pub fn has_session_set(sql: &[u8]) -> bool {
             continue;
         }
         if at_start && (t.is_word("set") || t.is_word("reset")) {
-            let local = lexer.peek().is_some_and(|n| {
-                n.is_word("local") || n.is_word("transaction") || n.is_word("constraints")
-            });
+            let local = lexer.peek().is_some_and(|n| n.is_word("local") || n.is_word("transaction") || n.is_word("constraints"));
             if !local {
                 return true;
             }
@@ -219,12 +202,7 @@ pub struct Summary {
 }
 
 pub fn summarize(sql: &[u8]) -> Summary {
-    let mut s = Summary {
-        statements: 0,
-        first: TxEffect::None,
-        ends_tx_midway: false,
-        unterminated: false,
-    };
+    let mut s = Summary { statements: 0, first: TxEffect::None, ends_tx_midway: false, unterminated: false };
     let mut lexer = Lexer::new(sql);
     let mut pending_end = false;
     loop {
@@ -283,14 +261,8 @@ mod tests {
 
     #[test]
     fn deallocate_names() {
-        assert_eq!(
-            deallocate_name(b"DEALLOCATE _pg3_0").as_deref(),
-            Some("_pg3_0")
-        );
-        assert_eq!(
-            deallocate_name(b"deallocate prepare \"S_1\"").as_deref(),
-            Some("S_1")
-        );
+        assert_eq!(deallocate_name(b"DEALLOCATE _pg3_0").as_deref(), Some("_pg3_0"));
+        assert_eq!(deallocate_name(b"deallocate prepare \"S_1\"").as_deref(), Some("S_1"));
         assert_eq!(deallocate_name(b"DEALLOCATE ALL"), None);
         assert_eq!(deallocate_name(b"DEALLOCATE a; select 1"), None);
         assert!(deallocates_all(b"select 1; DEALLOCATE PREPARE ALL"));
@@ -308,18 +280,13 @@ mod tests {
         assert!(!has_session_set(b"SET LOCAL statement_timeout = 1"));
         assert!(!has_session_set(b"SET TRANSACTION READ ONLY"));
         assert!(!has_session_set(b"select 'set x = 1' offset 3"));
-        assert!(has_session_set(
-            b"select set_config('work_mem', '1MB', false)"
-        ));
+        assert!(has_session_set(b"select set_config('work_mem', '1MB', false)"));
     }
 
     #[test]
     fn finds_transaction_boundaries() {
         let s = summarize(b"BEGIN; select 1; COMMIT");
-        assert_eq!(
-            (s.statements, s.first, s.ends_tx_midway),
-            (3, TxEffect::Begin, false)
-        );
+        assert_eq!((s.statements, s.first, s.ends_tx_midway), (3, TxEffect::Begin, false));
         assert!(summarize(b"commit; select * from orders").ends_tx_midway);
         assert!(summarize(b"ROLLBACK ; ; select 1").ends_tx_midway);
         assert!(!summarize(b"rollback to savepoint a; select 1").ends_tx_midway);
@@ -328,33 +295,16 @@ mod tests {
         assert_eq!(summarize(b"end").first, TxEffect::End);
         assert_eq!(summarize(b"  ").statements, 0);
         assert!(summarize(b"prepare transaction 'x'; select 1").ends_tx_midway);
-        assert!(
-            !summarize(b"create function f() returns int begin atomic select 1; end; select 2")
-                .ends_tx_midway
-        );
+        assert!(!summarize(b"create function f() returns int begin atomic select 1; end; select 2").ends_tx_midway);
         assert!(summarize(b"commit and chain; select 1").ends_tx_midway);
     }
 
     #[test]
     fn chained_ends() {
-        for sql in [
-            "COMMIT AND CHAIN",
-            "commit work and chain",
-            "ROLLBACK AND CHAIN;",
-            "end transaction and chain",
-            "abort and chain",
-            "select 1; commit and chain",
-            "COMMIT /* x */ AND --\n CHAIN",
-        ] {
+        for sql in ["COMMIT AND CHAIN", "commit work and chain", "ROLLBACK AND CHAIN;", "end transaction and chain", "abort and chain", "select 1; commit and chain", "COMMIT /* x */ AND --\n CHAIN"] {
             assert!(chains(sql.as_bytes()), "{sql}");
         }
-        for sql in [
-            "COMMIT",
-            "COMMIT AND NO CHAIN",
-            "select 'and chain'",
-            "commit and chain; select 1 as chain",
-            "select chain",
-        ] {
+        for sql in ["COMMIT", "COMMIT AND NO CHAIN", "select 'and chain'", "commit and chain; select 1 as chain", "select chain"] {
             assert!(!chains(sql.as_bytes()), "{sql}");
         }
     }

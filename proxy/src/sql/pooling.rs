@@ -11,12 +11,7 @@ use super::split;
 use crate::error::{sqlstate, PgError};
 use crate::sql::literal::{ident_among, string_value};
 
-const SESSION_LOCKS: [&str; 4] = [
-    "pg_advisory_lock",
-    "pg_advisory_lock_shared",
-    "pg_try_advisory_lock",
-    "pg_try_advisory_lock_shared",
-];
+const SESSION_LOCKS: [&str; 4] = ["pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"];
 
 fn refuse(what: &str) -> PgError {
     PgError::error(
@@ -35,46 +30,25 @@ pub fn check(sql: &[u8], in_block: bool) -> Result<(), PgError> {
 pub fn check_statements(statements: &[Vec<Token<'_>>], in_block: bool) -> Result<(), PgError> {
     let last = statements.len().saturating_sub(1);
     for (i, toks) in statements.iter().enumerate() {
-        let word = |j: usize| {
-            toks.get(j)
-                .is_some_and(|t: &Token<'_>| t.kind == Kind::Word)
-        };
+        let word = |j: usize| toks.get(j).is_some_and(|t: &Token<'_>| t.kind == Kind::Word);
         let first = toks.first();
         if first.is_some_and(|t| t.is_word("listen")) {
             return Err(refuse("LISTEN"));
         }
-        if first.is_some_and(|t| t.is_word("declare"))
-            && toks
-                .windows(2)
-                .any(|w| w[0].is_word("with") && w[1].is_word("hold"))
-        {
+        if first.is_some_and(|t| t.is_word("declare")) && toks.windows(2).any(|w| w[0].is_word("with") && w[1].is_word("hold")) {
             return Err(refuse("a WITH HOLD cursor"));
         }
         if takes_session_lock(toks, 0) {
-            return Err(refuse(
-                "a session-level advisory lock (use pg_advisory_xact_lock)",
-            ));
+            return Err(refuse("a session-level advisory lock (use pg_advisory_xact_lock)"));
         }
         let temp = first.is_some_and(|t| t.is_word("create"))
-            && toks
-                .iter()
-                .take(4)
-                .any(|t| t.is_word("temp") || t.is_word("temporary"))
+            && toks.iter().take(4).any(|t| t.is_word("temp") || t.is_word("temporary"))
             && toks.iter().any(|t| t.is_word("table"));
-        let on_commit_drop = toks
-            .windows(3)
-            .any(|w| w[0].is_word("on") && w[1].is_word("commit") && w[2].is_word("drop"));
+        let on_commit_drop = toks.windows(3).any(|w| w[0].is_word("on") && w[1].is_word("commit") && w[2].is_word("drop"));
         if temp && !on_commit_drop {
-            return Err(refuse(
-                "a temporary table that outlives its transaction (add ON COMMIT DROP)",
-            ));
+            return Err(refuse("a temporary table that outlives its transaction (add ON COMMIT DROP)"));
         }
-        if first.is_some_and(|t| t.is_word("prepare"))
-            && word(1)
-            && !toks.get(1).is_some_and(|t| t.is_word("transaction"))
-            && i == last
-            && !in_block
-        {
+        if first.is_some_and(|t| t.is_word("prepare")) && word(1) && !toks.get(1).is_some_and(|t| t.is_word("transaction")) && i == last && !in_block {
             return Err(refuse("an SQL-level PREPARE used in a later transaction (protocol-level prepared statements work)"));
         }
     }
@@ -87,28 +61,17 @@ pub fn check_statements(statements: &[Vec<Token<'_>>], in_block: bool) -> Result
 /// (a nested `DO` inside a PL/pgSQL body follows `BEGIN` & co.). Strings run by `EXECUTE` are not
 /// seen: `pgtenant doctor`'s `advisory_locks` privilege check covers those.
 fn takes_session_lock(toks: &[Token<'_>], depth: u32) -> bool {
-    if toks
-        .iter()
-        .any(|t| ident_among(t, &SESSION_LOCKS).is_some())
-    {
+    if toks.iter().any(|t| ident_among(t, &SESSION_LOCKS).is_some()) {
         return true;
     }
-    let runs_body = if depth == 0 {
-        toks.first().is_some_and(|t| t.is_word("do"))
-    } else {
-        toks.iter().any(|t| t.is_word("do"))
-    };
+    let runs_body = if depth == 0 { toks.first().is_some_and(|t| t.is_word("do")) } else { toks.iter().any(|t| t.is_word("do")) };
     runs_body
         && depth < 3
         && toks
             .iter()
             .filter(|t| t.kind == Kind::String)
             .filter_map(string_value)
-            .any(|body| {
-                split(body.as_bytes())
-                    .iter()
-                    .any(|s| takes_session_lock(s, depth + 1))
-            })
+            .any(|body| split(body.as_bytes()).iter().any(|s| takes_session_lock(s, depth + 1)))
 }
 
 #[cfg(test)]
@@ -132,11 +95,7 @@ mod tests {
             "create temporary table t as select 1",
             "PREPARE q AS select 1",
         ] {
-            assert_eq!(
-                check(sql.as_bytes(), false).unwrap_err().code,
-                "0A000",
-                "{sql}"
-            );
+            assert_eq!(check(sql.as_bytes(), false).unwrap_err().code, "0A000", "{sql}");
         }
         for sql in [
             "NOTIFY jobs",

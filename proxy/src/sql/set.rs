@@ -4,8 +4,8 @@
 //! see `super::set_config`: the values come with the Bind).
 
 use super::lexer::{Kind, Token};
-use super::set_config::{self, Arg};
 use super::split;
+use super::set_config::{self, Arg};
 use crate::sql::literal::{ident_value, string_value};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,10 +27,7 @@ pub fn session_changes(sql: &[u8]) -> Vec<Change> {
 pub fn changes_of(statements: &[Vec<Token<'_>>]) -> Vec<Change> {
     statements
         .iter()
-        .flat_map(|toks| {
-            super::txmode::characteristics_changes(toks)
-                .unwrap_or_else(|| change(toks).into_iter().collect())
-        })
+        .flat_map(|toks| super::txmode::characteristics_changes(toks).unwrap_or_else(|| change(toks).into_iter().collect()))
         .collect()
 }
 
@@ -40,28 +37,18 @@ fn change(toks: &[Token<'_>]) -> Option<Change> {
         return set_config_change(toks);
     }
     let mut i = 1;
-    if toks.get(1).is_some_and(|t| t.is_word("session"))
-        && !toks
-            .get(2)
-            .is_some_and(|t| t.is_word("authorization") || t.is_word("characteristics"))
-    {
+    if toks.get(1).is_some_and(|t| t.is_word("session")) && !toks.get(2).is_some_and(|t| t.is_word("authorization") || t.is_word("characteristics")) {
         i = 2;
     }
     let t = toks.get(i)?;
-    if ["local", "transaction", "constraints", "role", "session"]
-        .iter()
-        .any(|w| t.is_word(w))
-    {
+    if ["local", "transaction", "constraints", "role", "session"].iter().any(|w| t.is_word(w)) {
         return None;
     }
     if first.is_word("reset") {
         if t.is_word("all") {
             return Some(Change::ResetAll);
         }
-        return name_at(toks, i)
-            .map(|(n, _)| n)
-            .filter(|n| !set_config::is_transaction_scoped(n))
-            .map(Change::Reset);
+        return name_at(toks, i).map(|(n, _)| n).filter(|n| !set_config::is_transaction_scoped(n)).map(Change::Reset);
     }
     if !first.is_word("set") {
         return None;
@@ -74,14 +61,7 @@ fn change(toks: &[Token<'_>]) -> Option<Change> {
         ("client_encoding".to_string(), i + 1)
     } else {
         let (n, j) = name_at(toks, i)?;
-        let j = if toks
-            .get(j)
-            .is_some_and(|x| x.is_word("to") || (x.kind == Kind::Op && x.text == b"="))
-        {
-            j + 1
-        } else {
-            return None;
-        };
+        let j = if toks.get(j).is_some_and(|x| x.is_word("to") || (x.kind == Kind::Op && x.text == b"=")) { j + 1 } else { return None };
         (n, j)
     };
     if set_config::is_transaction_scoped(&name) {
@@ -98,16 +78,8 @@ fn change(toks: &[Token<'_>]) -> Option<Change> {
 /// statement (the plain spelling of the function name only, see `super::has_session_set`). A
 /// setting that lasts one transaction anyway (`transaction_isolation` & co.) is no change.
 fn set_config_change(toks: &[Token<'_>]) -> Option<Change> {
-    let i = if toks.get(1)?.is_word("set_config") {
-        1
-    } else {
-        3
-    };
-    if !toks.get(i)?.is_word("set_config")
-        || !toks
-            .get(i + 1)
-            .is_some_and(|t| t.kind == Kind::Op && t.text == b"(")
-    {
+    let i = if toks.get(1)?.is_word("set_config") { 1 } else { 3 };
+    if !toks.get(i)?.is_word("set_config") || !toks.get(i + 1).is_some_and(|t| t.kind == Kind::Op && t.text == b"(") {
         return None;
     }
     let call = set_config::read_call(toks, i);
@@ -117,9 +89,7 @@ fn set_config_change(toks: &[Token<'_>]) -> Option<Change> {
         Arg::Null => Some(false),
         _ => None,
     };
-    let Arg::Text(name) = call.name else {
-        return None;
-    };
+    let Arg::Text(name) = call.name else { return None };
     if !call.whole || is_local != Some(false) || set_config::is_transaction_scoped(&name) {
         return None;
     }
@@ -134,10 +104,7 @@ fn set_config_change(toks: &[Token<'_>]) -> Option<Change> {
 fn name_at(toks: &[Token<'_>], i: usize) -> Option<(String, usize)> {
     let mut name = ident_value(toks.get(i)?)?.into_owned();
     let mut j = i + 1;
-    while toks
-        .get(j)
-        .is_some_and(|t| t.kind == Kind::Op && t.text == b".")
-    {
+    while toks.get(j).is_some_and(|t| t.kind == Kind::Op && t.text == b".") {
         name.push('.');
         name.push_str(&ident_value(toks.get(j + 1)?)?);
         j += 2;
@@ -184,56 +151,20 @@ mod tests {
 
     #[test]
     fn reads_session_changes() {
-        assert_eq!(
-            session_changes(b"SET statement_timeout = 1000"),
-            [set("statement_timeout", "1000")]
-        );
-        assert_eq!(
-            session_changes(b"set session search_path to app, \"Other\", public"),
-            [set("search_path", "app, \"Other\", public")]
-        );
-        assert_eq!(
-            session_changes(b"SET TIME ZONE 'Asia/Tokyo'"),
-            [set("timezone", "Asia/Tokyo")]
-        );
-        assert_eq!(
-            session_changes(b"SET application_name = E'a\\'b'"),
-            [set("application_name", "a'b")]
-        );
-        assert_eq!(
-            session_changes(b"SET extra_float_digits = -2"),
-            [set("extra_float_digits", "-2")]
-        );
-        assert_eq!(
-            session_changes(b"SET work_mem TO DEFAULT; RESET lock_timeout; RESET ALL"),
-            [
-                Change::Reset("work_mem".into()),
-                Change::Reset("lock_timeout".into()),
-                Change::ResetAll
-            ]
-        );
-        assert_eq!(
-            session_changes(
-                b"SET LOCAL work_mem = '1MB'; SET TRANSACTION READ ONLY; SET ROLE x; select 1"
-            ),
-            []
-        );
+        assert_eq!(session_changes(b"SET statement_timeout = 1000"), [set("statement_timeout", "1000")]);
+        assert_eq!(session_changes(b"set session search_path to app, \"Other\", public"), [set("search_path", "app, \"Other\", public")]);
+        assert_eq!(session_changes(b"SET TIME ZONE 'Asia/Tokyo'"), [set("timezone", "Asia/Tokyo")]);
+        assert_eq!(session_changes(b"SET application_name = E'a\\'b'"), [set("application_name", "a'b")]);
+        assert_eq!(session_changes(b"SET extra_float_digits = -2"), [set("extra_float_digits", "-2")]);
+        assert_eq!(session_changes(b"SET work_mem TO DEFAULT; RESET lock_timeout; RESET ALL"), [Change::Reset("work_mem".into()), Change::Reset("lock_timeout".into()), Change::ResetAll]);
+        assert_eq!(session_changes(b"SET LOCAL work_mem = '1MB'; SET TRANSACTION READ ONLY; SET ROLE x; select 1"), []);
     }
 
     #[test]
     fn reads_literal_set_config() {
-        assert_eq!(
-            session_changes(b"SELECT set_config('client_encoding', 'UTF8', false)"),
-            [set("client_encoding", "UTF8")]
-        );
-        assert_eq!(
-            session_changes(b"select pg_catalog.SET_CONFIG(E'app.theme', $$dark$$, 'off')"),
-            [set("app.theme", "dark")]
-        );
-        assert_eq!(
-            session_changes(b"select set_config('work_mem', NULL, NULL)"),
-            [Change::Reset("work_mem".into())]
-        );
+        assert_eq!(session_changes(b"SELECT set_config('client_encoding', 'UTF8', false)"), [set("client_encoding", "UTF8")]);
+        assert_eq!(session_changes(b"select pg_catalog.SET_CONFIG(E'app.theme', $$dark$$, 'off')"), [set("app.theme", "dark")]);
+        assert_eq!(session_changes(b"select set_config('work_mem', NULL, NULL)"), [Change::Reset("work_mem".into())]);
         for sql in [
             "select set_config('work_mem', '1MB', true)",
             "select set_config('work_mem', '1MB', false), 1",

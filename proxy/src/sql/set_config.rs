@@ -65,9 +65,7 @@ pub struct SetConfigCall {
 impl SetConfigCall {
     /// Some argument is a parameter: the call needs the Bind's values.
     pub fn has_params(&self) -> bool {
-        [&self.name, &self.value, &self.is_local]
-            .iter()
-            .any(|a| matches!(a, Arg::Param(..)))
+        [&self.name, &self.value, &self.is_local].iter().any(|a| matches!(a, Arg::Param(..)))
     }
 }
 
@@ -81,11 +79,7 @@ pub fn param_number(t: &Token<'_>) -> Option<u32> {
     if t.kind != Kind::Param {
         return None;
     }
-    std::str::from_utf8(&t.text[1..])
-        .ok()?
-        .parse::<u32>()
-        .ok()
-        .filter(|&n| (1..=65535).contains(&n))
+    std::str::from_utf8(&t.text[1..]).ok()?.parse::<u32>().ok().filter(|&n| (1..=65535).contains(&n))
 }
 
 /// Reads the call whose `set_config` token is `toks[i]` (followed by `(`). Arguments are split at
@@ -115,27 +109,12 @@ pub fn read_call(toks: &[Token<'_>], i: usize) -> SetConfigCall {
         }
     }
     let Some(close) = close else {
-        return SetConfigCall {
-            name: Arg::Other,
-            value: Arg::Other,
-            is_local: Arg::Other,
-            whole: false,
-        };
+        return SetConfigCall { name: Arg::Other, value: Arg::Other, is_local: Arg::Other, whole: false };
     };
     let arg = |k: usize| args.get(k).map_or(Arg::Other, |a| read_arg(a));
-    let qualified = i == 3
-        && toks.get(1).and_then(ident_value).as_deref() == Some("pg_catalog")
-        && is_op(toks.get(2), b".");
-    let whole = toks.first().is_some_and(|t| t.is_word("select"))
-        && (i == 1 || qualified)
-        && close + 1 == toks.len()
-        && args.len() == 3;
-    SetConfigCall {
-        name: arg(0),
-        value: arg(1),
-        is_local: arg(2),
-        whole,
-    }
+    let qualified = i == 3 && toks.get(1).and_then(ident_value).as_deref() == Some("pg_catalog") && is_op(toks.get(2), b".");
+    let whole = toks.first().is_some_and(|t| t.is_word("select")) && (i == 1 || qualified) && close + 1 == toks.len() && args.len() == 3;
+    SetConfigCall { name: arg(0), value: arg(1), is_local: arg(2), whole }
 }
 
 fn read_arg(a: &[Token<'_>]) -> Arg {
@@ -144,10 +123,9 @@ fn read_arg(a: &[Token<'_>]) -> Arg {
         [t] if t.is_word("null") => Arg::Null,
         [t] if t.is_word("true") || t.is_word("false") => Arg::Bool(t.is_word("true")),
         [p] => param_number(p).map_or(Arg::Other, |n| Arg::Param(n, None)),
-        [p, c, ty] if is_op(Some(c), b"::") && ty.kind == Kind::Word => param_number(p)
-            .map_or(Arg::Other, |n| {
-                Arg::Param(n, Some(String::from_utf8_lossy(ty.text).to_lowercase()))
-            }),
+        [p, c, ty] if is_op(Some(c), b"::") && ty.kind == Kind::Word => {
+            param_number(p).map_or(Arg::Other, |n| Arg::Param(n, Some(String::from_utf8_lossy(ty.text).to_lowercase())))
+        }
         _ => Arg::Other,
     }
 }
@@ -158,11 +136,7 @@ pub fn settle_params(call: &mut SetConfigCall, toks: &[Token<'_>], types: &[u32]
     let uses = |n: u32| toks.iter().filter(|t| param_number(t) == Some(n)).count();
     let declared = |n: u32| types.get(n as usize - 1).copied().unwrap_or(UNSPECIFIED);
     let exact = |arg: &Arg, oids: &[u32], casts: &[&str]| match arg {
-        Arg::Param(n, cast) => {
-            uses(*n) == 1
-                && oids.contains(&declared(*n))
-                && cast.as_deref().is_none_or(|c| casts.contains(&c))
-        }
+        Arg::Param(n, cast) => uses(*n) == 1 && oids.contains(&declared(*n)) && cast.as_deref().is_none_or(|c| casts.contains(&c)),
         _ => true,
     };
     let text = [UNSPECIFIED, UNKNOWN, TEXT, VARCHAR];
@@ -189,9 +163,7 @@ pub fn no_params(call: &mut SetConfigCall) {
 /// A boolean in the server's text form (`boolin`): `true`/`false`, `yes`/`no`, `on`/`off` and
 /// their unique prefixes, `1`/`0`, any case, surrounding white space ignored.
 pub fn parse_bool(s: &str) -> Option<bool> {
-    let v = s
-        .trim_matches(|c: char| c.is_ascii_whitespace() || c == '\x0b')
-        .to_ascii_lowercase();
+    let v = s.trim_matches(|c: char| c.is_ascii_whitespace() || c == '\x0b').to_ascii_lowercase();
     let prefix_of = |word: &str, min: usize| v.len() >= min && word.starts_with(v.as_str());
     match v.as_bytes().first()? {
         b't' if prefix_of("true", 1) => Some(true),
@@ -208,10 +180,7 @@ pub fn parse_bool(s: &str) -> Option<bool> {
 
 /// Settings that last one transaction whatever `is_local` says: never kept for the client.
 pub fn is_transaction_scoped(name: &str) -> bool {
-    matches!(
-        name.to_ascii_lowercase().as_str(),
-        "transaction_isolation" | "transaction_read_only" | "transaction_deferrable"
-    )
+    matches!(name.to_ascii_lowercase().as_str(), "transaction_isolation" | "transaction_read_only" | "transaction_deferrable")
 }
 
 #[cfg(test)]
@@ -221,10 +190,7 @@ mod tests {
 
     fn call(sql: &str) -> SetConfigCall {
         let toks = &split(sql.as_bytes())[0];
-        let i = toks
-            .iter()
-            .position(|t| ident_value(t).as_deref() == Some("set_config"))
-            .unwrap();
+        let i = toks.iter().position(|t| ident_value(t).as_deref() == Some("set_config")).unwrap();
         read_call(toks, i)
     }
 
@@ -235,20 +201,14 @@ mod tests {
     #[test]
     fn reads_arguments() {
         let c = call("select set_config($1, $2, false)");
-        assert_eq!(
-            (c.name, c.value, c.is_local, c.whole),
-            (p(1), p(2), Arg::Bool(false), true)
-        );
+        assert_eq!((c.name, c.value, c.is_local, c.whole), (p(1), p(2), Arg::Bool(false), true));
         let c = call("SELECT pg_catalog.set_config($01::text, $2::VARCHAR, $3::boolean)");
         assert_eq!(c.name, Arg::Param(1, Some("text".into())));
         assert_eq!(c.value, Arg::Param(2, Some("varchar".into())));
         assert_eq!(c.is_local, Arg::Param(3, Some("boolean".into())));
         assert!(c.whole);
         let c = call("select set_config('a.b', NULL, 'off')");
-        assert_eq!(
-            (c.name, c.value, c.is_local),
-            (Arg::Text("a.b".into()), Arg::Null, Arg::Text("off".into()))
-        );
+        assert_eq!((c.name, c.value, c.is_local), (Arg::Text("a.b".into()), Arg::Null, Arg::Text("off".into())));
         for (sql, whole) in [
             ("select set_config($1, $2, false), 1", false),
             ("select set_config($1, $2, false) from t", false),
@@ -274,93 +234,41 @@ mod tests {
         }
         // nested parentheses and brackets stay inside their argument
         let c = call("select set_config($1, coalesce($2, 'x'), (array[true, false])[1])");
-        assert_eq!(
-            (c.name, c.value, c.is_local),
-            (p(1), Arg::Other, Arg::Other)
-        );
+        assert_eq!((c.name, c.value, c.is_local), (p(1), Arg::Other, Arg::Other));
     }
 
     #[test]
     fn params_must_be_read_exactly() {
         let settle = |sql: &str, types: &[u32]| {
             let toks = &split(sql.as_bytes())[0];
-            let i = toks
-                .iter()
-                .position(|t| ident_value(t).as_deref() == Some("set_config"))
-                .unwrap();
+            let i = toks.iter().position(|t| ident_value(t).as_deref() == Some("set_config")).unwrap();
             let mut c = read_call(toks, i);
             settle_params(&mut c, toks, types);
             c
         };
         assert_eq!(settle("select set_config($1, $2, $3)", &[]).name, p(1));
-        assert_eq!(
-            settle("select set_config($1, $2, $3)", &[25, 1043, 16]).is_local,
-            p(3)
-        );
-        assert_eq!(
-            settle("select set_config($1, $2, $3)", &[705, 0]).value,
-            p(2)
-        );
+        assert_eq!(settle("select set_config($1, $2, $3)", &[25, 1043, 16]).is_local, p(3));
+        assert_eq!(settle("select set_config($1, $2, $3)", &[705, 0]).value, p(2));
         // bpchar loses trailing blanks, name is truncated: not read from the Bind
-        assert_eq!(
-            settle("select set_config($1, $2, false)", &[1042]).name,
-            Arg::Other
-        );
-        assert_eq!(
-            settle("select set_config($1, $2, false)", &[19]).name,
-            Arg::Other
-        );
-        assert_eq!(
-            settle("select set_config($1, $2, false)", &[25, 17]).value,
-            Arg::Other
-        );
-        assert_eq!(
-            settle("select set_config($1, $2, $3)", &[25, 25, 23]).is_local,
-            Arg::Other
-        );
+        assert_eq!(settle("select set_config($1, $2, false)", &[1042]).name, Arg::Other);
+        assert_eq!(settle("select set_config($1, $2, false)", &[19]).name, Arg::Other);
+        assert_eq!(settle("select set_config($1, $2, false)", &[25, 17]).value, Arg::Other);
+        assert_eq!(settle("select set_config($1, $2, $3)", &[25, 25, 23]).is_local, Arg::Other);
         // used twice: another use could give it another type
-        assert_eq!(
-            settle("select $1::bpchar, set_config($1, 'v', false)", &[]).name,
-            Arg::Other
-        );
-        assert_eq!(
-            settle("select set_config($1, $1, false)", &[]).name,
-            Arg::Other
-        );
-        assert_eq!(
-            settle("select set_config($01, 'v', false), $1", &[]).name,
-            Arg::Other
-        );
+        assert_eq!(settle("select $1::bpchar, set_config($1, 'v', false)", &[]).name, Arg::Other);
+        assert_eq!(settle("select set_config($1, $1, false)", &[]).name, Arg::Other);
+        assert_eq!(settle("select set_config($01, 'v', false), $1", &[]).name, Arg::Other);
         assert_eq!(settle("select set_config($2, $1, false)", &[]).name, p(2));
         // casts: only to the keyword types varchar (name, value) and boolean (is_local); `text` and
         // `bool` are looked up in the search path, where pg_temp comes first
-        assert_eq!(
-            settle("select set_config($1::VARCHAR, 'v', false)", &[25]).name,
-            Arg::Param(1, Some("varchar".into()))
-        );
-        assert_eq!(
-            settle("select set_config('a.b', 'v', $1::boolean)", &[]).is_local,
-            Arg::Param(1, Some("boolean".into()))
-        );
-        for sql in [
-            "select set_config($1::text, 'v', false)",
-            "select set_config($1::name, 'v', false)",
-            "select set_config($1::bpchar, 'v', false)",
-        ] {
+        assert_eq!(settle("select set_config($1::VARCHAR, 'v', false)", &[25]).name, Arg::Param(1, Some("varchar".into())));
+        assert_eq!(settle("select set_config('a.b', 'v', $1::boolean)", &[]).is_local, Arg::Param(1, Some("boolean".into())));
+        for sql in ["select set_config($1::text, 'v', false)", "select set_config($1::name, 'v', false)", "select set_config($1::bpchar, 'v', false)"] {
             assert_eq!(settle(sql, &[]).name, Arg::Other, "{sql}");
         }
-        assert_eq!(
-            settle("select set_config('a.b', $1::text, false)", &[]).value,
-            Arg::Other
-        );
-        assert_eq!(
-            settle("select set_config('a.b', $1::boolean, false)", &[]).value,
-            Arg::Other
-        );
-        assert_eq!(
-            settle("select set_config('a.b', 'v', $1::bool)", &[]).is_local,
-            Arg::Other
-        );
+        assert_eq!(settle("select set_config('a.b', $1::text, false)", &[]).value, Arg::Other);
+        assert_eq!(settle("select set_config('a.b', $1::boolean, false)", &[]).value, Arg::Other);
+        assert_eq!(settle("select set_config('a.b', 'v', $1::bool)", &[]).is_local, Arg::Other);
     }
 
     #[test]

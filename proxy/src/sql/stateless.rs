@@ -20,102 +20,22 @@ use crate::sql::literal::ident_value;
 
 /// First words of statements that can be stateless (if their function calls are pure).
 const STATEMENTS: &[&str] = &[
-    "select",
-    "values",
-    "table",
-    "show",
-    "begin",
-    "start",
-    "commit",
-    "end",
-    "rollback",
-    "abort",
-    "savepoint",
-    "release",
+    "select", "values", "table", "show", "begin", "start", "commit", "end", "rollback", "abort", "savepoint", "release",
 ];
 
 /// Words that put a statement outside the class even inside a SELECT: `SELECT … INTO` creates a
 /// table; data-modifying CTEs run DML.
-const STATEFUL_WORDS: &[&str] = &[
-    "into", "insert", "update", "delete", "merge", "copy", "prepare", "listen", "declare", "set",
-];
+const STATEFUL_WORDS: &[&str] = &["into", "insert", "update", "delete", "merge", "copy", "prepare", "listen", "declare", "set"];
 
 /// Keywords that may stand right before `(` and can never name a function (PostgreSQL's reserved
 /// and "column name" keywords): syntax such as `IN (…)`, `EXISTS (…)`, `CAST (…)`, `numeric(12,2)`.
 const NEVER_FUNCTIONS: &[&str] = &[
-    "all",
-    "and",
-    "any",
-    "array",
-    "as",
-    "case",
-    "cast",
-    "check",
-    "distinct",
-    "else",
-    "end",
-    "except",
-    "exists",
-    "extract",
-    "fetch",
-    "for",
-    "from",
-    "group",
-    "having",
-    "in",
-    "intersect",
-    "lateral",
-    "limit",
-    "not",
-    "offset",
-    "on",
-    "only",
-    "or",
-    "order",
-    "returning",
-    "select",
-    "some",
-    "table",
-    "then",
-    "union",
-    "using",
-    "when",
-    "where",
-    "window",
-    "with",
-    "between",
-    "row",
-    "values",
-    "coalesce",
-    "nullif",
-    "greatest",
-    "least",
-    "position",
-    "substring",
-    "trim",
-    "overlay",
-    "treat",
-    "normalize",
-    "numeric",
-    "decimal",
-    "dec",
-    "varchar",
-    "char",
-    "character",
-    "nchar",
-    "national",
-    "bit",
-    "timestamp",
-    "time",
-    "interval",
-    "float",
-    "int",
-    "integer",
-    "smallint",
-    "bigint",
-    "real",
-    "boolean",
-    "precision",
+    "all", "and", "any", "array", "as", "case", "cast", "check", "distinct", "else", "end", "except", "exists", "extract",
+    "fetch", "for", "from", "group", "having", "in", "intersect", "lateral", "limit", "not", "offset", "on", "only", "or",
+    "order", "returning", "select", "some", "table", "then", "union", "using", "when", "where", "window", "with",
+    "between", "row", "values", "coalesce", "nullif", "greatest", "least", "position", "substring", "trim", "overlay",
+    "treat", "normalize", "numeric", "decimal", "dec", "varchar", "char", "character", "nchar", "national", "bit",
+    "timestamp", "time", "interval", "float", "int", "integer", "smallint", "bigint", "real", "boolean", "precision",
 ];
 
 /// Keywords that can also name a function: not a call only where the grammar makes them syntax.
@@ -123,10 +43,7 @@ fn keyword_not_call(t: &Token<'_>, prev: Option<&Token<'_>>) -> bool {
     let prev_is = |f: &dyn Fn(&Token<'_>) -> bool| prev.is_some_and(f);
     let after_operand = prev_is(&|p| {
         (p.kind == Kind::Word && !is_word_in(p, NEVER_FUNCTIONS))
-            || matches!(
-                p.kind,
-                Kind::QuotedIdent | Kind::String | Kind::Number | Kind::Param
-            )
+            || matches!(p.kind, Kind::QuotedIdent | Kind::String | Kind::Number | Kind::Param)
             || p.text == b")"
             || p.text == b"]"
     });
@@ -145,108 +62,18 @@ fn keyword_not_call(t: &Token<'_>, prev: Option<&Token<'_>>) -> bool {
 
 /// Built-in functions with no side effect on the session.
 const PURE_FUNCTIONS: &[&str] = &[
-    "count",
-    "sum",
-    "avg",
-    "min",
-    "max",
-    "bool_and",
-    "bool_or",
-    "every",
-    "coalesce",
-    "nullif",
-    "greatest",
-    "least",
-    "now",
-    "current_setting",
-    "current_timestamp",
-    "current_date",
-    "statement_timestamp",
-    "transaction_timestamp",
-    "clock_timestamp",
-    "lower",
-    "upper",
-    "length",
-    "char_length",
-    "octet_length",
-    "abs",
-    "round",
-    "floor",
-    "ceil",
-    "ceiling",
-    "trunc",
-    "mod",
-    "power",
-    "sqrt",
-    "date_trunc",
-    "date_part",
-    "extract",
-    "to_char",
-    "to_date",
-    "to_timestamp",
-    "to_number",
-    "age",
-    "make_date",
-    "make_interval",
-    "json_build_object",
-    "jsonb_build_object",
-    "json_build_array",
-    "jsonb_build_array",
-    "json_agg",
-    "jsonb_agg",
-    "json_object_agg",
-    "jsonb_object_agg",
-    "to_json",
-    "to_jsonb",
-    "row_to_json",
-    "jsonb_set",
-    "jsonb_array_length",
-    "json_array_length",
-    "jsonb_typeof",
-    "jsonb_extract_path_text",
-    "array_agg",
-    "string_agg",
-    "array_length",
-    "array_position",
-    "cardinality",
-    "unnest",
-    "row_number",
-    "rank",
-    "dense_rank",
-    "lag",
-    "lead",
-    "first_value",
-    "last_value",
-    "ntile",
-    "percent_rank",
-    "cume_dist",
-    "substring",
-    "substr",
-    "trim",
-    "btrim",
-    "ltrim",
-    "rtrim",
-    "replace",
-    "concat",
-    "concat_ws",
-    "position",
-    "strpos",
-    "left",
-    "right",
-    "split_part",
-    "format",
-    "md5",
-    "encode",
-    "decode",
-    "cast",
-    "generate_series",
-    "pg_backend_pid",
-    "current_user",
-    "session_user",
-    "version",
-    "gen_random_uuid",
-    "num_nonnulls",
-    "num_nulls",
+    "count", "sum", "avg", "min", "max", "bool_and", "bool_or", "every", "coalesce", "nullif", "greatest", "least", "now",
+    "current_setting", "current_timestamp", "current_date", "statement_timestamp", "transaction_timestamp", "clock_timestamp",
+    "lower", "upper", "length", "char_length", "octet_length", "abs", "round", "floor", "ceil", "ceiling", "trunc", "mod",
+    "power", "sqrt", "date_trunc", "date_part", "extract", "to_char", "to_date", "to_timestamp", "to_number", "age",
+    "make_date", "make_interval", "json_build_object", "jsonb_build_object", "json_build_array", "jsonb_build_array",
+    "json_agg", "jsonb_agg", "json_object_agg", "jsonb_object_agg", "to_json", "to_jsonb", "row_to_json",
+    "jsonb_set", "jsonb_array_length", "json_array_length", "jsonb_typeof", "jsonb_extract_path_text", "array_agg",
+    "string_agg", "array_length", "array_position", "cardinality", "unnest", "row_number", "rank", "dense_rank", "lag",
+    "lead", "first_value", "last_value", "ntile", "percent_rank", "cume_dist", "substring", "substr", "trim", "btrim",
+    "ltrim", "rtrim", "replace", "concat", "concat_ws", "position", "strpos", "left", "right", "split_part", "format",
+    "md5", "encode", "decode", "cast", "generate_series", "pg_backend_pid", "current_user", "session_user", "version",
+    "gen_random_uuid", "num_nonnulls", "num_nulls",
 ];
 
 fn is_word_in(t: &Token<'_>, list: &[&str]) -> bool {
@@ -285,9 +112,7 @@ const SEQUENCE_FUNCTIONS: &[&str] = &["nextval", "currval", "setval", "lastval"]
 
 /// The class of one statement.
 pub fn statement_leaves(toks: &[Token<'_>]) -> Leaves {
-    let Some(first) = toks.first() else {
-        return Leaves::Nothing;
-    };
+    let Some(first) = toks.first() else { return Leaves::Nothing };
     let reads = is_word_in(first, STATEMENTS);
     if !reads && !is_word_in(first, WRITES) {
         return Leaves::Session;
@@ -303,41 +128,26 @@ pub fn statement_leaves(toks: &[Token<'_>]) -> Leaves {
                 leaves = leaves.max(Leaves::Sequences); // a write (at the top or in a CTE)
             }
             // INSERT INTO / MERGE INTO are writes; SELECT … INTO creates a table
-            Kind::Word
-                if t.is_word("into")
-                    && prev.is_some_and(|p| p.is_word("insert") || p.is_word("merge")) => {}
+            Kind::Word if t.is_word("into") && prev.is_some_and(|p| p.is_word("insert") || p.is_word("merge")) => {}
             // UPDATE … SET, ON CONFLICT DO UPDATE SET, WHEN MATCHED THEN UPDATE SET
             Kind::Word if t.is_word("set") && seen_update => {}
             Kind::Word if is_word_in(t, STATEFUL_WORDS) => return Leaves::Session,
             Kind::Word | Kind::QuotedIdent => {
-                let call = toks
-                    .get(i + 1)
-                    .is_some_and(|n| n.kind == Kind::Op && n.text == b"(");
+                let call = toks.get(i + 1).is_some_and(|n| n.kind == Kind::Op && n.text == b"(");
                 if !call {
                     continue;
                 }
                 // a schema-qualified name is always a function, and only pure in pg_catalog
                 let qualified = i >= 2 && toks[i - 1].kind == Kind::Op && toks[i - 1].text == b".";
                 // except the table of INSERT INTO t (columns), and ON CONFLICT (columns)
-                let table_at = if qualified {
-                    i.checked_sub(3)
-                } else {
-                    i.checked_sub(1)
-                };
-                if table_at
-                    .and_then(|j| toks.get(j))
-                    .is_some_and(|p| p.is_word("into"))
-                    || (!qualified && t.is_word("conflict"))
-                {
+                let table_at = if qualified { i.checked_sub(3) } else { i.checked_sub(1) };
+                if table_at.and_then(|j| toks.get(j)).is_some_and(|p| p.is_word("into")) || (!qualified && t.is_word("conflict")) {
                     continue;
                 }
                 if qualified && ident_value(&toks[i - 2]).as_deref() != Some("pg_catalog") {
                     return Leaves::Session;
                 }
-                if !qualified
-                    && t.kind == Kind::Word
-                    && (is_word_in(t, NEVER_FUNCTIONS) || keyword_not_call(t, prev))
-                {
+                if !qualified && t.kind == Kind::Word && (is_word_in(t, NEVER_FUNCTIONS) || keyword_not_call(t, prev)) {
                     continue;
                 }
                 if t.kind == Kind::QuotedIdent {
@@ -396,14 +206,7 @@ mod tests {
             "insert into t select * from u where pg_catalog.now() > $1",
             "insert into public.\"Orders\" (a, b) values ($1, $2) on conflict (a) do nothing",
         ] {
-            assert_eq!(
-                split(sql.as_bytes())
-                    .iter()
-                    .map(|t| statement_leaves(t))
-                    .max(),
-                Some(Leaves::Sequences),
-                "{sql}"
-            );
+            assert_eq!(split(sql.as_bytes()).iter().map(|t| statement_leaves(t)).max(), Some(Leaves::Sequences), "{sql}");
         }
         for sql in [
             "insert into t values (my_function())",

@@ -35,9 +35,7 @@ pub enum Opening {
 pub fn opening(sql: &[u8]) -> Opening {
     // most messages are plain statements: one token decides
     let first = super::lexer::Lexer::new(sql).find(|t| t.kind != Kind::Semicolon);
-    if !first.is_some_and(|t| {
-        t.is_word("begin") || t.is_word("start") || t.is_word("set") || t.is_word("reset")
-    }) {
+    if !first.is_some_and(|t| t.is_word("begin") || t.is_word("start") || t.is_word("set") || t.is_word("reset")) {
         return Opening::Work;
     }
     opening_of(&split(sql))
@@ -57,11 +55,7 @@ pub fn opening_of(statements: &[Vec<Token<'_>>]) -> Opening {
             None => return Opening::Work,
         }
     }
-    if any {
-        Opening::SetupOnly
-    } else {
-        Opening::Work
-    }
+    if any { Opening::SetupOnly } else { Opening::Work }
 }
 
 /// `Some(chooses_modes)` when the statement is transaction setup; `None` otherwise.
@@ -90,21 +84,10 @@ fn setup(toks: &[Token<'_>]) -> Option<bool> {
     // the transaction_* settings themselves; not other SETs: some build on the session's current
     // value (`SET DateStyle = 'SQL'` keeps the client's day order), so they need the client's
     // settings, which the context statement applies, in front of them
-    let i = if is(1, "local") || is(1, "session") {
-        2
-    } else {
-        1
-    };
+    let i = if is(1, "local") || is(1, "session") { 2 } else { 1 };
     let name = toks.get(i).and_then(crate::sql::literal::ident_value)?;
-    let dotted = toks
-        .get(i + 1)
-        .is_some_and(|t| t.kind == Kind::Op && t.text == b".");
-    (!dotted
-        && matches!(
-            &*name,
-            "transaction_isolation" | "transaction_read_only" | "transaction_deferrable"
-        ))
-    .then_some(true)
+    let dotted = toks.get(i + 1).is_some_and(|t| t.kind == Kind::Op && t.text == b".");
+    (!dotted && matches!(&*name, "transaction_isolation" | "transaction_read_only" | "transaction_deferrable")).then_some(true)
 }
 
 /// Transaction modes from `toks[i..]` to the end: `Some(any)` when they all are modes.
@@ -113,21 +96,9 @@ fn modes_at(toks: &[Token<'_>], i: usize) -> Option<bool> {
     let ok = rest.iter().all(|t| {
         (t.kind == Kind::Op && t.text == b",")
             || (t.kind == Kind::Word
-                && [
-                    "isolation",
-                    "level",
-                    "serializable",
-                    "repeatable",
-                    "read",
-                    "committed",
-                    "uncommitted",
-                    "only",
-                    "write",
-                    "not",
-                    "deferrable",
-                ]
-                .iter()
-                .any(|kw| t.is_word(kw)))
+                && ["isolation", "level", "serializable", "repeatable", "read", "committed", "uncommitted", "only", "write", "not", "deferrable"]
+                    .iter()
+                    .any(|kw| t.is_word(kw)))
     });
     ok.then_some(!rest.is_empty())
 }
@@ -135,12 +106,7 @@ fn modes_at(toks: &[Token<'_>], i: usize) -> Option<bool> {
 /// `SET SESSION CHARACTERISTICS AS TRANSACTION <modes>` as changes of the three session defaults.
 pub fn characteristics_changes(toks: &[Token<'_>]) -> Option<Vec<Change>> {
     let is = |i: usize, kw: &str| toks.get(i).is_some_and(|t| t.is_word(kw));
-    if !(is(0, "set")
-        && is(1, "session")
-        && is(2, "characteristics")
-        && is(3, "as")
-        && is(4, "transaction"))
-    {
+    if !(is(0, "set") && is(1, "session") && is(2, "characteristics") && is(3, "as") && is(4, "transaction")) {
         return None;
     }
     let words: Vec<String> = toks[5..]
@@ -153,12 +119,7 @@ pub fn characteristics_changes(toks: &[Token<'_>]) -> Option<Vec<Change>> {
     let at = |i: usize| words.get(i).map(String::as_str);
     while i < words.len() {
         match (at(i), at(i + 1), at(i + 2), at(i + 3)) {
-            (
-                Some("isolation"),
-                Some("level"),
-                Some("read"),
-                Some(l @ ("committed" | "uncommitted")),
-            ) => {
+            (Some("isolation"), Some("level"), Some("read"), Some(l @ ("committed" | "uncommitted"))) => {
                 out.push(Change::Set(ISOLATION.into(), format!("read {l}")));
                 i += 4;
             }
@@ -171,10 +132,7 @@ pub fn characteristics_changes(toks: &[Token<'_>]) -> Option<Vec<Change>> {
                 i += 3;
             }
             (Some("read"), Some(m @ ("only" | "write")), _, _) => {
-                out.push(Change::Set(
-                    READ_ONLY.into(),
-                    if m == "only" { "on" } else { "off" }.into(),
-                ));
+                out.push(Change::Set(READ_ONLY.into(), if m == "only" { "on" } else { "off" }.into()));
                 i += 2;
             }
             (Some("deferrable"), _, _, _) => {
@@ -212,11 +170,7 @@ pub fn defaults_sql(effective: &[(String, String)]) -> String {
             _ => parts.push(format!("RESET {name}")),
         }
     }
-    if any {
-        parts.join("; ")
-    } else {
-        String::new()
-    }
+    if any { parts.join("; ") } else { String::new() }
 }
 
 /// Gives a backend its role's defaults back (after `defaults_sql` changed them).
@@ -227,19 +181,9 @@ pub const RESET_DEFAULTS: &str =
 fn valid_default(name: &str, v: &str) -> bool {
     let v = v.trim().to_lowercase();
     if name == ISOLATION {
-        return [
-            "serializable",
-            "repeatable read",
-            "read committed",
-            "read uncommitted",
-            "default",
-        ]
-        .contains(&v.as_str());
+        return ["serializable", "repeatable read", "read committed", "read uncommitted", "default"].contains(&v.as_str());
     }
-    [
-        "on", "off", "true", "false", "yes", "no", "1", "0", "t", "f", "y", "n",
-    ]
-    .contains(&v.as_str())
+    ["on", "off", "true", "false", "yes", "no", "1", "0", "t", "f", "y", "n"].contains(&v.as_str())
 }
 
 /// An `E'…'` literal: reads the same whatever `standard_conforming_strings` says.
@@ -313,29 +257,17 @@ mod tests {
                 Change::Set(DEFERRABLE.into(), "off".into()),
             ]
         );
-        assert!(characteristics_changes(
-            &split(b"SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL bogus")[0]
-        )
-        .is_none());
+        assert!(characteristics_changes(&split(b"SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL bogus")[0]).is_none());
     }
 
     #[test]
     fn defaults_statement() {
-        let eff = vec![
-            (
-                "Default_Transaction_Isolation".to_string(),
-                "serializable".to_string(),
-            ),
-            ("timezone".into(), "UTC".into()),
-        ];
+        let eff = vec![("Default_Transaction_Isolation".to_string(), "serializable".to_string()), ("timezone".into(), "UTC".into())];
         assert_eq!(
             defaults_sql(&eff),
             "SET default_transaction_isolation TO E'serializable'; RESET default_transaction_read_only; RESET default_transaction_deferrable"
         );
-        assert_eq!(
-            defaults_sql(&[("default_transaction_read_only".into(), "on'; drop".into())]),
-            ""
-        );
+        assert_eq!(defaults_sql(&[("default_transaction_read_only".into(), "on'; drop".into())]), "");
         assert_eq!(defaults_sql(&[]), "");
         assert_eq!(quote_literal("a'b\\c"), "E'a''b\\\\c'");
     }

@@ -58,8 +58,7 @@ claims_setting = "request.jwt.claims"
 
 pub async fn start_proxy(env: &Env, backend_extra: &str, extra: &str) -> Running {
     let text = config_text(env, backend_extra, extra);
-    let cfg =
-        Config::from_toml(&text, &|_| None).unwrap_or_else(|e| panic!("test config invalid: {e}"));
+    let cfg = Config::from_toml(&text, &|_| None).unwrap_or_else(|e| panic!("test config invalid: {e}"));
     pgtenant::server::start(cfg).await.expect("proxy starts")
 }
 
@@ -75,25 +74,12 @@ pub fn second_cluster() -> Result<Cluster, String> {
 /// returns: wait for the insert position (`pg_current_wal_lsn()`, the write position, can be behind
 /// the last commit, and a standby that reached it may not have that commit yet).
 pub fn catch_up(standby: &Cluster, primary: &Cluster) -> Result<(), String> {
-    let lsn = primary
-        .psql("postgres", "SELECT pg_current_wal_insert_lsn()")
-        .map_err(|e| e.to_string())?;
-    let sql = format!(
-        "SELECT pg_is_in_recovery() AND pg_last_wal_replay_lsn() >= '{}'::pg_lsn",
-        lsn.trim()
-    );
+    let lsn = primary.psql("postgres", "SELECT pg_current_wal_insert_lsn()").map_err(|e| e.to_string())?;
+    let sql = format!("SELECT pg_is_in_recovery() AND pg_last_wal_replay_lsn() >= '{}'::pg_lsn", lsn.trim());
     let deadline = Instant::now() + std::time::Duration::from_secs(30);
-    while standby
-        .psql("postgres", &sql)
-        .map_err(|e| e.to_string())?
-        .trim()
-        != "t"
-    {
+    while standby.psql("postgres", &sql).map_err(|e| e.to_string())?.trim() != "t" {
         if Instant::now() > deadline {
-            return Err(format!(
-                "the standby did not replay up to {} within 30 s",
-                lsn.trim()
-            ));
+            return Err(format!("the standby did not replay up to {} within 30 s", lsn.trim()));
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
@@ -105,11 +91,7 @@ pub fn catch_up(standby: &Cluster, primary: &Cluster) -> Result<(), String> {
 pub async fn replicas_usable(proxy: &Running) -> Result<(), String> {
     let router = proxy.proxy.shared.router.clone();
     let deadline = Instant::now() + std::time::Duration::from_secs(20);
-    while !router.clusters()[0]
-        .replicas
-        .iter()
-        .all(|r| r.usable(router.max_lag_ms()))
-    {
+    while !router.clusters()[0].replicas.iter().all(|r| r.usable(router.max_lag_ms())) {
         if Instant::now() > deadline {
             return Err("the replica monitor never found the standbys usable".into());
         }
@@ -119,10 +101,7 @@ pub async fn replicas_usable(proxy: &Running) -> Result<(), String> {
 }
 
 pub fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
 
 pub fn token_with(claims: serde_json::Value) -> String {
@@ -133,16 +112,9 @@ pub fn token(tenant: i64, sub: &str) -> String {
     token_with(json!({ "tenant_id": tenant, "sub": sub, "exp": now() + 3600 }))
 }
 
-pub async fn connect(
-    proxy: &Running,
-    token: &str,
-) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+pub async fn connect(proxy: &Running, token: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let mut cfg = tokio_postgres::Config::new();
-    cfg.host("127.0.0.1")
-        .port(proxy.addr.port())
-        .user("alice")
-        .dbname("app")
-        .password(token);
+    cfg.host("127.0.0.1").port(proxy.addr.port()).user("alice").dbname("app").password(token);
     let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = conn.await;
@@ -154,20 +126,12 @@ pub async fn connect(
 pub fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .unwrap_or(0)
 }
 
 pub fn ensure(cond: bool, what: impl Into<String>) -> TestResult {
-    if cond {
-        Ok(())
-    } else {
-        Err(what.into())
-    }
+    if cond { Ok(()) } else { Err(what.into()) }
 }
 
 pub fn db_err(e: &tokio_postgres::Error) -> (String, String) {
@@ -180,11 +144,7 @@ pub fn db_err(e: &tokio_postgres::Error) -> (String, String) {
 /// Runs `sql` (a `pg_sleep` long enough to outlast `after`) on `client`, sends the client's cancel
 /// request `after` into it, and checks the query ended in SQLSTATE 57014 well before it would have
 /// finished on its own (10 s) and the cancel request itself went through.
-pub async fn expect_cancelled(
-    client: &tokio_postgres::Client,
-    sql: &str,
-    after: std::time::Duration,
-) -> TestResult {
+pub async fn expect_cancelled(client: &tokio_postgres::Client, sql: &str, after: std::time::Duration) -> TestResult {
     let cancel = client.cancel_token();
     let canceller = tokio::spawn(async move {
         tokio::time::sleep(after).await;
@@ -195,10 +155,8 @@ pub async fn expect_cancelled(
     let sent = canceller.await.map_err(|e| e.to_string())?;
     sent.map_err(|e| format!("cancel request: {e:?}"))?;
     let e = ran.err().ok_or_else(|| format!("{sql}: not cancelled"))?;
-    ensure(
-        db_err(&e).0 == "57014" && started.elapsed() < std::time::Duration::from_secs(10),
-        format!("{sql}: {:?} after {:?}", db_err(&e), started.elapsed()),
-    )
+    ensure(db_err(&e).0 == "57014" && started.elapsed() < std::time::Duration::from_secs(10),
+           format!("{sql}: {:?} after {:?}", db_err(&e), started.elapsed()))
 }
 
 /// Runs every scenario against one cluster and prints a summary line; exits non-zero on failure.
@@ -208,18 +166,11 @@ pub fn run_all(tests: &[(&str, TestFn)]) {
 
 /// Like [`run_all`], with a different time limit per scenario.
 pub fn run_all_within(tests: &[(&str, TestFn)], limit: std::time::Duration) {
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let cluster = Cluster::start().expect("start test cluster");
     cluster.load_rls_fixture().expect("load fixture");
     let env = Env { cluster };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (mut passed, mut failed) = (0, 0);
     for (name, test) in tests {
         if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
@@ -235,11 +186,7 @@ pub fn run_all_within(tests: &[(&str, TestFn)], limit: std::time::Duration) {
             })
         }))
         .unwrap_or_else(|p| {
-            Err(p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panicked".into()))
+            Err(p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "panicked".into()))
         });
         match result {
             Ok(()) => {
@@ -262,9 +209,7 @@ pub fn run_all_within(tests: &[(&str, TestFn)], limit: std::time::Duration) {
 
 /// Starts the `pgtenant` binary with `run --config <config>` (stdout discarded) and forwards its
 /// standard error, line by line, to the returned channel.
-pub fn spawn_binary(
-    config: &std::path::Path,
-) -> Result<(std::process::Child, std::sync::mpsc::Receiver<String>), String> {
+pub fn spawn_binary(config: &std::path::Path) -> Result<(std::process::Child, std::sync::mpsc::Receiver<String>), String> {
     use std::io::BufRead;
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pgtenant"))
         .args(["run", "--config"])
@@ -276,10 +221,7 @@ pub fn spawn_binary(
     let stderr = child.stderr.take().ok_or("no stderr")?;
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
@@ -294,16 +236,8 @@ pub fn clients_dir() -> std::path::PathBuf {
 /// `script` of the client suite under the Python drivers scripts/test.sh installs into
 /// tests/clients/.venv (or `PGTENANT_CLIENTS_PYTHON`).
 pub fn python_client(script: &str) -> Result<std::process::Command, String> {
-    let python = std::env::var("PGTENANT_CLIENTS_PYTHON")
-        .map(std::path::PathBuf::from)
-        .unwrap_or(clients_dir().join(".venv/bin/python"));
-    ensure(
-        python.exists(),
-        format!(
-            "{} missing: run ./scripts/test.sh, which installs the client suite",
-            python.display()
-        ),
-    )?;
+    let python = std::env::var("PGTENANT_CLIENTS_PYTHON").map(std::path::PathBuf::from).unwrap_or(clients_dir().join(".venv/bin/python"));
+    ensure(python.exists(), format!("{} missing: run ./scripts/test.sh, which installs the client suite", python.display()))?;
     let mut cmd = std::process::Command::new(python);
     cmd.arg(clients_dir().join(script));
     Ok(cmd)
@@ -322,19 +256,14 @@ pub fn node_client(script: &str) -> Result<std::process::Command, String> {
 /// scripts/test.sh installs (libpostgresql-jdbc-java).
 pub fn java_client(source: &str) -> Result<std::process::Command, String> {
     let jar = "/usr/share/java/postgresql.jar";
-    ensure(
-        std::path::Path::new(jar).exists(),
-        "pgjdbc missing: run ./scripts/test.sh, which installs libpostgresql-jdbc-java",
-    )?;
+    ensure(std::path::Path::new(jar).exists(), "pgjdbc missing: run ./scripts/test.sh, which installs libpostgresql-jdbc-java")?;
     let mut cmd = std::process::Command::new("java");
     cmd.current_dir(clients_dir()).args(["-cp", jar, source]);
     Ok(cmd)
 }
 
 /// The first row of a simple-protocol reply.
-pub fn first_row(
-    msgs: &[tokio_postgres::SimpleQueryMessage],
-) -> Result<&tokio_postgres::SimpleQueryRow, String> {
+pub fn first_row(msgs: &[tokio_postgres::SimpleQueryMessage]) -> Result<&tokio_postgres::SimpleQueryRow, String> {
     msgs.iter()
         .find_map(|m| match m {
             tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
@@ -346,9 +275,7 @@ pub fn first_row(
 /// Rows of orders, and the lowest and highest tenant among them, through the simple protocol.
 pub async fn tenant_view(c: &tokio_postgres::Client) -> Result<(i64, i32, i32), String> {
     let rows = c
-        .simple_query(
-            "select count(*), coalesce(min(tenant_id),0), coalesce(max(tenant_id),0) from orders",
-        )
+        .simple_query("select count(*), coalesce(min(tenant_id),0), coalesce(max(tenant_id),0) from orders")
         .await
         .map_err(|e| format!("{e:?}"))?;
     let row = first_row(&rows)?;
