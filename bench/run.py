@@ -640,11 +640,15 @@ class Bench:
 
     def psql_tcp(self, port: int, user: str, password: str, sql: str, timeout: float = 60,
                  db: str = "app") -> str:
-        """Runs SQL as a client over TCP (to pgtenant, PgBouncer or Postgres)."""
+        """Runs SQL as a client over TCP (to pgtenant, PgBouncer or Postgres). It goes by the name
+        of the measured client, pgbench: the checks that run first would otherwise give a pooled
+        connection of pgtenant's a name no measured transaction has (it logs in with the name of the
+        client it was opened for: docs/protocol.md, "Client parameters"), which one application
+        behind pgtenant never does."""
         return self.run_cmd([self.tools["psql"], "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
                              "-h", "127.0.0.1", "-p", str(port), "-U", user, "-d", db, "-c", sql],
                             timeout=timeout, env=clean_env(PGPASSWORD=password, PGSSLMODE="disable",
-                                                           PGCONNECT_TIMEOUT="10"),
+                                                           PGCONNECT_TIMEOUT="10", PGAPPNAME="pgbench"),
                             what=f"psql to port {port} as {user} ({sql[:60]!r})")
 
     def load_data(self) -> None:

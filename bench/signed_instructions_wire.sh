@@ -71,11 +71,12 @@ for _ in $(seq 1 120); do psql_su -c 'SELECT 1' >/dev/null 2>&1 && break; sleep 
 proxy_pid=$!
 token=$("$pgtenant" token --secret signed-instructions-jwt-secret-0123456789 --claim tenant_id=1 --sub bench --ttl 3h)
 printf '\\set id random(1, 200000)\nSELECT id, tenant_id, amount FROM orders WHERE id = :id;\n' > "$dir/read.sql"
-client() { PGPASSWORD=$token "$@" -h 127.0.0.1 -p "$proxy_port" -U bench app; }
+# as pgbench: pgtenant's pooled connection logs in with the name of the client that opened it
+client() { PGAPPNAME=pgbench PGPASSWORD=$token "$@" -h 127.0.0.1 -p "$proxy_port" -U bench app; }
 sleep 2
 
 count() { # count POLICY MODE N -> instructions of one fresh backend that ran 20 + N transactions
-  for _ in $(seq 1 100); do [ -z "$(psql_su -At -c "SELECT 1 FROM pg_stat_activity WHERE application_name = 'pgbench'")" ] && break; sleep 0.3; done
+  for _ in $(seq 1 100); do [ -z "$(psql_su -At -c "SELECT 1 FROM pg_stat_activity WHERE application_name = 'pgbench_direct'")" ] && break; sleep 0.3; done
   psql_su app -c "ALTER POLICY tenant_isolation ON orders USING (tenant_id = $1)" \
     -c "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app_user'" >/dev/null
   sleep 3
@@ -94,12 +95,12 @@ count() { # count POLICY MODE N -> instructions of one fresh backend that ran 20
 
 count_direct() { # count_direct POLICY MODE N -> instructions of the backend of pgbench connected straight
   psql_su app -c "ALTER POLICY tenant_isolation ON orders USING (tenant_id = $1)" >/dev/null
-  for _ in $(seq 1 100); do [ -z "$(psql_su -At -c "SELECT 1 FROM pg_stat_activity WHERE application_name = 'pgbench'")" ] && break; sleep 0.3; done
-  PGOPTIONS="-c app.tenant_id=1 -c app.user_id=bench" PGPASSWORD=app-secret "$bin/pgbench" -n -h 127.0.0.1 -p "$port" \
+  for _ in $(seq 1 100); do [ -z "$(psql_su -At -c "SELECT 1 FROM pg_stat_activity WHERE application_name = 'pgbench_direct'")" ] && break; sleep 0.3; done
+  PGAPPNAME=pgbench_direct PGOPTIONS="-c app.tenant_id=1 -c app.user_id=bench" PGPASSWORD=app-secret "$bin/pgbench" -n -h 127.0.0.1 -p "$port" \
     -U app_user -c 1 -t $((20 + $3)) -M "$2" -f "$dir/read.sql" app > "$dir/pgbench.txt" 2>&1 &
   local bg=$! pid=
   for _ in $(seq 1 100); do
-    pid=$(psql_su -At -c "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgbench'"); [ -n "$pid" ] && break; sleep 0.2
+    pid=$(psql_su -At -c "SELECT pid FROM pg_stat_activity WHERE application_name = 'pgbench_direct'"); [ -n "$pid" ] && break; sleep 0.2
   done
   wait $bg || { cat "$dir/pgbench.txt" >&2; exit 1; }
   if ! grep -q 'number of failed transactions: 0' "$dir/pgbench.txt"; then cat "$dir/pgbench.txt" >&2; exit 1; fi

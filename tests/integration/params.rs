@@ -24,6 +24,7 @@ fn main() {
         session_mode_gives_the_backend_pid,
         session_mode_cancel_needs_pgtenants_secret,
         a_set_right_after_another_clients_reset_builds_on_the_clients_values,
+        backends_take_the_name_of_the_client_they_were_opened_for,
     ]);
 }
 
@@ -315,6 +316,92 @@ async fn a_set_right_after_another_clients_reset_builds_on_the_clients_values(en
         ensure(now == ["SQL, DMY"] && c.param("DateStyle") == "SQL, DMY", format!("{step}: {now:?}, reported {}", c.param("DateStyle")))?;
         c.client.batch_execute("RESET ALL").await.map_err(|e| format!("{e:?}"))?;
         ensure(c.param("DateStyle") == "German, DMY", format!("after RESET ALL: {}", c.param("DateStyle")))?;
+    }
+    p.stop().await;
+    Ok(())
+}
+
+/// The context statements prepared on the session's backend, in name order.
+async fn context_statements(w: &mut Wire) -> Result<Vec<String>, String> {
+    let r = w.simple("select name from pg_prepared_statements where name like 'pgtenant_ctx%' order by name").await;
+    ensure(r.ok(), format!("pg_prepared_statements: {}", r.summary()))?;
+    Ok((0..r.rows.len()).map(|i| r.get(i, 0)).collect())
+}
+
+/// A pooled connection logs in with the `application_name` of the client it was opened for, so
+/// that client's transactions (and any client's of the same name) need not set it; every other
+/// client's transactions do. Each client sees its own name all the same, and is told nothing of
+/// the backend's.
+async fn backends_take_the_name_of_the_client_they_were_opened_for(env: &Env) -> TestResult {
+    let p = proxy_in(env, "transaction", "pool_size = 1").await;
+    let name_of_backend = || {
+        env.cluster
+            .psql("app", "select application_name from pg_stat_activity where usename = 'app_user'")
+            .map(|s| s.trim().to_string())
+            .map_err(|e| e.to_string())
+    };
+    let mut a = Wire::login(p.addr, &startup(&[("application_name", "alpha")]), &token(1, "alpha")).await?;
+    let r = a.simple("select current_setting('application_name')").await;
+    ensure(r.ok() && r.get(0, 0) == "alpha", format!("alpha: {}", r.summary()))?;
+    let first = context_statements(&mut a).await?;
+    ensure(first.len() == 1, format!("one context statement so far: {first:?}"))?;
+    let name = name_of_backend()?;
+    ensure(name == "alpha", format!("the backend logged in as {name:?}"))?;
+
+    // another name: set in each of its transactions, the statement with one setting more
+    let mut b = Wire::login(p.addr, &startup(&[("application_name", "beta")]), &token(2, "beta")).await?;
+    for sql in ["BEGIN", "select current_setting('application_name')", "COMMIT", "select current_setting('application_name')"] {
+        let r = b.simple(sql).await;
+        ensure(r.ok() && r.params.is_empty(), format!("beta, {sql}: {} {:?}", r.summary(), r.params))?;
+        if sql.starts_with("select") {
+            ensure(r.get(0, 0) == "beta", format!("beta sees {:?}", r.get(0, 0)))?;
+        }
+    }
+    let both = context_statements(&mut b).await?;
+    let arity = |s: &str| s.rsplit('_').next().and_then(|n| n.parse::<usize>().ok());
+    ensure(
+        both.len() == 2 && both.contains(&first[0]) && both.iter().filter_map(|s| arity(s)).max() == arity(&first[0]).map(|n| n + 1),
+        format!("beta's statement sets one more setting: {first:?} then {both:?}"),
+    )?;
+    // a client with no name runs with pgtenant's, as on a backend of pgtenant's own
+    let c = connect(&p, &token(3, "nameless")).await.map_err(|e| format!("{e:?}"))?;
+    let row = c.query_one("select current_setting('application_name')", &[]).await.map_err(|e| format!("{e:?}"))?;
+    ensure(row.get::<_, String>(0) == "pgtenant", format!("nameless: {:?}", row.get::<_, String>(0)))?;
+    let name = name_of_backend()?;
+    ensure(name == "alpha", format!("then the backend is {name:?}"))?;
+
+    // a session-level SET moves the backend's own value; a client named like the backend still
+    // gets its name whether or not the backend was reset in between
+    let r = a.simple("SET application_name = 'gamma'").await;
+    ensure(r.ok(), format!("SET: {}", r.summary()))?;
+    let mut d = Wire::login(p.addr, &startup(&[("application_name", "alpha")]), &token(4, "alpha2")).await?;
+    for (w, want) in [(&mut a, "gamma"), (&mut d, "alpha"), (&mut b, "beta")] {
+        let r = w.simple("select current_setting('application_name')").await;
+        ensure(r.ok() && r.get(0, 0) == want, format!("want {want}: {}", r.summary()))?;
+    }
+    for w in [a, b, d] {
+        w.close().await;
+    }
+
+    // set_config(…, false) of the name, bound (run by the server as it is), by clients that take
+    // turns on the backend: each is reset (RESET ALL) in front of the next one's transaction, and
+    // what the backend reported before that reset says nothing of the value after it. In one batch
+    // with a named and with the unnamed statement, as psycopg sends it (prepare_threshold=0).
+    for (k, stmt) in ["_pg3_0", "_pg3_0", "_pg3_0", ""].into_iter().enumerate() {
+        let mut w = Wire::connect(p.addr, &token(5 + k as i64, "turns")).await?;
+        let batch = [
+            wire::parse(stmt, "select set_config($1, $2, false)", &[]),
+            wire::bind("", stmt, &[Some("application_name"), Some("same")]),
+            wire::describe(b'P', ""),
+            wire::execute("", 0),
+            wire::sync(),
+        ]
+        .concat();
+        let r = w.round(&batch, 1).await;
+        ensure(r.ok(), format!("set_config ({stmt:?}): {}", r.summary()))?;
+        let r = w.simple("show application_name").await;
+        ensure(r.ok() && r.get(0, 0) == "same", format!("after set_config ({stmt:?}): {:?} {}", r.get(0, 0), r.summary()))?;
+        w.close().await;
     }
     p.stop().await;
     Ok(())

@@ -96,9 +96,19 @@ fn encode<M: Message>(m: &M) -> BytesMut {
     b
 }
 
-/// Connects and logs in; bounded by the target's connect timeout.
+/// The `application_name` pgtenant's own connections log in with (a pooled connection opened for a
+/// client's transaction takes that client's instead: see `crate::pool::Pool::acquire`).
+pub const APPLICATION_NAME: &str = "pgtenant";
+
+/// Connects and logs in as [`APPLICATION_NAME`]; bounded by the target's connect timeout.
 pub async fn connect(target: &BackendTarget) -> Result<BackendConn, ConnectError> {
-    match tokio::time::timeout(target.connect_timeout, connect_inner(target)).await {
+    connect_as(target, APPLICATION_NAME).await
+}
+
+/// Connects and logs in with `application_name` (the server cleans it and cuts it to 63 bytes, as
+/// for any client); bounded by the target's connect timeout.
+pub async fn connect_as(target: &BackendTarget, application_name: &str) -> Result<BackendConn, ConnectError> {
+    match tokio::time::timeout(target.connect_timeout, connect_inner(target, application_name)).await {
         Ok(r) => r,
         Err(_) => Err(ConnectError::Timeout(target.connect_timeout.as_millis())),
     }
@@ -144,7 +154,7 @@ async fn negotiate_tls(target: &BackendTarget, stream: Stream) -> Result<Stream,
     }
 }
 
-async fn connect_inner(target: &BackendTarget) -> Result<BackendConn, ConnectError> {
+async fn connect_inner(target: &BackendTarget, application_name: &str) -> Result<BackendConn, ConnectError> {
     let mut stream = open_socket(target).await?;
     if target.tls != BackendTls::Disable && matches!(target.host, Host::Tcp(_)) {
         stream = negotiate_tls(target, stream).await?;
@@ -154,7 +164,7 @@ async fn connect_inner(target: &BackendTarget) -> Result<BackendConn, ConnectErr
     for (k, v) in [
         ("user", target.user.as_str()),
         ("database", target.database.as_str()),
-        ("application_name", "pgtenant"),
+        ("application_name", application_name),
         ("client_encoding", "UTF8"),
     ] {
         startup.parameters.insert(k.into(), v.into());

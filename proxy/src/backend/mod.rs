@@ -10,6 +10,6 @@ pub mod query;
 pub mod target;
 pub mod tls;
 
-pub use connect::{connect, send_cancel, BackendConn, ConnectError};
+pub use connect::{connect, connect_as, send_cancel, BackendConn, ConnectError};
 pub use attrs::SessionAttrs;
 pub use target::{BackendTarget, Host};

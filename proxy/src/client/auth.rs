@@ -136,7 +136,9 @@ pub async fn login(
         },
     };
 
-    let info = match pool.server_info().await {
+    // the first login connects, with its client's name (see `Pool::acquire`)
+    let name = params.get("application_name").map_or(crate::backend::connect::APPLICATION_NAME, String::as_str);
+    let info = match pool.server_info(name).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(user = %user, result = "backend unavailable", "login");

@@ -33,13 +33,16 @@ pub async fn greet(
     session: bool,
     tenant: &TenantKey,
 ) -> Result<Greeting, PgError> {
+    // a connection opened for this client logs in with its name (see `Pool::acquire`)
+    let name = pairs.iter().rev().find(|(n, _)| n.eq_ignore_ascii_case("application_name")).map(|(_, v)| v.clone());
+    let name = name.as_deref().unwrap_or(crate::backend::connect::APPLICATION_NAME);
     let (spelled, reported, lease) = if session {
-        let lease = pool.acquire(tenant).await.map_err(fatal)?;
+        let lease = pool.acquire(tenant, name).await.map_err(fatal)?;
         let show: Vec<String> = lease.backend.reported.iter().map(|(k, _)| k.clone()).collect();
         let (answer, lease) = ask(pool, lease, &pairs, &show).await?;
         (answer.values, show.into_iter().zip(answer.shown).collect(), Some(lease))
     } else {
-        (spell(pool, &pairs, tenant).await?, info.params.clone(), None)
+        (spell(pool, &pairs, tenant, name).await?, info.params.clone(), None)
     };
     // A reported parameter is kept as the server spells it: that is what the client was told, and
     // it means the same in every transaction (`DateStyle=dmy` alone builds on the style in force).
@@ -60,12 +63,16 @@ pub async fn greet(
             (k, v)
         })
         .collect();
-    params.retain(|n, v| !info.params.iter().any(|(k, sv)| k.eq_ignore_ascii_case(n) && sv == v));
+    // `application_name` differs from one backend connection to the next (each logs in with the
+    // name of the client it was opened for): whether to set it is decided per transaction
+    params.retain(|n, v| {
+        n.eq_ignore_ascii_case("application_name") || !info.params.iter().any(|(k, sv)| k.eq_ignore_ascii_case(n) && sv == v)
+    });
     Ok(Greeting { params, reported, lease })
 }
 
 /// The server's spelling of each pair's value, from what the server said before where possible.
-async fn spell(pool: &Pool, pairs: &[(String, String)], tenant: &TenantKey) -> Result<Vec<String>, PgError> {
+async fn spell(pool: &Pool, pairs: &[(String, String)], tenant: &TenantKey, name: &str) -> Result<Vec<String>, PgError> {
     // A later value for the same name may build on the earlier one (`DateStyle`): ask in full.
     let distinct = pairs.iter().enumerate().all(|(i, (n, _))| !pairs[..i].iter().any(|(m, _)| m.eq_ignore_ascii_case(n)));
     let mut spelled: Vec<Option<String>> =
@@ -75,7 +82,7 @@ async fn spell(pool: &Pool, pairs: &[(String, String)], tenant: &TenantKey) -> R
     if missing.is_empty() {
         return Ok(spelled.into_iter().flatten().collect());
     }
-    let lease = pool.acquire(tenant).await.map_err(fatal)?;
+    let lease = pool.acquire(tenant, name).await.map_err(fatal)?;
     let (answer, lease) = ask(pool, lease, &missing, &[]).await?;
     pool.release(lease);
     let mut answers = missing.iter().zip(answer.values);

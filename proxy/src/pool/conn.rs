@@ -97,6 +97,12 @@ pub struct PooledConn {
     /// The server reports a parameter only when its value differs from its last report, so this is
     /// also the value of any parameter it did not report after a change.
     pub reported: Vec<(String, String)>,
+    /// A `RESET ALL` went out and its answer has not come back: until then the settings it resets
+    /// are not what `reported` says, and `application_name` is the one the connection logged in with
+    /// (a failed reset drops the connection).
+    resetting_settings: bool,
+    /// The `application_name` the connection logged in with, as the server reported it.
+    login_name: String,
 }
 
 impl PooledConn {
@@ -212,8 +218,25 @@ impl PooledConn {
             buf_in: bytes::BytesMut::new(),
             buf_out: bytes::BytesMut::new(),
             allowed_calls,
+            login_name: c.params.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.clone()).unwrap_or_default(),
             reported: c.params,
+            resetting_settings: false,
         }
+    }
+
+    /// The connection's session-level `application_name` as the next transaction will find it: the
+    /// one it last reported (at login, and whenever it changed since), or, while a `RESET ALL` sent
+    /// to it is unanswered, the one it logged in with (what `RESET ALL` returns to).
+    pub fn application_name(&self) -> &str {
+        if self.resetting_settings {
+            return &self.login_name;
+        }
+        self.reported.iter().find(|(k, _)| k == "application_name").map_or("", |(_, v)| v.as_str())
+    }
+
+    /// Everything sent to the connection has been answered (a reset included, or its error).
+    pub fn settled(&mut self) {
+        self.resetting_settings = false;
     }
 
     /// Records a ParameterStatus message (its body) this connection sent.
@@ -243,6 +266,7 @@ impl PooledConn {
             Leaves::Session => {}
         }
         self.tx_defaults.clear(); // RESET ALL
+        self.resetting_settings = true;
         if self.full_reset {
             self.full_reset = false;
             self.statements.clear();

@@ -103,7 +103,7 @@ impl Pool {
         }
         // through the primary search: with several hosts, readiness means a writable primary
         let before = self.primary.epoch();
-        let result = self.primary.connect(self.connector.as_ref()).await;
+        let result = self.primary.connect(self.connector.as_ref(), crate::backend::connect::APPLICATION_NAME).await;
         if self.primary.epoch() != before {
             self.reap();
         }
@@ -156,6 +156,7 @@ mod tests {
         fn connect<'a>(
             &'a self,
             _: &'a crate::backend::BackendTarget,
+            _: &'a str,
         ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<crate::backend::BackendConn, crate::backend::ConnectError>> + Send + 'a>>
         {
             self.1.fetch_add(1, Ordering::SeqCst);

@@ -105,6 +105,7 @@ pub trait Connector: Send + Sync {
     fn connect<'a>(
         &'a self,
         target: &'a BackendTarget,
+        application_name: &'a str,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BackendConn, ConnectError>> + Send + 'a>>;
 }
 
@@ -115,8 +116,9 @@ impl Connector for Network {
     fn connect<'a>(
         &'a self,
         target: &'a BackendTarget,
+        application_name: &'a str,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BackendConn, ConnectError>> + Send + 'a>> {
-        Box::pin(backend::connect(target))
+        Box::pin(backend::connect_as(target, application_name))
     }
 }
 
@@ -279,8 +281,10 @@ impl Pool {
     }
 
     /// Waits (bounded, in `tenant`'s turn) for a free slot, then reuses a healthy idle connection
-    /// or opens a new one.
-    pub async fn acquire(&self, tenant: &TenantKey) -> Result<Lease, PgError> {
+    /// or opens a new one, logged in with `application_name` (the client's, so that its
+    /// transactions there need not set it, nor those of every client with the same name: see
+    /// `crate::session::inject`).
+    pub async fn acquire(&self, tenant: &TenantKey, application_name: &str) -> Result<Lease, PgError> {
         let started = Instant::now();
         let wait_ms = self.wait_timeout_ms.load(Ordering::Relaxed);
         let left = self.pause.pass(Duration::from_millis(wait_ms)).await?;
@@ -303,14 +307,14 @@ impl Pool {
         // boxed: opening a connection (TLS, authentication, the setup queries) is the largest
         // stage by far, and inline it would size every acquire's future, which the session
         // allocates (boxed) for each transaction: a large allocation costs several small ones
-        Box::pin(self.open(started + Duration::from_millis(wait_ms), permit)).await
+        Box::pin(self.open(started + Duration::from_millis(wait_ms), permit, application_name)).await
     }
 
     /// Opens a new connection for a transaction holding `permit`; a failover is waited out until
     /// `deadline`.
-    async fn open(&self, deadline: Instant, permit: Slot) -> Result<Lease, PgError> {
+    async fn open(&self, deadline: Instant, permit: Slot, application_name: &str) -> Result<Lease, PgError> {
         let (mut conn, epoch) = loop {
-            match self.connect().await {
+            match self.connect(application_name).await {
                 Ok(c) => break c,
                 // no primary right now (a failover): look again until the transaction's wait is up
                 Err(e) if self.primary.chooses() && e.is_unavailable() && Instant::now() + PRIMARY_RETRY < deadline => {
@@ -371,8 +375,8 @@ impl Pool {
     }
 
     /// Opens a connection to the primary; returns it with its epoch.
-    async fn connect(&self) -> Result<(BackendConn, u64), ConnectError> {
-        let result = self.primary.connect(self.connector.as_ref()).await;
+    async fn connect(&self, application_name: &str) -> Result<(BackendConn, u64), ConnectError> {
+        let result = self.primary.connect(self.connector.as_ref(), application_name).await;
         let ok = result.is_ok();
         match &result {
             Ok(_) => self.health.answered(),
@@ -433,7 +437,7 @@ impl Pool {
     pub async fn verify_primary(&self) -> Option<String> {
         if self.primary.chooses() {
             let before = self.primary.epoch();
-            match self.primary.connect(self.connector.as_ref()).await {
+            match self.primary.connect(self.connector.as_ref(), crate::backend::connect::APPLICATION_NAME).await {
                 Ok(_) => self.health.answered(),
                 Err(e) => self.health.failed(e.to_string()),
             }
@@ -484,12 +488,13 @@ impl Pool {
     }
 
     /// What the server reports (ParameterStatus, setting names); connects once if no connection was
-    /// made yet, which also tells a logging-in client early that the backend is unreachable.
-    pub async fn server_info(&self) -> Result<Arc<ServerInfo>, PgError> {
+    /// made yet (as `application_name`, the logging-in client's), which also tells a logging-in
+    /// client early that the backend is unreachable.
+    pub async fn server_info(&self, application_name: &str) -> Result<Arc<ServerInfo>, PgError> {
         if let Some(p) = self.server_info.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             return Ok(p);
         }
-        let lease = self.acquire(&internal_key()).await?;
+        let lease = self.acquire(&internal_key(), application_name).await?;
         self.release(lease);
         self.server_info
             .lock()

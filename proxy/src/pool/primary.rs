@@ -89,13 +89,13 @@ impl Primary {
         self.failovers.load(Ordering::Relaxed)
     }
 
-    /// Opens a connection to the host in use, searching for it when needed. Returns the epoch the
-    /// connection belongs to.
-    pub async fn connect(&self, connector: &dyn Connector) -> Result<(BackendConn, u64), ConnectError> {
+    /// Opens a connection to the host in use, searching for it when needed, logged in with
+    /// `application_name`. Returns the epoch the connection belongs to.
+    pub async fn connect(&self, connector: &dyn Connector, application_name: &str) -> Result<(BackendConn, u64), ConnectError> {
         let epoch = self.epoch();
         let found = self.found.load(Ordering::Acquire);
-        let Some(i) = self.index() else { return self.search(connector, found).await };
-        match self.try_host(connector, i).await {
+        let Some(i) = self.index() else { return self.search(connector, found, application_name).await };
+        match self.try_host(connector, i, application_name).await {
             Ok(conn) => Ok((conn, epoch)),
             Err(e) if !self.chooses() => Err(e),
             Err(e) => {
@@ -103,26 +103,26 @@ impl Primary {
                 if self.current.compare_exchange(i, NONE, Ordering::AcqRel, Ordering::Acquire).is_ok() {
                     self.publish(None);
                 }
-                self.search(connector, found).await
+                self.search(connector, found, application_name).await
             }
         }
     }
 
     /// Tries every host in order; the first of the wanted kind becomes the host in use.
-    async fn search(&self, connector: &dyn Connector, found_before: u64) -> Result<(BackendConn, u64), ConnectError> {
+    async fn search(&self, connector: &dyn Connector, found_before: u64, application_name: &str) -> Result<(BackendConn, u64), ConnectError> {
         let _one = self.searching.lock().await;
         if self.found.load(Ordering::Acquire) != found_before {
             // a search finished while this one waited: use what it found
             if let Some(i) = self.index() {
                 let epoch = self.epoch();
-                if let Ok(conn) = self.try_host(connector, i).await {
+                if let Ok(conn) = self.try_host(connector, i, application_name).await {
                     return Ok((conn, epoch));
                 }
             }
         }
         let mut failures = Vec::with_capacity(self.targets.len());
         for i in 0..self.targets.len() {
-            match self.try_host(connector, i).await {
+            match self.try_host(connector, i, application_name).await {
                 Ok(conn) => {
                     let epoch = self.adopt(i);
                     self.found.fetch_add(1, Ordering::AcqRel);
@@ -142,8 +142,8 @@ impl Primary {
     }
 
     /// A connection to host `i`, if it is the kind of server wanted.
-    async fn try_host(&self, connector: &dyn Connector, i: usize) -> Result<BackendConn, ConnectError> {
-        let mut conn = connector.connect(&self.targets[i]).await?;
+    async fn try_host(&self, connector: &dyn Connector, i: usize, application_name: &str) -> Result<BackendConn, ConnectError> {
+        let mut conn = connector.connect(&self.targets[i], application_name).await?;
         match self.attrs.mismatch(&mut conn).await? {
             None => Ok(conn),
             Some(reason) => Err(ConnectError::WrongKind(reason)),

@@ -93,6 +93,9 @@ pub async fn ask(
             b'Z' => {
                 readies -= 1;
                 resetting = false;
+                if readies == 0 {
+                    backend.settled();
+                }
             }
             _ => {}
         }

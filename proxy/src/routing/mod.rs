@@ -129,12 +129,12 @@ impl Router {
 
     /// Leases a backend for a transaction of `tenant` on cluster `index`: on a usable replica when
     /// `read_only`, else (or when no replica is usable or reachable) on the primary. Returns the
-    /// pool the lease must go back to.
-    pub async fn lease(&self, index: usize, tenant: &TenantKey, read_only: bool) -> Result<(Arc<Pool>, Lease), PgError> {
+    /// pool the lease must go back to. A new connection logs in with `application_name`.
+    pub async fn lease(&self, index: usize, tenant: &TenantKey, read_only: bool, application_name: &str) -> Result<(Arc<Pool>, Lease), PgError> {
         let cluster = &self.clusters[index.min(self.clusters.len() - 1)];
         if read_only && !cluster.replicas.is_empty() {
             while let Some(r) = cluster.least_busy(self.max_lag_ms()) {
-                match r.pool.acquire(tenant).await {
+                match r.pool.acquire(tenant, application_name).await {
                     Ok(lease) => {
                         count(&cluster.name, "replica");
                         return Ok((r.pool.clone(), lease));
@@ -145,7 +145,7 @@ impl Router {
             }
             count(&cluster.name, "primary");
         }
-        let lease = cluster.primary.acquire(tenant).await?;
+        let lease = cluster.primary.acquire(tenant, application_name).await?;
         Ok((cluster.primary.clone(), lease))
     }
 

@@ -70,6 +70,9 @@ impl Session {
                 self.pending_sets_failed = true;
             }
             if tag == reply::READY_FOR_QUERY && self.replies.is_settled() {
+                if let Some(l) = self.lease.as_mut() {
+                    l.backend.settled();
+                }
                 // Everything sent has been answered and the last answer is a ReadyForQuery: the
                 // server is not skipping to a Sync (a Query or FunctionCall inside an unsynced
                 // batch was answered, so that batch did not fail).

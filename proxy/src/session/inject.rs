@@ -14,6 +14,16 @@
 //! transaction at no extra round trip. The function is schema-qualified so no `search_path` can
 //! substitute another `set_config`. With `tenant.signing_key` it also sets the signed copy of the
 //! tenant settings the database can verify (see `crate::signing`).
+//!
+//! `application_name` is the one client parameter left out when the backend connection already
+//! has the client's value: setting it is dear for the server (it is a reported parameter, so the
+//! server looks at every setting it has for ones to report once the transaction ends, and it
+//! updates the connection's entry in `pg_stat_activity` twice), about 8,700 instructions of a
+//! one-query transaction's 100,000–270,000, and nearly every driver sends one. A pooled connection
+//! logs in with the name of the client it was opened for (`crate::pool::Pool::acquire`), so with
+//! one application behind pgtenant the statement never carries it. The value compared is the one
+//! the backend last reported: its session-level value, whatever set it, since a server reports a
+//! reported parameter whenever it changes (`PooledConn::application_name`).
 
 use std::sync::Arc;
 
@@ -85,12 +95,17 @@ pub fn context_arity(id: u64) -> Option<usize> {
 /// Pre-encoded injection bytes for one client session.
 #[derive(Debug, Clone)]
 pub struct Injection {
-    /// Number of settings: the backend knows whether it has this one prepared.
+    /// Number of settings without `application_name`: the backend knows whether it has this one
+    /// prepared (and the one with a setting more).
     arity: usize,
-    /// Close + Parse of the context statement (sent when the backend does not have it prepared).
-    prepare: Bytes,
-    /// Bind + Execute + Close(portal) with this session's values (without signing).
-    run: Bytes,
+    /// The `application_name` the client's transactions run with.
+    app: String,
+    /// Close + Parse of the context statement (sent when the backend does not have it prepared),
+    /// without and with `application_name`.
+    prepare: [Bytes; 2],
+    /// Bind + Execute + Close(portal) with this session's values (without signing), without and
+    /// with `application_name`.
+    run: [Bytes; 2],
     /// With `tenant.signing_key`: the signed context, per backend.
     signed: Option<Signed>,
 }
@@ -105,7 +120,8 @@ struct Signed {
     /// The tenant settings the payload carries.
     settings: Vec<(String, String)>,
     iat: i64,
-    cache: Vec<(BackendId, Bytes)>,
+    /// Per backend, and whether the statement sets `application_name`.
+    cache: Vec<(BackendId, bool, Bytes)>,
 }
 
 /// Signed statements kept per session (a session in transaction pooling meets many backends).
@@ -115,37 +131,46 @@ const MAX_SIGNED: usize = 64;
 pub type Signing = (Arc<Signer>, Vec<(String, String)>, i64);
 
 impl Injection {
-    /// `names`/`values` are the settings in the order they are applied; with `signing`, the
-    /// statement also sets `pgtenant.context` and `pgtenant.signature`.
-    pub fn new(names: &[String], values: &[String], signing: Option<Signing>) -> Injection {
+    /// `names`/`values` are the settings in the order they are applied (without
+    /// `application_name`), `app` the `application_name` the client's transactions run with; with
+    /// `signing`, the statement also sets `pgtenant.context` and `pgtenant.signature`.
+    pub fn new(names: &[String], values: &[String], app: String, signing: Option<Signing>) -> Injection {
         let arity = names.len() + if signing.is_some() { 2 } else { 0 };
-        let stmt = statement_name(arity);
-        let mut prepare = BytesMut::new();
-        build::close_statement(&mut prepare, &stmt);
-        build::parse(&mut prepare, &stmt, &context_sql(arity), vec![25; arity * 2]);
         let params: Vec<String> =
             names.iter().zip(values).flat_map(|(n, v)| [n.clone(), v.clone()]).collect();
-        let signed = signing.map(|(signer, settings, iat)| Signed { signer, params: params.clone(), settings, iat, cache: Vec::new() });
-        Injection { arity, prepare: prepare.freeze(), run: run_bytes(&stmt, &params), signed }
+        let named = with_name(&params, &app);
+        let prepare = [arity, arity + 1].map(|n| {
+            let stmt = statement_name(n);
+            let mut prepare = BytesMut::new();
+            build::close_statement(&mut prepare, &stmt);
+            build::parse(&mut prepare, &stmt, &context_sql(n), vec![25; n * 2]);
+            prepare.freeze()
+        });
+        let run = [run_bytes(&statement_name(arity), &params), run_bytes(&statement_name(arity + 1), &named)];
+        let signed = signing.map(|(signer, settings, iat)| Signed { signer, params, settings, iat, cache: Vec::new() });
+        Injection { arity, app, prepare, run, signed }
     }
 
     /// Writes the injection for `backend` into `out` and records the replies it owes.
     pub fn write(&mut self, out: &mut BytesMut, backend: &mut PooledConn, replies: &mut Replies) {
-        let parse = backend.needs_context_parse(self.arity);
-        self.write_for(out, parse, &backend.id, replies);
+        let named = backend.application_name() != self.app;
+        let parse = backend.needs_context_parse(self.arity + usize::from(named));
+        self.write_for(out, parse, named, &backend.id, replies);
     }
 
-    /// [`Injection::write`] for the connection `id`, preparing the statement first when `parse`.
-    pub fn write_for(&mut self, out: &mut BytesMut, parse: bool, id: &BackendId, replies: &mut Replies) {
+    /// [`Injection::write`] for the connection `id`, preparing the statement first when `parse`;
+    /// `named`: the statement sets `application_name` too.
+    pub fn write_for(&mut self, out: &mut BytesMut, parse: bool, named: bool, id: &BackendId, replies: &mut Replies) {
+        let arity = self.arity + usize::from(named);
         if parse {
-            out.extend_from_slice(&self.prepare);
+            out.extend_from_slice(&self.prepare[usize::from(named)]);
             replies.expect(Want::CloseComplete, true, false);
             // if the server skips it (the batch had failed already), the backend must not count it
-            replies.expect_parse(true, context_parse_id(self.arity));
+            replies.expect_parse(true, context_parse_id(arity));
         }
         match &mut self.signed {
-            None => out.extend_from_slice(&self.run),
-            Some(s) => out.extend_from_slice(s.run_for(id, self.arity)),
+            None => out.extend_from_slice(&self.run[usize::from(named)]),
+            Some(s) => out.extend_from_slice(s.run_for(id, named.then_some(self.app.as_str()), arity)),
         }
         replies.expect(Want::BindComplete, true, false);
         replies.expect(Want::CommandDone, true, false);
@@ -154,23 +179,38 @@ impl Injection {
 }
 
 impl Signed {
-    fn run_for(&mut self, backend: &BackendId, arity: usize) -> &Bytes {
-        let i = match self.cache.iter().position(|(id, _)| id == backend) {
+    /// The statement for `backend`, setting `application_name` to `app` when given.
+    fn run_for(&mut self, backend: &BackendId, app: Option<&str>, arity: usize) -> &Bytes {
+        let named = app.is_some();
+        let i = match self.cache.iter().position(|(id, n, _)| id == backend && *n == named) {
             Some(i) => i,
             None => {
                 let (payload, signature) = self.signer.signed(&self.settings, self.iat, backend);
-                let mut params = self.params.clone();
+                let mut params = match app {
+                    Some(app) => with_name(&self.params, app),
+                    None => self.params.clone(),
+                };
                 params.extend([CONTEXT_SETTING.to_string(), payload, SIGNATURE_SETTING.to_string(), signature]);
                 if self.cache.len() >= MAX_SIGNED {
                     self.cache.remove(0);
                 }
-                self.cache.push((backend.clone(), run_bytes(&statement_name(arity), &params)));
+                self.cache.push((backend.clone(), named, run_bytes(&statement_name(arity), &params)));
                 self.cache.len() - 1
             }
         };
-        &self.cache[i].1
+        &self.cache[i].2
     }
 }
+
+/// `params` (names and values, interleaved) and then `application_name` = `app`.
+fn with_name(params: &[String], app: &str) -> Vec<String> {
+    let mut named = params.to_vec();
+    named.extend([APPLICATION_NAME.to_string(), app.to_string()]);
+    named
+}
+
+/// The setting [`Injection`] leaves out when the backend has the client's value.
+pub const APPLICATION_NAME: &str = "application_name";
 
 /// Bind + Execute + Close(portal) of the context statement with `params`.
 fn run_bytes(stmt: &str, params: &[String]) -> Bytes {
@@ -193,5 +233,36 @@ mod tests {
         );
         assert_eq!(context_sql(1), "SELECT WHERE (pg_catalog.set_config($1, $2, true)) IS NULL");
         assert_eq!(context_sql(0), "SELECT WHERE false");
+    }
+
+    fn has(haystack: &[u8], needle: &str) -> bool {
+        haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+    }
+
+    #[test]
+    fn application_name_only_in_the_statement_with_one_setting_more() {
+        let names = ["app.tenant_id".to_string(), "TimeZone".to_string()];
+        let values = ["7".to_string(), "UTC".to_string()];
+        let mut inj = Injection::new(&names, &values, "shop".into(), None);
+        let id = BackendId { pid: 1, started: "1".into() };
+        let mut replies = Replies::default();
+        for (named, stmt) in [(false, "pgtenant_ctx_2\0"), (true, "pgtenant_ctx_3\0")] {
+            let mut out = BytesMut::new();
+            inj.write_for(&mut out, true, named, &id, &mut replies);
+            assert!(has(&out, stmt) && has(&out, "TimeZone") && has(&out, "app.tenant_id"), "{out:?}");
+            assert_eq!(has(&out, "application_name") && has(&out, "shop"), named, "{out:?}");
+        }
+        // signed: the name goes before the signed pair, in the statement of one setting more
+        let signer = Arc::new(Signer::new("k1", b"0123456789abcdef0123456789abcdef"));
+        let settings = vec![("app.tenant_id".to_string(), "7".to_string())];
+        let mut inj = Injection::new(&names, &values, "shop".into(), Some((signer, settings, 0)));
+        for (named, stmt) in [(true, "pgtenant_ctx_5\0"), (false, "pgtenant_ctx_4\0"), (true, "pgtenant_ctx_5\0")] {
+            let mut out = BytesMut::new();
+            inj.write_for(&mut out, false, named, &id, &mut replies);
+            assert!(has(&out, stmt), "{out:?}");
+            let (app, ctx) = (out.windows(16).position(|w| w == b"application_name"), out.windows(16).position(|w| w == b"pgtenant.context"));
+            assert_eq!(app.is_some(), named);
+            assert!(ctx.is_some() && app.is_none_or(|a| a < ctx.unwrap()), "{out:?}");
+        }
     }
 }

@@ -189,6 +189,12 @@ impl Replies {
         self.owed.is_empty()
     }
 
+    /// Every reply still owed is for a message pgtenant sent itself (a hand-over reset, a
+    /// context statement): none of the client's messages is unanswered.
+    pub fn only_injected_owed(&self) -> bool {
+        self.owed.iter().all(|o| o.injected)
+    }
+
     pub fn reset(&mut self) {
         self.owed.clear();
         self.status = b'I';

@@ -22,13 +22,13 @@ impl Session {
     /// goes where the router says.
     pub(super) async fn lease_for(&mut self, access: Option<intent::Mode>) -> Result<Lease, PgError> {
         if self.who.bypass || self.shared.session_mode {
-            return self.pool.acquire(&self.who.tenant).await;
+            return self.pool.acquire(&self.who.tenant, self.settings.application_name()).await;
         }
         let router = self.shared.router.clone();
         let cluster = router.cluster_of(&self.who.tenant, self.who.cluster.as_deref())?;
         let read_only = router.has_replicas(cluster)
             && intent::wants_replica(access, self.settings.read_only_default(), self.who.prefers_standby);
-        let (pool, lease) = router.lease(cluster, &self.who.tenant, read_only).await?;
+        let (pool, lease) = router.lease(cluster, &self.who.tenant, read_only, self.settings.application_name()).await?;
         self.pool = pool;
         Ok(lease)
     }

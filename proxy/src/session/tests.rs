@@ -38,6 +38,7 @@ impl Connector for Scripted {
     fn connect<'a>(
         &'a self,
         _: &'a BackendTarget,
+        _: &'a str,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<BackendConn, ConnectError>> + Send + 'a>> {
         let (ours, theirs) = tokio::io::duplex(1 << 16);
         tokio::spawn(serve(theirs, self.log.clone()));
