@@ -798,10 +798,10 @@ impl Session {
         Ok(Flow::Continue)
     }
 
-    /// What the guard needs to know about where a statement runs.
-    /// Where the client is: in a transaction block unless its backend is idle — or will be once
-    /// what pgtenant itself sent ahead is answered (a hand-over reset in front of the client's
-    /// first message leaves the client outside any block).
+    /// What the guard needs to know about where a statement runs: the client is in a transaction
+    /// block unless its backend is idle — or will be once what pgtenant itself sent ahead is
+    /// answered (a hand-over reset in front of the client's first message leaves the client
+    /// outside any block).
     fn position(&self) -> Position {
         let idle_for_client = self.replies.only_injected_owed() && self.replies.status == b'I' && !self.batch.is_open();
         Position { in_block: self.lease.is_some() && !idle_for_client }
