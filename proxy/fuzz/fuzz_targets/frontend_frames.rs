@@ -247,7 +247,8 @@ fuzz_target!(|data: &[u8]| {
     let mut out = BytesMut::new();
     let mut replies = Replies::default();
     let backend = pgtenant::signing::BackendId { pid: 1, started: "0".into() };
-    injection.write_for(&mut out, true, &backend, &mut replies);
+    // with `application_name` (a backend named after another client) or without: the same frames
+    injection.write_for(&mut out, true, data.first().is_some_and(|b| b & 1 == 1), &backend, &mut replies);
     let mut tags = Vec::new();
     while !out.is_empty() {
         tags.push(one_frame(&mut out).tag);
