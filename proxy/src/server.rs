@@ -314,7 +314,7 @@ impl Proxy {
             database: self.shared.pool.target().database.clone(),
             addr: peer,
             tls: l.stream.is_tls(),
-            application_name: l.reported.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.clone()).unwrap_or_default(),
+            application_name: l.reported.iter().find(|(k, _)| k == crate::protocol::APPLICATION_NAME).map(|(_, v)| v.clone()).unwrap_or_default(),
             pool: if l.bypass { "bypass" } else { "tenant" },
             pid: l.cancel.pid,
             connected: std::time::SystemTime::now(),

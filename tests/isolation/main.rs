@@ -10,6 +10,7 @@
 mod common;
 mod adversarial;
 mod interference;
+mod names;
 mod pristine;
 mod signed;
 mod spelling;
@@ -52,6 +53,8 @@ fn main() {
         ("signed_schema_guard_misses", |env| Box::pin(signed::guard_misses_against_signed_policies(env))),
         ("pristine_handover_transaction_mode", |env| Box::pin(pristine::transaction_mode(env))),
         ("pristine_handover_session_mode", |env| Box::pin(pristine::session_mode(env))),
+        ("application_name_handover_transaction_mode", |env| Box::pin(names::transaction_mode(env))),
+        ("application_name_handover_session_mode", |env| Box::pin(names::session_mode(env))),
         ("shared_role_interference", |env| Box::pin(interference::shared_role_interference(env))),
         ("randomized_concurrent_isolation", |env| Box::pin(randomized(env))),
     ]);

@@ -98,11 +98,11 @@ fn encode<M: Message>(m: &M) -> BytesMut {
 
 /// The `application_name` pgtenant's own connections log in with (a pooled connection opened for a
 /// client's transaction takes that client's instead: see `crate::pool::Pool::acquire`).
-pub const APPLICATION_NAME: &str = "pgtenant";
+pub const OWN_APPLICATION_NAME: &str = "pgtenant";
 
-/// Connects and logs in as [`APPLICATION_NAME`]; bounded by the target's connect timeout.
+/// Connects and logs in as [`OWN_APPLICATION_NAME`]; bounded by the target's connect timeout.
 pub async fn connect(target: &BackendTarget) -> Result<BackendConn, ConnectError> {
-    connect_as(target, APPLICATION_NAME).await
+    connect_as(target, OWN_APPLICATION_NAME).await
 }
 
 /// Connects and logs in with `application_name` (the server cleans it and cuts it to 63 bytes, as
@@ -164,7 +164,7 @@ async fn connect_inner(target: &BackendTarget, application_name: &str) -> Result
     for (k, v) in [
         ("user", target.user.as_str()),
         ("database", target.database.as_str()),
-        ("application_name", application_name),
+        (crate::protocol::APPLICATION_NAME, application_name),
         ("client_encoding", "UTF8"),
     ] {
         startup.parameters.insert(k.into(), v.into());

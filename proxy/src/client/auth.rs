@@ -137,7 +137,7 @@ pub async fn login(
     };
 
     // the first login connects, with its client's name (see `Pool::acquire`)
-    let name = params.get("application_name").map_or(crate::backend::connect::APPLICATION_NAME, String::as_str);
+    let name = params.get(crate::protocol::APPLICATION_NAME).map_or(crate::backend::connect::OWN_APPLICATION_NAME, String::as_str);
     let info = match pool.server_info(name).await {
         Ok(p) => p,
         Err(e) => {

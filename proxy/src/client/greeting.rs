@@ -34,8 +34,8 @@ pub async fn greet(
     tenant: &TenantKey,
 ) -> Result<Greeting, PgError> {
     // a connection opened for this client logs in with its name (see `Pool::acquire`)
-    let name = pairs.iter().rev().find(|(n, _)| n.eq_ignore_ascii_case("application_name")).map(|(_, v)| v.clone());
-    let name = name.as_deref().unwrap_or(crate::backend::connect::APPLICATION_NAME);
+    let name = pairs.iter().rev().find(|(n, _)| n.eq_ignore_ascii_case(crate::protocol::APPLICATION_NAME)).map(|(_, v)| v.clone());
+    let name = name.as_deref().unwrap_or(crate::backend::connect::OWN_APPLICATION_NAME);
     let (spelled, reported, lease) = if session {
         let lease = pool.acquire(tenant, name).await.map_err(fatal)?;
         let show: Vec<String> = lease.backend.reported.iter().map(|(k, _)| k.clone()).collect();
@@ -66,7 +66,7 @@ pub async fn greet(
     // `application_name` differs from one backend connection to the next (each logs in with the
     // name of the client it was opened for): whether to set it is decided per transaction
     params.retain(|n, v| {
-        n.eq_ignore_ascii_case("application_name") || !info.params.iter().any(|(k, sv)| k.eq_ignore_ascii_case(n) && sv == v)
+        n.eq_ignore_ascii_case(crate::protocol::APPLICATION_NAME) || !info.params.iter().any(|(k, sv)| k.eq_ignore_ascii_case(n) && sv == v)
     });
     Ok(Greeting { params, reported, lease })
 }

@@ -201,7 +201,7 @@ impl PooledConn {
     pub(super) fn from_conn(c: BackendConn, prepared_cache: usize, allowed_calls: std::collections::HashSet<u32>, started: String) -> PooledConn {
         let id = crate::signing::BackendId { pid: c.pid, started };
         let (rd, wr) = tokio::io::split(c.stream);
-        PooledConn {
+        let mut conn = PooledConn {
             rd,
             wr,
             pid: c.pid,
@@ -218,10 +218,12 @@ impl PooledConn {
             buf_in: bytes::BytesMut::new(),
             buf_out: bytes::BytesMut::new(),
             allowed_calls,
-            login_name: c.params.iter().find(|(k, _)| k == "application_name").map(|(_, v)| v.clone()).unwrap_or_default(),
             reported: c.params,
+            login_name: String::new(),
             resetting_settings: false,
-        }
+        };
+        conn.login_name = conn.reported(crate::protocol::APPLICATION_NAME).unwrap_or_default().to_string();
+        conn
     }
 
     /// The connection's session-level `application_name` as the next transaction will find it: the
@@ -231,7 +233,7 @@ impl PooledConn {
         if self.resetting_settings {
             return &self.login_name;
         }
-        self.reported.iter().find(|(k, _)| k == "application_name").map_or("", |(_, v)| v.as_str())
+        self.reported(crate::protocol::APPLICATION_NAME).unwrap_or_default()
     }
 
     /// Everything sent to the connection has been answered (a reset included, or its error).

@@ -103,7 +103,7 @@ impl Pool {
         }
         // through the primary search: with several hosts, readiness means a writable primary
         let before = self.primary.epoch();
-        let result = self.primary.connect(self.connector.as_ref(), crate::backend::connect::APPLICATION_NAME).await;
+        let result = self.primary.connect(self.connector.as_ref(), crate::backend::connect::OWN_APPLICATION_NAME).await;
         if self.primary.epoch() != before {
             self.reap();
         }

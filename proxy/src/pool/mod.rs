@@ -437,7 +437,7 @@ impl Pool {
     pub async fn verify_primary(&self) -> Option<String> {
         if self.primary.chooses() {
             let before = self.primary.epoch();
-            match self.primary.connect(self.connector.as_ref(), crate::backend::connect::APPLICATION_NAME).await {
+            match self.primary.connect(self.connector.as_ref(), crate::backend::connect::OWN_APPLICATION_NAME).await {
                 Ok(_) => self.health.answered(),
                 Err(e) => self.health.failed(e.to_string()),
             }

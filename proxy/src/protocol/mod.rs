@@ -7,3 +7,8 @@ pub mod frame;
 pub mod options;
 pub mod peek;
 pub mod tags;
+
+/// The startup parameter (and setting) that names the client application. pgtenant treats it
+/// apart from the others: each pooled connection logs in with the name of the client it was opened
+/// for, so whether a transaction must set it depends on the connection it runs on.
+pub const APPLICATION_NAME: &str = "application_name";

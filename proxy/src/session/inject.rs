@@ -205,12 +205,9 @@ impl Signed {
 /// `params` (names and values, interleaved) and then `application_name` = `app`.
 fn with_name(params: &[String], app: &str) -> Vec<String> {
     let mut named = params.to_vec();
-    named.extend([APPLICATION_NAME.to_string(), app.to_string()]);
+    named.extend([crate::protocol::APPLICATION_NAME.to_string(), app.to_string()]);
     named
 }
-
-/// The setting [`Injection`] leaves out when the backend has the client's value.
-pub const APPLICATION_NAME: &str = "application_name";
 
 /// Bind + Execute + Close(portal) of the context statement with `params`.
 fn run_bytes(stmt: &str, params: &[String]) -> Bytes {

@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use super::inject::{self, Injection};
+use super::inject::Injection;
 use crate::client::params::ClientParams;
 use crate::sql::set::Change;
 
@@ -52,20 +52,20 @@ impl ClientSettings {
     /// `application_name`, which is set wherever the backend's differs from the client's.
     pub fn applied(&self) -> HashSet<String> {
         let mut applied: HashSet<String> = self.effective().into_iter().map(|(n, _)| n.to_lowercase()).collect();
-        applied.insert(inject::APPLICATION_NAME.to_string());
+        applied.insert(crate::protocol::APPLICATION_NAME.to_string());
         applied
     }
 
     /// The `application_name` the client's transactions run with: its own (from startup or a
     /// session-level SET), or pgtenant's when it has none (as on a backend of pgtenant's own).
     pub fn application_name(&self) -> &str {
-        let set = self.overrides.iter().rev().chain(self.startup.iter().rev()).find(|(n, _)| n.eq_ignore_ascii_case(inject::APPLICATION_NAME));
-        set.map_or(crate::backend::connect::APPLICATION_NAME, |(_, v)| v.as_str())
+        let set = self.overrides.iter().rev().chain(self.startup.iter().rev()).find(|(n, _)| n.eq_ignore_ascii_case(crate::protocol::APPLICATION_NAME));
+        set.map_or(crate::backend::connect::OWN_APPLICATION_NAME, |(_, v)| v.as_str())
     }
 
     pub fn injection(&self) -> Injection {
         let mut eff = self.effective();
-        eff.retain(|(n, _)| !n.eq_ignore_ascii_case(inject::APPLICATION_NAME));
+        eff.retain(|(n, _)| !n.eq_ignore_ascii_case(crate::protocol::APPLICATION_NAME));
         let names: Vec<String> = self.base_names.iter().cloned().chain(eff.iter().map(|(n, _)| n.clone())).collect();
         let values: Vec<String> = self.base_values.iter().cloned().chain(eff.into_iter().map(|(_, v)| v)).collect();
         let signing = self.signer.as_ref().map(|s| {
