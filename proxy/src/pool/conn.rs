@@ -141,9 +141,11 @@ impl PooledConn {
     }
 
     /// A sequence reset sent to this connection may not have run (it failed, or the session ended
-    /// before its answer): the next session gets one again.
+    /// before its answer): the next session gets one again, even if it is the session the reset
+    /// was for (it is the one the reset protects from the sessions before it).
     pub fn reset_unconfirmed(&mut self) {
         self.dirt = self.dirt.max(Leaves::Sequences);
+        self.owner = 0;
     }
 
     /// The session that ran here ended after a whole session (session pooling): the next owner gets

@@ -569,15 +569,12 @@ impl Session {
     }
 
     /// The first CommandComplete or ErrorResponse after a sequence reset went out is the reset's:
-    /// an error means it did not run, and the backend owes the next session one again.
+    /// an error means it did not run (a cancel can land on it), and it is owed again, by this
+    /// session's next transaction as much as by anyone's (it protects this session from the one
+    /// before it): sent with the next message here, or on the next hand-over of the backend.
     fn confirm_seq_reset(&mut self, tag: u8) {
         if self.seq_reset == SeqReset::Sent && (tag == tags::backend::COMMAND_COMPLETE || tag == tags::backend::ERROR) {
-            self.seq_reset = SeqReset::None;
-            if tag == tags::backend::ERROR {
-                if let Some(l) = self.lease.as_mut() {
-                    l.backend.reset_unconfirmed();
-                }
-            }
+            self.seq_reset = if tag == tags::backend::ERROR { SeqReset::Owed } else { SeqReset::None };
         }
     }
 

@@ -29,6 +29,12 @@ claims_setting = ""
 
 type Log = Arc<Mutex<Vec<String>>>;
 
+thread_local! {
+    /// How many of the next `DISCARD SEQUENCES` the scripted server fails (as a cancel would). The
+    /// server runs on the test's own single-threaded runtime, so each test has its own.
+    static FAIL_DISCARDS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
 /// Opens connections to the scripted server.
 struct Scripted {
     log: Log,
@@ -113,6 +119,9 @@ impl Server {
         } else if l.starts_with("rollback") {
             (self.block, self.aborted) = (false, false);
             put(&mut self.out, b'C', b"ROLLBACK\0");
+        } else if l.starts_with("discard sequences") && FAIL_DISCARDS.with(|n| n.replace(n.get().saturating_sub(1)) > 0) {
+            self.error("57014", "canceling statement due to user request");
+            return false;
         } else if l.contains("fail") || l.starts_with("pgtenant refused") {
             self.error(if l.starts_with("pgtenant refused") { "42601" } else { "XX000" }, "boom");
             return false;
@@ -570,6 +579,35 @@ fn sequence_reset_rides_in_the_context_batch() {
         assert_eq!(c.round(&q("BEGIN ISOLATION LEVEL SERIALIZABLE"), 1).await, "C ZT");
         assert_eq!(c.sent(), ["Q DISCARD SEQUENCES", "Q BEGIN ISOLATION LEVEL SERIALIZABLE"]);
         assert_eq!(c.round(&q("COMMIT"), 1).await, "C ZI");
+    });
+}
+
+/// A sequence reset that fails (a cancel, say) did not run: the client's first message, which rode
+/// behind it, did not run either and the client gets the error instead of hanging, and the backend
+/// still owes the reset, so the next transaction sends it again. In both protocols.
+#[test]
+fn a_failed_sequence_reset_is_owed_again() {
+    rt().block_on(async {
+        let mut c = Client::start(false).await;
+        for (label, first, want) in [("simple", q("select 1"), "E57014 ZI"), ("extended", [ext("select 1"), sync()].concat(), "E57014 ZI")] {
+            assert_eq!(c.round(&q("insert into t values (1)"), 1).await, "C ZI");
+            assert_eq!(c.round(&q("DISCARD ALL"), 1).await, "C ZI");
+            c.sent();
+            FAIL_DISCARDS.with(|n| n.set(1));
+            assert_eq!(c.round(&first, 1).await, want, "{label}: the reset's error, in place of the first message's replies");
+            let sent = c.sent();
+            assert!(sent.iter().any(|l| l == "E DISCARD SEQUENCES"), "{label}: {sent:?}");
+            assert!(sent.iter().all(|l| !(l.starts_with("E select") || l.starts_with("Q select")) || l.starts_with("(skipped)")), "{label}: the first message ran: {sent:?}");
+            // the next transaction: the reset again, then the context and the client's query
+            assert_eq!(c.round(&q("select 2"), 1).await, "DC ZI", "{label}");
+            let sent = c.sent();
+            let reset = sent.iter().position(|l| l == "E DISCARD SEQUENCES").unwrap_or_else(|| panic!("{label}: the reset is owed again: {sent:?}"));
+            let ctx = sent.iter().position(|l| l == "E <context>").expect("context");
+            assert!(reset < ctx && sent.last().is_some_and(|l| l == "Q select 2"), "{label}: {sent:?}");
+            // and once it ran, it is not sent again
+            assert_eq!(c.round(&q("select 3"), 1).await, "DC ZI", "{label}");
+            assert!(c.sent().iter().all(|l| !l.contains("DISCARD")), "{label}: reset twice");
+        }
     });
 }
 
