@@ -188,6 +188,13 @@ impl Classifier<'_> {
         if reserved_name(name) {
             return Refusal::audited(reserved_name_error(), "reserved_name", q);
         }
+        if name.is_empty() {
+            if let Some((def, access)) = self.statements.reparse_unnamed(&key, self.pos.in_block) {
+                // read before, at the same position, and let through (`Statements::remember_unnamed`)
+                let conn = Effects { leaves: def.leaves, ..Default::default() };
+                return Step::Run(Plan { effect: Some(def.effect), conn, setup: def.setup, access, ..Default::default() });
+            }
+        }
         let a = analyze(q);
         let bind_checks = match self.guard.check_parse_statements(&a.statements, types, self.pos) {
             Ok(calls) => calls,
@@ -203,14 +210,20 @@ impl Classifier<'_> {
         // the client's session-level settings share the budget with its statements
         let budget = self.budget.max.saturating_sub(self.budget.settings.bytes());
         match self.statements.parse_analyzed(name, &a, key, budget, bind_checks) {
-            Ok(def) => Step::Run(Plan {
-                effect: Some(def.effect),
-                conn: Effects { leaves: def.leaves, touches_prepared, function_call: false },
-                setup: def.setup,
-                dealloc,
-                access: a.statements.first().and_then(|t| crate::routing::intent::statement_mode(t)),
-                ..Default::default()
-            }),
+            Ok(def) => {
+                let access = a.statements.first().and_then(|t| crate::routing::intent::statement_mode(t));
+                if name.is_empty() && !a.touches_prepared {
+                    self.statements.remember_unnamed(&def, self.pos.in_block, access);
+                }
+                Step::Run(Plan {
+                    effect: Some(def.effect),
+                    conn: Effects { leaves: def.leaves, touches_prepared, function_call: false },
+                    setup: def.setup,
+                    dealloc,
+                    access,
+                    ..Default::default()
+                })
+            }
             Err(full) => Refusal::plain(state_limit_error(full, self.budget.max)),
         }
     }
@@ -457,5 +470,74 @@ mod tests {
         assert!(matches!(run(&mut c, b'E', b"\0\0\0\0\0"), Step::Run(_)));
         // FunctionCall only when the pool allows some
         assert!(matches!(run(&mut c, b'F', &[0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), Step::Refuse(_)));
+    }
+
+    /// An unnamed Parse's body: `sql`, then `types`.
+    fn unnamed_parse(sql: &str, types: &[u32]) -> Vec<u8> {
+        let mut b = vec![0];
+        b.extend_from_slice(sql.as_bytes());
+        b.push(0);
+        b.extend_from_slice(&(types.len() as i16).to_be_bytes());
+        for t in types {
+            b.extend_from_slice(&t.to_be_bytes());
+        }
+        b
+    }
+
+    /// Reusing the reading of an unnamed statement (`Statements::reparse_unnamed`) never changes a
+    /// decision: a random sequence of unnamed Parses, at random positions, gets exactly the step
+    /// (and records exactly the statement) that a session reading each of them afresh gets.
+    /// Statements refused at one position and not at the other, refused everywhere, deciding
+    /// `set_config` at Bind, touching prepared statements, and setup are all in the mix.
+    #[test]
+    fn reused_readings_decide_like_fresh_ones() {
+        const TEXTS: &[&str] = &[
+            "select * from orders where id = $1",
+            "RESET ALL",
+            "select set_config($1, $2, false)",
+            "select set_config('app.tenant_id', '2', true)",
+            "SET work_mem = '8MB'",
+            "BEGIN READ ONLY",
+            "BEGIN ISOLATION LEVEL SERIALIZABLE",
+            "COMMIT AND CHAIN",
+            "insert into t values (1)",
+            "DEALLOCATE s1",
+            "DISCARD ALL",
+            "PREPARE p AS select 1",
+            "LISTEN x",
+            "select 1; RESET ALL",
+            "",
+            "select $1::text",
+        ];
+        const TYPES: &[&[u32]] = &[&[], &[25], &[25, 25], &[23]];
+        let g = guard();
+        let mut memo = Statements::default();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        let (mut reused, mut last) = (0, (TEXTS[0], TYPES[0], false));
+        for _ in 0..5_000 {
+            // half the time the same statement again, as clients send it
+            if next(2) == 0 {
+                last = (TEXTS[next(TEXTS.len())], TYPES[next(TYPES.len())], next(2) == 1);
+            }
+            let (sql, types, in_block) = last;
+            let body = unnamed_parse(sql, types);
+            let hit = memo.remembers(&body[1..], in_block);
+            reused += usize::from(hit);
+            let got = format!("{:?}", run(&mut classifier(&g, &mut memo, in_block), b'P', &body));
+            let mut fresh = Statements::default();
+            let want = format!("{:?}", run(&mut classifier(&g, &mut fresh, in_block), b'P', &body));
+            assert_eq!(got, want, "{sql:?} {types:?} in_block={in_block} (reused: {hit})");
+            let recorded = |s: &Statements| format!("{:?}", s.statement(b"").map(|d| (&d.key, d.effect, d.leaves, d.chain, &d.sets, d.setup, d.discard_all, &d.bind_checks)));
+            if matches!(run(&mut classifier(&g, &mut Statements::default(), in_block), b'P', &body), Step::Run(_)) {
+                assert_eq!(recorded(&memo), recorded(&fresh), "{sql:?} {types:?} in_block={in_block}");
+            }
+        }
+        assert!(reused > 1_000, "the sequence reused readings {reused} times");
     }
 }

@@ -21,6 +21,23 @@ pub const MAX_STATEMENTS: usize = 10_000;
 /// Most named portals one client may hold at once (they live until their transaction ends).
 pub const MAX_PORTALS: usize = 10_000;
 
+/// How many readings of unnamed statements a session keeps for reuse, and the longest content
+/// kept. Most clients that use the unnamed statement send the same few texts over and over
+/// (node-postgres, psycopg, pgjdbc before its prepare threshold, `pgbench -M extended`), and what
+/// `Classifier::parse` decides about one is a function of its content and of whether it runs inside
+/// a transaction block alone: the guard and the pooling rules are the session's own and do not
+/// change. At most 4 KiB per session.
+const RECENT_UNNAMED: usize = 4;
+const RECENT_MAX_KEY: usize = 1024;
+
+/// An unnamed statement read before (see [`RECENT_UNNAMED`]).
+#[derive(Debug)]
+struct Recent {
+    in_block: bool,
+    def: Arc<StatementDef>,
+    access: Option<crate::routing::intent::Mode>,
+}
+
 /// A Bind of a new named portal while the client holds `MAX_PORTALS` already.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TooManyPortals;
@@ -63,6 +80,9 @@ pub struct Statements {
     named_portals: HashMap<Bytes, Arc<StatementDef>>,
     /// Bytes held by named statements (names and contents).
     bytes: usize,
+    /// Unnamed statements read lately, oldest replaced first.
+    recent: Vec<Recent>,
+    recent_next: usize,
 }
 
 impl Statements {
@@ -112,6 +132,40 @@ impl Statements {
             self.named_stmts.insert(Bytes::copy_from_slice(name), def.clone());
         }
         Ok(def)
+    }
+
+    /// A Parse of the unnamed statement with content `key`, read before at the same position
+    /// (`in_block`) and let through: recorded again from that reading, which it returns with the
+    /// access mode its first statement asks for. None when it has to be read.
+    pub fn reparse_unnamed(&mut self, key: &[u8], in_block: bool) -> Option<(Arc<StatementDef>, Option<crate::routing::intent::Mode>)> {
+        let r = self.recent.iter().find(|r| r.in_block == in_block && r.def.key[..] == *key)?;
+        let hit = (r.def.clone(), r.access);
+        self.unnamed_stmt = Some(hit.0.clone());
+        Some(hit)
+    }
+
+    /// Keeps the reading of unnamed statement `def` for [`Statements::reparse_unnamed`]; the
+    /// caller keeps only readings that depend on nothing but the content and the position (no
+    /// `DEALLOCATE`, `DISCARD` or `PREPARE`, whose outcome depends on the client's statements). The
+    /// content is copied: the original points into the client's read buffer.
+    pub fn remember_unnamed(&mut self, def: &StatementDef, in_block: bool, access: Option<crate::routing::intent::Mode>) {
+        if def.key.len() > RECENT_MAX_KEY {
+            return;
+        }
+        let def = Arc::new(StatementDef { key: Bytes::copy_from_slice(&def.key), ..def.clone() });
+        let r = Recent { in_block, def, access };
+        if self.recent.len() < RECENT_UNNAMED {
+            self.recent.push(r);
+        } else {
+            self.recent[self.recent_next] = r;
+            self.recent_next = (self.recent_next + 1) % RECENT_UNNAMED;
+        }
+    }
+
+    /// Whether a reading of `key` at `in_block` is kept.
+    #[cfg(test)]
+    pub fn remembers(&self, key: &[u8], in_block: bool) -> bool {
+        self.recent.iter().any(|r| r.in_block == in_block && r.def.key[..] == *key)
     }
 
     /// Bytes the client's named statements hold.
