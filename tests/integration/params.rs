@@ -25,6 +25,7 @@ fn main() {
         session_mode_cancel_needs_pgtenants_secret,
         a_set_right_after_another_clients_reset_builds_on_the_clients_values,
         backends_take_the_name_of_the_client_they_were_opened_for,
+        an_idle_connection_with_the_clients_name_is_preferred,
     ]);
 }
 
@@ -403,6 +404,42 @@ async fn backends_take_the_name_of_the_client_they_were_opened_for(env: &Env) ->
         ensure(r.ok() && r.get(0, 0) == "same", format!("after set_config ({stmt:?}): {:?} {}", r.get(0, 0), r.summary()))?;
         w.close().await;
     }
+    p.stop().await;
+    Ok(())
+}
+
+/// With connections of several names idle, a transaction takes one with its client's name (and so
+/// need not set it), not merely the most recently used one.
+async fn an_idle_connection_with_the_clients_name_is_preferred(env: &Env) -> TestResult {
+    let p = proxy_in(env, "transaction", "pool_size = 2").await;
+    let login_name = |pid: &str| {
+        env.cluster
+            .psql("app", &format!("select application_name from pg_stat_activity where pid = {pid}"))
+            .map(|s| s.trim().to_string())
+            .map_err(|e| e.to_string())
+    };
+    let mut a = Wire::login(p.addr, &startup(&[("application_name", "alpha")]), &token(1, "alpha")).await?;
+    let mut b = Wire::login(p.addr, &startup(&[("application_name", "beta")]), &token(2, "beta")).await?;
+    // both in a transaction at once: two connections, one opened for each
+    for w in [&mut a, &mut b] {
+        let r = w.simple("BEGIN").await;
+        ensure(r.ok(), format!("BEGIN: {}", r.summary()))?;
+    }
+    // alpha's goes back first: beta's is on top of the idle stack
+    for w in [&mut a, &mut b] {
+        let r = w.simple("COMMIT").await;
+        ensure(r.ok(), format!("COMMIT: {}", r.summary()))?;
+    }
+    for round in 0..3 {
+        for (w, name) in [(&mut a, "alpha"), (&mut b, "beta")] {
+            let r = w.simple("select pg_backend_pid(), current_setting('application_name')").await;
+            ensure(r.ok() && r.get(0, 1) == name, format!("{name}: {}", r.summary()))?;
+            let on = login_name(&r.get(0, 0))?;
+            ensure(on == name, format!("round {round}: {name}'s transaction ran on the connection opened for {on:?}"))?;
+        }
+    }
+    a.close().await;
+    b.close().await;
     p.stop().await;
     Ok(())
 }

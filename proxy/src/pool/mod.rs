@@ -293,7 +293,7 @@ impl Pool {
         let now = Instant::now();
         crate::metrics::hot().pool_wait_seconds.record(now.saturating_duration_since(started).as_secs_f64());
         let permit = waited.map_err(|r| self.refusal_error(tenant, r, wait_ms))?;
-        while let Some(mut idle) = self.pop_idle() {
+        while let Some(mut idle) = self.pop_idle(application_name) {
             if now.saturating_duration_since(idle.since) >= self.idle_timeout
                 || now.saturating_duration_since(idle.backend.created) >= self.max_lifetime
                 || idle.epoch != self.primary.epoch()
@@ -370,8 +370,16 @@ impl Pool {
         PgError::error(sqlstate::TOO_MANY_CONNECTIONS, message).with_hint(hint)
     }
 
-    fn pop_idle(&self) -> Option<Idle> {
-        self.idle.lock().ok()?.pop()
+    /// The idle connection to use next: the most recently used one whose `application_name` is
+    /// `application_name` (so a transaction need not set it, see `crate::session::inject`), else the
+    /// most recently used one. With one application behind pgtenant that is the top of the stack.
+    fn pop_idle(&self, application_name: &str) -> Option<Idle> {
+        let mut idle = self.idle.lock().ok()?;
+        match idle.iter().rposition(|i| i.backend.application_name() == application_name) {
+            Some(i) if i + 1 == idle.len() => idle.pop(),
+            Some(i) => Some(idle.remove(i)),
+            None => idle.pop(),
+        }
     }
 
     /// Opens a connection to the primary; returns it with its epoch.
