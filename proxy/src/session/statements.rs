@@ -26,8 +26,9 @@ pub const MAX_PORTALS: usize = 10_000;
 /// (node-postgres, psycopg, pgjdbc before its prepare threshold, `pgbench -M extended`), and what
 /// `Classifier::parse` decides about one is a function of its content and of whether it runs inside
 /// a transaction block alone: the guard and the pooling rules are the session's own and do not
-/// change. At most 4 KiB per session.
-const RECENT_UNNAMED: usize = 4;
+/// change. Eight, so that a client repeating transactions of up to eight statements (`BEGIN`, the
+/// work, `COMMIT`) reads each statement once. At most 8 KiB per session.
+const RECENT_UNNAMED: usize = 8;
 const RECENT_MAX_KEY: usize = 1024;
 
 /// An unnamed statement read before (see [`RECENT_UNNAMED`]).
