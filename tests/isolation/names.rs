@@ -35,7 +35,7 @@ const PROBE: &str = "select current_setting('application_name'), \
 /// The name a client without one runs with through pgtenant.
 const NAMELESS: &str = "pgtenant";
 
-/// name, what it does to A's name (None: nothing), SQL or a recipe below.
+/// An attack by A on the name, before it hands the backend over.
 #[derive(Clone, Copy)]
 enum Attack {
     /// A plain query.
@@ -69,17 +69,18 @@ const ATTACKS: &[(&str, Attack)] = &[
     ("set_then_rollback", Attack::SetThenRollback),
 ];
 
+/// The shape of B's first batch after the hand-over.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum First {
     Simple,
     Extended,
     /// An extended `select 1/0` and Sync, then the probe, in one write.
-    ErrorFirst,
+    AfterError,
     /// FunctionCall of current_setting('application_name'), then the probe.
     Call,
 }
 
-const FIRSTS: &[First] = &[First::Simple, First::Extended, First::ErrorFirst, First::Call];
+const FIRSTS: &[First] = &[First::Simple, First::Extended, First::AfterError, First::Call];
 
 /// The names A and B log in with (None: no `application_name` in the startup packet).
 const NAMES: &[Option<&str>] = &[None, Some("opener"), Some("alpha")];
@@ -135,7 +136,7 @@ async fn first_batch(b: &mut Wire, first: First, current_setting: u32) -> Result
     let (r, extra) = match first {
         First::Simple => (b.simple(PROBE).await, None),
         First::Extended => (b.ext(PROBE).await, None),
-        First::ErrorFirst => {
+        First::AfterError => {
             let r = b.round(&[wire::unnamed("select 1/0"), wire::sync(), wire::extended(PROBE)].concat(), 2).await;
             let failed = r.errors.len() == 1 && r.errors[0].code == "22012";
             (r, Some(if failed { String::new() } else { "the error before the probe did not come first".into() }))
