@@ -792,3 +792,53 @@ pub async fn session_state_memory(env: &Env) -> TestResult {
     p.stop().await;
     c.done()
 }
+
+/// A session reuses its reading of an unnamed statement when the same content comes again at the
+/// same position (`Statements::reparse_unnamed`); no decision may change through it. Each statement
+/// goes several times, alternately outside and inside a transaction block, so every reading after
+/// the first two is a reused one: `RESET ALL` (refused inside a block only), a bound `set_config`
+/// of the tenant (refused at every Bind, however the Parse was read) and a harmless one. Each
+/// refusal must be the statement's own: this test found that a second refusal in a batch the
+/// server was already skipping left its error queued, to be told in place of the next refusal.
+pub async fn reused_readings(env: &Env) -> TestResult {
+    let mut c = Checks::new("reused_readings");
+    let before = victim(env);
+    let p = start_proxy(env, "pool_size = 1", "").await;
+    let mut a = login(&p, 1, "alice").await?;
+    let bound = |value: &str, name: &str| {
+        [
+            wire::parse("", "select set_config($1, $2, false)", &[]),
+            wire::bind("", "", &[Some(name), Some(value)]),
+            wire::execute("", 0),
+            wire::sync(),
+        ]
+        .concat()
+    };
+    let cases: [(&str, Vec<u8>, bool); 3] = [
+        ("RESET ALL", [wire::unnamed("RESET ALL"), wire::sync()].concat(), true),
+        ("bound set_config of app.tenant_id", bound("2", "app.tenant_id"), false),
+        ("bound set_config of work_mem", bound("8MB", "work_mem"), true),
+    ];
+    for round in 0..3 {
+        for in_block in [false, true] {
+            for (label, batch, runs_outside) in &cases {
+                if in_block {
+                    let _ = a.simple("BEGIN").await;
+                }
+                let r = a.round(batch, 1).await;
+                let runs = *runs_outside && !(in_block && *label == "RESET ALL");
+                let want = if runs { "runs" } else { "refused 42501" };
+                // the refusal is this statement's own (the word it names), and the only error
+                let own = |m: &str| if *label == "RESET ALL" { m.contains("RESET ALL") } else { m.contains("app.tenant_id") };
+                let ok = if runs { r.ok() } else { r.errors.len() == 1 && r.code() == Some("42501") && own(&r.errors[0].message) };
+                c.check(&format!("round {round}, {}: {label} {want}", if in_block { "in a block" } else { "outside" }), ok, r.summary());
+                if in_block {
+                    let _ = a.simple("ROLLBACK").await;
+                }
+                still_tenant_one(&mut a, &mut c, &format!("round {round}, {label}")).await;
+            }
+        }
+    }
+    a.close().await;
+    finish(env, p, c, &before, "reused readings").await
+}

@@ -196,8 +196,7 @@ impl Session {
                 self.batch = Batch::Open { began_idle: !self.position().in_block, executed: false };
             }
         }
-        self.replies.expect_refusal(simple);
-        self.refusals.push_back(err);
+        self.replies.expect_refusal(simple, err);
         Flow::Continue
     }
 

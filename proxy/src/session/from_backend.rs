@@ -119,7 +119,7 @@ impl Session {
         match self.replies.on_reply(tag, body) {
             Action::Forward => relay(&mut self.client_out, msg),
             Action::Swallow => {}
-            Action::ReplaceError => match self.refusals.pop_front() {
+            Action::ReplaceError => match self.replies.take_replacement() {
                 Some(err) => err.encode(&mut self.client_out),
                 None => relay(&mut self.client_out, msg),
             },

@@ -160,8 +160,6 @@ pub struct Session {
     /// The context went out in front of a simple Query: wait for its reply before sending more.
     hold_until_settled: bool,
     held: Option<Frame>,
-    /// Refusal errors waiting for their stand-in's error from the server, in order.
-    refusals: std::collections::VecDeque<PgError>,
     view: ClientView,
     settings: ClientSettings,
     draining: tokio::sync::watch::Receiver<bool>,
@@ -263,7 +261,6 @@ impl Session {
             batch: Batch::Closed,
             hold_until_settled: false,
             held: None,
-            refusals: Default::default(),
             view,
             settings,
             attached_at: std::time::Instant::now(),

@@ -10,6 +10,8 @@
 
 use std::collections::VecDeque;
 
+use crate::error::PgError;
+
 /// The reply that completes a forwarded message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Want {
@@ -98,11 +100,25 @@ pub struct Replies {
     pub failed_prepares: Vec<(u64, bool)>,
     /// The server is in COPY FROM STDIN mode: it ignores Sync and Flush until CopyDone/CopyFail.
     pub copy_in: bool,
+    /// The errors of the refusal stand-ins owed, in order. A stand-in the server skips (its batch
+    /// failed before it: an earlier refusal or a real error) takes its error with it, so each
+    /// refusal is told in place of its own stand-in's error or not at all.
+    refusals: VecDeque<PgError>,
+    /// The refusal to send in place of the error just read ([`Action::ReplaceError`]).
+    replacement: Option<PgError>,
 }
 
 impl Default for Replies {
     fn default() -> Self {
-        Replies { owed: VecDeque::with_capacity(16), status: b'I', batch_failed: false, failed_prepares: Vec::new(), copy_in: false }
+        Replies {
+            owed: VecDeque::with_capacity(16),
+            status: b'I',
+            batch_failed: false,
+            failed_prepares: Vec::new(),
+            copy_in: false,
+            refusals: VecDeque::new(),
+            replacement: None,
+        }
     }
 }
 
@@ -113,10 +129,17 @@ impl Replies {
     }
 
     /// Records a stand-in for a refused message (a simple Query or a Parse that fails on the
-    /// server), so the server aborts the transaction exactly as for a real error.
-    pub fn expect_refusal(&mut self, simple: bool) {
+    /// server), so the server aborts the transaction exactly as for a real error; `err` is what
+    /// the client is told in place of the stand-in's error.
+    pub fn expect_refusal(&mut self, simple: bool, err: PgError) {
         let want = if simple { Want::Ready } else { Want::ParseComplete };
         self.owed.push_back(Owed { want, injected: false, simple, prepares: None, refusal: true });
+        self.refusals.push_back(err);
+    }
+
+    /// The refusal that replaces the error just read ([`Action::ReplaceError`]).
+    pub fn take_replacement(&mut self) -> Option<PgError> {
+        self.replacement.take()
     }
 
     /// Records a Parse of server statement `id`; if it fails, `id` lands in `failed_prepares`.
@@ -179,8 +202,13 @@ impl Replies {
     }
 
     fn drop_front(&mut self) {
-        if let Some(Owed { prepares: Some(id), injected, .. }) = self.owed.pop_front() {
-            self.failed_prepares.push((id, !injected));
+        match self.owed.pop_front() {
+            Some(Owed { prepares: Some(id), injected, .. }) => self.failed_prepares.push((id, !injected)),
+            // a stand-in the server skipped: its refusal is never told
+            Some(Owed { refusal: true, .. }) => {
+                self.refusals.pop_front();
+            }
+            _ => {}
         }
     }
 
@@ -201,6 +229,8 @@ impl Replies {
         self.batch_failed = false;
         self.failed_prepares.clear();
         self.copy_in = false;
+        self.refusals.clear();
+        self.replacement = None;
     }
 
     pub fn on_reply(&mut self, tag: u8, body: &[u8]) -> Action {
@@ -244,7 +274,16 @@ impl Replies {
         if front.injected && front.want == Want::Ready {
             return Action::Desync; // pgtenant's reset failed: never reuse this connection
         }
-        let forward = if front.refusal { Action::ReplaceError } else { Action::Forward };
+        let forward = if front.refusal {
+            // this stand-in's refusal is told now; the entry stays owed until the skip ends
+            self.replacement = self.refusals.pop_front();
+            if let Some(o) = self.owed.front_mut() {
+                o.refusal = false;
+            }
+            Action::ReplaceError
+        } else {
+            Action::Forward
+        };
         if front.want == Want::Ready {
             return forward; // a ReadyForQuery follows
         }
@@ -360,6 +399,42 @@ mod tests {
         assert_eq!(r.take_synthetic(), None);
         assert_eq!(r.on_reply(b'Z', b"I"), Action::Forward);
         assert!(r.is_settled());
+    }
+
+    /// Each refusal is told in place of its own stand-in's error, or not at all when the server
+    /// skipped the stand-in (a refusal or a real error came first in the batch). Before, the
+    /// errors waited in a queue of their own, and a skipped stand-in's error was told in place of
+    /// the next batch's refusal, and so on for the rest of the session.
+    #[test]
+    fn a_skipped_refusal_stand_in_takes_its_error_with_it() {
+        let err = |m: &str| PgError::error("42501", m.to_string());
+        let said = |r: &mut Replies| r.take_replacement().map(|e| e.message);
+        let mut r = Replies::default();
+        // two refusals in one batch: the server fails the first stand-in and skips the second
+        r.expect_refusal(false, err("first"));
+        r.expect(Want::BindComplete, false, false);
+        r.expect_refusal(false, err("second"));
+        r.expect(Want::Ready, false, false);
+        assert_eq!(r.on_reply(b'E', b""), Action::ReplaceError);
+        assert_eq!(said(&mut r).as_deref(), Some("first"));
+        assert_eq!(r.on_reply(b'Z', b"I"), Action::Forward);
+        // a real error, then a refusal in the same batch: the stand-in is skipped
+        r.expect(Want::ParseComplete, false, false);
+        r.expect_refusal(false, err("skipped"));
+        r.expect(Want::Ready, false, false);
+        assert_eq!(r.on_reply(b'E', b""), Action::Forward);
+        assert_eq!(r.on_reply(b'Z', b"I"), Action::Forward);
+        // the next refusal, simple and extended, is told as itself
+        r.expect_refusal(true, err("third"));
+        assert_eq!(r.on_reply(b'E', b""), Action::ReplaceError);
+        assert_eq!(said(&mut r).as_deref(), Some("third"));
+        assert_eq!(r.on_reply(b'Z', b"I"), Action::Forward);
+        r.expect_refusal(false, err("fourth"));
+        r.expect(Want::Ready, false, false);
+        assert_eq!(r.on_reply(b'E', b""), Action::ReplaceError);
+        assert_eq!(said(&mut r).as_deref(), Some("fourth"));
+        assert_eq!(r.on_reply(b'Z', b"I"), Action::Forward);
+        assert!(r.is_settled() && r.refusals.is_empty());
     }
 
     #[test]
