@@ -842,3 +842,72 @@ pub async fn reused_readings(env: &Env) -> TestResult {
     a.close().await;
     finish(env, p, c, &before, "reused readings").await
 }
+
+/// `DISCARD ALL` by Execute is answered by pgtenant, which resets the backend with a Query of its
+/// own in the same batch. When a message before it in the batch failed, the server skips that
+/// Query like everything else up to Sync: the backend must then still count as unreset, whoever
+/// uses it next. The first client leaves session state (settings), then sends a
+/// failing Parse and `DISCARD ALL` in one batch; the next client, of another tenant, on the same
+/// backend must find none of it. (Before the fix it found the setting: the backend counted as
+/// reset.)
+pub async fn discard_all_after_a_failure(env: &Env) -> TestResult {
+    let mut c = Checks::new("discard_all_after_a_failure");
+    let before = victim(env);
+    let state = "select coalesce(current_setting('app.custom', true), ''), \
+        current_setting('search_path'), pg_backend_pid()::text";
+    for (leave, how) in [("select set_config('app.custom', 'tenant-1', false)", "a custom setting"), ("select set_config('search_path', 'pg_catalog', false)", "a search_path")] {
+        for stays in [false, true] {
+            let p = start_proxy(env, "pool_size = 1", "").await;
+            let mut a = login(&p, 1, "alice").await?;
+            let r = a.simple(leave).await;
+            c.check(&format!("{how}: the first client leaves it"), r.ok(), r.summary());
+            let batch = [
+                wire::parse("bad", "selec", &[]),
+                wire::parse("", "DISCARD ALL", &[]),
+                wire::bind("", "", &[]),
+                wire::execute("", 0),
+                wire::sync(),
+            ]
+            .concat();
+            let r = a.round(&batch, 1).await;
+            c.check(&format!("{how}: the batch fails at its first message"), r.code() == Some("42601") && r.errors.len() == 1, r.summary());
+            let pid_a = a.simple("select pg_backend_pid()::text").await.get(0, 0);
+            let a = if stays {
+                Some(a)
+            } else {
+                a.close().await;
+                None
+            };
+            let mut b = login(&p, 2, "bob").await?;
+            let r = b.simple(state).await;
+            let clean = r.ok() && r.get(0, 0).is_empty() && r.get(0, 1) == "\"$user\", public";
+            let same = if r.get(0, 2) == pid_a { "same backend" } else { "another backend" };
+            c.check(&format!("{how}, first client {}: the next client ({same}) finds none of it", if stays { "stays" } else { "left" }), clean, r.summary());
+            b.close().await;
+            if let Some(a) = a {
+                a.close().await;
+            }
+            p.stop().await;
+        }
+    }
+    // session pooling: the client keeps its backend, whose reset goes again in front of its next
+    // message; its statements, which pgtenant forgot with the DISCARD ALL, prepare again cleanly
+    let p = start_proxy(env, "pool_size = 1", "[pool]\nmode = \"session\"").await;
+    let mut a = login(&p, 1, "alice").await?;
+    let r = a.round(&[wire::parse("s1", "select 1", &[]), wire::sync()].concat(), 1).await;
+    c.check("session mode: a named statement", r.ok(), r.summary());
+    let r = a.simple("select set_config('app.custom', 'tenant-1', false)").await;
+    c.check("session mode: a custom setting", r.ok(), r.summary());
+    let batch = [wire::parse("bad", "selec", &[]), wire::parse("", "DISCARD ALL", &[]), wire::bind("", "", &[]), wire::execute("", 0), wire::sync()].concat();
+    let r = a.round(&batch, 1).await;
+    c.check("session mode: the batch fails at its first message", r.code() == Some("42601") && r.errors.len() == 1, r.summary());
+    let r = a.round(&[wire::parse("s1", "select 2", &[]), wire::bind("", "s1", &[]), wire::execute("", 0), wire::sync()].concat(), 1).await;
+    c.check("session mode: the statement prepares and runs again", r.ok() && r.get(0, 0) == "2", r.summary());
+    let r = a.simple(state).await;
+    c.check("session mode: the backend was reset in front of it", r.ok() && r.get(0, 0).is_empty(), r.summary());
+    a.close().await;
+    p.stop().await;
+    let after = victim(env);
+    c.check("tenant 2's rows unchanged", before == after, format!("{before} -> {after}"));
+    c.done()
+}

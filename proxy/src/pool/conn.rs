@@ -148,6 +148,17 @@ impl PooledConn {
         self.owner = 0;
     }
 
+    /// A reset (or other statement of pgtenant's own) sent to this connection was skipped by the
+    /// server, which was skipping to the end of a failed batch: what it was to clear is still
+    /// there, and what pgtenant recorded as cleared is not. The full reset goes before the next
+    /// use, whoever's, the same session's included.
+    pub fn reset_skipped(&mut self) {
+        self.dirt = Leaves::Session;
+        self.full_reset = true;
+        self.owner = 0;
+        self.resetting_settings = false;
+    }
+
     /// The session that ran here ended after a whole session (session pooling): the next owner gets
     /// the full reset.
     pub fn end_session(&mut self) {

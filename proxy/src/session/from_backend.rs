@@ -42,6 +42,14 @@ impl Session {
                 continue; // a backend-side value the client does not have
             };
             self.drain_synthetic();
+            if std::mem::take(&mut self.replies.own_query_skipped) {
+                // a reset (or transaction defaults) the server skipped: the backend's state is not
+                // what pgtenant recorded, so it gets the full reset before anyone uses it again
+                if let Some(l) = self.lease.as_mut() {
+                    l.backend.reset_skipped();
+                }
+                self.reset_skipped = true;
+            }
             if !self.replies.failed_prepares.is_empty() {
                 if let Some(l) = self.lease.as_mut() {
                     for (id, by_client) in self.replies.failed_prepares.drain(..) {

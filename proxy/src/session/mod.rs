@@ -185,6 +185,8 @@ pub struct Session {
     needs_context: bool,
     /// The sequence reset the backend owes before this session's first statement on it.
     seq_reset: SeqReset,
+    /// The server skipped a reset of the attached backend: it goes again before the next batch.
+    reset_skipped: bool,
     /// The client's `default_transaction_*` session defaults as SQL for a backend (empty: the
     /// role's own), applied before each transaction that needs them.
     tx_defaults: String,
@@ -268,6 +270,7 @@ impl Session {
             pending_sets_failed: false,
             needs_context: false,
             seq_reset: SeqReset::None,
+            reset_skipped: false,
             tx_defaults,
             signer_gen,
             discard_reports: Vec::new(),
@@ -496,6 +499,8 @@ impl Session {
             if std::mem::replace(&mut self.seq_reset, SeqReset::None) != SeqReset::None {
                 lease.backend.reset_unconfirmed(); // owed or unanswered: the next session gets it
             }
+            self.reset_skipped = false; // the backend owes it to whoever attaches it next
+
             // the relay buffers go back with the connection (both are empty: backend_clean)
             std::mem::swap(&mut self.backend_in, &mut lease.backend.buf_in);
             std::mem::swap(&mut self.backend_out, &mut lease.backend.buf_out);
@@ -534,7 +539,15 @@ impl Session {
         debug_assert!(self.backend_in.is_empty() && self.backend_out.is_empty());
         std::mem::swap(&mut self.backend_in, &mut b.buf_in);
         std::mem::swap(&mut self.backend_out, &mut b.buf_out);
-        match b.reset_for(self.id) {
+        self.lease = Some(lease);
+        self.send_reset();
+    }
+
+    /// Sends the reset the attached backend owes this session, if any, in front of the message
+    /// about to go (at a batch's start: nothing before it can make the server skip it).
+    fn send_reset(&mut self) {
+        let Some(l) = self.lease.as_mut() else { return };
+        match l.backend.reset_for(self.id) {
             None => {}
             // sent with the first message (`send_seq_reset`): in the same batch as the context
             // when one goes in front of it
@@ -545,7 +558,6 @@ impl Session {
                 self.replies.expect(Want::Ready, true, true);
             }
         }
-        self.lease = Some(lease);
     }
 
     /// Sends the sequence reset the backend owes, if any: in the batch of the context statement
@@ -708,6 +720,11 @@ impl Session {
             if let Err(e) = self.attach(plan.access).await {
                 return Ok(self.refuse(e, simple));
             }
+        } else if self.reset_skipped && !self.batch.is_open() && self.replies.is_settled() {
+            // a reset of this backend was skipped (`Replies::own_query_skipped`) and the backend
+            // stayed attached (session pooling, or more messages pipelined): send it again now
+            self.reset_skipped = false;
+            self.send_reset();
         }
         if let Some(oid) = plan.function_oid {
             // only functions the operator allowed, as resolved on this backend's database

@@ -106,6 +106,9 @@ pub struct Replies {
     refusals: VecDeque<PgError>,
     /// The refusal to send in place of the error just read ([`Action::ReplaceError`]).
     replacement: Option<PgError>,
+    /// A Query pgtenant sent (a reset, transaction defaults) was skipped by the server, which was
+    /// skipping to the end of a failed batch: it did not run.
+    pub own_query_skipped: bool,
 }
 
 impl Default for Replies {
@@ -118,6 +121,7 @@ impl Default for Replies {
             copy_in: false,
             refusals: VecDeque::new(),
             replacement: None,
+            own_query_skipped: false,
         }
     }
 }
@@ -208,6 +212,8 @@ impl Replies {
             Some(Owed { refusal: true, .. }) => {
                 self.refusals.pop_front();
             }
+            // a Query of pgtenant's own the server skipped
+            Some(Owed { injected: true, want: Want::Ready, simple: true, .. }) => self.own_query_skipped = true,
             _ => {}
         }
     }
@@ -231,6 +237,7 @@ impl Replies {
         self.copy_in = false;
         self.refusals.clear();
         self.replacement = None;
+        self.own_query_skipped = false;
     }
 
     pub fn on_reply(&mut self, tag: u8, body: &[u8]) -> Action {
@@ -435,6 +442,20 @@ mod tests {
         assert_eq!(said(&mut r).as_deref(), Some("fourth"));
         assert_eq!(r.on_reply(b'Z', b"I"), Action::Forward);
         assert!(r.is_settled() && r.refusals.is_empty());
+    }
+
+    /// A Query of pgtenant's own (a reset) that the server skips because an earlier message of
+    /// the batch failed did not run: the session is told, so the backend is not taken as reset.
+    #[test]
+    fn a_skipped_own_query_is_reported() {
+        let mut r = Replies::default();
+        r.expect(Want::ParseComplete, false, false);
+        r.expect(Want::Ready, true, true); // DISCARD ALL's reset, in the middle of the batch
+        r.expect(Want::Ready, false, false);
+        assert_eq!(r.on_reply(b'E', b""), Action::Forward);
+        assert!(r.own_query_skipped);
+        assert_eq!(r.on_reply(b'Z', b"I"), Action::Forward);
+        assert!(r.is_settled());
     }
 
     #[test]
