@@ -500,7 +500,6 @@ impl Session {
                 lease.backend.reset_unconfirmed(); // owed or unanswered: the next session gets it
             }
             self.reset_skipped = false; // the backend owes it to whoever attaches it next
-
             // the relay buffers go back with the connection (both are empty: backend_clean)
             std::mem::swap(&mut self.backend_in, &mut lease.backend.buf_in);
             std::mem::swap(&mut self.backend_out, &mut lease.backend.buf_out);
