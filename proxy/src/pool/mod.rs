@@ -375,11 +375,9 @@ impl Pool {
     /// most recently used one. With one application behind pgtenant that is the top of the stack.
     fn pop_idle(&self, application_name: &str) -> Option<Idle> {
         let mut idle = self.idle.lock().ok()?;
-        match idle.iter().rposition(|i| i.backend.application_name() == application_name) {
-            Some(i) if i + 1 == idle.len() => idle.pop(),
-            Some(i) => Some(idle.remove(i)),
-            None => idle.pop(),
-        }
+        let named = idle.iter().rposition(|i| i.backend.application_name() == application_name);
+        let i = named.or(idle.len().checked_sub(1))?;
+        Some(idle.remove(i)) // the top of the stack when it is the one: nothing moves
     }
 
     /// Opens a connection to the primary; returns it with its epoch.

@@ -139,7 +139,7 @@ impl Statements {
     /// (`in_block`) and let through: recorded again from that reading, which it returns with the
     /// access mode its first statement asks for. None when it has to be read.
     pub fn reparse_unnamed(&mut self, key: &[u8], in_block: bool) -> Option<(Arc<StatementDef>, Option<crate::routing::intent::Mode>)> {
-        let r = self.recent.iter().find(|r| r.in_block == in_block && r.def.key[..] == *key)?;
+        let r = self.recent(key, in_block)?;
         let hit = (r.def.clone(), r.access);
         self.unnamed_stmt = Some(hit.0.clone());
         Some(hit)
@@ -163,10 +163,15 @@ impl Statements {
         }
     }
 
+    /// The kept reading of `key` at `in_block`, if any.
+    fn recent(&self, key: &[u8], in_block: bool) -> Option<&Recent> {
+        self.recent.iter().find(|r| r.in_block == in_block && r.def.key[..] == *key)
+    }
+
     /// Whether a reading of `key` at `in_block` is kept.
     #[cfg(test)]
     pub fn remembers(&self, key: &[u8], in_block: bool) -> bool {
-        self.recent.iter().any(|r| r.in_block == in_block && r.def.key[..] == *key)
+        self.recent(key, in_block).is_some()
     }
 
     /// Bytes the client's named statements hold.
