@@ -861,6 +861,8 @@ pub async fn discard_all_after_a_failure(env: &Env) -> TestResult {
             let mut a = login(&p, 1, "alice").await?;
             let r = a.simple(leave).await;
             c.check(&format!("{how}: the first client leaves it"), r.ok(), r.summary());
+            let r = a.round(&[wire::parse("s1", "select 1", &[]), wire::sync()].concat(), 1).await;
+            c.check(&format!("{how}: and prepares a statement"), r.ok(), r.summary());
             let batch = [
                 wire::parse("bad", "selec", &[]),
                 wire::parse("", "DISCARD ALL", &[]),
@@ -872,6 +874,9 @@ pub async fn discard_all_after_a_failure(env: &Env) -> TestResult {
             let r = a.round(&batch, 1).await;
             c.check(&format!("{how}: the batch fails at its first message"), r.code() == Some("42601") && r.errors.len() == 1, r.summary());
             let pid_a = a.simple("select pg_backend_pid()::text").await.get(0, 0);
+            // the server skipped the DISCARD ALL: the client's statement is still there
+            let r = a.round(&[wire::bind("", "s1", &[]), wire::execute("", 0), wire::sync()].concat(), 1).await;
+            c.check(&format!("{how}: the first client's statement survives the skipped DISCARD ALL"), r.ok() && r.get(0, 0) == "1", r.summary());
             let a = if stays {
                 Some(a)
             } else {
@@ -890,8 +895,10 @@ pub async fn discard_all_after_a_failure(env: &Env) -> TestResult {
             p.stop().await;
         }
     }
-    // session pooling: the client keeps its backend, whose reset goes again in front of its next
-    // message; its statements, which pgtenant forgot with the DISCARD ALL, prepare again cleanly
+    // session pooling: the client keeps its backend, and its session is what it would be on a
+    // direct connection, where the server skipped the DISCARD ALL with the rest of the batch: its
+    // named statement and its setting are still there (PostgreSQL answers a second Parse of the
+    // name with 42P05). A DISCARD ALL in a clean batch then does discard them.
     let p = start_proxy(env, "pool_size = 1", "[pool]\nmode = \"session\"").await;
     let mut a = login(&p, 1, "alice").await?;
     let r = a.round(&[wire::parse("s1", "select 1", &[]), wire::sync()].concat(), 1).await;
@@ -901,13 +908,52 @@ pub async fn discard_all_after_a_failure(env: &Env) -> TestResult {
     let batch = [wire::parse("bad", "selec", &[]), wire::parse("", "DISCARD ALL", &[]), wire::bind("", "", &[]), wire::execute("", 0), wire::sync()].concat();
     let r = a.round(&batch, 1).await;
     c.check("session mode: the batch fails at its first message", r.code() == Some("42601") && r.errors.len() == 1, r.summary());
-    let r = a.round(&[wire::parse("s1", "select 2", &[]), wire::bind("", "s1", &[]), wire::execute("", 0), wire::sync()].concat(), 1).await;
-    c.check("session mode: the statement prepares and runs again", r.ok() && r.get(0, 0) == "2", r.summary());
+    let r = a.round(&[wire::parse("s1", "select 2", &[]), wire::sync()].concat(), 1).await;
+    c.check("session mode: the statement is still there (42P05 for a second Parse, as PostgreSQL answers)", r.code() == Some("42P05"), r.summary());
+    let r = a.round(&[wire::bind("", "s1", &[]), wire::execute("", 0), wire::sync()].concat(), 1).await;
+    c.check("session mode: the statement still runs", r.ok() && r.get(0, 0) == "1", r.summary());
     let r = a.simple(state).await;
-    c.check("session mode: the backend was reset in front of it", r.ok() && r.get(0, 0).is_empty(), r.summary());
+    c.check("session mode: the setting is still there", r.ok() && r.get(0, 0) == "tenant-1", r.summary());
+    let r = a.round(&[wire::parse("", "DISCARD ALL", &[]), wire::bind("", "", &[]), wire::execute("", 0), wire::sync()].concat(), 1).await;
+    c.check("session mode: DISCARD ALL in a clean batch", r.ok() && r.tags == ["DISCARD ALL"], r.summary());
+    let r = a.round(&[wire::bind("", "s1", &[]), wire::execute("", 0), wire::sync()].concat(), 1).await;
+    c.check("session mode: then the statement is gone (26000)", r.code() == Some("26000"), r.summary());
+    let r = a.simple(state).await;
+    c.check("session mode: and the setting", r.ok() && r.get(0, 0).is_empty(), r.summary());
     a.close().await;
     p.stop().await;
     let after = victim(env);
     c.check("tenant 2's rows unchanged", before == after, format!("{before} -> {after}"));
     c.done()
+}
+
+/// A message pgtenant must hold until the replies before it are in, sent inside an unsynced batch:
+/// the server keeps a batch's replies until a Sync or a Flush, so pgtenant asks for them with a
+/// Flush of its own rather than wait for a Sync the client will not send before its answer.
+pub async fn held_inside_a_batch(env: &Env) -> TestResult {
+    let mut c = Checks::new("held_inside_a_batch");
+    let before = victim(env);
+    let p = start_proxy(env, "pool_size = 1", "").await;
+    let mut a = login(&p, 1, "alice").await?;
+    // a query string going on after COMMIT is refused, once pgtenant knows where the backend is
+    let pending = [wire::parse("", "select 1", &[]), wire::bind("", "", &[]), wire::execute("", 0)].concat();
+    let r = a.round(&[pending.clone(), wire::query("commit; select 2")].concat(), 1).await;
+    c.check(
+        "a query string after COMMIT, behind an unsynced Execute: the Execute's row, then the refusal",
+        r.get(0, 0) == "1" && r.rows.len() == 1 && r.code() == Some("0A000") && r.readies.len() == 1,
+        r.summary(),
+    );
+    let r = a.round(&wire::sync(), 1).await;
+    c.check("the client's Sync is answered", r.ok() && r.readies == [b'I'], r.summary());
+    // DISCARD ALL by Execute behind messages whose outcome is not known yet
+    let r = a.round(&[wire::parse("s1", "select 3", &[]), wire::sync()].concat(), 1).await;
+    c.check("a named statement", r.ok(), r.summary());
+    let batch = [wire::parse("", "DISCARD ALL", &[]), wire::bind("", "", &[]), wire::execute("", 0), wire::sync()].concat();
+    let r = a.round(&batch, 1).await;
+    c.check("DISCARD ALL by Execute, behind its own Parse and Bind", r.ok() && r.tags == ["DISCARD ALL"], r.summary());
+    let r = a.round(&[wire::bind("", "s1", &[]), wire::execute("", 0), wire::sync()].concat(), 1).await;
+    c.check("it discarded the named statement (26000)", r.code() == Some("26000"), r.summary());
+    still_tenant_one(&mut a, &mut c, "after the held messages").await;
+    a.close().await;
+    finish(env, p, c, &before, "held_inside_a_batch").await
 }

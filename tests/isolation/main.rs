@@ -48,6 +48,7 @@ fn main() {
         ("raw_commit_and_chain_context", |env| Box::pin(adversarial::commit_and_chain(env))),
         ("raw_reused_unnamed_readings", |env| Box::pin(adversarial::reused_readings(env))),
         ("raw_discard_all_after_a_failure", |env| Box::pin(adversarial::discard_all_after_a_failure(env))),
+        ("raw_held_inside_a_batch", |env| Box::pin(adversarial::held_inside_a_batch(env))),
         ("raw_poisoned_backend_client_gone", |env| Box::pin(adversarial::poisoned_and_gone(env))),
         ("raw_poisoned_backend_client_idle", |env| Box::pin(adversarial::poisoned_and_idle(env))),
         ("raw_pool_timeouts_free_the_slot", |env| Box::pin(adversarial::pool_timeouts(env))),

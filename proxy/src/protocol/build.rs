@@ -6,7 +6,7 @@
 //! Backend-bound: the context statement (Parse/Bind/Execute/Close) and Sync.
 
 use bytes::{Bytes, BytesMut};
-use pgwire::messages::extendedquery::{Bind, Close, Execute, Parse, Sync};
+use pgwire::messages::extendedquery::{Bind, Close, Execute, Flush, Parse, Sync};
 use pgwire::messages::response::{ReadyForQuery, TransactionStatus};
 use pgwire::messages::startup::{Authentication, BackendKeyData, ParameterStatus, SecretKey};
 use pgwire::messages::Message;
@@ -94,6 +94,11 @@ pub fn query(buf: &mut BytesMut, sql: &str) {
 
 pub fn sync(buf: &mut BytesMut) {
     let _ = Sync::new().encode(buf);
+}
+
+/// Flush: the server sends what it has buffered; no reply of its own.
+pub fn flush(buf: &mut BytesMut) {
+    let _ = Flush::new().encode(buf);
 }
 
 pub fn parse(buf: &mut BytesMut, name: &str, query: &str, type_oids: Vec<u32>) {

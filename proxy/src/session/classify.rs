@@ -100,6 +100,11 @@ pub struct Classifier<'a> {
     pub batch: Batch,
     /// A backend is attached and replies are outstanding.
     pub unsettled: bool,
+    /// The batch failed: the server skips everything up to its Sync.
+    pub skipping: bool,
+    /// A message of the open batch is unanswered (`Replies::batch_may_fail`): whether the server
+    /// runs the next one is not known yet.
+    pub batch_pending: bool,
     pub budget: Budget<'a>,
     /// The pool lets clients call functions by FunctionCall (`tenant.allowed_function_calls`).
     pub function_calls: bool,
@@ -109,6 +114,11 @@ impl Classifier<'_> {
     pub fn classify(&mut self, f: &Frame) -> Result<Step, End> {
         let body = f.body();
         let malformed = || End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "pgtenant: malformed message"));
+        if self.skipping && matches!(f.tag, msg::PARSE | msg::BIND | msg::DESCRIBE | msg::EXECUTE | msg::CLOSE) {
+            // the batch failed and the server skips everything up to its Sync, this too: it
+            // prepares, binds and closes nothing, so pgtenant records nothing either
+            return Ok(Step::Run(Plan::default()));
+        }
         match f.tag {
             msg::QUERY => Ok(self.query(peek::query_msg(body).ok_or_else(malformed)?)),
             msg::PARSE => {
@@ -161,7 +171,10 @@ impl Classifier<'_> {
         }
         let dealloc = a.deallocate.as_ref().and_then(|n| self.statements.get(n.as_bytes()).cloned());
         let touches_prepared = dealloc.is_none() && a.touches_prepared;
-        if touches_prepared && a.deallocates_all {
+        if (dealloc.is_some() || touches_prepared && a.deallocates_all) && self.batch_pending {
+            return Step::Hold; // it forgets statements here at once: only if the server runs it
+        }
+        if touches_prepared && a.deallocates_all && !self.skipping {
             self.statements.clear_statements();
         }
         let mut changes = None;
@@ -188,6 +201,15 @@ impl Classifier<'_> {
         if reserved_name(name) {
             return Refusal::audited(reserved_name_error(), "reserved_name", q);
         }
+        if !name.is_empty() && self.statements.get(name).is_some() {
+            if self.unsettled {
+                return Step::Hold; // its earlier Parse may still fail, and then the name is free
+            }
+            return Refusal::plain(PgError::error(
+                sqlstate::DUPLICATE_PSTATEMENT,
+                format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(name)),
+            ));
+        }
         if name.is_empty() {
             if let Some((def, access)) = self.statements.reparse_unnamed(&key, self.pos.in_block) {
                 // read before, at the same position, and let through (`Statements::remember_unnamed`)
@@ -207,6 +229,9 @@ impl Classifier<'_> {
         }
         let dealloc = a.deallocate.as_ref().and_then(|n| self.statements.get(n.as_bytes()).cloned());
         let touches_prepared = dealloc.is_none() && a.touches_prepared;
+        if dealloc.is_some() && self.batch_pending {
+            return Step::Hold; // it forgets the statement here at once: only if the server runs it
+        }
         // the client's session-level settings share the budget with its statements
         let budget = self.budget.max.saturating_sub(self.budget.settings.bytes());
         match self.statements.parse_analyzed(name, &a, key, budget, bind_checks) {
@@ -286,6 +311,12 @@ impl Classifier<'_> {
             _ => (!self.pos.in_block, false),
         };
         if def.discard_all && began_idle && !executed {
+            if self.batch_pending {
+                // whether the server would run it depends on the batch so far (an earlier
+                // message that fails makes it skip this one too, and then nothing is
+                // discarded): wait for those replies
+                return Step::Hold;
+            }
             return Step::DiscardAll;
         }
         Step::Run(Plan {
@@ -306,6 +337,11 @@ impl Classifier<'_> {
         // for the statement that needs it
         let setup = tag == msg::CLOSE || self.statements.target(kind, name).is_some_and(|d| d.setup);
         if tag == msg::CLOSE {
+            if kind == b'S' && !name.is_empty() && self.batch_pending {
+                // answered by pgtenant, and the server skips it if an earlier message of the
+                // batch fails: wait for those replies before forgetting the statement
+                return Step::Hold;
+            }
             self.statements.close(kind, name);
             if kind == b'S' && !name.is_empty() {
                 return Step::ClosedLocally; // the server copy stays cached on its backends
@@ -417,6 +453,8 @@ mod tests {
             pooling: true,
             batch: Batch::Closed,
             unsettled: false,
+            skipping: false,
+            batch_pending: false,
             budget: Budget { max: 1 << 20, settings: Box::leak(Box::new(ClientSettings::new(Vec::new(), Vec::new(), Default::default()))) },
             function_calls: false,
         }

@@ -697,13 +697,21 @@ impl Session {
             pooling: !self.shared.session_mode,
             batch: self.batch,
             unsettled: self.lease.is_some() && !self.replies.is_settled(),
+            skipping: self.replies.batch_failed,
+            batch_pending: self.lease.is_some() && self.replies.batch_may_fail(),
             budget: Budget { max: self.shared.max_state_bytes, settings: &self.settings },
             function_calls: self.pool.allows_function_calls(),
         }
         .classify(&f)?;
         let plan = match step {
             Step::Run(plan) => plan,
-            Step::Hold => return Ok(Flow::Hold(f)),
+            Step::Hold => {
+                if self.batch.is_open() {
+                    // the server keeps the batch's replies until a Sync or a Flush: ask for them
+                    build::flush(&mut self.backend_out);
+                }
+                return Ok(Flow::Hold(f));
+            }
             Step::Refuse(r) => return Ok(Box::pin(self.refuse_with(r, simple)).await),
             Step::DiscardAll => {
                 self.discard_all(simple);

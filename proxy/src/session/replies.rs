@@ -223,6 +223,21 @@ impl Replies {
         self.owed.is_empty()
     }
 
+    /// A message of the open batch (since the last Sync) is still unanswered: if it fails, the
+    /// server skips the rest of the batch, so what a later message of the batch does is not known
+    /// yet. (A Query inside the batch does not make the server skip when it fails itself.)
+    pub fn batch_may_fail(&self) -> bool {
+        for o in self.owed.iter().rev() {
+            match o.want {
+                Want::Synthetic(_) | Want::CopyEnd => {}
+                Want::Ready if o.simple => {}
+                Want::Ready => return false,
+                _ => return true,
+            }
+        }
+        false
+    }
+
     /// Every reply still owed is for a message pgtenant sent itself (a hand-over reset, a
     /// context statement): none of the client's messages is unanswered.
     pub fn only_injected_owed(&self) -> bool {
@@ -464,5 +479,24 @@ mod tests {
         assert_eq!(r.on_reply(b'Z', b"I"), Action::Desync);
         inject(&mut r);
         assert_eq!(r.on_reply(b'T', b""), Action::Desync);
+    }
+
+    #[test]
+    fn only_the_open_batchs_unanswered_messages_may_fail_it() {
+        let mut r = Replies::default();
+        assert!(!r.batch_may_fail());
+        r.expect(Want::ParseComplete, false, false);
+        r.expect(Want::Ready, false, false); // its Sync: that batch is closed
+        assert!(!r.batch_may_fail(), "an earlier batch's failure does not reach the next one");
+        r.expect(Want::Ready, false, true); // a Query outside any batch
+        assert!(!r.batch_may_fail());
+        r.expect_synthetic(b'1');
+        assert!(!r.batch_may_fail(), "pgtenant's own replies cannot fail");
+        r.expect(Want::BindComplete, true, false); // the context statement can
+        assert!(r.batch_may_fail());
+        r.expect(Want::Ready, false, true); // a Query inside the open batch: what is before it still counts
+        assert!(r.batch_may_fail());
+        r.expect(Want::Ready, false, false);
+        assert!(!r.batch_may_fail());
     }
 }

@@ -640,3 +640,51 @@ fn session_mode_keeps_the_backend_and_named_statements_live_in_pgtenant() {
         assert!(!sent.iter().any(|l| l == "C S s1" || l == "C S pgtenant_s0"), "the Close did not reach the server: {sent:?}");
     });
 }
+
+/// What a message in a failed batch would have done, it does not do: the server skips it, so
+/// pgtenant neither forgets (DISCARD ALL, Close, DEALLOCATE) nor records (Parse) a statement for
+/// it. Where that is not known yet when the message arrives, pgtenant asks for the batch's
+/// replies so far (Flush) and decides once they are in. A second Parse of a name gets 42P05, as
+/// from the server.
+#[test]
+fn a_failed_batch_changes_none_of_the_clients_statements() {
+    let named = |name: &str, sql: &str| frame(b'P', format!("{name}\0{sql}\0\0\0").as_bytes());
+    let run = |name: &str| [frame(b'B', format!("\0{name}\0\0\0\0\0\0\0").as_bytes()), frame(b'E', b"\0\0\0\0\0"), sync()].concat();
+    let close = |name: &str| frame(b'C', format!("S{name}\0").as_bytes());
+    let fails = || frame(b'B', b"\0nosuch\0\0\0\0\0\0\0"); // the server answers 26000
+    rt().block_on(async {
+        for session_mode in [false, true] {
+            let mut c = Client::start(session_mode).await;
+            assert_eq!(c.round(&[named("s1", "select 1"), sync()].concat(), 1).await, "1 ZI");
+            for (what, msgs) in [
+                ("DISCARD ALL", ext("DISCARD ALL")),
+                ("Close", close("s1")),
+                ("DEALLOCATE", ext("DEALLOCATE s1")),
+                ("DEALLOCATE ALL by Query", q("DEALLOCATE ALL")),
+                ("Parse", named("s2", "select 2")),
+            ] {
+                let batch = [fails(), msgs.clone(), sync()].concat();
+                let got = c.round(&batch, 1).await;
+                assert_eq!(got, "E26000 ZI", "{what}, session mode {session_mode}");
+                assert_eq!(c.round(&run("s1"), 1).await, "2DC ZI", "{what}: s1 is still there");
+                assert_eq!(c.round(&run("s2"), 1).await, "E26000 ZI", "{what}: s2 was not prepared");
+                // the same without the failure ahead of it: the batch's replies are asked for
+                // with a Flush where pgtenant has to wait for them
+                c.sent();
+                if what == "Parse" {
+                    assert_eq!(c.round(&[named("s2", "select 2"), msgs, sync()].concat(), 1).await, "1E42P05 ZI", "a second Parse of s2");
+                    assert!(c.sent().iter().any(|l| l == "H"), "flushed");
+                    assert_eq!(c.round(&run("s2"), 1).await, "2DC ZI", "the first s2 stands");
+                    assert_eq!(c.round(&[named("s1", "select 3"), sync()].concat(), 1).await, "E42P05 ZI");
+                    continue;
+                }
+                let readies = if msgs[0] == b'Q' { 2 } else { 1 };
+                let ok = c.round(&[frame(b'P', b"\0select 5\0\0\0"), msgs.clone(), sync()].concat(), readies).await;
+                assert!(!ok.contains('E'), "{what}: {ok}");
+                assert!(c.sent().iter().any(|l| l == "H"), "{what}: flushed");
+                assert_eq!(c.round(&run("s1"), 1).await, "E26000 ZI", "{what}: s1 is gone");
+                assert_eq!(c.round(&[named("s1", "select 1"), sync()].concat(), 1).await, "1 ZI", "{what}: s1 again");
+            }
+        }
+    });
+}
