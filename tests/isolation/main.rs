@@ -9,6 +9,7 @@
 #[path = "../integration/common/mod.rs"]
 mod common;
 mod adversarial;
+mod differential;
 mod interference;
 mod names;
 mod pristine;
@@ -49,6 +50,8 @@ fn main() {
         ("raw_reused_unnamed_readings", |env| Box::pin(adversarial::reused_readings(env))),
         ("raw_discard_all_after_a_failure", |env| Box::pin(adversarial::discard_all_after_a_failure(env))),
         ("raw_held_inside_a_batch", |env| Box::pin(adversarial::held_inside_a_batch(env))),
+        ("protocol_differential_transaction_mode", |env| Box::pin(differential::transaction_mode(env))),
+        ("protocol_differential_session_mode", |env| Box::pin(differential::session_mode(env))),
         ("raw_poisoned_backend_client_gone", |env| Box::pin(adversarial::poisoned_and_gone(env))),
         ("raw_poisoned_backend_client_idle", |env| Box::pin(adversarial::poisoned_and_idle(env))),
         ("raw_pool_timeouts_free_the_slot", |env| Box::pin(adversarial::pool_timeouts(env))),

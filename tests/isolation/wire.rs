@@ -252,6 +252,7 @@ impl Wire {
         let mut startup = (body.len() as i32 + 4).to_be_bytes().to_vec();
         startup.extend_from_slice(&body);
         w.send(&startup).await?;
+        let mut scram: Option<postgres_protocol::authentication::sasl::ScramSha256> = None;
         loop {
             let (tag, body) = w.read_msg(TIMEOUT).await?.ok_or("closed during login")?;
             match tag {
@@ -261,6 +262,28 @@ impl Wire {
                         let mut p = Vec::new();
                         cstr(&mut p, password);
                         w.send(&msg(b'p', &p)).await?;
+                    }
+                    // SCRAM-SHA-256, for a connection straight to the server (the differential tests)
+                    10 => {
+                        let s = postgres_protocol::authentication::sasl::ScramSha256::new(
+                            password.as_bytes(),
+                            postgres_protocol::authentication::sasl::ChannelBinding::unsupported(),
+                        );
+                        let mut p = Vec::new();
+                        cstr(&mut p, "SCRAM-SHA-256");
+                        p.extend_from_slice(&(s.message().len() as i32).to_be_bytes());
+                        p.extend_from_slice(s.message());
+                        w.send(&msg(b'p', &p)).await?;
+                        scram = Some(s);
+                    }
+                    11 => {
+                        let s = scram.as_mut().ok_or("SASLContinue without SASL")?;
+                        s.update(&body[4..]).map_err(|e| format!("SCRAM: {e}"))?;
+                        w.send(&msg(b'p', s.message())).await?;
+                    }
+                    12 => {
+                        let mut s = scram.take().ok_or("SASLFinal without SASL")?;
+                        s.finish(&body[4..]).map_err(|e| format!("SCRAM: {e}"))?;
                     }
                     n => return Err(format!("unsupported authentication request {n}")),
                 },

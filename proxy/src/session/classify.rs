@@ -72,8 +72,13 @@ pub struct Plan {
     pub modes_then_work: bool,
     /// Session-level setting changes, kept for the client if the batch ends cleanly.
     pub changes: Option<Vec<Change>>,
-    /// `DEALLOCATE name` of one of the client's statements.
+    /// `DEALLOCATE name` of one of the client's statements (a Query or a Parse: sent rewritten).
     pub dealloc: Option<Arc<StatementDef>>,
+    /// An Execute of `DEALLOCATE`: the client's statements it drops.
+    pub deallocates: Option<statements::Deallocates>,
+    /// A Parse of a name the client already has: the error it gets if its text parses, and the
+    /// text (the Parse body after the name).
+    pub duplicate: Option<(PgError, Bytes)>,
     /// A FunctionCall of this function OID (allowed by the pool; the backend checks the OID).
     pub function_oid: Option<u32>,
     /// The access mode its first statement opens a transaction with (`BEGIN READ ONLY`): where a
@@ -148,6 +153,10 @@ impl Classifier<'_> {
     }
 
     fn query(&mut self, q: &[u8]) -> Step {
+        if !self.skipping {
+            // the server drops the unnamed statement at every simple Query it runs
+            self.statements.close(b'S', b"");
+        }
         let a = analyze(q);
         if a.ends_tx_midway {
             if self.unsettled {
@@ -192,6 +201,8 @@ impl Classifier<'_> {
             modes_then_work: a.opening == Opening::ModesThenWork,
             changes,
             dealloc,
+            deallocates: None, // a Query runs at once: `dealloc` and the clearing above
+            duplicate: None,
             function_oid: None,
             access: a.statements.first().and_then(|t| crate::routing::intent::statement_mode(t)),
         })
@@ -200,15 +211,6 @@ impl Classifier<'_> {
     fn parse(&mut self, name: &[u8], q: &[u8], types: &[u32], key: Bytes) -> Step {
         if reserved_name(name) {
             return Refusal::audited(reserved_name_error(), "reserved_name", q);
-        }
-        if !name.is_empty() && self.statements.get(name).is_some() {
-            if self.unsettled {
-                return Step::Hold; // its earlier Parse may still fail, and then the name is free
-            }
-            return Refusal::plain(PgError::error(
-                sqlstate::DUPLICATE_PSTATEMENT,
-                format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(name)),
-            ));
         }
         if name.is_empty() {
             if let Some((def, access)) = self.statements.reparse_unnamed(&key, self.pos.in_block) {
@@ -227,11 +229,20 @@ impl Classifier<'_> {
                 return Refusal::audited(e, "pooling", q);
             }
         }
+        if !name.is_empty() && self.statements.get(name).is_some() {
+            if self.unsettled {
+                return Step::Hold; // its earlier Parse may still fail, and then the name is free
+            }
+            // the server parses the text before it looks at the name: a statement that does not
+            // parse gets its own error, one that does gets 42P05 (see `Session::check_duplicate`)
+            let err = PgError::error(
+                sqlstate::DUPLICATE_PSTATEMENT,
+                format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(name)),
+            );
+            return Step::Run(Plan { effect: Some(a.first), duplicate: Some((err, key)), ..Default::default() });
+        }
         let dealloc = a.deallocate.as_ref().and_then(|n| self.statements.get(n.as_bytes()).cloned());
         let touches_prepared = dealloc.is_none() && a.touches_prepared;
-        if dealloc.is_some() && self.batch_pending {
-            return Step::Hold; // it forgets the statement here at once: only if the server runs it
-        }
         // the client's session-level settings share the budget with its statements
         let budget = self.budget.max.saturating_sub(self.budget.settings.bytes());
         match self.statements.parse_analyzed(name, &a, key, budget, bind_checks) {
@@ -259,6 +270,11 @@ impl Classifier<'_> {
     fn bind(&mut self, body: &[u8], portal: &[u8], stmt: &[u8]) -> Step {
         if reserved_name(portal) || reserved_name(stmt) {
             return Refusal::plain(reserved_name_error());
+        }
+        if stmt.is_empty() && self.statements.statement(b"").is_none() {
+            // the backend may hold an unnamed statement that is not this client's (another
+            // session's, or pgtenant's own): the client has none, as the server would say
+            return Refusal::plain(PgError::error(sqlstate::UNDEFINED_PSTATEMENT, "unnamed prepared statement does not exist"));
         }
         let def = self.statements.statement(stmt).cloned();
         let bound = match def.as_ref().and_then(|d| d.bind_checks.clone().map(|c| (d, c))) {
@@ -310,6 +326,9 @@ impl Classifier<'_> {
             Batch::Open { began_idle, executed } => (began_idle, executed),
             _ => (!self.pos.in_block, false),
         };
+        if def.deallocates.is_some() && self.batch_pending {
+            return Step::Hold; // it drops client statements here: only if the server runs it
+        }
         if def.discard_all && began_idle && !executed {
             if self.batch_pending {
                 // whether the server would run it depends on the batch so far (an earlier
@@ -321,10 +340,12 @@ impl Classifier<'_> {
         }
         Step::Run(Plan {
             effect: Some(def.effect),
-            conn: Effects { leaves: def.leaves, ..Default::default() },
+            // a DEALLOCATE drops server statements when it runs, pgtenant's own among them
+            conn: Effects { leaves: def.leaves, touches_prepared: def.deallocates.is_some(), ..Default::default() },
             chain: def.chain,
             setup: def.setup,
             changes: def.sets.as_ref().filter(|_| began_idle).map(|s| s.to_vec()),
+            deallocates: def.deallocates.clone(),
             ..Default::default()
         })
     }

@@ -62,7 +62,10 @@ impl Session {
                     self.replies.expect_parse(false, p.id);
                     self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name)));
                 } else {
-                    self.synthetic(b'1');
+                    // the backend has it: pgtenant answers, unless the batch fails first
+                    self.replies.expect_synthetic_parse(p.id);
+                    self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name)));
+                    self.drain_synthetic();
                 }
                 return;
             }
@@ -90,8 +93,11 @@ impl Session {
         if self.replies.batch_failed {
             return;
         }
-        if let Some(name) = sql::deallocate_name(peek_sql(f)) {
-            self.statements.close(b'S', name.as_bytes());
+        if simple {
+            // a Query runs now; a Parse drops the statement when it is executed (`Plan::deallocates`)
+            if let Some(name) = sql::deallocate_name(peek_sql(f)) {
+                self.statements.close(b'S', name.as_bytes());
+            }
         }
         let p = lease.backend.statements().prepare(&def.key);
         for evict in &p.evict {
@@ -111,6 +117,22 @@ impl Session {
             build::parse(&mut self.backend_out, &name, &sql, vec![]);
         }
         self.replies.expect(Want::for_frontend(f.tag).expect("Q or P"), false, simple);
+    }
+
+    /// A Parse of a statement name the client already has. The server parses the text before it
+    /// looks at the name, so the text goes to the server under a name of pgtenant's own (closed
+    /// again at once, both replies swallowed): if it does not parse, the client gets the server's
+    /// error and the batch is skipped as usual; if it does, a refusal stand-in follows and the
+    /// client gets `err` (42P05) in its place.
+    pub(super) fn check_duplicate(&mut self, key: &[u8], err: PgError) {
+        if self.lease.is_none() || self.replies.batch_failed {
+            return; // the server skips it
+        }
+        prepared::parse_frame(&mut self.backend_out, DUPLICATE_CHECK, key);
+        self.replies.expect(Want::ParseComplete, true, false);
+        prepared::target_frame(&mut self.backend_out, b'C', DUPLICATE_CHECK);
+        self.replies.expect(Want::CloseComplete, true, false);
+        self.refuse(err, false);
     }
 
     /// A reply pgtenant gives itself, in order with the backend's replies.
@@ -257,6 +279,9 @@ impl Session {
 
 /// Fails on the server with a syntax error, which pgtenant replaces with its refusal.
 const REFUSAL_STAND_IN: &str = "pgtenant refused this statement";
+
+/// The server statement a duplicate Parse's text is checked under (`check_duplicate`).
+const DUPLICATE_CHECK: &str = "pgtenant_duplicate_check";
 
 /// The SQL text of a Query or Parse frame.
 fn peek_sql(f: &Frame) -> &[u8] {

@@ -65,10 +65,22 @@ impl Session {
                         let key = l.backend.statements().forget(id);
                         // the client's own Parse failed: like the server, keep no statement
                         let name = self.client_parses.iter().find(|(i, _)| *i == id).map(|(_, n)| n);
-                        if let (true, Some(key), Some(name)) = (by_client, key, name) {
-                            self.statements.parse_failed(name, &key);
+                        match (by_client, key, name) {
+                            (true, Some(key), Some(name)) => self.statements.parse_failed(name, &key),
+                            // the cache was cleared since (a DEALLOCATE or DISCARD in the same
+                            // batch): the name still holds this Parse's statement (ids are not reused
+                            // and a second Parse of a name records nothing)
+                            (true, None, Some(name)) => self.statements.close(b'S', name),
+                            _ => {}
                         }
                     }
+                }
+            }
+            for id in std::mem::take(&mut self.replies.skipped_parses) {
+                // the client's Parse was skipped with its batch: like the server, keep no statement
+                if let Some(at) = self.client_parses.iter().position(|(i, _)| *i == id) {
+                    let (_, name) = self.client_parses.remove(at); // in order: two names can share an id
+                    self.statements.close(b'S', &name);
                 }
             }
             if self.replies.is_settled() {

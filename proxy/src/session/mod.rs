@@ -786,9 +786,13 @@ impl Session {
         if let Some(changes) = plan.changes {
             self.note_changes(&changes);
         }
-        match plan.dealloc {
-            Some(def) => self.forward_deallocate(&f, &def, simple),
-            None => self.forward_rewritten(&f, simple),
+        match (plan.dealloc, plan.duplicate) {
+            (_, Some((err, key))) => self.check_duplicate(&key, err),
+            (Some(def), None) => self.forward_deallocate(&f, &def, simple),
+            (None, None) => self.forward_rewritten(&f, simple),
+        }
+        if let Some(d) = plan.deallocates {
+            self.statements.deallocated(&d);
         }
         if let Some(l) = self.lease.as_mut() {
             l.backend.note(plan.conn);

@@ -98,6 +98,9 @@ pub struct Replies {
     /// Server statements whose Parse failed or was skipped: not prepared after all. The flag says
     /// whether the Parse was the client's own (not one pgtenant sent to re-prepare a statement).
     pub failed_prepares: Vec<(u64, bool)>,
+    /// Client Parses pgtenant answered itself (`expect_synthetic_parse`) in a batch the server
+    /// skipped: the client has no such statement after all. The backend's statement `id` stays.
+    pub skipped_parses: Vec<u64>,
     /// The server is in COPY FROM STDIN mode: it ignores Sync and Flush until CopyDone/CopyFail.
     pub copy_in: bool,
     /// The errors of the refusal stand-ins owed, in order. A stand-in the server skips (its batch
@@ -118,6 +121,7 @@ impl Default for Replies {
             status: b'I',
             batch_failed: false,
             failed_prepares: Vec::new(),
+            skipped_parses: Vec::new(),
             copy_in: false,
             refusals: VecDeque::new(),
             replacement: None,
@@ -149,6 +153,13 @@ impl Replies {
     /// Records a Parse of server statement `id`; if it fails, `id` lands in `failed_prepares`.
     pub fn expect_parse(&mut self, injected: bool, id: u64) {
         self.owed.push_back(Owed { want: Want::ParseComplete, injected, simple: false, prepares: Some(id), refusal: false });
+    }
+
+    /// Records the ParseComplete pgtenant gives for a client's Parse of a statement the backend
+    /// already has as server statement `id`; if the server skips the batch first, `id` lands in
+    /// `skipped_parses`.
+    pub fn expect_synthetic_parse(&mut self, id: u64) {
+        self.owed.push_back(Owed { want: Want::Synthetic(b'1'), injected: false, simple: false, prepares: Some(id), refusal: false });
     }
 
     /// Records a reply pgtenant will produce itself, in order.
@@ -207,6 +218,8 @@ impl Replies {
 
     fn drop_front(&mut self) {
         match self.owed.pop_front() {
+            // the server never saw this Parse (its statement was there already), nor will run it now
+            Some(Owed { want: Want::Synthetic(_), prepares: Some(id), .. }) => self.skipped_parses.push(id),
             Some(Owed { prepares: Some(id), injected, .. }) => self.failed_prepares.push((id, !injected)),
             // a stand-in the server skipped: its refusal is never told
             Some(Owed { refusal: true, .. }) => {
@@ -249,6 +262,7 @@ impl Replies {
         self.status = b'I';
         self.batch_failed = false;
         self.failed_prepares.clear();
+        self.skipped_parses.clear();
         self.copy_in = false;
         self.refusals.clear();
         self.replacement = None;

@@ -71,6 +71,15 @@ pub struct StatementDef {
     pub discard_all: bool,
     /// `set_config` calls the guard decides at each Bind (see `crate::sql::set_config`).
     pub bind_checks: Option<Arc<[SetConfigCall]>>,
+    /// `DEALLOCATE`: which of the client's statements it drops when it is executed.
+    pub deallocates: Option<Deallocates>,
+}
+
+/// The client's statements a `DEALLOCATE` drops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deallocates {
+    One(Arc<str>),
+    All,
 }
 
 #[derive(Debug, Default)]
@@ -125,6 +134,11 @@ impl Statements {
             key,
             sets,
             bind_checks: (!bind_checks.is_empty()).then(|| bind_checks.into()),
+            deallocates: if a.deallocates_all {
+                Some(Deallocates::All)
+            } else {
+                a.deallocate.as_deref().map(|n| Deallocates::One(n.into()))
+            },
         });
         if name.is_empty() {
             self.unnamed_stmt = Some(def.clone());
@@ -188,6 +202,14 @@ impl Statements {
             }
         } else if self.named_stmts.get(name).is_some_and(|d| d.key == key) {
             self.close(b'S', name);
+        }
+    }
+
+    /// A `DEALLOCATE` ran: the client's statements it names are gone.
+    pub fn deallocated(&mut self, d: &Deallocates) {
+        match d {
+            Deallocates::One(name) => self.close(b'S', name.as_bytes()),
+            Deallocates::All => self.clear_statements(),
         }
     }
 
