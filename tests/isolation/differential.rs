@@ -132,7 +132,10 @@ async fn exchange(w: &mut Wire, bytes: &[u8]) -> Vec<String> {
             Ok(Some((tag, body))) => {
                 let line = match tag {
                     b'S' => continue,
-                    b'E' | b'N' => format!("{} {}", tag as char, wire::parse_error(&body).code),
+                    b'E' | b'N' => {
+                        let e = wire::parse_error(&body);
+                        format!("{} {} {}", tag as char, e.code, e.message)
+                    }
                     b'D' => {
                         let row = String::from_utf8_lossy(&body).into_owned();
                         marker_seen |= row.contains("end of round");
@@ -172,6 +175,7 @@ async fn differential(env: &Env, session_mode: bool) -> TestResult {
     let mut other = if session_mode { None } else { Some(Wire::connect(p.addr, &token(2, "bob")).await?) };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ session_mode as u64);
     let mut history: Vec<String> = Vec::new();
+    let mut rounds_sent: Vec<(Vec<u8>, String)> = Vec::new();
     let mut same = 0;
     for round in 0..rounds {
         let n = rng.random_range(1..=8);
@@ -190,7 +194,15 @@ async fn differential(env: &Env, session_mode: bool) -> TestResult {
         let want = exchange(&mut direct, &bytes).await;
         let got = exchange(&mut proxied, &bytes).await;
         history.push(format!("round {round}: {}", said.join(", ")));
+        rounds_sent.push((bytes.clone(), said.join(", ")));
         if want != got {
+            if std::env::var_os("PGTENANT_DIFF_MINIMIZE").is_some() {
+                let least = minimize(env, &p, session_mode, rounds_sent.clone()).await;
+                println!("  [{label}] the least rounds that still differ:");
+                for (_, said) in &least {
+                    println!("    {said}");
+                }
+            }
             let first = want.iter().zip(&got).position(|(a, b)| a != b).unwrap_or(want.len().min(got.len()));
             c.check(
                 &format!("round {round} (seed {seed}): pgtenant's replies are the server's"),
@@ -228,4 +240,52 @@ pub async fn transaction_mode(env: &Env) -> TestResult {
 
 pub async fn session_mode(env: &Env) -> TestResult {
     differential(env, true).await
+}
+
+
+/// Replays `rounds` on fresh connections; true when the replies differ somewhere.
+async fn differs(env: &Env, p: &pgtenant::server::Running, session_mode: bool, rounds: &[(Vec<u8>, String)]) -> bool {
+    let server: SocketAddr = format!("127.0.0.1:{}", env.cluster.port()).parse().unwrap();
+    let (Ok(mut direct), Ok(mut proxied)) = (
+        Wire::login(server, &[("user", "app_user"), ("database", "app")], "app-secret").await,
+        Wire::connect(p.addr, &token(1, "alice")).await,
+    ) else {
+        return false;
+    };
+    let mut other = if session_mode { None } else { Wire::connect(p.addr, &token(2, "bob")).await.ok() };
+    let mut found = false;
+    for (bytes, said) in rounds {
+        let (want, got) = (exchange(&mut direct, bytes).await, exchange(&mut proxied, bytes).await);
+        if want != got {
+            if std::env::var_os("PGTENANT_DIFF_VERBOSE").is_some() {
+                println!("    replay of {} rounds differs at {said}:\n      server:   {want:?}\n      pgtenant: {got:?}", rounds.len());
+            }
+            found = true;
+            break;
+        }
+        if let Some(o) = other.as_mut() {
+            o.simple("select 1").await;
+        }
+    }
+    direct.close().await;
+    proxied.close().await;
+    if let Some(o) = other {
+        o.close().await;
+    }
+    found
+}
+
+/// Drops every round it can while the replay still differs (for `PGTENANT_DIFF_MINIMIZE`).
+async fn minimize(env: &Env, p: &pgtenant::server::Running, session_mode: bool, mut rounds: Vec<(Vec<u8>, String)>) -> Vec<(Vec<u8>, String)> {
+    let mut i = 0;
+    while i < rounds.len() {
+        let mut fewer = rounds.clone();
+        fewer.remove(i);
+        if differs(env, p, session_mode, &fewer).await {
+            rounds = fewer;
+        } else {
+            i += 1;
+        }
+    }
+    rounds
 }

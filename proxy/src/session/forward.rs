@@ -75,6 +75,8 @@ impl Session {
             }
             _ => {}
         }
+        // an error about this message names the server statement: the client is told its own name
+        self.renamed.push((self.replies.next_seq(), p.name.clone(), bytes::Bytes::copy_from_slice(name)));
         if f.tag == b'B' {
             let (portal, stmt) = peek::bind_msg(body).expect("checked above");
             prepared::rewrite_bind(&mut self.backend_out, body, portal.len(), stmt.len(), &p.name);

@@ -85,6 +85,7 @@ impl Session {
             }
             if self.replies.is_settled() {
                 self.client_parses.clear();
+                self.renamed.clear();
             }
             if tag == reply::ERROR && self.pending_sets.is_some() {
                 self.pending_sets_failed = true;
@@ -136,7 +137,21 @@ impl Session {
             }
         }
         let mark = self.client_out.len();
+        let renamed = match tag {
+            reply::ERROR if !self.renamed.is_empty() => {
+                let seq = self.replies.front_seq();
+                self.renamed.iter().find(|r| Some(r.0) == seq).map(|(_, server, client)| (server.clone(), client.clone()))
+            }
+            _ => None,
+        };
         match self.replies.on_reply(tag, body) {
+            Action::Forward if renamed.is_some() => {
+                let (server, client) = renamed.expect("checked");
+                match with_client_name(msg, &server, &client) {
+                    Some(out) => self.client_out.extend_from_slice(&out),
+                    None => relay(&mut self.client_out, msg),
+                }
+            }
             Action::Forward => relay(&mut self.client_out, msg),
             Action::Swallow => {}
             Action::ReplaceError => match self.replies.take_replacement() {
@@ -246,6 +261,29 @@ fn relay(out: &mut BytesMut, msg: &[u8]) {
         }
     }
     out.extend_from_slice(msg);
+}
+
+/// An error about a client's statement, sent under the server statement's name `server`: the
+/// same error naming the client's statement (`"pgtenant_s3"` → `"s1"`), as the server would have
+/// named it. None when the error does not name it.
+fn with_client_name(msg: &[u8], server: &str, client: &[u8]) -> Option<BytesMut> {
+    use pgwire::messages::response::ErrorResponse;
+    use pgwire::messages::{DecodeContext, Message};
+    let quoted = format!("\"{server}\"");
+    if !msg.windows(quoted.len()).any(|w| w == quoted.as_bytes()) {
+        return None;
+    }
+    let mut raw = BytesMut::from(msg);
+    let mut err = ErrorResponse::decode(&mut raw, &DecodeContext::default()).ok()??;
+    let theirs = format!("\"{}\"", String::from_utf8_lossy(client));
+    for (k, v) in err.fields.iter_mut() {
+        if matches!(*k, b'M' | b'D') {
+            *v = v.replace(&quoted, &theirs);
+        }
+    }
+    let mut out = BytesMut::new();
+    err.encode(&mut out).ok()?;
+    Some(out)
 }
 
 /// Adds a hint to "cannot run inside a transaction block" errors: pgtenant runs every statement

@@ -201,6 +201,10 @@ pub struct Session {
     idle_since: Option<std::time::Instant>,
     /// The client's own Parses in flight, by server statement: a failed one is forgotten.
     client_parses: Vec<(u64, bytes::Bytes)>,
+    /// Client messages sent with a server statement's name in place of the client's: (reply
+    /// number, server name, client name), so that an error about one names the client's statement
+    /// as the server would (`from_backend`). Kept until everything sent is answered.
+    renamed: Vec<(u32, String, bytes::Bytes)>,
     /// Since when output has waited for the client with no write progress
     /// (`server.client_write_timeout_ms`).
     write_waiting_since: Option<std::time::Instant>,
@@ -277,6 +281,7 @@ impl Session {
             tx_since: None,
             idle_since: None,
             client_parses: Vec::new(),
+            renamed: Vec::new(),
             write_waiting_since: None,
             stream_left: 0,
             stream_forward: false,
@@ -758,7 +763,16 @@ impl Session {
         let mut injected = false;
         match decision {
             Decision::Nothing => self.send_seq_reset(false),
-            Decision::Hold => return Ok(Flow::Hold(f)),
+            Decision::Hold => {
+                if f.tag == msg::PARSE && plan.duplicate.is_none() {
+                    // it is classified again once the replies are in: undo what this pass
+                    // recorded, or its own statement would make it a duplicate
+                    if let Some((name, _)) = crate::protocol::peek::parse_msg(f.body()) {
+                        self.statements.close(b'S', name);
+                    }
+                }
+                return Ok(Flow::Hold(f));
+            }
             Decision::Inject { start } | Decision::Defer { start } => {
                 if plan.modes_then_work {
                     return Ok(self.refuse(forward::modes_then_work_error(), simple));

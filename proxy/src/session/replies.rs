@@ -72,6 +72,8 @@ struct Owed {
     /// A deliberately failing message standing in for a refused one: its error is replaced by
     /// pgtenant's refusal.
     refusal: bool,
+    /// Its place in the order of everything sent (`Replies::next_seq`).
+    seq: u32,
 }
 
 /// What the session does with one backend message.
@@ -101,6 +103,7 @@ pub struct Replies {
     /// Client Parses pgtenant answered itself (`expect_synthetic_parse`) in a batch the server
     /// skipped: the client has no such statement after all. The backend's statement `id` stays.
     pub skipped_parses: Vec<u64>,
+    next_seq: u32,
     /// The server is in COPY FROM STDIN mode: it ignores Sync and Flush until CopyDone/CopyFail.
     pub copy_in: bool,
     /// The errors of the refusal stand-ins owed, in order. A stand-in the server skips (its batch
@@ -122,6 +125,7 @@ impl Default for Replies {
             batch_failed: false,
             failed_prepares: Vec::new(),
             skipped_parses: Vec::new(),
+            next_seq: 0,
             copy_in: false,
             refusals: VecDeque::new(),
             replacement: None,
@@ -131,9 +135,26 @@ impl Default for Replies {
 }
 
 impl Replies {
+    fn push(&mut self, mut o: Owed) {
+        o.seq = self.next_seq;
+        self.next_seq = self.next_seq.wrapping_add(1);
+        self.owed.push_back(o);
+    }
+
+    /// The number the next reply owed will carry: what the session notes about a message it
+    /// forwards (`Session::renamed`) is found again by it when its reply is an error.
+    pub fn next_seq(&self) -> u32 {
+        self.next_seq
+    }
+
+    /// The number of the reply owed first: the message an error from the server is about.
+    pub fn front_seq(&self) -> Option<u32> {
+        self.owed.front().map(|o| o.seq)
+    }
+
     /// Records a forwarded message that owes a reply.
     pub fn expect(&mut self, want: Want, injected: bool, simple: bool) {
-        self.owed.push_back(Owed { want, injected, simple, prepares: None, refusal: false });
+        self.push(Owed { want, injected, simple, prepares: None, refusal: false, seq: 0 });
     }
 
     /// Records a stand-in for a refused message (a simple Query or a Parse that fails on the
@@ -141,7 +162,7 @@ impl Replies {
     /// the client is told in place of the stand-in's error.
     pub fn expect_refusal(&mut self, simple: bool, err: PgError) {
         let want = if simple { Want::Ready } else { Want::ParseComplete };
-        self.owed.push_back(Owed { want, injected: false, simple, prepares: None, refusal: true });
+        self.push(Owed { want, injected: false, simple, prepares: None, refusal: true, seq: 0 });
         self.refusals.push_back(err);
     }
 
@@ -152,25 +173,25 @@ impl Replies {
 
     /// Records a Parse of server statement `id`; if it fails, `id` lands in `failed_prepares`.
     pub fn expect_parse(&mut self, injected: bool, id: u64) {
-        self.owed.push_back(Owed { want: Want::ParseComplete, injected, simple: false, prepares: Some(id), refusal: false });
+        self.push(Owed { want: Want::ParseComplete, injected, simple: false, prepares: Some(id), refusal: false, seq: 0 });
     }
 
     /// Records the ParseComplete pgtenant gives for a client's Parse of a statement the backend
     /// already has as server statement `id`; if the server skips the batch first, `id` lands in
     /// `skipped_parses`.
     pub fn expect_synthetic_parse(&mut self, id: u64) {
-        self.owed.push_back(Owed { want: Want::Synthetic(b'1'), injected: false, simple: false, prepares: Some(id), refusal: false });
+        self.push(Owed { want: Want::Synthetic(b'1'), injected: false, simple: false, prepares: Some(id), refusal: false, seq: 0 });
     }
 
     /// Records a reply pgtenant will produce itself, in order.
     pub fn expect_synthetic(&mut self, tag: u8) {
-        self.owed.push_back(Owed { want: Want::Synthetic(tag), injected: false, simple: false, prepares: None, refusal: false });
+        self.push(Owed { want: Want::Synthetic(tag), injected: false, simple: false, prepares: None, refusal: false, seq: 0 });
     }
 
     /// The client ended a COPY: Sync and Flush count again after this point.
     pub fn copy_ended(&mut self) {
         self.copy_in = false;
-        self.owed.push_back(Owed { want: Want::CopyEnd, injected: false, simple: false, prepares: None, refusal: false });
+        self.push(Owed { want: Want::CopyEnd, injected: false, simple: false, prepares: None, refusal: false, seq: 0 });
     }
 
     /// Whether [`Replies::take_synthetic`] has anything to look at: a reply pgtenant produces
@@ -409,7 +430,7 @@ mod tests {
     fn synthetic_replies_wait_their_turn_and_failed_parses_are_reported() {
         let mut r = Replies::default();
         r.expect(Want::BindComplete, false, false);
-        r.owed.push_back(Owed { want: Want::Synthetic(b'1'), injected: false, simple: false, prepares: None, refusal: false });
+        r.owed.push_back(Owed { want: Want::Synthetic(b'1'), injected: false, simple: false, prepares: None, refusal: false, seq: 0 });
         r.expect_parse(true, 7);
         r.expect(Want::Ready, false, false);
         assert_eq!(r.take_synthetic(), None);
