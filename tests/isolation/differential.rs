@@ -277,15 +277,22 @@ async fn differs(env: &Env, p: &pgtenant::server::Running, session_mode: bool, r
 
 /// Drops every round it can while the replay still differs (for `PGTENANT_DIFF_MINIMIZE`).
 async fn minimize(env: &Env, p: &pgtenant::server::Running, session_mode: bool, mut rounds: Vec<(Vec<u8>, String)>) -> Vec<(Vec<u8>, String)> {
-    let mut i = 0;
-    while i < rounds.len() {
-        let mut fewer = rounds.clone();
-        fewer.remove(i);
-        if differs(env, p, session_mode, &fewer).await {
-            rounds = fewer;
-        } else {
-            i += 1;
+    // chunks first (halving), then single rounds
+    let mut chunk = rounds.len().div_ceil(2).max(1);
+    loop {
+        let mut i = 0;
+        while i < rounds.len() {
+            let mut fewer = rounds.clone();
+            fewer.drain(i..(i + chunk).min(rounds.len()));
+            if differs(env, p, session_mode, &fewer).await {
+                rounds = fewer;
+            } else {
+                i += chunk;
+            }
         }
+        if chunk == 1 {
+            return rounds;
+        }
+        chunk = chunk.div_ceil(2);
     }
-    rounds
 }

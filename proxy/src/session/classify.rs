@@ -274,7 +274,7 @@ impl Classifier<'_> {
         if stmt.is_empty() && self.statements.statement(b"").is_none() {
             // the backend may hold an unnamed statement that is not this client's (another
             // session's, or pgtenant's own): the client has none, as the server would say
-            return Refusal::plain(PgError::error(sqlstate::UNDEFINED_PSTATEMENT, "unnamed prepared statement does not exist"));
+            return Refusal::plain(no_unnamed_statement());
         }
         let def = self.statements.statement(stmt).cloned();
         let bound = match def.as_ref().and_then(|d| d.bind_checks.clone().map(|c| (d, c))) {
@@ -354,6 +354,9 @@ impl Classifier<'_> {
         if reserved_name(name) {
             return Refusal::plain(reserved_name_error());
         }
+        if tag == msg::DESCRIBE && kind == b'S' && name.is_empty() && self.statements.statement(b"").is_none() {
+            return Refusal::plain(no_unnamed_statement()); // as for a Bind (see `bind`)
+        }
         // a Close takes no snapshot, nor does a Describe of transaction setup: the context can wait
         // for the statement that needs it
         let setup = tag == msg::CLOSE || self.statements.target(kind, name).is_some_and(|d| d.setup);
@@ -377,6 +380,11 @@ impl Classifier<'_> {
     fn check_settings_budget(&self, changes: &[Change]) -> Result<(), PgError> {
         check_settings_budget(changes, self.budget, self.statements.bytes())
     }
+}
+
+/// The server's answer to a Bind or Describe of the unnamed statement when there is none.
+fn no_unnamed_statement() -> PgError {
+    PgError::error(sqlstate::UNDEFINED_PSTATEMENT, "unnamed prepared statement does not exist")
 }
 
 /// Whether `changes` fit the session-state budget beside `statement_bytes` of statements, and the

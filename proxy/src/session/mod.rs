@@ -727,6 +727,18 @@ impl Session {
                 return Ok(Flow::Continue);
             }
         };
+        if f.tag == msg::PARSE && plan.duplicate.is_none() && self.parse_still_in_flight(&f) {
+            // the same text is being prepared on this backend and may still fail (then the
+            // client's Parse must fail the same way, not be answered by pgtenant): wait for it,
+            // and classify this Parse afresh then
+            if let Some((name, _)) = crate::protocol::peek::parse_msg(f.body()) {
+                self.statements.close(b'S', name);
+            }
+            if self.batch.is_open() {
+                build::flush(&mut self.backend_out);
+            }
+            return Ok(Flow::Hold(f));
+        }
         let fresh = self.lease.is_none();
         if fresh {
             if let Err(e) = self.attach(plan.access).await {
@@ -832,6 +844,17 @@ impl Session {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// A client's named Parse whose text this backend has a server statement for, whose own Parse
+    /// is not answered yet.
+    fn parse_still_in_flight(&mut self, f: &Frame) -> bool {
+        let Some((name, _)) = crate::protocol::peek::parse_msg(f.body()) else { return false };
+        if name.is_empty() {
+            return false;
+        }
+        let (Some(l), Some(def)) = (self.lease.as_mut(), self.statements.get(name)) else { return false };
+        l.backend.statements().peek(&def.key).is_some_and(|id| self.replies.preparing(id))
     }
 
     /// What the guard needs to know about where a statement runs: the client is in a transaction

@@ -252,6 +252,11 @@ impl Replies {
         }
     }
 
+    /// pgtenant's Parse of server statement `id` is not answered yet: it may still fail.
+    pub fn preparing(&self, id: u64) -> bool {
+        self.owed.iter().any(|o| o.prepares == Some(id) && o.want == Want::ParseComplete)
+    }
+
     /// Nothing is owed: `status` is exact.
     pub fn is_settled(&self) -> bool {
         self.owed.is_empty()
