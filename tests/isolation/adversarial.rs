@@ -779,14 +779,32 @@ pub async fn session_state_memory(env: &Env) -> TestResult {
     let r = big(&mut a, &[wire::parse("again", &format!("select length('{filler}') - 1"), &[]), wire::sync()]).await;
     c.check("after Close, a new 4 MiB statement fits again", r.ok(), r.summary());
     a.close().await;
-    drop(filler);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let after = rss_kib();
     println!("  [session_state_memory] RSS: baseline {} MiB, peak {} MiB, after leaving {} MiB", baseline / 1024, peak / 1024, after / 1024);
+    // what the allocator keeps after a free depends on what else ran in this process (20 to 44 MiB
+    // above the baseline seen here): a loose bound, then the real question, whether a second hog
+    // adds to it (memory that stayed held would)
     c.check(
-        "RSS back near its baseline after the client left (< 40 MiB above)",
-        after < baseline + 40 * 1024,
+        "RSS back near its baseline after the client left (< 64 MiB above)",
+        after < baseline + 64 * 1024,
         format!("baseline {} MiB, peak {} MiB, after {} MiB", baseline / 1024, peak / 1024, after / 1024),
+    );
+    let mut b = login(&p, 1, "hog2").await?;
+    for i in 0..3 {
+        let name = format!("again{i}");
+        let r = big(&mut b, &[wire::parse(&name, &format!("select length('{filler}') + {i}"), &[]), wire::bind("", &name, &[]), wire::execute("", 0), wire::sync()]).await;
+        c.check(&format!("a second hog: 4 MiB statement {i}"), r.ok(), r.summary());
+    }
+    b.close().await;
+    drop(filler);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let again = rss_kib();
+    println!("  [session_state_memory] RSS after a second hog left: {} MiB", again / 1024);
+    c.check(
+        "a second hog leaves no more behind than the first (< 16 MiB more)",
+        again < after + 16 * 1024,
+        format!("after the first {} MiB, after the second {} MiB", after / 1024, again / 1024),
     );
     next_client_is(&p, 2, &mut c, "after the memory hog", Duration::from_secs(5)).await;
     p.stop().await;

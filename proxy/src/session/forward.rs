@@ -76,7 +76,7 @@ impl Session {
             _ => {}
         }
         // an error about this message names the server statement: the client is told its own name
-        self.renamed.push((self.replies.next_seq(), p.name.clone(), bytes::Bytes::copy_from_slice(name)));
+        self.note_renamed(p.id, f.bytes.slice_ref(name));
         if f.tag == b'B' {
             let (portal, stmt) = peek::bind_msg(body).expect("checked above");
             prepared::rewrite_bind(&mut self.backend_out, body, portal.len(), stmt.len(), &p.name);
@@ -135,6 +135,19 @@ impl Session {
         prepared::target_frame(&mut self.backend_out, b'C', DUPLICATE_CHECK);
         self.replies.expect(Want::CloseComplete, true, false);
         self.refuse(err, false);
+    }
+
+    /// Remembers that the message about to be forwarded names server statement `id` for the
+    /// client's statement `name` (see `Session::renamed`). Entries whose replies have all arrived
+    /// are dropped first, so a client that pipelines without pause does not grow the list.
+    fn note_renamed(&mut self, id: u64, name: bytes::Bytes) {
+        if let Some(front) = self.replies.front_seq() {
+            // sequence numbers wrap: "before front" is a difference of more than half the range
+            while self.renamed.front().is_some_and(|r| front.wrapping_sub(r.0) < 1 << 31 && r.0 != front) {
+                self.renamed.pop_front();
+            }
+        }
+        self.renamed.push_back((self.replies.next_seq(), id, name));
     }
 
     /// A reply pgtenant gives itself, in order with the backend's replies.

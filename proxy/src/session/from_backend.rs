@@ -140,7 +140,7 @@ impl Session {
         let renamed = match tag {
             reply::ERROR if !self.renamed.is_empty() => {
                 let seq = self.replies.front_seq();
-                self.renamed.iter().find(|r| Some(r.0) == seq).map(|(_, server, client)| (server.clone(), client.clone()))
+                self.renamed.iter().find(|r| Some(r.0) == seq).map(|(_, id, client)| (crate::pool::prepared::server_name(*id), client.clone()))
             }
             _ => None,
         };

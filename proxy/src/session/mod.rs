@@ -202,9 +202,9 @@ pub struct Session {
     /// The client's own Parses in flight, by server statement: a failed one is forgotten.
     client_parses: Vec<(u64, bytes::Bytes)>,
     /// Client messages sent with a server statement's name in place of the client's: (reply
-    /// number, server name, client name), so that an error about one names the client's statement
+    /// number, server statement id, client name), so that an error about one names the client's statement
     /// as the server would (`from_backend`). Kept until everything sent is answered.
-    renamed: Vec<(u32, String, bytes::Bytes)>,
+    renamed: std::collections::VecDeque<(u32, u64, bytes::Bytes)>,
     /// Since when output has waited for the client with no write progress
     /// (`server.client_write_timeout_ms`).
     write_waiting_since: Option<std::time::Instant>,
@@ -281,7 +281,7 @@ impl Session {
             tx_since: None,
             idle_since: None,
             client_parses: Vec::new(),
-            renamed: Vec::new(),
+            renamed: std::collections::VecDeque::new(),
             write_waiting_since: None,
             stream_left: 0,
             stream_forward: false,
