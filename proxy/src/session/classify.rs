@@ -10,6 +10,7 @@ use bytes::Bytes;
 
 use super::context::Batch;
 use super::settings::{ClientSettings, MAX_CONTEXT_SETTINGS};
+use super::replies::Replies;
 use super::statements::{self, StatementDef, Statements};
 use super::End;
 use crate::error::{sqlstate, PgError};
@@ -78,7 +79,7 @@ pub struct Plan {
     pub deallocates: Option<statements::Deallocates>,
     /// A Parse of a name the client already has: the error it gets if its text parses, and the
     /// text (the Parse body after the name).
-    pub duplicate: Option<(PgError, Bytes)>,
+    pub duplicate: Option<Box<(PgError, Bytes)>>,
     /// A FunctionCall of this function OID (allowed by the pool; the backend checks the OID).
     pub function_oid: Option<u32>,
     /// The access mode its first statement opens a transaction with (`BEGIN READ ONLY`): where a
@@ -107,15 +108,22 @@ pub struct Classifier<'a> {
     pub unsettled: bool,
     /// The batch failed: the server skips everything up to its Sync.
     pub skipping: bool,
-    /// A message of the open batch is unanswered (`Replies::batch_may_fail`): whether the server
-    /// runs the next one is not known yet.
-    pub batch_pending: bool,
+    /// The replies owed by the attached backend (None without one): whether a message of the open
+    /// batch is unanswered (`Replies::batch_may_fail`), asked only by the few messages whose
+    /// effect depends on it.
+    pub replies: Option<&'a Replies>,
     pub budget: Budget<'a>,
     /// The pool lets clients call functions by FunctionCall (`tenant.allowed_function_calls`).
     pub function_calls: bool,
 }
 
 impl Classifier<'_> {
+    /// A message of the open batch is unanswered: whether the server runs the next one is not
+    /// known yet.
+    fn batch_pending(&self) -> bool {
+        self.replies.is_some_and(|r| r.batch_may_fail())
+    }
+
     pub fn classify(&mut self, f: &Frame) -> Result<Step, End> {
         let body = f.body();
         let malformed = || End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "pgtenant: malformed message"));
@@ -180,7 +188,7 @@ impl Classifier<'_> {
         }
         let dealloc = a.deallocate.as_ref().and_then(|n| self.statements.get(n.as_bytes()).cloned());
         let touches_prepared = dealloc.is_none() && a.touches_prepared;
-        if (dealloc.is_some() || touches_prepared && a.deallocates_all) && self.batch_pending {
+        if (dealloc.is_some() || touches_prepared && a.deallocates_all) && self.batch_pending() {
             return Step::Hold; // it forgets statements here at once: only if the server runs it
         }
         if touches_prepared && a.deallocates_all && !self.skipping {
@@ -239,7 +247,7 @@ impl Classifier<'_> {
                 sqlstate::DUPLICATE_PSTATEMENT,
                 format!("prepared statement \"{}\" already exists", String::from_utf8_lossy(name)),
             );
-            return Step::Run(Plan { effect: Some(a.first), duplicate: Some((err, key)), ..Default::default() });
+            return Step::Run(Plan { effect: Some(a.first), duplicate: Some(Box::new((err, key))), ..Default::default() });
         }
         let dealloc = a.deallocate.as_ref().and_then(|n| self.statements.get(n.as_bytes()).cloned());
         let touches_prepared = dealloc.is_none() && a.touches_prepared;
@@ -326,11 +334,11 @@ impl Classifier<'_> {
             Batch::Open { began_idle, executed } => (began_idle, executed),
             _ => (!self.pos.in_block, false),
         };
-        if def.deallocates.is_some() && self.batch_pending {
+        if def.deallocates.is_some() && self.batch_pending() {
             return Step::Hold; // it drops client statements here: only if the server runs it
         }
         if def.discard_all && began_idle && !executed {
-            if self.batch_pending {
+            if self.batch_pending() {
                 // whether the server would run it depends on the batch so far (an earlier
                 // message that fails makes it skip this one too, and then nothing is
                 // discarded): wait for those replies
@@ -361,7 +369,7 @@ impl Classifier<'_> {
         // for the statement that needs it
         let setup = tag == msg::CLOSE || self.statements.target(kind, name).is_some_and(|d| d.setup);
         if tag == msg::CLOSE {
-            if kind == b'S' && !name.is_empty() && self.batch_pending {
+            if kind == b'S' && !name.is_empty() && self.batch_pending() {
                 // answered by pgtenant, and the server skips it if an earlier message of the
                 // batch fails: wait for those replies before forgetting the statement
                 return Step::Hold;
@@ -483,7 +491,7 @@ mod tests {
             batch: Batch::Closed,
             unsettled: false,
             skipping: false,
-            batch_pending: false,
+            replies: None,
             budget: Budget { max: 1 << 20, settings: Box::leak(Box::new(ClientSettings::new(Vec::new(), Vec::new(), Default::default()))) },
             function_calls: false,
         }

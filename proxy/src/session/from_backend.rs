@@ -76,11 +76,13 @@ impl Session {
                     }
                 }
             }
-            for id in std::mem::take(&mut self.replies.skipped_parses) {
-                // the client's Parse was skipped with its batch: like the server, keep no statement
-                if let Some(at) = self.client_parses.iter().position(|(i, _)| *i == id) {
-                    let (_, name) = self.client_parses.remove(at); // in order: two names can share an id
-                    self.statements.close(b'S', &name);
+            if !self.replies.skipped_parses.is_empty() {
+                for id in std::mem::take(&mut self.replies.skipped_parses) {
+                    // the client's Parse was skipped with its batch: like the server, keep no statement
+                    if let Some(at) = self.client_parses.iter().position(|(i, _)| *i == id) {
+                        let (_, name) = self.client_parses.remove(at); // in order: two names can share an id
+                        self.statements.close(b'S', &name);
+                    }
                 }
             }
             if self.replies.is_settled() {

@@ -703,7 +703,7 @@ impl Session {
             batch: self.batch,
             unsettled: self.lease.is_some() && !self.replies.is_settled(),
             skipping: self.replies.batch_failed,
-            batch_pending: self.lease.is_some() && self.replies.batch_may_fail(),
+            replies: self.lease.is_some().then_some(&self.replies),
             budget: Budget { max: self.shared.max_state_bytes, settings: &self.settings },
             function_calls: self.pool.allows_function_calls(),
         }
@@ -813,7 +813,10 @@ impl Session {
             self.note_changes(&changes);
         }
         match (plan.dealloc, plan.duplicate) {
-            (_, Some((err, key))) => self.check_duplicate(&key, err),
+            (_, Some(dup)) => {
+                let (err, key) = *dup;
+                self.check_duplicate(&key, err)
+            }
             (Some(def), None) => self.forward_deallocate(&f, &def, simple),
             (None, None) => self.forward_rewritten(&f, simple),
         }
@@ -849,6 +852,9 @@ impl Session {
     /// A client's named Parse whose text this backend has a server statement for, whose own Parse
     /// is not answered yet.
     fn parse_still_in_flight(&mut self, f: &Frame) -> bool {
+        if f.body().first().is_none_or(|&b| b == 0) {
+            return false; // the unnamed statement (the body starts with the name)
+        }
         let Some((name, _)) = crate::protocol::peek::parse_msg(f.body()) else { return false };
         if name.is_empty() {
             return false;
