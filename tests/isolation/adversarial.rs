@@ -975,3 +975,37 @@ pub async fn held_inside_a_batch(env: &Env) -> TestResult {
     a.close().await;
     finish(env, p, c, &before, "held_inside_a_batch").await
 }
+
+/// The server keeps one unnamed statement per connection, and pgtenant forwards the client's as it
+/// is: a Bind of the unnamed statement must run the client's own, never what another session (or
+/// pgtenant) left on the backend it now has, and a client with none gets 26000 as from the server.
+pub async fn unnamed_statement_is_the_clients(env: &Env) -> TestResult {
+    let mut c = Checks::new("unnamed_statement_is_the_clients");
+    let before = victim(env);
+    let run = || [wire::bind("", "", &[]), wire::execute("", 0), wire::sync()].concat();
+    for session in [false, true] {
+        let mode = if session { "session" } else { "transaction" };
+        let p = start_proxy(env, if session { "pool_size = 2" } else { "pool_size = 1" }, if session { "[pool]\nmode = \"session\"" } else { "" }).await;
+        let mut a = login(&p, 1, "alice").await?;
+        let r = a.round(&[wire::parse("", "select 'mine'", &[]), wire::sync()].concat(), 1).await;
+        c.check(&format!("{mode}: A parses its unnamed statement"), r.ok(), r.summary());
+        let mut b = login(&p, 2, "bob").await?;
+        let r = b.round(&run(), 1).await;
+        c.check(&format!("{mode}: B, which parsed none, gets 26000"), r.code() == Some("26000") && r.rows.is_empty(), r.summary());
+        let r = b.round(&[wire::parse("", "select 'theirs'", &[]), wire::bind("", "", &[]), wire::execute("", 0), wire::sync()].concat(), 1).await;
+        c.check(&format!("{mode}: B runs its own"), r.ok() && r.get(0, 0) == "theirs", r.summary());
+        let r = a.round(&run(), 1).await;
+        c.check(&format!("{mode}: A's Bind runs A's statement, wherever it runs"), r.ok() && r.get(0, 0) == "mine", r.summary());
+        // a simple Query drops the unnamed statement, on the server and here
+        let r = a.simple("select 1").await;
+        c.check(&format!("{mode}: a simple query"), r.ok(), r.summary());
+        let r = a.round(&run(), 1).await;
+        c.check(&format!("{mode}: after it, A has no unnamed statement (26000)"), r.code() == Some("26000"), r.summary());
+        a.close().await;
+        b.close().await;
+        p.stop().await;
+    }
+    let after = victim(env);
+    c.check("tenant 2's rows unchanged", before == after, format!("{before} -> {after}"));
+    c.done()
+}

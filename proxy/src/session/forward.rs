@@ -32,6 +32,9 @@ impl Session {
     /// (preparing them there first when needed).
     pub(super) fn forward_rewritten(&mut self, f: &Frame, simple: bool) {
         let body = f.body();
+        if !self.unnamed_in_batch && matches!(f.tag, b'B' | b'D') {
+            self.ensure_unnamed_here(f);
+        }
         let named = match f.tag {
             b'P' => peek::parse_msg(body).map(|(n, _)| n),
             b'B' => peek::bind_msg(body).map(|(_, s)| s),
@@ -114,6 +117,7 @@ impl Session {
         let sql = format!("DEALLOCATE {}", p.name);
         if simple {
             build::query(&mut self.backend_out, &sql);
+            self.unnamed_in_batch = false; // the server drops its unnamed statement at a Query
         } else {
             let name = peek::parse_msg(f.body()).map(|(n, _)| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
             build::parse(&mut self.backend_out, &name, &sql, vec![]);
@@ -183,12 +187,46 @@ impl Session {
         }
     }
 
+    /// A Bind or Describe of the client's unnamed statement (one without `set_config` parameters,
+    /// which goes to the server as it is) in a batch that has not parsed it: the server's unnamed
+    /// statement may not be the client's (another backend since, or a simple Query — the
+    /// server drops its unnamed statement at each, pgtenant's own among them), so the client's is
+    /// parsed again first, its ParseComplete swallowed.
+    fn ensure_unnamed_here(&mut self, f: &Frame) {
+        let unnamed = match f.tag {
+            b'B' => peek::bind_msg(f.body()).is_some_and(|(_, s)| s.is_empty()),
+            _ => peek::target_msg(f.body()).is_some_and(|(k, n)| k == b'S' && n.is_empty()),
+        };
+        if !unnamed || self.lease.is_none() || self.replies.batch_failed || self.statements.unnamed_has_bind_checks() {
+            return;
+        }
+        let Some(def) = self.statements.statement(b"") else { return };
+        prepared::parse_frame(&mut self.backend_out, "", &def.key);
+        self.replies.expect(Want::ParseComplete, true, false);
+        self.unnamed_in_batch = true;
+    }
+
     pub(super) fn forward(&mut self, f: &Frame, simple: bool) {
+        // which unnamed statement the server holds: the client's after its Parse of it, until the
+        // batch ends (Sync) or a simple Query or FunctionCall makes the server drop it
+        match f.tag {
+            b'P' => self.unnamed_in_batch |= f.body().first() == Some(&0),
+            b'S' | b'Q' | b'F' => self.unnamed_in_batch = false,
+            _ => {}
+        }
         self.backend_out.extend_from_slice(&f.bytes);
         if let Some(want) = Want::for_frontend(f.tag) {
             // while the server skips to Sync, only the Sync itself is answered
             if !self.replies.batch_failed || f.tag == b'S' {
-                self.replies.expect(want, false, simple);
+                if f.tag == b'P' && f.body().first() == Some(&0) {
+                    // the client's unnamed statement: if this Parse fails or is skipped, the
+                    // client has none (`from_backend`)
+                    let seq = self.replies.next_seq();
+                    self.replies.expect_parse(false, UNNAMED_PARSE | u64::from(seq));
+                    self.last_unnamed_parse = Some(seq);
+                } else {
+                    self.replies.expect(want, false, simple);
+                }
             }
         }
     }
@@ -222,6 +260,7 @@ impl Session {
         }
         if simple {
             build::query(&mut self.backend_out, REFUSAL_STAND_IN);
+            self.unnamed_in_batch = false; // the server drops its unnamed statement at a Query
             if self.batch.is_open() {
                 // like the refused Query or FunctionCall, the stand-in ends the batch's
                 // transaction if the batch has not failed: what follows needs the context again
@@ -257,6 +296,7 @@ impl Session {
             // still attached (session mode, or not yet released): reset it now, pipelined
             if let Some(reset) = l.backend.reset_all_for(self.id) {
                 build::query(&mut self.backend_out, &reset);
+                self.unnamed_in_batch = false; // the server drops its unnamed statement at a Query
                 self.replies.expect(Want::Ready, true, true);
             }
         }
@@ -287,10 +327,15 @@ impl Session {
         }
         let sql = if self.tx_defaults.is_empty() { sql::txmode::RESET_DEFAULTS } else { &self.tx_defaults };
         build::query(&mut self.backend_out, sql);
+        self.unnamed_in_batch = false; // the server drops its unnamed statement at a Query
         self.replies.expect(Want::Ready, true, true);
         l.backend.set_tx_defaults(&self.tx_defaults);
     }
 }
+
+/// Marks the reply to a client's Parse of its unnamed statement among the server statements
+/// `Replies` reports as failed (the low bits: the reply's number, `Replies::next_seq`).
+pub(super) const UNNAMED_PARSE: u64 = 1 << 63;
 
 /// Fails on the server with a syntax error, which pgtenant replaces with its refusal.
 const REFUSAL_STAND_IN: &str = "pgtenant refused this statement";

@@ -13,7 +13,7 @@ use bytes::{Buf, BytesMut};
 
 use super::context::Batch;
 use super::replies::Action;
-use super::{inject, view, End, Session, MAX_BACKEND_MESSAGE, STREAM_MIN};
+use super::{forward, inject, view, End, Session, MAX_BACKEND_MESSAGE, STREAM_MIN};
 use crate::error::sqlstate;
 use crate::protocol::frame::{complete_len, peek_len};
 use crate::protocol::tags::backend as reply;
@@ -53,6 +53,14 @@ impl Session {
             if !self.replies.failed_prepares.is_empty() {
                 if let Some(l) = self.lease.as_mut() {
                     for (id, by_client) in self.replies.failed_prepares.drain(..) {
+                        if id & forward::UNNAMED_PARSE != 0 {
+                            // the client's unnamed Parse failed: unless a later one replaced it,
+                            // the client has no unnamed statement, as on the server
+                            if self.last_unnamed_parse == Some(id as u32) {
+                                self.statements.close(b'S', b"");
+                            }
+                            continue;
+                        }
                         if id == inject::RESET_PARSE_ID {
                             l.backend.forget_reset_statement();
                             continue;

@@ -205,6 +205,12 @@ pub struct Session {
     /// number, server statement id, client name), so that an error about one names the client's statement
     /// as the server would (`from_backend`). Kept until everything sent is answered.
     renamed: std::collections::VecDeque<(u32, u64, bytes::Bytes)>,
+    /// The server's unnamed statement is the client's: it parsed it in this batch, on this
+    /// backend (`forward`, `ensure_unnamed_here`).
+    unnamed_in_batch: bool,
+    /// The reply number of the client's last Parse of its unnamed statement (see
+    /// `forward::UNNAMED_PARSE`).
+    last_unnamed_parse: Option<u32>,
     /// Since when output has waited for the client with no write progress
     /// (`server.client_write_timeout_ms`).
     write_waiting_since: Option<std::time::Instant>,
@@ -282,6 +288,8 @@ impl Session {
             idle_since: None,
             client_parses: Vec::new(),
             renamed: std::collections::VecDeque::new(),
+            unnamed_in_batch: false,
+            last_unnamed_parse: None,
             write_waiting_since: None,
             stream_left: 0,
             stream_forward: false,
@@ -544,6 +552,7 @@ impl Session {
         std::mem::swap(&mut self.backend_in, &mut b.buf_in);
         std::mem::swap(&mut self.backend_out, &mut b.buf_out);
         self.lease = Some(lease);
+        self.unnamed_in_batch = false;
         self.send_reset();
     }
 
@@ -559,6 +568,7 @@ impl Session {
             Some(reset) => {
                 // pipelined in front of this session's first message: no extra round trip
                 build::query(&mut self.backend_out, &reset.into_sql());
+                self.unnamed_in_batch = false; // the server drops its unnamed statement at a Query
                 self.replies.expect(Want::Ready, true, true);
             }
         }
@@ -576,6 +586,7 @@ impl Session {
             inject::write_sequence_reset(&mut self.backend_out, &mut l.backend, &mut self.replies);
         } else {
             build::query(&mut self.backend_out, crate::pool::conn::RESET_SEQUENCES);
+            self.unnamed_in_batch = false; // the server drops its unnamed statement at a Query
             self.replies.expect(Want::Ready, true, true);
         }
         self.seq_reset = SeqReset::Sent;
@@ -727,6 +738,14 @@ impl Session {
                 return Ok(Flow::Continue);
             }
         };
+        if !self.unnamed_in_batch && matches!(f.tag, msg::BIND | msg::DESCRIBE) && self.unnamed_parse_in_flight(&f) {
+            // it uses the client's unnamed statement, whose Parse in an earlier batch is not
+            // answered yet: if that Parse fails, the client has none (26000). Wait for it.
+            if self.batch.is_open() {
+                build::flush(&mut self.backend_out);
+            }
+            return Ok(Flow::Hold(f));
+        }
         if f.tag == msg::PARSE && plan.duplicate.is_none() && self.parse_still_in_flight(&f) {
             // the same text is being prepared on this backend and may still fail (then the
             // client's Parse must fail the same way, not be answered by pgtenant): wait for it,
@@ -861,6 +880,17 @@ impl Session {
         }
         let (Some(l), Some(def)) = (self.lease.as_mut(), self.statements.get(name)) else { return false };
         l.backend.statements().peek(&def.key).is_some_and(|id| self.replies.preparing(id))
+    }
+
+    /// A Bind or Describe of the unnamed statement while the client's last Parse of it is
+    /// unanswered.
+    fn unnamed_parse_in_flight(&self, f: &Frame) -> bool {
+        let Some(seq) = self.last_unnamed_parse else { return false };
+        let unnamed = match f.tag {
+            msg::BIND => crate::protocol::peek::bind_msg(f.body()).is_some_and(|(_, s)| s.is_empty()),
+            _ => crate::protocol::peek::target_msg(f.body()).is_some_and(|(k, n)| k == b'S' && n.is_empty()),
+        };
+        unnamed && self.replies.preparing(forward::UNNAMED_PARSE | u64::from(seq))
     }
 
     /// What the guard needs to know about where a statement runs: the client is in a transaction
