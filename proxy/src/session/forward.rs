@@ -222,7 +222,7 @@ impl Session {
                     // the client's unnamed statement: if this Parse fails or is skipped, the
                     // client has none (`from_backend`)
                     let seq = self.replies.next_seq();
-                    self.replies.expect_parse(false, UNNAMED_PARSE | u64::from(seq));
+                    self.replies.expect_parse(false, unnamed_parse_id(seq));
                     self.last_unnamed_parse = Some(seq);
                 } else {
                     self.replies.expect(want, false, simple);
@@ -333,9 +333,19 @@ impl Session {
     }
 }
 
-/// Marks the reply to a client's Parse of its unnamed statement among the server statements
-/// `Replies` reports as failed (the low bits: the reply's number, `Replies::next_seq`).
-pub(super) const UNNAMED_PARSE: u64 = 1 << 63;
+/// The id under which `Replies` reports a failed client Parse of its unnamed statement: the
+/// reply's number (`Replies::next_seq`) in a range of its own (server statements count up from 0;
+/// pgtenant's own statements sit at the top of the range, see `inject`).
+pub(super) fn unnamed_parse_id(seq: u32) -> u64 {
+    UNNAMED_PARSES | u64::from(seq)
+}
+
+/// The reply number in an id from [`unnamed_parse_id`], if it is one.
+pub(super) fn unnamed_parse_seq(id: u64) -> Option<u32> {
+    (id >> 32 == UNNAMED_PARSES >> 32).then_some(id as u32)
+}
+
+const UNNAMED_PARSES: u64 = 0x100 << 32;
 
 /// Fails on the server with a syntax error, which pgtenant replaces with its refusal.
 const REFUSAL_STAND_IN: &str = "pgtenant refused this statement";

@@ -53,10 +53,10 @@ impl Session {
             if !self.replies.failed_prepares.is_empty() {
                 if let Some(l) = self.lease.as_mut() {
                     for (id, by_client) in self.replies.failed_prepares.drain(..) {
-                        if id & forward::UNNAMED_PARSE != 0 {
+                        if let Some(seq) = forward::unnamed_parse_seq(id) {
                             // the client's unnamed Parse failed: unless a later one replaced it,
                             // the client has no unnamed statement, as on the server
-                            if self.last_unnamed_parse == Some(id as u32) {
+                            if self.last_unnamed_parse == Some(seq) {
                                 self.statements.close(b'S', b"");
                             }
                             continue;

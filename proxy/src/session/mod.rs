@@ -209,7 +209,7 @@ pub struct Session {
     /// backend (`forward`, `ensure_unnamed_here`).
     unnamed_in_batch: bool,
     /// The reply number of the client's last Parse of its unnamed statement (see
-    /// `forward::UNNAMED_PARSE`).
+    /// `forward::unnamed_parse_id`).
     last_unnamed_parse: Option<u32>,
     /// Since when output has waited for the client with no write progress
     /// (`server.client_write_timeout_ms`).
@@ -890,7 +890,7 @@ impl Session {
             msg::BIND => crate::protocol::peek::bind_msg(f.body()).is_some_and(|(_, s)| s.is_empty()),
             _ => crate::protocol::peek::target_msg(f.body()).is_some_and(|(k, n)| k == b'S' && n.is_empty()),
         };
-        unnamed && self.replies.preparing(forward::UNNAMED_PARSE | u64::from(seq))
+        unnamed && self.replies.preparing(forward::unnamed_parse_id(seq))
     }
 
     /// What the guard needs to know about where a statement runs: the client is in a transaction
