@@ -121,6 +121,8 @@ impl Session {
         } else {
             let name = peek::parse_msg(f.body()).map(|(n, _)| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
             build::parse(&mut self.backend_out, &name, &sql, vec![]);
+            // the server's unnamed statement is now this rewritten one: a Bind in this batch runs it
+            self.unnamed_in_batch |= name.is_empty();
         }
         self.replies.expect(Want::for_frontend(f.tag).expect("Q or P"), false, simple);
     }
@@ -152,6 +154,36 @@ impl Session {
             }
         }
         self.renamed.push_back((self.replies.next_seq(), id, name));
+    }
+
+    /// Remembers which unnamed statement the client's unnamed Parse `seq` replaced, until its
+    /// answer: if the server skips it, that one is the client's again (`unnamed_parse_failed`).
+    fn note_unnamed_parse(&mut self, seq: u32, before: Option<std::sync::Arc<statements::StatementDef>>) {
+        if let Some(front) = self.replies.front_seq() {
+            while self.unnamed_parses.front().is_some_and(|r| front.wrapping_sub(r.0) < 1 << 31 && r.0 != front) {
+                self.unnamed_parses.pop_front();
+            }
+        }
+        self.unnamed_parses.push_back((seq, before));
+    }
+
+    /// The client's unnamed Parse `seq` failed (`itself`: the server then has no unnamed statement)
+    /// or was skipped (the server keeps the one it had).
+    pub(super) fn unnamed_parse_failed(&mut self, seq: u32, itself: bool) {
+        let Some(at) = self.unnamed_parses.iter().position(|r| r.0 == seq) else {
+            if self.last_unnamed_parse == Some(seq) {
+                self.statements.close(b'S', b"");
+            }
+            return;
+        };
+        let (_, before) = self.unnamed_parses.remove(at).expect("found");
+        let before = if itself { None } else { before };
+        match self.unnamed_parses.get_mut(at) {
+            // a later unnamed Parse replaced this one: it replaced what this one did
+            Some(next) => next.1 = before,
+            None if self.last_unnamed_parse == Some(seq) => self.statements.restore_unnamed(before),
+            None => {}
+        }
     }
 
     /// A reply pgtenant gives itself, in order with the backend's replies.
@@ -224,6 +256,8 @@ impl Session {
                     let seq = self.replies.next_seq();
                     self.replies.expect_parse(false, unnamed_parse_id(seq));
                     self.last_unnamed_parse = Some(seq);
+                    let before = self.statements.take_unnamed_before();
+                    self.note_unnamed_parse(seq, before);
                 } else {
                     self.replies.expect(want, false, simple);
                 }

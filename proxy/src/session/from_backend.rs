@@ -50,15 +50,12 @@ impl Session {
                 }
                 self.reset_skipped = true;
             }
+            let mut unnamed_failures: Vec<(u32, bool)> = Vec::new();
             if !self.replies.failed_prepares.is_empty() {
                 if let Some(l) = self.lease.as_mut() {
                     for (id, by_client) in self.replies.failed_prepares.drain(..) {
                         if let Some(seq) = forward::unnamed_parse_seq(id) {
-                            // the client's unnamed Parse failed: unless a later one replaced it,
-                            // the client has no unnamed statement, as on the server
-                            if self.last_unnamed_parse == Some(seq) {
-                                self.statements.close(b'S', b"");
-                            }
+                            unnamed_failures.push((seq, self.replies.failed_itself == Some(id)));
                             continue;
                         }
                         if id == inject::RESET_PARSE_ID {
@@ -83,6 +80,9 @@ impl Session {
                         }
                     }
                 }
+            }
+            for (seq, itself) in unnamed_failures {
+                self.unnamed_parse_failed(seq, itself);
             }
             if !self.replies.skipped_parses.is_empty() {
                 for id in std::mem::take(&mut self.replies.skipped_parses) {
@@ -155,14 +155,10 @@ impl Session {
             _ => None,
         };
         match self.replies.on_reply(tag, body) {
-            Action::Forward if renamed.is_some() => {
-                let (server, client) = renamed.expect("checked");
-                match with_client_name(msg, &server, &client) {
-                    Some(out) => self.client_out.extend_from_slice(&out),
-                    None => relay(&mut self.client_out, msg),
-                }
-            }
-            Action::Forward => relay(&mut self.client_out, msg),
+            Action::Forward => match renamed.and_then(|(server, client)| with_client_name(msg, &server, &client)) {
+                Some(out) => self.client_out.extend_from_slice(&out),
+                None => relay(&mut self.client_out, msg),
+            },
             Action::Swallow => {}
             Action::ReplaceError => match self.replies.take_replacement() {
                 Some(err) => err.encode(&mut self.client_out),

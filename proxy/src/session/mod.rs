@@ -211,6 +211,8 @@ pub struct Session {
     /// The reply number of the client's last Parse of its unnamed statement (see
     /// `forward::unnamed_parse_id`).
     last_unnamed_parse: Option<u32>,
+    /// The client's unnamed Parses not answered yet, each with the statement it replaced.
+    unnamed_parses: std::collections::VecDeque<(u32, Option<Arc<statements::StatementDef>>)>,
     /// Since when output has waited for the client with no write progress
     /// (`server.client_write_timeout_ms`).
     write_waiting_since: Option<std::time::Instant>,
@@ -290,6 +292,7 @@ impl Session {
             renamed: std::collections::VecDeque::new(),
             unnamed_in_batch: false,
             last_unnamed_parse: None,
+            unnamed_parses: std::collections::VecDeque::new(),
             write_waiting_since: None,
             stream_left: 0,
             stream_forward: false,
@@ -553,6 +556,7 @@ impl Session {
         std::mem::swap(&mut self.backend_out, &mut b.buf_out);
         self.lease = Some(lease);
         self.unnamed_in_batch = false;
+        self.unnamed_parses.clear();
         self.send_reset();
     }
 

@@ -103,6 +103,9 @@ pub struct Replies {
     /// Client Parses pgtenant answered itself (`expect_synthetic_parse`) in a batch the server
     /// skipped: the client has no such statement after all. The backend's statement `id` stays.
     pub skipped_parses: Vec<u64>,
+    /// The statement of the Parse the last error was about (the others in `failed_prepares` were
+    /// skipped after it).
+    pub failed_itself: Option<u64>,
     next_seq: u32,
     /// The server is in COPY FROM STDIN mode: it ignores Sync and Flush until CopyDone/CopyFail.
     pub copy_in: bool,
@@ -125,6 +128,7 @@ impl Default for Replies {
             batch_failed: false,
             failed_prepares: Vec::new(),
             skipped_parses: Vec::new(),
+            failed_itself: None,
             next_seq: 0,
             copy_in: false,
             refusals: VecDeque::new(),
@@ -333,6 +337,7 @@ impl Replies {
         let Some(front) = self.owed.front().copied() else {
             return Action::Forward; // e.g. FATAL on termination
         };
+        self.failed_itself = front.prepares;
         if front.injected && front.want == Want::Ready {
             return Action::Desync; // pgtenant's reset failed: never reuse this connection
         }

@@ -85,6 +85,8 @@ pub enum Deallocates {
 #[derive(Debug, Default)]
 pub struct Statements {
     unnamed_stmt: Option<Arc<StatementDef>>,
+    /// The unnamed statement the last unnamed Parse replaced (`take_unnamed_before`).
+    unnamed_before: Option<Arc<StatementDef>>,
     named_stmts: HashMap<Bytes, Arc<StatementDef>>,
     unnamed_portal: Option<Arc<StatementDef>>,
     named_portals: HashMap<Bytes, Arc<StatementDef>>,
@@ -141,7 +143,7 @@ impl Statements {
             },
         });
         if name.is_empty() {
-            self.unnamed_stmt = Some(def.clone());
+            self.unnamed_before = self.unnamed_stmt.replace(def.clone());
         } else {
             self.bytes = self.bytes - replaced + name.len() + def.key.len();
             self.named_stmts.insert(Bytes::copy_from_slice(name), def.clone());
@@ -155,7 +157,7 @@ impl Statements {
     pub fn reparse_unnamed(&mut self, key: &[u8], in_block: bool) -> Option<(Arc<StatementDef>, Option<crate::routing::intent::Mode>)> {
         let r = self.recent(key, in_block)?;
         let hit = (r.def.clone(), r.access);
-        self.unnamed_stmt = Some(hit.0.clone());
+        self.unnamed_before = self.unnamed_stmt.replace(hit.0.clone());
         Some(hit)
     }
 
@@ -211,6 +213,17 @@ impl Statements {
             Deallocates::One(name) => self.close(b'S', name.as_bytes()),
             Deallocates::All => self.clear_statements(),
         }
+    }
+
+    /// The unnamed statement the last unnamed Parse replaced: the client's again if the server
+    /// skips that Parse (`restore_unnamed`).
+    pub fn take_unnamed_before(&mut self) -> Option<Arc<StatementDef>> {
+        self.unnamed_before.take()
+    }
+
+    /// The server skipped an unnamed Parse: the statement it replaced is the client's again.
+    pub fn restore_unnamed(&mut self, before: Option<Arc<StatementDef>>) {
+        self.unnamed_stmt = before;
     }
 
     pub fn get(&self, name: &[u8]) -> Option<&Arc<StatementDef>> {

@@ -688,3 +688,27 @@ fn a_failed_batch_changes_none_of_the_clients_statements() {
         }
     });
 }
+
+/// The server skips an unnamed Parse behind an error and keeps the unnamed statement it had; so
+/// does pgtenant, and a Bind of the unnamed statement in a later batch runs that one, parsed again
+/// on the backend (the server's unnamed statement may not be the client's by then).
+#[test]
+fn a_skipped_unnamed_parse_leaves_the_one_before() {
+    let unnamed = |sql: &str| frame(b'P', format!("\0{sql}\0\0\0").as_bytes());
+    let run = || [frame(b'B', b"\0\0\0\0\0\0\0\0"), frame(b'E', b"\0\0\0\0\0"), sync()].concat();
+    rt().block_on(async {
+        for session_mode in [false, true] {
+            let mut c = Client::start(session_mode).await;
+            assert_eq!(c.round(&[unnamed("select 'a'"), sync()].concat(), 1).await, "1 ZI");
+            let fails = frame(b'B', b"\0nosuch\0\0\0\0\0\0\0"); // the server answers 26000
+            assert_eq!(c.round(&[fails, unnamed("select 'b'"), sync()].concat(), 1).await, "E26000 ZI");
+            c.sent();
+            assert_eq!(c.round(&run(), 1).await, "2DC ZI");
+            let sent = c.sent();
+            assert!(sent.iter().any(|l| l == "P : select 'a'") && !sent.iter().any(|l| l.contains("'b'")), "the one before, parsed again: {sent:?}");
+            // in the same batch as its Parse, nothing is parsed again
+            assert_eq!(c.round(&[unnamed("select 'c'"), run()].concat(), 1).await, "12DC ZI");
+            assert_eq!(c.sent().iter().filter(|l| l.starts_with("P : ")).count(), 1);
+        }
+    });
+}
