@@ -176,7 +176,7 @@ impl Session {
             }
             return;
         };
-        let (_, before) = self.unnamed_parses.remove(at).expect("found");
+        let Some((_, before)) = self.unnamed_parses.remove(at) else { return };
         let before = if itself { None } else { before };
         match self.unnamed_parses.get_mut(at) {
             // a later unnamed Parse replaced this one: it replaced what this one did
@@ -251,8 +251,8 @@ impl Session {
             // while the server skips to Sync, only the Sync itself is answered
             if !self.replies.batch_failed || f.tag == b'S' {
                 if f.tag == b'P' && f.body().first() == Some(&0) {
-                    // the client's unnamed statement: if this Parse fails or is skipped, the
-                    // client has none (`from_backend`)
+                    // the client's unnamed statement: if this Parse fails, the client has none;
+                    // if it is skipped, the one it had (`unnamed_parse_failed`)
                     let seq = self.replies.next_seq();
                     self.replies.expect_parse(false, unnamed_parse_id(seq));
                     self.last_unnamed_parse = Some(seq);

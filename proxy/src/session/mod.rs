@@ -710,6 +710,7 @@ impl Session {
             }
         }
         let pos = self.position();
+        let skipping = self.replies.batch_failed;
         let step = Classifier {
             guard: &self.guard,
             statements: &mut self.statements,
@@ -717,7 +718,7 @@ impl Session {
             pooling: !self.shared.session_mode,
             batch: self.batch,
             unsettled: self.lease.is_some() && !self.replies.is_settled(),
-            skipping: self.replies.batch_failed,
+            skipping,
             replies: self.lease.is_some().then_some(&self.replies),
             budget: Budget { max: self.shared.max_state_bytes, settings: &self.settings },
             function_calls: self.pool.allows_function_calls(),
@@ -750,7 +751,8 @@ impl Session {
             }
             return Ok(Flow::Hold(f));
         }
-        if f.tag == msg::PARSE && plan.duplicate.is_none() && self.parse_still_in_flight(&f) {
+        // (only for a Parse `classify` recorded: not one the server skips, nor a duplicate)
+        if f.tag == msg::PARSE && !skipping && plan.duplicate.is_none() && self.parse_still_in_flight(&f) {
             // the same text is being prepared on this backend and may still fail (then the
             // client's Parse must fail the same way, not be answered by pgtenant): wait for it,
             // and classify this Parse afresh then
