@@ -63,11 +63,11 @@ impl Session {
                 if p.needs_parse {
                     prepared::parse_frame(out, &p.name, &def.key);
                     self.replies.expect_parse(false, p.id);
-                    self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name)));
+                    self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name), self.syncs_sent));
                 } else {
                     // the backend has it: pgtenant answers, unless the batch fails first
                     self.replies.expect_synthetic_parse(p.id);
-                    self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name)));
+                    self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name), self.syncs_sent));
                     self.drain_synthetic();
                 }
                 return;

@@ -69,7 +69,7 @@ impl Session {
                         }
                         let key = l.backend.statements().forget(id);
                         // the client's own Parse failed: like the server, keep no statement
-                        let name = self.client_parses.iter().find(|(i, _)| *i == id).map(|(_, n)| n);
+                        let name = self.client_parses.iter().find(|(i, _, _)| *i == id).map(|(_, n, _)| n);
                         match (by_client, key, name) {
                             (true, Some(key), Some(name)) => self.statements.parse_failed(name, &key),
                             // the cache was cleared since (a DEALLOCATE or DISCARD in the same
@@ -87,8 +87,8 @@ impl Session {
             if !self.replies.skipped_parses.is_empty() {
                 for id in std::mem::take(&mut self.replies.skipped_parses) {
                     // the client's Parse was skipped with its batch: like the server, keep no statement
-                    if let Some(at) = self.client_parses.iter().position(|(i, _)| *i == id) {
-                        let (_, name) = self.client_parses.remove(at); // in order: two names can share an id
+                    if let Some(at) = self.client_parses.iter().position(|(i, _, _)| *i == id) {
+                        let (_, name, _) = self.client_parses.remove(at); // in order: two names can share an id
                         self.statements.close(b'S', &name);
                     }
                 }

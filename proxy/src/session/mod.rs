@@ -199,8 +199,11 @@ pub struct Session {
     /// Since when the client has sat idle inside an open transaction
     /// (`pool.idle_in_transaction_timeout_ms`).
     idle_since: Option<std::time::Instant>,
-    /// The client's own Parses in flight, by server statement: a failed one is forgotten.
-    client_parses: Vec<(u64, bytes::Bytes)>,
+    /// The client's own Parses of named statements in flight: (server statement, name, the batch
+    /// it went in, counted by `syncs_sent`). A failed one is forgotten.
+    client_parses: Vec<(u64, bytes::Bytes, u32)>,
+    /// Client Syncs forwarded so far: which batch a message belongs to.
+    syncs_sent: u32,
     /// Client messages sent with a server statement's name in place of the client's: (reply
     /// number, server statement id, client name), so that an error about one names the client's statement
     /// as the server would (`from_backend`). Kept until everything sent is answered.
@@ -289,6 +292,7 @@ impl Session {
             tx_since: None,
             idle_since: None,
             client_parses: Vec::new(),
+            syncs_sent: 0,
             renamed: std::collections::VecDeque::new(),
             unnamed_in_batch: false,
             last_unnamed_parse: None,
@@ -670,6 +674,7 @@ impl Session {
                     self.backend_out.extend_from_slice(&f.bytes); // ignored by the server in COPY
                 } else {
                     self.forward(&f, false);
+                    self.syncs_sent = self.syncs_sent.wrapping_add(1);
                     self.batch = Batch::Closed;
                     self.replies.batch_failed = false;
                     // SETs executed in this batch are kept once its ReadyForQuery shows a clean end
@@ -743,9 +748,10 @@ impl Session {
                 return Ok(Flow::Continue);
             }
         };
-        if !self.unnamed_in_batch && matches!(f.tag, msg::BIND | msg::DESCRIBE) && self.unnamed_parse_in_flight(&f) {
-            // it uses the client's unnamed statement, whose Parse in an earlier batch is not
-            // answered yet: if that Parse fails, the client has none (26000). Wait for it.
+        if matches!(f.tag, msg::BIND | msg::DESCRIBE) && !skipping && self.statement_parse_in_flight(&f) {
+            // it uses a statement of the client's whose Parse in an earlier batch is not
+            // answered yet: if that Parse fails or is skipped, the client does not have it
+            // (26000), or has the one before. Wait for it.
             if self.batch.is_open() {
                 build::flush(&mut self.backend_out);
             }
@@ -888,15 +894,24 @@ impl Session {
         l.backend.statements().peek(&def.key).is_some_and(|id| self.replies.preparing(id))
     }
 
-    /// A Bind or Describe of the unnamed statement while the client's last Parse of it is
-    /// unanswered.
-    fn unnamed_parse_in_flight(&self, f: &Frame) -> bool {
-        let Some(seq) = self.last_unnamed_parse else { return false };
-        let unnamed = match f.tag {
-            msg::BIND => crate::protocol::peek::bind_msg(f.body()).is_some_and(|(_, s)| s.is_empty()),
-            _ => crate::protocol::peek::target_msg(f.body()).is_some_and(|(k, n)| k == b'S' && n.is_empty()),
+    /// A Bind or Describe of a statement whose Parse by the client went in an earlier batch and
+    /// is not answered yet.
+    fn statement_parse_in_flight(&self, f: &Frame) -> bool {
+        let name = match f.tag {
+            msg::BIND => crate::protocol::peek::bind_msg(f.body()).map(|(_, s)| s),
+            _ => crate::protocol::peek::target_msg(f.body()).filter(|(k, _)| *k == b'S').map(|(_, n)| n),
         };
-        unnamed && self.replies.preparing(forward::unnamed_parse_id(seq))
+        match name {
+            None => false,
+            Some([]) => {
+                !self.unnamed_in_batch
+                    && self.last_unnamed_parse.is_some_and(|seq| self.replies.preparing(forward::unnamed_parse_id(seq)))
+            }
+            Some(name) => self
+                .client_parses
+                .iter()
+                .any(|(id, n, batch)| *batch != self.syncs_sent && n.as_ref() == name && self.replies.parse_pending(*id)),
+        }
     }
 
     /// What the guard needs to know about where a statement runs: the client is in a transaction

@@ -261,6 +261,12 @@ impl Replies {
         self.owed.iter().any(|o| o.prepares == Some(id) && o.want == Want::ParseComplete)
     }
 
+    /// The client's Parse of server statement `id` (sent, or answered by pgtenant in its turn) is
+    /// not answered yet.
+    pub fn parse_pending(&self, id: u64) -> bool {
+        self.owed.iter().any(|o| o.prepares == Some(id) && matches!(o.want, Want::ParseComplete | Want::Synthetic(_)))
+    }
+
     /// Nothing is owed: `status` is exact.
     pub fn is_settled(&self) -> bool {
         self.owed.is_empty()
