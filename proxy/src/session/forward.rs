@@ -32,7 +32,7 @@ impl Session {
     /// (preparing them there first when needed).
     pub(super) fn forward_rewritten(&mut self, f: &Frame, simple: bool) {
         let body = f.body();
-        if !self.unnamed_in_batch && matches!(f.tag, b'B' | b'D') {
+        if matches!(f.tag, b'B' | b'D') && !self.unnamed_in_batch() {
             self.ensure_unnamed_here(f);
         }
         let named = match f.tag {
@@ -117,12 +117,13 @@ impl Session {
         let sql = format!("DEALLOCATE {}", p.name);
         if simple {
             build::query(&mut self.backend_out, &sql);
-            self.unnamed_in_batch = false; // the server drops its unnamed statement at a Query
         } else {
             let name = peek::parse_msg(f.body()).map(|(n, _)| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
             build::parse(&mut self.backend_out, &name, &sql, vec![]);
-            // the server's unnamed statement is now this rewritten one: a Bind in this batch runs it
-            self.unnamed_in_batch |= name.is_empty();
+            if name.is_empty() {
+                // the server's unnamed statement is now this rewritten one: a Bind in this batch runs it
+                self.unnamed_parsed = Some(self.replies.next_seq());
+            }
         }
         self.replies.expect(Want::for_frontend(f.tag).expect("Q or P"), false, simple);
     }
@@ -147,11 +148,8 @@ impl Session {
     /// client's statement `name` (see `Session::renamed`). Entries whose replies have all arrived
     /// are dropped first, so a client that pipelines without pause does not grow the list.
     fn note_renamed(&mut self, id: u64, name: bytes::Bytes) {
-        if let Some(front) = self.replies.front_seq() {
-            // sequence numbers wrap: "before front" is a difference of more than half the range
-            while self.renamed.front().is_some_and(|r| front.wrapping_sub(r.0) < 1 << 31 && r.0 != front) {
-                self.renamed.pop_front();
-            }
+        while self.renamed.front().is_some_and(|r| self.replies.answered(r.0)) {
+            self.renamed.pop_front();
         }
         self.renamed.push_back((self.replies.next_seq(), id, name));
     }
@@ -159,10 +157,8 @@ impl Session {
     /// Remembers which unnamed statement the client's unnamed Parse `seq` replaced, until its
     /// answer: if the server skips it, that one is the client's again (`unnamed_parse_failed`).
     fn note_unnamed_parse(&mut self, seq: u32, before: Option<std::sync::Arc<statements::StatementDef>>) {
-        if let Some(front) = self.replies.front_seq() {
-            while self.unnamed_parses.front().is_some_and(|r| front.wrapping_sub(r.0) < 1 << 31 && r.0 != front) {
-                self.unnamed_parses.pop_front();
-            }
+        while self.unnamed_parses.front().is_some_and(|r| self.replies.answered(r.0)) {
+            self.unnamed_parses.pop_front();
         }
         self.unnamed_parses.push_back((seq, before));
     }
@@ -234,18 +230,17 @@ impl Session {
         }
         let Some(def) = self.statements.statement(b"") else { return };
         prepared::parse_frame(&mut self.backend_out, "", &def.key);
+        self.unnamed_parsed = Some(self.replies.next_seq());
         self.replies.expect(Want::ParseComplete, true, false);
-        self.unnamed_in_batch = true;
+    }
+
+    /// The server's unnamed statement is the client's: parsed on this backend with no Sync, Query
+    /// or FunctionCall sent since (`unnamed_parsed`).
+    pub(super) fn unnamed_in_batch(&self) -> bool {
+        self.unnamed_parsed.is_some_and(|seq| !self.replies.ready_sent_since(seq))
     }
 
     pub(super) fn forward(&mut self, f: &Frame, simple: bool) {
-        // which unnamed statement the server holds: the client's after its Parse of it, until the
-        // batch ends (Sync) or a simple Query or FunctionCall makes the server drop it
-        match f.tag {
-            b'P' => self.unnamed_in_batch |= f.body().first() == Some(&0),
-            b'S' | b'Q' | b'F' => self.unnamed_in_batch = false,
-            _ => {}
-        }
         self.backend_out.extend_from_slice(&f.bytes);
         if let Some(want) = Want::for_frontend(f.tag) {
             // while the server skips to Sync, only the Sync itself is answered
@@ -256,6 +251,7 @@ impl Session {
                     let seq = self.replies.next_seq();
                     self.replies.expect_parse(false, unnamed_parse_id(seq));
                     self.last_unnamed_parse = Some(seq);
+                    self.unnamed_parsed = Some(seq);
                     let before = self.statements.take_unnamed_before();
                     self.note_unnamed_parse(seq, before);
                 } else {
@@ -294,7 +290,6 @@ impl Session {
         }
         if simple {
             build::query(&mut self.backend_out, REFUSAL_STAND_IN);
-            self.unnamed_in_batch = false; // the server drops its unnamed statement at a Query
             if self.batch.is_open() {
                 // like the refused Query or FunctionCall, the stand-in ends the batch's
                 // transaction if the batch has not failed: what follows needs the context again
@@ -330,8 +325,7 @@ impl Session {
             // still attached (session mode, or not yet released): reset it now, pipelined
             if let Some(reset) = l.backend.reset_all_for(self.id) {
                 build::query(&mut self.backend_out, &reset);
-                self.unnamed_in_batch = false; // the server drops its unnamed statement at a Query
-                self.replies.expect(Want::Ready, true, true);
+                    self.replies.expect(Want::Ready, true, true);
             }
         }
         if !simple {
@@ -361,7 +355,6 @@ impl Session {
         }
         let sql = if self.tx_defaults.is_empty() { sql::txmode::RESET_DEFAULTS } else { &self.tx_defaults };
         build::query(&mut self.backend_out, sql);
-        self.unnamed_in_batch = false; // the server drops its unnamed statement at a Query
         self.replies.expect(Want::Ready, true, true);
         l.backend.set_tx_defaults(&self.tx_defaults);
     }

@@ -208,9 +208,10 @@ pub struct Session {
     /// number, server statement id, client name), so that an error about one names the client's statement
     /// as the server would (`from_backend`). Kept until everything sent is answered.
     renamed: std::collections::VecDeque<(u32, u64, bytes::Bytes)>,
-    /// The server's unnamed statement is the client's: it parsed it in this batch, on this
-    /// backend (`forward`, `ensure_unnamed_here`).
-    unnamed_in_batch: bool,
+    /// The reply number of the last Parse that made the server's unnamed statement the client's
+    /// on this backend (`forward`, `ensure_unnamed_here`): it stays the client's until the next
+    /// Sync, Query or FunctionCall (`unnamed_in_batch`).
+    unnamed_parsed: Option<u32>,
     /// The reply number of the client's last Parse of its unnamed statement (see
     /// `forward::unnamed_parse_id`).
     last_unnamed_parse: Option<u32>,
@@ -294,7 +295,7 @@ impl Session {
             client_parses: Vec::new(),
             syncs_sent: 0,
             renamed: std::collections::VecDeque::new(),
-            unnamed_in_batch: false,
+            unnamed_parsed: None,
             last_unnamed_parse: None,
             unnamed_parses: std::collections::VecDeque::new(),
             write_waiting_since: None,
@@ -559,7 +560,7 @@ impl Session {
         std::mem::swap(&mut self.backend_in, &mut b.buf_in);
         std::mem::swap(&mut self.backend_out, &mut b.buf_out);
         self.lease = Some(lease);
-        self.unnamed_in_batch = false;
+        self.unnamed_parsed = None;
         self.unnamed_parses.clear();
         self.send_reset();
     }
@@ -576,7 +577,6 @@ impl Session {
             Some(reset) => {
                 // pipelined in front of this session's first message: no extra round trip
                 build::query(&mut self.backend_out, &reset.into_sql());
-                self.unnamed_in_batch = false; // the server drops its unnamed statement at a Query
                 self.replies.expect(Want::Ready, true, true);
             }
         }
@@ -594,7 +594,6 @@ impl Session {
             inject::write_sequence_reset(&mut self.backend_out, &mut l.backend, &mut self.replies);
         } else {
             build::query(&mut self.backend_out, crate::pool::conn::RESET_SEQUENCES);
-            self.unnamed_in_batch = false; // the server drops its unnamed statement at a Query
             self.replies.expect(Want::Ready, true, true);
         }
         self.seq_reset = SeqReset::Sent;
@@ -904,7 +903,7 @@ impl Session {
         match name {
             None => false,
             Some([]) => {
-                !self.unnamed_in_batch
+                !self.unnamed_in_batch()
                     && self.last_unnamed_parse.is_some_and(|seq| self.replies.preparing(forward::unnamed_parse_id(seq)))
             }
             Some(name) => self

@@ -107,6 +107,8 @@ pub struct Replies {
     /// skipped after it).
     pub failed_itself: Option<u64>,
     next_seq: u32,
+    /// The number of the last ReadyForQuery owed (a Sync, Query or FunctionCall sent).
+    last_ready: Option<u32>,
     /// The server is in COPY FROM STDIN mode: it ignores Sync and Flush until CopyDone/CopyFail.
     pub copy_in: bool,
     /// The errors of the refusal stand-ins owed, in order. A stand-in the server skips (its batch
@@ -130,6 +132,7 @@ impl Default for Replies {
             skipped_parses: Vec::new(),
             failed_itself: None,
             next_seq: 0,
+            last_ready: None,
             copy_in: false,
             refusals: VecDeque::new(),
             replacement: None,
@@ -141,8 +144,24 @@ impl Default for Replies {
 impl Replies {
     fn push(&mut self, mut o: Owed) {
         o.seq = self.next_seq;
+        if o.want == Want::Ready {
+            self.last_ready = Some(o.seq);
+        }
         self.next_seq = self.next_seq.wrapping_add(1);
         self.owed.push_back(o);
+    }
+
+    /// Whether the reply numbered `seq` has arrived already (an entry is answered once the front
+    /// of the queue has moved past it; numbers wrap, so "past" is less than half the range ahead).
+    pub fn answered(&self, seq: u32) -> bool {
+        let front = self.owed.front().map_or(self.next_seq, |o| o.seq);
+        front != seq && front.wrapping_sub(seq) < 1 << 31
+    }
+
+    /// Whether a Sync, Query or FunctionCall was sent after the message whose reply is numbered
+    /// `seq`: the server ends a batch at each, and drops its unnamed statement at each Query.
+    pub fn ready_sent_since(&self, seq: u32) -> bool {
+        self.last_ready.is_some_and(|r| r != seq && r.wrapping_sub(seq) < 1 << 31)
     }
 
     /// The number the next reply owed will carry: what the session notes about a message it
