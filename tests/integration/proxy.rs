@@ -72,6 +72,7 @@ fn main() {
         session_set_follows_the_client,
         pooling_refusals_and_session_mode,
         deallocate_of_client_statements,
+        statements_prepared_after_a_schema_change_see_it,
         demo_end_to_end,
         superuser_backend_is_refused,
         max_clients_and_auth_timeout,
@@ -1633,4 +1634,39 @@ async fn reload_rotates_keys_without_dropping_clients(env: &Env) -> TestResult {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let _ = child.wait();
     result
+}
+
+/// A schema change that alters a statement's result (`ALTER TABLE … ADD COLUMN` under `SELECT *`)
+/// fails the statements prepared before it with `0A000` ("cached plan must not change result
+/// type"), as on the server; but a `Parse` the client sends after the change must prepare afresh, as
+/// it would directly, even where the backend holds the same text from before (another client's, or
+/// the client's own under another name: pgjdbc prepares again under a new name after this error).
+async fn statements_prepared_after_a_schema_change_see_it(env: &Env) -> TestResult {
+    let sql = |q: &str| env.cluster.psql("app", q).map_err(|e| format!("{q}: {e}"));
+    sql("drop table if exists plan_change; create table plan_change(a int); insert into plan_change values (1); grant select on plan_change to app_user")?;
+    let p = start_proxy(env, "pool_size = 1", "").await;
+    let a = connect(&p, &token(1, "a")).await.map_err(|e| format!("{e:?}"))?;
+    let text = "select * from plan_change";
+    let before = a.prepare(text).await.map_err(|e| format!("{e:?}"))?;
+    let n = a.query_one(&before, &[]).await.map_err(|e| format!("{e:?}"))?.len();
+    ensure(n == 1, format!("{n} columns before the change"))?;
+    sql("alter table plan_change add column b int default 2")?;
+    // the statement prepared before the change fails, as it does on the server
+    let e = a.query_one(&before, &[]).await.err().ok_or("the statement prepared before the change ran")?;
+    ensure(db_err(&e).0 == "0A000", format!("stale statement: {:?}", db_err(&e)))?;
+    // prepared again after the change, by the same client (pgjdbc's recovery) and by another one
+    let b = connect(&p, &token(2, "b")).await.map_err(|e| format!("{e:?}"))?;
+    for (who, c) in [("the same client", &a), ("another client", &b), ("the same client again", &a)] {
+        for round in 0..2 {
+            let st = c.prepare(text).await.map_err(|e| format!("{who}: prepare: {e:?}"))?;
+            let row = c.query_one(&st, &[]).await.map_err(|e| format!("{who}, round {round}: {e:?}"))?;
+            ensure(row.len() == 2, format!("{who}: {} columns after the change", row.len()))?;
+        }
+    }
+    // and an unnamed statement (tokio-postgres sends the text unprepared with `query_typed`)
+    let rows = a.query_typed(text, &[]).await.map_err(|e| format!("unnamed: {e:?}"))?;
+    ensure(rows.first().map(|r| r.len()) == Some(2), "unnamed statement after the change")?;
+    p.stop().await;
+    sql("drop table plan_change")?;
+    Ok(())
 }

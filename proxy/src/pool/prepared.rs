@@ -9,8 +9,19 @@
 //! closed when the cache is full — by count (`pool.prepared_statements_cache`) or by bytes
 //! ([`MAX_CACHE_BYTES`]: the cache holds statement texts after their client has left, so a few
 //! huge statements must not stay pinned in the pool).
+//!
+//! A server statement is shared only with client statements parsed **before** it: a schema change
+//! (`ALTER TABLE … ADD COLUMN` under `SELECT *`) fails every statement the server prepared before
+//! it with `0A000` ("cached plan must not change result type"), and a client that parses its text
+//! after the change must get a working statement, as it would directly, not the stale one another
+//! client (or the client itself, under another name) left on the backend. So every server
+//! statement and every client Parse takes a number from one process-wide sequence ([`tick`]), and
+//! a server statement older than the client's Parse is closed and prepared again. The client's own
+//! Parse therefore always reaches the server, as it would directly; what the cache saves is
+//! preparing a client's statements again on every backend its later transactions run on.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -31,6 +42,17 @@ pub struct BackendStatements {
 struct Entry {
     id: u64,
     last_used: u64,
+    /// When pgtenant sent its Parse ([`tick`]).
+    parsed_at: u64,
+}
+
+static PARSES: AtomicU64 = AtomicU64::new(1);
+
+/// The next number of the process-wide Parse sequence: taken when a client's Parse is read and
+/// when pgtenant prepares a server statement, so that "this server statement was prepared after
+/// that client Parse arrived" is `entry > client`.
+pub fn tick() -> u64 {
+    PARSES.fetch_add(1, Ordering::SeqCst)
 }
 
 /// What the session must do to use a statement on this backend.
@@ -62,14 +84,21 @@ impl BackendStatements {
         self.by_key.is_empty()
     }
 
-    /// Looks up (or allocates) the server statement for `key`.
-    pub fn prepare(&mut self, key: &Bytes) -> Prepared {
+    /// Looks up (or allocates) the server statement for `key`, for a client statement whose Parse
+    /// arrived at `since` ([`tick`]): one prepared before that is closed and prepared again (see
+    /// the module doc).
+    pub fn prepare(&mut self, key: &Bytes, since: u64) -> Prepared {
         self.clock += 1;
-        if let Some(e) = self.by_key.get_mut(key) {
-            e.last_used = self.clock;
-            return Prepared { id: e.id, name: server_name(e.id), needs_parse: false, evict: Vec::new() };
-        }
         let mut evict = Vec::new();
+        if let Some(e) = self.by_key.get_mut(key) {
+            if e.parsed_at > since {
+                e.last_used = self.clock;
+                return Prepared { id: e.id, name: server_name(e.id), needs_parse: false, evict };
+            }
+            evict.push(server_name(e.id));
+            self.by_key.remove(key);
+            self.bytes -= key.len();
+        }
         while !self.by_key.is_empty() && (self.by_key.len() >= self.capacity || self.bytes + key.len() > MAX_CACHE_BYTES) {
             let Some((k, e)) = self.by_key.iter().min_by_key(|(_, e)| e.last_used).map(|(k, e)| (k.clone(), *e)) else { break };
             self.by_key.remove(&k);
@@ -79,7 +108,7 @@ impl BackendStatements {
         let id = self.next_id;
         self.next_id += 1;
         self.bytes += key.len();
-        self.by_key.insert(key.clone(), Entry { id, last_used: self.clock });
+        self.by_key.insert(key.clone(), Entry { id, last_used: self.clock, parsed_at: tick() });
         Prepared { id, name: server_name(id), needs_parse: true, evict }
     }
 
@@ -143,31 +172,51 @@ mod tests {
     fn caches_by_content_and_evicts_lru() {
         let mut b = BackendStatements::new(2);
         let (k1, k2, k3) = (Bytes::from_static(b"select 1\0\0\0"), Bytes::from_static(b"select 2\0\0\0"), Bytes::from_static(b"select 3\0\0\0"));
-        let p1 = b.prepare(&k1);
+        let p1 = b.prepare(&k1, 0);
         assert!(p1.needs_parse);
-        assert_eq!(b.prepare(&k1), Prepared { id: p1.id, name: p1.name.clone(), needs_parse: false, evict: vec![] });
-        b.prepare(&k2);
-        b.prepare(&k1); // k2 is now least recently used
-        let p3 = b.prepare(&k3);
+        assert_eq!(b.prepare(&k1, 0), Prepared { id: p1.id, name: p1.name.clone(), needs_parse: false, evict: vec![] });
+        b.prepare(&k2, 0);
+        b.prepare(&k1, 0); // k2 is now least recently used
+        let p3 = b.prepare(&k3, 0);
         assert_eq!(p3.evict, ["pgtenant_s1"]);
         assert_eq!(b.len(), 2);
         b.clear();
-        assert_ne!(b.prepare(&k1).name, p1.name, "names are never reused");
+        assert_ne!(b.prepare(&k1, 0).name, p1.name, "names are never reused");
+    }
+
+    #[test]
+    fn a_statement_prepared_before_the_clients_parse_is_prepared_again() {
+        let mut b = BackendStatements::new(4);
+        let k = Bytes::from_static(b"select * from t\0\0\0");
+        let client_a = tick();
+        let first = b.prepare(&k, client_a);
+        assert!(first.needs_parse);
+        // client A's statements, parsed before the server statement, share it
+        assert!(!b.prepare(&k, client_a).needs_parse);
+        // client B parsed after it: a schema change may lie between, so it gets its own
+        let client_b = tick();
+        let again = b.prepare(&k, client_b);
+        assert!(again.needs_parse && again.name != first.name);
+        assert_eq!(again.evict, [first.name.clone()], "the old one is closed");
+        assert_eq!(b.len(), 1);
+        // and A, parsed earlier still, shares B's
+        assert_eq!(b.prepare(&k, client_a).id, again.id);
+        assert!(b.forget(first.id).is_none(), "the old id is gone");
     }
 
     #[test]
     fn large_statements_are_evicted_by_bytes() {
         let mut b = BackendStatements::new(100);
         let big = |c: u8, n: usize| Bytes::from(vec![c; n]);
-        b.prepare(&big(1, MAX_CACHE_BYTES / 3));
-        b.prepare(&big(2, MAX_CACHE_BYTES / 3));
-        let p = b.prepare(&big(3, MAX_CACHE_BYTES - 10));
+        b.prepare(&big(1, MAX_CACHE_BYTES / 3), 0);
+        b.prepare(&big(2, MAX_CACHE_BYTES / 3), 0);
+        let p = b.prepare(&big(3, MAX_CACHE_BYTES - 10), 0);
         assert_eq!(p.evict.len(), 2);
         assert_eq!(b.len(), 1);
         assert_eq!(b.forget(p.id).map(|k| k.len()), Some(MAX_CACHE_BYTES - 10));
         assert!(b.is_empty());
-        b.prepare(&big(4, MAX_CACHE_BYTES / 2));
-        assert_eq!(b.prepare(&Bytes::from_static(b"x")).evict.len(), 0);
+        b.prepare(&big(4, MAX_CACHE_BYTES / 2), 0);
+        assert_eq!(b.prepare(&Bytes::from_static(b"x"), 0).evict.len(), 0);
     }
 
     #[test]

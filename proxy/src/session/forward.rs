@@ -52,7 +52,7 @@ impl Session {
         if self.replies.batch_failed {
             return; // the server skips everything up to Sync
         }
-        let p = lease.backend.statements().prepare(&def.key);
+        let p = lease.backend.statements().prepare(&def.key, def.parsed_at);
         for evict in &p.evict {
             prepared::target_frame(&mut self.backend_out, b'C', evict);
             self.replies.expect(Want::CloseComplete, true, false);
@@ -104,7 +104,7 @@ impl Session {
                 self.statements.close(b'S', name.as_bytes());
             }
         }
-        let p = lease.backend.statements().prepare(&def.key);
+        let p = lease.backend.statements().prepare(&def.key, def.parsed_at);
         for evict in &p.evict {
             prepared::target_frame(&mut self.backend_out, b'C', evict);
             self.replies.expect(Want::CloseComplete, true, false);

@@ -73,6 +73,9 @@ pub struct StatementDef {
     pub bind_checks: Option<Arc<[SetConfigCall]>>,
     /// `DEALLOCATE`: which of the client's statements it drops when it is executed.
     pub deallocates: Option<Deallocates>,
+    /// When the client's Parse arrived (`pool::prepared::tick`): only a server statement prepared
+    /// after that may serve it (a schema change in between would fail an older one).
+    pub parsed_at: u64,
 }
 
 /// The client's statements a `DEALLOCATE` drops.
@@ -141,6 +144,7 @@ impl Statements {
             } else {
                 a.deallocate.as_deref().map(|n| Deallocates::One(n.into()))
             },
+            parsed_at: crate::pool::prepared::tick(),
         });
         if name.is_empty() {
             self.unnamed_before = self.unnamed_stmt.replace(def.clone());
@@ -156,7 +160,13 @@ impl Statements {
     /// access mode its first statement asks for. None when it has to be read.
     pub fn reparse_unnamed(&mut self, key: &[u8], in_block: bool) -> Option<(Arc<StatementDef>, Option<crate::routing::intent::Mode>)> {
         let r = self.recent(key, in_block)?;
-        let hit = (r.def.clone(), r.access);
+        let def = if r.def.bind_checks.is_some() {
+            // sent under a server name (`unnamed_has_bind_checks`): a Parse of this time
+            Arc::new(StatementDef { parsed_at: crate::pool::prepared::tick(), ..(*r.def).clone() })
+        } else {
+            r.def.clone() // sent as it is: the server parses it
+        };
+        let hit = (def, r.access);
         self.unnamed_before = self.unnamed_stmt.replace(hit.0.clone());
         Some(hit)
     }
