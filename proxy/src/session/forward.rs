@@ -3,12 +3,15 @@
 //! answered the way the server answers a failed message, replies pgtenant gives itself, and the
 //! session resets (`DISCARD ALL`, the client's transaction defaults).
 
+use std::sync::Arc;
+
 use bytes::BytesMut;
 
 use super::classify::Refusal;
 use super::context::Batch;
 use super::replies::Want;
-use super::{statements, Flow, Session, NEXT_SESSION_ID};
+use super::statements::{self, StatementDef};
+use super::{Flow, Session, UnnamedParse, NEXT_SESSION_ID};
 use crate::error::{sqlstate, PgError};
 use crate::pool::prepared;
 use crate::protocol::frame::Frame;
@@ -154,31 +157,39 @@ impl Session {
         self.renamed.push_back((self.replies.next_seq(), id, name));
     }
 
-    /// Remembers which unnamed statement the client's unnamed Parse `seq` replaced, until its
-    /// answer: if the server skips it, that one is the client's again (`unnamed_parse_failed`).
-    fn note_unnamed_parse(&mut self, seq: u32, before: Option<std::sync::Arc<statements::StatementDef>>) {
-        while self.unnamed_parses.front().is_some_and(|r| self.replies.answered(r.0)) {
+    /// Remembers which unnamed statement the client's unnamed Parse `seq` recorded (`set`) and
+    /// which it replaced (`before`), until its answer: if the server skips it, `before` is the
+    /// client's again (`unnamed_parse_failed`).
+    fn note_unnamed_parse(&mut self, seq: u32, set: Option<Arc<StatementDef>>, before: Option<Arc<StatementDef>>) {
+        while self.unnamed_parses.front().is_some_and(|r| self.replies.answered(r.seq)) {
             self.unnamed_parses.pop_front();
         }
-        self.unnamed_parses.push_back((seq, before));
+        self.unnamed_parses.push_back(UnnamedParse { seq, set, before });
     }
 
     /// The client's unnamed Parse `seq` failed (`itself`: the server then has no unnamed statement)
-    /// or was skipped (the server keeps the one it had).
+    /// or was skipped (the server keeps the one it had). What it recorded is undone only where
+    /// nothing replaced it since: a later unnamed Parse (raw, on the list, or with `set_config`
+    /// parameters, sent under a server name) replaced what is the client's now.
     pub(super) fn unnamed_parse_failed(&mut self, seq: u32, itself: bool) {
-        let Some(at) = self.unnamed_parses.iter().position(|r| r.0 == seq) else {
+        let Some(at) = self.unnamed_parses.iter().position(|r| r.seq == seq) else {
             if self.last_unnamed_parse == Some(seq) {
                 self.statements.close(b'S', b"");
             }
             return;
         };
-        let Some((_, before)) = self.unnamed_parses.remove(at) else { return };
-        let before = if itself { None } else { before };
-        match self.unnamed_parses.get_mut(at) {
-            // a later unnamed Parse replaced this one: it replaced what this one did
-            Some(next) => next.1 = before,
-            None if self.last_unnamed_parse == Some(seq) => self.statements.restore_unnamed(before),
-            None => {}
+        let Some(p) = self.unnamed_parses.remove(at) else { return };
+        let before = if itself { None } else { p.before };
+        let same = |a: &Option<Arc<StatementDef>>, b: &Option<Arc<StatementDef>>| match (a, b) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        // a later unnamed Parse that replaced this one's statement replaced what this one did
+        if let Some(next) = self.unnamed_parses.iter_mut().skip(at).find(|r| same(&r.before, &p.set)) {
+            next.before = before;
+        } else if same(&self.statements.statement(b"").cloned(), &p.set) {
+            self.statements.restore_unnamed(before);
         }
     }
 
@@ -253,7 +264,8 @@ impl Session {
                     self.last_unnamed_parse = Some(seq);
                     self.unnamed_parsed = Some(seq);
                     let before = self.statements.take_unnamed_before();
-                    self.note_unnamed_parse(seq, before);
+                    let set = self.statements.statement(b"").cloned();
+                    self.note_unnamed_parse(seq, set, before);
                 } else {
                     self.replies.expect(want, false, simple);
                 }

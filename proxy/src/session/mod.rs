@@ -215,8 +215,9 @@ pub struct Session {
     /// The reply number of the client's last Parse of its unnamed statement (see
     /// `forward::unnamed_parse_id`).
     last_unnamed_parse: Option<u32>,
-    /// The client's unnamed Parses not answered yet, each with the statement it replaced.
-    unnamed_parses: std::collections::VecDeque<(u32, Option<Arc<statements::StatementDef>>)>,
+    /// The client's unnamed Parses not answered yet, each with the statement it recorded and the one
+    /// it replaced.
+    unnamed_parses: std::collections::VecDeque<UnnamedParse>,
     /// Since when output has waited for the client with no write progress
     /// (`server.client_write_timeout_ms`).
     write_waiting_since: Option<std::time::Instant>,
@@ -926,6 +927,17 @@ impl Session {
         if self.lease.is_some() { self.replies.status } else { b'I' }
     }
 
+}
+
+/// A client's unnamed Parse awaiting its answer (`Session::unnamed_parse_failed`).
+#[derive(Debug)]
+struct UnnamedParse {
+    /// Its reply number.
+    seq: u32,
+    /// The unnamed statement it recorded for the client.
+    set: Option<Arc<statements::StatementDef>>,
+    /// The one it replaced.
+    before: Option<Arc<statements::StatementDef>>,
 }
 
 /// A sequence reset a newly attached backend owes this session (see `inject::RESET_STATEMENT`).

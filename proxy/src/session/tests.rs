@@ -712,3 +712,33 @@ fn a_skipped_unnamed_parse_leaves_the_one_before() {
         }
     });
 }
+
+/// An unnamed Parse skipped behind an error restores the statement it replaced only if nothing
+/// replaced it since: here an unnamed statement with `set_config` parameters, parsed in the next,
+/// pipelined batch (it goes to the server under a name of pgtenant's, not as the unnamed one), is
+/// the client's statement after the first batch fails, as on the server.
+#[test]
+fn a_skipped_unnamed_parse_restores_nothing_a_later_parse_replaced() {
+    let unnamed = |sql: &str| frame(b'P', format!("\0{sql}\0\0\0").as_bytes());
+    let mut bind = b"\0\0\0\0\0\x02".to_vec();
+    for v in [&b"work_mem"[..], b"1MB"] {
+        bind.extend_from_slice(&(v.len() as i32).to_be_bytes());
+        bind.extend_from_slice(v);
+    }
+    bind.extend_from_slice(b"\0\0");
+    let run = [frame(b'B', &bind), frame(b'E', b"\0\0\0\0\0"), sync()].concat();
+    rt().block_on(async {
+        for session_mode in [false, true] {
+            let mut c = Client::start(session_mode).await;
+            assert_eq!(c.round(&[unnamed("select 'a'"), sync()].concat(), 1).await, "1 ZI");
+            let fails = frame(b'B', b"\0nosuch\0\0\0\0\0\0\0"); // the server answers 26000
+            let batches = [fails, unnamed("select 'b'"), sync(), unnamed("select set_config($1, $2, false)"), sync()].concat();
+            assert_eq!(c.round(&batches, 2).await, "E26000 ZI 1 ZI");
+            c.sent();
+            assert_eq!(c.round(&run, 1).await, "2DC ZI", "session mode {session_mode}");
+            let sent = c.sent();
+            assert!(sent.iter().any(|l| l.starts_with("B  pgtenant_s")), "the set_config statement ran: {sent:?}");
+            assert!(!sent.iter().any(|l| l.contains("'a'")), "not the one before the skipped Parse: {sent:?}");
+        }
+    });
+}
