@@ -112,11 +112,6 @@ impl BackendStatements {
         Prepared { id, name: server_name(id), needs_parse: true, evict }
     }
 
-    /// The server statement for `key`, if there is one (the least-recently-used order unchanged).
-    pub fn peek(&self, key: &[u8]) -> Option<u64> {
-        self.by_key.get(key).map(|e| e.id)
-    }
-
     /// Forgets a statement whose Parse failed (or was skipped after an error).
     /// Returns the statement's content.
     pub fn forget(&mut self, id: u64) -> Option<Bytes> {

@@ -55,7 +55,11 @@ impl Session {
         if self.replies.batch_failed {
             return; // the server skips everything up to Sync
         }
-        let p = lease.backend.statements().prepare(&def.key, def.parsed_at);
+        // the client's own Parse always reaches the server, and a statement is shared only with
+        // clients that parsed before it was prepared (a schema change in between fails an older
+        // one: see `pool::prepared`)
+        let since = if f.tag == b'P' { u64::MAX } else { def.parsed_at };
+        let p = lease.backend.statements().prepare(&def.key, since);
         for evict in &p.evict {
             prepared::target_frame(&mut self.backend_out, b'C', evict);
             self.replies.expect(Want::CloseComplete, true, false);
@@ -63,16 +67,9 @@ impl Session {
         let out = &mut self.backend_out;
         match f.tag {
             b'P' => {
-                if p.needs_parse {
-                    prepared::parse_frame(out, &p.name, &def.key);
-                    self.replies.expect_parse(false, p.id);
-                    self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name), self.syncs_sent));
-                } else {
-                    // the backend has it: pgtenant answers, unless the batch fails first
-                    self.replies.expect_synthetic_parse(p.id);
-                    self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name), self.syncs_sent));
-                    self.drain_synthetic();
-                }
+                prepared::parse_frame(out, &p.name, &def.key);
+                self.replies.expect_parse(false, p.id);
+                self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name), self.syncs_sent));
                 return;
             }
             _ if p.needs_parse => {

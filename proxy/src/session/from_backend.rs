@@ -84,15 +84,6 @@ impl Session {
             for (seq, itself) in unnamed_failures {
                 self.unnamed_parse_failed(seq, itself);
             }
-            if !self.replies.skipped_parses.is_empty() {
-                for id in std::mem::take(&mut self.replies.skipped_parses) {
-                    // the client's Parse was skipped with its batch: like the server, keep no statement
-                    if let Some(at) = self.client_parses.iter().position(|(i, _, _)| *i == id) {
-                        let (_, name, _) = self.client_parses.remove(at); // in order: two names can share an id
-                        self.statements.close(b'S', &name);
-                    }
-                }
-            }
             if self.replies.is_settled() {
                 self.client_parses.clear();
                 self.renamed.clear();

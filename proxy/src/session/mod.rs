@@ -757,19 +757,6 @@ impl Session {
             }
             return Ok(Flow::Hold(f));
         }
-        // (only for a Parse `classify` recorded: not one the server skips, nor a duplicate)
-        if f.tag == msg::PARSE && !skipping && plan.duplicate.is_none() && self.parse_still_in_flight(&f) {
-            // the same text is being prepared on this backend and may still fail (then the
-            // client's Parse must fail the same way, not be answered by pgtenant): wait for it,
-            // and classify this Parse afresh then
-            if let Some((name, _)) = crate::protocol::peek::parse_msg(f.body()) {
-                self.statements.close(b'S', name);
-            }
-            if self.batch.is_open() {
-                build::flush(&mut self.backend_out);
-            }
-            return Ok(Flow::Hold(f));
-        }
         let fresh = self.lease.is_none();
         if fresh {
             if let Err(e) = self.attach(plan.access).await {
@@ -880,20 +867,6 @@ impl Session {
         Ok(Flow::Continue)
     }
 
-    /// A client's named Parse whose text this backend has a server statement for, whose own Parse
-    /// is not answered yet.
-    fn parse_still_in_flight(&mut self, f: &Frame) -> bool {
-        if f.body().first().is_none_or(|&b| b == 0) {
-            return false; // the unnamed statement (the body starts with the name)
-        }
-        let Some((name, _)) = crate::protocol::peek::parse_msg(f.body()) else { return false };
-        if name.is_empty() {
-            return false;
-        }
-        let (Some(l), Some(def)) = (self.lease.as_mut(), self.statements.get(name)) else { return false };
-        l.backend.statements().peek(&def.key).is_some_and(|id| self.replies.preparing(id))
-    }
-
     /// A Bind or Describe of a statement whose Parse by the client went in an earlier batch and
     /// is not answered yet.
     fn statement_parse_in_flight(&self, f: &Frame) -> bool {
@@ -910,7 +883,7 @@ impl Session {
             Some(name) => self
                 .client_parses
                 .iter()
-                .any(|(id, n, batch)| *batch != self.syncs_sent && n.as_ref() == name && self.replies.parse_pending(*id)),
+                .any(|(id, n, batch)| *batch != self.syncs_sent && n.as_ref() == name && self.replies.preparing(*id)),
         }
     }
 

@@ -100,9 +100,6 @@ pub struct Replies {
     /// Server statements whose Parse failed or was skipped: not prepared after all. The flag says
     /// whether the Parse was the client's own (not one pgtenant sent to re-prepare a statement).
     pub failed_prepares: Vec<(u64, bool)>,
-    /// Client Parses pgtenant answered itself (`expect_synthetic_parse`) in a batch the server
-    /// skipped: the client has no such statement after all. The backend's statement `id` stays.
-    pub skipped_parses: Vec<u64>,
     /// The statement of the Parse the last error was about (the others in `failed_prepares` were
     /// skipped after it).
     pub failed_itself: Option<u64>,
@@ -129,7 +126,6 @@ impl Default for Replies {
             status: b'I',
             batch_failed: false,
             failed_prepares: Vec::new(),
-            skipped_parses: Vec::new(),
             failed_itself: None,
             next_seq: 0,
             last_ready: None,
@@ -199,13 +195,6 @@ impl Replies {
         self.push(Owed { want: Want::ParseComplete, injected, simple: false, prepares: Some(id), refusal: false, seq: 0 });
     }
 
-    /// Records the ParseComplete pgtenant gives for a client's Parse of a statement the backend
-    /// already has as server statement `id`; if the server skips the batch first, `id` lands in
-    /// `skipped_parses`.
-    pub fn expect_synthetic_parse(&mut self, id: u64) {
-        self.push(Owed { want: Want::Synthetic(b'1'), injected: false, simple: false, prepares: Some(id), refusal: false, seq: 0 });
-    }
-
     /// Records a reply pgtenant will produce itself, in order.
     pub fn expect_synthetic(&mut self, tag: u8) {
         self.push(Owed { want: Want::Synthetic(tag), injected: false, simple: false, prepares: None, refusal: false, seq: 0 });
@@ -262,8 +251,6 @@ impl Replies {
 
     fn drop_front(&mut self) {
         match self.owed.pop_front() {
-            // the server never saw this Parse (its statement was there already), nor will run it now
-            Some(Owed { want: Want::Synthetic(_), prepares: Some(id), .. }) => self.skipped_parses.push(id),
             Some(Owed { prepares: Some(id), injected, .. }) => self.failed_prepares.push((id, !injected)),
             // a stand-in the server skipped: its refusal is never told
             Some(Owed { refusal: true, .. }) => {
@@ -280,11 +267,6 @@ impl Replies {
         self.owed.iter().any(|o| o.prepares == Some(id) && o.want == Want::ParseComplete)
     }
 
-    /// The client's Parse of server statement `id` (sent, or answered by pgtenant in its turn) is
-    /// not answered yet.
-    pub fn parse_pending(&self, id: u64) -> bool {
-        self.owed.iter().any(|o| o.prepares == Some(id) && matches!(o.want, Want::ParseComplete | Want::Synthetic(_)))
-    }
 
     /// Nothing is owed: `status` is exact.
     pub fn is_settled(&self) -> bool {
@@ -317,7 +299,6 @@ impl Replies {
         self.status = b'I';
         self.batch_failed = false;
         self.failed_prepares.clear();
-        self.skipped_parses.clear();
         self.copy_in = false;
         self.refusals.clear();
         self.replacement = None;
