@@ -15,14 +15,12 @@
 //! Without `server.peer_id` the secret is 32 random bits and nothing is forwarded (one instance).
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::ops::RangeInclusive;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-use crate::backend::BackendTarget;
-use crate::cancel::CancelRegistry;
 
 /// Instance ids `server.peer_id` and `[peers]` may use (7 bits of the secret key).
 pub const PEER_IDS: RangeInclusive<u32> = 1..=127;
@@ -92,12 +90,15 @@ impl Fleet {
         }
     }
 
-    /// Handles a CancelRequest: cancels this instance's matching session (on its own server, else
-    /// `target`), or forwards the request to the instance that owns it, or drops it.
-    pub async fn cancel(&self, registry: &CancelRegistry, target: &BackendTarget, pid: i32, secret: i32) {
+    /// Handles a CancelRequest: cancels this instance's matching session, or forwards the request
+    /// to the instance that owns it, or drops it. `local(secret)` cancels this instance's session
+    /// with `pid` and that secret (the key as this instance issued it) and says whether a cancel
+    /// went to a backend: the server passes `CancelRegistry::cancel`, so this module, whose key
+    /// layout the registry uses, does not depend on it.
+    pub async fn cancel<F: Future<Output = bool>>(&self, pid: i32, secret: i32, local: impl FnOnce(i32) -> F) {
         let result = match self.route(secret) {
             Route::Local(secret) => {
-                if registry.cancel(target, pid, secret).await {
+                if local(secret).await {
                     "cancelled"
                 } else {
                     "unmatched"

@@ -15,6 +15,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod console;
+pub mod conninfo;
 pub mod demo;
 pub mod doctor;
 pub mod error;

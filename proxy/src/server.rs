@@ -253,7 +253,7 @@ impl Proxy {
             let hello = startup::negotiate(tcp, self.tls.as_ref(), self.config.server.require_tls).await;
             match hello {
                 Ok(startup::Hello::Login { stream, params }) if crate::console::addressed(&params, &self.live_config()) => {
-                    match crate::console::login::login(&self, stream, &params, peer).await {
+                    match crate::console::login::login(&*self, stream, &params, peer).await {
                         Ok(console) => Some(Admitted::Console(console)),
                         Err((stream, err)) => {
                             send_fatal(stream, &err).await;
@@ -279,7 +279,8 @@ impl Proxy {
                     }
                 },
                 Ok(startup::Hello::Cancel { pid, secret }) => {
-                    self.fleet.cancel(&self.cancels, self.shared.pool.target(), pid, secret).await;
+                    let target = self.shared.pool.target();
+                    self.fleet.cancel(pid, secret, |secret| self.cancels.cancel(target, pid, secret)).await;
                     None
                 }
                 Ok(startup::Hello::Gone) => None,
@@ -295,7 +296,7 @@ impl Proxy {
         .await;
         let l = match logged_in {
             Ok(Some(Admitted::Client(l))) => l,
-            Ok(Some(Admitted::Console(console))) => return Box::pin(console.serve(&self)).await,
+            Ok(Some(Admitted::Console(console))) => return Box::pin(console.serve(&*self)).await,
             Ok(None) => return,
             Err(_) => return tracing::info!(%peer, "client did not finish authentication in time"),
         };
@@ -353,6 +354,23 @@ impl crate::admin::Source for Proxy {
     }
     async fn reload_file(&self) -> Result<(), String> {
         self.reload_from_file().await.map_err(String::from)
+    }
+}
+
+/// What the admin console reads of this proxy besides the above (the console does not know the
+/// server either).
+impl crate::console::Source for Proxy {
+    fn sessions(&self) -> &crate::sessions::Sessions {
+        &self.sessions
+    }
+    fn session_mode(&self) -> bool {
+        self.shared.session_mode
+    }
+    fn draining(&self) -> watch::Receiver<bool> {
+        self.shared.draining.clone()
+    }
+    async fn verify_token(&self, token: &str) -> Result<serde_json::Map<String, serde_json::Value>, crate::jwt::JwtError> {
+        self.auth().verifier.verify_fresh(token).await
     }
 }
 

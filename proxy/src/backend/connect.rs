@@ -14,8 +14,9 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
-use super::target::{BackendTarget, Host};
+use super::target::BackendTarget;
 use crate::config::BackendTls;
+use crate::conninfo::Host;
 use crate::error::sqlstate;
 use crate::net::Stream;
 use crate::protocol::frame::read_frame;

@@ -1,19 +1,11 @@
-//! The backend address and credentials, parsed once from `backend.url` (`conninfo`): one
+//! The backend address and credentials, parsed once from `backend.url` (`crate::conninfo`): one
 //! `BackendTarget` per host.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::attrs::SessionAttrs;
 use crate::config::{BackendConfig, BackendTls};
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Host {
-    Tcp(String),
-    /// A Unix socket directory; the socket is `<dir>/.s.PGSQL.<port>`.
-    Unix(PathBuf),
-}
+use crate::conninfo::{Host, SessionAttrs};
 
 #[derive(Clone)]
 pub struct BackendTarget {
@@ -44,7 +36,7 @@ impl BackendTarget {
 
     /// Every host of `backend.url`, in order, and the kind of server the pool must reach there.
     pub fn all_from_config(cfg: &BackendConfig) -> Result<(Vec<BackendTarget>, SessionAttrs), String> {
-        let info = super::conninfo::parse(&cfg.url)?;
+        let info = crate::conninfo::parse(&cfg.url)?;
         let tls_config = match cfg.tls {
             BackendTls::Disable => None,
             mode => Some(super::tls::client_config(mode, cfg.tls_ca_file.as_deref())?),

@@ -194,7 +194,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
-        if let Err(e) = crate::backend::conninfo::parse(&self.backend.url) {
+        if let Err(e) = crate::conninfo::parse(&self.backend.url) {
             return invalid(format!("backend.url {e}"));
         }
         if !(1..=10_000).contains(&self.backend.pool_size) {

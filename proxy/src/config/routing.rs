@@ -162,7 +162,7 @@ pub fn masked_urls<S: Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Err
 
 /// The same forms as `backend.url` (URL or key/value, several hosts).
 fn check_url(key: &str, url: &str) -> Result<(), String> {
-    crate::backend::conninfo::parse(url).map(|_| ()).map_err(|e| format!("{key} {e}"))
+    crate::conninfo::parse(url).map(|_| ()).map_err(|e| format!("{key} {e}"))
 }
 
 fn check_size(key: &str, size: Option<usize>) -> Result<(), String> {

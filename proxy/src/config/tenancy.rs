@@ -92,7 +92,7 @@ impl BypassConfig {
             return Ok(());
         }
         // the same forms as backend.url, several hosts included
-        crate::backend::conninfo::parse(&self.url).map_err(|e| format!("bypass.url {e}"))?;
+        crate::conninfo::parse(&self.url).map_err(|e| format!("bypass.url {e}"))?;
         if !(1..=1_000).contains(&self.pool_size) {
             return Err("bypass.pool_size must be between 1 and 1000".into());
         }

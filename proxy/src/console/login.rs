@@ -9,11 +9,10 @@ use std::net::SocketAddr;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
-use super::Console;
+use super::{Console, Source};
 use crate::error::{sqlstate, PgError};
 use crate::net::Stream;
 use crate::protocol::build;
-use crate::server::Proxy;
 
 /// Whether `claims` carry `claim` (a dotted path) equal to `value`, or an array holding it.
 pub fn is_admin(claims: &serde_json::Value, claim: &str, value: &str) -> bool {
@@ -33,7 +32,7 @@ pub fn is_admin(claims: &serde_json::Value, claim: &str, value: &str) -> bool {
 
 /// Runs the console login; on success the client has been greeted and the console is ready.
 pub async fn login(
-    proxy: &Proxy,
+    proxy: &impl Source,
     mut stream: Stream,
     params: &HashMap<String, String>,
     peer: SocketAddr,
@@ -44,7 +43,7 @@ pub async fn login(
         Ok(t) => t,
         Err(e) => return Err((stream, e)),
     };
-    let config = proxy.live_config();
+    let config = proxy.config();
     let (Some(claim), Some(value)) = (&config.admin.token_claim, &config.admin.token_value) else {
         return Err((stream, off()));
     };
@@ -52,7 +51,7 @@ pub async fn login(
         tracing::info!(user = %user, %peer, result = "refused", reason, "console login");
         metrics::counter!(crate::metrics::LOGINS, "result" => "rejected", "sqlstate" => sqlstate::INVALID_AUTHORIZATION).increment(1);
     };
-    let claims = match proxy.auth().verifier.verify_fresh(&token).await {
+    let claims = match proxy.verify_token(&token).await {
         Ok(c) => serde_json::Value::Object(c),
         Err(e) => {
             refused(&e.to_string());
@@ -71,7 +70,7 @@ pub async fn login(
     let subject = claims.get("sub").and_then(|s| s.as_str()).unwrap_or("").to_string();
     let mut out = BytesMut::new();
     build::auth_ok(&mut out);
-    let version = proxy.shared.pool.reported_param("server_version").unwrap_or_else(|| format!("{}/pgtenant", env!("CARGO_PKG_VERSION")));
+    let version = proxy.pool().reported_param("server_version").unwrap_or_else(|| format!("{}/pgtenant", env!("CARGO_PKG_VERSION")));
     for (k, v) in [
         ("server_version", version.as_str()),
         ("server_encoding", "UTF8"),

@@ -7,7 +7,8 @@
 //!
 //! The console never touches a backend: it reads the pools and the live sessions
 //! (`crate::sessions`), and its commands act on them. docs/operations.md#console documents every
-//! command and column.
+//! command and column. What it reads of the proxy comes through [`Source`], so the console does not
+//! depend on the server module that hands it its clients.
 
 mod command;
 pub mod login;
@@ -15,17 +16,21 @@ mod settings;
 mod show;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
+use serde_json::{Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::error::{sqlstate, PgError};
+use crate::jwt::JwtError;
 use crate::net::Stream;
 use crate::protocol::frame::try_split;
 use crate::protocol::{build, peek};
-use crate::server::Proxy;
+use crate::sessions::Sessions;
 use command::Command;
 
 /// The database name that reaches the console.
@@ -40,6 +45,19 @@ pub fn addressed(params: &HashMap<String, String>, config: &Config) -> bool {
     config.admin.token_claim.is_some() && params.get("database").is_some_and(|d| d == DATABASE)
 }
 
+/// What the console reads and acts on besides what the admin endpoint shows (`admin::Source`: the
+/// pools, the config in force, re-reading the config file). `server::Proxy` implements both.
+pub trait Source: crate::admin::Source {
+    /// The live client sessions (`SHOW CLIENTS`, `SHOW SERVERS`, `KILL`).
+    fn sessions(&self) -> &Sessions;
+    /// Whether `pool.mode` is `session`.
+    fn session_mode(&self) -> bool;
+    /// Turns true when the proxy starts shutting down.
+    fn draining(&self) -> watch::Receiver<bool>;
+    /// Verifies a login token with the `[jwt]` keys in force, as a tenant's is verified.
+    fn verify_token(&self, token: &str) -> impl Future<Output = Result<Map<String, Value>, JwtError>> + Send;
+}
+
 /// A logged-in console client.
 pub struct Console {
     stream: Stream,
@@ -52,8 +70,8 @@ pub struct Console {
 
 impl Console {
     /// Answers commands until the client leaves (or the proxy shuts down).
-    pub async fn serve(mut self, proxy: &Proxy) {
-        let mut draining = proxy.shared.draining.clone();
+    pub async fn serve(mut self, proxy: &impl Source) {
+        let mut draining = proxy.draining();
         // after an extended-protocol message: skip to the Sync (it was answered with an error)
         let mut skipping = false;
         loop {
@@ -109,7 +127,7 @@ impl Console {
     }
 
     /// Runs the commands of one simple Query; the first error ends it, as in Postgres.
-    async fn query(&self, proxy: &Proxy, text: &str, out: &mut BytesMut) {
+    async fn query(&self, proxy: &impl Source, text: &str, out: &mut BytesMut) {
         let commands = match command::parse(text) {
             Ok(c) if c.is_empty() => return build::empty_query(out),
             Ok(c) => c,
@@ -130,18 +148,19 @@ impl Console {
         }
     }
 
-    async fn run(&self, proxy: &Proxy, c: Command) -> Result<Reply, PgError> {
+    async fn run(&self, proxy: &impl Source, c: Command) -> Result<Reply, PgError> {
         let state = |m: &str| PgError::error(sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE, format!("pgtenant: {m}"));
-        // the tenant pool and every cluster and replica pool (`routing`), and the bypass pool
-        let pools = || proxy.shared.router.pools().chain(proxy.shared.bypass.as_ref());
+        // the tenant pool and every cluster and replica pool (`routing`), and the bypass pool: the
+        // pools `SHOW POOLS` lists
+        let pools = || crate::admin::pools::list(proxy).into_iter().map(|listed| listed.pool);
         if !matches!(c, Command::Show(_)) {
             tracing::warn!(sub = %self.subject, peer = %self.peer, command = ?c, "console command");
         }
         match c {
             Command::Show(what) => Ok(Reply::Rows(show::show(proxy, what).await)),
-            Command::Reload => match proxy.reload_from_file().await {
+            Command::Reload => match proxy.reload_file().await {
                 Ok(()) => Ok(Reply::Done("RELOAD".into())),
-                Err(e) => Err(PgError::error(sqlstate::CONFIG_FILE_ERROR, format!("pgtenant: new config rejected, the old one stays: {}", String::from(e)))),
+                Err(e) => Err(PgError::error(sqlstate::CONFIG_FILE_ERROR, format!("pgtenant: new config rejected, the old one stays: {e}"))),
             },
             Command::Pause => {
                 // every pool, even when one is paused already
@@ -161,7 +180,7 @@ impl Console {
                     false => Err(state("not paused")),
                 }
             }
-            Command::Kill(tenant) => Ok(Reply::Done(format!("KILL {}", proxy.sessions.kill_tenant(&tenant)))),
+            Command::Kill(tenant) => Ok(Reply::Done(format!("KILL {}", proxy.sessions().kill_tenant(&tenant)))),
         }
     }
 }

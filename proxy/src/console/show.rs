@@ -7,7 +7,7 @@
 use std::time::{Duration, SystemTime};
 
 use super::command::Show;
-use crate::server::Proxy;
+use super::Source;
 
 const TEXT: u32 = 25;
 const INT8: u32 = 20;
@@ -45,14 +45,14 @@ fn placement(p: &crate::admin::pools::Listed<'_>) -> [Option<String>; 3] {
 }
 
 /// The answer to `SHOW what`.
-pub async fn show(proxy: &Proxy, what: Show) -> Table {
+pub async fn show(proxy: &impl Source, what: Show) -> Table {
     match what {
         Show::Pools => pools(proxy),
         Show::Clients => clients(proxy).await,
         Show::Servers => servers(proxy).await,
         Show::Tenants => tenants(proxy),
         Show::Stats => stats(proxy),
-        Show::Config => super::settings::config(&proxy.live_config()),
+        Show::Config => super::settings::config(&proxy.config()),
         Show::Version => Table {
             columns: vec![("version", TEXT)],
             rows: vec![vec![text(format!("pgtenant {}", env!("CARGO_PKG_VERSION")))]],
@@ -61,9 +61,9 @@ pub async fn show(proxy: &Proxy, what: Show) -> Table {
 }
 
 /// One row per pool of `admin::pools` (the list `/pools` shows), PgBouncer's columns first.
-fn pools(proxy: &Proxy) -> Table {
-    let clients = proxy.sessions.list();
-    let mode = if proxy.shared.session_mode { "session" } else { "transaction" };
+fn pools(proxy: &impl Source) -> Table {
+    let clients = proxy.sessions().list();
+    let mode = if proxy.session_mode() { "session" } else { "transaction" };
     let rows = crate::admin::pools::list(proxy)
         .into_iter()
         .map(|p| {
@@ -119,9 +119,9 @@ fn pools(proxy: &Proxy) -> Table {
     }
 }
 
-async fn clients(proxy: &Proxy) -> Table {
+async fn clients(proxy: &impl Source) -> Table {
     let mut rows = Vec::new();
-    for c in proxy.sessions.list() {
+    for c in proxy.sessions().list() {
         let (server, since) = c.slot.backend().await;
         rows.push(vec![
             text("C"),
@@ -163,9 +163,9 @@ async fn clients(proxy: &Proxy) -> Table {
 
 /// One row per backend connection of every pool of `admin::pools`: the ones a session's
 /// transaction holds, under the pool it came from (a replica, another cluster), then the idle ones.
-async fn servers(proxy: &Proxy) -> Table {
+async fn servers(proxy: &impl Source) -> Table {
     let mut held = Vec::new();
-    for c in proxy.sessions.list() {
+    for c in proxy.sessions().list() {
         if let (Some((pid, from)), since) = c.slot.backend_in_pool().await {
             held.push((c, pid, from, since));
         }
@@ -226,9 +226,9 @@ async fn servers(proxy: &Proxy) -> Table {
     }
 }
 
-fn tenants(proxy: &Proxy) -> Table {
-    let clients = proxy.sessions.list();
-    let mut stats = proxy.shared.pool.tenant_stats();
+fn tenants(proxy: &impl Source) -> Table {
+    let clients = proxy.sessions().list();
+    let mut stats = proxy.pool().tenant_stats();
     stats.sort_by(|a, b| a.tenant.cmp(&b.tenant));
     let rows = stats
         .into_iter()
@@ -264,7 +264,7 @@ fn tenants(proxy: &Proxy) -> Table {
 }
 
 /// One row per pool of `admin::pools`: its totals since start.
-fn stats(proxy: &Proxy) -> Table {
+fn stats(proxy: &impl Source) -> Table {
     let rows = crate::admin::pools::list(proxy)
         .into_iter()
         .map(|p| {

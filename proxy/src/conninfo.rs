@@ -3,15 +3,49 @@
 //! (`host=h1,h2 port=5432,5433 user=… password=… dbname=… target_session_attrs=read-write`).
 //!
 //! Several hosts exist for failover: pgtenant keeps one pool and sends it to whichever host is the
-//! writable primary (`super::attrs`). The `url` crate cannot parse a host list, so the URL is
-//! split by hand here, with libpq's rules: one port per host or none (5432), a `host` query
-//! parameter naming a Unix socket directory (or a host list), percent-encoded user, password and
-//! database. Error texts never contain the password.
+//! writable primary (`crate::backend::attrs` checks what a connection reached). The `url` crate
+//! cannot parse a host list, so the URL is split by hand here, with libpq's rules: one port per
+//! host or none (5432), a `host` query parameter naming a Unix socket directory (or a host list),
+//! percent-encoded user, password and database. Error texts never contain the password.
+//!
+//! A leaf module (it uses nothing else of the crate), so that both sides can use it: `config`
+//! checks every URL key with it, and `backend`, which depends on `config`, connects to what it
+//! parses.
 
 use std::path::PathBuf;
 
-use super::attrs::SessionAttrs;
-use super::target::Host;
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    Tcp(String),
+    /// A Unix socket directory; the socket is `<dir>/.s.PGSQL.<port>`.
+    Unix(PathBuf),
+}
+
+/// `target_session_attrs`: which kind of server a backend connection must reach (the check that a
+/// connection did is `SessionAttrs::mismatch`, in `crate::backend::attrs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionAttrs {
+    /// Whatever server answers first (the default with one host).
+    Any,
+    /// A server that accepts writes: not a standby, `default_transaction_read_only` off (the default
+    /// with several hosts).
+    ReadWrite,
+    /// A server not in recovery (a primary, even one whose default is read-only).
+    Primary,
+}
+
+impl SessionAttrs {
+    pub fn parse(s: &str) -> Result<SessionAttrs, String> {
+        match s {
+            "any" => Ok(SessionAttrs::Any),
+            "read-write" => Ok(SessionAttrs::ReadWrite),
+            "primary" => Ok(SessionAttrs::Primary),
+            other => Err(format!(
+                "target_session_attrs \"{other}\" is not supported for the pool (use read-write, primary or any)"
+            )),
+        }
+    }
+}
 
 /// A parsed connection string.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -225,6 +259,14 @@ mod tests {
 
     fn tcp(h: &str, p: u16) -> (Host, u16) {
         (Host::Tcp(h.into()), p)
+    }
+
+    #[test]
+    fn session_attrs_parses_what_libpq_names() {
+        assert_eq!(SessionAttrs::parse("read-write"), Ok(SessionAttrs::ReadWrite));
+        assert_eq!(SessionAttrs::parse("primary"), Ok(SessionAttrs::Primary));
+        assert_eq!(SessionAttrs::parse("any"), Ok(SessionAttrs::Any));
+        assert!(SessionAttrs::parse("prefer-standby").unwrap_err().contains("not supported"));
     }
 
     #[test]
