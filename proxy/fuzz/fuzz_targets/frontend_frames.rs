@@ -66,7 +66,7 @@ struct State {
 impl State {
     /// Prepares a client statement on the simulated backend, checking the Close it may need first.
     fn prepare_on_backend(&mut self, key: &Bytes) -> prepared::Prepared {
-        let p = self.backend.prepare(key);
+        let p = self.backend.prepare(key, 0);
         assert!(p.name.starts_with("pgtenant_s"));
         for evict in &p.evict {
             prepared::target_frame(&mut self.out, b'C', evict);
