@@ -971,6 +971,31 @@ pub async fn held_inside_a_batch(env: &Env) -> TestResult {
     c.check("DISCARD ALL by Execute, behind its own Parse and Bind", r.ok() && r.tags == ["DISCARD ALL"], r.summary());
     let r = a.round(&[wire::bind("", "s1", &[]), wire::execute("", 0), wire::sync()].concat(), 1).await;
     c.check("it discarded the named statement (26000)", r.code() == Some("26000"), r.summary());
+    // behind a batch whose Sync is not answered yet, whether the next one begins inside a
+    // transaction block is not known: a session SET in it (kept only outside one) and DISCARD ALL
+    // (answered by pgtenant only outside one) wait for that answer
+    let first = [wire::parse("", "select 1", &[]), wire::bind("", "", &[]), wire::execute("", 0), wire::sync()].concat();
+    let set = [wire::parse("", "SET work_mem = '8MB'", &[]), wire::bind("", "", &[]), wire::execute("", 0), wire::sync()].concat();
+    let r = a.round(&[first.clone(), set].concat(), 2).await;
+    c.check("a session SET by Execute in a batch pipelined behind another", r.ok() && r.tags == ["SELECT 1", "SET"], r.summary());
+    let r = a.round(&[first.clone(), wire::query("SET statement_timeout = '7s'")].concat(), 2).await;
+    c.check("a session SET by Query pipelined behind a batch", r.ok() && r.tags == ["SELECT 1", "SET"], r.summary());
+    // another client takes the backend (and resets it) in between
+    let mut b = login(&p, 2, "bob").await?;
+    let r = b.simple("show work_mem").await;
+    c.check("the next client does not have them", r.ok() && r.get(0, 0) != "8MB", r.summary());
+    b.close().await;
+    let r = a.simple("select current_setting('work_mem'), current_setting('statement_timeout')").await;
+    c.check("both are kept for the client's later transactions", r.ok() && r.get(0, 0) == "8MB" && r.get(0, 1) == "7s", r.summary());
+    let r = a.round(&[wire::parse("s2", "select 4", &[]), wire::sync()].concat(), 1).await;
+    c.check("another named statement", r.ok(), r.summary());
+    let discard = [wire::parse("", "DISCARD ALL", &[]), wire::bind("", "", &[]), wire::execute("", 0), wire::sync()].concat();
+    let r = a.round(&[first, discard].concat(), 2).await;
+    c.check("DISCARD ALL by Execute pipelined behind a batch", r.ok() && r.tags == ["SELECT 1", "DISCARD ALL"], r.summary());
+    let r = a.round(&[wire::bind("", "s2", &[]), wire::execute("", 0), wire::sync()].concat(), 1).await;
+    c.check("it discarded the named statement (26000)", r.code() == Some("26000"), r.summary());
+    let r = a.simple("show work_mem").await;
+    c.check("and the setting", r.ok() && r.get(0, 0) != "8MB", r.summary());
     still_tenant_one(&mut a, &mut c, "after the held messages").await;
     a.close().await;
     finish(env, p, c, &before, "held_inside_a_batch").await
@@ -1008,4 +1033,40 @@ pub async fn unnamed_statement_is_the_clients(env: &Env) -> TestResult {
     let after = victim(env);
     c.check("tenant 2's rows unchanged", before == after, format!("{before} -> {after}"));
     c.done()
+}
+
+/// The server checks a Bind's parameter counts before it refuses anything in an aborted
+/// transaction, so a wrong count gets 08P01 there, not 25P02. pgtenant may have to send something
+/// in front of that Bind (a Parse of the statement on a backend that lacks it, or the context
+/// speculatively behind an unanswered batch) that would fail with 25P02 first: it answers the
+/// counts itself, with the server's message.
+pub async fn bind_counts_before_an_aborted_transaction(env: &Env) -> TestResult {
+    let mut c = Checks::new("bind_counts_before_an_aborted_transaction");
+    let before = victim(env);
+    let p = start_proxy(env, "pool_size = 1", "[pool]\nprepared_statements_cache = 1").await;
+    let mut a = login(&p, 1, "alice").await?;
+    let r = a.round(&[wire::parse("s1", "select $1::int + 1", &[]), wire::sync()].concat(), 1).await;
+    c.check("a statement with one parameter", r.ok(), r.summary());
+    // another client's statement takes its place in the backend's cache (of one): s1 must be
+    // prepared again where A runs next
+    let mut b = login(&p, 2, "bob").await?;
+    let r = b.round(&[wire::parse("b1", "select 2", &[]), wire::sync()].concat(), 1).await;
+    c.check("another client's statement in between", r.ok(), r.summary());
+    b.close().await;
+    let r = a.simple("begin; select 1/0").await;
+    c.check("a transaction block that failed", r.code() == Some("22012") && r.status() == b'E', r.summary());
+    for (what, params) in [("no parameter", &[][..]), ("two parameters", &[Some("1"), Some("2")][..])] {
+        let r = a.round(&[wire::bind("", "s1", params), wire::execute("", 0), wire::sync()].concat(), 1).await;
+        let want = format!("bind message supplies {} parameters, but prepared statement \"s1\" requires 1", params.len());
+        c.check(&format!("{what}: 08P01, as from the server"), r.code() == Some("08P01") && r.summary().contains(&want), r.summary());
+    }
+    let r = a.round(&[wire::bind("", "s1", &[Some("1")]), wire::execute("", 0), wire::sync()].concat(), 1).await;
+    c.check("the right count: 25P02, as from the server", r.code() == Some("25P02"), r.summary());
+    let r = a.simple("rollback").await;
+    c.check("rolled back", r.ok() && r.status() == b'I', r.summary());
+    let r = a.round(&[wire::bind("", "s1", &[Some("41")]), wire::execute("", 0), wire::sync()].concat(), 1).await;
+    c.check("then the statement runs", r.ok() && r.get(0, 0) == "42", r.summary());
+    still_tenant_one(&mut a, &mut c, "after the refusals").await;
+    a.close().await;
+    finish(env, p, c, &before, "bind_counts_before_an_aborted_transaction").await
 }

@@ -51,6 +51,7 @@ fn main() {
         ("raw_discard_all_after_a_failure", |env| Box::pin(adversarial::discard_all_after_a_failure(env))),
         ("raw_held_inside_a_batch", |env| Box::pin(adversarial::held_inside_a_batch(env))),
         ("raw_unnamed_statement_is_the_clients", |env| Box::pin(adversarial::unnamed_statement_is_the_clients(env))),
+        ("raw_bind_counts_before_an_aborted_transaction", |env| Box::pin(adversarial::bind_counts_before_an_aborted_transaction(env))),
         ("protocol_differential_transaction_mode", |env| Box::pin(differential::transaction_mode(env))),
         ("protocol_differential_session_mode", |env| Box::pin(differential::session_mode(env))),
         ("raw_poisoned_backend_client_gone", |env| Box::pin(adversarial::poisoned_and_gone(env))),

@@ -29,6 +29,16 @@ pub fn bind_msg(body: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((portal, stmt))
 }
 
+/// Bind ('B'): how many parameter format codes and parameter values it carries, read as the
+/// server reads them (unsigned 16-bit counts).
+pub fn bind_counts(body: &[u8]) -> Option<(u16, u16)> {
+    let (_, rest) = cstr(body)?;
+    let (_, rest) = cstr(rest)?;
+    let u16_at = |at: usize| Some(u16::from_be_bytes(rest.get(at..at + 2)?.try_into().ok()?));
+    let nf = u16_at(0)?;
+    Some((nf, u16_at(2 + 2 * usize::from(nf))?))
+}
+
 /// Parse ('P'): the parameter types (OIDs) the client declared; 0 means unspecified.
 pub fn parse_param_types(body: &[u8]) -> Option<Vec<u32>> {
     let (name, query) = parse_msg(body)?;

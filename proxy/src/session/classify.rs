@@ -106,6 +106,10 @@ pub struct Classifier<'a> {
     pub batch: Batch,
     /// A backend is attached and replies are outstanding.
     pub unsettled: bool,
+    /// Whether the client is inside a transaction block is not known yet: the batch (or, with
+    /// none open, the message) follows another of the client's whose replies are outstanding
+    /// (`Session::position_unknown`). `pos` then says "possibly inside".
+    pub pos_unknown: bool,
     /// The batch failed: the server skips everything up to its Sync.
     pub skipping: bool,
     /// The replies owed by the attached backend (None without one): whether a message of the open
@@ -166,6 +170,11 @@ impl Classifier<'_> {
             self.statements.close(b'S', b"");
         }
         let a = analyze(q);
+        if self.pos_unknown && (!a.changes.is_empty() && !a.rolls_back || a.discard_all) {
+            // a session SET is kept, and DISCARD ALL answered by pgtenant, only outside a
+            // transaction block: wait until that is known
+            return Step::Hold;
+        }
         if a.ends_tx_midway {
             if self.unsettled {
                 return Step::Hold; // the rule depends on where the backend is: wait for it
@@ -337,6 +346,10 @@ impl Classifier<'_> {
         if def.deallocates.is_some() && self.batch_pending() {
             return Step::Hold; // it drops client statements here: only if the server runs it
         }
+        if self.pos_unknown && (def.sets.is_some() || def.discard_all) {
+            // whether the batch began outside a transaction block decides both (see `query`)
+            return Step::Hold;
+        }
         if def.discard_all && began_idle && !executed {
             if self.batch_pending() {
                 // whether the server would run it depends on the batch so far (an earlier
@@ -460,6 +473,22 @@ fn reserved_name_error() -> PgError {
     )
 }
 
+/// The server's error for a Bind of statement `name` (with `params` parameters) whose counts do
+/// not fit, in the order it checks them (`params` unknown: the format count only). pgtenant
+/// answers it itself: anything it sends in front of the Bind (the context, a Parse to prepare the
+/// statement on this backend) would fail first in an aborted transaction, with 25P02.
+pub(super) fn bind_count_error(body: &[u8], name: &[u8], params: Option<usize>) -> Option<PgError> {
+    let (formats, values) = peek::bind_counts(body)?;
+    let message = if formats > 1 && formats != values {
+        format!("bind message has {formats} parameter formats but {values} parameters")
+    } else if let Some(params) = params.filter(|&p| p != usize::from(values)) {
+        format!("bind message supplies {values} parameters, but prepared statement \"{}\" requires {params}", String::from_utf8_lossy(name))
+    } else {
+        return None;
+    };
+    Some(PgError::error(sqlstate::PROTOCOL_VIOLATION, message))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -490,6 +519,7 @@ mod tests {
             pooling: true,
             batch: Batch::Closed,
             unsettled: false,
+            pos_unknown: false,
             skipping: false,
             replies: None,
             budget: Budget { max: 1 << 20, settings: Box::leak(Box::new(ClientSettings::new(Vec::new(), Vec::new(), Default::default()))) },

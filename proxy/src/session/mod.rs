@@ -218,6 +218,9 @@ pub struct Session {
     /// The client's unnamed Parses not answered yet, each with the statement it recorded and the one
     /// it replaced.
     unnamed_parses: std::collections::VecDeque<UnnamedParse>,
+    /// The open batch began while replies to the client's earlier messages were outstanding: its
+    /// `began_idle` is a guess (false) until they are in (`on_work`).
+    batch_began_unknown: bool,
     /// Since when output has waited for the client with no write progress
     /// (`server.client_write_timeout_ms`).
     write_waiting_since: Option<std::time::Instant>,
@@ -299,6 +302,7 @@ impl Session {
             unnamed_parsed: None,
             last_unnamed_parse: None,
             unnamed_parses: std::collections::VecDeque::new(),
+            batch_began_unknown: false,
             write_waiting_since: None,
             stream_left: 0,
             stream_forward: false,
@@ -676,6 +680,7 @@ impl Session {
                     self.forward(&f, false);
                     self.syncs_sent = self.syncs_sent.wrapping_add(1);
                     self.batch = Batch::Closed;
+                    self.batch_began_unknown = false;
                     self.replies.batch_failed = false;
                     // SETs executed in this batch are kept once its ReadyForQuery shows a clean end
                     self.hold_until_settled |= self.pending_sets.is_some();
@@ -714,7 +719,15 @@ impl Session {
                 return Ok(self.refuse(e, simple));
             }
         }
+        if self.batch_began_unknown && self.replies.is_settled() {
+            // everything sent is answered: the last ReadyForQuery is the one before this batch
+            if let Batch::Open { began_idle, .. } = &mut self.batch {
+                *began_idle = self.replies.status == b'I';
+            }
+            self.batch_began_unknown = false;
+        }
         let pos = self.position();
+        let pos_unknown = self.position_unknown();
         let skipping = self.replies.batch_failed;
         let step = Classifier {
             guard: &self.guard,
@@ -723,6 +736,7 @@ impl Session {
             pooling: !self.shared.session_mode,
             batch: self.batch,
             unsettled: self.lease.is_some() && !self.replies.is_settled(),
+            pos_unknown,
             skipping,
             replies: self.lease.is_some().then_some(&self.replies),
             budget: Budget { max: self.shared.max_state_bytes, settings: &self.settings },
@@ -757,6 +771,11 @@ impl Session {
             }
             return Ok(Flow::Hold(f));
         }
+        if f.tag == msg::BIND && !skipping {
+            if let Some(err) = self.bind_counts_wrong(&f) {
+                return Ok(self.refuse(err, false));
+            }
+        }
         let fresh = self.lease.is_none();
         if fresh {
             if let Err(e) = self.attach(plan.access).await {
@@ -776,7 +795,10 @@ impl Session {
         }
         let began_idle = match self.batch {
             Batch::Open { began_idle, .. } => began_idle,
-            _ => !self.position().in_block,
+            _ => {
+                self.batch_began_unknown = self.position_unknown();
+                !self.position().in_block
+            }
         };
         let decision = context::decide(context::Inputs {
             batch: self.batch,
@@ -867,6 +889,18 @@ impl Session {
         Ok(Flow::Continue)
     }
 
+    /// The server's error for a Bind whose parameter counts do not fit its statement
+    /// (`classify::bind_count_error`), with the portal `classify` recorded for it closed again.
+    /// Asked once the statement's Parse is answered (`statement_parse_in_flight`): if that was
+    /// skipped, the server answers 26000 instead.
+    fn bind_counts_wrong(&mut self, f: &Frame) -> Option<PgError> {
+        let (portal, stmt) = crate::protocol::peek::bind_msg(f.body())?;
+        let def = self.statements.statement(stmt)?;
+        let err = classify::bind_count_error(f.body(), stmt, def.params)?;
+        self.statements.close(b'P', portal);
+        Some(err)
+    }
+
     /// A Bind or Describe of a statement whose Parse by the client went in an earlier batch and
     /// is not answered yet.
     fn statement_parse_in_flight(&self, f: &Frame) -> bool {
@@ -894,6 +928,13 @@ impl Session {
     fn position(&self) -> Position {
         let idle_for_client = self.replies.only_injected_owed() && self.replies.status == b'I' && !self.batch.is_open();
         Position { in_block: self.lease.is_some() && !idle_for_client }
+    }
+
+    /// Whether the client is in a transaction block is not known yet (see
+    /// `Classifier::pos_unknown`): its batch began, or with none open its next message comes,
+    /// while replies to its earlier messages were outstanding.
+    fn position_unknown(&self) -> bool {
+        self.lease.is_some() && if self.batch.is_open() { self.batch_began_unknown } else { !self.replies.only_injected_owed() }
     }
 
     fn status_for_client(&self) -> u8 {

@@ -73,9 +73,33 @@ pub struct StatementDef {
     pub bind_checks: Option<Arc<[SetConfigCall]>>,
     /// `DEALLOCATE`: which of the client's statements it drops when it is executed.
     pub deallocates: Option<Deallocates>,
+    /// How many parameters the server gives the statement: the types the Parse declares, or more
+    /// if the text refers to a higher `$n` (a Parse the server accepts has a type for each).
+    /// Counted for statements the server analyzes with their parameters only (`params_of`).
+    pub params: Option<usize>,
     /// When the client's Parse arrived (`pool::prepared::tick`): only a server statement prepared
     /// after that may serve it (a schema change in between would fail an older one).
     pub parsed_at: u64,
+}
+
+/// [`StatementDef::params`] of a Parse: `key` is its body after the name. None for a statement
+/// whose `$n` the server may not count when it parses it (a utility statement such as `COPY (…)`
+/// or `PREPARE … AS` keeps them for later): only the declared types would count there.
+fn params_of(a: &Analysis<'_>, key: &[u8]) -> Option<usize> {
+    const ANALYZED: &[&str] = &["select", "insert", "update", "delete", "with", "values", "table", "merge", "explain", "call", "declare"];
+    let declared = key.iter().position(|&b| b == 0).and_then(|end| key.get(end + 1..end + 3)).map_or(0, |n| usize::from(u16::from_be_bytes([n[0], n[1]])));
+    let first = match a.statements.as_slice() {
+        [] => return Some(declared), // the empty query
+        [first] => first,
+        _ => return None, // the server refuses it
+    };
+    let head = first.first()?;
+    if !(head.text == b"(" || ANALYZED.iter().any(|w| head.is_word(w))) {
+        return None;
+    }
+    let highest = first.iter().filter(|t| t.kind == crate::sql::lexer::Kind::Param);
+    let highest = highest.filter_map(|t| std::str::from_utf8(&t.text[1..]).ok()?.parse::<usize>().ok()).max();
+    Some(declared.max(highest.unwrap_or(0)))
 }
 
 /// The client's statements a `DEALLOCATE` drops.
@@ -130,6 +154,7 @@ impl Statements {
         // a named statement outlives the read buffer it arrived in: copy it, so it does not pin a
         // whole buffer chunk for the life of the session
         let key = if name.is_empty() { key } else { Bytes::copy_from_slice(&key) };
+        let params = params_of(a, &key);
         let def = Arc::new(StatementDef {
             effect: a.first,
             leaves: a.leaves,
@@ -144,6 +169,7 @@ impl Statements {
             } else {
                 a.deallocate.as_deref().map(|n| Deallocates::One(n.into()))
             },
+            params,
             parsed_at: crate::pool::prepared::tick(),
         });
         if name.is_empty() {
@@ -360,6 +386,35 @@ mod tests {
         // an unnamed statement without checks replaces it
         s.parse(b"", b"select $1", Bytes::from_static(b"k2"), 1 << 20).unwrap();
         assert!(!s.unnamed_has_bind_checks());
+    }
+
+    #[test]
+    fn parameters_are_counted_as_the_server_counts_them() {
+        let key = |sql: &str, types: u16| {
+            let mut k = sql.as_bytes().to_vec();
+            k.push(0);
+            k.extend_from_slice(&types.to_be_bytes());
+            k.extend(std::iter::repeat_n(0u8, 4 * usize::from(types)));
+            k
+        };
+        for (sql, types, want) in [
+            ("select $1::int + $3::int", 0, Some(3)),
+            ("select 1", 2, Some(2)),
+            ("SELECT $2::int", 3, Some(3)),
+            ("select '$5', $1::int -- $9\n /* $8 */", 0, Some(1)),
+            ("select $$ $7 $$, $1::int", 0, Some(1)),
+            ("(select $1::int)", 0, Some(1)),
+            ("insert into t values ($2, $1)", 0, Some(2)),
+            ("select 1", 0, Some(0)),
+            ("copy (select $1::int) to stdout", 0, None),
+            ("prepare p as select $1::int", 0, None),
+            ("", 0, Some(0)),
+            (" -- nothing", 1, Some(1)),
+            ("select 1; select $1", 0, None),
+        ] {
+            let k = key(sql, types);
+            assert_eq!(params_of(&sql::analyze::analyze(sql.as_bytes()), &k), want, "{sql}");
+        }
     }
 
     #[test]
