@@ -192,7 +192,7 @@ mod tests {
         let client_b = tick();
         let again = b.prepare(&k, client_b);
         assert!(again.needs_parse && again.name != first.name);
-        assert_eq!(again.evict, [first.name.clone()], "the old one is closed");
+        assert_eq!(again.evict, std::slice::from_ref(&first.name), "the old one is closed");
         assert_eq!(b.len(), 1);
         // and A, parsed earlier still, shares B's
         assert_eq!(b.prepare(&k, client_a).id, again.id);
