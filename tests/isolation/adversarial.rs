@@ -1070,3 +1070,40 @@ pub async fn bind_counts_before_an_aborted_transaction(env: &Env) -> TestResult 
     a.close().await;
     finish(env, p, c, &before, "bind_counts_before_an_aborted_transaction").await
 }
+
+/// A session-level SET is the client's for its later transactions only when the server would have
+/// kept it: its transaction committed. Each case runs on a fresh client; another client then takes
+/// the one backend (which resets it), so what the first finds afterwards is what pgtenant kept for
+/// it. (Left out: a SET in a transaction block that began in an earlier batch, and one in a Query
+/// inside an unsynced batch, which pgtenant does not keep though the server does; docs/protocol.md.)
+pub async fn session_sets_as_the_server_keeps_them(env: &Env) -> TestResult {
+    let mut c = Checks::new("session_sets_as_the_server_keeps_them");
+    let before = victim(env);
+    let p = start_proxy(env, "pool_size = 1", "").await;
+    let ext = |sql: &str| [wire::parse("", sql, &[]), wire::bind("", "", &[]), wire::execute("", 0)].concat();
+    let set = "SET work_mem = '8MB'";
+    let cases: Vec<(&str, Vec<u8>, usize, bool)> = vec![
+        ("one batch: SET", [ext(set), wire::sync()].concat(), 1, true),
+        ("one batch: BEGIN, SET, COMMIT", [ext("BEGIN"), ext(set), ext("COMMIT"), wire::sync()].concat(), 1, true),
+        ("one batch: BEGIN, SET, ROLLBACK", [ext("BEGIN"), ext(set), ext("ROLLBACK"), wire::sync()].concat(), 1, false),
+        ("one batch: SET, then a failure", [ext(set), ext("select 1/0"), wire::sync()].concat(), 1, false),
+        ("batches: BEGIN | SET | ROLLBACK", [ext("BEGIN"), wire::sync(), ext(set), wire::sync(), ext("ROLLBACK"), wire::sync()].concat(), 3, false),
+        ("query: BEGIN; SET; ROLLBACK", wire::query(&format!("BEGIN; {set}; ROLLBACK")), 1, false),
+        ("query: BEGIN; SET; COMMIT", wire::query(&format!("BEGIN; {set}; COMMIT")), 1, true),
+        ("query: SAVEPOINT, SET, ROLLBACK TO", wire::query(&format!("BEGIN; SAVEPOINT a; {set}; ROLLBACK TO a; COMMIT")), 1, false),
+    ];
+    for (what, bytes, readies, kept) in cases {
+        let mut a = login(&p, 1, "alice").await?;
+        let r = a.round(&bytes, readies).await;
+        c.check(&format!("{what}: ran"), r.readies.len() == readies && r.status() == b'I', r.summary());
+        let mut b = login(&p, 2, "bob").await?;
+        let r = b.simple("show work_mem").await;
+        c.check(&format!("{what}: the next client has the default"), r.ok() && r.get(0, 0) != "8MB", r.summary());
+        b.close().await;
+        let r = a.simple("show work_mem").await;
+        let want = if kept { "kept, as the server keeps it" } else { "not kept, as the server drops it" };
+        c.check(&format!("{what}: {want}"), r.ok() && (r.get(0, 0) == "8MB") == kept, r.summary());
+        a.close().await;
+    }
+    finish(env, p, c, &before, "session_sets_as_the_server_keeps_them").await
+}

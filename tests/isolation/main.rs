@@ -52,6 +52,7 @@ fn main() {
         ("raw_held_inside_a_batch", |env| Box::pin(adversarial::held_inside_a_batch(env))),
         ("raw_unnamed_statement_is_the_clients", |env| Box::pin(adversarial::unnamed_statement_is_the_clients(env))),
         ("raw_bind_counts_before_an_aborted_transaction", |env| Box::pin(adversarial::bind_counts_before_an_aborted_transaction(env))),
+        ("raw_session_sets_as_the_server_keeps_them", |env| Box::pin(adversarial::session_sets_as_the_server_keeps_them(env))),
         ("protocol_differential_transaction_mode", |env| Box::pin(differential::transaction_mode(env))),
         ("protocol_differential_session_mode", |env| Box::pin(differential::session_mode(env))),
         ("raw_poisoned_backend_client_gone", |env| Box::pin(adversarial::poisoned_and_gone(env))),

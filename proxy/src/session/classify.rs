@@ -73,6 +73,8 @@ pub struct Plan {
     pub modes_then_work: bool,
     /// Session-level setting changes, kept for the client if the batch ends cleanly.
     pub changes: Option<Vec<Change>>,
+    /// It may roll back: session-level changes noted before it are not kept (`Session::on_work`).
+    pub rolls_back: bool,
     /// `DEALLOCATE name` of one of the client's statements (a Query or a Parse: sent rewritten).
     pub dealloc: Option<Arc<StatementDef>>,
     /// An Execute of `DEALLOCATE`: the client's statements it drops.
@@ -217,6 +219,7 @@ impl Classifier<'_> {
             setup: a.opening == Opening::SetupOnly,
             modes_then_work: a.opening == Opening::ModesThenWork,
             changes,
+            rolls_back: a.rolls_back,
             dealloc,
             deallocates: None, // a Query runs at once: `dealloc` and the clearing above
             duplicate: None,
@@ -366,6 +369,7 @@ impl Classifier<'_> {
             chain: def.chain,
             setup: def.setup,
             changes: def.sets.as_ref().filter(|_| began_idle).map(|s| s.to_vec()),
+            rolls_back: def.rolls_back,
             deallocates: def.deallocates.clone(),
             ..Default::default()
         })

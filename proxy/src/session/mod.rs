@@ -849,6 +849,11 @@ impl Session {
             }
         }
         self.idle_since = None;
+        if plan.rolls_back && self.pending_sets.is_some() {
+            // the SETs noted so far may be in the transaction it rolls back (a batch that began
+            // outside a block: BEGIN, SET, ROLLBACK): keep none of them
+            self.pending_sets_failed = true;
+        }
         if let Some(changes) = plan.changes {
             self.note_changes(&changes);
         }

@@ -73,6 +73,9 @@ pub struct StatementDef {
     pub bind_checks: Option<Arc<[SetConfigCall]>>,
     /// `DEALLOCATE`: which of the client's statements it drops when it is executed.
     pub deallocates: Option<Deallocates>,
+    /// It may roll back (`ROLLBACK`, `ABORT`, `ROLLBACK TO`): session SETs of its transaction
+    /// that pgtenant has not kept yet may be undone.
+    pub rolls_back: bool,
     /// How many parameters the server gives the statement: the types the Parse declares, or more
     /// if the text refers to a higher `$n` (a Parse the server accepts has a type for each).
     /// Counted for statements the server analyzes with their parameters only (`params_of`).
@@ -169,6 +172,7 @@ impl Statements {
             } else {
                 a.deallocate.as_deref().map(|n| Deallocates::One(n.into()))
             },
+            rolls_back: a.rolls_back,
             params,
             parsed_at: crate::pool::prepared::tick(),
         });
