@@ -195,6 +195,46 @@ pub fn function_call(oid: u32, args: &[Option<&[u8]>], arg_format: i16, result_f
     msg(b'F', &b)
 }
 
+/// FunctionCall with the argument format codes given as they are (none: all text; one: for every
+/// argument; else one per argument, or a wrong number of them).
+pub fn function_call_formats(oid: u32, formats: &[i16], args: &[Option<&[u8]>], result_format: i16) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&oid.to_be_bytes());
+    b.extend_from_slice(&(formats.len() as i16).to_be_bytes());
+    for f in formats {
+        b.extend_from_slice(&f.to_be_bytes());
+    }
+    b.extend_from_slice(&(args.len() as i16).to_be_bytes());
+    for a in args {
+        match a {
+            Some(v) => {
+                b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                b.extend_from_slice(v);
+            }
+            None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+    b.extend_from_slice(&result_format.to_be_bytes());
+    msg(b'F', &b)
+}
+
+/// CopyData (frontend, during COPY FROM STDIN).
+pub fn copy_data(data: &[u8]) -> Vec<u8> {
+    msg(b'd', data)
+}
+
+/// CopyDone.
+pub fn copy_done() -> Vec<u8> {
+    msg(b'c', &[])
+}
+
+/// CopyFail with `reason`.
+pub fn copy_fail(reason: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    cstr(&mut b, reason);
+    msg(b'f', &b)
+}
+
 /// FunctionCall with text arguments and a text result.
 pub fn call(oid: u32, args: &[&str]) -> Vec<u8> {
     let args: Vec<Option<&[u8]>> = args.iter().map(|a| Some(a.as_bytes())).collect();
