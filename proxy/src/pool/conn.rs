@@ -201,6 +201,11 @@ impl PooledConn {
         &mut self.statements
     }
 
+    /// The server statements this connection has prepared, to look at.
+    pub fn statements_ref(&self) -> &BackendStatements {
+        &self.statements
+    }
+
     /// Whether the connection has exactly these `default_transaction_*` defaults
     /// (`crate::sql::txmode::defaults_sql`).
     pub fn has_tx_defaults(&self, sql: &str) -> bool {

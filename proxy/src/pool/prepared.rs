@@ -44,6 +44,9 @@ struct Entry {
     last_used: u64,
     /// When pgtenant sent its Parse ([`tick`]).
     parsed_at: u64,
+    /// The older statement of the same text this one replaces (id, `parsed_at`), closed just ahead
+    /// of its Parse: if that Parse is skipped, so was the Close, and the older one is still there.
+    replaces: Option<(u64, u64)>,
 }
 
 static PARSES: AtomicU64 = AtomicU64::new(1);
@@ -90,12 +93,14 @@ impl BackendStatements {
     pub fn prepare(&mut self, key: &Bytes, since: u64) -> Prepared {
         self.clock += 1;
         let mut evict = Vec::new();
+        let mut replaces = None;
         if let Some(e) = self.by_key.get_mut(key) {
             if e.parsed_at > since {
                 e.last_used = self.clock;
                 return Prepared { id: e.id, name: server_name(e.id), needs_parse: false, evict };
             }
             evict.push(server_name(e.id));
+            replaces = Some((e.id, e.parsed_at));
             self.by_key.remove(key);
             self.bytes -= key.len();
         }
@@ -108,12 +113,34 @@ impl BackendStatements {
         let id = self.next_id;
         self.next_id += 1;
         self.bytes += key.len();
-        self.by_key.insert(key.clone(), Entry { id, last_used: self.clock, parsed_at: tick() });
+        self.by_key.insert(key.clone(), Entry { id, last_used: self.clock, parsed_at: tick(), replaces });
         Prepared { id, name: server_name(id), needs_parse: true, evict }
     }
 
-    /// Forgets a statement whose Parse failed (or was skipped after an error).
-    /// Returns the statement's content.
+    /// The server statement [`BackendStatements::prepare`] would use for `key` and `since` without
+    /// preparing it again, if any.
+    pub fn fresh(&self, key: &[u8], since: u64) -> Option<u64> {
+        self.by_key.get(key).filter(|e| e.parsed_at > since).map(|e| e.id)
+    }
+
+    /// A statement's Parse failed (`itself`), or was skipped after an error: it is forgotten, and
+    /// when skipped, the older statement of the same text it replaced is there still (its Close
+    /// was skipped too) and is the backend's again. Returns the statement's content.
+    pub fn failed(&mut self, id: u64, itself: bool) -> Option<Bytes> {
+        let (key, e) = self.by_key.iter().find(|(_, e)| e.id == id).map(|(k, e)| (k.clone(), *e))?;
+        match e.replaces.filter(|_| !itself) {
+            Some((old, parsed_at)) => {
+                self.by_key.insert(key.clone(), Entry { id: old, parsed_at, replaces: None, ..e });
+            }
+            None => {
+                self.by_key.remove(&key);
+                self.bytes -= key.len();
+            }
+        }
+        Some(key)
+    }
+
+    /// Forgets a statement (deallocated). Returns the statement's content.
     pub fn forget(&mut self, id: u64) -> Option<Bytes> {
         let key = self.by_key.iter().find(|(_, e)| e.id == id).map(|(k, _)| k.clone())?;
         self.by_key.remove(&key);
@@ -197,6 +224,16 @@ mod tests {
         // and A, parsed earlier still, shares B's
         assert_eq!(b.prepare(&k, client_a).id, again.id);
         assert!(b.forget(first.id).is_none(), "the old id is gone");
+        // prepared again, and that Parse skipped behind an error (its Close too): the older one
+        // is the backend's again; one that failed itself had closed it
+        let third = b.prepare(&k, tick());
+        assert_eq!(third.evict, std::slice::from_ref(&again.name));
+        assert!(b.failed(third.id, false).is_some());
+        assert_eq!(b.fresh(&k, client_a), Some(again.id));
+        let fourth = b.prepare(&k, tick());
+        assert!(b.failed(fourth.id, true).is_some());
+        assert_eq!(b.fresh(&k, 0), None);
+        assert!(b.is_empty());
     }
 
     #[test]

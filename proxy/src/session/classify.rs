@@ -19,6 +19,7 @@ use crate::pool::Effects;
 use crate::protocol::frame::Frame;
 use crate::protocol::peek;
 use crate::protocol::tags::frontend as msg;
+use crate::sql::savepoint::TxOp;
 use crate::sql::analyze::analyze;
 use crate::sql::set::Change;
 use crate::sql::stateless::Leaves;
@@ -73,8 +74,9 @@ pub struct Plan {
     pub modes_then_work: bool,
     /// Session-level setting changes, kept for the client if the batch ends cleanly.
     pub changes: Option<Vec<Change>>,
-    /// It may roll back: session-level changes noted before it are not kept (`Session::on_work`).
-    pub rolls_back: bool,
+    /// What it does to savepoints and its transaction's outcome: which session-level changes
+    /// noted before it stay (`super::pending`).
+    pub tx_op: Option<TxOp>,
     /// `DEALLOCATE name` of one of the client's statements (a Query or a Parse: sent rewritten).
     pub dealloc: Option<Arc<StatementDef>>,
     /// An Execute of `DEALLOCATE`: the client's statements it drops.
@@ -172,9 +174,11 @@ impl Classifier<'_> {
             self.statements.close(b'S', b"");
         }
         let a = analyze(q);
-        if self.pos_unknown && (!a.changes.is_empty() && !a.rolls_back || a.discard_all) {
-            // a session SET is kept, and DISCARD ALL answered by pgtenant, only outside a
-            // transaction block: wait until that is known
+        // a string that may roll back keeps none of its own changes (the cautious reading)
+        let sets = !a.changes.is_empty() && !matches!(a.tx_op, Some(TxOp::Rollback | TxOp::RollbackTo(_)));
+        if self.pos_unknown && (sets || a.discard_all) {
+            // DISCARD ALL is answered by pgtenant only outside a transaction block, and a session
+            // SET's fate must not be mixed up with the earlier replies' errors: wait for them
             return Step::Hold;
         }
         if a.ends_tx_midway {
@@ -206,7 +210,7 @@ impl Classifier<'_> {
             self.statements.clear_statements();
         }
         let mut changes = None;
-        if !a.changes.is_empty() && !self.pos.in_block && !a.rolls_back {
+        if sets {
             if let Err(e) = self.check_settings_budget(&a.changes) {
                 return Refusal::plain(e);
             }
@@ -219,7 +223,7 @@ impl Classifier<'_> {
             setup: a.opening == Opening::SetupOnly,
             modes_then_work: a.opening == Opening::ModesThenWork,
             changes,
-            rolls_back: a.rolls_back,
+            tx_op: a.tx_op.clone(),
             dealloc,
             deallocates: None, // a Query runs at once: `dealloc` and the clearing above
             duplicate: None,
@@ -350,8 +354,7 @@ impl Classifier<'_> {
             return Step::Hold; // it drops client statements here: only if the server runs it
         }
         if self.pos_unknown && (def.sets.is_some() || def.discard_all) {
-            // whether the batch began outside a transaction block decides both (see `query`)
-            return Step::Hold;
+            return Step::Hold; // see `query`
         }
         if def.discard_all && began_idle && !executed {
             if self.batch_pending() {
@@ -368,8 +371,8 @@ impl Classifier<'_> {
             conn: Effects { leaves: def.leaves, touches_prepared: def.deallocates.is_some(), ..Default::default() },
             chain: def.chain,
             setup: def.setup,
-            changes: def.sets.as_ref().filter(|_| began_idle).map(|s| s.to_vec()),
-            rolls_back: def.rolls_back,
+            changes: def.sets.as_ref().map(|s| s.to_vec()),
+            tx_op: def.tx_op.clone(),
             deallocates: def.deallocates.clone(),
             ..Default::default()
         })

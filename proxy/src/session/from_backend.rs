@@ -67,7 +67,7 @@ impl Session {
                             l.backend.forget_context(arity);
                             continue;
                         }
-                        let key = l.backend.statements().forget(id);
+                        let key = l.backend.statements().failed(id, self.replies.failed_itself == Some(id));
                         // the client's own Parse failed: like the server, keep no statement
                         let name = self.client_parses.iter().find(|(i, _, _)| *i == id).map(|(_, n, _)| n);
                         match (by_client, key, name) {
@@ -88,8 +88,8 @@ impl Session {
                 self.client_parses.clear();
                 self.renamed.clear();
             }
-            if tag == reply::ERROR && self.pending_sets.is_some() {
-                self.pending_sets_failed = true;
+            if tag == reply::ERROR {
+                self.pending.error();
             }
             if tag == reply::READY_FOR_QUERY && self.replies.is_settled() {
                 if let Some(l) = self.lease.as_mut() {
@@ -211,38 +211,45 @@ impl Session {
 
     /// Records session-level SETs on their way to the server (kept if they complete cleanly).
     pub(super) fn note_changes(&mut self, changes: &[sql::set::Change]) {
-        if self.pending_sets.is_none() {
-            self.pending_sets_failed = false;
-        }
         for c in changes {
-            if let sql::set::Change::Set(n, _) | sql::set::Change::Reset(n) = c {
-                self.view.changing.insert(n.to_lowercase());
+            match c {
+                sql::set::Change::Set(n, _) | sql::set::Change::Reset(n) => {
+                    self.view.changing.insert(n.to_lowercase());
+                }
+                sql::set::Change::ResetAll => self.view.changing_all(),
             }
         }
-        self.pending_sets.get_or_insert_with(Vec::new).extend(changes.iter().cloned());
+        self.pending.note(changes);
     }
 
-    /// Keeps the client's session-level SETs once their query ended cleanly outside a transaction,
-    /// and tells the client the parameters' new values in front of the output from `at` on (the
-    /// ReadyForQuery), where the server puts its own reports.
+    /// Keeps the client's session-level SETs once their transaction has committed (see
+    /// `pending`), and tells the client the parameters' new values in front of the output from `at`
+    /// on (the ReadyForQuery), where the server puts its own reports.
     pub(super) fn settle_pending_sets(&mut self, at: usize) {
-        self.view.changing.clear();
-        if let Some(changes) = self.pending_sets.take() {
-            if !self.pending_sets_failed && self.replies.status == b'I' {
-                let changes = view::as_reported(changes, self.lease.as_ref().map(|l| &*l.backend));
-                self.settings.apply(&changes);
-                self.injection = self.settings.injection();
-                self.tx_defaults = self.settings.tx_defaults();
-                self.view.applied = self.settings.applied();
-                let owed = self.view.after_changes(&changes, self.lease.as_ref().map(|l| &*l.backend));
-                if !owed.is_empty() {
-                    let tail = self.client_out.split_off(at);
-                    for (name, value) in owed {
-                        build::parameter_status(&mut self.client_out, &name, &value);
-                    }
-                    self.client_out.extend_from_slice(&tail);
-                }
+        let status = self.replies.status;
+        let kept = self.pending.settle(status);
+        if self.view.changing.is_empty() {
+            return; // no SET since the transaction began: nothing kept, nothing to report
+        }
+        let backend = self.lease.as_ref().map(|l| &*l.backend);
+        if let Some(changes) = kept {
+            let changes = view::as_reported(changes, backend);
+            self.settings.apply(&changes);
+            self.injection = self.settings.injection();
+            self.tx_defaults = self.settings.tx_defaults();
+            self.view.applied = self.settings.applied();
+        }
+        let settings = &self.settings;
+        let owed = self.view.owed_for_changing(self.pending.changes(), &|n| settings.kept(n).map(str::to_string), backend);
+        if status == b'I' {
+            self.view.changing.clear(); // inside a block they are still being changed
+        }
+        if !owed.is_empty() {
+            let tail = self.client_out.split_off(at);
+            for (name, value) in owed {
+                build::parameter_status(&mut self.client_out, &name, &value);
             }
+            self.client_out.extend_from_slice(&tail);
         }
     }
 

@@ -20,6 +20,7 @@ mod classify;
 mod context;
 mod forward;
 mod from_backend;
+pub mod pending;
 pub mod inject;
 pub mod replies;
 mod route;
@@ -174,9 +175,8 @@ pub struct Session {
     drain_seen: bool,
     /// When the current backend was attached (transaction duration metric).
     attached_at: std::time::Instant,
-    /// Session-level SETs in flight, kept if their query completes cleanly.
-    pending_sets: Option<Vec<sql::set::Change>>,
-    pending_sets_failed: bool,
+    /// Session-level SETs waiting for their transaction to commit (see `pending`).
+    pending: pending::PendingSets,
     /// The transaction the backend is in (or will be in once what was sent runs) has not had the
     /// context yet: a `COMMIT`/`ROLLBACK` inside the batch or `… AND CHAIN` went out, or
     /// transaction setup (`BEGIN ISOLATION LEVEL …`, see `crate::sql::txmode`) went ahead of it.
@@ -286,8 +286,7 @@ impl Session {
             view,
             settings,
             attached_at: std::time::Instant::now(),
-            pending_sets: None,
-            pending_sets_failed: false,
+            pending: pending::PendingSets::default(),
             needs_context: false,
             seq_reset: SeqReset::None,
             reset_skipped: false,
@@ -683,7 +682,7 @@ impl Session {
                     self.batch_began_unknown = false;
                     self.replies.batch_failed = false;
                     // SETs executed in this batch are kept once its ReadyForQuery shows a clean end
-                    self.hold_until_settled |= self.pending_sets.is_some();
+                    self.hold_until_settled |= !self.pending.is_empty();
                 }
                 Ok(Flow::Continue)
             }
@@ -849,10 +848,8 @@ impl Session {
             }
         }
         self.idle_since = None;
-        if plan.rolls_back && self.pending_sets.is_some() {
-            // the SETs noted so far may be in the transaction it rolls back (a batch that began
-            // outside a block: BEGIN, SET, ROLLBACK): keep none of them
-            self.pending_sets_failed = true;
+        if let Some(op) = &plan.tx_op {
+            self.pending.tx_op(op);
         }
         if let Some(changes) = plan.changes {
             self.note_changes(&changes);
@@ -883,7 +880,7 @@ impl Session {
             if self.batch.is_open() {
                 self.needs_context = true;
             }
-            self.hold_until_settled = injected || self.pending_sets.is_some();
+            self.hold_until_settled = injected || !self.pending.is_empty();
         } else {
             let executed = matches!(self.batch, Batch::Open { executed: true, .. }) || f.tag == msg::EXECUTE;
             self.batch = Batch::Open { began_idle, executed };
@@ -915,15 +912,26 @@ impl Session {
         };
         match name {
             None => false,
-            Some([]) => {
+            Some([]) if !self.statements.unnamed_has_bind_checks() => {
                 !self.unnamed_in_batch()
                     && self.last_unnamed_parse.is_some_and(|seq| self.replies.preparing(forward::unnamed_parse_id(seq)))
             }
-            Some(name) => self
-                .client_parses
-                .iter()
-                .any(|(id, n, batch)| *batch != self.syncs_sent && n.as_ref() == name && self.replies.preparing(*id)),
+            Some(name) => {
+                self.client_parses.iter().any(|(id, n, batch)| *batch != self.syncs_sent && n.as_ref() == name && self.replies.preparing(*id))
+                    || self.server_statement_in_flight(name)
+            }
         }
+    }
+
+    /// The server statement a Bind or Describe of the client's statement `name` would use on this
+    /// backend is being prepared in an earlier batch (by a Parse of the same text under another
+    /// name, the client's or pgtenant's): if that Parse is skipped, the statement is not there.
+    fn server_statement_in_flight(&self, name: &[u8]) -> bool {
+        if !self.replies.parse_in_an_earlier_batch() {
+            return false;
+        }
+        let (Some(l), Some(def)) = (self.lease.as_ref(), self.statements.statement(name)) else { return false };
+        l.backend.statements_ref().fresh(&def.key, def.parsed_at).is_some_and(|id| self.replies.preparing_in_an_earlier_batch(id))
     }
 
     /// What the guard needs to know about where a statement runs: the client is in a transaction

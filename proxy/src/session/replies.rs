@@ -262,6 +262,19 @@ impl Replies {
         }
     }
 
+    /// A Parse of server statement `id` is not answered yet, and a Sync, Query or FunctionCall
+    /// went after it: it may still fail (or be skipped), and a message of a later batch that uses
+    /// the statement would then not find it.
+    pub fn preparing_in_an_earlier_batch(&self, id: u64) -> bool {
+        self.owed.iter().any(|o| o.prepares == Some(id) && o.want == Want::ParseComplete && self.ready_sent_since(o.seq))
+    }
+
+    /// Any Parse is unanswered in a batch before the open one (see
+    /// [`Replies::preparing_in_an_earlier_batch`]): cheap, nearly always false.
+    pub fn parse_in_an_earlier_batch(&self) -> bool {
+        self.owed.iter().any(|o| o.want == Want::ParseComplete && self.ready_sent_since(o.seq))
+    }
+
     /// pgtenant's Parse of server statement `id` is not answered yet: it may still fail.
     pub fn preparing(&self, id: u64) -> bool {
         self.owed.iter().any(|o| o.prepares == Some(id) && o.want == Want::ParseComplete)

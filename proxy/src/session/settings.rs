@@ -115,6 +115,11 @@ impl ClientSettings {
         self.overrides.iter().map(|(n, v)| n.len() + v.len()).sum()
     }
 
+    /// The client's kept session-level value of parameter `name` (any case), if it set one.
+    pub fn kept(&self, name: &str) -> Option<&str> {
+        self.overrides.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
     pub fn apply(&mut self, changes: &[Change]) {
         for c in changes {
             match c {

@@ -73,9 +73,8 @@ pub struct StatementDef {
     pub bind_checks: Option<Arc<[SetConfigCall]>>,
     /// `DEALLOCATE`: which of the client's statements it drops when it is executed.
     pub deallocates: Option<Deallocates>,
-    /// It may roll back (`ROLLBACK`, `ABORT`, `ROLLBACK TO`): session SETs of its transaction
-    /// that pgtenant has not kept yet may be undone.
-    pub rolls_back: bool,
+    /// What it does to savepoints and its transaction's outcome (see `super::pending`).
+    pub tx_op: Option<crate::sql::savepoint::TxOp>,
     /// How many parameters the server gives the statement: the types the Parse declares, or more
     /// if the text refers to a higher `$n` (a Parse the server accepts has a type for each).
     /// Counted for statements the server analyzes with their parameters only (`params_of`).
@@ -85,9 +84,11 @@ pub struct StatementDef {
     pub parsed_at: u64,
 }
 
-/// [`StatementDef::params`] of a Parse: `key` is its body after the name. None for a statement
-/// whose `$n` the server may not count when it parses it (a utility statement such as `COPY (…)`
-/// or `PREPARE … AS` keeps them for later): only the declared types would count there.
+/// [`StatementDef::params`] of a Parse: `key` is its body after the name. The server counts the
+/// declared types, and more if the text refers to a higher `$n` in a statement it analyzes with
+/// its parameters when it parses it; one it does not (a utility statement such as `COPY (…)` or
+/// `PREPARE … AS`) keeps its `$n` for later. None where that is not known: a `$n` in a statement
+/// not known to be analyzed.
 fn params_of(a: &Analysis<'_>, key: &[u8]) -> Option<usize> {
     const ANALYZED: &[&str] = &["select", "insert", "update", "delete", "with", "values", "table", "merge", "explain", "call", "declare"];
     let declared = key.iter().position(|&b| b == 0).and_then(|end| key.get(end + 1..end + 3)).map_or(0, |n| usize::from(u16::from_be_bytes([n[0], n[1]])));
@@ -96,13 +97,12 @@ fn params_of(a: &Analysis<'_>, key: &[u8]) -> Option<usize> {
         [first] => first,
         _ => return None, // the server refuses it
     };
-    let head = first.first()?;
-    if !(head.text == b"(" || ANALYZED.iter().any(|w| head.is_word(w))) {
-        return None;
-    }
     let highest = first.iter().filter(|t| t.kind == crate::sql::lexer::Kind::Param);
-    let highest = highest.filter_map(|t| std::str::from_utf8(&t.text[1..]).ok()?.parse::<usize>().ok()).max();
-    Some(declared.max(highest.unwrap_or(0)))
+    let Some(highest) = highest.filter_map(|t| std::str::from_utf8(&t.text[1..]).ok()?.parse::<usize>().ok()).max() else {
+        return Some(declared); // no `$n`: analyzed or not, the declared types
+    };
+    let head = first.first()?;
+    (head.text == b"(" || ANALYZED.iter().any(|w| head.is_word(w))).then_some(declared.max(highest))
 }
 
 /// The client's statements a `DEALLOCATE` drops.
@@ -172,7 +172,7 @@ impl Statements {
             } else {
                 a.deallocate.as_deref().map(|n| Deallocates::One(n.into()))
             },
-            rolls_back: a.rolls_back,
+            tx_op: a.tx_op.clone(),
             params,
             parsed_at: crate::pool::prepared::tick(),
         });
@@ -412,6 +412,8 @@ mod tests {
             ("select 1", 0, Some(0)),
             ("copy (select $1::int) to stdout", 0, None),
             ("prepare p as select $1::int", 0, None),
+            ("SET work_mem = '8MB'", 0, Some(0)),
+            ("prepare p as select 1", 1, Some(1)),
             ("", 0, Some(0)),
             (" -- nothing", 1, Some(1)),
             ("select 1; select $1", 0, None),

@@ -107,6 +107,44 @@ impl ClientView {
     }
 }
 
+impl ClientView {
+    /// `RESET ALL` is on its way: every reported parameter may change.
+    pub fn changing_all(&mut self) {
+        self.changing.extend(self.login.keys().cloned());
+    }
+
+    /// The ParameterStatus messages (name, value) the client is owed, at a ReadyForQuery with
+    /// every reply in, for the parameters it is changing (`changing`): what a direct connection
+    /// would have reported by then. Each parameter's value is that of the last of `pending` (the
+    /// changes whose transaction has not ended) that touches it — a `SET` has the value `backend`
+    /// reported, a `RESET` the login value — or, with none, the client's own (`kept`: its kept
+    /// `SET`, else the login value): after a `ROLLBACK` or `ROLLBACK TO` that undid a change, or
+    /// after the transaction committed (`pending` empty). Recorded as reported.
+    pub fn owed_for_changing(&mut self, pending: &[Change], kept: &dyn Fn(&str) -> Option<String>, backend: Option<&Backend>) -> Vec<(String, String)> {
+        let mut owed = Vec::new();
+        for name in &self.changing {
+            let Some((spelled, at_login)) = self.login.get(name) else { continue }; // not reported
+            let last = pending.iter().rev().find(|c| match c {
+                Change::Set(n, _) | Change::Reset(n) => n.eq_ignore_ascii_case(name),
+                Change::ResetAll => true,
+            });
+            let value = match last {
+                Some(Change::Set(..)) => match backend.and_then(|b| b.reported(name)) {
+                    Some(v) => v.to_string(),
+                    None => continue,
+                },
+                Some(_) => at_login.clone(),
+                None => kept(name).unwrap_or_else(|| at_login.clone()),
+            };
+            if self.reported.get(name) != Some(&value) {
+                self.reported.insert(name.clone(), value.clone());
+                owed.push((spelled.clone(), value));
+            }
+        }
+        owed
+    }
+}
+
 /// `changes` with each SET value replaced by what `backend` (which ran them) last reported for
 /// that parameter, when it reports it: the value the SET actually produced, spelled as the server
 /// does. pgtenant applies it again in the client's later transactions, where the raw text could
@@ -160,5 +198,31 @@ mod tests {
         assert!(v.after_changes(&[Change::ResetAll], None).is_empty());
         // unreported parameters are nobody's business
         assert!(v.after_changes(&[Change::Reset("statement_timeout".into())], None).is_empty());
+    }
+
+    #[test]
+    fn changes_in_a_block_are_reported_as_they_stand_and_undone_on_rollback() {
+        let login = [("DateStyle".to_string(), "ISO, MDY".to_string()), ("IntervalStyle".into(), "postgres".into())];
+        let mut v = ClientView::new(&login);
+        let none = |_: &str| None;
+        v.changing.insert("datestyle".into());
+        v.changing.insert("intervalstyle".into());
+        // inside the block: a RESET is the login value (already told), a SET the backend's (not
+        // known without a backend: nothing said)
+        let pending = [Change::Reset("DateStyle".into()), Change::Set("IntervalStyle".into(), "iso_8601".into())];
+        assert!(v.owed_for_changing(&pending, &none, None).is_empty());
+        v.reported.insert("datestyle".into(), "German, DMY".into()); // as if the backend had said so
+        assert_eq!(v.owed_for_changing(&pending, &none, None), [("DateStyle".to_string(), "ISO, MDY".to_string())]);
+        // rolled back: the client's own values, its kept SET or else the login value
+        v.reported.insert("intervalstyle".into(), "iso_8601".into());
+        let kept = |n: &str| (n == "datestyle").then(|| "SQL, DMY".to_string());
+        let mut owed = v.owed_for_changing(&[], &kept, None);
+        owed.sort();
+        assert_eq!(owed, [("DateStyle".to_string(), "SQL, DMY".to_string()), ("IntervalStyle".into(), "postgres".into())]);
+        assert!(v.owed_for_changing(&[], &kept, None).is_empty(), "told once");
+        // a parameter the server does not report is never told
+        v.changing.insert("work_mem".into());
+        let owed = v.owed_for_changing(&[Change::Reset("work_mem".into())], &none, None);
+        assert!(owed.iter().all(|(n, _)| n != "work_mem"), "{owed:?}");
     }
 }

@@ -36,8 +36,9 @@ pub struct Analysis<'a> {
     pub leaves: Leaves,
     /// The last statement ends the transaction `AND CHAIN`.
     pub chain: bool,
-    /// A `ROLLBACK`/`ABORT` (session SETs in the string may be undone).
-    pub rolls_back: bool,
+    /// What it does to savepoints and to its transaction's outcome (`ROLLBACK`, `ROLLBACK TO`,
+    /// `SAVEPOINT`, `RELEASE`): which session SETs noted before it the server keeps.
+    pub tx_op: Option<super::savepoint::TxOp>,
     /// Session-level setting changes, in order (`SET`, `RESET`, `SET SESSION CHARACTERISTICS`,
     /// a whole-statement `set_config(…, false)`).
     pub changes: Vec<Change>,
@@ -59,7 +60,7 @@ pub fn analyze(sql: &[u8]) -> Analysis<'_> {
         touches_prepared: words(&["prepare", "deallocate", "discard"]),
         leaves: statements.iter().map(|t| super::stateless::statement_leaves(t)).max().unwrap_or_default(),
         chain: statements.last().is_some_and(|t| ends_and_chain(t)),
-        rolls_back: words(&["rollback", "abort"]),
+        tx_op: super::savepoint::op_of(&statements),
         changes: super::set::changes_of(&statements),
         deallocate,
         statements,

@@ -7,6 +7,7 @@ pub mod fingerprint;
 pub mod lexer;
 pub mod literal;
 pub mod pooling;
+pub mod savepoint;
 pub mod set;
 pub mod set_config;
 pub mod stateless;
