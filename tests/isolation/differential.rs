@@ -228,15 +228,14 @@ fn message(rng: &mut impl Rng, g: &Gen, oids: &Oids) -> (Vec<u8>, String) {
 ///
 /// Outside `PGTENANT_DIFF_HOSTILE` the COPY starts for sure and ends only by the client: it comes
 /// after a Sync (or none), behind a Query "ROLLBACK" (no failed block makes it fail before COPY
-/// mode), its data has no bad row, it ends with CopyDone or CopyFail, nothing but COPY messages,
-/// Sync and Flush goes in between, and stray COPY messages follow only an extended-protocol COPY.
-/// An extended-protocol COPY with a Sync during it is followed by a Sync right after its end.
-/// pgtenant still differs otherwise (reliability.md): COPY messages when the server is not in COPY
-/// mode (a COPY skipped in a failed batch or refused before it began, strays after a simple
-/// Query's COPY), a COPY that a bad row ends before the client's CopyDone, and an extended message
-/// after the CopyDone of an extended COPY during which a Sync went (pgtenant takes that Sync for
-/// the end of the batch and holds the message back without a Flush; the server, still in the
-/// batch, keeps the COPY's CommandComplete buffered: both wait).
+/// mode), its data has no bad row, it ends with CopyDone or CopyFail, and nothing but COPY
+/// messages, Sync and Flush goes in between. pgtenant still differs otherwise (reliability.md): a
+/// COPY that a bad row ends before the client's CopyDone (a Sync sent during it is then answered
+/// by the server, which pgtenant does not expect: it ends the session), and a COPY left open (any
+/// other message: the server ends the connection, pgtenant too, with another message). Fixed
+/// since the first runs, and in the default mix: COPY messages when the server is not in COPY
+/// mode, and an extended message after the CopyDone of an extended COPY during which a Sync went
+/// (both hung).
 fn copy_in(rng: &mut impl Rng, g: &mut Gen) -> Vec<(Vec<u8>, String)> {
     let mut out: Vec<(Vec<u8>, String)> = Vec::new();
     let (sql, good) = *pick(rng, COPY_IN);
@@ -284,7 +283,7 @@ fn copy_in(rng: &mut impl Rng, g: &mut Gen) -> Vec<(Vec<u8>, String)> {
         _ if g.hostile => return out,
         _ => out.push((wire::copy_done(), "CopyDone".into())),
     }
-    if (extended || g.hostile) && rng.random_bool(0.2) {
+    if rng.random_bool(0.2) {
         out.push(match rng.random_range(0..3) {
             0 => (wire::copy_data(b"8\teight\n"), "CopyData \"8\\teight\\n\" (stray)".into()),
             1 => (wire::copy_done(), "CopyDone (stray)".into()),
@@ -294,6 +293,8 @@ fn copy_in(rng: &mut impl Rng, g: &mut Gen) -> Vec<(Vec<u8>, String)> {
     if extended {
         // a Sync during the COPY is followed by one at its end (see above)
         let synced_inside = out.iter().skip_while(|(_, s)| !s.starts_with("Execute")).any(|(_, s)| s == "Sync");
+        // a Sync during it and none after its end, then a failed block: a Describe of the unnamed
+        // COPY statement gets 25P02 (reliability.md, "Describe of a statement that returns no rows")
         g.synced = rng.random_bool(0.5) || (synced_inside && !g.hostile);
         if g.synced {
             out.push((wire::sync(), "Sync".into()));
@@ -395,15 +396,19 @@ fn equivalent(want: &[String], got: &[String]) -> bool {
 }
 
 async fn differential(env: &Env, session_mode: bool) -> TestResult {
+    differential_of(env, session_mode, std::env::var("PGTENANT_DIFF_REPLAY").ok()).await
+}
+
+/// The differential run, or (`replaying` a file of rounds as the minimizer prints them) a replay.
+async fn differential_of(env: &Env, session_mode: bool, replaying: Option<String>) -> TestResult {
     let label = if session_mode { "differential/session" } else { "differential/transaction" };
     let mut c = Checks::new(label);
     let seed: u64 = std::env::var("PGTENANT_DIFF_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(20261203);
     let rounds: usize = std::env::var("PGTENANT_DIFF_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
     // Left out unless PGTENANT_DIFF_HOSTILE is set, because pgtenant still differs there
     // (docs/protocol.md, "Remaining differences"; docs/reliability.md): a simple Query inside an
-    // unsynced extended batch, DEALLOCATE / DISCARD ALL in the mix of named statements, a refused
-    // FunctionCall inside an unsynced batch (pgtenant waits for a ReadyForQuery the server, which
-    // skips the call in a failed batch, never sends), anything but a Sync right behind a
+    // unsynced extended batch, DEALLOCATE / DISCARD ALL in the mix of named statements, anything
+    // but a Sync right behind a
     // FunctionCall inside an unsynced batch (`Gen::call_in_batch`), the COPY cases `copy_in` lists,
     // and, in transaction pooling, a round after an allowed FunctionCall that does not first have
     // pgtenant prepare its statements again (`called`). Also only without it, 25P02 from pgtenant
@@ -423,7 +428,7 @@ async fn differential(env: &Env, session_mode: bool) -> TestResult {
         .await;
     let oid = |col| r.get(0, col).parse::<u32>().map_err(|_| format!("function OIDs: {}", r.summary()));
     let oids = Oids { int4pl: oid(0)?, int4div: oid(1)?, setting: oid(2)? };
-    if let Ok(file) = std::env::var("PGTENANT_DIFF_REPLAY") {
+    if let Some(file) = replaying {
         direct.close().await;
         p.stop().await;
         replay(env, &config, session_mode, &file, &oids, &mut c).await?;
@@ -472,7 +477,7 @@ async fn differential(env: &Env, session_mode: bool) -> TestResult {
                 message(&mut rng, &g, &oids)
             };
             if !hostile
-                && (((s.starts_with("Query") || s.ends_with("(refused)")) && !g.synced) || ["DEALLOCATE", "DISCARD"].iter().any(|w| s.contains(w)))
+                && ((s.starts_with("Query") && !g.synced) || ["DEALLOCATE", "DISCARD"].iter().any(|w| s.contains(w)))
             {
                 continue; // see `hostile`
             }
@@ -543,6 +548,28 @@ pub async fn transaction_mode(env: &Env) -> TestResult {
 
 pub async fn session_mode(env: &Env) -> TestResult {
     differential(env, true).await
+}
+
+/// What the random runs found once, replayed in both pool modes: each file in
+/// tests/isolation/regressions/ holds the rounds of one finding, as the minimizer printed them
+/// (each hung or desynchronized the session before its fix).
+pub async fn regressions(env: &Env) -> TestResult {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/isolation/regressions");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    files.sort();
+    let mut failed = Vec::new();
+    for file in &files {
+        for session_mode in [false, true] {
+            let path = file.to_string_lossy().into_owned();
+            if let Err(e) = differential_of(env, session_mode, Some(path)).await {
+                failed.push(format!("{} (session mode {session_mode}): {e}", file.display()));
+            }
+        }
+    }
+    if files.is_empty() {
+        return Err("no regression files".into());
+    }
+    if failed.is_empty() { Ok(()) } else { Err(failed.join("\n")) }
 }
 
 

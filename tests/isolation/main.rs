@@ -55,6 +55,7 @@ fn main() {
         ("raw_session_sets_as_the_server_keeps_them", |env| Box::pin(adversarial::session_sets_as_the_server_keeps_them(env))),
         ("protocol_differential_transaction_mode", |env| Box::pin(differential::transaction_mode(env))),
         ("protocol_differential_session_mode", |env| Box::pin(differential::session_mode(env))),
+        ("protocol_differential_regressions", |env| Box::pin(differential::regressions(env))),
         ("raw_poisoned_backend_client_gone", |env| Box::pin(adversarial::poisoned_and_gone(env))),
         ("raw_poisoned_backend_client_idle", |env| Box::pin(adversarial::poisoned_and_idle(env))),
         ("raw_pool_timeouts_free_the_slot", |env| Box::pin(adversarial::pool_timeouts(env))),

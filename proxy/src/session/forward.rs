@@ -294,8 +294,9 @@ impl Session {
             }
             return Flow::Continue;
         }
-        if self.replies.batch_failed && !simple {
-            return Flow::Continue; // the server skips this batch anyway
+        if self.replies.batch_failed {
+            // the server skips the rest of this batch, a Query or FunctionCall too: no reply
+            return Flow::Continue;
         }
         if simple {
             build::query(&mut self.backend_out, REFUSAL_STAND_IN);

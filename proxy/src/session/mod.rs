@@ -629,7 +629,16 @@ impl Session {
                                 self.on_client_frame(f).await?;
                                 continue;
                             }
-                            Ok(Some(f)) => self.held = Some(f), // anything else waits for the COPY to end
+                            // anything else is a protocol violation during COPY (the server
+                            // answers 08P01); held, it would wait for an end the client sends
+                            // after it. Not forwarded: if the COPY has just failed on the server,
+                            // the server would run it unread by pgtenant.
+                            Ok(Some(f)) => {
+                                return Err(End::Fatal(PgError::fatal(
+                                    sqlstate::PROTOCOL_VIOLATION,
+                                    format!("pgtenant: unexpected message type 0x{:02X} during COPY from stdin", f.tag),
+                                )));
+                            }
                             Ok(None) => {}
                             Err(e) => return Err(End::Fatal(frame_error(e))),
                         }
@@ -745,10 +754,7 @@ impl Session {
         let plan = match step {
             Step::Run(plan) => plan,
             Step::Hold => {
-                if self.batch.is_open() {
-                    // the server keeps the batch's replies until a Sync or a Flush: ask for them
-                    build::flush(&mut self.backend_out);
-                }
+                self.flush_for_hold();
                 return Ok(Flow::Hold(f));
             }
             Step::Refuse(r) => return Ok(Box::pin(self.refuse_with(r, simple)).await),
@@ -765,9 +771,7 @@ impl Session {
             // it uses a statement of the client's whose Parse in an earlier batch is not
             // answered yet: if that Parse fails or is skipped, the client does not have it
             // (26000), or has the one before. Wait for it.
-            if self.batch.is_open() {
-                build::flush(&mut self.backend_out);
-            }
+            self.flush_for_hold();
             return Ok(Flow::Hold(f));
         }
         if f.tag == msg::BIND && !skipping {
@@ -815,6 +819,7 @@ impl Session {
         match decision {
             Decision::Nothing => self.send_seq_reset(false),
             Decision::Hold => {
+                self.flush_for_hold();
                 if f.tag == msg::PARSE && plan.duplicate.is_none() {
                     // it is classified again once the replies are in: undo what this pass
                     // recorded, or its own statement would make it a duplicate
@@ -889,6 +894,17 @@ impl Session {
             }
         }
         Ok(Flow::Continue)
+    }
+
+    /// A message waits for the replies to what went before it: ask the server for them (Flush).
+    /// It keeps a batch's replies until a Sync or a Flush, and the batch may be open even where
+    /// pgtenant counted it closed: a Sync the client sent during a COPY the server had started
+    /// was ignored by the server (`Replies::enter_copy_in`). A Flush with nothing to flush costs
+    /// the server nothing.
+    fn flush_for_hold(&mut self) {
+        if !self.replies.is_settled() {
+            build::flush(&mut self.backend_out);
+        }
     }
 
     /// The server's error for a Bind whose parameter counts do not fit its statement

@@ -200,10 +200,13 @@ impl Replies {
         self.push(Owed { want: Want::Synthetic(tag), injected: false, simple: false, prepares: None, refusal: false, seq: 0 });
     }
 
-    /// The client ended a COPY: Sync and Flush count again after this point.
+    /// The client ended a COPY: Sync and Flush count again after this point. With nothing owed no
+    /// COPY can be starting either (the server ignores a CopyDone or CopyFail outside one).
     pub fn copy_ended(&mut self) {
         self.copy_in = false;
-        self.push(Owed { want: Want::CopyEnd, injected: false, simple: false, prepares: None, refusal: false, seq: 0 });
+        if !self.owed.is_empty() {
+            self.push(Owed { want: Want::CopyEnd, injected: false, simple: false, prepares: None, refusal: false, seq: 0 });
+        }
     }
 
     /// Whether [`Replies::take_synthetic`] has anything to look at: a reply pgtenant produces
@@ -329,6 +332,10 @@ impl Replies {
                 Action::Forward
             }
             _ => {
+                // a COPY marker whose COPY never began (the message before it failed) marks nothing
+                while matches!(self.owed.front(), Some(Owed { want: Want::CopyEnd, .. })) {
+                    self.owed.pop_front();
+                }
                 let Some(front) = self.owed.front().copied() else {
                     return Action::Desync;
                 };
