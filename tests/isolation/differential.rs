@@ -449,12 +449,10 @@ async fn differential_of(env: &Env, session_mode: bool, replaying: Option<String
         if called && !hostile && !session_mode {
             // The round after an allowed FunctionCall (whose backend another client's transaction
             // reset in full in between: its statements are gone) begins by having pgtenant prepare
-            // its statements again: its context statement (by a Query), the client's s1 and s2
-            // (by a Describe each). pgtenant still differs when the first use after the reset
-            // comes in a batch the server is already skipping (the context statement is prepared
-            // in vain, and its later Bind fails with 26000 naming pgtenant_ctx_<n>) or in a failed
-            // transaction block (a Describe of a statement gets 25P02 from pgtenant's Parse where
-            // the server describes it); reliability.md.
+            // its statements again: the client's s1 and s2 (by a Describe each). pgtenant still
+            // differs when the first use after the reset comes in a failed transaction block (a
+            // Describe of a statement gets 25P02 from pgtenant's Parse where the server describes
+            // it); reliability.md.
             msgs.push((wire::query("select 1"), "Query \"select 1\"".into()));
             for name in ["s1", "s2"] {
                 msgs.push((wire::describe(b'S', name), format!("Describe S {name:?}")));

@@ -151,6 +151,12 @@ impl Injection {
         Injection { arity, app, prepare, run, signed }
     }
 
+    /// The id under which the replies tracker knows the Parse of the context statement this
+    /// injection would use on `backend` (see [`context_arity`]).
+    pub fn parse_id(&self, backend: &PooledConn) -> u64 {
+        context_parse_id(self.arity + usize::from(backend.application_name() != self.app))
+    }
+
     /// Writes the injection for `backend` into `out` and records the replies it owes.
     pub fn write(&mut self, out: &mut BytesMut, backend: &mut PooledConn, replies: &mut Replies) {
         let named = backend.application_name() != self.app;

@@ -816,6 +816,12 @@ impl Session {
             setup: plan.setup,
         });
         let mut injected = false;
+        let decision = match decision {
+            // the context statement's Parse went in an earlier batch that may still fail (and be
+            // skipped): wait for it, or its Bind here would find no statement
+            Decision::Inject { .. } if self.context_parse_in_flight() => Decision::Hold,
+            d => d,
+        };
         match decision {
             Decision::Nothing => self.send_seq_reset(false),
             Decision::Hold => {
@@ -937,6 +943,13 @@ impl Session {
                     || self.server_statement_in_flight(name)
             }
         }
+    }
+
+    /// The context statement this session would use on its backend is being prepared in an earlier
+    /// batch, not answered yet.
+    fn context_parse_in_flight(&self) -> bool {
+        self.replies.parse_in_an_earlier_batch()
+            && self.lease.as_ref().is_some_and(|l| self.replies.preparing_in_an_earlier_batch(self.injection.parse_id(&l.backend)))
     }
 
     /// The server statement a Bind or Describe of the client's statement `name` would use on this
