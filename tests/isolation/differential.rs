@@ -531,12 +531,7 @@ async fn differential_of(env: &Env, session_mode: bool, replaying: Option<String
         sent("CopyFail"),
     );
     c.check(&format!("{same} of {rounds} rounds the same, messages in the server's order"), same == rounds, String::new());
-    direct.close().await;
-    proxied.close().await;
-    if let Some(o) = other {
-        o.close().await;
-    }
-    p.stop().await;
+    close_all(direct, proxied, other, p).await;
     c.done()
 }
 
@@ -570,6 +565,16 @@ pub async fn regressions(env: &Env) -> TestResult {
     if failed.is_empty() { Ok(()) } else { Err(failed.join("\n")) }
 }
 
+
+/// Ends a run's connections and its proxy.
+async fn close_all(direct: Wire, proxied: Wire, other: Option<Wire>, p: pgtenant::server::Running) {
+    direct.close().await;
+    proxied.close().await;
+    if let Some(o) = other {
+        o.close().await;
+    }
+    p.stop().await;
+}
 
 /// One round's messages, each with how it reads.
 type Round = Vec<(Vec<u8>, String)>;
@@ -619,12 +624,7 @@ async fn differs(env: &Env, config: &(&str, String), session_mode: bool, rounds:
             o.simple("select 1").await;
         }
     }
-    direct.close().await;
-    proxied.close().await;
-    if let Some(o) = other {
-        o.close().await;
-    }
-    p.stop().await;
+    close_all(direct, proxied, other, p).await;
     found
 }
 
@@ -797,11 +797,6 @@ async fn replay(env: &Env, config: &(&str, String), session_mode: bool, file: &s
             o.simple("select 1").await;
         }
     }
-    direct.close().await;
-    proxied.close().await;
-    if let Some(o) = other {
-        o.close().await;
-    }
-    p.stop().await;
+    close_all(direct, proxied, other, p).await;
     Ok(())
 }

@@ -177,22 +177,7 @@ pub fn terminate() -> Vec<u8> {
 /// FunctionCall: function `oid`, every argument in `arg_format` (0 text, 1 binary), the result in
 /// `result_format`.
 pub fn function_call(oid: u32, args: &[Option<&[u8]>], arg_format: i16, result_format: i16) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend_from_slice(&oid.to_be_bytes());
-    b.extend_from_slice(&1i16.to_be_bytes());
-    b.extend_from_slice(&arg_format.to_be_bytes());
-    b.extend_from_slice(&(args.len() as i16).to_be_bytes());
-    for a in args {
-        match a {
-            Some(v) => {
-                b.extend_from_slice(&(v.len() as i32).to_be_bytes());
-                b.extend_from_slice(v);
-            }
-            None => b.extend_from_slice(&(-1i32).to_be_bytes()),
-        }
-    }
-    b.extend_from_slice(&result_format.to_be_bytes());
-    msg(b'F', &b)
+    function_call_formats(oid, &[arg_format], args, result_format)
 }
 
 /// FunctionCall with the argument format codes given as they are (none: all text; one: for every
