@@ -211,14 +211,7 @@ impl Session {
 
     /// Records session-level SETs on their way to the server (kept if they complete cleanly).
     pub(super) fn note_changes(&mut self, changes: &[sql::set::Change]) {
-        for c in changes {
-            match c {
-                sql::set::Change::Set(n, _) | sql::set::Change::Reset(n) => {
-                    self.view.changing.insert(n.to_lowercase());
-                }
-                sql::set::Change::ResetAll => self.view.changing_all(),
-            }
-        }
+        self.view.mark_changing(changes);
         self.pending.note(changes);
     }
 

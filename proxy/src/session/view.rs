@@ -74,43 +74,27 @@ impl ClientView {
     /// one is back to its login value; `backend` is `None` when pgtenant answered on its own
     /// (`DISCARD ALL`), which only resets.
     pub fn after_changes(&mut self, changes: &[Change], backend: Option<&Backend>) -> Vec<(String, String)> {
-        // per parameter, whether its final value is the backend's (SET) or the login value (RESET)
-        let mut last: Vec<(String, bool)> = Vec::new();
-        let mut mark = |name: String, set: bool| match last.iter_mut().find(|(n, _)| *n == name) {
-            Some(e) => e.1 = set,
-            None => last.push((name, set)),
-        };
-        for c in changes {
-            match c {
-                Change::Set(n, _) => mark(n.to_lowercase(), true),
-                Change::Reset(n) => mark(n.to_lowercase(), false),
-                Change::ResetAll => self.login.keys().for_each(|k| mark(k.clone(), false)),
-            }
-        }
-        let mut owed = Vec::new();
-        for (name, set) in last {
-            let Some((spelled, at_login)) = self.login.get(&name) else { continue }; // not reported
-            let value = match (set, backend) {
-                (false, _) => at_login.as_str(),
-                (true, Some(b)) => match b.reported(&name) {
-                    Some(v) => v,
-                    None => continue,
-                },
-                (true, None) => continue,
-            };
-            if self.reported.get(&name).map(String::as_str) != Some(value) {
-                self.reported.insert(name.clone(), value.to_string());
-                owed.push((spelled.clone(), value.to_string()));
-            }
-        }
+        // the parameters these changes touch, valued as `owed_for_changing` values pending ones
+        let changing = std::mem::take(&mut self.changing);
+        self.mark_changing(changes);
+        let owed = self.owed_for_changing(changes, &|_| None, backend);
+        self.changing = changing;
         owed
     }
 }
 
 impl ClientView {
-    /// `RESET ALL` is on its way: every reported parameter may change.
-    pub fn changing_all(&mut self) {
-        self.changing.extend(self.login.keys().cloned());
+    /// Session-level `changes` are on their way: the parameters they touch are being changed
+    /// (`RESET ALL`: every reported one).
+    pub fn mark_changing(&mut self, changes: &[Change]) {
+        for c in changes {
+            match c {
+                Change::Set(n, _) | Change::Reset(n) => {
+                    self.changing.insert(n.to_lowercase());
+                }
+                Change::ResetAll => self.changing.extend(self.login.keys().cloned()),
+            }
+        }
     }
 
     /// The ParameterStatus messages (name, value) the client is owed, at a ReadyForQuery with
