@@ -396,7 +396,13 @@ fn same_reply(want: &str, got: &str, hostile: bool) -> bool {
 const CHECKED_FIRST: &[&str] = &["42601", "08P01", "26000", "34000", "42P05", "42P01"];
 
 fn equivalent(want: &[String], got: &[String]) -> bool {
-    let hostile = std::env::var_os("PGTENANT_DIFF_HOSTILE").is_some();
+    let strict = std::env::var_os("PGTENANT_DIFF_HOSTILE").is_some() || std::env::var_os("PGTENANT_DIFF_STRICT").is_some();
+    equivalent_as(want, got, strict)
+}
+
+/// `equivalent`, strictly or not (`same_reply`): replays of tests/isolation/regressions/ compare
+/// strictly.
+fn equivalent_as(want: &[String], got: &[String], hostile: bool) -> bool {
     want.len() == got.len() && want.iter().zip(got).all(|(w, g)| same_reply(w, g, hostile))
 }
 
@@ -795,7 +801,7 @@ async fn replay(env: &Env, config: &(&str, String), session_mode: bool, file: &s
     for (i, round) in rounds.iter().enumerate() {
         let bytes = round_bytes(round);
         let (want, got) = (exchange(&mut direct, &bytes, Duration::from_secs(2)).await, exchange(&mut proxied, &bytes, Duration::from_secs(2)).await);
-        let same = equivalent(&want, &got);
+        let same = equivalent_as(&want, &got, true);
         println!("  replay round {i}: {}\n    server:   {want:?}\n    pgtenant: {got:?}", describe(round));
         c.check(&format!("replayed round {i}: pgtenant's replies are the server's"), same, String::new());
         if let Some(o) = other.as_mut() {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::context::Batch;
+use super::context::{Batch, BlockChange};
 use super::settings::{ClientSettings, MAX_CONTEXT_SETTINGS};
 use super::replies::Replies;
 use super::statements::{self, StatementDef, Statements};
@@ -89,6 +89,11 @@ pub struct Plan {
     /// The access mode its first statement opens a transaction with (`BEGIN READ ONLY`): where a
     /// transaction it starts may run (`crate::routing::intent`).
     pub access: Option<crate::routing::intent::Mode>,
+    /// What it may do to a transaction block, at most: a `COMMIT`, `ROLLBACK`, `ROLLBACK TO` …
+    /// anywhere in a query string, or an Execute of a portal bound to one. (An Execute may also run
+    /// a portal pgtenant's table no longer matches, after messages the server skipped: the session
+    /// adds those, `Session::ending_portal`.) Nothing else does anything to a block.
+    pub block: BlockChange,
 }
 
 /// The session-state budget (`server.max_session_state_bytes`, `settings::MAX_CONTEXT_SETTINGS`).
@@ -218,6 +223,7 @@ impl Classifier<'_> {
         }
         Step::Run(Plan {
             effect: Some(a.first),
+            block: a.statements.iter().map(|t| BlockChange::of(sql::tx_effect(t.first().copied(), t.get(1).copied()))).max().unwrap_or_default(),
             conn: Effects { leaves: a.leaves, touches_prepared, function_call: false },
             chain: a.chain,
             setup: a.opening == Opening::SetupOnly,
@@ -344,6 +350,7 @@ impl Classifier<'_> {
     fn execute(&mut self, portal: &[u8]) -> Step {
         let Some(def) = self.statements.portal(portal).cloned() else {
             // unknown portal: the server answers 34000
+            // (nor can it end a block: see `Session::ending_portal`)
             return Step::Run(Plan { conn: Effects { leaves: Leaves::Session, ..Default::default() }, ..Default::default() });
         };
         let (began_idle, executed) = match self.batch {
@@ -367,6 +374,7 @@ impl Classifier<'_> {
         }
         Step::Run(Plan {
             effect: Some(def.effect),
+            block: BlockChange::of(def.effect),
             // a DEALLOCATE drops server statements when it runs, pgtenant's own among them
             conn: Effects { leaves: def.leaves, touches_prepared: def.deallocates.is_some(), ..Default::default() },
             chain: def.chain,

@@ -27,6 +27,50 @@ impl Batch {
     }
 }
 
+/// What the messages sent since the transaction status was last exact (every reply in, no batch
+/// open) may have done to a transaction block, at most. Only statements that end a block can take
+/// a backend out of one, and only `ROLLBACK TO SAVEPOINT` (or an end) out of a failed one: an error
+/// inside a block leaves it failed, not ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum BlockChange {
+    #[default]
+    Keeps,
+    /// A `ROLLBACK TO SAVEPOINT` may have made a failed block usable again.
+    MayRecover,
+    /// A `COMMIT`, `ROLLBACK`, `PREPARE TRANSACTION` … may have ended it.
+    MayEnd,
+}
+
+impl BlockChange {
+    pub fn of(effect: TxEffect) -> BlockChange {
+        match effect {
+            TxEffect::End => BlockChange::MayEnd,
+            TxEffect::RollbackTo => BlockChange::MayRecover,
+            TxEffect::None | TxEffect::Begin => BlockChange::Keeps,
+        }
+    }
+}
+
+/// Where everything sent leaves the backend, as far as is certain: the last exact status and what
+/// was sent since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Block {
+    pub status: u8,
+    pub since: BlockChange,
+}
+
+impl Block {
+    /// Inside a transaction block (active or failed) for certain.
+    pub fn surely_inside(self) -> bool {
+        matches!(self.status, b'T' | b'E') && self.since < BlockChange::MayEnd
+    }
+
+    /// Inside a failed block for certain: the server runs nothing but its end (or a `ROLLBACK TO`).
+    pub fn surely_failed(self) -> bool {
+        self.status == b'E' && self.since == BlockChange::Keeps
+    }
+}
+
 /// What the session knows when a message that runs or prepares SQL arrives.
 #[derive(Debug, Clone, Copy)]
 pub struct Inputs {
@@ -42,6 +86,8 @@ pub struct Inputs {
     pub settled: bool,
     /// The backend's last transaction status ('I', 'T' or 'E').
     pub status: u8,
+    /// Where everything sent before this message leaves the backend (None: just attached).
+    pub block: Option<Block>,
     /// A simple Query or FunctionCall (not part of a batch).
     pub simple: bool,
     /// The message is a Parse, Bind or Execute of an ordinary statement or BEGIN.
@@ -69,7 +115,8 @@ pub enum Decision {
 /// The decision for one message.
 pub fn decide(i: Inputs) -> Decision {
     let open = i.batch.is_open();
-    if (open && !i.needs_context) || i.batch_failed {
+    if (open && !i.needs_context) || i.batch_failed || i.block.is_some_and(Block::surely_failed) {
+        // (a failed block runs no context either: one it still owes waits for a ROLLBACK TO)
         return Decision::Nothing;
     }
     // known to start a transaction: nothing in flight, idle backend
@@ -78,6 +125,10 @@ pub fn decide(i: Inputs) -> Decision {
         true // in a batch: after a COMMIT/ROLLBACK or transaction setup inside it
     } else if i.settled {
         i.needs_context && i.status == b'T'
+    } else if i.block.is_some_and(Block::surely_inside) && !i.needs_context {
+        // the block goes on and has the context: in a failed one, sending it again would fail
+        // with 25P02 in place of the server's own answer to this message
+        false
     } else if !i.simple && i.ordinary && i.defaults_in_place {
         true // pipelined: speculative (harmless in a transaction, fails like the client's in an aborted one)
     } else {
@@ -108,6 +159,7 @@ mod tests {
             fresh: false,
             settled: true,
             status: b'I',
+            block: None,
             simple: true,
             ordinary: false,
             defaults_in_place: true,
@@ -149,6 +201,54 @@ mod tests {
         // a backend without the client's defaults must be set up between transactions: wait
         assert_eq!(decide(Inputs { defaults_in_place: false, ..ordinary }), Decision::Hold);
         assert_eq!(decide(Inputs { ordinary: false, simple: false, ..unsettled }), Decision::Hold);
+    }
+
+    #[test]
+    fn pipelined_inside_a_block_that_goes_on_needs_nothing() {
+        // active or failed, the block still has its context: no speculation, no hold
+        for (status, since) in [(b'T', BlockChange::Keeps), (b'E', BlockChange::MayRecover), (b'T', BlockChange::MayRecover)] {
+            let inside = Inputs { settled: false, status, block: Some(Block { status, since }), ..base() };
+            assert_eq!(decide(inside), Decision::Nothing); // a simple Query
+            assert_eq!(decide(Inputs { simple: false, ordinary: true, ..inside }), Decision::Nothing);
+            assert_eq!(decide(Inputs { simple: false, ..inside }), Decision::Nothing); // Describe, COMMIT
+            // a block that has not had the context yet (setup went first) still gets it
+            let owed = Inputs { simple: false, ordinary: true, needs_context: true, ..inside };
+            assert_eq!(decide(owed), Decision::Inject { start: false });
+        }
+        // after a possible end, as before: speculative for the extended protocol, held otherwise
+        let ended = Inputs { settled: false, status: b'T', block: Some(Block { status: b'T', since: BlockChange::MayEnd }), ..base() };
+        assert_eq!(decide(ended), Decision::Hold);
+        assert_eq!(decide(Inputs { simple: false, ordinary: true, ..ended }), Decision::Inject { start: false });
+    }
+
+    #[test]
+    fn a_failed_block_gets_no_context() {
+        // BEGIN (setup: the context waits), then an error: the context would fail with 25P02 in
+        // place of the server's answer. It stays owed until a ROLLBACK TO may have recovered.
+        let failed = Block { status: b'E', since: BlockChange::Keeps };
+        let open = Batch::Open { began_idle: false, executed: false };
+        for (batch, settled) in [(Batch::Closed, true), (Batch::Closed, false), (open, false)] {
+            let i = Inputs { batch, settled, status: b'E', needs_context: true, simple: false, ordinary: true, block: Some(failed), ..base() };
+            assert_eq!(decide(i), Decision::Nothing);
+            if !settled {
+                // (where everything is answered, what was sent is in the exact status)
+                let recovering = Inputs { block: Some(Block { since: BlockChange::MayRecover, ..failed }), ..i };
+                assert_ne!(decide(recovering), Decision::Nothing);
+            }
+        }
+    }
+
+    #[test]
+    fn block_certainty() {
+        let b = |status, since| Block { status, since };
+        assert!(b(b'T', BlockChange::MayRecover).surely_inside());
+        assert!(!b(b'T', BlockChange::MayEnd).surely_inside());
+        assert!(!b(b'I', BlockChange::Keeps).surely_inside());
+        assert!(b(b'E', BlockChange::Keeps).surely_failed());
+        assert!(!b(b'E', BlockChange::MayRecover).surely_failed());
+        assert!(!b(b'T', BlockChange::Keeps).surely_failed());
+        assert_eq!(BlockChange::of(TxEffect::RollbackTo), BlockChange::MayRecover);
+        assert_eq!(BlockChange::of(TxEffect::Begin), BlockChange::Keeps);
     }
 
     #[test]

@@ -35,7 +35,7 @@ impl Session {
     /// (preparing them there first when needed).
     pub(super) fn forward_rewritten(&mut self, f: &Frame, simple: bool) {
         let body = f.body();
-        if matches!(f.tag, b'B' | b'D') && !self.unnamed_in_batch() {
+        if matches!(f.tag, b'B' | b'D') && !self.unnamed_here() {
             self.ensure_unnamed_here(f);
         }
         let named = match f.tag {
@@ -121,8 +121,12 @@ impl Session {
             let name = peek::parse_msg(f.body()).map(|(n, _)| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
             build::parse(&mut self.backend_out, &name, &sql, vec![]);
             if name.is_empty() {
-                // the server's unnamed statement is now this rewritten one: a Bind in this batch runs it
-                self.unnamed_parsed = Some(self.replies.next_seq());
+                // the server's unnamed statement is now this rewritten one: a Bind runs it (numbered,
+                // so that its failure is seen: `unnamed_parse_failed`)
+                let seq = self.replies.next_seq();
+                self.unnamed_parsed = Some(seq);
+                self.replies.expect_parse(false, unnamed_parse_id(seq));
+                return;
             }
         }
         self.replies.expect(Want::for_frontend(f.tag).expect("Q or P"), false, simple);
@@ -169,6 +173,9 @@ impl Session {
     /// nothing replaced it since: a later unnamed Parse (raw, on the list, or with `set_config`
     /// parameters, sent under a server name) replaced what is the client's now.
     pub(super) fn unnamed_parse_failed(&mut self, seq: u32, itself: bool) {
+        if self.unnamed_parsed == Some(seq) {
+            self.unnamed_parsed = None; // the server's unnamed statement is not (or no longer) the client's
+        }
         let Some(at) = self.unnamed_parses.iter().position(|r| r.seq == seq) else {
             if self.last_unnamed_parse == Some(seq) {
                 self.statements.close(b'S', b"");
@@ -238,14 +245,20 @@ impl Session {
         }
         let Some(def) = self.statements.statement(b"") else { return };
         prepared::parse_frame(&mut self.backend_out, "", &def.key);
-        self.unnamed_parsed = Some(self.replies.next_seq());
-        self.replies.expect(Want::ParseComplete, true, false);
+        let seq = self.replies.next_seq();
+        self.unnamed_parsed = Some(seq);
+        self.replies.expect_parse(true, unnamed_parse_id(seq)); // a failure is seen (`unnamed_parse_failed`)
     }
 
-    /// The server's unnamed statement is the client's: parsed on this backend with no Sync, Query
-    /// or FunctionCall sent since (`unnamed_parsed`).
-    pub(super) fn unnamed_in_batch(&self) -> bool {
-        self.unnamed_parsed.is_some_and(|seq| !self.replies.ready_sent_since(seq))
+    /// The server's unnamed statement is the client's: parsed on this backend (`unnamed_parsed`),
+    /// in this batch (if that Parse fails, the server skips what uses it in the batch too), or in
+    /// an earlier one that answered it (a failure, or a skip, forgets it: `unnamed_parse_failed`),
+    /// with no Query or FunctionCall since. Inside a failed block, parsing it again would fail
+    /// (25P02) where the server's answer to a `Describe` is the statement's description.
+    pub(super) fn unnamed_here(&self) -> bool {
+        self.unnamed_parsed.is_some_and(|seq| {
+            !self.replies.ready_sent_since(seq) || (self.replies.answered(seq) && !self.replies.query_sent_since(seq))
+        })
     }
 
     pub(super) fn forward(&mut self, f: &Frame, simple: bool) {
@@ -300,11 +313,7 @@ impl Session {
         }
         if simple {
             build::query(&mut self.backend_out, REFUSAL_STAND_IN);
-            if self.batch.is_open() {
-                // like the refused Query or FunctionCall, the stand-in ends the batch's
-                // transaction if the batch has not failed: what follows needs the context again
-                self.needs_context = true;
-            }
+            self.simple_inside_a_batch(); // as the refused Query or FunctionCall would
         } else {
             build::parse(&mut self.backend_out, "pgtenant_refused", REFUSAL_STAND_IN, vec![]);
             if !self.batch.is_open() {

@@ -48,7 +48,7 @@ use crate::protocol::tags::{self, frontend as msg};
 use crate::protocol::{build, peek};
 use crate::sql::{self, TxEffect};
 use classify::{Budget, Classifier, Step};
-use context::{Batch, Decision};
+use context::{Batch, Block, BlockChange, Decision};
 use inject::Injection;
 use settings::ClientSettings;
 use replies::{Replies, Want};
@@ -211,7 +211,7 @@ pub struct Session {
     renamed: std::collections::VecDeque<(u32, u64, bytes::Bytes)>,
     /// The reply number of the last Parse that made the server's unnamed statement the client's
     /// on this backend (`forward`, `ensure_unnamed_here`): it stays the client's until the next
-    /// Sync, Query or FunctionCall (`unnamed_in_batch`).
+    /// Query or FunctionCall, or until that Parse fails (`unnamed_here`).
     unnamed_parsed: Option<u32>,
     /// The reply number of the client's last Parse of its unnamed statement (see
     /// `forward::unnamed_parse_id`).
@@ -222,6 +222,17 @@ pub struct Session {
     /// The open batch began while replies to the client's earlier messages were outstanding: its
     /// `began_idle` is a guess (false) until they are in (`on_work`).
     batch_began_unknown: bool,
+    /// What the client's messages sent since the transaction status was last exact (every reply in,
+    /// no batch open) may have done to a block (`Plan::block`): see `block`. Raised before a
+    /// message goes; cleared only where the status is exact.
+    since_exact: BlockChange,
+    /// A Bind of a statement that ends a transaction block or rolls back to a savepoint went out in
+    /// the current transaction: an Execute of any portal may then do the same, whatever pgtenant's
+    /// portal table says (a Bind or Close the server skipped leaves the server's portal as it was).
+    /// A statement pgtenant does not know is not one of these: the server's statements are named by
+    /// pgtenant, and SQL `PREPARE` takes no transaction control. Portals end with their
+    /// transaction, so this is cleared where the status is exactly idle.
+    ending_portal: bool,
     /// Since when output has waited for the client with no write progress
     /// (`server.client_write_timeout_ms`).
     write_waiting_since: Option<std::time::Instant>,
@@ -303,6 +314,8 @@ impl Session {
             last_unnamed_parse: None,
             unnamed_parses: std::collections::VecDeque::new(),
             batch_began_unknown: false,
+            since_exact: BlockChange::Keeps,
+            ending_portal: false,
             write_waiting_since: None,
             stream_left: 0,
             stream_forward: false,
@@ -728,6 +741,11 @@ impl Session {
                 return Ok(self.refuse(e, simple));
             }
         }
+        if !self.batch.is_open() && self.replies.is_settled() {
+            // the status is exact
+            self.since_exact = BlockChange::Keeps;
+            self.ending_portal &= self.replies.status != b'I';
+        }
         if self.batch_began_unknown && self.replies.is_settled() {
             // everything sent is answered: the last ReadyForQuery is the one before this batch
             if let Batch::Open { began_idle, .. } = &mut self.batch {
@@ -752,6 +770,7 @@ impl Session {
             function_calls: self.pool.allows_function_calls(),
         }
         .classify(&f)?;
+        let block = self.block(); // where the earlier messages leave the backend
         let plan = match step {
             Step::Run(plan) => plan,
             Step::Hold => {
@@ -779,6 +798,11 @@ impl Session {
             if let Some(err) = self.bind_counts_wrong(&f) {
                 return Ok(self.refuse(err, false));
             }
+        }
+        let stale_portal = if f.tag == msg::EXECUTE && self.ending_portal { BlockChange::MayEnd } else { BlockChange::Keeps };
+        self.since_exact = self.since_exact.max(plan.block).max(stale_portal);
+        if f.tag == msg::BIND {
+            self.ending_portal |= matches!(plan.effect, Some(TxEffect::End | TxEffect::RollbackTo));
         }
         let fresh = self.lease.is_none();
         if fresh {
@@ -811,6 +835,7 @@ impl Session {
             fresh,
             settled: self.replies.is_settled(),
             status: self.replies.status,
+            block: block.filter(|_| !fresh),
             simple,
             ordinary: context::ordinary(f.tag, plan.effect),
             defaults_in_place: self.lease.as_ref().is_some_and(|l| l.backend.has_tx_defaults(&self.tx_defaults)),
@@ -884,14 +909,7 @@ impl Session {
             self.needs_context = true;
         }
         if simple {
-            // A Query or FunctionCall inside an unsynced extended batch does not end it for sure:
-            // if the batch failed, the server skips it and goes on skipping up to the client's own
-            // Sync. The backend stays with this client until that Sync has completed. If it did
-            // not fail, the Query committed the batch's transaction: what follows needs the
-            // context again.
-            if self.batch.is_open() {
-                self.needs_context = true;
-            }
+            self.simple_inside_a_batch();
             self.hold_until_settled = injected || !self.pending.is_empty();
         } else {
             let executed = matches!(self.batch, Batch::Open { executed: true, .. }) || f.tag == msg::EXECUTE;
@@ -917,6 +935,25 @@ impl Session {
     /// while replies to its earlier messages were outstanding.
     fn position_unknown(&self) -> bool {
         self.lease.is_some() && if self.batch.is_open() { self.batch_began_unknown } else { !self.replies.only_injected_owed() }
+    }
+
+    /// A Query or FunctionCall went out: inside an unsynced extended batch it does not end the batch
+    /// for sure (if the batch failed, the server skips it and goes on skipping up to the client's
+    /// own Sync; the backend stays with this client until that Sync has completed). If the batch
+    /// did not fail, it committed the batch's implicit transaction, and what follows needs the
+    /// context again — unless the backend is inside a block for certain, which it does not end.
+    fn simple_inside_a_batch(&mut self) {
+        if self.batch.is_open() && !self.block().is_some_and(Block::surely_inside) {
+            self.needs_context = true;
+        }
+    }
+
+    /// Where everything sent leaves the attached backend, as far as is certain (`Block`): inside a
+    /// block that nothing sent since the last exact status can have ended, a pipelined message
+    /// needs no context (the block has it); inside a failed one, none can be sent. (Whether a
+    /// session SET there is kept still waits for the earlier replies: see `pending`.)
+    fn block(&self) -> Option<Block> {
+        self.lease.as_ref().map(|_| Block { status: self.replies.status, since: self.since_exact })
     }
 
     fn status_for_client(&self) -> u8 {

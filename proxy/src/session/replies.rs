@@ -106,6 +106,8 @@ pub struct Replies {
     next_seq: u32,
     /// The number of the last ReadyForQuery owed (a Sync, Query or FunctionCall sent).
     last_ready: Option<u32>,
+    /// The number of the last simple Query or FunctionCall sent (the client's or pgtenant's own).
+    last_simple: Option<u32>,
     /// The server is in COPY FROM STDIN mode: it ignores Sync and Flush until CopyDone/CopyFail.
     pub copy_in: bool,
     /// The errors of the refusal stand-ins owed, in order. A stand-in the server skips (its batch
@@ -129,6 +131,7 @@ impl Default for Replies {
             failed_itself: None,
             next_seq: 0,
             last_ready: None,
+            last_simple: None,
             copy_in: false,
             refusals: VecDeque::new(),
             replacement: None,
@@ -142,6 +145,9 @@ impl Replies {
         o.seq = self.next_seq;
         if o.want == Want::Ready {
             self.last_ready = Some(o.seq);
+            if o.simple {
+                self.last_simple = Some(o.seq);
+            }
         }
         self.next_seq = self.next_seq.wrapping_add(1);
         self.owed.push_back(o);
@@ -158,6 +164,12 @@ impl Replies {
     /// `seq`: the server ends a batch at each, and drops its unnamed statement at each Query.
     pub fn ready_sent_since(&self, seq: u32) -> bool {
         self.last_ready.is_some_and(|r| r != seq && r.wrapping_sub(seq) < 1 << 31)
+    }
+
+    /// Whether a simple Query (or FunctionCall) was sent after the message whose reply is numbered
+    /// `seq`: the server drops its unnamed statement at each Query.
+    pub fn query_sent_since(&self, seq: u32) -> bool {
+        self.last_simple.is_some_and(|r| r != seq && r.wrapping_sub(seq) < 1 << 31)
     }
 
     /// The number the next reply owed will carry: what the session notes about a message it

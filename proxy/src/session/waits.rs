@@ -43,7 +43,7 @@ impl Session {
         match name {
             None => false,
             Some([]) if !self.statements.unnamed_has_bind_checks() => {
-                !self.unnamed_in_batch()
+                !self.unnamed_here()
                     && self.last_unnamed_parse.is_some_and(|seq| self.replies.preparing(forward::unnamed_parse_id(seq)))
             }
             Some(name) => {
