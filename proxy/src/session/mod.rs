@@ -159,7 +159,8 @@ pub struct Session {
     cancel: Registration,
     /// Where the client is in the batch cycle (see `context`).
     batch: Batch,
-    /// The context went out in front of a simple Query: wait for its reply before sending more.
+    /// The context went out in front of a simple Query (or a Query began a block whose context
+    /// waits, or made session SETs): wait for its reply before sending more.
     hold_until_settled: bool,
     held: Option<Frame>,
     view: ClientView,
@@ -910,7 +911,11 @@ impl Session {
         }
         if simple {
             self.simple_inside_a_batch();
-            self.hold_until_settled = injected || !self.pending.is_empty();
+            // after a Query that got the context, or began a block whose context waits (`BEGIN`
+            // is setup), wait for its answer: where the backend then is is exact, not guessed
+            // (`block`), for clients that do not wait themselves
+            let began = matches!(decision, Decision::Defer { .. });
+            self.hold_until_settled = injected || began || !self.pending.is_empty();
         } else {
             let executed = matches!(self.batch, Batch::Open { executed: true, .. }) || f.tag == msg::EXECUTE;
             self.batch = Batch::Open { began_idle, executed };
