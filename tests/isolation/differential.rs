@@ -381,8 +381,9 @@ fn refused_call(line: &str) -> bool {
 /// transaction block pgtenant answers 25P02 to some messages the server rejects with an error it
 /// checks first ([`CHECKED_FIRST`]: 08P01 wrong number of Bind parameters, 42601 syntax error in a
 /// Parse, 34000 no such portal at Execute …), because a message of its own goes in front and fails (its Parse of a
-/// statement the backend must prepare again; its context statement, sent again after a Sync whose
-/// batch is not answered yet). Either way the message fails and the server skips to Sync.
+/// statement the backend must prepare again; its context statement, sent speculatively behind an
+/// unanswered batch that may have ended the block). Either way the message fails and the server
+/// skips to Sync. `PGTENANT_DIFF_STRICT` turns this off (and regression replays never allow it).
 fn same_reply(want: &str, got: &str, hostile: bool) -> bool {
     const ABORTED: &str = "E 25P02 current transaction is aborted, commands ignored until end of transaction block";
     want == got

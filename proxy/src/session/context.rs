@@ -71,6 +71,44 @@ impl Block {
     }
 }
 
+/// What the client's messages sent since the transaction status was last exact (every reply in, no
+/// batch open) may have done to a block: the session's one record of it, so that `Block` is a
+/// certainty, never a guess.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SinceExact {
+    change: BlockChange,
+    /// A Bind of a statement that ends a block or rolls back to a savepoint went out in the current
+    /// transaction: an Execute of any portal may then do the same, whatever pgtenant's portal table
+    /// says (a Bind or Close the server skipped leaves the server's portal as it was). A statement
+    /// pgtenant does not know is not one of these: the server's statements are named by pgtenant,
+    /// and SQL `PREPARE` takes no transaction control. Portals end with their transaction.
+    ending_portal: bool,
+}
+
+impl SinceExact {
+    /// Every reply is in and no batch is open: `status` is exact, and covers all that was sent.
+    pub fn exact(&mut self, status: u8) {
+        self.change = BlockChange::Keeps;
+        self.ending_portal &= status != b'I';
+    }
+
+    /// A client message goes out: `tag`, what its plan says it may do to a block, and for a Bind
+    /// the effect of the statement it binds.
+    pub fn sent(&mut self, tag: u8, change: BlockChange, bound: Option<TxEffect>) {
+        use crate::protocol::tags::frontend::{BIND, EXECUTE};
+        let stale = if tag == EXECUTE && self.ending_portal { BlockChange::MayEnd } else { BlockChange::Keeps };
+        self.change = self.change.max(change).max(stale);
+        if tag == BIND {
+            self.ending_portal |= matches!(bound, Some(TxEffect::End | TxEffect::RollbackTo));
+        }
+    }
+
+    /// Where everything sent leaves a backend whose last ReadyForQuery said `status`.
+    pub fn block(&self, status: u8) -> Block {
+        Block { status, since: self.change }
+    }
+}
+
 /// What the session knows when a message that runs or prepares SQL arrives.
 #[derive(Debug, Clone, Copy)]
 pub struct Inputs {
@@ -236,6 +274,39 @@ mod tests {
                 assert_ne!(decide(recovering), Decision::Nothing);
             }
         }
+    }
+
+    #[test]
+    fn what_was_sent_since_the_exact_status() {
+        use crate::protocol::tags::frontend::{BIND, EXECUTE, QUERY};
+        let mut s = SinceExact::default();
+        assert!(s.block(b'T').surely_inside());
+        s.sent(EXECUTE, BlockChange::Keeps, None); // a SELECT
+        assert!(s.block(b'E').surely_failed());
+        // a portal of COMMIT bound in this transaction: any Execute may be it (the server may have
+        // skipped the Bind or Close that pgtenant's table reflects)
+        s.sent(BIND, BlockChange::Keeps, Some(TxEffect::End));
+        assert!(s.block(b'T').surely_inside());
+        s.exact(b'T');
+        s.sent(EXECUTE, BlockChange::Keeps, None);
+        assert!(!s.block(b'T').surely_inside());
+        // it lasts until the transaction is over
+        s.exact(b'E');
+        s.sent(EXECUTE, BlockChange::Keeps, None);
+        assert!(!s.block(b'E').surely_inside());
+        s.exact(b'I');
+        s.sent(EXECUTE, BlockChange::Keeps, None);
+        assert_eq!(s.block(b'T').since, BlockChange::Keeps);
+        // ROLLBACK TO in a query string: still inside, no longer surely failed
+        s.sent(QUERY, BlockChange::MayRecover, None);
+        assert!(s.block(b'E').surely_inside() && !s.block(b'E').surely_failed());
+        s.sent(QUERY, BlockChange::Keeps, None);
+        assert_eq!(s.block(b'E').since, BlockChange::MayRecover); // only the exact status lowers it
+        // a Bind of a statement pgtenant does not know binds no transaction control
+        s.exact(b'T');
+        s.sent(BIND, BlockChange::Keeps, None);
+        s.sent(EXECUTE, BlockChange::Keeps, None);
+        assert!(s.block(b'T').surely_inside());
     }
 
     #[test]

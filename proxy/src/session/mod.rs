@@ -48,7 +48,7 @@ use crate::protocol::tags::{self, frontend as msg};
 use crate::protocol::{build, peek};
 use crate::sql::{self, TxEffect};
 use classify::{Budget, Classifier, Step};
-use context::{Batch, Block, BlockChange, Decision};
+use context::{Batch, Block, Decision, SinceExact};
 use inject::Injection;
 use settings::ClientSettings;
 use replies::{Replies, Want};
@@ -223,17 +223,9 @@ pub struct Session {
     /// The open batch began while replies to the client's earlier messages were outstanding: its
     /// `began_idle` is a guess (false) until they are in (`on_work`).
     batch_began_unknown: bool,
-    /// What the client's messages sent since the transaction status was last exact (every reply in,
-    /// no batch open) may have done to a block (`Plan::block`): see `block`. Raised before a
-    /// message goes; cleared only where the status is exact.
-    since_exact: BlockChange,
-    /// A Bind of a statement that ends a transaction block or rolls back to a savepoint went out in
-    /// the current transaction: an Execute of any portal may then do the same, whatever pgtenant's
-    /// portal table says (a Bind or Close the server skipped leaves the server's portal as it was).
-    /// A statement pgtenant does not know is not one of these: the server's statements are named by
-    /// pgtenant, and SQL `PREPARE` takes no transaction control. Portals end with their
-    /// transaction, so this is cleared where the status is exactly idle.
-    ending_portal: bool,
+    /// What the client's messages sent since the transaction status was last exact may have done
+    /// to a block (see `block`).
+    since_exact: SinceExact,
     /// Since when output has waited for the client with no write progress
     /// (`server.client_write_timeout_ms`).
     write_waiting_since: Option<std::time::Instant>,
@@ -315,8 +307,7 @@ impl Session {
             last_unnamed_parse: None,
             unnamed_parses: std::collections::VecDeque::new(),
             batch_began_unknown: false,
-            since_exact: BlockChange::Keeps,
-            ending_portal: false,
+            since_exact: SinceExact::default(),
             write_waiting_since: None,
             stream_left: 0,
             stream_forward: false,
@@ -743,9 +734,7 @@ impl Session {
             }
         }
         if !self.batch.is_open() && self.replies.is_settled() {
-            // the status is exact
-            self.since_exact = BlockChange::Keeps;
-            self.ending_portal &= self.replies.status != b'I';
+            self.since_exact.exact(self.replies.status);
         }
         if self.batch_began_unknown && self.replies.is_settled() {
             // everything sent is answered: the last ReadyForQuery is the one before this batch
@@ -800,11 +789,7 @@ impl Session {
                 return Ok(self.refuse(err, false));
             }
         }
-        let stale_portal = if f.tag == msg::EXECUTE && self.ending_portal { BlockChange::MayEnd } else { BlockChange::Keeps };
-        self.since_exact = self.since_exact.max(plan.block).max(stale_portal);
-        if f.tag == msg::BIND {
-            self.ending_portal |= matches!(plan.effect, Some(TxEffect::End | TxEffect::RollbackTo));
-        }
+        self.since_exact.sent(f.tag, plan.block, plan.effect);
         let fresh = self.lease.is_none();
         if fresh {
             if let Err(e) = self.attach(plan.access).await {
@@ -958,7 +943,7 @@ impl Session {
     /// needs no context (the block has it); inside a failed one, none can be sent. (Whether a
     /// session SET there is kept still waits for the earlier replies: see `pending`.)
     fn block(&self) -> Option<Block> {
-        self.lease.as_ref().map(|_| Block { status: self.replies.status, since: self.since_exact })
+        self.lease.as_ref().map(|_| self.since_exact.block(self.replies.status))
     }
 
     fn status_for_client(&self) -> u8 {
