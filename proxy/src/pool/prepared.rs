@@ -127,25 +127,25 @@ impl BackendStatements {
     /// when skipped, the older statement of the same text it replaced is there still (its Close
     /// was skipped too) and is the backend's again. Returns the statement's content.
     pub fn failed(&mut self, id: u64, itself: bool) -> Option<Bytes> {
-        let (key, e) = self.by_key.iter().find(|(_, e)| e.id == id).map(|(k, e)| (k.clone(), *e))?;
-        match e.replaces.filter(|_| !itself) {
-            Some((old, parsed_at)) => {
-                self.by_key.insert(key.clone(), Entry { id: old, parsed_at, replaces: None, ..e });
-            }
-            None => {
-                self.by_key.remove(&key);
-                self.bytes -= key.len();
-            }
+        let (key, e) = self.remove_entry(id)?;
+        if let Some((old, parsed_at)) = e.replaces.filter(|_| !itself) {
+            self.bytes += key.len();
+            self.by_key.insert(key.clone(), Entry { id: old, parsed_at, replaces: None, ..e });
         }
         Some(key)
     }
 
     /// Forgets a statement (deallocated). Returns the statement's content.
     pub fn forget(&mut self, id: u64) -> Option<Bytes> {
+        self.remove_entry(id).map(|(key, _)| key)
+    }
+
+    /// Removes the statement `id`: its content and entry.
+    fn remove_entry(&mut self, id: u64) -> Option<(Bytes, Entry)> {
         let key = self.by_key.iter().find(|(_, e)| e.id == id).map(|(k, _)| k.clone())?;
-        self.by_key.remove(&key);
+        let e = self.by_key.remove(&key)?;
         self.bytes -= key.len();
-        Some(key)
+        Some((key, e))
     }
 
     /// Forgets everything (the client may have run DEALLOCATE / DISCARD). Names are never reused,

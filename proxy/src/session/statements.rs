@@ -80,7 +80,8 @@ pub struct StatementDef {
     /// Counted for statements the server analyzes with their parameters only (`params_of`).
     pub params: Option<usize>,
     /// When the client's Parse arrived (`pool::prepared::tick`): only a server statement prepared
-    /// after that may serve it (a schema change in between would fail an older one).
+    /// after that may serve it (a schema change in between would fail an older one). 0 for an
+    /// unnamed statement that goes to the server as it is, which no server statement serves.
     pub parsed_at: u64,
 }
 
@@ -158,6 +159,9 @@ impl Statements {
         // whole buffer chunk for the life of the session
         let key = if name.is_empty() { key } else { Bytes::copy_from_slice(&key) };
         let params = params_of(a, &key);
+        // only a statement sent under a server name is shared (`BackendStatements::prepare`): the
+        // unnamed one goes as it is, unless it has set_config parameters
+        let shared = !name.is_empty() || !bind_checks.is_empty();
         let def = Arc::new(StatementDef {
             effect: a.first,
             leaves: a.leaves,
@@ -174,7 +178,7 @@ impl Statements {
             },
             tx_op: a.tx_op.clone(),
             params,
-            parsed_at: crate::pool::prepared::tick(),
+            parsed_at: if shared { crate::pool::prepared::tick() } else { 0 },
         });
         if name.is_empty() {
             self.unnamed_before = self.unnamed_stmt.replace(def.clone());
