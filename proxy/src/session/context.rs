@@ -57,6 +57,8 @@ impl BlockChange {
 pub struct Block {
     pub status: u8,
     pub since: BlockChange,
+    /// Something that fails for certain went out inside the block since (a refusal's stand-in).
+    pub failed: bool,
 }
 
 impl Block {
@@ -67,7 +69,7 @@ impl Block {
 
     /// Inside a failed block for certain: the server runs nothing but its end (or a `ROLLBACK TO`).
     pub fn surely_failed(self) -> bool {
-        self.status == b'E' && self.since == BlockChange::Keeps
+        (self.status == b'E' || self.failed) && self.since == BlockChange::Keeps
     }
 }
 
@@ -83,6 +85,9 @@ pub struct SinceExact {
     /// pgtenant does not know is not one of these: the server's statements are named by pgtenant,
     /// and SQL `PREPARE` takes no transaction control. Portals end with their transaction.
     ending_portal: bool,
+    /// A refusal's stand-in, which fails for certain, went out inside a block for certain (since
+    /// then the block can only be failed, until a `ROLLBACK TO` or an end raises `change`).
+    failed: bool,
 }
 
 impl SinceExact {
@@ -90,6 +95,16 @@ impl SinceExact {
     pub fn exact(&mut self, status: u8) {
         self.change = BlockChange::Keeps;
         self.ending_portal &= status != b'I';
+        self.failed = false;
+    }
+
+    /// A refusal's stand-in went out (a statement that fails on the server): inside a block for
+    /// certain, the block is failed now, whatever may have recovered it before.
+    pub fn failing_sent(&mut self, status: u8) {
+        if self.block(status).surely_inside() {
+            self.change = BlockChange::Keeps;
+            self.failed = true;
+        }
     }
 
     /// A client message goes out: `tag`, what its plan says it may do to a block, and for a Bind
@@ -105,7 +120,7 @@ impl SinceExact {
 
     /// Where everything sent leaves a backend whose last ReadyForQuery said `status`.
     pub fn block(&self, status: u8) -> Block {
-        Block { status, since: self.change }
+        Block { status, since: self.change, failed: self.failed }
     }
 }
 
@@ -245,7 +260,7 @@ mod tests {
     fn pipelined_inside_a_block_that_goes_on_needs_nothing() {
         // active or failed, the block still has its context: no speculation, no hold
         for (status, since) in [(b'T', BlockChange::Keeps), (b'E', BlockChange::MayRecover), (b'T', BlockChange::MayRecover)] {
-            let inside = Inputs { settled: false, status, block: Some(Block { status, since }), ..base() };
+            let inside = Inputs { settled: false, status, block: Some(Block { status, since, failed: false }), ..base() };
             assert_eq!(decide(inside), Decision::Nothing); // a simple Query
             assert_eq!(decide(Inputs { simple: false, ordinary: true, ..inside }), Decision::Nothing);
             assert_eq!(decide(Inputs { simple: false, ..inside }), Decision::Nothing); // Describe, COMMIT
@@ -254,7 +269,7 @@ mod tests {
             assert_eq!(decide(owed), Decision::Inject { start: false });
         }
         // after a possible end, as before: speculative for the extended protocol, held otherwise
-        let ended = Inputs { settled: false, status: b'T', block: Some(Block { status: b'T', since: BlockChange::MayEnd }), ..base() };
+        let ended = Inputs { settled: false, status: b'T', block: Some(Block { status: b'T', since: BlockChange::MayEnd, failed: false }), ..base() };
         assert_eq!(decide(ended), Decision::Hold);
         assert_eq!(decide(Inputs { simple: false, ordinary: true, ..ended }), Decision::Inject { start: false });
     }
@@ -263,7 +278,7 @@ mod tests {
     fn a_failed_block_gets_no_context() {
         // BEGIN (setup: the context waits), then an error: the context would fail with 25P02 in
         // place of the server's answer. It stays owed until a ROLLBACK TO may have recovered.
-        let failed = Block { status: b'E', since: BlockChange::Keeps };
+        let failed = Block { status: b'E', since: BlockChange::Keeps, failed: false };
         let open = Batch::Open { began_idle: false, executed: false };
         for (batch, settled) in [(Batch::Closed, true), (Batch::Closed, false), (open, false)] {
             let i = Inputs { batch, settled, status: b'E', needs_context: true, simple: false, ordinary: true, block: Some(failed), ..base() };
@@ -302,6 +317,16 @@ mod tests {
         assert!(s.block(b'E').surely_inside() && !s.block(b'E').surely_failed());
         s.sent(QUERY, BlockChange::Keeps, None);
         assert_eq!(s.block(b'E').since, BlockChange::MayRecover); // only the exact status lowers it
+        // a refusal's stand-in inside the block fails it for certain, even after a ROLLBACK TO;
+        // outside one for certain it says nothing
+        s.failing_sent(b'E');
+        assert!(s.block(b'T').surely_failed());
+        s.sent(QUERY, BlockChange::MayRecover, None);
+        assert!(!s.block(b'T').surely_failed());
+        s.exact(b'T');
+        s.sent(QUERY, BlockChange::MayEnd, None);
+        s.failing_sent(b'T');
+        assert!(!s.block(b'T').surely_failed() && !s.block(b'T').surely_inside());
         // a Bind of a statement pgtenant does not know binds no transaction control
         s.exact(b'T');
         s.sent(BIND, BlockChange::Keeps, None);
@@ -311,7 +336,7 @@ mod tests {
 
     #[test]
     fn block_certainty() {
-        let b = |status, since| Block { status, since };
+        let b = |status, since| Block { status, since, failed: false };
         assert!(b(b'T', BlockChange::MayRecover).surely_inside());
         assert!(!b(b'T', BlockChange::MayEnd).surely_inside());
         assert!(!b(b'I', BlockChange::Keeps).surely_inside());

@@ -311,6 +311,7 @@ impl Session {
             // the server skips the rest of this batch, a Query or FunctionCall too: no reply
             return Flow::Continue;
         }
+        self.since_exact.failing_sent(self.replies.status);
         if simple {
             build::query(&mut self.backend_out, REFUSAL_STAND_IN);
             self.simple_inside_a_batch(); // as the refused Query or FunctionCall would
