@@ -276,6 +276,8 @@ impl Session {
                     let before = self.statements.take_unnamed_before();
                     let set = self.statements.statement(b"").cloned();
                     self.note_unnamed_parse(seq, set, before);
+                } else if f.tag == b'F' {
+                    self.replies.expect_function_call();
                 } else {
                     self.replies.expect(want, false, simple);
                 }

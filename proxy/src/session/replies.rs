@@ -106,8 +106,8 @@ pub struct Replies {
     next_seq: u32,
     /// The number of the last ReadyForQuery owed (a Sync, Query or FunctionCall sent).
     last_ready: Option<u32>,
-    /// The number of the last simple Query or FunctionCall sent (the client's or pgtenant's own).
-    last_simple: Option<u32>,
+    /// The number of the last simple Query sent (the client's or pgtenant's own).
+    last_query: Option<u32>,
     /// The server is in COPY FROM STDIN mode: it ignores Sync and Flush until CopyDone/CopyFail.
     pub copy_in: bool,
     /// The errors of the refusal stand-ins owed, in order. A stand-in the server skips (its batch
@@ -131,7 +131,7 @@ impl Default for Replies {
             failed_itself: None,
             next_seq: 0,
             last_ready: None,
-            last_simple: None,
+            last_query: None,
             copy_in: false,
             refusals: VecDeque::new(),
             replacement: None,
@@ -146,7 +146,7 @@ impl Replies {
         if o.want == Want::Ready {
             self.last_ready = Some(o.seq);
             if o.simple {
-                self.last_simple = Some(o.seq);
+                self.last_query = Some(o.seq);
             }
         }
         self.next_seq = self.next_seq.wrapping_add(1);
@@ -166,10 +166,18 @@ impl Replies {
         self.last_ready.is_some_and(|r| r != seq && r.wrapping_sub(seq) < 1 << 31)
     }
 
-    /// Whether a simple Query (or FunctionCall) was sent after the message whose reply is numbered
-    /// `seq`: the server drops its unnamed statement at each Query.
+    /// Whether a simple Query was sent after the message whose reply is numbered `seq`: the server
+    /// drops its unnamed statement at each Query (not at a FunctionCall).
     pub fn query_sent_since(&self, seq: u32) -> bool {
-        self.last_simple.is_some_and(|r| r != seq && r.wrapping_sub(seq) < 1 << 31)
+        self.last_query.is_some_and(|r| r != seq && r.wrapping_sub(seq) < 1 << 31)
+    }
+
+    /// Records a forwarded FunctionCall: a ReadyForQuery owed, as for a Query, but the server's
+    /// unnamed statement stays (`query_sent_since`).
+    pub fn expect_function_call(&mut self) {
+        let last_query = self.last_query;
+        self.expect(Want::Ready, false, true);
+        self.last_query = last_query;
     }
 
     /// The number the next reply owed will carry: what the session notes about a message it
@@ -420,6 +428,19 @@ mod tests {
         r.expect(Want::BindComplete, true, false);
         r.expect(Want::CommandDone, true, false);
         r.expect(Want::CloseComplete, true, false);
+    }
+
+    #[test]
+    fn a_function_call_is_not_a_query_for_the_unnamed_statement() {
+        let mut r = Replies::default();
+        let parse = r.next_seq();
+        r.expect(Want::ParseComplete, false, false);
+        r.expect(Want::Ready, false, false); // Sync
+        assert!(r.ready_sent_since(parse) && !r.query_sent_since(parse));
+        r.expect_function_call();
+        assert!(!r.query_sent_since(parse));
+        r.expect(Want::Ready, false, true); // a Query
+        assert!(r.query_sent_since(parse));
     }
 
     #[test]
