@@ -32,6 +32,9 @@ pub mod sqlstate {
     pub const SYNTAX_ERROR: &str = "42601";
     /// A Bind of the unnamed statement by a client that has none (PostgreSQL's own code and message).
     pub const UNDEFINED_PSTATEMENT: &str = "26000";
+    /// An Execute of the unnamed portal by a client that bound none (PostgreSQL's own code and
+    /// message).
+    pub const UNDEFINED_CURSOR: &str = "34000";
     /// A Parse of a statement name the session already has (PostgreSQL's own code and message).
     pub const DUPLICATE_PSTATEMENT: &str = "42P05";
     pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";

@@ -9,6 +9,7 @@
 #[path = "../integration/common/mod.rs"]
 mod common;
 mod adversarial;
+mod dangling;
 mod differential;
 mod interference;
 mod names;
@@ -51,6 +52,7 @@ fn main() {
         ("raw_discard_all_after_a_failure", |env| Box::pin(adversarial::discard_all_after_a_failure(env))),
         ("raw_held_inside_a_batch", |env| Box::pin(adversarial::held_inside_a_batch(env))),
         ("raw_unnamed_statement_is_the_clients", |env| Box::pin(adversarial::unnamed_statement_is_the_clients(env))),
+        ("raw_dangling_unnamed_portal", |env| Box::pin(dangling::dangling_unnamed_portal(env))),
         ("raw_bind_counts_before_an_aborted_transaction", |env| Box::pin(adversarial::bind_counts_before_an_aborted_transaction(env))),
         ("raw_session_sets_as_the_server_keeps_them", |env| Box::pin(adversarial::session_sets_as_the_server_keeps_them(env))),
         ("protocol_differential_transaction_mode", |env| Box::pin(differential::transaction_mode(env))),

@@ -175,8 +175,10 @@ impl Classifier<'_> {
 
     fn query(&mut self, q: &[u8]) -> Step {
         if !self.skipping {
-            // the server drops the unnamed statement at every simple Query it runs
+            // the server drops the unnamed statement at every simple Query it runs, and puts the
+            // Query's own portal in place of the unnamed portal
             self.statements.close(b'S', b"");
+            self.statements.close(b'P', b"");
         }
         let a = analyze(q);
         // a string that may roll back keeps none of its own changes (the cautious reading)
@@ -349,8 +351,17 @@ impl Classifier<'_> {
 
     fn execute(&mut self, portal: &[u8]) -> Step {
         let Some(def) = self.statements.portal(portal).cloned() else {
-            // unknown portal: the server answers 34000
-            // (nor can it end a block: see `Session::ending_portal`)
+            if portal.is_empty() {
+                // The client bound no unnamed portal: what the server holds under that name is at
+                // most a simple Query's own, which no client may run. After a Query that failed
+                // while it ran inside a transaction block, it outlives its statement, and an
+                // Execute of it crashes PostgreSQL 15 (all of its connections with it; see
+                // `Session::close_query_portal`). pgtenant answers as the server does for a portal
+                // that is not there.
+                return Refusal::plain(no_unnamed_portal());
+            }
+            // unknown portal: the server answers 34000 (nor can it end a block: see
+            // `context::SinceExact`)
             return Step::Run(Plan { conn: Effects { leaves: Leaves::Session, ..Default::default() }, ..Default::default() });
         };
         let (began_idle, executed) = match self.batch {
@@ -419,6 +430,10 @@ impl Classifier<'_> {
 }
 
 /// The server's answer to a Bind or Describe of the unnamed statement when there is none.
+fn no_unnamed_portal() -> PgError {
+    PgError::error(sqlstate::UNDEFINED_CURSOR, "portal \"\" does not exist")
+}
+
 fn no_unnamed_statement() -> PgError {
     PgError::error(sqlstate::UNDEFINED_PSTATEMENT, "unnamed prepared statement does not exist")
 }

@@ -226,6 +226,10 @@ pub struct Session {
     /// What the client's messages sent since the transaction status was last exact may have done
     /// to a block (see `block`).
     since_exact: SinceExact,
+    /// A simple Query went out since the server's unnamed portal was last known to be gone: the
+    /// portal the server may keep from it is closed in front of the client's next message (see
+    /// `close_query_portal`).
+    query_portal: bool,
     /// Since when output has waited for the client with no write progress
     /// (`server.client_write_timeout_ms`).
     write_waiting_since: Option<std::time::Instant>,
@@ -308,6 +312,7 @@ impl Session {
             unnamed_parses: std::collections::VecDeque::new(),
             batch_began_unknown: false,
             since_exact: SinceExact::default(),
+            query_portal: false,
             write_waiting_since: None,
             stream_left: 0,
             stream_forward: false,
@@ -531,6 +536,7 @@ impl Session {
                 lease.backend.reset_unconfirmed(); // owed or unanswered: the next session gets it
             }
             self.reset_skipped = false; // the backend owes it to whoever attaches it next
+            self.query_portal = false; // (released idle: the server dropped its portals)
             // the relay buffers go back with the connection (both are empty: backend_clean)
             std::mem::swap(&mut self.backend_in, &mut lease.backend.buf_in);
             std::mem::swap(&mut self.backend_out, &mut lease.backend.buf_out);
@@ -801,6 +807,7 @@ impl Session {
             self.reset_skipped = false;
             self.send_reset();
         }
+        self.close_query_portal();
         if let Some(oid) = plan.function_oid {
             // only functions the operator allowed, as resolved on this backend's database
             if !self.lease.as_ref().is_some_and(|l| l.backend.allowed_calls.contains(&oid)) {
@@ -895,6 +902,7 @@ impl Session {
             self.needs_context = true;
         }
         if simple {
+            self.query_portal |= f.tag == msg::QUERY;
             self.simple_inside_a_batch();
             // after a Query that got the context, or began a block whose context waits (`BEGIN`
             // is setup), wait for its answer: where the backend then is is exact, not guessed
@@ -925,6 +933,28 @@ impl Session {
     /// while replies to its earlier messages were outstanding.
     fn position_unknown(&self) -> bool {
         self.lease.is_some() && if self.batch.is_open() { self.batch_began_unknown } else { !self.replies.only_injected_owed() }
+    }
+
+    /// A simple Query that fails while it runs inside a transaction block (a COPY refused by
+    /// row-level security, a failed COPY FROM STDIN, an error in a function it calls) leaves its
+    /// portal behind under the unnamed portal's name, past the statement it points into, until the
+    /// block ends; an Execute of it crashes PostgreSQL 15, and with it every connection of every
+    /// tenant. `classify` refuses an Execute of an unnamed portal the client did not bind; this
+    /// closes what such a Query left before the client's next message goes (covering a Bind of the
+    /// unnamed portal that the server then skips in the failed block). No client portal is lost:
+    /// each Query replaces the client's unnamed portal. Only where that is possible: the Query's
+    /// answer is not in yet, or the block is failed; after a Query that ended well, or outside a
+    /// block, nothing is sent.
+    fn close_query_portal(&mut self) {
+        if !self.query_portal || self.replies.copy_in || self.replies.batch_failed {
+            return; // (in COPY or a failed batch the server would not read it: next time)
+        }
+        self.query_portal = false;
+        let failed_or_unknown = !self.replies.is_settled() || self.replies.status == b'E';
+        if self.lease.is_some() && failed_or_unknown {
+            build::close_portal(&mut self.backend_out, "");
+            self.replies.expect(Want::CloseComplete, true, false);
+        }
     }
 
     /// A Query or FunctionCall went out: inside an unsynced extended batch it does not end the batch
