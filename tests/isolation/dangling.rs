@@ -1,7 +1,7 @@
 //! A tenant must not be able to take the shared server down. PostgreSQL 15 (15.18 here) crashes
-//! when a client executes the unnamed portal that a simple Query which failed while it ran inside a
-//! transaction block leaves behind (a `COPY … FROM STDIN` the client fails, or one row-level
-//! security refuses: the portal outlives its statement's memory).
+//! when a client executes the unnamed portal that a utility statement sent as a simple Query,
+//! which failed while it ran inside a transaction block, leaves behind (a `COPY … FROM STDIN` the
+//! client fails, or one row-level security refuses: the portal outlives its statement's memory).
 //! A backend that crashes makes the postmaster end every connection and recover: every tenant's
 //! work is lost. Found by the protocol differential test (seed 83, round 5,717: the direct
 //! connection took the server down).
@@ -26,12 +26,14 @@ async fn survivor_pid(w: &mut Wire) -> String {
 
 /// `BEGIN`, then a Query that fails while it runs: the server keeps its portal. With the SQLSTATE
 /// it fails with.
-fn openers() -> [(Vec<u8>, &'static str); 2] {
+fn openers() -> [(Vec<u8>, &'static str); 3] {
     [
         // a COPY FROM STDIN the client fails
         ([wire::query("BEGIN"), wire::query("COPY dangling_copy FROM STDIN"), wire::copy_data(b"1\n"), wire::copy_fail("no")].concat(), "57014"),
         // a COPY the server refuses under row-level security, before any COPY mode
         ([wire::query("BEGIN"), wire::query("COPY orders FROM STDIN")].concat(), "0A000"),
+        // any utility statement that fails while it runs (this one was not seen to crash it)
+        ([wire::query("BEGIN"), wire::query("SET work_mem = 'bogus'")].concat(), "22023"),
     ]
 }
 
