@@ -250,6 +250,28 @@ impl Session {
         self.replies.expect_parse(true, unnamed_parse_id(seq)); // a failure is seen (`unnamed_parse_failed`)
     }
 
+    /// A utility statement sent as a simple Query that fails while it runs inside a transaction
+    /// block (a COPY refused by row-level security, a failed COPY FROM STDIN, a SET of a bad value)
+    /// leaves its portal behind under the unnamed portal's name, past the statement it points into,
+    /// until the block ends; an Execute of it can crash PostgreSQL 15, and with it every connection
+    /// of every tenant (docs/security.md, "Crashing the shared server"). `classify` refuses an Execute of an unnamed portal the client did not bind; this
+    /// closes what such a Query left before the client's next message goes (covering a Bind of the
+    /// unnamed portal that the server then skips in the failed block). No client portal is lost:
+    /// each Query replaces the client's unnamed portal. Only where that is possible: the Query's
+    /// answer is not in yet, or the block is failed; after a Query that ended well, or outside a
+    /// block, nothing is sent.
+    pub(super) fn close_query_portal(&mut self) {
+        if !self.query_portal || self.replies.copy_in || self.replies.batch_failed {
+            return; // (in COPY or a failed batch the server would not read it: next time)
+        }
+        self.query_portal = false;
+        let failed_or_unknown = !self.replies.is_settled() || self.replies.status == b'E';
+        if self.lease.is_some() && failed_or_unknown {
+            build::close_portal(&mut self.backend_out, "");
+            self.replies.expect(Want::CloseComplete, true, false);
+        }
+    }
+
     /// The server's unnamed statement is the client's: parsed on this backend (`unnamed_parsed`),
     /// in this batch (if that Parse fails, the server skips what uses it in the batch too), or in
     /// an earlier one that answered it (a failure, or a skip, forgets it: `unnamed_parse_failed`),

@@ -935,28 +935,6 @@ impl Session {
         self.lease.is_some() && if self.batch.is_open() { self.batch_began_unknown } else { !self.replies.only_injected_owed() }
     }
 
-    /// A simple Query that fails while it runs inside a transaction block (a COPY refused by
-    /// row-level security, a failed COPY FROM STDIN, an error in a function it calls) leaves its
-    /// portal behind under the unnamed portal's name, past the statement it points into, until the
-    /// block ends; an Execute of it crashes PostgreSQL 15, and with it every connection of every
-    /// tenant. `classify` refuses an Execute of an unnamed portal the client did not bind; this
-    /// closes what such a Query left before the client's next message goes (covering a Bind of the
-    /// unnamed portal that the server then skips in the failed block). No client portal is lost:
-    /// each Query replaces the client's unnamed portal. Only where that is possible: the Query's
-    /// answer is not in yet, or the block is failed; after a Query that ended well, or outside a
-    /// block, nothing is sent.
-    fn close_query_portal(&mut self) {
-        if !self.query_portal || self.replies.copy_in || self.replies.batch_failed {
-            return; // (in COPY or a failed batch the server would not read it: next time)
-        }
-        self.query_portal = false;
-        let failed_or_unknown = !self.replies.is_settled() || self.replies.status == b'E';
-        if self.lease.is_some() && failed_or_unknown {
-            build::close_portal(&mut self.backend_out, "");
-            self.replies.expect(Want::CloseComplete, true, false);
-        }
-    }
-
     /// A Query or FunctionCall went out: inside an unsynced extended batch it does not end the batch
     /// for sure (if the batch failed, the server skips it and goes on skipping up to the client's
     /// own Sync; the backend stays with this client until that Sync has completed). If the batch
