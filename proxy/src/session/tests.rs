@@ -742,3 +742,32 @@ fn a_skipped_unnamed_parse_restores_nothing_a_later_parse_replaced() {
         }
     });
 }
+
+/// A simple Query that fails inside a transaction block may leave its portal behind on the server
+/// under the unnamed portal's name (an Execute of it crashes PostgreSQL 15): pgtenant closes that
+/// portal in front of the client's next message then, and only then; an Execute of an unnamed
+/// portal the client did not bind is answered `34000` without reaching the server.
+#[test]
+fn a_failed_query_in_a_block_has_its_portal_closed_and_nothing_else_does() {
+    rt().block_on(async {
+        let mut c = Client::start(false).await;
+        let closes = |sent: &[String]| sent.iter().filter(|l| *l == "C P ").count();
+        assert_eq!(c.round(&q("BEGIN"), 1).await, "C ZT");
+        assert_eq!(c.round(&q("select 1"), 1).await, "DC ZT");
+        assert_eq!(c.round(&q("select 2"), 1).await, "DC ZT");
+        assert_eq!(closes(&c.sent()), 0, "nothing after Queries that ended well");
+        assert_eq!(c.round(&q("select fail"), 1).await, "EXX000 ZE");
+        assert_eq!(c.sent(), ["Q select fail"]);
+        assert_eq!(c.round(&[frame(b'D', b"P\0"), sync()].concat(), 1).await, "n ZE");
+        let sent = c.sent();
+        assert_eq!(sent, ["C P ", "D", "S"], "the portal is closed first, once");
+        let execute = [frame(b'E', b"\0\0\0\0\0"), sync()].concat();
+        assert_eq!(c.round(&execute, 1).await, "E34000 ZE");
+        assert!(!c.sent().iter().any(|l| l.starts_with("E ")), "the Execute did not reach the server");
+        assert_eq!(c.round(&q("ROLLBACK"), 1).await, "C ZI");
+        assert_eq!(c.round(&[ext("select 3"), sync()].concat(), 1).await, "12DC ZI");
+        assert_eq!(closes(&c.sent()), 0, "nothing after a Query outside a failed block");
+        // a portal the client bound is its own: its Execute goes to the server
+        assert_eq!(c.round(&[ext("select 4"), frame(b'E', b"\0\0\0\0\0"), sync()].concat(), 1).await, "12DCDC ZI");
+    });
+}
