@@ -92,7 +92,7 @@ pub struct Plan {
     /// What it may do to a transaction block, at most: a `COMMIT`, `ROLLBACK`, `ROLLBACK TO` …
     /// anywhere in a query string, or an Execute of a portal bound to one. (An Execute may also run
     /// a portal pgtenant's table no longer matches, after messages the server skipped: the session
-    /// adds those, `Session::ending_portal`.) Nothing else does anything to a block.
+    /// adds those, `context::SinceExact`.) Nothing else does anything to a block.
     pub block: BlockChange,
 }
 
@@ -353,8 +353,8 @@ impl Classifier<'_> {
         let Some(def) = self.statements.portal(portal).cloned() else {
             if portal.is_empty() {
                 // The client bound no unnamed portal: what the server holds under that name is at
-                // most a simple Query's own, which no client may run. After a Query that failed
-                // while it ran inside a transaction block, it outlives its statement, and an
+                // most a simple Query's own, which no client may run. After a utility statement that
+                // failed while it ran inside a transaction block, it outlives its statement, and an
                 // Execute of it crashes PostgreSQL 15 (all of its connections with it; see
                 // `Session::close_query_portal`). pgtenant answers as the server does for a portal
                 // that is not there.
@@ -429,11 +429,12 @@ impl Classifier<'_> {
     }
 }
 
-/// The server's answer to a Bind or Describe of the unnamed statement when there is none.
+/// The server's answer to an Execute of the unnamed portal when there is none.
 fn no_unnamed_portal() -> PgError {
     PgError::error(sqlstate::UNDEFINED_CURSOR, "portal \"\" does not exist")
 }
 
+/// The server's answer to a Bind or Describe of the unnamed statement when there is none.
 fn no_unnamed_statement() -> PgError {
     PgError::error(sqlstate::UNDEFINED_PSTATEMENT, "unnamed prepared statement does not exist")
 }

@@ -254,9 +254,10 @@ impl Session {
     /// block (a COPY refused by row-level security, a failed COPY FROM STDIN, a SET of a bad value)
     /// leaves its portal behind under the unnamed portal's name, past the statement it points into,
     /// until the block ends; an Execute of it can crash PostgreSQL 15, and with it every connection
-    /// of every tenant (docs/security.md, "Crashing the shared server"). `classify` refuses an Execute of an unnamed portal the client did not bind; this
-    /// closes what such a Query left before the client's next message goes (covering a Bind of the
-    /// unnamed portal that the server then skips in the failed block). No client portal is lost:
+    /// of every tenant (docs/security.md, "Crashing the shared server"). `classify` refuses an
+    /// Execute of an unnamed portal the client did not bind; this closes what such a Query left
+    /// before the client's next message goes (covering a Bind of the unnamed portal that the server
+    /// then skips in the failed block). No client portal is lost:
     /// each Query replaces the client's unnamed portal. Only where that is possible: the Query's
     /// answer is not in yet, or the block is failed; after a Query that ended well, or outside a
     /// block, nothing is sent.
@@ -275,7 +276,7 @@ impl Session {
     /// The server's unnamed statement is the client's: parsed on this backend (`unnamed_parsed`),
     /// in this batch (if that Parse fails, the server skips what uses it in the batch too), or in
     /// an earlier one that answered it (a failure, or a skip, forgets it: `unnamed_parse_failed`),
-    /// with no Query or FunctionCall since. Inside a failed block, parsing it again would fail
+    /// with no simple Query since (a FunctionCall leaves it alone). Inside a failed block, parsing it again would fail
     /// (25P02) where the server's answer to a `Describe` is the statement's description.
     pub(super) fn unnamed_here(&self) -> bool {
         self.unnamed_parsed.is_some_and(|seq| {
