@@ -1,5 +1,6 @@
-//! Where the client is in the protocol's batch cycle, and whether the next message needs the tenant
-//! context in front of it: the session's one source of "idle" and of the context decision, as pure
+//! Where the client is in the protocol's batch cycle, where the backend is for certain once what
+//! was sent has run (`SinceExact`, `Block`), and whether the next message needs the tenant context
+//! in front of it: the session's one source of "idle" and of the context decision, as pure
 //! functions over a snapshot of its state, so every case is a unit test.
 
 use crate::sql::TxEffect;

@@ -212,7 +212,7 @@ pub struct Session {
     renamed: std::collections::VecDeque<(u32, u64, bytes::Bytes)>,
     /// The reply number of the last Parse that made the server's unnamed statement the client's
     /// on this backend (`forward`, `ensure_unnamed_here`): it stays the client's until the next
-    /// Query or FunctionCall, or until that Parse fails (`unnamed_here`).
+    /// simple Query, or until that Parse fails (`unnamed_here`).
     unnamed_parsed: Option<u32>,
     /// The reply number of the client's last Parse of its unnamed statement (see
     /// `forward::unnamed_parse_id`).
