@@ -365,7 +365,7 @@ impl Classifier<'_> {
             return Step::Run(Plan { conn: Effects { leaves: Leaves::Session, ..Default::default() }, ..Default::default() });
         };
         let (began_idle, executed) = match self.batch {
-            Batch::Open { began_idle, executed } => (began_idle, executed),
+            Batch::Open { began_idle, executed } => (began_idle == Some(true), executed),
             _ => (!self.pos.in_block, false),
         };
         if def.deallocates.is_some() && self.batch_pending() {
@@ -602,7 +602,7 @@ mod tests {
         run(&mut c, b'P', b"\0DISCARD ALL\0\0\0");
         run(&mut c, b'B', b"\0\0\0\0\0\0\0\0");
         assert!(matches!(run(&mut c, b'E', b"\0\0\0\0\0"), Step::DiscardAll));
-        c.batch = Batch::Open { began_idle: true, executed: true };
+        c.batch = Batch::Open { began_idle: Some(true), executed: true };
         assert!(matches!(run(&mut c, b'E', b"\0\0\0\0\0"), Step::Run(_)));
         // FunctionCall only when the pool allows some
         assert!(matches!(run(&mut c, b'F', &[0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]), Step::Refuse(_)));

@@ -12,8 +12,10 @@ pub enum Batch {
     Closed,
     /// Client messages were forwarded since the last Sync.
     Open {
-        /// The batch began outside any transaction block.
-        began_idle: bool,
+        /// The batch began outside any transaction block; None while that is not known (replies
+        /// to the client's earlier messages were outstanding when it began: `Session::on_work`
+        /// learns it once they are in).
+        began_idle: Option<bool>,
         /// A client Execute went out in it (DISCARD ALL only runs first in a batch).
         executed: bool,
     },
@@ -232,7 +234,7 @@ mod tests {
     fn open_transaction_with_context_needs_nothing() {
         assert_eq!(decide(Inputs { status: b'T', ..base() }), Decision::Nothing);
         assert_eq!(decide(Inputs { status: b'E', ..base() }), Decision::Nothing);
-        let open = Batch::Open { began_idle: true, executed: false };
+        let open = Batch::Open { began_idle: Some(true), executed: false };
         assert_eq!(decide(Inputs { batch: open, settled: false, ..base() }), Decision::Nothing);
     }
 
@@ -241,7 +243,7 @@ mod tests {
         let after_begin = Inputs { status: b'T', needs_context: true, ..base() };
         assert_eq!(decide(after_begin), Decision::Inject { start: false });
         assert_eq!(decide(Inputs { setup: true, ..after_begin }), Decision::Defer { start: false });
-        let in_batch = Inputs { batch: Batch::Open { began_idle: true, executed: true }, needs_context: true, settled: false, ..base() };
+        let in_batch = Inputs { batch: Batch::Open { began_idle: Some(true), executed: true }, needs_context: true, settled: false, ..base() };
         assert_eq!(decide(in_batch), Decision::Inject { start: false });
         assert_eq!(decide(Inputs { batch_failed: true, ..in_batch }), Decision::Nothing);
     }
@@ -280,7 +282,7 @@ mod tests {
         // BEGIN (setup: the context waits), then an error: the context would fail with 25P02 in
         // place of the server's answer. It stays owed until a ROLLBACK TO may have recovered.
         let failed = Block { status: b'E', since: BlockChange::Keeps, failed: false };
-        let open = Batch::Open { began_idle: false, executed: false };
+        let open = Batch::Open { began_idle: Some(false), executed: false };
         for (batch, settled) in [(Batch::Closed, true), (Batch::Closed, false), (open, false)] {
             let i = Inputs { batch, settled, status: b'E', needs_context: true, simple: false, ordinary: true, block: Some(failed), ..base() };
             assert_eq!(decide(i), Decision::Nothing);

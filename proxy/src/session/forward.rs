@@ -343,7 +343,7 @@ impl Session {
         } else {
             build::parse(&mut self.backend_out, "pgtenant_refused", REFUSAL_STAND_IN, vec![]);
             if !self.batch.is_open() {
-                self.batch = Batch::Open { began_idle: !self.position().in_block, executed: false };
+                self.batch = Batch::Open { began_idle: Some(!self.position().in_block), executed: false };
             }
         }
         self.replies.expect_refusal(simple, err);

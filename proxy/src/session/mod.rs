@@ -220,9 +220,6 @@ pub struct Session {
     /// The client's unnamed Parses not answered yet, each with the statement it recorded and the one
     /// it replaced.
     unnamed_parses: std::collections::VecDeque<UnnamedParse>,
-    /// The open batch began while replies to the client's earlier messages were outstanding: its
-    /// `began_idle` is a guess (false) until they are in (`on_work`).
-    batch_began_unknown: bool,
     /// What the client's messages sent since the transaction status was last exact may have done
     /// to a block (see `block`).
     since_exact: SinceExact,
@@ -310,7 +307,6 @@ impl Session {
             unnamed_parsed: None,
             last_unnamed_parse: None,
             unnamed_parses: std::collections::VecDeque::new(),
-            batch_began_unknown: false,
             since_exact: SinceExact::default(),
             query_portal: false,
             write_waiting_since: None,
@@ -700,7 +696,6 @@ impl Session {
                     self.forward(&f, false);
                     self.syncs_sent = self.syncs_sent.wrapping_add(1);
                     self.batch = Batch::Closed;
-                    self.batch_began_unknown = false;
                     self.replies.batch_failed = false;
                     // SETs executed in this batch are kept once its ReadyForQuery shows a clean end
                     self.hold_until_settled |= !self.pending.is_empty();
@@ -742,12 +737,11 @@ impl Session {
         if !self.batch.is_open() && self.replies.is_settled() {
             self.since_exact.exact(self.replies.status);
         }
-        if self.batch_began_unknown && self.replies.is_settled() {
-            // everything sent is answered: the last ReadyForQuery is the one before this batch
-            if let Batch::Open { began_idle, .. } = &mut self.batch {
-                *began_idle = self.replies.status == b'I';
+        if let Batch::Open { began_idle: began_idle @ None, .. } = &mut self.batch {
+            if self.replies.is_settled() {
+                // everything sent is answered: the last ReadyForQuery is the one before this batch
+                *began_idle = Some(self.replies.status == b'I');
             }
-            self.batch_began_unknown = false;
         }
         let pos = self.position();
         let pos_unknown = self.position_unknown();
@@ -816,10 +810,7 @@ impl Session {
         }
         let began_idle = match self.batch {
             Batch::Open { began_idle, .. } => began_idle,
-            _ => {
-                self.batch_began_unknown = self.position_unknown();
-                !self.position().in_block
-            }
+            _ => (!self.position_unknown()).then(|| !self.position().in_block),
         };
         let decision = context::decide(context::Inputs {
             batch: self.batch,
@@ -932,7 +923,11 @@ impl Session {
     /// `Classifier::pos_unknown`): its batch began, or with none open its next message comes,
     /// while replies to its earlier messages were outstanding.
     fn position_unknown(&self) -> bool {
-        self.lease.is_some() && if self.batch.is_open() { self.batch_began_unknown } else { !self.replies.only_injected_owed() }
+        self.lease.is_some()
+            && match self.batch {
+                Batch::Open { began_idle, .. } => began_idle.is_none(),
+                _ => !self.replies.only_injected_owed(),
+            }
     }
 
     /// A Query or FunctionCall went out: inside an unsynced extended batch it does not end the batch
