@@ -408,9 +408,11 @@ impl Classifier<'_> {
         // for the statement that needs it
         let setup = tag == msg::CLOSE || self.statements.target(kind, name).is_some_and(|d| d.setup);
         if tag == msg::CLOSE {
-            if kind == b'S' && !name.is_empty() && self.batch_pending() {
-                // answered by pgtenant, and the server skips it if an earlier message of the
-                // batch fails: wait for those replies before forgetting the statement
+            if (kind == b'S' || name.is_empty()) && self.batch_pending() {
+                // the server skips it if an earlier message of the batch fails (a named statement's
+                // Close pgtenant answers itself): wait for those replies before forgetting the
+                // statement, or the unnamed portal, which pgtenant does not let a client run
+                // unless it knows the client bound it (`execute`)
                 return Step::Hold;
             }
             self.statements.close(kind, name);

@@ -347,6 +347,11 @@ impl Session {
             }
         }
         self.replies.expect_refusal(simple, err);
+        if !simple {
+            // the stand-in fails for certain: the server skips the rest of the batch, and what
+            // follows in it is classified as skipped (it records nothing) from here on
+            self.replies.batch_failed = true;
+        }
         Flow::Continue
     }
 
