@@ -157,19 +157,19 @@ impl Replies {
     /// of the queue has moved past it; numbers wrap, so "past" is less than half the range ahead).
     pub fn answered(&self, seq: u32) -> bool {
         let front = self.owed.front().map_or(self.next_seq, |o| o.seq);
-        front != seq && front.wrapping_sub(seq) < 1 << 31
+        later(front, seq)
     }
 
     /// Whether a Sync, Query or FunctionCall was sent after the message whose reply is numbered
-    /// `seq`: the server ends a batch at each, and drops its unnamed statement at each Query.
+    /// `seq`: the server ends a batch at each.
     pub fn ready_sent_since(&self, seq: u32) -> bool {
-        self.last_ready.is_some_and(|r| r != seq && r.wrapping_sub(seq) < 1 << 31)
+        self.last_ready.is_some_and(|r| later(r, seq))
     }
 
     /// Whether a simple Query was sent after the message whose reply is numbered `seq`: the server
     /// drops its unnamed statement at each Query (not at a FunctionCall).
     pub fn query_sent_since(&self, seq: u32) -> bool {
-        self.last_query.is_some_and(|r| r != seq && r.wrapping_sub(seq) < 1 << 31)
+        self.last_query.is_some_and(|r| later(r, seq))
     }
 
     /// Records a forwarded FunctionCall: a ReadyForQuery owed, as for a Query, but the server's
@@ -418,6 +418,11 @@ impl Replies {
         }
         forward
     }
+}
+
+/// Reply number `a` comes after `b` (numbers wrap, so "after" is less than half the range ahead).
+fn later(a: u32, b: u32) -> bool {
+    a != b && a.wrapping_sub(b) < 1 << 31
 }
 
 #[cfg(test)]
