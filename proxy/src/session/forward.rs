@@ -262,10 +262,10 @@ impl Session {
     /// answer is not in yet, or the block is failed; after a Query that ended well, or outside a
     /// block, nothing is sent.
     pub(super) fn close_query_portal(&mut self) {
-        if !self.query_portal || self.replies.copy_in || self.replies.batch_failed {
+        if !self.debts.query_portal || self.replies.copy_in || self.replies.batch_failed {
             return; // (in COPY or a failed batch the server would not read it: next time)
         }
-        self.query_portal = false;
+        self.debts.query_portal = false;
         let failed_or_unknown = !self.replies.is_settled() || self.replies.status == b'E';
         if self.lease.is_some() && failed_or_unknown {
             build::close_portal(&mut self.backend_out, "");

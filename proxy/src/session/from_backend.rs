@@ -48,7 +48,7 @@ impl Session {
                 if let Some(l) = self.lease.as_mut() {
                     l.backend.reset_skipped();
                 }
-                self.reset_skipped = true;
+                self.debts.reset = true;
             }
             let mut unnamed_failures: Vec<(u32, bool)> = Vec::new();
             if !self.replies.failed_prepares.is_empty() {
@@ -109,7 +109,7 @@ impl Session {
             }
             // the client has its answers but the backend is not free (an open transaction, or an
             // unsynced batch): it is idle in a transaction from now on
-            if self.replies.is_settled() && self.held.is_none() && self.idle_since.is_none() && self.lease.is_some() && !self.backend_clean() {
+            if self.replies.is_settled() && !self.pause.holds_frame() && self.idle_since.is_none() && self.lease.is_some() && !self.backend_clean() {
                 self.idle_since = Some(std::time::Instant::now());
             }
         }

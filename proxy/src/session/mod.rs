@@ -14,12 +14,23 @@
 //! speculatively in front of a Parse/Bind/Execute of an ordinary statement (harmless inside a
 //! transaction; in an aborted one it fails exactly as the client's own message would). Anything
 //! else (a simple Query, a ROLLBACK, a Close) waits until the earlier replies are in.
+//!
+//! The files, in the order a client message travels: `io` (the event loop: sockets, timers,
+//! kill and drain), this file (frames split off the client's stream; `on_work` for each message
+//! that runs SQL), `classify` (what the message is and whether it may run: a `Step`), `route` and
+//! `lease` (which backend, leased for the transaction, and the hygiene it owes: `Debts`),
+//! `context` (whether the context statement goes in front: `decide`) and `inject` (writing it),
+//! `forward` (the message on its way, statement names rewritten: `statements`, `waits`), then
+//! `from_backend` and `replies` (every reply either relayed or swallowed), `pending` and
+//! `settings` (session SETs kept once their transaction commits), `view` and `audit`.
 
 mod audit;
 mod classify;
 mod context;
 mod forward;
 mod from_backend;
+mod io;
+mod lease;
 mod waits;
 pub mod pending;
 pub mod inject;
@@ -35,8 +46,8 @@ pub use view::ClientView;
 
 use std::sync::Arc;
 
-use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use bytes::BytesMut;
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::cancel::Registration;
 use crate::error::{sqlstate, PgError};
@@ -49,6 +60,8 @@ use crate::protocol::{build, peek};
 use crate::sql::{self, TxEffect};
 use classify::{Budget, Classifier, Step};
 use context::{Batch, Block, Decision, SinceExact};
+use io::{interruption, Interruption};
+use lease::Debts;
 use inject::Injection;
 use settings::ClientSettings;
 use replies::{Replies, Want};
@@ -126,16 +139,6 @@ enum Flow {
     Terminate,
 }
 
-enum Event {
-    Timeout(PgError),
-    ClientRead(std::io::Result<usize>),
-    BackendRead(std::io::Result<usize>),
-    ClientWrote(std::io::Result<usize>),
-    BackendWrote(std::io::Result<usize>),
-    Draining,
-    /// The client took none of its pending output for `server.client_write_timeout_ms`.
-    ClientStalled,
-}
 
 pub struct Session {
     id: u64,
@@ -159,10 +162,8 @@ pub struct Session {
     cancel: Registration,
     /// Where the client is in the batch cycle (see `context`).
     batch: Batch,
-    /// The context went out in front of a simple Query (or a Query began a block whose context
-    /// waits, or made session SETs): wait for its reply before sending more.
-    hold_until_settled: bool,
-    held: Option<Frame>,
+    /// Whether the client's input waits for the backend's replies.
+    pause: Pause,
     view: ClientView,
     settings: ClientSettings,
     draining: tokio::sync::watch::Receiver<bool>,
@@ -185,10 +186,8 @@ pub struct Session {
     /// The next message that is not setup gets it. Only an injection clears it (a stale flag costs
     /// one redundant context).
     needs_context: bool,
-    /// The sequence reset the backend owes before this session's first statement on it.
-    seq_reset: SeqReset,
-    /// The server skipped a reset of the attached backend: it goes again before the next batch.
-    reset_skipped: bool,
+    /// What the attached backend owes before the client's next message runs on it.
+    debts: Debts,
     /// The client's `default_transaction_*` session defaults as SQL for a backend (empty: the
     /// role's own), applied before each transaction that needs them.
     tx_defaults: String,
@@ -223,10 +222,6 @@ pub struct Session {
     /// What the client's messages sent since the transaction status was last exact may have done
     /// to a block (see `block`).
     since_exact: SinceExact,
-    /// A simple Query went out since the server's unnamed portal was last known to be gone: the
-    /// portal the server may keep from it is closed in front of the client's next message (see
-    /// `close_query_portal`).
-    query_portal: bool,
     /// Since when output has waited for the client with no write progress
     /// (`server.client_write_timeout_ms`).
     write_waiting_since: Option<std::time::Instant>,
@@ -287,15 +282,13 @@ impl Session {
             injection,
             cancel,
             batch: Batch::Closed,
-            hold_until_settled: false,
-            held: None,
+            pause: Pause::No,
             view,
             settings,
             attached_at: std::time::Instant::now(),
             pending: pending::PendingSets::default(),
             needs_context: false,
-            seq_reset: SeqReset::None,
-            reset_skipped: false,
+            debts: Debts::default(),
             tx_defaults,
             signer_gen,
             discard_reports: Vec::new(),
@@ -308,7 +301,6 @@ impl Session {
             last_unnamed_parse: None,
             unnamed_parses: std::collections::VecDeque::new(),
             since_exact: SinceExact::default(),
-            query_portal: false,
             write_waiting_since: None,
             stream_left: 0,
             stream_forward: false,
@@ -354,272 +346,7 @@ impl Session {
         end
     }
 
-    /// At the session's end: a clean backend goes back to the pool (reset first in session mode);
-    /// one in a transaction or mid-reply is closed, which makes the server roll back.
-    async fn let_backend_go(&mut self, end: &End) {
-        self.cancel.slot.set(None).await;
-        if self.lease.is_none() {
-            return;
-        }
-        if self.backend_clean() && !matches!(end, End::BackendLost(_)) {
-            if self.shared.session_mode {
-                // a whole session ran here: reset everything before anyone else uses it
-                if let Some(l) = self.lease.as_mut() {
-                    l.backend.end_session();
-                }
-            }
-            self.release().await;
-        } else {
-            tracing::debug!("closing a backend that was not idle when its client left");
-            self.lease = None;
-        }
-    }
 
-    async fn relay(&mut self) -> Result<(), End> {
-        loop {
-            if let Flow::Terminate = self.process_client_frames().await? {
-                return Ok(());
-            }
-            if self.lease.is_some() && self.backend_clean() && self.held.is_none() && !self.shared.session_mode {
-                self.release().await;
-            }
-            let between_transactions = self.lease.is_none() || (self.backend_clean() && self.held.is_none());
-            if *self.draining.borrow() && between_transactions && !self.batch.is_open() {
-                return Err(End::Fatal(PgError::fatal(
-                    sqlstate::ADMIN_SHUTDOWN,
-                    "pgtenant: terminating connection because the proxy is shutting down",
-                )));
-            }
-            match self.next_event().await {
-                Event::ClientRead(Ok(0)) | Event::ClientRead(Err(_)) | Event::ClientWrote(Err(_)) => {
-                    return Err(End::ClientGone)
-                }
-                Event::ClientRead(Ok(n)) => {
-                    crate::metrics::hot().client_bytes_in.increment(n as u64);
-                    self.client_read_full = n >= self.client_room;
-                }
-                Event::ClientWrote(Ok(n)) => {
-                    crate::metrics::hot().client_bytes_out.increment(n as u64);
-                    self.client_out.advance(n);
-                    self.write_waiting_since = None; // progress: the clock starts again
-                }
-                Event::BackendRead(Ok(0)) => return Err(End::BackendLost("server closed the connection".into())),
-                Event::BackendRead(Err(e)) | Event::BackendWrote(Err(e)) => {
-                    return Err(End::BackendLost(e.to_string()))
-                }
-                Event::BackendRead(Ok(_)) => self.process_backend_frames()?,
-                Event::BackendWrote(Ok(n)) => self.backend_out.advance(n),
-                Event::Draining => self.drain_seen = *self.draining.borrow(),
-                Event::ClientStalled => {
-                    tracing::info!(
-                        timeout_ms = self.shared.client_write_timeout.as_millis() as u64,
-                        pending = self.client_out.len(),
-                        "ending session: the client stopped reading its results (server.client_write_timeout_ms)"
-                    );
-                    ::metrics::counter!(crate::metrics::CLIENT_WRITE_TIMEOUTS).increment(1);
-                    self.client_out.clear(); // it will not read it: no second wait on the way out
-                    return Err(End::ClientGone);
-                }
-                Event::Timeout(err) => {
-                    tracing::info!(code = err.code, message = %err.message, "ending session");
-                    return Err(End::Fatal(err));
-                }
-            }
-        }
-    }
-
-    async fn next_event(&mut self) -> Event {
-        let event = self.next_io().await;
-        self.interrupt_armed = true;
-        if self.cancel.slot.is_terminated() {
-            return Event::Timeout(crate::sessions::killed_error());
-        }
-        event
-    }
-
-    async fn next_io(&mut self) -> Event {
-        let holding = self.held.is_some() || (self.hold_until_settled && !self.copy_in_open());
-        // while client input waits for the backend, keep reading (bounded) so that a client that
-        // leaves is noticed at once: its backend must not stay pinned
-        let read_client = if holding {
-            self.client_in.len() < HIGH_WATER
-        } else {
-            self.backend_out.len() < HIGH_WATER && self.client_out.len() < HIGH_WATER
-        };
-        let timeout = self.next_timeout();
-        let stall_deadline = self.write_deadline();
-        let read_backend = self.client_out.len() < HIGH_WATER;
-        // An idle client (no backend, nothing buffered) waits with a small read buffer, and so
-        // does one in a transaction until a read fills it: most transactions' messages fit, and
-        // growing the buffer for each transaction (then dropping it again at the release, to keep
-        // idle clients small) cost an allocation and a copy per transaction.
-        let big = !self.client_in.is_empty() || (self.lease.is_some() && self.client_read_full);
-        self.client_in.reserve(if big { READ_CHUNK } else { IDLE_READ_CHUNK });
-        self.client_room = self.client_in.capacity() - self.client_in.len();
-        if self.lease.is_some() {
-            self.backend_in.reserve(READ_CHUNK);
-        }
-        let (brd, bwr) = match &mut self.lease {
-            Some(l) => (Some(&mut l.backend.rd), Some(&mut l.backend.wr)),
-            None => (None, None),
-        };
-        let has_backend = brd.is_some();
-        let armed = self.interrupt_armed;
-        let (deadline, timeout_kind) = match timeout {
-            Some((at, kind)) => (Some(at), Some(kind)),
-            None => (None, None),
-        };
-        tokio::select! {
-            biased;
-            // first, so that it is polled (and its waits registered) before any event arms it
-            _ = &mut self.interrupt, if !armed => Event::Draining, // a kill: sorted out in next_event
-            // every turn: a drain does not complete the future above, it only wakes the session
-            _ = std::future::poll_fn(|_| interrupted(&self.cancel.slot, &self.draining, self.drain_seen)) => Event::Draining,
-            _ = sleep_until_opt(deadline), if deadline.is_some() => Event::Timeout(timeout_kind.expect("set with the deadline").error(&self.shared.pool_cfg)),
-            r = self.client_wr.write(&self.client_out), if !self.client_out.is_empty() => Event::ClientWrote(r),
-            r = write_opt(bwr, &self.backend_out), if has_backend && !self.backend_out.is_empty() => Event::BackendWrote(r),
-            r = read_opt(brd, &mut self.backend_in), if has_backend && read_backend => Event::BackendRead(r),
-            r = self.client_rd.read_buf(&mut self.client_in), if read_client => Event::ClientRead(r),
-            // last: the timer is only armed when no I/O is ready, so the hot path never sets one
-            _ = sleep_until_opt(stall_deadline), if stall_deadline.is_some() => Event::ClientStalled,
-        }
-    }
-
-    /// When pending output to the client must have made progress (`server.client_write_timeout_ms`).
-    fn write_deadline(&mut self) -> Option<tokio::time::Instant> {
-        if self.client_out.is_empty() {
-            self.write_waiting_since = None;
-            return None;
-        }
-        let since = *self.write_waiting_since.get_or_insert_with(std::time::Instant::now);
-        Some(tokio::time::Instant::from_std(since + self.shared.client_write_timeout))
-    }
-
-    /// The nearest proxy-side timeout of the transaction on this session's backend, if any. Runs on
-    /// every turn of the event loop: the error is only built when the timeout fires.
-    fn next_timeout(&self) -> Option<(tokio::time::Instant, Timeout)> {
-        self.lease.as_ref()?;
-        let pool = &self.shared.pool_cfg;
-        [
-            (self.tx_since, pool.transaction_timeout_ms, Timeout::Transaction),
-            (self.idle_since, pool.idle_in_transaction_timeout_ms, Timeout::IdleInTransaction),
-        ]
-        .into_iter()
-        .filter_map(|(since, ms, kind)| Some((since? + std::time::Duration::from_millis(ms), kind)).filter(|_| ms > 0))
-        .min_by_key(|(at, _)| *at)
-        .map(|(at, kind)| (tokio::time::Instant::from_std(at), kind))
-    }
-
-    /// The server is in COPY FROM STDIN and waits for the client's data (nothing held back).
-    fn copy_in_open(&self) -> bool {
-        self.replies.copy_in && self.held.is_none() && self.lease.is_some()
-    }
-
-    /// The backend can go back to the pool: idle, nothing in flight, nothing half-read.
-    fn backend_clean(&self) -> bool {
-        self.backend_idle() && self.backend_out.is_empty() && self.backend_in.is_empty() && self.stream_left == 0
-    }
-
-    /// Between transactions on the backend: every reply in, status idle, no batch open. The one
-    /// definition of "idle" (the guard's position and the pool hand-back both use it).
-    fn backend_idle(&self) -> bool {
-        self.replies.is_settled() && self.replies.status == b'I' && !self.batch.is_open()
-    }
-
-    async fn release(&mut self) {
-        if let Some(mut lease) = self.lease.take() {
-            if std::mem::replace(&mut self.seq_reset, SeqReset::None) != SeqReset::None {
-                lease.backend.reset_unconfirmed(); // owed or unanswered: the next session gets it
-            }
-            self.reset_skipped = false; // the backend owes it to whoever attaches it next
-            self.query_portal = false; // (released idle: the server dropped its portals)
-            // the relay buffers go back with the connection (both are empty: backend_clean)
-            std::mem::swap(&mut self.backend_in, &mut lease.backend.buf_in);
-            std::mem::swap(&mut self.backend_out, &mut lease.backend.buf_out);
-            // an idle client keeps no large buffers: 10,000 idle clients must stay small
-            if self.client_out.is_empty() && self.client_out.capacity() > IDLE_READ_CHUNK {
-                self.client_out = BytesMut::new();
-            }
-            if self.client_in.is_empty() && self.client_in.capacity() > IDLE_READ_CHUNK {
-                self.client_in = BytesMut::new();
-            }
-            let hot = crate::metrics::hot();
-            hot.transactions.increment(1);
-            hot.transaction_seconds.record(self.attached_at.elapsed().as_secs_f64());
-            self.cancel.slot.set(None).await;
-            self.pool.release(lease);
-        }
-    }
-
-    /// Leases a backend for the transaction a message starts; `access` is the mode its first
-    /// statement opens the transaction with, if it names one.
-    async fn attach(&mut self, access: Option<crate::routing::intent::Mode>) -> Result<(), PgError> {
-        // boxed: leasing (queueing, connecting, logging in to the server) is the session's largest
-        // stage, and inline it would size every idle session's task
-        let lease = Box::pin(self.lease_for(access)).await?;
-        self.cancel.slot.set_on(Some((lease.backend.pid, lease.backend.secret_key)), self.pool.clone()).await;
-        self.adopt(lease);
-        Ok(())
-    }
-
-    /// Makes `lease` this session's backend.
-    fn adopt(&mut self, mut lease: Lease) {
-        self.attached_at = std::time::Instant::now();
-        self.replies.reset();
-        let b = &mut lease.backend;
-        // borrow the connection's relay buffers (ours are empty whenever no lease is held)
-        debug_assert!(self.backend_in.is_empty() && self.backend_out.is_empty());
-        std::mem::swap(&mut self.backend_in, &mut b.buf_in);
-        std::mem::swap(&mut self.backend_out, &mut b.buf_out);
-        self.lease = Some(lease);
-        self.unnamed_parsed = None;
-        self.unnamed_parses.clear();
-        self.send_reset();
-    }
-
-    /// Sends the reset the attached backend owes this session, if any, in front of the message
-    /// about to go (at a batch's start: nothing before it can make the server skip it).
-    fn send_reset(&mut self) {
-        let Some(l) = self.lease.as_mut() else { return };
-        match l.backend.reset_for(self.id) {
-            None => {}
-            // sent with the first message (`send_seq_reset`): in the same batch as the context
-            // when one goes in front of it
-            Some(crate::pool::Reset::Sequences) => self.seq_reset = SeqReset::Owed,
-            Some(reset) => {
-                // pipelined in front of this session's first message: no extra round trip
-                build::query(&mut self.backend_out, &reset.into_sql());
-                self.replies.expect(Want::Ready, true, true);
-            }
-        }
-    }
-
-    /// Sends the sequence reset the backend owes, if any: in the batch of the context statement
-    /// that follows (`in_batch`), else as a Query of its own. Either way it goes ahead of every
-    /// client message, and the backend counts as reset once the server confirms it ran.
-    fn send_seq_reset(&mut self, in_batch: bool) {
-        if self.seq_reset != SeqReset::Owed {
-            return;
-        }
-        let Some(l) = self.lease.as_mut() else { return };
-        if in_batch {
-            inject::write_sequence_reset(&mut self.backend_out, &mut l.backend, &mut self.replies);
-        } else {
-            build::query(&mut self.backend_out, crate::pool::conn::RESET_SEQUENCES);
-            self.replies.expect(Want::Ready, true, true);
-        }
-        self.seq_reset = SeqReset::Sent;
-    }
-
-    /// The first CommandComplete or ErrorResponse after a sequence reset went out is the reset's:
-    /// an error means it did not run (a cancel can land on it), and it is owed again, by this
-    /// session's next transaction as much as by anyone's (it protects this session from the one
-    /// before it): sent with the next message here, or on the next hand-over of the backend.
-    fn confirm_seq_reset(&mut self, tag: u8) {
-        if self.seq_reset == SeqReset::Sent && (tag == tags::backend::COMMAND_COMPLETE || tag == tags::backend::ERROR) {
-            self.seq_reset = if tag == tags::backend::ERROR { SeqReset::Owed } else { SeqReset::None };
-        }
-    }
 
     // ---- client → backend -------------------------------------------------------------------
 
@@ -628,36 +355,33 @@ impl Session {
             if self.backend_out.len() >= HIGH_WATER {
                 return Ok(Flow::Continue);
             }
-            if self.hold_until_settled || self.held.is_some() {
-                if !self.replies.is_settled() {
-                    if self.copy_in_open() {
-                        // a held-back query started COPY FROM STDIN: its data must flow meanwhile
-                        match try_split(&mut self.client_in, self.shared.max_message_bytes) {
-                            Ok(Some(f)) if matches!(f.tag, msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL | msg::FLUSH | msg::SYNC) => {
-                                self.on_client_frame(f).await?;
-                                continue;
-                            }
-                            // anything else is a protocol violation during COPY (the server
-                            // answers 08P01); held, it would wait for an end the client sends
-                            // after it. Not forwarded: if the COPY has just failed on the server,
-                            // the server would run it unread by pgtenant.
-                            Ok(Some(f)) => {
-                                return Err(End::Fatal(PgError::fatal(
-                                    sqlstate::PROTOCOL_VIOLATION,
-                                    format!("pgtenant: unexpected message type 0x{:02X} during COPY from stdin", f.tag),
-                                )));
-                            }
-                            Ok(None) => {}
-                            Err(e) => return Err(End::Fatal(frame_error(e))),
+            if self.pause.is_paused() && !self.replies.is_settled() {
+                if self.copy_in_open() {
+                    // a held-back query started COPY FROM STDIN: its data must flow meanwhile
+                    match try_split(&mut self.client_in, self.shared.max_message_bytes) {
+                        Ok(Some(f)) if matches!(f.tag, msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL | msg::FLUSH | msg::SYNC) => {
+                            self.on_client_frame(f).await?;
+                            continue;
                         }
+                        // anything else is a protocol violation during COPY (the server
+                        // answers 08P01); held, it would wait for an end the client sends
+                        // after it. Not forwarded: if the COPY has just failed on the server,
+                        // the server would run it unread by pgtenant.
+                        Ok(Some(f)) => {
+                            return Err(End::Fatal(PgError::fatal(
+                                sqlstate::PROTOCOL_VIOLATION,
+                                format!("pgtenant: unexpected message type 0x{:02X} during COPY from stdin", f.tag),
+                            )));
+                        }
+                        Ok(None) => {}
+                        Err(e) => return Err(End::Fatal(frame_error(e))),
                     }
-                    return Ok(Flow::Continue);
                 }
-                self.hold_until_settled = false;
+                return Ok(Flow::Continue);
             }
-            let frame = match self.held.take() {
-                Some(f) => f,
-                None => match try_split(&mut self.client_in, self.shared.max_message_bytes) {
+            let frame = match std::mem::replace(&mut self.pause, Pause::No) {
+                Pause::Held(f) => f,
+                _ => match try_split(&mut self.client_in, self.shared.max_message_bytes) {
                     Ok(Some(f)) => f,
                     Ok(None) => return Ok(Flow::Continue),
                     Err(e) => return Err(End::Fatal(frame_error(e))),
@@ -666,7 +390,7 @@ impl Session {
             match self.on_client_frame(frame).await? {
                 Flow::Continue => {}
                 Flow::Hold(f) => {
-                    self.held = Some(f);
+                    self.pause = Pause::Held(f);
                     return Ok(Flow::Continue);
                 }
                 Flow::Terminate => return Ok(Flow::Terminate),
@@ -698,7 +422,9 @@ impl Session {
                     self.batch = Batch::Closed;
                     self.replies.batch_failed = false;
                     // SETs executed in this batch are kept once its ReadyForQuery shows a clean end
-                    self.hold_until_settled |= !self.pending.is_empty();
+                    if !self.pending.is_empty() {
+                        self.pause = Pause::UntilSettled;
+                    }
                 }
                 Ok(Flow::Continue)
             }
@@ -795,10 +521,10 @@ impl Session {
             if let Err(e) = self.attach(plan.access).await {
                 return Ok(self.refuse(e, simple));
             }
-        } else if self.reset_skipped && !self.batch.is_open() && self.replies.is_settled() {
+        } else if self.debts.reset && !self.batch.is_open() && self.replies.is_settled() {
             // a reset of this backend was skipped (`Replies::own_query_skipped`) and the backend
             // stayed attached (session pooling, or more messages pipelined): send it again now
-            self.reset_skipped = false;
+            self.debts.reset = false;
             self.send_reset();
         }
         self.close_query_portal();
@@ -893,13 +619,15 @@ impl Session {
             self.needs_context = true;
         }
         if simple {
-            self.query_portal |= f.tag == msg::QUERY;
+            self.debts.query_portal |= f.tag == msg::QUERY;
             self.simple_inside_a_batch();
             // after a Query that got the context, or began a block whose context waits (`BEGIN`
             // is setup), wait for its answer: where the backend then is is exact, not guessed
             // (`block`), for clients that do not wait themselves
             let began = matches!(decision, Decision::Defer { .. });
-            self.hold_until_settled = injected || began || !self.pending.is_empty();
+            if injected || began || !self.pending.is_empty() {
+                self.pause = Pause::UntilSettled;
+            }
         } else {
             let executed = matches!(self.batch, Batch::Open { executed: true, .. }) || f.tag == msg::EXECUTE;
             self.batch = Batch::Open { began_idle, executed };
@@ -955,6 +683,30 @@ impl Session {
 
 }
 
+/// Whether the client's input waits for the backend's replies: processing of the client's messages
+/// goes on once every reply owed is in (`Replies::is_settled`).
+enum Pause {
+    /// Client messages are processed as they come.
+    No,
+    /// The context went out in front of a simple Query (or a Query began a block whose context
+    /// waits, or made session SETs whose fate its answer decides): where the backend then is will
+    /// be exact, not guessed. COPY data of a Query that started COPY FROM STDIN still flows.
+    UntilSettled,
+    /// This message was classified `Hold` (`Step::Hold`, `Decision::Hold`): it is classified again
+    /// once the replies are in.
+    Held(Frame),
+}
+
+impl Pause {
+    fn is_paused(&self) -> bool {
+        !matches!(self, Pause::No)
+    }
+
+    fn holds_frame(&self) -> bool {
+        matches!(self, Pause::Held(_))
+    }
+}
+
 /// A client's unnamed Parse awaiting its answer (`Session::unnamed_parse_failed`).
 #[derive(Debug)]
 struct UnnamedParse {
@@ -966,90 +718,7 @@ struct UnnamedParse {
     before: Option<Arc<statements::StatementDef>>,
 }
 
-/// A sequence reset a newly attached backend owes this session (see `inject::RESET_STATEMENT`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SeqReset {
-    None,
-    /// Not sent yet: it goes out with the session's first message.
-    Owed,
-    /// Sent; its CommandComplete (or error) has not arrived yet.
-    Sent,
-}
 
-/// The proxy-side limits on how long a client may hold a backend (`[pool]`).
-#[derive(Debug, Clone, Copy)]
-enum Timeout {
-    Transaction,
-    IdleInTransaction,
-}
-
-impl Timeout {
-    fn error(self, pool: &crate::config::PoolConfig) -> PgError {
-        match self {
-            Timeout::Transaction => PgError::fatal(
-                sqlstate::TRANSACTION_TIMEOUT,
-                format!("pgtenant: terminating connection due to transaction timeout ({} ms)", pool.transaction_timeout_ms),
-            )
-            .with_hint("the transaction was rolled back; raise pool.transaction_timeout_ms in the pgtenant config if it must run longer"),
-            Timeout::IdleInTransaction => PgError::fatal(
-                sqlstate::IDLE_IN_TRANSACTION_TIMEOUT,
-                format!("pgtenant: terminating connection due to idle-in-transaction timeout ({} ms)", pool.idle_in_transaction_timeout_ms),
-            )
-            .with_hint("the transaction was rolled back; end transactions promptly, or raise pool.idle_in_transaction_timeout_ms"),
-        }
-    }
-}
-
-/// Ready once the session was killed, or the proxy started draining and the session has not
-/// seen it yet: the flags that `Session::interrupt` wakes the session for.
-fn interrupted(slot: &crate::cancel::CancelSlot, draining: &tokio::sync::watch::Receiver<bool>, drain_seen: bool) -> std::task::Poll<()> {
-    if slot.is_terminated() || (!drain_seen && *draining.borrow()) {
-        std::task::Poll::Ready(())
-    } else {
-        std::task::Poll::Pending
-    }
-}
-
-type Interruption = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>;
-
-/// Wakes the session when it is killed (console `KILL`, `/sessions` DELETE) or the proxy starts
-/// draining; what happened is read from the flags (see `Session::interrupt`). It completes only on
-/// a kill: were a drain to complete it (a drain under way when the session first polls it, or one
-/// that comes before the session's first event), the wait for a kill would end with it, and a
-/// session then kept open by its transaction could no longer be killed.
-fn interruption(slot: Arc<crate::cancel::CancelSlot>, mut draining: tokio::sync::watch::Receiver<bool>) -> Interruption {
-    Box::pin(async move {
-        let drained = async move {
-            let _ = draining.wait_for(|d| *d).await; // wakes the session once; `interrupted` sees why
-            std::future::pending::<()>().await
-        };
-        tokio::select! {
-            _ = slot.terminated() => {}
-            _ = drained => {}
-        }
-    })
-}
-
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn read_opt<R: AsyncRead + Unpin>(r: Option<&mut R>, buf: &mut BytesMut) -> std::io::Result<usize> {
-    match r {
-        Some(r) => r.read_buf(buf).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn write_opt<W: AsyncWrite + Unpin>(w: Option<&mut W>, buf: &[u8]) -> std::io::Result<usize> {
-    match w {
-        Some(w) => w.write(buf).await,
-        None => std::future::pending().await,
-    }
-}
 
 fn frame_error(e: FrameError) -> PgError {
     match e {
