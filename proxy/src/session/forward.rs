@@ -15,6 +15,7 @@ use super::{Flow, Session, UnnamedParse, NEXT_SESSION_ID};
 use crate::error::{sqlstate, PgError};
 use crate::pool::prepared;
 use crate::protocol::frame::Frame;
+use crate::protocol::tags::frontend as msg;
 use crate::protocol::{build, peek};
 use crate::sql;
 
@@ -35,13 +36,13 @@ impl Session {
     /// (preparing them there first when needed).
     pub(super) fn forward_rewritten(&mut self, f: &Frame, simple: bool) {
         let body = f.body();
-        if matches!(f.tag, b'B' | b'D') && !self.unnamed_here() {
+        if matches!(f.tag, msg::BIND | msg::DESCRIBE) && !self.unnamed_here() {
             self.ensure_unnamed_here(f);
         }
         let named = match f.tag {
-            b'P' => peek::parse_msg(body).map(|(n, _)| n),
-            b'B' => peek::bind_msg(body).map(|(_, s)| s),
-            b'D' => peek::target_msg(body).filter(|(k, _)| *k == b'S').map(|(_, n)| n),
+            msg::PARSE => peek::parse_msg(body).map(|(n, _)| n),
+            msg::BIND => peek::bind_msg(body).map(|(_, s)| s),
+            msg::DESCRIBE => peek::target_msg(body).filter(|(k, _)| *k == b'S').map(|(_, n)| n),
             _ => None,
         }
         // the unnamed statement goes as it is, unless it has set_config parameters (see `bind`)
@@ -58,15 +59,15 @@ impl Session {
         // the client's own Parse always reaches the server, and a statement is shared only with
         // clients that parsed before it was prepared (a schema change in between fails an older
         // one: see `pool::prepared`)
-        let since = if f.tag == b'P' { u64::MAX } else { def.parsed_at };
+        let since = if f.tag == msg::PARSE { u64::MAX } else { def.parsed_at };
         let p = lease.backend.statements().prepare(&def.key, since);
         for evict in &p.evict {
-            prepared::target_frame(&mut self.backend_out, b'C', evict);
+            prepared::target_frame(&mut self.backend_out, msg::CLOSE, evict);
             self.replies.expect(Want::CloseComplete, true, false);
         }
         let out = &mut self.backend_out;
         match f.tag {
-            b'P' => {
+            msg::PARSE => {
                 prepared::parse_frame(out, &p.name, &def.key);
                 self.replies.expect_parse(false, p.id);
                 self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name), self.syncs_sent));
@@ -80,12 +81,12 @@ impl Session {
         }
         // an error about this message names the server statement: the client is told its own name
         self.note_renamed(p.id, f.bytes.slice_ref(name));
-        if f.tag == b'B' {
+        if f.tag == msg::BIND {
             let (portal, stmt) = peek::bind_msg(body).expect("checked above");
             prepared::rewrite_bind(&mut self.backend_out, body, portal.len(), stmt.len(), &p.name);
             self.replies.expect(Want::BindComplete, false, false);
         } else {
-            prepared::target_frame(&mut self.backend_out, b'D', &p.name);
+            prepared::target_frame(&mut self.backend_out, msg::DESCRIBE, &p.name);
             self.replies.expect(Want::Description, false, false);
         }
     }
@@ -106,7 +107,7 @@ impl Session {
         }
         let p = lease.backend.statements().prepare(&def.key, def.parsed_at);
         for evict in &p.evict {
-            prepared::target_frame(&mut self.backend_out, b'C', evict);
+            prepared::target_frame(&mut self.backend_out, msg::CLOSE, evict);
             self.replies.expect(Want::CloseComplete, true, false);
         }
         if p.needs_parse {
@@ -143,7 +144,7 @@ impl Session {
         }
         prepared::parse_frame(&mut self.backend_out, DUPLICATE_CHECK, key);
         self.replies.expect(Want::ParseComplete, true, false);
-        prepared::target_frame(&mut self.backend_out, b'C', DUPLICATE_CHECK);
+        prepared::target_frame(&mut self.backend_out, msg::CLOSE, DUPLICATE_CHECK);
         self.replies.expect(Want::CloseComplete, true, false);
         self.refuse(err, false);
     }
@@ -237,7 +238,7 @@ impl Session {
     /// parsed again first, its ParseComplete swallowed.
     fn ensure_unnamed_here(&mut self, f: &Frame) {
         let unnamed = match f.tag {
-            b'B' => peek::bind_msg(f.body()).is_some_and(|(_, s)| s.is_empty()),
+            msg::BIND => peek::bind_msg(f.body()).is_some_and(|(_, s)| s.is_empty()),
             _ => peek::target_msg(f.body()).is_some_and(|(k, n)| k == b'S' && n.is_empty()),
         };
         if !unnamed || self.lease.is_none() || self.replies.batch_failed || self.statements.unnamed_has_bind_checks() {
@@ -288,8 +289,8 @@ impl Session {
         self.backend_out.extend_from_slice(&f.bytes);
         if let Some(want) = Want::for_frontend(f.tag) {
             // while the server skips to Sync, only the Sync itself is answered
-            if !self.replies.batch_failed || f.tag == b'S' {
-                if f.tag == b'P' && f.body().first() == Some(&0) {
+            if !self.replies.batch_failed || f.tag == msg::SYNC {
+                if f.tag == msg::PARSE && f.body().first() == Some(&0) {
                     // the client's unnamed statement: if this Parse fails, the client has none;
                     // if it is skipped, the one it had (`unnamed_parse_failed`)
                     let seq = self.replies.next_seq();
@@ -299,7 +300,7 @@ impl Session {
                     let before = self.statements.take_unnamed_before();
                     let set = self.statements.statement(b"").cloned();
                     self.note_unnamed_parse(seq, set, before);
-                } else if f.tag == b'F' {
+                } else if f.tag == msg::FUNCTION_CALL {
                     self.replies.expect_function_call();
                 } else {
                     self.replies.expect(want, false, simple);
@@ -433,7 +434,7 @@ const DUPLICATE_CHECK: &str = "pgtenant_duplicate_check";
 /// The SQL text of a Query or Parse frame.
 fn peek_sql(f: &Frame) -> &[u8] {
     match f.tag {
-        b'Q' => peek::query_msg(f.body()).unwrap_or_default(),
+        msg::QUERY => peek::query_msg(f.body()).unwrap_or_default(),
         _ => peek::parse_msg(f.body()).map(|(_, q)| q).unwrap_or_default(),
     }
 }
