@@ -10,6 +10,7 @@
 mod common;
 mod adversarial;
 mod dangling;
+mod described;
 mod differential;
 mod interference;
 mod names;
@@ -53,6 +54,7 @@ fn main() {
         ("raw_held_inside_a_batch", |env| Box::pin(adversarial::held_inside_a_batch(env))),
         ("raw_unnamed_statement_is_the_clients", |env| Box::pin(adversarial::unnamed_statement_is_the_clients(env))),
         ("raw_dangling_unnamed_portal", |env| Box::pin(dangling::dangling_unnamed_portal(env))),
+        ("raw_describe_in_a_failed_block", |env| Box::pin(described::describe_in_a_failed_block(env))),
         ("raw_bind_counts_before_an_aborted_transaction", |env| Box::pin(adversarial::bind_counts_before_an_aborted_transaction(env))),
         ("raw_session_sets_as_the_server_keeps_them", |env| Box::pin(adversarial::session_sets_as_the_server_keeps_them(env))),
         ("protocol_differential_transaction_mode", |env| Box::pin(differential::transaction_mode(env))),

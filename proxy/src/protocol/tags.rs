@@ -26,6 +26,7 @@ pub mod backend {
     pub const BIND_COMPLETE: u8 = b'2';
     pub const CLOSE_COMPLETE: u8 = b'3';
     pub const ROW_DESCRIPTION: u8 = b'T';
+    pub const PARAMETER_DESCRIPTION: u8 = b't';
     pub const NO_DATA: u8 = b'n';
     pub const DATA_ROW: u8 = b'D';
     pub const COMMAND_COMPLETE: u8 = b'C';

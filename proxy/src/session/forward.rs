@@ -47,7 +47,7 @@ impl Session {
         }
         // the unnamed statement goes as it is, unless it has set_config parameters (see `bind`)
         .filter(|n| !n.is_empty() || self.statements.unnamed_has_bind_checks());
-        let (Some(name), Some(lease)) = (named, self.lease.as_mut()) else {
+        let (Some(name), true) = (named, self.lease.is_some()) else {
             return self.forward(f, simple);
         };
         let Some(def) = self.statements.statement(name).cloned() else {
@@ -56,6 +56,10 @@ impl Session {
         if self.replies.batch_failed {
             return; // the server skips everything up to Sync
         }
+        if f.tag == msg::DESCRIBE && self.describe_locally(&def) {
+            return;
+        }
+        let lease = self.lease.as_mut().expect("checked above");
         // the client's own Parse always reaches the server, and a statement is shared only with
         // clients that parsed before it was prepared (a schema change in between fails an older
         // one: see `pool::prepared`)
@@ -71,6 +75,7 @@ impl Session {
                 prepared::parse_frame(out, &p.name, &def.key);
                 self.replies.expect_parse(false, p.id);
                 self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name), self.syncs_sent));
+                self.learn_description(&p.name, &def);
                 return;
             }
             _ if p.needs_parse => {
@@ -219,8 +224,10 @@ impl Session {
     }
 
     fn drain_synthetic_owed(&mut self) {
-        while let Some(tag) = self.replies.take_synthetic() {
-            if tag == SYNTHETIC_DISCARD_ALL {
+        while let Some((tag, seq)) = self.replies.take_synthetic() {
+            if tag == super::describe::SYNTHETIC_DESCRIPTION {
+                self.push_description(seq);
+            } else if tag == SYNTHETIC_DISCARD_ALL {
                 push_discard_all(&mut self.client_out);
                 for (name, value) in std::mem::take(&mut self.discard_reports) {
                     build::parameter_status(&mut self.client_out, &name, &value);

@@ -87,6 +87,7 @@ impl Session {
             if self.replies.is_settled() {
                 self.client_parses.clear();
                 self.renamed.clear();
+                self.descriptions.settled();
             }
             if tag == reply::ERROR {
                 self.pending.error();
@@ -121,6 +122,7 @@ impl Session {
     /// its output to the client starts (reports owed for a ReadyForQuery go there), or `None` for a
     /// report the client must not see. The caller drops it from the buffer.
     fn on_backend_message(&mut self, total: usize) -> Result<Option<usize>, End> {
+        self.note_description(self.backend_in[0], total);
         let msg = &self.backend_in[..total];
         let (tag, body) = (msg[0], &msg[5..]);
         if tag == reply::ERROR {

@@ -27,6 +27,7 @@
 mod audit;
 mod classify;
 mod context;
+mod describe;
 mod forward;
 mod from_backend;
 mod io;
@@ -164,6 +165,8 @@ pub struct Session {
     batch: Batch,
     /// Whether the client's input waits for the backend's replies.
     pause: Pause,
+    /// Descriptions of the client's statements being learnt, and those pgtenant answers itself.
+    descriptions: describe::Descriptions,
     view: ClientView,
     settings: ClientSettings,
     draining: tokio::sync::watch::Receiver<bool>,
@@ -283,6 +286,7 @@ impl Session {
             cancel,
             batch: Batch::Closed,
             pause: Pause::No,
+            descriptions: Default::default(),
             view,
             settings,
             attached_at: std::time::Instant::now(),

@@ -237,14 +237,14 @@ impl Replies {
         matches!(self.owed.front(), Some(Owed { want: Want::Synthetic(_) | Want::CopyEnd, .. }))
     }
 
-    /// Pops the reply pgtenant owes the client itself, if it is next in line (markers are skipped).
-    pub fn take_synthetic(&mut self) -> Option<u8> {
+    /// Pops the reply pgtenant owes the client itself, if it is next in line (markers are skipped),
+    /// with its reply number.
+    pub fn take_synthetic(&mut self) -> Option<(u8, u32)> {
         loop {
             match self.owed.front() {
-                Some(Owed { want: Want::Synthetic(tag), .. }) => {
-                    let tag = *tag;
+                Some(&Owed { want: Want::Synthetic(tag), seq, .. }) => {
                     self.owed.pop_front();
-                    return Some(tag);
+                    return Some((tag, seq));
                 }
                 Some(Owed { want: Want::CopyEnd, .. }) => {
                     self.owed.pop_front();
@@ -373,6 +373,8 @@ impl Replies {
                     (true, false) if front.want == Want::Ready => Action::Swallow,
                     // the context statement returns one row
                     (true, false) if tag == r::DATA_ROW => Action::Swallow,
+                    // pgtenant's Describe of a client's statement (`Session::learn_description`)
+                    (true, false) if tag == r::PARAMETER_DESCRIPTION && front.want == Want::Description => Action::Swallow,
                     (true, false) => Action::Desync,
                 }
             }
@@ -509,7 +511,7 @@ mod tests {
         r.expect(Want::Ready, false, false);
         assert_eq!(r.take_synthetic(), None);
         assert_eq!(r.on_reply(b'2', b""), Action::Forward);
-        assert_eq!(r.take_synthetic(), Some(b'1'));
+        assert_eq!(r.take_synthetic().map(|(tag, _)| tag), Some(b'1'));
         assert_eq!(r.on_reply(b'E', b""), Action::Forward);
         assert_eq!(r.failed_prepares, [(7, false)]);
         assert_eq!(r.on_reply(b'Z', b"I"), Action::Forward);

@@ -83,6 +83,21 @@ pub struct StatementDef {
     /// after that may serve it (a schema change in between would fail an older one). 0 for an
     /// unnamed statement that goes to the server as it is, which no server statement serves.
     pub parsed_at: u64,
+    /// What the server answers a `Describe` of this named statement with, once pgtenant has seen
+    /// it (`Session::learn_description`): inside a failed block pgtenant cannot prepare the
+    /// statement on another backend (its Parse fails with 25P02), where the server still
+    /// describes a statement that returns no rows (`Session::describe_locally`).
+    pub described: std::sync::OnceLock<Described>,
+}
+
+/// The server's answer to a `Describe` of a statement (see [`StatementDef::described`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Described {
+    /// It returns no rows: this ParameterDescription message, then NoData.
+    Rowless(Bytes),
+    /// It returns rows: a RowDescription, which the server does not send inside a failed block
+    /// (25P02), as pgtenant's Parse there fails too.
+    Rows,
 }
 
 /// [`StatementDef::params`] of a Parse: `key` is its body after the name. The server counts the
@@ -179,6 +194,7 @@ impl Statements {
             tx_op: a.tx_op.clone(),
             params,
             parsed_at: if shared { crate::pool::prepared::tick() } else { 0 },
+            described: Default::default(),
         });
         if name.is_empty() {
             self.unnamed_before = self.unnamed_stmt.replace(def.clone());
