@@ -20,7 +20,8 @@
 //! that runs SQL), `classify` (what the message is and whether it may run: a `Step`), `route` and
 //! `lease` (which backend, leased for the transaction, and the hygiene it owes: `Debts`),
 //! `context` (whether the context statement goes in front: `decide`) and `inject` (writing it),
-//! `forward` (the message on its way, statement names rewritten: `statements`, `waits`), then
+//! `forward` (the message on its way, statement names rewritten: `statements`, `waits`,
+//! `describe`), then
 //! `from_backend` and `replies` (every reply either relayed or swallowed), `pending` and
 //! `settings` (session SETs kept once their transaction commits), `view` and `audit`.
 
