@@ -22,6 +22,11 @@ use super::Session;
 use crate::pool::prepared;
 use crate::protocol::tags::{backend as reply, frontend as msg};
 
+/// The largest ParameterDescription kept (62 parameters): a statement's description is not counted
+/// in the session's byte budget (`server.max_session_state_bytes`), and `$65535` alone would make
+/// it 256 KiB. A larger one is not kept: such a `Describe` goes as before (a Parse first).
+const MAX_KEPT: usize = 256;
+
 /// The synthetic reply that stands for a description pgtenant gives itself (`describe_locally`).
 pub(super) const SYNTHETIC_DESCRIPTION: u8 = reply::PARAMETER_DESCRIPTION;
 
@@ -79,12 +84,12 @@ impl Session {
         }
         let learnt = match tag {
             reply::PARAMETER_DESCRIPTION => {
-                d.params = Some(Bytes::copy_from_slice(&self.backend_in[..total]));
+                d.params = (total <= MAX_KEPT).then(|| Bytes::copy_from_slice(&self.backend_in[..total]));
                 return;
             }
-            reply::NO_DATA => d.params.take().map(Described::Rowless),
+            reply::NO_DATA => Some(d.params.take().map_or(Described::Unkept, Described::Rowless)),
             reply::ROW_DESCRIPTION => Some(Described::Rows),
-            reply::ERROR => None,
+            reply::ERROR => Some(Described::Unkept),
             _ => return,
         };
         let (_, def) = d.learning.pop_front().expect("checked above");

@@ -98,6 +98,8 @@ pub enum Described {
     /// It returns rows: a RowDescription, which the server does not send inside a failed block
     /// (25P02), as pgtenant's Parse there fails too.
     Rows,
+    /// Not kept (too large, or the Describe failed): a Describe goes to the server after a Parse.
+    Unkept,
 }
 
 /// [`StatementDef::params`] of a Parse: `key` is its body after the name. The server counts the

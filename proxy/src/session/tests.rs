@@ -189,8 +189,12 @@ impl Server {
                 }
             }
             b'D' => {
-                note("D".into());
+                let (name, _) = cstr(&body[1..]);
+                note(format!("D {} {name}", body[0] as char));
                 if !skipping {
+                    if body[0] == b'S' {
+                        put(&mut self.out, b't', &[0, 0]); // no parameters
+                    }
                     put(&mut self.out, b'n', b"");
                 }
             }
@@ -760,7 +764,7 @@ fn a_failed_query_in_a_block_has_its_portal_closed_and_nothing_else_does() {
         assert_eq!(c.sent(), ["Q select fail"]);
         assert_eq!(c.round(&[frame(b'D', b"P\0"), sync()].concat(), 1).await, "n ZE");
         let sent = c.sent();
-        assert_eq!(sent, ["C P ", "D", "S"], "the portal is closed first, once");
+        assert_eq!(sent, ["C P ", "D P ", "S"], "the portal is closed first, once");
         let execute = [frame(b'E', b"\0\0\0\0\0"), sync()].concat();
         assert_eq!(c.round(&execute, 1).await, "E34000 ZE");
         assert!(!c.sent().iter().any(|l| l.starts_with("E ")), "the Execute did not reach the server");
@@ -771,3 +775,28 @@ fn a_failed_query_in_a_block_has_its_portal_closed_and_nothing_else_does() {
         assert_eq!(c.round(&[ext("select 4"), frame(b'E', b"\0\0\0\0\0"), sync()].concat(), 1).await, "12DCDC ZI");
     });
 }
+
+/// pgtenant learns what a Describe of a client's named statement answers from a Describe of its own
+/// behind the client's Parse, whose replies the client never sees; the client's own Describe is
+/// answered by the server as usual, and a second Parse of the statement learns nothing again.
+#[test]
+fn a_named_parse_is_described_once_unseen() {
+    rt().block_on(async {
+        let mut c = Client::start(false).await;
+        let parse = |name: &str, sql: &str| frame(b'P', format!("{name}\0{sql}\0\0\0").as_bytes());
+        let describe = |name: &str| frame(b'D', format!("S{name}\0").as_bytes());
+        assert_eq!(c.round(&[parse("s1", "RESET work_mem"), sync()].concat(), 1).await, "1 ZI");
+        let sent = c.sent();
+        let described: Vec<_> = sent.iter().filter(|l| l.starts_with("D S pgtenant_s")).collect();
+        assert_eq!(described.len(), 1, "one Describe of pgtenant's, of the statement just parsed: {sent:?}");
+        assert_eq!(c.round(&[describe("s1"), sync()].concat(), 1).await, "tn ZI", "the client's own");
+        let closes = [frame(b'C', b"Ss1\0"), sync()].concat();
+        assert_eq!(c.round(&closes, 1).await, "3 ZI");
+        c.sent();
+        // a new statement of the name is a new statement: learnt once more
+        assert_eq!(c.round(&[parse("s1", "select 1"), describe("s1"), sync()].concat(), 1).await, "1tn ZI");
+        let sent = c.sent();
+        assert_eq!(sent.iter().filter(|l| l.starts_with("D S pgtenant_s")).count(), 2, "pgtenant's and the client's: {sent:?}");
+    });
+}
+
