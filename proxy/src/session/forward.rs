@@ -47,7 +47,7 @@ impl Session {
         }
         // the unnamed statement goes as it is, unless it has set_config parameters (see `bind`)
         .filter(|n| !n.is_empty() || self.statements.unnamed_has_bind_checks());
-        let (Some(name), true) = (named, self.lease.is_some()) else {
+        let Some(name) = named.filter(|_| self.lease.is_some()) else {
             return self.forward(f, simple);
         };
         let Some(def) = self.statements.statement(name).cloned() else {
@@ -75,7 +75,9 @@ impl Session {
                 prepared::parse_frame(out, &p.name, &def.key);
                 self.replies.expect_parse(false, p.id);
                 self.client_parses.push((p.id, bytes::Bytes::copy_from_slice(name), self.syncs_sent));
-                self.learn_description(&p.name, &def);
+                if !name.is_empty() {
+                    self.learn_description(&p.name, &def);
+                }
                 return;
             }
             _ if p.needs_parse => {
