@@ -360,33 +360,39 @@ impl Session {
             if self.backend_out.len() >= HIGH_WATER {
                 return Ok(Flow::Continue);
             }
-            if self.pause.is_paused() && !self.replies.is_settled() {
-                if self.copy_in_open() {
-                    // a held-back query started COPY FROM STDIN: its data must flow meanwhile
-                    match try_split(&mut self.client_in, self.shared.max_message_bytes) {
-                        Ok(Some(f)) if matches!(f.tag, msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL | msg::FLUSH | msg::SYNC) => {
-                            self.on_client_frame(f).await?;
-                            continue;
+            if self.pause.is_paused() {
+                if !self.replies.is_settled() {
+                    if self.copy_in_open() {
+                        // a held-back query started COPY FROM STDIN: its data must flow meanwhile
+                        match try_split(&mut self.client_in, self.shared.max_message_bytes) {
+                            Ok(Some(f)) if matches!(f.tag, msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL | msg::FLUSH | msg::SYNC) => {
+                                self.on_client_frame(f).await?;
+                                continue;
+                            }
+                            // anything else is a protocol violation during COPY (the server
+                            // answers 08P01); held, it would wait for an end the client sends
+                            // after it. Not forwarded: if the COPY has just failed on the server,
+                            // the server would run it unread by pgtenant.
+                            Ok(Some(f)) => {
+                                return Err(End::Fatal(PgError::fatal(
+                                    sqlstate::PROTOCOL_VIOLATION,
+                                    format!("pgtenant: unexpected message type 0x{:02X} during COPY from stdin", f.tag),
+                                )));
+                            }
+                            Ok(None) => {}
+                            Err(e) => return Err(End::Fatal(frame_error(e))),
                         }
-                        // anything else is a protocol violation during COPY (the server
-                        // answers 08P01); held, it would wait for an end the client sends
-                        // after it. Not forwarded: if the COPY has just failed on the server,
-                        // the server would run it unread by pgtenant.
-                        Ok(Some(f)) => {
-                            return Err(End::Fatal(PgError::fatal(
-                                sqlstate::PROTOCOL_VIOLATION,
-                                format!("pgtenant: unexpected message type 0x{:02X} during COPY from stdin", f.tag),
-                            )));
-                        }
-                        Ok(None) => {}
-                        Err(e) => return Err(End::Fatal(frame_error(e))),
                     }
+                    return Ok(Flow::Continue);
                 }
-                return Ok(Flow::Continue);
+                self.pause.settled();
             }
-            let frame = match std::mem::replace(&mut self.pause, Pause::No) {
-                Pause::Held(f) => f,
-                _ => match try_split(&mut self.client_in, self.shared.max_message_bytes) {
+            // (`take_held` writes the pause only when a message is held: an unconditional
+            // `mem::replace` here made the compiler copy `on_client_frame`'s 680-byte future
+            // for every message, +1,000 instructions per extended transaction)
+            let frame = match self.pause.take_held() {
+                Some(f) => f,
+                None => match try_split(&mut self.client_in, self.shared.max_message_bytes) {
                     Ok(Some(f)) => f,
                     Ok(None) => return Ok(Flow::Continue),
                     Err(e) => return Err(End::Fatal(frame_error(e))),
@@ -709,6 +715,24 @@ impl Pause {
 
     fn holds_frame(&self) -> bool {
         matches!(self, Pause::Held(_))
+    }
+
+    /// Every reply is in: a pause until then ends (a held message stays, for `take_held`).
+    fn settled(&mut self) {
+        if let Pause::UntilSettled = self {
+            *self = Pause::No;
+        }
+    }
+
+    /// The held message, leaving no pause.
+    fn take_held(&mut self) -> Option<Frame> {
+        match self {
+            Pause::Held(_) => match std::mem::replace(self, Pause::No) {
+                Pause::Held(f) => Some(f),
+                _ => None,
+            },
+            _ => None,
+        }
     }
 }
 
