@@ -87,16 +87,14 @@ impl Session {
                 d.params = (total <= MAX_KEPT).then(|| Bytes::copy_from_slice(&self.backend_in[..total]));
                 return;
             }
-            reply::NO_DATA => Some(d.params.take().map_or(Described::Unkept, Described::Rowless)),
-            reply::ROW_DESCRIPTION => Some(Described::Rows),
-            reply::ERROR => Some(Described::Unkept),
+            reply::NO_DATA => d.params.take().map_or(Described::Unkept, Described::Rowless),
+            reply::ROW_DESCRIPTION => Described::Rows,
+            reply::ERROR => Described::Unkept,
             _ => return,
         };
         let (_, def) = d.learning.pop_front().expect("checked above");
         d.params = None;
-        if let Some(learnt) = learnt {
-            let _ = def.described.set(learnt);
-        }
+        let _ = def.described.set(learnt);
     }
 
     /// A client's Describe of its statement `def`, which this backend has not prepared: inside a
