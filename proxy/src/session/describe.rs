@@ -87,9 +87,8 @@ impl Session {
                 d.params = (total <= MAX_KEPT).then(|| Bytes::copy_from_slice(&self.backend_in[..total]));
                 return;
             }
-            reply::NO_DATA => d.params.take().map_or(Described::Unkept, Described::Rowless),
-            reply::ROW_DESCRIPTION => Described::Rows,
-            reply::ERROR => Described::Unkept,
+            reply::NO_DATA => d.params.take().map_or(Described::Forwarded, Described::Rowless),
+            reply::ROW_DESCRIPTION | reply::ERROR => Described::Forwarded,
             _ => return,
         };
         let (_, def) = d.learning.pop_front().expect("checked above");

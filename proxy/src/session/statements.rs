@@ -95,11 +95,10 @@ pub struct StatementDef {
 pub enum Described {
     /// It returns no rows: this ParameterDescription message, then NoData.
     Rowless(Bytes),
-    /// It returns rows: a RowDescription, which the server does not send inside a failed block
-    /// (25P02), as pgtenant's Parse there fails too.
-    Rows,
-    /// Not kept (too large, or the Describe failed): a Describe goes to the server after a Parse.
-    Unkept,
+    /// A Describe goes to the server (after a Parse where needed): the statement returns rows (a
+    /// RowDescription, which the server does not send inside a failed block either: 25P02, as
+    /// pgtenant's Parse there), or its description is larger than kept, or the Describe failed.
+    Forwarded,
 }
 
 /// [`StatementDef::params`] of a Parse: `key` is its body after the name. The server counts the
