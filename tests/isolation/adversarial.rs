@@ -998,6 +998,26 @@ pub async fn held_inside_a_batch(env: &Env) -> TestResult {
     c.check("and the setting", r.ok() && r.get(0, 0) != "8MB", r.summary());
     still_tenant_one(&mut a, &mut c, "after the held messages").await;
     a.close().await;
+    // A simple Query inside an unsynced batch waits for the batch's answers (whether the server
+    // skips it depends on them). If the batch starts a COPY FROM STDIN instead, the Query came
+    // during the COPY, and the data behind it cannot pass it: the session ends with 08P01 (as on
+    // the server), at once, and frees its backend; it must not hang.
+    env.cluster
+        .psql("app", "CREATE TABLE IF NOT EXISTS held_copy (n int); GRANT INSERT ON held_copy TO app_user;")
+        .map_err(|e| format!("creating held_copy: {e}"))?;
+    let mut d = login(&p, 1, "dave").await?;
+    let copy = [wire::parse("", "COPY held_copy (n) FROM STDIN", &[]), wire::bind("", "", &[]), wire::execute("", 0)].concat();
+    d.send(&[copy, wire::query("select 1"), wire::copy_data(b"1\n"), wire::copy_done(), wire::sync()].concat()).await?;
+    let started = std::time::Instant::now();
+    let r = d.drain_for(Duration::from_secs(5)).await;
+    c.check(
+        "a Query held inside a batch that starts COPY FROM STDIN: 08P01 and the session ends, at once",
+        r.code() == Some("08P01") && r.closed && started.elapsed() < Duration::from_secs(4),
+        format!("{} after {:?}", r.summary(), started.elapsed()),
+    );
+    next_client_is(&p, 2, &mut c, "after the COPY that met a held Query", Duration::from_secs(5)).await;
+    let copied = env.cluster.psql("app", "select count(*) from held_copy").unwrap_or_default();
+    c.check("nothing was copied", copied.trim() == "0", copied);
     finish(env, p, c, &before, "held_inside_a_batch").await
 }
 

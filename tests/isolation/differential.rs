@@ -253,7 +253,7 @@ fn copy_in(rng: &mut impl Rng, g: &mut Gen) -> Vec<(Vec<u8>, String)> {
             out.push((wire::query("BEGIN"), "Query \"BEGIN\"".into()));
         }
     }
-    // a simple Query inside an unsynced extended batch is left out (see `hostile`)
+    // a COPY by simple Query inside an unsynced extended batch is left out (see `hostile`)
     let extended = rng.random_bool(0.6);
     if !extended {
         out.push((wire::query(sql), format!("Query {sql:?}")));
@@ -432,10 +432,10 @@ async fn differential_of(env: &Env, session_mode: bool, replaying: Option<String
     let seed: u64 = std::env::var("PGTENANT_DIFF_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(20261203);
     let rounds: usize = std::env::var("PGTENANT_DIFF_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
     // Left out unless PGTENANT_DIFF_HOSTILE is set, because pgtenant still differs there
-    // (docs/protocol.md, "Remaining differences"; docs/reliability.md): a simple Query inside an
-    // unsynced extended batch, DEALLOCATE / DISCARD ALL in the mix of named statements, anything
-    // but a Sync right behind a
-    // FunctionCall inside an unsynced batch (`Gen::call_in_batch`), the COPY cases `copy_in` lists,
+    // (docs/protocol.md, "Remaining differences"; docs/reliability.md): DEALLOCATE / DISCARD ALL
+    // in the mix of named statements, anything but a Sync right behind a FunctionCall inside an
+    // unsynced batch (`Gen::call_in_batch`), the COPY cases `copy_in` lists (a COPY's own Query
+    // inside an unsynced batch among them),
     // and, in transaction pooling, a round after an allowed FunctionCall that does not first have
     // pgtenant prepare its statements again (`called`). Also only without it, 25P02 from pgtenant
     // in a failed block counts as the server's other error there (`same_reply`).
@@ -503,7 +503,7 @@ async fn differential_of(env: &Env, session_mode: bool, replaying: Option<String
                 message(&mut rng, &g, &oids)
             };
             if !hostile
-                && ((s.starts_with("Query") && !g.synced) || ["DEALLOCATE", "DISCARD"].iter().any(|w| s.contains(w)))
+                && ["DEALLOCATE", "DISCARD"].iter().any(|w| s.contains(w))
             {
                 continue; // see `hostile`
             }

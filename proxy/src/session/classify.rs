@@ -174,13 +174,21 @@ impl Classifier<'_> {
     }
 
     fn query(&mut self, q: &[u8]) -> Step {
-        if !self.skipping {
-            // the server drops the unnamed statement at every simple Query it runs, and puts the
-            // Query's own portal in place of the unnamed portal
-            self.statements.close(b'S', b"");
-            self.statements.close(b'P', b"");
+        if self.batch_pending() {
+            // Inside an unsynced extended batch with messages still unanswered: if one of them
+            // fails, the server skips this Query too (and keeps its unnamed statement, runs none
+            // of its SETs). Wait for them (the session flushes the batch), so that it is
+            // classified knowing which. No driver sends a Query there; the cost is one round trip.
+            return Step::Hold;
         }
         let a = analyze(q);
+        if self.skipping {
+            return self.skipped_query(&a, q);
+        }
+        // the server drops the unnamed statement at every simple Query it runs, and puts the
+        // Query's own portal in place of the unnamed portal
+        self.statements.close(b'S', b"");
+        self.statements.close(b'P', b"");
         // a string that may roll back keeps none of its own changes (the cautious reading)
         let sets = !a.changes.is_empty() && !matches!(a.tx_op, Some(TxOp::Rollback | TxOp::RollbackTo(_)));
         if self.pos_unknown && (sets || a.discard_all) {
@@ -210,9 +218,6 @@ impl Classifier<'_> {
         }
         let dealloc = a.deallocate.as_ref().and_then(|n| self.statements.get(n.as_bytes()).cloned());
         let touches_prepared = dealloc.is_none() && a.touches_prepared;
-        if (dealloc.is_some() || touches_prepared && a.deallocates_all) && self.batch_pending() {
-            return Step::Hold; // it forgets statements here at once: only if the server runs it
-        }
         if touches_prepared && a.deallocates_all && !self.skipping {
             self.statements.clear_statements();
         }
@@ -426,6 +431,22 @@ impl Classifier<'_> {
 
     /// Session-level settings are kept per client: they count against the same budget as its
     /// statements.
+    /// A Query inside a batch that failed: the server skips it, as it skips everything up to the
+    /// client's Sync, so it changes nothing pgtenant keeps (no session SET to keep, no statement
+    /// dropped, no DISCARD ALL answered here). The guard still reads it: it goes to the server
+    /// only if it could run there.
+    fn skipped_query(&self, a: &sql::analyze::Analysis, q: &[u8]) -> Step {
+        if let Err(e) = self.guard.check_statements(&a.statements, self.pos) {
+            return Refusal::audited(e, "guard", q);
+        }
+        if self.pooling {
+            if let Err(e) = sql::pooling::check_statements(&a.statements, self.pos.in_block) {
+                return Refusal::audited(e, "pooling", q);
+            }
+        }
+        Step::Run(Plan::default())
+    }
+
     fn check_settings_budget(&self, changes: &[Change]) -> Result<(), PgError> {
         check_settings_budget(changes, self.budget, self.statements.bytes())
     }
@@ -583,6 +604,26 @@ mod tests {
         assert!(matches!(run(&mut c, b'Q', b"commit; select 1\0"), Step::Refuse(_)));
         c.unsettled = true;
         assert!(matches!(run(&mut c, b'Q', b"commit; select 1\0"), Step::Hold));
+    }
+
+    #[test]
+    fn a_query_inside_a_batch_waits_for_its_answers_then_changes_nothing_if_it_failed() {
+        let g = guard();
+        let mut s = Statements::default();
+        s.parse(b"", b"select 1", Bytes::from_static(b"select 1\0\0\0"), 1 << 20).expect("room");
+        let mut replies = Replies::default();
+        replies.expect(super::super::replies::Want::ParseComplete, false, false); // an unsynced Parse, unanswered
+        let mut c = classifier(&g, &mut s, false);
+        c.replies = Some(&replies);
+        assert!(matches!(run(&mut c, b'Q', b"SET work_mem = '8MB'\0"), Step::Hold), "the batch may still fail");
+        // answered with an error: the server skips the Query, as everything up to the Sync
+        c.replies = None;
+        c.skipping = true;
+        let Step::Run(p) = run(&mut c, b'Q', b"SET work_mem = '8MB'\0") else { panic!() };
+        assert_eq!(p.changes, None, "a skipped SET is not kept");
+        assert!(matches!(run(&mut c, b'Q', b"DISCARD ALL\0"), Step::Run(_)), "the server skips it: not answered here");
+        assert!(matches!(run(&mut c, b'Q', b"select set_config('app.tenant_id', '2', true)\0"), Step::Refuse(_)), "still read by the guard");
+        assert!(s.statement(b"").is_some(), "the server keeps its unnamed statement");
     }
 
     #[test]

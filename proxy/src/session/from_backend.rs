@@ -108,11 +108,7 @@ impl Session {
                     self.idle_since = None;
                 }
             }
-            // the client has its answers but the backend is not free (an open transaction, or an
-            // unsynced batch): it is idle in a transaction from now on
-            if self.replies.is_settled() && !self.pause.holds_frame() && self.idle_since.is_none() && self.lease.is_some() && !self.backend_clean() {
-                self.idle_since = Some(std::time::Instant::now());
-            }
+            self.start_idle_clock();
         }
     }
 

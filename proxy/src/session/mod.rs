@@ -373,14 +373,16 @@ impl Session {
                             // answers 08P01); held, it would wait for an end the client sends
                             // after it. Not forwarded: if the COPY has just failed on the server,
                             // the server would run it unread by pgtenant.
-                            Ok(Some(f)) => {
-                                return Err(End::Fatal(PgError::fatal(
-                                    sqlstate::PROTOCOL_VIOLATION,
-                                    format!("pgtenant: unexpected message type 0x{:02X} during COPY from stdin", f.tag),
-                                )));
-                            }
+                            Ok(Some(f)) => return Err(End::Fatal(during_copy_error(f.tag))),
                             Ok(None) => {}
                             Err(e) => return Err(End::Fatal(frame_error(e))),
+                        }
+                    } else if self.replies.copy_in && self.lease.is_some() {
+                        if let Pause::Held(f) = &self.pause {
+                            // a message held back went before the COPY's data: it came during
+                            // COPY (08P01 from the server too), and the data behind it cannot
+                            // pass it. Waiting would hang: the server waits for the data.
+                            return Err(End::Fatal(during_copy_error(f.tag)));
                         }
                     }
                     return Ok(Flow::Continue);
@@ -394,7 +396,11 @@ impl Session {
                 Some(f) => f,
                 None => match try_split(&mut self.client_in, self.shared.max_message_bytes) {
                     Ok(Some(f)) => f,
-                    Ok(None) => return Ok(Flow::Continue),
+                    Ok(None) => {
+                        // (a held message the server skips owes no reply: the clock starts here)
+                        self.start_idle_clock();
+                        return Ok(Flow::Continue);
+                    }
                     Err(e) => return Err(End::Fatal(frame_error(e))),
                 },
             };
@@ -649,6 +655,14 @@ impl Session {
         Ok(Flow::Continue)
     }
 
+    /// The client has its answers but the backend is not free (an open transaction, or an
+    /// unsynced batch): it is idle in a transaction from now on (`pool.idle_in_transaction_timeout_ms`).
+    fn start_idle_clock(&mut self) {
+        if self.idle_since.is_none() && self.lease.is_some() && self.replies.is_settled() && !self.pause.holds_frame() && !self.backend_clean() {
+            self.idle_since = Some(std::time::Instant::now());
+        }
+    }
+
     /// What the guard needs to know about where a statement runs: the client is in a transaction
     /// block unless its backend is idle — or will be once what pgtenant itself sent ahead is
     /// answered (a hand-over reset in front of the client's first message leaves the client
@@ -748,6 +762,11 @@ struct UnnamedParse {
 }
 
 
+
+/// A client message other than COPY data, Flush or Sync while the server is in COPY FROM STDIN.
+fn during_copy_error(tag: u8) -> PgError {
+    PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgtenant: unexpected message type 0x{tag:02X} during COPY from stdin"))
+}
 
 fn frame_error(e: FrameError) -> PgError {
     match e {
