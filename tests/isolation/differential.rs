@@ -112,11 +112,6 @@ struct Gen {
     /// round (it would start a COPY that random messages then interrupt). The round's end (a Query)
     /// drops both.
     unnamed_copy: bool,
-    /// A FunctionCall went inside an unsynced extended batch: outside `PGTENANT_DIFF_HOSTILE` a
-    /// Sync follows it. pgtenant puts its context statement in front of the batch's next message,
-    /// which fails with 25P02 when the call failed inside a transaction block (or the block had
-    /// failed before), where the server answers the message (a Describe of a portal, say).
-    call_in_batch: bool,
     /// COPY statements named so far (`cs1`, `cs2` …), over the whole run.
     copies: usize,
     hostile: bool,
@@ -433,12 +428,9 @@ async fn differential_of(env: &Env, session_mode: bool, replaying: Option<String
     let rounds: usize = std::env::var("PGTENANT_DIFF_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
     // Left out unless PGTENANT_DIFF_HOSTILE is set, because pgtenant still differs there
     // (docs/protocol.md, "Remaining differences"; docs/reliability.md): DEALLOCATE / DISCARD ALL
-    // in the mix of named statements, anything but a Sync right behind a FunctionCall inside an
-    // unsynced batch (`Gen::call_in_batch`), the COPY cases `copy_in` lists (a COPY's own Query
-    // inside an unsynced batch among them),
-    // and, in transaction pooling, a round after an allowed FunctionCall that does not first have
-    // pgtenant prepare its statements again (`called`). Also only without it, 25P02 from pgtenant
-    // in a failed block counts as the server's other error there (`same_reply`).
+    // in the mix of named statements, and the COPY cases `copy_in` lists (a COPY's own Query
+    // inside an unsynced batch among them). Also only without it, 25P02 from pgtenant in a failed
+    // block counts as the server's other error there (`same_reply`).
     let hostile = std::env::var_os("PGTENANT_DIFF_HOSTILE").is_some();
     let (pool, extra) = if session_mode { ("pool_size = 2", "[pool]\nmode = \"session\"") } else { ("pool_size = 1", "") };
     env.cluster.psql("app", COPY_TABLE).map_err(|e| format!("creating the COPY table: {e}"))?;
@@ -468,24 +460,10 @@ async fn differential_of(env: &Env, session_mode: bool, replaying: Option<String
     let mut rounds_sent: Vec<Round> = Vec::new();
     let mut same = 0;
     let mut copies = 0;
-    let mut called = false;
     for round in 0..rounds {
         let n = rng.random_range(1..=8);
         let mut msgs: Round = Vec::new();
-        if called && !hostile && !session_mode {
-            // The round after an allowed FunctionCall (whose backend another client's transaction
-            // reset in full in between: its statements are gone) begins by having pgtenant prepare
-            // its statements again: the client's s1 and s2 (by a Describe each). pgtenant still
-            // differs when the first use after the reset comes in a failed transaction block (a
-            // Describe of a statement gets 25P02 from pgtenant's Parse where the server describes
-            // it); reliability.md.
-            msgs.push((wire::query("select 1"), "Query \"select 1\"".into()));
-            for name in ["s1", "s2"] {
-                msgs.push((wire::describe(b'S', name), format!("Describe S {name:?}")));
-                msgs.push((wire::sync(), "Sync".into()));
-            }
-        }
-        let mut g = Gen { synced: true, unnamed_copy: false, call_in_batch: false, copies, hostile, query_sent: false };
+        let mut g = Gen { synced: true, unnamed_copy: false, copies, hostile, query_sent: false };
         let mut items = 0;
         while items < n {
             if rng.random_range(0..100) < 6 && (g.synced || hostile) {
@@ -496,25 +474,16 @@ async fn differential_of(env: &Env, session_mode: bool, replaying: Option<String
                 items += 1;
                 continue;
             }
-            let (b, s) = if g.call_in_batch && !hostile {
-                // See `Gen::call_in_batch`.
-                (wire::sync(), "Sync".to_string())
-            } else {
-                message(&mut rng, &g, &oids)
-            };
-            if !hostile
-                && ["DEALLOCATE", "DISCARD"].iter().any(|w| s.contains(w))
-            {
+            let (b, s) = message(&mut rng, &g, &oids);
+            if !hostile && ["DEALLOCATE", "DISCARD"].iter().any(|w| s.contains(w)) {
                 continue; // see `hostile`
             }
-            g.call_in_batch = !g.synced && s.starts_with("FunctionCall");
             g.query_sent |= s.starts_with("Query");
             g.synced = s == "Sync" || (g.synced && (s.starts_with("Query") || s.starts_with("FunctionCall")));
             msgs.push((b, s));
             items += 1;
         }
         copies = g.copies;
-        called = msgs.iter().any(|(_, s)| s.starts_with("FunctionCall") && !s.ends_with("(refused)"));
         let said = describe(&msgs);
         let want = exchange(&mut direct, &round_bytes(&msgs), Duration::from_secs(5)).await;
         let got = exchange(&mut proxied, &round_bytes(&msgs), Duration::from_secs(5)).await;

@@ -20,6 +20,8 @@ use super::replies::Want;
 use super::statements::{Described, StatementDef};
 use super::Session;
 use crate::pool::prepared;
+use crate::protocol::frame::Frame;
+use crate::protocol::peek;
 use crate::protocol::tags::{backend as reply, frontend as msg};
 
 /// The largest ParameterDescription kept (62 parameters): a statement's description is not counted
@@ -109,6 +111,22 @@ impl Session {
         self.replies.expect_synthetic(SYNTHETIC_DESCRIPTION);
         self.drain_synthetic();
         true
+    }
+
+    /// A Describe that `describe_locally` may have to answer, sent while replies are outstanding:
+    /// whether the block has failed is not known yet (a message pipelined behind a batch that may
+    /// fail it). Its statement's kept description is rowless and this backend has not prepared it,
+    /// so it waits for those replies rather than send a Parse that may fail (25P02) where the
+    /// server describes the statement. Drivers describe a statement in the batch that parses it,
+    /// where it is prepared: this wait is for rare clients.
+    pub(super) fn describe_waits(&self, f: &Frame) -> bool {
+        if f.tag != msg::DESCRIBE || self.replies.is_settled() {
+            return false;
+        }
+        let Some((b'S', name)) = peek::target_msg(f.body()) else { return false };
+        let Some(def) = self.statements.statement(name).filter(|_| !name.is_empty()) else { return false };
+        matches!(def.described.get(), Some(Described::Rowless(_)))
+            && self.lease.as_ref().is_some_and(|l| l.backend.statements_ref().fresh(&def.key, def.parsed_at).is_none())
     }
 
     /// Writes the description owed as synthetic reply `seq` (`describe_locally`).

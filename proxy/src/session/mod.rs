@@ -520,10 +520,11 @@ impl Session {
                 return Ok(Flow::Continue);
             }
         };
-        if matches!(f.tag, msg::BIND | msg::DESCRIBE) && !skipping && self.statement_parse_in_flight(&f) {
+        if matches!(f.tag, msg::BIND | msg::DESCRIBE) && !skipping && (self.statement_parse_in_flight(&f) || self.describe_waits(&f)) {
             // it uses a statement of the client's whose Parse in an earlier batch is not
             // answered yet: if that Parse fails or is skipped, the client does not have it
-            // (26000), or has the one before. Wait for it.
+            // (26000), or has the one before. Or it is a Describe pgtenant may have to answer
+            // itself, once it knows whether the block failed (`describe_waits`). Wait for it.
             self.flush_for_hold();
             return Ok(Flow::Hold(f));
         }
@@ -639,10 +640,12 @@ impl Session {
             self.debts.query_portal |= f.tag == msg::QUERY;
             self.simple_inside_a_batch();
             // after a Query that got the context, or began a block whose context waits (`BEGIN`
-            // is setup), wait for its answer: where the backend then is is exact, not guessed
-            // (`block`), for clients that do not wait themselves
+            // is setup), or one inside an unsynced batch (its own transaction, which ends the
+            // batch's implicit one), wait for its answer: where the backend then is is exact,
+            // not guessed (`block`), for clients that do not wait themselves, and an error in it
+            // is not taken for one in the next (`pending`)
             let began = matches!(decision, Decision::Defer { .. });
-            if injected || began || !self.pending.is_empty() {
+            if injected || began || self.batch.is_open() || !self.pending.is_empty() {
                 self.pause = Pause::UntilSettled;
             }
         } else {
