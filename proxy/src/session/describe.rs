@@ -120,7 +120,7 @@ impl Session {
     /// server describes the statement. Drivers describe a statement in the batch that parses it,
     /// where it is prepared: this wait is for rare clients.
     pub(super) fn describe_waits(&self, f: &Frame) -> bool {
-        if f.tag != msg::DESCRIBE || self.replies.is_settled() {
+        if f.tag != msg::DESCRIBE || f.body().first() != Some(&b'S') || self.replies.is_settled() {
             return false;
         }
         let Some((b'S', name)) = peek::target_msg(f.body()) else { return false };

@@ -356,6 +356,7 @@ impl Session {
     // ---- client → backend -------------------------------------------------------------------
 
     async fn process_client_frames(&mut self) -> Result<Flow, End> {
+        let mut processed = false;
         loop {
             if self.backend_out.len() >= HIGH_WATER {
                 return Ok(Flow::Continue);
@@ -397,13 +398,17 @@ impl Session {
                 None => match try_split(&mut self.client_in, self.shared.max_message_bytes) {
                     Ok(Some(f)) => f,
                     Ok(None) => {
-                        // (a held message the server skips owes no reply: the clock starts here)
-                        self.start_idle_clock();
+                        if processed {
+                            // (a held message the server skips owes no reply: the clock starts
+                            // here; with no message processed, nothing changed since the replies)
+                            self.start_idle_clock();
+                        }
                         return Ok(Flow::Continue);
                     }
                     Err(e) => return Err(End::Fatal(frame_error(e))),
                 },
             };
+            processed = true;
             match self.on_client_frame(frame).await? {
                 Flow::Continue => {}
                 Flow::Hold(f) => {
