@@ -213,8 +213,16 @@ impl Classifier<'_> {
                 return Refusal::audited(e, "pooling", q);
             }
         }
+        // Inside an unsynced batch that began outside a block, where the client executed nothing
+        // yet, the server runs DISCARD ALL too (after an Execute it refuses it: 25001, a
+        // pipeline). pgtenant's context statement went in front as an Execute, after which the
+        // server would refuse it: it is answered here, once the batch's replies are in.
+        let quiet_batch = matches!(self.batch, Batch::Open { began_idle: Some(true), executed: false });
         if a.discard_all && !self.pos.in_block {
             return Step::DiscardAll;
+        }
+        if a.discard_all && quiet_batch {
+            return if self.unsettled { Step::Hold } else { Step::DiscardAll };
         }
         let dealloc = a.deallocate.as_ref().and_then(|n| self.statements.get(n.as_bytes()).cloned());
         let touches_prepared = dealloc.is_none() && a.touches_prepared;
@@ -624,6 +632,22 @@ mod tests {
         assert!(matches!(run(&mut c, b'Q', b"DISCARD ALL\0"), Step::Run(_)), "the server skips it: not answered here");
         assert!(matches!(run(&mut c, b'Q', b"select set_config('app.tenant_id', '2', true)\0"), Step::Refuse(_)), "still read by the guard");
         assert!(s.statement(b"").is_some(), "the server keeps its unnamed statement");
+    }
+
+    #[test]
+    fn discard_all_inside_a_batch_is_answered_here_only_where_the_server_runs_it() {
+        let g = guard();
+        let mut s = Statements::default();
+        let mut c = classifier(&g, &mut s, true); // a batch is open: "inside" for the guard
+        c.batch = Batch::Open { began_idle: Some(true), executed: false };
+        assert!(matches!(run(&mut c, b'Q', b"DISCARD ALL\0"), Step::DiscardAll), "no Execute in the batch: the server runs it");
+        c.unsettled = true;
+        assert!(matches!(run(&mut c, b'Q', b"DISCARD ALL\0"), Step::Hold), "its replies first");
+        c.unsettled = false;
+        c.batch = Batch::Open { began_idle: Some(true), executed: true };
+        assert!(matches!(run(&mut c, b'Q', b"DISCARD ALL\0"), Step::Run(_)), "after an Execute: the server refuses it (a pipeline)");
+        c.batch = Batch::Open { began_idle: Some(false), executed: false };
+        assert!(matches!(run(&mut c, b'Q', b"DISCARD ALL\0"), Step::Run(_)), "in a block: the server refuses it");
     }
 
     #[test]

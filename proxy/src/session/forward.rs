@@ -395,8 +395,15 @@ impl Session {
             self.synthetic(SYNTHETIC_DISCARD_ALL);
             return;
         }
+        if self.batch.is_open() {
+            // a Query inside an unsynced batch: it ended the batch's transaction, and the next
+            // message waits for the reset's answer, which closes the batch (`from_backend`)
+            self.needs_context = true;
+            self.pause = super::Pause::UntilSettled;
+        }
         push_discard_all(&mut self.client_out);
-        // only called outside a transaction with nothing in flight, so the answer goes out now
+        // only called with nothing in flight (outside a transaction, or inside a batch whose
+        // replies are all in), so the answer goes out now
         for (name, value) in owed {
             build::parameter_status(&mut self.client_out, &name, &value);
         }
