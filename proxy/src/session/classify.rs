@@ -213,15 +213,14 @@ impl Classifier<'_> {
                 return Refusal::audited(e, "pooling", q);
             }
         }
+        if a.discard_all && !self.pos.in_block {
+            return Step::DiscardAll;
+        }
         // Inside an unsynced batch that began outside a block, where the client executed nothing
         // yet, the server runs DISCARD ALL too (after an Execute it refuses it: 25001, a
         // pipeline). pgtenant's context statement went in front as an Execute, after which the
         // server would refuse it: it is answered here, once the batch's replies are in.
-        let quiet_batch = matches!(self.batch, Batch::Open { began_idle: Some(true), executed: false });
-        if a.discard_all && !self.pos.in_block {
-            return Step::DiscardAll;
-        }
-        if a.discard_all && quiet_batch {
+        if a.discard_all && matches!(self.batch, Batch::Open { began_idle: Some(true), executed: false }) {
             return if self.unsettled { Step::Hold } else { Step::DiscardAll };
         }
         let dealloc = a.deallocate.as_ref().and_then(|n| self.statements.get(n.as_bytes()).cloned());
@@ -437,8 +436,6 @@ impl Classifier<'_> {
         Step::Run(Plan { setup, ..Default::default() })
     }
 
-    /// Session-level settings are kept per client: they count against the same budget as its
-    /// statements.
     /// A Query inside a batch that failed: the server skips it, as it skips everything up to the
     /// client's Sync, so it changes nothing pgtenant keeps (no session SET to keep, no statement
     /// dropped, no DISCARD ALL answered here). The guard still reads it: it goes to the server
@@ -455,6 +452,8 @@ impl Classifier<'_> {
         Step::Run(Plan::default())
     }
 
+    /// Session-level settings are kept per client: they count against the same budget as its
+    /// statements.
     fn check_settings_budget(&self, changes: &[Change]) -> Result<(), PgError> {
         check_settings_budget(changes, self.budget, self.statements.bytes())
     }
