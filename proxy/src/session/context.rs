@@ -16,7 +16,8 @@ pub enum Batch {
         /// to the client's earlier messages were outstanding when it began: `Session::on_work`
         /// learns it once they are in).
         began_idle: Option<bool>,
-        /// A client Execute went out in it (DISCARD ALL only runs first in a batch).
+        /// A client Execute went out in it since its transaction began (DISCARD ALL only runs
+        /// first in a batch, or after an Execute that ended the batch's transaction).
         executed: bool,
     },
     /// A message was refused before any backend was attached: client messages are dropped up to

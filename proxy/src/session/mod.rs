@@ -654,7 +654,10 @@ impl Session {
                 self.pause = Pause::UntilSettled;
             }
         } else {
-            let executed = matches!(self.batch, Batch::Open { executed: true, .. }) || f.tag == msg::EXECUTE;
+            // (an Execute that ends the transaction, but for `AND CHAIN`, leaves the server a new
+            // one in which nothing was executed: DISCARD ALL may run there again)
+            let ends = f.tag == msg::EXECUTE && plan.effect == Some(TxEffect::End) && !plan.chain;
+            let executed = !ends && (matches!(self.batch, Batch::Open { executed: true, .. }) || f.tag == msg::EXECUTE);
             self.batch = Batch::Open { began_idle, executed };
             if f.tag == msg::EXECUTE && plan.effect == Some(TxEffect::End) {
                 self.needs_context = true;

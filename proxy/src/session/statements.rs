@@ -371,9 +371,10 @@ impl Statements {
         }
     }
 
-    /// DISCARD ALL / DEALLOCATE ALL: the client's statements are gone.
+    /// DISCARD ALL / DEALLOCATE ALL: the client's named statements are gone. The unnamed one
+    /// stays, as on the server (which deallocates only named statements; a simple Query that runs
+    /// either drops the unnamed statement anyway, as every Query does).
     pub fn clear_statements(&mut self) {
-        self.unnamed_stmt = None;
         self.named_stmts.clear();
         self.named_stmts.shrink_to_fit();
         self.bytes = 0;
