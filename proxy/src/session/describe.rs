@@ -102,9 +102,8 @@ impl Session {
     /// failed block, where preparing it fails, pgtenant answers as the server would for a statement
     /// that returns no rows. False where it forwards the Describe as usual.
     pub(super) fn describe_locally(&mut self, def: &StatementDef) -> bool {
-        let Some(Described::Rowless(params)) = def.described.get() else { return false };
-        let here = self.lease.as_ref().and_then(|l| l.backend.statements_ref().fresh(&def.key, def.parsed_at));
-        if here.is_some() || !self.block().is_some_and(Block::surely_failed) {
+        let Some(params) = self.rowless_unprepared(def) else { return false };
+        if !self.block().is_some_and(Block::surely_failed) {
             return false;
         }
         self.descriptions.answers.push_back((self.replies.next_seq(), params.clone()));
@@ -125,8 +124,15 @@ impl Session {
         }
         let Some((b'S', name)) = peek::target_msg(f.body()) else { return false };
         let Some(def) = self.statements.statement(name).filter(|_| !name.is_empty()) else { return false };
-        matches!(def.described.get(), Some(Described::Rowless(_)))
-            && self.lease.as_ref().is_some_and(|l| l.backend.statements_ref().fresh(&def.key, def.parsed_at).is_none())
+        self.rowless_unprepared(def).is_some()
+    }
+
+    /// The kept description of `def` when it returns no rows and the attached backend has not
+    /// prepared it: a Describe of it is one pgtenant may have to answer itself.
+    fn rowless_unprepared<'a>(&self, def: &'a StatementDef) -> Option<&'a Bytes> {
+        let Some(Described::Rowless(params)) = def.described.get() else { return None };
+        let here = self.lease.as_ref()?.backend.statements_ref().fresh(&def.key, def.parsed_at);
+        here.is_none().then_some(params)
     }
 
     /// Writes the description owed as synthetic reply `seq` (`describe_locally`).
