@@ -427,9 +427,8 @@ async fn differential_of(env: &Env, session_mode: bool, replaying: Option<String
     let seed: u64 = std::env::var("PGTENANT_DIFF_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(20261203);
     let rounds: usize = std::env::var("PGTENANT_DIFF_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
     // Left out unless PGTENANT_DIFF_HOSTILE is set, because pgtenant still differs there
-    // (docs/protocol.md, "Remaining differences"; docs/reliability.md): DEALLOCATE in the mix of
-    // named statements, and the COPY cases `copy_in` lists (a COPY's own Query
-    // inside an unsynced batch among them). Also only without it, 25P02 from pgtenant in a failed
+    // (docs/protocol.md, "Remaining differences"; docs/reliability.md): the COPY cases `copy_in`
+    // lists (a COPY's own Query inside an unsynced batch among them). Also only without it, 25P02 from pgtenant in a failed
     // block counts as the server's other error there (`same_reply`).
     let hostile = std::env::var_os("PGTENANT_DIFF_HOSTILE").is_some();
     let (pool, extra) = if session_mode { ("pool_size = 2", "[pool]\nmode = \"session\"") } else { ("pool_size = 1", "") };
@@ -475,9 +474,6 @@ async fn differential_of(env: &Env, session_mode: bool, replaying: Option<String
                 continue;
             }
             let (b, s) = message(&mut rng, &g, &oids);
-            if !hostile && s.contains("DEALLOCATE") {
-                continue; // see `hostile`
-            }
             g.query_sent |= s.starts_with("Query");
             g.synced = s == "Sync" || (g.synced && (s.starts_with("Query") || s.starts_with("FunctionCall")));
             msgs.push((b, s));

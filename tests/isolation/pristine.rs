@@ -114,6 +114,10 @@ const OPS: &[(&str, &str, Option<Call>, &str)] = &[
     ("do_dynamic_temp", "DO $$ BEGIN EXECUTE 'create te' || 'mp table leak_do as select * from orders'; END $$", None, "allow_do = true"),
     ("do_dynamic_lock", "DO $$ BEGIN EXECUTE 'select pg_advisory_l' || 'ock(4243)'; END $$", None, "allow_do = true"),
     ("do_dynamic_set", "DO $$ BEGIN EXECUTE 'se' || 't search_path = tenant1_schema'; END $$", None, "allow_do = true"),
+    // leaves nothing on the server by itself; on the named path it drops the client's `leak_s1`
+    // (a pgtenant before 2026-12-03 left the DEALLOCATE statement on the backend under the
+    // client's own name)
+    ("deallocate_named", "DEALLOCATE leak_s1", None, ""),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -128,9 +132,14 @@ enum Path {
     InBlock,
     /// FunctionCall, with the function in `allowed_function_calls`.
     FunctionCall,
+    /// Named statements: `leak_s1` (`select 1`) and the operation under a name of its own, bound
+    /// and executed, then Sync.
+    Named,
+    /// The same two Parses and a Sync, nothing executed: a statement only parsed leaves nothing.
+    NamedParsed,
 }
 
-const PATHS: &[Path] = &[Path::Simple, Path::Extended, Path::Pipelined, Path::InBlock, Path::FunctionCall];
+const PATHS: &[Path] = &[Path::Simple, Path::Extended, Path::Pipelined, Path::InBlock, Path::FunctionCall, Path::Named, Path::NamedParsed];
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Leave {
@@ -249,6 +258,14 @@ async fn run_op(a: &mut Wire, sql: &str, call: Option<(u32, &[&str])>, path: Pat
         Path::FunctionCall => {
             let (oid, args) = call?;
             a.call(oid, args).await
+        }
+        Path::Named | Path::NamedParsed => {
+            let mut batch = vec![wire::parse("leak_s1", "select 1", &[]), wire::parse("leak_named", sql, &[])];
+            if path == Path::Named {
+                batch.extend([wire::bind("", "leak_named", &[]), wire::execute("", 0)]);
+            }
+            batch.push(wire::sync());
+            a.round(&batch.concat(), 1).await
         }
     })
 }
@@ -400,7 +417,7 @@ const TRUSTED_IMPLICIT: &[&str] = &[
 ];
 
 /// Operations that leave no session state behind on their own.
-const STATELESS_OPS: &[&str] = &["fn_with_set_clause", "temp_table_on_commit_drop"];
+const STATELESS_OPS: &[&str] = &["fn_with_set_clause", "temp_table_on_commit_drop", "deallocate_named"];
 
 /// The fingerprint has teeth: in session pooling (where the client keeps its backend), the client's
 /// own fingerprint right after each operation differs from the pristine one.

@@ -77,7 +77,7 @@ pub struct Plan {
     /// What it does to savepoints and its transaction's outcome: which session-level changes
     /// noted before it stay (`super::pending`).
     pub tx_op: Option<TxOp>,
-    /// `DEALLOCATE name` of one of the client's statements (a Query or a Parse: sent rewritten).
+    /// A Query `DEALLOCATE name` of one of the client's statements: sent rewritten.
     pub dealloc: Option<Arc<StatementDef>>,
     /// An Execute of `DEALLOCATE`: the client's statements it drops.
     pub deallocates: Option<statements::Deallocates>,
@@ -94,6 +94,9 @@ pub struct Plan {
     /// a portal pgtenant's table no longer matches, after messages the server skipped: the session
     /// adds those, `context::SinceExact`.) Nothing else does anything to a block.
     pub block: BlockChange,
+    /// A Bind of a statement that is a `DEALLOCATE`: its portal's Execute checks that the portal
+    /// is still there (`Session::dealloc_portals`).
+    pub binds_deallocate: bool,
 }
 
 /// The session-state budget (`server.max_session_state_bytes`, `settings::MAX_CONTEXT_SETTINGS`).
@@ -135,6 +138,12 @@ impl Classifier<'_> {
     /// known yet.
     fn batch_pending(&self) -> bool {
         self.replies.is_some_and(|r| r.batch_may_fail())
+    }
+
+    /// Where everything sent is answered: the backend is in a failed transaction block, so the
+    /// server refuses the next statement (25P02) and it changes nothing.
+    fn block_failed(&self) -> bool {
+        self.replies.is_some_and(|r| r.status == b'E')
     }
 
     pub fn classify(&mut self, f: &Frame) -> Result<Step, End> {
@@ -223,9 +232,14 @@ impl Classifier<'_> {
         if a.discard_all && matches!(self.batch, Batch::Open { began_idle: Some(true), executed: false }) {
             return if self.unsettled { Step::Hold } else { Step::DiscardAll };
         }
-        let dealloc = a.deallocate.as_ref().and_then(|n| self.statements.get(n.as_bytes()).cloned());
+        let drops = a.deallocate.is_some() || a.deallocates_all;
+        if drops && self.unsettled {
+            return Step::Hold; // it drops client statements only where the server runs it
+        }
+        let runs = !drops || !self.block_failed();
+        let dealloc = a.deallocate.as_ref().filter(|_| runs).and_then(|n| self.statements.get(n.as_bytes()).cloned());
         let touches_prepared = dealloc.is_none() && a.touches_prepared;
-        if touches_prepared && a.deallocates_all && !self.skipping {
+        if touches_prepared && a.deallocates_all && runs {
             self.statements.clear_statements();
         }
         let mut changes = None;
@@ -246,6 +260,7 @@ impl Classifier<'_> {
             tx_op: a.tx_op.clone(),
             dealloc,
             deallocates: None, // a Query runs at once: `dealloc` and the clearing above
+            binds_deallocate: false,
             duplicate: None,
             function_oid: None,
             access: a.statements.first().and_then(|t| crate::routing::intent::statement_mode(t)),
@@ -285,8 +300,8 @@ impl Classifier<'_> {
             );
             return Step::Run(Plan { effect: Some(a.first), duplicate: Some(Box::new((err, key))), ..Default::default() });
         }
-        let dealloc = a.deallocate.as_ref().and_then(|n| self.statements.get(n.as_bytes()).cloned());
-        let touches_prepared = dealloc.is_none() && a.touches_prepared;
+        // (a `DEALLOCATE` parsed here drops nothing until its portal runs: `Session::rebind_deallocate`)
+        let touches_prepared = a.touches_prepared;
         // the client's session-level settings share the budget with its statements
         let budget = self.budget.max.saturating_sub(self.budget.settings.bytes());
         match self.statements.parse_analyzed(name, &a, key, budget, bind_checks) {
@@ -299,7 +314,6 @@ impl Classifier<'_> {
                     effect: Some(def.effect),
                     conn: Effects { leaves: def.leaves, touches_prepared, function_call: false },
                     setup: def.setup,
-                    dealloc,
                     access,
                     ..Default::default()
                 })
@@ -357,6 +371,7 @@ impl Classifier<'_> {
             effect,
             conn: Effects { leaves: def.map_or(Leaves::Session, |d| d.leaves), ..Default::default() },
             setup: def.is_some_and(|d| d.setup),
+            binds_deallocate: def.is_some_and(|d| d.deallocates.is_some()),
             ..Default::default()
         })
     }
@@ -380,8 +395,10 @@ impl Classifier<'_> {
             Batch::Open { began_idle, executed } => (began_idle == Some(true), executed),
             _ => (!self.pos.in_block, false),
         };
-        if def.deallocates.is_some() && self.batch_pending() {
-            return Step::Hold; // it drops client statements here: only if the server runs it
+        if def.deallocates.is_some() && self.unsettled {
+            // it drops client statements here: only if the server runs it (the batch so far did
+            // not fail, and the portal is still there: a Sync since its Bind may have ended it)
+            return Step::Hold;
         }
         if self.pos_unknown && (def.sets.is_some() || def.discard_all) {
             return Step::Hold; // see `query`
@@ -404,7 +421,8 @@ impl Classifier<'_> {
             setup: def.setup,
             changes: def.sets.as_ref().map(|s| s.to_vec()),
             tx_op: def.tx_op.clone(),
-            deallocates: def.deallocates.clone(),
+            // in a failed block the server refuses it (25P02): it drops nothing
+            deallocates: def.deallocates.clone().filter(|_| !self.block_failed()),
             ..Default::default()
         })
     }
@@ -647,6 +665,36 @@ mod tests {
         assert!(matches!(run(&mut c, b'Q', b"DISCARD ALL\0"), Step::Run(_)), "after an Execute: the server refuses it (a pipeline)");
         c.batch = Batch::Open { began_idle: Some(false), executed: false };
         assert!(matches!(run(&mut c, b'Q', b"DISCARD ALL\0"), Step::Run(_)), "in a block: the server refuses it");
+    }
+
+    #[test]
+    fn deallocate_drops_client_statements_only_where_the_server_runs_it() {
+        let g = guard();
+        let mut s = Statements::default();
+        let mut c = classifier(&g, &mut s, false);
+        run(&mut c, b'P', b"s1\0select 1\0\0\0");
+        let Step::Run(p) = run(&mut c, b'P', b"d1\0DEALLOCATE s1\0\0\0") else { panic!() };
+        assert!(p.dealloc.is_none() && p.deallocates.is_none(), "parsed, it drops nothing");
+        let Step::Run(p) = run(&mut c, b'B', b"p1\0d1\0\0\0\0\0\0\0") else { panic!() };
+        assert!(p.binds_deallocate);
+        c.unsettled = true;
+        assert!(matches!(run(&mut c, b'E', b"p1\0\0\0\0\0"), Step::Hold), "its portal and its batch first");
+        assert!(matches!(run(&mut c, b'Q', b"DEALLOCATE s1\0"), Step::Hold), "the same as a Query");
+        c.unsettled = false;
+        let mut failed = Replies::default();
+        failed.status = b'E';
+        c.replies = Some(&failed);
+        let Step::Run(p) = run(&mut c, b'E', b"p1\0\0\0\0\0") else { panic!() };
+        assert!(p.deallocates.is_none(), "in a failed block the server refuses it");
+        let Step::Run(p) = run(&mut c, b'Q', b"DEALLOCATE s1\0") else { panic!() };
+        assert!(p.dealloc.is_none());
+        let Step::Run(_) = run(&mut c, b'Q', b"DEALLOCATE ALL\0") else { panic!() };
+        assert!(c.statements.get(b"s1").is_some(), "nothing dropped in a failed block");
+        c.replies = None;
+        let Step::Run(p) = run(&mut c, b'E', b"p1\0\0\0\0\0") else { panic!() };
+        assert!(matches!(p.deallocates, Some(statements::Deallocates::One(ref n)) if n.as_ref() == "s1"));
+        let Step::Run(p) = run(&mut c, b'Q', b"DEALLOCATE s1\0") else { panic!() };
+        assert!(p.dealloc.is_some(), "sent rewritten");
     }
 
     #[test]

@@ -98,46 +98,78 @@ impl Session {
         }
     }
 
-    /// Sends a client's `DEALLOCATE name` as `DEALLOCATE <server statement>` (preparing it on this
-    /// backend first if needed), so the client gets the server's own reply; the statement leaves the
-    /// client's list and this backend's cache.
-    pub(super) fn forward_deallocate(&mut self, f: &Frame, def: &statements::StatementDef, simple: bool) {
-        let Some(lease) = self.lease.as_mut() else { return self.forward(f, simple) };
+    /// Sends a client's `DEALLOCATE name` Query as `DEALLOCATE <server statement>` (preparing it on
+    /// this backend first if needed), so the client gets the server's own reply; the statement
+    /// leaves the client's list and this backend's cache. (A `DEALLOCATE` parsed by the extended
+    /// protocol is resolved when its portal runs: `rebind_deallocate`.)
+    pub(super) fn forward_deallocate(&mut self, f: &Frame, def: &statements::StatementDef) {
+        let Some(lease) = self.lease.as_mut() else { return self.forward(f, true) };
         if self.replies.batch_failed {
             return;
         }
-        if simple {
-            // a Query runs now; a Parse drops the statement when it is executed (`Plan::deallocates`)
-            if let Some(name) = sql::deallocate_name(peek_sql(f)) {
-                self.statements.close(b'S', name.as_bytes());
-            }
+        if let Some(name) = sql::deallocate_name(peek_sql(f)) {
+            self.statements.close(b'S', name.as_bytes());
         }
+        let server = Self::prepare_for_deallocate(lease, &mut self.backend_out, &mut self.replies, def);
+        build::query(&mut self.backend_out, &format!("DEALLOCATE {server}"));
+        self.replies.expect(Want::Ready, false, true);
+    }
+
+    /// An Execute of a portal bound to `DEALLOCATE name`, where `name` is the client's statement
+    /// `def`: the portal was bound to the statement as the client wrote it (which names no server
+    /// statement), so it is bound again, to `DEALLOCATE <server statement>`, right before the
+    /// Execute, all replies but the Execute's swallowed. The server then drops the statement the
+    /// name stands for at the moment it runs, as it would directly; had the client no such
+    /// statement, the Execute goes as it is and the server says so (26000, in the client's words).
+    /// Sent only once the batch's earlier replies are in (`Classifier::execute` holds it), so the
+    /// portal exists and the batch has not failed.
+    pub(super) fn rebind_deallocate(&mut self, portal: &[u8], def: &statements::StatementDef) {
+        let Some(lease) = self.lease.as_mut() else { return };
+        if self.replies.batch_failed {
+            return;
+        }
+        let server = Self::prepare_for_deallocate(lease, &mut self.backend_out, &mut self.replies, def);
+        let out = &mut self.backend_out;
+        close_portal_raw(out, portal);
+        self.replies.expect(Want::CloseComplete, true, false);
+        build::parse(out, DEALLOCATE_REBIND, &format!("DEALLOCATE {server}"), vec![]);
+        self.replies.expect(Want::ParseComplete, true, false);
+        bind_raw(out, portal, DEALLOCATE_REBIND.as_bytes());
+        self.replies.expect(Want::BindComplete, true, false);
+        prepared::target_frame(out, msg::CLOSE, DEALLOCATE_REBIND);
+        self.replies.expect(Want::CloseComplete, true, false);
+    }
+
+    /// An Execute of a portal bound to a `DEALLOCATE`, sent once everything before it is answered:
+    /// whether the server ended that portal since its Bind (its transaction ended at a `Sync`
+    /// while later messages were in flight, so pgtenant's table of portals still has it).
+    pub(super) fn dealloc_portal_ended(&self, f: &Frame) -> bool {
+        let Some(portal) = peek::execute_msg(f.body()) else { return false };
+        match self.dealloc_portals.iter().rev().find(|(p, _)| p.as_ref() == portal) {
+            Some((_, seq)) => self.replies.idle_since(*seq),
+            None => false,
+        }
+    }
+
+    /// The server statement for the client's statement `def` on this backend (prepared there first
+    /// if needed), which a `DEALLOCATE` is about to drop: this backend's cache forgets it.
+    fn prepare_for_deallocate(
+        lease: &mut crate::pool::Lease,
+        out: &mut BytesMut,
+        replies: &mut super::replies::Replies,
+        def: &statements::StatementDef,
+    ) -> String {
         let p = lease.backend.statements().prepare(&def.key, def.parsed_at);
         for evict in &p.evict {
-            prepared::target_frame(&mut self.backend_out, msg::CLOSE, evict);
-            self.replies.expect(Want::CloseComplete, true, false);
+            prepared::target_frame(out, msg::CLOSE, evict);
+            replies.expect(Want::CloseComplete, true, false);
         }
         if p.needs_parse {
-            prepared::parse_frame(&mut self.backend_out, &p.name, &def.key);
-            self.replies.expect_parse(true, p.id);
+            prepared::parse_frame(out, &p.name, &def.key);
+            replies.expect_parse(true, p.id);
         }
         lease.backend.statements().forget(p.id);
-        let sql = format!("DEALLOCATE {}", p.name);
-        if simple {
-            build::query(&mut self.backend_out, &sql);
-        } else {
-            let name = peek::parse_msg(f.body()).map(|(n, _)| String::from_utf8_lossy(n).into_owned()).unwrap_or_default();
-            build::parse(&mut self.backend_out, &name, &sql, vec![]);
-            if name.is_empty() {
-                // the server's unnamed statement is now this rewritten one: a Bind runs it (numbered,
-                // so that its failure is seen: `unnamed_parse_failed`)
-                let seq = self.replies.next_seq();
-                self.unnamed_parsed = Some(seq);
-                self.replies.expect_parse(false, unnamed_parse_id(seq));
-                return;
-            }
-        }
-        self.replies.expect(Want::for_frontend(f.tag).expect("Q or P"), false, simple);
+        p.name
     }
 
     /// A Parse of a statement name the client already has. The server parses the text before it
@@ -375,6 +407,7 @@ impl Session {
     pub(super) fn discard_all(&mut self, simple: bool) {
         self.statements.clear_statements();
         self.statements.transaction_ended();
+        self.dealloc_portals.clear();
         self.settings.apply(&[sql::set::Change::ResetAll]);
         self.injection = self.settings.injection();
         self.tx_defaults = self.settings.tx_defaults();
@@ -446,6 +479,30 @@ const REFUSAL_STAND_IN: &str = "pgtenant refused this statement";
 
 /// The server statement a duplicate Parse's text is checked under (`check_duplicate`).
 const DUPLICATE_CHECK: &str = "pgtenant_duplicate_check";
+/// The statement an Execute of `DEALLOCATE name` is bound to again (`Session::rebind_deallocate`).
+const DEALLOCATE_REBIND: &str = "pgtenant_deallocate";
+
+/// `Close` of the client's portal `name` (any bytes).
+fn close_portal_raw(out: &mut BytesMut, name: &[u8]) {
+    use bytes::BufMut;
+    out.put_u8(msg::CLOSE);
+    out.put_i32((4 + 1 + name.len() + 1) as i32);
+    out.put_u8(b'P');
+    out.put_slice(name);
+    out.put_u8(0);
+}
+
+/// `Bind` of portal `portal` to `statement`, without parameters, results in text.
+fn bind_raw(out: &mut BytesMut, portal: &[u8], statement: &[u8]) {
+    use bytes::BufMut;
+    out.put_u8(msg::BIND);
+    out.put_i32((4 + portal.len() + 1 + statement.len() + 1 + 6) as i32);
+    out.put_slice(portal);
+    out.put_u8(0);
+    out.put_slice(statement);
+    out.put_u8(0);
+    out.put_slice(&[0; 6]); // no parameter formats, no parameters, no result formats
+}
 
 /// The SQL text of a Query or Parse frame.
 fn peek_sql(f: &Frame) -> &[u8] {

@@ -104,6 +104,7 @@ impl Session {
                 self.settle_pending_sets(mark);
                 if self.replies.status == b'I' {
                     self.statements.transaction_ended();
+                    self.dealloc_portals.clear();
                     self.tx_since = None;
                     self.idle_since = None;
                 }

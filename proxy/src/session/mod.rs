@@ -223,6 +223,11 @@ pub struct Session {
     /// The client's unnamed Parses not answered yet, each with the statement it recorded and the one
     /// it replaced.
     unnamed_parses: std::collections::VecDeque<UnnamedParse>,
+    /// Portals bound to a `DEALLOCATE`, with their Bind's reply number: pgtenant's table of portals
+    /// is cleared only once everything sent is answered, so an Execute of one checks here that no
+    /// end of its transaction came back since (`Replies::idle_since`). Rare; cleared with the
+    /// table.
+    dealloc_portals: Vec<(bytes::Bytes, u32)>,
     /// What the client's messages sent since the transaction status was last exact may have done
     /// to a block (see `block`).
     since_exact: SinceExact,
@@ -305,6 +310,7 @@ impl Session {
             unnamed_parsed: None,
             last_unnamed_parse: None,
             unnamed_parses: std::collections::VecDeque::new(),
+            dealloc_portals: Vec::new(),
             since_exact: SinceExact::default(),
             write_waiting_since: None,
             stream_left: 0,
@@ -509,7 +515,7 @@ impl Session {
         }
         .classify(&f)?;
         let block = self.block(); // where the earlier messages leave the backend
-        let plan = match step {
+        let mut plan = match step {
             Step::Run(plan) => plan,
             Step::Hold => {
                 self.flush_for_hold();
@@ -629,8 +635,27 @@ impl Session {
                 let (err, key) = *dup;
                 self.check_duplicate(&key, err)
             }
-            (Some(def), None) => self.forward_deallocate(&f, &def, simple),
-            (None, None) => self.forward_rewritten(&f, simple),
+            (Some(def), None) => self.forward_deallocate(&f, &def),
+            (None, None) => {
+                if plan.deallocates.is_some() && self.dealloc_portal_ended(&f) {
+                    plan.deallocates = None; // the server answers 34000 and drops nothing
+                }
+                if let Some(statements::Deallocates::One(name)) = &plan.deallocates {
+                    // an Execute of `DEALLOCATE name`: bound again to what the name stands for now
+                    if let (Some(def), Some(portal)) = (self.statements.get(name.as_bytes()).cloned(), peek::execute_msg(f.body())) {
+                        self.rebind_deallocate(portal, &def);
+                    }
+                }
+                self.forward_rewritten(&f, simple);
+                if plan.binds_deallocate && !skipping {
+                    if let Some((portal, _)) = peek::bind_msg(f.body()) {
+                        if self.dealloc_portals.len() >= 64 {
+                            self.dealloc_portals.remove(0); // bounded: a client binding this many is its own problem
+                        }
+                        self.dealloc_portals.push((bytes::Bytes::copy_from_slice(portal), self.replies.next_seq().wrapping_sub(1)));
+                    }
+                }
+            }
         }
         if let Some(d) = plan.deallocates {
             self.statements.deallocated(&d);

@@ -119,6 +119,9 @@ pub struct Replies {
     /// A Query pgtenant sent (a reset, transaction defaults) was skipped by the server, which was
     /// skipping to the end of a failed batch: it did not run.
     pub own_query_skipped: bool,
+    /// The number of the last ReadyForQuery received outside a transaction block: the server has
+    /// ended every portal bound before it.
+    pub last_idle_ready: Option<u32>,
 }
 
 impl Default for Replies {
@@ -136,6 +139,7 @@ impl Default for Replies {
             refusals: VecDeque::new(),
             replacement: None,
             own_query_skipped: false,
+            last_idle_ready: None,
         }
     }
 }
@@ -151,6 +155,12 @@ impl Replies {
         }
         self.next_seq = self.next_seq.wrapping_add(1);
         self.owed.push_back(o);
+    }
+
+    /// Whether a ReadyForQuery outside a transaction block arrived after the reply numbered
+    /// `seq`: the server's transaction of that message has ended, and its portals with it.
+    pub fn idle_since(&self, seq: u32) -> bool {
+        self.last_idle_ready.is_some_and(|r| later(r, seq))
     }
 
     /// Whether the reply numbered `seq` has arrived already (an entry is answered once the front
@@ -364,6 +374,9 @@ impl Replies {
                     self.owed.pop_front();
                     if tag == r::READY_FOR_QUERY {
                         self.status = body.first().copied().unwrap_or(b'I');
+                        if self.status == b'I' {
+                            self.last_idle_ready = Some(front.seq);
+                        }
                     }
                 }
                 match (front.injected, done) {
