@@ -110,7 +110,7 @@ impl Session {
         if let Some(name) = sql::deallocate_name(peek_sql(f)) {
             self.statements.close(b'S', name.as_bytes());
         }
-        let server = Self::prepare_for_deallocate(lease, &mut self.backend_out, &mut self.replies, def);
+        let server = Self::deallocate_target(lease, &mut self.backend_out, &mut self.replies, def);
         build::query(&mut self.backend_out, &format!("DEALLOCATE {server}"));
         self.replies.expect(Want::Ready, false, true);
     }
@@ -128,9 +128,11 @@ impl Session {
         if self.replies.batch_failed {
             return;
         }
-        let server = Self::prepare_for_deallocate(lease, &mut self.backend_out, &mut self.replies, def);
+        let server = Self::deallocate_target(lease, &mut self.backend_out, &mut self.replies, def);
         let out = &mut self.backend_out;
         close_portal_raw(out, portal);
+        self.replies.expect(Want::CloseComplete, true, false);
+        prepared::target_frame(out, msg::CLOSE, DEALLOCATE_REBIND); // none left by a failed batch
         self.replies.expect(Want::CloseComplete, true, false);
         build::parse(out, DEALLOCATE_REBIND, &format!("DEALLOCATE {server}"), vec![]);
         self.replies.expect(Want::ParseComplete, true, false);
@@ -151,25 +153,27 @@ impl Session {
         }
     }
 
-    /// The server statement for the client's statement `def` on this backend (prepared there first
-    /// if needed), which a `DEALLOCATE` is about to drop: this backend's cache forgets it.
-    fn prepare_for_deallocate(
+    /// What a `DEALLOCATE` of the client's statement `def` names on this backend: the server
+    /// statement that holds it there (which this backend's cache then forgets), or, where it is not
+    /// prepared, a stand-in of pgtenant's own prepared for it, so that the server's `DEALLOCATE`
+    /// succeeds as it would directly (without preparing the client's text again, which could fail
+    /// now where the client's statement exists).
+    fn deallocate_target(
         lease: &mut crate::pool::Lease,
         out: &mut BytesMut,
         replies: &mut super::replies::Replies,
         def: &statements::StatementDef,
     ) -> String {
-        let p = lease.backend.statements().prepare(&def.key, def.parsed_at);
-        for evict in &p.evict {
-            prepared::target_frame(out, msg::CLOSE, evict);
-            replies.expect(Want::CloseComplete, true, false);
+        let cache = lease.backend.statements();
+        if let Some(id) = cache.fresh(&def.key, 0) {
+            cache.forget(id);
+            return prepared::server_name(id);
         }
-        if p.needs_parse {
-            prepared::parse_frame(out, &p.name, &def.key);
-            replies.expect_parse(true, p.id);
-        }
-        lease.backend.statements().forget(p.id);
-        p.name
+        prepared::target_frame(out, msg::CLOSE, DEALLOCATE_STAND_IN); // none left by a failed batch
+        replies.expect(Want::CloseComplete, true, false);
+        build::parse(out, DEALLOCATE_STAND_IN, "SELECT", vec![]);
+        replies.expect(Want::ParseComplete, true, false);
+        DEALLOCATE_STAND_IN.to_string()
     }
 
     /// A Parse of a statement name the client already has. The server parses the text before it
@@ -418,7 +422,7 @@ impl Session {
             // still attached (session mode, or not yet released): reset it now, pipelined
             if let Some(reset) = l.backend.reset_all_for(self.id) {
                 build::query(&mut self.backend_out, &reset);
-                    self.replies.expect(Want::Ready, true, true);
+                self.replies.expect(Want::Ready, true, true);
             }
         }
         if !simple {
@@ -481,6 +485,9 @@ const REFUSAL_STAND_IN: &str = "pgtenant refused this statement";
 const DUPLICATE_CHECK: &str = "pgtenant_duplicate_check";
 /// The statement an Execute of `DEALLOCATE name` is bound to again (`Session::rebind_deallocate`).
 const DEALLOCATE_REBIND: &str = "pgtenant_deallocate";
+/// What a `DEALLOCATE` drops where the client's statement is not prepared on the backend
+/// (`Session::deallocate_target`).
+const DEALLOCATE_STAND_IN: &str = "pgtenant_deallocated";
 
 /// `Close` of the client's portal `name` (any bytes).
 fn close_portal_raw(out: &mut BytesMut, name: &[u8]) {
