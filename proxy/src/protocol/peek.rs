@@ -9,7 +9,9 @@ pub fn cstr(b: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 /// The first NUL of `b`, found a word at a time (`CStr` searches with the standard library's
-/// memchr; a byte loop cost four instructions a byte of every query text).
+/// memchr; a byte loop cost four instructions a byte of every query text, and looking at the
+/// first few bytes one by one before it, for short names, cost more than it saved: +170
+/// instructions per extended transaction, measured 2026-12-03).
 #[inline]
 fn memchr(b: &[u8]) -> Option<usize> {
     std::ffi::CStr::from_bytes_until_nul(b).ok().map(|s| s.to_bytes().len())
@@ -145,6 +147,22 @@ pub fn error_code(body: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_the_first_nul_at_any_length() {
+        for len in 0..40 {
+            let none = vec![b'x'; len];
+            assert_eq!(memchr(&none), None, "len {len}");
+            for at in 0..len {
+                let mut b = none.clone();
+                b[at] = 0;
+                if at + 1 < len {
+                    b[len - 1] = 0; // a later NUL does not count
+                }
+                assert_eq!(memchr(&b), Some(at), "len {len}, at {at}");
+            }
+        }
+    }
 
     #[test]
     fn reads_fields() {
