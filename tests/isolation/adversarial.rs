@@ -1138,3 +1138,33 @@ pub async fn session_sets_as_the_server_keeps_them(env: &Env) -> TestResult {
     }
     finish(env, p, c, &before, "session_sets_as_the_server_keeps_them").await
 }
+
+/// In session pooling SQL `PREPARE` works as directly, and on the server its names and the
+/// protocol's are one namespace: a protocol `Close` of a statement only SQL `PREPARE` made closes
+/// it, as directly (pgtenant answered every named `Close` itself, leaving it defined). A `Close`
+/// of a name the client has nothing under is harmless in both pool modes.
+pub async fn close_of_an_sql_prepared_statement(env: &Env) -> TestResult {
+    let mut c = Checks::new("close_of_an_sql_prepared_statement");
+    let p = start_proxy(env, "pool_size = 2", "[pool]\nmode = \"session\"").await;
+    let mut a = login(&p, 1, "alice").await?;
+    let r = a.simple("PREPARE sq AS select 41 + 1").await;
+    c.check("session: SQL PREPARE", r.ok(), r.summary());
+    // (into a named portal: docs/protocol.md, "Remaining differences", for the unnamed one)
+    let r = a.round(&[wire::bind("p", "sq", &[]), wire::execute("p", 0), wire::sync()].concat(), 1).await;
+    c.check("session: the protocol binds it", r.ok() && r.get(0, 0) == "42", r.summary());
+    let r = a.round(&[wire::close(b'S', "sq"), wire::sync()].concat(), 1).await;
+    c.check("session: a protocol Close of it", r.ok(), r.summary());
+    let r = a.simple("EXECUTE sq").await;
+    c.check("session: it is gone, as directly (26000)", r.code() == Some("26000"), r.summary());
+    let r = a.round(&[wire::parse("s1", "select 1", &[]), wire::close(b'S', "s1"), wire::close(b'S', "nosuch"), wire::sync()].concat(), 1).await;
+    c.check("session: Close of its own statement and of nothing", r.ok(), r.summary());
+    a.close().await;
+    p.stop().await;
+    let p = start_proxy(env, "pool_size = 1", "").await;
+    let mut a = login(&p, 1, "alice").await?;
+    let r = a.round(&[wire::close(b'S', "nosuch"), wire::sync()].concat(), 1).await;
+    c.check("transaction: Close of nothing is answered (CloseComplete)", r.ok() && r.trace.contains('3'), r.summary());
+    a.close().await;
+    p.stop().await;
+    c.done()
+}

@@ -53,6 +53,7 @@ fn main() {
         ("raw_discard_all_after_a_failure", |env| Box::pin(adversarial::discard_all_after_a_failure(env))),
         ("raw_held_inside_a_batch", |env| Box::pin(adversarial::held_inside_a_batch(env))),
         ("raw_unnamed_statement_is_the_clients", |env| Box::pin(adversarial::unnamed_statement_is_the_clients(env))),
+        ("raw_close_of_an_sql_prepared_statement", |env| Box::pin(adversarial::close_of_an_sql_prepared_statement(env))),
         ("raw_dangling_unnamed_portal", |env| Box::pin(dangling::dangling_unnamed_portal(env))),
         ("raw_describe_in_a_failed_block", |env| Box::pin(described::describe_in_a_failed_block(env))),
         ("raw_bind_counts_before_an_aborted_transaction", |env| Box::pin(adversarial::bind_counts_before_an_aborted_transaction(env))),

@@ -445,10 +445,15 @@ impl Classifier<'_> {
                 // unless it knows the client bound it (`execute`)
                 return Step::Hold;
             }
+            let named = kind == b'S' && !name.is_empty();
+            let known = named && self.statements.get(name).is_some();
             self.statements.close(kind, name);
-            if kind == b'S' && !name.is_empty() {
+            if known || (named && self.pooling) {
                 return Step::ClosedLocally; // the server copy stays cached on its backends
             }
+            // In session pooling a name the client has no statement of may be one its SQL
+            // `PREPARE` made on its own backend: the server closes that (as directly). In
+            // transaction pooling there is none (SQL `PREPARE` is refused) and nothing to close.
         }
         // neither fails in an aborted transaction the way the context would: effect unknown
         Step::Run(Plan { setup, ..Default::default() })
