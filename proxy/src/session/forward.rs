@@ -433,10 +433,9 @@ impl Session {
             return;
         }
         if self.batch.is_open() {
-            // a Query inside an unsynced batch: it ended the batch's transaction, and the next
-            // message waits for the reset's answer, which closes the batch (`from_backend`)
-            self.needs_context = true;
-            self.pause = super::Pause::UntilSettled;
+            // a Query inside an unsynced batch, as any other there (the next message waits for
+            // the reset's answer, which closes the batch: `from_backend`)
+            self.after_simple(false);
         }
         push_discard_all(&mut self.client_out);
         // only called with nothing in flight (outside a transaction, or inside a batch whose

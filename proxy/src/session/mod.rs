@@ -668,16 +668,9 @@ impl Session {
         }
         if simple {
             self.debts.query_portal |= f.tag == msg::QUERY;
-            self.simple_inside_a_batch();
             // after a Query that got the context, or began a block whose context waits (`BEGIN`
-            // is setup), or one inside an unsynced batch (its own transaction, which ends the
-            // batch's implicit one), wait for its answer: where the backend then is is exact,
-            // not guessed (`block`), for clients that do not wait themselves, and an error in it
-            // is not taken for one in the next (`pending`)
-            let began = matches!(decision, Decision::Defer { .. });
-            if injected || began || self.batch.is_open() || !self.pending.is_empty() {
-                self.pause = Pause::UntilSettled;
-            }
+            // is setup), wait for its answer
+            self.after_simple(injected || matches!(decision, Decision::Defer { .. }));
         } else {
             // (an Execute that ends the transaction, but for `AND CHAIN`, leaves the server a new
             // one in which nothing was executed: DISCARD ALL may run there again)
@@ -727,6 +720,20 @@ impl Session {
     fn simple_inside_a_batch(&mut self) {
         if self.batch.is_open() && !self.block().is_some_and(Block::surely_inside) {
             self.needs_context = true;
+        }
+    }
+
+    /// After a simple Query or FunctionCall went to the server (or was answered here, as `DISCARD
+    /// ALL`): one inside an unsynced batch ends the batch's implicit transaction
+    /// (`simple_inside_a_batch`). The client's next message waits for the answer where `waits`
+    /// says so, inside a batch (it is a transaction of its own), or while session SETs wait for
+    /// their transaction's outcome: where the backend then is is exact, not guessed (`block`),
+    /// for clients that do not wait themselves, and an error in it is not taken for one in the
+    /// next (`pending`).
+    pub(super) fn after_simple(&mut self, waits: bool) {
+        self.simple_inside_a_batch();
+        if waits || self.batch.is_open() || !self.pending.is_empty() {
+            self.pause = Pause::UntilSettled;
         }
     }
 
