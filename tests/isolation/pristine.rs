@@ -1,7 +1,9 @@
 //! The hand-over invariant: a backend handed to a different client is in the pristine session
 //! state.
 //!
-//! For every state-creating operation × every protocol path × every way of leaving, client A
+//! For every state-creating operation × every protocol path (simple, extended, pipelined, in a
+//! block, FunctionCall, as a named statement executed or only parsed, followed by an error in its
+//! batch, in a block rolled back) × every way of leaving, client A
 //! (tenant 1) runs the operation, then leaves (or just finishes its transaction), and client B
 //! (tenant 2) on the same backend (`pool_size = 1`) takes a fingerprint of the session state. It
 //! must equal the fingerprint of a fresh backend. Operations pgtenant refuses are recorded as
@@ -137,9 +139,14 @@ enum Path {
     Named,
     /// The same two Parses and a Sync, nothing executed: a statement only parsed leaves nothing.
     NamedParsed,
+    /// Parse/Bind/Execute of the operation, then an error in the same batch (a syntax error), then
+    /// Sync: the batch's implicit transaction rolls back, and what is not transactional stays.
+    ThenError,
+    /// BEGIN; the operation; ROLLBACK (simple queries): the same, in a block.
+    InBlockRolledBack,
 }
 
-const PATHS: &[Path] = &[Path::Simple, Path::Extended, Path::Pipelined, Path::InBlock, Path::FunctionCall, Path::Named, Path::NamedParsed];
+const PATHS: &[Path] = &[Path::Simple, Path::Extended, Path::Pipelined, Path::InBlock, Path::FunctionCall, Path::Named, Path::NamedParsed, Path::ThenError, Path::InBlockRolledBack];
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Leave {
@@ -243,9 +250,11 @@ async fn run_op(a: &mut Wire, sql: &str, call: Option<(u32, &[&str])>, path: Pat
         Path::Simple => a.simple(sql).await,
         Path::Extended => a.ext(sql).await,
         Path::Pipelined => a.round(&[wire::extended("select 1"), wire::extended(sql), wire::query("select 2")].concat(), 3).await,
-        Path::InBlock => {
+        Path::ThenError => a.round(&[wire::unnamed(sql), wire::parse("", "selec", &[]), wire::sync()].concat(), 1).await,
+        Path::InBlock | Path::InBlockRolledBack => {
+            let end = if path == Path::InBlock { "COMMIT" } else { "ROLLBACK" };
             let mut r = a.simple("BEGIN").await;
-            for part in [a.simple(sql).await, a.simple("COMMIT").await] {
+            for part in [a.simple(sql).await, a.simple(end).await] {
                 r.errors.extend(part.errors);
                 r.tags.extend(part.tags);
                 r.readies.extend(part.readies);
