@@ -98,8 +98,8 @@ impl Session {
         }
     }
 
-    /// Sends a client's `DEALLOCATE name` Query as `DEALLOCATE <server statement>` (preparing it on
-    /// this backend first if needed), so the client gets the server's own reply; the statement
+    /// Sends a client's `DEALLOCATE name` Query as `DEALLOCATE` of what the name stands for on this
+    /// backend (`deallocate_target`), so the client gets the server's own reply; the statement
     /// leaves the client's list and this backend's cache. (A `DEALLOCATE` parsed by the extended
     /// protocol is resolved when its portal runs: `rebind_deallocate`.)
     pub(super) fn forward_deallocate(&mut self, f: &Frame, def: &statements::StatementDef) {
@@ -121,8 +121,9 @@ impl Session {
     /// Execute, all replies but the Execute's swallowed. The server then drops the statement the
     /// name stands for at the moment it runs, as it would directly; had the client no such
     /// statement, the Execute goes as it is and the server says so (26000, in the client's words).
-    /// Sent only once the batch's earlier replies are in (`Classifier::execute` holds it), so the
-    /// portal exists and the batch has not failed.
+    /// Sent only once everything sent before it is answered (`Classifier::execute` holds it), and
+    /// only for a portal no `Sync` has ended since its Bind (`dealloc_portal_ended`), in a batch
+    /// and a block that have not failed: so the portal exists.
     pub(super) fn rebind_deallocate(&mut self, portal: &[u8], def: &statements::StatementDef) {
         let Some(lease) = self.lease.as_mut() else { return };
         if self.replies.batch_failed {
