@@ -337,7 +337,7 @@ impl Session {
         };
         self.let_backend_go(&end).await;
         // a message after part of a streamed one would reach the client misframed: just close
-        let framed = !(self.stream_left > 0 && self.stream_forward);
+        let framed = self.output_framed();
         match &end {
             _ if !framed => {}
             End::Fatal(err) => err.encode(&mut self.client_out),
@@ -380,7 +380,10 @@ impl Session {
                             // answers 08P01); held, it would wait for an end the client sends
                             // after it. Not forwarded: if the COPY has just failed on the server,
                             // the server would run it unread by pgtenant.
-                            Ok(Some(f)) => return Err(End::Fatal(during_copy_error(f.tag))),
+                            Ok(Some(f)) => {
+                                let framed = self.output_framed();
+                                return Err(during_copy(&mut self.client_out, framed, f.tag));
+                            }
                             Ok(None) => {}
                             Err(e) => return Err(End::Fatal(frame_error(e))),
                         }
@@ -389,7 +392,8 @@ impl Session {
                             // a message held back went before the COPY's data: it came during
                             // COPY (08P01 from the server too), and the data behind it cannot
                             // pass it. Waiting would hang: the server waits for the data.
-                            return Err(End::Fatal(during_copy_error(f.tag)));
+                            let (framed, tag) = (self.output_framed(), f.tag);
+                            return Err(during_copy(&mut self.client_out, framed, tag));
                         }
                     }
                     return Ok(Flow::Continue);
@@ -745,6 +749,12 @@ impl Session {
         self.lease.as_ref().map(|_| self.since_exact.block(self.replies.status))
     }
 
+    /// Whether the output to the client ends on a message boundary (no large message is being
+    /// streamed through): only then can pgtenant add a message of its own.
+    fn output_framed(&self) -> bool {
+        !(self.stream_left > 0 && self.stream_forward)
+    }
+
     fn status_for_client(&self) -> u8 {
         if self.lease.is_some() { self.replies.status } else { b'I' }
     }
@@ -806,9 +816,14 @@ struct UnnamedParse {
 
 
 
-/// A client message other than COPY data, Flush or Sync while the server is in COPY FROM STDIN.
-fn during_copy_error(tag: u8) -> PgError {
-    PgError::fatal(sqlstate::PROTOCOL_VIOLATION, format!("pgtenant: unexpected message type 0x{tag:02X} during COPY from stdin"))
+/// A client message other than COPY data, Flush or Sync while the server is in COPY FROM STDIN:
+/// what the server answers there, word for word (an ERROR, then a FATAL as it closes the
+/// connection), without sending it the message (the backend is reset, not lost).
+fn during_copy(client_out: &mut BytesMut, framed: bool, tag: u8) -> End {
+    if framed {
+        PgError::error(sqlstate::PROTOCOL_VIOLATION, format!("unexpected message type 0x{tag:02X} during COPY from stdin")).encode(client_out);
+    }
+    End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, "terminating connection because protocol synchronization was lost"))
 }
 
 fn frame_error(e: FrameError) -> PgError {
