@@ -372,7 +372,7 @@ impl Session {
                     if self.copy_in_open() {
                         // a held-back query started COPY FROM STDIN: its data must flow meanwhile
                         match try_split(&mut self.client_in, self.shared.max_message_bytes) {
-                            Ok(Some(f)) if matches!(f.tag, msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL | msg::FLUSH | msg::SYNC) => {
+                            Ok(Some(f)) if is_copy_in_message(f.tag) => {
                                 self.on_client_frame(f).await?;
                                 continue;
                             }
@@ -815,6 +815,11 @@ struct UnnamedParse {
 }
 
 
+
+/// What a client may send while the server is in COPY FROM STDIN (it ignores Flush and Sync there).
+fn is_copy_in_message(tag: u8) -> bool {
+    matches!(tag, msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL | msg::FLUSH | msg::SYNC)
+}
 
 /// A client message other than COPY data, Flush or Sync while the server is in COPY FROM STDIN:
 /// what the server answers there, word for word (an ERROR, then a FATAL as it closes the
