@@ -823,7 +823,8 @@ fn is_copy_in_message(tag: u8) -> bool {
 
 /// A client message other than COPY data, Flush or Sync while the server is in COPY FROM STDIN:
 /// what the server answers there, word for word (an ERROR, then a FATAL as it closes the
-/// connection), without sending it the message (the backend is reset, not lost).
+/// connection). The message does not go to the server; the backend, left mid-COPY, is closed,
+/// and the server rolls the COPY back.
 fn during_copy(client_out: &mut BytesMut, framed: bool, tag: u8) -> End {
     if framed {
         PgError::error(sqlstate::PROTOCOL_VIOLATION, format!("unexpected message type 0x{tag:02X} during COPY from stdin")).encode(client_out);
