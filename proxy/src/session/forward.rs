@@ -115,6 +115,44 @@ impl Session {
         self.replies.expect(Want::Ready, false, true);
     }
 
+    /// Forwards a message (`forward_rewritten`) with what a portal bound to a `DEALLOCATE` needs
+    /// (`Plan::deallocates`, `Plan::binds_deallocate`): at its Execute, whether the portal is still
+    /// there (else it drops nothing: the server answers 34000) and the rebinding to what the name
+    /// stands for now; at its Bind, the note that lets that Execute tell (`dealloc_portals`).
+    pub(super) fn forward_with_deallocates(
+        &mut self,
+        f: &Frame,
+        deallocates: &mut Option<statements::Deallocates>,
+        binds_deallocate: bool,
+        simple: bool,
+        skipping: bool,
+    ) {
+        if deallocates.is_some() && self.dealloc_portal_ended(f) {
+            *deallocates = None;
+        }
+        if let Some(statements::Deallocates::One(name)) = deallocates {
+            if let (Some(def), Some(portal)) = (self.statements.get(name.as_bytes()).cloned(), peek::execute_msg(f.body())) {
+                self.rebind_deallocate(portal, &def);
+            }
+        }
+        self.forward_rewritten(f, simple);
+        if binds_deallocate && !skipping {
+            if let Some((portal, _)) = peek::bind_msg(f.body()) {
+                if self.dealloc_portals.len() >= 64 {
+                    self.dealloc_portals.remove(0); // bounded: a client binding this many is its own problem
+                }
+                self.dealloc_portals.push((bytes::Bytes::copy_from_slice(portal), self.replies.next_seq().wrapping_sub(1)));
+            }
+        }
+    }
+
+    /// Portals do not outlive their transaction: pgtenant's table of them, and the list of those
+    /// bound to a `DEALLOCATE`.
+    pub(super) fn portals_ended(&mut self) {
+        self.statements.transaction_ended();
+        self.dealloc_portals.clear();
+    }
+
     /// An Execute of a portal bound to `DEALLOCATE name`, where `name` is the client's statement
     /// `def`: the portal was bound to the statement as the client wrote it (which names no server
     /// statement), so it is bound again, to `DEALLOCATE <server statement>`, right before the
@@ -411,8 +449,7 @@ impl Session {
     /// transaction, as the server requires).
     pub(super) fn discard_all(&mut self, simple: bool) {
         self.statements.clear_statements();
-        self.statements.transaction_ended();
-        self.dealloc_portals.clear();
+        self.portals_ended();
         self.settings.apply(&[sql::set::Change::ResetAll]);
         self.injection = self.settings.injection();
         self.tx_defaults = self.settings.tx_defaults();

@@ -103,8 +103,7 @@ impl Session {
                 self.replies.batch_failed = false;
                 self.settle_pending_sets(mark);
                 if self.replies.status == b'I' {
-                    self.statements.transaction_ended();
-                    self.dealloc_portals.clear();
+                    self.portals_ended();
                     self.tx_since = None;
                     self.idle_since = None;
                 }

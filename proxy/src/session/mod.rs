@@ -640,26 +640,7 @@ impl Session {
                 self.check_duplicate(&key, err)
             }
             (Some(def), None) => self.forward_deallocate(&f, &def),
-            (None, None) => {
-                if plan.deallocates.is_some() && self.dealloc_portal_ended(&f) {
-                    plan.deallocates = None; // the server answers 34000 and drops nothing
-                }
-                if let Some(statements::Deallocates::One(name)) = &plan.deallocates {
-                    // an Execute of `DEALLOCATE name`: bound again to what the name stands for now
-                    if let (Some(def), Some(portal)) = (self.statements.get(name.as_bytes()).cloned(), peek::execute_msg(f.body())) {
-                        self.rebind_deallocate(portal, &def);
-                    }
-                }
-                self.forward_rewritten(&f, simple);
-                if plan.binds_deallocate && !skipping {
-                    if let Some((portal, _)) = peek::bind_msg(f.body()) {
-                        if self.dealloc_portals.len() >= 64 {
-                            self.dealloc_portals.remove(0); // bounded: a client binding this many is its own problem
-                        }
-                        self.dealloc_portals.push((bytes::Bytes::copy_from_slice(portal), self.replies.next_seq().wrapping_sub(1)));
-                    }
-                }
-            }
+            (None, None) => self.forward_with_deallocates(&f, &mut plan.deallocates, plan.binds_deallocate, simple, skipping),
         }
         if let Some(d) = plan.deallocates {
             self.statements.deallocated(&d);
